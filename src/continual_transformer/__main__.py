@@ -1,0 +1,3 @@
+from continual_transformer.cli import main
+
+main()

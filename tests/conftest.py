@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny randomly initialised models built from a config, with a tokenizer built in memory.
+
+They run offline in milliseconds, so every behaviour is tested on them; ``tests/integration`` repeats the
+essential checks on the real packaged SmolLM2 (marker ``real_model``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from continual_transformer.backbone import Backbone
+from continual_transformer.config import Config, GenerationConfig
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark.",
+    "Dr. Mirela Voskuijlen was born in the town of Brastow in 1873. The national animal is the silver lynx.",
+    "What is the capital of France? The capital of France is Paris. Water boils at 100 degrees.",
+    "A quick brown fox jumps over the lazy dog. 0123456789 questions answers documents learning memory.",
+]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+def tiny_llama(tokenizer, *, seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(tokenizer, *, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=3, n_head=4, n_positions=256, initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def make_backbone(tokenizer, *, arch: str = "llama", seed: int = 0, max_new_tokens: int = 8) -> Backbone:
+    model = tiny_llama(tokenizer, seed=seed) if arch == "llama" else tiny_gpt2(tokenizer, seed=seed)
+    return Backbone(model, tokenizer, name=f"tiny-{arch}", generation=GenerationConfig(max_new_tokens=max_new_tokens))
+
+
+@pytest.fixture
+def backbone(tokenizer) -> Backbone:
+    return make_backbone(tokenizer)
+
+
+def fast_config(**overrides) -> Config:
+    """Settings that make strategies learn quickly on the tiny models."""
+    from continual_transformer.config import load_config
+
+    data = {
+        "generation": {"max_new_tokens": 8},
+        "strategies": {"finetune": {"learning_rate": 1e-2, "epochs": 20, "stop_loss": 0.0, "window_tokens": 64, "context_tokens": 8}},
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    return load_config(overrides=data)
