@@ -108,9 +108,9 @@ def run_demo(ct: ContinualTransformer, *, document: str = DEMO_DOCUMENT,
     text, source = general_text(ct.config.data_dir)
     prompts = [q for q, _ in questions]
     before = ct.generate(prompts, chat=True)
-    ppl_before = ct.backbone.perplexity(text)
+    ppl_before = ct.strategy.perplexity(text)
     report = ct.learn_document(document, doc_id="veloria-almanac")
     after = ct.generate(prompts, chat=True)
-    ppl_after = ct.backbone.perplexity(text)
+    ppl_after = ct.strategy.perplexity(text)
     rows = tuple(DemoRow(q, a, b, c) for (q, a), b, c in zip(questions, before, after))
     return DemoResult(rows=rows, report=report, ppl_before=ppl_before, ppl_after=ppl_after, general_source=source)

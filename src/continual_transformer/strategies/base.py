@@ -95,6 +95,14 @@ class Strategy(ABC):
         batch = self.backbone.encode(texts)
         return self.backbone.model(**batch).logits.float()
 
+    def token_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """Per-token NLL of each text as this strategy scores it (see :meth:`Backbone.token_nll`)."""
+        return self.backbone.token_nll(texts, contexts=contexts)
+
+    def perplexity(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> float:
+        """Perplexity of general text as this strategy scores it (general-ability measurements use this)."""
+        return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
+
     def trained_backbone_parameters(self) -> set[str]:
         """Names (as in ``backbone.model.named_parameters()``) of backbone weights learning may change."""
         return set()

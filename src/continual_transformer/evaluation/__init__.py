@@ -1,0 +1,1 @@
+"""Measurement: metrics (pure functions), benchmarks, and the harness that runs strategies side by side."""
