@@ -261,22 +261,30 @@ class Backbone:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def perplexity(self, text: str, *, window: int = 512, batch_size: int = 8, max_tokens: int | None = None) -> float:
-        """Perplexity of a long text, scored in consecutive non-overlapping windows of ``window`` tokens."""
+    def perplexity(
+        self, text: str, *, window: int = 512, batch_size: int = 8, max_tokens: int | None = None, context: str = ""
+    ) -> float:
+        """Perplexity of a long text, scored in consecutive non-overlapping windows of ``window`` tokens.
+
+        ``context`` is prepended (unscored) to every window, for strategies that answer with text in the prompt.
+        """
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if max_tokens is not None:
             ids = ids[:max_tokens]
+        prefix = self.tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
         windows = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
         if not windows:
             raise ValueError("perplexity needs at least two tokens of text")
         total, count = 0.0, 0
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(windows), batch_size):
-            rows = windows[start : start + batch_size]
+            rows = [prefix + r for r in windows[start : start + batch_size]]
             width = max(len(r) for r in rows)
             ids_t = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
-            labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows], device=self.device)
-            attention = (labels != -100).long()
+            labels = torch.tensor(
+                [[-100] * len(prefix) + r[len(prefix):] + [-100] * (width - len(r)) for r in rows], device=self.device
+            )
+            attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
             nll = sequence_nll(self.model(input_ids=ids_t, attention_mask=attention).logits, labels)
             total += float(nll.sum())  # sync: one per batch of windows
             count += int((labels[:, 1:] != -100).sum())

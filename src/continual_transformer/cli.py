@@ -47,6 +47,11 @@ def main_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # weight-loading bars are noise in a CLI answer
+        transformers.utils.logging.set_verbosity_error()
     Options.config_file, Options.set_items = config, list(set_ or [])
     Options.model, Options.strategy, Options.device = model, strategy, device
 

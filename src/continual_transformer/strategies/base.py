@@ -69,6 +69,11 @@ class Strategy(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type]
     modifies_backbone: ClassVar[bool] = False
+    changes_outputs: ClassVar[bool] = True
+    """False only for the ``none`` floor: learning never changes what the model computes."""
+    reads_context: ClassVar[bool] = False
+    """True when answers come from stored text put in the prompt: the document loss then only drops on a model
+    that can copy from its context (a pretrained one, not a random test model)."""
 
     def __init__(self, backbone: Backbone, config: Any, *, settings: Config) -> None:
         self.backbone = backbone
@@ -131,6 +136,28 @@ class Strategy(ABC):
     def stats(self) -> StrategyStats:
         """Parameters added and bytes of state."""
 
+    def close(self) -> None:
+        """Undo any structural change to the backbone (hooks, wrapped modules) and restore its weights.
+
+        After ``close`` the backbone is the base model again and another strategy can be built on it.
+        """
+        self.reset()
+
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def pack_texts(texts: Sequence[str], prefix: str) -> dict[str, torch.Tensor]:
+    """Texts as two tensors (UTF-8 bytes and end offsets), so text state lives in safetensors and is counted."""
+    encoded = [t.encode("utf-8") for t in texts]
+    data = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if encoded and any(encoded) else torch.zeros(0, dtype=torch.uint8)
+    ends = torch.tensor([0] + [len(e) for e in encoded], dtype=torch.int64).cumsum(0)[1:]
+    return {f"{prefix}.bytes": data.clone(), f"{prefix}.ends": ends}
+
+
+def unpack_texts(state: dict[str, torch.Tensor], prefix: str) -> list[str]:
+    data = bytes(state[f"{prefix}.bytes"].cpu().numpy().tobytes())
+    ends = state[f"{prefix}.ends"].tolist()
+    starts = [0, *ends[:-1]]
+    return [data[a:b].decode("utf-8") for a, b in zip(starts, ends)]

@@ -1,0 +1,114 @@
+"""``in_context``: learned documents are put in the prompt, newest first, up to a token budget.
+
+The ceiling for retrieval strategies (every document is "retrieved") and a reference for what the model can do
+with the facts when it sees them. Cost grows with the documents: answering reads all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from continual_transformer.config import ConfigError
+from continual_transformer.documents import Document
+from continual_transformer.strategies import register_strategy
+from continual_transformer.strategies.base import LearnReport, Strategy, StrategyStats, pack_texts, tensor_bytes, unpack_texts
+
+
+@dataclass(frozen=True, kw_only=True)
+class InContextConfig:
+    max_context_tokens: int = 4096
+    """Token budget for documents in the prompt; the newest documents that fit are kept."""
+    instruction: str = "Use the following documents to answer."
+    """Put before the documents in chat prompts."""
+
+    def __post_init__(self) -> None:
+        if self.max_context_tokens < 1:
+            raise ConfigError("strategies.in_context.max_context_tokens: must be >= 1")
+
+
+@register_strategy("in_context", config_cls=InContextConfig)
+class InContext(Strategy):
+    reads_context = True
+
+    def __init__(self, backbone, config: InContextConfig, *, settings) -> None:
+        super().__init__(backbone, config, settings=settings)
+        self.texts: list[str] = []
+        self._lengths: list[int] = []
+
+    def learn(self, document: Document) -> LearnReport:
+        start = time.perf_counter()
+        tokens = len(self.backbone.tokenizer(document.text, add_special_tokens=False)["input_ids"])
+        loss_before = self.backbone.mean_nll([document.text])
+        self.texts.append(document.text)
+        self._lengths.append(tokens)
+        self.documents_learned += 1
+        # The document's loss with itself in context: what "having learned it" means for this strategy.
+        loss_after = self.backbone.mean_nll([document.text], contexts=[self.context() + "\n\n"])
+        return LearnReport(doc_id=document.id, tokens=tokens, loss_before=loss_before, loss_after=loss_after,
+                           seconds=time.perf_counter() - start)
+
+    def context(self) -> str:
+        """The newest documents that fit the budget, in learning order."""
+        budget = min(self.config.max_context_tokens, self.backbone.max_length // 2)
+        chosen, used = [], 0
+        for text, n in zip(reversed(self.texts), reversed(self._lengths)):
+            if used + n > budget:
+                break
+            chosen.append(text)
+            used += n
+        return "\n\n".join(reversed(chosen))
+
+    def _with_context(self, prompts: Sequence[str], chat: bool | None) -> list[str]:
+        context = self.context()
+        if not context:
+            return [self.backbone.format_prompt(p, chat=chat) for p in prompts]
+        if self.backbone.uses_chat(chat):
+            return [self.backbone.format_prompt(f"{self.config.instruction}\n\n{context}\n\n{p}", chat=True) for p in prompts]
+        return [f"{context}\n\n{p}" for p in prompts]
+
+    def generate(self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
+        return self.backbone.generate(self._with_context(prompts, chat), formatted=True, max_new_tokens=max_new_tokens)
+
+    @torch.no_grad()
+    def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
+        context = self.context()
+        if not context:
+            return super().forward_logits(texts)
+        prefix = self.backbone.tokenizer(context + "\n\n", add_special_tokens=False)["input_ids"]
+        batch = self.backbone.encode(texts)
+        ids = torch.cat([torch.tensor([prefix] * len(texts), device=batch["input_ids"].device), batch["input_ids"]], 1)
+        mask = torch.cat([torch.ones(len(texts), len(prefix), dtype=batch["attention_mask"].dtype,
+                                     device=ids.device), batch["attention_mask"]], 1)
+        return self.backbone.model(input_ids=ids, attention_mask=mask).logits[:, len(prefix):].float()
+
+    def token_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None) -> list[torch.Tensor]:
+        context = self.context()
+        if not context:
+            return super().token_nll(texts, contexts=contexts)
+        contexts = contexts or [""] * len(texts)
+        return self.backbone.token_nll(texts, contexts=[f"{context}\n\n{c}" for c in contexts])
+
+    def perplexity(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> float:
+        context = self.context()
+        return self.backbone.perplexity(text, window=window, max_tokens=max_tokens,
+                                        context=f"{context}\n\n" if context else "")
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return pack_texts(self.texts, "documents")
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        texts = unpack_texts(state, "documents")
+        self.texts = texts
+        self._lengths = [len(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+    def reset(self) -> None:
+        self.texts, self._lengths = [], []
+        self.documents_learned = 0
+
+    def stats(self) -> StrategyStats:
+        return StrategyStats(params_added=0, params_trainable=0, state_bytes=tensor_bytes(self.trainable_state()),
+                             documents=self.documents_learned)
