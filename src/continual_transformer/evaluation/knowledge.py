@@ -1,0 +1,260 @@
+"""The knowledge benchmark harness: every strategy on identical documents and probes, in one process.
+
+For each strategy, on one shared backbone (restored and checked by fingerprint between strategies):
+
+1. general ability before: perplexity on held-out text and the known-fact probes the base model gets right;
+2. a stream: documents learned in ``stream_batches`` batches; after each batch every probe of the batches seen
+   so far is asked closed-book, giving the accuracy matrix ``R[t, k]``;
+3. general ability after, and costs: learn seconds per 1k tokens, answer latency and tokens/s, peak memory,
+   parameters added and bytes of state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from continual_transformer.backbone import Backbone, model_fingerprint
+from continual_transformer.config import Config, to_dict
+from continual_transformer.evaluation import metrics, system
+from continual_transformer.evaluation.datasets import KNOWN_FACTS, KnowledgeBenchmark, Probe, load_benchmark
+from continual_transformer.evaluation.general import general_text
+from continual_transformer.strategies import Strategy, registry
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("none", "in_context", "finetune", "lora")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KnowledgeBenchConfig:
+    benchmark: str = "novel_facts"
+    """``novel_facts``, ``boolq``, ``news``, or a path to a custom JSONL benchmark."""
+    docs: int = 50
+    """Documents learned per strategy."""
+    seed: int = 0
+    """Seed of the generated benchmark and of the sampling of real ones."""
+    stream_batches: int = 5
+    """The documents are learned in this many batches; retention is measured after each."""
+    ppl_tokens: int = 30_000
+    """Tokens of held-out general text (WikiText-2 valid) scored for perplexity."""
+    known_facts: int = 80
+    """Known-fact probes asked (only those the base model answers correctly are kept)."""
+    max_new_tokens: int = 24
+    """Tokens generated per answer."""
+    latency_prompts: int = 8
+    """Prompts answered one at a time to measure single-answer latency."""
+
+    def __post_init__(self) -> None:
+        if self.docs < 1 or not 1 <= self.stream_batches <= self.docs:
+            raise ValueError("docs must be >= 1 and stream_batches in [1, docs]")
+
+
+QUICK = KnowledgeBenchConfig(docs=8, stream_batches=2, ppl_tokens=4096, known_facts=40, max_new_tokens=16,
+                             latency_prompts=4)
+
+
+def with_strategies(strategies: Sequence[str]) -> list[str]:
+    """The requested strategies with the baselines always beside them, baselines first, no duplicates."""
+    ordered = list(BASELINES) + [s for s in strategies if s not in BASELINES]
+    for name in ordered:
+        registry.get(name)  # fail early on an unknown name
+    return ordered
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Answers:
+    predictions: list[str]
+    seconds: float
+
+
+def answer_probes(strategy: Strategy, probes: Sequence[Probe], max_new_tokens: int) -> _Answers:
+    """Closed-book answers: cloze prompts are continued as raw text, questions go through the chat template."""
+    predictions: list[str | None] = [None] * len(probes)
+    start = time.perf_counter()
+    for kind, chat in (("cloze", False), ("qa", True)):
+        index = [i for i, p in enumerate(probes) if p.kind == kind]
+        if index:
+            outputs = strategy.generate([probes[i].prompt for i in index], chat=chat, max_new_tokens=max_new_tokens)
+            for i, out in zip(index, outputs):
+                predictions[i] = out
+    return _Answers([p or "" for p in predictions], time.perf_counter() - start)
+
+
+def score(probes: Sequence[Probe], predictions: Sequence[str]) -> dict[str, Any]:
+    em = [metrics.exact_match(pred, p.answers) for p, pred in zip(probes, predictions)]
+    has = [metrics.contains(pred, p.answers) for p, pred in zip(probes, predictions)]
+    f1 = [metrics.token_f1(pred, p.answers) for p, pred in zip(probes, predictions)]
+    result: dict[str, Any] = {"em": _mean(em), "contains": _mean(has), "f1": _mean(f1), "n": len(probes)}
+    for kind in ("cloze", "qa"):
+        idx = [i for i, p in enumerate(probes) if p.kind == kind]
+        if idx:
+            result[f"{kind}_em"] = _mean([em[i] for i in idx])
+            result[f"{kind}_contains"] = _mean([has[i] for i in idx])
+    result["correct"] = has
+    return result
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def measure_latency(strategy: Strategy, probes: Sequence[Probe], max_new_tokens: int) -> dict[str, float]:
+    """Single-prompt answer latency and generated tokens per second."""
+    if not probes:
+        return {"answer_latency_s": float("nan"), "answer_tokens_per_s": float("nan")}
+    tokenizer = strategy.backbone.tokenizer
+    seconds, tokens = [], 0
+    for probe in probes:
+        start = time.perf_counter()
+        out = strategy.generate([probe.prompt], chat=probe.kind == "qa", max_new_tokens=max_new_tokens)[0]
+        seconds.append(time.perf_counter() - start)
+        tokens += max(1, len(tokenizer(out, add_special_tokens=False)["input_ids"]))
+    return {"answer_latency_s": float(np.median(seconds)), "answer_tokens_per_s": tokens / sum(seconds)}
+
+
+def stream_batches(benchmark: KnowledgeBenchmark, n_batches: int) -> list[list[int]]:
+    return [list(map(int, b)) for b in np.array_split(np.arange(len(benchmark.documents)), n_batches)]
+
+
+def run_strategy(
+    name: str,
+    backbone: Backbone,
+    config: Config,
+    benchmark: KnowledgeBenchmark,
+    bench: KnowledgeBenchConfig,
+    *,
+    general: str,
+    known: Sequence[Probe],
+    ppl_base: float,
+) -> dict[str, Any]:
+    """Measure one strategy; the backbone is restored (and checked) afterwards."""
+    device = backbone.device
+    fingerprint = backbone.fingerprint
+    system.reset_peak_memory(device)
+    strategy = registry.get(name)(backbone, config.strategy_config(name), settings=config)
+    try:
+        batches = stream_batches(benchmark, bench.stream_batches)
+        probes_by_batch = [benchmark.probes_for([benchmark.documents[i].id for i in b]) for b in batches]
+        T = len(batches)
+        R = np.full((T, T), np.nan)
+        just_learned: list[dict[str, Any]] = []
+        learn_seconds, learn_tokens, reports = 0.0, 0, []
+        for t, batch in enumerate(tqdm(batches, desc=f"{name}: stream", leave=False, disable=None)):
+            for i in batch:
+                report = strategy.learn(benchmark.documents[i])
+                learn_seconds += report.seconds
+                learn_tokens += report.tokens
+                reports.append(report)
+            for k in range(t + 1):
+                answers = answer_probes(strategy, probes_by_batch[k], bench.max_new_tokens)
+                scored = score(probes_by_batch[k], answers.predictions)
+                R[t, k] = scored["contains"]
+                if k == t:
+                    just_learned.append({"scored": scored, "predictions": answers.predictions})
+        all_probes = [p for group in probes_by_batch for p in group]
+        final = answer_probes(strategy, all_probes, bench.max_new_tokens)
+        final_scored = score(all_probes, final.predictions)
+        acquisition = score(all_probes, [p for j in just_learned for p in j["predictions"]])
+        known_after = answer_probes(strategy, known, bench.max_new_tokens)
+        known_scored = score(known, known_after.predictions) if known else {"contains": float("nan")}
+        ppl_after = strategy.perplexity(general, max_tokens=bench.ppl_tokens)
+        latency = measure_latency(strategy, all_probes[: bench.latency_prompts], bench.max_new_tokens)
+        stats = strategy.stats()
+        peak = system.peak_memory_mb(device)
+        losses = [(r.loss_before, r.loss_after) for r in reports if r.loss_before is not None]
+        n_docs = len(benchmark.documents)
+        result = {
+            "acquisition_em": acquisition["em"],
+            "acquisition_contains": acquisition["contains"],
+            "acquisition_f1": acquisition["f1"],
+            "acquisition_cloze_contains": acquisition.get("cloze_contains"),
+            "acquisition_qa_contains": acquisition.get("qa_contains"),
+            "final_em": final_scored["em"],
+            "final_contains": final_scored["contains"],
+            "ppl_before": ppl_base,
+            "ppl_after": ppl_after,
+            "ppl_change": ppl_after / ppl_base - 1,
+            "known_facts": len(known),
+            "known_fact_accuracy_after": known_scored["contains"],
+            "known_fact_forgetting_ratio": metrics.forgetting_ratio(1.0, known_scored["contains"]) if known else float("nan"),
+            "stream_avg_accuracy": metrics.average_accuracy(np.nan_to_num(R)),
+            "stream_bwt": metrics.backward_transfer(np.nan_to_num(R)),
+            "stream_forgetting": metrics.forgetting(np.nan_to_num(R)),
+            "first_batch_retention": float(R[-1, 0] / R[0, 0]) if R[0, 0] > 0 else float("nan"),
+            "accuracy_matrix": [[None if math.isnan(v) else float(v) for v in row] for row in R],
+            "learn_seconds": learn_seconds,
+            "learn_tokens": learn_tokens,
+            "learn_s_per_1k_tokens": 1000 * learn_seconds / max(learn_tokens, 1),
+            "doc_loss_before": _mean([a for a, _ in losses]) if losses else None,
+            "doc_loss_after": _mean([b for _, b in losses]) if losses else None,
+            "answer_s_per_probe_batched": final.seconds / max(len(all_probes), 1),
+            **latency,
+            "peak_memory_mb": peak,
+            "params_added": stats.params_added,
+            "params_trainable": stats.params_trainable,
+            "state_bytes": stats.state_bytes,
+            "state_bytes_per_doc": stats.state_bytes / n_docs,
+            "examples": [
+                {"prompt": p.prompt, "answers": list(p.answers), "kind": p.kind, "prediction": pred}
+                for p, pred in list(zip(all_probes, final.predictions))[:6]
+            ],
+        }
+    finally:
+        strategy.close()
+    if model_fingerprint(backbone.model) != fingerprint:
+        raise RuntimeError(f"strategy {name!r} did not restore the backbone on close(); results after it would be wrong")
+    return result
+
+
+def run_knowledge_bench(
+    backbone: Backbone,
+    config: Config,
+    strategies: Sequence[str],
+    bench: KnowledgeBenchConfig = KnowledgeBenchConfig(),
+    *,
+    on_result: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every strategy (baselines included) and return the results document (see ``results.json``)."""
+    names = with_strategies(strategies)
+    benchmark = load_benchmark(bench.benchmark, n_docs=bench.docs, seed=bench.seed, data_dir=config.data_dir)
+    general, general_source = general_text(config.data_dir)
+    floor = registry.get("none")(backbone, config.strategy_config("none"), settings=config)
+    ppl_base = floor.perplexity(general, max_tokens=bench.ppl_tokens)
+    candidates = list(KNOWN_FACTS[: bench.known_facts])
+    base_answers = answer_probes(floor, candidates, bench.max_new_tokens).predictions
+    known = [p for p, a in zip(candidates, base_answers) if metrics.contains(a, p.answers)]
+    logger.info("base model: perplexity %.2f, knows %d/%d general facts", ppl_base, len(known), len(candidates))
+
+    results: dict[str, Any] = {
+        "meta": system.meta(backbone.name, backbone.device, {
+            "bench": dataclasses.asdict(bench), "config": to_dict(config), "general_text": general_source,
+        }),
+        "benchmark": {
+            "name": benchmark.name, "documents": len(benchmark.documents), "probes": len(benchmark.probes),
+            "cloze": sum(p.kind == "cloze" for p in benchmark.probes), "qa": sum(p.kind == "qa" for p in benchmark.probes),
+            "known_facts_asked": len(candidates), "known_facts_kept": len(known),
+        },
+        "strategies": {},
+    }
+    for name in names:
+        logger.info("strategy %s", name)
+        start = time.perf_counter()
+        results["strategies"][name] = run_strategy(
+            name, backbone, config, benchmark, bench, general=general, known=known, ppl_base=ppl_base
+        )
+        results["strategies"][name]["wall_seconds"] = time.perf_counter() - start
+        if on_result is not None:
+            on_result(name, results["strategies"][name])
+    return results

@@ -1,0 +1,32 @@
+"""The knowledge harness on the real model: the floor scores ~0 on novel facts, the in-context ceiling well above."""
+
+from __future__ import annotations
+
+import pytest
+
+from continual_transformer import load_config
+from continual_transformer.evaluation.datasets import novel_facts
+from continual_transformer.evaluation.knowledge import KnowledgeBenchConfig, answer_probes, score
+
+from .test_smollm2 import load_backbone
+
+pytestmark = pytest.mark.real_model
+
+
+def test_none_scores_near_zero_and_in_context_well_above():
+    from continual_transformer.strategies import registry
+
+    backbone = load_backbone()
+    config = load_config(set_items=["model.device=cpu"])
+    benchmark = novel_facts(3, seed=0)
+    bench = KnowledgeBenchConfig(docs=3, stream_batches=1, max_new_tokens=16)
+    accuracy = {}
+    for name in ("none", "in_context"):
+        strategy = registry.get(name)(backbone, config.strategy_config(name), settings=config)
+        for doc in benchmark.documents:
+            strategy.learn(doc)
+        answers = answer_probes(strategy, benchmark.probes, bench.max_new_tokens)
+        accuracy[name] = score(benchmark.probes, answers.predictions)["contains"]
+        strategy.close()
+    assert accuracy["none"] <= 0.1
+    assert accuracy["in_context"] >= accuracy["none"] + 0.3
