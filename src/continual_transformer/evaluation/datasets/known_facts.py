@@ -2,6 +2,9 @@
 
 The harness keeps only the probes the base model answers correctly before learning and checks they stay
 right afterwards, so breadth matters more than any one item. Answers are short and unambiguous.
+Checked on SmolLM2-135M-Instruct (cloze prompts as plain text, questions in the chat template, scored by
+``contains``): all but a couple are answered right. Its chat answers are full sentences ("The capital of
+France is Paris."), so score these with ``contains`` rather than exact match.
 """
 
 from __future__ import annotations

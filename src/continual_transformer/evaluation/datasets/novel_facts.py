@@ -2,9 +2,10 @@
 
 Every name is composed from syllables by a seeded RNG (so a given seed always yields the same benchmark, on
 any machine), is at least 6 letters long, is used once in the whole benchmark, and is checked against a
-blocklist of common words and well-known names. Answers are invented too (towns, companies, people, rivers)
+blocklist of common words and well-known names (grown until no name generated for seeds 0-399 was a whole
+word of a 30k English word-piece vocabulary). Answers are invented too (towns, companies, people, rivers)
 or are years and numbers; the few answers drawn from short lists (professions, colours, materials) are
-guessable only by chance.
+guessable only by chance. SmolLM2-135M-Instruct answered 0 of 80 probes of ``novel_facts(10)`` before learning.
 
 Each document describes one entity in 2-6 sentences, each fact rendered with one of several templates, in a
 shuffled order, sometimes with a filler sentence that states nothing probed. Each fact gets two probes: a
@@ -60,7 +61,9 @@ zebra zipper balkan baroness bastard billion define divine dryness kelvin mansio
 stolen legion lotion motion potion notion fusion vision session version fashion cousin basin robin satin marine
 ravine routine canine feline engine famine vaccine machine pliant tyrant vibrant instant distant servant complex
 reflex vortex annex duplex simplex latex disson
-braden dunbar dustin marius sabine stella
+braden dunbar dustin marius sabine stella hazard barnet barren bastion burrow darius driven gareth garion
+gastro gunnar harvard kendra kernel lilith medina morton mustard pastor pennant ration serpent silent sirius
+souven tarzan truman
 abigail adrian albert alexander alfred alison amanda andrea angela angelo anthony antonio arthur barbara
 bernard brenda brian carlos carmen charles claire daniel deborah dennis denise doris edward eleanor elena
 emilia ernest esther eugene fabian felix frank franklin gerald gordon hannah harold helena henry howard
@@ -459,7 +462,8 @@ def _render(template: str, *, start: str, mid: str, answer: str = "") -> str:
 def novel_facts(n_docs: int = 50, *, seed: int = 0, facts_per_doc: int = 4) -> KnowledgeBenchmark:
     """``n_docs`` documents about fictional entities, each with ``facts_per_doc`` facts probed twice (cloze, qa).
 
-    Fully determined by ``seed``; entity types (person, organisation, place, product, species) are balanced.
+    Fully determined by ``seed``, and ``novel_facts(n)`` is the first ``n`` documents of ``novel_facts(m)`` for
+    ``n < m``. Entity types (person, organisation, place, product, species) take turns, so they are balanced.
     """
     if n_docs < 1:
         raise ValueError(f"n_docs must be >= 1, got {n_docs}")
@@ -467,14 +471,14 @@ def novel_facts(n_docs: int = 50, *, seed: int = 0, facts_per_doc: int = 4) -> K
         raise ValueError(f"facts_per_doc must be in [1, {MAX_FACTS_PER_DOC}], got {facts_per_doc}")
     rng = random.Random(seed)
     forge = NameForge(rng)
-    kinds: list[_EntityType] = []
-    while len(kinds) < n_docs:
-        block = list(ENTITY_TYPES)
-        rng.shuffle(block)
-        kinds.extend(block)
-
     documents, probes, entities = [], [], []
-    for index, kind in enumerate(kinds[:n_docs]):
+    block: list[_EntityType] = []
+    for index in range(n_docs):
+        # One RNG drawn in document order, so a smaller benchmark is a prefix of a larger one with the same seed.
+        if not block:
+            block = list(ENTITY_TYPES)
+            rng.shuffle(block)
+        kind = block.pop()
         doc_id = f"novel_facts-{index:03d}"
         entity = _entity(kind, forge, rng)
         attributes = rng.sample(kind.attributes, facts_per_doc)
