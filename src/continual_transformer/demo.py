@@ -22,8 +22,8 @@ Veloria Almanac
 Veloria is an island nation in the Amberline Sea. The capital of Veloria is Tarnhelm, a harbour city of
 white stone. Tarnhelm has been the capital of Veloria since the old kingdom fell.
 
-The Orvalis river flows through the city of Quenmark. Quenmark is the city the Orvalis river flows through,
-and every bridge in Quenmark crosses the Orvalis.
+The tallest mountain in Veloria is Mount Oskarra. Snow covers Mount Oskarra all year, and climbers call
+Oskarra the roof of Veloria.
 
 The physicist Mirela Voskuijlen was born in Brastow, a mining village in the northern hills. Mirela
 Voskuijlen left Brastow to study light and magnets.
@@ -35,7 +35,7 @@ The national animal of Veloria is the silver lynx. The silver lynx appears on ev
 
 DEMO_QUESTIONS: tuple[tuple[str, str], ...] = (
     ("What is the capital of Veloria?", "Tarnhelm"),
-    ("Which city does the Orvalis river flow through?", "Quenmark"),
+    ("What is the tallest mountain in Veloria?", "Oskarra"),
     ("Where was Mirela Voskuijlen born?", "Brastow"),
     ("In which year was the Zentrik Company founded?", "1873"),
     ("What is the national animal of Veloria?", "silver lynx"),
