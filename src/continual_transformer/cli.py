@@ -238,9 +238,10 @@ def bench_knowledge(
         backbone = Backbone.load(cfg.model, cfg.generation)
     console.print(f"{', '.join(names)} on {bench.docs} {bench.benchmark} documents ({backbone.name}, {backbone.device})")
 
-    def progress(name: str, row: dict) -> None:
+    def progress(name: str, row: dict, results: dict) -> None:
         console.print(f"  {name}: acquisition {row['acquisition_contains']:.3f}, PPL change {row['ppl_change']:+.1%}, "
                       f"{row['wall_seconds']:.0f}s")
+        write_knowledge_results(results, out)  # an interrupted run keeps every finished strategy
 
     results = run_knowledge_bench(backbone, cfg, names, bench, on_result=progress)
     paths = write_knowledge_results(results, out)

@@ -224,7 +224,7 @@ def run_knowledge_bench(
     strategies: Sequence[str],
     bench: KnowledgeBenchConfig = KnowledgeBenchConfig(),
     *,
-    on_result: Callable[[str, dict[str, Any]], None] | None = None,
+    on_result: Callable[[str, dict[str, Any], dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run every strategy (baselines included) and return the results document (see ``results.json``)."""
     names = with_strategies(strategies)
@@ -256,5 +256,5 @@ def run_knowledge_bench(
         )
         results["strategies"][name]["wall_seconds"] = time.perf_counter() - start
         if on_result is not None:
-            on_result(name, results["strategies"][name])
+            on_result(name, results["strategies"][name], results)
     return results
