@@ -217,6 +217,8 @@ def bench_knowledge(
     batches: Annotated[Optional[int], typer.Option(help="Stream batches (default 5; 2 with --quick).")] = None,
     quick: Annotated[bool, typer.Option(help="Small profile that finishes on a CPU in minutes.")] = False,
     out: Annotated[Path, typer.Option(help="Results directory.")] = Path("benchmarks/results/knowledge"),
+    baselines: Annotated[bool, typer.Option(help="Run the four baselines beside the strategies (turn off only to "
+                                                 "add strategies to an earlier run's results).")] = True,
 ) -> None:
     """Acquisition, retention, general-ability change and cost of every strategy on identical documents."""
     import dataclasses
@@ -233,7 +235,8 @@ def bench_knowledge(
     if batches is not None:
         changes["stream_batches"] = batches
     bench = dataclasses.replace(base, **changes)
-    names = with_strategies([s.strip() for s in strategies.split(",") if s.strip()])
+    requested = [s.strip() for s in strategies.split(",") if s.strip()]
+    names = with_strategies(requested) if baselines else requested
     with console.status("loading model..."):
         backbone = Backbone.load(cfg.model, cfg.generation)
     console.print(f"{', '.join(names)} on {bench.docs} {bench.benchmark} documents ({backbone.name}, {backbone.device})")

@@ -49,7 +49,7 @@ def config():
 def test_every_baseline_runs_with_the_documented_schema(tokenizer, bench, tmp_path):
     backbone = make_backbone(tokenizer, max_new_tokens=4)
     seen = []
-    results = run_knowledge_bench(backbone, config(), [], bench, on_result=lambda name, row, partial: seen.append(name))
+    results = run_knowledge_bench(backbone, config(), with_strategies([]), bench, on_result=lambda name, row, partial: seen.append(name))
     assert list(results["strategies"]) == ["none", "in_context", "finetune", "lora"] == seen
     assert {"model", "device", "settings", "version", "date"} <= set(results["meta"])
     for name, row in results["strategies"].items():

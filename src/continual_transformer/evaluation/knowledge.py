@@ -226,8 +226,9 @@ def run_knowledge_bench(
     *,
     on_result: Callable[[str, dict[str, Any], dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every strategy (baselines included) and return the results document (see ``results.json``)."""
-    names = with_strategies(strategies)
+    """Run the strategies (pass them through :func:`with_strategies` to have the baselines beside them) and
+    return the results document (see ``results.json``)."""
+    names = list(strategies)
     benchmark = load_benchmark(bench.benchmark, n_docs=bench.docs, seed=bench.seed, data_dir=config.data_dir)
     general, general_source = general_text(config.data_dir)
     floor = registry.get("none")(backbone, config.strategy_config("none"), settings=config)

@@ -1,0 +1,471 @@
+"""``memory_bank``: one trained vector per learned sentence, retrieved by similarity and added to the residual stream.
+
+The GPT-2 memory-bank design, on our backbone, with the backbone frozen:
+
+* **Examples.** A document is split into sentences (``unit: sentence``) or token chunks (``unit: chunk``).
+* **Key.** Mean of the example's hidden states at ``key_layer`` (a middle layer by default; position 0, an
+  attention sink alike in every text, is left out), minus the mean of a few generic sentences (so similarity
+  reflects content rather than the model's common direction), normalised.
+* **Value.** A vector ``v`` in the model's hidden space, trained by a few Adam steps on the example's own
+  next-token loss while ``h' = h + g · v`` is added at ``fuse_layer`` — gradients flow only into ``v`` and the
+  gate ``g = sigmoid(gate_logit)`` (``gate: null``; a number fixes ``g``). All examples of a document are trained
+  together in one batch. ``v`` is parametrised in units of the layer's hidden-state RMS, so one learning rate
+  fits models of any scale.
+* **Keep or reject.** The memory is kept only if it lowers the example's loss by more than ``min_gain``
+  (relative); its importance starts at that gain.
+* **Duplicates.** An example whose key has cosine > ``duplicate_threshold`` with a stored key is skipped (the stored
+  memory is reinforced) or replaces it (``on_duplicate``).
+* **Retrieval and fusion.** A prompt's key retrieves the ``top_k`` memories by similarity × importance among those
+  with similarity >= ``min_similarity`` (none pass: the base model, bit for bit); their gated values, weighted by a
+  softmax of similarity / ``retrieval_temperature``, are added to the hidden states at ``fuse_layer`` of the last
+  ``fuse_tokens`` prompt tokens and every generated token (``fuse_tokens: 0``: every position). Each use raises a
+  memory's importance by ``use_bonus``; a full bank evicts its least important memory.
+
+What it can and cannot do, honestly: a value is one vector added to every fused position — a steering direction.
+It lowers the loss of the sentence it was trained on (it shifts the model toward that sentence's tokens), and
+retrieval keeps it away from unrelated prompts; but one pooled vector has to encode a whole sentence at once, so
+it cannot reliably make a small model *spell* a new name or number in answer to a differently worded question
+(the earlier system's hidden-state bias scored 0.006 on such probes). Token-level memory (``knowledge_store``) or
+retrieval into the prompt (``retrieval``) are the strategies for new names; measure before relying on this one.
+
+Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 questions, 3 general questions): each
+sentence's own loss fell from ~6.0 to 0.9-2.1 nats; 2 of 6 answers contained the new name ("Tarnhelm", "Plimbe")
+against 0 for the base model, but answers to the related questions degenerated ("Tarnhelm. Tarnhelm. ...",
+digit strings), because the value is added to every generated token; the 3 unrelated questions were answered
+exactly as by the base model (nothing retrieved). Learning costs ``steps`` forward+backward passes per document
+(about a minute per 3-sentence document on 2 busy CPU cores).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from continual_transformer.backbone import sequence_nll
+from continual_transformer.config import ConfigError
+from continual_transformer.documents import Document, chunk_spans
+from continual_transformer.modules.hooks import LayerCapture, ResidualAdder, layer_output
+from continual_transformer.modules.memory_store import MemoryStore
+from continual_transformer.strategies import register_strategy
+from continual_transformer.strategies.base import LearnReport, Strategy, StrategyStats, tensor_bytes
+
+logger = logging.getLogger(__name__)
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+# Generic sentences whose mean pooled state is subtracted from every key (the model's common direction).
+_BACKGROUND = (
+    "The weather was pleasant and the streets were quiet in the morning.",
+    "She opened the book and started reading the first chapter.",
+    "Prices rose slightly during the last quarter of the year.",
+    "The committee will meet again next week to discuss the proposal.",
+    "He asked a simple question and waited for an answer.",
+    "Water, food and shelter are basic needs of every person.",
+    "The team scored twice in the second half and won the match.",
+    "Please write a short summary of the text below.",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryBankConfig:
+    key_layer: int | None = None
+    """Decoder layer whose mean-pooled output is a memory's key; ``None``: the middle layer."""
+    fuse_layer: int | None = None
+    """Decoder layer whose output receives the retrieved values; ``None``: the key layer."""
+    unit: str = "sentence"
+    """What one memory holds: a ``sentence`` or a ``chunk`` of ``chunk_tokens`` tokens."""
+    chunk_tokens: int = 96
+    """Tokens per chunk (``unit: chunk``), and the most tokens of one sentence that are learned."""
+    min_tokens: int = 4
+    """Sentences shorter than this are joined to the next one."""
+    steps: int = 12
+    """Adam steps that train the values of a document's examples (together); each is a forward and backward pass."""
+    learning_rate: float = 0.2
+    """Adam learning rate of the values, in units of the fused layer's hidden-state RMS."""
+    gate: float | None = None
+    """``None``: a learned sigmoid gate per memory (starts at 0.5); a number in [0, 1]: a fixed gate."""
+    min_gain: float = 0.05
+    """A memory is kept only if it lowers its example's mean loss by more than this fraction."""
+    top_k: int = 2
+    """Memories fused per prompt at most."""
+    min_similarity: float = 0.5
+    """Cosine similarity between prompt and memory keys below which a memory is never used."""
+    retrieval_temperature: float = 0.05
+    """Softmax temperature over the similarities of the retrieved memories (their fusion weights)."""
+    duplicate_threshold: float = 0.97
+    """Key cosine above which a new example counts as a duplicate of a stored memory."""
+    on_duplicate: str = "skip"
+    """``skip`` (keep the stored memory, reinforce it) or ``replace`` (train the new one in its slot)."""
+    capacity: int = 1024
+    """Most memories; when full, the least important is evicted."""
+    use_bonus: float = 0.02
+    """Importance added to a memory each time it is retrieved."""
+    fuse_tokens: int = 0
+    """Fuse into the last N prompt tokens and every generated token; 0: every position."""
+
+    def __post_init__(self) -> None:
+        key = "strategies.memory_bank"
+        if self.unit not in ("sentence", "chunk"):
+            raise ConfigError(f"{key}.unit: must be sentence or chunk, got {self.unit!r}")
+        if self.chunk_tokens < 4:
+            raise ConfigError(f"{key}.chunk_tokens: must be >= 4, got {self.chunk_tokens}")
+        if self.min_tokens < 1:
+            raise ConfigError(f"{key}.min_tokens: must be >= 1, got {self.min_tokens}")
+        if self.steps < 1:
+            raise ConfigError(f"{key}.steps: must be >= 1, got {self.steps}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"{key}.learning_rate: must be > 0, got {self.learning_rate}")
+        if self.gate is not None and not 0.0 <= self.gate <= 1.0:
+            raise ConfigError(f"{key}.gate: must be null (learned) or in [0, 1], got {self.gate}")
+        if not -1.0 <= self.min_gain < 1.0:
+            raise ConfigError(f"{key}.min_gain: must be in [-1, 1), got {self.min_gain}")
+        if self.top_k < 1:
+            raise ConfigError(f"{key}.top_k: must be >= 1, got {self.top_k}")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ConfigError(f"{key}.min_similarity: must be in [-1, 1], got {self.min_similarity}")
+        if not self.retrieval_temperature > 0:
+            raise ConfigError(f"{key}.retrieval_temperature: must be > 0, got {self.retrieval_temperature}")
+        if not -1.0 <= self.duplicate_threshold <= 1.0:
+            raise ConfigError(f"{key}.duplicate_threshold: must be in [-1, 1], got {self.duplicate_threshold}")
+        if self.on_duplicate not in ("skip", "replace"):
+            raise ConfigError(f"{key}.on_duplicate: must be skip or replace, got {self.on_duplicate!r}")
+        if self.capacity < 1:
+            raise ConfigError(f"{key}.capacity: must be >= 1, got {self.capacity}")
+        if self.use_bonus < 0:
+            raise ConfigError(f"{key}.use_bonus: must be >= 0, got {self.use_bonus}")
+        if self.fuse_tokens < 0:
+            raise ConfigError(f"{key}.fuse_tokens: must be >= 0, got {self.fuse_tokens}")
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted layer has run."""
+
+
+@register_strategy("memory_bank", config_cls=MemoryBankConfig)
+class MemoryBankStrategy(Strategy):
+    modifies_backbone = False
+
+    def __init__(self, backbone, config: MemoryBankConfig, *, settings) -> None:
+        super().__init__(backbone, config, settings=settings)
+        n_layers = backbone.num_layers
+        self.key_layer = self._layer_index(config.key_layer, n_layers // 2, "key_layer")
+        self.fuse_layer = self._layer_index(config.fuse_layer, self.key_layer, "fuse_layer")
+        hidden = int(getattr(backbone.model.config, "hidden_size", 0) or backbone.model.config.n_embd)
+        self.store = MemoryStore(hidden, hidden, capacity=config.capacity, device=backbone.device)
+        self._center: torch.Tensor | None = None
+
+    def _layer_index(self, value: int | None, default: int, name: str) -> int:
+        n = self.backbone.num_layers
+        if value is None:
+            return default
+        if not -n <= value < n:
+            raise ConfigError(f"strategies.memory_bank.{name}: {value} out of range for {n} layers")
+        return value % n
+
+    # -- keys -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _pooled(self, texts: Sequence[str]) -> torch.Tensor:
+        """Mean hidden state (N, H) float32 at ``key_layer`` over each text's positions after the first."""
+        out = []
+        for start in range(0, len(texts), 16):
+            batch = self.backbone.encode(list(texts[start : start + 16]))
+            captured: dict[str, torch.Tensor] = {}
+
+            def stop(module, args, output, captured=captured):
+                captured["h"] = layer_output(output)
+                raise _StopForward
+
+            handle = self.backbone.layers[self.key_layer].register_forward_hook(stop)
+            try:
+                self.backbone.model(**batch, use_cache=False)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+            hidden = captured["h"].float()
+            mask = batch["attention_mask"].clone()
+            lengths = mask.sum(1)
+            mask[lengths > 1, 0] = 0  # leave out the attention sink when there is anything else
+            mask = mask.unsqueeze(-1).float()
+            out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+        return torch.cat(out) if out else torch.zeros(0, self.store.key_dim, device=self.backbone.device)
+
+    def keys(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit keys (N, H) of ``texts``: pooled hidden states minus the generic mean, normalised."""
+        if self._center is None:
+            self._center = self._pooled(_BACKGROUND).mean(0)
+        return torch.nn.functional.normalize(self._pooled(texts) - self._center, dim=-1)
+
+    # -- examples -------------------------------------------------------------------------------------------
+    def examples(self, text: str) -> list[str]:
+        """The texts that become memories: sentences (short ones joined) or token chunks."""
+        tok, cfg = self.backbone.tokenizer, self.config
+        if cfg.unit == "chunk":
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            spans = chunk_spans(len(ids), cfg.chunk_tokens, cfg.chunk_tokens // 8)
+            return [tok.decode(ids[a:b]) for a, b in spans if b - a >= 2]
+        pieces, pending = [], ""
+        for sentence in (s.strip() for s in _SENTENCE_END.split(text)):
+            if not sentence:
+                continue
+            pending = f"{pending} {sentence}".strip()
+            if len(tok(pending, add_special_tokens=False)["input_ids"]) >= cfg.min_tokens:
+                pieces.append(pending)
+                pending = ""
+        if pending:
+            if pieces:
+                pieces[-1] = f"{pieces[-1]} {pending}"
+            elif len(tok(pending, add_special_tokens=False)["input_ids"]) >= 2:
+                pieces.append(pending)
+        out = []
+        for piece in pieces:  # over-long sentences are cut (their start carries the subject)
+            ids = tok(piece, add_special_tokens=False)["input_ids"]
+            out.append(piece if len(ids) <= cfg.chunk_tokens else tok.decode(ids[: cfg.chunk_tokens]))
+        return out
+
+    # -- training values ------------------------------------------------------------------------------------
+    @staticmethod
+    def _example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        nll = sequence_nll(logits, labels)
+        counts = (labels[:, 1:] != -100).sum(1).clamp(min=1)
+        return nll.sum(1) / counts
+
+    def train_values(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Train one value (and gate) per text, all in one batch; the backbone stays frozen.
+
+        Returns ``values`` (N, H) in hidden units, ``gate_logits`` (N,), and the mean losses ``before`` and
+        ``after`` (N,) of each text without and with its own value fused.
+        """
+        cfg = self.config
+        ids, labels, attention = self.backbone._labelled_batch([""] * len(texts), list(texts))
+        module = self.backbone.layers[self.fuse_layer]
+        with torch.no_grad(), LayerCapture(module) as cap:
+            before = self._example_losses(self.backbone.model(input_ids=ids, attention_mask=attention).logits, labels)
+        assert cap.hidden is not None
+        mask = attention.unsqueeze(-1).float()
+        rms = ((cap.hidden.float().pow(2).mean(-1, keepdim=True) * mask).sum(1) / mask.sum(1)).sqrt()  # (N, 1)
+        units = torch.zeros(len(texts), self.store.value_dim, device=ids.device, requires_grad=True)
+        gate_logits = torch.zeros(len(texts), device=ids.device, requires_grad=cfg.gate is None)
+        params = [units] + ([gate_logits] if cfg.gate is None else [])
+        optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
+
+        def delta() -> torch.Tensor:
+            gate = torch.sigmoid(gate_logits) if cfg.gate is None else torch.full_like(gate_logits, cfg.gate)
+            return gate[:, None] * rms.to(units.dtype) * units
+
+        with torch.enable_grad():
+            for _ in range(cfg.steps):
+                with ResidualAdder(module, delta(), skip_zero_rows=False):
+                    logits = self.backbone.model(input_ids=ids, attention_mask=attention).logits
+                loss = self._example_losses(logits, labels).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad(), ResidualAdder(module, delta().detach(), skip_zero_rows=False):
+            after = self._example_losses(self.backbone.model(input_ids=ids, attention_mask=attention).logits, labels)
+        return {
+            "values": (rms * units).detach().float(),
+            "gate_logits": gate_logits.detach().float(),
+            "before": before.detach().float(),
+            "after": after.detach().float(),
+        }
+
+    # -- learning -------------------------------------------------------------------------------------------
+    def learn(self, document: Document) -> LearnReport:
+        start = time.perf_counter()
+        cfg = self.config
+        texts = self.examples(document.text)
+        # Memories are retrieved per example, so the document's loss is measured per example (each its own query).
+        loss_before = self._examples_nll(texts)
+        keys = self.keys(texts) if texts else torch.zeros(0, self.store.key_dim, device=self.backbone.device)
+        best, slot = self.store.duplicates(keys, cfg.duplicate_threshold)
+        # Duplicates inside the document count too: a later example close to an earlier kept one.
+        within = keys @ keys.T if texts else torch.zeros(0, 0)
+        duplicate_of: list[int | None] = []
+        for i in range(len(texts)):
+            if float(best[i]) > cfg.duplicate_threshold:
+                duplicate_of.append(int(slot[i]))
+            elif i and bool((within[i, :i] > cfg.duplicate_threshold).any()):
+                duplicate_of.append(-1)  # a near-copy of an earlier example of this document
+            else:
+                duplicate_of.append(None)
+        counts = {"examples": len(texts), "kept": 0, "rejected": 0, "duplicates": 0, "evicted": 0}
+        train = [i for i, d in enumerate(duplicate_of) if d is None or (cfg.on_duplicate == "replace" and d >= 0)]
+        for i, d in enumerate(duplicate_of):
+            if d is not None and i not in train:
+                counts["duplicates"] += 1
+                if d >= 0:
+                    self.store.reinforce(torch.tensor([d]), cfg.use_bonus)
+        tokens = sum(len(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        if train:
+            trained = self.train_values([texts[i] for i in train])
+            gains = (trained["before"] - trained["after"]) / trained["before"].clamp(min=1e-6)
+            for row, i in enumerate(train):
+                gain = float(gains[row])
+                if gain <= cfg.min_gain:
+                    counts["rejected"] += 1
+                    continue
+                kwargs = {"gate_logit": float(trained["gate_logits"][row]), "importance": max(gain, 1e-6)}
+                if duplicate_of[i] is not None and duplicate_of[i] >= 0:
+                    counts["duplicates"] += 1
+                    self.store.write(duplicate_of[i], keys[i], trained["values"][row], **kwargs)
+                else:
+                    _, evicted = self.store.add(keys[i], trained["values"][row], **kwargs)
+                    counts["evicted"] += evicted is not None
+                counts["kept"] += 1
+        self.documents_learned += 1
+        loss_after = self._examples_nll(texts)
+        logger.info("memory_bank %s: %s", document.id, counts)
+        return LearnReport(
+            doc_id=document.id, tokens=tokens, loss_before=loss_before, loss_after=loss_after,
+            seconds=time.perf_counter() - start, extra={**counts, "memories": self.store.size},
+        )
+
+    def _examples_nll(self, texts: Sequence[str]) -> float | None:
+        """Token-weighted mean NLL of the examples, each scored with the memories it retrieves itself."""
+        if not texts:
+            return None
+        values = self.token_nll(texts)
+        count = sum(v.numel() for v in values)
+        return sum(float(v.sum()) for v in values) / max(count, 1)
+
+    # -- fusion ---------------------------------------------------------------------------------------------
+    def deltas(self, queries: Sequence[str], *, reinforce: bool = False) -> torch.Tensor | None:
+        """The vector (B, H) added at ``fuse_layer`` for each query, or ``None`` when no query retrieves a memory.
+
+        ``reinforce`` counts the retrieval as a use (generation does; scoring is measurement and does not).
+        """
+        if self.store.size == 0 or not queries:
+            return None
+        cfg = self.config
+        slots, sims, valid = self.store.retrieve(self.keys(queries), cfg.top_k, cfg.min_similarity)
+        if slots.numel() == 0 or not bool(valid.any()):
+            return None
+        weights = torch.softmax(sims.masked_fill(~valid, float("-inf")) / cfg.retrieval_temperature, dim=-1)
+        weights = torch.nan_to_num(weights, nan=0.0)  # rows with no valid memory
+        gates = torch.sigmoid(self.store.gate_logits[slots]) if cfg.gate is None else torch.full_like(weights, cfg.gate)
+        delta = ((weights * gates)[..., None] * self.store.values[slots]).sum(1)  # (B, H)
+        if reinforce:
+            self.store.reinforce(slots[valid], cfg.use_bonus)
+        return delta
+
+    def _fusion(self, delta: torch.Tensor, mask: torch.Tensor | None) -> ResidualAdder:
+        return ResidualAdder(self.backbone.layers[self.fuse_layer], delta.to(self.backbone.dtype), mask)
+
+    def _scoring_mask(self, context_lengths: Sequence[int], width: int) -> torch.Tensor | None:
+        """(B, T) positions fused when scoring: the last ``fuse_tokens`` of the context and everything after."""
+        n = self.config.fuse_tokens
+        if n == 0:
+            return None
+        mask = torch.zeros(len(context_lengths), width, dtype=torch.bool, device=self.backbone.device)
+        for row, length in enumerate(context_lengths):
+            mask[row, max(0, length - n) :] = True
+        return mask
+
+    # -- answering ------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
+        prompts = list(prompts)
+        answers: list[str] = []
+        step = self.backbone.generation.batch_size
+        for start in range(0, len(prompts), step):
+            batch = prompts[start : start + step]
+            delta = self.deltas(batch, reinforce=True)
+            if delta is None:
+                answers.extend(self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens))
+                continue
+            mask = None
+            if self.config.fuse_tokens:
+                texts = [self.backbone.format_prompt(p, chat=chat) for p in batch]
+                width = self.backbone.encode(texts, padding_side="left")["input_ids"].shape[1]
+                mask = torch.zeros(len(batch), width, dtype=torch.bool, device=self.backbone.device)
+                mask[:, -self.config.fuse_tokens :] = True  # left padding: every prompt ends in the last column
+            with self._fusion(delta, mask):
+                answers.extend(self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens))
+        return answers
+
+    @torch.no_grad()
+    def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """Logits with the retrieved memories fused; texts that retrieve none get the base logits bit for bit."""
+        batch = self.backbone.encode(texts)
+        delta = self.deltas(list(texts))
+        if delta is None:
+            return self.backbone.model(**batch).logits.float()
+        with self._fusion(delta, None):
+            return self.backbone.model(**batch).logits.float()
+
+    @torch.no_grad()
+    def token_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8) -> list[torch.Tensor]:
+        """Per-token NLL with memories retrieved by ``contexts[i]`` (or the text itself) fused."""
+        texts = list(texts)
+        if self.store.size == 0:
+            return self.backbone.token_nll(texts, contexts=contexts)
+        ctx = list(contexts) if contexts is not None else [""] * len(texts)
+        results: list[torch.Tensor] = []
+        for start in range(0, len(texts), batch_size):
+            chunk, chunk_ctx = texts[start : start + batch_size], ctx[start : start + batch_size]
+            delta = self.deltas([c if c.strip() else t for c, t in zip(chunk_ctx, chunk)])
+            if delta is None:
+                results.extend(self.backbone.token_nll(chunk, contexts=chunk_ctx if contexts is not None else None))
+                continue
+            ids, labels, attention = self.backbone._labelled_batch(chunk_ctx, chunk)
+            context_lengths = [int((row == -100).logical_and(att == 1).sum()) for row, att in zip(labels, attention)]
+            with self._fusion(delta, self._scoring_mask(context_lengths, ids.shape[1])):
+                logits = self.backbone.model(input_ids=ids, attention_mask=attention).logits
+            nll = sequence_nll(logits, labels)
+            mask = labels[:, 1:] != -100
+            results.extend(row[m].float().cpu() for row, m in zip(nll, mask))
+        return results
+
+    @torch.no_grad()
+    def perplexity(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> float:
+        """Perplexity in windows; each window retrieves memories by its own text (unrelated text: base model)."""
+        if self.store.size == 0:
+            return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
+        ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        windows = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
+        if not windows:
+            raise ValueError("perplexity needs at least two tokens of text")
+        deltas = self.deltas([self.backbone.tokenizer.decode(w) for w in windows])
+        if deltas is None:
+            return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
+        total, count, pad, device = 0.0, 0, self.backbone.tokenizer.pad_token_id, self.backbone.device
+        for start in range(0, len(windows), 8):
+            rows = windows[start : start + 8]
+            width = max(len(r) for r in rows)
+            ids_t = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+            labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows], device=device)
+            with self._fusion(deltas[start : start + 8], None):
+                logits = self.backbone.model(input_ids=ids_t, attention_mask=(labels != -100).long()).logits
+            total += float(sequence_nll(logits, labels).sum())
+            count += int((labels[:, 1:] != -100).sum())
+        return float(torch.tensor(total / count).exp())
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.store.state_dict("memory.")
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.store.state_dict("memory."))
+        if set(state) != expected:
+            raise ValueError(f"memory_bank state must hold {sorted(expected)}, got {sorted(state)}")
+        self.store.load_state_dict(state, "memory.")
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "memories": self.store.size, "key_layer": self.key_layer,
+                "fuse_layer": self.fuse_layer}
+
+    def reset(self) -> None:
+        self.store.clear()
+        self.documents_learned = 0
+
+    def stats(self) -> StrategyStats:
+        trained = self.store.size * (self.store.value_dim + 1)  # values and gates are optimised
+        return StrategyStats(params_added=trained, params_trainable=trained,
+                             state_bytes=tensor_bytes(self.trainable_state()), documents=self.documents_learned)

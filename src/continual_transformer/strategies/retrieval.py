@@ -1,0 +1,427 @@
+"""``retrieval``: index documents in chunks; answer with the relevant chunks in the prompt and a bias toward their tokens.
+
+Learning a document tokenises it, cuts it into overlapping token chunks and adds them to an index: BM25 or TF-IDF
+over word terms (:class:`~continual_transformer.modules.LexicalIndex`), or dense MiniLM embeddings
+(``retriever: dense``). Nothing of the backbone changes and no gradient is computed.
+
+Answering a prompt retrieves its ``top_k`` chunks. A **relevance gate** decides whether they are used at all:
+lexical retrievers gate on the idf-weighted fraction of the query's content words found in the chunk
+(``min_relevance``), the dense retriever on cosine similarity (``min_similarity``). A prompt whose best chunk
+does not pass gets no context and no bias, so it is answered exactly as the base model answers it (the lesson of
+the earlier system, which prepended chunks to every query and lost 94 % of general facts). A prompt that passes
+gets its chunks inside the *user message of the chat template* (``prompt_template``) — the template is kept — and,
+when ``bias_strength > 0``, ``+bias_strength`` on the logits of every token that occurs in those chunks at each
+decoding step (a :class:`~transformers.LogitsProcessor`); ``bias_strength = 0`` is plain retrieval-augmented
+generation.
+
+Scoring (:meth:`forward_logits`, :meth:`token_nll`, :meth:`perplexity`) does the same thing on raw text: the
+context (``text_template``) is prepended to each text whose query passes the gate, only the text's own positions
+are returned or scored, and the bias is added to those logits. The query is the scoring context when one is
+given (e.g. the question before an answer), otherwise the text itself.
+
+State: the chunks' token ids (tensors) and the document ids (JSON); the lexical index is rebuilt from the chunks
+on load, dense embeddings are saved.
+
+Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 chat questions, BM25): 4 of 6 answers
+right with ``bias_strength: 0`` (plain RAG), 5 of 6 with the default 1.0, 0 for the base model; the 3 unrelated
+general questions were gated out and answered exactly as by the base model in both cases.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList
+
+from continual_transformer.backbone import sequence_nll
+from continual_transformer.config import ConfigError
+from continual_transformer.documents import Document, chunk_spans
+from continual_transformer.modules.embedder import SentenceEmbedder
+from continual_transformer.modules.lexical_index import Hit, LexicalIndex
+from continual_transformer.modules.logits import TokenBiasProcessor, token_bias
+from continual_transformer.modules.vector_store import VectorStore
+from continual_transformer.strategies import register_strategy
+from continual_transformer.strategies.base import LearnReport, Strategy, StrategyStats, tensor_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrievalConfig:
+    retriever: str = "bm25"
+    """``bm25`` (Okapi BM25 over word terms), ``tfidf`` (cosine of tf-idf vectors) or ``dense`` (MiniLM embeddings)."""
+    top_k: int = 3
+    """Chunks put in the prompt at most (each must pass the relevance gate)."""
+    chunk_tokens: int | None = None
+    """Tokens per chunk; ``None`` uses ``documents.chunk_tokens``."""
+    chunk_overlap: int | None = None
+    """Tokens shared by consecutive chunks; ``None`` uses ``documents.chunk_overlap``."""
+    min_relevance: float = 0.5
+    """Gate of the lexical retrievers: idf-weighted fraction of the query's content words a chunk must contain."""
+    min_similarity: float = 0.35
+    """Gate of the dense retriever: cosine similarity between query and chunk embeddings."""
+    bias_strength: float = 1.0
+    """Added to the logits of every token of the retrieved chunks at each step (0 = plain retrieval)."""
+    embedder: str = "minilm-l6"
+    """Embedding model of the dense retriever: a packaged name, a local directory or a hub id."""
+    prompt_template: str = "Use this information if it helps:\n{context}\n\n{prompt}"
+    """User message when context is used; ``{context}`` is the chunks, ``{prompt}`` the question. The chat template wraps it."""
+    text_template: str = "{context}\n\n"
+    """Text prepended before raw (non-chat) prompts and scored texts when context is used."""
+    chunk_separator: str = "\n\n"
+    """Between retrieved chunks in ``{context}``."""
+
+    def __post_init__(self) -> None:
+        key = "strategies.retrieval"
+        if self.retriever not in ("bm25", "tfidf", "dense"):
+            raise ConfigError(f"{key}.retriever: must be bm25, tfidf or dense, got {self.retriever!r}")
+        if self.top_k < 1:
+            raise ConfigError(f"{key}.top_k: must be >= 1, got {self.top_k}")
+        if self.chunk_tokens is not None and self.chunk_tokens < 8:
+            raise ConfigError(f"{key}.chunk_tokens: must be >= 8, got {self.chunk_tokens}")
+        if self.chunk_overlap is not None and self.chunk_overlap < 0:
+            raise ConfigError(f"{key}.chunk_overlap: must be >= 0, got {self.chunk_overlap}")
+        if (self.chunk_tokens is not None and self.chunk_overlap is not None
+                and self.chunk_overlap >= self.chunk_tokens):
+            raise ConfigError(f"{key}.chunk_overlap: must be < chunk_tokens ({self.chunk_tokens})")
+        if not 0.0 <= self.min_relevance <= 1.0:
+            raise ConfigError(f"{key}.min_relevance: must be in [0, 1], got {self.min_relevance}")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ConfigError(f"{key}.min_similarity: must be in [-1, 1], got {self.min_similarity}")
+        if not math.isfinite(self.bias_strength) or self.bias_strength < 0:
+            raise ConfigError(f"{key}.bias_strength: must be a finite number >= 0, got {self.bias_strength}")
+        if "{context}" not in self.prompt_template or "{prompt}" not in self.prompt_template:
+            raise ConfigError(f"{key}.prompt_template: must contain {{context}} and {{prompt}}")
+        if "{context}" not in self.text_template:
+            raise ConfigError(f"{key}.text_template: must contain {{context}}")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What retrieval adds for one query: the context text and the token ids to bias (None: nothing)."""
+
+    hits: tuple[Hit, ...]
+    context: str | None
+    bias_tokens: tuple[int, ...]
+
+
+@register_strategy("retrieval", config_cls=RetrievalConfig)
+class RetrievalStrategy(Strategy):
+    modifies_backbone = False
+    reads_context = True
+
+    def __init__(self, backbone, config: RetrievalConfig, *, settings) -> None:
+        super().__init__(backbone, config, settings=settings)
+        docs = settings.documents
+        self.chunk_tokens = config.chunk_tokens or docs.chunk_tokens
+        self.chunk_overlap = config.chunk_overlap if config.chunk_overlap is not None else docs.chunk_overlap
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ConfigError(f"strategies.retrieval.chunk_overlap: {self.chunk_overlap} must be < chunk_tokens {self.chunk_tokens}")
+        self._embedder: SentenceEmbedder | None = None
+        self._special = set(backbone.tokenizer.all_special_ids)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.chunk_ids: list[list[int]] = []
+        self.chunk_texts: list[str] = []
+        self.chunk_doc: list[int] = []
+        self.doc_ids: list[str] = []
+        self.doc_sha: list[str] = []
+        self.documents_learned = 0
+        self._lexical = LexicalIndex("tfidf" if self.config.retriever == "tfidf" else "bm25")
+        self._dense: VectorStore | None = None
+
+    # -- the index ------------------------------------------------------------------------------------------
+    @property
+    def embedder(self) -> SentenceEmbedder:
+        if self._embedder is None:
+            self._embedder = SentenceEmbedder.load(self.config.embedder, device=self.backbone.device)
+        return self._embedder
+
+    def _dense_store(self, dim: int) -> VectorStore:
+        if self._dense is None:
+            self._dense = VectorStore(dim, metric="cosine", device=self.backbone.device)
+        return self._dense
+
+    def _add_chunks(self, chunks: list[list[int]], docs: list[int], embeddings: torch.Tensor | None = None) -> None:
+        texts = [self.backbone.tokenizer.decode(ids) for ids in chunks]
+        self.chunk_ids.extend(chunks)
+        self.chunk_texts.extend(texts)
+        self.chunk_doc.extend(docs)
+        if not chunks:
+            return
+        if self.config.retriever == "dense":
+            vectors = embeddings if embeddings is not None else self.embedder.encode(texts)
+            self._dense_store(vectors.shape[1]).add(vectors, torch.arange(len(chunks)))
+        else:
+            self._lexical.add(texts)
+
+    def _remove_document(self, doc_index: int) -> None:
+        drop = [i for i, d in enumerate(self.chunk_doc) if d == doc_index]
+        keep = [i for i, d in enumerate(self.chunk_doc) if d != doc_index]
+        self.chunk_ids = [self.chunk_ids[i] for i in keep]
+        self.chunk_texts = [self.chunk_texts[i] for i in keep]
+        self.chunk_doc = [self.chunk_doc[i] for i in keep]
+        if self._dense is not None:
+            mask = torch.ones(self._dense.size, dtype=torch.bool, device=self._dense.device)
+            mask[drop] = False
+            self._dense.keep(mask)
+        self._lexical.remove(drop)
+
+    def search(self, queries: Sequence[str], k: int | None = None) -> list[list[Hit]]:
+        """The ``k`` (default ``top_k``) best chunks of each query, best first, with score and relevance.
+
+        For the dense retriever, score and relevance are both the cosine similarity.
+        """
+        k = k or self.config.top_k
+        if not self.chunk_ids or not queries:
+            return [[] for _ in queries]
+        if self.config.retriever != "dense":
+            return self._lexical.search(list(queries), k)
+        assert self._dense is not None
+        dist, rows = self._dense.search(self.embedder.encode(list(queries)), k, mark_used=False)
+        sims = (1 - dist / 2).cpu().tolist()  # cosine from the distance between unit vectors
+        return [[Hit(int(r), s, s) for r, s in zip(row, sim)] for row, sim in zip(rows.cpu().tolist(), sims)]
+
+    def augment(self, queries: Sequence[str]) -> list[Augmentation]:
+        """Context and bias tokens for each query; queries whose chunks do not pass the gate get none."""
+        gate = self.config.min_similarity if self.config.retriever == "dense" else self.config.min_relevance
+        plans = []
+        for hits in self.search(queries):
+            used = tuple(h for h in hits if h.relevance >= gate)
+            if not used:
+                plans.append(Augmentation((), None, ()))
+                continue
+            context = self.config.chunk_separator.join(self.chunk_texts[h.index] for h in used)
+            tokens = sorted({t for h in used for t in self.chunk_ids[h.index] if t not in self._special})
+            plans.append(Augmentation(used, context, tuple(tokens)))
+        return plans
+
+    # -- learning -------------------------------------------------------------------------------------------
+    def learn(self, document: Document) -> LearnReport:
+        start = time.perf_counter()
+        ids = self.backbone.tokenizer(document.text, add_special_tokens=False)["input_ids"]
+        chunks = [ids[a:b] for a, b in chunk_spans(len(ids), self.chunk_tokens, self.chunk_overlap)]
+        if document.id in self.doc_ids:
+            index = self.doc_ids.index(document.id)
+            if self.doc_sha[index] == document.sha256:
+                logger.info("retrieval: %s is already indexed, unchanged", document.id)
+                loss = self._mean_nll(document.text)
+                return LearnReport(doc_id=document.id, tokens=len(ids), loss_before=loss, loss_after=loss,
+                                   seconds=time.perf_counter() - start, extra={"chunks": 0, "unchanged": True})
+            self._remove_document(index)
+        loss_before = self._mean_nll(document.text)
+        if document.id in self.doc_ids:
+            index = self.doc_ids.index(document.id)
+            self.doc_sha[index] = document.sha256
+        else:
+            index = len(self.doc_ids)
+            self.doc_ids.append(document.id)
+            self.doc_sha.append(document.sha256)
+        self._add_chunks(chunks, [index] * len(chunks))
+        self.documents_learned += 1
+        loss_after = self._mean_nll(document.text)
+        return LearnReport(
+            doc_id=document.id, tokens=len(ids), loss_before=loss_before, loss_after=loss_after,
+            seconds=time.perf_counter() - start,
+            extra={"chunks": len(chunks), "index_chunks": len(self.chunk_ids), "retriever": self.config.retriever},
+        )
+
+    def _mean_nll(self, text: str) -> float:
+        values = self.token_nll([text])
+        return float(values[0].mean()) if values[0].numel() else 0.0
+
+    # -- answering ------------------------------------------------------------------------------------------
+    def _vocab_size(self) -> int:
+        head = self.backbone.model.get_output_embeddings()
+        return int(head.weight.shape[0]) if head is not None else int(self.backbone.model.config.vocab_size)
+
+    def generate(self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
+        prompts = list(prompts)
+        if not self.chunk_ids:
+            return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+        plans = self.augment(prompts)
+        answers: list[str | None] = [None] * len(prompts)
+        plain = [i for i, p in enumerate(plans) if p.context is None]
+        if plain:  # exactly what the base model answers, batched among themselves
+            for i, answer in zip(plain, self.backbone.generate([prompts[i] for i in plain], chat=chat, max_new_tokens=max_new_tokens)):
+                answers[i] = answer
+        rich = [i for i, p in enumerate(plans) if p.context is not None]
+        use_chat = self.backbone.uses_chat(chat)
+        step = self.backbone.generation.batch_size
+        for start in range(0, len(rich), step):
+            rows = rich[start : start + step]
+            texts = [self._augmented_prompt(prompts[i], plans[i].context or "", use_chat) for i in rows]
+            kwargs: dict[str, Any] = {}
+            if self.config.bias_strength > 0:
+                bias = token_bias([plans[i].bias_tokens for i in rows], self._vocab_size(), self.config.bias_strength,
+                                  device=self.backbone.device)
+                kwargs["logits_processor"] = LogitsProcessorList([TokenBiasProcessor(bias)])
+            outs = self.backbone.generate(texts, formatted=True, max_new_tokens=max_new_tokens, **kwargs)
+            for i, answer in zip(rows, outs):
+                answers[i] = answer
+        return [a or "" for a in answers]
+
+    def _augmented_prompt(self, prompt: str, context: str, use_chat: bool) -> str:
+        """The exact model input for ``prompt`` with ``context`` (chat template kept when it is used)."""
+        if use_chat:
+            return self.backbone.format_prompt(self.config.prompt_template.format(context=context, prompt=prompt), chat=True)
+        return self.config.text_template.format(context=context) + prompt
+
+    def _bias_rows(self, plans: Sequence[Augmentation]) -> torch.Tensor:
+        return token_bias([p.bias_tokens for p in plans], self._vocab_size(), self.config.bias_strength,
+                          device=self.backbone.device)
+
+    @torch.no_grad()
+    def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """Logits (B, T, V) of each text's own positions, with the retrieved context prepended and the bias added.
+
+        Texts whose query does not pass the gate keep the base model's logits bit for bit.
+        """
+        texts = list(texts)
+        base = super().forward_logits(texts)
+        if not self.chunk_ids:
+            return base
+        plans = self.augment(texts)
+        rich = [i for i, p in enumerate(plans) if p.context is not None]
+        if not rich:
+            return base
+        tok = self.backbone.tokenizer
+        prefixes = [tok(self.config.text_template.format(context=plans[i].context), add_special_tokens=False)["input_ids"] for i in rich]
+        bodies = [tok(texts[i], add_special_tokens=False)["input_ids"] for i in rich]
+        rows = [p + b for p, b in zip(prefixes, bodies)]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.backbone.device)
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.backbone.device)
+        logits = self.backbone.model(input_ids=ids, attention_mask=attention).logits.float()
+        bias = self._bias_rows([plans[i] for i in rich]) if self.config.bias_strength > 0 else None
+        for row, (i, prefix, body) in enumerate(zip(rich, prefixes, bodies)):
+            own = logits[row, len(prefix) : len(prefix) + len(body)]
+            if bias is not None:
+                own = own + bias[row, : own.shape[-1]]
+            base[i, : len(body)] = own
+        return base
+
+    @torch.no_grad()
+    def token_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8) -> list[torch.Tensor]:
+        """Per-token NLL of each text with retrieval applied (query: ``contexts[i]`` if given, else the text)."""
+        texts = list(texts)
+        ctx = list(contexts) if contexts is not None else [""] * len(texts)
+        if not self.chunk_ids:
+            return self.backbone.token_nll(texts, contexts=contexts)
+        plans = self.augment([c if c.strip() else t for c, t in zip(ctx, texts)])
+        results: list[torch.Tensor | None] = [None] * len(texts)
+        plain = [i for i, p in enumerate(plans) if p.context is None]
+        if plain:
+            sub_ctx = [ctx[i] for i in plain] if contexts is not None else None
+            for i, nll in zip(plain, self.backbone.token_nll([texts[i] for i in plain], contexts=sub_ctx)):
+                results[i] = nll
+        rich = [i for i, p in enumerate(plans) if p.context is not None]
+        for start in range(0, len(rich), batch_size):
+            rows = rich[start : start + batch_size]
+            full_ctx = [self.config.text_template.format(context=plans[i].context) + ctx[i] for i in rows]
+            ids, labels, attention = self.backbone._labelled_batch(full_ctx, [texts[i] for i in rows])
+            for i, nll in zip(rows, self._scored_nll(ids, labels, attention, [plans[i] for i in rows])):
+                results[i] = nll
+        return [r if r is not None else torch.zeros(0) for r in results]
+
+    def _scored_nll(self, ids: torch.Tensor, labels: torch.Tensor, attention: torch.Tensor,
+                    plans: Sequence[Augmentation]) -> list[torch.Tensor]:
+        """NLL (float32, CPU) of each row's labelled tokens, with the bias of its plan added to the logits."""
+        logits = self.backbone.model(input_ids=ids, attention_mask=attention).logits.float()
+        if self.config.bias_strength > 0:
+            bias = self._bias_rows(plans)
+            width = min(bias.shape[1], logits.shape[-1])
+            logits[..., :width] += bias[:, None, :width]
+        nll = sequence_nll(logits, labels)
+        mask = labels[:, 1:] != -100
+        return [row_nll[row_mask].float().cpu() for row_nll, row_mask in zip(nll, mask)]
+
+    @torch.no_grad()
+    def perplexity(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> float:
+        """Perplexity in windows of ``window`` tokens; each window is its own query (unrelated text: base model)."""
+        if not self.chunk_ids:
+            return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
+        ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        windows = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
+        if not windows:
+            raise ValueError("perplexity needs at least two tokens of text")
+        plans = self.augment([self.backbone.tokenizer.decode(w) for w in windows])
+        if all(p.context is None for p in plans):
+            return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
+        tok, device = self.backbone.tokenizer, self.backbone.device
+        total, count = 0.0, 0
+        for start in range(0, len(windows), 8):
+            batch = list(zip(windows[start : start + 8], plans[start : start + 8]))
+            prefixes = [tok(self.config.text_template.format(context=p.context), add_special_tokens=False)["input_ids"]
+                        if p.context is not None else [] for _, p in batch]
+            rows = [pre + w for pre, (w, _) in zip(prefixes, batch)]
+            # As in Backbone.perplexity, the first token of a window is context, not scored.
+            label_rows = [[-100] * (len(pre) + 1) + w[1:] for pre, (w, _) in zip(prefixes, batch)]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=device)
+            labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows], device=device)
+            attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+            for nll in self._scored_nll(ids, labels, attention, [p for _, p in batch]):
+                total += float(nll.sum())
+                count += nll.numel()
+        return math.exp(total / max(count, 1))
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        lengths = torch.tensor([len(c) for c in self.chunk_ids], dtype=torch.long)
+        offsets = torch.zeros(len(self.chunk_ids) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        flat = [t for c in self.chunk_ids for t in c]
+        state = {
+            "chunk_tokens": torch.tensor(flat, dtype=torch.int32),
+            "chunk_offsets": offsets,
+            "chunk_doc": torch.tensor(self.chunk_doc, dtype=torch.int32),
+        }
+        if self._dense is not None and self._dense.size:
+            state["embeddings"] = self._dense.keys[: self._dense.size].float()
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        required = {"chunk_tokens", "chunk_offsets", "chunk_doc"}
+        allowed = required | ({"embeddings"} if self.config.retriever == "dense" else set())
+        if not required <= set(state) or not set(state) <= allowed:
+            raise ValueError(f"retrieval state must hold {sorted(required)} (and embeddings for dense), got {sorted(state)}")
+        offsets = state["chunk_offsets"].cpu().tolist()
+        flat = state["chunk_tokens"].cpu().tolist()
+        docs = state["chunk_doc"].cpu().tolist()
+        n = len(offsets) - 1
+        if n < 0 or len(docs) != n or offsets[-1] != len(flat):
+            raise ValueError("retrieval state: chunk_offsets, chunk_tokens and chunk_doc do not agree")
+        embeddings = state.get("embeddings")
+        if self.config.retriever == "dense" and n and (embeddings is None or embeddings.shape[0] != n):
+            raise ValueError(f"retrieval state: dense retriever needs embeddings for all {n} chunks")
+        doc_ids, doc_sha, learned = self.doc_ids, self.doc_sha, self.documents_learned
+        self._clear()
+        self.doc_ids, self.doc_sha, self.documents_learned = doc_ids, doc_sha, learned
+        chunks = [flat[offsets[i] : offsets[i + 1]] for i in range(n)]
+        self._add_chunks(chunks, docs, embeddings.to(self.backbone.device) if embeddings is not None else None)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"documents_learned": self.documents_learned, "doc_ids": list(self.doc_ids), "doc_sha256": list(self.doc_sha)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        self.doc_ids = [str(d) for d in state.get("doc_ids", [])]
+        self.doc_sha = [str(d) for d in state.get("doc_sha256", [])]
+
+    def reset(self) -> None:
+        self._clear()
+
+    def stats(self) -> StrategyStats:
+        return StrategyStats(params_added=0, params_trainable=0, state_bytes=tensor_bytes(self.trainable_state()),
+                             documents=self.documents_learned)

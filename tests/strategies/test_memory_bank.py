@@ -1,0 +1,140 @@
+"""The ``memory_bank`` strategy and its memory store, on the tiny test models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from continual_transformer import ContinualTransformer
+from continual_transformer.config import ConfigError
+from continual_transformer.modules.memory_store import MemoryStore
+
+from conftest import fast_config, make_backbone
+
+DOC = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
+UNRELATED = "A quick brown fox jumps over the lazy dog."
+
+
+def build(tokenizer, **settings) -> ContinualTransformer:
+    config = fast_config(strategies={"memory_bank": {"steps": 8, **settings}})
+    return ContinualTransformer(make_backbone(tokenizer), strategy="memory_bank", config=config)
+
+
+# -- the store ---------------------------------------------------------------------------------------------------
+def test_store_evicts_the_least_important_memory():
+    store = MemoryStore(4, 4, capacity=2)
+    store.add(torch.tensor([1.0, 0, 0, 0]), torch.ones(4), gate_logit=0.0, importance=0.5)
+    store.add(torch.tensor([0, 1.0, 0, 0]), torch.ones(4), gate_logit=0.0, importance=0.1)
+    slot, evicted = store.add(torch.tensor([0, 0, 1.0, 0]), torch.ones(4), gate_logit=0.0, importance=0.3)
+    assert evicted == 1 and slot == 1 and store.size == 2
+    assert sorted(store.importance[:2].tolist()) == pytest.approx([0.3, 0.5])
+    store.reinforce(torch.tensor([1, 1]), 0.5)  # used twice: now the most important
+    _, evicted = store.add(torch.tensor([0, 0, 0, 1.0]), torch.ones(4), gate_logit=0.0, importance=0.2)
+    assert evicted == 0 and store.uses[1] == 2
+
+
+def test_store_ranks_by_similarity_times_importance_above_a_threshold():
+    store = MemoryStore(2, 2, capacity=4)
+    store.add(torch.tensor([1.0, 0.0]), torch.zeros(2), gate_logit=0.0, importance=0.1)
+    store.add(torch.tensor([0.8, 0.6]), torch.zeros(2), gate_logit=0.0, importance=1.0)
+    store.add(torch.tensor([0.0, 1.0]), torch.zeros(2), gate_logit=0.0, importance=5.0)
+    slots, sims, valid = store.retrieve(torch.tensor([[1.0, 0.0]]), k=3, min_similarity=0.5)
+    assert slots[0, :2].tolist() == [1, 0]  # 0.8 x 1.0 beats 1.0 x 0.1; the orthogonal memory fails the threshold
+    assert valid[0].tolist() == [True, True, False]
+    assert sims[0, 0] == pytest.approx(0.8)
+
+
+def test_store_finds_duplicates():
+    store = MemoryStore(2, 2, capacity=4)
+    store.add(torch.tensor([1.0, 0.0]), torch.zeros(2), gate_logit=0.0, importance=1.0)
+    best, slot = store.duplicates(torch.tensor([[0.99, 0.14], [0.0, 1.0]]), 0.95)
+    assert best[0] > 0.95 > best[1] and slot[0] == 0
+
+
+# -- the strategy ----------------------------------------------------------------------------------------------
+def test_examples_are_sentences_with_short_ones_joined(tokenizer):
+    ct = build(tokenizer, min_tokens=4)
+    assert ct.strategy.examples("Hi. " + DOC) == [
+        "Hi. The capital of Veloria is Tarnhelm.", "The Orvalis river flows through the city of Quenmark."
+    ]
+    chunks = build(tokenizer, unit="chunk", chunk_tokens=8).strategy.examples(DOC)
+    assert len(chunks) > 2
+
+
+def test_trained_values_lower_their_example_loss_with_the_backbone_frozen(tokenizer):
+    ct = build(tokenizer)
+    before = {k: v.clone() for k, v in ct.backbone.model.named_parameters()}
+    trained = ct.strategy.train_values(ct.strategy.examples(DOC))
+    assert (trained["after"] < trained["before"]).all()
+    assert trained["values"].shape == (2, 64)
+    assert all(torch.equal(v, before[k]) for k, v in ct.backbone.model.named_parameters())
+    assert not any(p.requires_grad for p in ct.backbone.model.parameters())
+
+
+def test_learning_stores_memories_and_relearning_finds_duplicates(tokenizer):
+    ct = build(tokenizer)
+    first = ct.learn_document(DOC)
+    assert first.extra["kept"] == 2 and ct.strategy.store.size == 2
+    importance = ct.strategy.store.importance[:2].clone()
+    second = ct.learn_document(DOC)
+    assert second.extra["duplicates"] == 2 and second.extra["kept"] == 0 and ct.strategy.store.size == 2
+    assert (ct.strategy.store.importance[:2] > importance).all()  # the duplicates reinforced what was stored
+
+
+def test_memory_is_rejected_when_it_does_not_lower_the_loss_enough(tokenizer):
+    ct = build(tokenizer, min_gain=0.99)
+    base = ct.strategy.forward_logits([DOC])
+    report = ct.learn_document(DOC)
+    assert report.extra["rejected"] == 2 and ct.strategy.store.size == 0
+    assert torch.equal(ct.strategy.forward_logits([DOC]), base)
+
+
+def test_gate_zero_gives_base_logits(tokenizer):
+    ct = build(tokenizer, gate=0.0, min_gain=-1.0)
+    base = ct.strategy.forward_logits([DOC, "The capital of Veloria is"])
+    ct.learn_document(DOC)
+    assert ct.strategy.store.size == 2
+    assert ct.strategy.deltas(["The capital of Veloria is"]) is not None  # retrieved, but gated to nothing
+    assert torch.equal(ct.strategy.forward_logits([DOC, "The capital of Veloria is"]), base)
+
+
+def test_unrelated_prompt_retrieves_nothing_and_matches_the_base_model(tokenizer):
+    ct = build(tokenizer)
+    base_logits = ct.strategy.forward_logits([UNRELATED])
+    base_answer = ct.generate([UNRELATED])
+    ct.learn_document(DOC)
+    assert ct.strategy.deltas([UNRELATED]) is None
+    assert torch.equal(ct.strategy.forward_logits([UNRELATED]), base_logits)
+    assert ct.generate([UNRELATED]) == base_answer
+    related = ct.strategy.forward_logits(["The capital of Veloria is"])
+    assert not torch.equal(related, ct.backbone.model(**ct.backbone.encode(["The capital of Veloria is"])).logits)
+
+
+def test_generation_reinforces_used_memories(tokenizer):
+    ct = build(tokenizer)
+    ct.learn_document(DOC)
+    importance = ct.strategy.store.importance[:2].clone()
+    ct.strategy.token_nll(["The capital of Veloria is Tarnhelm."])  # scoring is measurement: no change
+    assert torch.equal(ct.strategy.store.importance[:2], importance)
+    ct.generate(["The capital of Veloria is"])
+    assert ct.strategy.store.importance[:2].sum() > importance.sum()
+
+
+def test_fusing_only_the_last_prompt_tokens(tokenizer):
+    everywhere, last = build(tokenizer), build(tokenizer, fuse_tokens=1)
+    for ct in (everywhere, last):
+        ct.learn_document(DOC)
+    args = ([" Tarnhelm."], )
+    kwargs = {"contexts": ["The capital of Veloria is"]}
+    a, b = everywhere.strategy.token_nll(*args, **kwargs)[0], last.strategy.token_nll(*args, **kwargs)[0]
+    assert a.shape == b.shape and not torch.equal(a, b)
+    assert last.generate(["The capital of Veloria is"])[0] is not None
+
+
+def test_config_errors_name_the_key():
+    from continual_transformer.strategies.memory_bank import MemoryBankConfig
+
+    with pytest.raises(ConfigError, match="strategies.memory_bank.gate"):
+        MemoryBankConfig(gate=2.0)
+    with pytest.raises(ConfigError, match="strategies.memory_bank.on_duplicate"):
+        MemoryBankConfig(on_duplicate="merge")

@@ -1,0 +1,192 @@
+"""The ``retrieval`` strategy and its lexical index, on the tiny test models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from continual_transformer import ContinualTransformer
+from continual_transformer.config import ConfigError
+from continual_transformer.modules.lexical_index import LexicalIndex, analyze
+
+from conftest import fast_config, make_backbone
+
+VELORIA = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
+MIRELA = "Dr. Mirela Voskuijlen was born in the town of Brastow in 1873. The national animal is the silver lynx."
+FRANCE = "What is the capital of France? The capital of France is Paris. Water boils at 100 degrees."
+UNRELATED = "A quick brown fox jumps over the lazy dog."
+
+
+def build(tokenizer, **settings) -> ContinualTransformer:
+    config = fast_config(strategies={"retrieval": settings})
+    return ContinualTransformer(make_backbone(tokenizer), strategy="retrieval", config=config)
+
+
+# -- the lexical index ---------------------------------------------------------------------------------------
+def test_analyze_drops_stop_words_and_stems():
+    assert analyze("What is the capital of Veloria? The rivers flowed.") == ["capital", "veloria", "river", "flow"]
+    assert analyze("Born in 1873") == ["born", "1873"]
+
+
+@pytest.mark.parametrize("scoring", ["bm25", "tfidf"])
+def test_index_ranks_the_right_chunk_first(scoring):
+    index = LexicalIndex(scoring)
+    index.add([FRANCE, VELORIA, MIRELA])
+    hits = index.search(["Where was Mirela Voskuijlen born?", "Which river flows through Quenmark?"], k=3)
+    assert hits[0][0].index == 2 and hits[1][0].index == 1
+    assert hits[0][0].relevance == pytest.approx(1.0)
+    assert all(a.score >= b.score for row in hits for a, b in zip(row, row[1:]))
+
+
+def test_relevance_weighs_unknown_query_words_heavily():
+    index = LexicalIndex()
+    index.add([VELORIA, MIRELA])
+    (hit,), = index.search(["What is the capital of Zorbania?"], k=1)
+    assert hit.index == 0 and hit.relevance < 0.5  # "capital" matches, the unknown name does not
+    assert index.search([UNRELATED], k=2) == [[]]  # no shared term: nothing returned
+
+
+def test_index_remove_keeps_order():
+    index = LexicalIndex()
+    index.add([VELORIA, MIRELA, FRANCE])
+    index.remove([0])
+    assert len(index) == 2
+    assert index.search(["Paris France"], k=1)[0][0].index == 1
+
+
+# -- the strategy ----------------------------------------------------------------------------------------------
+def test_retrieval_ranks_the_right_document_first(tokenizer):
+    ct = build(tokenizer, chunk_tokens=16, chunk_overlap=4)
+    for doc in (FRANCE, VELORIA, MIRELA):
+        ct.learn_document(doc)
+    strategy = ct.strategy
+    hits = strategy.search(["Where was Mirela Voskuijlen born?"])[0]
+    assert "Voskuijlen" in strategy.chunk_texts[hits[0].index]
+    assert strategy.doc_ids[strategy.chunk_doc[hits[0].index]] == ct.history[2]["doc_id"]
+    plan = strategy.augment(["What is the capital of Veloria?"])[0]
+    assert plan.context is not None and "Tarnhelm" in plan.context
+
+
+def test_unrelated_query_behaves_exactly_like_the_base_model(tokenizer):
+    ct = build(tokenizer)
+    base_logits = ct.strategy.forward_logits([UNRELATED, "What is the capital of France?"])
+    base_answers = ct.generate([UNRELATED, "What is the capital of France?"])
+    base_nll = ct.strategy.token_nll([UNRELATED])
+    base_ppl = ct.strategy.perplexity(UNRELATED)
+    ct.learn_document(VELORIA)
+    ct.learn_document(MIRELA)
+    # "capital" alone is not enough: France is unknown, so the gate keeps the Veloria chunk out.
+    assert all(p.context is None for p in ct.strategy.augment([UNRELATED, "What is the capital of France?"]))
+    assert torch.equal(ct.strategy.forward_logits([UNRELATED, "What is the capital of France?"]), base_logits)
+    assert ct.generate([UNRELATED, "What is the capital of France?"]) == base_answers
+    assert torch.equal(ct.strategy.token_nll([UNRELATED])[0], base_nll[0])
+    assert ct.strategy.perplexity(UNRELATED) == base_ppl
+
+
+def test_related_query_gets_context_inside_the_chat_template(tokenizer):
+    ct = build(tokenizer, bias_strength=0.0)
+    ct.learn_document(VELORIA)
+    strategy = ct.strategy
+    question = "What is the capital of Veloria?"
+    plan = strategy.augment([question])[0]
+    prompt = strategy._augmented_prompt(question, plan.context, use_chat=True)
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert "Tarnhelm" in prompt and question in prompt
+    # bias 0 is plain retrieval-augmented generation: exactly the base model on the augmented prompt
+    assert ct.generate([question]) == ct.backbone.generate([prompt], formatted=True)
+    assert ct.generate([question]) != ct.backbone.generate([question])
+
+
+def test_bias_raises_the_probability_of_chunk_tokens(tokenizer):
+    plain = build(tokenizer, bias_strength=0.0)
+    biased = build(tokenizer, bias_strength=3.0)
+    for ct in (plain, biased):
+        ct.learn_document(VELORIA)
+    probe = ["The capital of Veloria is"]
+    chunk_token = tokenizer(" Tarnhelm", add_special_tokens=False)["input_ids"][0]
+    in_chunks = {t for chunk in biased.strategy.chunk_ids for t in chunk}
+    assert chunk_token in in_chunks
+    outside = next(t for t in range(3, len(tokenizer)) if t not in in_chunks)
+    p_plain = plain.strategy.forward_logits(probe)[0, -1].softmax(-1)
+    p_biased = biased.strategy.forward_logits(probe)[0, -1].softmax(-1)
+    assert p_biased[chunk_token] > p_plain[chunk_token] * 5
+    assert p_biased[outside] < p_plain[outside]
+    nll_plain = plain.strategy.token_nll([" Tarnhelm."], contexts=["The capital of Veloria is"])[0]
+    nll_biased = biased.strategy.token_nll([" Tarnhelm."], contexts=["The capital of Veloria is"])[0]
+    assert nll_biased.mean() < nll_plain.mean()
+
+
+def test_index_survives_save_and_load(tokenizer, tmp_path):
+    ct = build(tokenizer, chunk_tokens=16, chunk_overlap=4)
+    for doc in (VELORIA, MIRELA, FRANCE):
+        ct.learn_document(doc)
+    queries = ["Where was Mirela Voskuijlen born?", "Which river flows through Quenmark?"]
+    expected = ct.strategy.search(queries)
+    ct.save(tmp_path / "state")
+    fresh = build(tokenizer, chunk_tokens=16, chunk_overlap=4)
+    fresh.load(tmp_path / "state")
+    assert fresh.strategy.search(queries) == expected
+    assert fresh.strategy.chunk_texts == ct.strategy.chunk_texts
+    assert fresh.strategy.doc_ids == ct.strategy.doc_ids
+    assert fresh.generate(queries) == ct.generate(queries)
+
+
+def test_relearning_a_document_does_not_duplicate_chunks(tokenizer):
+    ct = build(tokenizer, chunk_tokens=16, chunk_overlap=4)
+    ct.learn_document(VELORIA, doc_id="v")
+    n = len(ct.strategy.chunk_ids)
+    report = ct.learn_document(VELORIA, doc_id="v")
+    assert report.extra["unchanged"] and len(ct.strategy.chunk_ids) == n
+    ct.learn_document(MIRELA, doc_id="v")  # same id, new text: replaces
+    assert ct.strategy.doc_ids == ["v"]
+    assert all("Veloria" not in text for text in ct.strategy.chunk_texts)
+
+
+def test_config_errors_name_the_key():
+    from continual_transformer.strategies.retrieval import RetrievalConfig
+
+    with pytest.raises(ConfigError, match="strategies.retrieval.retriever"):
+        RetrievalConfig(retriever="magic")
+    with pytest.raises(ConfigError, match="strategies.retrieval.prompt_template"):
+        RetrievalConfig(prompt_template="no placeholders")
+    with pytest.raises(ConfigError, match="strategies.retrieval.bias_strength"):
+        RetrievalConfig(bias_strength=-1.0)
+
+
+# -- dense retrieval on a tiny random BERT ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_embedder_dir(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from conftest import CORPUS
+
+    words = sorted({w.strip(".?,").lower() for text in CORPUS + [VELORIA, MIRELA] for w in text.split()} - {""})
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", ","] + words))
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_dense_retrieval_finds_and_saves_embeddings(tokenizer, tiny_embedder_dir, tmp_path):
+    settings = {"retriever": "dense", "embedder": str(tiny_embedder_dir), "min_similarity": 0.99, "top_k": 1}
+    ct = build(tokenizer, **settings)
+    for doc in (VELORIA, MIRELA, FRANCE):
+        ct.learn_document(doc)
+    strategy = ct.strategy
+    assert strategy.embedder.dim == 32 and strategy._dense.size == 3
+    hits = strategy.search([MIRELA, VELORIA])
+    assert [h[0].index for h in hits] == [1, 0]
+    assert hits[0][0].relevance == pytest.approx(1.0, abs=1e-5)
+    assert strategy.augment([UNRELATED])[0].context is None  # a random encoder: nothing else is that similar
+    logits = strategy.forward_logits([VELORIA, UNRELATED])
+    assert set(strategy.trainable_state()) == {"chunk_tokens", "chunk_offsets", "chunk_doc", "embeddings"}
+    ct.save(tmp_path / "dense")
+    fresh = build(tokenizer, **settings)
+    fresh.load(tmp_path / "dense")
+    assert torch.equal(fresh.strategy.forward_logits([VELORIA, UNRELATED]), logits)
+    assert torch.equal(fresh.strategy._dense.keys[:3], strategy._dense.keys[:3])
