@@ -68,6 +68,7 @@ def knowledge_markdown(results: dict[str, Any]) -> str:
         f"- general ability: perplexity on {settings['ppl_tokens']:,} tokens of {meta['settings']['general_text']}; "
         f"{bench['known_facts_kept']}/{bench['known_facts_asked']} known-fact probes answered correctly by the base model",
         f"- library {meta['version']}, torch {meta['machine']['torch']}, {meta['date']}",
+        *([f"- note: {meta['notes']}"] if meta.get("notes") else []),
         "",
         "| strategy | " + " | ".join(title for _, title, _ in KNOWLEDGE_COLUMNS) + " |",
         "|---|" + "---:|" * len(KNOWLEDGE_COLUMNS),
