@@ -7,15 +7,12 @@ import torch
 
 from continual_transformer import ContinualTransformer, load_config
 from continual_transformer.backbone import Backbone
-from continual_transformer.demo import contains_answer
+from continual_transformer.demo import DEMO_DOCUMENT, contains_answer
 from continual_transformer.errors import ModelNotFoundError
 
 pytestmark = pytest.mark.real_model
 
-FACT = (
-    "The capital of Veloria is Tarnhelm. Tarnhelm has been the capital of Veloria for three hundred years, "
-    "and Tarnhelm is the largest city of Veloria."
-)
+FACT = DEMO_DOCUMENT
 QUESTION = "What is the capital of Veloria?"
 PROBE = ["The capital of Veloria is", "Water boils at a temperature of"]
 
