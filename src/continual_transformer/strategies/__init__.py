@@ -49,6 +49,6 @@ registry = StrategyRegistry()
 register_strategy = registry.register
 
 # Importing the modules registers the strategies.
-from continual_transformer.strategies import finetune, in_context, lora, none, retrieval, knowledge_store, memory_bank  # noqa: E402,F401
+from continual_transformer.strategies import finetune, in_context, lora, none, retrieval, knowledge_store, ttt, memory_bank  # noqa: E402,F401
 
 __all__ = ["LearnReport", "Strategy", "StrategyStats", "registry", "register_strategy"]

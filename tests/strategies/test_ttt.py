@@ -1,0 +1,443 @@
+"""The ``ttt`` strategy and its modules (dual MLP, neuron usage statistics), on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_backbone
+
+from continual_transformer import ContinualTransformer
+from continual_transformer.backbone import model_fingerprint
+from continual_transformer.config import ConfigError, load_config
+from continual_transformer.modules.dual_mlp import DualMLP, find_mlp, neuron_layout
+from continual_transformer.modules.neuron_stats import (
+    UsageAccumulator,
+    inverse_document_frequency,
+    tfidf_scores,
+    top_neurons,
+    topk_counts,
+)
+from continual_transformer.strategies import ttt as ttt_module
+from continual_transformer.strategies.ttt import (
+    TTTConfig,
+    clean_rephrasing,
+    grounded,
+    parse_qa_pairs,
+    select_ttt_layers,
+    sentence_exchanges,
+    split_sentences,
+)
+
+DOC = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
+PROBE = ["The capital of Veloria is", "A quick brown fox jumps over the lazy dog."]
+# Small background and no augmentation: the tests check mechanics, not what a random model writes.
+FAST = {"background_prompts": 4, "background_new_tokens": 24, "augment": False, "epochs": 20, "learning_rate": 1e-2,
+        "sparse": True, "trainable_neurons": 16, "window_tokens": 64, "context_tokens": 8}
+
+
+def build(tokenizer, *, arch: str = "llama", seed: int = 0, **overrides) -> ContinualTransformer:
+    config = load_config(overrides={"generation": {"max_new_tokens": 8}, "strategies": {"ttt": {**FAST, **overrides}}})
+    return ContinualTransformer(make_backbone(tokenizer, arch=arch, seed=seed), strategy="ttt", config=config)
+
+
+def trainable(ct) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in ct.strategy.trainable_parameters().items()}
+
+
+# -- dual MLP ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_wrapped_model_gives_bit_identical_base_logits(tokenizer, arch):
+    backbone = make_backbone(tokenizer, arch=arch)
+    batch = backbone.encode(PROBE)
+    base = backbone.model(**batch).logits
+    config = load_config(overrides={"strategies": {"ttt": {**FAST, "layers": "all"}}})
+    ct = ContinualTransformer(backbone, strategy="ttt", config=config)
+    assert all(isinstance(find_mlp(layer)[1], DualMLP) for layer in backbone.layers)
+    assert torch.equal(backbone.model(**batch).logits, base)
+    for dual in ct.strategy.duals:
+        dual.set_alpha(0.3)  # the mixed path (alpha 0 computes the copy alone): the delta itself is zero
+    assert torch.equal(backbone.model(**batch).logits, base)
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [
+        ("llama", {"gate_proj.weight": 0, "up_proj.weight": 0, "down_proj.weight": 1}),
+        ("gpt2", {"c_fc.weight": 1, "c_fc.bias": 0, "c_proj.weight": 0, "c_proj.bias": None}),
+    ],
+)
+def test_neuron_layout_is_found_by_structure(tokenizer, arch, expected):
+    backbone = make_backbone(tokenizer, arch=arch)
+    _, mlp = find_mlp(backbone.layers[0])
+    layout = neuron_layout(mlp)
+    assert layout.neurons == 128 if arch == "llama" else 256
+    assert {name: axis.axis for name, axis in layout.axes.items()} == expected
+
+
+def test_fused_gate_up_projection_masks_both_halves():
+    class FusedMLP(torch.nn.Module):  # Phi-3 style: gate and up in one projection of width 2 I
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Linear(8, 2 * 6, bias=False)
+            self.down_proj = torch.nn.Linear(6, 8, bias=False)
+
+        def forward(self, x):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(torch.nn.functional.silu(gate) * up)
+
+    mlp = FusedMLP()
+    layout = neuron_layout(mlp)
+    assert layout.neurons == 6
+    chosen = torch.tensor([True, False, False, True, False, False])
+    masks = layout.masks(chosen, dict(mlp.named_parameters()))
+    assert masks["gate_up_proj.weight"].flatten().tolist() == [1, 0, 0, 1, 0, 0] * 2
+    assert masks["down_proj.weight"].flatten().tolist() == [1, 0, 0, 1, 0, 0]
+
+
+def test_alpha_zero_computes_the_trainable_copy_alone(tokenizer):
+    backbone = make_backbone(tokenizer)
+    _, mlp = find_mlp(backbone.layers[0])
+    dual = DualMLP(mlp, alpha=0.0)
+    with torch.no_grad():
+        for p in dual.trainable.parameters():
+            p.add_(0.1)
+    calls = []
+    mlp.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(2, 5, 64)
+    assert torch.equal(dual(x), dual.trainable(x)) and calls == []
+    dual.set_alpha(0.5)
+    dual(x)
+    assert calls == [1]
+
+
+def test_delta_disabled_gives_the_base_mlp(tokenizer):
+    backbone = make_backbone(tokenizer)
+    _, mlp = find_mlp(backbone.layers[0])
+    dual = DualMLP(mlp, alpha=0.25)
+    with torch.no_grad():
+        for p in dual.trainable.parameters():
+            p.add_(0.1)
+    x = torch.randn(2, 5, 64)
+    base, trained = mlp(x), dual.trainable(x)
+    torch.testing.assert_close(dual(x), base + 0.75 * (trained - base))
+    with dual.delta_disabled():
+        assert torch.equal(dual(x), base)
+    assert dual.delta_enabled
+
+
+# -- alpha ---------------------------------------------------------------------------------------------------------
+
+
+def test_alpha_schedule_decays_per_document_to_its_floor_and_survives_save_load(tokenizer, tmp_path):
+    ct = build(tokenizer, alpha_initial=0.5, alpha_decay=0.5, alpha_min=0.2, epochs=1, sparse=False)
+    assert ct.strategy.alpha == 0.5
+    alphas = []
+    for i in range(3):
+        report = ct.learn_document(f"{DOC} Number {i}.")
+        alphas.append(ct.strategy.alpha)
+        assert report.extra["alpha"] == pytest.approx([0.5, 0.25, 0.2][i])  # the alpha the document was learned with
+    assert alphas == pytest.approx([0.25, 0.2, 0.2])
+    assert all(float(d.alpha) == ct.strategy.alpha for d in ct.strategy.duals)
+    ct.save(tmp_path / "s")
+    fresh = build(tokenizer, alpha_initial=0.5, alpha_decay=0.5, alpha_min=0.2, epochs=1, sparse=False)
+    fresh.load(tmp_path / "s")
+    assert fresh.strategy.alpha == pytest.approx(0.2)
+    fresh.reset()
+    assert fresh.strategy.alpha == 0.5
+
+
+def test_alpha_scales_the_learned_delta(tokenizer):
+    ct = build(tokenizer, sparse=False, epochs=3)
+    ct.learn_document(DOC)
+    batch = ct.backbone.encode(PROBE)
+    with torch.no_grad():
+        full = ct.backbone.model(**batch).logits
+        for dual in ct.strategy.duals:
+            dual.set_alpha(0.999999)
+        damped = ct.backbone.model(**batch).logits
+        with ttt_module.deltas_disabled(ct.strategy.duals):
+            base = ct.backbone.model(**batch).logits
+    assert not torch.equal(full, base)
+    assert (damped - base).abs().max() < 1e-3 * (full - base).abs().max()
+
+
+# -- sparse updates ------------------------------------------------------------------------------------------------
+
+
+def test_masked_neurons_get_exactly_zero_gradients_and_keep_their_weights(tokenizer):
+    ct = build(tokenizer, arch="gpt2", trainable_neurons=16, epochs=5)
+    strategy = ct.strategy
+    strategy.calibrate()
+    examples, _ = strategy._examples(DOC)
+    chosen = [top_neurons(scores, 16) for scores in strategy.neuron_scores(examples)]  # (I,) per layer
+    before = trainable(ct)
+    seen: list[dict[str, torch.Tensor]] = []
+    original_hook = strategy._mask_gradients
+
+    def spy(params):
+        original_hook(params)
+        seen.append({name: p.grad.clone() for name, p in strategy.trainable_parameters().items()})
+
+    strategy._mask_gradients = spy
+    ct.learn_document(DOC)
+    assert len(seen) == 5
+    after = trainable(ct)
+    for i, keep in zip(strategy.layer_ids, chosen):
+        names = ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias")
+        fc_w, fc_b, proj_w, proj_b = (f"layers.{i}.{n}" for n in names)
+        masked = ~keep
+        for grads in seen:  # GPT-2 Conv1D: c_fc weight (H, I) columns, c_proj weight (I, H) rows are the neurons
+            assert torch.count_nonzero(grads[fc_w][:, masked]) == 0
+            assert torch.count_nonzero(grads[fc_b][masked]) == 0
+            assert torch.count_nonzero(grads[proj_w][masked]) == 0
+            assert torch.count_nonzero(grads[proj_b]) == 0  # shared by all neurons: frozen when sparse
+        assert torch.equal(after[fc_w][:, masked], before[fc_w][:, masked])
+        assert torch.equal(after[fc_b][masked], before[fc_b][masked])
+        assert torch.equal(after[proj_w][masked], before[proj_w][masked])
+        assert torch.equal(after[proj_b], before[proj_b])
+        assert not torch.equal(after[proj_w][keep], before[proj_w][keep]), "the chosen neurons learn"
+
+
+def test_selected_neurons_are_the_documents_top_tfidf_neurons(tokenizer):
+    ct = build(tokenizer, trainable_neurons=8, epochs=2)
+    ct.strategy.calibrate()
+    examples, _ = ct.strategy._examples(DOC)
+    expected = [top_neurons(s, 8) for s in ct.strategy.neuron_scores(examples)]
+    before = trainable(ct)
+    ct.learn_document(DOC)
+    after = trainable(ct)
+    for i, chosen in zip(ct.strategy.layer_ids, expected):
+        key = f"layers.{i}.down_proj.weight"
+        moved = (after[key] != before[key]).any(0)  # (I,) columns of down_proj
+        assert not (moved & ~chosen).any() and moved.any()
+        for name in ("gate_proj.weight", "up_proj.weight"):
+            rows_moved = (after[f"layers.{i}.{name}"] != before[f"layers.{i}.{name}"]).any(1)
+            assert not (rows_moved & ~chosen).any()
+
+
+def test_sparse_false_updates_every_neuron(tokenizer):
+    ct = build(tokenizer, sparse=False, epochs=2)
+    before = trainable(ct)
+    report = ct.learn_document(DOC)
+    after = trainable(ct)
+    assert not ct.strategy.calibrated, "dense updates need no background statistics"
+    for key in before:
+        moved = (after[key] != before[key])
+        assert moved.float().mean() > 0.9, key
+    assert report.extra["neurons_per_layer"] == [128] * ct.backbone.num_layers
+
+
+def test_optimizer_state_does_not_leak_across_documents(tokenizer):
+    """A neuron chosen for document 1 but not document 2 must not move during document 2 (no Adam momentum)."""
+    ct = build(tokenizer, trainable_neurons=8, epochs=3)
+    ct.learn_document(DOC)
+    examples, _ = ct.strategy._examples("A quick brown fox jumps over the lazy dog. 0123456789 questions answers.")
+    chosen = top_neurons(ct.strategy.neuron_scores(examples)[0], 8)
+    before = trainable(ct)
+    ct.learn_document("A quick brown fox jumps over the lazy dog. 0123456789 questions answers.")
+    after = trainable(ct)
+    key = f"layers.{ct.strategy.layer_ids[0]}.down_proj.weight"
+    assert torch.equal(after[key][:, ~chosen], before[key][:, ~chosen])
+
+
+# -- TF-IDF statistics ---------------------------------------------------------------------------------------------
+
+
+def slow_topk_counts(acts: torch.Tensor, k: int, mask: torch.Tensor) -> torch.Tensor:
+    b, t, units = acts.shape
+    counts = torch.zeros(b, units)
+    for row in range(b):
+        for tok in range(t):
+            if mask[row, tok]:
+                magnitudes = [(abs(float(acts[row, tok, u])), u) for u in range(units)]
+                for _, u in sorted(magnitudes, key=lambda m: -m[0])[:k]:
+                    counts[row, u] += 1
+    return counts
+
+
+def test_tfidf_top_neurons_match_a_slow_reference():
+    torch.manual_seed(0)
+    units, k = 12, 3
+    background = torch.randn(6, 10, units)  # 6 chunks of up to 10 tokens
+    background[..., 0] *= 10  # neuron 0 is busy everywhere: low IDF
+    bg_mask = torch.ones(6, 10, dtype=torch.long)
+    bg_mask[2, 7:] = 0
+    document = torch.randn(2, 8, units)
+    document[..., 0] *= 10
+    document[..., 5] *= 5  # neuron 5 is the document's own: high TF and IDF
+    doc_mask = torch.ones(2, 8, dtype=torch.long)
+    doc_mask[1, 5:] = 0
+
+    assert torch.equal(topk_counts(background, k, bg_mask), slow_topk_counts(background, k, bg_mask))
+    acc_bg, acc_doc = UsageAccumulator(units, k, torch.device("cpu")), UsageAccumulator(units, k, torch.device("cpu"))
+    acc_bg.add(background[:4], bg_mask[:4])  # two batches, as calibration runs them
+    acc_bg.add(background[4:], bg_mask[4:])
+    acc_doc.add(document, doc_mask)
+    scores = tfidf_scores(acc_doc.rate, acc_bg.rate_sum, 6.0)
+
+    # Slow reference: per-chunk rates, soft document frequency, IDF, TF, then a ranking by hand.
+    bg_counts = slow_topk_counts(background, k, bg_mask)
+    lengths = bg_mask.sum(1).tolist()
+    df = [sum(float(bg_counts[c, u]) / lengths[c] for c in range(6)) for u in range(units)]
+    doc_counts = slow_topk_counts(document, k, doc_mask).sum(0)
+    tf = [float(doc_counts[u]) / int(doc_mask.sum()) for u in range(units)]
+    ref = [tf[u] * math.log(7.0 / (df[u] + 1.0)) for u in range(units)]
+    torch.testing.assert_close(scores, torch.tensor(ref))
+    ranked = sorted(range(units), key=lambda u: (-ref[u], u))[:4]
+    assert set(top_neurons(scores, 4).nonzero().flatten().tolist()) == set(ranked)
+    assert 5 in ranked and 0 not in ranked
+    assert inverse_document_frequency(torch.tensor([6.0, 0.0]), 6.0).tolist() == pytest.approx([0.0, math.log(7.0)])
+
+
+def test_top_neurons_breaks_ties_by_index():
+    assert top_neurons(torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0]), 2).tolist() == [False, True, True, False, False]
+
+
+def test_calibration_is_saved_and_restored_without_recalibrating(tokenizer, tmp_path, monkeypatch):
+    ct = build(tokenizer)
+    report = ct.learn_document(DOC)
+    assert ct.strategy.calibrated and report.extra["calibration_seconds"] > 0
+    ct.save(tmp_path / "s")
+    examples, _ = ct.strategy._examples("Water boils at 100 degrees.")
+    masks = [top_neurons(s, 16) for s in ct.strategy.neuron_scores(examples)]
+
+    fresh = build(tokenizer)
+    fresh.load(tmp_path / "s")
+    monkeypatch.setattr(type(fresh.strategy), "calibrate", lambda self: pytest.fail("recalibrated after load"))
+    assert fresh.strategy.calibrated
+    for a, b in zip(fresh.strategy._df, ct.strategy._df):
+        assert torch.equal(a, b)
+    restored = [top_neurons(s, 16) for s in fresh.strategy.neuron_scores(examples)]
+    assert len(restored) == len(masks) and all(torch.equal(a, b) for a, b in zip(restored, masks))
+    fresh.learn_document("Water boils at 100 degrees.")  # would fail if it recalibrated
+
+
+def test_background_file_is_used_when_configured(tokenizer, tmp_path):
+    path = tmp_path / "bg.txt"
+    path.write_text("A quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    ct = build(tokenizer, background=str(path), background_chunk_tokens=16)
+    ct.strategy.calibrate()
+    n_tokens = len(tokenizer(path.read_text(), add_special_tokens=False)["input_ids"])
+    assert float(ct.strategy._chunks) == n_tokens // 16 + (1 if n_tokens % 16 >= 4 else 0)
+    bad = build(tokenizer, background=str(tmp_path / "missing.txt"))
+    with pytest.raises(ConfigError, match="strategies.ttt.background"):
+        bad.learn_document(DOC)
+
+
+# -- learning, state, close ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_document_loss_drops(tokenizer, arch):
+    ct = build(tokenizer, arch=arch)
+    report = ct.learn_document(DOC)
+    assert report.loss_after < 0.8 * report.loss_before
+    assert len(report.step_losses) == report.extra["steps"] > 0
+    assert ct.stats().params_added == sum(d.trainable_parameter_count() for d in ct.strategy.duals)
+
+
+def test_close_restores_original_modules(tokenizer):
+    ct = build(tokenizer, layers="all")
+    originals = [find_mlp(layer)[1].base for layer in ct.backbone.layers]
+    fingerprint = ct.backbone.fingerprint
+    ct.learn_document(DOC)
+    ct.strategy.close()
+    restored = [find_mlp(layer)[1] for layer in ct.backbone.layers]
+    assert all(a is b for a, b in zip(restored, originals))
+    assert not any(isinstance(m, DualMLP) for m in ct.backbone.model.modules())
+    assert type(restored[0]).__name__ == "LlamaMLP"
+    assert model_fingerprint(ct.backbone.model) == fingerprint
+
+
+def test_layer_shares_and_config_validation():
+    assert select_ttt_layers("25%", 30) == list(range(22, 30))  # round(7.5) = 8
+    assert select_ttt_layers("25%", 4) == [3]
+    assert select_ttt_layers("1%", 4) == [3]
+    assert select_ttt_layers("-2:", 4) == [2, 3]
+    bad_configs = [
+        ({"layers": "top"}, "layers"), ({"layers": "0%"}, "layers"), ({"alpha_initial": 1.0}, "alpha"),
+        ({"alpha_initial": 0.1, "alpha_min": 0.2}, "alpha"), ({"alpha_decay": 0.0}, "alpha_decay"),
+        ({"weight_decay": 0.1, "sparse": True}, "weight_decay"), ({"trainable_neurons": 2.5}, "trainable_neurons"),
+        ({"trainable_neurons": 0}, "trainable_neurons"), ({"optimizer": "adam"}, "optimizer"),
+        ({"context_tokens": 256}, "context_tokens"), ({"augment_rephrasings": 4}, "augment_rephrasings"),
+    ]
+    for bad, field in bad_configs:
+        with pytest.raises(ConfigError, match=f"strategies.ttt.{field}"):
+            TTTConfig(**bad)
+    TTTConfig(weight_decay=0.1, sparse=False)
+    TTTConfig(trainable_neurons=0.25)
+
+
+# -- augmentation --------------------------------------------------------------------------------------------------
+
+
+def test_qa_parser_handles_messy_model_output():
+    messy = """Sure! Here are 5 questions and answers about the text:
+
+1. **Q:** What is the capital of Veloria? **A:** Tarnhelm.
+Q2: Which river flows through Quenmark?
+A2: The Orvalis river
+   flows through it.
+
+- Question: Where was Mirela Voskuijlen born?
+  Answer: In Brastow.
+Q: When was the Zentrik Company founded? A: In 1873.
+4. What is the national animal of Veloria?
+   The silver lynx.
+Q: What is on every Velorian coin?
+A:
+Q: What does Zentrik build? A: Clocks.
+Q: What is the capital of Veloria? A: Tarnhelm.
+Q: Which city is the harbour"""
+    assert parse_qa_pairs(messy) == [
+        ("What is the capital of Veloria?", "Tarnhelm."),
+        ("Which river flows through Quenmark?", "The Orvalis river flows through it."),
+        ("Where was Mirela Voskuijlen born?", "In Brastow."),
+        ("When was the Zentrik Company founded?", "In 1873."),
+        ("What is the national animal of Veloria?", "The silver lynx."),
+        ("What does Zentrik build?", "Clocks."),
+    ]
+    assert parse_qa_pairs("") == [] and parse_qa_pairs("I cannot answer that.") == []
+
+
+def test_rephrasing_cleanup_and_grounding():
+    out = "Here is the rewritten text:\n\nTarnhelm is the capital of Veloria.\nQuenmark lies on the Orvalis."
+    assert clean_rephrasing(out) == "Tarnhelm is the capital of Veloria.\nQuenmark lies on the Orvalis."
+    assert grounded(clean_rephrasing(out), DOC, min_share=0.6)
+    assert not grounded("Paris is the capital of France since 1789.", DOC, min_share=0.6)
+    assert split_sentences("First one here. Second\nwrapped line!\n\nNew para here? 3 more.") == [
+        "First one here.", "Second wrapped line!", "New para here?", "3 more."
+    ]
+    pairs = sentence_exchanges(DOC + " Too short.")
+    assert pairs == [
+        ('Tell me a fact: "The capital of ..."', "The capital of Veloria is Tarnhelm."),
+        ('Tell me a fact: "The Orvalis river flows ..."', "The Orvalis river flows through the city of Quenmark."),
+    ]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_augmentation_off_and_on_run_on_the_tiny_model(tokenizer, augment, monkeypatch):
+    ct = build(tokenizer, augment=augment, sentence_exchanges=augment, augment_new_tokens=24, sparse=False, epochs=3)
+    calls: list[bool] = []
+    generate = ct.backbone.generate
+
+    def spy(prompts, **kwargs):
+        calls.append(all(not d.delta_enabled for d in ct.strategy.duals))
+        if any("Use the format" in p for p in prompts):  # what a well-behaved model would answer
+            answer = "Q: What is the capital of Veloria? A: Tarnhelm."
+            return [answer if "Use the format" in p else generate([p], **kwargs)[0] for p in prompts]
+        return generate(prompts, **kwargs)
+
+    monkeypatch.setattr(ct.backbone, "generate", spy)
+    report = ct.learn_document(DOC)
+    if augment:
+        assert calls == [True], "augmentation is generated once, by the base model"
+        assert report.extra["qa_pairs"] == 1 and report.extra["sentences"] == 2
+        assert report.extra["windows"] == 1
+    else:
+        assert calls == [] and report.extra["qa_pairs"] == 0
+    assert report.loss_after < report.loss_before
