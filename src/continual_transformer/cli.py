@@ -254,6 +254,26 @@ def bench_knowledge(
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
+@bench_app.command("tasks")
+def bench_tasks_command(
+    suite: Annotated[str, typer.Option(help="clinc150-10, clinc150-50, banking77 or long15.")] = "clinc150-10",
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: all).")] = None,
+    quick: Annotated[bool, typer.Option(help="Small profile for a CPU.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Results directory.")] = None,
+    order: Annotated[Optional[int], typer.Option(help="Task order (long15 has 3).")] = None,
+    num_tasks: Annotated[Optional[int], typer.Option(help="Only the first N tasks.")] = None,
+    workers: Annotated[int, typer.Option(help="Methods in parallel processes (GPU).")] = 1,
+) -> None:
+    """Task-incremental benchmark: accuracy matrix, BWT/FWT, routed accuracy, parameters and bytes over tasks."""
+    from continual_transformer.tasks.benchmark import bench_tasks
+
+    cfg = resolved_config()
+    bench_tasks(suite=suite, methods=methods, quick=quick, out=out, data_dir=cfg.data_dir, model=cfg.model.name,
+                device=cfg.model.device, dtype=cfg.model.dtype, order=order, num_tasks=num_tasks, seed=cfg.seed,
+                workers=workers)
+    console.print(f"wrote {out or Path('benchmarks/results/tasks') / suite}")
+
+
 def _mark(text: str, correct: bool) -> str:
     return ("[green]✓[/green] " if correct else "[red]✗[/red] ") + text.replace("[", "\\[")
 

@@ -44,6 +44,8 @@ class ContinualTransformer:
         config: Config | None = None,
         config_file: str | Path | None = None,
         overrides: dict[str, Any] | None = None,
+        max_tasks: int | None = None,
+        task_config: Any = None,
     ) -> None:
         cfg = config if config is not None else load_config(config_file, overrides)
         if isinstance(model, str):
@@ -60,6 +62,9 @@ class ContinualTransformer:
         strategy_cls = registry.get(cfg.strategy)
         self.strategy = strategy_cls(self.backbone, cfg.strategy_config(), settings=cfg)
         self.history: list[dict[str, Any]] = []
+        self._task_config = task_config
+        self._max_tasks = max_tasks
+        self._tasks = None
 
     # -- learning ---------------------------------------------------------------------------------------------
     def learn_document(self, document: str | Document, *, doc_id: str | None = None) -> LearnReport:
@@ -118,6 +123,31 @@ class ContinualTransformer:
         """Forget everything learned."""
         self.strategy.reset()
         self.history.clear()
+
+    # -- tasks (task-incremental classification, fixed-size adapter pool) ---------------------------------------
+    @property
+    def tasks(self):
+        """The :class:`~continual_transformer.tasks.TaskLearner` on this backbone (created on first use)."""
+        if self._tasks is None:
+            from continual_transformer.tasks import TaskConfig, TaskLearner
+
+            config = self._task_config or TaskConfig()
+            if self._max_tasks is not None:
+                config = dataclasses.replace(config, max_tasks=self._max_tasks)
+            self._tasks = TaskLearner(self.backbone, config)
+        return self._tasks
+
+    def learn_task(self, task_id: str | int, train_data: Any, epochs: int | None = None, **kwargs: Any):
+        """Learn a classification task with zero new parameters (see :meth:`TaskLearner.learn_task`)."""
+        return self.tasks.learn_task(task_id, train_data, epochs, **kwargs)
+
+    def predict(self, text: str, task_id: str | int | None = None) -> str:
+        """The label of ``text``; without ``task_id`` the router picks the task."""
+        return self.tasks.predict(text, task_id)
+
+    def evaluate(self, task_id: str | int, data: Any, **kwargs: Any) -> float:
+        """Accuracy on labelled ``data`` for a learned task."""
+        return self.tasks.evaluate(task_id, data, **kwargs)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

@@ -1,0 +1,492 @@
+"""The task-incremental learner: learn classification tasks one after another, predict with or without task id.
+
+>>> learner = TaskLearner(backbone, TaskConfig(max_tasks=50))
+>>> learner.learn_task("banking", [("freeze my card", "freeze_account"), ...], epochs=3)
+>>> learner.predict("please block my card", task_id="banking")   # -> "freeze_account"
+>>> learner.predict("please block my card")                       # routed to a task by its prototype
+>>> learner.evaluate("banking", "test.jsonl")                     # -> accuracy
+>>> learner.save("state/")
+
+Classification is generative: each label is scored by the likelihood of its name after a prompt listing the
+task's labels, so no task adds a head. The continual-learning method (``config.method``) decides which adapter
+weights serve a task. Everything the learner keeps (task table, label names, router prototypes, the method's
+adapters and buffers) lives in tensors allocated at construction for ``max_tasks`` tasks: with the default
+``adapter_distill`` method, parameters and bytes of state after the last task equal those after the first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from continual_transformer import checkpoint
+from continual_transformer.backbone import Backbone
+from continual_transformer.config import from_dict, to_dict
+from continual_transformer.errors import CheckpointError, ConfigError
+from continual_transformer.tasks.config import TaskConfig
+from continual_transformer.tasks.data import LabeledExample, TaskData, TaskError, read_labeled
+from continual_transformer.tasks.methods import TaskMethod, get_method, resolve_share_prefix
+from continual_transformer.tasks.prompts import Encoded, PromptBuilder, TrainRow
+from continual_transformer.tasks.router import BackboneEmbedder, MiniLMEmbedder, PrototypeRouter
+from continual_transformer.tasks.scoring import score_candidates
+from continual_transformer.version import __version__
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "task-learner"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskReport:
+    """What learning one task did."""
+
+    task_id: str
+    """The task's id."""
+    task_index: int
+    """Its row in the preallocated task table."""
+    examples: int
+    """Training examples."""
+    labels: tuple[str, ...]
+    """The task's label set (in prompt order)."""
+    seconds: float
+    """Wall-clock seconds for the whole call (training, distillation, router update)."""
+    train_seconds: float
+    """Seconds spent training the task's adapter."""
+    distill_seconds: float
+    """Seconds spent distilling into a pool slot (0 when a free slot took the adapter)."""
+    final_loss: float | None
+    """Mean loss of the last training epoch's steps."""
+    slot: int | None
+    """Pool slot (adapter) that serves the task."""
+    merged: bool
+    """Whether the task was distilled into a slot shared with earlier tasks."""
+    parameters: int
+    """Parameters the method holds after the task."""
+    state_bytes: int
+    """Bytes of the learner's state after the task."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Method-specific figures."""
+
+
+class TaskTable:
+    """Task ids and label names in fixed-size UTF-8 byte tables, so even names do not grow the state."""
+
+    def __init__(self, config: TaskConfig) -> None:
+        self.config = config
+        self.ids = torch.zeros(config.max_tasks, config.max_task_id_bytes, dtype=torch.uint8)
+        self.labels = torch.zeros(config.max_tasks, config.max_labels_per_task, config.max_label_bytes, dtype=torch.uint8)
+        self.num_labels = torch.zeros(config.max_tasks, dtype=torch.int64)
+        self.count = torch.zeros((), dtype=torch.int64)
+        self._decoded: list[tuple[str, tuple[str, ...]]] = []  # derived cache
+
+    def __len__(self) -> int:
+        return int(self.count)
+
+    def index(self, task_id: str) -> int | None:
+        for i, (name, _) in enumerate(self.decoded()):
+            if name == task_id:
+                return i
+        return None
+
+    def decoded(self) -> list[tuple[str, tuple[str, ...]]]:
+        if len(self._decoded) != len(self):
+            self._decoded = [(_decode(self.ids[i]), tuple(_decode(self.labels[i, j]) for j in range(int(self.num_labels[i]))))
+                             for i in range(len(self))]
+        return self._decoded
+
+    def task_ids(self) -> list[str]:
+        return [name for name, _ in self.decoded()]
+
+    def label_set(self, index: int) -> tuple[str, ...]:
+        return self.decoded()[index][1]
+
+    def put(self, task_id: str, labels: Sequence[str]) -> int:
+        """Add a task or extend an existing task's labels; returns the task's index. Checks before changing."""
+        cfg = self.config
+        index = self.index(task_id)
+        if index is None and len(self) >= cfg.max_tasks:
+            raise TaskError(f"the learner is full: tasks.max_tasks={cfg.max_tasks} tasks are learned already")
+        current = list(self.label_set(index)) if index is not None else []
+        merged = current + [label for label in dict.fromkeys(labels) if label not in current]
+        if len(merged) > cfg.max_labels_per_task:
+            raise TaskError(f"task {task_id!r} has {len(merged)} labels; tasks.max_labels_per_task={cfg.max_labels_per_task}")
+        if len(merged) < 2:
+            raise TaskError(f"task {task_id!r} needs at least two labels, got {merged}")
+        rows = torch.stack([_encode(label, cfg.max_label_bytes, "label", "tasks.max_label_bytes") for label in merged])
+        id_row = _encode(task_id, cfg.max_task_id_bytes, "task id", "tasks.max_task_id_bytes")
+        if index is None:
+            index = len(self)
+            self.ids[index] = id_row
+            self.count += 1
+        self.labels[index, : len(merged)] = rows
+        self.num_labels[index] = len(merged)
+        self._decoded = []
+        return index
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ids": self.ids, "labels": self.labels, "num_labels": self.num_labels, "count": self.count}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, own in self.state_tensors().items():
+            if name not in tensors or tensors[name].shape != own.shape:
+                raise ValueError(f"task table tensor {name} is missing or has the wrong shape")
+            own.copy_(tensors[name])
+        self._decoded = []
+
+
+def _encode(text: str, width: int, what: str, key: str) -> torch.Tensor:
+    data = text.encode("utf-8")
+    if len(data) > width or "\x00" in text or not data:
+        raise TaskError(f"{what} {text!r} is empty, holds a NUL or is longer than {key}={width} bytes")
+    row = torch.zeros(width, dtype=torch.uint8)
+    row[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return row
+
+
+def _decode(row: torch.Tensor) -> str:
+    return bytes(row.tolist()).rstrip(b"\x00").decode("utf-8")
+
+
+class TaskLearner:
+    """Learns classification tasks in sequence on a frozen backbone with a fixed-size state (see module doc)."""
+
+    def __init__(self, backbone: Backbone, config: TaskConfig | None = None) -> None:
+        self.backbone = backbone
+        self.config = config or TaskConfig()
+        self._build(self.config)
+
+    def _build(self, config: TaskConfig) -> None:
+        self.config = config
+        self.prompts = PromptBuilder(self.backbone, config)
+        self.table = TaskTable(config)
+        self.embedder = self._make_embedder(config)
+        per_label = config.max_labels_per_task if config.router_prototypes == "label" else None
+        self.router = PrototypeRouter(config.max_tasks, self.embedder.dim, per_label)
+        self.method: TaskMethod = get_method(config.method)(self.backbone, config)
+        self._share_prefix = resolve_share_prefix(config, self.backbone)
+        self.history: list[dict[str, Any]] = []
+
+    def _make_embedder(self, config: TaskConfig):
+        if config.router == "minilm":
+            return MiniLMEmbedder(device=self.backbone.device, max_tokens=config.max_text_tokens,
+                                  batch_size=config.eval_batch_size)
+        layer = config.router_layer if config.router_layer is not None else round(self.backbone.num_layers * 3 / 8)
+        return BackboneEmbedder(self.backbone, layer=layer, max_tokens=config.max_text_tokens,
+                                batch_size=config.eval_batch_size)
+
+    # -- tasks ------------------------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        """Ids of the tasks learned, in the order they were first learned."""
+        return self.table.task_ids()
+
+    def labels(self, task_id: str | int) -> tuple[str, ...]:
+        return self.table.label_set(self._index(task_id))
+
+    def _index(self, task_id: str | int) -> int:
+        index = self.table.index(str(task_id))
+        if index is None:
+            raise TaskError(f"unknown task {task_id!r}; learned tasks: {self.tasks}")
+        return index
+
+    # -- learning ---------------------------------------------------------------------------------------------
+    def learn_task(
+        self, task_id: str | int, train_data: TaskData, epochs: int | None = None, *, labels: Sequence[str] | None = None
+    ) -> TaskReport:
+        """Learn (or keep learning) task ``task_id`` from labelled examples (see :mod:`.data` for the forms).
+
+        ``labels`` fixes the task's label set and its order in the prompt (default: the labels of ``train_data``
+        in order of first appearance); a label in the data but not in ``labels`` is an error.
+        """
+        start = time.perf_counter()
+        task_id = str(task_id)
+        examples = read_labeled(train_data, name="train_data")
+        label_set = list(labels) if labels is not None else list(dict.fromkeys(e.label for e in examples))
+        unknown = sorted({e.label for e in examples} - set(label_set))
+        if unknown:
+            raise TaskError(f"train_data has labels not in labels=: {unknown[:5]}")
+        index = self.table.put(task_id, label_set)
+        epochs = self.config.epochs if epochs is None else int(epochs)
+        encoded = self._encode(examples, index)
+        report = self.method.learn(index, encoded, epochs=epochs, rows_of=self._rows)
+        sample = _spread(encoded, self.config.router_samples)
+        self.router.update(index, self.embedder([examples[i].text for i in sample]),
+                           torch.tensor([encoded[i].label for i in sample], dtype=torch.long))
+        losses = report.pop("losses", [])
+        steps_per_epoch = max(1, len(losses) // max(epochs, 1))
+        result = TaskReport(
+            task_id=task_id, task_index=index, examples=len(examples), labels=self.table.label_set(index),
+            seconds=time.perf_counter() - start, train_seconds=float(report.pop("train_s", 0.0)),
+            distill_seconds=float(report.pop("distill_s", 0.0)),
+            final_loss=sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]) if losses else None,
+            slot=report.pop("slot", None), merged=bool(report.pop("merged", False)),
+            parameters=self.num_parameters(), state_bytes=self.state_bytes(), extra=report,
+        )
+        self.history.append({"task_id": task_id, "examples": len(examples), "seconds": round(result.seconds, 3),
+                             "slot": result.slot, "merged": result.merged})
+        logger.info("learned task %s (%d examples, %d labels) in %.1fs: slot %s%s, loss %s", task_id, len(examples),
+                    len(label_set), result.seconds, result.slot, " (merged)" if result.merged else "",
+                    f"{result.final_loss:.3f}" if result.final_loss is not None else "-")
+        return result
+
+    def _encode(self, examples: Sequence[LabeledExample], task: int, labels: Sequence[str] | None = None) -> list[Encoded]:
+        labels = labels if labels is not None else self.table.label_set(task)
+        position = {label: j for j, label in enumerate(labels)}
+        ids = self.prompts.encode_texts([e.text for e in examples])
+        return [Encoded(t, task, position.get(e.label, -1)) for t, e in zip(ids, examples)]
+
+    def _rows(self, examples: Sequence[Encoded]) -> list[TrainRow]:
+        """Training rows (prompt + gold answer) of stored examples of learned tasks."""
+        rows = []
+        for e in examples:
+            prompt = self.prompts.task_prompt(self.table.label_set(e.task))
+            rows.append(TrainRow(prompt.prompt(e.text_ids), prompt.answers[e.label], e.task))
+        return rows
+
+    # -- prediction -------------------------------------------------------------------------------------------
+    def predict(self, text: str, task_id: str | int | None = None) -> str:
+        """The label of ``text`` in task ``task_id`` (routed to a task by its prototype when ``None``)."""
+        return self.predict_batch([text], task_id)[0]
+
+    def predict_batch(self, texts: Sequence[str], task_ids: str | int | Sequence[str | int] | None = None) -> list[str]:
+        """Labels of many texts; ``task_ids`` is one id for all, one id per text, or ``None`` to route."""
+        texts = list(texts)
+        if not texts:
+            return []
+        if task_ids is None:
+            tasks = self.route_indices(texts)
+        elif isinstance(task_ids, (str, int)):
+            tasks = torch.full((len(texts),), self._index(task_ids), dtype=torch.long)
+        else:
+            if len(task_ids) != len(texts):
+                raise TaskError(f"{len(task_ids)} task ids for {len(texts)} texts")
+            tasks = torch.tensor([self._index(t) for t in task_ids], dtype=torch.long)
+        label_sets = [self.table.label_set(int(t)) for t in tasks]
+        choice = self._classify(self.prompts.encode_texts(texts), tasks, label_sets)
+        return [labels[c] for labels, c in zip(label_sets, choice)]
+
+    def route(self, texts: Sequence[str]) -> list[str]:
+        """The task id each text is routed to (nearest task prototype)."""
+        ids = self.tasks
+        return [ids[int(i)] for i in self.route_indices(list(texts))]
+
+    def route_indices(self, texts: Sequence[str]) -> torch.Tensor:
+        if len(self.table) == 0:
+            raise TaskError("no task has been learned yet")
+        return self.router.route(self.embedder(list(texts)))
+
+    def scores(self, texts: Sequence[str], task_id: str | int) -> list[torch.Tensor]:
+        """Length-normalised log-likelihood of every label of ``task_id`` for each text (in ``labels()`` order)."""
+        index = self._index(task_id)
+        tasks = torch.full((len(texts),), index, dtype=torch.long)
+        label_set = self.table.label_set(index)
+        return self._score(self.prompts.encode_texts(list(texts)), tasks, [label_set] * len(texts))
+
+    def _classify(self, text_ids, tasks: torch.Tensor, label_sets) -> list[int]:
+        return [int(s.argmax()) for s in self._score(text_ids, tasks, label_sets)]
+
+    def _score(self, text_ids: Sequence[tuple[int, ...]], tasks: torch.Tensor, label_sets: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        """Scores of each example's candidate labels; batches sorted by (task, length), grouped per task when the
+        method cannot mix tasks in one pass."""
+        prompts = [self.prompts.task_prompt(labels) for labels in label_sets]
+        full = [p.prompt(ids) for p, ids in zip(prompts, text_ids)]
+        order = sorted(range(len(full)), key=lambda i: (int(tasks[i]), label_sets[i], len(full[i])))
+        out: list[torch.Tensor | None] = [None] * len(full)
+        size = self.config.eval_batch_size
+        chunks, current = [], []
+        for i in order:
+            same_group = not current or self.method.mixed_batches or (
+                int(tasks[i]) == int(tasks[current[0]]) and label_sets[i] == label_sets[current[0]])
+            if len(current) == size or not same_group:
+                chunks.append(current)
+                current = []
+            current.append(i)
+        chunks.append(current)
+        for chunk in chunks:
+            chunk_tasks = tasks[chunk]
+            scores = score_candidates(
+                self.backbone, [full[i] for i in chunk], [prompts[i].answers for i in chunk],
+                lambda rows: self.method.activate(chunk_tasks[rows]),
+                share_prefix=self._share_prefix and bool((chunk_tasks == chunk_tasks[0]).all()),
+            )
+            for i, s in zip(chunk, scores):
+                out[i] = s
+        return out  # type: ignore[return-value]
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    def evaluate(
+        self, task_id: str | int, data: TaskData, *, labels: Sequence[str] | None = None, routed: bool = False
+    ) -> float:
+        """Accuracy on ``data`` for task ``task_id``.
+
+        ``routed=True`` predicts without the task id (the router picks the task; a wrong route is a wrong answer).
+        For a task not learned yet, ``labels`` gives its label set and the method's default weights answer (the
+        shared adapter, or the base model for per-task adapters): the zero-shot and forward-transfer cells.
+        """
+        return self.evaluate_detailed(task_id, data, labels=labels, routed=routed)["accuracy"]
+
+    def evaluate_detailed(
+        self, task_id: str | int, data: TaskData, *, labels: Sequence[str] | None = None, routed: bool = False
+    ) -> dict[str, float]:
+        """Accuracy and (when ``routed``) router accuracy on ``data`` for task ``task_id``."""
+        examples = read_labeled(data, name="data")
+        texts = [e.text for e in examples]
+        index = self.table.index(str(task_id))
+        if index is None:
+            if labels is None or routed:
+                raise TaskError(f"unknown task {task_id!r}: give labels= to evaluate a task not learned yet (not routed)")
+            label_set = tuple(labels)
+            tasks = torch.full((len(texts),), -1, dtype=torch.long)
+        else:
+            label_set = self.table.label_set(index)
+            tasks = self.route_indices(texts) if routed else torch.full((len(texts),), index, dtype=torch.long)
+        label_sets = [self.table.label_set(int(t)) if t >= 0 else label_set for t in tasks]
+        choice = self._classify(self.prompts.encode_texts(texts), tasks, label_sets)
+        correct = [labels_[c] == e.label for labels_, c, e in zip(label_sets, choice, examples)]
+        result = {"accuracy": sum(correct) / len(correct)}
+        if routed:
+            result["router_accuracy"] = float((tasks == index).float().mean())
+        return result
+
+    def evaluate_many(self, items: Sequence[tuple[str | int, TaskData, Sequence[str] | None]]) -> list[float]:
+        """Accuracy of several ``(task_id, data, labels)`` evaluations with the task id, scored in shared batches
+        (one pass over all their examples instead of one per task). ``labels`` is used for tasks not learned yet."""
+        texts, tasks, label_sets, gold, owner = [], [], [], [], []
+        for n, (task_id, data, labels) in enumerate(items):
+            examples = read_labeled(data, name="data")
+            index = self.table.index(str(task_id))
+            if index is None and labels is None:
+                raise TaskError(f"unknown task {task_id!r}: give labels to evaluate a task not learned yet")
+            label_set = self.table.label_set(index) if index is not None else tuple(labels)
+            texts += [e.text for e in examples]
+            gold += [e.label for e in examples]
+            tasks += [index if index is not None else -1] * len(examples)
+            label_sets += [label_set] * len(examples)
+            owner += [n] * len(examples)
+        choice = self._classify(self.prompts.encode_texts(texts), torch.tensor(tasks, dtype=torch.long), label_sets)
+        correct, total = [0] * len(items), [0] * len(items)
+        for n, labels_, c, g in zip(owner, label_sets, choice, gold):
+            correct[n] += labels_[c] == g
+            total[n] += 1
+        return [c / t for c, t in zip(correct, total)]
+
+    # -- size -------------------------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        """Parameters the learner adds to the frozen backbone (every adapter slot, used or not)."""
+        return self.method.num_parameters()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the learner keeps, by name: exactly what :meth:`save` writes."""
+        return {
+            **{f"table.{k}": v for k, v in self.table.state_tensors().items()},
+            **{f"router.{k}": v for k, v in self.router.state_tensors().items()},
+            **{f"method.{k}": v for k, v in self.method.state_tensors().items()},
+        }
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+
+    def stats(self) -> dict[str, Any]:
+        return {"method": self.method.name, "tasks": len(self.table), "max_tasks": self.config.max_tasks,
+                "parameters": self.num_parameters(), "state_bytes": self.state_bytes(),
+                "grows_with_tasks": self.method.grows_with_tasks}
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def checkpoint_manifest(self) -> dict[str, Any]:
+        """JSON part of the learner's checkpoint: kind, method, base model, task ids, history, config."""
+        return {
+            "library_version": __version__,
+            "kind": CHECKPOINT_KIND,
+            "method": self.method.name,
+            "base_model": {
+                "name": self.backbone.name,
+                "fingerprint": self.backbone.fingerprint,
+                "architecture": type(self.backbone.model).__name__,
+            },
+            "tasks": self.tasks,
+            "history": self.history,
+            "task_config": to_dict(self.config),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the learner's tensors (safetensors), its config and a manifest, atomically (``checkpoint.py``)."""
+        config_yaml = yaml.safe_dump(to_dict(self.config), sort_keys=False)
+        return checkpoint.write_checkpoint(directory, tensors=self.state_tensors(), config_yaml=config_yaml,
+                                           manifest=self.checkpoint_manifest())
+
+    def load(self, directory: str | Path) -> None:
+        """Replace this learner's state by a checkpoint's (its config included).
+
+        Refused, with nothing changed, when the checkpoint is not a task learner's or was made on another base
+        model (``backbone.fingerprint``).
+        """
+        manifest = checkpoint.read_manifest(directory)
+        tensors = checkpoint.read_tensors(directory, device="cpu")
+        self.restore(tensors, manifest, where=str(directory))
+        logger.info("loaded %d tasks (%s) from %s", len(self.table), self.method.name, directory)
+
+    def restore(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *, where: str = "checkpoint") -> None:
+        """Load state from ``state_tensors()`` and ``checkpoint_manifest()`` output, e.g. when the facade keeps the
+        learner inside its own checkpoint (under a tensor-name prefix it strips before calling this)."""
+        if manifest.get("kind") != CHECKPOINT_KIND:
+            raise CheckpointError(f"{where} is not a task-learner checkpoint (kind {manifest.get('kind')!r})")
+        base = manifest.get("base_model", {})
+        if base.get("fingerprint") != self.backbone.fingerprint:
+            raise CheckpointError(
+                f"{where} was made on base model {base.get('name')!r} (fingerprint "
+                f"{base.get('fingerprint')}), not on {self.backbone.name!r} ({self.backbone.fingerprint})"
+            )
+        try:
+            config = from_dict(TaskConfig, manifest.get("task_config"), "tasks")
+        except ConfigError as exc:
+            raise CheckpointError(f"{where}: task config is invalid ({exc})") from exc
+        old = (self.config, self.prompts, self.table, self.embedder, self.router, self.method, self._share_prefix,
+               self.history)
+        self.method.close()
+        try:
+            self._build(config)
+            self.table.load_state_tensors(_sub(tensors, "table."))
+            self.router.load_state_tensors(_sub(tensors, "router."))
+            self.method.load_state_tensors(_sub(tensors, "method."), num_tasks=len(self.table))
+        except (ValueError, KeyError) as exc:
+            self.method.close()
+            (self.config, self.prompts, self.table, self.embedder, self.router, self.method, self._share_prefix,
+             self.history) = old
+            raise CheckpointError(f"{where}: state does not fit the learner ({exc})") from exc
+        self.history = list(manifest.get("history", []))
+
+    @classmethod
+    def from_checkpoint(cls, backbone: Backbone, directory: str | Path) -> TaskLearner:
+        """A learner built from a checkpoint's config and state."""
+        config = from_dict(TaskConfig, checkpoint.read_manifest(directory).get("task_config"), "tasks")
+        learner = cls(backbone, config)
+        learner.load(directory)
+        return learner
+
+    def close(self) -> None:
+        """Undo any structural change the method made to the backbone (LoRA layers); hooks never outlive a call."""
+        self.method.close()
+
+
+def _spread(examples: Sequence[Encoded], n: int) -> list[int]:
+    """Indices of at most ``n`` examples spread over all labels (round-robin), so every label gets a prototype."""
+    by_label: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_label.setdefault(e.label, []).append(i)
+    chosen, queues = [], [list(reversed(v)) for v in by_label.values()]
+    while len(chosen) < n and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop())
+    return sorted(chosen)
+
+
+def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

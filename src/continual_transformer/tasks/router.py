@@ -1,0 +1,138 @@
+"""The task router: one prototype embedding per task in a preallocated (max_tasks, dim) table.
+
+A text is routed to the task whose prototype is nearest by cosine similarity after subtracting the mean of all
+prototypes (weighted by example counts): raw LM hidden states share a large common direction (anisotropy), so
+uncentred cosines are all close to 1. Embeddings come from the frozen base model (mean of one layer's hidden
+states over the text's tokens, no adapter attached) or, as an option, from the MiniLM sentence embedder.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from continual_transformer.backbone import Backbone
+from continual_transformer.tasks.adapters import hidden_size
+from continual_transformer.tasks.data import TaskError
+
+logger = logging.getLogger(__name__)
+
+
+class BackboneEmbedder:
+    """Mean over text tokens of hidden state ``layer`` of the frozen backbone (float32, CPU)."""
+
+    def __init__(self, backbone: Backbone, *, layer: int, max_tokens: int, batch_size: int) -> None:
+        self.backbone, self.layer, self.max_tokens, self.batch_size = backbone, layer, max_tokens, batch_size
+        self.dim = hidden_size(backbone)
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        tokenizer = self.backbone.tokenizer
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = list(texts[start : start + self.batch_size])
+            tokenizer.padding_side = "right"
+            batch = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=self.max_tokens,
+                              add_special_tokens=False)
+            ids, mask = batch["input_ids"].to(self.backbone.device), batch["attention_mask"].to(self.backbone.device)
+            output = self.backbone.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
+                                         **_keep_one(self.backbone.model))
+            hidden = output.hidden_states[self.layer].float()  # (B, T, d)
+            weights = mask.unsqueeze(-1).float()
+            out.append(((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu())  # sync: leaves the device
+        return torch.cat(out)
+
+
+def _keep_one(model) -> dict:
+    from continual_transformer.tasks.prompts import _forward_params
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(type(model)) else {}
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling), the packaged ``minilm-l6`` model."""
+
+    def __init__(self, *, device: torch.device, max_tokens: int, batch_size: int, cache_dir: str | None = None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        from continual_transformer import zoo
+
+        source = zoo.resolve("minilm-l6", cache_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model = AutoModel.from_pretrained(source).to(device).eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.max_tokens, self.batch_size, self.device = min(max_tokens, 256), batch_size, device
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True,
+                                   truncation=True, max_length=self.max_tokens).to(self.device)
+            hidden = self.model(**batch).last_hidden_state.float()
+            weights = batch["attention_mask"].unsqueeze(-1).float()
+            out.append(((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu())  # sync: leaves the device
+        return torch.cat(out)
+
+
+class PrototypeRouter:
+    """Prototypes (running means of embeddings) in a fixed table; routes by centred cosine similarity.
+
+    ``labels_per_task=None`` keeps one prototype per task, a (max_tasks, dim) table. With ``labels_per_task``
+    it keeps one per label, a (max_tasks, labels_per_task, dim) table, and a text goes to the task of its
+    nearest label prototype: a task whose labels are far apart (an intent domain) is not blurred into one mean.
+    """
+
+    def __init__(self, max_tasks: int, dim: int, labels_per_task: int | None = None) -> None:
+        self.per_label = labels_per_task is not None
+        shape = (max_tasks, labels_per_task) if self.per_label else (max_tasks,)
+        self.prototypes = torch.zeros(*shape, dim, dtype=torch.float32)
+        self.counts = torch.zeros(*shape, dtype=torch.int64)
+
+    def update(self, task: int, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Fold ``embeddings`` (n, dim) of task ``task`` (with their label indices (n,)) into the prototypes."""
+        embeddings = embeddings.float()
+        if not self.per_label:
+            sums = embeddings.sum(0, keepdim=True)  # (1, dim)
+            counts = torch.tensor([embeddings.shape[0]])
+            protos, n = self.prototypes[task : task + 1], self.counts[task : task + 1]
+        else:
+            if labels is None:
+                raise ValueError("a per-label router needs the label of every embedding")
+            width = self.prototypes.shape[1]
+            sums = torch.zeros(width, embeddings.shape[1]).index_add_(0, labels, embeddings)  # (L, dim)
+            counts = torch.bincount(labels, minlength=width)
+            protos, n = self.prototypes[task], self.counts[task]
+        total = protos * n[:, None] + sums
+        n += counts
+        protos.copy_(total / n.clamp(min=1)[:, None])
+
+    def route(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest task for each embedding (B,); only prototypes with examples compete."""
+        dim = self.prototypes.shape[-1]
+        protos, counts = self.prototypes.reshape(-1, dim), self.counts.reshape(-1)
+        known = counts > 0
+        if not bool(known.any()):
+            raise TaskError("no task has been learned yet: nothing to route to")
+        weights = counts.float()
+        centre = (protos * weights[:, None]).sum(0) / weights.sum()  # (dim,)
+        keys = F.normalize(protos - centre, dim=-1)  # (P, dim)
+        queries = F.normalize(embeddings.float() - centre, dim=-1)  # (B, dim)
+        similarity = queries @ keys.T  # (B, P)
+        similarity[:, ~known] = float("-inf")
+        nearest = similarity.argmax(-1)
+        return nearest // self.prototypes.shape[1] if self.per_label else nearest
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"prototypes": self.prototypes, "counts": self.counts}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, own in self.state_tensors().items():
+            if name not in tensors or tensors[name].shape != own.shape:
+                raise ValueError(f"router tensor {name} is missing or has the wrong shape")
+            own.copy_(tensors[name])
