@@ -98,3 +98,9 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("learn", "ask", "models", "config", "demo"):
         assert command in result.output
+
+
+def test_bench_knowledge_accepts_dataset_as_alias_of_benchmark(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    result = runner.invoke(app, ["--model", "/nonexistent/model", "bench", "knowledge", "--dataset", str(missing), "--help"])
+    assert result.exit_code == 0 and "--dataset" in result.output

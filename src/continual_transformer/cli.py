@@ -211,7 +211,8 @@ def demo() -> None:
 def bench_knowledge(
     strategies: Annotated[str, typer.Option(help="Comma-separated strategies; the baselines none, in_context, "
                                                  "finetune and lora always run beside them.")] = "",
-    benchmark: Annotated[str, typer.Option(help="novel_facts, boolq, news, or a custom JSONL file/directory.")] = "novel_facts",
+    benchmark: Annotated[str, typer.Option("--benchmark", "--dataset",
+                                           help="novel_facts, boolq, news, or a custom JSONL file/directory.")] = "novel_facts",
     docs: Annotated[Optional[int], typer.Option(help="Documents learned (default 50; 8 with --quick).")] = None,
     seed: Annotated[int, typer.Option(help="Benchmark seed.")] = 0,
     batches: Annotated[Optional[int], typer.Option(help="Stream batches (default 5; 2 with --quick).")] = None,
