@@ -26,6 +26,7 @@ replay              shared adapter + fixed-size reservoir buffer mixed into ever
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 import random
 import re
 import time
@@ -101,7 +102,7 @@ def resolve_share_prefix(config: TaskConfig, backbone: Backbone) -> bool:
     return config.share_prefix if config.share_prefix is not None else backbone.device.type == "cpu"
 
 
-class TaskMethod:
+class TaskMethod(ABC):
     """Base class: what a method owns and how the learner talks to it."""
 
     name: ClassVar[str]
@@ -115,23 +116,28 @@ class TaskMethod:
         self.config = config
         self.share_prefix = resolve_share_prefix(config, backbone)
 
+    @abstractmethod
     def learn(self, task: int, examples: Sequence[Encoded], *, epochs: int, rows_of: RowsOf) -> dict[str, Any]:
         """Learn task ``task`` from its examples; returns figures for the report (losses, seconds...)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def activate(self, tasks: torch.Tensor) -> Any:
         """Context manager attaching the weights that serve rows of ``tasks`` (CPU, (B,); -1: unseen task)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], *, num_tasks: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def num_parameters(self) -> int:
         """Parameters this method adds to the backbone (adapter weights of every slot)."""
-        raise NotImplementedError
+        ...
 
     def close(self) -> None:
         """Undo structural changes to the backbone (only LoRA makes any)."""
