@@ -7,16 +7,20 @@
 #   mv /tmp/w/part.aa .device/p1/ && mv /tmp/w/part.ab .device/p2/
 #   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 gguf==0.19.0 rank-bm25==0.2.2 -d .device/whl
+#   mkdir -p .device/d1 .device/d2 && cp -r $DATA/{clinc150,banking77,wikitext2} .device/d1/ && cp -r $DATA/cl_benchmark .device/d2/
 # Then, on the GPU machine, back to back:
 #   bash benchmarks/device.sh setup        (carry .device/p1 .device/whl)
-#   bash benchmarks/device.sh model        (carry .device/p2)
+#   bash benchmarks/device.sh model        (carry .device/p2 .device/d1)
+#   bash benchmarks/device.sh data         (carry .device/d2: the long15 collection; any call may carry it)
 #   bash benchmarks/device.sh knowledge    (and any other stage below)
 set -euo pipefail
-stage=${1:?stage: setup | model | knowledge | retrieval | ttt | tasks}
+stage=${1:?stage: setup | model | data | knowledge | retrieval | ttt | tasks}
 shift || true
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=/root/ctt-cache TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
 MODEL=/root/models
+DATA=/root/data
+copy_data() { mkdir -p $DATA && for d in .device/d1 .device/d2; do [ -d $d ] && cp -r $d/. $DATA/; done; true; }
 case "$stage" in
   setup)
     mkdir -p $MODEL && cp .device/p1/part.aa $MODEL/
@@ -24,16 +28,22 @@ case "$stage" in
   model)
     cat $MODEL/part.aa .device/p2/part.ab > $MODEL/smollm2.gguf && rm $MODEL/part.aa
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $MODEL/smollm2.gguf" | sha256sum -c
+    copy_data
     python3 -c "from continual_transformer import zoo; print(zoo.resolve('$MODEL'))"
     nvidia-smi --query-gpu=name,memory.total --format=csv ;;
+  data)
+    copy_data; ls $DATA ;;
   knowledge)
-    python3 -m continual_transformer --model $MODEL --set generation.batch_size=64 \
+    python3 -m continual_transformer --model $MODEL --set data_dir=$DATA --set generation.batch_size=64 \
       bench knowledge --out "$OUT/knowledge" "$@" ;;
   retrieval)
     python3 benchmarks/retrieval_scaling.py --out "$OUT/retrieval_scaling" "$@" ;;
   ttt)
     python3 benchmarks/ttt_throughput.py --model $MODEL --device cuda --dtype bfloat16 --out "$OUT/ttt_throughput" "$@" ;;
-  tasks)
-    python3 -m continual_transformer --model $MODEL bench tasks --out "$OUT/tasks" "$@" ;;
+  tasks)  # bash benchmarks/device.sh tasks SUITE [bench tasks options]
+    suite=${1:?suite}; shift
+    copy_data
+    python3 -m continual_transformer --model $MODEL --set data_dir=$DATA bench tasks --suite "$suite" \
+      --out "$OUT/tasks/$suite${ORDER_SUFFIX:-}" --workers 7 "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

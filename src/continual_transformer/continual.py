@@ -151,7 +151,9 @@ class ContinualTransformer:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Save what the strategy owns, the resolved config and the history (atomically)."""
+        """Save what the strategy owns, the resolved config and the history (atomically); learned tasks too, in the
+        same checkpoint (their tensors under the ``tasks/`` prefix, their manifest under ``"tasks"``)."""
+        tensors = dict(self.strategy.trainable_state())
         manifest = {
             "library_version": __version__,
             "strategy": self.strategy.name,
@@ -164,8 +166,11 @@ class ContinualTransformer:
             "history": self.history,
             "strategy_state": self.strategy.extra_state(),
         }
+        if self._tasks is not None and self._tasks.tasks:
+            tensors.update({TASKS_PREFIX + k: v for k, v in self._tasks.state_tensors().items()})
+            manifest["tasks"] = self._tasks.checkpoint_manifest()
         return checkpoint.write_checkpoint(
-            directory, tensors=self.strategy.trainable_state(), config_yaml=dump_yaml(self.config), manifest=manifest
+            directory, tensors=tensors, config_yaml=dump_yaml(self.config), manifest=manifest
         )
 
     def load(self, directory: str | Path) -> None:
@@ -187,6 +192,13 @@ class ContinualTransformer:
                 f"{self.strategy.name!r}; use ContinualTransformer.from_checkpoint({str(directory)!r})"
             )
         tensors = checkpoint.read_tensors(directory, self.backbone.device)
+        task_tensors = {k[len(TASKS_PREFIX):]: v.cpu() for k, v in tensors.items() if k.startswith(TASKS_PREFIX)}
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(TASKS_PREFIX)}
+        if "tasks" in manifest:  # checked and restored first: it rolls itself back when the state does not fit
+            self.tasks.restore(task_tensors, manifest["tasks"], where=f"{directory} (tasks)")
+        elif self._tasks is not None:
+            self._tasks.close()  # the checkpoint has no tasks: neither has the model after loading it
+            self._tasks = None
         try:
             self.strategy.load_trainable_state(tensors)
         except (ValueError, KeyError, RuntimeError) as exc:
@@ -207,6 +219,10 @@ class ContinualTransformer:
         instance = cls(model if model is not None else manifest["base_model"]["name"], config=config, **overrides)
         instance.load(directory)
         return instance
+
+
+TASKS_PREFIX = "tasks/"
+"""Tensor-name prefix of the task learner's state inside a facade checkpoint."""
 
 
 def _fmt(value: float | None) -> str:

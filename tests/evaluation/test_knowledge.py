@@ -95,3 +95,21 @@ def test_score_by_kind_hand_computed():
     assert result["contains"] == pytest.approx(2 / 3)
     assert result["cloze_contains"] == 1.0 and result["qa_contains"] == 0.5
     assert math.isclose(result["qa_em"], 0.0)
+
+
+def test_strategy_specs_carry_settings_for_ablation_rows():
+    from continual_transformer.config import ConfigError, load_config
+    from continual_transformer.evaluation.knowledge import parse_strategy_spec, spec_config
+
+    assert parse_strategy_spec("ttt") == ("ttt", {})
+    assert parse_strategy_spec("ttt:sparse=true:layers=25%") == ("ttt", {"sparse": True, "layers": "25%"})
+    config = load_config(overrides={"strategies": {"ttt": {"learning_rate": 3e-4}}})
+    name, section = spec_config(config, "ttt:alpha_initial=0.5:alpha_decay=0.9")
+    assert name == "ttt" and section.alpha_initial == 0.5 and section.alpha_decay == 0.9
+    assert section.learning_rate == 3e-4  # settings not named in the spec come from the config
+    with pytest.raises(ConfigError, match="strategies.ttt.no_such_key"):
+        parse_strategy_spec("ttt:no_such_key=1")
+    with pytest.raises(ConfigError):
+        parse_strategy_spec("ttt:alpha_decay=2")
+    with pytest.raises(Exception, match="nope"):
+        parse_strategy_spec("nope")

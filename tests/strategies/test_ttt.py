@@ -441,3 +441,70 @@ def test_augmentation_off_and_on_run_on_the_tiny_model(tokenizer, augment, monke
     else:
         assert calls == [] and report.extra["qa_pairs"] == 0
     assert report.loss_after < report.loss_before
+
+
+# -- precision and anchoring ------------------------------------------------------------------------------------------
+
+
+def test_float32_copy_under_a_half_precision_model_is_exact_before_learning_and_keeps_small_updates(tokenizer):
+    backbone = make_backbone(tokenizer)
+    backbone.model.to(torch.bfloat16)
+    _, mlp = find_mlp(backbone.layers[0])
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    wide = DualMLP(mlp, alpha=0.0, trainable_dtype=torch.float32)
+    narrow = DualMLP(mlp, alpha=0.0)
+    assert all(p.dtype == torch.float32 for p in wide.trainable.parameters())
+    assert torch.equal(wide(x), mlp(x))  # unchanged copy: the base computes, bit for bit
+    with torch.no_grad():
+        for dual in (wide, narrow):
+            for p in dual.trainable.parameters():
+                p.mul_(1 + 1e-3)  # a relative step below bfloat16's resolution (2^-8)
+    assert not any(torch.equal(p.float(), b.float()) for p, b in zip(wide.trainable.parameters(), mlp.parameters()))
+    assert all(torch.equal(p, b) for p, b in zip(narrow.trainable.parameters(), mlp.parameters()))  # rounded away
+    wide.mark_changed()
+    out = wide(x)
+    assert out.dtype == torch.bfloat16 and not torch.equal(out, mlp(x))
+    wide.reset_trainable()
+    assert not wide.changed and torch.equal(wide(x), mlp(x))
+
+
+def test_trainable_dtype_model_keeps_the_models_dtype(tokenizer):
+    ct = build(tokenizer, trainable_dtype="model", sparse=False)
+    assert all(p.dtype == torch.float32 for p in ct.strategy.trainable_parameters().values())
+    with pytest.raises(ConfigError, match="trainable_dtype"):
+        TTTConfig(trainable_dtype="float64")
+
+
+def _background_kl(ct) -> float:
+    from continual_transformer import training
+    from continual_transformer.modules.dual_mlp import deltas_disabled
+
+    strategy = ct.strategy
+    rows = strategy.background_rows()
+    batch = training.collate([training.Example(tuple(r), tuple(r)) for r in rows], 0, strategy.backbone.device)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        with deltas_disabled(strategy.duals):
+            reference = strategy.backbone.model(**inputs).logits
+        logits = strategy.backbone.model(**inputs).logits
+    return float(training.kl_to_reference(reference, logits, batch["attention_mask"]))
+
+
+def test_anchor_keeps_background_text_closer_to_the_base_model(tokenizer):
+    kls, losses = {}, {}
+    for weight in (0.0, 5.0):
+        ct = build(tokenizer, sparse=False, anchor_weight=weight, anchor_batch=4, stop_loss=0.0, epochs=10)
+        report = ct.learn_document(DOC)
+        kls[weight], losses[weight] = _background_kl(ct), report.loss_after
+        assert report.loss_after < report.loss_before  # the document is still learned
+    assert kls[5.0] < 0.5 * kls[0.0], kls
+
+
+def test_kl_to_reference_matches_a_hand_computed_value():
+    from continual_transformer.training import kl_to_reference
+
+    ref = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]))
+    own = torch.log(torch.tensor([[[0.25, 0.75], [0.9, 0.1]]]))
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kl_to_reference(ref, own, torch.tensor([[1, 0]])).item() == pytest.approx(expected, rel=1e-5)
+    assert kl_to_reference(ref, own, torch.tensor([[1, 1]])).item() == pytest.approx(expected / 2, rel=1e-5)

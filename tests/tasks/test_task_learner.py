@@ -157,3 +157,35 @@ def test_evaluate_many_equals_one_evaluation_per_task(tokenizer):
     items = [("t0", synthetic_task(0, 3), None), ("t1", synthetic_task(1, 3), None), ("t2", unseen, labels)]
     single = [learner.evaluate(t, d, labels=l) for t, d, l in items]
     assert learner.evaluate_many(items) == single
+
+
+def test_facade_checkpoint_carries_documents_and_tasks_together(tokenizer, tmp_path):
+    from conftest import fast_config
+
+    from continual_transformer import ContinualTransformer
+
+    ct = ContinualTransformer(make_backbone(tokenizer), config=fast_config(), task_config=tiny_config(), max_tasks=8)
+    ct.learn_document("The capital of Veloria is Tarnhelm.")
+    for index in range(3):
+        ct.learn_task(f"t{index}", synthetic_task(index), epochs=1)
+    texts = [text for index in range(3) for text, _ in synthetic_task(index, per_label=2)]
+    with_id = [ct.predict(text, f"t{i // 4}") for i, text in enumerate(texts)]
+    routed = [ct.predict(text) for text in texts]
+    logits = ct.strategy.forward_logits(["The capital of Veloria is"])
+    ct.save(tmp_path / "state")
+
+    again = ContinualTransformer.from_checkpoint(tmp_path / "state", model=make_backbone(tokenizer))
+    assert again.tasks.tasks == ["t0", "t1", "t2"] and again.tasks.config.max_tasks == 8
+    assert [again.predict(text, f"t{i // 4}") for i, text in enumerate(texts)] == with_id
+    assert [again.predict(text) for text in texts] == routed
+    assert torch.equal(again.strategy.forward_logits(["The capital of Veloria is"]), logits)
+
+    # A checkpoint without tasks leaves none behind; one from another base model changes nothing.
+    plain = ContinualTransformer(make_backbone(tokenizer), config=fast_config())
+    plain.save(tmp_path / "plain")
+    again.load(tmp_path / "plain")
+    assert again._tasks is None
+    other = ContinualTransformer(make_backbone(tokenizer, seed=1), config=fast_config(), task_config=tiny_config())
+    with pytest.raises(CheckpointError, match="base model"):
+        other.load(tmp_path / "state")
+    assert other._tasks is None

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from continual_transformer.backbone import Backbone, model_fingerprint
-from continual_transformer.config import Config, to_dict
+from continual_transformer.config import Config, from_dict, parse_override, to_dict
 from continual_transformer.evaluation import metrics, system
 from continual_transformer.evaluation.datasets import KNOWN_FACTS, KnowledgeBenchmark, Probe, load_benchmark
 from continual_transformer.evaluation.general import general_text
@@ -58,16 +58,42 @@ class KnowledgeBenchConfig:
             raise ValueError("docs must be >= 1 and stream_batches in [1, docs]")
 
 
-QUICK = KnowledgeBenchConfig(docs=8, stream_batches=2, ppl_tokens=4096, known_facts=40, max_new_tokens=16,
-                             latency_prompts=4)
+QUICK = KnowledgeBenchConfig(docs=6, stream_batches=2, ppl_tokens=4096, known_facts=24, max_new_tokens=16,
+                             latency_prompts=3)
+"""``--quick``: the four baselines finish in under 10 minutes on 2 CPU cores (measured: see README)."""
 
 
 def with_strategies(strategies: Sequence[str]) -> list[str]:
     """The requested strategies with the baselines always beside them, baselines first, no duplicates."""
     ordered = list(BASELINES) + [s for s in strategies if s not in BASELINES]
     for name in ordered:
-        registry.get(name)  # fail early on an unknown name
+        parse_strategy_spec(name)  # fail early on an unknown name or setting
     return ordered
+
+
+def parse_strategy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"ttt:sparse=true:layers=25%"`` -> ``("ttt", {"sparse": True, "layers": "25%"})``.
+
+    A strategy name may carry settings of its config section after colons (values parsed as YAML), so that
+    ablations run as separate rows of one benchmark; the whole spec is the row's name. Unknown strategies and
+    settings are rejected here, before any model work.
+    """
+    name, *items = [part.strip() for part in spec.split(":")]
+    cls = registry.get(name).config_cls
+    changes: dict[str, Any] = {}
+    for item in items:
+        changes.update(parse_override(item))
+    from_dict(cls, changes, prefix=f"strategies.{name}")
+    return name, changes
+
+
+def spec_config(config: Config, spec: str) -> tuple[str, Any]:
+    """The strategy name and its config section for a spec, the spec's settings applied over ``config``'s."""
+    name, changes = parse_strategy_spec(spec)
+    section = config.strategy_config(name)
+    if changes:
+        section = from_dict(type(section), {**to_dict(section), **changes}, prefix=f"strategies.{name}")
+    return name, section
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,7 +169,8 @@ def run_strategy(
     device = backbone.device
     fingerprint = backbone.fingerprint
     system.reset_peak_memory(device)
-    strategy = registry.get(name)(backbone, config.strategy_config(name), settings=config)
+    base_name, section = spec_config(config, name)
+    strategy = registry.get(base_name)(backbone, section, settings=config)
     try:
         batches = stream_batches(benchmark, bench.stream_batches)
         probes_by_batch = [benchmark.probes_for([benchmark.documents[i].id for i in b]) for b in batches]
@@ -151,20 +178,24 @@ def run_strategy(
         R = np.full((T, T), np.nan)
         just_learned: list[dict[str, Any]] = []
         learn_seconds, learn_tokens, reports = 0.0, 0, []
+        all_probes = [p for group in probes_by_batch for p in group]
+        bounds = np.cumsum([0] + [len(group) for group in probes_by_batch])
+        final = _Answers([], 0.0)
         for t, batch in enumerate(tqdm(batches, desc=f"{name}: stream", leave=False, disable=None)):
             for i in batch:
                 report = strategy.learn(benchmark.documents[i])
                 learn_seconds += report.seconds
                 learn_tokens += report.tokens
                 reports.append(report)
+            # Every batch seen so far is asked in one call; after the last batch these are the final answers.
+            seen = answer_probes(strategy, all_probes[: bounds[t + 1]], bench.max_new_tokens)
             for k in range(t + 1):
-                answers = answer_probes(strategy, probes_by_batch[k], bench.max_new_tokens)
-                scored = score(probes_by_batch[k], answers.predictions)
+                predictions = seen.predictions[bounds[k]: bounds[k + 1]]
+                scored = score(probes_by_batch[k], predictions)
                 R[t, k] = scored["contains"]
                 if k == t:
-                    just_learned.append({"scored": scored, "predictions": answers.predictions})
-        all_probes = [p for group in probes_by_batch for p in group]
-        final = answer_probes(strategy, all_probes, bench.max_new_tokens)
+                    just_learned.append({"scored": scored, "predictions": predictions})
+            final = seen
         final_scored = score(all_probes, final.predictions)
         acquisition = score(all_probes, [p for j in just_learned for p in j["predictions"]])
         known_after = answer_probes(strategy, known, bench.max_new_tokens)
@@ -176,6 +207,8 @@ def run_strategy(
         losses = [(r.loss_before, r.loss_after) for r in reports if r.loss_before is not None]
         n_docs = len(benchmark.documents)
         result = {
+            "strategy": base_name,
+            "strategy_config": to_dict(section),
             "acquisition_em": acquisition["em"],
             "acquisition_contains": acquisition["contains"],
             "acquisition_f1": acquisition["f1"],

@@ -6,6 +6,11 @@ decays it per learned document. At ``alpha == 0`` the output is the trainable co
 computed. :meth:`DualMLP.delta_disabled` switches the delta off (the base model again),
 e.g. to generate training material or measure neuron usage with the untouched model.
 
+The copy may be kept in a wider dtype than the model (``trainable_dtype``, e.g. float32 under a bfloat16 model):
+small updates are not rounded away, and the copy's output is cast back to the model's dtype. Such a copy computes
+slightly differently from the base even with equal weights, so until it is first changed (:meth:`mark_changed`)
+the base MLP computes instead: before learning, the output is still the base model's bit for bit.
+
 The MLP and its hidden neurons are found by structure, not by architecture name: the MLP is the child of a decoder
 layer whose class name ends in ``MLP`` or that is named ``mlp``/``feed_forward``/``ffn``; its last projection
 (``down_proj`` / GPT-2 ``c_proj``) reads the hidden neurons, and the projections that write them (``gate_proj`` and
@@ -119,17 +124,32 @@ def neuron_layout(mlp: nn.Module) -> NeuronLayout:
 class DualMLP(nn.Module):
     """The frozen original MLP and a trainable copy of it, mixed by ``1 - alpha``."""
 
-    def __init__(self, base: nn.Module, *, alpha: float) -> None:
+    def __init__(self, base: nn.Module, *, alpha: float, trainable_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.layout = neuron_layout(base)
         self.base = base
         self.trainable = copy.deepcopy(base)
+        base_dtype = next(base.parameters()).dtype
+        self.trainable_dtype = trainable_dtype or base_dtype
+        if self.trainable_dtype != base_dtype:
+            self.trainable.to(self.trainable_dtype)
         for param in self.trainable.parameters():
             param.requires_grad_(False)
         device = next(base.parameters()).device
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=device))
         self._alpha = float(alpha)  # host copy: forward branches on it without a device sync
         self.delta_enabled = True
+        self.changed = self.trainable_dtype == base_dtype
+        """Whether the copy may differ from the base; a copy of the base's dtype is exact, so it always computes."""
+
+    def mark_changed(self) -> None:
+        """The copy is about to be (or was) changed: compute with it from now on."""
+        self.changed = True
+
+    def _trainable(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.trainable_dtype == hidden.dtype:
+            return self.trainable(hidden, *args, **kwargs)
+        return self.trainable(hidden.to(self.trainable_dtype), *args, **kwargs).to(hidden.dtype)
 
     def set_alpha(self, value: float) -> None:
         with torch.no_grad():
@@ -150,14 +170,14 @@ class DualMLP(nn.Module):
         return self.base.get_submodule(self.layout.output_projection)
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not self.delta_enabled:
+        if not self.delta_enabled or not self.changed:
             return self.base(hidden, *args, **kwargs)
         if self._alpha == 0.0:
             # base + 1 * (trainable - base) is the trainable copy: skip the base MLP (half the MLP cost). Before
             # learning the copy computes exactly what the base does, so this too is the base model bit for bit.
-            return self.trainable(hidden, *args, **kwargs)
+            return self._trainable(hidden, *args, **kwargs)
         base_out = self.base(hidden, *args, **kwargs)
-        trained_out = self.trainable(hidden, *args, **kwargs)
+        trained_out = self._trainable(hidden, *args, **kwargs)
         scale = (1.0 - self.alpha).to(base_out.dtype)
         # Identical weights give trained_out == base_out exactly, so the sum is base_out bit for bit.
         return base_out + scale * (trained_out - base_out)
@@ -177,6 +197,7 @@ class DualMLP(nn.Module):
         """Copy the base weights into the trainable copy (the delta is zero again)."""
         for (_, target), (_, source) in zip(self.trainable.named_parameters(), self.base.named_parameters()):
             target.copy_(source)
+        self.changed = self.trainable_dtype == next(self.base.parameters()).dtype
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.trainable.parameters())

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import re
 import time
 from collections.abc import Sequence
@@ -138,6 +139,14 @@ class TTTConfig:
     """Gradient clipping (0 disables it)."""
     stop_loss: float = 0.1
     """Stop after the first epoch whose mean loss is below this (0 disables early stopping)."""
+    trainable_dtype: str = "float32"
+    """dtype of the trainable copies: ``float32`` keeps them in full precision under a bfloat16/float16 model (small
+    updates are not rounded away; the copy's output is cast back), ``model``: the model's dtype."""
+    anchor_weight: float = 0.0
+    """Weight of a KL term, added to every step, that keeps the next-token distributions on background text (the
+    ``background`` corpus) close to the base model's; 0 disables it. Costs one more forward+backward per step."""
+    anchor_batch: int = 4
+    """Background chunks per step for the anchor term."""
     sparse: bool = False
     """Update only the document's top TF-IDF neurons per layer (False: every neuron of the copies). Off by default:
     on SmolLM2 it raised general perplexity more than dense updates for the same facts learned (measured)."""
@@ -189,6 +198,10 @@ class TTTConfig:
         if self.weight_decay < 0 or (self.sparse and self.weight_decay > 0):
             raise ConfigError(f"{key}weight_decay: must be 0 with sparse updates (decay would move unselected neurons)"
                               if self.weight_decay > 0 else f"{key}weight_decay: must be >= 0")
+        if self.trainable_dtype not in ("float32", "model"):
+            raise ConfigError(f"{key}trainable_dtype: must be float32 or model, got {self.trainable_dtype!r}")
+        if self.anchor_weight < 0 or self.anchor_batch < 1:
+            raise ConfigError(f"{key}anchor_weight must be >= 0 and anchor_batch >= 1")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"{key}epochs, batch_size: must be >= 1")
         if not 0 <= self.context_tokens < self.window_tokens:
@@ -365,7 +378,8 @@ class TTTStrategy(Strategy):
         for i in self.layer_ids:
             layer = backbone.layers[i]
             attr, mlp = find_mlp(layer)
-            dual = DualMLP(mlp, alpha=config.alpha_initial)
+            dual = DualMLP(mlp, alpha=config.alpha_initial,
+                           trainable_dtype=torch.float32 if config.trainable_dtype == "float32" else None)
             setattr(layer, attr, dual)
             self._wrapped.append((layer, attr, dual))
         device = backbone.device
@@ -373,6 +387,7 @@ class TTTStrategy(Strategy):
         self._df = [torch.zeros(d.neurons, dtype=torch.float32, device=device) for d in self.duals]
         self._chunks = torch.zeros((), dtype=torch.float32, device=device)
         self.calibration_seconds: float | None = None
+        self._background: list[list[int]] | None = None  # token rows of the background corpus, made once
         self._grad_masks: dict[int, torch.Tensor] = {}  # id(param) -> 0/1 mask, set per document
 
     @property
@@ -395,7 +410,16 @@ class TTTStrategy(Strategy):
     def _k(self, dual: DualMLP) -> int:
         return active_units(dual.neurons, self.config.active_fraction)
 
-    def _background_rows(self) -> list[list[int]]:
+    def background_rows(self) -> list[list[int]]:
+        """Token chunks of the background corpus (made once, with the base model, and kept)."""
+        if self._background is None:
+            with deltas_disabled(self.duals):
+                self._background = self._make_background_rows()
+            if not self._background:
+                raise ValueError("strategies.ttt.background: the background text has no tokens")
+        return self._background
+
+    def _make_background_rows(self) -> list[list[int]]:
         cfg, bb = self.config, self.backbone
         if cfg.background == "self":
             new_tokens = max(1, min(cfg.background_new_tokens, bb.max_length - 64))
@@ -426,10 +450,8 @@ class TTTStrategy(Strategy):
     def calibrate(self) -> float:
         """Measure background neuron usage with the base model (deltas off); returns the seconds it took."""
         start = time.perf_counter()
+        rows = self.background_rows()
         with deltas_disabled(self.duals):
-            rows = self._background_rows()
-            if not rows:
-                raise ValueError("strategies.ttt.background: the background text has no tokens")
             usage = record_usage(
                 self.backbone.model, rows, [d.base_output_projection for d in self.duals],
                 [d.neurons for d in self.duals], [self._k(d) for d in self.duals],
@@ -528,6 +550,24 @@ class TTTStrategy(Strategy):
         return examples, counts
 
     # -- learning ---------------------------------------------------------------------------------------------------
+    def _anchor(self, seed: int):
+        """A regularizer: KL(base || trained) on ``anchor_batch`` random background chunks per call."""
+        rows = self.background_rows()
+        rng = random.Random(seed)
+        pad = self.backbone.tokenizer.pad_token_id
+        model, device = self.backbone.model, self.backbone.device
+
+        def regularizer() -> torch.Tensor:
+            chosen = rng.sample(rows, min(self.config.anchor_batch, len(rows)))
+            batch = training.collate([training.Example(tuple(r), tuple(r)) for r in chosen], pad, device)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            with torch.no_grad(), deltas_disabled(self.duals):
+                reference = model(**inputs).logits
+            logits = model(**inputs).logits
+            return self.config.anchor_weight * training.kl_to_reference(reference, logits, batch["attention_mask"])
+
+        return regularizer
+
     def _mask_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Zero the gradient slices of unselected neurons (runs after each backward, before clipping)."""
         for p in params:
@@ -552,6 +592,9 @@ class TTTStrategy(Strategy):
                 masks = dual.layout.masks(chosen, dict(dual.trainable.named_parameters()))
                 self._grad_masks.update({id(p): masks[n] for n, p in dual.trainable.named_parameters()})
             grad_hook = self._mask_gradients
+        regularizer = self._anchor(self.settings.seed + self.documents_learned) if cfg.anchor_weight > 0 else None
+        for dual in self.duals:
+            dual.mark_changed()
         for p in params:
             p.requires_grad_(True)
         try:
@@ -560,7 +603,7 @@ class TTTStrategy(Strategy):
                 optimizer=cfg.optimizer, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                 epochs=cfg.epochs, batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm or None,
                 stop_loss=cfg.stop_loss or None, seed=self.settings.seed + self.documents_learned,
-                grad_hook=grad_hook, description=f"ttt {document.id}",
+                grad_hook=grad_hook, regularizer=regularizer, description=f"ttt {document.id}",
             )
         finally:
             for p in params:
@@ -619,6 +662,7 @@ class TTTStrategy(Strategy):
             target.copy_(state[key])
         for dual in self.duals:
             dual.sync_alpha()
+            dual.mark_changed()
 
     @torch.no_grad()
     def reset(self) -> None:
