@@ -14,7 +14,7 @@
 #   bash benchmarks/device.sh data         (carry .device/d2: the long15 collection; any call may carry it)
 #   bash benchmarks/device.sh knowledge    (and any other stage below)
 set -euo pipefail
-stage=${1:?stage: setup | model | data | knowledge | retrieval | ttt | tasks}
+stage=${1:?stage: setup | model | data | knowledge | latency | retrieval | ttt | tasks}
 shift || true
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=/root/ctt-cache TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
@@ -38,6 +38,9 @@ case "$stage" in
       bench knowledge --out "$OUT/knowledge" "$@" ;;
   retrieval)
     python3 benchmarks/retrieval_scaling.py --out "$OUT/retrieval_scaling" "$@" ;;
+  latency)
+    python3 benchmarks/answer_latency.py --model $MODEL --device cuda --set model.dtype=float32 \
+      --out "$OUT/answer_latency" "$@" ;;
   ttt)
     python3 benchmarks/ttt_throughput.py --model $MODEL --device cuda --dtype bfloat16 --out "$OUT/ttt_throughput" "$@" ;;
   tasks)  # bash benchmarks/device.sh tasks SUITE [bench tasks options]

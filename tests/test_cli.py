@@ -104,3 +104,23 @@ def test_bench_knowledge_accepts_dataset_as_alias_of_benchmark(tmp_path):
     missing = tmp_path / "nope.jsonl"
     result = runner.invoke(app, ["--model", "/nonexistent/model", "bench", "knowledge", "--dataset", str(missing), "--help"])
     assert result.exit_code == 0 and "--dataset" in result.output
+
+
+def test_bench_knowledge_adds_rows_to_an_earlier_run_of_the_same_profile_only(base_args, tmp_path):
+    import json
+
+    out = tmp_path / "bench"
+    common = [*base_args, "bench", "knowledge", "--quick", "--docs", "2", "--batches", "1", "--no-baselines",
+              "--out", str(out)]
+    first = runner.invoke(app, [*common, "--strategies", "none"])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, [*common, "--strategies", "retrieval:top_k=1"])
+    assert second.exit_code == 0, second.output
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["strategies"]) == ["none", "retrieval:top_k=1"]
+    assert results["strategies"]["retrieval:top_k=1"]["strategy_config"]["top_k"] == 1
+    assert "`retrieval:top_k=1`" in (out / "results.md").read_text()
+    other = runner.invoke(app, [*base_args, "bench", "knowledge", "--quick", "--docs", "3", "--batches", "1",
+                                "--no-baselines", "--out", str(out), "--strategies", "none"])
+    assert other.exit_code != 0 and "other settings" in str(other.exception)
+    assert list(json.loads((out / "results.json").read_text())["strategies"]) == ["none", "retrieval:top_k=1"]

@@ -242,17 +242,42 @@ def bench_knowledge(
         backbone = Backbone.load(cfg.model, cfg.generation)
     console.print(f"{', '.join(names)} on {bench.docs} {bench.benchmark} documents ({backbone.name}, {backbone.device})")
 
+    earlier: dict = {}
+    if not baselines and (out / "results.json").is_file():
+        earlier = read_earlier_results(out / "results.json", backbone.name, dataclasses.asdict(bench))
+
+    def merged(results: dict) -> dict:
+        return {**results, "strategies": {**earlier.get("strategies", {}), **results["strategies"]}}
+
     def progress(name: str, row: dict, results: dict) -> None:
         console.print(f"  {name}: acquisition {row['acquisition_contains']:.3f}, PPL change {row['ppl_change']:+.1%}, "
                       f"{row['wall_seconds']:.0f}s")
-        write_knowledge_results(results, out)  # an interrupted run keeps every finished strategy
+        write_knowledge_results(merged(results), out)  # an interrupted run keeps every finished strategy
 
-    results = run_knowledge_bench(backbone, cfg, names, bench, on_result=progress)
+    results = merged(run_knowledge_bench(backbone, cfg, names, bench, on_result=progress))
     paths = write_knowledge_results(results, out)
     from rich.markdown import Markdown
 
     console.print(Markdown(knowledge_markdown(results)))
     console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def read_earlier_results(path: Path, model: str, bench: dict) -> dict:
+    """An earlier run's results to add rows to; refused when it measured another model or profile."""
+    import json
+
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        settings = earlier["meta"]["settings"]["bench"]
+        earlier_model = earlier["meta"]["model"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ContinualTransformerError(f"{path} is not a knowledge benchmark result ({exc}); use another --out") from exc
+    if settings != bench or earlier_model != model:
+        raise ContinualTransformerError(
+            f"{path} was measured with other settings or another model ({earlier_model}, {settings}); "
+            "rows can only be added to a run of the same profile: use another --out"
+        )
+    return earlier
 
 
 @bench_app.command("tasks")

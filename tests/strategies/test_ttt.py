@@ -34,7 +34,7 @@ DOC = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the c
 PROBE = ["The capital of Veloria is", "A quick brown fox jumps over the lazy dog."]
 # Small background and no augmentation: the tests check mechanics, not what a random model writes.
 FAST = {"background_prompts": 4, "background_new_tokens": 24, "augment": False, "epochs": 20, "learning_rate": 1e-2,
-        "sparse": True, "trainable_neurons": 16, "window_tokens": 64, "context_tokens": 8}
+        "sparse": True, "trainable_neurons": 16, "window_tokens": 64, "context_tokens": 8, "anchor_weight": 0.0}
 
 
 def build(tokenizer, *, arch: str = "llama", seed: int = 0, **overrides) -> ContinualTransformer:

@@ -137,3 +137,29 @@ def test_teacher_logits_per_teacher_group_match_one_pass_with_per_row_slots(toke
         plain = answer_logits(backbone.model, plain_batch)
     mask = plain_batch.target_mask
     torch.testing.assert_close(grouped[mask], plain[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_non_finite_padding_does_not_poison_the_loss_and_a_nan_step_is_skipped(tokenizer):
+    from conftest import make_backbone
+
+    from continual_transformer.tasks.prompts import TrainRow, answer_batch
+    from continual_transformer.tasks.training import answer_nll, answer_nll_per_row, fit
+
+    rows = [TrainRow(prompt=(5, 6, 7), answer=(8, 9), task=0), TrainRow(prompt=(5, 6), answer=(9,), task=0)]
+    batch = answer_batch(rows, 0, torch.device("cpu"))
+    logits = torch.zeros(2, 2, 32)
+    logits[1, 0] = float("nan")  # the padded answer position of the shorter row
+    assert torch.isfinite(answer_nll(logits, batch))
+    assert torch.isfinite(answer_nll_per_row(logits, batch)).all()
+
+    backbone = make_backbone(tokenizer)
+    weight = torch.nn.Parameter(torch.ones(3))
+    calls = []
+
+    def step_loss(batch, chosen):
+        calls.append(1)
+        return (weight * (float("nan") if len(calls) == 1 else 1.0)).sum()
+
+    losses = fit(backbone, [weight], rows, step_loss, epochs=2, batch_size=2, learning_rate=0.1)
+    assert len(calls) == 2 and len(losses) == 1  # the nan step was skipped, the next one trained
+    assert torch.isfinite(weight).all() and not torch.equal(weight.detach(), torch.ones(3))

@@ -142,9 +142,11 @@ class TTTConfig:
     trainable_dtype: str = "float32"
     """dtype of the trainable copies: ``float32`` keeps them in full precision under a bfloat16/float16 model (small
     updates are not rounded away; the copy's output is cast back), ``model``: the model's dtype."""
-    anchor_weight: float = 0.0
+    anchor_weight: float = 5.0
     """Weight of a KL term, added to every step, that keeps the next-token distributions on background text (the
-    ``background`` corpus) close to the base model's; 0 disables it. Costs one more forward+backward per step."""
+    ``background`` corpus) close to the base model's; 0 disables it. Costs one more forward+backward per step.
+    On the demo document (CPU, WikiText perplexity 19.21 before): 0 -> 5/5 answered, +6.7 %; 1 -> 5/5, +3.6 %;
+    5 -> 5/5, +1.9 %; 20 -> 4/5, +0.8 %."""
     anchor_batch: int = 4
     """Background chunks per step for the anchor term."""
     sparse: bool = False

@@ -67,7 +67,7 @@ def score_candidates(
             logits = model(input_ids=cont_ids, attention_mask=cont_mask, position_ids=cont_pos,
                            use_cache=False, **{cache_kwarg(model): cache}).logits  # (N, C-1, V)
         logp = token_logprobs(logits, cand[:, 1:])  # (N, C-1)
-        total = total + (logp * cand_mask[:, 1:]).sum(-1)
+        total = total + torch.where(cand_mask[:, 1:], logp, 0.0).sum(-1)
     scores = (total / cand_mask.sum(-1)).float().cpu()  # sync: results leave the device
     return list(torch.split(scores, counts.tolist()))
 

@@ -54,6 +54,7 @@ def fit(
     steps = epochs * ((len(rows) + batch_size - 1) // batch_size)
     pad = int(backbone.tokenizer.pad_token_id)
     losses: list[float] = []
+    skipped = 0
     for param in params:
         param.requires_grad_(True)
     try:
@@ -66,6 +67,13 @@ def fit(
                         chosen += extra_rows(rng)
                     batch = answer_batch(chosen, pad, backbone.device, share_prefix=share_prefix)
                     loss = step_loss(batch, chosen)
+                    if not torch.isfinite(loss):  # sync: one per step (the loss is read below anyway)
+                        # A non-finite loss would turn every trained weight into nan: skip the step.
+                        skipped += 1
+                        logger.warning("%s: non-finite loss, step skipped (%d so far)", description, skipped)
+                        opt.zero_grad(set_to_none=True)
+                        bar.update(1)
+                        continue
                     loss.backward()
                     if max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -84,15 +92,16 @@ def fit(
 def answer_nll_per_row(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
     """Mean NLL of each row's answer tokens (B,), float32 (length-normalised like the scorer)."""
     nll = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")  # (B, A)
-    mask = batch.target_mask.to(nll.dtype)
-    return (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    mask = batch.target_mask.bool()
+    # where, not a product: a padded position may hold a non-finite value, and nan * 0 is nan.
+    return torch.where(mask, nll, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def answer_nll(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
     """Mean NLL over every answer token of the batch (a scalar with grad)."""
     nll = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")  # (B, A)
-    mask = batch.target_mask.to(nll.dtype)
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
+    mask = batch.target_mask.bool()
+    return torch.where(mask, nll, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -101,8 +110,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.
     log_student = F.log_softmax(student.float() / t, dim=-1)  # (B, A, V)
     log_teacher = F.log_softmax(teacher.float() / t, dim=-1)
     kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)  # (B, A)
-    weights = mask.to(kl.dtype)
-    return (kl * weights).sum() / weights.sum().clamp(min=1) * t * t
+    mask = mask.bool()
+    return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp(min=1) * t * t
 
 
 def ewc_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], fisher: Sequence[torch.Tensor]) -> torch.Tensor:
