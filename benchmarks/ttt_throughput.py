@@ -86,6 +86,8 @@ class Bench:
         self.params = list(strategy.trainable_parameters().values())
         self.sparse = sparse
         self.generator = torch.Generator().manual_seed(seed)
+        for dual in strategy.duals:
+            dual.mark_changed()  # the copies compute from the first step, as in TTTStrategy.learn
         if sparse:  # random neuron masks of the configured size: the cost of masking, not the choice
             for dual in strategy.duals:
                 keep = torch.zeros(dual.neurons, dtype=torch.bool)
