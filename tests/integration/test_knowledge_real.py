@@ -30,3 +30,24 @@ def test_none_scores_near_zero_and_in_context_well_above():
         strategy.close()
     assert accuracy["none"] <= 0.1
     assert accuracy["in_context"] >= accuracy["none"] + 0.3
+
+
+def test_memory_bank_leaves_unrelated_general_text_alone():
+    """Unrelated long text (perplexity windows) and unrelated questions retrieve no memory: base outputs exactly."""
+    from continual_transformer.evaluation.datasets import KNOWN_FACTS
+    from continual_transformer.evaluation.general import general_text
+    from continual_transformer.strategies import registry
+
+    backbone = load_backbone()
+    config = load_config(set_items=["model.device=cpu"])
+    text, _ = general_text(config.data_dir)
+    base_ppl = backbone.perplexity(text, max_tokens=1024)
+    strategy = registry.get("memory_bank")(backbone, config.strategy_config("memory_bank"), settings=config)
+    try:
+        for doc in novel_facts(2, seed=0).documents:
+            strategy.learn(doc)
+        assert strategy.store.size > 0
+        assert strategy.perplexity(text, max_tokens=1024) == pytest.approx(base_ppl, rel=1e-6)
+        assert strategy.deltas([p.prompt for p in KNOWN_FACTS[:8]]) is None
+    finally:
+        strategy.close()

@@ -93,8 +93,11 @@ class MemoryBankConfig:
     """A memory is kept only if it lowers its example's mean loss by more than this fraction."""
     top_k: int = 2
     """Memories fused per prompt at most."""
-    min_similarity: float = 0.5
-    """Cosine similarity between prompt and memory keys below which a memory is never used."""
+    min_similarity: float = 0.65
+    """Cosine similarity between prompt and memory keys below which a memory is never used. Measured on SmolLM2-135M
+    with 3 learned novel-fact documents: probes of those documents reach 0.66-0.85 (one question 0.24), unrelated
+    questions at most 0.55 and 512-token WikiText windows at most 0.51 (at 0.5, such windows retrieved memories
+    and general perplexity exploded)."""
     retrieval_temperature: float = 0.05
     """Softmax temperature over the similarities of the retrieved memories (their fusion weights)."""
     duplicate_threshold: float = 0.97
