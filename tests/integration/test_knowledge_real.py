@@ -41,13 +41,13 @@ def test_memory_bank_leaves_unrelated_general_text_alone():
     backbone = load_backbone()
     config = load_config(set_items=["model.device=cpu"])
     text, _ = general_text(config.data_dir)
-    base_ppl = backbone.perplexity(text, max_tokens=1024)
+    base_ppl = backbone.perplexity(text, max_tokens=4096)
     strategy = registry.get("memory_bank")(backbone, config.strategy_config("memory_bank"), settings=config)
     try:
-        for doc in novel_facts(2, seed=0).documents:
+        for doc in novel_facts(4, seed=0).documents:
             strategy.learn(doc)
         assert strategy.store.size > 0
-        assert strategy.perplexity(text, max_tokens=1024) == pytest.approx(base_ppl, rel=1e-6)
+        assert strategy.perplexity(text, max_tokens=4096) == pytest.approx(base_ppl, rel=1e-6)
         assert strategy.deltas([p.prompt for p in KNOWN_FACTS[:8]]) is None
     finally:
         strategy.close()
