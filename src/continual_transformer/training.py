@@ -98,8 +98,9 @@ def kl_to_reference(reference_logits: torch.Tensor, logits: torch.Tensor, mask: 
     ref = torch.log_softmax(reference_logits.float(), dim=-1)
     own = torch.log_softmax(logits.float(), dim=-1)
     kl = (ref.exp() * (ref - own)).sum(-1)  # (B, T)
-    mask = mask.to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    mask = mask.bool()
+    # where, not a product: a padded position may hold a non-finite value, and nan * 0 is nan.
+    return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def train(

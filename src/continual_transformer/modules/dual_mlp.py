@@ -139,8 +139,9 @@ class DualMLP(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=device))
         self._alpha = float(alpha)  # host copy: forward branches on it without a device sync
         self.delta_enabled = True
-        self.changed = self.trainable_dtype == base_dtype
-        """Whether the copy may differ from the base; a copy of the base's dtype is exact, so it always computes."""
+        self._exact_copy = self.trainable_dtype == base_dtype  # equal weights then compute equal outputs
+        self.changed = self._exact_copy
+        """Whether the copy computes; an exact copy always may, a wider one only once it has been changed."""
 
     def mark_changed(self) -> None:
         """The copy is about to be (or was) changed: compute with it from now on."""
@@ -197,7 +198,7 @@ class DualMLP(nn.Module):
         """Copy the base weights into the trainable copy (the delta is zero again)."""
         for (_, target), (_, source) in zip(self.trainable.named_parameters(), self.base.named_parameters()):
             target.copy_(source)
-        self.changed = self.trainable_dtype == next(self.base.parameters()).dtype
+        self.changed = self._exact_copy
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.trainable.parameters())

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.prompts import AnswerBatch, TrainRow, answer_batch, answer_logits
-from continual_transformer.training import make_optimizer
+from continual_transformer.training import kl_to_reference, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,7 @@ def answer_nll(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) of the softened next-token distributions on answer positions, times T^2 (Hinton et al.)."""
     t = temperature
-    log_student = F.log_softmax(student.float() / t, dim=-1)  # (B, A, V)
-    log_teacher = F.log_softmax(teacher.float() / t, dim=-1)
-    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)  # (B, A)
-    mask = mask.bool()
-    return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp(min=1) * t * t
+    return kl_to_reference(teacher.float() / t, student.float() / t, mask) * t * t
 
 
 def ewc_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], fisher: Sequence[torch.Tensor]) -> torch.Tensor:
