@@ -13,13 +13,18 @@
 #   bash benchmarks/device.sh model        (carry .device/p2 .device/d1)
 #   bash benchmarks/device.sh data         (carry .device/d2: the long15 collection; any call may carry it)
 #   bash benchmarks/device.sh knowledge    (and any other stage below)
+# A call may run stages side by side (the model leaves the GPU mostly idle), each under `timeout`, then pack
+# what they wrote: OUT=/tmp/out; (bash benchmarks/device.sh rows SPEC... &); ...; wait; tar czf $REAL_OUT/r.tgz -C /tmp/out .
 set -euo pipefail
-stage=${1:?stage: setup | model | data | knowledge | latency | retrieval | ttt | tasks}
+stage=${1:?stage: setup | model | data | knowledge | rows | latency | retrieval | ttt | tasks}
 shift || true
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=/root/ctt-cache TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
 MODEL=/root/models
 DATA=/root/data
+KNOWLEDGE=benchmarks/results/knowledge/h100-novel_facts-50-wikitext
+CTT=(python3 -m continual_transformer --model $MODEL --set data_dir=$DATA --set generation.batch_size=64
+     --set model.dtype=float32)
 copy_data() { mkdir -p $DATA && for d in .device/d1 .device/d2; do [ -d $d ] && cp -r $d/. $DATA/; done; true; }
 case "$stage" in
   setup)
@@ -34,8 +39,15 @@ case "$stage" in
   data)
     copy_data; ls $DATA ;;
   knowledge)
-    python3 -m continual_transformer --model $MODEL --set data_dir=$DATA --set generation.batch_size=64 \
-      bench knowledge --out "$OUT/knowledge" "$@" ;;
+    "${CTT[@]}" bench knowledge --out "$OUT/knowledge" "$@" ;;
+  rows)  # bash benchmarks/device.sh rows SPEC...: each strategy spec, side by side, adds its row to a copy of the
+         # committed H100 results ($OUT/rows/N/); merge them with benchmarks/merge_knowledge.py
+    n=0
+    for spec in "$@"; do
+      n=$((n + 1)); mkdir -p "$OUT/rows/$n" && cp $KNOWLEDGE/results.json "$OUT/rows/$n/"
+      "${CTT[@]}" bench knowledge --no-baselines --strategies "$spec" --out "$OUT/rows/$n" > "$OUT/rows/$n/log.txt" 2>&1 &
+    done
+    wait ;;
   retrieval)
     python3 benchmarks/retrieval_scaling.py --out "$OUT/retrieval_scaling" "$@" ;;
   latency)

@@ -204,7 +204,8 @@ def write_markdown(path: Path, meta: dict, rows: list[Row]) -> None:
         ),
         (
             f"- device: {meta['device']}, dtype: {meta['dtype']}, "
-            f"warm-up steps: {meta['warmup']}, timed steps: {meta['steps']}"
+            f"warm-up steps: {meta['warmup']}, timed steps: {meta['steps']}, "
+            f"float32 matmul precision: {meta.get('float32_matmul_precision', 'highest')}"
         ),
         f"- machine: {', '.join(f'{k} {v}' for k, v in meta['machine'].items())}",
         "- one step: forward + loss, backward, gradient mask (sparse only), clip, optimizer step, zero_grad",
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=180.0,
                         help="seconds after which remaining measurements are skipped (recorded as skipped)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default="highest",
+                        help="torch.set_float32_matmul_precision for the float32 trainable copies (high: TF32)")
     parser.add_argument("--random-weights", action="store_true",
                         help="build the model from the config and tokenizer in --model (a directory) with random "
                              "weights: the same step cost where only the config is at hand")
@@ -280,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.steps = args.steps if args.steps is not None else (3 if args.quick else 5)
     started = time.perf_counter()
+    torch.set_float32_matmul_precision(args.matmul_precision)
     device = resolve_device(args.device)
     if args.random_weights:
         backbone = random_backbone(args.model, device, resolve_dtype(args.dtype, device), seed=args.seed)
@@ -306,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "trainable_parameters": sum(p.numel() for p in params), "warmup": args.warmup, "steps": args.steps,
         "shapes": [f"{b}x{t}" for b, t in shapes], "optimizers": optimizers, "compile_modes": modes,
         "machine": machine_info(device), "quick": args.quick,
+        "float32_matmul_precision": args.matmul_precision,
     }
     rows: list[Row] = []
     # Training builds no KV cache (a cache would also give every compiled layer its own guard on layer_idx).

@@ -289,6 +289,8 @@ def bench_tasks_command(
     order: Annotated[Optional[int], typer.Option(help="Task order (long15 has 3).")] = None,
     num_tasks: Annotated[Optional[int], typer.Option(help="Only the first N tasks.")] = None,
     workers: Annotated[int, typer.Option(help="Methods in parallel processes (GPU).")] = 1,
+    add: Annotated[bool, typer.Option(help="Keep the methods already in --out (same suite and settings) and add "
+                                           "these: one suite measured in several sittings.")] = False,
 ) -> None:
     """Task-incremental benchmark: accuracy matrix, BWT/FWT, routed accuracy, parameters and bytes over tasks."""
     from continual_transformer.tasks.benchmark import bench_tasks
@@ -296,7 +298,7 @@ def bench_tasks_command(
     cfg = resolved_config()
     bench_tasks(suite=suite, methods=methods, quick=quick, out=out, data_dir=cfg.data_dir, model=cfg.model.name,
                 device=cfg.model.device, dtype=cfg.model.dtype, order=order, num_tasks=num_tasks, seed=cfg.seed,
-                workers=workers)
+                workers=workers, add=add)
     console.print(f"wrote {out or Path('benchmarks/results/tasks') / suite}")
 
 

@@ -6,9 +6,11 @@ import json
 import math
 
 import numpy as np
+import pytest
 from conftest import make_backbone
 from task_helpers import WORD_GROUPS, single_thread, tiny_config  # noqa: F401
 
+from continual_transformer.errors import ConfigError
 from continual_transformer.evaluation import metrics
 from continual_transformer.tasks import TaskBenchmarkSettings
 from continual_transformer.tasks import benchmark
@@ -102,3 +104,21 @@ def test_suite_caps_labels_and_examples_per_label(tmp_path):
         assert {e.label for e in task.train + task.test} == set(task.labels)
         assert len(task.train) == 2 and len(task.test) == 1
     assert len(load_suite("clinc150-50", tmp_path / "data")) == 3  # one task of 3 intents per 2-intent domain
+
+
+def test_methods_can_be_added_to_an_earlier_run_of_the_same_profile(tokenizer, tmp_path):
+    write_clinc(tmp_path / "data")
+    settings = TaskBenchmarkSettings(data_dir=str(tmp_path / "data"), learner=tiny_config(pool_size=2, epochs=1))
+    backbone, out = make_backbone(tokenizer), tmp_path / "out"
+    first = run_task_benchmark("clinc150-10", ["sequential"], backbone, settings, out)
+    run_task_benchmark("clinc150-10", ["adapter_distill"], backbone, settings, out, add=True)
+    saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert list(saved["methods"]) == ["sequential", "adapter_distill"]
+    assert saved["methods"]["sequential"]["avg_accuracy"] == first["methods"]["sequential"]["avg_accuracy"]
+    assert "| sequential |" in (out / "results.md").read_text(encoding="utf-8")
+
+    other = TaskBenchmarkSettings(data_dir=settings.data_dir, learner=tiny_config(pool_size=2, epochs=2))
+    with pytest.raises(ConfigError, match="another suite, model or settings"):
+        run_task_benchmark("clinc150-10", ["sequential"], backbone, other, out, add=True)
+    assert list(json.loads((out / "results.json").read_text(encoding="utf-8"))["methods"]) == [
+        "sequential", "adapter_distill"]  # the refused run lost nothing

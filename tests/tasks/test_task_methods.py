@@ -52,3 +52,25 @@ def test_lora_per_task_adds_one_adapter_per_task(tokenizer):
     learner.learn_task("t1", synthetic_task(1), epochs=1)
     assert learner.num_parameters() == 2 * one > 0
     learner.close()
+
+
+def test_fit_skips_steps_whose_gradient_is_not_finite(tokenizer):
+    """A finite loss can still carry a nan gradient (a masked branch that overflowed): the weights stay finite."""
+    from continual_transformer.tasks.prompts import TrainRow
+    from continual_transformer.tasks.training import fit
+
+    backbone = make_backbone(tokenizer)
+    weight = torch.nn.Parameter(torch.ones(3))
+    rows = [TrainRow(prompt=(5, 6, 7), answer=(8,), task=0) for _ in range(4)]
+    calls = []
+
+    def step_loss(batch, chosen):
+        calls.append(len(chosen))
+        poisoned = len(calls) % 2 == 1  # every other step: the unselected branch's gradient is nan
+        masked = torch.where(torch.tensor(False), torch.sqrt(weight - 10).sum(), torch.zeros(()))
+        return (weight - 2).pow(2).sum() + (masked if poisoned else 0.0)
+
+    losses = fit(backbone, [weight], rows, step_loss, epochs=2, batch_size=2, learning_rate=0.1)
+    assert len(calls) == 4 and len(losses) == 2  # two steps skipped, two taken
+    assert torch.isfinite(weight).all()
+    assert (weight > 1).all()  # the steps taken moved the weights toward 2

@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 
 from continual_transformer.backbone import Backbone
 from continual_transformer.config import from_dict, to_dict
+from continual_transformer.errors import ConfigError
 from continual_transformer.evaluation.metrics import average_accuracy, backward_transfer, forgetting, forward_transfer
+from continual_transformer.evaluation.report import write_json
 from continual_transformer.tasks.config import TaskBenchmarkSettings, TaskConfig
 from continual_transformer.tasks.learner import TaskLearner
 from continual_transformer.tasks.methods import method_names
@@ -64,10 +66,11 @@ def profile_settings(suite: str, *, quick: bool, data_dir: str = "../shared/data
                                      max_train_per_label=6 if not long_texts else 8,
                                      max_test_per_label=2 if not long_texts else 6, learner=learner)
     pool = {"clinc150-10": 4, "clinc150-50": 10, "banking77": 3, "long15": 5}[suite]
-    # (train, test) examples per label, and the joint upper bound's per-step sample (3 tasks' worth). Sized so
-    # that all seven methods finish in about 8 minutes per suite on one H100 (bf16, 7 workers).
-    per_label = {"clinc150-10": (24, 15), "clinc150-50": (24, 10), "banking77": (24, 15), "long15": (48, 20)}[suite]
-    joint_cap = {"clinc150-10": 1080, "clinc150-50": 216, "banking77": 792, "long15": 900}[suite]
+    # (train, test) examples per label, and the joint upper bound's per-step sample (None: every example so far,
+    # a true multitask bound; the long suites cap it to stay within minutes). Sized so that all seven methods
+    # finish in under 10 minutes per suite on one H100 (bf16, 7 workers).
+    per_label = {"clinc150-10": (24, 15), "clinc150-50": (24, 5), "banking77": (24, 15), "long15": (32, 16)}[suite]
+    joint_cap = {"clinc150-10": None, "clinc150-50": 360, "banking77": None, "long15": 600}[suite]
     learner = TaskConfig(
         max_text_tokens=256 if long_texts else 64, eval_batch_size=64, batch_size=32, epochs=3, learning_rate=1e-3,
         pool_size=pool, buffer_size=500, replay_batch_size=16, transfer_samples=64, distill_epochs=2,
@@ -106,6 +109,7 @@ def run_task_benchmark(
     *,
     data_dir: str | None = None,
     workers: int = 1,
+    add: bool = False,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``methods`` (default: all) on ``suite`` and write ``results.json``, ``results.md`` and plots to ``out_dir``.
@@ -124,6 +128,8 @@ def run_task_benchmark(
                             "train_s_per_task", "accuracy_matrix": [[...]], ...}}}
 
     Cells of the accuracy matrix no metric reads (``k > t + 1``) are ``null`` unless ``settings.full_matrix``.
+    ``add=True`` keeps the methods of an earlier ``results.json`` in ``out_dir`` (same suite, model and settings,
+    else refused before any work) and adds or replaces this run's: a suite can be measured in several sittings.
     """
     methods = list(methods or DEFAULT_METHODS)
     unknown = [m for m in methods if m not in method_names()]
@@ -136,49 +142,77 @@ def run_task_benchmark(
     if len(tasks) > settings.learner.max_tasks:
         raise ValueError(f"suite {suite} has {len(tasks)} tasks; raise learner.max_tasks={settings.learner.max_tasks}")
     out_dir = Path(out_dir)
+    earlier = earlier_results(out_dir / "results.json", suite, backbone.name, to_dict(settings)) if add else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info("suite %s: %d tasks, %d train / %d test examples; methods %s", suite, len(tasks),
                 sum(len(t.train) for t in tasks), sum(len(t.test) for t in tasks), methods)
 
     start = time.perf_counter()
     baseline = zero_shot_accuracy(backbone, tasks, settings.learner)
+    done: dict[str, Any] = {m: _nan_matrix(v) for m, v in earlier.get("methods", {}).items() if m not in methods}
+
+    def write_report() -> dict[str, Any]:
+        """results.json, results.md and plots of the methods finished so far (an interrupted run keeps them)."""
+        results = {m: done[m] for m in [*done] if m not in methods} | {m: done[m] for m in methods if m in done}
+        plain = results.get(PLAIN_ADAPTER, {}).get("train_s_per_task")
+        for summary in results.values():
+            summary["train_time_vs_plain_adapter"] = summary["train_s_per_task"] / plain if plain else None
+        report = {
+            "meta": {
+                "model": backbone.name,
+                "device": f"{backbone.device} ({str(backbone.dtype).removeprefix('torch.')})",
+                "settings": {**to_dict(settings), "quick": quick},
+                "version": __version__,
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "machine": machine_info(backbone.device),
+                "tasks": [t.name for t in tasks],
+                "train_examples": [len(t.train) for t in tasks],
+                "test_examples": [len(t.test) for t in tasks],
+                "zero_shot_accuracy": baseline,
+                "wall_s": round(time.perf_counter() - start + earlier.get("meta", {}).get("wall_s", 0.0), 2),
+                "workers": workers,
+                "unfinished": [m for m in methods if m not in done],
+            },
+            "suite": suite,
+            "methods": results,
+        }
+        write_json(out_dir / "results.json", report)
+        (out_dir / "results.md").write_text(render_markdown(report), encoding="utf-8")
+        write_plots(report, out_dir)
+        return report
+
+    def finished(method: str, summary: dict[str, Any]) -> None:
+        done[method] = _nan_matrix(summary)
+        write_report()
+        if progress is not None:
+            progress(method, summary)
+
     if workers > 1:
         if backbone.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the scoring peak back to the workers sharing this GPU
-        results = run_in_workers(backbone, suite, methods, settings, baseline, workers, out_dir / "logs", progress)
+        run_in_workers(backbone, suite, methods, settings, baseline, workers, out_dir / "logs", finished)
     else:
-        results = {}
         for method in methods:
-            results[method] = run_method(backbone, tasks, method, settings, baseline)
-            if progress is not None:
-                progress(method, results[method])
-    plain = results.get(PLAIN_ADAPTER, {}).get("train_s_per_task")
-    for summary in results.values():
-        summary["train_time_vs_plain_adapter"] = summary["train_s_per_task"] / plain if plain else None
-
-    report = {
-        "meta": {
-            "model": backbone.name,
-            "device": f"{backbone.device} ({str(backbone.dtype).removeprefix('torch.')})",
-            "settings": {**to_dict(settings), "quick": quick},
-            "version": __version__,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_info(backbone.device),
-            "tasks": [t.name for t in tasks],
-            "train_examples": [len(t.train) for t in tasks],
-            "test_examples": [len(t.test) for t in tasks],
-            "zero_shot_accuracy": baseline,
-            "wall_s": round(time.perf_counter() - start, 2),
-            "workers": workers,
-        },
-        "suite": suite,
-        "methods": results,
-    }
-    (out_dir / "results.json").write_text(json.dumps(_json_safe(report), indent=2), encoding="utf-8")
-    (out_dir / "results.md").write_text(render_markdown(report), encoding="utf-8")
-    write_plots(report, out_dir)
+            finished(method, run_method(backbone, tasks, method, settings, baseline))
+    report = write_report()
     logger.info("wrote %s", out_dir)
     return report
+
+
+def earlier_results(path: Path, suite: str, model: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The results in ``path`` to add methods to (empty when there are none); refused when measured otherwise."""
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        same = (earlier["suite"] == suite and earlier["meta"]["model"] == model
+                and {k: v for k, v in earlier["meta"]["settings"].items() if k != "quick"} == settings)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a task benchmark result ({exc}); use another output directory") from exc
+    if not same:
+        raise ConfigError(f"{path} was measured on another suite, model or settings; methods can only be added to "
+                         "a run of the same profile: use another output directory")
+    return earlier
 
 
 def zero_shot_accuracy(backbone: Backbone, tasks: Sequence[TaskSpec], config: TaskConfig) -> list[float]:
@@ -326,7 +360,7 @@ def run_worker(spec_path: str | Path, result_path: str | Path) -> None:
                        max_train_per_label=settings.max_train_per_label, max_test_per_label=settings.max_test_per_label,
                        max_labels_per_task=settings.max_labels_per_task)
     summary = run_method(backbone, tasks, spec["method"], settings, spec["baseline"])
-    Path(result_path).write_text(json.dumps(_json_safe(summary)), encoding="utf-8")
+    write_json(Path(result_path), summary)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -335,16 +369,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -478,6 +502,7 @@ def bench_tasks(
     overrides: Sequence[str] = (),
     seed: int = 0,
     workers: int = 1,
+    add: bool = False,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Load the model, resolve settings (profile < ``order``/``num_tasks`` < ``overrides``), run, write results.
@@ -502,7 +527,8 @@ def bench_tasks(
     torch.manual_seed(seed)
     backbone = model if isinstance(model, Backbone) else Backbone.load(ModelConfig(name=model, device=device, dtype=dtype))
     out = Path(out) if out is not None else Path("benchmarks/results/tasks") / f"{suite}{'-quick' if quick else ''}"
-    return run_task_benchmark(suite, methods, backbone, settings, out, quick, workers=workers, progress=progress)
+    return run_task_benchmark(suite, methods, backbone, settings, out, quick, workers=workers, add=add,
+                              progress=progress)
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

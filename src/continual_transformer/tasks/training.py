@@ -67,16 +67,16 @@ def fit(
                         chosen += extra_rows(rng)
                     batch = answer_batch(chosen, pad, backbone.device, share_prefix=share_prefix)
                     loss = step_loss(batch, chosen)
-                    if not torch.isfinite(loss):  # sync: one per step (the loss is read below anyway)
-                        # A non-finite loss would turn every trained weight into nan: skip the step.
+                    loss.backward()
+                    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+                    # A non-finite loss or gradient (a half-precision overflow) would turn every trained weight
+                    # into nan: skip the step. One sync per step; the loss is read below anyway.
+                    if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
                         skipped += 1
-                        logger.warning("%s: non-finite loss, step skipped (%d so far)", description, skipped)
+                        logger.warning("%s: non-finite loss or gradient, step skipped (%d so far)", description, skipped)
                         opt.zero_grad(set_to_none=True)
                         bar.update(1)
                         continue
-                    loss.backward()
-                    if max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     losses.append(loss.item())  # sync: one per step, for the report and the progress bar
