@@ -29,12 +29,13 @@ def main() -> int:
     args = parser.parse_args()
     target = read(args.target)
     profile = (target["meta"]["model"], target["meta"]["settings"]["bench"])
+    before = dict(target["strategies"])  # each run started from these rows: only what it changed is new
     for run in args.runs:
         results = read(run)
         if (results["meta"]["model"], results["meta"]["settings"]["bench"]) != profile:
             print(f"{run}: another model or profile than {args.target}; nothing written", file=sys.stderr)
             return 2
-        added = {k: v for k, v in results["strategies"].items() if v != target["strategies"].get(k)}
+        added = {k: v for k, v in results["strategies"].items() if v != before.get(k)}
         target["strategies"].update(added)
         print(f"{run}: {', '.join(added) or 'no new rows'}")
     write_knowledge_results(target, args.target)
