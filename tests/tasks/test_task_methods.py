@@ -74,3 +74,26 @@ def test_fit_skips_steps_whose_gradient_is_not_finite(tokenizer):
     assert len(calls) == 4 and len(losses) == 2  # two steps skipped, two taken
     assert torch.isfinite(weight).all()
     assert (weight > 1).all()  # the steps taken moved the weights toward 2
+
+
+def test_lora_per_task_switches_adapters_and_leaves_the_base_model_outside_them(tokenizer):
+    backbone = make_backbone(tokenizer)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        base = backbone.model(ids).logits
+    learner = TaskLearner(backbone, tiny_config(method="lora_per_task"))
+    learner.learn_task("t0", synthetic_task(0), epochs=1)
+    learner.learn_task("t1", synthetic_task(1), epochs=1)
+    method, outputs = learner.method, []
+    with torch.no_grad():
+        for task in (0, 1):
+            with method.activate(torch.tensor([task])):
+                layers = method._lora_layers()
+                assert layers and all(layer.active_adapters == [f"task{task}"] for layer in layers)
+                assert not any(layer.disable_adapters for layer in layers)
+                outputs.append(backbone.model(ids).logits)
+        assert all(layer.disable_adapters for layer in method._lora_layers())
+        assert torch.equal(backbone.model(ids).logits, base)  # outside activate: exactly the base model
+    assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[0], base)
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+    learner.close()

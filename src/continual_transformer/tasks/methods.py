@@ -495,6 +495,8 @@ class LoraPerTaskMethod(TaskMethod):
         self.adapters: dict[int, str] = {}  # task index -> adapter name
         self._target_names: list[str] | None = None  # fixed at the first injection (later ones see LoRA modules)
         self._had_peft_config = hasattr(backbone.model, "peft_config")
+        self._layers: list = []  # the LoRA layers, found once per injection
+        self._adapter_params: dict[str, dict[str, torch.nn.Parameter]] = {}  # adapter name -> its parameters
 
     def _targets(self) -> list[str]:
         from transformers.pytorch_utils import Conv1D
@@ -525,22 +527,29 @@ class LoraPerTaskMethod(TaskMethod):
                 warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters")
                 inject_adapter_in_model(peft_config, self.backbone.model, adapter_name=name)
             self.adapters[task] = name
+            self._layers = self._lora_layers()
+            marker = f".{name}."
+            self._adapter_params[name] = {
+                n: p for n, p in self.backbone.model.named_parameters() if "lora_" in n and marker in n
+            }
+            for params in self._adapter_params.values():  # injection may mark every adapter trainable
+                for p in params.values():
+                    p.requires_grad_(False)  # fit makes the parameters it trains trainable, for its duration
         self._enable(None)
         return name
 
     def _params(self, name: str) -> dict[str, torch.nn.Parameter]:
-        marker = f".{name}."
-        return {n: p for n, p in self.backbone.model.named_parameters() if "lora_" in n and marker in n}
+        return self._adapter_params[name]
 
     def _enable(self, name: str | None) -> None:
-        for layer in self._lora_layers():
-            if name is None:
-                layer.enable_adapters(False)
-            else:
-                layer.enable_adapters(True)
-                layer.set_adapter(name)
-        for p in self.backbone.model.parameters():
-            p.requires_grad_(False)  # set_adapter marks the active adapter trainable; fit decides that
+        # peft's set_adapter / enable_adapters also toggle requires_grad on every adapter of every layer: O(tasks)
+        # per switch, O(tasks^3) over a suite. Only the active adapter and the switch are needed here (fit owns
+        # requires_grad), so the layers' two switches are set directly; tests read them back through peft's
+        # public properties (active_adapters, disable_adapters).
+        for layer in self._layers:
+            if name is not None:
+                layer._active_adapter = [name]
+            layer._disable_adapters = name is None
 
     @contextmanager
     def _active(self, name: str | None) -> Iterator[None]:
@@ -600,7 +609,7 @@ class LoraPerTaskMethod(TaskMethod):
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
         if not self._had_peft_config and hasattr(model, "peft_config"):
             del model.peft_config
-        self.adapters = {}
+        self.adapters, self._layers, self._adapter_params = {}, [], {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
