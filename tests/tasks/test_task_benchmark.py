@@ -113,7 +113,7 @@ def test_methods_can_be_added_to_an_earlier_run_of_the_same_profile(tokenizer, t
     first = run_task_benchmark("clinc150-10", ["sequential"], backbone, settings, out)
     run_task_benchmark("clinc150-10", ["adapter_distill"], backbone, settings, out, add=True)
     saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert list(saved["methods"]) == ["sequential", "adapter_distill"]
+    assert list(saved["methods"]) == ["sequential", "adapter_distill"] and saved["meta"]["unfinished"] == []
     assert saved["methods"]["sequential"]["avg_accuracy"] == first["methods"]["sequential"]["avg_accuracy"]
     assert "| sequential |" in (out / "results.md").read_text(encoding="utf-8")
 

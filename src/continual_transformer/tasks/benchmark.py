@@ -394,6 +394,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Model `{meta['model']}` on {meta['device']}, library {meta['version']}, {meta['date']}; "
         f"{len(meta['tasks'])} tasks, {sum(meta['train_examples'])} training / {sum(meta['test_examples'])} test "
         f"examples{' (quick profile)' if meta['settings'].get('quick') else ''}; {meta['wall_s']:.0f} s in all.",
+        *(["", f"Not finished in this run (no row): {', '.join(meta['unfinished'])}."] if meta.get("unfinished") else []),
         "",
         "Accuracy with task id: avg = mean of the last row of R; BWT, FWT (vs the base model's zero-shot accuracy "
         f"{_fmt(float(np.mean(meta['zero_shot_accuracy'])))}), forgetting from `evaluation.metrics`. Routed: without "
