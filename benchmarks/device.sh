@@ -15,6 +15,8 @@
 #   bash benchmarks/device.sh knowledge    (and any other stage below)
 # A call may run stages side by side (the model leaves the GPU mostly idle), each under `timeout`, then pack
 # what they wrote: OUT=/tmp/out; (bash benchmarks/device.sh rows SPEC... &); ...; wait; tar czf $REAL_OUT/r.tgz -C /tmp/out .
+# Give each `timeout` the call's limit minus everything else in the call (the model stage takes about 40 s): a
+# call cut off by its own limit returns nothing. Results are written as each strategy / method finishes.
 set -euo pipefail
 stage=${1:?stage: setup | model | data | knowledge | rows | latency | retrieval | ttt | tasks}
 shift || true
