@@ -153,7 +153,7 @@ def run_task_benchmark(
 
     def write_report() -> dict[str, Any]:
         """results.json, results.md and plots of the methods finished so far (an interrupted run keeps them)."""
-        results = {m: done[m] for m in [*done] if m not in methods} | {m: done[m] for m in methods if m in done}
+        results = {m: v for m, v in done.items() if m not in methods} | {m: done[m] for m in methods if m in done}
         plain = results.get(PLAIN_ADAPTER, {}).get("train_s_per_task")
         for summary in results.values():
             summary["train_time_vs_plain_adapter"] = summary["train_s_per_task"] / plain if plain else None

@@ -602,7 +602,7 @@ class LoraPerTaskMethod(TaskMethod):
 
     def close(self) -> None:
         model = self.backbone.model
-        lora = {id(m) for m in self._lora_layers()}
+        lora = {id(m) for m in self._layers}
         wrapped = [(name, module) for name, module in model.named_modules() if id(module) in lora]
         for name, module in wrapped:
             parent_name, _, child = name.rpartition(".")
