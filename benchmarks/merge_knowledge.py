@@ -14,12 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-from continual_transformer.evaluation.report import write_knowledge_results
+from continual_transformer.errors import ContinualTransformerError
+from continual_transformer.evaluation.report import read_knowledge_results, write_knowledge_results
 
 
-def read(path: Path) -> dict:
-    path = path / "results.json" if path.is_dir() else path
-    return json.loads(path.read_text(encoding="utf-8"))
+def results_file(path: Path) -> Path:
+    return path / "results.json" if path.is_dir() else path
 
 
 def main() -> int:
@@ -27,18 +27,19 @@ def main() -> int:
     parser.add_argument("target", type=Path)
     parser.add_argument("runs", type=Path, nargs="+")
     args = parser.parse_args()
-    target = read(args.target)
-    profile = (target["meta"]["model"], target["meta"]["settings"]["bench"])
+    target = json.loads(results_file(args.target).read_text(encoding="utf-8"))
+    model, bench = target["meta"]["model"], target["meta"]["settings"]["bench"]
     before = dict(target["strategies"])  # each run started from these rows: only what it changed is new
     for run in args.runs:
-        results = read(run)
-        if (results["meta"]["model"], results["meta"]["settings"]["bench"]) != profile:
-            print(f"{run}: another model or profile than {args.target}; nothing written", file=sys.stderr)
+        try:
+            results = read_knowledge_results(results_file(run), model, bench)
+        except ContinualTransformerError as exc:
+            print(f"{exc}; nothing written", file=sys.stderr)
             return 2
         added = {k: v for k, v in results["strategies"].items() if v != before.get(k)}
         target["strategies"].update(added)
         print(f"{run}: {', '.join(added) or 'no new rows'}")
-    write_knowledge_results(target, args.target)
+    write_knowledge_results(target, results_file(args.target).parent)
     return 0
 
 

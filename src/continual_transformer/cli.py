@@ -226,7 +226,11 @@ def bench_knowledge(
 
     from continual_transformer import Backbone
     from continual_transformer.evaluation.knowledge import QUICK, KnowledgeBenchConfig, run_knowledge_bench, with_strategies
-    from continual_transformer.evaluation.report import knowledge_markdown, write_knowledge_results
+    from continual_transformer.evaluation.report import (
+        knowledge_markdown,
+        read_knowledge_results,
+        write_knowledge_results,
+    )
 
     cfg = resolved_config()
     base = QUICK if quick else KnowledgeBenchConfig()
@@ -244,7 +248,7 @@ def bench_knowledge(
 
     earlier: dict = {}
     if not baselines and (out / "results.json").is_file():
-        earlier = read_earlier_results(out / "results.json", backbone.name, dataclasses.asdict(bench))
+        earlier = read_knowledge_results(out / "results.json", backbone.name, dataclasses.asdict(bench))
 
     def merged(results: dict) -> dict:
         return {**results, "strategies": {**earlier.get("strategies", {}), **results["strategies"]}}
@@ -260,24 +264,6 @@ def bench_knowledge(
 
     console.print(Markdown(knowledge_markdown(results)))
     console.print("wrote " + ", ".join(str(p) for p in paths))
-
-
-def read_earlier_results(path: Path, model: str, bench: dict) -> dict:
-    """An earlier run's results to add rows to; refused when it measured another model or profile."""
-    import json
-
-    try:
-        earlier = json.loads(path.read_text(encoding="utf-8"))
-        settings = earlier["meta"]["settings"]["bench"]
-        earlier_model = earlier["meta"]["model"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ContinualTransformerError(f"{path} is not a knowledge benchmark result ({exc}); use another --out") from exc
-    if settings != bench or earlier_model != model:
-        raise ContinualTransformerError(
-            f"{path} was measured with other settings or another model ({earlier_model}, {settings}); "
-            "rows can only be added to a run of the same profile: use another --out"
-        )
-    return earlier
 
 
 @bench_app.command("tasks")

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from continual_transformer.errors import ContinualTransformerError
+
 
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (temp file + rename); NaN becomes null so every JSON reader accepts it."""
@@ -130,6 +132,22 @@ def knowledge_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     plt.close(fig)
     paths.append(path)
     return paths
+
+
+def read_knowledge_results(path: Path, model: str, bench: dict) -> dict:
+    """An earlier run's results to add rows to; refused when it measured another model or profile."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        settings = earlier["meta"]["settings"]["bench"]
+        earlier_model = earlier["meta"]["model"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ContinualTransformerError(f"{path} is not a knowledge benchmark result ({exc}); use another --out") from exc
+    if settings != bench or earlier_model != model:
+        raise ContinualTransformerError(
+            f"{path} was measured with other settings or another model ({earlier_model}, {settings}); "
+            "rows can only be added to a run of the same profile: use another --out"
+        )
+    return earlier
 
 
 def write_knowledge_results(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
