@@ -14,6 +14,7 @@ Writes ``results.json`` and ``results.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> dict:
         "meta": system.meta(backbone.name, backbone.device, {
             "docs": args.docs, "probes": len(probes), "max_new_tokens": args.max_new_tokens, "seed": args.seed,
             "batch_size": config.generation.batch_size, "dtype": str(backbone.dtype).removeprefix("torch."),
+            "overrides": list(args.set),
         }),
         "strategies": {},
     }
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> dict:
             results["strategies"][spec] = {
                 "documents": len(docs), "learn_seconds": learn_s, "learn_s_per_doc": learn_s / max(len(docs), 1),
                 **latency, "accuracy": accuracy, "state_bytes": stats.state_bytes,
+                "strategy_config": dataclasses.asdict(section),
                 "peak_memory_mb": system.peak_memory_mb(backbone.device),
             }
         finally:
@@ -85,7 +88,7 @@ def write(results: dict, out: Path) -> None:
         "# Answer latency after many learned documents", "",
         f"Model `{meta['model']}` on {meta['device']} ({s['dtype']}), {s['docs']} novel-fact documents learned, "
         f"{s['probes']} probes answered one at a time, {s['max_new_tokens']} new tokens, library {meta['version']}, "
-        f"{meta['date']}.", "",
+        f"{meta['date']}." + (f" Settings: `{' '.join(s['overrides'])}`." if s.get("overrides") else ""), "",
         "| strategy | docs | answer latency s (median) | × none | tokens/s | accuracy | learn s/doc | state MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]

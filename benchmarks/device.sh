@@ -8,17 +8,20 @@
 #   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 gguf==0.19.0 rank-bm25==0.2.2 -d .device/whl
 #   mkdir -p .device/d1 .device/d2 && cp -r $DATA/{clinc150,banking77,wikitext2} .device/d1/ && cp -r $DATA/cl_benchmark .device/d2/
+#   the MiniLM embedder (memory_bank keys, the minilm task router) in float16, 45 MB: its pulled directory
+#   (`ctt models pull minilm-l6`) copied to .device/emb/minilm-l6 with model.safetensors re-saved in float16
 # Then, on the GPU machine, back to back:
 #   bash benchmarks/device.sh setup        (carry .device/p1 .device/whl)
 #   bash benchmarks/device.sh model        (carry .device/p2 .device/d1)
 #   bash benchmarks/device.sh data         (carry .device/d2: the long15 collection; any call may carry it)
+#   bash benchmarks/device.sh embedder     (carry .device/emb)
 #   bash benchmarks/device.sh knowledge    (and any other stage below)
 # A call may run stages side by side (the model leaves the GPU mostly idle), each under `timeout`, then pack
 # what they wrote: OUT=/tmp/out; (bash benchmarks/device.sh rows SPEC... &); ...; wait; tar czf $REAL_OUT/r.tgz -C /tmp/out .
 # Give each `timeout` the call's limit minus everything else in the call (the model stage takes about 40 s): a
 # call cut off by its own limit returns nothing. Results are written as each strategy / method finishes.
 set -euo pipefail
-stage=${1:?stage: setup | model | data | knowledge | rows | latency | retrieval | ttt | tasks}
+stage=${1:?stage: setup | model | data | embedder | knowledge | rows | split | router | latency | retrieval | ttt | tasks}
 shift || true
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=/root/ctt-cache TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
@@ -40,6 +43,9 @@ case "$stage" in
     nvidia-smi --query-gpu=name,memory.total --format=csv ;;
   data)
     copy_data; ls $DATA ;;
+  embedder)
+    mkdir -p $CTT_CACHE/models && cp -r .device/emb/minilm-l6 $CTT_CACHE/models/
+    python3 -c "from continual_transformer import zoo; print(zoo.resolve('minilm-l6', auto_pull=False))" ;;
   knowledge)
     "${CTT[@]}" bench knowledge --out "$OUT/knowledge" "$@" ;;
   rows)  # bash benchmarks/device.sh rows SPEC...: each strategy spec, side by side, adds its row to a copy of the
@@ -50,6 +56,19 @@ case "$stage" in
       "${CTT[@]}" bench knowledge --no-baselines --strategies "$spec" --out "$OUT/rows/$n" > "$OUT/rows/$n/log.txt" 2>&1 &
     done
     wait ;;
+  split)  # bash benchmarks/device.sh split BENCHMARK GROUP...: one fresh run, each comma-separated group of strategies
+          # in its own process ($OUT/split/N/); merge them with benchmarks/merge_knowledge.py split/1 split/2 ...
+    benchmark=${1:?benchmark}; shift
+    n=0
+    for group in "$@"; do
+      n=$((n + 1)); mkdir -p "$OUT/split/$n"
+      "${CTT[@]}" bench knowledge --benchmark "$benchmark" --no-baselines --strategies "$group" --out "$OUT/split/$n" \
+        > "$OUT/split/$n/log.txt" 2>&1 &
+    done
+    wait ;;
+  router)
+    copy_data
+    python3 benchmarks/router_accuracy.py --model $MODEL --data-dir $DATA --out "$OUT/router" "$@" ;;
   retrieval)
     python3 benchmarks/retrieval_scaling.py --out "$OUT/retrieval_scaling" "$@" ;;
   latency)

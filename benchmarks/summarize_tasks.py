@@ -19,20 +19,21 @@ def _size(n: float) -> str:
 
 
 def summarize(root: Path) -> str:
-    groups: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[tuple[str, dict]]] = defaultdict(list)
     for path in sorted(root.glob("*/results.json")):
         report = json.loads(path.read_text(encoding="utf-8"))
         if report["meta"]["settings"].get("quick"):
             continue
-        groups[report["suite"]].append((path.parent.name, report))
+        router = report["meta"]["settings"]["learner"].get("router", "backbone")
+        groups[(report["suite"], router)].append((path.parent.name, report))
     lines = ["# Task-incremental results (full profiles)", "",
              "Mean over the runs of a suite (long15: its task orders; ± is the spread, max - min, across orders). "
              "avg = mean accuracy on all tasks after the last one, with task id; routed = without task id. "
              "Parameters: after the first → after the last task.", ""]
-    for suite, runs in groups.items():
+    for (suite, router), runs in sorted(groups.items()):
         folders = ", ".join(f"`{name}`" for name, _ in runs)
         device = runs[0][1]["meta"]["device"]
-        lines += [f"## {suite}", "", f"{len(runs)} run(s): {folders}; {len(runs[0][1]['meta']['tasks'])} tasks; {device}", "",
+        lines += [f"## {suite} (router: {router})", "", f"{len(runs)} run(s): {folders}; {len(runs[0][1]['meta']['tasks'])} tasks; {device}", "",
                   "| method | avg acc | BWT | FWT | forgetting | routed acc | router acc | params | s/task |",
                   "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
         methods = list(dict.fromkeys(m for _, r in runs for m in r["methods"]))

@@ -6,6 +6,8 @@ essential checks on the real packaged SmolLM2 (marker ``real_model``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -88,4 +90,24 @@ def fast_config(**overrides) -> Config:
     }
     for key, value in overrides.items():
         data[key] = value
+    # memory_bank keys from the tiny backbone itself and lexical retrieval: no sentence-embedder model needed
+    strategies = data["strategies"] = {name: dict(settings) for name, settings in data["strategies"].items()}
+    strategies.setdefault("memory_bank", {}).setdefault("key_encoder", "backbone")
+    strategies.setdefault("retrieval", {}).setdefault("retriever", "bm25")
     return load_config(overrides=data)
+
+
+def save_tiny_embedder(directory: Path, texts: list[str]) -> Path:
+    """A randomly initialised one-layer BERT sentence encoder (and a word-level vocabulary of ``texts``) in ``directory``."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({w.strip(".?,").lower() for text in texts for w in text.split()} - {""})
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", ","] + words))
+    tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(directory)
+    assert "[UNK]" not in tokenizer.tokenize(texts[-1]), "every word of the texts is in the vocabulary"
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -31,7 +31,8 @@ def base_args(tiny_model_dir, tmp_path):
     config.write_text(yaml.safe_dump({
         "model": {"name": str(tiny_model_dir), "device": "cpu"},
         "generation": {"max_new_tokens": 6},
-        "strategies": {"finetune": {"learning_rate": 1e-2, "epochs": 20, "stop_loss": 0.0}},
+        "strategies": {"finetune": {"learning_rate": 1e-2, "epochs": 20, "stop_loss": 0.0},
+                       "retrieval": {"retriever": "bm25"}, "memory_bank": {"key_encoder": "backbone"}},
     }))
     return ["--config", str(config)]
 
@@ -124,3 +125,10 @@ def test_bench_knowledge_adds_rows_to_an_earlier_run_of_the_same_profile_only(ba
                                 "--no-baselines", "--out", str(out), "--strategies", "none"])
     assert other.exit_code != 0 and "other settings" in str(other.exception)
     assert list(json.loads((out / "results.json").read_text())["strategies"]) == ["none", "retrieval:top_k=1"]
+
+
+def test_bench_tasks_settings_are_checked_before_any_work(tmp_path):
+    result = runner.invoke(app, ["--model", "/nonexistent/model", "bench", "tasks", "--quick", "--out", str(tmp_path / "o"),
+                                 "--setting", "learner.router=minilm", "--setting", "learner.nonsense=1"])
+    assert result.exit_code != 0 and "bench.learner.nonsense" in str(result.exception)
+    assert not (tmp_path / "o").exists()

@@ -277,6 +277,8 @@ def bench_tasks_command(
     workers: Annotated[int, typer.Option(help="Methods in parallel processes (GPU).")] = 1,
     add: Annotated[bool, typer.Option(help="Keep the methods already in --out (same suite and settings) and add "
                                            "these: one suite measured in several sittings.")] = False,
+    setting: Annotated[Optional[list[str]], typer.Option(help="Profile override KEY=VALUE, repeatable "
+                                                              "(learner.router=minilm, max_train_per_label=8).")] = None,
 ) -> None:
     """Task-incremental benchmark: accuracy matrix, BWT/FWT, routed accuracy, parameters and bytes over tasks."""
     from continual_transformer.tasks.benchmark import bench_tasks
@@ -284,7 +286,7 @@ def bench_tasks_command(
     cfg = resolved_config()
     bench_tasks(suite=suite, methods=methods, quick=quick, out=out, data_dir=cfg.data_dir, model=cfg.model.name,
                 device=cfg.model.device, dtype=cfg.model.dtype, order=order, num_tasks=num_tasks, seed=cfg.seed,
-                workers=workers, add=add)
+                workers=workers, add=add, overrides=setting or ())
     console.print(f"wrote {out or Path('benchmarks/results/tasks') / suite}")
 
 

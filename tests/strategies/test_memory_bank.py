@@ -138,3 +138,47 @@ def test_config_errors_name_the_key():
         MemoryBankConfig(gate=2.0)
     with pytest.raises(ConfigError, match="strategies.memory_bank.on_duplicate"):
         MemoryBankConfig(on_duplicate="merge")
+
+
+# -- keys from a sentence embedder (a tiny random BERT) -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_embedder_dir(tmp_path_factory):
+    from conftest import CORPUS, save_tiny_embedder
+
+    return save_tiny_embedder(tmp_path_factory.mktemp("tiny-bert"), CORPUS + [DOC, UNRELATED])
+
+
+def test_embedder_keys_retrieve_their_sentence_and_round_trip(tokenizer, tiny_embedder_dir, tmp_path):
+    ct = build(tokenizer, key_encoder=str(tiny_embedder_dir), min_similarity=0.9999, duplicate_threshold=0.99999)
+    strategy = ct.strategy
+    assert strategy.min_similarity == 0.9999 and strategy.store.key_dim == 32  # the embedder's width, not the model's
+    ct.learn_document(DOC)
+    sentences = strategy.examples(DOC)
+    assert strategy.store.size == 2
+    assert torch.allclose(strategy.store.keys[:2], strategy.embedder.encode(sentences), atol=1e-6)
+    slots, _, valid = strategy.store.retrieve(strategy.keys(sentences), 1, strategy.min_similarity)
+    assert slots[:, 0].tolist() == [0, 1] and valid.all()  # each sentence finds its own memory
+    assert strategy.deltas([UNRELATED]) is None
+    expected = strategy.forward_logits([sentences[0], UNRELATED])
+    ct.save(tmp_path / "state")
+    fresh = build(tokenizer, key_encoder=str(tiny_embedder_dir), min_similarity=0.9999, duplicate_threshold=0.99999)
+    fresh.load(tmp_path / "state")
+    assert torch.equal(fresh.strategy.forward_logits([sentences[0], UNRELATED]), expected)
+
+
+def test_state_saved_with_other_keys_is_refused(tokenizer, tiny_embedder_dir, tmp_path):
+    ct = build(tokenizer)  # backbone keys: 64 wide
+    ct.learn_document(DOC)
+    ct.save(tmp_path / "state")
+    other = build(tokenizer, key_encoder=str(tiny_embedder_dir))
+    with pytest.raises(Exception, match="key encoder"):
+        other.load(tmp_path / "state")
+    assert other.strategy.store.size == 0  # nothing half-loaded
+
+
+def test_default_similarity_threshold_depends_on_the_key_encoder(tokenizer, tiny_embedder_dir):
+    from continual_transformer.strategies.memory_bank import MemoryBankConfig
+
+    assert MemoryBankConfig().key_encoder == "minilm-l6"
+    assert build(tokenizer).strategy.min_similarity == 0.65
+    assert build(tokenizer, key_encoder=str(tiny_embedder_dir)).strategy.min_similarity == 0.6

@@ -156,20 +156,9 @@ def test_config_errors_name_the_key():
 # -- dense retrieval on a tiny random BERT ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_embedder_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from conftest import CORPUS, save_tiny_embedder
 
-    from conftest import CORPUS
-
-    words = sorted({w.strip(".?,").lower() for text in CORPUS + [VELORIA, MIRELA] for w in text.split()} - {""})
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", ","] + words))
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_embedder(tmp_path_factory.mktemp("tiny-bert"), CORPUS + [VELORIA, MIRELA])
 
 
 def test_dense_retrieval_finds_and_saves_embeddings(tokenizer, tiny_embedder_dir, tmp_path):

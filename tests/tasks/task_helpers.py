@@ -37,7 +37,7 @@ def tiny_config(**overrides) -> TaskConfig:
         max_tasks=8, max_labels_per_task=4, max_label_bytes=24, max_task_id_bytes=16, max_text_tokens=16,
         eval_batch_size=16, pool_size=2, adapter_dim=4, epochs=2, batch_size=8, learning_rate=2e-2,
         distill_epochs=1, transfer_samples=8, buffer_size=12, replay_batch_size=4, ewc_fisher_samples=4,
-        router_samples=16, lora_rank=2, router_layer=0,
+        router_samples=16, lora_rank=2, router="backbone", router_layer=0,
     )
     settings.update(overrides)
     return TaskConfig(**settings)

@@ -48,7 +48,7 @@ def test_save_load_round_trip_gives_identical_predictions(tokenizer, tmp_path):
     scores = learner.scores(texts[:2], "t0")
     learner.save(tmp_path / "state")
 
-    fresh = TaskLearner(backbone, TaskConfig())  # another config: the checkpoint's own is restored
+    fresh = TaskLearner(backbone, TaskConfig(router="backbone"))  # another config: the checkpoint's own is restored
     fresh.load(tmp_path / "state")
     assert fresh.config == learner.config
     assert fresh.tasks == learner.tasks and fresh.labels("t1") == learner.labels("t1")

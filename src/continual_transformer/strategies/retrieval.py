@@ -1,8 +1,8 @@
 """``retrieval``: index documents in chunks; answer with the relevant chunks in the prompt and a bias toward their tokens.
 
-Learning a document tokenises it, cuts it into overlapping token chunks and adds them to an index: BM25 or TF-IDF
-over word terms (:class:`~continual_transformer.modules.LexicalIndex`), or dense MiniLM embeddings
-(``retriever: dense``). Nothing of the backbone changes and no gradient is computed.
+Learning a document tokenises it, cuts it into overlapping token chunks and adds them to an index: dense MiniLM
+embeddings (``retriever: dense``, the default), or BM25 / TF-IDF over word terms
+(:class:`~continual_transformer.modules.LexicalIndex`). Nothing of the backbone changes and no gradient is computed.
 
 Answering a prompt retrieves its ``top_k`` chunks. A **relevance gate** decides whether they are used at all:
 lexical retrievers gate on the idf-weighted fraction of the query's content words found in the chunk
@@ -25,6 +25,13 @@ on load, dense embeddings are saved.
 Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 chat questions, BM25): 4 of 6 answers
 right with ``bias_strength: 0`` (plain RAG), 5 of 6 with the default 1.0, 0 for the base model; the 3 unrelated
 general questions were gated out and answered exactly as by the base model in both cases.
+
+Why dense by default (H100, 50 documents): on novel facts the dense retriever at ``min_similarity: 0.45`` answered
+0.600 of the probes against 0.517 for BM25 at its gate, with general perplexity and known facts unchanged. On BoolQ
+(Wikipedia passages) BM25 found the right passage first for 98 % of the questions, but its word-overlap gate let
+only about a quarter of them through while general questions reached relevance 1.0 on the same passages
+(known-fact forgetting 0.051); MiniLM similarity separates the two (questions: 10th percentile 0.45; general
+questions at most 0.56, 90th percentile 0.34; known-fact forgetting 0.013).
 """
 
 from __future__ import annotations
@@ -54,8 +61,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class RetrievalConfig:
-    retriever: str = "bm25"
-    """``bm25`` (Okapi BM25 over word terms), ``tfidf`` (cosine of tf-idf vectors) or ``dense`` (MiniLM embeddings)."""
+    retriever: str = "dense"
+    """``dense`` (sentence embeddings from ``embedder``), ``bm25`` (Okapi BM25 over word terms) or ``tfidf`` (cosine
+    of tf-idf vectors); the lexical ones need no embedding model."""
     top_k: int = 3
     """Chunks put in the prompt at most (each must pass the relevance gate)."""
     chunk_tokens: int | None = None
@@ -64,8 +72,11 @@ class RetrievalConfig:
     """Tokens shared by consecutive chunks; ``None`` uses ``documents.chunk_overlap``."""
     min_relevance: float = 0.5
     """Gate of the lexical retrievers: idf-weighted fraction of the query's content words a chunk must contain."""
-    min_similarity: float = 0.35
-    """Gate of the dense retriever: cosine similarity between query and chunk embeddings."""
+    min_similarity: float = 0.45
+    """Gate of the dense retriever: cosine similarity between query and chunk embeddings. MiniLM, best chunk per
+    question over 50 documents (10th / 50th / 90th percentile): novel-facts probes 0.62 / 0.72 / 0.81, BoolQ
+    questions 0.45 / 0.59 / 0.68; general questions 0.12 / 0.21 / 0.32 (at most 0.40) against the novel facts, 0.16 /
+    0.24 / 0.34 (at most 0.56) against the BoolQ passages."""
     bias_strength: float = 1.0
     """Added to the logits of every token of the retrieved chunks at each step (0 = plain retrieval)."""
     embedder: str = "minilm-l6"

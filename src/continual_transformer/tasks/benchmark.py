@@ -75,6 +75,7 @@ def profile_settings(suite: str, *, quick: bool, data_dir: str = "../shared/data
         max_text_tokens=256 if long_texts else 64, eval_batch_size=64, batch_size=32, epochs=3, learning_rate=1e-3,
         pool_size=pool, buffer_size=500, replay_batch_size=16, transfer_samples=64, distill_epochs=2,
         ewc_fisher_samples=32, router_samples=256, adapter_dim=16, joint_max_examples=joint_cap,
+        router="backbone" if long_texts else "minilm",  # the better router per suite (benchmarks/results/router)
     )
     return TaskBenchmarkSettings(data_dir=data_dir, max_train_per_label=per_label[0], max_test_per_label=per_label[1],
                                  learner=learner)

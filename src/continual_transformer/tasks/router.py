@@ -53,31 +53,17 @@ def _keep_one(model) -> dict:
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 sentence embeddings (mean pooling), the packaged ``minilm-l6`` model."""
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, unit length), the packaged ``minilm-l6`` model."""
 
-    def __init__(self, *, device: torch.device, max_tokens: int, batch_size: int, cache_dir: str | None = None) -> None:
-        from transformers import AutoModel, AutoTokenizer
+    def __init__(self, *, device: torch.device, max_tokens: int, batch_size: int) -> None:
+        from continual_transformer.modules.embedder import SentenceEmbedder
 
-        from continual_transformer import zoo
+        self.encoder = SentenceEmbedder.load("minilm-l6", device=device, max_length=min(max_tokens, 256),
+                                             batch_size=batch_size)
+        self.dim = self.encoder.dim
 
-        source = zoo.resolve("minilm-l6", cache_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
-        self.model = AutoModel.from_pretrained(source).to(device).eval()
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-        self.max_tokens, self.batch_size, self.device = min(max_tokens, 256), batch_size, device
-        self.dim = int(self.model.config.hidden_size)
-
-    @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True,
-                                   truncation=True, max_length=self.max_tokens).to(self.device)
-            hidden = self.model(**batch).last_hidden_state.float()
-            weights = batch["attention_mask"].unsqueeze(-1).float()
-            out.append(((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu())  # sync: leaves the device
-        return torch.cat(out)
+        return self.encoder.encode(list(texts)).cpu()  # sync: leaves the device
 
 
 class PrototypeRouter:
