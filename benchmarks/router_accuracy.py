@@ -23,7 +23,7 @@ from continual_transformer import Backbone
 from continual_transformer.config import ModelConfig
 from continual_transformer.evaluation.report import write_json
 from continual_transformer.tasks.benchmark import machine_info, profile_settings
-from continual_transformer.tasks.router import BackboneEmbedder, MiniLMEmbedder, PrototypeRouter
+from continual_transformer.tasks.router import BackboneEmbedder, PrototypeRouter, SentenceRouterEmbedder
 from continual_transformer.tasks.suites import load_suite
 
 
@@ -65,8 +65,9 @@ def main() -> int:
         truth = torch.tensor([k for k, t in enumerate(tasks) for _ in t.test])
         for name in args.embedders:
             start = time.perf_counter()
-            if name == "minilm":
-                embed = MiniLMEmbedder(device=backbone.device, max_tokens=cfg.max_text_tokens, batch_size=cfg.eval_batch_size)
+            if name != "backbone":
+                embed = SentenceRouterEmbedder(name, device=backbone.device, max_tokens=cfg.max_text_tokens,
+                                               batch_size=cfg.eval_batch_size)
             else:
                 layer = cfg.router_layer if cfg.router_layer is not None else round(backbone.num_layers * 3 / 8)
                 embed = BackboneEmbedder(backbone, layer=layer, max_tokens=cfg.max_text_tokens, batch_size=cfg.eval_batch_size)

@@ -101,6 +101,7 @@ def save_tiny_embedder(directory: Path, texts: list[str]) -> Path:
     """A randomly initialised one-layer BERT sentence encoder (and a word-level vocabulary of ``texts``) in ``directory``."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
+    directory.mkdir(parents=True, exist_ok=True)
     words = sorted({w.strip(".?,").lower() for text in texts for w in text.split()} - {""})
     (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", ","] + words))
     tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"))

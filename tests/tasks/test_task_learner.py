@@ -189,3 +189,24 @@ def test_facade_checkpoint_carries_documents_and_tasks_together(tokenizer, tmp_p
     with pytest.raises(CheckpointError, match="base model"):
         other.load(tmp_path / "state")
     assert other._tasks is None
+
+
+def test_router_on_a_sentence_embedder_routes_and_round_trips(tokenizer, tmp_path):
+    """``router`` naming a sentence encoder (here a tiny random BERT) feeds its embeddings to the prototypes."""
+    from conftest import save_tiny_embedder
+    from task_helpers import WORD_GROUPS
+
+    texts = [" ".join(group) for group in WORD_GROUPS]
+    encoder = save_tiny_embedder(tmp_path / "encoder", texts)
+    learner = TaskLearner(make_backbone(tokenizer), tiny_config(router=str(encoder)))
+    assert learner.embedder.dim == 32 and learner.router.prototypes.shape[-1] == 32  # the encoder's width
+    for index in range(3):
+        learner.learn_task(f"t{index}", synthetic_task(index), epochs=1)
+    for index in range(3):
+        assert learner.evaluate_detailed(f"t{index}", synthetic_task(index, per_label=3), routed=True)["router_accuracy"] == 1.0
+    queries = [text for text, _ in synthetic_task(1, per_label=2)]
+    routed = learner.route(queries)
+    learner.save(tmp_path / "ckpt")
+    fresh = TaskLearner(make_backbone(tokenizer), tiny_config())
+    fresh.load(tmp_path / "ckpt")
+    assert fresh.config.router == str(encoder) and fresh.route(queries) == routed == ["t1"] * len(queries)

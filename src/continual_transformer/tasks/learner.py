@@ -34,7 +34,7 @@ from continual_transformer.tasks.config import TaskConfig
 from continual_transformer.tasks.data import LabeledExample, TaskData, TaskError, read_labeled
 from continual_transformer.tasks.methods import TaskMethod, get_method, resolve_share_prefix
 from continual_transformer.tasks.prompts import Encoded, PromptBuilder, TrainRow
-from continual_transformer.tasks.router import BackboneEmbedder, MiniLMEmbedder, PrototypeRouter
+from continual_transformer.tasks.router import BackboneEmbedder, PrototypeRouter, SentenceRouterEmbedder
 from continual_transformer.tasks.scoring import score_candidates
 from continual_transformer.version import __version__
 
@@ -174,9 +174,9 @@ class TaskLearner:
         self.history: list[dict[str, Any]] = []
 
     def _make_embedder(self, config: TaskConfig):
-        if config.router == "minilm":
-            return MiniLMEmbedder(device=self.backbone.device, max_tokens=config.max_text_tokens,
-                                  batch_size=config.eval_batch_size)
+        if config.router != "backbone":
+            return SentenceRouterEmbedder(config.router, device=self.backbone.device,
+                                          max_tokens=config.max_text_tokens, batch_size=config.eval_batch_size)
         layer = config.router_layer if config.router_layer is not None else round(self.backbone.num_layers * 3 / 8)
         return BackboneEmbedder(self.backbone, layer=layer, max_tokens=config.max_text_tokens,
                                 batch_size=config.eval_batch_size)

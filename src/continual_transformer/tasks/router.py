@@ -52,14 +52,14 @@ def _keep_one(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(type(model)) else {}
 
 
-class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, unit length), the packaged ``minilm-l6`` model."""
+class SentenceRouterEmbedder:
+    """Sentence embeddings (mean pooling, unit length) from a sentence encoder; ``minilm`` is the packaged MiniLM."""
 
-    def __init__(self, *, device: torch.device, max_tokens: int, batch_size: int) -> None:
+    def __init__(self, name: str, *, device: torch.device, max_tokens: int, batch_size: int) -> None:
         from continual_transformer.modules.embedder import SentenceEmbedder
 
-        self.encoder = SentenceEmbedder.load("minilm-l6", device=device, max_length=min(max_tokens, 256),
-                                             batch_size=batch_size)
+        self.encoder = SentenceEmbedder.load("minilm-l6" if name == "minilm" else name, device=device,
+                                             max_length=min(max_tokens, 256), batch_size=batch_size)
         self.dim = self.encoder.dim
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
