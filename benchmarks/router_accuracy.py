@@ -23,22 +23,8 @@ from continual_transformer import Backbone
 from continual_transformer.config import ModelConfig
 from continual_transformer.evaluation.report import write_json
 from continual_transformer.tasks.benchmark import machine_info, profile_settings
-from continual_transformer.tasks.router import BackboneEmbedder, PrototypeRouter, SentenceRouterEmbedder
+from continual_transformer.tasks.router import BackboneEmbedder, PrototypeRouter, SentenceRouterEmbedder, spread_by_label
 from continual_transformer.tasks.suites import load_suite
-
-
-def spread(labels: list[int], n: int) -> list[int]:
-    """At most ``n`` indices spread over the labels round-robin (as ``learn_task`` samples its router examples)."""
-    queues: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        queues.setdefault(label, []).append(i)
-    order = [list(reversed(q)) for q in queues.values()]
-    chosen: list[int] = []
-    while len(chosen) < n and any(order):
-        for queue in order:
-            if queue and len(chosen) < n:
-                chosen.append(queue.pop())
-    return sorted(chosen)
 
 
 def main() -> int:
@@ -74,7 +60,7 @@ def main() -> int:
             train = []
             for task in tasks:
                 labels = [task.labels.index(e.label) for e in task.train]
-                sample = spread(labels, cfg.router_samples)
+                sample = spread_by_label(labels, cfg.router_samples)
                 train.append((embed([task.train[i].text for i in sample]), torch.tensor([labels[i] for i in sample])))
             queries = embed(test_texts)
             embed_s = time.perf_counter() - start

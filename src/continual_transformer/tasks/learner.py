@@ -34,7 +34,7 @@ from continual_transformer.tasks.config import TaskConfig
 from continual_transformer.tasks.data import LabeledExample, TaskData, TaskError, read_labeled
 from continual_transformer.tasks.methods import TaskMethod, get_method, resolve_share_prefix
 from continual_transformer.tasks.prompts import Encoded, PromptBuilder, TrainRow
-from continual_transformer.tasks.router import BackboneEmbedder, PrototypeRouter, SentenceRouterEmbedder
+from continual_transformer.tasks.router import BackboneEmbedder, PrototypeRouter, SentenceRouterEmbedder, spread_by_label
 from continual_transformer.tasks.scoring import score_candidates
 from continual_transformer.version import __version__
 
@@ -216,7 +216,7 @@ class TaskLearner:
         epochs = self.config.epochs if epochs is None else int(epochs)
         encoded = self._encode(examples, index)
         report = self.method.learn(index, encoded, epochs=epochs, rows_of=self._rows)
-        sample = _spread(encoded, self.config.router_samples)
+        sample = spread_by_label([e.label for e in encoded], self.config.router_samples)
         self.router.update(index, self.embedder([examples[i].text for i in sample]),
                            torch.tensor([encoded[i].label for i in sample], dtype=torch.long))
         losses = report.pop("losses", [])
@@ -473,19 +473,6 @@ class TaskLearner:
     def close(self) -> None:
         """Undo any structural change the method made to the backbone (LoRA layers); hooks never outlive a call."""
         self.method.close()
-
-
-def _spread(examples: Sequence[Encoded], n: int) -> list[int]:
-    """Indices of at most ``n`` examples spread over all labels (round-robin), so every label gets a prototype."""
-    by_label: dict[int, list[int]] = {}
-    for i, e in enumerate(examples):
-        by_label.setdefault(e.label, []).append(i)
-    chosen, queues = [], [list(reversed(v)) for v in by_label.values()]
-    while len(chosen) < n and any(queues):
-        for queue in queues:
-            if queue and len(chosen) < n:
-                chosen.append(queue.pop())
-    return sorted(chosen)
 
 
 def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

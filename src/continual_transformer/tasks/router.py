@@ -66,6 +66,19 @@ class SentenceRouterEmbedder:
         return self.encoder.encode(list(texts)).cpu()  # sync: leaves the device
 
 
+def spread_by_label(labels: Sequence[int], n: int) -> list[int]:
+    """Indices of at most ``n`` examples spread over the labels round-robin, so every label gets a prototype."""
+    queues: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        queues.setdefault(label, []).append(i)
+    chosen, order = [], [list(reversed(q)) for q in queues.values()]
+    while len(chosen) < n and any(order):
+        for queue in order:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop())
+    return sorted(chosen)
+
+
 class PrototypeRouter:
     """Prototypes (running means of embeddings) in a fixed table; routes by centred cosine similarity.
 
