@@ -64,8 +64,11 @@ class KnowledgeStoreConfig:
     ``final``: the input of the LM head (after the final norm)."""
     layer: int = -1
     """Decoder layer whose output is the key (with ``key_source: layer``); negative counts from the end."""
-    interpolation: float = 0.25
-    """λ: weight of the kNN distribution in the mixture, where the distance gate lets it apply."""
+    interpolation: float = 0.5
+    """λ: weight of the kNN distribution in the mixture, where the distance gate lets it apply. The gate already
+    confines the mixture to positions that continue stored text, so λ can be higher than the paper's 0.25 for
+    perplexity. CPU quick profile (6 novel-facts documents, 48 probes), λ 0.25 / 0.5 / 0.75: acquisition 0.042 /
+    0.167 / 0.229 (in_context 0.229), general perplexity +0.2 % / +0.7 % / +1.6 %, no known fact lost."""
     k: int = 16
     """Neighbours retrieved per position."""
     temperature: float = 0.05
