@@ -23,7 +23,7 @@ from continual_transformer import Backbone
 from continual_transformer.config import ModelConfig
 from continual_transformer.evaluation.report import write_json
 from continual_transformer.tasks.benchmark import machine_info, profile_settings
-from continual_transformer.tasks.router import BackboneEmbedder, PrototypeRouter, SentenceRouterEmbedder, spread_by_label
+from continual_transformer.tasks.router import PrototypeRouter, make_embedder, spread_by_label
 from continual_transformer.tasks.suites import load_suite
 
 
@@ -51,12 +51,7 @@ def main() -> int:
         truth = torch.tensor([k for k, t in enumerate(tasks) for _ in t.test])
         for name in args.embedders:
             start = time.perf_counter()
-            if name != "backbone":
-                embed = SentenceRouterEmbedder(name, device=backbone.device, max_tokens=cfg.max_text_tokens,
-                                               batch_size=cfg.eval_batch_size)
-            else:
-                layer = cfg.router_layer if cfg.router_layer is not None else round(backbone.num_layers * 3 / 8)
-                embed = BackboneEmbedder(backbone, layer=layer, max_tokens=cfg.max_text_tokens, batch_size=cfg.eval_batch_size)
+            embed = make_embedder(backbone, dataclasses.replace(cfg, router=name))
             train = []
             for task in tasks:
                 labels = [task.labels.index(e.label) for e in task.train]
@@ -76,9 +71,9 @@ def main() -> int:
                 print(f"{suite:12s} {name:8s} {kind:5s} router accuracy {rows[-1]['router_accuracy']:.3f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"model": backbone.name, "device": str(backbone.device), "dtype": str(backbone.dtype).replace("torch.", ""),
-            "router_samples": dataclasses.asdict(profile_settings(args.suites[0], quick=False).learner)["router_samples"],
+            "router_samples": cfg.router_samples,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(backbone.device),
-            "command": "python benchmarks/router_accuracy.py " + " ".join(f"--suites {s}" for s in args.suites)}
+            "command": "python benchmarks/router_accuracy.py --suites " + " ".join(args.suites)}
     write_json(args.out / "results.json", {"meta": meta, "rows": rows})
     lines = ["# Task-router accuracy (full profiles, no adapter trained)", "",
              f"Model `{meta['model']}` on {meta['device']} ({meta['dtype']}); {meta['router_samples']} training texts "

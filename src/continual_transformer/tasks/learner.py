@@ -34,7 +34,7 @@ from continual_transformer.tasks.config import TaskConfig
 from continual_transformer.tasks.data import LabeledExample, TaskData, TaskError, read_labeled
 from continual_transformer.tasks.methods import TaskMethod, get_method, resolve_share_prefix
 from continual_transformer.tasks.prompts import Encoded, PromptBuilder, TrainRow
-from continual_transformer.tasks.router import BackboneEmbedder, PrototypeRouter, SentenceRouterEmbedder, spread_by_label
+from continual_transformer.tasks.router import PrototypeRouter, make_embedder, spread_by_label
 from continual_transformer.tasks.scoring import score_candidates
 from continual_transformer.version import __version__
 
@@ -166,20 +166,12 @@ class TaskLearner:
         self.config = config
         self.prompts = PromptBuilder(self.backbone, config)
         self.table = TaskTable(config)
-        self.embedder = self._make_embedder(config)
+        self.embedder = make_embedder(self.backbone, config)
         per_label = config.max_labels_per_task if config.router_prototypes == "label" else None
         self.router = PrototypeRouter(config.max_tasks, self.embedder.dim, per_label)
         self.method: TaskMethod = get_method(config.method)(self.backbone, config)
         self._share_prefix = resolve_share_prefix(config, self.backbone)
         self.history: list[dict[str, Any]] = []
-
-    def _make_embedder(self, config: TaskConfig):
-        if config.router != "backbone":
-            return SentenceRouterEmbedder(config.router, device=self.backbone.device,
-                                          max_tokens=config.max_text_tokens, batch_size=config.eval_batch_size)
-        layer = config.router_layer if config.router_layer is not None else round(self.backbone.num_layers * 3 / 8)
-        return BackboneEmbedder(self.backbone, layer=layer, max_tokens=config.max_text_tokens,
-                                batch_size=config.eval_batch_size)
 
     # -- tasks ------------------------------------------------------------------------------------------------
     @property

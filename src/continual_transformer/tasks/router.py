@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.adapters import hidden_size
 from continual_transformer.tasks.data import TaskError
+
+if TYPE_CHECKING:
+    from continual_transformer.tasks.config import TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,15 @@ class SentenceRouterEmbedder:
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encoder.encode(list(texts)).cpu()  # sync: leaves the device
+
+
+def make_embedder(backbone: Backbone, config: TaskConfig) -> BackboneEmbedder | SentenceRouterEmbedder:
+    """The embedder ``config.router`` names (with ``backbone``: layer ``router_layer``, default 3/8 of the way up)."""
+    if config.router != "backbone":
+        return SentenceRouterEmbedder(config.router, device=backbone.device, max_tokens=config.max_text_tokens,
+                                      batch_size=config.eval_batch_size)
+    layer = config.router_layer if config.router_layer is not None else round(backbone.num_layers * 3 / 8)
+    return BackboneEmbedder(backbone, layer=layer, max_tokens=config.max_text_tokens, batch_size=config.eval_batch_size)
 
 
 def spread_by_label(labels: Sequence[int], n: int) -> list[int]:
