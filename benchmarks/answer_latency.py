@@ -34,7 +34,12 @@ logger = logging.getLogger("answer_latency")
 
 
 def run(args: argparse.Namespace) -> dict:
-    items = [f"model.name={args.model}", f"model.device={args.device}", f"model.dtype={args.dtype}", *args.set]
+    items = [
+        f"model.name={args.model}",
+        f"model.device={args.device}",
+        f"model.dtype={args.dtype}",
+        *args.set,
+    ]
     config = load_config(set_items=items)
     backbone = Backbone.load(config.model, config.generation)
     bench = load_benchmark("novel_facts", n_docs=args.docs, seed=args.seed)
@@ -42,11 +47,19 @@ def run(args: argparse.Namespace) -> dict:
     step = max(1, len(bench.probes) // args.probes)
     probes = list(bench.probes[::step][: args.probes])
     results = {
-        "meta": system.meta(backbone.name, backbone.device, {
-            "docs": args.docs, "probes": len(probes), "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-            "batch_size": config.generation.batch_size, "dtype": str(backbone.dtype).removeprefix("torch."),
-            "overrides": list(args.set),
-        }),
+        "meta": system.meta(
+            backbone.name,
+            backbone.device,
+            {
+                "docs": args.docs,
+                "probes": len(probes),
+                "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed,
+                "batch_size": config.generation.batch_size,
+                "dtype": str(backbone.dtype).removeprefix("torch."),
+                "overrides": list(args.set),
+            },
+        ),
         "strategies": {},
     }
     for spec in ["none", *[s for s in args.strategies.split(",") if s and s != "none"]]:
@@ -60,11 +73,17 @@ def run(args: argparse.Namespace) -> dict:
             learn_s = time.perf_counter() - start
             measure_latency(strategy, probes[:2], args.max_new_tokens)  # warm-up
             latency = measure_latency(strategy, probes, args.max_new_tokens)
-            accuracy = score(probes, answer_probes(strategy, probes, args.max_new_tokens).predictions)["contains"]
+            accuracy = score(probes, answer_probes(strategy, probes, args.max_new_tokens).predictions)[
+                "contains"
+            ]
             stats = strategy.stats()
             results["strategies"][spec] = {
-                "documents": len(docs), "learn_seconds": learn_s, "learn_s_per_doc": learn_s / max(len(docs), 1),
-                **latency, "accuracy": accuracy, "state_bytes": stats.state_bytes,
+                "documents": len(docs),
+                "learn_seconds": learn_s,
+                "learn_s_per_doc": learn_s / max(len(docs), 1),
+                **latency,
+                "accuracy": accuracy,
+                "state_bytes": stats.state_bytes,
                 "strategy_config": dataclasses.asdict(section),
                 "peak_memory_mb": system.peak_memory_mb(backbone.device),
             }
@@ -73,8 +92,14 @@ def run(args: argparse.Namespace) -> dict:
         base = results["strategies"]["none"]["answer_latency_s"]
         row = results["strategies"][spec]
         row["latency_vs_none"] = row["answer_latency_s"] / base
-        logger.info("%s: %.3fs per answer (%.2fx none), accuracy %.3f, learn %.3fs/doc", spec, row["answer_latency_s"],
-                    row["latency_vs_none"], row["accuracy"], row["learn_s_per_doc"])
+        logger.info(
+            "%s: %.3fs per answer (%.2fx none), accuracy %.3f, learn %.3fs/doc",
+            spec,
+            row["answer_latency_s"],
+            row["latency_vs_none"],
+            row["accuracy"],
+            row["learn_s_per_doc"],
+        )
         write(results, args.out)  # an interrupted run keeps the finished strategies
     return results
 
@@ -85,31 +110,42 @@ def write(results: dict, out: Path) -> None:
     meta = results["meta"]
     s = meta["settings"]
     lines = [
-        "# Answer latency after many learned documents", "",
+        "# Answer latency after many learned documents",
+        "",
         f"Model `{meta['model']}` on {meta['device']} ({s['dtype']}), {s['docs']} novel-fact documents learned, "
         f"{s['probes']} probes answered one at a time, {s['max_new_tokens']} new tokens, library {meta['version']}, "
-        f"{meta['date']}." + (f" Settings: `{' '.join(s['overrides'])}`." if s.get("overrides") else ""), "",
+        f"{meta['date']}." + (f" Settings: `{' '.join(s['overrides'])}`." if s.get("overrides") else ""),
+        "",
         "| strategy | docs | answer latency s (median) | × none | tokens/s | accuracy | learn s/doc | state MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["strategies"].items():
-        lines.append(f"| `{name}` | {r['documents']:,} | {r['answer_latency_s']:.3f} | {r['latency_vs_none']:.2f} | "
-                     f"{r['answer_tokens_per_s']:.1f} | {r['accuracy']:.3f} | {r['learn_s_per_doc']:.4f} | "
-                     f"{r['state_bytes'] / 2**20:.1f} |")
+        lines.append(
+            f"| `{name}` | {r['documents']:,} | {r['answer_latency_s']:.3f} | {r['latency_vs_none']:.2f} | "
+            f"{r['answer_tokens_per_s']:.1f} | {r['accuracy']:.3f} | {r['learn_s_per_doc']:.4f} | "
+            f"{r['state_bytes'] / 2**20:.1f} |"
+        )
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, HF id or local directory")
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="packaged name, HF id or local directory"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--docs", type=int, default=1000)
     parser.add_argument("--probes", type=int, default=16, help="probes answered one at a time")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--strategies", default="retrieval,knowledge_store",
-                        help="comma-separated strategy specs (none always runs first)")
-    parser.add_argument("--set", action="append", default=[], help="config override key.path=value (repeatable)")
+    parser.add_argument(
+        "--strategies",
+        default="retrieval,knowledge_store",
+        help="comma-separated strategy specs (none always runs first)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], help="config override key.path=value (repeatable)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/answer_latency"))
     args = parser.parse_args(argv)

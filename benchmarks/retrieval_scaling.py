@@ -27,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,9 @@ def ms(values: list[float]) -> float:
 
 
 def synthetic_chunks(n: int, words: int, vocab: int, rng: np.random.Generator) -> list[str]:
-    lexicon = np.array([f"w{i:x}q" for i in range(vocab)])  # letters around the number: no stemming collisions
+    lexicon = np.array(
+        [f"w{i:x}q" for i in range(vocab)]
+    )  # letters around the number: no stemming collisions
     ranks = np.minimum(rng.zipf(1.2, size=n * words), vocab) - 1
     tokens = lexicon[ranks].reshape(n, words)
     return [" ".join(row) for row in tokens]
@@ -80,15 +82,28 @@ def bench_lexical(sizes: list[int], args: argparse.Namespace) -> list[dict]:
             index = LexicalIndex(scoring)
             add = timed(lambda: index.add(corpus[:n]), 1)
             build = timed(lambda: index.search(queries[:1], k=args.k), 1)  # first search builds the weights
-            per_query = [t for q in queries for t in timed(lambda q=q: index.search([q], k=args.k), max(1, args.repeat // 4))]
+            per_query = [
+                t
+                for q in queries
+                for t in timed(lambda q=q: index.search([q], k=args.k), max(1, args.repeat // 4))
+            ]
             arrays = sum(t.nbytes for t in index._terms) + sum(c.nbytes for c in index._counts)
-            matrices = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (index._weights, index._presence))
-            rows.append({
-                "index": f"lexical-{scoring}", "items": n, "add_s": round(add[0], 3), "build_s": round(build[0], 3),
-                "search_ms_median": ms(per_query), "search_ms_p95": round(1000 * float(np.percentile(per_query, 95)), 3),
-                "index_bytes": int(arrays + matrices), "terms": len(index.vocab),
-                "rss_growth_bytes": max(0, rss_bytes() - rss0),
-            })
+            matrices = sum(
+                m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (index._weights, index._presence)
+            )
+            rows.append(
+                {
+                    "index": f"lexical-{scoring}",
+                    "items": n,
+                    "add_s": round(add[0], 3),
+                    "build_s": round(build[0], 3),
+                    "search_ms_median": ms(per_query),
+                    "search_ms_p95": round(1000 * float(np.percentile(per_query, 95)), 3),
+                    "index_bytes": int(arrays + matrices),
+                    "terms": len(index.vocab),
+                    "rss_growth_bytes": max(0, rss_bytes() - rss0),
+                }
+            )
             logger.info("%s", rows[-1])
             del index
     return rows
@@ -104,7 +119,9 @@ def bench_vectors(sizes: list[int], args: argparse.Namespace) -> list[dict]:
             store = VectorStore(args.hidden, metric=metric, initial_capacity=4096)
             keys = torch.randn(n, args.hidden)
             values = torch.randint(0, args.vocab_lm, (n,))
-            insert = timed(lambda: [store.add(keys[i : i + 512], values[i : i + 512]) for i in range(0, n, 512)], 1)
+            insert = timed(
+                lambda: [store.add(keys[i : i + 512], values[i : i + 512]) for i in range(0, n, 512)], 1
+            )
             one = torch.randn(1, args.hidden)
             block = torch.randn(512, args.hidden)
             single = timed(lambda: store.search(one, args.k, mark_used=False), args.repeat)
@@ -117,12 +134,20 @@ def bench_vectors(sizes: list[int], args: argparse.Namespace) -> list[dict]:
                 mix_log_probs(logits, p_knn, 0.25)
 
             mix = timed(mixture_step, args.repeat)
-            rows.append({
-                "index": f"vectors-{metric}", "items": n, "hidden": args.hidden, "insert_s": round(insert[0], 3),
-                "search_1_ms": ms(single), "search_512_ms_per_query": round(ms(window) / 512, 4),
-                "mixture_step_ms": ms(mix), "allocated_bytes": store.nbytes(),
-                "key_bytes_used": n * args.hidden * 4, "rss_growth_bytes": max(0, rss_bytes() - rss0),
-            })
+            rows.append(
+                {
+                    "index": f"vectors-{metric}",
+                    "items": n,
+                    "hidden": args.hidden,
+                    "insert_s": round(insert[0], 3),
+                    "search_1_ms": ms(single),
+                    "search_512_ms_per_query": round(ms(window) / 512, 4),
+                    "mixture_step_ms": ms(mix),
+                    "allocated_bytes": store.nbytes(),
+                    "key_bytes_used": n * args.hidden * 4,
+                    "rss_growth_bytes": max(0, rss_bytes() - rss0),
+                }
+            )
             logger.info("%s", rows[-1])
             del store, keys
     return rows
@@ -133,42 +158,65 @@ def write_markdown(path: Path, meta: dict, lexical: list[dict], vectors: list[di
         return f"{b / 2**20:.1f}"
 
     lines = [
-        "# Retrieval scaling", "",
+        "# Retrieval scaling",
+        "",
         f"Run {meta['date']} on {meta['machine']} ({meta['cpu_count']} CPUs, torch {meta['torch']}, "
         f"{meta['torch_threads']} threads), load average before/after {meta['load_before']} / {meta['load_after']}.",
         f"Settings: k={meta['settings']['k']}, chunks of {meta['settings']['chunk_words']} words from a Zipf vocabulary "
         f"of {meta['settings']['vocab']} words, queries of {meta['settings']['query_words']} words; "
-        f"keys of hidden size {meta['settings']['hidden']}, LM vocabulary {meta['settings']['vocab_lm']}.", "",
-        "## retrieval: lexical index", "",
+        f"keys of hidden size {meta['settings']['hidden']}, LM vocabulary {meta['settings']['vocab_lm']}.",
+        "",
+        "## retrieval: lexical index",
+        "",
         "| index | chunks | add s | build s | search ms (median) | search ms (p95) | index MiB | RSS growth MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in lexical:
-        lines.append(f"| {r['index']} | {r['items']:,} | {r['add_s']} | {r['build_s']} | {r['search_ms_median']} | "
-                     f"{r['search_ms_p95']} | {mib(r['index_bytes'])} | {mib(r['rss_growth_bytes'])} |")
+        lines.append(
+            f"| {r['index']} | {r['items']:,} | {r['add_s']} | {r['build_s']} | {r['search_ms_median']} | "
+            f"{r['search_ms_p95']} | {mib(r['index_bytes'])} | {mib(r['rss_growth_bytes'])} |"
+        )
     lines += [
-        "", "## knowledge_store: vector store", "",
+        "",
+        "## knowledge_store: vector store",
+        "",
         "| metric | keys | hidden | insert s | search 1 query ms | ms/query in block of 512 | kNN mixture step ms | allocated MiB | RSS growth MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in vectors:
-        lines.append(f"| {r['index']} | {r['items']:,} | {r['hidden']} | {r['insert_s']} | {r['search_1_ms']} | "
-                     f"{r['search_512_ms_per_query']} | {r['mixture_step_ms']} | {mib(r['allocated_bytes'])} | "
-                     f"{mib(r['rss_growth_bytes'])} |")
-    lines += ["", "Latencies are medians. Memory of the store is what is allocated (geometric growth: up to 2x the keys used).", ""]
+        lines.append(
+            f"| {r['index']} | {r['items']:,} | {r['hidden']} | {r['insert_s']} | {r['search_1_ms']} | "
+            f"{r['search_512_ms_per_query']} | {r['mixture_step_ms']} | {mib(r['allocated_bytes'])} | "
+            f"{mib(r['rss_growth_bytes'])} |"
+        )
+    lines += [
+        "",
+        "Latencies are medians. Memory of the store is what is allocated (geometric growth: up to 2x the keys used).",
+        "",
+    ]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/retrieval_scaling/", help="directory for results.json and results.md")
-    parser.add_argument("--sizes", default="1000,10000,100000", help="comma-separated numbers of stored items")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results/retrieval_scaling/",
+        help="directory for results.json and results.md",
+    )
+    parser.add_argument(
+        "--sizes", default="1000,10000,100000", help="comma-separated numbers of stored items"
+    )
     parser.add_argument("--k", type=int, default=16, help="neighbours / chunks retrieved")
     parser.add_argument("--chunk-words", type=int, default=64, help="words per synthetic chunk")
     parser.add_argument("--query-words", type=int, default=8, help="words per query")
     parser.add_argument("--vocab", type=int, default=50000, help="synthetic word vocabulary")
     parser.add_argument("--hidden", type=int, default=576, help="key size (SmolLM2-135M's hidden size)")
-    parser.add_argument("--vocab-lm", type=int, default=49152, help="LM vocabulary for the mixture step (SmolLM2's)")
+    parser.add_argument(
+        "--vocab-lm", type=int, default=49152, help="LM vocabulary for the mixture step (SmolLM2's)"
+    )
     parser.add_argument("--repeat", type=int, default=20, help="timed repetitions of a search")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -181,17 +229,24 @@ def main(argv: list[str] | None = None) -> int:
     lexical = bench_lexical(sizes, args)
     vectors = bench_vectors(sizes, args)
     meta = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or platform.platform()}",
-        "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-        "numpy": np.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_before": round(load_before, 2),
+        "load_after": round(os.getloadavg()[0], 2),
         "seconds": round(time.perf_counter() - start, 1),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "retrieval": lexical, "knowledge_store": vectors}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "retrieval": lexical, "knowledge_store": vectors}, indent=2)
+    )
     write_markdown(out / "results.md", meta, lexical, vectors)
     logger.info("wrote %s (%.0f s)", out, meta["seconds"])
     return 0

@@ -44,8 +44,14 @@ def main() -> int:
     for suite in args.suites:
         settings = profile_settings(suite, quick=False, data_dir=args.data_dir)
         cfg = settings.learner
-        tasks = load_suite(suite, settings.data_dir, order=settings.order, max_train_per_label=settings.max_train_per_label,
-                           max_test_per_label=settings.max_test_per_label, max_labels_per_task=settings.max_labels_per_task)
+        tasks = load_suite(
+            suite,
+            settings.data_dir,
+            order=settings.order,
+            max_train_per_label=settings.max_train_per_label,
+            max_test_per_label=settings.max_test_per_label,
+            max_labels_per_task=settings.max_labels_per_task,
+        )
         width = max(len(t.labels) for t in tasks)
         test_texts = [e.text for t in tasks for e in t.test]
         truth = torch.tensor([k for k, t in enumerate(tasks) for _ in t.test])
@@ -56,7 +62,9 @@ def main() -> int:
             for task in tasks:
                 labels = [task.labels.index(e.label) for e in task.train]
                 sample = spread_by_label(labels, cfg.router_samples)
-                train.append((embed([task.train[i].text for i in sample]), torch.tensor([labels[i] for i in sample])))
+                train.append(
+                    (embed([task.train[i].text for i in sample]), torch.tensor([labels[i] for i in sample]))
+                )
             queries = embed(test_texts)
             embed_s = time.perf_counter() - start
             for kind in args.prototypes:
@@ -65,22 +73,47 @@ def main() -> int:
                     router.update(k, vectors, labels if kind == "label" else None)
                 routed = router.route(queries)
                 per_task = [float((routed[truth == k] == k).float().mean()) for k in range(len(tasks))]
-                rows.append({"suite": suite, "embedder": name, "prototypes": kind, "tasks": len(tasks),
-                             "test_examples": len(test_texts), "router_accuracy": float((routed == truth).float().mean()),
-                             "worst_task_accuracy": min(per_task), "embed_seconds": embed_s})
-                print(f"{suite:12s} {name:8s} {kind:5s} router accuracy {rows[-1]['router_accuracy']:.3f}", flush=True)
+                rows.append(
+                    {
+                        "suite": suite,
+                        "embedder": name,
+                        "prototypes": kind,
+                        "tasks": len(tasks),
+                        "test_examples": len(test_texts),
+                        "router_accuracy": float((routed == truth).float().mean()),
+                        "worst_task_accuracy": min(per_task),
+                        "embed_seconds": embed_s,
+                    }
+                )
+                print(
+                    f"{suite:12s} {name:8s} {kind:5s} router accuracy {rows[-1]['router_accuracy']:.3f}",
+                    flush=True,
+                )
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": backbone.name, "device": str(backbone.device), "dtype": str(backbone.dtype).replace("torch.", ""),
-            "router_samples": cfg.router_samples,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(backbone.device),
-            "command": "python benchmarks/router_accuracy.py --suites " + " ".join(args.suites)}
+    meta = {
+        "model": backbone.name,
+        "device": str(backbone.device),
+        "dtype": str(backbone.dtype).replace("torch.", ""),
+        "router_samples": cfg.router_samples,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(backbone.device),
+        "command": "python benchmarks/router_accuracy.py --suites " + " ".join(args.suites),
+    }
     write_json(args.out / "results.json", {"meta": meta, "rows": rows})
-    lines = ["# Task-router accuracy (full profiles, no adapter trained)", "",
-             f"Model `{meta['model']}` on {meta['device']} ({meta['dtype']}); {meta['router_samples']} training texts "
-             "per task feed the prototypes; every test text of every task is routed.", "",
-             "| suite | tasks | embedder | prototypes | router accuracy | worst task |", "|---|---:|---|---|---:|---:|"]
-    lines += [f"| {r['suite']} | {r['tasks']} | {r['embedder']} | {r['prototypes']} | {r['router_accuracy']:.3f} | "
-              f"{r['worst_task_accuracy']:.3f} |" for r in rows]
+    lines = [
+        "# Task-router accuracy (full profiles, no adapter trained)",
+        "",
+        f"Model `{meta['model']}` on {meta['device']} ({meta['dtype']}); {meta['router_samples']} training texts "
+        "per task feed the prototypes; every test text of every task is routed.",
+        "",
+        "| suite | tasks | embedder | prototypes | router accuracy | worst task |",
+        "|---|---:|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {r['suite']} | {r['tasks']} | {r['embedder']} | {r['prototypes']} | {r['router_accuracy']:.3f} | "
+        f"{r['worst_task_accuracy']:.3f} |"
+        for r in rows
+    ]
     (args.out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(json.dumps({"wrote": str(args.out)}))
     return 0

@@ -91,7 +91,11 @@ class Bench:
         if sparse:  # random neuron masks of the configured size: the cost of masking, not the choice
             for dual in strategy.duals:
                 keep = torch.zeros(dual.neurons, dtype=torch.bool)
-                keep[torch.randperm(dual.neurons, generator=self.generator)[: strategy._neurons_per_layer(dual)]] = True
+                keep[
+                    torch.randperm(dual.neurons, generator=self.generator)[
+                        : strategy._neurons_per_layer(dual)
+                    ]
+                ] = True
                 masks = dual.layout.masks(keep, dict(dual.trainable.named_parameters()))
                 strategy._grad_masks.update({id(p): masks[n] for n, p in dual.trainable.named_parameters()})
 
@@ -112,7 +116,9 @@ class Bench:
 
     def measure(self, compile_mode: str, optimizer: str, b: int, t: int, *, warmup: int, steps: int) -> Row:
         device = self.backbone.device
-        row = Row(compile=compile_mode, optimizer=optimizer, batch=b, window=t, tokens_per_step=b * t, status="ok")
+        row = Row(
+            compile=compile_mode, optimizer=optimizer, batch=b, window=t, tokens_per_step=b * t, status="ok"
+        )
         try:
             opt = make_optimizer(optimizer, self.params, 1e-5)
         except (RuntimeError, ValueError, TypeError) as exc:
@@ -238,8 +244,13 @@ def plot(path: Path, meta: dict, rows: list[Row]) -> bool:
             series.setdefault((r.compile, r.optimizer), []).append(r)
     for (mode, opt), points in sorted(series.items()):
         points.sort(key=lambda r: r.tokens_per_step)
-        ax.plot([p.tokens_per_step for p in points], [p.tokens_per_second for p in points], marker="o",
-                linestyle="-" if mode == "eager" else "--", label=f"{mode}, {opt}")
+        ax.plot(
+            [p.tokens_per_step for p in points],
+            [p.tokens_per_second for p in points],
+            marker="o",
+            linestyle="-" if mode == "eager" else "--",
+            label=f"{mode}, {opt}",
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("tokens per step (batch x window)")
@@ -255,28 +266,56 @@ def plot(path: Path, meta: dict, rows: list[Row]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, cached HF id or local dir")
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="packaged name, cached HF id or local dir"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ttt_throughput"))
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small grid {QUICK_SHAPES}, eager, AdamW and SGD, 1 warm-up and 3 timed steps")
-    parser.add_argument("--shapes", type=parse_shapes, default=None, help="e.g. 1x32,8x128 (overrides the grid)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small grid {QUICK_SHAPES}, eager, AdamW and SGD, 1 warm-up and 3 timed steps",
+    )
+    parser.add_argument(
+        "--shapes", type=parse_shapes, default=None, help="e.g. 1x32,8x128 (overrides the grid)"
+    )
     parser.add_argument("--optimizers", default=None, help="comma list of adamw, adamw_fused, sgd")
-    parser.add_argument("--compile", choices=("both", "eager", "compile"), default=None,
-                        help="default: both (eager only with --quick)")
-    parser.add_argument("--layers", default=TTTConfig.layers, help="ttt layers spec (default: the strategy's)")
-    parser.add_argument("--sparse", action="store_true", help="apply gradient masks of trainable_neurons per layer")
+    parser.add_argument(
+        "--compile",
+        choices=("both", "eager", "compile"),
+        default=None,
+        help="default: both (eager only with --quick)",
+    )
+    parser.add_argument(
+        "--layers", default=TTTConfig.layers, help="ttt layers spec (default: the strategy's)"
+    )
+    parser.add_argument(
+        "--sparse", action="store_true", help="apply gradient masks of trainable_neurons per layer"
+    )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5, quick 3)")
-    parser.add_argument("--time-budget", type=float, default=180.0,
-                        help="seconds after which remaining measurements are skipped (recorded as skipped)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=180.0,
+        help="seconds after which remaining measurements are skipped (recorded as skipped)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default="highest",
-                        help="torch.set_float32_matmul_precision for the float32 trainable copies (high: TF32)")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="build the model from the config and tokenizer in --model (a directory) with random "
-                             "weights: the same step cost where only the config is at hand")
+    parser.add_argument(
+        "--matmul-precision",
+        choices=("highest", "high", "medium"),
+        default="highest",
+        help="torch.set_float32_matmul_precision for the float32 trainable copies (high: TF32)",
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the model from the config and tokenizer in --model (a directory) with random "
+        "weights: the same step cost where only the config is at hand",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -305,11 +344,19 @@ def main(argv: list[str] | None = None) -> int:
         args.compile or ("eager" if args.quick else "both")
     ]
     meta = {
-        "model": backbone.name, "device": str(device), "dtype": str(backbone.dtype).replace("torch.", ""),
-        "layers": f"{strategy.layer_ids[0]}..{strategy.layer_ids[-1]}", "sparse": args.sparse,
-        "trainable_parameters": sum(p.numel() for p in params), "warmup": args.warmup, "steps": args.steps,
-        "shapes": [f"{b}x{t}" for b, t in shapes], "optimizers": optimizers, "compile_modes": modes,
-        "machine": machine_info(device), "quick": args.quick,
+        "model": backbone.name,
+        "device": str(device),
+        "dtype": str(backbone.dtype).replace("torch.", ""),
+        "layers": f"{strategy.layer_ids[0]}..{strategy.layer_ids[-1]}",
+        "sparse": args.sparse,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "shapes": [f"{b}x{t}" for b, t in shapes],
+        "optimizers": optimizers,
+        "compile_modes": modes,
+        "machine": machine_info(device),
+        "quick": args.quick,
         "float32_matmul_precision": args.matmul_precision,
     }
     rows: list[Row] = []
@@ -326,8 +373,15 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(Row(mode, optimizer, b, t, b * t, status="skipped: time budget"))
                         continue
                     row = bench.measure(mode, optimizer, b, t, warmup=args.warmup, steps=args.steps)
-                    logger.info("%-7s %-11s %3dx%-4d %10.0f tokens/s  %s", mode, optimizer, b, t,
-                                row.tokens_per_second, row.status)
+                    logger.info(
+                        "%-7s %-11s %3dx%-4d %10.0f tokens/s  %s",
+                        mode,
+                        optimizer,
+                        b,
+                        t,
+                        row.tokens_per_second,
+                        row.status,
+                    )
                     rows.append(row)
             if mode == "compile":
                 uncompile_layers(backbone)
@@ -338,11 +392,17 @@ def main(argv: list[str] | None = None) -> int:
 
     meta["total_seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)
+    )
     write_markdown(args.out / "results.md", meta, rows)
     plotted = plot(args.out / "tokens_per_second.png", meta, rows)
-    logger.info("wrote %s (results.json, results.md%s) in %.0fs", args.out,
-                ", tokens_per_second.png" if plotted else "", meta["total_seconds"])
+    logger.info(
+        "wrote %s (results.json, results.md%s) in %.0fs",
+        args.out,
+        ", tokens_per_second.png" if plotted else "",
+        meta["total_seconds"],
+    )
     return 0
 
 

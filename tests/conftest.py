@@ -35,11 +35,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -54,9 +60,18 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def tiny_llama(tokenizer, *, seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.1,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -64,15 +79,23 @@ def tiny_llama(tokenizer, *, seed: int = 0, layers: int = 4) -> LlamaForCausalLM
 def tiny_gpt2(tokenizer, *, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=64, n_layer=3, n_head=4, n_positions=256, initializer_range=0.1,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        n_positions=256,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return GPT2LMHeadModel(config).eval()
 
 
 def make_backbone(tokenizer, *, arch: str = "llama", seed: int = 0, max_new_tokens: int = 8) -> Backbone:
     model = tiny_llama(tokenizer, seed=seed) if arch == "llama" else tiny_gpt2(tokenizer, seed=seed)
-    return Backbone(model, tokenizer, name=f"tiny-{arch}", generation=GenerationConfig(max_new_tokens=max_new_tokens))
+    return Backbone(
+        model, tokenizer, name=f"tiny-{arch}", generation=GenerationConfig(max_new_tokens=max_new_tokens)
+    )
 
 
 @pytest.fixture
@@ -86,7 +109,15 @@ def fast_config(**overrides) -> Config:
 
     data = {
         "generation": {"max_new_tokens": 8},
-        "strategies": {"finetune": {"learning_rate": 1e-2, "epochs": 20, "stop_loss": 0.0, "window_tokens": 64, "context_tokens": 8}},
+        "strategies": {
+            "finetune": {
+                "learning_rate": 1e-2,
+                "epochs": 20,
+                "stop_loss": 0.0,
+                "window_tokens": 64,
+                "context_tokens": 8,
+            }
+        },
     }
     for key, value in overrides.items():
         data[key] = value
@@ -103,11 +134,19 @@ def save_tiny_embedder(directory: Path, texts: list[str]) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     words = sorted({w.strip(".?,").lower() for text in texts for w in text.split()} - {""})
-    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", ","] + words))
+    (directory / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", ","] + words)
+    )
     tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"))
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(directory)
     assert "[UNK]" not in tokenizer.tokenize(texts[-1]), "every word of the texts is in the vocabulary"
     tokenizer.save_pretrained(directory)

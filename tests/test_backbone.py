@@ -4,15 +4,18 @@ import math
 
 import pytest
 import torch
+from conftest import make_backbone, tiny_gpt2, tiny_llama
 
 from continual_transformer.backbone import Backbone, find_decoder_layers, model_fingerprint, resolve_dtype
 from continual_transformer.config import GenerationConfig
 
-from conftest import make_backbone, tiny_gpt2, tiny_llama
-
 
 def test_batched_generation_matches_one_by_one(backbone):
-    prompts = ["The capital of Veloria is", "A quick", "What is the capital of France? The capital of France is"]
+    prompts = [
+        "The capital of Veloria is",
+        "A quick",
+        "What is the capital of France? The capital of France is",
+    ]
     batched = backbone.generate(prompts, chat=False)
     single = [backbone.generate([p], chat=False)[0] for p in prompts]
     assert batched == single
@@ -52,7 +55,7 @@ def test_token_nll_with_context_scores_only_the_text(backbone):
     scored = backbone.token_nll([text], contexts=[context])[0]
     assert scored.numel() == len(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
     full = backbone.token_nll([context + text])[0]
-    torch.testing.assert_close(scored, full[-scored.numel():], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scored, full[-scored.numel() :], rtol=1e-4, atol=1e-4)
 
 
 def test_perplexity_is_exp_of_mean_nll(backbone):

@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import yaml
+from conftest import tiny_llama
 from typer.testing import CliRunner
 
 from continual_transformer.cli import app
-
-from conftest import tiny_llama
 
 runner = CliRunner()
 
@@ -28,12 +27,19 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 @pytest.fixture
 def base_args(tiny_model_dir, tmp_path):
     config = tmp_path / "fast.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"name": str(tiny_model_dir), "device": "cpu"},
-        "generation": {"max_new_tokens": 6},
-        "strategies": {"finetune": {"learning_rate": 1e-2, "epochs": 20, "stop_loss": 0.0},
-                       "retrieval": {"retriever": "bm25"}, "memory_bank": {"key_encoder": "backbone"}},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(tiny_model_dir), "device": "cpu"},
+                "generation": {"max_new_tokens": 6},
+                "strategies": {
+                    "finetune": {"learning_rate": 1e-2, "epochs": 20, "stop_loss": 0.0},
+                    "retrieval": {"retriever": "bm25"},
+                    "memory_bank": {"key_encoder": "backbone"},
+                },
+            }
+        )
+    )
     return ["--config", str(config)]
 
 
@@ -53,16 +59,31 @@ def test_learn_then_ask_in_a_new_process_answers_the_same(base_args, tmp_path):
     assert result.exit_code == 0, result.output
     assert "facts.txt" in result.output and (state / "manifest.json").exists()
 
-    in_process = runner.invoke(app, [*base_args, "generate", "The capital of Veloria is", "--state", str(state)])
+    in_process = runner.invoke(
+        app, [*base_args, "generate", "The capital of Veloria is", "--state", str(state)]
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     fresh = subprocess.run(
-        [sys.executable, "-m", "continual_transformer", *base_args, "generate", "The capital of Veloria is",
-         "--state", str(state)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "continual_transformer",
+            *base_args,
+            "generate",
+            "The capital of Veloria is",
+            "--state",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert fresh.returncode == 0, fresh.stderr
     assert fresh.stdout.strip() == in_process.output.strip()
-    untrained = runner.invoke(app, [*base_args, "generate", "The capital of Veloria is", "--state", str(tmp_path / "none")])
+    untrained = runner.invoke(
+        app, [*base_args, "generate", "The capital of Veloria is", "--state", str(tmp_path / "none")]
+    )
     assert untrained.output.strip() != in_process.output.strip()
 
 
@@ -73,7 +94,10 @@ def test_learn_bad_file_is_a_clear_error_and_saves_nothing(base_args, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "continual_transformer", *base_args, "learn", str(bad), "--state", str(state)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "bad.txt" in proc.stderr and "binary" in proc.stderr
@@ -103,7 +127,9 @@ def test_help_lists_commands():
 
 def test_bench_knowledge_accepts_dataset_as_alias_of_benchmark(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    result = runner.invoke(app, ["--model", "/nonexistent/model", "bench", "knowledge", "--dataset", str(missing), "--help"])
+    result = runner.invoke(
+        app, ["--model", "/nonexistent/model", "bench", "knowledge", "--dataset", str(missing), "--help"]
+    )
     assert result.exit_code == 0 and "--dataset" in result.output
 
 
@@ -111,8 +137,19 @@ def test_bench_knowledge_adds_rows_to_an_earlier_run_of_the_same_profile_only(ba
     import json
 
     out = tmp_path / "bench"
-    common = [*base_args, "bench", "knowledge", "--quick", "--docs", "2", "--batches", "1", "--no-baselines",
-              "--out", str(out)]
+    common = [
+        *base_args,
+        "bench",
+        "knowledge",
+        "--quick",
+        "--docs",
+        "2",
+        "--batches",
+        "1",
+        "--no-baselines",
+        "--out",
+        str(out),
+    ]
     first = runner.invoke(app, [*common, "--strategies", "none"])
     assert first.exit_code == 0, first.output
     second = runner.invoke(app, [*common, "--strategies", "retrieval:top_k=1"])
@@ -121,14 +158,44 @@ def test_bench_knowledge_adds_rows_to_an_earlier_run_of_the_same_profile_only(ba
     assert list(results["strategies"]) == ["none", "retrieval:top_k=1"]
     assert results["strategies"]["retrieval:top_k=1"]["strategy_config"]["top_k"] == 1
     assert "`retrieval:top_k=1`" in (out / "results.md").read_text()
-    other = runner.invoke(app, [*base_args, "bench", "knowledge", "--quick", "--docs", "3", "--batches", "1",
-                                "--no-baselines", "--out", str(out), "--strategies", "none"])
+    other = runner.invoke(
+        app,
+        [
+            *base_args,
+            "bench",
+            "knowledge",
+            "--quick",
+            "--docs",
+            "3",
+            "--batches",
+            "1",
+            "--no-baselines",
+            "--out",
+            str(out),
+            "--strategies",
+            "none",
+        ],
+    )
     assert other.exit_code != 0 and "other settings" in str(other.exception)
     assert list(json.loads((out / "results.json").read_text())["strategies"]) == ["none", "retrieval:top_k=1"]
 
 
 def test_bench_tasks_settings_are_checked_before_any_work(tmp_path):
-    result = runner.invoke(app, ["--model", "/nonexistent/model", "bench", "tasks", "--quick", "--out", str(tmp_path / "o"),
-                                 "--setting", "learner.router=minilm", "--setting", "learner.nonsense=1"])
+    result = runner.invoke(
+        app,
+        [
+            "--model",
+            "/nonexistent/model",
+            "bench",
+            "tasks",
+            "--quick",
+            "--out",
+            str(tmp_path / "o"),
+            "--setting",
+            "learner.router=minilm",
+            "--setting",
+            "learner.nonsense=1",
+        ],
+    )
     assert result.exit_code != 0 and "bench.learner.nonsense" in str(result.exception)
     assert not (tmp_path / "o").exists()

@@ -19,7 +19,9 @@ def test_defaults_file_matches_code_defaults():
 def test_precedence_defaults_file_overrides_set(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {device: cpu, dtype: float32}\nseed: 3\nstrategies: {finetune: {epochs: 5}}\n")
-    cfg = load_config(path, overrides={"seed": 4}, set_items=["strategies.finetune.epochs=7", "generation.max_new_tokens=9"])
+    cfg = load_config(
+        path, overrides={"seed": 4}, set_items=["strategies.finetune.epochs=7", "generation.max_new_tokens=9"]
+    )
     assert cfg.model.device == "cpu"  # from the file
     assert cfg.seed == 4  # overrides beat the file
     assert cfg.strategy_config("finetune").epochs == 7  # --set beats both
@@ -68,7 +70,10 @@ def test_dump_yaml_round_trips(tmp_path):
 
 def test_parse_override_types():
     assert parse_override("a.b=0.5") == {"a": {"b": 0.5}}
-    assert load_config(set_items=["strategies.finetune.learning_rate=1e-3"]).strategy_config().learning_rate == 1e-3
+    assert (
+        load_config(set_items=["strategies.finetune.learning_rate=1e-3"]).strategy_config().learning_rate
+        == 1e-3
+    )
     assert parse_override("a=true") == {"a": True}
     assert parse_override("a=-8:") == {"a": "-8:"}
     with pytest.raises(ConfigError, match="key.path=value"):

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import fast_config, make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.checkpoint import MANIFEST_FILE, TENSORS_FILE
 from continual_transformer.errors import CheckpointError, DocumentError
-
-from conftest import fast_config, make_backbone
 
 DOC = "The capital of Veloria is Tarnhelm."
 
@@ -111,8 +110,12 @@ def test_interrupted_save_keeps_the_previous_checkpoint(ct, tmp_path, monkeypatc
         (lambda p: (p / TENSORS_FILE).unlink(), "state.safetensors is missing"),
         (lambda p: (p / MANIFEST_FILE).write_text("{"), "corrupt"),
         (lambda p: (p / MANIFEST_FILE).unlink(), "manifest.json is missing"),
-        (lambda p: (p / MANIFEST_FILE).write_text('{"format": "continual-transformer-checkpoint", "format_version": 99}'),
-         "format version 99"),
+        (
+            lambda p: (p / MANIFEST_FILE).write_text(
+                '{"format": "continual-transformer-checkpoint", "format_version": 99}'
+            ),
+            "format version 99",
+        ),
     ],
 )
 def test_damaged_checkpoints_are_refused_and_change_nothing(ct, tmp_path, damage, message):

@@ -13,7 +13,9 @@ def test_reads_txt_md_and_jsonl_recursively_in_stable_order(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "a.txt").write_text("Alpha text.")
     (tmp_path / "b" / "c.md").write_text("# Title\nBody.")
-    (tmp_path / "b" / "d.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"id": "x", "text": "two"}) + "\n")
+    (tmp_path / "b" / "d.jsonl").write_text(
+        json.dumps({"text": "one"}) + "\n\n" + json.dumps({"id": "x", "text": "two"}) + "\n"
+    )
     (tmp_path / "notes.pdf").write_bytes(b"%PDF")  # skipped: not a document type
     (tmp_path / ".hidden.txt").write_text("secret")
     docs = read_documents(tmp_path)

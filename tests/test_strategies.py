@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fast_config, make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.checkpoint import read_tensors
 from continual_transformer.errors import CheckpointError, StrategyError
 from continual_transformer.strategies import registry
 from continual_transformer.strategies.finetune import select_layers
-
-from conftest import fast_config, make_backbone
 
 DOC = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
 PROBE = ["The capital of Veloria is", "A quick brown fox jumps over the lazy dog."]
@@ -30,7 +29,9 @@ def test_untouched_backbone_parameters_stay_bit_identical(tokenizer, name):
     allowed = ct.strategy.trained_backbone_parameters()
     changed = {k for k, v in ct.backbone.model.named_parameters() if not torch.equal(v, before[k])}
     assert changed <= allowed
-    assert not any(p.requires_grad for p in ct.backbone.model.parameters()), "learning must leave no gradient switched on"
+    assert not any(p.requires_grad for p in ct.backbone.model.parameters()), (
+        "learning must leave no gradient switched on"
+    )
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig as HFGenerationConfig
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig as HFGenerationConfig
 
 from continual_transformer.config import GenerationConfig, ModelConfig
 from continual_transformer.errors import ModelNotFoundError
@@ -32,7 +32,9 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelNotFoundError(f"model.device={spec!r} but CUDA is not available on this machine; use 'auto' or 'cpu'")
+        raise ModelNotFoundError(
+            f"model.device={spec!r} but CUDA is not available on this machine; use 'auto' or 'cpu'"
+        )
     return device
 
 
@@ -72,7 +74,15 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "n_embd", "n_layer")
+        keys = (
+            "model_type",
+            "hidden_size",
+            "num_hidden_layers",
+            "vocab_size",
+            "intermediate_size",
+            "n_embd",
+            "n_layer",
+        )
         digest.update(repr([(k, getattr(config, k, None)) for k in keys]).encode())
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -164,18 +174,29 @@ class Backbone:
         """(context, completion) for a chat exchange, so training can supervise the completion only."""
         context = self.format_prompt(prompt, chat=True)
         full = self.tokenizer.apply_chat_template(
-            [*([{"role": "system", "content": self.generation.system_prompt}] if self.generation.system_prompt else []),
-             {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+            [
+                *(
+                    [{"role": "system", "content": self.generation.system_prompt}]
+                    if self.generation.system_prompt
+                    else []
+                ),
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": answer},
+            ],
             tokenize=False,
         )
         if self.tokenizer.chat_template and full.startswith(context):
-            return context, full[len(context):]
+            return context, full[len(context) :]
         return prompt + "\n", answer
 
-    def encode(self, texts: Sequence[str], *, padding_side: str = "right", add_special_tokens: bool = False) -> dict[str, torch.Tensor]:
+    def encode(
+        self, texts: Sequence[str], *, padding_side: str = "right", add_special_tokens: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Tokenise a batch with padding and attention mask, on the model's device."""
         self.tokenizer.padding_side = padding_side
-        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        batch = self.tokenizer(
+            list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+        )
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     # -- generation -------------------------------------------------------------------------------------------
@@ -210,12 +231,16 @@ class Backbone:
             batch = self.encode(texts[start : start + settings.batch_size], padding_side="left")
             output = self.model.generate(**batch, generation_config=gen_config, **generate_kwargs)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers.extend(t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            answers.extend(
+                t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            )
         return answers
 
     # -- likelihood -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def token_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8) -> list[torch.Tensor]:
+    def token_nll(
+        self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8
+    ) -> list[torch.Tensor]:
         """Per-token negative log-likelihood of each text (float32, on CPU).
 
         With ``contexts``, ``contexts[i]`` is prepended and only the tokens of ``texts[i]`` are scored.
@@ -262,7 +287,13 @@ class Backbone:
 
     @torch.no_grad()
     def perplexity(
-        self, text: str, *, window: int = 512, batch_size: int = 8, max_tokens: int | None = None, context: str = ""
+        self,
+        text: str,
+        *,
+        window: int = 512,
+        batch_size: int = 8,
+        max_tokens: int | None = None,
+        context: str = "",
     ) -> float:
         """Perplexity of a long text, scored in consecutive non-overlapping windows of ``window`` tokens.
 
@@ -282,9 +313,12 @@ class Backbone:
             width = max(len(r) for r in rows)
             ids_t = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
             labels = torch.tensor(
-                [[-100] * len(prefix) + r[len(prefix):] + [-100] * (width - len(r)) for r in rows], device=self.device
+                [[-100] * len(prefix) + r[len(prefix) :] + [-100] * (width - len(r)) for r in rows],
+                device=self.device,
             )
-            attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+            attention = torch.tensor(
+                [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device
+            )
             nll = sequence_nll(self.model(input_ids=ids_t, attention_mask=attention).logits, labels)
             total += float(nll.sum())  # sync: one per batch of windows
             count += int((labels[:, 1:] != -100).sum())

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +64,13 @@ def write_checkpoint(
         full_manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **manifest,
-            "tensors": {"file": TENSORS_FILE, "count": len(cpu), "bytes": sum(t.numel() * t.element_size() for t in cpu.values())},
+            "tensors": {
+                "file": TENSORS_FILE,
+                "count": len(cpu),
+                "bytes": sum(t.numel() * t.element_size() for t in cpu.values()),
+            },
         }
         _fsync_write(tmp / MANIFEST_FILE, json.dumps(full_manifest, indent=2).encode("utf-8"))
         _replace_dir(tmp, directory)

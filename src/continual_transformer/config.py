@@ -22,7 +22,6 @@ import yaml
 from continual_transformer.errors import ConfigError
 
 
-
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
@@ -125,12 +124,22 @@ class Config:
     def __post_init__(self) -> None:
         from continual_transformer.strategies import registry
 
-        _check(self.strategy in registry.names(), "strategy", f"unknown strategy {self.strategy!r}; known: {registry.names()}")
+        _check(
+            self.strategy in registry.names(),
+            "strategy",
+            f"unknown strategy {self.strategy!r}; known: {registry.names()}",
+        )
         typed = {}
         for name, section in self.strategies.items():
-            _check(name in registry.names(), f"strategies.{name}", f"unknown strategy; known: {registry.names()}")
+            _check(
+                name in registry.names(), f"strategies.{name}", f"unknown strategy; known: {registry.names()}"
+            )
             config_cls = registry.get(name).config_cls
-            typed[name] = section if isinstance(section, config_cls) else from_dict(config_cls, section, f"strategies.{name}")
+            typed[name] = (
+                section
+                if isinstance(section, config_cls)
+                else from_dict(config_cls, section, f"strategies.{name}")
+            )
         object.__setattr__(self, "strategies", types.MappingProxyType(typed))
 
     def strategy_config(self, name: str | None = None) -> Any:

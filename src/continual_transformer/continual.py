@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +90,7 @@ class ContinualTransformer:
                 "source": doc.source,
                 "sha256": doc.sha256,
                 "strategy": self.strategy.name,
-                "learned_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "learned_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "tokens": report.tokens,
                 "seconds": round(report.seconds, 4),
                 "loss_before": report.loss_before,
@@ -99,13 +98,19 @@ class ContinualTransformer:
             }
         )
         logger.info(
-            "learned %s: %d tokens in %.2fs, loss %s -> %s", doc.id, report.tokens, report.seconds,
-            _fmt(report.loss_before), _fmt(report.loss_after),
+            "learned %s: %d tokens in %.2fs, loss %s -> %s",
+            doc.id,
+            report.tokens,
+            report.seconds,
+            _fmt(report.loss_before),
+            _fmt(report.loss_after),
         )
         return report
 
     # -- answering --------------------------------------------------------------------------------------------
-    def generate(self, prompts: str | Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
+    def generate(
+        self, prompts: str | Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+    ) -> list[str]:
         """Continuations of each prompt (chat template applied when the config asks for it)."""
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         return self.strategy.generate(batch, chat=chat, max_new_tokens=max_new_tokens)
@@ -192,9 +197,13 @@ class ContinualTransformer:
                 f"{self.strategy.name!r}; use ContinualTransformer.from_checkpoint({str(directory)!r})"
             )
         tensors = checkpoint.read_tensors(directory, self.backbone.device)
-        task_tensors = {k[len(TASKS_PREFIX):]: v.cpu() for k, v in tensors.items() if k.startswith(TASKS_PREFIX)}
+        task_tensors = {
+            k[len(TASKS_PREFIX) :]: v.cpu() for k, v in tensors.items() if k.startswith(TASKS_PREFIX)
+        }
         tensors = {k: v for k, v in tensors.items() if not k.startswith(TASKS_PREFIX)}
-        if "tasks" in manifest:  # checked and restored first: it rolls itself back when the state does not fit
+        if (
+            "tasks" in manifest
+        ):  # checked and restored first: it rolls itself back when the state does not fit
             self.tasks.restore(task_tensors, manifest["tasks"], where=f"{directory} (tasks)")
         elif self._tasks is not None:
             self._tasks.close()  # the checkpoint has no tasks: neither has the model after loading it
@@ -202,13 +211,17 @@ class ContinualTransformer:
         try:
             self.strategy.load_trainable_state(tensors)
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {directory} does not fit this strategy's configuration: {exc}") from exc
+            raise CheckpointError(
+                f"checkpoint {directory} does not fit this strategy's configuration: {exc}"
+            ) from exc
         self.strategy.load_extra_state(manifest.get("strategy_state", {}))
         self.history = list(manifest.get("history", []))
         logger.info("loaded checkpoint %s (%d documents learned)", directory, len(self.history))
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, *, model: str | Backbone | None = None, **overrides: Any) -> ContinualTransformer:
+    def from_checkpoint(
+        cls, directory: str | Path, *, model: str | Backbone | None = None, **overrides: Any
+    ) -> ContinualTransformer:
         """Rebuild the model a checkpoint was saved from (its config and base model) and load its state."""
         manifest = checkpoint.read_manifest(directory)
         try:
@@ -216,7 +229,9 @@ class ContinualTransformer:
         except yaml.YAMLError as exc:
             raise CheckpointError(f"{directory}/config.yaml is corrupt: {exc}") from exc
         config = from_dict(Config, data)
-        instance = cls(model if model is not None else manifest["base_model"]["name"], config=config, **overrides)
+        instance = cls(
+            model if model is not None else manifest["base_model"]["name"], config=config, **overrides
+        )
         instance.load(directory)
         return instance
 

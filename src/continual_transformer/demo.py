@@ -41,6 +41,7 @@ DEMO_QUESTIONS: tuple[tuple[str, str], ...] = (
     ("What is the national animal of Veloria?", "silver lynx"),
 )
 
+
 @dataclass(frozen=True)
 class DemoRow:
     question: str
@@ -79,8 +80,12 @@ def contains_answer(text: str, answer: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(answer.lower())}(?!\w)", text.lower()) is not None
 
 
-def run_demo(ct: ContinualTransformer, *, document: str = DEMO_DOCUMENT,
-             questions: tuple[tuple[str, str], ...] = DEMO_QUESTIONS) -> DemoResult:
+def run_demo(
+    ct: ContinualTransformer,
+    *,
+    document: str = DEMO_DOCUMENT,
+    questions: tuple[tuple[str, str], ...] = DEMO_QUESTIONS,
+) -> DemoResult:
     text, source = general_text(ct.config.data_dir, max_chars=12_000)
     prompts = [q for q, _ in questions]
     before = ct.generate(prompts, chat=True)
@@ -89,4 +94,6 @@ def run_demo(ct: ContinualTransformer, *, document: str = DEMO_DOCUMENT,
     after = ct.generate(prompts, chat=True)
     ppl_after = ct.strategy.perplexity(text)
     rows = tuple(DemoRow(q, a, b, c) for (q, a), b, c in zip(questions, before, after))
-    return DemoResult(rows=rows, report=report, ppl_before=ppl_before, ppl_after=ppl_after, general_source=source)
+    return DemoResult(
+        rows=rows, report=report, ppl_before=ppl_before, ppl_after=ppl_after, general_source=source
+    )

@@ -34,7 +34,9 @@ class Document:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
 
-def make_document(text: str, doc_id: str | None = None, *, source: str | None = None, line: int | None = None) -> Document:
+def make_document(
+    text: str, doc_id: str | None = None, *, source: str | None = None, line: int | None = None
+) -> Document:
     """Validate ``text`` and wrap it in a :class:`Document` (id defaults to a hash of the text)."""
     where = source or "<text>"
     if not isinstance(text, str):
@@ -55,7 +57,8 @@ def read_documents(path: str | Path, config: DocumentConfig | None = None) -> li
         raise DocumentError(path, "no such file or directory")
     if path.is_dir():
         files = sorted(
-            p for p in path.rglob("*")
+            p
+            for p in path.rglob("*")
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         wanted = [p for p in files if p.suffix.lower() in config.extensions]
@@ -69,7 +72,9 @@ def read_documents(path: str | Path, config: DocumentConfig | None = None) -> li
     seen: dict[str, str | None] = {}
     for doc in documents:
         if doc.id in seen:
-            raise DocumentError(doc.source or path, f"duplicate document id {doc.id!r} (also in {seen[doc.id]})")
+            raise DocumentError(
+                doc.source or path, f"duplicate document id {doc.id!r} (also in {seen[doc.id]})"
+            )
         seen[doc.id] = doc.source
     return documents
 
@@ -87,7 +92,9 @@ def _read_file(path: Path, config: DocumentConfig, *, id_prefix: str) -> list[Do
 def _read_text(path: Path, max_bytes: int) -> str:
     size = path.stat().st_size
     if size > max_bytes:
-        raise DocumentError(path, f"file is {size:,} bytes, over the limit of {max_bytes:,} (documents.max_file_bytes)")
+        raise DocumentError(
+            path, f"file is {size:,} bytes, over the limit of {max_bytes:,} (documents.max_file_bytes)"
+        )
     if size == 0:
         raise DocumentError(path, "file is empty")
     data = path.read_bytes()
@@ -96,7 +103,9 @@ def _read_text(path: Path, max_bytes: int) -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DocumentError(path, f"file is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})") from None
+        raise DocumentError(
+            path, f"file is not valid UTF-8 (byte {exc.start}: {data[exc.start : exc.start + 1]!r})"
+        ) from None
     if not text.strip():
         raise DocumentError(path, "file holds only whitespace")
     return text
@@ -110,11 +119,15 @@ def _parse_jsonl(path: Path, text: str, config: DocumentConfig, *, id_prefix: st
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DocumentError(path, f"invalid JSON ({exc.msg} at column {exc.colno})", line=line_no) from None
+            raise DocumentError(
+                path, f"invalid JSON ({exc.msg} at column {exc.colno})", line=line_no
+            ) from None
         if not isinstance(record, dict):
             raise DocumentError(path, f"expected a JSON object, got {type(record).__name__}", line=line_no)
         if config.text_field not in record:
-            raise DocumentError(path, f"missing field {config.text_field!r} (documents.text_field)", line=line_no)
+            raise DocumentError(
+                path, f"missing field {config.text_field!r} (documents.text_field)", line=line_no
+            )
         value = record[config.text_field]
         if not isinstance(value, str):
             raise DocumentError(path, f"field {config.text_field!r} must be a string", line=line_no)

@@ -30,5 +30,9 @@ class CheckpointError(ContinualTransformerError, ValueError):
     """A checkpoint is missing, corrupt, from another version, or made on another base model."""
 
 
-class StrategyError(ContinualTransformerError, ValueError):
+class RegistryError(ContinualTransformerError, ValueError):
+    """A registered name (strategy, task method) is unknown, malformed or taken twice."""
+
+
+class StrategyError(RegistryError):
     """A strategy name is unknown or a strategy was used wrongly."""

@@ -75,7 +75,9 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> d
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": attention.to(device)}
 
 
-def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
     if name == "adamw":
         # The fused CUDA kernel updates every tensor in one launch (several times faster for many small tensors).
         fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
@@ -87,7 +89,9 @@ def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weigh
 
 def batch_loss(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss over the scored tokens of a batch (a scalar tensor with grad)."""
-    logits = backbone.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = backbone.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
     nll = sequence_nll(logits, batch["labels"])  # (B, T-1)
     scored = (batch["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
     return nll.sum() / scored
@@ -134,12 +138,17 @@ def train(
     steps_per_epoch = (len(examples) + batch_size - 1) // batch_size
     losses: list[float] = []
     pad = backbone.tokenizer.pad_token_id
-    with backbone.training(), tqdm(total=epochs * steps_per_epoch, desc=description, leave=False, disable=None) as bar:
+    with (
+        backbone.training(),
+        tqdm(total=epochs * steps_per_epoch, desc=description, leave=False, disable=None) as bar,
+    ):
         for _ in range(epochs):
             rng.shuffle(order)
             epoch_losses = []
             for start in range(0, len(order), batch_size):
-                batch = collate([examples[i] for i in order[start : start + batch_size]], pad, backbone.device)
+                batch = collate(
+                    [examples[i] for i in order[start : start + batch_size]], pad, backbone.device
+                )
                 loss = batch_loss(backbone, batch)
                 (loss + regularizer() if regularizer is not None else loss).backward()
                 if grad_hook is not None:

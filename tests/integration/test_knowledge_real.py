@@ -68,14 +68,18 @@ def test_default_retrieval_puts_the_right_chunk_in_and_gates_general_questions_o
         for doc in benchmark.documents:
             strategy.learn(doc)
         hits = strategy.search([p.prompt for p in benchmark.probes], 1)
-        own = [bool(h) and strategy.doc_ids[strategy.chunk_doc[h[0].index]] == p.doc_id
-               for h, p in zip(hits, benchmark.probes)]
+        own = [
+            bool(h) and strategy.doc_ids[strategy.chunk_doc[h[0].index]] == p.doc_id
+            for h, p in zip(hits, benchmark.probes)
+        ]
         assert sum(own) >= 0.9 * len(own)
         used = [a.context is not None for a in strategy.augment([p.prompt for p in benchmark.probes])]
         assert sum(used) >= 0.8 * len(used)
         general = [p.prompt for p in KNOWN_FACTS[:16]]
         assert all(a.context is None for a in strategy.augment(general))
-        assert strategy.generate(general[:3]) == backbone.generate(general[:3])  # gated out: the base model's answers
+        assert strategy.generate(general[:3]) == backbone.generate(
+            general[:3]
+        )  # gated out: the base model's answers
     finally:
         strategy.close()
 
@@ -87,11 +91,17 @@ def test_minilm_router_tells_clinc_domains_apart():
 
     backbone = load_backbone()
     config = load_config(set_items=["model.device=cpu"])
-    tasks = load_suite("clinc150-10", config.data_dir, num_tasks=3, max_train_per_label=8, max_test_per_label=4)
+    tasks = load_suite(
+        "clinc150-10", config.data_dir, num_tasks=3, max_train_per_label=8, max_test_per_label=4
+    )
     embed = SentenceRouterEmbedder("minilm", device=backbone.device, max_tokens=64, batch_size=64)
     router = PrototypeRouter(len(tasks), embed.dim, max(len(t.labels) for t in tasks))
     for k, task in enumerate(tasks):
-        router.update(k, embed([e.text for e in task.train]), torch.tensor([task.labels.index(e.label) for e in task.train]))
+        router.update(
+            k,
+            embed([e.text for e in task.train]),
+            torch.tensor([task.labels.index(e.label) for e in task.train]),
+        )
     truth = torch.tensor([k for k, t in enumerate(tasks) for _ in t.test])
     routed = router.route(embed([e.text for t in tasks for e in t.test]))
     assert float((routed == truth).float().mean()) >= 0.85

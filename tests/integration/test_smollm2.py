@@ -31,7 +31,9 @@ def load_backbone() -> Backbone:
 @pytest.fixture(scope="module")
 def smol() -> ContinualTransformer:
     torch.set_num_threads(2)
-    return ContinualTransformer(load_backbone(), config=load_config(set_items=["generation.max_new_tokens=24"]))
+    return ContinualTransformer(
+        load_backbone(), config=load_config(set_items=["generation.max_new_tokens=24"])
+    )
 
 
 def test_packaged_model_loads_as_llama_with_chat_template(smol):

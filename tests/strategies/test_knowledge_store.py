@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fast_config, make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.config import ConfigError
 from continual_transformer.modules.logits import knn_distribution, mix_log_probs
 from continual_transformer.modules.vector_store import VectorStore
-
-from conftest import fast_config, make_backbone
 
 DOC = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
 UNRELATED = "A quick brown fox jumps over the lazy dog."
@@ -18,7 +17,9 @@ UNRELATED = "A quick brown fox jumps over the lazy dog."
 
 def build(tokenizer, arch: str = "llama", **settings) -> ContinualTransformer:
     config = fast_config(strategies={"knowledge_store": settings})
-    return ContinualTransformer(make_backbone(tokenizer, arch=arch), strategy="knowledge_store", config=config)
+    return ContinualTransformer(
+        make_backbone(tokenizer, arch=arch), strategy="knowledge_store", config=config
+    )
 
 
 # -- the vector store ----------------------------------------------------------------------------------------
@@ -68,7 +69,11 @@ def test_knn_distribution_matches_a_slow_reference(metric):
     for q, query in enumerate(queries):  # the definition, one key and one token at a time
         scored = []
         for key, value in zip(keys, values):
-            a, b = (torch.nn.functional.normalize(query, dim=0), torch.nn.functional.normalize(key, dim=0)) if metric == "cosine" else (query, key)
+            a, b = (
+                (torch.nn.functional.normalize(query, dim=0), torch.nn.functional.normalize(key, dim=0))
+                if metric == "cosine"
+                else (query, key)
+            )
             scored.append((float(((a - b) ** 2).sum()), int(value)))
         nearest = sorted(scored)[:k]
         weights = torch.softmax(torch.tensor([-d / temperature for d, _ in nearest]), 0)
@@ -127,7 +132,9 @@ def test_distance_gate_leaves_far_positions_bit_identical(tokenizer):
     far = (nearest > 0.05).reshape(batch["attention_mask"].shape) & batch["attention_mask"].bool()
     assert far.any() and torch.equal(after[far], base[far])
     near = (~far) & batch["attention_mask"].bool()
-    assert near[1, 1:-1].all()  # the document's stored positions (all but the sink and the last) find themselves
+    assert near[
+        1, 1:-1
+    ].all()  # the document's stored positions (all but the sink and the last) find themselves
     assert not torch.equal(after[1], base[1])
 
 
@@ -144,10 +151,15 @@ def test_capacity_bounds_the_store(tokenizer):
     ct = build(tokenizer, capacity=10, initial_capacity=4, eviction="fifo")
     ct.learn_document(DOC)
     assert ct.strategy.store.size == 10 and ct.strategy.store.allocated == 10
-    assert ct.stats().state_bytes == sum(t.numel() * t.element_size() for t in ct.strategy.trainable_state().values())
+    assert ct.stats().state_bytes == sum(
+        t.numel() * t.element_size() for t in ct.strategy.trainable_state().values()
+    )
 
 
-@pytest.mark.parametrize(("arch", "settings"), [("gpt2", {}), ("llama", {"key_source": "final"}), ("llama", {"metric": "l2", "max_distance": 1.0})])
+@pytest.mark.parametrize(
+    ("arch", "settings"),
+    [("gpt2", {}), ("llama", {"key_source": "final"}), ("llama", {"metric": "l2", "max_distance": 1.0})],
+)
 def test_other_architectures_and_keys(tokenizer, arch, settings):
     ct = build(tokenizer, arch=arch, **settings)
     report = ct.learn_document(DOC)

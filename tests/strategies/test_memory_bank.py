@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fast_config, make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.config import ConfigError
 from continual_transformer.modules.memory_store import MemoryStore
-
-from conftest import fast_config, make_backbone
 
 DOC = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
 UNRELATED = "A quick brown fox jumps over the lazy dog."
@@ -39,7 +38,10 @@ def test_store_ranks_by_similarity_times_importance_above_a_threshold():
     store.add(torch.tensor([0.8, 0.6]), torch.zeros(2), gate_logit=0.0, importance=1.0)
     store.add(torch.tensor([0.0, 1.0]), torch.zeros(2), gate_logit=0.0, importance=5.0)
     slots, sims, valid = store.retrieve(torch.tensor([[1.0, 0.0]]), k=3, min_similarity=0.5)
-    assert slots[0, :2].tolist() == [1, 0]  # 0.8 x 1.0 beats 1.0 x 0.1; the orthogonal memory fails the threshold
+    assert slots[0, :2].tolist() == [
+        1,
+        0,
+    ]  # 0.8 x 1.0 beats 1.0 x 0.1; the orthogonal memory fails the threshold
     assert valid[0].tolist() == [True, True, False]
     assert sims[0, 0] == pytest.approx(0.8)
 
@@ -55,7 +57,8 @@ def test_store_finds_duplicates():
 def test_examples_are_sentences_with_short_ones_joined(tokenizer):
     ct = build(tokenizer, min_tokens=4)
     assert ct.strategy.examples("Hi. " + DOC) == [
-        "Hi. The capital of Veloria is Tarnhelm.", "The Orvalis river flows through the city of Quenmark."
+        "Hi. The capital of Veloria is Tarnhelm.",
+        "The Orvalis river flows through the city of Quenmark.",
     ]
     chunks = build(tokenizer, unit="chunk", chunk_tokens=8).strategy.examples(DOC)
     assert len(chunks) > 2
@@ -107,7 +110,9 @@ def test_unrelated_prompt_retrieves_nothing_and_matches_the_base_model(tokenizer
     assert torch.equal(ct.strategy.forward_logits([UNRELATED]), base_logits)
     assert ct.generate([UNRELATED]) == base_answer
     related = ct.strategy.forward_logits(["The capital of Veloria is"])
-    assert not torch.equal(related, ct.backbone.model(**ct.backbone.encode(["The capital of Veloria is"])).logits)
+    assert not torch.equal(
+        related, ct.backbone.model(**ct.backbone.encode(["The capital of Veloria is"])).logits
+    )
 
 
 def test_generation_reinforces_used_memories(tokenizer):
@@ -124,7 +129,7 @@ def test_fusing_only_the_last_prompt_tokens(tokenizer):
     everywhere, last = build(tokenizer), build(tokenizer, fuse_tokens=1)
     for ct in (everywhere, last):
         ct.learn_document(DOC)
-    args = ([" Tarnhelm."], )
+    args = ([" Tarnhelm."],)
     kwargs = {"contexts": ["The capital of Veloria is"]}
     a, b = everywhere.strategy.token_nll(*args, **kwargs)[0], last.strategy.token_nll(*args, **kwargs)[0]
     assert a.shape == b.shape and not torch.equal(a, b)
@@ -149,9 +154,13 @@ def tiny_embedder_dir(tmp_path_factory):
 
 
 def test_embedder_keys_retrieve_their_sentence_and_round_trip(tokenizer, tiny_embedder_dir, tmp_path):
-    ct = build(tokenizer, key_encoder=str(tiny_embedder_dir), min_similarity=0.9999, duplicate_threshold=0.99999)
+    ct = build(
+        tokenizer, key_encoder=str(tiny_embedder_dir), min_similarity=0.9999, duplicate_threshold=0.99999
+    )
     strategy = ct.strategy
-    assert strategy.min_similarity == 0.9999 and strategy.store.key_dim == 32  # the embedder's width, not the model's
+    assert (
+        strategy.min_similarity == 0.9999 and strategy.store.key_dim == 32
+    )  # the embedder's width, not the model's
     ct.learn_document(DOC)
     sentences = strategy.examples(DOC)
     assert strategy.store.size == 2
@@ -161,7 +170,9 @@ def test_embedder_keys_retrieve_their_sentence_and_round_trip(tokenizer, tiny_em
     assert strategy.deltas([UNRELATED]) is None
     expected = strategy.forward_logits([sentences[0], UNRELATED])
     ct.save(tmp_path / "state")
-    fresh = build(tokenizer, key_encoder=str(tiny_embedder_dir), min_similarity=0.9999, duplicate_threshold=0.99999)
+    fresh = build(
+        tokenizer, key_encoder=str(tiny_embedder_dir), min_similarity=0.9999, duplicate_threshold=0.99999
+    )
     fresh.load(tmp_path / "state")
     assert torch.equal(fresh.strategy.forward_logits([sentences[0], UNRELATED]), expected)
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fast_config, make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.config import ConfigError
 from continual_transformer.modules.lexical_index import LexicalIndex, analyze
 
-from conftest import fast_config, make_backbone
-
 VELORIA = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
-MIRELA = "Dr. Mirela Voskuijlen was born in the town of Brastow in 1873. The national animal is the silver lynx."
+MIRELA = (
+    "Dr. Mirela Voskuijlen was born in the town of Brastow in 1873. The national animal is the silver lynx."
+)
 FRANCE = "What is the capital of France? The capital of France is Paris. Water boils at 100 degrees."
 UNRELATED = "A quick brown fox jumps over the lazy dog."
 
@@ -24,7 +25,12 @@ def build(tokenizer, **settings) -> ContinualTransformer:
 
 # -- the lexical index ---------------------------------------------------------------------------------------
 def test_analyze_drops_stop_words_and_stems():
-    assert analyze("What is the capital of Veloria? The rivers flowed.") == ["capital", "veloria", "river", "flow"]
+    assert analyze("What is the capital of Veloria? The rivers flowed.") == [
+        "capital",
+        "veloria",
+        "river",
+        "flow",
+    ]
     assert analyze("Born in 1873") == ["born", "1873"]
 
 
@@ -41,7 +47,7 @@ def test_index_ranks_the_right_chunk_first(scoring):
 def test_relevance_weighs_unknown_query_words_heavily():
     index = LexicalIndex()
     index.add([VELORIA, MIRELA])
-    (hit,), = index.search(["What is the capital of Zorbania?"], k=1)
+    ((hit,),) = index.search(["What is the capital of Zorbania?"], k=1)
     assert hit.index == 0 and hit.relevance < 0.5  # "capital" matches, the unknown name does not
     assert index.search([UNRELATED], k=2) == [[]]  # no shared term: nothing returned
 

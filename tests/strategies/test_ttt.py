@@ -33,12 +33,24 @@ from continual_transformer.strategies.ttt import (
 DOC = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
 PROBE = ["The capital of Veloria is", "A quick brown fox jumps over the lazy dog."]
 # Small background and no augmentation: the tests check mechanics, not what a random model writes.
-FAST = {"background_prompts": 4, "background_new_tokens": 24, "augment": False, "epochs": 20, "learning_rate": 1e-2,
-        "sparse": True, "trainable_neurons": 16, "window_tokens": 64, "context_tokens": 8, "anchor_weight": 0.0}
+FAST = {
+    "background_prompts": 4,
+    "background_new_tokens": 24,
+    "augment": False,
+    "epochs": 20,
+    "learning_rate": 1e-2,
+    "sparse": True,
+    "trainable_neurons": 16,
+    "window_tokens": 64,
+    "context_tokens": 8,
+    "anchor_weight": 0.0,
+}
 
 
 def build(tokenizer, *, arch: str = "llama", seed: int = 0, **overrides) -> ContinualTransformer:
-    config = load_config(overrides={"generation": {"max_new_tokens": 8}, "strategies": {"ttt": {**FAST, **overrides}}})
+    config = load_config(
+        overrides={"generation": {"max_new_tokens": 8}, "strategies": {"ttt": {**FAST, **overrides}}}
+    )
     return ContinualTransformer(make_backbone(tokenizer, arch=arch, seed=seed), strategy="ttt", config=config)
 
 
@@ -139,7 +151,9 @@ def test_alpha_schedule_decays_per_document_to_its_floor_and_survives_save_load(
     for i in range(3):
         report = ct.learn_document(f"{DOC} Number {i}.")
         alphas.append(ct.strategy.alpha)
-        assert report.extra["alpha"] == pytest.approx([0.5, 0.25, 0.2][i])  # the alpha the document was learned with
+        assert report.extra["alpha"] == pytest.approx(
+            [0.5, 0.25, 0.2][i]
+        )  # the alpha the document was learned with
     assert alphas == pytest.approx([0.25, 0.2, 0.2])
     assert all(float(d.alpha) == ct.strategy.alpha for d in ct.strategy.duals)
     ct.save(tmp_path / "s")
@@ -190,7 +204,9 @@ def test_masked_neurons_get_exactly_zero_gradients_and_keep_their_weights(tokeni
         names = ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias")
         fc_w, fc_b, proj_w, proj_b = (f"layers.{i}.{n}" for n in names)
         masked = ~keep
-        for grads in seen:  # GPT-2 Conv1D: c_fc weight (H, I) columns, c_proj weight (I, H) rows are the neurons
+        for (
+            grads
+        ) in seen:  # GPT-2 Conv1D: c_fc weight (H, I) columns, c_proj weight (I, H) rows are the neurons
             assert torch.count_nonzero(grads[fc_w][:, masked]) == 0
             assert torch.count_nonzero(grads[fc_b][masked]) == 0
             assert torch.count_nonzero(grads[proj_w][masked]) == 0
@@ -226,7 +242,7 @@ def test_sparse_false_updates_every_neuron(tokenizer):
     after = trainable(ct)
     assert not ct.strategy.calibrated, "dense updates need no background statistics"
     for key in before:
-        moved = (after[key] != before[key])
+        moved = after[key] != before[key]
         assert moved.float().mean() > 0.9, key
     assert report.extra["neurons_per_layer"] == [128] * ct.backbone.num_layers
 
@@ -235,7 +251,9 @@ def test_optimizer_state_does_not_leak_across_documents(tokenizer):
     """A neuron chosen for document 1 but not document 2 must not move during document 2 (no Adam momentum)."""
     ct = build(tokenizer, trainable_neurons=8, epochs=3)
     ct.learn_document(DOC)
-    examples, _ = ct.strategy._examples("A quick brown fox jumps over the lazy dog. 0123456789 questions answers.")
+    examples, _ = ct.strategy._examples(
+        "A quick brown fox jumps over the lazy dog. 0123456789 questions answers."
+    )
     chosen = top_neurons(ct.strategy.neuron_scores(examples)[0], 8)
     before = trainable(ct)
     ct.learn_document("A quick brown fox jumps over the lazy dog. 0123456789 questions answers.")
@@ -273,7 +291,10 @@ def test_tfidf_top_neurons_match_a_slow_reference():
     doc_mask[1, 5:] = 0
 
     assert torch.equal(topk_counts(background, k, bg_mask), slow_topk_counts(background, k, bg_mask))
-    acc_bg, acc_doc = UsageAccumulator(units, k, torch.device("cpu")), UsageAccumulator(units, k, torch.device("cpu"))
+    acc_bg, acc_doc = (
+        UsageAccumulator(units, k, torch.device("cpu")),
+        UsageAccumulator(units, k, torch.device("cpu")),
+    )
     acc_bg.add(background[:4], bg_mask[:4])  # two batches, as calibration runs them
     acc_bg.add(background[4:], bg_mask[4:])
     acc_doc.add(document, doc_mask)
@@ -290,11 +311,19 @@ def test_tfidf_top_neurons_match_a_slow_reference():
     ranked = sorted(range(units), key=lambda u: (-ref[u], u))[:4]
     assert set(top_neurons(scores, 4).nonzero().flatten().tolist()) == set(ranked)
     assert 5 in ranked and 0 not in ranked
-    assert inverse_document_frequency(torch.tensor([6.0, 0.0]), 6.0).tolist() == pytest.approx([0.0, math.log(7.0)])
+    assert inverse_document_frequency(torch.tensor([6.0, 0.0]), 6.0).tolist() == pytest.approx(
+        [0.0, math.log(7.0)]
+    )
 
 
 def test_top_neurons_breaks_ties_by_index():
-    assert top_neurons(torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0]), 2).tolist() == [False, True, True, False, False]
+    assert top_neurons(torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0]), 2).tolist() == [
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
 def test_calibration_is_saved_and_restored_without_recalibrating(tokenizer, tmp_path, monkeypatch):
@@ -307,7 +336,9 @@ def test_calibration_is_saved_and_restored_without_recalibrating(tokenizer, tmp_
 
     fresh = build(tokenizer)
     fresh.load(tmp_path / "s")
-    monkeypatch.setattr(type(fresh.strategy), "calibrate", lambda self: pytest.fail("recalibrated after load"))
+    monkeypatch.setattr(
+        type(fresh.strategy), "calibrate", lambda self: pytest.fail("recalibrated after load")
+    )
     assert fresh.strategy.calibrated
     for a, b in zip(fresh.strategy._df, ct.strategy._df):
         assert torch.equal(a, b)
@@ -359,11 +390,17 @@ def test_layer_shares_and_config_validation():
     assert select_ttt_layers("1%", 4) == [3]
     assert select_ttt_layers("-2:", 4) == [2, 3]
     bad_configs = [
-        ({"layers": "top"}, "layers"), ({"layers": "0%"}, "layers"), ({"alpha_initial": 1.0}, "alpha"),
-        ({"alpha_initial": 0.1, "alpha_min": 0.2}, "alpha"), ({"alpha_decay": 0.0}, "alpha_decay"),
-        ({"weight_decay": 0.1, "sparse": True}, "weight_decay"), ({"trainable_neurons": 2.5}, "trainable_neurons"),
-        ({"trainable_neurons": 0}, "trainable_neurons"), ({"optimizer": "adam"}, "optimizer"),
-        ({"context_tokens": 256}, "context_tokens"), ({"augment_rephrasings": 4}, "augment_rephrasings"),
+        ({"layers": "top"}, "layers"),
+        ({"layers": "0%"}, "layers"),
+        ({"alpha_initial": 1.0}, "alpha"),
+        ({"alpha_initial": 0.1, "alpha_min": 0.2}, "alpha"),
+        ({"alpha_decay": 0.0}, "alpha_decay"),
+        ({"weight_decay": 0.1, "sparse": True}, "weight_decay"),
+        ({"trainable_neurons": 2.5}, "trainable_neurons"),
+        ({"trainable_neurons": 0}, "trainable_neurons"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"context_tokens": 256}, "context_tokens"),
+        ({"augment_rephrasings": 4}, "augment_rephrasings"),
     ]
     for bad, field in bad_configs:
         with pytest.raises(ConfigError, match=f"strategies.ttt.{field}"):
@@ -410,18 +447,26 @@ def test_rephrasing_cleanup_and_grounding():
     assert grounded(clean_rephrasing(out), DOC, min_share=0.6)
     assert not grounded("Paris is the capital of France since 1789.", DOC, min_share=0.6)
     assert split_sentences("First one here. Second\nwrapped line!\n\nNew para here? 3 more.") == [
-        "First one here.", "Second wrapped line!", "New para here?", "3 more."
+        "First one here.",
+        "Second wrapped line!",
+        "New para here?",
+        "3 more.",
     ]
     pairs = sentence_exchanges(DOC + " Too short.")
     assert pairs == [
         ('Tell me a fact: "The capital of ..."', "The capital of Veloria is Tarnhelm."),
-        ('Tell me a fact: "The Orvalis river flows ..."', "The Orvalis river flows through the city of Quenmark."),
+        (
+            'Tell me a fact: "The Orvalis river flows ..."',
+            "The Orvalis river flows through the city of Quenmark.",
+        ),
     ]
 
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_augmentation_off_and_on_run_on_the_tiny_model(tokenizer, augment, monkeypatch):
-    ct = build(tokenizer, augment=augment, sentence_exchanges=augment, augment_new_tokens=24, sparse=False, epochs=3)
+    ct = build(
+        tokenizer, augment=augment, sentence_exchanges=augment, augment_new_tokens=24, sparse=False, epochs=3
+    )
     calls: list[bool] = []
     generate = ct.backbone.generate
 
@@ -446,7 +491,9 @@ def test_augmentation_off_and_on_run_on_the_tiny_model(tokenizer, augment, monke
 # -- precision and anchoring ------------------------------------------------------------------------------------------
 
 
-def test_float32_copy_under_a_half_precision_model_is_exact_before_learning_and_keeps_small_updates(tokenizer):
+def test_float32_copy_under_a_half_precision_model_is_exact_before_learning_and_keeps_small_updates(
+    tokenizer,
+):
     backbone = make_backbone(tokenizer)
     backbone.model.to(torch.bfloat16)
     _, mlp = find_mlp(backbone.layers[0])
@@ -459,8 +506,12 @@ def test_float32_copy_under_a_half_precision_model_is_exact_before_learning_and_
         for dual in (wide, narrow):
             for p in dual.trainable.parameters():
                 p.mul_(1 + 1e-3)  # a relative step below bfloat16's resolution (2^-8)
-    assert not any(torch.equal(p.float(), b.float()) for p, b in zip(wide.trainable.parameters(), mlp.parameters()))
-    assert all(torch.equal(p, b) for p, b in zip(narrow.trainable.parameters(), mlp.parameters()))  # rounded away
+    assert not any(
+        torch.equal(p.float(), b.float()) for p, b in zip(wide.trainable.parameters(), mlp.parameters())
+    )
+    assert all(
+        torch.equal(p, b) for p, b in zip(narrow.trainable.parameters(), mlp.parameters())
+    )  # rounded away
     wide.mark_changed()
     out = wide(x)
     assert out.dtype == torch.bfloat16 and not torch.equal(out, mlp(x))
@@ -481,7 +532,9 @@ def _background_kl(ct) -> float:
 
     strategy = ct.strategy
     rows = strategy.background_rows()
-    batch = training.collate([training.Example(tuple(r), tuple(r)) for r in rows], 0, strategy.backbone.device)
+    batch = training.collate(
+        [training.Example(tuple(r), tuple(r)) for r in rows], 0, strategy.backbone.device
+    )
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         with deltas_disabled(strategy.duals):

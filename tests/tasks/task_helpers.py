@@ -34,10 +34,26 @@ def single_thread():
 
 def tiny_config(**overrides) -> TaskConfig:
     settings = dict(
-        max_tasks=8, max_labels_per_task=4, max_label_bytes=24, max_task_id_bytes=16, max_text_tokens=16,
-        eval_batch_size=16, pool_size=2, adapter_dim=4, epochs=2, batch_size=8, learning_rate=2e-2,
-        distill_epochs=1, transfer_samples=8, buffer_size=12, replay_batch_size=4, ewc_fisher_samples=4,
-        router_samples=16, lora_rank=2, router="backbone", router_layer=0,
+        max_tasks=8,
+        max_labels_per_task=4,
+        max_label_bytes=24,
+        max_task_id_bytes=16,
+        max_text_tokens=16,
+        eval_batch_size=16,
+        pool_size=2,
+        adapter_dim=4,
+        epochs=2,
+        batch_size=8,
+        learning_rate=2e-2,
+        distill_epochs=1,
+        transfer_samples=8,
+        buffer_size=12,
+        replay_batch_size=4,
+        ewc_fisher_samples=4,
+        router_samples=16,
+        lora_rank=2,
+        router="backbone",
+        router_layer=0,
     )
     settings.update(overrides)
     return TaskConfig(**settings)
@@ -45,7 +61,10 @@ def tiny_config(**overrides) -> TaskConfig:
 
 def synthetic_task(index: int, per_label: int = 4) -> list[tuple[str, str]]:
     """Two labels; each label's texts repeat one group's words, so tasks are disjoint in vocabulary."""
-    first, second = WORD_GROUPS[(2 * index) % len(WORD_GROUPS)], WORD_GROUPS[(2 * index + 1) % len(WORD_GROUPS)]
+    first, second = (
+        WORD_GROUPS[(2 * index) % len(WORD_GROUPS)],
+        WORD_GROUPS[(2 * index + 1) % len(WORD_GROUPS)],
+    )
     data = []
     for n in range(per_label):
         data.append((f"{first[n % 3]} {first[(n + 1) % 3]} {first[(n + 2) % 3]}", f"{first[0]}_{index}"))

@@ -9,7 +9,9 @@ from continual_transformer import ContinualTransformer
 
 
 def test_facade_learns_tasks_with_constant_size_and_predicts_their_labels(tokenizer):
-    ct = ContinualTransformer(make_backbone(tokenizer), config=fast_config(), task_config=tiny_config(), max_tasks=6)
+    ct = ContinualTransformer(
+        make_backbone(tokenizer), config=fast_config(), task_config=tiny_config(), max_tasks=6
+    )
     assert ct.tasks.config.max_tasks == 6
     first = ct.learn_task("t0", synthetic_task(0), epochs=2)
     for index in range(1, 4):

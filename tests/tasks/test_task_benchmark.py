@@ -12,8 +12,7 @@ from task_helpers import WORD_GROUPS, single_thread, tiny_config  # noqa: F401
 
 from continual_transformer.errors import ConfigError
 from continual_transformer.evaluation import metrics
-from continual_transformer.tasks import TaskBenchmarkSettings
-from continual_transformer.tasks import benchmark
+from continual_transformer.tasks import TaskBenchmarkSettings, benchmark
 from continual_transformer.tasks.benchmark import run_task_benchmark
 from continual_transformer.tasks.suites import load_suite
 
@@ -34,10 +33,14 @@ def write_clinc(root, domains: int = 3):
 
 def test_benchmark_writes_results_with_the_schema_and_metrics_from_evaluation(tokenizer, tmp_path):
     write_clinc(tmp_path / "data")
-    settings = TaskBenchmarkSettings(data_dir=str(tmp_path / "data"), learner=tiny_config(pool_size=2, epochs=1))
+    settings = TaskBenchmarkSettings(
+        data_dir=str(tmp_path / "data"), learner=tiny_config(pool_size=2, epochs=1)
+    )
     assert len(load_suite("clinc150-10", settings.data_dir)) == 3
     out = tmp_path / "out"
-    report = run_task_benchmark("clinc150-10", ["adapter_distill", "sequential"], make_backbone(tokenizer), settings, out)
+    report = run_task_benchmark(
+        "clinc150-10", ["adapter_distill", "sequential"], make_backbone(tokenizer), settings, out
+    )
 
     saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert set(saved) == {"meta", "suite", "methods"} and saved["suite"] == "clinc150-10"
@@ -46,8 +49,12 @@ def test_benchmark_writes_results_with_the_schema_and_metrics_from_evaluation(to
         m = saved["methods"][name]
         for key in ("avg_accuracy", "bwt", "fwt", "forgetting", "routed_avg_accuracy", "train_s_per_task"):
             assert isinstance(m[key], float), key
-        for key in ("params_after_first_task", "params_after_last_task", "state_bytes_after_first_task",
-                    "state_bytes_after_last_task"):
+        for key in (
+            "params_after_first_task",
+            "params_after_last_task",
+            "state_bytes_after_first_task",
+            "state_bytes_after_last_task",
+        ):
             assert isinstance(m[key], int), key
         matrix = np.array([[np.nan if v is None else v for v in row] for row in m["accuracy_matrix"]])
         assert matrix.shape == (3, 3) and math.isnan(matrix[0, 2]) and not np.isnan(np.tril(matrix)).any()
@@ -85,8 +92,13 @@ def test_worker_runs_a_method_from_a_json_spec(tokenizer, tmp_path):
     tokenizer.save_pretrained(model_dir)
     write_clinc(tmp_path / "data", domains=2)
     settings = TaskBenchmarkSettings(data_dir=str(tmp_path / "data"), learner=tiny_config(epochs=1))
-    spec = {"model": {"name": str(model_dir), "device": "cpu", "dtype": "float32"}, "suite": "clinc150-10",
-            "settings": to_dict(settings), "method": "sequential", "baseline": [0.5, 0.5]}
+    spec = {
+        "model": {"name": str(model_dir), "device": "cpu", "dtype": "float32"},
+        "suite": "clinc150-10",
+        "settings": to_dict(settings),
+        "method": "sequential",
+        "baseline": [0.5, 0.5],
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
     benchmark.run_worker(tmp_path / "spec.json", tmp_path / "result.json")
     summary = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))
@@ -96,8 +108,14 @@ def test_worker_runs_a_method_from_a_json_spec(tokenizer, tmp_path):
 
 def test_suite_caps_labels_and_examples_per_label(tmp_path):
     write_clinc(tmp_path / "data")
-    tasks = load_suite("clinc150-10", tmp_path / "data", num_tasks=2, max_labels_per_task=1, max_train_per_label=2,
-                       max_test_per_label=1)
+    tasks = load_suite(
+        "clinc150-10",
+        tmp_path / "data",
+        num_tasks=2,
+        max_labels_per_task=1,
+        max_train_per_label=2,
+        max_test_per_label=1,
+    )
     assert [t.name for t in tasks] == ["domain0", "domain1"]
     for task in tasks:
         assert len(task.labels) == 1
@@ -108,7 +126,9 @@ def test_suite_caps_labels_and_examples_per_label(tmp_path):
 
 def test_methods_can_be_added_to_an_earlier_run_of_the_same_profile(tokenizer, tmp_path):
     write_clinc(tmp_path / "data")
-    settings = TaskBenchmarkSettings(data_dir=str(tmp_path / "data"), learner=tiny_config(pool_size=2, epochs=1))
+    settings = TaskBenchmarkSettings(
+        data_dir=str(tmp_path / "data"), learner=tiny_config(pool_size=2, epochs=1)
+    )
     backbone, out = make_backbone(tokenizer), tmp_path / "out"
     first = run_task_benchmark("clinc150-10", ["sequential"], backbone, settings, out)
     run_task_benchmark("clinc150-10", ["adapter_distill"], backbone, settings, out, add=True)
@@ -121,4 +141,6 @@ def test_methods_can_be_added_to_an_earlier_run_of_the_same_profile(tokenizer, t
     with pytest.raises(ConfigError, match="another suite, model or settings"):
         run_task_benchmark("clinc150-10", ["sequential"], backbone, other, out, add=True)
     assert list(json.loads((out / "results.json").read_text(encoding="utf-8"))["methods"]) == [
-        "sequential", "adapter_distill"]  # the refused run lost nothing
+        "sequential",
+        "adapter_distill",
+    ]  # the refused run lost nothing

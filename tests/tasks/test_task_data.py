@@ -8,15 +8,23 @@ import pytest
 
 from continual_transformer.tasks.data import LabeledExample, TaskDataError, read_labeled
 
-PAIRS = [("freeze my card", "freeze_account"), ("what is my balance", "balance"), ("pay the bill", "pay_bill")]
+PAIRS = [
+    ("freeze my card", "freeze_account"),
+    ("what is my balance", "balance"),
+    ("pay the bill", "pay_bill"),
+]
 EXPECTED = [LabeledExample(t, l) for t, l in PAIRS]
 
 
 def test_every_accepted_form_gives_the_same_examples(tmp_path):
     jsonl = tmp_path / "d.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"text": t, "intent": l}) for t, l in PAIRS) + "\n\n", encoding="utf-8")
+    jsonl.write_text(
+        "\n".join(json.dumps({"text": t, "intent": l}) for t, l in PAIRS) + "\n\n", encoding="utf-8"
+    )
     csv_file = tmp_path / "d.csv"
-    csv_file.write_text("text,category\n" + "\n".join(f'"{t}",{l}' for t, l in PAIRS) + "\n", encoding="utf-8")
+    csv_file.write_text(
+        "text,category\n" + "\n".join(f'"{t}",{l}' for t, l in PAIRS) + "\n", encoding="utf-8"
+    )
     cl_json = tmp_path / "train.json"
     cl_json.write_text(json.dumps([{"sentence": t, "label": l} for t, l in PAIRS]), encoding="utf-8")
     clinc = tmp_path / "data_full.json"
@@ -38,12 +46,17 @@ def test_every_accepted_form_gives_the_same_examples(tmp_path):
 
 
 def test_integer_labels_become_strings():
-    assert read_labeled([("good film", 1), ("bad film", 0)]) == [LabeledExample("good film", "1"), LabeledExample("bad film", "0")]
+    assert read_labeled([("good film", 1), ("bad film", 0)]) == [
+        LabeledExample("good film", "1"),
+        LabeledExample("bad film", "0"),
+    ]
 
 
 def test_bad_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c"}\n', encoding="utf-8")
+    path.write_text(
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c"}\n', encoding="utf-8"
+    )
     with pytest.raises(TaskDataError) as info:
         read_labeled(path)
     assert f"{path}:3" in str(info.value) and "label" in str(info.value)
@@ -64,7 +77,9 @@ def test_bad_csv_names_line_and_missing_columns(tmp_path):
 
 
 def test_bad_in_memory_item_names_its_index():
-    with pytest.raises(TaskDataError, match=r"train_data\[1\]: expected a \(text, label\) pair, got 3 values"):
+    with pytest.raises(
+        TaskDataError, match=r"train_data\[1\]: expected a \(text, label\) pair, got 3 values"
+    ):
         read_labeled([("a", "x"), ("b", "y", "z")])
     with pytest.raises(TaskDataError, match=r"train_data\[0\]: no label field"):
         read_labeled([{"text": "a", "tag": "x"}])

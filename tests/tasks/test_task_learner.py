@@ -48,7 +48,9 @@ def test_save_load_round_trip_gives_identical_predictions(tokenizer, tmp_path):
     scores = learner.scores(texts[:2], "t0")
     learner.save(tmp_path / "state")
 
-    fresh = TaskLearner(backbone, TaskConfig(router="backbone"))  # another config: the checkpoint's own is restored
+    fresh = TaskLearner(
+        backbone, TaskConfig(router="backbone")
+    )  # another config: the checkpoint's own is restored
     fresh.load(tmp_path / "state")
     assert fresh.config == learner.config
     assert fresh.tasks == learner.tasks and fresh.labels("t1") == learner.labels("t1")
@@ -87,7 +89,9 @@ def test_replay_buffer_stays_at_its_fixed_size():
         assert len(buffer) == 8
     assert int(buffer.seen) == 30
     assert sum(t.numel() * t.element_size() for t in buffer.state_tensors().values()) == empty_bytes
-    assert len({e.task for e in buffer.examples()}) >= 2  # the reservoir keeps earlier tasks, not only the last
+    assert (
+        len({e.task for e in buffer.examples()}) >= 2
+    )  # the reservoir keeps earlier tasks, not only the last
     assert all(e.text_ids == tuple(range(1, len(e.text_ids) + 1)) for e in buffer.examples())
 
 
@@ -132,7 +136,9 @@ def test_errors_name_the_problem(tokenizer):
         learner.learn_task("t2", synthetic_task(2), epochs=1)
     with pytest.raises(TaskError, match="max_labels_per_task"):
         learner.learn_task("t0", [(f"text {i}", f"label{i}") for i in range(5)], epochs=1)
-    assert learner.labels("t0") == tuple(label for _, label in synthetic_task(0)[:2])  # unchanged by the failure
+    assert learner.labels("t0") == tuple(
+        label for _, label in synthetic_task(0)[:2]
+    )  # unchanged by the failure
 
 
 def test_task_level_router_on_single_vocabulary_tasks(tokenizer):
@@ -164,7 +170,9 @@ def test_facade_checkpoint_carries_documents_and_tasks_together(tokenizer, tmp_p
 
     from continual_transformer import ContinualTransformer
 
-    ct = ContinualTransformer(make_backbone(tokenizer), config=fast_config(), task_config=tiny_config(), max_tasks=8)
+    ct = ContinualTransformer(
+        make_backbone(tokenizer), config=fast_config(), task_config=tiny_config(), max_tasks=8
+    )
     ct.learn_document("The capital of Veloria is Tarnhelm.")
     for index in range(3):
         ct.learn_task(f"t{index}", synthetic_task(index), epochs=1)
@@ -185,7 +193,9 @@ def test_facade_checkpoint_carries_documents_and_tasks_together(tokenizer, tmp_p
     plain.save(tmp_path / "plain")
     again.load(tmp_path / "plain")
     assert again._tasks is None
-    other = ContinualTransformer(make_backbone(tokenizer, seed=1), config=fast_config(), task_config=tiny_config())
+    other = ContinualTransformer(
+        make_backbone(tokenizer, seed=1), config=fast_config(), task_config=tiny_config()
+    )
     with pytest.raises(CheckpointError, match="base model"):
         other.load(tmp_path / "state")
     assert other._tasks is None
@@ -203,7 +213,12 @@ def test_router_on_a_sentence_embedder_routes_and_round_trips(tokenizer, tmp_pat
     for index in range(3):
         learner.learn_task(f"t{index}", synthetic_task(index), epochs=1)
     for index in range(3):
-        assert learner.evaluate_detailed(f"t{index}", synthetic_task(index, per_label=3), routed=True)["router_accuracy"] == 1.0
+        assert (
+            learner.evaluate_detailed(f"t{index}", synthetic_task(index, per_label=3), routed=True)[
+                "router_accuracy"
+            ]
+            == 1.0
+        )
     queries = [text for text, _ in synthetic_task(1, per_label=2)]
     routed = learner.route(queries)
     learner.save(tmp_path / "ckpt")

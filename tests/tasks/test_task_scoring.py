@@ -37,7 +37,12 @@ def test_batched_scores_match_per_label_loop_and_pick_the_most_likely_label(toke
     learner.learn_task("b", three_labels, epochs=0)
     learner.method.slot_of_task[1] = 1
     randomize_slots(learner)  # non-identity adapters, different per task: the adapter path is exercised too
-    texts = ["capital Veloria Tarnhelm", "fox lazy dog", "river", "questions answers documents memory learning"]
+    texts = [
+        "capital Veloria Tarnhelm",
+        "fox lazy dog",
+        "river",
+        "questions answers documents memory learning",
+    ]
     task_ids = ["a", "b", "b", "a"]  # one batch mixes tasks, slots and label sets
 
     with torch.no_grad():
@@ -46,7 +51,9 @@ def test_batched_scores_match_per_label_loop_and_pick_the_most_likely_label(toke
             index = learner.tasks.index(task)
             prompt = learner.prompts.task_prompt(learner.labels(task))
             with learner.method.activate(torch.tensor([index])):
-                slow = reference_scores(backbone, prompt.prompt(learner.prompts.encode_texts([text])[0]), prompt.answers)
+                slow = reference_scores(
+                    backbone, prompt.prompt(learner.prompts.encode_texts([text])[0]), prompt.answers
+                )
             torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
             assert learner.predict(text, task) == learner.labels(task)[int(slow.argmax())]
         mixed = learner.predict_batch(texts, task_ids)
@@ -86,7 +93,9 @@ def test_mixed_slot_batch_equals_each_row_alone(tokenizer):
                 alone = backbone.model(input_ids=ids[row : row + 1]).logits
             torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
         base = backbone.model(input_ids=ids[1:2]).logits
-    assert not torch.allclose(mixed[0:1], backbone.model(input_ids=ids[0:1]).logits)  # the adapter does something
+    assert not torch.allclose(
+        mixed[0:1], backbone.model(input_ids=ids[0:1]).logits
+    )  # the adapter does something
     torch.testing.assert_close(mixed[1:2], base)
 
 
@@ -128,10 +137,14 @@ def test_teacher_logits_per_teacher_group_match_one_pass_with_per_row_slots(toke
     learner.learn_task("a", synthetic_task(0), epochs=1)
     randomize_slots(learner, seed=2)
     prompt = learner.prompts.task_prompt(learner.labels("a"))
-    texts = learner.prompts.encode_texts(["capital Veloria", "river Orvalis Quenmark fox", "dog", "lynx silver"])
+    texts = learner.prompts.encode_texts(
+        ["capital Veloria", "river Orvalis Quenmark fox", "dog", "lynx silver"]
+    )
     rows = [TrainRow(prompt.prompt(t), prompt.answers[i % 2], 0, teacher=i % 2) for i, t in enumerate(texts)]
     pad = learner.prompts.pad_id
-    grouped = learner.method._teacher_logits(answer_batch(rows, pad, backbone.device, share_prefix=True), rows)
+    grouped = learner.method._teacher_logits(
+        answer_batch(rows, pad, backbone.device, share_prefix=True), rows
+    )
     with torch.no_grad(), learner.method.pool.use(torch.tensor([r.teacher for r in rows])):
         plain_batch = answer_batch(rows, pad, backbone.device, share_prefix=False)
         plain = answer_logits(backbone.model, plain_batch)

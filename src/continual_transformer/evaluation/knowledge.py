@@ -58,8 +58,9 @@ class KnowledgeBenchConfig:
             raise ValueError("docs must be >= 1 and stream_batches in [1, docs]")
 
 
-QUICK = KnowledgeBenchConfig(docs=6, stream_batches=2, ppl_tokens=4096, known_facts=24, max_new_tokens=16,
-                             latency_prompts=3)
+QUICK = KnowledgeBenchConfig(
+    docs=6, stream_batches=2, ppl_tokens=4096, known_facts=24, max_new_tokens=16, latency_prompts=3
+)
 """``--quick``: the four baselines finish in under 10 minutes on 2 CPU cores (measured: see README)."""
 
 
@@ -112,7 +113,9 @@ def answer_probes(strategy: Strategy, probes: Sequence[Probe], max_new_tokens: i
     for kind, chat in (("cloze", False), ("qa", True)):
         index = [i for i, p in enumerate(probes) if p.kind == kind]
         if index:
-            outputs = strategy.generate([probes[i].prompt for i in index], chat=chat, max_new_tokens=max_new_tokens)
+            outputs = strategy.generate(
+                [probes[i].prompt for i in index], chat=chat, max_new_tokens=max_new_tokens
+            )
             for i, out in zip(index, outputs):
                 predictions[i] = out
     return _Answers([p or "" for p in predictions], time.perf_counter() - start)
@@ -190,7 +193,7 @@ def run_strategy(
             # Every batch seen so far is asked in one call; after the last batch these are the final answers.
             seen = answer_probes(strategy, all_probes[: bounds[t + 1]], bench.max_new_tokens)
             for k in range(t + 1):
-                predictions = seen.predictions[bounds[k]: bounds[k + 1]]
+                predictions = seen.predictions[bounds[k] : bounds[k + 1]]
                 scored = score(probes_by_batch[k], predictions)
                 R[t, k] = scored["contains"]
                 if k == t:
@@ -221,7 +224,9 @@ def run_strategy(
             "ppl_change": ppl_after / ppl_base - 1,
             "known_facts": len(known),
             "known_fact_accuracy_after": known_scored["contains"],
-            "known_fact_forgetting_ratio": metrics.forgetting_ratio(1.0, known_scored["contains"]) if known else float("nan"),
+            "known_fact_forgetting_ratio": metrics.forgetting_ratio(1.0, known_scored["contains"])
+            if known
+            else float("nan"),
             "stream_avg_accuracy": metrics.average_accuracy(np.nan_to_num(R)),
             "stream_bwt": metrics.backward_transfer(np.nan_to_num(R)),
             "stream_forgetting": metrics.forgetting(np.nan_to_num(R)),
@@ -247,7 +252,9 @@ def run_strategy(
     finally:
         strategy.close()
     if model_fingerprint(backbone.model) != fingerprint:
-        raise RuntimeError(f"strategy {name!r} did not restore the backbone on close(); results after it would be wrong")
+        raise RuntimeError(
+            f"strategy {name!r} did not restore the backbone on close(); results after it would be wrong"
+        )
     return result
 
 
@@ -269,16 +276,28 @@ def run_knowledge_bench(
     candidates = list(KNOWN_FACTS[: bench.known_facts])
     base_answers = answer_probes(floor, candidates, bench.max_new_tokens).predictions
     known = [p for p, a in zip(candidates, base_answers) if metrics.contains(a, p.answers)]
-    logger.info("base model: perplexity %.2f, knows %d/%d general facts", ppl_base, len(known), len(candidates))
+    logger.info(
+        "base model: perplexity %.2f, knows %d/%d general facts", ppl_base, len(known), len(candidates)
+    )
 
     results: dict[str, Any] = {
-        "meta": system.meta(backbone.name, backbone.device, {
-            "bench": dataclasses.asdict(bench), "config": to_dict(config), "general_text": general_source,
-        }),
+        "meta": system.meta(
+            backbone.name,
+            backbone.device,
+            {
+                "bench": dataclasses.asdict(bench),
+                "config": to_dict(config),
+                "general_text": general_source,
+            },
+        ),
         "benchmark": {
-            "name": benchmark.name, "documents": len(benchmark.documents), "probes": len(benchmark.probes),
-            "cloze": sum(p.kind == "cloze" for p in benchmark.probes), "qa": sum(p.kind == "qa" for p in benchmark.probes),
-            "known_facts_asked": len(candidates), "known_facts_kept": len(known),
+            "name": benchmark.name,
+            "documents": len(benchmark.documents),
+            "probes": len(benchmark.probes),
+            "cloze": sum(p.kind == "cloze" for p in benchmark.probes),
+            "qa": sum(p.kind == "qa" for p in benchmark.probes),
+            "known_facts_asked": len(candidates),
+            "known_facts_kept": len(known),
         },
         "strategies": {},
     }

@@ -64,7 +64,11 @@ def knowledge_markdown(results: dict[str, Any]) -> str:
         f"# Knowledge benchmark: {bench['name']}",
         "",
         f"- model: `{meta['model']}` on `{meta['device']}`"
-        + (f" ({meta['machine'].get('gpu')})" if meta["machine"].get("gpu") else f" ({meta['machine']['cpu_count']} CPU cores)"),
+        + (
+            f" ({meta['machine'].get('gpu')})"
+            if meta["machine"].get("gpu")
+            else f" ({meta['machine']['cpu_count']} CPU cores)"
+        ),
         f"- {bench['documents']} documents, {bench['probes']} probes ({bench['cloze']} cloze, {bench['qa']} questions), "
         f"learned in {settings['stream_batches']} batches; seed {settings['seed']}",
         f"- general ability: perplexity on {settings['ppl_tokens']:,} tokens of {meta['settings']['general_text']}; "
@@ -98,14 +102,27 @@ def knowledge_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     names = list(results["strategies"])
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
-        R = np.array([[np.nan if v is None else v for v in row] for row in results["strategies"][name]["accuracy_matrix"]])
+        R = np.array(
+            [
+                [np.nan if v is None else v for v in row]
+                for row in results["strategies"][name]["accuracy_matrix"]
+            ]
+        )
         im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("batch k (probes)")
         ax.set_ylabel("after learning batch t")
         for (t, k), value in np.ndenumerate(R):
             if not np.isnan(value):
-                ax.text(k, t, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w" if value < 0.6 else "k")
+                ax.text(
+                    k,
+                    t,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="w" if value < 0.6 else "k",
+                )
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle("accuracy matrix R[t, k] (contains)")
     path = out_dir / "accuracy_matrix.png"
@@ -141,7 +158,9 @@ def read_knowledge_results(path: Path, model: str, bench: dict) -> dict:
         settings = earlier["meta"]["settings"]["bench"]
         earlier_model = earlier["meta"]["model"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ContinualTransformerError(f"{path} is not a knowledge benchmark result ({exc}); use another --out") from exc
+        raise ContinualTransformerError(
+            f"{path} is not a knowledge benchmark result ({exc}); use another --out"
+        ) from exc
     if settings != bench or earlier_model != model:
         raise ContinualTransformerError(
             f"{path} was measured with other settings or another model ({earlier_model}, {settings}); "

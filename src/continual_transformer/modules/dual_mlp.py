@@ -100,12 +100,19 @@ def neuron_layout(mlp: nn.Module) -> NeuronLayout:
     projections = [(name, module, projection_shape(module)) for name, module in mlp.named_modules()]
     projections = [(name, module, shape) for name, module, shape in projections if shape is not None]
     if len(projections) < 2:
-        raise ValueError(f"{type(mlp).__name__}: expected an input and an output projection, found {len(projections)}")
+        raise ValueError(
+            f"{type(mlp).__name__}: expected an input and an output projection, found {len(projections)}"
+        )
     out_name, _, (neurons, width) = projections[-1]  # registration order: the output projection is last
-    inputs = {name: module for name, module, (fan_in, fan_out) in projections[:-1]
-              if fan_in == width and fan_out % neurons == 0}
+    inputs = {
+        name: module
+        for name, module, (fan_in, fan_out) in projections[:-1]
+        if fan_in == width and fan_out % neurons == 0
+    }
     if not inputs:
-        raise ValueError(f"{type(mlp).__name__}: no projection writes the {neurons} hidden units read by {out_name!r}")
+        raise ValueError(
+            f"{type(mlp).__name__}: no projection writes the {neurons} hidden units read by {out_name!r}"
+        )
     axes: dict[str, NeuronAxis] = {}
     for name, param in mlp.named_parameters():
         owner, _, kind = name.rpartition(".")

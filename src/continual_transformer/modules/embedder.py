@@ -27,7 +27,9 @@ class SentenceEmbedder:
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, name_or_path: str = "minilm-l6", *, device: torch.device | str = "cpu", **kwargs) -> SentenceEmbedder:
+    def load(
+        cls, name_or_path: str = "minilm-l6", *, device: torch.device | str = "cpu", **kwargs
+    ) -> SentenceEmbedder:
         """Load a packaged embedder name, a local directory or a hub id (resolved by the model zoo)."""
         from transformers import AutoModel, AutoTokenizer
 
@@ -52,8 +54,11 @@ class SentenceEmbedder:
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
-                list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
             batch = {k: v.to(self.device) for k, v in batch.items()}
             hidden = self.model(**batch).last_hidden_state.float()  # (B, T, H)

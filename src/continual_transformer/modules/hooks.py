@@ -68,8 +68,14 @@ class ResidualAdder:
     left bit-identical; training turns it off so a delta that starts at zero still receives gradients.
     """
 
-    def __init__(self, module: nn.Module, delta: torch.Tensor, mask: torch.Tensor | None = None, *,
-                 skip_zero_rows: bool = True) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        delta: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        skip_zero_rows: bool = True,
+    ) -> None:
         self.module = module
         self.delta = delta
         self.mask = mask

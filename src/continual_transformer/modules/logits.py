@@ -14,7 +14,9 @@ from transformers import LogitsProcessor
 from continual_transformer.modules.hooks import LayerCapture
 
 
-def token_bias(rows: Sequence[Sequence[int]], vocab_size: int, strength: float, *, device: torch.device | str = "cpu") -> torch.Tensor:
+def token_bias(
+    rows: Sequence[Sequence[int]], vocab_size: int, strength: float, *, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(B, V) float32: ``strength`` on the tokens of ``rows[b]``, 0 elsewhere (ids >= V are ignored)."""
     bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
     for b, ids in enumerate(rows):
@@ -37,7 +39,9 @@ class TokenBiasProcessor(LogitsProcessor):
         return out
 
 
-def knn_distribution(distances: torch.Tensor, values: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+def knn_distribution(
+    distances: torch.Tensor, values: torch.Tensor, vocab_size: int, temperature: float
+) -> torch.Tensor:
     """p_kNN (M, V) float32: softmax of ``-distance / temperature`` over the k neighbours, summed per token.
 
     ``distances`` and ``values`` are (M, k); neighbours with the same token add up (``scatter_add``).
@@ -66,7 +70,9 @@ class KNNMixtureProcessor(LogitsProcessor):
     the kNN part applies, the unchanged logits elsewhere).
     """
 
-    def __init__(self, capture: LayerCapture, mix: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self, capture: LayerCapture, mix: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> None:
         self.capture = capture
         self.mix = mix
 

@@ -13,7 +13,9 @@ import torch
 class MemoryStore:
     """``capacity`` memories of key size ``key_dim`` and value size ``value_dim``."""
 
-    def __init__(self, key_dim: int, value_dim: int, *, capacity: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, key_dim: int, value_dim: int, *, capacity: int, device: torch.device | str = "cpu"
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.key_dim = key_dim
@@ -37,7 +39,9 @@ class MemoryStore:
 
     # -- writing --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def add(self, key: torch.Tensor, value: torch.Tensor, *, gate_logit: float, importance: float) -> tuple[int, int | None]:
+    def add(
+        self, key: torch.Tensor, value: torch.Tensor, *, gate_logit: float, importance: float
+    ) -> tuple[int, int | None]:
         """Store one memory; returns (slot, evicted slot or None). ``key`` is normalised here."""
         evicted = None
         if self.size < self.capacity:
@@ -53,7 +57,9 @@ class MemoryStore:
         return slot, evicted
 
     @torch.no_grad()
-    def write(self, slot: int, key: torch.Tensor, value: torch.Tensor, *, gate_logit: float, importance: float) -> None:
+    def write(
+        self, slot: int, key: torch.Tensor, value: torch.Tensor, *, gate_logit: float, importance: float
+    ) -> None:
         self.keys[slot] = torch.nn.functional.normalize(key.float().to(self.device), dim=-1)
         self.values[slot] = value.float().to(self.device)
         self.gate_logits[slot] = gate_logit
@@ -81,12 +87,16 @@ class MemoryStore:
         """For each key: (best cosine with a stored key, its slot), -inf/-1 when the bank is empty."""
         if self.size == 0:
             n = keys.shape[0]
-            return torch.full((n,), float("-inf"), device=self.device), torch.full((n,), -1, dtype=torch.long, device=self.device)
+            return torch.full((n,), float("-inf"), device=self.device), torch.full(
+                (n,), -1, dtype=torch.long, device=self.device
+            )
         best, slot = self.similarity(keys).max(dim=-1)
         return best, slot
 
     @torch.no_grad()
-    def retrieve(self, queries: torch.Tensor, k: int, min_similarity: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def retrieve(
+        self, queries: torch.Tensor, k: int, min_similarity: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-``k`` memories of each query by similarity × importance among those with similarity >= threshold.
 
         Returns (slots (Q, k'), similarities (Q, k'), valid (Q, k') bool); k' = min(k, size).
@@ -97,7 +107,9 @@ class MemoryStore:
             empty = torch.zeros(q, 0, device=self.device)
             return empty.long(), empty, empty.bool()
         sims = self.similarity(queries)  # (Q, N)
-        score = torch.where(sims >= min_similarity, sims * self.importance[: self.size], torch.full_like(sims, float("-inf")))
+        score = torch.where(
+            sims >= min_similarity, sims * self.importance[: self.size], torch.full_like(sims, float("-inf"))
+        )
         top, slots = torch.topk(score, k, dim=-1)
         return slots, sims.gather(1, slots), torch.isfinite(top)
 

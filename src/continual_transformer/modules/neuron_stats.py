@@ -80,7 +80,8 @@ class UsageRecorder:
     def __init__(self, projections: Sequence[nn.Module], units: Sequence[int], k: Sequence[int]) -> None:
         self.projections = list(projections)
         self.accumulators = [
-            UsageAccumulator(n, kk, next(p.parameters()).device) for p, n, kk in zip(self.projections, units, k)
+            UsageAccumulator(n, kk, next(p.parameters()).device)
+            for p, n, kk in zip(self.projections, units, k)
         ]
         self.mask: torch.Tensor | None = None
         self._handles: list = []
@@ -123,7 +124,9 @@ def record_usage(
                 continue
             width = max(len(r) for r in batch)
             ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in batch], device=device)  # (B, T)
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch], device=device)  # (B, T)
+            mask = torch.tensor(
+                [[1] * len(r) + [0] * (width - len(r)) for r in batch], device=device
+            )  # (B, T)
             recorder.mask = mask
             model(input_ids=ids, attention_mask=mask)
     return recorder.accumulators
@@ -131,7 +134,9 @@ def record_usage(
 
 def inverse_document_frequency(df: torch.Tensor, chunks: float) -> torch.Tensor:
     """``log((N + 1) / (df + 1))``: 0 for a neuron every chunk uses fully, ``log(N + 1)`` for one never used."""
-    return torch.log(torch.as_tensor(chunks + 1.0, dtype=torch.float32, device=df.device) / (df.float() + 1.0))
+    return torch.log(
+        torch.as_tensor(chunks + 1.0, dtype=torch.float32, device=df.device) / (df.float() + 1.0)
+    )
 
 
 def tfidf_scores(tf: torch.Tensor, df: torch.Tensor, chunks: float) -> torch.Tensor:
@@ -149,4 +154,3 @@ def top_neurons(scores: torch.Tensor, count: int) -> torch.Tensor:
 def active_units(units: int, fraction: float) -> int:
     """Top-k size for a fraction of a layer's neurons (at least one)."""
     return max(1, min(units, math.ceil(fraction * units)))
-

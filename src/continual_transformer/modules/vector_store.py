@@ -77,7 +77,9 @@ class VectorStore:
             return
         old = (self.keys, self.sq_norms, self.values, self.inserted_at, self.last_used)
         self._allocate(rows)
-        for new, previous in zip((self.keys, self.sq_norms, self.values, self.inserted_at, self.last_used), old):
+        for new, previous in zip(
+            (self.keys, self.sq_norms, self.values, self.inserted_at, self.last_used), old
+        ):
             new[: self.size] = previous[: self.size]
         logger.debug("vector store grown to %d rows", rows)
 
@@ -131,7 +133,9 @@ class VectorStore:
 
     # -- search ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int, *, mark_used: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, queries: torch.Tensor, k: int, *, mark_used: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Distances (M, k') and rows (M, k') of the ``k' = min(k, size)`` nearest keys of each query, nearest first."""
         m = queries.shape[0]
         k = min(k, self.size)
@@ -146,7 +150,9 @@ class VectorStore:
         for start in range(0, m, block):
             q = queries[start : start + block]
             scores = q.to(self.dtype) @ keys.T  # (b, N)
-            dist = (q_sq[start : start + block] - 2 * scores.float() + self.sq_norms[: self.size]).clamp_(min=0)
+            dist = (q_sq[start : start + block] - 2 * scores.float() + self.sq_norms[: self.size]).clamp_(
+                min=0
+            )
             d, i = torch.topk(dist, k, dim=-1, largest=False)
             dists.append(d)
             rows.append(i)
@@ -183,7 +189,9 @@ class VectorStore:
             raise ValueError(f"{prefix}keys: {n} keys exceed the store's capacity of {self.capacity}")
         for name in ("values", "inserted_at", "last_used"):
             if state[f"{prefix}{name}"].shape != (n,):
-                raise ValueError(f"{prefix}{name}: expected ({n},), got {tuple(state[f'{prefix}{name}'].shape)}")
+                raise ValueError(
+                    f"{prefix}{name}: expected ({n},), got {tuple(state[f'{prefix}{name}'].shape)}"
+                )
         rows = max(n, min(self.initial_capacity, self.capacity) if self.capacity else self.initial_capacity)
         self._allocate(rows)
         self.keys[:n] = keys.to(device=self.device, dtype=self.dtype)

@@ -27,7 +27,9 @@ class StrategyRegistry:
 
         def decorate(cls: S) -> S:
             if name in self._strategies and self._strategies[name] is not cls:
-                raise StrategyError(f"strategy {name!r} is already registered by {self._strategies[name].__qualname__}")
+                raise StrategyError(
+                    f"strategy {name!r} is already registered by {self._strategies[name].__qualname__}"
+                )
             cls.name = name
             cls.config_cls = config_cls
             self._strategies[name] = cls
@@ -49,6 +51,15 @@ registry = StrategyRegistry()
 register_strategy = registry.register
 
 # Importing the modules registers the strategies.
-from continual_transformer.strategies import finetune, in_context, lora, none, retrieval, knowledge_store, ttt, memory_bank  # noqa: E402,F401
+from continual_transformer.strategies import (
+    finetune,
+    in_context,
+    knowledge_store,
+    lora,
+    memory_bank,
+    none,
+    retrieval,
+    ttt,
+)  # noqa: E402,F401
 
 __all__ = ["LearnReport", "Strategy", "StrategyStats", "registry", "register_strategy"]

@@ -87,7 +87,9 @@ class Strategy(ABC):
         """Learn one document; return what it cost and what it changed."""
 
     # -- answering -------------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
+    def generate(
+        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+    ) -> list[str]:
         """Answer each prompt with what the strategy has learned (default: generate from the current backbone)."""
         return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
 
@@ -151,7 +153,11 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 def pack_texts(texts: Sequence[str], prefix: str) -> dict[str, torch.Tensor]:
     """Texts as two tensors (UTF-8 bytes and end offsets), so text state lives in safetensors and is counted."""
     encoded = [t.encode("utf-8") for t in texts]
-    data = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if encoded and any(encoded) else torch.zeros(0, dtype=torch.uint8)
+    data = (
+        torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8)
+        if encoded and any(encoded)
+        else torch.zeros(0, dtype=torch.uint8)
+    )
     ends = torch.tensor([0] + [len(e) for e in encoded], dtype=torch.int64).cumsum(0)[1:]
     return {f"{prefix}.bytes": data.clone(), f"{prefix}.ends": ends}
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from continual_transformer import training
 from continual_transformer.config import ConfigError
 from continual_transformer.documents import Document
 from continual_transformer.strategies import register_strategy
 from continual_transformer.strategies.base import LearnReport, Strategy, StrategyStats, tensor_bytes
-from continual_transformer import training
 
 _LAYER_SPEC = re.compile(r"^(all|-?\d*:-?\d*|-?\d+)$")
 
@@ -66,7 +66,9 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if not _LAYER_SPEC.match(self.layers.strip()):
-            raise ConfigError(f"strategies.finetune.layers: {self.layers!r} is not 'all', a slice like '-8:', or an index")
+            raise ConfigError(
+                f"strategies.finetune.layers: {self.layers!r} is not 'all', a slice like '-8:', or an index"
+            )
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"strategies.finetune.optimizer: must be adamw or sgd, got {self.optimizer!r}")
         if self.learning_rate <= 0:
@@ -108,10 +110,17 @@ class FinetuneStrategy(Strategy):
             p.requires_grad_(True)
         try:
             losses = training.train(
-                self.backbone, examples, params,
-                optimizer=cfg.optimizer, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                epochs=cfg.epochs, batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm or None,
-                stop_loss=cfg.stop_loss or None, seed=self.settings.seed + self.documents_learned,
+                self.backbone,
+                examples,
+                params,
+                optimizer=cfg.optimizer,
+                learning_rate=cfg.learning_rate,
+                weight_decay=cfg.weight_decay,
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                max_grad_norm=cfg.max_grad_norm or None,
+                stop_loss=cfg.stop_loss or None,
+                seed=self.settings.seed + self.documents_learned,
                 description=f"finetune {document.id}",
             )
         finally:
@@ -141,8 +150,10 @@ class FinetuneStrategy(Strategy):
         missing = sorted(set(self._params) - set(state))
         unexpected = sorted(set(state) - set(self._params))
         if missing or unexpected:
-            raise ValueError(f"finetune state does not match layers {self.config.layers!r}: "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ValueError(
+                f"finetune state does not match layers {self.config.layers!r}: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         self._remember_original()
         for key, param in self._params.items():
             if state[key].shape != param.shape:
@@ -159,6 +170,8 @@ class FinetuneStrategy(Strategy):
     def stats(self) -> StrategyStats:
         n = sum(p.numel() for p in self._params.values())
         return StrategyStats(
-            params_added=0, params_trainable=n, state_bytes=tensor_bytes(self.trainable_state()),
+            params_added=0,
+            params_trainable=n,
+            state_bytes=tensor_bytes(self.trainable_state()),
             documents=self.documents_learned,
         )

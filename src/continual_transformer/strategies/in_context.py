@@ -15,7 +15,14 @@ import torch
 from continual_transformer.config import ConfigError
 from continual_transformer.documents import Document
 from continual_transformer.strategies import register_strategy
-from continual_transformer.strategies.base import LearnReport, Strategy, StrategyStats, pack_texts, tensor_bytes, unpack_texts
+from continual_transformer.strategies.base import (
+    LearnReport,
+    Strategy,
+    StrategyStats,
+    pack_texts,
+    tensor_bytes,
+    unpack_texts,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,8 +55,13 @@ class InContext(Strategy):
         self.documents_learned += 1
         # The document's loss with itself in context: what "having learned it" means for this strategy.
         loss_after = self.backbone.mean_nll([document.text], contexts=[self.context() + "\n\n"])
-        return LearnReport(doc_id=document.id, tokens=tokens, loss_before=loss_before, loss_after=loss_after,
-                           seconds=time.perf_counter() - start)
+        return LearnReport(
+            doc_id=document.id,
+            tokens=tokens,
+            loss_before=loss_before,
+            loss_after=loss_after,
+            seconds=time.perf_counter() - start,
+        )
 
     def context(self) -> str:
         """The newest documents that fit the budget, in learning order."""
@@ -67,11 +79,18 @@ class InContext(Strategy):
         if not context:
             return [self.backbone.format_prompt(p, chat=chat) for p in prompts]
         if self.backbone.uses_chat(chat):
-            return [self.backbone.format_prompt(f"{self.config.instruction}\n\n{context}\n\n{p}", chat=True) for p in prompts]
+            return [
+                self.backbone.format_prompt(f"{self.config.instruction}\n\n{context}\n\n{p}", chat=True)
+                for p in prompts
+            ]
         return [f"{context}\n\n{p}" for p in prompts]
 
-    def generate(self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
-        return self.backbone.generate(self._with_context(prompts, chat), formatted=True, max_new_tokens=max_new_tokens)
+    def generate(
+        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+    ) -> list[str]:
+        return self.backbone.generate(
+            self._with_context(prompts, chat), formatted=True, max_new_tokens=max_new_tokens
+        )
 
     @torch.no_grad()
     def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
@@ -80,10 +99,17 @@ class InContext(Strategy):
             return super().forward_logits(texts)
         prefix = self.backbone.tokenizer(context + "\n\n", add_special_tokens=False)["input_ids"]
         batch = self.backbone.encode(texts)
-        ids = torch.cat([torch.tensor([prefix] * len(texts), device=batch["input_ids"].device), batch["input_ids"]], 1)
-        mask = torch.cat([torch.ones(len(texts), len(prefix), dtype=batch["attention_mask"].dtype,
-                                     device=ids.device), batch["attention_mask"]], 1)
-        return self.backbone.model(input_ids=ids, attention_mask=mask).logits[:, len(prefix):].float()
+        ids = torch.cat(
+            [torch.tensor([prefix] * len(texts), device=batch["input_ids"].device), batch["input_ids"]], 1
+        )
+        mask = torch.cat(
+            [
+                torch.ones(len(texts), len(prefix), dtype=batch["attention_mask"].dtype, device=ids.device),
+                batch["attention_mask"],
+            ],
+            1,
+        )
+        return self.backbone.model(input_ids=ids, attention_mask=mask).logits[:, len(prefix) :].float()
 
     def token_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None) -> list[torch.Tensor]:
         context = self.context()
@@ -94,8 +120,9 @@ class InContext(Strategy):
 
     def perplexity(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> float:
         context = self.context()
-        return self.backbone.perplexity(text, window=window, max_tokens=max_tokens,
-                                        context=f"{context}\n\n" if context else "")
+        return self.backbone.perplexity(
+            text, window=window, max_tokens=max_tokens, context=f"{context}\n\n" if context else ""
+        )
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return pack_texts(self.texts, "documents")
@@ -103,12 +130,18 @@ class InContext(Strategy):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         texts = unpack_texts(state, "documents")
         self.texts = texts
-        self._lengths = [len(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        self._lengths = [
+            len(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts
+        ]
 
     def reset(self) -> None:
         self.texts, self._lengths = [], []
         self.documents_learned = 0
 
     def stats(self) -> StrategyStats:
-        return StrategyStats(params_added=0, params_trainable=0, state_bytes=tensor_bytes(self.trainable_state()),
-                             documents=self.documents_learned)
+        return StrategyStats(
+            params_added=0,
+            params_trainable=0,
+            state_bytes=tensor_bytes(self.trainable_state()),
+            documents=self.documents_learned,
+        )

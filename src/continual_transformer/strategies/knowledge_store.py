@@ -114,7 +114,9 @@ class KnowledgeStoreConfig:
         if self.initial_capacity < 1:
             raise ConfigError(f"{key}.initial_capacity: must be >= 1, got {self.initial_capacity}")
         if self.key_dtype not in _KEY_DTYPES:
-            raise ConfigError(f"{key}.key_dtype: must be one of {sorted(_KEY_DTYPES)}, got {self.key_dtype!r}")
+            raise ConfigError(
+                f"{key}.key_dtype: must be one of {sorted(_KEY_DTYPES)}, got {self.key_dtype!r}"
+            )
         if self.window_tokens < 2 or not 0 <= self.context_tokens < self.window_tokens:
             raise ConfigError(f"{key}: need window_tokens >= 2 and 0 <= context_tokens < window_tokens")
 
@@ -127,11 +129,18 @@ class KnowledgeStoreStrategy(Strategy):
         super().__init__(backbone, config, settings=settings)
         n_layers = backbone.num_layers
         if config.key_source == "layer" and not -n_layers <= config.layer < n_layers:
-            raise ConfigError(f"strategies.knowledge_store.layer: {config.layer} out of range for {n_layers} layers")
+            raise ConfigError(
+                f"strategies.knowledge_store.layer: {config.layer} out of range for {n_layers} layers"
+            )
         hidden = int(getattr(backbone.model.config, "hidden_size", 0) or backbone.model.config.n_embd)
         self.store = VectorStore(
-            hidden, capacity=config.capacity, initial_capacity=config.initial_capacity, eviction=config.eviction,
-            metric=config.metric, dtype=_KEY_DTYPES[config.key_dtype], device=backbone.device,
+            hidden,
+            capacity=config.capacity,
+            initial_capacity=config.initial_capacity,
+            eviction=config.eviction,
+            metric=config.metric,
+            dtype=_KEY_DTYPES[config.key_dtype],
+            device=backbone.device,
         )
 
     # -- hidden states --------------------------------------------------------------------------------------
@@ -140,7 +149,9 @@ class KnowledgeStoreStrategy(Strategy):
         if self.config.key_source == "final":
             head = self.backbone.model.get_output_embeddings()
             if not isinstance(head, nn.Module):
-                raise ConfigError("strategies.knowledge_store.key_source: final needs a model with an LM head module")
+                raise ConfigError(
+                    "strategies.knowledge_store.key_source: final needs a model with an LM head module"
+                )
             return LayerCapture(head, inputs=True)
         return LayerCapture(self.backbone.layers[self.config.layer])
 
@@ -170,7 +181,9 @@ class KnowledgeStoreStrategy(Strategy):
                 continue
             if touch:
                 self.store.touch(rows[active])
-            p_knn = knn_distribution(dist[active], self.store.values[rows[active]], out.shape[-1], cfg.temperature)
+            p_knn = knn_distribution(
+                dist[active], self.store.values[rows[active]], out.shape[-1], cfg.temperature
+            )
             out[start + active] = mix_log_probs(out[start + active], p_knn, cfg.interpolation)
         return out
 
@@ -200,7 +213,9 @@ class KnowledgeStoreStrategy(Strategy):
             values.append(t[0, first + 1 :])
         if not keys:
             h = self.store.dim
-            return torch.zeros(0, h, device=self.backbone.device), torch.zeros(0, dtype=torch.long, device=self.backbone.device)
+            return torch.zeros(0, h, device=self.backbone.device), torch.zeros(
+                0, dtype=torch.long, device=self.backbone.device
+            )
         return torch.cat(keys), torch.cat(values)
 
     def learn(self, document: Document) -> LearnReport:
@@ -211,8 +226,12 @@ class KnowledgeStoreStrategy(Strategy):
         self.documents_learned += 1
         loss_after = self._mean_nll(document.text)
         return LearnReport(
-            doc_id=document.id, tokens=int(values.numel()), loss_before=loss_before, loss_after=loss_after,
-            seconds=time.perf_counter() - start, extra={"stored": int(values.numel()), "store_size": self.store.size},
+            doc_id=document.id,
+            tokens=int(values.numel()),
+            loss_before=loss_before,
+            loss_after=loss_after,
+            seconds=time.perf_counter() - start,
+            extra={"stored": int(values.numel()), "store_size": self.store.size},
         )
 
     def _mean_nll(self, text: str) -> float:
@@ -220,13 +239,19 @@ class KnowledgeStoreStrategy(Strategy):
         return float(values[0].mean()) if values[0].numel() else 0.0
 
     # -- answering ------------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
+    def generate(
+        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+    ) -> list[str]:
         if self.store.size == 0 or self.config.interpolation == 0:
             return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
         with self.capture() as cap:
             processor = KNNMixtureProcessor(cap, lambda hidden, scores: self.mix(hidden, scores, touch=True))
-            return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens,
-                                          logits_processor=LogitsProcessorList([processor]))
+            return self.backbone.generate(
+                prompts,
+                chat=chat,
+                max_new_tokens=max_new_tokens,
+                logits_processor=LogitsProcessorList([processor]),
+            )
 
     @torch.no_grad()
     def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
@@ -236,7 +261,9 @@ class KnowledgeStoreStrategy(Strategy):
         return self._mix_where(logits, hidden, batch["attention_mask"].bool())
 
     @torch.no_grad()
-    def token_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8) -> list[torch.Tensor]:
+    def token_nll(
+        self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8
+    ) -> list[torch.Tensor]:
         if self.store.size == 0:
             return self.backbone.token_nll(texts, contexts=contexts)
         results: list[torch.Tensor] = []
@@ -295,5 +322,9 @@ class KnowledgeStoreStrategy(Strategy):
         self.documents_learned = 0
 
     def stats(self) -> StrategyStats:
-        return StrategyStats(params_added=0, params_trainable=0, state_bytes=tensor_bytes(self.trainable_state()),
-                             documents=self.documents_learned)
+        return StrategyStats(
+            params_added=0,
+            params_trainable=0,
+            state_bytes=tensor_bytes(self.trainable_state()),
+            documents=self.documents_learned,
+        )

@@ -54,7 +54,9 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if not _LAYER_SPEC.match(self.layers.strip()):
-            raise ConfigError(f"strategies.lora.layers: {self.layers!r} is not 'all', a slice like '-8:', or an index")
+            raise ConfigError(
+                f"strategies.lora.layers: {self.layers!r} is not 'all', a slice like '-8:', or an index"
+            )
         if self.rank < 1:
             raise ConfigError("strategies.lora.rank: must be >= 1")
         if self.optimizer not in ("adamw", "sgd"):
@@ -72,11 +74,18 @@ class LoraStrategy(Strategy):
         layer_ids = select_layers(config.layers, backbone.num_layers)
         prefix = self._layers_prefix()
         targets = [
-            name for name, module in backbone.model.named_modules()
-            if isinstance(module, torch.nn.Linear) and any(name.startswith(f"{prefix}.{i}.") for i in layer_ids)
+            name
+            for name, module in backbone.model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and any(name.startswith(f"{prefix}.{i}.") for i in layer_ids)
         ]
-        peft_config = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                     target_modules=targets, bias="none")
+        peft_config = PeftLoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=targets,
+            bias="none",
+        )
         torch.manual_seed(settings.seed)
         inject_adapter_in_model(peft_config, backbone.model, adapter_name=ADAPTER)
         self._params = {n: p for n, p in backbone.model.named_parameters() if "lora_" in n}
@@ -92,7 +101,9 @@ class LoraStrategy(Strategy):
 
     def learn(self, document: Document) -> LearnReport:
         cfg = self.config
-        examples = training.text_examples(self.backbone, document.text, window=cfg.window_tokens, context=cfg.context_tokens)
+        examples = training.text_examples(
+            self.backbone, document.text, window=cfg.window_tokens, context=cfg.context_tokens
+        )
         start = time.perf_counter()
         loss_before = self.backbone.mean_nll([document.text])
         params = list(self._params.values())
@@ -100,9 +111,16 @@ class LoraStrategy(Strategy):
             p.requires_grad_(True)
         try:
             losses = training.train(
-                self.backbone, examples, params, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
-                epochs=cfg.epochs, batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm or None,
-                stop_loss=cfg.stop_loss or None, seed=self.settings.seed + self.documents_learned,
+                self.backbone,
+                examples,
+                params,
+                optimizer=cfg.optimizer,
+                learning_rate=cfg.learning_rate,
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                max_grad_norm=cfg.max_grad_norm or None,
+                stop_loss=cfg.stop_loss or None,
+                seed=self.settings.seed + self.documents_learned,
                 description=f"lora {document.id}",
             )
         finally:
@@ -110,9 +128,13 @@ class LoraStrategy(Strategy):
                 p.requires_grad_(False)
         self.documents_learned += 1
         return LearnReport(
-            doc_id=document.id, tokens=sum(e.scored_tokens for e in examples), loss_before=loss_before,
-            loss_after=self.backbone.mean_nll([document.text]), seconds=time.perf_counter() - start,
-            step_losses=tuple(losses), extra={"steps": len(losses)},
+            doc_id=document.id,
+            tokens=sum(e.scored_tokens for e in examples),
+            loss_before=loss_before,
+            loss_after=self.backbone.mean_nll([document.text]),
+            seconds=time.perf_counter() - start,
+            step_losses=tuple(losses),
+            extra={"steps": len(losses)},
         )
 
     def trained_backbone_parameters(self) -> set[str]:
@@ -124,7 +146,9 @@ class LoraStrategy(Strategy):
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self._params):
-            raise ValueError(f"lora state does not match the adapters: {sorted(set(state) ^ set(self._params))[:3]}")
+            raise ValueError(
+                f"lora state does not match the adapters: {sorted(set(state) ^ set(self._params))[:3]}"
+            )
         for name, param in self._params.items():
             if state[name].shape != param.shape:
                 raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
@@ -142,10 +166,16 @@ class LoraStrategy(Strategy):
         wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
         for name, module in wrapped:
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+            setattr(
+                model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer()
+            )
         self._params = {}
 
     def stats(self) -> StrategyStats:
         n = sum(p.numel() for p in self._params.values())
-        return StrategyStats(params_added=n, params_trainable=n, state_bytes=tensor_bytes(self.trainable_state()),
-                             documents=self.documents_learned)
+        return StrategyStats(
+            params_added=n,
+            params_trainable=n,
+            state_bytes=tensor_bytes(self.trainable_state()),
+            documents=self.documents_learned,
+        )

@@ -151,7 +151,9 @@ class MemoryBankConfig:
         if not self.retrieval_temperature > 0:
             raise ConfigError(f"{key}.retrieval_temperature: must be > 0, got {self.retrieval_temperature}")
         if not -1.0 <= self.duplicate_threshold <= 1.0:
-            raise ConfigError(f"{key}.duplicate_threshold: must be in [-1, 1], got {self.duplicate_threshold}")
+            raise ConfigError(
+                f"{key}.duplicate_threshold: must be in [-1, 1], got {self.duplicate_threshold}"
+            )
         if self.on_duplicate not in ("skip", "replace"):
             raise ConfigError(f"{key}.on_duplicate: must be skip or replace, got {self.on_duplicate!r}")
         if self.capacity < 1:
@@ -180,8 +182,11 @@ class MemoryBankStrategy(Strategy):
         if config.key_encoder != "backbone":
             self.embedder = SentenceEmbedder.load(config.key_encoder, device=backbone.device)
         key_dim = hidden if self.embedder is None else self.embedder.dim
-        self.min_similarity = (config.min_similarity if config.min_similarity is not None
-                               else _MIN_SIMILARITY["backbone" if self.embedder is None else "embedder"])
+        self.min_similarity = (
+            config.min_similarity
+            if config.min_similarity is not None
+            else _MIN_SIMILARITY["backbone" if self.embedder is None else "embedder"]
+        )
         self.store = MemoryStore(key_dim, hidden, capacity=config.capacity, device=backbone.device)
         self._center: torch.Tensor | None = None
 
@@ -274,10 +279,14 @@ class MemoryBankStrategy(Strategy):
         ids, labels, attention = self.backbone._labelled_batch([""] * len(texts), list(texts))
         module = self.backbone.layers[self.fuse_layer]
         with torch.no_grad(), LayerCapture(module) as cap:
-            before = self._example_losses(self.backbone.model(input_ids=ids, attention_mask=attention).logits, labels)
+            before = self._example_losses(
+                self.backbone.model(input_ids=ids, attention_mask=attention).logits, labels
+            )
         assert cap.hidden is not None
         mask = attention.unsqueeze(-1).float()
-        rms = ((cap.hidden.float().pow(2).mean(-1, keepdim=True) * mask).sum(1) / mask.sum(1)).sqrt()  # (N, 1)
+        rms = (
+            (cap.hidden.float().pow(2).mean(-1, keepdim=True) * mask).sum(1) / mask.sum(1)
+        ).sqrt()  # (N, 1)
         units = torch.zeros(len(texts), self.store.value_dim, device=ids.device, requires_grad=True)
         gate_logits = torch.zeros(len(texts), device=ids.device, requires_grad=cfg.gate is None)
         params = [units] + ([gate_logits] if cfg.gate is None else [])
@@ -296,7 +305,9 @@ class MemoryBankStrategy(Strategy):
                 loss.backward()
                 optimizer.step()
         with torch.no_grad(), ResidualAdder(module, delta().detach(), skip_zero_rows=False):
-            after = self._example_losses(self.backbone.model(input_ids=ids, attention_mask=attention).logits, labels)
+            after = self._example_losses(
+                self.backbone.model(input_ids=ids, attention_mask=attention).logits, labels
+            )
         return {
             "values": (rms * units).detach().float(),
             "gate_logits": gate_logits.detach().float(),
@@ -324,7 +335,9 @@ class MemoryBankStrategy(Strategy):
             else:
                 duplicate_of.append(None)
         counts = {"examples": len(texts), "kept": 0, "rejected": 0, "duplicates": 0, "evicted": 0}
-        train = [i for i, d in enumerate(duplicate_of) if d is None or (cfg.on_duplicate == "replace" and d >= 0)]
+        train = [
+            i for i, d in enumerate(duplicate_of) if d is None or (cfg.on_duplicate == "replace" and d >= 0)
+        ]
         for i, d in enumerate(duplicate_of):
             if d is not None and i not in train:
                 counts["duplicates"] += 1
@@ -351,8 +364,12 @@ class MemoryBankStrategy(Strategy):
         loss_after = self._examples_nll(texts)
         logger.info("memory_bank %s: %s", document.id, counts)
         return LearnReport(
-            doc_id=document.id, tokens=tokens, loss_before=loss_before, loss_after=loss_after,
-            seconds=time.perf_counter() - start, extra={**counts, "memories": self.store.size},
+            doc_id=document.id,
+            tokens=tokens,
+            loss_before=loss_before,
+            loss_after=loss_after,
+            seconds=time.perf_counter() - start,
+            extra={**counts, "memories": self.store.size},
         )
 
     def _examples_nll(self, texts: Sequence[str]) -> float | None:
@@ -377,7 +394,11 @@ class MemoryBankStrategy(Strategy):
             return None
         weights = torch.softmax(sims.masked_fill(~valid, float("-inf")) / cfg.retrieval_temperature, dim=-1)
         weights = torch.nan_to_num(weights, nan=0.0)  # rows with no valid memory
-        gates = torch.sigmoid(self.store.gate_logits[slots]) if cfg.gate is None else torch.full_like(weights, cfg.gate)
+        gates = (
+            torch.sigmoid(self.store.gate_logits[slots])
+            if cfg.gate is None
+            else torch.full_like(weights, cfg.gate)
+        )
         delta = ((weights * gates)[..., None] * self.store.values[slots]).sum(1)  # (B, H)
         if reinforce:
             self.store.reinforce(slots[valid], cfg.use_bonus)
@@ -397,7 +418,9 @@ class MemoryBankStrategy(Strategy):
         return mask
 
     # -- answering ------------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
+    def generate(
+        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+    ) -> list[str]:
         prompts = list(prompts)
         answers: list[str] = []
         step = self.backbone.generation.batch_size
@@ -412,7 +435,9 @@ class MemoryBankStrategy(Strategy):
                 texts = [self.backbone.format_prompt(p, chat=chat) for p in batch]
                 width = self.backbone.encode(texts, padding_side="left")["input_ids"].shape[1]
                 mask = torch.zeros(len(batch), width, dtype=torch.bool, device=self.backbone.device)
-                mask[:, -self.config.fuse_tokens :] = True  # left padding: every prompt ends in the last column
+                mask[:, -self.config.fuse_tokens :] = (
+                    True  # left padding: every prompt ends in the last column
+                )
             with self._fusion(delta, mask):
                 answers.extend(self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens))
         return answers
@@ -428,7 +453,9 @@ class MemoryBankStrategy(Strategy):
             return self.backbone.model(**batch).logits.float()
 
     @torch.no_grad()
-    def token_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8) -> list[torch.Tensor]:
+    def token_nll(
+        self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8
+    ) -> list[torch.Tensor]:
         """Per-token NLL with memories retrieved by ``contexts[i]`` (or the text itself) fused."""
         texts = list(texts)
         if self.store.size == 0:
@@ -439,10 +466,14 @@ class MemoryBankStrategy(Strategy):
             chunk, chunk_ctx = texts[start : start + batch_size], ctx[start : start + batch_size]
             delta = self.deltas([c if c.strip() else t for c, t in zip(chunk_ctx, chunk)])
             if delta is None:
-                results.extend(self.backbone.token_nll(chunk, contexts=chunk_ctx if contexts is not None else None))
+                results.extend(
+                    self.backbone.token_nll(chunk, contexts=chunk_ctx if contexts is not None else None)
+                )
                 continue
             ids, labels, attention = self.backbone._labelled_batch(chunk_ctx, chunk)
-            context_lengths = [int((row == -100).logical_and(att == 1).sum()) for row, att in zip(labels, attention)]
+            context_lengths = [
+                int((row == -100).logical_and(att == 1).sum()) for row, att in zip(labels, attention)
+            ]
             with self._fusion(delta, self._scoring_mask(context_lengths, ids.shape[1])):
                 logits = self.backbone.model(input_ids=ids, attention_mask=attention).logits
             nll = sequence_nll(logits, labels)
@@ -486,13 +517,20 @@ class MemoryBankStrategy(Strategy):
             raise ValueError(f"memory_bank state must hold {sorted(expected)}, got {sorted(state)}")
         width = state["memory.keys"].shape[-1]
         if width != self.store.key_dim:
-            raise ValueError(f"memory_bank keys are {width}-dimensional but key_encoder {self.config.key_encoder!r} "
-                             f"makes {self.store.key_dim}-dimensional keys: the state was saved with another key encoder")
+            raise ValueError(
+                f"memory_bank keys are {width}-dimensional but key_encoder {self.config.key_encoder!r} "
+                f"makes {self.store.key_dim}-dimensional keys: the state was saved with another key encoder"
+            )
         self.store.load_state_dict(state, "memory.")
 
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "memories": self.store.size, "key_encoder": self.config.key_encoder,
-                "key_layer": self.key_layer, "fuse_layer": self.fuse_layer}
+        return {
+            **super().extra_state(),
+            "memories": self.store.size,
+            "key_encoder": self.config.key_encoder,
+            "key_layer": self.key_layer,
+            "fuse_layer": self.fuse_layer,
+        }
 
     def reset(self) -> None:
         self.store.clear()
@@ -500,5 +538,9 @@ class MemoryBankStrategy(Strategy):
 
     def stats(self) -> StrategyStats:
         trained = self.store.size * (self.store.value_dim + 1)  # values and gates are optimised
-        return StrategyStats(params_added=trained, params_trainable=trained,
-                             state_bytes=tensor_bytes(self.trainable_state()), documents=self.documents_learned)
+        return StrategyStats(
+            params_added=trained,
+            params_trainable=trained,
+            state_bytes=tensor_bytes(self.trainable_state()),
+            documents=self.documents_learned,
+        )

@@ -25,8 +25,13 @@ class NoLearning(Strategy):
         start = time.perf_counter()
         tokens = len(self.backbone.tokenizer(document.text, add_special_tokens=False)["input_ids"])
         self.documents_learned += 1
-        return LearnReport(doc_id=document.id, tokens=tokens, loss_before=None, loss_after=None,
-                           seconds=time.perf_counter() - start)
+        return LearnReport(
+            doc_id=document.id,
+            tokens=tokens,
+            loss_before=None,
+            loss_after=None,
+            seconds=time.perf_counter() - start,
+        )
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -39,4 +44,6 @@ class NoLearning(Strategy):
         self.documents_learned = 0
 
     def stats(self) -> StrategyStats:
-        return StrategyStats(params_added=0, params_trainable=0, state_bytes=0, documents=self.documents_learned)
+        return StrategyStats(
+            params_added=0, params_trainable=0, state_bytes=0, documents=self.documents_learned
+        )

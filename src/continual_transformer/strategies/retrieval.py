@@ -98,8 +98,11 @@ class RetrievalConfig:
             raise ConfigError(f"{key}.chunk_tokens: must be >= 8, got {self.chunk_tokens}")
         if self.chunk_overlap is not None and self.chunk_overlap < 0:
             raise ConfigError(f"{key}.chunk_overlap: must be >= 0, got {self.chunk_overlap}")
-        if (self.chunk_tokens is not None and self.chunk_overlap is not None
-                and self.chunk_overlap >= self.chunk_tokens):
+        if (
+            self.chunk_tokens is not None
+            and self.chunk_overlap is not None
+            and self.chunk_overlap >= self.chunk_tokens
+        ):
             raise ConfigError(f"{key}.chunk_overlap: must be < chunk_tokens ({self.chunk_tokens})")
         if not 0.0 <= self.min_relevance <= 1.0:
             raise ConfigError(f"{key}.min_relevance: must be in [0, 1], got {self.min_relevance}")
@@ -133,7 +136,9 @@ class RetrievalStrategy(Strategy):
         self.chunk_tokens = config.chunk_tokens or docs.chunk_tokens
         self.chunk_overlap = config.chunk_overlap if config.chunk_overlap is not None else docs.chunk_overlap
         if self.chunk_overlap >= self.chunk_tokens:
-            raise ConfigError(f"strategies.retrieval.chunk_overlap: {self.chunk_overlap} must be < chunk_tokens {self.chunk_tokens}")
+            raise ConfigError(
+                f"strategies.retrieval.chunk_overlap: {self.chunk_overlap} must be < chunk_tokens {self.chunk_tokens}"
+            )
         self._embedder: SentenceEmbedder | None = None
         self._special = set(backbone.tokenizer.all_special_ids)
         self._clear()
@@ -160,7 +165,9 @@ class RetrievalStrategy(Strategy):
             self._dense = VectorStore(dim, metric="cosine", device=self.backbone.device)
         return self._dense
 
-    def _add_chunks(self, chunks: list[list[int]], docs: list[int], embeddings: torch.Tensor | None = None) -> None:
+    def _add_chunks(
+        self, chunks: list[list[int]], docs: list[int], embeddings: torch.Tensor | None = None
+    ) -> None:
         texts = [self.backbone.tokenizer.decode(ids) for ids in chunks]
         self.chunk_ids.extend(chunks)
         self.chunk_texts.extend(texts)
@@ -224,8 +231,14 @@ class RetrievalStrategy(Strategy):
             if self.doc_sha[index] == document.sha256:
                 logger.info("retrieval: %s is already indexed, unchanged", document.id)
                 loss = self._mean_nll(document.text)
-                return LearnReport(doc_id=document.id, tokens=len(ids), loss_before=loss, loss_after=loss,
-                                   seconds=time.perf_counter() - start, extra={"chunks": 0, "unchanged": True})
+                return LearnReport(
+                    doc_id=document.id,
+                    tokens=len(ids),
+                    loss_before=loss,
+                    loss_after=loss,
+                    seconds=time.perf_counter() - start,
+                    extra={"chunks": 0, "unchanged": True},
+                )
             self._remove_document(index)
         loss_before = self._mean_nll(document.text)
         if document.id in self.doc_ids:
@@ -239,9 +252,16 @@ class RetrievalStrategy(Strategy):
         self.documents_learned += 1
         loss_after = self._mean_nll(document.text)
         return LearnReport(
-            doc_id=document.id, tokens=len(ids), loss_before=loss_before, loss_after=loss_after,
+            doc_id=document.id,
+            tokens=len(ids),
+            loss_before=loss_before,
+            loss_after=loss_after,
             seconds=time.perf_counter() - start,
-            extra={"chunks": len(chunks), "index_chunks": len(self.chunk_ids), "retriever": self.config.retriever},
+            extra={
+                "chunks": len(chunks),
+                "index_chunks": len(self.chunk_ids),
+                "retriever": self.config.retriever,
+            },
         )
 
     def _mean_nll(self, text: str) -> float:
@@ -253,7 +273,9 @@ class RetrievalStrategy(Strategy):
         head = self.backbone.model.get_output_embeddings()
         return int(head.weight.shape[0]) if head is not None else int(self.backbone.model.config.vocab_size)
 
-    def generate(self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
+    def generate(
+        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+    ) -> list[str]:
         prompts = list(prompts)
         if not self.chunk_ids:
             return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
@@ -261,7 +283,10 @@ class RetrievalStrategy(Strategy):
         answers: list[str | None] = [None] * len(prompts)
         plain = [i for i, p in enumerate(plans) if p.context is None]
         if plain:  # exactly what the base model answers, batched among themselves
-            for i, answer in zip(plain, self.backbone.generate([prompts[i] for i in plain], chat=chat, max_new_tokens=max_new_tokens)):
+            for i, answer in zip(
+                plain,
+                self.backbone.generate([prompts[i] for i in plain], chat=chat, max_new_tokens=max_new_tokens),
+            ):
                 answers[i] = answer
         rich = [i for i, p in enumerate(plans) if p.context is not None]
         use_chat = self.backbone.uses_chat(chat)
@@ -271,8 +296,12 @@ class RetrievalStrategy(Strategy):
             texts = [self._augmented_prompt(prompts[i], plans[i].context or "", use_chat) for i in rows]
             kwargs: dict[str, Any] = {}
             if self.config.bias_strength > 0:
-                bias = token_bias([plans[i].bias_tokens for i in rows], self._vocab_size(), self.config.bias_strength,
-                                  device=self.backbone.device)
+                bias = token_bias(
+                    [plans[i].bias_tokens for i in rows],
+                    self._vocab_size(),
+                    self.config.bias_strength,
+                    device=self.backbone.device,
+                )
                 kwargs["logits_processor"] = LogitsProcessorList([TokenBiasProcessor(bias)])
             outs = self.backbone.generate(texts, formatted=True, max_new_tokens=max_new_tokens, **kwargs)
             for i, answer in zip(rows, outs):
@@ -282,12 +311,18 @@ class RetrievalStrategy(Strategy):
     def _augmented_prompt(self, prompt: str, context: str, use_chat: bool) -> str:
         """The exact model input for ``prompt`` with ``context`` (chat template kept when it is used)."""
         if use_chat:
-            return self.backbone.format_prompt(self.config.prompt_template.format(context=context, prompt=prompt), chat=True)
+            return self.backbone.format_prompt(
+                self.config.prompt_template.format(context=context, prompt=prompt), chat=True
+            )
         return self.config.text_template.format(context=context) + prompt
 
     def _bias_rows(self, plans: Sequence[Augmentation]) -> torch.Tensor:
-        return token_bias([p.bias_tokens for p in plans], self._vocab_size(), self.config.bias_strength,
-                          device=self.backbone.device)
+        return token_bias(
+            [p.bias_tokens for p in plans],
+            self._vocab_size(),
+            self.config.bias_strength,
+            device=self.backbone.device,
+        )
 
     @torch.no_grad()
     def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
@@ -304,13 +339,20 @@ class RetrievalStrategy(Strategy):
         if not rich:
             return base
         tok = self.backbone.tokenizer
-        prefixes = [tok(self.config.text_template.format(context=plans[i].context), add_special_tokens=False)["input_ids"] for i in rich]
+        prefixes = [
+            tok(self.config.text_template.format(context=plans[i].context), add_special_tokens=False)[
+                "input_ids"
+            ]
+            for i in rich
+        ]
         bodies = [tok(texts[i], add_special_tokens=False)["input_ids"] for i in rich]
         rows = [p + b for p, b in zip(prefixes, bodies)]
         width = max(len(r) for r in rows)
         pad = tok.pad_token_id
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.backbone.device)
-        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.backbone.device)
+        attention = torch.tensor(
+            [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.backbone.device
+        )
         logits = self.backbone.model(input_ids=ids, attention_mask=attention).logits.float()
         bias = self._bias_rows([plans[i] for i in rich]) if self.config.bias_strength > 0 else None
         for row, (i, prefix, body) in enumerate(zip(rich, prefixes, bodies)):
@@ -321,7 +363,9 @@ class RetrievalStrategy(Strategy):
         return base
 
     @torch.no_grad()
-    def token_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8) -> list[torch.Tensor]:
+    def token_nll(
+        self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8
+    ) -> list[torch.Tensor]:
         """Per-token NLL of each text with retrieval applied (query: ``contexts[i]`` if given, else the text)."""
         texts = list(texts)
         ctx = list(contexts) if contexts is not None else [""] * len(texts)
@@ -343,8 +387,9 @@ class RetrievalStrategy(Strategy):
                 results[i] = nll
         return [r if r is not None else torch.zeros(0) for r in results]
 
-    def _scored_nll(self, ids: torch.Tensor, labels: torch.Tensor, attention: torch.Tensor,
-                    plans: Sequence[Augmentation]) -> list[torch.Tensor]:
+    def _scored_nll(
+        self, ids: torch.Tensor, labels: torch.Tensor, attention: torch.Tensor, plans: Sequence[Augmentation]
+    ) -> list[torch.Tensor]:
         """NLL (float32, CPU) of each row's labelled tokens, with the bias of its plan added to the logits."""
         logits = self.backbone.model(input_ids=ids, attention_mask=attention).logits.float()
         if self.config.bias_strength > 0:
@@ -373,8 +418,14 @@ class RetrievalStrategy(Strategy):
         total, count = 0.0, 0
         for start in range(0, len(windows), 8):
             batch = list(zip(windows[start : start + 8], plans[start : start + 8]))
-            prefixes = [tok(self.config.text_template.format(context=p.context), add_special_tokens=False)["input_ids"]
-                        if p.context is not None else [] for _, p in batch]
+            prefixes = [
+                tok(self.config.text_template.format(context=p.context), add_special_tokens=False)[
+                    "input_ids"
+                ]
+                if p.context is not None
+                else []
+                for _, p in batch
+            ]
             rows = [pre + w for pre, (w, _) in zip(prefixes, batch)]
             # As in Backbone.perplexity, the first token of a window is context, not scored.
             label_rows = [[-100] * (len(pre) + 1) + w[1:] for pre, (w, _) in zip(prefixes, batch)]
@@ -406,7 +457,9 @@ class RetrievalStrategy(Strategy):
         required = {"chunk_tokens", "chunk_offsets", "chunk_doc"}
         allowed = required | ({"embeddings"} if self.config.retriever == "dense" else set())
         if not required <= set(state) or not set(state) <= allowed:
-            raise ValueError(f"retrieval state must hold {sorted(required)} (and embeddings for dense), got {sorted(state)}")
+            raise ValueError(
+                f"retrieval state must hold {sorted(required)} (and embeddings for dense), got {sorted(state)}"
+            )
         offsets = state["chunk_offsets"].cpu().tolist()
         flat = state["chunk_tokens"].cpu().tolist()
         docs = state["chunk_doc"].cpu().tolist()
@@ -420,10 +473,16 @@ class RetrievalStrategy(Strategy):
         self._clear()
         self.doc_ids, self.doc_sha, self.documents_learned = doc_ids, doc_sha, learned
         chunks = [flat[offsets[i] : offsets[i + 1]] for i in range(n)]
-        self._add_chunks(chunks, docs, embeddings.to(self.backbone.device) if embeddings is not None else None)
+        self._add_chunks(
+            chunks, docs, embeddings.to(self.backbone.device) if embeddings is not None else None
+        )
 
     def extra_state(self) -> dict[str, Any]:
-        return {"documents_learned": self.documents_learned, "doc_ids": list(self.doc_ids), "doc_sha256": list(self.doc_sha)}
+        return {
+            "documents_learned": self.documents_learned,
+            "doc_ids": list(self.doc_ids),
+            "doc_sha256": list(self.doc_sha),
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
@@ -434,5 +493,9 @@ class RetrievalStrategy(Strategy):
         self._clear()
 
     def stats(self) -> StrategyStats:
-        return StrategyStats(params_added=0, params_trainable=0, state_bytes=tensor_bytes(self.trainable_state()),
-                             documents=self.documents_learned)
+        return StrategyStats(
+            params_added=0,
+            params_trainable=0,
+            state_bytes=tensor_bytes(self.trainable_state()),
+            documents=self.documents_learned,
+        )

@@ -102,7 +102,9 @@ REPHRASE_PROMPTS: tuple[str, ...] = (
 )
 # The text goes first and the format last: SmolLM2-135M follows a trailing "Q: ... / A: ..." template, but
 # answers "write questions and answers about the text below" with bare numbered questions.
-QA_PROMPT = "{text}\n\nWrite {n} questions and their answers about the text above. Use the format:\nQ: ...\nA: ..."
+QA_PROMPT = (
+    "{text}\n\nWrite {n} questions and their answers about the text above. Use the format:\nQ: ...\nA: ..."
+)
 AUGMENT_PIECE_TOKENS = 384
 """Longer documents are augmented piece by piece, so each prompt fits a small model's useful context."""
 
@@ -191,8 +193,10 @@ class TTTConfig:
         if _PERCENT.match(spec) and not 0 < float(spec[:-1]) <= 100:
             raise ConfigError(f"{key}layers: {self.layers!r} must be a share in (0%, 100%]")
         if not 0 <= self.alpha_min <= self.alpha_initial < 1:
-            raise ConfigError(f"{key}alpha_initial/alpha_min: need 0 <= alpha_min <= alpha_initial < 1, "
-                              f"got {self.alpha_min}, {self.alpha_initial}")
+            raise ConfigError(
+                f"{key}alpha_initial/alpha_min: need 0 <= alpha_min <= alpha_initial < 1, "
+                f"got {self.alpha_min}, {self.alpha_initial}"
+            )
         if not 0 < self.alpha_decay <= 1:
             raise ConfigError(f"{key}alpha_decay: must be in (0, 1], got {self.alpha_decay}")
         if self.optimizer not in ("adamw", "sgd"):
@@ -200,8 +204,11 @@ class TTTConfig:
         if self.learning_rate <= 0:
             raise ConfigError(f"{key}learning_rate: must be > 0")
         if self.weight_decay < 0 or (self.sparse and self.weight_decay > 0):
-            raise ConfigError(f"{key}weight_decay: must be 0 with sparse updates (decay would move unselected neurons)"
-                              if self.weight_decay > 0 else f"{key}weight_decay: must be >= 0")
+            raise ConfigError(
+                f"{key}weight_decay: must be 0 with sparse updates (decay would move unselected neurons)"
+                if self.weight_decay > 0
+                else f"{key}weight_decay: must be >= 0"
+            )
         if self.trainable_dtype not in ("float32", "model"):
             raise ConfigError(f"{key}trainable_dtype: must be float32 or model, got {self.trainable_dtype!r}")
         if self.anchor_weight < 0 or self.anchor_batch < 1:
@@ -215,15 +222,23 @@ class TTTConfig:
         neurons = self.trainable_neurons
         is_number = isinstance(neurons, (int, float)) and not isinstance(neurons, bool)
         if not is_number or neurons <= 0 or (neurons >= 1 and neurons != int(neurons)):
-            raise ConfigError(f"{key}trainable_neurons: must be a count >= 1 or a fraction in (0, 1), got {neurons!r}")
+            raise ConfigError(
+                f"{key}trainable_neurons: must be a count >= 1 or a fraction in (0, 1), got {neurons!r}"
+            )
         if not 0 < self.active_fraction <= 1:
             raise ConfigError(f"{key}active_fraction: must be in (0, 1]")
         if not self.background.strip():
             raise ConfigError(f"{key}background: 'self' or the path of a text file")
         if not 1 <= self.background_prompts <= len(BACKGROUND_RAW_PROMPTS) + len(BACKGROUND_CHAT_PROMPTS):
             raise ConfigError(f"{key}background_prompts: must be in [1, 32]")
-        if self.background_new_tokens < 1 or self.background_chunk_tokens < 2 or self.background_max_tokens < 2:
-            raise ConfigError(f"{key}background_new_tokens, background_chunk_tokens, background_max_tokens: too small")
+        if (
+            self.background_new_tokens < 1
+            or self.background_chunk_tokens < 2
+            or self.background_max_tokens < 2
+        ):
+            raise ConfigError(
+                f"{key}background_new_tokens, background_chunk_tokens, background_max_tokens: too small"
+            )
         if not 0 <= self.augment_rephrasings <= len(REPHRASE_PROMPTS):
             raise ConfigError(f"{key}augment_rephrasings: must be in [0, {len(REPHRASE_PROMPTS)}]")
         if self.augment_questions < 0 or self.augment_new_tokens < 1:
@@ -243,8 +258,12 @@ def select_ttt_layers(spec: str, n_layers: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Augmentation text handling (pure functions, tested on strings)
 
-_Q_MARK = re.compile(r"^(?:[-*•>#\s]|\d+[.)]\s*)*\**\s*(?:Q|Question)\s*\d*\s*\**\s*[:.)\-]\s*\**\s*", re.IGNORECASE)
-_A_MARK = re.compile(r"^(?:[-*•>#\s]|\d+[.)]\s*)*\**\s*(?:A|Answer)\s*\d*\s*\**\s*[:.)\-]\s*\**\s*", re.IGNORECASE)
+_Q_MARK = re.compile(
+    r"^(?:[-*•>#\s]|\d+[.)]\s*)*\**\s*(?:Q|Question)\s*\d*\s*\**\s*[:.)\-]\s*\**\s*", re.IGNORECASE
+)
+_A_MARK = re.compile(
+    r"^(?:[-*•>#\s]|\d+[.)]\s*)*\**\s*(?:A|Answer)\s*\d*\s*\**\s*[:.)\-]\s*\**\s*", re.IGNORECASE
+)
 _INLINE_A = re.compile(r"\s\**\s*(?:A|Answer)\s*\d*\s*\**\s*:\s*\**\s*", re.IGNORECASE)
 _NUMBERED = re.compile(r"^\s*(?:[-*•]\s*)?\d+[.)]\s+")
 
@@ -285,14 +304,14 @@ def parse_qa_pairs(text: str) -> list[tuple[str, str]]:
         a_match = _A_MARK.match(line)
         if q_match and not (a_match and a_match.end() >= q_match.end()):
             flush()
-            rest = line[q_match.end():]
+            rest = line[q_match.end() :]
             inline = _INLINE_A.search(rest)
             if inline:
-                question, answer = rest[: inline.start()], [rest[inline.end():]]
+                question, answer = rest[: inline.start()], [rest[inline.end() :]]
             else:
                 question, answer = rest, None
         elif a_match and question is not None:
-            answer = [line[a_match.end():]]
+            answer = [line[a_match.end() :]]
         elif _NUMBERED.match(line) and line.rstrip("*").endswith("?"):
             flush()
             question, answer = _NUMBERED.sub("", line), None
@@ -307,18 +326,64 @@ def parse_qa_pairs(text: str) -> list[tuple[str, str]]:
 def clean_rephrasing(text: str) -> str:
     """Model output without a leading announcement line such as ``Here is the rewritten text:``."""
     lines = text.strip().splitlines()
-    while lines and (not lines[0].strip() or (lines[0].rstrip().endswith(":") and len(lines[0].split()) <= 12)):
+    while lines and (
+        not lines[0].strip() or (lines[0].rstrip().endswith(":") and len(lines[0].split()) <= 12)
+    ):
         lines.pop(0)
     return "\n".join(lines).strip()
 
 
 _TERM = re.compile(r"\b(?:[A-Z][\w'-]+|\d[\d,.]*)\b")
 _WORD = re.compile(r"[A-Za-z0-9]+")
-_STOP = frozenset({
-    "a", "an", "the", "of", "in", "on", "at", "to", "for", "and", "or", "is", "are", "was", "were", "be", "been",
-    "it", "its", "this", "that", "these", "those", "with", "by", "from", "as", "what", "which", "who", "whom",
-    "whose", "where", "when", "why", "how", "does", "do", "did", "has", "have", "had", "not", "no", "yes",
-})
+_STOP = frozenset(
+    {
+        "a",
+        "an",
+        "the",
+        "of",
+        "in",
+        "on",
+        "at",
+        "to",
+        "for",
+        "and",
+        "or",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "it",
+        "its",
+        "this",
+        "that",
+        "these",
+        "those",
+        "with",
+        "by",
+        "from",
+        "as",
+        "what",
+        "which",
+        "who",
+        "whom",
+        "whose",
+        "where",
+        "when",
+        "why",
+        "how",
+        "does",
+        "do",
+        "did",
+        "has",
+        "have",
+        "had",
+        "not",
+        "no",
+        "yes",
+    }
+)
 
 
 def key_terms(text: str) -> set[str]:
@@ -382,8 +447,11 @@ class TTTStrategy(Strategy):
         for i in self.layer_ids:
             layer = backbone.layers[i]
             attr, mlp = find_mlp(layer)
-            dual = DualMLP(mlp, alpha=config.alpha_initial,
-                           trainable_dtype=torch.float32 if config.trainable_dtype == "float32" else None)
+            dual = DualMLP(
+                mlp,
+                alpha=config.alpha_initial,
+                trainable_dtype=torch.float32 if config.trainable_dtype == "float32" else None,
+            )
             setattr(layer, attr, dual)
             self._wrapped.append((layer, attr, dual))
         device = backbone.device
@@ -438,7 +506,9 @@ class TTTStrategy(Strategy):
         else:
             path = Path(cfg.background).expanduser()
             if not path.is_file():
-                raise ConfigError(f"strategies.ttt.background: {cfg.background!r} is neither 'self' nor a text file")
+                raise ConfigError(
+                    f"strategies.ttt.background: {cfg.background!r} is neither 'self' nor a text file"
+                )
             texts = [path.read_text(encoding="utf-8")]
             budget = cfg.background_max_tokens
         rows: list[list[int]] = []
@@ -457,16 +527,24 @@ class TTTStrategy(Strategy):
         rows = self.background_rows()
         with deltas_disabled(self.duals):
             usage = record_usage(
-                self.backbone.model, rows, [d.base_output_projection for d in self.duals],
-                [d.neurons for d in self.duals], [self._k(d) for d in self.duals],
-                pad_id=self.backbone.tokenizer.pad_token_id, batch_size=self.backbone.generation.batch_size,
+                self.backbone.model,
+                rows,
+                [d.base_output_projection for d in self.duals],
+                [d.neurons for d in self.duals],
+                [self._k(d) for d in self.duals],
+                pad_id=self.backbone.tokenizer.pad_token_id,
+                batch_size=self.backbone.generation.batch_size,
             )
         for df, acc in zip(self._df, usage):
             df.copy_(acc.rate_sum)
         self._chunks.fill_(float(len(rows)))
         self.calibration_seconds = time.perf_counter() - start
-        logger.info("ttt: calibrated neuron usage on %d background chunks (%s) in %.1fs",
-                    len(rows), self.config.background, self.calibration_seconds)
+        logger.info(
+            "ttt: calibrated neuron usage on %d background chunks (%s) in %.1fs",
+            len(rows),
+            self.config.background,
+            self.calibration_seconds,
+        )
         return self.calibration_seconds
 
     @torch.no_grad()
@@ -474,9 +552,13 @@ class TTTStrategy(Strategy):
         """TF-IDF score (I,) per wrapped layer of the neurons the examples use (base model, deltas off)."""
         with deltas_disabled(self.duals):
             usage = record_usage(
-                self.backbone.model, [e.input_ids for e in examples], [d.base_output_projection for d in self.duals],
-                [d.neurons for d in self.duals], [self._k(d) for d in self.duals],
-                pad_id=self.backbone.tokenizer.pad_token_id, batch_size=self.config.batch_size,
+                self.backbone.model,
+                [e.input_ids for e in examples],
+                [d.base_output_projection for d in self.duals],
+                [d.neurons for d in self.duals],
+                [self._k(d) for d in self.duals],
+                pad_id=self.backbone.tokenizer.pad_token_id,
+                batch_size=self.config.batch_size,
             )
         chunks = float(self._chunks)
         return [tfidf_scores(acc.rate, df, chunks) for acc, df in zip(usage, self._df)]
@@ -501,16 +583,25 @@ class TTTStrategy(Strategy):
         pieces = [bb.tokenizer.decode(ids[a:b]) for a, b in chunk_spans(len(ids), AUGMENT_PIECE_TOKENS, 0)]
         prompts: list[str] = []
         for piece in pieces:
-            prompts += [template.format(text=piece) for template in REPHRASE_PROMPTS[: cfg.augment_rephrasings]]
+            prompts += [
+                template.format(text=piece) for template in REPHRASE_PROMPTS[: cfg.augment_rephrasings]
+            ]
             if cfg.augment_questions:
                 prompts.append(QA_PROMPT.format(n=cfg.augment_questions, text=piece))
         longest = max(
-            (len(bb.tokenizer(bb.format_prompt(p, chat=True), add_special_tokens=False)["input_ids"]) for p in prompts),
+            (
+                len(bb.tokenizer(bb.format_prompt(p, chat=True), add_special_tokens=False)["input_ids"])
+                for p in prompts
+            ),
             default=0,
         )
         new_tokens = min(cfg.augment_new_tokens, bb.max_length - longest)
-        if new_tokens < 16:  # a model with a short context (or no prompt at all): nothing sensible to generate
-            logger.info("ttt: no augmentation (prompt of %d tokens, model context %d)", longest, bb.max_length)
+        if (
+            new_tokens < 16
+        ):  # a model with a short context (or no prompt at all): nothing sensible to generate
+            logger.info(
+                "ttt: no augmentation (prompt of %d tokens, model context %d)", longest, bb.max_length
+            )
             return [], []
         start = time.perf_counter()
         with deltas_disabled(self.duals):
@@ -525,8 +616,13 @@ class TTTStrategy(Strategy):
                     rephrasings.append(candidate)
             if cfg.augment_questions:
                 pairs += [(q, a) for q, a in parse_qa_pairs(block[-1]) if answer_grounded(q, a, piece)]
-        logger.info("ttt: augmentation from %d prompts in %.1fs: %d rephrasings, %d question-answer pairs kept",
-                    len(prompts), time.perf_counter() - start, len(rephrasings), len(pairs))
+        logger.info(
+            "ttt: augmentation from %d prompts in %.1fs: %d rephrasings, %d question-answer pairs kept",
+            len(prompts),
+            time.perf_counter() - start,
+            len(rephrasings),
+            len(pairs),
+        )
         return rephrasings, pairs
 
     def _examples(self, text: str) -> tuple[list[training.Example], dict[str, int]]:
@@ -544,7 +640,9 @@ class TTTStrategy(Strategy):
         if cfg.augment:
             rephrasings, pairs = self.augmentation(text)
             for r in rephrasings:
-                examples += training.text_examples(bb, r, window=cfg.window_tokens, context=cfg.context_tokens)
+                examples += training.text_examples(
+                    bb, r, window=cfg.window_tokens, context=cfg.context_tokens
+                )
             examples += training.exchange_examples(bb, pairs)
             counts.update(rephrasings=len(rephrasings), qa_pairs=len(pairs))
         if cfg.sentence_exchanges:
@@ -564,11 +662,17 @@ class TTTStrategy(Strategy):
         def regularizer() -> torch.Tensor:
             chosen = rng.sample(rows, min(self.config.anchor_batch, len(rows)))
             batch = training.collate([training.Example(tuple(r), tuple(r)) for r in chosen], pad, device)
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            inputs = {
+                "input_ids": batch["input_ids"],
+                "attention_mask": batch["attention_mask"],
+                "use_cache": False,
+            }
             with torch.no_grad(), deltas_disabled(self.duals):
                 reference = model(**inputs).logits
             logits = model(**inputs).logits
-            return self.config.anchor_weight * training.kl_to_reference(reference, logits, batch["attention_mask"])
+            return self.config.anchor_weight * training.kl_to_reference(
+                reference, logits, batch["attention_mask"]
+            )
 
         return regularizer
 
@@ -596,25 +700,42 @@ class TTTStrategy(Strategy):
                 masks = dual.layout.masks(chosen, dict(dual.trainable.named_parameters()))
                 self._grad_masks.update({id(p): masks[n] for n, p in dual.trainable.named_parameters()})
             grad_hook = self._mask_gradients
-        regularizer = self._anchor(self.settings.seed + self.documents_learned) if cfg.anchor_weight > 0 else None
+        regularizer = (
+            self._anchor(self.settings.seed + self.documents_learned) if cfg.anchor_weight > 0 else None
+        )
         for dual in self.duals:
             dual.mark_changed()
         for p in params:
             p.requires_grad_(True)
         try:
             losses = training.train(
-                self.backbone, examples, params,
-                optimizer=cfg.optimizer, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                epochs=cfg.epochs, batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm or None,
-                stop_loss=cfg.stop_loss or None, seed=self.settings.seed + self.documents_learned,
-                grad_hook=grad_hook, regularizer=regularizer, description=f"ttt {document.id}",
+                self.backbone,
+                examples,
+                params,
+                optimizer=cfg.optimizer,
+                learning_rate=cfg.learning_rate,
+                weight_decay=cfg.weight_decay,
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                max_grad_norm=cfg.max_grad_norm or None,
+                stop_loss=cfg.stop_loss or None,
+                seed=self.settings.seed + self.documents_learned,
+                grad_hook=grad_hook,
+                regularizer=regularizer,
+                description=f"ttt {document.id}",
             )
         finally:
             for p in params:
                 p.requires_grad_(False)
             self._grad_masks = {}
-        logger.info("ttt: %s: %d steps on %d examples, loss %.3f -> %.3f", document.id, len(losses), len(examples),
-                    losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
+        logger.info(
+            "ttt: %s: %d steps on %d examples, loss %.3f -> %.3f",
+            document.id,
+            len(losses),
+            len(examples),
+            losses[0] if losses else float("nan"),
+            losses[-1] if losses else float("nan"),
+        )
         alpha = self.alpha
         for dual in self.duals:
             dual.set_alpha(max(cfg.alpha_min, alpha * cfg.alpha_decay))
@@ -629,8 +750,12 @@ class TTTStrategy(Strategy):
             seconds=time.perf_counter() - start,
             step_losses=tuple(losses),
             extra={
-                "steps": len(losses), "alpha": alpha, "neurons_per_layer": neurons,
-                "layers": f"{self.layer_ids[0]}..{self.layer_ids[-1]}", "calibration_seconds": calibration, **counts,
+                "steps": len(losses),
+                "alpha": alpha,
+                "neurons_per_layer": neurons,
+                "layers": f"{self.layer_ids[0]}..{self.layer_ids[-1]}",
+                "calibration_seconds": calibration,
+                **counts,
             },
         )
 
@@ -657,8 +782,10 @@ class TTTStrategy(Strategy):
         current = self.trainable_state()
         missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
         if missing or unexpected:
-            raise ValueError(f"ttt state does not match layers {self.config.layers!r}: "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ValueError(
+                f"ttt state does not match layers {self.config.layers!r}: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         for key, target in current.items():  # check everything before changing anything
             if state[key].shape != target.shape:
                 raise ValueError(f"{key}: shape {tuple(state[key].shape)} != {tuple(target.shape)}")
@@ -685,5 +812,9 @@ class TTTStrategy(Strategy):
 
     def stats(self) -> StrategyStats:
         n = sum(d.trainable_parameter_count() for d in self.duals)
-        return StrategyStats(params_added=n, params_trainable=n, state_bytes=tensor_bytes(self.trainable_state()),
-                             documents=self.documents_learned)
+        return StrategyStats(
+            params_added=n,
+            params_trainable=n,
+            state_bytes=tensor_bytes(self.trainable_state()),
+            documents=self.documents_learned,
+        )

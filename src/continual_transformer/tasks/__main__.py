@@ -20,15 +20,22 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--suite", required=True, choices=SUITES)
     bench.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     bench.add_argument("--quick", action="store_true", help="small CPU profile (minutes)")
-    bench.add_argument("--out", default=None, help="results directory (default benchmarks/results/tasks/SUITE[-quick])")
+    bench.add_argument(
+        "--out", default=None, help="results directory (default benchmarks/results/tasks/SUITE[-quick])"
+    )
     bench.add_argument("--data-dir", default="../shared/data")
     bench.add_argument("--model", default="smollm2-135m-instruct")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="auto")
     bench.add_argument("--order", type=int, default=None, help="task order (long15: 0, 1, 2)")
     bench.add_argument("--num-tasks", type=int, default=None)
-    bench.add_argument("--set", dest="overrides", action="append", default=[],
-                       help="override a setting: key=value or learner.key=value (repeatable)")
+    bench.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="override a setting: key=value or learner.key=value (repeatable)",
+    )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--workers", type=int, default=1, help="methods run at once, one process each (GPU)")
     worker = sub.add_parser("worker", help="(internal) run one method of a benchmark from a JSON spec")
@@ -40,9 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(args.spec, args.result)
         return 0
     bench_tasks(
-        suite=args.suite, methods=args.methods, quick=args.quick, out=args.out, data_dir=args.data_dir,
-        model=args.model, device=args.device, dtype=args.dtype, order=args.order, num_tasks=args.num_tasks,
-        overrides=args.overrides, seed=args.seed, workers=args.workers,
+        suite=args.suite,
+        methods=args.methods,
+        quick=args.quick,
+        out=args.out,
+        data_dir=args.data_dir,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        order=args.order,
+        num_tasks=args.num_tasks,
+        overrides=args.overrides,
+        seed=args.seed,
+        workers=args.workers,
     )
     return 0
 

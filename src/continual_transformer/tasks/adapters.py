@@ -42,7 +42,9 @@ def find_mlp(layer: nn.Module) -> nn.Module:
     sized = [(sum(p.numel() for p in module.parameters()), name, module) for name, module in children]
     sized = [item for item in sized if item[0] > 0]
     if not sized:
-        raise ValueError(f"{type(layer).__name__} has no child module with parameters to attach an adapter to")
+        raise ValueError(
+            f"{type(layer).__name__} has no child module with parameters to attach an adapter to"
+        )
     return max(sized, key=lambda item: item[0])[2]
 
 
@@ -53,7 +55,9 @@ def hidden_size(backbone: Backbone) -> int:
 class AdapterPool(nn.Module):
     """``slots`` stored bottleneck adapters plus one trainable scratch adapter, over ``layers``."""
 
-    def __init__(self, backbone: Backbone, *, slots: int, bottleneck: int, layers: list[int], activation: str = "gelu") -> None:
+    def __init__(
+        self, backbone: Backbone, *, slots: int, bottleneck: int, layers: list[int], activation: str = "gelu"
+    ) -> None:
         super().__init__()
         if slots < 1:
             raise ValueError(f"an adapter pool needs at least one slot, got {slots}")
@@ -116,7 +120,9 @@ class AdapterPool(nn.Module):
             raise ValueError(f"adapter pool tensors differ: {sorted(set(tensors) ^ set(own))}")
         for name, tensor in tensors.items():
             if tensor.shape != own[name].shape:
-                raise ValueError(f"adapter pool tensor {name}: shape {tuple(tensor.shape)} != {tuple(own[name].shape)}")
+                raise ValueError(
+                    f"adapter pool tensor {name}: shape {tuple(tensor.shape)} != {tuple(own[name].shape)}"
+                )
         self.load_state_dict(tensors)
 
     # -- forward ----------------------------------------------------------------------------------------------
@@ -134,7 +140,9 @@ class AdapterPool(nn.Module):
                 ids = ids.to(self.slot_down.device)
                 selection = (ids.clamp(min=0), (ids >= 0).to(torch.float32))
         if isinstance(selection, str) and selection != "scratch":
-            raise ValueError(f"adapter selection {selection!r}: use None, 'scratch', a slot or a tensor of slots")
+            raise ValueError(
+                f"adapter selection {selection!r}: use None, 'scratch', a slot or a tensor of slots"
+            )
         if isinstance(selection, int) and selection < 0:
             yield  # every row asks for no adapter
             return
@@ -160,7 +168,9 @@ class AdapterPool(nn.Module):
             h = self._act(F.linear(x, self.down[layer].T, self.down_bias[layer]))  # (B, T, r)
             return F.linear(h, self.up[layer].T, self.up_bias[layer])  # (B, T, d)
         if isinstance(selection, int):
-            h = self._act(F.linear(x, self.slot_down[selection, layer].T, self.slot_down_bias[selection, layer]))
+            h = self._act(
+                F.linear(x, self.slot_down[selection, layer].T, self.slot_down_bias[selection, layer])
+            )
             return F.linear(h, self.slot_up[selection, layer].T, self.slot_up_bias[selection, layer])
         ids, keep = selection  # (B,), (B,)
         down = self.slot_down[ids, layer]  # (B, d, r)

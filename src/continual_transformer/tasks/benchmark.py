@@ -21,7 +21,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,12 @@ from tqdm.auto import tqdm
 from continual_transformer.backbone import Backbone
 from continual_transformer.config import from_dict, to_dict
 from continual_transformer.errors import ConfigError
-from continual_transformer.evaluation.metrics import average_accuracy, backward_transfer, forgetting, forward_transfer
+from continual_transformer.evaluation.metrics import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+)
 from continual_transformer.evaluation.report import write_json
 from continual_transformer.tasks.config import TaskBenchmarkSettings, TaskConfig
 from continual_transformer.tasks.learner import TaskLearner
@@ -58,31 +63,65 @@ def profile_settings(suite: str, *, quick: bool, data_dir: str = "../shared/data
     long_texts = suite == "long15"
     if quick:
         learner = TaskConfig(
-            max_text_tokens=96 if long_texts else 32, eval_batch_size=8, batch_size=8, epochs=3, learning_rate=3e-3,
-            pool_size=2, buffer_size=32, replay_batch_size=4, transfer_samples=16, distill_epochs=2,
-            ewc_fisher_samples=8, router_samples=64, adapter_dim=8,
+            max_text_tokens=96 if long_texts else 32,
+            eval_batch_size=8,
+            batch_size=8,
+            epochs=3,
+            learning_rate=3e-3,
+            pool_size=2,
+            buffer_size=32,
+            replay_batch_size=4,
+            transfer_samples=16,
+            distill_epochs=2,
+            ewc_fisher_samples=8,
+            router_samples=64,
+            adapter_dim=8,
         )
-        return TaskBenchmarkSettings(data_dir=data_dir, num_tasks=3, max_labels_per_task=5,
-                                     max_train_per_label=6 if not long_texts else 8,
-                                     max_test_per_label=2 if not long_texts else 6, learner=learner)
+        return TaskBenchmarkSettings(
+            data_dir=data_dir,
+            num_tasks=3,
+            max_labels_per_task=5,
+            max_train_per_label=6 if not long_texts else 8,
+            max_test_per_label=2 if not long_texts else 6,
+            learner=learner,
+        )
     pool = {"clinc150-10": 4, "clinc150-50": 10, "banking77": 3, "long15": 5}[suite]
     # (train, test) examples per label, and the joint upper bound's per-step sample (None: every example so far,
     # a true multitask bound; the long suites cap it to stay within minutes). Sized so that all seven methods
     # finish in under 10 minutes per suite on one H100 (bf16, 7 workers).
-    per_label = {"clinc150-10": (24, 15), "clinc150-50": (24, 5), "banking77": (24, 15), "long15": (32, 16)}[suite]
+    per_label = {"clinc150-10": (24, 15), "clinc150-50": (24, 5), "banking77": (24, 15), "long15": (32, 16)}[
+        suite
+    ]
     joint_cap = {"clinc150-10": None, "clinc150-50": 360, "banking77": None, "long15": 600}[suite]
     learner = TaskConfig(
-        max_text_tokens=256 if long_texts else 64, eval_batch_size=64, batch_size=32, epochs=3, learning_rate=1e-3,
-        pool_size=pool, buffer_size=500, replay_batch_size=16, transfer_samples=64, distill_epochs=2,
-        ewc_fisher_samples=32, router_samples=256, adapter_dim=16, joint_max_examples=joint_cap,
-        router="backbone" if long_texts else "minilm",  # the better router per suite (benchmarks/results/router)
+        max_text_tokens=256 if long_texts else 64,
+        eval_batch_size=64,
+        batch_size=32,
+        epochs=3,
+        learning_rate=1e-3,
+        pool_size=pool,
+        buffer_size=500,
+        replay_batch_size=16,
+        transfer_samples=64,
+        distill_epochs=2,
+        ewc_fisher_samples=32,
+        router_samples=256,
+        adapter_dim=16,
+        joint_max_examples=joint_cap,
+        router="backbone"
+        if long_texts
+        else "minilm",  # the better router per suite (benchmarks/results/router)
     )
-    return TaskBenchmarkSettings(data_dir=data_dir, max_train_per_label=per_label[0], max_test_per_label=per_label[1],
-                                 learner=learner)
+    return TaskBenchmarkSettings(
+        data_dir=data_dir, max_train_per_label=per_label[0], max_test_per_label=per_label[1], learner=learner
+    )
 
 
 def resolve_settings(
-    suite: str, quick: bool, settings: TaskBenchmarkSettings | Mapping[str, Any] | None, data_dir: str | None = None
+    suite: str,
+    quick: bool,
+    settings: TaskBenchmarkSettings | Mapping[str, Any] | None,
+    data_dir: str | None = None,
 ) -> TaskBenchmarkSettings:
     """A settings object as given, or the profile with a mapping of overrides applied (``{"learner": {...}}``)."""
     if isinstance(settings, TaskBenchmarkSettings):
@@ -137,24 +176,44 @@ def run_task_benchmark(
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {method_names()}")
     settings = resolve_settings(suite, quick, settings, data_dir)
-    tasks = load_suite(suite, settings.data_dir, order=settings.order, num_tasks=settings.num_tasks,
-                       max_train_per_label=settings.max_train_per_label, max_test_per_label=settings.max_test_per_label,
-                       max_labels_per_task=settings.max_labels_per_task)
+    tasks = load_suite(
+        suite,
+        settings.data_dir,
+        order=settings.order,
+        num_tasks=settings.num_tasks,
+        max_train_per_label=settings.max_train_per_label,
+        max_test_per_label=settings.max_test_per_label,
+        max_labels_per_task=settings.max_labels_per_task,
+    )
     if len(tasks) > settings.learner.max_tasks:
-        raise ValueError(f"suite {suite} has {len(tasks)} tasks; raise learner.max_tasks={settings.learner.max_tasks}")
+        raise ValueError(
+            f"suite {suite} has {len(tasks)} tasks; raise learner.max_tasks={settings.learner.max_tasks}"
+        )
     out_dir = Path(out_dir)
-    earlier = earlier_results(out_dir / "results.json", suite, backbone.name, to_dict(settings)) if add else {}
+    earlier = (
+        earlier_results(out_dir / "results.json", suite, backbone.name, to_dict(settings)) if add else {}
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("suite %s: %d tasks, %d train / %d test examples; methods %s", suite, len(tasks),
-                sum(len(t.train) for t in tasks), sum(len(t.test) for t in tasks), methods)
+    logger.info(
+        "suite %s: %d tasks, %d train / %d test examples; methods %s",
+        suite,
+        len(tasks),
+        sum(len(t.train) for t in tasks),
+        sum(len(t.test) for t in tasks),
+        methods,
+    )
 
     start = time.perf_counter()
     baseline = zero_shot_accuracy(backbone, tasks, settings.learner)
-    done: dict[str, Any] = {m: _nan_matrix(v) for m, v in earlier.get("methods", {}).items() if m not in methods}
+    done: dict[str, Any] = {
+        m: _nan_matrix(v) for m, v in earlier.get("methods", {}).items() if m not in methods
+    }
 
     def write_report() -> dict[str, Any]:
         """results.json, results.md and plots of the methods finished so far (an interrupted run keeps them)."""
-        results = {m: v for m, v in done.items() if m not in methods} | {m: done[m] for m in methods if m in done}
+        results = {m: v for m, v in done.items() if m not in methods} | {
+            m: done[m] for m in methods if m in done
+        }
         plain = results.get(PLAIN_ADAPTER, {}).get("train_s_per_task")
         for summary in results.values():
             summary["train_time_vs_plain_adapter"] = summary["train_s_per_task"] / plain if plain else None
@@ -164,7 +223,7 @@ def run_task_benchmark(
                 "device": f"{backbone.device} ({str(backbone.dtype).removeprefix('torch.')})",
                 "settings": {**to_dict(settings), "quick": quick},
                 "version": __version__,
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "machine": machine_info(backbone.device),
                 "tasks": [t.name for t in tasks],
                 "train_examples": [len(t.train) for t in tasks],
@@ -206,13 +265,20 @@ def earlier_results(path: Path, suite: str, model: str, settings: dict[str, Any]
         return {}
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        same = (earlier["suite"] == suite and earlier["meta"]["model"] == model
-                and {k: v for k, v in earlier["meta"]["settings"].items() if k != "quick"} == settings)
+        same = (
+            earlier["suite"] == suite
+            and earlier["meta"]["model"] == model
+            and {k: v for k, v in earlier["meta"]["settings"].items() if k != "quick"} == settings
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a task benchmark result ({exc}); use another output directory") from exc
+        raise ConfigError(
+            f"{path} is not a task benchmark result ({exc}); use another output directory"
+        ) from exc
     if not same:
-        raise ConfigError(f"{path} was measured on another suite, model or settings; methods can only be added to "
-                         "a run of the same profile: use another output directory")
+        raise ConfigError(
+            f"{path} was measured on another suite, model or settings; methods can only be added to "
+            "a run of the same profile: use another output directory"
+        )
     return earlier
 
 
@@ -226,7 +292,11 @@ def zero_shot_accuracy(backbone: Backbone, tasks: Sequence[TaskSpec], config: Ta
 
 
 def run_method(
-    backbone: Backbone, tasks: Sequence[TaskSpec], method: str, settings: TaskBenchmarkSettings, baseline: Sequence[float]
+    backbone: Backbone,
+    tasks: Sequence[TaskSpec],
+    method: str,
+    settings: TaskBenchmarkSettings,
+    baseline: Sequence[float],
 ) -> dict[str, Any]:
     """One method through the whole sequence; returns its summary (one entry of ``results.json["methods"]``)."""
     n = len(tasks)
@@ -245,7 +315,9 @@ def run_method(
             merges += int(report.merged)
             eval_start = time.perf_counter()
             cells = [k for k in range(n) if settings.full_matrix or k <= t + 1]
-            accuracies = learner.evaluate_many([(tasks[k].name, tasks[k].test, tasks[k].labels) for k in cells])
+            accuracies = learner.evaluate_many(
+                [(tasks[k].name, tasks[k].test, tasks[k].labels) for k in cells]
+            )
             matrix[t, cells] = accuracies
             eval_s.append(time.perf_counter() - eval_start)
             logger.info("%s after %s: %s", method, task.name, np.round(matrix[t, : t + 1], 3).tolist())
@@ -298,10 +370,16 @@ def run_in_workers(
     import continual_transformer
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    model = {"name": backbone.name, "device": str(backbone.device),
-             "dtype": str(backbone.dtype).removeprefix("torch.")}
+    model = {
+        "name": backbone.name,
+        "device": str(backbone.device),
+        "dtype": str(backbone.dtype).removeprefix("torch."),
+    }
     package_root = str(Path(continual_transformer.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+    }
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # several processes share one GPU
     # Each worker's host side is one thread: N workers x all-cores thread pools thrash the CPUs.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -315,12 +393,31 @@ def run_in_workers(
                 while pending and len(running) < workers:
                     method = pending.pop(0)
                     spec, result = Path(tmp) / f"{method}.spec.json", Path(tmp) / f"{method}.result.json"
-                    spec.write_text(json.dumps({"model": model, "suite": suite, "settings": to_dict(settings),
-                                                "method": method, "baseline": list(baseline)}), encoding="utf-8")
+                    spec.write_text(
+                        json.dumps(
+                            {
+                                "model": model,
+                                "suite": suite,
+                                "settings": to_dict(settings),
+                                "method": method,
+                                "baseline": list(baseline),
+                            }
+                        ),
+                        encoding="utf-8",
+                    )
                     log = open(log_dir / f"{method}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
                     process = subprocess.Popen(
-                        [sys.executable, "-m", "continual_transformer.tasks", "worker", str(spec), str(result)],
-                        stdout=log, stderr=subprocess.STDOUT, env=env,
+                        [
+                            sys.executable,
+                            "-m",
+                            "continual_transformer.tasks",
+                            "worker",
+                            str(spec),
+                            str(result),
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
                     )
                     running[method] = (process, log, result)
                     logger.info("started %s in process %d", method, process.pid)
@@ -334,7 +431,9 @@ def run_in_workers(
                             proc.terminate()
                             other_log.close()
                         tail = (log_dir / f"{method}.log").read_text(encoding="utf-8")[-3000:]
-                        raise RuntimeError(f"method {method} failed (exit {process.returncode}); log tail:\n{tail}")
+                        raise RuntimeError(
+                            f"method {method} failed (exit {process.returncode}); log tail:\n{tail}"
+                        )
                     results[method] = json.loads(result.read_text(encoding="utf-8"))
                     bar.update(1)
                     if progress is not None:
@@ -345,7 +444,9 @@ def run_in_workers(
 
 def _nan_matrix(summary: dict[str, Any]) -> dict[str, Any]:
     """JSON null cells back to NaN, as a method run in this process leaves them."""
-    summary["accuracy_matrix"] = [[math.nan if v is None else v for v in row] for row in summary["accuracy_matrix"]]
+    summary["accuracy_matrix"] = [
+        [math.nan if v is None else v for v in row] for row in summary["accuracy_matrix"]
+    ]
     return summary
 
 
@@ -357,16 +458,28 @@ def run_worker(spec_path: str | Path, result_path: str | Path) -> None:
     settings = from_dict(TaskBenchmarkSettings, spec["settings"], "bench")
     torch.manual_seed(settings.learner.seed)
     backbone = Backbone.load(ModelConfig(**spec["model"]))
-    tasks = load_suite(spec["suite"], settings.data_dir, order=settings.order, num_tasks=settings.num_tasks,
-                       max_train_per_label=settings.max_train_per_label, max_test_per_label=settings.max_test_per_label,
-                       max_labels_per_task=settings.max_labels_per_task)
+    tasks = load_suite(
+        spec["suite"],
+        settings.data_dir,
+        order=settings.order,
+        num_tasks=settings.num_tasks,
+        max_train_per_label=settings.max_train_per_label,
+        max_test_per_label=settings.max_test_per_label,
+        max_labels_per_task=settings.max_labels_per_task,
+    )
     summary = run_method(backbone, tasks, spec["method"], settings, spec["baseline"])
     write_json(Path(result_path), summary)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {"hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -395,7 +508,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Model `{meta['model']}` on {meta['device']}, library {meta['version']}, {meta['date']}; "
         f"{len(meta['tasks'])} tasks, {sum(meta['train_examples'])} training / {sum(meta['test_examples'])} test "
         f"examples{' (quick profile)' if meta['settings'].get('quick') else ''}; {meta['wall_s']:.0f} s in all.",
-        *(["", f"Not finished in this run (no row): {', '.join(meta['unfinished'])}."] if meta.get("unfinished") else []),
+        *(
+            ["", f"Not finished in this run (no row): {', '.join(meta['unfinished'])}."]
+            if meta.get("unfinished")
+            else []
+        ),
         "",
         "Accuracy with task id: avg = mean of the last row of R; BWT, FWT (vs the base model's zero-shot accuracy "
         f"{_fmt(float(np.mean(meta['zero_shot_accuracy'])))}), forgetting from `evaluation.metrics`. Routed: without "
@@ -416,7 +533,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Accuracy matrices R[t, k] (row: after task t; column: task k)", ""]
     names = meta["tasks"]
     for name, m in report["methods"].items():
-        lines += [f"### {name}", "", "| after \\ on | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [
+            f"### {name}",
+            "",
+            "| after \\ on | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
         for t, row in enumerate(m["accuracy_matrix"]):
             lines.append(f"| {names[t]} | " + " | ".join(_fmt(v, 2) for v in row) + " |")
         lines.append("")
@@ -527,10 +649,19 @@ def bench_tasks(
         changes = _merge(changes, {"learner": {"seed": seed}})
     settings = resolve_settings(suite, quick, changes, data_dir)
     torch.manual_seed(seed)
-    backbone = model if isinstance(model, Backbone) else Backbone.load(ModelConfig(name=model, device=device, dtype=dtype))
-    out = Path(out) if out is not None else Path("benchmarks/results/tasks") / f"{suite}{'-quick' if quick else ''}"
-    return run_task_benchmark(suite, methods, backbone, settings, out, quick, workers=workers, add=add,
-                              progress=progress)
+    backbone = (
+        model
+        if isinstance(model, Backbone)
+        else Backbone.load(ModelConfig(name=model, device=device, dtype=dtype))
+    )
+    out = (
+        Path(out)
+        if out is not None
+        else Path("benchmarks/results/tasks") / f"{suite}{'-quick' if quick else ''}"
+    )
+    return run_task_benchmark(
+        suite, methods, backbone, settings, out, quick, workers=workers, add=add, progress=progress
+    )
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -67,7 +67,13 @@ class ReplayBuffer:
         return [self.example(rng.randrange(size)) for _ in range(n)]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"tokens": self.tokens, "lengths": self.lengths, "tasks": self.tasks, "labels": self.labels, "seen": self.seen}
+        return {
+            "tokens": self.tokens,
+            "lengths": self.lengths,
+            "tasks": self.tasks,
+            "labels": self.labels,
+            "seen": self.seen,
+        }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         own = self.state_tensors()
@@ -75,6 +81,8 @@ class ReplayBuffer:
             raise ValueError(f"replay buffer tensors differ: {sorted(set(tensors) ^ set(own))}")
         for name, tensor in tensors.items():
             if tensor.shape != own[name].shape or tensor.dtype != own[name].dtype:
-                raise ValueError(f"replay buffer tensor {name}: {tuple(tensor.shape)} {tensor.dtype} does not match "
-                                 f"{tuple(own[name].shape)} {own[name].dtype}")
+                raise ValueError(
+                    f"replay buffer tensor {name}: {tuple(tensor.shape)} {tensor.dtype} does not match "
+                    f"{tuple(own[name].shape)} {own[name].dtype}"
+                )
             own[name].copy_(tensor)

@@ -39,7 +39,9 @@ class TaskConfig:
     """Longest task id, in UTF-8 bytes."""
 
     # -- prompts and scoring --
-    prompt_template: str = "Classify the text into one of these categories: {labels}.\nText: {text}\nCategory:"
+    prompt_template: str = (
+        "Classify the text into one of these categories: {labels}.\nText: {text}\nCategory:"
+    )
     """User prompt; ``{text}`` (required, once) is the input, ``{labels}`` (optional) the task's label list."""
     chat: bool | None = None
     """Wrap the prompt in the chat template (``None``: as the backbone's generation settings say)."""
@@ -131,33 +133,79 @@ class TaskConfig:
     def __post_init__(self) -> None:
         from continual_transformer.tasks.methods import method_names
 
-        _check(self.method in method_names(), "tasks.method", f"unknown method {self.method!r}; known: {method_names()}")
-        for key in ("max_tasks", "max_labels_per_task", "max_label_bytes", "max_task_id_bytes", "max_text_tokens",
-                    "eval_batch_size", "pool_size", "adapter_dim", "epochs", "batch_size", "transfer_samples",
-                    "buffer_size", "ewc_fisher_samples", "lora_rank", "router_samples"):
+        _check(
+            self.method in method_names(),
+            "tasks.method",
+            f"unknown method {self.method!r}; known: {method_names()}",
+        )
+        for key in (
+            "max_tasks",
+            "max_labels_per_task",
+            "max_label_bytes",
+            "max_task_id_bytes",
+            "max_text_tokens",
+            "eval_batch_size",
+            "pool_size",
+            "adapter_dim",
+            "epochs",
+            "batch_size",
+            "transfer_samples",
+            "buffer_size",
+            "ewc_fisher_samples",
+            "lora_rank",
+            "router_samples",
+        ):
             value = getattr(self, key)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"tasks.{key}",
-                   f"must be an integer >= 1, got {value!r}")
-        _check(self.max_labels_per_task >= 2, "tasks.max_labels_per_task", "must be >= 2 (a task has two labels or more)")
-        _check(self.prompt_template.count("{text}") == 1, "tasks.prompt_template", "must contain {text} exactly once")
-        _check(_LAYER_SPEC.match(self.adapter_layers.strip()) is not None, "tasks.adapter_layers",
-               f"{self.adapter_layers!r} is not 'all', a slice like '-8:' or '4:12', or an index")
-        _check(self.adapter_activation in ACTIVATIONS, "tasks.adapter_activation", f"must be one of {ACTIVATIONS}")
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"tasks.{key}",
+                f"must be an integer >= 1, got {value!r}",
+            )
+        _check(
+            self.max_labels_per_task >= 2,
+            "tasks.max_labels_per_task",
+            "must be >= 2 (a task has two labels or more)",
+        )
+        _check(
+            self.prompt_template.count("{text}") == 1,
+            "tasks.prompt_template",
+            "must contain {text} exactly once",
+        )
+        _check(
+            _LAYER_SPEC.match(self.adapter_layers.strip()) is not None,
+            "tasks.adapter_layers",
+            f"{self.adapter_layers!r} is not 'all', a slice like '-8:' or '4:12', or an index",
+        )
+        _check(
+            self.adapter_activation in ACTIVATIONS,
+            "tasks.adapter_activation",
+            f"must be one of {ACTIVATIONS}",
+        )
         _check(self.learning_rate > 0, "tasks.learning_rate", "must be > 0")
         _check(self.weight_decay >= 0, "tasks.weight_decay", "must be >= 0")
         _check(self.max_grad_norm >= 0, "tasks.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _check(self.distill_epochs >= 0, "tasks.distill_epochs", "must be >= 0")
         _check(self.distill_temperature > 0, "tasks.distill_temperature", "must be > 0")
         _check(self.distill_ce_weight >= 0, "tasks.distill_ce_weight", "must be >= 0")
-        _check(self.joint_max_examples is None or self.joint_max_examples >= 1, "tasks.joint_max_examples",
-               "must be >= 1 or null")
+        _check(
+            self.joint_max_examples is None or self.joint_max_examples >= 1,
+            "tasks.joint_max_examples",
+            "must be >= 1 or null",
+        )
         _check(self.replay_batch_size >= 0, "tasks.replay_batch_size", "must be >= 0")
         _check(self.ewc_lambda >= 0, "tasks.ewc_lambda", "must be >= 0")
         _check(self.lwf_alpha >= 0, "tasks.lwf_alpha", "must be >= 0")
         _check(self.lora_alpha > 0, "tasks.lora_alpha", "must be > 0")
-        _check(self.router_prototypes in ("label", "task"), "tasks.router_prototypes",
-               f"must be label or task, got {self.router_prototypes!r}")
-        _check(bool(self.router.strip()), "tasks.router", "must be backbone, minilm or a sentence embedder's name or path")
+        _check(
+            self.router_prototypes in ("label", "task"),
+            "tasks.router_prototypes",
+            f"must be label or task, got {self.router_prototypes!r}",
+        )
+        _check(
+            bool(self.router.strip()),
+            "tasks.router",
+            "must be backbone, minilm or a sentence embedder's name or path",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -48,12 +48,16 @@ TaskData = Union[str, Path, Iterable[Any]]
 """What ``learn_task`` and ``evaluate`` accept: examples in memory or a path (see the module docstring)."""
 
 
-def read_labeled(data: TaskData, *, split: str | None = None, name: str = "train_data") -> list[LabeledExample]:
+def read_labeled(
+    data: TaskData, *, split: str | None = None, name: str = "train_data"
+) -> list[LabeledExample]:
     """Read labelled examples from any accepted form; ``name`` is how errors call in-memory data."""
     if isinstance(data, (str, Path)):
         return read_labeled_file(data, split=split)
     if isinstance(data, Mapping):
-        raise TaskDataError(name, "expected a list of examples or a path, got a mapping (pass one split's list)")
+        raise TaskDataError(
+            name, "expected a list of examples or a path, got a mapping (pass one split's list)"
+        )
     examples = []
     for index, item in enumerate(data):
         examples.append(_parse_item(item, where=f"{name}[{index}]", path=None, line=None))
@@ -68,8 +72,11 @@ def read_labeled_file(path: str | Path, *, split: str | None = None) -> list[Lab
     if path.is_dir():
         file = path / f"{split or 'train'}.json"
         if not file.exists():
-            raise TaskDataError(path, f"directory has no {file.name} (give a file, or split= one of "
-                                      f"{sorted(p.stem for p in path.glob('*.json'))})")
+            raise TaskDataError(
+                path,
+                f"directory has no {file.name} (give a file, or split= one of "
+                f"{sorted(p.stem for p in path.glob('*.json'))})",
+            )
         return read_labeled_file(file)
     if not path.exists():
         raise TaskDataError(path, "no such file")
@@ -110,14 +117,21 @@ def _read_csv(path: Path, text: str) -> list[LabeledExample]:
     text_key = next((k for k in TEXT_KEYS if k in header), None)
     label_key = next((k for k in LABEL_KEYS if k in header), None)
     if text_key is None or label_key is None:
-        raise TaskDataError(path, f"header {header} needs a text column ({' or '.join(TEXT_KEYS)}) and a label "
-                                  f"column ({' or '.join(LABEL_KEYS)})", line=1)
+        raise TaskDataError(
+            path,
+            f"header {header} needs a text column ({' or '.join(TEXT_KEYS)}) and a label "
+            f"column ({' or '.join(LABEL_KEYS)})",
+            line=1,
+        )
     examples = []
     for row in reader:
         if None in row or any(value is None for value in row.values()):
             raise TaskDataError(path, f"expected {len(header)} columns", line=reader.line_num)
-        examples.append(_parse_item({"text": row[text_key], "label": row[label_key]}, where=None, path=path,
-                                    line=reader.line_num))
+        examples.append(
+            _parse_item(
+                {"text": row[text_key], "label": row[label_key]}, where=None, path=path, line=reader.line_num
+            )
+        )
     return examples
 
 

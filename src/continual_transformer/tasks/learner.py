@@ -81,7 +81,9 @@ class TaskTable:
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
         self.ids = torch.zeros(config.max_tasks, config.max_task_id_bytes, dtype=torch.uint8)
-        self.labels = torch.zeros(config.max_tasks, config.max_labels_per_task, config.max_label_bytes, dtype=torch.uint8)
+        self.labels = torch.zeros(
+            config.max_tasks, config.max_labels_per_task, config.max_label_bytes, dtype=torch.uint8
+        )
         self.num_labels = torch.zeros(config.max_tasks, dtype=torch.int64)
         self.count = torch.zeros((), dtype=torch.int64)
         self._decoded: list[tuple[str, tuple[str, ...]]] = []  # derived cache
@@ -97,8 +99,13 @@ class TaskTable:
 
     def decoded(self) -> list[tuple[str, tuple[str, ...]]]:
         if len(self._decoded) != len(self):
-            self._decoded = [(_decode(self.ids[i]), tuple(_decode(self.labels[i, j]) for j in range(int(self.num_labels[i]))))
-                             for i in range(len(self))]
+            self._decoded = [
+                (
+                    _decode(self.ids[i]),
+                    tuple(_decode(self.labels[i, j]) for j in range(int(self.num_labels[i]))),
+                )
+                for i in range(len(self))
+            ]
         return self._decoded
 
     def task_ids(self) -> list[str]:
@@ -116,10 +123,14 @@ class TaskTable:
         current = list(self.label_set(index)) if index is not None else []
         merged = current + [label for label in dict.fromkeys(labels) if label not in current]
         if len(merged) > cfg.max_labels_per_task:
-            raise TaskError(f"task {task_id!r} has {len(merged)} labels; tasks.max_labels_per_task={cfg.max_labels_per_task}")
+            raise TaskError(
+                f"task {task_id!r} has {len(merged)} labels; tasks.max_labels_per_task={cfg.max_labels_per_task}"
+            )
         if len(merged) < 2:
             raise TaskError(f"task {task_id!r} needs at least two labels, got {merged}")
-        rows = torch.stack([_encode(label, cfg.max_label_bytes, "label", "tasks.max_label_bytes") for label in merged])
+        rows = torch.stack(
+            [_encode(label, cfg.max_label_bytes, "label", "tasks.max_label_bytes") for label in merged]
+        )
         id_row = _encode(task_id, cfg.max_task_id_bytes, "task id", "tasks.max_task_id_bytes")
         if index is None:
             index = len(self)
@@ -190,7 +201,12 @@ class TaskLearner:
 
     # -- learning ---------------------------------------------------------------------------------------------
     def learn_task(
-        self, task_id: str | int, train_data: TaskData, epochs: int | None = None, *, labels: Sequence[str] | None = None
+        self,
+        task_id: str | int,
+        train_data: TaskData,
+        epochs: int | None = None,
+        *,
+        labels: Sequence[str] | None = None,
     ) -> TaskReport:
         """Learn (or keep learning) task ``task_id`` from labelled examples (see :mod:`.data` for the forms).
 
@@ -209,26 +225,52 @@ class TaskLearner:
         encoded = self._encode(examples, index)
         report = self.method.learn(index, encoded, epochs=epochs, rows_of=self._rows)
         sample = spread_by_label([e.label for e in encoded], self.config.router_samples)
-        self.router.update(index, self.embedder([examples[i].text for i in sample]),
-                           torch.tensor([encoded[i].label for i in sample], dtype=torch.long))
+        self.router.update(
+            index,
+            self.embedder([examples[i].text for i in sample]),
+            torch.tensor([encoded[i].label for i in sample], dtype=torch.long),
+        )
         losses = report.pop("losses", [])
         steps_per_epoch = max(1, len(losses) // max(epochs, 1))
         result = TaskReport(
-            task_id=task_id, task_index=index, examples=len(examples), labels=self.table.label_set(index),
-            seconds=time.perf_counter() - start, train_seconds=float(report.pop("train_s", 0.0)),
+            task_id=task_id,
+            task_index=index,
+            examples=len(examples),
+            labels=self.table.label_set(index),
+            seconds=time.perf_counter() - start,
+            train_seconds=float(report.pop("train_s", 0.0)),
             distill_seconds=float(report.pop("distill_s", 0.0)),
             final_loss=sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]) if losses else None,
-            slot=report.pop("slot", None), merged=bool(report.pop("merged", False)),
-            parameters=self.num_parameters(), state_bytes=self.state_bytes(), extra=report,
+            slot=report.pop("slot", None),
+            merged=bool(report.pop("merged", False)),
+            parameters=self.num_parameters(),
+            state_bytes=self.state_bytes(),
+            extra=report,
         )
-        self.history.append({"task_id": task_id, "examples": len(examples), "seconds": round(result.seconds, 3),
-                             "slot": result.slot, "merged": result.merged})
-        logger.info("learned task %s (%d examples, %d labels) in %.1fs: slot %s%s, loss %s", task_id, len(examples),
-                    len(label_set), result.seconds, result.slot, " (merged)" if result.merged else "",
-                    f"{result.final_loss:.3f}" if result.final_loss is not None else "-")
+        self.history.append(
+            {
+                "task_id": task_id,
+                "examples": len(examples),
+                "seconds": round(result.seconds, 3),
+                "slot": result.slot,
+                "merged": result.merged,
+            }
+        )
+        logger.info(
+            "learned task %s (%d examples, %d labels) in %.1fs: slot %s%s, loss %s",
+            task_id,
+            len(examples),
+            len(label_set),
+            result.seconds,
+            result.slot,
+            " (merged)" if result.merged else "",
+            f"{result.final_loss:.3f}" if result.final_loss is not None else "-",
+        )
         return result
 
-    def _encode(self, examples: Sequence[LabeledExample], task: int, labels: Sequence[str] | None = None) -> list[Encoded]:
+    def _encode(
+        self, examples: Sequence[LabeledExample], task: int, labels: Sequence[str] | None = None
+    ) -> list[Encoded]:
         labels = labels if labels is not None else self.table.label_set(task)
         position = {label: j for j, label in enumerate(labels)}
         ids = self.prompts.encode_texts([e.text for e in examples])
@@ -247,7 +289,9 @@ class TaskLearner:
         """The label of ``text`` in task ``task_id`` (routed to a task by its prototype when ``None``)."""
         return self.predict_batch([text], task_id)[0]
 
-    def predict_batch(self, texts: Sequence[str], task_ids: str | int | Sequence[str | int] | None = None) -> list[str]:
+    def predict_batch(
+        self, texts: Sequence[str], task_ids: str | int | Sequence[str | int] | None = None
+    ) -> list[str]:
         """Labels of many texts; ``task_ids`` is one id for all, one id per text, or ``None`` to route."""
         texts = list(texts)
         if not texts:
@@ -284,7 +328,9 @@ class TaskLearner:
     def _classify(self, text_ids, tasks: torch.Tensor, label_sets) -> list[int]:
         return [int(s.argmax()) for s in self._score(text_ids, tasks, label_sets)]
 
-    def _score(self, text_ids: Sequence[tuple[int, ...]], tasks: torch.Tensor, label_sets: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+    def _score(
+        self, text_ids: Sequence[tuple[int, ...]], tasks: torch.Tensor, label_sets: Sequence[Sequence[str]]
+    ) -> list[torch.Tensor]:
         """Scores of each example's candidate labels; batches sorted by (task, length), grouped per task when the
         method cannot mix tasks in one pass."""
         prompts = [self.prompts.task_prompt(labels) for labels in label_sets]
@@ -294,8 +340,11 @@ class TaskLearner:
         size = self.config.eval_batch_size
         chunks, current = [], []
         for i in order:
-            same_group = not current or self.method.mixed_batches or (
-                int(tasks[i]) == int(tasks[current[0]]) and label_sets[i] == label_sets[current[0]])
+            same_group = (
+                not current
+                or self.method.mixed_batches
+                or (int(tasks[i]) == int(tasks[current[0]]) and label_sets[i] == label_sets[current[0]])
+            )
             if len(current) == size or not same_group:
                 chunks.append(current)
                 current = []
@@ -304,7 +353,9 @@ class TaskLearner:
         for chunk in chunks:
             chunk_tasks = tasks[chunk]
             scores = score_candidates(
-                self.backbone, [full[i] for i in chunk], [prompts[i].answers for i in chunk],
+                self.backbone,
+                [full[i] for i in chunk],
+                [prompts[i].answers for i in chunk],
                 lambda rows: self.method.activate(chunk_tasks[rows]),
                 share_prefix=self._share_prefix and bool((chunk_tasks == chunk_tasks[0]).all()),
             )
@@ -333,12 +384,16 @@ class TaskLearner:
         index = self.table.index(str(task_id))
         if index is None:
             if labels is None or routed:
-                raise TaskError(f"unknown task {task_id!r}: give labels= to evaluate a task not learned yet (not routed)")
+                raise TaskError(
+                    f"unknown task {task_id!r}: give labels= to evaluate a task not learned yet (not routed)"
+                )
             label_set = tuple(labels)
             tasks = torch.full((len(texts),), -1, dtype=torch.long)
         else:
             label_set = self.table.label_set(index)
-            tasks = self.route_indices(texts) if routed else torch.full((len(texts),), index, dtype=torch.long)
+            tasks = (
+                self.route_indices(texts) if routed else torch.full((len(texts),), index, dtype=torch.long)
+            )
         label_sets = [self.table.label_set(int(t)) if t >= 0 else label_set for t in tasks]
         choice = self._classify(self.prompts.encode_texts(texts), tasks, label_sets)
         correct = [labels_[c] == e.label for labels_, c, e in zip(label_sets, choice, examples)]
@@ -362,7 +417,9 @@ class TaskLearner:
             tasks += [index if index is not None else -1] * len(examples)
             label_sets += [label_set] * len(examples)
             owner += [n] * len(examples)
-        choice = self._classify(self.prompts.encode_texts(texts), torch.tensor(tasks, dtype=torch.long), label_sets)
+        choice = self._classify(
+            self.prompts.encode_texts(texts), torch.tensor(tasks, dtype=torch.long), label_sets
+        )
         correct, total = [0] * len(items), [0] * len(items)
         for n, labels_, c, g in zip(owner, label_sets, choice, gold):
             correct[n] += labels_[c] == g
@@ -386,9 +443,14 @@ class TaskLearner:
         return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
 
     def stats(self) -> dict[str, Any]:
-        return {"method": self.method.name, "tasks": len(self.table), "max_tasks": self.config.max_tasks,
-                "parameters": self.num_parameters(), "state_bytes": self.state_bytes(),
-                "grows_with_tasks": self.method.grows_with_tasks}
+        return {
+            "method": self.method.name,
+            "tasks": len(self.table),
+            "max_tasks": self.config.max_tasks,
+            "parameters": self.num_parameters(),
+            "state_bytes": self.state_bytes(),
+            "grows_with_tasks": self.method.grows_with_tasks,
+        }
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def checkpoint_manifest(self) -> dict[str, Any]:
@@ -410,8 +472,12 @@ class TaskLearner:
     def save(self, directory: str | Path) -> Path:
         """Write the learner's tensors (safetensors), its config and a manifest, atomically (``checkpoint.py``)."""
         config_yaml = yaml.safe_dump(to_dict(self.config), sort_keys=False)
-        return checkpoint.write_checkpoint(directory, tensors=self.state_tensors(), config_yaml=config_yaml,
-                                           manifest=self.checkpoint_manifest())
+        return checkpoint.write_checkpoint(
+            directory,
+            tensors=self.state_tensors(),
+            config_yaml=config_yaml,
+            manifest=self.checkpoint_manifest(),
+        )
 
     def load(self, directory: str | Path) -> None:
         """Replace this learner's state by a checkpoint's (its config included).
@@ -424,7 +490,9 @@ class TaskLearner:
         self.restore(tensors, manifest, where=str(directory))
         logger.info("loaded %d tasks (%s) from %s", len(self.table), self.method.name, directory)
 
-    def restore(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *, where: str = "checkpoint") -> None:
+    def restore(
+        self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *, where: str = "checkpoint"
+    ) -> None:
         """Load state from ``state_tensors()`` and ``checkpoint_manifest()`` output, e.g. when the facade keeps the
         learner inside its own checkpoint (under a tensor-name prefix it strips before calling this)."""
         if manifest.get("kind") != CHECKPOINT_KIND:
@@ -439,8 +507,16 @@ class TaskLearner:
             config = from_dict(TaskConfig, manifest.get("task_config"), "tasks")
         except ConfigError as exc:
             raise CheckpointError(f"{where}: task config is invalid ({exc})") from exc
-        old = (self.config, self.prompts, self.table, self.embedder, self.router, self.method, self._share_prefix,
-               self.history)
+        old = (
+            self.config,
+            self.prompts,
+            self.table,
+            self.embedder,
+            self.router,
+            self.method,
+            self._share_prefix,
+            self.history,
+        )
         self.method.close()
         try:
             self._build(config)
@@ -449,8 +525,16 @@ class TaskLearner:
             self.method.load_state_tensors(_sub(tensors, "method."), num_tasks=len(self.table))
         except (ValueError, KeyError) as exc:
             self.method.close()
-            (self.config, self.prompts, self.table, self.embedder, self.router, self.method, self._share_prefix,
-             self.history) = old
+            (
+                self.config,
+                self.prompts,
+                self.table,
+                self.embedder,
+                self.router,
+                self.method,
+                self._share_prefix,
+                self.history,
+            ) = old
             raise CheckpointError(f"{where}: state does not fit the learner ({exc})") from exc
         self.history = list(manifest.get("history", []))
 
@@ -468,4 +552,4 @@ class TaskLearner:
 
 
 def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -26,11 +26,11 @@ replay              shared adapter + fixed-size reservoir buffer mixed into ever
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
 import random
 import re
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -117,7 +117,9 @@ class TaskMethod(ABC):
         self.share_prefix = resolve_share_prefix(config, backbone)
 
     @abstractmethod
-    def learn(self, task: int, examples: Sequence[Encoded], *, epochs: int, rows_of: RowsOf) -> dict[str, Any]:
+    def learn(
+        self, task: int, examples: Sequence[Encoded], *, epochs: int, rows_of: RowsOf
+    ) -> dict[str, Any]:
         """Learn task ``task`` from its examples; returns figures for the report (losses, seconds...)."""
         ...
 
@@ -127,12 +129,10 @@ class TaskMethod(ABC):
         ...
 
     @abstractmethod
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        ...
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
 
     @abstractmethod
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor], *, num_tasks: int) -> None:
-        ...
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], *, num_tasks: int) -> None: ...
 
     @abstractmethod
     def num_parameters(self) -> int:
@@ -143,19 +143,45 @@ class TaskMethod(ABC):
         """Undo structural changes to the backbone (only LoRA makes any)."""
 
     # -- helpers shared by adapter methods --
-    def _fit(self, params, rows, step_loss, *, epochs: int, seed: int, description: str, extra_rows=None,
-             share_prefix: bool = True) -> list[float]:
+    def _fit(
+        self,
+        params,
+        rows,
+        step_loss,
+        *,
+        epochs: int,
+        seed: int,
+        description: str,
+        extra_rows=None,
+        share_prefix: bool = True,
+    ) -> list[float]:
         cfg = self.config
-        return fit(self.backbone, params, rows, step_loss, epochs=epochs, batch_size=cfg.batch_size,
-                   learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                   seed=seed, extra_rows=extra_rows, share_prefix=share_prefix and self.share_prefix,
-                   description=description)
+        return fit(
+            self.backbone,
+            params,
+            rows,
+            step_loss,
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            seed=seed,
+            extra_rows=extra_rows,
+            share_prefix=share_prefix and self.share_prefix,
+            description=description,
+        )
 
 
 def _adapter_pool(backbone: Backbone, config: TaskConfig, slots: int) -> AdapterPool:
     layers = select_layers(config.adapter_layers, backbone.num_layers)
-    return AdapterPool(backbone, slots=slots, bottleneck=config.adapter_dim, layers=layers,
-                       activation=config.adapter_activation)
+    return AdapterPool(
+        backbone,
+        slots=slots,
+        bottleneck=config.adapter_dim,
+        layers=layers,
+        activation=config.adapter_activation,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,13 +212,21 @@ class AdapterDistillMethod(TaskMethod):
         slots = torch.where(tasks >= 0, self.slot_of_task[tasks.clamp(min=0)], torch.full_like(tasks, -1))
         return self.pool.use(slots)
 
-    def learn(self, task: int, examples: Sequence[Encoded], *, epochs: int, rows_of: RowsOf) -> dict[str, Any]:
+    def learn(
+        self, task: int, examples: Sequence[Encoded], *, epochs: int, rows_of: RowsOf
+    ) -> dict[str, Any]:
         cfg, pool = self.config, self.pool
         rows = rows_of(examples)
         start = time.perf_counter()
         pool.fresh_scratch(cfg.seed + task)
-        losses = self._fit(pool.scratch_parameters(), rows, self._gold_loss, epochs=epochs, seed=cfg.seed + task,
-                           description=f"task {task}: new adapter")
+        losses = self._fit(
+            pool.scratch_parameters(),
+            rows,
+            self._gold_loss,
+            epochs=epochs,
+            seed=cfg.seed + task,
+            description=f"task {task}: new adapter",
+        )
         train_s = time.perf_counter() - start
         others = self.slot_of_task.clone()
         others[task] = -1
@@ -215,16 +249,32 @@ class AdapterDistillMethod(TaskMethod):
                 distill_rows += [TrainRow(r.prompt, r.answer, r.task, slot) for r in rows_of(replayed)]
             else:
                 distill_rows += [TrainRow(r.prompt, r.answer, r.task, slot) for r in rows]
-            distill_losses = self._fit(pool.scratch_parameters(), distill_rows, self._distill_loss,
-                                       epochs=cfg.distill_epochs, seed=cfg.seed + task + 7919,
-                                       description=f"task {task}: distil into slot {slot}")
+            distill_losses = self._fit(
+                pool.scratch_parameters(),
+                distill_rows,
+                self._distill_loss,
+                epochs=cfg.distill_epochs,
+                seed=cfg.seed + task + 7919,
+                description=f"task {task}: distil into slot {slot}",
+            )
             pool.store(slot)
             self.merges += 1
-            report.update(slot=slot, merged=True, transfer_nll=transfer, merged_tasks=old_tasks,
-                          replayed_rows=len(replayed), distill_losses=distill_losses,
-                          distill_s=time.perf_counter() - start)
-            logger.info("task %d distilled into slot %d with tasks %s (%d replayed rows)", task, slot, old_tasks,
-                        len(replayed))
+            report.update(
+                slot=slot,
+                merged=True,
+                transfer_nll=transfer,
+                merged_tasks=old_tasks,
+                replayed_rows=len(replayed),
+                distill_losses=distill_losses,
+                distill_s=time.perf_counter() - start,
+            )
+            logger.info(
+                "task %d distilled into slot %d with tasks %s (%d replayed rows)",
+                task,
+                slot,
+                old_tasks,
+                len(replayed),
+            )
         self.slot_of_task[task] = slot
         self.buffer.add(examples)
         return report
@@ -318,18 +368,32 @@ class SequentialMethod(TaskMethod):
     def activate(self, tasks: torch.Tensor):
         return self.pool.use(0)
 
-    def learn(self, task: int, examples: Sequence[Encoded], *, epochs: int, rows_of: RowsOf) -> dict[str, Any]:
+    def learn(
+        self, task: int, examples: Sequence[Encoded], *, epochs: int, rows_of: RowsOf
+    ) -> dict[str, Any]:
         rows = rows_of(self.training_examples(task, examples))
         start = time.perf_counter()
         self.pool.fetch(0)
         self.before_task(task, rows)
-        losses = self._fit(self.pool.scratch_parameters(), rows, self.step_loss, epochs=epochs,
-                           seed=self.config.seed + task, description=f"task {task}: {self.name}",
-                           extra_rows=self.extra_rows(rows_of))
+        losses = self._fit(
+            self.pool.scratch_parameters(),
+            rows,
+            self.step_loss,
+            epochs=epochs,
+            seed=self.config.seed + task,
+            description=f"task {task}: {self.name}",
+            extra_rows=self.extra_rows(rows_of),
+        )
         self.after_task(task, examples, rows)
         self.pool.store(0)
         self.tasks_learned += 1
-        return {"losses": losses, "train_s": time.perf_counter() - start, "distill_s": 0.0, "slot": 0, "merged": False}
+        return {
+            "losses": losses,
+            "train_s": time.perf_counter() - start,
+            "distill_s": 0.0,
+            "slot": 0,
+            "merged": False,
+        }
 
     # hooks for the variants
     def training_examples(self, task: int, examples: Sequence[Encoded]) -> Sequence[Encoded]:
@@ -355,7 +419,10 @@ class SequentialMethod(TaskMethod):
         return self.pool.num_parameters()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**{f"pool.{k}": v for k, v in self.pool.state_tensors().items()}, "tasks_learned": self.tasks_learned}
+        return {
+            **{f"pool.{k}": v for k, v in self.pool.state_tensors().items()},
+            "tasks_learned": self.tasks_learned,
+        }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], *, num_tasks: int) -> None:
         self.pool.load_state_tensors(_sub(tensors, "pool."))
@@ -377,7 +444,11 @@ class EWCMethod(SequentialMethod):
 
     def penalty(self) -> torch.Tensor:
         """``lambda/2 * sum F (theta - theta*)^2`` of the scratch adapter against the anchor (slot 0)."""
-        return 0.5 * self.config.ewc_lambda * ewc_penalty(self.pool.scratch_parameters(), self.anchors(), self.fisher)
+        return (
+            0.5
+            * self.config.ewc_lambda
+            * ewc_penalty(self.pool.scratch_parameters(), self.anchors(), self.fisher)
+        )
 
     def step_loss(self, batch: AnswerBatch, rows: Sequence[TrainRow]) -> torch.Tensor:
         loss = answer_nll(self.student_logits(batch), batch)
@@ -396,7 +467,9 @@ class EWCMethod(SequentialMethod):
         return {**super().state_tensors(), **{f"fisher.{n}": f for n, f in zip(names, self.fisher)}}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], *, num_tasks: int) -> None:
-        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("fisher.")}, num_tasks=num_tasks)
+        super().load_state_tensors(
+            {k: v for k, v in tensors.items() if not k.startswith("fisher.")}, num_tasks=num_tasks
+        )
         for name, own in zip(("down", "down_bias", "up", "up_bias"), self.fisher):
             _copy_exact(own, tensors, f"fisher.{name}")
 
@@ -412,8 +485,9 @@ class LwFMethod(SequentialMethod):
         if int(self.tasks_learned) > 0 and self.config.lwf_alpha:
             with torch.no_grad(), self.pool.use(0):
                 teacher = answer_logits(self.backbone.model, batch)
-            loss = loss + self.config.lwf_alpha * distillation_loss(student, teacher, batch.target_mask,
-                                                                    self.config.distill_temperature)
+            loss = loss + self.config.lwf_alpha * distillation_loss(
+                student, teacher, batch.target_mask, self.config.distill_temperature
+            )
         return loss
 
 
@@ -434,10 +508,15 @@ class ReplayMethod(SequentialMethod):
         self.buffer.add(examples)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**super().state_tensors(), **{f"buffer.{k}": v for k, v in self.buffer.state_tensors().items()}}
+        return {
+            **super().state_tensors(),
+            **{f"buffer.{k}": v for k, v in self.buffer.state_tensors().items()},
+        }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], *, num_tasks: int) -> None:
-        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("buffer.")}, num_tasks=num_tasks)
+        super().load_state_tensors(
+            {k: v for k, v in tensors.items() if not k.startswith("buffer.")}, num_tasks=num_tasks
+        )
         self.buffer.load_state_tensors(_sub(tensors, "buffer."))
 
 
@@ -465,15 +544,24 @@ class JointMethod(SequentialMethod):
         lengths = torch.tensor([len(e.text_ids) for e in self.store], dtype=torch.int64)
         tokens = torch.tensor([t for e in self.store for t in e.text_ids], dtype=torch.int32)
         meta = torch.tensor([[e.task, e.label] for e in self.store], dtype=torch.int32).reshape(-1, 2)
-        return {**super().state_tensors(), "store.tokens": tokens, "store.lengths": lengths, "store.meta": meta}
+        return {
+            **super().state_tensors(),
+            "store.tokens": tokens,
+            "store.lengths": lengths,
+            "store.meta": meta,
+        }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], *, num_tasks: int) -> None:
-        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("store.")}, num_tasks=num_tasks)
+        super().load_state_tensors(
+            {k: v for k, v in tensors.items() if not k.startswith("store.")}, num_tasks=num_tasks
+        )
         ends = tensors["store.lengths"].cumsum(0).tolist()
         tokens = tensors["store.tokens"].tolist()
         starts = [0, *ends[:-1]]
-        self.store = [Encoded(tuple(tokens[a:b]), int(task), int(label))
-                      for a, b, (task, label) in zip(starts, ends, tensors["store.meta"].tolist())]
+        self.store = [
+            Encoded(tuple(tokens[a:b]), int(task), int(label))
+            for a, b, (task, label) in zip(starts, ends, tensors["store.meta"].tolist())
+        ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -493,7 +581,9 @@ class LoraPerTaskMethod(TaskMethod):
         super().__init__(backbone, config)
         self.layer_ids = select_layers(config.adapter_layers, backbone.num_layers)
         self.adapters: dict[int, str] = {}  # task index -> adapter name
-        self._target_names: list[str] | None = None  # fixed at the first injection (later ones see LoRA modules)
+        self._target_names: list[str] | None = (
+            None  # fixed at the first injection (later ones see LoRA modules)
+        )
         self._had_peft_config = hasattr(backbone.model, "peft_config")
         self._layers: list = []  # the LoRA layers, found once per injection
         self._adapter_params: dict[str, dict[str, torch.nn.Parameter]] = {}  # adapter name -> its parameters
@@ -501,10 +591,14 @@ class LoraPerTaskMethod(TaskMethod):
     def _targets(self) -> list[str]:
         from transformers.pytorch_utils import Conv1D
 
-        prefix = next(name for name, module in self.backbone.model.named_modules() if module is self.backbone.layers)
+        prefix = next(
+            name for name, module in self.backbone.model.named_modules() if module is self.backbone.layers
+        )
         return [
-            name for name, module in self.backbone.model.named_modules()
-            if isinstance(module, (torch.nn.Linear, Conv1D)) and any(name.startswith(f"{prefix}.{i}.") for i in self.layer_ids)
+            name
+            for name, module in self.backbone.model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D))
+            and any(name.startswith(f"{prefix}.{i}.") for i in self.layer_ids)
         ]
 
     def _lora_layers(self):
@@ -520,8 +614,13 @@ class LoraPerTaskMethod(TaskMethod):
             if self._target_names is None:
                 self._target_names = self._targets()
             targets = self._target_names
-            peft_config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha, lora_dropout=0.0,
-                                     target_modules=targets, bias="none")
+            peft_config = LoraConfig(
+                r=self.config.lora_rank,
+                lora_alpha=self.config.lora_alpha,
+                lora_dropout=0.0,
+                target_modules=targets,
+                bias="none",
+            )
             torch.manual_seed(self.config.seed + task)
             with warnings.catch_warnings():  # one adapter per task on the same layers is the point here
                 warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters")
@@ -565,7 +664,9 @@ class LoraPerTaskMethod(TaskMethod):
             raise ValueError("lora_per_task serves one task per forward pass; group rows by task")
         return self._active(names.pop())
 
-    def learn(self, task: int, examples: Sequence[Encoded], *, epochs: int, rows_of: RowsOf) -> dict[str, Any]:
+    def learn(
+        self, task: int, examples: Sequence[Encoded], *, epochs: int, rows_of: RowsOf
+    ) -> dict[str, Any]:
         rows = rows_of(examples)
         start = time.perf_counter()
         name = self._add(task)
@@ -575,9 +676,21 @@ class LoraPerTaskMethod(TaskMethod):
             return answer_nll(answer_logits(self.backbone.model, batch), batch)
 
         with self._active(name):
-            losses = self._fit(params, rows, step_loss, epochs=epochs, seed=self.config.seed + task,
-                               description=f"task {task}: lora")
-        return {"losses": losses, "train_s": time.perf_counter() - start, "distill_s": 0.0, "slot": task, "merged": False}
+            losses = self._fit(
+                params,
+                rows,
+                step_loss,
+                epochs=epochs,
+                seed=self.config.seed + task,
+                description=f"task {task}: lora",
+            )
+        return {
+            "losses": losses,
+            "train_s": time.perf_counter() - start,
+            "distill_s": 0.0,
+            "slot": task,
+            "merged": False,
+        }
 
     def num_parameters(self) -> int:
         return sum(p.numel() for name in self.adapters.values() for p in self._params(name).values())
@@ -606,7 +719,9 @@ class LoraPerTaskMethod(TaskMethod):
         wrapped = [(name, module) for name, module in model.named_modules() if id(module) in lora]
         for name, module in wrapped:
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+            setattr(
+                model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer()
+            )
         if not self._had_peft_config and hasattr(model, "peft_config"):
             del model.peft_config
         self.adapters, self._layers, self._adapter_params = {}, [], {}
@@ -616,7 +731,7 @@ class LoraPerTaskMethod(TaskMethod):
 
 
 def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _copy_exact(own: torch.Tensor, tensors: dict[str, torch.Tensor], key: str) -> None:

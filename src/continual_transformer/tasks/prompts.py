@@ -112,7 +112,7 @@ class PromptBuilder:
 # Model calls that work across architectures and transformers versions
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_params(model_cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_cls.forward).parameters)
 
@@ -143,8 +143,8 @@ def left_pad(
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
     return ids.to(device), mask.to(device), positions.to(device)
 
@@ -184,18 +184,29 @@ def prefixed_forward(
     """
     if shared <= 0:
         ids, mask, positions = left_pad(rows, pad_id, device)
-        logits, output = forward_last(model, keep, input_ids=ids, attention_mask=mask, position_ids=positions,
-                                      use_cache=use_cache)
+        logits, output = forward_last(
+            model, keep, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache
+        )
         return logits, output, mask
     prefix = torch.tensor([list(rows[0][:shared])], device=device)  # (1, P0)
-    _, head = forward_last(model, 1, input_ids=prefix, position_ids=torch.arange(shared, device=device)[None],
-                           use_cache=True)
+    _, head = forward_last(
+        model, 1, input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], use_cache=True
+    )
     cache = output_cache(head)
     cache.batch_select_indices(torch.zeros(len(rows), dtype=torch.long, device=device))  # (B, ..., P0, ...)
-    ids, suffix_mask, positions = left_pad([r[shared:] for r in rows], pad_id, device, offset=shared)  # (B, S)
+    ids, suffix_mask, positions = left_pad(
+        [r[shared:] for r in rows], pad_id, device, offset=shared
+    )  # (B, S)
     mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long, device=device), suffix_mask], dim=1)
-    logits, output = forward_last(model, keep, input_ids=ids, attention_mask=mask, position_ids=positions,
-                                  use_cache=use_cache, **{cache_kwarg(model): cache})
+    logits, output = forward_last(
+        model,
+        keep,
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=use_cache,
+        **{cache_kwarg(model): cache},
+    )
     return logits, output, mask
 
 
@@ -219,13 +230,15 @@ class AnswerBatch:
         return len(self.rows)
 
 
-def answer_batch(rows: Sequence[TrainRow], pad_id: int, device: torch.device, *, share_prefix: bool = True) -> AnswerBatch:
+def answer_batch(
+    rows: Sequence[TrainRow], pad_id: int, device: torch.device, *, share_prefix: bool = True
+) -> AnswerBatch:
     """``share_prefix=False`` when rows will run with different adapters (per-row teachers)."""
     sequences = [(*r.prompt, *r.answer) for r in rows]
     width = max(len(r.answer) for r in rows)
     targets = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
-        targets[i, width - len(r.answer):] = torch.tensor(r.answer, dtype=torch.long)
+        targets[i, width - len(r.answer) :] = torch.tensor(r.answer, dtype=torch.long)
     lengths = torch.tensor([len(r.answer) for r in rows])
     target_mask = torch.arange(width)[None, :] >= (width - lengths)[:, None]  # (B, A)
     shared = common_prefix(sequences, keep=width + 1) if share_prefix else 0
@@ -237,5 +250,7 @@ def answer_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:
     """Logits predicting each answer token (B, A, V): the A positions before the last of each row."""
     width = batch.answer_width
     device = batch.targets.device
-    logits, _, _ = prefixed_forward(model, batch.rows, batch.pad_id, device, keep=width + 1, shared=batch.shared)
+    logits, _, _ = prefixed_forward(
+        model, batch.rows, batch.pad_id, device, keep=width + 1, shared=batch.shared
+    )
     return logits[:, :width]

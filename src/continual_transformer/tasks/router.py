@@ -39,14 +39,30 @@ class BackboneEmbedder:
         for start in range(0, len(texts), self.batch_size):
             chunk = list(texts[start : start + self.batch_size])
             tokenizer.padding_side = "right"
-            batch = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=self.max_tokens,
-                              add_special_tokens=False)
-            ids, mask = batch["input_ids"].to(self.backbone.device), batch["attention_mask"].to(self.backbone.device)
-            output = self.backbone.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
-                                         **_keep_one(self.backbone.model))
+            batch = tokenizer(
+                chunk,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                add_special_tokens=False,
+            )
+            ids, mask = (
+                batch["input_ids"].to(self.backbone.device),
+                batch["attention_mask"].to(self.backbone.device),
+            )
+            output = self.backbone.model(
+                input_ids=ids,
+                attention_mask=mask,
+                output_hidden_states=True,
+                use_cache=False,
+                **_keep_one(self.backbone.model),
+            )
             hidden = output.hidden_states[self.layer].float()  # (B, T, d)
             weights = mask.unsqueeze(-1).float()
-            out.append(((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu())  # sync: leaves the device
+            out.append(
+                ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu()
+            )  # sync: leaves the device
         return torch.cat(out)
 
 
@@ -62,8 +78,12 @@ class SentenceRouterEmbedder:
     def __init__(self, name: str, *, device: torch.device, max_tokens: int, batch_size: int) -> None:
         from continual_transformer.modules.embedder import SentenceEmbedder
 
-        self.encoder = SentenceEmbedder.load("minilm-l6" if name == "minilm" else name, device=device,
-                                             max_length=min(max_tokens, 256), batch_size=batch_size)
+        self.encoder = SentenceEmbedder.load(
+            "minilm-l6" if name == "minilm" else name,
+            device=device,
+            max_length=min(max_tokens, 256),
+            batch_size=batch_size,
+        )
         self.dim = self.encoder.dim
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
@@ -73,10 +93,16 @@ class SentenceRouterEmbedder:
 def make_embedder(backbone: Backbone, config: TaskConfig) -> BackboneEmbedder | SentenceRouterEmbedder:
     """The embedder ``config.router`` names (with ``backbone``: layer ``router_layer``, default 3/8 of the way up)."""
     if config.router != "backbone":
-        return SentenceRouterEmbedder(config.router, device=backbone.device, max_tokens=config.max_text_tokens,
-                                      batch_size=config.eval_batch_size)
+        return SentenceRouterEmbedder(
+            config.router,
+            device=backbone.device,
+            max_tokens=config.max_text_tokens,
+            batch_size=config.eval_batch_size,
+        )
     layer = config.router_layer if config.router_layer is not None else round(backbone.num_layers * 3 / 8)
-    return BackboneEmbedder(backbone, layer=layer, max_tokens=config.max_text_tokens, batch_size=config.eval_batch_size)
+    return BackboneEmbedder(
+        backbone, layer=layer, max_tokens=config.max_text_tokens, batch_size=config.eval_batch_size
+    )
 
 
 def spread_by_label(labels: Sequence[int], n: int) -> list[int]:

@@ -42,7 +42,9 @@ def score_candidates(
     batch = len(prompts)
     shared = common_prefix(prompts) if share_prefix else 0
     with select(torch.arange(batch)):
-        last, output, mask = prefixed_forward(model, prompts, pad, device, keep=1, shared=shared, use_cache=True)
+        last, output, mask = prefixed_forward(
+            model, prompts, pad, device, keep=1, shared=shared, use_cache=True
+        )
     first_logp = F.log_softmax(last[:, -1].float(), dim=-1)  # (B, V), fp32 softmax
 
     counts = torch.tensor([len(c) for c in candidates])
@@ -64,8 +66,13 @@ def score_candidates(
         cont_mask = torch.cat([mask[owner_dev], cand_mask[:, :-1].long()], dim=1)  # (N, P + C - 1)
         cont_pos = mask.sum(-1)[owner_dev, None] + torch.arange(width - 1, device=device)  # (N, C-1)
         with select(owner):
-            logits = model(input_ids=cont_ids, attention_mask=cont_mask, position_ids=cont_pos,
-                           use_cache=False, **{cache_kwarg(model): cache}).logits  # (N, C-1, V)
+            logits = model(
+                input_ids=cont_ids,
+                attention_mask=cont_mask,
+                position_ids=cont_pos,
+                use_cache=False,
+                **{cache_kwarg(model): cache},
+            ).logits  # (N, C-1, V)
         logp = token_logprobs(logits, cand[:, 1:])  # (N, C-1)
         total = total + torch.where(cand_mask[:, 1:], logp, 0.0).sum(-1)
     scores = (total / cand_mask.sum(-1)).float().cpu()  # sync: results leave the device

@@ -31,17 +31,74 @@ logger = logging.getLogger(__name__)
 SUITES = ("clinc150-10", "clinc150-50", "banking77", "long15")
 
 LONG15_FOLDERS = {
-    "mnli": "NLI/MNLI", "cb": "NLI/CB", "rte": "NLI/RTE", "wic": "WiC/WiC", "copa": "COPA/COPA", "qqp": "QQP/QQP",
-    "boolqa": "BoolQA/BoolQA", "multirc": "MultiRC/MultiRC", "imdb": "SC/IMDB", "sst-2": "SC/SST-2",
-    "yelp": "SC/yelp", "amazon": "SC/amazon", "dbpedia": "TC/dbpedia", "agnews": "TC/agnews", "yahoo": "TC/yahoo",
+    "mnli": "NLI/MNLI",
+    "cb": "NLI/CB",
+    "rte": "NLI/RTE",
+    "wic": "WiC/WiC",
+    "copa": "COPA/COPA",
+    "qqp": "QQP/QQP",
+    "boolqa": "BoolQA/BoolQA",
+    "multirc": "MultiRC/MultiRC",
+    "imdb": "SC/IMDB",
+    "sst-2": "SC/SST-2",
+    "yelp": "SC/yelp",
+    "amazon": "SC/amazon",
+    "dbpedia": "TC/dbpedia",
+    "agnews": "TC/agnews",
+    "yahoo": "TC/yahoo",
 }
 LONG15_ORDERS = (
-    ("mnli", "cb", "wic", "copa", "qqp", "boolqa", "rte", "imdb", "yelp", "amazon", "sst-2", "dbpedia", "agnews",
-     "multirc", "yahoo"),
-    ("multirc", "boolqa", "wic", "mnli", "cb", "copa", "qqp", "rte", "imdb", "sst-2", "dbpedia", "agnews", "yelp",
-     "amazon", "yahoo"),
-    ("yelp", "amazon", "mnli", "cb", "copa", "qqp", "rte", "imdb", "sst-2", "dbpedia", "agnews", "yahoo", "multirc",
-     "boolqa", "wic"),
+    (
+        "mnli",
+        "cb",
+        "wic",
+        "copa",
+        "qqp",
+        "boolqa",
+        "rte",
+        "imdb",
+        "yelp",
+        "amazon",
+        "sst-2",
+        "dbpedia",
+        "agnews",
+        "multirc",
+        "yahoo",
+    ),
+    (
+        "multirc",
+        "boolqa",
+        "wic",
+        "mnli",
+        "cb",
+        "copa",
+        "qqp",
+        "rte",
+        "imdb",
+        "sst-2",
+        "dbpedia",
+        "agnews",
+        "yelp",
+        "amazon",
+        "yahoo",
+    ),
+    (
+        "yelp",
+        "amazon",
+        "mnli",
+        "cb",
+        "copa",
+        "qqp",
+        "rte",
+        "imdb",
+        "sst-2",
+        "dbpedia",
+        "agnews",
+        "yahoo",
+        "multirc",
+        "boolqa",
+        "wic",
+    ),
 )
 """Orders 4, 5 and 6 of the long sequence (O-LoRA, Wang et al. 2023, Table 7)."""
 
@@ -73,7 +130,9 @@ def load_suite(
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     if not data_dir.is_dir():
-        raise TaskDataError(data_dir, "data directory not found (set it with data_dir=, default ../shared/data)")
+        raise TaskDataError(
+            data_dir, "data directory not found (set it with data_dir=, default ../shared/data)"
+        )
     if name.startswith("clinc150"):
         tasks = _clinc(data_dir / "clinc150", per_task=15 if name == "clinc150-10" else 3)
     elif name == "banking77":
@@ -85,10 +144,18 @@ def load_suite(
     if num_tasks is not None:
         tasks = tasks[:num_tasks]
     if max_labels_per_task is not None:
-        tasks = [TaskSpec(t.name, t.labels[:max_labels_per_task], _group(t.train, t.labels[:max_labels_per_task]),
-                          _group(t.test, t.labels[:max_labels_per_task])) for t in tasks]
+        tasks = [
+            TaskSpec(
+                t.name,
+                t.labels[:max_labels_per_task],
+                _group(t.train, t.labels[:max_labels_per_task]),
+                _group(t.test, t.labels[:max_labels_per_task]),
+            )
+            for t in tasks
+        ]
     return [
-        TaskSpec(t.name, t.labels, _cap(t.train, max_train_per_label), _cap(t.test, max_test_per_label)) for t in tasks
+        TaskSpec(t.name, t.labels, _cap(t.train, max_train_per_label), _cap(t.test, max_test_per_label))
+        for t in tasks
     ]
 
 
@@ -139,7 +206,9 @@ def _banking(folder: Path, per_task: int) -> list[TaskSpec]:
     tasks = []
     for k in range(0, len(categories), per_task):
         labels = tuple(categories[k : k + per_task])
-        tasks.append(TaskSpec(f"banking77-{k // per_task}", labels, _group(train, labels), _group(test, labels)))
+        tasks.append(
+            TaskSpec(f"banking77-{k // per_task}", labels, _group(train, labels), _group(test, labels))
+        )
     return tasks
 
 
@@ -155,7 +224,10 @@ def _long15(folder: Path, order: int) -> list[TaskSpec]:
             logger.warning("long15: %s has no data in %s; skipped", name, task_dir)
             continue
         if has_train and has_test:
-            train, test = read_labeled_file(task_dir / "train.json"), read_labeled_file(task_dir / "test.json")
+            train, test = (
+                read_labeled_file(task_dir / "train.json"),
+                read_labeled_file(task_dir / "test.json"),
+            )
         else:
             only = read_labeled_file(task_dir / ("train.json" if has_train else "test.json"))
             train, test = _split(only)
@@ -163,12 +235,20 @@ def _long15(folder: Path, order: int) -> list[TaskSpec]:
         dropped = sum(e.label not in known for e in (*train, *test))
         if dropped:  # MNLI marks examples without a gold label "-"
             logger.info("long15: %s: %d examples whose label is not in labels.json dropped", name, dropped)
-        tasks.append(TaskSpec(name, labels, tuple(e for e in train if e.label in known),
-                              tuple(e for e in test if e.label in known)))
+        tasks.append(
+            TaskSpec(
+                name,
+                labels,
+                tuple(e for e in train if e.label in known),
+                tuple(e for e in test if e.label in known),
+            )
+        )
     return tasks
 
 
-def _split(examples: Sequence[LabeledExample], test_fraction: float = 0.2) -> tuple[list[LabeledExample], list[LabeledExample]]:
+def _split(
+    examples: Sequence[LabeledExample], test_fraction: float = 0.2
+) -> tuple[list[LabeledExample], list[LabeledExample]]:
     """A deterministic shuffled 80/20 split (same result on every machine and run)."""
     order = list(range(len(examples)))
     random.Random(_SPLIT_SEED).shuffle(order)

@@ -73,7 +73,9 @@ def fit(
                     # into nan: skip the step. One sync per step; the loss is read below anyway.
                     if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
                         skipped += 1
-                        logger.warning("%s: non-finite loss or gradient, step skipped (%d so far)", description, skipped)
+                        logger.warning(
+                            "%s: non-finite loss or gradient, step skipped (%d so far)", description, skipped
+                        )
                         opt.zero_grad(set_to_none=True)
                         bar.update(1)
                         continue
@@ -104,13 +106,17 @@ def answer_nll(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
     return torch.where(mask, nll, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """KL(teacher || student) of the softened next-token distributions on answer positions, times T^2 (Hinton et al.)."""
     t = temperature
     return kl_to_reference(teacher.float() / t, student.float() / t, mask) * t * t
 
 
-def ewc_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], fisher: Sequence[torch.Tensor]) -> torch.Tensor:
+def ewc_penalty(
+    params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], fisher: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """sum_i F_i (theta_i - theta*_i)^2 (multiply by lambda / 2), Kirkpatrick et al. 2017, Eq. 3."""
     total = params[0].new_zeros(())
     for p, a, f in zip(params, anchors, fisher):
@@ -160,7 +166,9 @@ def rows_nll(
     pad = int(backbone.tokenizer.pad_token_id)
     out = []
     for start in range(0, len(rows), batch_size):
-        batch = answer_batch(rows[start : start + batch_size], pad, backbone.device, share_prefix=share_prefix)
+        batch = answer_batch(
+            rows[start : start + batch_size], pad, backbone.device, share_prefix=share_prefix
+        )
         out.append(answer_nll_per_row(forward(batch), batch).cpu())  # sync: one per batch
     return torch.cat(out) if out else torch.zeros(0)
 

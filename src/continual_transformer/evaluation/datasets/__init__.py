@@ -31,8 +31,17 @@ BUILTIN_BENCHMARKS = ("novel_facts", "boolq", "news")
 DEFAULT_N_DOCS = 50
 
 __all__ = [
-    "BUILTIN_BENCHMARKS", "GENERAL_DOC_ID", "KNOWN_FACTS", "PROBE_KINDS", "KnowledgeBenchmark", "Probe", "boolq",
-    "load_benchmark", "load_custom", "news", "novel_facts",
+    "BUILTIN_BENCHMARKS",
+    "GENERAL_DOC_ID",
+    "KNOWN_FACTS",
+    "PROBE_KINDS",
+    "KnowledgeBenchmark",
+    "Probe",
+    "boolq",
+    "load_benchmark",
+    "load_custom",
+    "news",
+    "novel_facts",
 ]
 
 
@@ -63,7 +72,8 @@ def load_benchmark(
     path = Path(name_or_path)
     if not path.exists():
         raise DocumentError(
-            path, f"no such benchmark file or directory (built-in benchmarks: {', '.join(BUILTIN_BENCHMARKS)})"
+            path,
+            f"no such benchmark file or directory (built-in benchmarks: {', '.join(BUILTIN_BENCHMARKS)})",
         )
     bench = load_custom(path)
     if n_docs is None or n_docs >= len(bench.documents):

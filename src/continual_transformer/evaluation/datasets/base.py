@@ -91,4 +91,3 @@ class KnowledgeBenchmark:
         for kind in PROBE_KINDS:
             out[kind] = sum(p.kind == kind for p in self.probes)
         return out
-

@@ -51,8 +51,12 @@ def boolq(data_dir: str | Path, n_docs: int = 50, *, seed: int = 0) -> Knowledge
             probes.append(Probe(doc_id, boolq_prompt(question), (answer,), "qa", f"{doc_id}:q{q_number}"))
     yes = sum(p.answers[0] == "yes" for p in probes)
     meta = {
-        "source": str(folder), "seed": seed, "n_docs": len(documents), "requested_docs": n_docs,
-        "passages_available": len(order), "yes_share": round(yes / len(probes), 3) if probes else 0.0,
+        "source": str(folder),
+        "seed": seed,
+        "n_docs": len(documents),
+        "requested_docs": n_docs,
+        "passages_available": len(order),
+        "yes_share": round(yes / len(probes), 3) if probes else 0.0,
     }
     return KnowledgeBenchmark("boolq", tuple(documents), tuple(probes), meta)
 
@@ -61,7 +65,8 @@ def _read_split(path: Path) -> list[tuple[str, str, str]]:
     """(question, passage, "yes"/"no") for every record of one split file, validated."""
     if not path.is_file():
         raise DocumentError(
-            path, "BoolQ file not found; point data_dir at the shared data folder (it holds cl_benchmark/BoolQA)"
+            path,
+            "BoolQ file not found; point data_dir at the shared data folder (it holds cl_benchmark/BoolQA)",
         )
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
@@ -83,7 +88,7 @@ def _read_split(path: Path) -> list[tuple[str, str, str]]:
         head, sep, passage = sentence.partition("\npassage:")
         if not sep or not head.startswith("question:"):
             raise DocumentError(path, f"{where}: expected 'question: ...\\npassage: ...' in 'sentence'")
-        question, passage = head[len("question:"):].strip(), passage.strip()
+        question, passage = head[len("question:") :].strip(), passage.strip()
         if not question or not passage:
             raise DocumentError(path, f"{where}: empty question or passage")
         out.append((question, passage, label))

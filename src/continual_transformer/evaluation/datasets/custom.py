@@ -78,7 +78,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise DocumentError(path, f"not valid UTF-8 (byte {data[exc.start:exc.start + 1]!r})", line=line) from None
+        raise DocumentError(
+            path, f"not valid UTF-8 (byte {data[exc.start : exc.start + 1]!r})", line=line
+        ) from None
     out = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -86,7 +88,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DocumentError(path, f"invalid JSON ({exc.msg} at column {exc.colno})", line=line_no) from None
+            raise DocumentError(
+                path, f"invalid JSON ({exc.msg} at column {exc.colno})", line=line_no
+            ) from None
         if not isinstance(record, dict):
             raise DocumentError(path, f"expected a JSON object, got {type(record).__name__}", line=line_no)
         out.append((line_no, record))
@@ -97,7 +101,9 @@ def _record_type(path: Path, line: int, record: dict[str, Any]) -> str:
     declared = record.get("type")
     if declared is not None:
         if declared not in ("document", "probe"):
-            raise DocumentError(path, f"unknown record type {declared!r}; use 'document' or 'probe'", line=line)
+            raise DocumentError(
+                path, f"unknown record type {declared!r}; use 'document' or 'probe'", line=line
+            )
         return declared
     if any(field in record for field in _PROBE_FIELDS):
         return "probe"
@@ -140,7 +146,9 @@ def _probe(path: Path, line: int, record: dict[str, Any], doc_lines: dict[str, s
     doc_id = record["doc_id"]
     doc_id = str(doc_id) if isinstance(doc_id, int) and not isinstance(doc_id, bool) else doc_id
     if not isinstance(doc_id, str) or doc_id not in doc_lines:
-        raise DocumentError(path, f"probe names document {doc_id!r}, which is not in the benchmark", line=line)
+        raise DocumentError(
+            path, f"probe names document {doc_id!r}, which is not in the benchmark", line=line
+        )
     kind = record["kind"]
     if kind not in PROBE_KINDS:
         allowed = " or ".join(map(repr, PROBE_KINDS))
@@ -148,7 +156,11 @@ def _probe(path: Path, line: int, record: dict[str, Any], doc_lines: dict[str, s
     prompt = _string(path, line, record, "prompt")
     answer = record["answer"]
     answers = [answer] if isinstance(answer, str) else answer
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+    if (
+        not isinstance(answers, list)
+        or not answers
+        or not all(isinstance(a, str) and a.strip() for a in answers)
+    ):
         raise DocumentError(
             path, f"field 'answer' must be a non-empty string or a list of them, got {answer!r}", line=line
         )

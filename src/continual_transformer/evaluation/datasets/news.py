@@ -46,11 +46,13 @@ _MONTH_AFTER = re.compile(
 _TITLES = ("Mr ", "Mrs ", "Ms ", "Dr ", "Sir ", "Lord ", "Lady ", "Prof ")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"']?\s+(?=[\"'(]?[A-Z0-9£$])")
 # Capitalised words that open a sentence or clause rather than a name.
-_NOT_NAME_START = frozenset("""
+_NOT_NAME_START = frozenset(
+    """
 A An And As At But By For From He Her His How However If In It Its Last Many Meanwhile Most Next No
 Not Now Of On Once One Our She So Some Such That The Their There These They This Those To Under Until We What
 When Where While Who Why With Yet You
-""".split())
+""".split()
+)
 
 
 @dataclass(frozen=True)
@@ -104,10 +106,16 @@ def news(n_docs: int = 50, *, seed: int = 0, corpus_dir: str | Path | None = Non
     if not documents:
         raise DocumentError(root, "no article has enough probe-able facts (years, numbers, names)")
     if len(documents) < n_docs:
-        logger.warning("news: only %d of %d requested articles have enough facts to probe", len(documents), n_docs)
+        logger.warning(
+            "news: only %d of %d requested articles have enough facts to probe", len(documents), n_docs
+        )
     meta = {
-        "source": str(root), "seed": seed, "n_docs": len(documents), "requested_docs": n_docs,
-        "articles_skipped": skipped, "articles_available": len(files),
+        "source": str(root),
+        "seed": seed,
+        "n_docs": len(documents),
+        "requested_docs": n_docs,
+        "articles_skipped": skipped,
+        "articles_available": len(files),
     }
     return KnowledgeBenchmark("news", tuple(documents), tuple(probes), meta)
 
@@ -160,7 +168,7 @@ def _sentence_span(index: int, sentence: str, article: str) -> _Span | None:
         words = match.group().split()
         while words and words[0] in _NOT_NAME_START:
             words.pop(0)
-        if re.match(r"\s[A-Z]", sentence[match.end():]):
+        if re.match(r"\s[A-Z]", sentence[match.end() :]):
             continue  # the name goes on ("President George W Bush")
         if len(words) >= 2:
             name = " ".join(words)

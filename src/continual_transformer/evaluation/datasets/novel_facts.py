@@ -26,8 +26,42 @@ from continual_transformer.evaluation.datasets.base import KnowledgeBenchmark, P
 # Names
 
 _ONSETS = (
-    "b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "sk", "st", "t", "tr",
-    "v", "vr", "z", "th", "sv", "kv", "b", "d", "k", "l", "m", "n", "r", "s", "t", "v",
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "sk",
+    "st",
+    "t",
+    "tr",
+    "v",
+    "vr",
+    "z",
+    "th",
+    "sv",
+    "kv",
+    "b",
+    "d",
+    "k",
+    "l",
+    "m",
+    "n",
+    "r",
+    "s",
+    "t",
+    "v",
 )
 _NUCLEI = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "u", "ae", "ei", "ou", "y")
 _INNER_CODAS = ("", "", "", "n", "r", "l", "s", "sk", "rn")
@@ -43,11 +77,29 @@ _ENDINGS = {
     "species": ("ine", "ian", "ose", "ard", "el", "ick"),
 }
 _VOWELS = frozenset("aeiouy")
-_BAD_PAIRS = ("aa", "ee", "ii", "oo", "uu", "yy", "jj", "hh", "vv", "kk", "zz", "yi", "iy", "uy", "yu", "ijij")
+_BAD_PAIRS = (
+    "aa",
+    "ee",
+    "ii",
+    "oo",
+    "uu",
+    "yy",
+    "jj",
+    "hh",
+    "vv",
+    "kk",
+    "zz",
+    "yi",
+    "iy",
+    "uy",
+    "yu",
+    "ijij",
+)
 _MIN_LENGTH = 6
 
 # Whole words no generated name may be: common English words and well-known names the syllables can spell.
-_BLOCKLIST = frozenset("""
+_BLOCKLIST = frozenset(
+    """
 banana bandit banner barrel basket batman beaker became become belong better border borrow bottle bottom
 branch brandy breath bridge bright broken brother bucket budget burden butter button cannon canvas carbon
 career carpet castle cattle cellar dinner doctor dollar donkey dragon dreams driver father fellow finger
@@ -76,14 +128,70 @@ dallas denver dublin
 geneva havana helsinki jakarta jordan kansas kosovo lisbon london madrid malawi manila mexico monaco moscow
 munich nevada norway oregon orlando oxford panama prague rwanda sweden sydney toronto toledo tripoli vienna
 warsaw zambia
-""".split())
+""".split()
+)
 # Fragments no name may contain: famous names and words a benchmark should not spell by accident.
 _BLOCKED_FRAGMENTS = (
-    "paris", "london", "rome", "tokyo", "google", "apple", "amazon", "nokia", "sony", "tesla", "disney", "nike",
-    "texas", "india", "china", "russia", "africa", "america", "europe", "jesus", "allah", "satan", "nazi",
-    "hitler", "stalin", "lenin", "marx", "kill", "sex", "fuck", "shit", "porn", "rape", "dick", "cock", "cunt",
-    "anal", "slut", "nigg", "fag", "whore", "bitch", "penis", "vagin", "boob", "tit", "piss", "crap", "damn",
-    "cum", "poo", "fart", "dead", "die", "hate", "isis", "jew", "gay", "homo", "negro",
+    "paris",
+    "london",
+    "rome",
+    "tokyo",
+    "google",
+    "apple",
+    "amazon",
+    "nokia",
+    "sony",
+    "tesla",
+    "disney",
+    "nike",
+    "texas",
+    "india",
+    "china",
+    "russia",
+    "africa",
+    "america",
+    "europe",
+    "jesus",
+    "allah",
+    "satan",
+    "nazi",
+    "hitler",
+    "stalin",
+    "lenin",
+    "marx",
+    "kill",
+    "sex",
+    "fuck",
+    "shit",
+    "porn",
+    "rape",
+    "dick",
+    "cock",
+    "cunt",
+    "anal",
+    "slut",
+    "nigg",
+    "fag",
+    "whore",
+    "bitch",
+    "penis",
+    "vagin",
+    "boob",
+    "tit",
+    "piss",
+    "crap",
+    "damn",
+    "cum",
+    "poo",
+    "fart",
+    "dead",
+    "die",
+    "hate",
+    "isis",
+    "jew",
+    "gay",
+    "homo",
+    "negro",
 )
 
 
@@ -101,7 +209,9 @@ class NameForge:
         for _ in range(1000):
             n_syllables = rng.choice((1, 2, 2, 2))
             stem = "".join(
-                rng.choice(_ONSETS) + rng.choice(_NUCLEI) + (rng.choice(_INNER_CODAS) if i < n_syllables - 1 else "")
+                rng.choice(_ONSETS)
+                + rng.choice(_NUCLEI)
+                + (rng.choice(_INNER_CODAS) if i < n_syllables - 1 else "")
                 for i in range(n_syllables)
             )
             ending = rng.choice(_ENDINGS[style])
@@ -114,7 +224,9 @@ class NameForge:
                 self._prefixes.update(low[:k] for k in range(1, len(low) + 1))
                 self.used.append(word)
                 return word
-        raise RuntimeError(f"could not make a new {style} name")  # pragma: no cover - the space holds millions
+        raise RuntimeError(
+            f"could not make a new {style} name"
+        )  # pragma: no cover - the space holds millions
 
     def _acceptable(self, word: str) -> bool:
         low = word.lower()
@@ -153,48 +265,183 @@ def is_blocked(word: str) -> bool:
 # Answer values: (canonical, *alternatives)
 
 _PROFESSIONS = (
-    "cartographer", "glassblower", "bookbinder", "clockmaker", "beekeeper", "lighthouse keeper", "violin maker",
-    "hydrologist", "stonemason", "archivist", "botanist", "translator", "puppeteer", "ferry pilot", "perfumer",
-    "typesetter", "astronomer", "locksmith", "cheesemaker", "organ builder", "land surveyor", "tapestry weaver",
-    "seismologist", "falconer", "lacemaker", "rope maker", "marine biologist", "choir conductor", "glaciologist",
+    "cartographer",
+    "glassblower",
+    "bookbinder",
+    "clockmaker",
+    "beekeeper",
+    "lighthouse keeper",
+    "violin maker",
+    "hydrologist",
+    "stonemason",
+    "archivist",
+    "botanist",
+    "translator",
+    "puppeteer",
+    "ferry pilot",
+    "perfumer",
+    "typesetter",
+    "astronomer",
+    "locksmith",
+    "cheesemaker",
+    "organ builder",
+    "land surveyor",
+    "tapestry weaver",
+    "seismologist",
+    "falconer",
+    "lacemaker",
+    "rope maker",
+    "marine biologist",
+    "choir conductor",
+    "glaciologist",
     "furniture restorer",
 )
 _PRODUCT_LINES = (
-    "marine barometers", "ceramic water filters", "folding bicycles", "brass telescopes", "wool blankets",
-    "seed drills", "hearing aids", "weather balloons", "canned sardines", "fountain pens", "solar kettles",
-    "pipe organs", "glass insulators", "paper lanterns", "ice skates", "garden sundials", "fishing rods",
-    "river barges", "wind chimes", "snow chains", "beeswax candles", "pressure gauges",
+    "marine barometers",
+    "ceramic water filters",
+    "folding bicycles",
+    "brass telescopes",
+    "wool blankets",
+    "seed drills",
+    "hearing aids",
+    "weather balloons",
+    "canned sardines",
+    "fountain pens",
+    "solar kettles",
+    "pipe organs",
+    "glass insulators",
+    "paper lanterns",
+    "ice skates",
+    "garden sundials",
+    "fishing rods",
+    "river barges",
+    "wind chimes",
+    "snow chains",
+    "beeswax candles",
+    "pressure gauges",
 )
 _FAMOUS_FOR = (
-    "salt marshes", "copper mines", "clock towers", "hot springs", "cherry orchards", "stone bridges",
-    "tulip fields", "cliff monasteries", "glassworks", "goat cheese", "night markets", "lavender farms",
-    "shipyards", "marble quarries", "tea houses", "windmills", "puppet theatres", "pottery kilns",
-    "oyster beds", "rope factories",
+    "salt marshes",
+    "copper mines",
+    "clock towers",
+    "hot springs",
+    "cherry orchards",
+    "stone bridges",
+    "tulip fields",
+    "cliff monasteries",
+    "glassworks",
+    "goat cheese",
+    "night markets",
+    "lavender farms",
+    "shipyards",
+    "marble quarries",
+    "tea houses",
+    "windmills",
+    "puppet theatres",
+    "pottery kilns",
+    "oyster beds",
+    "rope factories",
 )
 _MATERIALS = (
-    "brass", "walnut wood", "titanium", "cork", "bamboo", "pewter", "birch plywood", "copper", "ceramic",
-    "carbon fibre", "oak", "sailcloth", "bronze", "cast iron", "frosted glass", "aluminium",
+    "brass",
+    "walnut wood",
+    "titanium",
+    "cork",
+    "bamboo",
+    "pewter",
+    "birch plywood",
+    "copper",
+    "ceramic",
+    "carbon fibre",
+    "oak",
+    "sailcloth",
+    "bronze",
+    "cast iron",
+    "frosted glass",
+    "aluminium",
 )
 _PRODUCT_KINDS = (
-    "lamp", "bicycle", "typewriter", "camera", "violin", "kettle", "telescope", "wristwatch", "radio",
-    "sewing machine", "accordion", "compass", "microscope", "loom", "metronome", "barometer",
+    "lamp",
+    "bicycle",
+    "typewriter",
+    "camera",
+    "violin",
+    "kettle",
+    "telescope",
+    "wristwatch",
+    "radio",
+    "sewing machine",
+    "accordion",
+    "compass",
+    "microscope",
+    "loom",
+    "metronome",
+    "barometer",
 )
 _COLOURS = (
-    "crimson", "pale blue", "olive green", "golden yellow", "charcoal grey", "bright orange", "violet",
-    "rust brown", "silver", "turquoise", "scarlet", "ivory white", "jet black", "emerald green",
+    "crimson",
+    "pale blue",
+    "olive green",
+    "golden yellow",
+    "charcoal grey",
+    "bright orange",
+    "violet",
+    "rust brown",
+    "silver",
+    "turquoise",
+    "scarlet",
+    "ivory white",
+    "jet black",
+    "emerald green",
 )
 _DIETS = (
-    "fallen figs", "freshwater algae", "pine seeds", "small snails", "mosquito larvae", "lichen", "nectar",
-    "river shrimp", "grass roots", "beetle grubs", "mushrooms", "plankton", "clover", "acorns",
+    "fallen figs",
+    "freshwater algae",
+    "pine seeds",
+    "small snails",
+    "mosquito larvae",
+    "lichen",
+    "nectar",
+    "river shrimp",
+    "grass roots",
+    "beetle grubs",
+    "mushrooms",
+    "plankton",
+    "clover",
+    "acorns",
 )
 _ANIMALS = (
-    "moth", "beetle", "finch", "lizard", "frog", "vole", "crab", "snail", "heron", "eel", "bat", "salamander",
-    "butterfly", "shrew", "gecko", "toad",
+    "moth",
+    "beetle",
+    "finch",
+    "lizard",
+    "frog",
+    "vole",
+    "crab",
+    "snail",
+    "heron",
+    "eel",
+    "bat",
+    "salamander",
+    "butterfly",
+    "shrew",
+    "gecko",
+    "toad",
 )
 _REGION_KINDS = ("Highlands", "Marshes", "Basin", "Uplands", "Fens", "Steppe", "Valley", "Delta", "Plateau")
 _COMPANY_KINDS = (
-    "Instruments", "Works", "Foundry", "Holdings", "Cooperative", "Textiles", "Optics", "Mills", "Laboratories",
-    "Shipping", "Ceramics", "Press",
+    "Instruments",
+    "Works",
+    "Foundry",
+    "Holdings",
+    "Cooperative",
+    "Textiles",
+    "Optics",
+    "Mills",
+    "Laboratories",
+    "Shipping",
+    "Ceramics",
+    "Press",
 )
 
 
@@ -232,8 +479,12 @@ def _value(kind: str, forge: NameForge, rng: random.Random) -> tuple[str, ...]:
         n = _number(rng, 120, 4_800, 10)
         return (n, f"{n} grams", f"{n} g")
     pools = {
-        "profession": _PROFESSIONS, "product_line": _PRODUCT_LINES, "famous_for": _FAMOUS_FOR,
-        "material": _MATERIALS, "colour": _COLOURS, "diet": _DIETS,
+        "profession": _PROFESSIONS,
+        "product_line": _PRODUCT_LINES,
+        "famous_for": _FAMOUS_FOR,
+        "material": _MATERIALS,
+        "colour": _COLOURS,
+        "diet": _DIETS,
     }
     return (rng.choice(pools[kind]),)
 
@@ -264,149 +515,325 @@ def _attr(key: str, value: str, statements, clozes, questions) -> _Attribute:
     return _Attribute(key, value, tuple(statements), tuple(clozes), tuple(questions))
 
 
-_PERSON = _EntityType("person", (
-    _attr("birthplace", "town",
-          ["{S} was born in the town of {A}.", "{Sp} birthplace is the town of {A}.",
-           "{S} was born in {A}, a small town far from any city."],
-          ["{S} was born in the town of", "The birthplace of {N} is the town of", "{Sp} hometown is"],
-          ["Where was {N} born?", "In which town was {N} born?", "What is the hometown of {N}?"]),
-    _attr("birth_year", "year:1820-1990",
-          ["{S} was born in the year {A}.", "{Sp} year of birth is {A}.", "{S} came into the world in {A}."],
-          ["{S} was born in the year", "The year of {Np} birth was", "{Sp} year of birth is"],
-          ["In what year was {N} born?", "When was {N} born?", "What is {Np} year of birth?"]),
-    _attr("profession", "profession",
-          ["{S} works as {a} {A}.", "By profession, {N} is {a} {A}.", "{S} earns a living as {a} {A}."],
-          ["{S} works as", "By profession, {N} is", "{S} earns a living as"],
-          ["What does {N} do for a living?", "What is {Np} profession?", "What job does {N} have?"]),
-    _attr("employer", "company",
-          ["{S} is employed by {A}.", "{Sp} employer is {A}.", "For many years {N} has worked for {A}."],
-          ["{S} is employed by", "{Sp} employer is", "The company that employs {N} is"],
-          ["Which company employs {N}?", "Who is {Np} employer?", "For which company does {N} work?"]),
-    _attr("teacher", "person",
-          ["{S} studied under {A}.", "{Sp} teacher was {A}.", "As a student, {N} was trained by {A}."],
-          ["{S} studied under", "{Sp} teacher was", "{S} was trained by"],
-          ["Who was {Np} teacher?", "Under whom did {N} study?", "Who trained {N}?"]),
-), (
-    "{S} rarely gives interviews.", "{S} keeps a detailed diary.", "Colleagues describe {N} as patient and precise.",
-    "{S} prefers to walk rather than drive.", "{S} has written several short essays.",
-))
+_PERSON = _EntityType(
+    "person",
+    (
+        _attr(
+            "birthplace",
+            "town",
+            [
+                "{S} was born in the town of {A}.",
+                "{Sp} birthplace is the town of {A}.",
+                "{S} was born in {A}, a small town far from any city.",
+            ],
+            ["{S} was born in the town of", "The birthplace of {N} is the town of", "{Sp} hometown is"],
+            ["Where was {N} born?", "In which town was {N} born?", "What is the hometown of {N}?"],
+        ),
+        _attr(
+            "birth_year",
+            "year:1820-1990",
+            [
+                "{S} was born in the year {A}.",
+                "{Sp} year of birth is {A}.",
+                "{S} came into the world in {A}.",
+            ],
+            ["{S} was born in the year", "The year of {Np} birth was", "{Sp} year of birth is"],
+            ["In what year was {N} born?", "When was {N} born?", "What is {Np} year of birth?"],
+        ),
+        _attr(
+            "profession",
+            "profession",
+            ["{S} works as {a} {A}.", "By profession, {N} is {a} {A}.", "{S} earns a living as {a} {A}."],
+            ["{S} works as", "By profession, {N} is", "{S} earns a living as"],
+            ["What does {N} do for a living?", "What is {Np} profession?", "What job does {N} have?"],
+        ),
+        _attr(
+            "employer",
+            "company",
+            ["{S} is employed by {A}.", "{Sp} employer is {A}.", "For many years {N} has worked for {A}."],
+            ["{S} is employed by", "{Sp} employer is", "The company that employs {N} is"],
+            ["Which company employs {N}?", "Who is {Np} employer?", "For which company does {N} work?"],
+        ),
+        _attr(
+            "teacher",
+            "person",
+            ["{S} studied under {A}.", "{Sp} teacher was {A}.", "As a student, {N} was trained by {A}."],
+            ["{S} studied under", "{Sp} teacher was", "{S} was trained by"],
+            ["Who was {Np} teacher?", "Under whom did {N} study?", "Who trained {N}?"],
+        ),
+    ),
+    (
+        "{S} rarely gives interviews.",
+        "{S} keeps a detailed diary.",
+        "Colleagues describe {N} as patient and precise.",
+        "{S} prefers to walk rather than drive.",
+        "{S} has written several short essays.",
+    ),
+)
 
-_ORGANISATION = _EntityType("organisation", (
-    _attr("founding_year", "year:1850-2010",
-          ["{S} was founded in {A}.", "{S} was established in the year {A}.", "{S} has existed since {A}."],
-          ["{S} was founded in the year", "{S} was established in", "{S} has existed since"],
-          ["In what year was {N} founded?", "When was {N} established?", "Since when has {N} existed?"]),
-    _attr("headquarters", "town",
-          ["{S} has its headquarters in {A}.", "{S} is based in the city of {A}.",
-           "The head office of {N} is in {A}."],
-          ["{S} is headquartered in", "{S} is based in the city of", "The head office of {N} is in"],
-          ["Where is {N} headquartered?", "In which city is {N} based?", "Where is the head office of {N}?"]),
-    _attr("founder", "person",
-          ["{S} was founded by {A}.", "{S} was started by {A}.", "{A} founded {N}."],
-          ["{S} was founded by", "The founder of {N} was", "{S} was started by"],
-          ["Who founded {N}?", "Who started {N}?", "Who was the founder of {N}?"]),
-    _attr("product", "product_line",
-          ["{S} makes {A}.", "{S} is best known for its {A}.", "{Sp} main products are {A}."],
-          ["{S} makes", "{S} is best known for its", "{Sp} main products are"],
-          ["What does {N} make?", "What are {Np} main products?", "What does {N} manufacture?"]),
-    _attr("employees", "staff",
-          ["{S} employs {A} people.", "{S} has a staff of {A}.", "About {A} people work at {N}."],
-          ["{S} employs", "The number of people who work at {N} is", "{S} has a staff of"],
-          ["How many people does {N} employ?", "How many people work at {N}?",
-           "How large is the staff of {N}?"]),
-), (
-    "{S} has changed its logo twice.", "{S} publishes a report every spring.",
-    "Visitors can tour parts of {N} by appointment.", "{S} sponsors a small amateur football club.",
-))
+_ORGANISATION = _EntityType(
+    "organisation",
+    (
+        _attr(
+            "founding_year",
+            "year:1850-2010",
+            ["{S} was founded in {A}.", "{S} was established in the year {A}.", "{S} has existed since {A}."],
+            ["{S} was founded in the year", "{S} was established in", "{S} has existed since"],
+            ["In what year was {N} founded?", "When was {N} established?", "Since when has {N} existed?"],
+        ),
+        _attr(
+            "headquarters",
+            "town",
+            [
+                "{S} has its headquarters in {A}.",
+                "{S} is based in the city of {A}.",
+                "The head office of {N} is in {A}.",
+            ],
+            ["{S} is headquartered in", "{S} is based in the city of", "The head office of {N} is in"],
+            [
+                "Where is {N} headquartered?",
+                "In which city is {N} based?",
+                "Where is the head office of {N}?",
+            ],
+        ),
+        _attr(
+            "founder",
+            "person",
+            ["{S} was founded by {A}.", "{S} was started by {A}.", "{A} founded {N}."],
+            ["{S} was founded by", "The founder of {N} was", "{S} was started by"],
+            ["Who founded {N}?", "Who started {N}?", "Who was the founder of {N}?"],
+        ),
+        _attr(
+            "product",
+            "product_line",
+            ["{S} makes {A}.", "{S} is best known for its {A}.", "{Sp} main products are {A}."],
+            ["{S} makes", "{S} is best known for its", "{Sp} main products are"],
+            ["What does {N} make?", "What are {Np} main products?", "What does {N} manufacture?"],
+        ),
+        _attr(
+            "employees",
+            "staff",
+            ["{S} employs {A} people.", "{S} has a staff of {A}.", "About {A} people work at {N}."],
+            ["{S} employs", "The number of people who work at {N} is", "{S} has a staff of"],
+            [
+                "How many people does {N} employ?",
+                "How many people work at {N}?",
+                "How large is the staff of {N}?",
+            ],
+        ),
+    ),
+    (
+        "{S} has changed its logo twice.",
+        "{S} publishes a report every spring.",
+        "Visitors can tour parts of {N} by appointment.",
+        "{S} sponsors a small amateur football club.",
+    ),
+)
 
-_PLACE = _EntityType("place", (
-    _attr("country", "country",
-          ["{S} is a town in {A}.", "{S} lies in the country of {A}.", "{S} is located in {A}."],
-          ["{S} is a town in the country of", "{S} lies in the country of", "{S} is located in"],
-          ["In which country is {N}?", "Which country is {N} in?", "In what country does {N} lie?"]),
-    _attr("river", "river",
-          ["The {A} river flows through {N}.", "{S} stands on the banks of the {A} river.",
-           "{S} is built along the {A} river."],
-          ["The river that flows through {N} is the", "{S} stands on the banks of the",
-           "{S} is built along the"],
-          ["Which river flows through {N}?", "What river runs through {N}?", "On which river does {N} stand?"]),
-    _attr("population", "population",
-          ["{S} has a population of about {A}.", "About {A} people live in {N}.",
-           "{S} is home to roughly {A} people."],
-          ["{S} has a population of about", "The number of people living in {N} is about",
-           "{S} is home to roughly"],
-          ["How many people live in {N}?", "What is the population of {N}?",
-           "How many inhabitants does {N} have?"]),
-    _attr("famous_for", "famous_for",
-          ["{S} is famous for its {A}.", "{S} is best known for its {A}.", "Visitors come to {N} for its {A}."],
-          ["{S} is famous for its", "{S} is best known for its", "Visitors come to {N} for its"],
-          ["What is {N} famous for?", "What is {N} best known for?", "Why do visitors come to {N}?"]),
-    _attr("settled", "year:1300-1899",
-          ["{S} was founded in {A}.", "{S} was first settled in {A}.",
-           "The first houses in {N} were built in {A}."],
-          ["{S} was founded in the year", "{S} was first settled in", "The first houses in {N} were built in"],
-          ["When was {N} founded?", "In what year was {N} first settled?",
-           "When were the first houses in {N} built?"]),
-), (
-    "{S} has narrow streets and a busy market square.", "Summers in {N} are short and windy.",
-    "{S} has one railway station.", "Most houses in {N} have red tiled roofs.",
-))
+_PLACE = _EntityType(
+    "place",
+    (
+        _attr(
+            "country",
+            "country",
+            ["{S} is a town in {A}.", "{S} lies in the country of {A}.", "{S} is located in {A}."],
+            ["{S} is a town in the country of", "{S} lies in the country of", "{S} is located in"],
+            ["In which country is {N}?", "Which country is {N} in?", "In what country does {N} lie?"],
+        ),
+        _attr(
+            "river",
+            "river",
+            [
+                "The {A} river flows through {N}.",
+                "{S} stands on the banks of the {A} river.",
+                "{S} is built along the {A} river.",
+            ],
+            [
+                "The river that flows through {N} is the",
+                "{S} stands on the banks of the",
+                "{S} is built along the",
+            ],
+            [
+                "Which river flows through {N}?",
+                "What river runs through {N}?",
+                "On which river does {N} stand?",
+            ],
+        ),
+        _attr(
+            "population",
+            "population",
+            [
+                "{S} has a population of about {A}.",
+                "About {A} people live in {N}.",
+                "{S} is home to roughly {A} people.",
+            ],
+            [
+                "{S} has a population of about",
+                "The number of people living in {N} is about",
+                "{S} is home to roughly",
+            ],
+            [
+                "How many people live in {N}?",
+                "What is the population of {N}?",
+                "How many inhabitants does {N} have?",
+            ],
+        ),
+        _attr(
+            "famous_for",
+            "famous_for",
+            [
+                "{S} is famous for its {A}.",
+                "{S} is best known for its {A}.",
+                "Visitors come to {N} for its {A}.",
+            ],
+            ["{S} is famous for its", "{S} is best known for its", "Visitors come to {N} for its"],
+            ["What is {N} famous for?", "What is {N} best known for?", "Why do visitors come to {N}?"],
+        ),
+        _attr(
+            "settled",
+            "year:1300-1899",
+            [
+                "{S} was founded in {A}.",
+                "{S} was first settled in {A}.",
+                "The first houses in {N} were built in {A}.",
+            ],
+            [
+                "{S} was founded in the year",
+                "{S} was first settled in",
+                "The first houses in {N} were built in",
+            ],
+            [
+                "When was {N} founded?",
+                "In what year was {N} first settled?",
+                "When were the first houses in {N} built?",
+            ],
+        ),
+    ),
+    (
+        "{S} has narrow streets and a busy market square.",
+        "Summers in {N} are short and windy.",
+        "{S} has one railway station.",
+        "Most houses in {N} have red tiled roofs.",
+    ),
+)
 
-_PRODUCT = _EntityType("product", (
-    _attr("maker", "company",
-          ["{S} is made by {A}.", "{S} is manufactured by {A}.", "{A} produces {N}."],
-          ["{S} is made by", "{S} is manufactured by", "The maker of {N} is"],
-          ["Which company makes {N}?", "Who manufactures {N}?", "Who is the maker of {N}?"]),
-    _attr("release_year", "year:1890-2015",
-          ["{S} was first sold in {A}.", "{S} was released in {A}.", "{S} came onto the market in {A}."],
-          ["{S} was released in the year", "{S} was first sold in", "{S} came onto the market in"],
-          ["When was {N} released?", "In what year did {N} first go on sale?",
-           "When did {N} come onto the market?"]),
-    _attr("material", "material",
-          ["{S} is made of {A}.", "The body of {N} is built from {A}.", "{S} is built mainly from {A}."],
-          ["{S} is made of", "The body of {N} is built from", "The main material of {N} is"],
-          ["What is {N} made of?", "What material is {N} built from?", "What is the main material of {N}?"]),
-    _attr("designer", "person",
-          ["{S} was designed by {A}.", "The designer of {N} was {A}.", "{A} designed {N}."],
-          ["{S} was designed by", "The designer of {N} was", "The person who designed {N} was"],
-          ["Who designed {N}?", "Who was the designer of {N}?", "Whose design is {N}?"]),
-    _attr("weight", "grams",
-          ["{S} weighs {A} grams.", "{S} has a weight of {A} grams.", "At {A} grams, {N} is easy to carry."],
-          ["{S} weighs", "{S} has a weight of", "The weight of {N} is"],
-          ["How much does {N} weigh?", "What is the weight of {N}?", "How heavy is {N}?"]),
-), (
-    "{S} comes in a plain cardboard box.", "Repair manuals for {N} are still in print.",
-    "{S} is sold with a two-year guarantee.", "Collectors keep {N} in working order.",
-))
+_PRODUCT = _EntityType(
+    "product",
+    (
+        _attr(
+            "maker",
+            "company",
+            ["{S} is made by {A}.", "{S} is manufactured by {A}.", "{A} produces {N}."],
+            ["{S} is made by", "{S} is manufactured by", "The maker of {N} is"],
+            ["Which company makes {N}?", "Who manufactures {N}?", "Who is the maker of {N}?"],
+        ),
+        _attr(
+            "release_year",
+            "year:1890-2015",
+            ["{S} was first sold in {A}.", "{S} was released in {A}.", "{S} came onto the market in {A}."],
+            ["{S} was released in the year", "{S} was first sold in", "{S} came onto the market in"],
+            [
+                "When was {N} released?",
+                "In what year did {N} first go on sale?",
+                "When did {N} come onto the market?",
+            ],
+        ),
+        _attr(
+            "material",
+            "material",
+            ["{S} is made of {A}.", "The body of {N} is built from {A}.", "{S} is built mainly from {A}."],
+            ["{S} is made of", "The body of {N} is built from", "The main material of {N} is"],
+            ["What is {N} made of?", "What material is {N} built from?", "What is the main material of {N}?"],
+        ),
+        _attr(
+            "designer",
+            "person",
+            ["{S} was designed by {A}.", "The designer of {N} was {A}.", "{A} designed {N}."],
+            ["{S} was designed by", "The designer of {N} was", "The person who designed {N} was"],
+            ["Who designed {N}?", "Who was the designer of {N}?", "Whose design is {N}?"],
+        ),
+        _attr(
+            "weight",
+            "grams",
+            [
+                "{S} weighs {A} grams.",
+                "{S} has a weight of {A} grams.",
+                "At {A} grams, {N} is easy to carry.",
+            ],
+            ["{S} weighs", "{S} has a weight of", "The weight of {N} is"],
+            ["How much does {N} weigh?", "What is the weight of {N}?", "How heavy is {N}?"],
+        ),
+    ),
+    (
+        "{S} comes in a plain cardboard box.",
+        "Repair manuals for {N} are still in print.",
+        "{S} is sold with a two-year guarantee.",
+        "Collectors keep {N} in working order.",
+    ),
+)
 
-_SPECIES = _EntityType("species", (
-    _attr("habitat", "region",
-          ["{S} lives in the {A}.", "{S} is found only in the {A}.", "The home of {N} is the {A}."],
-          ["{S} lives in the", "{S} is found only in the", "The natural habitat of {N} is the"],
-          ["Where does {N} live?", "Where is {N} found?", "What is the habitat of {N}?"]),
-    _attr("colour", "colour",
-          ["{S} is {A} in colour.", "{S} has {a} {A} body.", "The colour of {N} is {A}."],
-          ["The colour of {N} is", "{S} has a body that is", "{S} is coloured"],
-          ["What colour is {N}?", "What is the colour of {N}?", "What colour is the body of {N}?"]),
-    _attr("diet", "diet",
-          ["{S} feeds mainly on {A}.", "{S} eats {A}.", "The diet of {N} consists of {A}."],
-          ["{S} feeds mainly on", "{S} mostly eats", "The diet of {N} consists of"],
-          ["What does {N} eat?", "What does {N} feed on?", "What is the diet of {N}?"]),
-    _attr("discoverer", "person",
-          ["{S} was first described by {A}.", "{S} was discovered by {A}.",
-           "{A} was the first to describe {N}."],
-          ["{S} was discovered by", "{S} was first described by", "The discoverer of {N} was"],
-          ["Who discovered {N}?", "Who first described {N}?", "Who was the discoverer of {N}?"]),
-    _attr("discovery_year", "year:1780-1990",
-          ["{S} was first described in {A}.", "{S} was discovered in {A}.",
-           "Scientists first recorded {N} in {A}."],
-          ["{S} was first described in the year", "{S} was discovered in", "Scientists first recorded {N} in"],
-          ["When was {N} discovered?", "In what year was {N} first described?",
-           "When did scientists first record {N}?"]),
-), (
-    "{S} is rarely seen during the day.", "Little is known about how {N} raises its young.",
-    "Photographs of {N} are hard to come by.", "{S} is protected by local law.",
-))
+_SPECIES = _EntityType(
+    "species",
+    (
+        _attr(
+            "habitat",
+            "region",
+            ["{S} lives in the {A}.", "{S} is found only in the {A}.", "The home of {N} is the {A}."],
+            ["{S} lives in the", "{S} is found only in the", "The natural habitat of {N} is the"],
+            ["Where does {N} live?", "Where is {N} found?", "What is the habitat of {N}?"],
+        ),
+        _attr(
+            "colour",
+            "colour",
+            ["{S} is {A} in colour.", "{S} has {a} {A} body.", "The colour of {N} is {A}."],
+            ["The colour of {N} is", "{S} has a body that is", "{S} is coloured"],
+            ["What colour is {N}?", "What is the colour of {N}?", "What colour is the body of {N}?"],
+        ),
+        _attr(
+            "diet",
+            "diet",
+            ["{S} feeds mainly on {A}.", "{S} eats {A}.", "The diet of {N} consists of {A}."],
+            ["{S} feeds mainly on", "{S} mostly eats", "The diet of {N} consists of"],
+            ["What does {N} eat?", "What does {N} feed on?", "What is the diet of {N}?"],
+        ),
+        _attr(
+            "discoverer",
+            "person",
+            [
+                "{S} was first described by {A}.",
+                "{S} was discovered by {A}.",
+                "{A} was the first to describe {N}.",
+            ],
+            ["{S} was discovered by", "{S} was first described by", "The discoverer of {N} was"],
+            ["Who discovered {N}?", "Who first described {N}?", "Who was the discoverer of {N}?"],
+        ),
+        _attr(
+            "discovery_year",
+            "year:1780-1990",
+            [
+                "{S} was first described in {A}.",
+                "{S} was discovered in {A}.",
+                "Scientists first recorded {N} in {A}.",
+            ],
+            [
+                "{S} was first described in the year",
+                "{S} was discovered in",
+                "Scientists first recorded {N} in",
+            ],
+            [
+                "When was {N} discovered?",
+                "In what year was {N} first described?",
+                "When did scientists first record {N}?",
+            ],
+        ),
+    ),
+    (
+        "{S} is rarely seen during the day.",
+        "Little is known about how {N} raises its young.",
+        "Photographs of {N} are hard to come by.",
+        "{S} is protected by local law.",
+    ),
+)
 
 ENTITY_TYPES = (_PERSON, _ORGANISATION, _PLACE, _PRODUCT, _SPECIES)
 MAX_FACTS_PER_DOC = min(len(t.attributes) for t in ENTITY_TYPES)
@@ -487,7 +914,9 @@ def novel_facts(n_docs: int = 50, *, seed: int = 0, facts_per_doc: int = 4) -> K
         sentences = []
         for i, (attr, answer) in enumerate(zip(attributes, answers, strict=True)):
             start = entity.start if i == 0 or rng.random() < 0.5 else rng.choice(entity.short_refs)
-            sentences.append(_render(rng.choice(attr.statements), start=start, mid=entity.mid, answer=answer[0]))
+            sentences.append(
+                _render(rng.choice(attr.statements), start=start, mid=entity.mid, answer=answer[0])
+            )
         if len(sentences) == 1 or (len(sentences) < 6 and rng.random() < 0.5):
             filler = _render(rng.choice(kind.fillers), start=rng.choice(entity.short_refs), mid=entity.mid)
             sentences.insert(rng.randint(1, len(sentences)), filler)
@@ -499,13 +928,19 @@ def novel_facts(n_docs: int = 50, *, seed: int = 0, facts_per_doc: int = 4) -> K
         for attr, answer in zip(attributes, answers, strict=True):
             fact_id = f"{doc_id}:{attr.key}"
             clozes = [_render(c, start=entity.start, mid=entity.mid) for c in attr.clozes]
-            unseen = [c for c in clozes if c.lower() not in lowered]  # worded unlike the document, where possible
+            unseen = [
+                c for c in clozes if c.lower() not in lowered
+            ]  # worded unlike the document, where possible
             probes.append(Probe(doc_id, rng.choice(unseen or clozes), answer, "cloze", fact_id))
             question = _render(rng.choice(attr.questions), start=entity.start, mid=entity.mid)
             probes.append(Probe(doc_id, question, answer, "qa", fact_id))
 
     meta = {
-        "source": "generated", "seed": seed, "n_docs": n_docs, "facts_per_doc": facts_per_doc,
-        "entities": entities, "invented_words": list(forge.used),
+        "source": "generated",
+        "seed": seed,
+        "n_docs": n_docs,
+        "facts_per_doc": facts_per_doc,
+        "entities": entities,
+        "invented_words": list(forge.used),
     }
     return KnowledgeBenchmark("novel_facts", tuple(documents), tuple(probes), meta)
