@@ -1,6 +1,6 @@
 # Continual Tiny Transformer — set-up, main job and tests.
 #   make demo   set up everything, then show the packaged model learn new facts
-#   make test   set up everything, then run the whole test suite (unit + real-model tier)
+#   make test   set up everything, check style (ruff), then run the whole test suite (unit + real-model tier)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,7 +10,7 @@ MODEL_STAMP := $(VENV)/.ctt-models-pulled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models demo test test-fast clean
+.PHONY: setup models demo test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,15 @@ models: $(MODEL_STAMP)
 demo: models
 	$(BIN)/ctt demo
 
-test: models
+lint: setup
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+test: models lint
 	$(BIN)/python -m pytest tests
 
 test-fast: setup

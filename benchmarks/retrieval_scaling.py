@@ -105,7 +105,7 @@ def bench_lexical(sizes: list[int], args: argparse.Namespace) -> list[dict]:
                 }
             )
             logger.info("%s", rows[-1])
-            del index
+            index = None  # released before the next size is measured
     return rows
 
 
@@ -149,7 +149,7 @@ def bench_vectors(sizes: list[int], args: argparse.Namespace) -> list[dict]:
                 }
             )
             logger.info("%s", rows[-1])
-            del store, keys
+            store = keys = None  # released before the next size is measured
     return rows
 
 
