@@ -1,9 +1,10 @@
 """Answer latency of the memory strategies after many learned documents, against plain generation.
 
-Every strategy learns the same ``--docs`` generated novel-fact documents (default 1,000), then answers the same
-probes one at a time (``measure_latency`` of the knowledge benchmark: median seconds per answer, greedy,
-``--max-new-tokens``). The ratio to ``none`` (the backbone alone, no learning) is what a user pays for the memory.
-Accuracy on the probes of the learned documents is recorded beside it, so a fast but useless setting shows.
+Every strategy learns the same ``--docs`` generated novel-fact documents (default 1,000), then answers the
+same probes one at a time (``measure_latency`` of the knowledge benchmark: median seconds per answer, greedy,
+``--max-new-tokens``). The ratio to ``none`` (the backbone alone, no learning) is what a user pays for the
+memory. Accuracy on the probes of the learned documents is recorded beside it, so a fast but useless setting
+shows.
 
     python benchmarks/answer_latency.py --device cuda --docs 1000 --strategies retrieval,knowledge_store
     python benchmarks/answer_latency.py --device cpu --docs 100 --probes 8          # a few minutes on 2 cores
@@ -112,11 +113,14 @@ def write(results: dict, out: Path) -> None:
     lines = [
         "# Answer latency after many learned documents",
         "",
-        f"Model `{meta['model']}` on {meta['device']} ({s['dtype']}), {s['docs']} novel-fact documents learned, "
-        f"{s['probes']} probes answered one at a time, {s['max_new_tokens']} new tokens, library {meta['version']}, "
+        f"Model `{meta['model']}` on {meta['device']} ({s['dtype']}), "
+        f"{s['docs']} novel-fact documents learned, "
+        f"{s['probes']} probes answered one at a time, {s['max_new_tokens']} new tokens, "
+        f"library {meta['version']}, "
         f"{meta['date']}." + (f" Settings: `{' '.join(s['overrides'])}`." if s.get("overrides") else ""),
         "",
-        "| strategy | docs | answer latency s (median) | × none | tokens/s | accuracy | learn s/doc | state MiB |",
+        "| strategy | docs | answer latency s (median) | × none | tokens/s | accuracy "
+        "| learn s/doc | state MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["strategies"].items():

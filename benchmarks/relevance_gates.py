@@ -6,8 +6,8 @@ For novel facts and BoolQ (``--docs`` documents each), after the documents are l
 
 * ``retrieval`` (BM25 and dense): the best chunk's relevance for the benchmark's probes, for general questions
   (the known-fact probes) and whether the best chunk comes from the probe's own document;
-* ``memory_bank`` keys (MiniLM and the backbone's pooled states): the best cosine similarity between a query and
-  the documents' sentences, for the probes, the general questions and 512-token WikiText windows.
+* ``memory_bank`` keys (MiniLM and the backbone's pooled states): the best cosine similarity between a query
+  and the documents' sentences, for the probes, the general questions and 512-token WikiText windows.
 
 A gate works when the probes sit above it and the unrelated queries below it. Writes ``results.json`` and
 ``results.md`` (percentiles 10 / 25 / 50 / 75 / 90 and the maximum).

@@ -1,17 +1,18 @@
-"""Retrieval latency and memory at 1k / 10k / 100k stored items, for the ``retrieval`` and ``knowledge_store`` indexes.
+"""Retrieval latency and memory at 1k / 10k / 100k stored items, for the ``retrieval`` and ``knowledge_store``
+indexes.
 
 * ``retrieval``: the lexical index (:class:`continual_transformer.modules.LexicalIndex`, BM25 and TF-IDF) over
   synthetic chunks of ``--chunk-words`` words drawn from a Zipf-distributed vocabulary (like real text, a few
   words are everywhere and most are rare). Measured: time to add the chunks, time to (re)build the weights
   (the first search after a change), and search latency (median and 95th percentile over 32 queries: a query
   with a word that is in most chunks costs more than one with rare words).
-* ``knowledge_store``: the key store (:class:`continual_transformer.modules.VectorStore`) with random keys of the
-  backbone's hidden size (576 for SmolLM2-135M). Measured: insert time, search latency (k neighbours) for one
-  query (one generation step) and for a block of 512 queries (scoring a 512-token window), and the time of the
-  whole kNN mixture step (search + p_kNN over the vocabulary + log-space mix) for one position.
+* ``knowledge_store``: the key store (:class:`continual_transformer.modules.VectorStore`) with random keys of
+  the backbone's hidden size (576 for SmolLM2-135M). Measured: insert time, search latency (k neighbours) for
+  one query (one generation step) and for a block of 512 queries (scoring a 512-token window), and the time of
+  the whole kNN mixture step (search + p_kNN over the vocabulary + log-space mix) for one position.
 
-Memory: bytes of the index's arrays (lexical: term-id/count arrays and the two sparse matrices, not Python list
-overhead) or the store's allocated buffers, plus the process RSS growth while building (noisy, but real).
+Memory: bytes of the index's arrays (lexical: term-id/count arrays and the two sparse matrices, not Python
+list overhead) or the store's allocated buffers, plus the process RSS growth while building (noisy, but real).
 
     python benchmarks/retrieval_scaling.py --out benchmarks/results/retrieval_scaling/
 """
@@ -161,14 +162,17 @@ def write_markdown(path: Path, meta: dict, lexical: list[dict], vectors: list[di
         "# Retrieval scaling",
         "",
         f"Run {meta['date']} on {meta['machine']} ({meta['cpu_count']} CPUs, torch {meta['torch']}, "
-        f"{meta['torch_threads']} threads), load average before/after {meta['load_before']} / {meta['load_after']}.",
-        f"Settings: k={meta['settings']['k']}, chunks of {meta['settings']['chunk_words']} words from a Zipf vocabulary "
+        f"{meta['torch_threads']} threads), "
+        f"load average before/after {meta['load_before']} / {meta['load_after']}.",
+        f"Settings: k={meta['settings']['k']}, "
+        f"chunks of {meta['settings']['chunk_words']} words from a Zipf vocabulary "
         f"of {meta['settings']['vocab']} words, queries of {meta['settings']['query_words']} words; "
         f"keys of hidden size {meta['settings']['hidden']}, LM vocabulary {meta['settings']['vocab_lm']}.",
         "",
         "## retrieval: lexical index",
         "",
-        "| index | chunks | add s | build s | search ms (median) | search ms (p95) | index MiB | RSS growth MiB |",
+        "| index | chunks | add s | build s | search ms (median) | search ms (p95) "
+        "| index MiB | RSS growth MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in lexical:
@@ -180,7 +184,8 @@ def write_markdown(path: Path, meta: dict, lexical: list[dict], vectors: list[di
         "",
         "## knowledge_store: vector store",
         "",
-        "| metric | keys | hidden | insert s | search 1 query ms | ms/query in block of 512 | kNN mixture step ms | allocated MiB | RSS growth MiB |",
+        "| metric | keys | hidden | insert s | search 1 query ms | ms/query in block of 512 "
+        "| kNN mixture step ms | allocated MiB | RSS growth MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in vectors:
@@ -191,7 +196,8 @@ def write_markdown(path: Path, meta: dict, lexical: list[dict], vectors: list[di
         )
     lines += [
         "",
-        "Latencies are medians. Memory of the store is what is allocated (geometric growth: up to 2x the keys used).",
+        "Latencies are medians. "
+        "Memory of the store is what is allocated (geometric growth: up to 2x the keys used).",
         "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -1,4 +1,5 @@
-"""Task-router accuracy per embedder and prototype kind, on the task suites' full profiles (no adapter trained).
+"""Task-router accuracy per embedder and prototype kind, on the task suites' full profiles (no adapter
+trained).
 
     python benchmarks/router_accuracy.py --suites clinc150-10 banking77 --out benchmarks/results/router
 
@@ -28,7 +29,7 @@ from continual_transformer.tasks.suites import load_suite
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suites", nargs="+", default=["clinc150-10", "clinc150-50", "banking77", "long15"])
     parser.add_argument("--embedders", nargs="+", default=["backbone", "minilm"])
     parser.add_argument("--prototypes", nargs="+", default=["label", "task"])
@@ -103,7 +104,8 @@ def main() -> int:
     lines = [
         "# Task-router accuracy (full profiles, no adapter trained)",
         "",
-        f"Model `{meta['model']}` on {meta['device']} ({meta['dtype']}); {meta['router_samples']} training texts "
+        f"Model `{meta['model']}` on {meta['device']} ({meta['dtype']}); "
+        f"{meta['router_samples']} training texts "
         "per task feed the prototypes; every test text of every task is routed.",
         "",
         "| suite | tasks | embedder | prototypes | router accuracy | worst task |",

@@ -3,14 +3,14 @@
 One timed step is exactly what :func:`continual_transformer.training.train` does per mini-batch for ``ttt``:
 forward + loss (:func:`training.batch_loss`), backward into the dual MLPs' trainable copies, the gradient mask
 (with ``--sparse``), clipping, ``optimizer.step()`` and ``zero_grad``. Grid: batch x window tokens, optimizer
-(AdamW, AdamW(fused=True) where CUDA, SGD), and eager vs ``torch.compile`` of the forward (regional: each decoder
-layer is compiled, one compilation serves every layer; default mode, so no CUDA graphs — eager is the CUDA-graph-free
-baseline). A compile that fails is recorded and skipped, never fatal.
+(AdamW, AdamW(fused=True) where CUDA, SGD), and eager vs ``torch.compile`` of the forward (regional: each
+decoder layer is compiled, one compilation serves every layer; default mode, so no CUDA graphs — eager is the
+CUDA-graph-free baseline). A compile that fails is recorded and skipped, never fatal.
 
 Runs offline: the model is a packaged name, a Hugging Face id already in the cache, or a local directory.
 
-    python benchmarks/ttt_throughput.py --device cuda --dtype bfloat16               # full grid (H100: < 4 min)
-    python benchmarks/ttt_throughput.py --quick --device cpu --dtype float32          # a few small shapes
+    python benchmarks/ttt_throughput.py --device cuda --dtype bfloat16             # full grid (H100: < 4 min)
+    python benchmarks/ttt_throughput.py --quick --device cpu --dtype float32       # a few small shapes
 
 Writes ``results.json``, ``results.md`` and ``tokens_per_second.png`` to ``--out``.
 """
@@ -216,7 +216,8 @@ def write_markdown(path: Path, meta: dict, rows: list[Row]) -> None:
         f"- machine: {', '.join(f'{k} {v}' for k, v in meta['machine'].items())}",
         "- one step: forward + loss, backward, gradient mask (sparse only), clip, optimizer step, zero_grad",
         "",
-        "| compile | optimizer | batch x window | tokens/step | tokens/s | ms/step | peak GiB | warm-up s | status |",
+        "| compile | optimizer | batch x window | tokens/step | tokens/s | ms/step "
+        "| peak GiB | warm-up s | status |",
         "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:

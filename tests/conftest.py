@@ -17,7 +17,8 @@ from continual_transformer.backbone import Backbone
 from continual_transformer.config import Config, GenerationConfig
 
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -129,7 +130,8 @@ def fast_config(**overrides) -> Config:
 
 
 def save_tiny_embedder(directory: Path, texts: list[str]) -> Path:
-    """A randomly initialised one-layer BERT sentence encoder (and a word-level vocabulary of ``texts``) in ``directory``."""
+    """A randomly initialised one-layer BERT sentence encoder (and a word-level vocabulary of ``texts``) in
+    ``directory``."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The knowledge harness on the real model: the floor scores ~0 on novel facts, the in-context ceiling well above."""
+"""The knowledge harness on the real model: the floor scores ~0 on novel facts, the in-context ceiling well
+above."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def test_none_scores_near_zero_and_in_context_well_above():
 
 
 def test_memory_bank_leaves_unrelated_general_text_alone():
-    """Unrelated long text (perplexity windows) and unrelated questions retrieve no memory: base outputs exactly."""
+    """Unrelated long text (perplexity windows) and unrelated questions retrieve no memory: base outputs
+    exactly."""
     from continual_transformer.evaluation.datasets import KNOWN_FACTS
     from continual_transformer.evaluation.general import general_text
     from continual_transformer.strategies import registry
@@ -55,7 +57,8 @@ def test_memory_bank_leaves_unrelated_general_text_alone():
 
 
 def test_default_retrieval_puts_the_right_chunk_in_and_gates_general_questions_out():
-    """Dense MiniLM retrieval (the default): probes of learned facts get their document, general questions nothing."""
+    """Dense MiniLM retrieval (the default): probes of learned facts get their document, general questions
+    nothing."""
     from continual_transformer.evaluation.datasets import KNOWN_FACTS
     from continual_transformer.strategies import registry
 
