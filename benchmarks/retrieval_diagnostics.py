@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for doc in bench.documents:
             strategy.learn(doc)
+        logger.info("learned %d documents", len(bench.documents))
         rows = ranking(strategy, probes)
         logger.info("ranked %d probes over %d chunks", len(probes), len(strategy.chunk_ids))
 
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         conditions["none"] = answer_probes(floor, probes, args.max_new_tokens).predictions
         floor.close()
         conditions["retrieval"] = answer_probes(strategy, probes, args.max_new_tokens).predictions
+        logger.info("answered with nothing and with retrieval as configured")
         # The gate opened wide: every query takes exactly its top-k chunks.
         wide = {"min_similarity": -1.0, "min_relevance": 0.0}
         for k in TOP_K:
@@ -134,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         oracle = OracleReader(backbone, config, bench)
         try:
             conditions["oracle"] = oracle.answer(probes, args.max_new_tokens).predictions
+            over_budget = sorted(oracle.over_budget)
         finally:
             oracle.close()
         chunks = len(strategy.chunk_ids)
@@ -168,6 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "docs_in_prompt_histogram": dict(sorted(Counter(row["docs_in_prompt"] for row in rows).items())),
         "accuracy": accuracy,
         "oracle_right_retrieval_wrong": {c: lost.get(c, 0) for c in CAUSES},
+        "oracle_documents_over_budget": over_budget,
         "retrieval_right_oracle_wrong": sum(
             row["correct"]["retrieval"] and not row["correct"]["oracle"] for row in rows
         ),
@@ -255,6 +259,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"Probes the oracle answers and retrieval does not: {sum(lost.values())} "
         f"({', '.join(f'{c}: {n}' for c, n in lost.items())}); the reverse: "
         f"{summary['retrieval_right_oracle_wrong']}.",
+        *(
+            [
+                f"Documents longer than in_context's budget (the oracle saw nothing of them): "
+                f"{', '.join(summary['oracle_documents_over_budget'])}."
+            ]
+            if summary["oracle_documents_over_budget"]
+            else []
+        ),
     ]
     return "\n".join(lines) + "\n"
 
