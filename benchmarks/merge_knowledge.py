@@ -1,10 +1,13 @@
 """Merge knowledge-benchmark rows measured in separate runs of one profile into one results directory.
 
-    python benchmarks/merge_knowledge.py benchmarks/results/knowledge/h100-novel_facts-50-wikitext run1 run2 ...
+    python benchmarks/merge_knowledge.py benchmarks/results/knowledge/h100-novel_facts-50-wikitext run1 ...
 
-Each ``runN`` is a results directory (or ``results.json``) written by ``ctt bench knowledge --no-baselines`` on
-a copy of the target's results; its strategies are added to the target (a strategy measured again replaces the
-earlier row). Runs of another model or profile are refused, and the target is only rewritten once all are read.
+Each ``runN`` is a results directory (or ``results.json``) written by ``ctt bench knowledge --no-baselines``
+on a copy of the target's results; its strategies are added to the target (a strategy measured again replaces
+the earlier row). Runs of another model or profile are refused, and the target is only rewritten once all are
+read. The merged ``results.md`` has the "× oracle" column (acquisition over the ``oracle`` row's); to add the
+oracle to results measured before it existed, merge a run of ``ctt bench knowledge --no-baselines --strategies
+oracle``. The merged rows are printed with their acquisition and × oracle.
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ import sys
 from pathlib import Path
 
 from continual_transformer.errors import ContinualTransformerError
-from continual_transformer.evaluation.report import read_knowledge_results, write_knowledge_results
+from continual_transformer.evaluation.report import (
+    fmt,
+    fmt_oracle_ratio,
+    read_knowledge_results,
+    write_knowledge_results,
+)
 
 
 def results_file(path: Path) -> Path:
@@ -40,6 +48,9 @@ def main() -> int:
         target["strategies"].update(added)
         print(f"{run}: {', '.join(added) or 'no new rows'}")
     write_knowledge_results(target, results_file(args.target).parent)
+    for name, row in target["strategies"].items():
+        acquisition = fmt(row.get("acquisition_contains"))
+        print(f"  {name}: acquisition {acquisition}, × oracle {fmt_oracle_ratio(target, name)}")
     return 0
 
 

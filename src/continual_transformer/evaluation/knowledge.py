@@ -7,6 +7,9 @@ For each strategy, on one shared backbone (restored and checked by fingerprint b
    so far is asked closed-book, giving the accuracy matrix ``R[t, k]``;
 3. general ability after, and costs: learn seconds per 1k tokens, answer latency and tokens/s, peak memory,
    parameters added and bytes of state.
+
+Beside the strategies runs the ``oracle`` row (:func:`run_oracle`): every probe answered with only its own
+document in the prompt, the ceiling any retrieval strategy can reach with this model and prompt format.
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from continual_transformer.backbone import Backbone, model_fingerprint
-from continual_transformer.config import Config, from_dict, parse_override, to_dict
+from continual_transformer.config import Config, ConfigError, from_dict, parse_override, to_dict
 from continual_transformer.evaluation import metrics, system
 from continual_transformer.evaluation.datasets import KNOWN_FACTS, KnowledgeBenchmark, Probe, load_benchmark
 from continual_transformer.evaluation.general import general_text
+from continual_transformer.evaluation.report import ORACLE
 from continual_transformer.strategies import Strategy, registry
+from continual_transformer.strategies.base import pack_texts, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("none", "in_context", "finetune", "lora")
+BASELINES = ("none", ORACLE, "in_context", "finetune", "lora")
+"""Rows every run has: the floor, the ceiling (:func:`run_oracle`, not a strategy) and three baselines."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +67,8 @@ class KnowledgeBenchConfig:
 QUICK = KnowledgeBenchConfig(
     docs=6, stream_batches=2, ppl_tokens=4096, known_facts=24, max_new_tokens=16, latency_prompts=3
 )
-"""``--quick``: the four baselines finish in under 10 minutes on 2 CPU cores (measured: see README)."""
+"""``--quick``: the four baselines finish in under 10 minutes on 2 CPU cores (measured before the oracle row,
+which adds one answering pass over the probes: see README)."""
 
 
 def with_strategies(strategies: Sequence[str]) -> list[str]:
@@ -77,9 +84,14 @@ def parse_strategy_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
     A strategy name may carry settings of its config section after colons (values parsed as YAML), so that
     ablations run as separate rows of one benchmark; the whole spec is the row's name. Unknown strategies and
-    settings are rejected here, before any model work.
+    settings are rejected here, before any model work. ``oracle`` is the harness's ceiling row and takes no
+    settings.
     """
     name, *items = [part.strip() for part in spec.split(":")]
+    if name == ORACLE:
+        if items:
+            raise ConfigError(f"{ORACLE!r} is the harness's ceiling row and takes no settings, got {spec!r}")
+        return ORACLE, {}
     cls = registry.get(name).config_cls
     changes: dict[str, Any] = {}
     for item in items:
@@ -97,7 +109,7 @@ def spec_config(config: Config, spec: str) -> tuple[str, Any]:
     return name, section
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -107,7 +119,8 @@ class _Answers:
 
 
 def answer_probes(strategy: Strategy, probes: Sequence[Probe], max_new_tokens: int) -> _Answers:
-    """Closed-book answers: cloze prompts are continued as raw text, questions go through the chat template."""
+    """Closed-book answers: cloze prompts are continued as raw text, questions go through the chat
+    template."""
     predictions: list[str | None] = [None] * len(probes)
     start = time.perf_counter()
     for kind, chat in (("cloze", False), ("qa", True)):
@@ -258,6 +271,148 @@ def run_strategy(
     return result
 
 
+class OracleReader:
+    """Answers each probe with only its own document in the prompt, nothing learned.
+
+    The prompt is built by the ``in_context`` strategy (its configured instruction, chat template and budget)
+    holding exactly one document, loaded through its public state API: the oracle reads the same prompt format
+    as ``in_context``, with the right document and no other. A document longer than ``in_context``'s budget
+    would leave the prompt empty; such documents are counted in :attr:`over_budget` (and logged).
+    """
+
+    def __init__(self, backbone: Backbone, config: Config, benchmark: KnowledgeBenchmark) -> None:
+        self.reader = registry.get("in_context")(
+            backbone, config.strategy_config("in_context"), settings=config
+        )
+        self.texts = {doc.id: doc.text for doc in benchmark.documents}
+        self.over_budget: set[str] = set()
+
+    def read(self, doc_id: str) -> None:
+        """Put document ``doc_id``, and only it, in the reader's prompt."""
+        self.reader.load_trainable_state(pack_texts([self.texts[doc_id]], "documents"))
+        if self.reader.context() != self.texts[doc_id] and doc_id not in self.over_budget:
+            logger.warning(
+                "oracle: document %s does not fit in_context's budget; its probes see none", doc_id
+            )
+            self.over_budget.add(doc_id)
+
+    def answer(self, probes: Sequence[Probe], max_new_tokens: int) -> _Answers:
+        """Answers in probe order; probes of one document are answered together (cloze and questions
+        apart)."""
+        predictions: list[str] = [""] * len(probes)
+        start = time.perf_counter()
+        by_doc: dict[str, list[int]] = {}
+        for i, probe in enumerate(probes):
+            by_doc.setdefault(probe.doc_id, []).append(i)
+        for doc_id, index in by_doc.items():
+            self.read(doc_id)
+            answers = answer_probes(self.reader, [probes[i] for i in index], max_new_tokens)
+            for i, prediction in zip(index, answers.predictions):
+                predictions[i] = prediction
+        return _Answers(predictions, time.perf_counter() - start)
+
+    def latency(self, probes: Sequence[Probe], max_new_tokens: int) -> dict[str, float]:
+        """As :func:`measure_latency`, each probe with its own document in the prompt."""
+        if not probes:
+            return {"answer_latency_s": float("nan"), "answer_tokens_per_s": float("nan")}
+        tokenizer = self.reader.backbone.tokenizer
+        seconds, tokens = [], 0
+        for probe in probes:
+            start = time.perf_counter()
+            out = self.answer([probe], max_new_tokens).predictions[0]
+            seconds.append(time.perf_counter() - start)
+            tokens += max(1, len(tokenizer(out, add_special_tokens=False)["input_ids"]))
+        return {"answer_latency_s": float(np.median(seconds)), "answer_tokens_per_s": tokens / sum(seconds)}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def run_oracle(
+    backbone: Backbone,
+    config: Config,
+    benchmark: KnowledgeBenchmark,
+    bench: KnowledgeBenchConfig,
+    *,
+    known: Sequence[Probe],
+    ppl_base: float,
+) -> dict[str, Any]:
+    """The ``oracle`` row: every probe answered with only its own document in the prompt
+    (:class:`OracleReader`).
+
+    It has the keys of :func:`run_strategy`'s rows. The oracle learns nothing, so two parts hold by
+    construction rather than by measurement: its prompt for a probe does not depend on what was learned
+    before, so every probe is answered once and the accuracy matrix repeats that accuracy down each column
+    (BWT and forgetting 0, acquisition = final accuracy); and general text and known-fact probes belong to no
+    document, so they are read with nothing in the prompt, as the base model reads them (perplexity change 0,
+    known facts kept: the base model's figures are the reference). Latency is measured (a document in every
+    prompt).
+    """
+    device = backbone.device
+    fingerprint = backbone.fingerprint
+    system.reset_peak_memory(device)
+    oracle = OracleReader(backbone, config, benchmark)
+    try:
+        batches = stream_batches(benchmark, bench.stream_batches)
+        probes_by_batch = [benchmark.probes_for([benchmark.documents[i].id for i in b]) for b in batches]
+        all_probes = [p for group in probes_by_batch for p in group]
+        bounds = np.cumsum([0] + [len(group) for group in probes_by_batch])
+        answers = oracle.answer(all_probes, bench.max_new_tokens)
+        scored = score(all_probes, answers.predictions)
+        T = len(batches)
+        R = np.full((T, T), np.nan)
+        for k in range(T):
+            R[k:, k] = score(probes_by_batch[k], answers.predictions[bounds[k] : bounds[k + 1]])["contains"]
+        latency = oracle.latency(all_probes[: bench.latency_prompts], bench.max_new_tokens)
+        peak = system.peak_memory_mb(device)
+        state_bytes = tensor_bytes(pack_texts([doc.text for doc in benchmark.documents], "documents"))
+        result = {
+            "strategy": ORACLE,
+            "strategy_config": {"in_context": to_dict(config.strategy_config("in_context"))},
+            "acquisition_em": scored["em"],
+            "acquisition_contains": scored["contains"],
+            "acquisition_f1": scored["f1"],
+            "acquisition_cloze_contains": scored.get("cloze_contains"),
+            "acquisition_qa_contains": scored.get("qa_contains"),
+            "final_em": scored["em"],
+            "final_contains": scored["contains"],
+            "ppl_before": ppl_base,
+            "ppl_after": ppl_base,
+            "ppl_change": 0.0,
+            "known_facts": len(known),
+            "known_fact_accuracy_after": 1.0 if known else float("nan"),
+            "known_fact_forgetting_ratio": 0.0 if known else float("nan"),
+            "stream_avg_accuracy": metrics.average_accuracy(np.nan_to_num(R)),
+            "stream_bwt": metrics.backward_transfer(np.nan_to_num(R)),
+            "stream_forgetting": metrics.forgetting(np.nan_to_num(R)),
+            "first_batch_retention": float(R[-1, 0] / R[0, 0]) if R[0, 0] > 0 else float("nan"),
+            "accuracy_matrix": [[None if math.isnan(v) else float(v) for v in row] for row in R],
+            "learn_seconds": 0.0,
+            "learn_tokens": 0,
+            "learn_s_per_1k_tokens": 0.0,
+            "doc_loss_before": None,
+            "doc_loss_after": None,
+            "answer_s_per_probe_batched": answers.seconds / max(len(all_probes), 1),
+            **latency,
+            "peak_memory_mb": peak,
+            "params_added": 0,
+            "params_trainable": 0,
+            "state_bytes": state_bytes,
+            "state_bytes_per_doc": state_bytes / len(benchmark.documents),
+            "oracle_documents_over_budget": len(oracle.over_budget),
+            "by_construction": ["accuracy_matrix", "ppl_after", "known_fact_accuracy_after"],
+            "examples": [
+                {"prompt": p.prompt, "answers": list(p.answers), "kind": p.kind, "prediction": pred}
+                for p, pred in list(zip(all_probes, answers.predictions))[:6]
+            ],
+        }
+    finally:
+        oracle.close()
+    if model_fingerprint(backbone.model) != fingerprint:
+        raise RuntimeError("the oracle changed the backbone; results after it would be wrong")
+    return result
+
+
 def run_knowledge_bench(
     backbone: Backbone,
     config: Config,
@@ -304,9 +459,13 @@ def run_knowledge_bench(
     for name in names:
         logger.info("strategy %s", name)
         start = time.perf_counter()
-        results["strategies"][name] = run_strategy(
-            name, backbone, config, benchmark, bench, general=general, known=known, ppl_base=ppl_base
-        )
+        if name == ORACLE:
+            row = run_oracle(backbone, config, benchmark, bench, known=known, ppl_base=ppl_base)
+        else:
+            row = run_strategy(
+                name, backbone, config, benchmark, bench, general=general, known=known, ppl_base=ppl_base
+            )
+        results["strategies"][name] = row
         results["strategies"][name]["wall_seconds"] = time.perf_counter() - start
         if on_result is not None:
             on_result(name, results["strategies"][name], results)

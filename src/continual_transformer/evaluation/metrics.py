@@ -67,7 +67,7 @@ def _as_list(answers: str | Sequence[str]) -> list[str]:
     return [answers] if isinstance(answers, str) else list(answers)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Accuracy-matrix metrics
 
 
@@ -95,7 +95,8 @@ def backward_transfer(R) -> float:
 
 
 def forward_transfer(R, baseline: Sequence[float]) -> float:
-    """FWT = mean over k >= 1 of R[k-1, k] - b[k], with ``b`` the accuracy of the untrained model on each experience."""
+    """FWT = mean over k >= 1 of R[k-1, k] - b[k], with ``b`` the accuracy of the untrained model on each
+    experience."""
     R = _matrix(R)
     b = np.asarray(baseline, dtype=float)
     T = R.shape[0]

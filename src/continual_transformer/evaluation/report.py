@@ -12,6 +12,13 @@ from typing import Any
 
 from continual_transformer.errors import ContinualTransformerError
 
+ORACLE = "oracle"
+"""Name of the ceiling row of knowledge results: every probe answered with only its own document in the
+prompt."""
+ORACLE_COLUMN = "× oracle"
+MISSING = "–"
+"""The × oracle cell of results without an oracle row (measured before it existed) or with a zero oracle."""
+
 
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (temp file + rename); NaN becomes null so every JSON reader accepts it."""
@@ -57,6 +64,29 @@ KNOWLEDGE_COLUMNS: Sequence[tuple[str, str, str]] = (
 )
 
 
+def oracle_ratio(results: dict[str, Any], name: str, key: str = "acquisition_contains") -> float | None:
+    """``key`` of row ``name`` over the oracle row's: the share of the ceiling a strategy reaches.
+
+    ``None`` when the results have no oracle row, either value is missing, or the oracle's is 0.
+    """
+    rows = results["strategies"]
+    oracle = rows.get(ORACLE, {}).get(key)
+    value = rows.get(name, {}).get(key)
+    if not _number(oracle) or not _number(value) or oracle == 0:
+        return None
+    return value / oracle
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
+
+
+def fmt_oracle_ratio(results: dict[str, Any], name: str) -> str:
+    """The "× oracle" cell of row ``name``: acquisition over the oracle's, e.g. ``0.62``, or ``–``."""
+    ratio = oracle_ratio(results, name)
+    return MISSING if ratio is None else f"{ratio:.2f}"
+
+
 def knowledge_markdown(results: dict[str, Any]) -> str:
     meta, bench = results["meta"], results["benchmark"]
     settings = meta["settings"]["bench"]
@@ -69,26 +99,49 @@ def knowledge_markdown(results: dict[str, Any]) -> str:
             if meta["machine"].get("gpu")
             else f" ({meta['machine']['cpu_count']} CPU cores)"
         ),
-        f"- {bench['documents']} documents, {bench['probes']} probes ({bench['cloze']} cloze, {bench['qa']} questions), "
-        f"learned in {settings['stream_batches']} batches; seed {settings['seed']}",
-        f"- general ability: perplexity on {settings['ppl_tokens']:,} tokens of {meta['settings']['general_text']}; "
-        f"{bench['known_facts_kept']}/{bench['known_facts_asked']} known-fact probes answered correctly by the base model",
+        f"- {bench['documents']} documents, {bench['probes']} probes ({bench['cloze']} cloze, "
+        f"{bench['qa']} questions), learned in {settings['stream_batches']} batches; seed {settings['seed']}",
+        f"- general ability: perplexity on {settings['ppl_tokens']:,} tokens of "
+        f"{meta['settings']['general_text']}; {bench['known_facts_kept']}/{bench['known_facts_asked']} "
+        "known-fact probes answered correctly by the base model",
         f"- library {meta['version']}, torch {meta['machine']['torch']}, {meta['date']}",
         *([f"- note: {meta['notes']}"] if meta.get("notes") else []),
         "",
-        "| strategy | " + " | ".join(title for _, title, _ in KNOWLEDGE_COLUMNS) + " |",
-        "|---|" + "---:|" * len(KNOWLEDGE_COLUMNS),
+        "| " + " | ".join(knowledge_header()) + " |",
+        "|---|" + "---:|" * (len(knowledge_header()) - 1),
     ]
-    for name, row in results["strategies"].items():
-        cells = [fmt(row.get(key), spec) if spec else fmt(row.get(key)) for key, _, spec in KNOWLEDGE_COLUMNS]
-        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    for name in results["strategies"]:
+        lines.append("| " + " | ".join(knowledge_cells(results, name)) + " |")
     lines += [
         "",
-        "acq. = closed-book accuracy on a batch's probes right after learning it (EM: normalised first answer span; "
-        "contains: the answer appears as whole words). Known-fact forgetting = (before - after) / before on general "
-        "facts the base model knew. Stream BWT: accuracy on earlier batches at the end minus right after learning them.",
+        "acq. = closed-book accuracy on a batch's probes right after learning it (EM: normalised first "
+        "answer span; contains: the answer appears as whole words). Known-fact forgetting = (before - after) "
+        "/ before on general facts the base model knew. Stream BWT: accuracy on earlier batches at the end "
+        "minus right after learning them.",
+        "",
+        f"`{ORACLE}`: every probe answered with only its own document in the prompt (in_context's prompt "
+        "format), nothing learned. By construction, not measured: its accuracy matrix repeats each batch's "
+        "accuracy (nothing learned, nothing forgotten), and its perplexity and known facts are the base "
+        f"model's (no document is in the prompt for general text). {ORACLE_COLUMN} = acq. contains / the "
+        f"oracle's acq. contains ({MISSING}: no oracle row in these results).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def knowledge_header() -> list[str]:
+    """Column titles of the knowledge table: the strategy, then :data:`KNOWLEDGE_COLUMNS` with × oracle after
+    acquisition."""
+    titles = [title for _, title, _ in KNOWLEDGE_COLUMNS]
+    at = [key for key, _, _ in KNOWLEDGE_COLUMNS].index("acquisition_contains") + 1
+    return ["strategy", *titles[:at], ORACLE_COLUMN, *titles[at:]]
+
+
+def knowledge_cells(results: dict[str, Any], name: str) -> list[str]:
+    """One row of the knowledge table, in :func:`knowledge_header`'s order."""
+    row = results["strategies"][name]
+    cells = [fmt(row.get(key), spec) if spec else fmt(row.get(key)) for key, _, spec in KNOWLEDGE_COLUMNS]
+    at = [key for key, _, _ in KNOWLEDGE_COLUMNS].index("acquisition_contains") + 1
+    return [f"`{name}`", *cells[:at], fmt_oracle_ratio(results, name), *cells[at:]]
 
 
 def knowledge_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -131,7 +184,22 @@ def knowledge_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     paths.append(path)
 
     fig, ax = plt.subplots(figsize=(5, 4))
+    ceiling = results["strategies"].get(ORACLE, {}).get("acquisition_contains")
+    if _number(ceiling):
+        ax.axhline(ceiling, color="0.4", linestyle="--", linewidth=1)
+        ax.annotate(
+            f"{ORACLE} (own document in the prompt)",
+            (1, ceiling),
+            xycoords=("axes fraction", "data"),
+            textcoords="offset points",
+            xytext=(-4, 4),
+            ha="right",
+            fontsize=8,
+            color="0.3",
+        )
     for name in names:
+        if name == ORACLE:
+            continue
         row = results["strategies"][name]
         x = row.get("known_fact_forgetting_ratio")
         y = row.get("acquisition_contains")

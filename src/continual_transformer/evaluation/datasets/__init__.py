@@ -1,4 +1,5 @@
-"""Datasets of the knowledge benchmark: documents to learn, and probes that test whether their facts were learnt.
+"""Datasets of the knowledge benchmark: documents to learn, and probes that test whether their facts were
+learnt.
 
 Built-in benchmarks (see :func:`load_benchmark`):
 

@@ -1,4 +1,5 @@
-"""BoolQ (Clark et al., 2019) as a knowledge benchmark: learn a Wikipedia passage, answer yes/no questions on it.
+"""BoolQ (Clark et al., 2019) as a knowledge benchmark: learn a Wikipedia passage, answer yes/no questions on
+it.
 
 Read from the copy shipped with the continual-learning benchmark collection
 (``<data_dir>/cl_benchmark/BoolQA/BoolQA/{train,test}.json``), where each record packs the question and the
@@ -28,7 +29,8 @@ def boolq_prompt(question: str) -> str:
 
 
 def boolq(data_dir: str | Path, n_docs: int = 50, *, seed: int = 0) -> KnowledgeBenchmark:
-    """``n_docs`` BoolQ passages sampled by ``seed`` (from train and test together), each with its questions."""
+    """``n_docs`` BoolQ passages sampled by ``seed`` (from train and test together), each with its
+    questions."""
     if n_docs < 1:
         raise ValueError(f"n_docs must be >= 1, got {n_docs}")
     folder = Path(data_dir) / BOOLQ_SUBDIR

@@ -27,7 +27,8 @@ _PROBE_FIELDS = ("doc_id", "prompt", "answer", "kind")
 
 
 def load_custom(path: str | Path) -> KnowledgeBenchmark:
-    """Read and validate a benchmark from one JSONL file or a directory of ``documents.jsonl`` + ``probes.jsonl``."""
+    """Read and validate a benchmark from one JSONL file or a directory of ``documents.jsonl`` +
+    ``probes.jsonl``."""
     path = Path(path)
     if not path.exists():
         raise DocumentError(path, "no such file or directory")
@@ -111,7 +112,8 @@ def _record_type(path: Path, line: int, record: dict[str, Any]) -> str:
         return "document"
     raise DocumentError(
         path,
-        "record is neither a document (fields 'id', 'text') nor a probe (fields 'doc_id', 'prompt', 'answer', 'kind')",
+        "record is neither a document (fields 'id', 'text') nor a probe "
+        "(fields 'doc_id', 'prompt', 'answer', 'kind')",
         line=line,
     )
 

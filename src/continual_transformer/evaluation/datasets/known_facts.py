@@ -178,7 +178,8 @@ _BY_TOPIC: dict[str, tuple[Probe, ...]] = {
 
 
 def _interleave(groups: dict[str, tuple[Probe, ...]]) -> tuple[Probe, ...]:
-    """Round-robin over topics, so that any prefix of the list is broad (the harness may ask only the first N)."""
+    """Round-robin over topics, so that any prefix of the list is broad (the harness may ask only the first
+    N)."""
     out, queues = [], [list(g) for g in groups.values()]
     while any(queues):
         out.extend(q.pop(0) for q in queues if q)

@@ -136,10 +136,12 @@ def split_sentences(paragraph: str) -> list[str]:
 
 
 def pick_spans(text: str) -> list[_Span]:
-    """Up to :data:`MAX_PROBES` probe spans from different sentences of an article, mixing years, numbers and names.
+    """Up to :data:`MAX_PROBES` probe spans from different sentences of an article, mixing years, numbers and
+    names.
 
     The first paragraph (the title) is context only. Each sentence offers its last acceptable span
-    (the prompt is then as long as possible); kinds are taken in turn so an article is not probed only on numbers.
+    (the prompt is then as long as possible); kinds are taken in turn so an article is not probed only on
+    numbers.
     """
     paragraphs = text.split("\n\n")
     sentences = [s for p in paragraphs[1:] for s in split_sentences(p)]

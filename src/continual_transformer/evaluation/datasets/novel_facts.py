@@ -5,7 +5,8 @@ any machine), is at least 6 letters long, is used once in the whole benchmark, a
 blocklist of common words and well-known names (grown until no name generated for seeds 0-399 was a whole
 word of a 30k English word-piece vocabulary). Answers are invented too (towns, companies, people, rivers)
 or are years and numbers; the few answers drawn from short lists (professions, colours, materials) are
-guessable only by chance. SmolLM2-135M-Instruct answered 0 of 80 probes of ``novel_facts(10)`` before learning.
+guessable only by chance. SmolLM2-135M-Instruct answered 0 of 80 probes of ``novel_facts(10)`` before
+learning.
 
 Each document describes one entity in 2-6 sentences, each fact rendered with one of several templates, in a
 shuffled order, sometimes with a filler sentence that states nothing probed. Each fact gets two probes: a
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from continual_transformer.documents import make_document
 from continual_transformer.evaluation.datasets.base import KnowledgeBenchmark, Probe
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Names
 
 _ONSETS = (
@@ -109,10 +110,10 @@ modern mother murder museum napkin narrow nation nectar needle number orange par
 pepper person pillow pirate pistol planet pocket poison potato powder prison profit proper rabbit random
 reason record remedy ribbon rocket rubber saddle salmon sister sketch slogan summer sunset tablet teller
 temple tender thrive timber tomato tongue turkey velvet vendor vessel violin walrus winter wonder yellow
-zebra zipper balkan baroness bastard billion define divine dryness kelvin mansion region remark retina saline
-stolen legion lotion motion potion notion fusion vision session version fashion cousin basin robin satin marine
-ravine routine canine feline engine famine vaccine machine pliant tyrant vibrant instant distant servant complex
-reflex vortex annex duplex simplex latex disson
+zebra zipper balkan baroness bastard billion define divine dryness kelvin mansion region remark retina
+saline stolen legion lotion motion potion notion fusion vision session version fashion cousin basin robin
+satin marine ravine routine canine feline engine famine vaccine machine pliant tyrant vibrant instant distant
+servant complex reflex vortex annex duplex simplex latex disson
 braden dunbar dustin marius sabine stella hazard barnet barren bastion burrow darius driven gareth garion
 gastro gunnar harvard kendra kernel lilith medina morton mustard pastor pennant ration serpent silent sirius
 souven tarzan truman
@@ -256,12 +257,13 @@ def _max_run(word: str, *, vowels: bool) -> int:
 
 
 def is_blocked(word: str) -> bool:
-    """Whether ``word`` is a blocklisted word or contains a blocked fragment (the checks every name passes)."""
+    """Whether ``word`` is a blocklisted word or contains a blocked fragment (the checks every name
+    passes)."""
     low = word.lower()
     return low in _BLOCKLIST or any(fragment in low for fragment in _BLOCKED_FRAGMENTS)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Answer values: (canonical, *alternatives)
 
 _PROFESSIONS = (
@@ -489,10 +491,11 @@ def _value(kind: str, forge: NameForge, rng: random.Random) -> tuple[str, ...]:
     return (rng.choice(pools[kind]),)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Templates. Fields: {S} the subject starting a sentence (the full name, or in later sentences a short reference),
-# {N} the full name inside a sentence, {Sp}/{Np} their possessives, {A} the answer, {a} "a"/"an" for it.
-# Statements may put the answer anywhere; clozes are prefixes the answer follows; questions end with "?".
+# ------------------------------------------------------------------------------------------------------------
+# Templates. Fields: {S} the subject starting a sentence (the full name, or in later sentences a short
+# reference), {N} the full name inside a sentence, {Sp}/{Np} their possessives, {A} the answer, {a} "a"/"an"
+# for it. Statements may put the answer anywhere; clozes are prefixes the answer follows; questions end with
+# "?".
 
 
 @dataclass(frozen=True)
@@ -839,7 +842,7 @@ ENTITY_TYPES = (_PERSON, _ORGANISATION, _PLACE, _PRODUCT, _SPECIES)
 MAX_FACTS_PER_DOC = min(len(t.attributes) for t in ENTITY_TYPES)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Generation
 
 
@@ -887,10 +890,12 @@ def _render(template: str, *, start: str, mid: str, answer: str = "") -> str:
 
 
 def novel_facts(n_docs: int = 50, *, seed: int = 0, facts_per_doc: int = 4) -> KnowledgeBenchmark:
-    """``n_docs`` documents about fictional entities, each with ``facts_per_doc`` facts probed twice (cloze, qa).
+    """``n_docs`` documents about fictional entities, each with ``facts_per_doc`` facts probed twice (cloze,
+    qa).
 
-    Fully determined by ``seed``, and ``novel_facts(n)`` is the first ``n`` documents of ``novel_facts(m)`` for
-    ``n < m``. Entity types (person, organisation, place, product, species) take turns, so they are balanced.
+    Fully determined by ``seed``, and ``novel_facts(n)`` is the first ``n`` documents of ``novel_facts(m)``
+    for ``n < m``. Entity types (person, organisation, place, product, species) take turns, so they are
+    balanced.
     """
     if n_docs < 1:
         raise ValueError(f"n_docs must be >= 1, got {n_docs}")
@@ -901,7 +906,8 @@ def novel_facts(n_docs: int = 50, *, seed: int = 0, facts_per_doc: int = 4) -> K
     documents, probes, entities = [], [], []
     block: list[_EntityType] = []
     for index in range(n_docs):
-        # One RNG drawn in document order, so a smaller benchmark is a prefix of a larger one with the same seed.
+        # One RNG drawn in document order, so a smaller benchmark is a prefix of a larger one with the same
+        # seed.
         if not block:
             block = list(ENTITY_TYPES)
             rng.shuffle(block)
