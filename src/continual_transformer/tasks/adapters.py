@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from continual_transformer.backbone import Backbone
+from continual_transformer.tasks.state import TensorState
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -52,7 +53,7 @@ def hidden_size(backbone: Backbone) -> int:
     return int(backbone.model.get_input_embeddings().embedding_dim)
 
 
-class AdapterPool(nn.Module):
+class AdapterPool(TensorState, nn.Module):
     """``slots`` stored bottleneck adapters plus one trainable scratch adapter, over ``layers``."""
 
     def __init__(

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from continual_transformer.tasks.prompts import Encoded
+from continual_transformer.tasks.state import TensorState
 
 
-class ReplayBuffer:
+class ReplayBuffer(TensorState):
     def __init__(self, capacity: int, max_tokens: int, *, seed: int = 0) -> None:
         self.capacity = capacity
         self.max_tokens = max_tokens

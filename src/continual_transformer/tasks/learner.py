@@ -32,10 +32,18 @@ from continual_transformer.config import from_dict, to_dict
 from continual_transformer.errors import CheckpointError, ConfigError
 from continual_transformer.tasks.config import TaskConfig
 from continual_transformer.tasks.data import LabeledExample, TaskData, TaskError, read_labeled
-from continual_transformer.tasks.methods import TaskMethod, get_method, resolve_share_prefix
+from continual_transformer.tasks.methods import get_method
+from continual_transformer.tasks.methods.base import TaskMethod, resolve_share_prefix
 from continual_transformer.tasks.prompts import Encoded, PromptBuilder, TrainRow
-from continual_transformer.tasks.router import PrototypeRouter, make_embedder, spread_by_label
+from continual_transformer.tasks.router import (
+    BackboneEmbedder,
+    PrototypeRouter,
+    SentenceRouterEmbedder,
+    make_embedder,
+    spread_by_label,
+)
 from continual_transformer.tasks.scoring import score_candidates
+from continual_transformer.tasks.state import TensorState
 from continual_transformer.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -75,7 +83,7 @@ class TaskReport:
     """Method-specific figures."""
 
 
-class TaskTable:
+class TaskTable(TensorState):
     """Task ids and label names in fixed-size UTF-8 byte tables, so even names do not grow the state."""
 
     def __init__(self, config: TaskConfig) -> None:
@@ -165,24 +173,56 @@ def _decode(row: torch.Tensor) -> str:
     return bytes(row.tolist()).rstrip(b"\x00").decode("utf-8")
 
 
+@dataclass(frozen=True)
+class LearnerParts:
+    """What a :class:`TaskConfig` builds on a backbone; replaced as one when a checkpoint brings its own config.
+
+    The stateful parts (``table``, ``router``, ``method``) each own their state: ``state_tensors()`` /
+    ``load_state_tensors()`` for checkpoints, ``snapshot()`` / ``rollback()`` to undo a failed change.
+    """
+
+    config: TaskConfig
+    prompts: PromptBuilder
+    table: TaskTable
+    embedder: BackboneEmbedder | SentenceRouterEmbedder
+    router: PrototypeRouter
+    method: TaskMethod
+    share_prefix: bool
+
+    @classmethod
+    def build(cls, backbone: Backbone, config: TaskConfig) -> LearnerParts:
+        embedder = make_embedder(backbone, config)
+        per_label = config.max_labels_per_task if config.router_prototypes == "label" else None
+        return cls(
+            config=config,
+            prompts=PromptBuilder(backbone, config),
+            table=TaskTable(config),
+            embedder=embedder,
+            router=PrototypeRouter(config.max_tasks, embedder.dim, per_label),
+            method=get_method(config.method)(backbone, config),
+            share_prefix=resolve_share_prefix(config, backbone),
+        )
+
+    def stateful(self) -> dict[str, TensorState]:
+        """The parts with state, by the prefix their tensors carry in a checkpoint."""
+        return {"table": self.table, "router": self.router, "method": self.method}
+
+
 class TaskLearner:
     """Learns classification tasks in sequence on a frozen backbone with a fixed-size state (see module doc)."""
 
     def __init__(self, backbone: Backbone, config: TaskConfig | None = None) -> None:
         self.backbone = backbone
-        self.config = config or TaskConfig()
-        self._build(self.config)
-
-    def _build(self, config: TaskConfig) -> None:
-        self.config = config
-        self.prompts = PromptBuilder(self.backbone, config)
-        self.table = TaskTable(config)
-        self.embedder = make_embedder(self.backbone, config)
-        per_label = config.max_labels_per_task if config.router_prototypes == "label" else None
-        self.router = PrototypeRouter(config.max_tasks, self.embedder.dim, per_label)
-        self.method: TaskMethod = get_method(config.method)(self.backbone, config)
-        self._share_prefix = resolve_share_prefix(config, self.backbone)
+        self._parts = LearnerParts.build(backbone, config or TaskConfig())
         self.history: list[dict[str, Any]] = []
+
+    # The parts a config builds (read-only: :meth:`restore` replaces them together).
+    config = property(lambda self: self._parts.config, doc="The learner's settings.")
+    prompts = property(lambda self: self._parts.prompts, doc="Prompt builder and tokeniser of input texts.")
+    table = property(lambda self: self._parts.table, doc="Task ids and label names (:class:`TaskTable`).")
+    embedder = property(lambda self: self._parts.embedder, doc="The router's text embedder.")
+    router = property(lambda self: self._parts.router, doc="The task router (:class:`PrototypeRouter`).")
+    method = property(lambda self: self._parts.method, doc="The continual-learning method.")
 
     # -- tasks ------------------------------------------------------------------------------------------------
     @property
@@ -220,33 +260,13 @@ class TaskLearner:
         unknown = sorted({e.label for e in examples} - set(label_set))
         if unknown:
             raise TaskError(f"train_data has labels not in labels=: {unknown[:5]}")
-        index = self.table.put(task_id, label_set)
         epochs = self.config.epochs if epochs is None else int(epochs)
-        encoded = self._encode(examples, index)
-        report = self.method.learn(index, encoded, epochs=epochs, rows_of=self._rows)
-        sample = spread_by_label([e.label for e in encoded], self.config.router_samples)
-        self.router.update(
-            index,
-            self.embedder([examples[i].text for i in sample]),
-            torch.tensor([encoded[i].label for i in sample], dtype=torch.long),
-        )
-        losses = report.pop("losses", [])
-        steps_per_epoch = max(1, len(losses) // max(epochs, 1))
-        result = TaskReport(
-            task_id=task_id,
-            task_index=index,
-            examples=len(examples),
-            labels=self.table.label_set(index),
-            seconds=time.perf_counter() - start,
-            train_seconds=float(report.pop("train_s", 0.0)),
-            distill_seconds=float(report.pop("distill_s", 0.0)),
-            final_loss=sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]) if losses else None,
-            slot=report.pop("slot", None),
-            merged=bool(report.pop("merged", False)),
-            parameters=self.num_parameters(),
-            state_bytes=self.state_bytes(),
-            extra=report,
-        )
+        snapshot = self.snapshot()
+        try:
+            result = self._learn(task_id, examples, label_set, epochs, start)
+        except BaseException:
+            self.rollback(snapshot)  # a failed task (or an interrupt) leaves the learner as it was
+            raise
         self.history.append(
             {
                 "task_id": task_id,
@@ -267,6 +287,54 @@ class TaskLearner:
             f"{result.final_loss:.3f}" if result.final_loss is not None else "-",
         )
         return result
+
+    def _learn(
+        self,
+        task_id: str,
+        examples: Sequence[LabeledExample],
+        label_set: Sequence[str],
+        epochs: int,
+        start: float,
+    ) -> TaskReport:
+        index = self.table.put(task_id, label_set)
+        encoded = self._encode(examples, index)
+        report = self.method.learn(index, encoded, epochs=epochs, rows_of=self._rows)
+        sample = spread_by_label([e.label for e in encoded], self.config.router_samples)
+        self.router.update(
+            index,
+            self.embedder([examples[i].text for i in sample]),
+            torch.tensor([encoded[i].label for i in sample], dtype=torch.long),
+        )
+        losses = report.pop("losses", [])
+        steps_per_epoch = max(1, len(losses) // max(epochs, 1))
+        return TaskReport(
+            task_id=task_id,
+            task_index=index,
+            examples=len(examples),
+            labels=self.table.label_set(index),
+            seconds=time.perf_counter() - start,
+            train_seconds=float(report.pop("train_s", 0.0)),
+            distill_seconds=float(report.pop("distill_s", 0.0)),
+            final_loss=sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]) if losses else None,
+            slot=report.pop("slot", None),
+            merged=bool(report.pop("merged", False)),
+            parameters=self.num_parameters(),
+            state_bytes=self.state_bytes(),
+            extra=report,
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of everything :meth:`learn_task` changes (each part's own snapshot, and the history)."""
+        return {
+            "parts": {name: part.snapshot() for name, part in self._parts.stateful().items()},
+            "history": list(self.history),
+        }
+
+    def rollback(self, snapshot: dict[str, Any]) -> None:
+        """Return to the state :meth:`snapshot` copied (same config)."""
+        for name, part in self._parts.stateful().items():
+            part.rollback(snapshot["parts"][name])
+        self.history = list(snapshot["history"])
 
     def _encode(
         self, examples: Sequence[LabeledExample], task: int, labels: Sequence[str] | None = None
@@ -357,7 +425,7 @@ class TaskLearner:
                 [full[i] for i in chunk],
                 [prompts[i].answers for i in chunk],
                 lambda rows: self.method.activate(chunk_tasks[rows]),
-                share_prefix=self._share_prefix and bool((chunk_tasks == chunk_tasks[0]).all()),
+                share_prefix=self._parts.share_prefix and bool((chunk_tasks == chunk_tasks[0]).all()),
             )
             for i, s in zip(chunk, scores):
                 out[i] = s
@@ -434,9 +502,9 @@ class TaskLearner:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the learner keeps, by name: exactly what :meth:`save` writes."""
         return {
-            **{f"table.{k}": v for k, v in self.table.state_tensors().items()},
-            **{f"router.{k}": v for k, v in self.router.state_tensors().items()},
-            **{f"method.{k}": v for k, v in self.method.state_tensors().items()},
+            f"{prefix}.{name}": tensor
+            for prefix, part in self._parts.stateful().items()
+            for name, tensor in part.state_tensors().items()
         }
 
     def state_bytes(self) -> int:
@@ -507,35 +575,21 @@ class TaskLearner:
             config = from_dict(TaskConfig, manifest.get("task_config"), "tasks")
         except ConfigError as exc:
             raise CheckpointError(f"{where}: task config is invalid ({exc})") from exc
-        old = (
-            self.config,
-            self.prompts,
-            self.table,
-            self.embedder,
-            self.router,
-            self.method,
-            self._share_prefix,
-            self.history,
-        )
-        self.method.close()
+        previous, kept = self._parts, self._parts.method.snapshot()
+        previous.method.close()  # a LoRA method unwraps its layers before the new one injects its own
+        parts = None
         try:
-            self._build(config)
-            self.table.load_state_tensors(_sub(tensors, "table."))
-            self.router.load_state_tensors(_sub(tensors, "router."))
-            self.method.load_state_tensors(_sub(tensors, "method."), num_tasks=len(self.table))
-        except (ValueError, KeyError) as exc:
-            self.method.close()
-            (
-                self.config,
-                self.prompts,
-                self.table,
-                self.embedder,
-                self.router,
-                self.method,
-                self._share_prefix,
-                self.history,
-            ) = old
-            raise CheckpointError(f"{where}: state does not fit the learner ({exc})") from exc
+            parts = LearnerParts.build(self.backbone, config)
+            for prefix, part in parts.stateful().items():
+                part.load_state_tensors(_sub(tensors, f"{prefix}."))
+        except BaseException as exc:
+            if parts is not None:
+                parts.method.close()
+            previous.method.rollback(kept)  # what close() took off the backbone goes back on
+            if isinstance(exc, (ValueError, KeyError)):
+                raise CheckpointError(f"{where}: state does not fit the learner ({exc})") from exc
+            raise
+        self._parts = parts
         self.history = list(manifest.get("history", []))
 
     @classmethod

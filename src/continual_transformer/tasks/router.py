@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.adapters import hidden_size
 from continual_transformer.tasks.data import TaskError
+from continual_transformer.tasks.state import TensorState
 
 if TYPE_CHECKING:
     from continual_transformer.tasks.config import TaskConfig
@@ -118,7 +119,7 @@ def spread_by_label(labels: Sequence[int], n: int) -> list[int]:
     return sorted(chosen)
 
 
-class PrototypeRouter:
+class PrototypeRouter(TensorState):
     """Prototypes (running means of embeddings) in a fixed table; routes by centred cosine similarity.
 
     ``labels_per_task=None`` keeps one prototype per task, a (max_tasks, dim) table. With ``labels_per_task``

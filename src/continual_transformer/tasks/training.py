@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,26 @@ from continual_transformer.training import kl_to_reference, make_optimizer
 logger = logging.getLogger(__name__)
 
 StepLoss = Callable[[AnswerBatch, Sequence[TrainRow]], torch.Tensor]
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Torch's global generator seeded with ``seed`` for the duration, and put back as it was afterwards.
+
+    For code that draws from the global generator and takes no ``generator=`` (peft's and ``nn`` layers'
+    initialisation, a model's construction): the numbers are those of ``torch.manual_seed(seed)`` and no state
+    leaks out. The CPU generator always; a CUDA ``device``'s generator too.
+    """
+    device = torch.device(device) if device is not None else None
+    devices = []
+    if device is not None and device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for index in devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def fit(
