@@ -1,6 +1,7 @@
 """``python -m continual_transformer.tasks bench --suite clinc150-10 [--quick] [--methods a,b] [--out DIR]``.
 
-A thin command line over :func:`bench_tasks` (the same function ``ctt bench tasks`` calls): parses, calls, logs.
+A thin command line over :func:`bench_tasks` (the same function ``ctt bench tasks`` calls): parses, calls,
+logs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The task benchmark's former single module, kept so that existing imports work; it lives in :mod:`.bench`."""
+"""The task benchmark's former single module, kept so that existing imports work; it lives in
+:mod:`.bench`."""
 
 from continual_transformer.evaluation.system import machine_info
 from continual_transformer.tasks.bench.profiles import profile_settings, resolve_settings

@@ -1,8 +1,8 @@
 """A fixed-size replay buffer of tokenised examples (reservoir sampling over every example ever offered).
 
-Its memory is allocated once: ``capacity`` rows of ``max_tokens`` token ids (int32) plus length, task and label
-per row, so its bytes are the same after the first task and after the fiftieth. Reservoir sampling (Vitter's
-algorithm R) keeps every example offered so far with equal probability ``capacity / seen``.
+Its memory is allocated once: ``capacity`` rows of ``max_tokens`` token ids (int32) plus length, task and
+label per row, so its bytes are the same after the first task and after the fiftieth. Reservoir sampling
+(Vitter's algorithm R) keeps every example offered so far with equal probability ``capacity / seen``.
 """
 
 from __future__ import annotations

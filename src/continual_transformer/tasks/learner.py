@@ -1,4 +1,5 @@
-"""The task-incremental learner: learn classification tasks one after another, predict with or without task id.
+"""The task-incremental learner: learn classification tasks one after another, predict with or without task
+id.
 
 >>> learner = TaskLearner(backbone, TaskConfig(max_tasks=50))
 >>> learner.learn_task("banking", [("freeze my card", "freeze_account"), ...], epochs=3)
@@ -123,7 +124,8 @@ class TaskTable(TensorState):
         return self.decoded()[index][1]
 
     def put(self, task_id: str, labels: Sequence[str]) -> int:
-        """Add a task or extend an existing task's labels; returns the task's index. Checks before changing."""
+        """Add a task or extend an existing task's labels; returns the task's index. Checks before
+        changing."""
         cfg = self.config
         index = self.index(task_id)
         if index is None and len(self) >= cfg.max_tasks:
@@ -132,7 +134,8 @@ class TaskTable(TensorState):
         merged = current + [label for label in dict.fromkeys(labels) if label not in current]
         if len(merged) > cfg.max_labels_per_task:
             raise TaskError(
-                f"task {task_id!r} has {len(merged)} labels; tasks.max_labels_per_task={cfg.max_labels_per_task}"
+                f"task {task_id!r} has {len(merged)} labels; "
+                f"tasks.max_labels_per_task={cfg.max_labels_per_task}"
             )
         if len(merged) < 2:
             raise TaskError(f"task {task_id!r} needs at least two labels, got {merged}")
@@ -175,7 +178,8 @@ def _decode(row: torch.Tensor) -> str:
 
 @dataclass(frozen=True)
 class LearnerParts:
-    """What a :class:`TaskConfig` builds on a backbone; replaced as one when a checkpoint brings its own config.
+    """What a :class:`TaskConfig` builds on a backbone; replaced as one when a checkpoint brings its own
+    config.
 
     The stateful parts (``table``, ``router``, ``method``) each own their state: ``state_tensors()`` /
     ``load_state_tensors()`` for checkpoints, ``snapshot()`` / ``rollback()`` to undo a failed change.
@@ -209,7 +213,8 @@ class LearnerParts:
 
 
 class TaskLearner:
-    """Learns classification tasks in sequence on a frozen backbone with a fixed-size state (see module doc)."""
+    """Learns classification tasks in sequence on a frozen backbone with a fixed-size state (see module
+    doc)."""
 
     def __init__(self, backbone: Backbone, config: TaskConfig | None = None) -> None:
         self.backbone = backbone
@@ -224,7 +229,7 @@ class TaskLearner:
     router = property(lambda self: self._parts.router, doc="The task router (:class:`PrototypeRouter`).")
     method = property(lambda self: self._parts.method, doc="The continual-learning method.")
 
-    # -- tasks ------------------------------------------------------------------------------------------------
+    # -- tasks -----------------------------------------------------------------------------------------------
     @property
     def tasks(self) -> list[str]:
         """Ids of the tasks learned, in the order they were first learned."""
@@ -239,7 +244,7 @@ class TaskLearner:
             raise TaskError(f"unknown task {task_id!r}; learned tasks: {self.tasks}")
         return index
 
-    # -- learning ---------------------------------------------------------------------------------------------
+    # -- learning --------------------------------------------------------------------------------------------
     def learn_task(
         self,
         task_id: str | int,
@@ -250,8 +255,8 @@ class TaskLearner:
     ) -> TaskReport:
         """Learn (or keep learning) task ``task_id`` from labelled examples (see :mod:`.data` for the forms).
 
-        ``labels`` fixes the task's label set and its order in the prompt (default: the labels of ``train_data``
-        in order of first appearance); a label in the data but not in ``labels`` is an error.
+        ``labels`` fixes the task's label set and its order in the prompt (default: the labels of
+        ``train_data`` in order of first appearance); a label in the data but not in ``labels`` is an error.
         """
         start = time.perf_counter()
         task_id = str(task_id)
@@ -352,7 +357,7 @@ class TaskLearner:
             rows.append(TrainRow(prompt.prompt(e.text_ids), prompt.answers[e.label], e.task))
         return rows
 
-    # -- prediction -------------------------------------------------------------------------------------------
+    # -- prediction ------------------------------------------------------------------------------------------
     def predict(self, text: str, task_id: str | int | None = None) -> str:
         """The label of ``text`` in task ``task_id`` (routed to a task by its prototype when ``None``)."""
         return self.predict_batch([text], task_id)[0]
@@ -387,7 +392,8 @@ class TaskLearner:
         return self.router.route(self.embedder(list(texts)))
 
     def scores(self, texts: Sequence[str], task_id: str | int) -> list[torch.Tensor]:
-        """Length-normalised log-likelihood of every label of ``task_id`` for each text (in ``labels()`` order)."""
+        """Length-normalised log-likelihood of every label of ``task_id`` for each text (in ``labels()``
+        order)."""
         index = self._index(task_id)
         tasks = torch.full((len(texts),), index, dtype=torch.long)
         label_set = self.table.label_set(index)
@@ -399,8 +405,8 @@ class TaskLearner:
     def _score(
         self, text_ids: Sequence[tuple[int, ...]], tasks: torch.Tensor, label_sets: Sequence[Sequence[str]]
     ) -> list[torch.Tensor]:
-        """Scores of each example's candidate labels; batches sorted by (task, length), grouped per task when the
-        method cannot mix tasks in one pass."""
+        """Scores of each example's candidate labels; batches sorted by (task, length), grouped per task when
+        the method cannot mix tasks in one pass."""
         prompts = [self.prompts.task_prompt(labels) for labels in label_sets]
         full = [p.prompt(ids) for p, ids in zip(prompts, text_ids)]
         order = sorted(range(len(full)), key=lambda i: (int(tasks[i]), label_sets[i], len(full[i])))
@@ -424,22 +430,23 @@ class TaskLearner:
                 self.backbone,
                 [full[i] for i in chunk],
                 [prompts[i].answers for i in chunk],
-                lambda rows: self.method.activate(chunk_tasks[rows]),
+                lambda rows, chunk_tasks=chunk_tasks: self.method.activate(chunk_tasks[rows]),
                 share_prefix=self._parts.share_prefix and bool((chunk_tasks == chunk_tasks[0]).all()),
             )
             for i, s in zip(chunk, scores):
                 out[i] = s
         return out  # type: ignore[return-value]
 
-    # -- evaluation -------------------------------------------------------------------------------------------
+    # -- evaluation ------------------------------------------------------------------------------------------
     def evaluate(
         self, task_id: str | int, data: TaskData, *, labels: Sequence[str] | None = None, routed: bool = False
     ) -> float:
         """Accuracy on ``data`` for task ``task_id``.
 
-        ``routed=True`` predicts without the task id (the router picks the task; a wrong route is a wrong answer).
-        For a task not learned yet, ``labels`` gives its label set and the method's default weights answer (the
-        shared adapter, or the base model for per-task adapters): the zero-shot and forward-transfer cells.
+        ``routed=True`` predicts without the task id (the router picks the task; a wrong route is a wrong
+        answer). For a task not learned yet, ``labels`` gives its label set and the method's default weights
+        answer (the shared adapter, or the base model for per-task adapters): the zero-shot and
+        forward-transfer cells.
         """
         return self.evaluate_detailed(task_id, data, labels=labels, routed=routed)["accuracy"]
 
@@ -471,8 +478,9 @@ class TaskLearner:
         return result
 
     def evaluate_many(self, items: Sequence[tuple[str | int, TaskData, Sequence[str] | None]]) -> list[float]:
-        """Accuracy of several ``(task_id, data, labels)`` evaluations with the task id, scored in shared batches
-        (one pass over all their examples instead of one per task). ``labels`` is used for tasks not learned yet."""
+        """Accuracy of several ``(task_id, data, labels)`` evaluations with the task id, scored in shared
+        batches (one pass over all their examples instead of one per task). ``labels`` is used for tasks not
+        learned yet."""
         texts, tasks, label_sets, gold, owner = [], [], [], [], []
         for n, (task_id, data, labels) in enumerate(items):
             examples = read_labeled(data, name="data")
@@ -494,7 +502,7 @@ class TaskLearner:
             total[n] += 1
         return [c / t for c, t in zip(correct, total)]
 
-    # -- size -------------------------------------------------------------------------------------------------
+    # -- size ------------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:
         """Parameters the learner adds to the frozen backbone (every adapter slot, used or not)."""
         return self.method.num_parameters()
@@ -520,7 +528,7 @@ class TaskLearner:
             "grows_with_tasks": self.method.grows_with_tasks,
         }
 
-    # -- checkpoints ------------------------------------------------------------------------------------------
+    # -- checkpoints -----------------------------------------------------------------------------------------
     def checkpoint_manifest(self) -> dict[str, Any]:
         """JSON part of the learner's checkpoint: kind, method, base model, task ids, history, config."""
         return {
@@ -538,7 +546,8 @@ class TaskLearner:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write the learner's tensors (safetensors), its config and a manifest, atomically (``checkpoint.py``)."""
+        """Write the learner's tensors (safetensors), its config and a manifest, atomically
+        (``checkpoint.py``)."""
         config_yaml = yaml.safe_dump(to_dict(self.config), sort_keys=False)
         return checkpoint.write_checkpoint(
             directory,
@@ -561,8 +570,9 @@ class TaskLearner:
     def restore(
         self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *, where: str = "checkpoint"
     ) -> None:
-        """Load state from ``state_tensors()`` and ``checkpoint_manifest()`` output, e.g. when the facade keeps the
-        learner inside its own checkpoint (under a tensor-name prefix it strips before calling this)."""
+        """Load state from ``state_tensors()`` and ``checkpoint_manifest()`` output, e.g. when the facade
+        keeps the learner inside its own checkpoint (under a tensor-name prefix it strips before calling
+        this)."""
         if manifest.get("kind") != CHECKPOINT_KIND:
             raise CheckpointError(f"{where} is not a task-learner checkpoint (kind {manifest.get('kind')!r})")
         base = manifest.get("base_model", {})
@@ -601,7 +611,8 @@ class TaskLearner:
         return learner
 
     def close(self) -> None:
-        """Undo any structural change the method made to the backbone (LoRA layers); hooks never outlive a call."""
+        """Undo any structural change the method made to the backbone (LoRA layers); hooks never outlive a
+        call."""
         self.method.close()
 
 

@@ -1,9 +1,10 @@
-"""Snapshot and rollback of a component whose whole state is its tensors (table, router, pool, buffer, method).
+"""Snapshot and rollback of a component whose whole state is its tensors (table, router, pool, buffer,
+method).
 
-Each component of a :class:`~continual_transformer.tasks.TaskLearner` owns its state: ``state_tensors()`` names
-every tensor it keeps, ``load_state_tensors()`` copies them back in. A snapshot is a clone of those tensors, so
-rolling back is loading them again; a component with state outside its tensors (LoRA layers injected into the
-backbone) overrides :meth:`TensorState.rollback`.
+Each component of a :class:`~continual_transformer.tasks.TaskLearner` owns its state: ``state_tensors()``
+names every tensor it keeps, ``load_state_tensors()`` copies them back in. A snapshot is a clone of those
+tensors, so rolling back is loading them again; a component with state outside its tensors (LoRA layers
+injected into the backbone) overrides :meth:`TensorState.rollback`.
 """
 
 from __future__ import annotations

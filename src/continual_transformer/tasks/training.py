@@ -63,8 +63,8 @@ def fit(
 ) -> list[float]:
     """Optimise ``params`` on ``rows`` for ``epochs``; returns every step's loss.
 
-    ``extra_rows(rng)`` adds rows to each step (experience replay). ``share_prefix=False`` when a step runs rows
-    with different adapters (per-row teachers). Parameters are trainable only during the call.
+    ``extra_rows(rng)`` adds rows to each step (experience replay). ``share_prefix=False`` when a step runs
+    rows with different adapters (per-row teachers). Parameters are trainable only during the call.
     """
     if not rows or epochs <= 0:
         return []
@@ -90,8 +90,8 @@ def fit(
                     loss = step_loss(batch, chosen)
                     loss.backward()
                     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
-                    # A non-finite loss or gradient (a half-precision overflow) would turn every trained weight
-                    # into nan: skip the step. One sync per step; the loss is read below anyway.
+                    # A non-finite loss or gradient (a half-precision overflow) would turn every trained
+                    # weight into nan: skip the step. One sync per step; the loss is read below anyway.
                     if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
                         skipped += 1
                         logger.warning(
@@ -130,7 +130,8 @@ def answer_nll(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
 def distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """KL(teacher || student) of the softened next-token distributions on answer positions, times T^2 (Hinton et al.)."""
+    """KL(teacher || student) of the softened next-token distributions on answer positions, times T^2 (Hinton
+    et al.)."""
     t = temperature
     return kl_to_reference(teacher.float() / t, student.float() / t, mask) * t * t
 

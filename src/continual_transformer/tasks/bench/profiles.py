@@ -44,9 +44,9 @@ def profile_settings(suite: str, *, quick: bool, data_dir: str = DEFAULT_DATA_DI
             learner=learner,
         )
     pool = {"clinc150-10": 4, "clinc150-50": 10, "banking77": 3, "long15": 5}[suite]
-    # (train, test) examples per label, and the joint upper bound's per-step sample (None: every example so far,
-    # a true multitask bound; the long suites cap it to stay within minutes). Sized so that all seven methods
-    # finish in under 10 minutes per suite on one H100 (bf16, 7 workers).
+    # (train, test) examples per label, and the joint upper bound's per-step sample (None: every example so
+    # far, a true multitask bound; the long suites cap it to stay within minutes). Sized so that all seven
+    # methods finish in under 10 minutes per suite on one H100 (bf16, 7 workers).
     per_label = {"clinc150-10": (24, 15), "clinc150-50": (24, 5), "banking77": (24, 15), "long15": (32, 16)}
     joint_cap = {"clinc150-10": None, "clinc150-50": 360, "banking77": None, "long15": 600}[suite]
     learner = TaskConfig(
@@ -81,7 +81,8 @@ def resolve_settings(
     settings: TaskBenchmarkSettings | Mapping[str, Any] | None,
     data_dir: str | None = None,
 ) -> TaskBenchmarkSettings:
-    """A settings object as given, or the profile with a mapping of overrides applied (``{"learner": {...}}``)."""
+    """A settings object as given, or the profile with a mapping of overrides applied (``{"learner":
+    {...}}``)."""
     if isinstance(settings, TaskBenchmarkSettings):
         return settings if data_dir is None else dataclasses.replace(settings, data_dir=data_dir)
     base = to_dict(profile_settings(suite, quick=quick, data_dir=data_dir or DEFAULT_DATA_DIR))
@@ -97,7 +98,8 @@ def command_line_changes(
     *, order: int | None = None, num_tasks: int | None = None, overrides=(), seed: int = 0
 ) -> dict[str, Any]:
     """The overrides a command line gives, as a mapping for :func:`resolve_settings` (later ones win):
-    ``order``, ``num_tasks``, then ``key=value`` strings (``learner.pool_size=4``), then a non-zero ``seed``."""
+    ``order``, ``num_tasks``, then ``key=value`` strings (``learner.pool_size=4``), then a non-zero
+    ``seed``."""
     changes: dict[str, Any] = {}
     if order is not None:
         changes["order"] = order

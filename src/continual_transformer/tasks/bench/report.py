@@ -30,36 +30,58 @@ def _size(n: int) -> str:
     return str(n)
 
 
+_COLUMNS = (
+    "method",
+    "avg acc",
+    "BWT",
+    "FWT",
+    "forgetting",
+    "routed acc",
+    "router acc",
+    "params first → last",
+    "state bytes first → last",
+    "s/task",
+    "× plain adapter",
+)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
+    """``results.md``: the summary table of every method, then each method's accuracy matrix."""
     meta = report["meta"]
+    quick = " (quick profile)" if meta["settings"].get("quick") else ""
+    zero_shot = _fmt(float(np.mean(meta["zero_shot_accuracy"])))
     lines = [
         f"# Task-incremental benchmark: {report['suite']}",
         "",
         f"Model `{meta['model']}` on {meta['device']}, library {meta['version']}, {meta['date']}; "
-        f"{len(meta['tasks'])} tasks, {sum(meta['train_examples'])} training / {sum(meta['test_examples'])} test "
-        f"examples{' (quick profile)' if meta['settings'].get('quick') else ''}; {meta['wall_s']:.0f} s in all.",
+        f"{len(meta['tasks'])} tasks, {sum(meta['train_examples'])} training / "
+        f"{sum(meta['test_examples'])} test examples{quick}; {meta['wall_s']:.0f} s in all.",
         *(
             ["", f"Not finished in this run (no row): {', '.join(meta['unfinished'])}."]
             if meta.get("unfinished")
             else []
         ),
         "",
-        "Accuracy with task id: avg = mean of the last row of R; BWT, FWT (vs the base model's zero-shot accuracy "
-        f"{_fmt(float(np.mean(meta['zero_shot_accuracy'])))}), forgetting from `evaluation.metrics`. Routed: without "
-        "task id (the router picks the task). Params and state bytes after the first and the last task.",
+        "Accuracy with task id: avg = mean of the last row of R; BWT, FWT (vs the base model's zero-shot "
+        f"accuracy {zero_shot}), forgetting from `evaluation.metrics`. Routed: without task id (the router "
+        "picks the task). Params and state bytes after the first and the last task.",
         "",
-        "| method | avg acc | BWT | FWT | forgetting | routed acc | router acc | params first → last | state bytes first → last | s/task | × plain adapter |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(_COLUMNS) + " |",
+        "|---" * len(_COLUMNS) + "|",
     ]
     for name, m in report["methods"].items():
         ratio = m.get("train_time_vs_plain_adapter")
-        lines.append(
-            f"| {name} | {_fmt(m['avg_accuracy'])} | {_fmt(m['bwt'])} | {_fmt(m['fwt'])} | {_fmt(m['forgetting'])} | "
-            f"{_fmt(m['routed_avg_accuracy'])} | {_fmt(m['router_accuracy'])} | "
-            f"{_size(m['params_after_first_task'])} → {_size(m['params_after_last_task'])} | "
-            f"{_size(m['state_bytes_after_first_task'])} → {_size(m['state_bytes_after_last_task'])} | "
-            f"{m['train_s_per_task']:.1f} | {_fmt(ratio, 2)} |"
-        )
+        cells = [
+            name,
+            *(_fmt(m[key]) for key in ("avg_accuracy", "bwt", "fwt", "forgetting")),
+            _fmt(m["routed_avg_accuracy"]),
+            _fmt(m["router_accuracy"]),
+            f"{_size(m['params_after_first_task'])} → {_size(m['params_after_last_task'])}",
+            f"{_size(m['state_bytes_after_first_task'])} → {_size(m['state_bytes_after_last_task'])}",
+            f"{m['train_s_per_task']:.1f}",
+            _fmt(ratio, 2),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Accuracy matrices R[t, k] (row: after task t; column: task k)", ""]
     names = meta["tasks"]
     for name, m in report["methods"].items():
@@ -76,7 +98,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """accuracy_matrix.png, accuracy_vs_tasks.png, state_vs_tasks.png (matplotlib Agg, no global backend change)."""
+    """accuracy_matrix.png, accuracy_vs_tasks.png, state_vs_tasks.png (matplotlib Agg, no global backend
+    change)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

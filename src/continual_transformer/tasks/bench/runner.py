@@ -2,10 +2,10 @@
 
 For each method a fresh :class:`TaskLearner` learns the suite's tasks in order; after task ``t`` it is tested
 on task ``k`` (with the task id) to fill ``R[t, k]``. Metrics come from
-:mod:`continual_transformer.evaluation.metrics`: average accuracy, backward transfer, forward transfer (against
-the untrained base model's zero-shot accuracy ``b[k]``) and forgetting. After the last task every test set is
-also classified without the task id (the router picks the task): routed accuracy and router accuracy.
-Parameters, bytes of state and seconds are recorded after every task.
+:mod:`continual_transformer.evaluation.metrics`: average accuracy, backward transfer, forward transfer
+(against the untrained base model's zero-shot accuracy ``b[k]``) and forgetting. After the last task every
+test set is also classified without the task id (the router picks the task): routed accuracy and router
+accuracy. Parameters, bytes of state and seconds are recorded after every task.
 
 Outputs under ``out_dir``: ``results.json`` (schema in :func:`run_task_benchmark`), ``results.md`` and three
 plots (:mod:`.report`). Methods run one after another in this process, or side by side in worker processes
@@ -72,13 +72,14 @@ def run_task_benchmark(
     add: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run ``methods`` (default: all) on ``suite``; write ``results.json``, ``results.md`` and plots to ``out_dir``.
+    """Run ``methods`` (default: all) on ``suite``; write ``results.json``, ``results.md`` and plots to
+    ``out_dir``.
 
     ``settings`` is a :class:`TaskBenchmarkSettings`, or a mapping of overrides on the profile that ``quick``
-    picks. ``progress(method, summary)`` is called after each method. ``workers > 1`` runs that many methods at
-    once, each in its own process that loads the model again by name (``backbone.name`` must be loadable): a
-    model this small leaves a GPU mostly idle, bound by kernel launches, so methods in parallel finish several
-    times sooner (their seconds per task are then measured side by side, under contention).
+    picks. ``progress(method, summary)`` is called after each method. ``workers > 1`` runs that many methods
+    at once, each in its own process that loads the model again by name (``backbone.name`` must be loadable):
+    a model this small leaves a GPU mostly idle, bound by kernel launches, so methods in parallel finish
+    several times sooner (their seconds per task are then measured side by side, under contention).
     Returns the ``results.json`` content::
 
         {"meta": {model, device, settings, version, date, machine, ...}, "suite": NAME,
@@ -88,8 +89,9 @@ def run_task_benchmark(
                             "train_s_per_task", "accuracy_matrix": [[...]], ...}}}
 
     Cells of the accuracy matrix no metric reads (``k > t + 1``) are ``null`` unless ``settings.full_matrix``.
-    ``add=True`` keeps the methods of an earlier ``results.json`` in ``out_dir`` (same suite, model and settings,
-    else refused before any work) and adds or replaces this run's: a suite can be measured in several sittings.
+    ``add=True`` keeps the methods of an earlier ``results.json`` in ``out_dir`` (same suite, model and
+    settings, else refused before any work) and adds or replaces this run's: a suite can be measured in
+    several sittings.
     """
     methods = list(methods or DEFAULT_METHODS)
     unknown = [m for m in methods if m not in method_names()]
@@ -182,7 +184,8 @@ def suite_tasks(suite: str, settings: TaskBenchmarkSettings) -> list[TaskSpec]:
 
 
 def earlier_results(path: Path, suite: str, model: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """The results in ``path`` to add methods to (empty when there are none); refused when measured otherwise."""
+    """The results in ``path`` to add methods to (empty when there are none); refused when measured
+    otherwise."""
     if not path.is_file():
         return {}
     try:
@@ -220,7 +223,8 @@ def run_method(
     settings: TaskBenchmarkSettings,
     baseline: Sequence[float],
 ) -> dict[str, Any]:
-    """One method through the whole sequence; returns its summary (one entry of ``results.json["methods"]``)."""
+    """One method through the whole sequence; returns its summary (one entry of
+    ``results.json["methods"]``)."""
     n = len(tasks)
     learner = TaskLearner(backbone, dataclasses.replace(settings.learner, method=method))
     matrix = np.full((n, n), np.nan)
@@ -297,10 +301,11 @@ def bench_tasks(
     add: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Load the model, resolve settings (profile < ``order``/``num_tasks`` < ``overrides``), run, write results.
+    """Load the model, resolve settings (profile < ``order``/``num_tasks`` < ``overrides``), run, write
+    results.
 
-    The entry point of ``ctt bench tasks`` and ``python -m continual_transformer.tasks bench``. ``methods`` may
-    be a comma-separated string. ``overrides`` are ``key=value`` strings (``num_tasks=5``,
+    The entry point of ``ctt bench tasks`` and ``python -m continual_transformer.tasks bench``. ``methods``
+    may be a comma-separated string. ``overrides`` are ``key=value`` strings (``num_tasks=5``,
     ``learner.pool_size=4``). ``out`` defaults to ``benchmarks/results/tasks/<suite>[-quick]``. Every random
     draw is seeded from ``learner.seed`` (a non-zero ``seed`` overrides it); torch's global generator, which
     model loading and peft's initialisation draw from, is seeded with ``seed`` for the run and restored after.

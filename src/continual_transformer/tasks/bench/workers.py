@@ -91,7 +91,8 @@ def run_in_workers(
 
 
 def _stop(executor: cf.ProcessPoolExecutor) -> None:
-    """Cancel the methods not started and end the running ones (the executor would otherwise wait for them)."""
+    """Cancel the methods not started and end the running ones (the executor would otherwise wait for
+    them)."""
     executor.shutdown(wait=False, cancel_futures=True)
     terminate = getattr(executor, "terminate_workers", None)  # Python 3.14+
     if terminate is not None:
@@ -102,7 +103,8 @@ def _stop(executor: cf.ProcessPoolExecutor) -> None:
 
 
 def _prepare_worker(threads: int) -> None:
-    """Process set-up, before any model is loaded: threads, and the allocator for several processes per GPU."""
+    """Process set-up, before any model is loaded: threads, and the allocator for several processes per
+    GPU."""
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -113,7 +115,8 @@ def _prepare_worker(threads: int) -> None:
 
 
 def _run_logged(spec: dict[str, Any], log_path: str) -> dict[str, Any]:
-    """:func:`run_spec` with this process's log records, warnings and progress bars written to ``log_path``."""
+    """:func:`run_spec` with this process's log records, warnings and progress bars written to
+    ``log_path``."""
     with _log_to(Path(log_path)):
         return run_spec(spec)
 
@@ -146,7 +149,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     from continual_transformer.tasks.training import seeded
 
     settings = from_dict(TaskBenchmarkSettings, spec["settings"], "bench")
-    # As in a single-process run: the global generator (model loading, peft's initialisation) seeded, then restored.
+    # As in a single-process run: the global generator (model loading, peft's initialisation) seeded, then
+    # restored.
     with seeded(settings.learner.seed, spec["model"]["device"]):
         backbone = Backbone.load(ModelConfig(**spec["model"]))
         tasks = suite_tasks(spec["suite"], settings)

@@ -22,8 +22,8 @@ replay              shared adapter + fixed-size reservoir buffer mixed into ever
                     (experience replay, Chaudhry et al. 2019)
 ==================  =======================================================================  ================
 
-Methods are registered in :data:`registry` (a :class:`~continual_transformer.registry.Registry`): every shipped
-method is declared here by module, so :func:`method_names` lists them without importing torch, and
+Methods are registered in :data:`registry` (a :class:`~continual_transformer.registry.Registry`): every
+shipped method is declared here by module, so :func:`method_names` lists them without importing torch, and
 :func:`get_method` imports a method's module the first time it is asked for. A new method subclasses
 :class:`~.base.TaskMethod` and decorates itself with ``@register_task_method("name")``.
 """

@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 @registry.register("adapter_distill")
 class AdapterDistillMethod(TaskMethod):
-    """A fixed pool of adapters; a full pool absorbs each new task by distillation (Ermis et al., 2022, Sec. 3).
+    """A fixed pool of adapters; a full pool absorbs each new task by distillation (Ermis et al., 2022, Sec.
+    3).
 
     Memory, all allocated at construction: ``pool_size`` adapter slots, one staging slot (holds the new
     adapter as a teacher while the merged one trains), the scratch adapter being trained, the task-to-slot
@@ -126,8 +127,8 @@ class AdapterDistillMethod(TaskMethod):
 
     @torch.no_grad()
     def _teacher_logits(self, batch: AnswerBatch, rows: Sequence[TrainRow]) -> torch.Tensor:
-        """Each row's teacher logits (B, A, V). With a shared prompt prefix, one pass per teacher (the prefix's
-        hidden states depend on the adapter); otherwise one pass with per-row slots."""
+        """Each row's teacher logits (B, A, V). With a shared prompt prefix, one pass per teacher (the
+        prefix's hidden states depend on the adapter); otherwise one pass with per-row slots."""
         teachers = torch.tensor([r.teacher for r in rows], dtype=torch.long)
         if not batch.shared:
             with self.pool.use(teachers):

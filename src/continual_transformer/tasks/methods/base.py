@@ -21,7 +21,8 @@ RowsOf = Callable[[Sequence[Encoded]], list[TrainRow]]
 
 
 def select_layers(spec: str, n_layers: int) -> list[int]:
-    """Layer indices for ``all``, a slice such as ``-8:``, or one index (as the document strategies read it)."""
+    """Layer indices for ``all``, a slice such as ``-8:``, or one index (as the document strategies read
+    it)."""
     from continual_transformer.strategies.finetune import select_layers as _select
 
     try:
@@ -39,8 +40,8 @@ class TaskMethod(TensorState, ABC):
     """Base class: what a method owns and how the learner talks to it.
 
     A method's whole state is :meth:`state_tensors` (saved in checkpoints); :meth:`snapshot` and
-    :meth:`rollback` (from :class:`TensorState`) let the learner undo a task that failed half-way. A method that
-    changes the backbone's structure (LoRA) overrides :meth:`rollback` and :meth:`close`.
+    :meth:`rollback` (from :class:`TensorState`) let the learner undo a task that failed half-way. A method
+    that changes the backbone's structure (LoRA) overrides :meth:`rollback` and :meth:`close`.
     """
 
     name: ClassVar[str]

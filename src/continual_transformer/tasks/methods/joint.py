@@ -18,7 +18,8 @@ from continual_transformer.tasks.prompts import Encoded
 class JointMethod(SequentialMethod):
     """Shared adapter trained, at each step, on every example of every task so far (multitask upper bound).
 
-    It keeps all training data (its state grows with every task) and its cost per step grows with the tasks seen.
+    It keeps all training data (its state grows with every task) and its cost per step grows with the tasks
+    seen.
     """
 
     grows_with_tasks = True

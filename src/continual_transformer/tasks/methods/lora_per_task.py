@@ -21,8 +21,8 @@ from continual_transformer.tasks.training import answer_nll, seeded
 @registry.register("lora_per_task")
 class LoraPerTaskMethod(TaskMethod):
     """A new peft LoRA for every task (``lora_rank`` on every linear layer of ``adapter_layers``), chosen by
-    task id: no forgetting, but parameters grow linearly with tasks. LoRA layers are injected into the backbone
-    in place and disabled outside :meth:`activate`; :meth:`close` unwraps them."""
+    task id: no forgetting, but parameters grow linearly with tasks. LoRA layers are injected into the
+    backbone in place and disabled outside :meth:`activate`; :meth:`close` unwraps them."""
 
     grows_with_tasks = True
     mixed_batches = False
@@ -90,10 +90,10 @@ class LoraPerTaskMethod(TaskMethod):
         return self._adapter_params[name]
 
     def _enable(self, name: str | None) -> None:
-        # peft's set_adapter / enable_adapters also toggle requires_grad on every adapter of every layer: O(tasks)
-        # per switch, O(tasks^3) over a suite. Only the active adapter and the switch are needed here (fit owns
-        # requires_grad), so the layers' two switches are set directly; tests read them back through peft's
-        # public properties (active_adapters, disable_adapters).
+        # peft's set_adapter / enable_adapters also toggle requires_grad on every adapter of every layer:
+        # O(tasks) per switch, O(tasks^3) over a suite. Only the active adapter and the switch are needed here
+        # (fit owns requires_grad), so the layers' two switches are set directly; tests read them back through
+        # peft's public properties (active_adapters, disable_adapters).
         for layer in self._layers:
             if name is not None:
                 layer._active_adapter = [name]
@@ -164,8 +164,8 @@ class LoraPerTaskMethod(TaskMethod):
 
     def rollback(self, snapshot: dict[str, torch.Tensor]) -> None:
         """Back to ``snapshot``: adapters added since are removed from the layers (all of them: the layers are
-        unwrapped, as before the first task), adapters removed since (by :meth:`close`) are injected again, and
-        every kept adapter's weights are copied back."""
+        unwrapped, as before the first task), adapters removed since (by :meth:`close`) are injected again,
+        and every kept adapter's weights are copied back."""
         keep = {int(key.split(".")[1]) for key in snapshot}
         if not keep:
             self.close()

@@ -15,8 +15,9 @@ from continual_transformer.tasks.training import answer_nll, distillation_loss
 
 @registry.register("lwf")
 class LwFMethod(SequentialMethod):
-    """Shared adapter; while learning a task, its answers' distributions are also distilled from the adapter as it
-    was before the task (slot 0) on the new task's inputs (Li & Hoiem 2017, adapted to a generative LM)."""
+    """Shared adapter; while learning a task, its answers' distributions are also distilled from the adapter
+    as it was before the task (slot 0) on the new task's inputs (Li & Hoiem 2017, adapted to a generative
+    LM)."""
 
     def step_loss(self, batch: AnswerBatch, rows: Sequence[TrainRow]) -> torch.Tensor:
         student = self.student_logits(batch)

@@ -1,5 +1,6 @@
-"""``sequential``: one adapter shared by every task, fine-tuned on each in turn; the base of the shared-adapter
-family (``ewc``, ``lwf``, ``replay``, ``joint``), which changes only the step loss, the rows or the hooks."""
+"""``sequential``: one adapter shared by every task, fine-tuned on each in turn; the base of the
+shared-adapter family (``ewc``, ``lwf``, ``replay``, ``joint``), which changes only the step loss, the rows or
+the hooks."""
 
 from __future__ import annotations
 
