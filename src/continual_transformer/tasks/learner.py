@@ -1,5 +1,5 @@
-"""The task-incremental learner: learn classification tasks one after another, predict with or without task
-id.
+"""The task-incremental learner: learns classification tasks one after another, predicts with or without the
+task id.
 
 >>> learner = TaskLearner(backbone, TaskConfig(max_tasks=50))
 >>> learner.learn_task("banking", [("freeze my card", "freeze_account"), ...], epochs=3)
@@ -13,6 +13,10 @@ task's labels, so no task adds a head. The continual-learning method (``config.m
 weights serve a task. Everything the learner keeps (task table, label names, router prototypes, the method's
 adapters and buffers) lives in tensors allocated at construction for ``max_tasks`` tasks: with the default
 ``adapter_distill`` method, parameters and bytes of state after the last task equal those after the first.
+
+Each stateful part (task table, router, method) owns its state: ``state_tensors()`` / ``load_state_tensors()``
+for checkpoints, ``snapshot()`` / ``rollback()`` for undo. A task that fails half-way (or is interrupted) is
+rolled back, so the learner predicts exactly as before it; a refused checkpoint changes nothing either.
 """
 
 from __future__ import annotations
@@ -176,10 +180,9 @@ def _decode(row: torch.Tensor) -> str:
     return bytes(row.tolist()).rstrip(b"\x00").decode("utf-8")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LearnerParts:
-    """What a :class:`TaskConfig` builds on a backbone; replaced as one when a checkpoint brings its own
-    config.
+    """What a :class:`TaskConfig` builds on a backbone, replaced as one when a checkpoint brings its config.
 
     The stateful parts (``table``, ``router``, ``method``) each own their state: ``state_tensors()`` /
     ``load_state_tensors()`` for checkpoints, ``snapshot()`` / ``rollback()`` to undo a failed change.
@@ -213,8 +216,7 @@ class LearnerParts:
 
 
 class TaskLearner:
-    """Learns classification tasks in sequence on a frozen backbone with a fixed-size state (see module
-    doc)."""
+    """Learns classification tasks in sequence on a frozen backbone, with a fixed-size state."""
 
     def __init__(self, backbone: Backbone, config: TaskConfig | None = None) -> None:
         self.backbone = backbone
