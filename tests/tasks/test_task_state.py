@@ -6,9 +6,9 @@ import torch
 from task_helpers import tiny_config
 
 from continual_transformer.tasks.buffer import ReplayBuffer
-from continual_transformer.tasks.learner import TaskTable
 from continual_transformer.tasks.prompts import Encoded
 from continual_transformer.tasks.router import PrototypeRouter
+from continual_transformer.tasks.table import TaskTable
 
 
 def same_state(part, state) -> bool:
