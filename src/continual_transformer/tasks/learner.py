@@ -48,7 +48,7 @@ from continual_transformer.tasks.router import (
     spread_by_label,
 )
 from continual_transformer.tasks.scoring import score_candidates
-from continual_transformer.tasks.state import TensorState
+from continual_transformer.tasks.state import TensorState, sub_tensors
 from continual_transformer.tasks.table import TaskTable
 from continual_transformer.version import __version__
 
@@ -502,7 +502,7 @@ class TaskLearner:
         try:
             parts = LearnerParts.build(self.backbone, config)
             for prefix, part in parts.stateful().items():
-                part.load_state_tensors(_sub(tensors, f"{prefix}."))
+                part.load_state_tensors(sub_tensors(tensors, f"{prefix}."))
         except BaseException as exc:
             if parts is not None:
                 parts.method.close()
@@ -525,7 +525,3 @@ class TaskLearner:
         """Undo any structural change the method made to the backbone (LoRA layers); hooks never outlive a
         call."""
         self.method.close()
-
-
-def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -30,3 +30,8 @@ class TensorState:
     def rollback(self, snapshot: Any) -> None:
         """Return to the state :meth:`snapshot` returned."""
         self.load_state_tensors(snapshot)
+
+
+def sub_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix``, with the prefix removed (one part's state)."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -13,8 +13,19 @@ from continual_transformer.errors import ConfigError
 from continual_transformer.tasks.adapters import AdapterPool
 from continual_transformer.tasks.config import TaskConfig
 from continual_transformer.tasks.prompts import Encoded, TrainRow
-from continual_transformer.tasks.state import TensorState
+from continual_transformer.tasks.state import TensorState, sub_tensors
 from continual_transformer.tasks.training import fit
+
+__all__ = [
+    "RowsOf",
+    "TaskMethod",
+    "adapter_pool",
+    "copy_exact",
+    "resolve_share_prefix",
+    "select_layers",
+    "sub_tensors",
+    "without_prefix",
+]
 
 RowsOf = Callable[[Sequence[Encoded]], list[TrainRow]]
 """Turns stored examples into training rows (prompt + gold answer); provided by the learner."""
@@ -122,11 +133,6 @@ def adapter_pool(backbone: Backbone, config: TaskConfig, slots: int) -> AdapterP
         layers=layers,
         activation=config.adapter_activation,
     )
-
-
-def sub_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors whose names start with ``prefix``, with the prefix removed."""
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def without_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.config import TaskConfig
 from continual_transformer.tasks.methods import registry
-from continual_transformer.tasks.methods.base import copy_exact
+from continual_transformer.tasks.methods.base import copy_exact, without_prefix
 from continual_transformer.tasks.methods.sequential import SequentialMethod
 from continual_transformer.tasks.prompts import AnswerBatch, Encoded, TrainRow
 from continual_transformer.tasks.training import answer_nll, diagonal_fisher, ewc_penalty
@@ -53,6 +53,6 @@ class EWCMethod(SequentialMethod):
         return {**super().state_tensors(), **{f"fisher.{n}": f for n, f in zip(names, self.fisher)}}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("fisher.")})
+        super().load_state_tensors(without_prefix(tensors, "fisher."))
         for name, own in zip(("down", "down_bias", "up", "up_bias"), self.fisher):
             copy_exact(own, tensors, f"fisher.{name}")

@@ -10,6 +10,7 @@ import torch
 from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.config import TaskConfig
 from continual_transformer.tasks.methods import registry
+from continual_transformer.tasks.methods.base import without_prefix
 from continual_transformer.tasks.methods.sequential import SequentialMethod
 from continual_transformer.tasks.prompts import Encoded
 
@@ -47,7 +48,7 @@ class JointMethod(SequentialMethod):
         }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("store.")})
+        super().load_state_tensors(without_prefix(tensors, "store."))
         ends = tensors["store.lengths"].cumsum(0).tolist()
         tokens = tensors["store.tokens"].tolist()
         starts = [0, *ends[:-1]]

@@ -10,7 +10,7 @@ from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.buffer import ReplayBuffer
 from continual_transformer.tasks.config import TaskConfig
 from continual_transformer.tasks.methods import registry
-from continual_transformer.tasks.methods.base import RowsOf, sub_tensors
+from continual_transformer.tasks.methods.base import RowsOf, sub_tensors, without_prefix
 from continual_transformer.tasks.methods.sequential import SequentialMethod
 from continual_transformer.tasks.prompts import Encoded, TrainRow
 
@@ -38,5 +38,5 @@ class ReplayMethod(SequentialMethod):
         }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("buffer.")})
+        super().load_state_tensors(without_prefix(tensors, "buffer."))
         self.buffer.load_state_tensors(sub_tensors(tensors, "buffer."))
