@@ -1,10 +1,12 @@
 """Shared helpers of the task-learning tests: tiny settings, synthetic tasks, one CPU thread.
 
-Tiny models run fastest on one thread (and far faster than on two busy cores, where thread hand-offs dominate),
-so every task test runs with one and restores the previous setting afterwards.
+Tiny models run fastest on one thread (and far faster than on two busy cores, where thread hand-offs
+dominate), so every task test runs with one and restores the previous setting afterwards.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -70,3 +72,19 @@ def synthetic_task(index: int, per_label: int = 4) -> list[tuple[str, str]]:
         data.append((f"{first[n % 3]} {first[(n + 1) % 3]} {first[(n + 2) % 3]}", f"{first[0]}_{index}"))
         data.append((f"{second[n % 3]} {second[(n + 1) % 3]} {second[(n + 2) % 3]}", f"{second[0]}_{index}"))
     return data
+
+
+def write_clinc(root, domains: int = 3):
+    """A CLINC150-shaped data directory: ``domains`` domains of two intents, 3 training and 1 test text
+    each."""
+    folder = root / "clinc150"
+    folder.mkdir(parents=True)
+    intents = {f"domain{d}": [f"intent_{d}_{j}" for j in range(2)] for d in range(domains)}
+    rows = {"train": [], "test": []}
+    for d, names in enumerate(intents.values()):
+        for j, intent in enumerate(names):
+            words = WORD_GROUPS[(2 * d + j) % len(WORD_GROUPS)]
+            for n in range(4):
+                rows["train" if n < 3 else "test"].append([f"{words[n % 3]} {words[(n + 1) % 3]}", intent])
+    (folder / "domains.json").write_text(json.dumps(intents), encoding="utf-8")
+    (folder / "data_full.json").write_text(json.dumps(rows), encoding="utf-8")

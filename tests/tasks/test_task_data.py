@@ -13,28 +13,28 @@ PAIRS = [
     ("what is my balance", "balance"),
     ("pay the bill", "pay_bill"),
 ]
-EXPECTED = [LabeledExample(t, l) for t, l in PAIRS]
+EXPECTED = [LabeledExample(t, label) for t, label in PAIRS]
 
 
 def test_every_accepted_form_gives_the_same_examples(tmp_path):
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text(
-        "\n".join(json.dumps({"text": t, "intent": l}) for t, l in PAIRS) + "\n\n", encoding="utf-8"
+        "\n".join(json.dumps({"text": t, "intent": label}) for t, label in PAIRS) + "\n\n", encoding="utf-8"
     )
     csv_file = tmp_path / "d.csv"
     csv_file.write_text(
-        "text,category\n" + "\n".join(f'"{t}",{l}' for t, l in PAIRS) + "\n", encoding="utf-8"
+        "text,category\n" + "\n".join(f'"{t}",{label}' for t, label in PAIRS) + "\n", encoding="utf-8"
     )
     cl_json = tmp_path / "train.json"
-    cl_json.write_text(json.dumps([{"sentence": t, "label": l} for t, l in PAIRS]), encoding="utf-8")
+    cl_json.write_text(json.dumps([{"sentence": t, "label": label} for t, label in PAIRS]), encoding="utf-8")
     clinc = tmp_path / "data_full.json"
-    clinc.write_text(json.dumps({"train": [[t, l] for t, l in PAIRS], "test": []}), encoding="utf-8")
+    clinc.write_text(json.dumps({"train": [[t, label] for t, label in PAIRS], "test": []}), encoding="utf-8")
 
     forms = [
         PAIRS,
         [list(p) for p in PAIRS],
-        [{"text": t, "label": l} for t, l in PAIRS],
-        [{"sentence": t, "category": l} for t, l in PAIRS],
+        [{"text": t, "label": label} for t, label in PAIRS],
+        [{"sentence": t, "category": label} for t, label in PAIRS],
         jsonl,
         str(csv_file),
         cl_json,

@@ -161,7 +161,7 @@ def test_evaluate_many_equals_one_evaluation_per_task(tokenizer):
     unseen = synthetic_task(2, per_label=2)
     labels = tuple(dict.fromkeys(label for _, label in unseen))
     items = [("t0", synthetic_task(0, 3), None), ("t1", synthetic_task(1, 3), None), ("t2", unseen, labels)]
-    single = [learner.evaluate(t, d, labels=l) for t, d, l in items]
+    single = [learner.evaluate(t, d, labels=labels) for t, d, labels in items]
     assert learner.evaluate_many(items) == single
 
 
@@ -202,7 +202,8 @@ def test_facade_checkpoint_carries_documents_and_tasks_together(tokenizer, tmp_p
 
 
 def test_router_on_a_sentence_embedder_routes_and_round_trips(tokenizer, tmp_path):
-    """``router`` naming a sentence encoder (here a tiny random BERT) feeds its embeddings to the prototypes."""
+    """``router`` naming a sentence encoder (here a tiny random BERT) feeds its embeddings to the
+    prototypes."""
     from conftest import save_tiny_embedder
     from task_helpers import WORD_GROUPS
 

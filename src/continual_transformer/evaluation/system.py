@@ -18,7 +18,10 @@ _STATUS = Path("/proc/self/status")
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
+    """The machine a result was measured on: host, platform, library versions, cores and threads, device (and
+    the GPU's name and CUDA version on a CUDA device). The one helper every results file uses."""
     info: dict[str, Any] = {
+        "hostname": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

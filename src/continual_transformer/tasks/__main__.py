@@ -1,6 +1,7 @@
 """``python -m continual_transformer.tasks bench --suite clinc150-10 [--quick] [--methods a,b] [--out DIR]``.
 
-A thin command line over :func:`bench_tasks` (the same function ``ctt bench tasks`` calls): parses, calls, logs.
+A thin command line over :func:`bench_tasks` (the same function ``ctt bench tasks`` calls): parses, calls,
+logs.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import argparse
 import logging
 import sys
 
-from continual_transformer.tasks.benchmark import bench_tasks, run_worker
+from continual_transformer.tasks.bench import bench_tasks
+from continual_transformer.tasks.bench.profiles import DEFAULT_DATA_DIR
 from continual_transformer.tasks.suites import SUITES
 
 
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--out", default=None, help="results directory (default benchmarks/results/tasks/SUITE[-quick])"
     )
-    bench.add_argument("--data-dir", default="../shared/data")
+    bench.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     bench.add_argument("--model", default="smollm2-135m-instruct")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="auto")
@@ -38,14 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--workers", type=int, default=1, help="methods run at once, one process each (GPU)")
-    worker = sub.add_parser("worker", help="(internal) run one method of a benchmark from a JSON spec")
-    worker.add_argument("spec")
-    worker.add_argument("result")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "worker":
-        run_worker(args.spec, args.result)
-        return 0
     bench_tasks(
         suite=args.suite,
         methods=args.methods,

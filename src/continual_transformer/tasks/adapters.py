@@ -3,11 +3,12 @@
 Houlsby/Pfeiffer-style adapter on the feed-forward output: ``y = mlp(x) + up(act(down(mlp(x))))`` with the
 up-projection zero-initialised, so a fresh adapter is exactly the identity (Houlsby et al., 2019, Sec. 2.1).
 
-All memory is allocated at construction: ``slots`` stored adapters (buffers, indexed by slot) and one trainable
-scratch adapter (parameters). Nothing is added later, whatever the number of tasks. Adapters are attached with
-forward hooks only inside :meth:`AdapterPool.use`, so the backbone is untouched outside a forward pass and
-several learners can share one backbone. A batch may mix slots: each row gathers its own slot's weights and the
-adapter runs as one batched matmul (``baddbmm``), with no Python loop over rows or slots.
+All memory is allocated at construction: ``slots`` stored adapters (buffers, indexed by slot) and one
+trainable scratch adapter (parameters). Nothing is added later, whatever the number of tasks. Adapters are
+attached with forward hooks only inside :meth:`AdapterPool.use`, so the backbone is untouched outside a
+forward pass and several learners can share one backbone. A batch may mix slots: each row gathers its own
+slot's weights and the adapter runs as one batched matmul (``baddbmm``), with no Python loop over rows or
+slots.
 
 Weights are kept in float32 whatever the backbone dtype (stable optimisation); the adapter's input is upcast
 and its output cast back.
@@ -17,23 +18,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from continual_transformer.backbone import Backbone
+from continual_transformer.tasks.state import TensorState
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 
-Selection = Union[None, str, int, torch.Tensor]
+Selection = None | str | int | torch.Tensor
 """``None``: no adapter (base model); ``"scratch"``: the trainable adapter; an int: one slot for every row;
 a LongTensor (B,): each row's slot, ``-1`` meaning no adapter for that row."""
 
 
 def find_mlp(layer: nn.Module) -> nn.Module:
-    """The feed-forward block of a decoder layer, found by structure: the direct child with the most parameters.
+    """The feed-forward block of a decoder layer, found by structure: the direct child with the most
+    parameters.
 
     Holds for dense transformer blocks (Llama, Qwen, Mistral, Gemma, GPT-2: the MLP is 2-3 d x 4d matrices
     against the attention's 2-4 d x d).
@@ -52,7 +54,7 @@ def hidden_size(backbone: Backbone) -> int:
     return int(backbone.model.get_input_embeddings().embedding_dim)
 
 
-class AdapterPool(nn.Module):
+class AdapterPool(TensorState, nn.Module):
     """``slots`` stored bottleneck adapters plus one trainable scratch adapter, over ``layers``."""
 
     def __init__(
@@ -78,7 +80,7 @@ class AdapterPool(nn.Module):
         self.up = nn.Parameter(torch.zeros(n, r, d, **kw), requires_grad=False)
         self.up_bias = nn.Parameter(torch.zeros(n, d, **kw), requires_grad=False)
 
-    # -- slots ------------------------------------------------------------------------------------------------
+    # -- slots -----------------------------------------------------------------------------------------------
     def scratch_parameters(self) -> list[nn.Parameter]:
         return [self.down, self.down_bias, self.up, self.up_bias]
 
@@ -125,7 +127,7 @@ class AdapterPool(nn.Module):
                 )
         self.load_state_dict(tensors)
 
-    # -- forward ----------------------------------------------------------------------------------------------
+    # -- forward ---------------------------------------------------------------------------------------------
     @contextmanager
     def use(self, selection: Selection) -> Iterator[None]:
         """Attach the selected adapters to the backbone for the duration (nothing attached for ``None``)."""

@@ -1,8 +1,8 @@
 """A fixed-size replay buffer of tokenised examples (reservoir sampling over every example ever offered).
 
-Its memory is allocated once: ``capacity`` rows of ``max_tokens`` token ids (int32) plus length, task and label
-per row, so its bytes are the same after the first task and after the fiftieth. Reservoir sampling (Vitter's
-algorithm R) keeps every example offered so far with equal probability ``capacity / seen``.
+Its memory is allocated once: ``capacity`` rows of ``max_tokens`` token ids (int32) plus length, task and
+label per row, so its bytes are the same after the first task and after the fiftieth. Reservoir sampling
+(Vitter's algorithm R) keeps every example offered so far with equal probability ``capacity / seen``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from continual_transformer.tasks.prompts import Encoded
+from continual_transformer.tasks.state import TensorState
 
 
-class ReplayBuffer:
+class ReplayBuffer(TensorState):
     def __init__(self, capacity: int, max_tokens: int, *, seed: int = 0) -> None:
         self.capacity = capacity
         self.max_tokens = max_tokens

@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from continual_transformer.errors import ContinualTransformerError, DocumentError
 
@@ -44,7 +44,7 @@ class LabeledExample:
     label: str
 
 
-TaskData = Union[str, Path, Iterable[Any]]
+TaskData = str | Path | Iterable[Any]
 """What ``learn_task`` and ``evaluate`` accept: examples in memory or a path (see the module docstring)."""
 
 

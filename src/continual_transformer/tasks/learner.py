@@ -1,4 +1,5 @@
-"""The task-incremental learner: learn classification tasks one after another, predict with or without task id.
+"""The task-incremental learner: learns classification tasks one after another, predicts with or without the
+task id.
 
 >>> learner = TaskLearner(backbone, TaskConfig(max_tasks=50))
 >>> learner.learn_task("banking", [("freeze my card", "freeze_account"), ...], epochs=3)
@@ -12,6 +13,10 @@ task's labels, so no task adds a head. The continual-learning method (``config.m
 weights serve a task. Everything the learner keeps (task table, label names, router prototypes, the method's
 adapters and buffers) lives in tensors allocated at construction for ``max_tasks`` tasks: with the default
 ``adapter_distill`` method, parameters and bytes of state after the last task equal those after the first.
+
+Each stateful part (task table, router, method) owns its state: ``state_tensors()`` / ``load_state_tensors()``
+for checkpoints, ``snapshot()`` / ``rollback()`` for undo. A task that fails half-way (or is interrupted) is
+rolled back, so the learner predicts exactly as before it; a refused checkpoint changes nothing either.
 """
 
 from __future__ import annotations
@@ -32,10 +37,19 @@ from continual_transformer.config import from_dict, to_dict
 from continual_transformer.errors import CheckpointError, ConfigError
 from continual_transformer.tasks.config import TaskConfig
 from continual_transformer.tasks.data import LabeledExample, TaskData, TaskError, read_labeled
-from continual_transformer.tasks.methods import TaskMethod, get_method, resolve_share_prefix
+from continual_transformer.tasks.methods import get_method
+from continual_transformer.tasks.methods.base import TaskMethod, resolve_share_prefix
 from continual_transformer.tasks.prompts import Encoded, PromptBuilder, TrainRow
-from continual_transformer.tasks.router import PrototypeRouter, make_embedder, spread_by_label
+from continual_transformer.tasks.router import (
+    BackboneEmbedder,
+    PrototypeRouter,
+    SentenceRouterEmbedder,
+    make_embedder,
+    spread_by_label,
+)
 from continual_transformer.tasks.scoring import score_candidates
+from continual_transformer.tasks.state import TensorState, sub_tensors
+from continual_transformer.tasks.table import TaskTable
 from continual_transformer.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -75,116 +89,58 @@ class TaskReport:
     """Method-specific figures."""
 
 
-class TaskTable:
-    """Task ids and label names in fixed-size UTF-8 byte tables, so even names do not grow the state."""
+@dataclass(frozen=True, kw_only=True)
+class LearnerParts:
+    """What a :class:`TaskConfig` builds on a backbone, replaced as one when a checkpoint brings its config.
 
-    def __init__(self, config: TaskConfig) -> None:
-        self.config = config
-        self.ids = torch.zeros(config.max_tasks, config.max_task_id_bytes, dtype=torch.uint8)
-        self.labels = torch.zeros(
-            config.max_tasks, config.max_labels_per_task, config.max_label_bytes, dtype=torch.uint8
+    The stateful parts (``table``, ``router``, ``method``) each own their state: ``state_tensors()`` /
+    ``load_state_tensors()`` for checkpoints, ``snapshot()`` / ``rollback()`` to undo a failed change.
+    """
+
+    config: TaskConfig
+    prompts: PromptBuilder
+    table: TaskTable
+    embedder: BackboneEmbedder | SentenceRouterEmbedder
+    router: PrototypeRouter
+    method: TaskMethod
+    share_prefix: bool
+
+    @classmethod
+    def build(cls, backbone: Backbone, config: TaskConfig) -> LearnerParts:
+        embedder = make_embedder(backbone, config)
+        per_label = config.max_labels_per_task if config.router_prototypes == "label" else None
+        return cls(
+            config=config,
+            prompts=PromptBuilder(backbone, config),
+            table=TaskTable(config),
+            embedder=embedder,
+            router=PrototypeRouter(config.max_tasks, embedder.dim, per_label),
+            method=get_method(config.method)(backbone, config),
+            share_prefix=resolve_share_prefix(config, backbone),
         )
-        self.num_labels = torch.zeros(config.max_tasks, dtype=torch.int64)
-        self.count = torch.zeros((), dtype=torch.int64)
-        self._decoded: list[tuple[str, tuple[str, ...]]] = []  # derived cache
 
-    def __len__(self) -> int:
-        return int(self.count)
-
-    def index(self, task_id: str) -> int | None:
-        for i, (name, _) in enumerate(self.decoded()):
-            if name == task_id:
-                return i
-        return None
-
-    def decoded(self) -> list[tuple[str, tuple[str, ...]]]:
-        if len(self._decoded) != len(self):
-            self._decoded = [
-                (
-                    _decode(self.ids[i]),
-                    tuple(_decode(self.labels[i, j]) for j in range(int(self.num_labels[i]))),
-                )
-                for i in range(len(self))
-            ]
-        return self._decoded
-
-    def task_ids(self) -> list[str]:
-        return [name for name, _ in self.decoded()]
-
-    def label_set(self, index: int) -> tuple[str, ...]:
-        return self.decoded()[index][1]
-
-    def put(self, task_id: str, labels: Sequence[str]) -> int:
-        """Add a task or extend an existing task's labels; returns the task's index. Checks before changing."""
-        cfg = self.config
-        index = self.index(task_id)
-        if index is None and len(self) >= cfg.max_tasks:
-            raise TaskError(f"the learner is full: tasks.max_tasks={cfg.max_tasks} tasks are learned already")
-        current = list(self.label_set(index)) if index is not None else []
-        merged = current + [label for label in dict.fromkeys(labels) if label not in current]
-        if len(merged) > cfg.max_labels_per_task:
-            raise TaskError(
-                f"task {task_id!r} has {len(merged)} labels; tasks.max_labels_per_task={cfg.max_labels_per_task}"
-            )
-        if len(merged) < 2:
-            raise TaskError(f"task {task_id!r} needs at least two labels, got {merged}")
-        rows = torch.stack(
-            [_encode(label, cfg.max_label_bytes, "label", "tasks.max_label_bytes") for label in merged]
-        )
-        id_row = _encode(task_id, cfg.max_task_id_bytes, "task id", "tasks.max_task_id_bytes")
-        if index is None:
-            index = len(self)
-            self.ids[index] = id_row
-            self.count += 1
-        self.labels[index, : len(merged)] = rows
-        self.num_labels[index] = len(merged)
-        self._decoded = []
-        return index
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"ids": self.ids, "labels": self.labels, "num_labels": self.num_labels, "count": self.count}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, own in self.state_tensors().items():
-            if name not in tensors or tensors[name].shape != own.shape:
-                raise ValueError(f"task table tensor {name} is missing or has the wrong shape")
-            own.copy_(tensors[name])
-        self._decoded = []
-
-
-def _encode(text: str, width: int, what: str, key: str) -> torch.Tensor:
-    data = text.encode("utf-8")
-    if len(data) > width or "\x00" in text or not data:
-        raise TaskError(f"{what} {text!r} is empty, holds a NUL or is longer than {key}={width} bytes")
-    row = torch.zeros(width, dtype=torch.uint8)
-    row[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return row
-
-
-def _decode(row: torch.Tensor) -> str:
-    return bytes(row.tolist()).rstrip(b"\x00").decode("utf-8")
+    def stateful(self) -> dict[str, TensorState]:
+        """The parts with state, by the prefix their tensors carry in a checkpoint."""
+        return {"table": self.table, "router": self.router, "method": self.method}
 
 
 class TaskLearner:
-    """Learns classification tasks in sequence on a frozen backbone with a fixed-size state (see module doc)."""
+    """Learns classification tasks in sequence on a frozen backbone, with a fixed-size state."""
 
     def __init__(self, backbone: Backbone, config: TaskConfig | None = None) -> None:
         self.backbone = backbone
-        self.config = config or TaskConfig()
-        self._build(self.config)
-
-    def _build(self, config: TaskConfig) -> None:
-        self.config = config
-        self.prompts = PromptBuilder(self.backbone, config)
-        self.table = TaskTable(config)
-        self.embedder = make_embedder(self.backbone, config)
-        per_label = config.max_labels_per_task if config.router_prototypes == "label" else None
-        self.router = PrototypeRouter(config.max_tasks, self.embedder.dim, per_label)
-        self.method: TaskMethod = get_method(config.method)(self.backbone, config)
-        self._share_prefix = resolve_share_prefix(config, self.backbone)
+        self._parts = LearnerParts.build(backbone, config or TaskConfig())
         self.history: list[dict[str, Any]] = []
 
-    # -- tasks ------------------------------------------------------------------------------------------------
+    # The parts a config builds (read-only: :meth:`restore` replaces them together).
+    config = property(lambda self: self._parts.config, doc="The learner's settings.")
+    prompts = property(lambda self: self._parts.prompts, doc="Prompt builder and tokeniser of input texts.")
+    table = property(lambda self: self._parts.table, doc="Task ids and label names (:class:`TaskTable`).")
+    embedder = property(lambda self: self._parts.embedder, doc="The router's text embedder.")
+    router = property(lambda self: self._parts.router, doc="The task router (:class:`PrototypeRouter`).")
+    method = property(lambda self: self._parts.method, doc="The continual-learning method.")
+
+    # -- tasks -----------------------------------------------------------------------------------------------
     @property
     def tasks(self) -> list[str]:
         """Ids of the tasks learned, in the order they were first learned."""
@@ -199,7 +155,7 @@ class TaskLearner:
             raise TaskError(f"unknown task {task_id!r}; learned tasks: {self.tasks}")
         return index
 
-    # -- learning ---------------------------------------------------------------------------------------------
+    # -- learning --------------------------------------------------------------------------------------------
     def learn_task(
         self,
         task_id: str | int,
@@ -210,8 +166,8 @@ class TaskLearner:
     ) -> TaskReport:
         """Learn (or keep learning) task ``task_id`` from labelled examples (see :mod:`.data` for the forms).
 
-        ``labels`` fixes the task's label set and its order in the prompt (default: the labels of ``train_data``
-        in order of first appearance); a label in the data but not in ``labels`` is an error.
+        ``labels`` fixes the task's label set and its order in the prompt (default: the labels of
+        ``train_data`` in order of first appearance); a label in the data but not in ``labels`` is an error.
         """
         start = time.perf_counter()
         task_id = str(task_id)
@@ -220,33 +176,13 @@ class TaskLearner:
         unknown = sorted({e.label for e in examples} - set(label_set))
         if unknown:
             raise TaskError(f"train_data has labels not in labels=: {unknown[:5]}")
-        index = self.table.put(task_id, label_set)
         epochs = self.config.epochs if epochs is None else int(epochs)
-        encoded = self._encode(examples, index)
-        report = self.method.learn(index, encoded, epochs=epochs, rows_of=self._rows)
-        sample = spread_by_label([e.label for e in encoded], self.config.router_samples)
-        self.router.update(
-            index,
-            self.embedder([examples[i].text for i in sample]),
-            torch.tensor([encoded[i].label for i in sample], dtype=torch.long),
-        )
-        losses = report.pop("losses", [])
-        steps_per_epoch = max(1, len(losses) // max(epochs, 1))
-        result = TaskReport(
-            task_id=task_id,
-            task_index=index,
-            examples=len(examples),
-            labels=self.table.label_set(index),
-            seconds=time.perf_counter() - start,
-            train_seconds=float(report.pop("train_s", 0.0)),
-            distill_seconds=float(report.pop("distill_s", 0.0)),
-            final_loss=sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]) if losses else None,
-            slot=report.pop("slot", None),
-            merged=bool(report.pop("merged", False)),
-            parameters=self.num_parameters(),
-            state_bytes=self.state_bytes(),
-            extra=report,
-        )
+        snapshot = self.snapshot()
+        try:
+            result = self._learn(task_id, examples, label_set, epochs, start)
+        except BaseException:
+            self.rollback(snapshot)  # a failed task (or an interrupt) leaves the learner as it was
+            raise
         self.history.append(
             {
                 "task_id": task_id,
@@ -268,6 +204,54 @@ class TaskLearner:
         )
         return result
 
+    def _learn(
+        self,
+        task_id: str,
+        examples: Sequence[LabeledExample],
+        label_set: Sequence[str],
+        epochs: int,
+        start: float,
+    ) -> TaskReport:
+        index = self.table.put(task_id, label_set)
+        encoded = self._encode(examples, index)
+        report = self.method.learn(index, encoded, epochs=epochs, rows_of=self._rows)
+        sample = spread_by_label([e.label for e in encoded], self.config.router_samples)
+        self.router.update(
+            index,
+            self.embedder([examples[i].text for i in sample]),
+            torch.tensor([encoded[i].label for i in sample], dtype=torch.long),
+        )
+        losses = report.pop("losses", [])
+        steps_per_epoch = max(1, len(losses) // max(epochs, 1))
+        return TaskReport(
+            task_id=task_id,
+            task_index=index,
+            examples=len(examples),
+            labels=self.table.label_set(index),
+            seconds=time.perf_counter() - start,
+            train_seconds=float(report.pop("train_s", 0.0)),
+            distill_seconds=float(report.pop("distill_s", 0.0)),
+            final_loss=sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]) if losses else None,
+            slot=report.pop("slot", None),
+            merged=bool(report.pop("merged", False)),
+            parameters=self.num_parameters(),
+            state_bytes=self.state_bytes(),
+            extra=report,
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of everything :meth:`learn_task` changes (each part's own snapshot, and the history)."""
+        return {
+            "parts": {name: part.snapshot() for name, part in self._parts.stateful().items()},
+            "history": list(self.history),
+        }
+
+    def rollback(self, snapshot: dict[str, Any]) -> None:
+        """Return to the state :meth:`snapshot` copied (same config)."""
+        for name, part in self._parts.stateful().items():
+            part.rollback(snapshot["parts"][name])
+        self.history = list(snapshot["history"])
+
     def _encode(
         self, examples: Sequence[LabeledExample], task: int, labels: Sequence[str] | None = None
     ) -> list[Encoded]:
@@ -284,7 +268,7 @@ class TaskLearner:
             rows.append(TrainRow(prompt.prompt(e.text_ids), prompt.answers[e.label], e.task))
         return rows
 
-    # -- prediction -------------------------------------------------------------------------------------------
+    # -- prediction ------------------------------------------------------------------------------------------
     def predict(self, text: str, task_id: str | int | None = None) -> str:
         """The label of ``text`` in task ``task_id`` (routed to a task by its prototype when ``None``)."""
         return self.predict_batch([text], task_id)[0]
@@ -319,7 +303,8 @@ class TaskLearner:
         return self.router.route(self.embedder(list(texts)))
 
     def scores(self, texts: Sequence[str], task_id: str | int) -> list[torch.Tensor]:
-        """Length-normalised log-likelihood of every label of ``task_id`` for each text (in ``labels()`` order)."""
+        """Length-normalised log-likelihood of every label of ``task_id`` for each text (in ``labels()``
+        order)."""
         index = self._index(task_id)
         tasks = torch.full((len(texts),), index, dtype=torch.long)
         label_set = self.table.label_set(index)
@@ -331,8 +316,8 @@ class TaskLearner:
     def _score(
         self, text_ids: Sequence[tuple[int, ...]], tasks: torch.Tensor, label_sets: Sequence[Sequence[str]]
     ) -> list[torch.Tensor]:
-        """Scores of each example's candidate labels; batches sorted by (task, length), grouped per task when the
-        method cannot mix tasks in one pass."""
+        """Scores of each example's candidate labels; batches sorted by (task, length), grouped per task when
+        the method cannot mix tasks in one pass."""
         prompts = [self.prompts.task_prompt(labels) for labels in label_sets]
         full = [p.prompt(ids) for p, ids in zip(prompts, text_ids)]
         order = sorted(range(len(full)), key=lambda i: (int(tasks[i]), label_sets[i], len(full[i])))
@@ -356,22 +341,23 @@ class TaskLearner:
                 self.backbone,
                 [full[i] for i in chunk],
                 [prompts[i].answers for i in chunk],
-                lambda rows: self.method.activate(chunk_tasks[rows]),
-                share_prefix=self._share_prefix and bool((chunk_tasks == chunk_tasks[0]).all()),
+                lambda rows, chunk_tasks=chunk_tasks: self.method.activate(chunk_tasks[rows]),
+                share_prefix=self._parts.share_prefix and bool((chunk_tasks == chunk_tasks[0]).all()),
             )
             for i, s in zip(chunk, scores):
                 out[i] = s
         return out  # type: ignore[return-value]
 
-    # -- evaluation -------------------------------------------------------------------------------------------
+    # -- evaluation ------------------------------------------------------------------------------------------
     def evaluate(
         self, task_id: str | int, data: TaskData, *, labels: Sequence[str] | None = None, routed: bool = False
     ) -> float:
         """Accuracy on ``data`` for task ``task_id``.
 
-        ``routed=True`` predicts without the task id (the router picks the task; a wrong route is a wrong answer).
-        For a task not learned yet, ``labels`` gives its label set and the method's default weights answer (the
-        shared adapter, or the base model for per-task adapters): the zero-shot and forward-transfer cells.
+        ``routed=True`` predicts without the task id (the router picks the task; a wrong route is a wrong
+        answer). For a task not learned yet, ``labels`` gives its label set and the method's default weights
+        answer (the shared adapter, or the base model for per-task adapters): the zero-shot and
+        forward-transfer cells.
         """
         return self.evaluate_detailed(task_id, data, labels=labels, routed=routed)["accuracy"]
 
@@ -403,8 +389,9 @@ class TaskLearner:
         return result
 
     def evaluate_many(self, items: Sequence[tuple[str | int, TaskData, Sequence[str] | None]]) -> list[float]:
-        """Accuracy of several ``(task_id, data, labels)`` evaluations with the task id, scored in shared batches
-        (one pass over all their examples instead of one per task). ``labels`` is used for tasks not learned yet."""
+        """Accuracy of several ``(task_id, data, labels)`` evaluations with the task id, scored in shared
+        batches (one pass over all their examples instead of one per task). ``labels`` is used for tasks not
+        learned yet."""
         texts, tasks, label_sets, gold, owner = [], [], [], [], []
         for n, (task_id, data, labels) in enumerate(items):
             examples = read_labeled(data, name="data")
@@ -426,7 +413,7 @@ class TaskLearner:
             total[n] += 1
         return [c / t for c, t in zip(correct, total)]
 
-    # -- size -------------------------------------------------------------------------------------------------
+    # -- size ------------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:
         """Parameters the learner adds to the frozen backbone (every adapter slot, used or not)."""
         return self.method.num_parameters()
@@ -434,9 +421,9 @@ class TaskLearner:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the learner keeps, by name: exactly what :meth:`save` writes."""
         return {
-            **{f"table.{k}": v for k, v in self.table.state_tensors().items()},
-            **{f"router.{k}": v for k, v in self.router.state_tensors().items()},
-            **{f"method.{k}": v for k, v in self.method.state_tensors().items()},
+            f"{prefix}.{name}": tensor
+            for prefix, part in self._parts.stateful().items()
+            for name, tensor in part.state_tensors().items()
         }
 
     def state_bytes(self) -> int:
@@ -452,7 +439,7 @@ class TaskLearner:
             "grows_with_tasks": self.method.grows_with_tasks,
         }
 
-    # -- checkpoints ------------------------------------------------------------------------------------------
+    # -- checkpoints -----------------------------------------------------------------------------------------
     def checkpoint_manifest(self) -> dict[str, Any]:
         """JSON part of the learner's checkpoint: kind, method, base model, task ids, history, config."""
         return {
@@ -470,7 +457,8 @@ class TaskLearner:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write the learner's tensors (safetensors), its config and a manifest, atomically (``checkpoint.py``)."""
+        """Write the learner's tensors (safetensors), its config and a manifest, atomically
+        (``checkpoint.py``)."""
         config_yaml = yaml.safe_dump(to_dict(self.config), sort_keys=False)
         return checkpoint.write_checkpoint(
             directory,
@@ -493,8 +481,9 @@ class TaskLearner:
     def restore(
         self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *, where: str = "checkpoint"
     ) -> None:
-        """Load state from ``state_tensors()`` and ``checkpoint_manifest()`` output, e.g. when the facade keeps the
-        learner inside its own checkpoint (under a tensor-name prefix it strips before calling this)."""
+        """Load state from ``state_tensors()`` and ``checkpoint_manifest()`` output, e.g. when the facade
+        keeps the learner inside its own checkpoint (under a tensor-name prefix it strips before calling
+        this)."""
         if manifest.get("kind") != CHECKPOINT_KIND:
             raise CheckpointError(f"{where} is not a task-learner checkpoint (kind {manifest.get('kind')!r})")
         base = manifest.get("base_model", {})
@@ -507,35 +496,21 @@ class TaskLearner:
             config = from_dict(TaskConfig, manifest.get("task_config"), "tasks")
         except ConfigError as exc:
             raise CheckpointError(f"{where}: task config is invalid ({exc})") from exc
-        old = (
-            self.config,
-            self.prompts,
-            self.table,
-            self.embedder,
-            self.router,
-            self.method,
-            self._share_prefix,
-            self.history,
-        )
-        self.method.close()
+        previous, kept = self._parts, self._parts.method.snapshot()
+        previous.method.close()  # a LoRA method unwraps its layers before the new one injects its own
+        parts = None
         try:
-            self._build(config)
-            self.table.load_state_tensors(_sub(tensors, "table."))
-            self.router.load_state_tensors(_sub(tensors, "router."))
-            self.method.load_state_tensors(_sub(tensors, "method."), num_tasks=len(self.table))
-        except (ValueError, KeyError) as exc:
-            self.method.close()
-            (
-                self.config,
-                self.prompts,
-                self.table,
-                self.embedder,
-                self.router,
-                self.method,
-                self._share_prefix,
-                self.history,
-            ) = old
-            raise CheckpointError(f"{where}: state does not fit the learner ({exc})") from exc
+            parts = LearnerParts.build(self.backbone, config)
+            for prefix, part in parts.stateful().items():
+                part.load_state_tensors(sub_tensors(tensors, f"{prefix}."))
+        except BaseException as exc:
+            if parts is not None:
+                parts.method.close()
+            previous.method.rollback(kept)  # what close() took off the backbone goes back on
+            if isinstance(exc, (ValueError, KeyError)):
+                raise CheckpointError(f"{where}: state does not fit the learner ({exc})") from exc
+            raise
+        self._parts = parts
         self.history = list(manifest.get("history", []))
 
     @classmethod
@@ -547,9 +522,6 @@ class TaskLearner:
         return learner
 
     def close(self) -> None:
-        """Undo any structural change the method made to the backbone (LoRA layers); hooks never outlive a call."""
+        """Undo any structural change the method made to the backbone (LoRA layers); hooks never outlive a
+        call."""
         self.method.close()
-
-
-def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

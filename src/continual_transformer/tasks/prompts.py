@@ -108,7 +108,7 @@ class PromptBuilder:
         return TaskPrompt(tuple(pre), tuple(post), answers)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Model calls that work across architectures and transformers versions
 
 
@@ -138,7 +138,8 @@ def forward_last(model: torch.nn.Module, keep: int, **inputs) -> tuple[torch.Ten
 def left_pad(
     rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, *, offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids, attention mask and position ids (each (B, T)); positions count real tokens from ``offset``."""
+    """Left-padded ids, attention mask and position ids (each (B, T)); positions count real tokens from
+    ``offset``."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -174,13 +175,13 @@ def prefixed_forward(
     shared: int,
     use_cache: bool = False,
 ) -> tuple[torch.Tensor, object, torch.Tensor]:
-    """Forward left-padded ``rows``; logits of the last ``keep`` positions (B, keep, V), the output, and the full
-    attention mask (B, T).
+    """Forward left-padded ``rows``; logits of the last ``keep`` positions (B, keep, V), the output, and the
+    full attention mask (B, T).
 
     With ``shared > 0`` the first ``shared`` tokens (identical in every row: system prompt, instruction, label
     list) run once as a batch of one; their key/value cache is repeated for every row and the rest of each row
-    continues from it. Rows then look like ``[prefix][pad...][suffix]``; positions skip the padding. Only valid
-    when every row is computed with the same weights (the same adapter).
+    continues from it. Rows then look like ``[prefix][pad...][suffix]``; positions skip the padding. Only
+    valid when every row is computed with the same weights (the same adapter).
     """
     if shared <= 0:
         ids, mask, positions = left_pad(rows, pad_id, device)
@@ -212,7 +213,8 @@ def prefixed_forward(
 
 @dataclass
 class AnswerBatch:
-    """A batch of ``prompt + answer`` rows, right-aligned; targets cover the last ``A`` tokens of every row."""
+    """A batch of ``prompt + answer`` rows, right-aligned; targets cover the last ``A`` tokens of every
+    row."""
 
     rows: list[tuple[int, ...]]  # prompt + answer of each row
     shared: int  # tokens of common prefix computed once (0: none)

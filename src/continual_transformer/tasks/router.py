@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.adapters import hidden_size
 from continual_transformer.tasks.data import TaskError
+from continual_transformer.tasks.state import TensorState
 
 if TYPE_CHECKING:
     from continual_transformer.tasks.config import TaskConfig
@@ -73,7 +74,8 @@ def _keep_one(model) -> dict:
 
 
 class SentenceRouterEmbedder:
-    """Sentence embeddings (mean pooling, unit length) from a sentence encoder; ``minilm`` is the packaged MiniLM."""
+    """Sentence embeddings (mean pooling, unit length) from a sentence encoder; ``minilm`` is the packaged
+    MiniLM."""
 
     def __init__(self, name: str, *, device: torch.device, max_tokens: int, batch_size: int) -> None:
         from continual_transformer.modules.embedder import SentenceEmbedder
@@ -91,7 +93,8 @@ class SentenceRouterEmbedder:
 
 
 def make_embedder(backbone: Backbone, config: TaskConfig) -> BackboneEmbedder | SentenceRouterEmbedder:
-    """The embedder ``config.router`` names (with ``backbone``: layer ``router_layer``, default 3/8 of the way up)."""
+    """The embedder ``config.router`` names (with ``backbone``: layer ``router_layer``, default 3/8 of the way
+    up)."""
     if config.router != "backbone":
         return SentenceRouterEmbedder(
             config.router,
@@ -106,7 +109,8 @@ def make_embedder(backbone: Backbone, config: TaskConfig) -> BackboneEmbedder | 
 
 
 def spread_by_label(labels: Sequence[int], n: int) -> list[int]:
-    """Indices of at most ``n`` examples spread over the labels round-robin, so every label gets a prototype."""
+    """Indices of at most ``n`` examples spread over the labels round-robin, so every label gets a
+    prototype."""
     queues: dict[int, list[int]] = {}
     for i, label in enumerate(labels):
         queues.setdefault(label, []).append(i)
@@ -118,12 +122,13 @@ def spread_by_label(labels: Sequence[int], n: int) -> list[int]:
     return sorted(chosen)
 
 
-class PrototypeRouter:
+class PrototypeRouter(TensorState):
     """Prototypes (running means of embeddings) in a fixed table; routes by centred cosine similarity.
 
     ``labels_per_task=None`` keeps one prototype per task, a (max_tasks, dim) table. With ``labels_per_task``
     it keeps one per label, a (max_tasks, labels_per_task, dim) table, and a text goes to the task of its
-    nearest label prototype: a task whose labels are far apart (an intent domain) is not blurred into one mean.
+    nearest label prototype: a task whose labels are far apart (an intent domain) is not blurred into one
+    mean.
     """
 
     def __init__(self, max_tasks: int, dim: int, labels_per_task: int | None = None) -> None:
@@ -133,7 +138,8 @@ class PrototypeRouter:
         self.counts = torch.zeros(*shape, dtype=torch.int64)
 
     def update(self, task: int, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Fold ``embeddings`` (n, dim) of task ``task`` (with their label indices (n,)) into the prototypes."""
+        """Fold ``embeddings`` (n, dim) of task ``task`` (with their label indices (n,)) into the
+        prototypes."""
         embeddings = embeddings.float()
         if not self.per_label:
             sums = embeddings.sum(0, keepdim=True)  # (1, dim)

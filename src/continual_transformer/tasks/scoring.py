@@ -19,7 +19,8 @@ from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.prompts import cache_kwarg, common_prefix, output_cache, prefixed_forward
 
 Select = Callable[[torch.Tensor], AbstractContextManager]
-"""``select(rows)`` attaches the adapters for a forward pass whose rows belong to prompts ``rows`` (CPU, (N,))."""
+"""``select(rows)`` attaches the adapters for a forward pass whose rows belong to prompts ``rows`` (CPU,
+(N,))."""
 
 
 @torch.no_grad()
@@ -33,7 +34,8 @@ def score_candidates(
 ) -> list[torch.Tensor]:
     """Mean log-likelihood (float32, CPU) of each candidate continuation of each prompt.
 
-    ``candidates[b]`` are the token sequences scored after ``prompts[b]``; returns one (K_b,) tensor per prompt.
+    ``candidates[b]`` are the token sequences scored after ``prompts[b]``; returns one (K_b,) tensor per
+    prompt.
     ``share_prefix=True`` says every prompt runs with the same adapter, so their common prefix (system prompt,
     instruction, label list) is computed once.
     """
@@ -80,8 +82,8 @@ def score_candidates(
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows: int = 256) -> torch.Tensor:
-    """log p(target) per position (N, T) in float32, ``rows`` rows at a time so the fp32 copy of the logits stays
-    small (N can be prompts x labels, each with a 50k-entry vocabulary)."""
+    """log p(target) per position (N, T) in float32, ``rows`` rows at a time so the fp32 copy of the logits
+    stays small (N can be prompts x labels, each with a 50k-entry vocabulary)."""
     out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
     for start in range(0, logits.shape[0], rows):
         chunk = logits[start : start + rows].float()  # (n, T, V)

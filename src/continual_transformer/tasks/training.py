@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,26 @@ from continual_transformer.training import kl_to_reference, make_optimizer
 logger = logging.getLogger(__name__)
 
 StepLoss = Callable[[AnswerBatch, Sequence[TrainRow]], torch.Tensor]
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Torch's global generator seeded with ``seed`` for the duration, and put back as it was afterwards.
+
+    For code that draws from the global generator and takes no ``generator=`` (peft's and ``nn`` layers'
+    initialisation, a model's construction): the numbers are those of ``torch.manual_seed(seed)`` and no state
+    leaks out. The CPU generator always; a CUDA ``device``'s generator too.
+    """
+    device = torch.device(device) if device is not None else None
+    devices = []
+    if device is not None and device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for index in devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def fit(
@@ -42,8 +63,8 @@ def fit(
 ) -> list[float]:
     """Optimise ``params`` on ``rows`` for ``epochs``; returns every step's loss.
 
-    ``extra_rows(rng)`` adds rows to each step (experience replay). ``share_prefix=False`` when a step runs rows
-    with different adapters (per-row teachers). Parameters are trainable only during the call.
+    ``extra_rows(rng)`` adds rows to each step (experience replay). ``share_prefix=False`` when a step runs
+    rows with different adapters (per-row teachers). Parameters are trainable only during the call.
     """
     if not rows or epochs <= 0:
         return []
@@ -69,8 +90,8 @@ def fit(
                     loss = step_loss(batch, chosen)
                     loss.backward()
                     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
-                    # A non-finite loss or gradient (a half-precision overflow) would turn every trained weight
-                    # into nan: skip the step. One sync per step; the loss is read below anyway.
+                    # A non-finite loss or gradient (a half-precision overflow) would turn every trained
+                    # weight into nan: skip the step. One sync per step; the loss is read below anyway.
                     if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
                         skipped += 1
                         logger.warning(
@@ -109,7 +130,8 @@ def answer_nll(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
 def distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """KL(teacher || student) of the softened next-token distributions on answer positions, times T^2 (Hinton et al.)."""
+    """KL(teacher || student) of the softened next-token distributions on answer positions, times T^2 (Hinton
+    et al.)."""
     t = temperature
     return kl_to_reference(teacher.float() / t, student.float() / t, mask) * t * t
 

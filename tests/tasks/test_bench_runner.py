@@ -1,4 +1,5 @@
-"""The benchmark harness on a tiny model and a tiny CLINC-shaped data directory: schema, metrics, files."""
+"""The benchmark run on a tiny model and a tiny CLINC-shaped data directory: schema, metrics, files,
+seeding."""
 
 from __future__ import annotations
 
@@ -7,28 +8,16 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_backbone
-from task_helpers import WORD_GROUPS, single_thread, tiny_config  # noqa: F401
+from task_helpers import single_thread, tiny_config, write_clinc  # noqa: F401
 
 from continual_transformer.errors import ConfigError
 from continual_transformer.evaluation import metrics
-from continual_transformer.tasks import TaskBenchmarkSettings, benchmark
-from continual_transformer.tasks.benchmark import run_task_benchmark
+from continual_transformer.tasks import TaskBenchmarkSettings
+from continual_transformer.tasks.bench import runner
+from continual_transformer.tasks.bench.runner import bench_tasks, run_task_benchmark
 from continual_transformer.tasks.suites import load_suite
-
-
-def write_clinc(root, domains: int = 3):
-    folder = root / "clinc150"
-    folder.mkdir(parents=True)
-    intents = {f"domain{d}": [f"intent_{d}_{j}" for j in range(2)] for d in range(domains)}
-    rows = {"train": [], "test": []}
-    for d, (domain, names) in enumerate(intents.items()):
-        for j, intent in enumerate(names):
-            words = WORD_GROUPS[(2 * d + j) % len(WORD_GROUPS)]
-            for n in range(4):
-                rows["train" if n < 3 else "test"].append([f"{words[n % 3]} {words[(n + 1) % 3]}", intent])
-    (folder / "domains.json").write_text(json.dumps(intents), encoding="utf-8")
-    (folder / "data_full.json").write_text(json.dumps(rows), encoding="utf-8")
 
 
 def test_benchmark_writes_results_with_the_schema_and_metrics_from_evaluation(tokenizer, tmp_path):
@@ -45,6 +34,9 @@ def test_benchmark_writes_results_with_the_schema_and_metrics_from_evaluation(to
     saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert set(saved) == {"meta", "suite", "methods"} and saved["suite"] == "clinc150-10"
     assert {"model", "device", "settings", "version", "date", "machine"} <= set(saved["meta"])
+    assert {"hostname", "platform", "torch", "cpu_count"} <= set(
+        saved["meta"]["machine"]
+    )  # evaluation.system
     for name in ("adapter_distill", "sequential"):
         m = saved["methods"][name]
         for key in ("avg_accuracy", "bwt", "fwt", "forgetting", "routed_avg_accuracy", "train_s_per_task"):
@@ -67,43 +59,10 @@ def test_benchmark_writes_results_with_the_schema_and_metrics_from_evaluation(to
     assert distill["state_bytes_after_first_task"] == distill["state_bytes_after_last_task"]
     assert distill["merges"] == 1  # 3 tasks, 2 slots
     assert report["methods"]["sequential"]["train_time_vs_plain_adapter"] == 1.0
-    assert benchmark.average_accuracy is metrics.average_accuracy  # the harness reuses, never re-implements
+    assert runner.average_accuracy is metrics.average_accuracy  # the harness reuses, never re-implements
     for name in ("results.md", "accuracy_matrix.png", "accuracy_vs_tasks.png", "state_vs_tasks.png"):
         assert (out / name).stat().st_size > 0
     assert "| adapter_distill |" in (out / "results.md").read_text(encoding="utf-8")
-
-
-def test_profiles_and_overrides():
-    quick = benchmark.resolve_settings("clinc150-10", True, {"num_tasks": 2, "learner": {"pool_size": 3}})
-    assert quick.num_tasks == 2 and quick.learner.pool_size == 3
-    assert quick.learner.epochs == benchmark.profile_settings("clinc150-10", quick=True).learner.epochs
-    full = benchmark.profile_settings("long15", quick=False)
-    assert full.num_tasks is None and full.learner.max_text_tokens == 256
-
-
-def test_worker_runs_a_method_from_a_json_spec(tokenizer, tmp_path):
-    """What each parallel worker process does: JSON spec in, JSON summary out (nothing pickled)."""
-    from conftest import tiny_llama
-
-    from continual_transformer.config import to_dict
-
-    model_dir = tmp_path / "tiny"
-    tiny_llama(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    write_clinc(tmp_path / "data", domains=2)
-    settings = TaskBenchmarkSettings(data_dir=str(tmp_path / "data"), learner=tiny_config(epochs=1))
-    spec = {
-        "model": {"name": str(model_dir), "device": "cpu", "dtype": "float32"},
-        "suite": "clinc150-10",
-        "settings": to_dict(settings),
-        "method": "sequential",
-        "baseline": [0.5, 0.5],
-    }
-    (tmp_path / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
-    benchmark.run_worker(tmp_path / "spec.json", tmp_path / "result.json")
-    summary = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))
-    assert len(summary["accuracy_matrix"]) == 2 and summary["accuracy_matrix"][0][1] is not None
-    assert summary["params_after_first_task"] == summary["params_after_last_task"] > 0
 
 
 def test_suite_caps_labels_and_examples_per_label(tmp_path):
@@ -144,3 +103,38 @@ def test_methods_can_be_added_to_an_earlier_run_of_the_same_profile(tokenizer, t
         "sequential",
         "adapter_distill",
     ]  # the refused run lost nothing
+
+
+def test_bench_tasks_seeds_the_run_and_leaves_the_global_generator_as_it_was(tokenizer, tmp_path):
+    """Same seed, same figures; and the caller's random stream is not moved by the run."""
+    write_clinc(tmp_path / "data", domains=2)
+    backbone = make_backbone(tokenizer)
+    overrides = [
+        f"learner.{k}={v}" for k, v in {"epochs": 1, "router": "backbone", "router_layer": 0}.items()
+    ]
+    overrides += ["max_labels_per_task=2", "max_train_per_label=2"]
+    runs = []
+    for n in range(2):
+        torch.manual_seed(123)
+        before = torch.random.get_rng_state()
+        report = bench_tasks(
+            suite="clinc150-10",
+            methods="lora_per_task,sequential",
+            quick=True,
+            out=tmp_path / f"out{n}",
+            data_dir=str(tmp_path / "data"),
+            model=backbone,
+            overrides=overrides,
+        )
+        assert torch.equal(torch.random.get_rng_state(), before)
+        runs.append({m: s["accuracy_matrix"] for m, s in report["methods"].items()})
+    assert runs[0] == runs[1] and list(runs[0]) == ["lora_per_task", "sequential"]
+
+
+def test_the_former_module_still_exports_what_scripts_import():
+    from continual_transformer.evaluation import system
+    from continual_transformer.tasks import benchmark
+
+    assert benchmark.machine_info is system.machine_info  # one machine-info helper
+    assert benchmark.bench_tasks is bench_tasks and benchmark.run_task_benchmark is run_task_benchmark
+    assert benchmark.profile_settings("clinc150-10", quick=True).num_tasks == 3

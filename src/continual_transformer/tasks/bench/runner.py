@@ -1,0 +1,330 @@
+"""Task-incremental benchmark: every method on one suite, the accuracy matrix and what each method costs.
+
+For each method a fresh :class:`TaskLearner` learns the suite's tasks in order; after task ``t`` it is tested
+on task ``k`` (with the task id) to fill ``R[t, k]``. Metrics come from
+:mod:`continual_transformer.evaluation.metrics`: average accuracy, backward transfer, forward transfer
+(against the untrained base model's zero-shot accuracy ``b[k]``) and forgetting. After the last task every
+test set is also classified without the task id (the router picks the task): routed accuracy and router
+accuracy. Parameters, bytes of state and seconds are recorded after every task.
+
+Outputs under ``out_dir``: ``results.json`` (schema in :func:`run_task_benchmark`), ``results.md`` and three
+plots (:mod:`.report`). Methods run one after another in this process, or side by side in worker processes
+(:mod:`.workers`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from continual_transformer.backbone import Backbone, resolve_device
+from continual_transformer.config import ModelConfig, to_dict
+from continual_transformer.errors import ConfigError
+from continual_transformer.evaluation.metrics import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+)
+from continual_transformer.evaluation.system import meta
+from continual_transformer.tasks.bench.profiles import (
+    DEFAULT_DATA_DIR,
+    command_line_changes,
+    resolve_settings,
+)
+from continual_transformer.tasks.bench.report import write_report_files
+from continual_transformer.tasks.config import TaskBenchmarkSettings, TaskConfig
+from continual_transformer.tasks.learner import TaskLearner
+from continual_transformer.tasks.methods import method_names
+from continual_transformer.tasks.suites import TaskSpec, load_suite
+from continual_transformer.tasks.training import seeded
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("adapter_distill", "sequential", "joint", "lora_per_task", "ewc", "lwf", "replay")
+PLAIN_ADAPTER = "sequential"
+"""The method whose training time is the 'plain adapter' reference (one adapter trained per task)."""
+
+Progress = Callable[[str, dict[str, Any]], None]
+"""``progress(method, summary)``, called as each method finishes."""
+
+
+def run_task_benchmark(
+    suite: str,
+    methods: Sequence[str] | None,
+    backbone: Backbone,
+    settings: TaskBenchmarkSettings | Mapping[str, Any] | None = None,
+    out_dir: str | Path = "benchmarks/results/tasks",
+    quick: bool = False,
+    *,
+    data_dir: str | None = None,
+    workers: int = 1,
+    add: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run ``methods`` (default: all) on ``suite``; write ``results.json``, ``results.md`` and plots to
+    ``out_dir``.
+
+    ``settings`` is a :class:`TaskBenchmarkSettings`, or a mapping of overrides on the profile that ``quick``
+    picks. ``progress(method, summary)`` is called after each method. ``workers > 1`` runs that many methods
+    at once, each in its own process that loads the model again by name (``backbone.name`` must be loadable):
+    a model this small leaves a GPU mostly idle, bound by kernel launches, so methods in parallel finish
+    several times sooner (their seconds per task are then measured side by side, under contention).
+    Returns the ``results.json`` content::
+
+        {"meta": {model, device, settings, version, date, machine, ...}, "suite": NAME,
+         "methods": {NAME: {"avg_accuracy", "bwt", "fwt", "forgetting", "routed_avg_accuracy",
+                            "params_after_first_task", "params_after_last_task",
+                            "state_bytes_after_first_task", "state_bytes_after_last_task",
+                            "train_s_per_task", "accuracy_matrix": [[...]], ...}}}
+
+    Cells of the accuracy matrix no metric reads (``k > t + 1``) are ``null`` unless ``settings.full_matrix``.
+    ``add=True`` keeps the methods of an earlier ``results.json`` in ``out_dir`` (same suite, model and
+    settings, else refused before any work) and adds or replaces this run's: a suite can be measured in
+    several sittings.
+    """
+    methods = list(methods or DEFAULT_METHODS)
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {method_names()}")
+    settings = resolve_settings(suite, quick, settings, data_dir)
+    tasks = suite_tasks(suite, settings)
+    if len(tasks) > settings.learner.max_tasks:
+        raise ValueError(
+            f"suite {suite} has {len(tasks)} tasks; raise learner.max_tasks={settings.learner.max_tasks}"
+        )
+    out_dir = Path(out_dir)
+    earlier = (
+        earlier_results(out_dir / "results.json", suite, backbone.name, to_dict(settings)) if add else {}
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "suite %s: %d tasks, %d train / %d test examples; methods %s",
+        suite,
+        len(tasks),
+        sum(len(t.train) for t in tasks),
+        sum(len(t.test) for t in tasks),
+        methods,
+    )
+
+    start = time.perf_counter()
+    baseline = zero_shot_accuracy(backbone, tasks, settings.learner)
+    done: dict[str, Any] = {
+        m: nan_matrix(v) for m, v in earlier.get("methods", {}).items() if m not in methods
+    }
+
+    def write_report() -> dict[str, Any]:
+        """Results and plots of the methods finished so far (an interrupted run keeps them)."""
+        results = {m: v for m, v in done.items() if m not in methods} | {
+            m: done[m] for m in methods if m in done
+        }
+        plain = results.get(PLAIN_ADAPTER, {}).get("train_s_per_task")
+        for summary in results.values():
+            summary["train_time_vs_plain_adapter"] = summary["train_s_per_task"] / plain if plain else None
+        run_settings = {**to_dict(settings), "quick": quick}
+        report = {
+            "meta": {
+                **meta(backbone.name, backbone.device, run_settings),
+                "device": f"{backbone.device} ({str(backbone.dtype).removeprefix('torch.')})",
+                "tasks": [t.name for t in tasks],
+                "train_examples": [len(t.train) for t in tasks],
+                "test_examples": [len(t.test) for t in tasks],
+                "zero_shot_accuracy": baseline,
+                "wall_s": round(time.perf_counter() - start + earlier.get("meta", {}).get("wall_s", 0.0), 2),
+                "workers": workers,
+                "unfinished": [m for m in methods if m not in done],
+            },
+            "suite": suite,
+            "methods": results,
+        }
+        write_report_files(report, out_dir)
+        return report
+
+    def finished(method: str, summary: dict[str, Any]) -> None:
+        done[method] = nan_matrix(summary)
+        write_report()
+        if progress is not None:
+            progress(method, summary)
+
+    if workers > 1:
+        from continual_transformer.tasks.bench.workers import run_in_workers
+
+        if backbone.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the scoring peak back to the workers sharing this GPU
+        run_in_workers(backbone, suite, methods, settings, baseline, workers, out_dir / "logs", finished)
+    else:
+        for method in methods:
+            finished(method, run_method(backbone, tasks, method, settings, baseline))
+    report = write_report()
+    logger.info("wrote %s", out_dir)
+    return report
+
+
+def suite_tasks(suite: str, settings: TaskBenchmarkSettings) -> list[TaskSpec]:
+    """The part of ``suite`` that ``settings`` selects (order, tasks, labels and examples per label)."""
+    return load_suite(
+        suite,
+        settings.data_dir,
+        order=settings.order,
+        num_tasks=settings.num_tasks,
+        max_train_per_label=settings.max_train_per_label,
+        max_test_per_label=settings.max_test_per_label,
+        max_labels_per_task=settings.max_labels_per_task,
+    )
+
+
+def earlier_results(path: Path, suite: str, model: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The results in ``path`` to add methods to (empty when there are none); refused when measured
+    otherwise."""
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        same = (
+            earlier["suite"] == suite
+            and earlier["meta"]["model"] == model
+            and {k: v for k, v in earlier["meta"]["settings"].items() if k != "quick"} == settings
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{path} is not a task benchmark result ({exc}); use another output directory"
+        ) from exc
+    if not same:
+        raise ConfigError(
+            f"{path} was measured on another suite, model or settings; methods can only be added to "
+            "a run of the same profile: use another output directory"
+        )
+    return earlier
+
+
+def zero_shot_accuracy(backbone: Backbone, tasks: Sequence[TaskSpec], config: TaskConfig) -> list[float]:
+    """Accuracy of the untrained base model on each task (the FWT reference ``b[k]``)."""
+    learner = TaskLearner(backbone, dataclasses.replace(config, method="adapter_distill"))
+    try:
+        return learner.evaluate_many([(t.name, t.test, t.labels) for t in tasks])
+    finally:
+        learner.close()
+
+
+def run_method(
+    backbone: Backbone,
+    tasks: Sequence[TaskSpec],
+    method: str,
+    settings: TaskBenchmarkSettings,
+    baseline: Sequence[float],
+) -> dict[str, Any]:
+    """One method through the whole sequence; returns its summary (one entry of
+    ``results.json["methods"]``)."""
+    n = len(tasks)
+    learner = TaskLearner(backbone, dataclasses.replace(settings.learner, method=method))
+    matrix = np.full((n, n), np.nan)
+    params, state_bytes, seconds, adapter_s, distill_s, eval_s = [], [], [], [], [], []
+    merges = 0
+    try:
+        for t, task in enumerate(tqdm(tasks, desc=method, disable=None)):
+            report = learner.learn_task(task.name, task.train, labels=task.labels)
+            params.append(report.parameters)
+            state_bytes.append(report.state_bytes)
+            seconds.append(report.seconds)
+            adapter_s.append(report.train_seconds)
+            distill_s.append(report.distill_seconds)
+            merges += int(report.merged)
+            eval_start = time.perf_counter()
+            cells = [k for k in range(n) if settings.full_matrix or k <= t + 1]
+            accuracies = learner.evaluate_many(
+                [(tasks[k].name, tasks[k].test, tasks[k].labels) for k in cells]
+            )
+            matrix[t, cells] = accuracies
+            eval_s.append(time.perf_counter() - eval_start)
+            logger.info("%s after %s: %s", method, task.name, np.round(matrix[t, : t + 1], 3).tolist())
+        routed = [learner.evaluate_detailed(task.name, task.test, routed=True) for task in tasks]
+    finally:
+        learner.close()
+    return {
+        "avg_accuracy": average_accuracy(matrix),
+        "bwt": backward_transfer(matrix),
+        "fwt": forward_transfer(matrix, baseline),
+        "forgetting": forgetting(matrix),
+        "routed_avg_accuracy": float(np.mean([r["accuracy"] for r in routed])),
+        "router_accuracy": float(np.mean([r["router_accuracy"] for r in routed])),
+        "routed_accuracy_per_task": [r["accuracy"] for r in routed],
+        "router_accuracy_per_task": [r["router_accuracy"] for r in routed],
+        "params_after_first_task": params[0],
+        "params_after_last_task": params[-1],
+        "state_bytes_after_first_task": state_bytes[0],
+        "state_bytes_after_last_task": state_bytes[-1],
+        "params_over_tasks": params,
+        "state_bytes_over_tasks": state_bytes,
+        "train_s_per_task": float(np.mean(seconds)),
+        "adapter_train_s_per_task": float(np.mean(adapter_s)),
+        "distill_s_per_task": float(np.mean(distill_s)),
+        "eval_s_per_task": float(np.mean(eval_s)),
+        "merges": merges,
+        "grows_with_tasks": learner.method.grows_with_tasks,
+        "accuracy_matrix": matrix.tolist(),
+    }
+
+
+def nan_matrix(summary: dict[str, Any]) -> dict[str, Any]:
+    """JSON null cells back to NaN, as a method run in this process leaves them."""
+    summary["accuracy_matrix"] = [
+        [math.nan if v is None else v for v in row] for row in summary["accuracy_matrix"]
+    ]
+    return summary
+
+
+def bench_tasks(
+    *,
+    suite: str,
+    methods: str | Sequence[str] | None = None,
+    quick: bool = False,
+    out: str | Path | None = None,
+    data_dir: str = DEFAULT_DATA_DIR,
+    model: str | Backbone = "smollm2-135m-instruct",
+    device: str = "auto",
+    dtype: str = "auto",
+    order: int | None = None,
+    num_tasks: int | None = None,
+    overrides: Sequence[str] = (),
+    seed: int = 0,
+    workers: int = 1,
+    add: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Load the model, resolve settings (profile < ``order``/``num_tasks`` < ``overrides``), run, write
+    results.
+
+    The entry point of ``ctt bench tasks`` and ``python -m continual_transformer.tasks bench``. ``methods``
+    may be a comma-separated string. ``overrides`` are ``key=value`` strings (``num_tasks=5``,
+    ``learner.pool_size=4``). ``out`` defaults to ``benchmarks/results/tasks/<suite>[-quick]``. Every random
+    draw is seeded from ``learner.seed`` (a non-zero ``seed`` overrides it); torch's global generator, which
+    model loading and peft's initialisation draw from, is seeded with ``seed`` for the run and restored after.
+    """
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    changes = command_line_changes(order=order, num_tasks=num_tasks, overrides=overrides, seed=seed)
+    settings = resolve_settings(suite, quick, changes, data_dir)
+    out = (
+        Path(out)
+        if out is not None
+        else Path("benchmarks/results/tasks") / f"{suite}{'-quick' if quick else ''}"
+    )
+    with seeded(seed, model.device if isinstance(model, Backbone) else resolve_device(device)):
+        backbone = (
+            model
+            if isinstance(model, Backbone)
+            else Backbone.load(ModelConfig(name=model, device=device, dtype=dtype))
+        )
+        return run_task_benchmark(
+            suite, methods, backbone, settings, out, quick, workers=workers, add=add, progress=progress
+        )

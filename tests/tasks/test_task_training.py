@@ -1,0 +1,45 @@
+"""The one training loop and the seeding helper."""
+
+from __future__ import annotations
+
+import torch
+from conftest import make_backbone
+from task_helpers import single_thread  # noqa: F401
+
+from continual_transformer.tasks.prompts import TrainRow
+from continual_transformer.tasks.training import fit, seeded
+
+
+def test_seeded_draws_the_numbers_of_manual_seed_and_restores_the_generator():
+    torch.manual_seed(5)
+    reference = torch.randn(4)
+    torch.manual_seed(99)
+    before = torch.random.get_rng_state()
+    with seeded(5, "cpu"):
+        inside = torch.randn(4)
+        layer = torch.nn.Linear(3, 2)  # nn initialisation draws from the same generator
+    assert torch.equal(inside, reference)
+    assert torch.equal(torch.random.get_rng_state(), before)  # nothing leaks out
+    with seeded(5):
+        torch.randn(4)
+        assert torch.equal(torch.nn.Linear(3, 2).weight, layer.weight)
+
+
+def test_fit_skips_steps_whose_gradient_is_not_finite(tokenizer):
+    """A finite loss can still carry a nan gradient (a masked branch that overflowed): the weights stay
+    finite."""
+    backbone = make_backbone(tokenizer)
+    weight = torch.nn.Parameter(torch.ones(3))
+    rows = [TrainRow(prompt=(5, 6, 7), answer=(8,), task=0) for _ in range(4)]
+    calls = []
+
+    def step_loss(batch, chosen):
+        calls.append(len(chosen))
+        poisoned = len(calls) % 2 == 1  # every other step: the unselected branch's gradient is nan
+        masked = torch.where(torch.tensor(False), torch.sqrt(weight - 10).sum(), torch.zeros(()))
+        return (weight - 2).pow(2).sum() + (masked if poisoned else 0.0)
+
+    losses = fit(backbone, [weight], rows, step_loss, epochs=2, batch_size=2, learning_rate=0.1)
+    assert len(calls) == 4 and len(losses) == 2  # two steps skipped, two taken
+    assert torch.isfinite(weight).all()
+    assert (weight > 1).all()  # the steps taken moved the weights toward 2
