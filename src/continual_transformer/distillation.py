@@ -215,7 +215,7 @@ def parse_questions(text: str) -> list[str]:
     questions: list[str] = []
     seen: set[str] = set()
     for line in text.splitlines():
-        line = _QUESTION_LEAD.sub("", line.strip()).strip(" *\"'")
+        line = _QUESTION_LEAD.sub("", line.strip(" *\"'\t")).strip(" *\"'")
         if "?" not in line:
             continue
         question = " ".join(line[: line.index("?") + 1].split())
