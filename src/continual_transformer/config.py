@@ -3,8 +3,13 @@
 Precedence is defaults < YAML file < command-line overrides. Every field carries an attribute docstring;
 values are validated in ``__post_init__`` so a bad value fails where it is set, naming the key.
 
-Strategy sections live under ``strategies.<name>`` and are typed by the config class each strategy registers
-(see :mod:`continual_transformer.strategies`), so a new strategy brings its own section without touching this file.
+This module sits at the bottom of the package: it imports the standard library, ``yaml``, the errors and the
+task settings (:mod:`continual_transformer.tasks.config`, itself torch-free), nothing above them. Strategy
+sections under ``strategies.<name>`` therefore stay raw mappings here; they are typed by the config class
+each strategy registers where the pieces are put together
+(:func:`continual_transformer.strategies.strategy_config`, used by
+:class:`continual_transformer.session.Session`), so a new strategy brings its own section without touching
+this file.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import yaml
 
 from continual_transformer.errors import ConfigError
+from continual_transformer.tasks.config import TaskConfig
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -36,7 +42,8 @@ class ModelConfig:
     dtype: str = "auto"
     """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
     cache_dir: str | None = None
-    """Where packaged models are pulled and converted; default ``$CTT_CACHE`` or ``~/.cache/continual_transformer``."""
+    """Where packaged models are pulled and converted; default ``$CTT_CACHE`` or
+    ``~/.cache/continual_transformer``."""
     revision: str | None = None
     """Hub revision for Hugging Face ids."""
 
@@ -115,42 +122,40 @@ class Config:
     strategy: str = "finetune"
     """The document-learning strategy (``ctt strategies``)."""
     strategies: Mapping[str, Any] = field(default_factory=dict)
-    """Per-strategy settings, ``{name: {...}}``, typed by each strategy's registered config class."""
+    """Per-strategy settings, ``{name: {...}}``, kept as given (read-only); each section is typed by its
+    strategy's registered config class when a model is built (``strategies.strategy_config``)."""
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    """Task-incremental learning (``learn_task``/``predict``): method, capacities, adapters, router."""
     seed: int = 0
-    """Seed for everything random (set when a model is built, never at import)."""
+    """Seed for everything random (passed to what is built, never set globally)."""
     data_dir: str = "../shared/data"
     """Directory with the benchmark datasets (CLINC150, Banking77, cl_benchmark, WikiText-2)."""
 
     def __post_init__(self) -> None:
-        from continual_transformer.strategies import registry
-
-        _check(
-            self.strategy in registry.names(),
-            "strategy",
-            f"unknown strategy {self.strategy!r}; known: {registry.names()}",
-        )
-        typed = {}
+        _check(isinstance(self.strategy, str) and bool(self.strategy), "strategy", "must be a strategy name")
+        _check(isinstance(self.strategies, Mapping), "strategies", "must be a mapping of strategy sections")
+        sections = {}
         for name, section in self.strategies.items():
-            _check(
-                name in registry.names(), f"strategies.{name}", f"unknown strategy; known: {registry.names()}"
-            )
-            config_cls = registry.get(name).config_cls
-            typed[name] = (
-                section
-                if isinstance(section, config_cls)
-                else from_dict(config_cls, section, f"strategies.{name}")
-            )
-        object.__setattr__(self, "strategies", types.MappingProxyType(typed))
-
-    def strategy_config(self, name: str | None = None) -> Any:
-        """The typed config of strategy ``name`` (default: the selected one), defaults filled in."""
-        from continual_transformer.strategies import registry
-
-        name = name or self.strategy
-        return self.strategies.get(name) or registry.get(name).config_cls()
+            key = f"strategies.{name}"
+            _check(isinstance(name, str), key, "a strategy name must be a string")
+            if dataclasses.is_dataclass(section) and not isinstance(section, type):
+                section = to_dict(section)
+            section = {} if section is None else section
+            _check(isinstance(section, Mapping), key, f"expected a mapping, got {type(section).__name__}")
+            sections[name] = _freeze(section)
+        object.__setattr__(self, "strategies", types.MappingProxyType(sections))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+def _freeze(value: Any) -> Any:
+    """A read-only copy: mappings become mapping proxies and lists tuples, so a config cannot be mutated."""
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------------
 # dict <-> dataclass
 
 
@@ -222,11 +227,12 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in, nested mappings key by key; neither argument is changed."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(dict(merged[key]), value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -284,9 +290,9 @@ def load_config(
     if path is not None:
         data = read_yaml(path)
     if overrides:
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
     for item in set_items:
-        data = _deep_merge(data, parse_override(item))
+        data = deep_merge(data, parse_override(item))
     return from_dict(Config, data)
 
 
