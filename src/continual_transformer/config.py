@@ -15,6 +15,7 @@ this file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -294,6 +295,74 @@ def load_config(
     for item in set_items:
         data = deep_merge(data, parse_override(item))
     return from_dict(Config, data)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of dataclass ``cls`` (read from its source), ``{field: docstring}``."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (e.g. defined in an interactive session)
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def defaults_yaml(strategy_configs: Mapping[str, type], *, header: str = "") -> str:
+    """Every key of :class:`Config` with its default, commented with the first sentence of its docstring, and a
+    ``strategies`` section per entry of ``strategy_configs`` (``{name: config class}``). ``configs/default.yaml``
+    is this text (see :func:`continual_transformer.session.default_config_yaml`)."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+
+    def scalar(value: Any) -> str:
+        if isinstance(value, str) and "\n" in value:
+            return json.dumps(value, ensure_ascii=False)  # a double-quoted YAML scalar on one line
+        text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000, allow_unicode=True).strip()
+        return text.removesuffix("...").strip()
+
+    def comment(doc: str, indent: str) -> None:
+        first = " ".join(doc.split("\n\n")[0].split())
+        sentence = first.split(". ")[0].rstrip(".") + "."
+        lines.extend(f"{indent}# {part}" for part in _wrap(sentence, 108 - len(indent)))
+
+    def block(cls: type, instance: Any, indent: str) -> None:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in docs:
+                comment(docs[f.name], indent)
+            value = getattr(instance, f.name)
+            if f.name == "strategies" and cls is Config:
+                lines.append(f"{indent}strategies:")
+                for name, section_cls in sorted(strategy_configs.items()):
+                    lines.append(f"{indent}  {name}:")
+                    block(section_cls, section_cls(), indent + "    ")
+            elif dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:")
+                block(type(value), value, indent + "  ")
+            else:
+                lines.append(f"{indent}{f.name}: {scalar(to_dict(value))}")
+
+    block(Config, Config(), "")
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
 
 
 def dump_yaml(config: Config) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from continual_transformer.config import Config, dump_yaml, from_dict, to_dict
+from continual_transformer.config import Config, defaults_yaml, dump_yaml, from_dict, to_dict
 from continual_transformer.errors import CheckpointError
 from continual_transformer.strategies import check_strategy_names, registry, strategy_config
 
@@ -54,6 +54,20 @@ def resolve_config(config: Config) -> Config:
     strategy_config(config)
     sections = {name: to_dict(strategy_config(config, name)) for name in config.strategies}
     return dataclasses.replace(config, strategies=sections)
+
+
+DEFAULTS_HEADER = """Continual Tiny Transformer: default configuration (the same values as the code's defaults).
+Precedence: these defaults < a file given with --config < command-line flags and --set key.path=value.
+Generated from the config classes; regenerate with:
+  python -c "from continual_transformer.session import default_config_yaml as d; print(d(), end='')" \\
+    > configs/default.yaml"""
+
+
+def default_config_yaml() -> str:
+    """The text of ``configs/default.yaml``: every key with its default, every registered strategy's section
+    included (imports every strategy)."""
+    configs = {name: cls.config_cls for name, cls in registry.load_all().items()}
+    return defaults_yaml(configs, header=DEFAULTS_HEADER)
 
 
 @contextlib.contextmanager
