@@ -117,7 +117,16 @@ def test_strategy_registry_declares_every_shipped_strategy_without_importing_the
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     names, strategy_modules, torch = out.stdout.split()
-    expected = {"finetune", "in_context", "knowledge_store", "lora", "memory_bank", "none", "retrieval", "ttt"}
+    expected = {
+        "finetune",
+        "in_context",
+        "knowledge_store",
+        "lora",
+        "memory_bank",
+        "none",
+        "retrieval",
+        "ttt",
+    }
     assert expected <= set(names.split(","))
     assert (strategy_modules, torch) == ("False", "False")
 
@@ -137,4 +146,6 @@ def test_base_classes_are_reachable_lazily():
     from continual_transformer.strategies import LearnReport, Strategy, StrategyStats
     from continual_transformer.strategies.base import LearnReport as Base
 
-    assert LearnReport is Base and Strategy.__name__ == "Strategy" and StrategyStats.__name__ == "StrategyStats"
+    assert (
+        LearnReport is Base and Strategy.__name__ == "Strategy" and StrategyStats.__name__ == "StrategyStats"
+    )
