@@ -102,7 +102,8 @@ def test_tasks_section_configures_the_task_learner(tmp_path):
 
 
 def test_shipped_task_methods_match_the_method_registry():
-    """``TaskConfig`` checks ``method`` against a torch-free list; it must name exactly the shipped methods."""
+    """``TaskConfig`` checks ``method`` against a torch-free list: it must name exactly the shipped
+    methods."""
     from continual_transformer.tasks.methods import method_names
 
     assert sorted(SHIPPED_METHODS) == method_names()

@@ -119,7 +119,7 @@ def test_checkpoint_holds_one_part_per_component(session, tmp_path):
     names = set(read_tensors(path))
     assert names == {f"strategy/{k}" for k in session.strategy.trainable_state()}
 
-    session.tasks  # built, but holding no task: still no part
+    assert session.tasks.tasks == []  # built, but holding no task: still no part
     session.save(tmp_path / "state")
     assert list(json.loads((path / MANIFEST_FILE).read_text())["parts"]) == ["strategy"]
 

@@ -322,9 +322,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def defaults_yaml(strategy_configs: Mapping[str, type], *, header: str = "") -> str:
-    """Every key of :class:`Config` with its default, commented with the first sentence of its docstring, and a
-    ``strategies`` section per entry of ``strategy_configs`` (``{name: config class}``). ``configs/default.yaml``
-    is this text (see :func:`continual_transformer.session.default_config_yaml`)."""
+    """Every key of :class:`Config` with its default, commented with the first sentence of its docstring,
+    and a ``strategies`` section per entry of ``strategy_configs`` (``{name: config class}``).
+    ``configs/default.yaml`` is this text (see :func:`continual_transformer.session.default_config_yaml`)."""
     lines = [f"# {line}".rstrip() for line in header.splitlines()]
 
     def scalar(value: Any) -> str:

@@ -56,7 +56,8 @@ def resolve_config(config: Config) -> Config:
     return dataclasses.replace(config, strategies=sections)
 
 
-DEFAULTS_HEADER = """Continual Tiny Transformer: default configuration (the same values as the code's defaults).
+DEFAULTS_HEADER = """\
+Continual Tiny Transformer: default configuration (the same values as the code's defaults).
 Precedence: these defaults < a file given with --config < command-line flags and --set key.path=value.
 Generated from the config classes; regenerate with:
   python -c "from continual_transformer.session import default_config_yaml as d; print(d(), end='')" \\
