@@ -1,4 +1,5 @@
-"""The ``ctt`` command line, driven on a tiny model saved to a local directory (the ordinary from_pretrained path)."""
+"""The ``ctt`` command line, driven on a tiny model saved to a local directory (the ordinary
+from_pretrained path)."""
 
 from __future__ import annotations
 

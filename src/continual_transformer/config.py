@@ -3,13 +3,19 @@
 Precedence is defaults < YAML file < command-line overrides. Every field carries an attribute docstring;
 values are validated in ``__post_init__`` so a bad value fails where it is set, naming the key.
 
-Strategy sections live under ``strategies.<name>`` and are typed by the config class each strategy registers
-(see :mod:`continual_transformer.strategies`), so a new strategy brings its own section without touching this file.
+This module sits at the bottom of the package: it imports the standard library, ``yaml``, the errors and the
+task settings (:mod:`continual_transformer.tasks.config`, itself torch-free), nothing above them. Strategy
+sections under ``strategies.<name>`` therefore stay raw mappings here; they are typed by the config class
+each strategy registers where the pieces are put together
+(:func:`continual_transformer.strategies.strategy_config`, used by
+:class:`continual_transformer.session.Session`), so a new strategy brings its own section without touching
+this file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +26,7 @@ from typing import Any
 import yaml
 
 from continual_transformer.errors import ConfigError
+from continual_transformer.tasks.config import TaskConfig
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -36,7 +43,8 @@ class ModelConfig:
     dtype: str = "auto"
     """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
     cache_dir: str | None = None
-    """Where packaged models are pulled and converted; default ``$CTT_CACHE`` or ``~/.cache/continual_transformer``."""
+    """Where packaged models are pulled and converted; default ``$CTT_CACHE`` or
+    ``~/.cache/continual_transformer``."""
     revision: str | None = None
     """Hub revision for Hugging Face ids."""
 
@@ -115,42 +123,40 @@ class Config:
     strategy: str = "finetune"
     """The document-learning strategy (``ctt strategies``)."""
     strategies: Mapping[str, Any] = field(default_factory=dict)
-    """Per-strategy settings, ``{name: {...}}``, typed by each strategy's registered config class."""
+    """Per-strategy settings, ``{name: {...}}``, kept as given (read-only); each section is typed by its
+    strategy's registered config class when a model is built (``strategies.strategy_config``)."""
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    """Task-incremental learning (``learn_task``/``predict``): method, capacities, adapters, router."""
     seed: int = 0
-    """Seed for everything random (set when a model is built, never at import)."""
+    """Seed for everything random (passed to what is built, never set globally)."""
     data_dir: str = "../shared/data"
     """Directory with the benchmark datasets (CLINC150, Banking77, cl_benchmark, WikiText-2)."""
 
     def __post_init__(self) -> None:
-        from continual_transformer.strategies import registry
-
-        _check(
-            self.strategy in registry.names(),
-            "strategy",
-            f"unknown strategy {self.strategy!r}; known: {registry.names()}",
-        )
-        typed = {}
+        _check(isinstance(self.strategy, str) and bool(self.strategy), "strategy", "must be a strategy name")
+        _check(isinstance(self.strategies, Mapping), "strategies", "must be a mapping of strategy sections")
+        sections = {}
         for name, section in self.strategies.items():
-            _check(
-                name in registry.names(), f"strategies.{name}", f"unknown strategy; known: {registry.names()}"
-            )
-            config_cls = registry.get(name).config_cls
-            typed[name] = (
-                section
-                if isinstance(section, config_cls)
-                else from_dict(config_cls, section, f"strategies.{name}")
-            )
-        object.__setattr__(self, "strategies", types.MappingProxyType(typed))
-
-    def strategy_config(self, name: str | None = None) -> Any:
-        """The typed config of strategy ``name`` (default: the selected one), defaults filled in."""
-        from continual_transformer.strategies import registry
-
-        name = name or self.strategy
-        return self.strategies.get(name) or registry.get(name).config_cls()
+            key = f"strategies.{name}"
+            _check(isinstance(name, str), key, "a strategy name must be a string")
+            if dataclasses.is_dataclass(section) and not isinstance(section, type):
+                section = to_dict(section)
+            section = {} if section is None else section
+            _check(isinstance(section, Mapping), key, f"expected a mapping, got {type(section).__name__}")
+            sections[name] = _freeze(section)
+        object.__setattr__(self, "strategies", types.MappingProxyType(sections))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+def _freeze(value: Any) -> Any:
+    """A read-only copy: mappings become mapping proxies and lists tuples, so a config cannot be mutated."""
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------------
 # dict <-> dataclass
 
 
@@ -222,11 +228,12 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in, nested mappings key by key; neither argument is changed."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(dict(merged[key]), value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -284,10 +291,78 @@ def load_config(
     if path is not None:
         data = read_yaml(path)
     if overrides:
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
     for item in set_items:
-        data = _deep_merge(data, parse_override(item))
+        data = deep_merge(data, parse_override(item))
     return from_dict(Config, data)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of dataclass ``cls`` (read from its source), ``{field: docstring}``."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (e.g. defined in an interactive session)
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def defaults_yaml(strategy_configs: Mapping[str, type], *, header: str = "") -> str:
+    """Every key of :class:`Config` with its default, commented with the first sentence of its docstring,
+    and a ``strategies`` section per entry of ``strategy_configs`` (``{name: config class}``).
+    ``configs/default.yaml`` is this text (see :func:`continual_transformer.session.default_config_yaml`)."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+
+    def scalar(value: Any) -> str:
+        if isinstance(value, str) and "\n" in value:
+            return json.dumps(value, ensure_ascii=False)  # a double-quoted YAML scalar on one line
+        text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000, allow_unicode=True).strip()
+        return text.removesuffix("...").strip()
+
+    def comment(doc: str, indent: str) -> None:
+        first = " ".join(doc.split("\n\n")[0].split())
+        sentence = first.split(". ")[0].rstrip(".") + "."
+        lines.extend(f"{indent}# {part}" for part in _wrap(sentence, 108 - len(indent)))
+
+    def block(cls: type, instance: Any, indent: str) -> None:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in docs:
+                comment(docs[f.name], indent)
+            value = getattr(instance, f.name)
+            if f.name == "strategies" and cls is Config:
+                lines.append(f"{indent}strategies:")
+                for name, section_cls in sorted(strategy_configs.items()):
+                    lines.append(f"{indent}  {name}:")
+                    block(section_cls, section_cls(), indent + "    ")
+            elif dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:")
+                block(type(value), value, indent + "  ")
+            else:
+                lines.append(f"{indent}{f.name}: {scalar(to_dict(value))}")
+
+    block(Config, Config(), "")
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
 
 
 def dump_yaml(config: Config) -> str:

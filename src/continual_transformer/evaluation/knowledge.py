@@ -31,7 +31,7 @@ from continual_transformer.evaluation import metrics, system
 from continual_transformer.evaluation.datasets import KNOWN_FACTS, KnowledgeBenchmark, Probe, load_benchmark
 from continual_transformer.evaluation.general import general_text
 from continual_transformer.evaluation.report import ORACLE
-from continual_transformer.strategies import Strategy, registry
+from continual_transformer.strategies import Strategy, registry, strategy_config
 from continual_transformer.strategies.base import pack_texts, tensor_bytes
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def parse_strategy_spec(spec: str) -> tuple[str, dict[str, Any]]:
 def spec_config(config: Config, spec: str) -> tuple[str, Any]:
     """The strategy name and its config section for a spec, the spec's settings applied over ``config``'s."""
     name, changes = parse_strategy_spec(spec)
-    section = config.strategy_config(name)
+    section = strategy_config(config, name)
     if changes:
         section = from_dict(type(section), {**to_dict(section), **changes}, prefix=f"strategies.{name}")
     return name, section
@@ -282,7 +282,7 @@ class OracleReader:
 
     def __init__(self, backbone: Backbone, config: Config, benchmark: KnowledgeBenchmark) -> None:
         self.reader = registry.get("in_context")(
-            backbone, config.strategy_config("in_context"), settings=config
+            backbone, strategy_config(config, "in_context"), settings=config
         )
         self.texts = {doc.id: doc.text for doc in benchmark.documents}
         self.over_budget: set[str] = set()
@@ -368,7 +368,7 @@ def run_oracle(
         state_bytes = tensor_bytes(pack_texts([doc.text for doc in benchmark.documents], "documents"))
         result = {
             "strategy": ORACLE,
-            "strategy_config": {"in_context": to_dict(config.strategy_config("in_context"))},
+            "strategy_config": {"in_context": to_dict(strategy_config(config, "in_context"))},
             "acquisition_em": scored["em"],
             "acquisition_contains": scored["contains"],
             "acquisition_f1": scored["f1"],
@@ -426,7 +426,7 @@ def run_knowledge_bench(
     names = list(strategies)
     benchmark = load_benchmark(bench.benchmark, n_docs=bench.docs, seed=bench.seed, data_dir=config.data_dir)
     general, general_source = general_text(config.data_dir)
-    floor = registry.get("none")(backbone, config.strategy_config("none"), settings=config)
+    floor = registry.get("none")(backbone, strategy_config(config, "none"), settings=config)
     ppl_base = floor.perplexity(general, max_tokens=bench.ppl_tokens)
     candidates = list(KNOWN_FACTS[: bench.known_facts])
     base_answers = answer_probes(floor, candidates, bench.max_new_tokens).predictions

@@ -1,19 +1,36 @@
 """Settings of task-incremental learning: the learner (:class:`TaskConfig`) and its benchmark runs.
 
 Frozen, keyword-only dataclasses with a docstring per field, validated in ``__post_init__`` (errors name the
-key as ``tasks.<field>``). Every capacity that fixes the size of the learner's state is here, so the bytes of
-state are known before the first task: ``max_tasks``, ``max_labels_per_task``, ``pool_size``, ``buffer_size``...
+key as ``tasks.<field>``). Every capacity that fixes the size of the learner's state is here, so the bytes
+of state are known before the first task: ``max_tasks``, ``max_labels_per_task``, ``pool_size``,
+``buffer_size``...
+
+This module imports no torch: :class:`~continual_transformer.config.Config` holds a :class:`TaskConfig` under
+``tasks:``, and reading a config must stay cheap.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 
 from continual_transformer.errors import ConfigError
 
 _LAYER_SPEC = re.compile(r"^(all|-?\d*:-?\d*|-?\d+)$")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
+
+SHIPPED_METHODS = ("adapter_distill", "ewc", "joint", "lora_per_task", "lwf", "replay", "sequential")
+"""Task methods that ship in :mod:`continual_transformer.tasks.methods` (a test keeps this list in step)."""
+_METHODS_MODULE = "continual_transformer.tasks.methods"
+
+
+def known_methods() -> list[str]:
+    """Names ``tasks.method`` accepts, found without importing torch: the shipped methods, plus any registered
+    since (a method registered elsewhere has the methods module loaded already)."""
+    methods = sys.modules.get(_METHODS_MODULE)
+    registered = methods.method_names() if methods is not None else ()
+    return sorted({*SHIPPED_METHODS, *registered})
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -23,14 +40,16 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class TaskConfig:
-    """How a :class:`~continual_transformer.tasks.TaskLearner` learns classification tasks one after another."""
+    """How a :class:`~continual_transformer.tasks.TaskLearner` learns classification tasks one after
+    another."""
 
     method: str = "adapter_distill"
-    """Continual-learning method (``continual_transformer.tasks.methods.method_names()``): ``adapter_distill``
-    (fixed pool of adapters merged by distillation: zero growth), ``sequential``, ``joint``, ``lora_per_task``,
-    ``ewc``, ``lwf`` or ``replay``."""
+    """Continual-learning method (:func:`known_methods`): ``adapter_distill`` (fixed pool of adapters merged
+    by distillation: zero growth), ``sequential``, ``joint``, ``lora_per_task``, ``ewc``, ``lwf`` or
+    ``replay``."""
     max_tasks: int = 50
-    """Capacity in tasks, fixed up front: the task table, task-to-slot map and router are preallocated for it."""
+    """Capacity in tasks, fixed up front: the task table, task-to-slot map and router are preallocated for
+    it."""
     max_labels_per_task: int = 32
     """Capacity in labels per task (the label table is preallocated)."""
     max_label_bytes: int = 64
@@ -42,7 +61,8 @@ class TaskConfig:
     prompt_template: str = (
         "Classify the text into one of these categories: {labels}.\nText: {text}\nCategory:"
     )
-    """User prompt; ``{text}`` (required, once) is the input, ``{labels}`` (optional) the task's label list."""
+    """User prompt; ``{text}`` (required, once) is the input, ``{labels}`` (optional) the task's label
+    list."""
     chat: bool | None = None
     """Wrap the prompt in the chat template (``None``: as the backbone's generation settings say)."""
     humanize_labels: bool = True
@@ -53,9 +73,9 @@ class TaskConfig:
     eval_batch_size: int = 16
     """Prompts scored together; each expands to one row per candidate label (prefix cache shared)."""
     share_prefix: bool | None = None
-    """Run the prompt prefix shared by a batch (system prompt, instruction, label list) once, not once per row.
-    ``None``: only on CPU, where compute dominates; on a GPU a model this small is bound by kernel launches, and
-    the extra forward pass costs more than it saves."""
+    """Run the prompt prefix shared by a batch (system prompt, instruction, label list) once, not once per
+    row. ``None``: only on CPU, where compute dominates; on a GPU a model this small is bound by kernel
+    launches, and the extra forward pass costs more than it saves."""
 
     # -- adapters --
     pool_size: int = 4
@@ -87,7 +107,8 @@ class TaskConfig:
     distill_temperature: float = 2.0
     """Softmax temperature of knowledge distillation (also LwF)."""
     distill_ce_weight: float = 0.0
-    """Weight of the gold-label loss added to the distillation loss (0: pure distillation, as Ermis et al.)."""
+    """Weight of the gold-label loss added to the distillation loss (0: pure distillation, as Ermis et
+    al.)."""
     transfer_samples: int = 64
     """New-task examples used to pick the most transferable pool slot (lowest loss with that slot)."""
     buffer_size: int = 200
@@ -96,8 +117,8 @@ class TaskConfig:
     """Buffer examples added to each training step of ``replay``."""
 
     joint_max_examples: int | None = None
-    """``joint`` trains each step on at most this many examples drawn uniformly from all tasks so far (``None``:
-    every example; its cost then grows with the number of tasks)."""
+    """``joint`` trains each step on at most this many examples drawn uniformly from all tasks so far
+    (``None``: every example; its cost then grows with the number of tasks)."""
 
     # -- regularisers --
     ewc_lambda: float = 1000.0
@@ -115,28 +136,28 @@ class TaskConfig:
 
     # -- router --
     router: str = "minilm"
-    """Embedder of the task router: ``minilm`` (the packaged MiniLM sentence embedder), ``backbone`` (mean hidden
-    state of the frozen base model, no extra model), or another sentence embedder (a packaged name, a local
-    directory or a hub id). Router accuracy on the full benchmark profiles (H100, label
-    prototypes, ``benchmarks/router_accuracy.py``), minilm vs backbone: clinc150-10 0.961 vs 0.840, clinc150-50 0.908
-    vs 0.744, banking77 0.859 vs 0.665, long15 0.814 vs 0.850 (long review texts: the base model is better there)."""
+    """Embedder of the task router: ``minilm`` (the packaged MiniLM sentence embedder), ``backbone`` (mean
+    hidden state of the frozen base model, no extra model), or another sentence embedder (a packaged name, a
+    local directory or a hub id). Router accuracy on the full benchmark profiles (H100, label prototypes,
+    ``benchmarks/router_accuracy.py``), minilm vs backbone: clinc150-10 0.961 vs 0.840, clinc150-50 0.908 vs
+    0.744, banking77 0.859 vs 0.665, long15 0.814 vs 0.850 (long review texts: the base model is better
+    there)."""
     router_prototypes: str = "label"
-    """``label``: one prototype per label of each task, (max_tasks, max_labels_per_task, dim), a text goes to the
-    task of its nearest label; ``task``: one prototype per task, (max_tasks, dim)."""
+    """``label``: one prototype per label of each task, (max_tasks, max_labels_per_task, dim), a text goes to
+    the task of its nearest label; ``task``: one prototype per task, (max_tasks, dim)."""
     router_layer: int | None = None
-    """Hidden-state layer the ``backbone`` router mean-pools (0: embeddings; -1: last). ``None``: 3/8 of the way
-    up, since mid-depth states carry topic better than the last, which is shaped for next-token prediction (on
-    CLINC150 domains with SmolLM2: 0.72 router accuracy at layer 11 against 0.55 at the last; MiniLM: 0.93)."""
+    """Hidden-state layer the ``backbone`` router mean-pools (0: embeddings; -1: last). ``None``: 3/8 of the
+    way up, since mid-depth states carry topic better than the last, which is shaped for next-token
+    prediction (on CLINC150 domains with SmolLM2: 0.72 router accuracy at layer 11 against 0.55 at the last;
+    MiniLM: 0.93)."""
     router_samples: int = 256
     """Training examples per task embedded into its prototype."""
 
     def __post_init__(self) -> None:
-        from continual_transformer.tasks.methods import method_names
-
         _check(
-            self.method in method_names(),
+            self.method in known_methods(),
             "tasks.method",
-            f"unknown method {self.method!r}; known: {method_names()}",
+            f"unknown method {self.method!r}; known: {known_methods()}",
         )
         for key in (
             "max_tasks",
@@ -224,8 +245,8 @@ class TaskBenchmarkSettings:
     max_test_per_label: int | None = None
     """Test examples kept per label and task (``None``: all)."""
     max_labels_per_task: int | None = None
-    """Keep only each task's first labels (and their examples) (``None``: all); the quick profile's lever, since
-    scoring costs one continuation per label."""
+    """Keep only each task's first labels (and their examples) (``None``: all); the quick profile's lever,
+    since scoring costs one continuation per label."""
     full_matrix: bool = False
     """Evaluate every task after every step. Off: only cells a metric reads (t >= k - 1), the rest is null."""
     learner: TaskConfig = field(default_factory=TaskConfig)

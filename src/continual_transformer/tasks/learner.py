@@ -446,11 +446,7 @@ class TaskLearner:
             "library_version": __version__,
             "kind": CHECKPOINT_KIND,
             "method": self.method.name,
-            "base_model": {
-                "name": self.backbone.name,
-                "fingerprint": self.backbone.fingerprint,
-                "architecture": type(self.backbone.model).__name__,
-            },
+            "base_model": checkpoint.base_model_manifest(self.backbone),
             "tasks": self.tasks,
             "history": self.history,
             "task_config": to_dict(self.config),
@@ -486,12 +482,7 @@ class TaskLearner:
         this)."""
         if manifest.get("kind") != CHECKPOINT_KIND:
             raise CheckpointError(f"{where} is not a task-learner checkpoint (kind {manifest.get('kind')!r})")
-        base = manifest.get("base_model", {})
-        if base.get("fingerprint") != self.backbone.fingerprint:
-            raise CheckpointError(
-                f"{where} was made on base model {base.get('name')!r} (fingerprint "
-                f"{base.get('fingerprint')}), not on {self.backbone.name!r} ({self.backbone.fingerprint})"
-            )
+        checkpoint.check_base_model(manifest.get("base_model"), self.backbone, where)
         try:
             config = from_dict(TaskConfig, manifest.get("task_config"), "tasks")
         except ConfigError as exc:

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from continual_transformer.config import from_dict, parse_override, to_dict
+from continual_transformer.config import deep_merge, from_dict, parse_override, to_dict
 from continual_transformer.tasks.config import TaskBenchmarkSettings, TaskConfig
 from continual_transformer.tasks.suites import SUITES
 
@@ -106,18 +106,7 @@ def command_line_changes(
     if num_tasks is not None:
         changes["num_tasks"] = num_tasks
     for item in overrides:
-        changes = merge(changes, parse_override(item))
+        changes = deep_merge(changes, parse_override(item))
     if seed:
-        changes = merge(changes, {"learner": {"seed": seed}})
+        changes = deep_merge(changes, {"learner": {"seed": seed}})
     return changes
-
-
-def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``update`` laid over it, nested mappings merged key by key."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
