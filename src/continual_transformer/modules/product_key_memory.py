@@ -1,11 +1,11 @@
 """A product-key memory layer (Lample et al. 2019; Berges et al. 2024) whose values are written sparsely.
 
-A token's hidden state ``x`` (D,) becomes, per head, a query ``q = W_h ((x - mu) / sigma)`` (Q,), split into two
-halves of Q/2. Each half is scored against its own ``n_keys`` sub-keys; the ``k`` best of each half give
-``k * k`` candidate slots ``(i, j)`` scored ``s1[i] + s2[j]``, of which the best ``k`` are read: exactly the top
-``k`` of all ``n_keys ** 2`` slots, at the cost of ``2 * n_keys`` dot products. The read is a softmax (float32)
-over the selected scores weighting the slots' value vectors (V,), summed over heads, which share one value table
-(as in ``facebookresearch/memory``, ``product_key/memory.py``).
+A token's hidden state ``x`` (D,) becomes, per head, a query ``q = W_h ((x - mu) / sigma)`` (Q,), split into
+two halves of Q/2. Each half is scored against its own ``n_keys`` sub-keys; the ``k`` best of each half give
+``k * k`` candidate slots ``(i, j)`` scored ``s1[i] + s2[j]``, of which the best ``k`` are read: exactly the
+top ``k`` of all ``n_keys ** 2`` slots, at the cost of ``2 * n_keys`` dot products. The read is a softmax
+(float32) over the selected scores weighting the slots' value vectors (V,), summed over heads, which share one
+value table (as in ``facebookresearch/memory``, ``product_key/memory.py``).
 
 Differences from a memory layer trained with the model, because it is added to a pretrained one:
 
@@ -13,10 +13,10 @@ Differences from a memory layer trained with the model, because it is added to a
   (a few massive-activation dimensions would otherwise decide every lookup) and ``W_h`` a random Gaussian map.
 * Sub-keys are fitted by k-means (:func:`kmeans`) to the two halves of background queries, so slots are used
   evenly; they are never trained.
-* Values start at exactly zero and only rows that were written exist (:class:`ProductKeyMemory` keeps a slot ->
-  row map), so an untouched memory adds nothing and costs no memory for its ``n_keys ** 2`` slots.
-* Training updates only chosen slots: :meth:`ProductKeyMemory.begin_training` makes their rows the one trainable
-  tensor, every other slot has no gradient at all (the same as masking a dense table's gradient to zero).
+* Values start at exactly zero and only rows that were written exist (:class:`ProductKeyMemory` keeps a
+  slot -> row map), so an untouched memory adds nothing and costs no memory for its ``n_keys ** 2`` slots.
+* Training updates only chosen slots: :meth:`ProductKeyMemory.begin_training` makes their rows the one
+  trainable tensor, every other slot has no gradient at all (the same as masking a dense table's gradient).
 
 Everything is batched (einsum + topk + gather + ``embedding_bag``); :func:`reference_read` is the slow,
 loop-per-token version used only to test the fast path.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _QUERY_BLOCK = 4096
-"""Tokens whose sub-key scores are computed at once when counting accesses (bounds the (N, H, 2, K) tensor)."""
+"""Tokens whose sub-key scores are computed at once when counting reads (bounds the (N, h, 2, K) tensor)."""
 
 
 def kmeans(points: torch.Tensor, clusters: int, *, iterations: int = 15, seed: int = 0) -> torch.Tensor:
@@ -123,7 +123,7 @@ class ProductKeyMemory(nn.Module):
         self.enabled = True
         """False: :meth:`forward` adds nothing (the base model is computed)."""
 
-    # -- sizes ----------------------------------------------------------------------------------------------
+    # -- sizes -----------------------------------------------------------------------------------------------
     @property
     def slots(self) -> int:
         return self.n_keys * self.n_keys
@@ -135,17 +135,17 @@ class ProductKeyMemory(nn.Module):
 
     @property
     def active(self) -> bool:
-        """True when a read can be non-zero (some row exists or slots are being trained) and the memory is on."""
+        """True when the memory is on and a read can be non-zero (a row exists or slots are being trained)."""
         return self.enabled and (self.written > 0 or self.trainable is not None)
 
-    # -- lookup ---------------------------------------------------------------------------------------------
+    # -- lookup ----------------------------------------------------------------------------------------------
     def queries(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) hidden states -> (..., heads, Q) float32 queries."""
         x = (hidden.float() - self.input_mean) * self.input_scale
         return (x @ self.query_weight.T).unflatten(-1, (self.heads, self.query_dim))
 
     def select(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``k`` slots of each head: (N, heads, Q) queries -> scores (N, heads, k) float32, slots (same, long)."""
+        """Top-``k`` slots per head: queries (N, h, Q) -> scores (N, h, k) float32, slots (N, h, k) long."""
         k, n_keys = self.topk, self.n_keys
         halves = queries.float().unflatten(-1, (2, self.query_dim // 2))  # (N, h, 2, Q/2)
         scores = torch.einsum("nhcd,hckd->nhck", halves, self.sub_keys) / math.sqrt(self.query_dim)
@@ -157,7 +157,7 @@ class ProductKeyMemory(nn.Module):
         return best, first * n_keys + second
 
     def read(self, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of value rows: slots and weights (N, L) -> (N, V) float32 (unwritten slots read zero)."""
+        """Weighted sum of value rows: slots, weights (N, L) -> (N, V) float32 (unwritten slots read zero)."""
         out = torch.zeros(slots.shape[0], self.value_dim, device=slots.device)
         weights = weights.float()
         if self._train_pos is not None and self.trainable is not None:
@@ -205,7 +205,7 @@ class ProductKeyMemory(nn.Module):
             counts += torch.bincount(pairs % self.slots, minlength=self.slots).float()
         return counts
 
-    # -- calibration ----------------------------------------------------------------------------------------
+    # -- calibration -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def fit(self, hidden: torch.Tensor, *, iterations: int = 15, seed: int = 0) -> None:
         """Fit the query normalisation and the sub-keys to background hidden states (N, D)."""
@@ -217,7 +217,7 @@ class ProductKeyMemory(nn.Module):
         centroids = kmeans(points, self.n_keys, iterations=iterations, seed=seed)
         self.sub_keys.copy_(centroids.reshape(self.heads, 2, self.n_keys, -1))
 
-    # -- values ---------------------------------------------------------------------------------------------
+    # -- values ----------------------------------------------------------------------------------------------
     def values_of(self, slots: torch.Tensor) -> torch.Tensor:
         """Current value rows (T, V) float32 of ``slots`` (T,) (zero for unwritten slots)."""
         row = self.slot_row[slots]
@@ -267,9 +267,9 @@ class ProductKeyMemory(nn.Module):
         self.clear()
         self.write(slots.long(), rows)
 
-    # -- sparse training --------------------------------------------------------------------------------------
+    # -- sparse training -------------------------------------------------------------------------------------
     def begin_training(self, slots: torch.Tensor) -> nn.Parameter:
-        """Make the rows of distinct ``slots`` (T,) one trainable tensor (T, V), initialised to their values."""
+        """Make the rows of distinct ``slots`` (T,) one trainable tensor (T, V), starting at their values."""
         self.end_training(commit=False)
         slots = slots.to(self.slot_row.device).long()
         self._train_slots = slots

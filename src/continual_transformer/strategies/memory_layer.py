@@ -1,25 +1,25 @@
 """``memory_layer``: sparse memory finetuning (Lin et al. 2025) of product-key memories added to the backbone.
 
-A :class:`~continual_transformer.modules.product_key_memory.ProductKeyMemory` (Berges et al. 2024) is added as a
-residual branch next to the MLP of one or more middle decoder layers: a forward hook on the MLP returns
+A :class:`~continual_transformer.modules.product_key_memory.ProductKeyMemory` (Berges et al. 2024) is added as
+a residual branch next to the MLP of one or more middle decoder layers: a forward hook on the MLP returns
 ``mlp(x) + memory(x)``, with the MLP's input ``x`` as the query. Its values start at zero, so the model is the
 base model bit for bit until it learns; the backbone's weights never change.
 
-**Calibration** (once, lazily, saved with the state): background text — by default the tail of WikiText-2 valid,
-which the perplexity measurements (its first tokens) never score — is run through the base model; the MLP inputs
-at the memory layers fit each memory's query normalisation and sub-keys (k-means), then each slot's *background
-document frequency* is counted: in how many background chunks it is read.
+**Calibration** (once, lazily, saved with the state): background text — by default the tail of WikiText-2
+valid, which the perplexity measurements (its first tokens) never score — is run through the base model; the
+MLP inputs at the memory layers fit each memory's query normalisation and sub-keys (k-means), then each slot's
+*background document frequency* is counted: in how many background chunks it is read.
 
 **Learning a document** (sec. 3 of the paper): the document's training examples are run through the model and
-every slot read is counted (TF); slots are ranked by ``TF * log((N + 1) / (df + 1))`` over the N background chunks,
-and only the ``top_t`` best of each memory are trained — their rows are the only trainable tensor (no other slot
-has a gradient) — by the shared training loop with SGD at a high learning rate (the paper found SGD forgets less
-than AdamW here). Slots the background reads in every chunk are never trained.
+every slot read is counted (TF); slots are ranked by ``TF * log((N + 1) / (df + 1))`` over the N background
+chunks, and only the ``top_t`` best of each memory are trained — their rows are the only trainable tensor (no
+other slot has a gradient) — by the shared training loop. Slots the background reads in every chunk are never
+trained.
 
 The objective is a seam: :meth:`MemoryLayerStrategy.training_plan` returns the examples whose reads choose the
-slots and a function that optimises given value rows. ``next_token`` (the document's own next-token loss, windows
-that keep their preceding context) is implemented; ``context_distill`` is declared for a distillation objective
-to plug in.
+slots and a function that optimises given value rows. ``next_token`` (the document's own next-token loss,
+windows that keep their preceding context) is implemented; ``context_distill`` is declared for a distillation
+objective to plug in.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ OBJECTIVES = ("next_token", "context_distill")
 @dataclass(frozen=True, kw_only=True)
 class MemoryLayerConfig:
     layers: str = "middle"
-    """Decoder layers that get a memory next to their MLP: ``middle`` (the layer at half depth, as in the paper's
+    """Decoder layers that get a memory next to their MLP: ``middle`` (the layer at half depth, as the paper's
     single memory layer) or finetune's spec (``all``, a slice such as ``12:18``, one index)."""
     n_keys: int = 512
     """Sub-keys per half: each memory has ``n_keys ** 2`` slots (512: 262,144 slots)."""
@@ -86,8 +86,8 @@ class MemoryLayerConfig:
     stop_loss: float = 0.1
     """Stop after the first epoch whose mean loss is below this (0 disables early stopping)."""
     background: str = "general"
-    """Background text for calibration: ``general`` (WikiText-2 valid from the data directory, its tail; built-in
-    prose without it) or the path of a UTF-8 text file (its tail)."""
+    """Background text for calibration: ``general`` (the tail of WikiText-2 valid from the data directory;
+    built-in prose without it) or the path of a UTF-8 text file (its tail)."""
     background_tokens: int = 8192
     """Tokens of background text used for calibration (k-means points and document frequencies)."""
     background_chunk_tokens: int = 128
@@ -140,8 +140,8 @@ def select_memory_layers(spec: str, n_layers: int) -> list[int]:
 def tfidf_slots(counts: torch.Tensor, df: torch.Tensor, chunks: float, top_t: int) -> torch.Tensor:
     """The (at most) ``top_t`` slots (ascending) with the highest ``counts * log((N + 1) / (df + 1))`` > 0.
 
-    ``counts`` (S,): reads of each slot on the document; ``df`` (S,): background chunks that read it; ``chunks``:
-    N. Ties go to the lower slot (a stable sort).
+    ``counts`` (S,): reads of each slot on the document; ``df`` (S,): background chunks that read it;
+    ``chunks``: N. Ties go to the lower slot (a stable sort).
     """
     idf = torch.log(torch.as_tensor(chunks + 1.0, device=df.device) / (df.float() + 1.0))
     scores = counts.float() * idf
@@ -249,7 +249,7 @@ class MemoryLayerStrategy(Strategy):
 
     @torch.no_grad()
     def memory_inputs(self, rows: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """MLP inputs at every memory layer for the real tokens of ``rows``: ([(N, D)] per layer, row ids (N,)).
+        """MLP inputs at the memory layers, real tokens of ``rows``: ([(N, D)] per layer, row ids (N,)).
 
         The forward pass stops after the deepest memory layer; memories read as the model currently computes.
         """
@@ -284,7 +284,7 @@ class MemoryLayerStrategy(Strategy):
 
     @torch.no_grad()
     def calibrate(self) -> float:
-        """Fit queries and sub-keys and count background reads, on the base model; returns the seconds it took."""
+        """Fit queries and sub-keys, count background reads (on the base model); returns the seconds taken."""
         start = time.perf_counter()
         rows = self.background_rows()
         with self.disabled():
@@ -304,7 +304,7 @@ class MemoryLayerStrategy(Strategy):
         )
         return self.calibration_seconds
 
-    # -- slot selection ---------------------------------------------------------------------------------------
+    # -- slot selection --------------------------------------------------------------------------------------
     @torch.no_grad()
     def select_slots(self, examples: Sequence[training.Example]) -> list[torch.Tensor]:
         """Per memory, the slots (ascending) the examples read most relative to background text (TF-IDF)."""
@@ -315,7 +315,7 @@ class MemoryLayerStrategy(Strategy):
             for memory, hidden, df in zip(self.memories, inputs, self._df)
         ]
 
-    # -- objective ------------------------------------------------------------------------------------------
+    # -- objective -------------------------------------------------------------------------------------------
     def training_plan(self, document: Document) -> TrainingPlan:
         """Examples and optimisation of ``document`` for the configured objective."""
         builders: dict[str, Callable[[Document], TrainingPlan]] = {"next_token": self._next_token_plan}
@@ -351,7 +351,7 @@ class MemoryLayerStrategy(Strategy):
 
         return TrainingPlan(examples, optimise, sum(e.scored_tokens for e in examples))
 
-    # -- learning ---------------------------------------------------------------------------------------------
+    # -- learning --------------------------------------------------------------------------------------------
     def learn(self, document: Document) -> LearnReport:
         calibration = 0.0 if self.calibrated else self.calibrate()
         start = time.perf_counter()
@@ -392,7 +392,7 @@ class MemoryLayerStrategy(Strategy):
             },
         )
 
-    # -- state ------------------------------------------------------------------------------------------------
+    # -- state -----------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
         for i, memory, df, counts in zip(self.layer_ids, self.memories, self._df, self._counts):
