@@ -114,8 +114,10 @@ class ProductKeyMemory(nn.Module):
         self.register_buffer("input_scale", torch.ones(input_dim, device=device))  # 1 / sigma
         self.register_buffer("sub_keys", torch.zeros(heads, 2, n_keys, query_dim // 2, device=device))
         self.register_buffer("slot_row", torch.full((n_keys * n_keys,), -1, dtype=torch.long, device=device))
-        self.register_buffer("row_slot", torch.zeros(0, dtype=torch.long, device=device))  # (R,)
-        self.register_buffer("rows", torch.zeros(0, value_dim, device=device))  # (R, V) float32
+        # Written rows, preallocated and doubled when full: rows[:written] belong to slots row_slot[:written].
+        self.register_buffer("row_slot", torch.zeros(0, dtype=torch.long, device=device))  # (capacity,)
+        self.register_buffer("rows", torch.zeros(0, value_dim, device=device))  # (capacity, V) float32
+        self._written = 0
         self.trainable: nn.Parameter | None = None
         """Rows of the slots being trained (T, V), while :meth:`begin_training` is in effect."""
         self._train_slots: torch.Tensor | None = None
@@ -131,7 +133,7 @@ class ProductKeyMemory(nn.Module):
     @property
     def written(self) -> int:
         """Slots that hold a value row (all others read as zero)."""
-        return self.row_slot.numel()
+        return self._written
 
     @property
     def active(self) -> bool:
@@ -231,12 +233,16 @@ class ProductKeyMemory(nn.Module):
         slots = slots.to(self.slot_row.device).long()
         new = slots[self.slot_row[slots] < 0]
         if new.numel():
-            start = self.written
-            self.slot_row[new] = torch.arange(start, start + new.numel(), device=new.device)
-            self.row_slot = torch.cat([self.row_slot, new])
-            self.rows = torch.cat(
-                [self.rows, torch.zeros(new.numel(), self.value_dim, device=self.rows.device)]
-            )
+            start, end = self._written, self._written + new.numel()
+            if end > self.rows.shape[0]:
+                capacity = max(end, 2 * self.rows.shape[0], 64)
+                rows = torch.zeros(capacity, self.value_dim, device=self.rows.device)
+                row_slot = torch.zeros(capacity, dtype=torch.long, device=self.row_slot.device)
+                rows[:start], row_slot[:start] = self.rows[:start], self.row_slot[:start]
+                self.rows, self.row_slot = rows, row_slot
+            self.slot_row[new] = torch.arange(start, end, device=new.device)
+            self.row_slot[start:end] = new
+            self._written = end
         self.rows[self.slot_row[slots]] = values.detach().float()
 
     @torch.no_grad()
@@ -244,12 +250,13 @@ class ProductKeyMemory(nn.Module):
         """Forget every value (the memory reads zero again)."""
         self.end_training(commit=False)
         self.slot_row.fill_(-1)
-        self.row_slot = self.row_slot[:0]
-        self.rows = self.rows[:0]
+        self.row_slot = torch.zeros(0, dtype=torch.long, device=self.row_slot.device)
+        self.rows = torch.zeros(0, self.value_dim, device=self.rows.device)
+        self._written = 0
 
     def value_state(self) -> dict[str, torch.Tensor]:
         """Written slots (R,) ascending and their rows (R, V): the memory's learned state."""
-        order = torch.argsort(self.row_slot)
+        order = torch.argsort(self.row_slot[: self._written])
         return {"slots": self.row_slot[order], "rows": self.rows[order]}
 
     @torch.no_grad()
