@@ -16,6 +16,11 @@ chunks, and only the ``top_t`` best of each memory are trained — their rows ar
 other slot has a gradient) — by the shared training loop. Slots the background reads in every chunk are never
 trained.
 
+Measured on SmolLM2-135M-Instruct (CPU, layer 15 of 30, defaults; see the ``optimizer`` field): the document
+loss falls well (3.8 -> 0.4) but a question phrased differently from the document is answered only sometimes
+(1 of 2): the slots are chosen and trained on the document's own contexts. Training in the format the model is
+asked in (the ``context_distill`` objective, or question-answer exchanges) is the expected remedy.
+
 The objective is a seam: :meth:`MemoryLayerStrategy.training_plan` returns the examples whose reads choose the
 slots and a function that optimises given value rows. ``next_token`` (the document's own next-token loss,
 windows that keep their preceding context) is implemented; ``context_distill`` is declared for a distillation
@@ -65,14 +70,21 @@ class MemoryLayerConfig:
     query_dim: int = 256
     """Width of one head's query; sub-keys are half as wide."""
     top_t: int = 500
-    """Slots trained per memory and document, the best by TF-IDF (the paper's t = 500 for facts)."""
+    """Slots trained per memory and document, the best by TF-IDF (the paper's t = 500 for facts). On
+    SmolLM2-135M (one 3-sentence fact, AdamW 0.2, 30 steps) 2000 slots reached loss 0.36 against 0.37 with
+    500: no gain for 4x the changed slots."""
     objective: str = "next_token"
     """What a document trains: ``next_token`` (its own next-token loss) or ``context_distill`` (a distillation
     objective plugged in through :meth:`MemoryLayerStrategy.training_plan`)."""
-    optimizer: str = "sgd"
-    """``sgd`` (the paper's choice for sparse memory finetuning: it forgot less than AdamW) or ``adamw``."""
-    learning_rate: float = 10.0
-    """Learning rate of the value rows (their only parameter group)."""
+    optimizer: str = "adamw"
+    """``adamw`` (no weight decay: Adam) or ``sgd`` (the paper's choice: it forgot less than AdamW there). On
+    SmolLM2-135M, CPU, 2 short fictional-fact documents, 30 steps each, WikiText-2 perplexity on 2,048 tokens
+    (18.50 before): AdamW 0.2 -> document losses 3.83 -> 0.37 and 2.75 -> 0.49, 1/2 questions answered,
+    perplexity +1.0 %; SGD 3000 -> 0.63 and 0.74, 0/2 answered, perplexity -0.1 %; SGD 100 barely moved
+    (3.83 -> 3.67 in 15 steps): values start at zero and each slot gets ~1/32 of a read, so SGD needs
+    learning rates in the thousands."""
+    learning_rate: float = 0.2
+    """Learning rate of the value rows (their only parameter group); ``optimizer`` has the measurements."""
     epochs: int = 30
     """Passes over each document's examples."""
     batch_size: int = 8
@@ -88,8 +100,9 @@ class MemoryLayerConfig:
     background: str = "general"
     """Background text for calibration: ``general`` (the tail of WikiText-2 valid from the data directory;
     built-in prose without it) or the path of a UTF-8 text file (its tail)."""
-    background_tokens: int = 8192
-    """Tokens of background text used for calibration (k-means points and document frequencies)."""
+    background_tokens: int = 4096
+    """Tokens of background text used for calibration (k-means points and document frequencies). 4096 tokens
+    on SmolLM2-135M: calibration 47-103 s on 1 busy CPU core; 54 % of the 262,144 slots read at least once."""
     background_chunk_tokens: int = 128
     """Background text is cut into chunks of this many tokens: the "documents" of the IDF."""
     kmeans_iterations: int = 15
