@@ -41,7 +41,7 @@ from continual_transformer.evaluation import system
 from continual_transformer.evaluation.datasets import Probe, load_benchmark
 from continual_transformer.evaluation.knowledge import OracleReader, answer_probes, score
 from continual_transformer.evaluation.report import fmt, write_json
-from continual_transformer.strategies import registry
+from continual_transformer.strategies import registry, strategy_config
 
 logger = logging.getLogger("retrieval_diagnostics")
 
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backbone = Backbone.load(config.model, config.generation)
     bench = load_benchmark(args.benchmark, n_docs=args.docs, seed=args.seed, data_dir=config.data_dir)
     probes = list(bench.probes)
-    section = config.strategy_config("retrieval")
+    section = strategy_config(config, "retrieval")
     strategy = registry.get("retrieval")(backbone, section, settings=config)
     conditions: dict[str, list[str]] = {}
     try:
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = ranking(strategy, probes)
         logger.info("ranked %d probes over %d chunks", len(probes), len(strategy.chunk_ids))
 
-        floor = registry.get("none")(backbone, config.strategy_config("none"), settings=config)
+        floor = registry.get("none")(backbone, strategy_config(config, "none"), settings=config)
         conditions["none"] = answer_probes(floor, probes, args.max_new_tokens).predictions
         floor.close()
         conditions["retrieval"] = answer_probes(strategy, probes, args.max_new_tokens).predictions
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens,
         "overrides": list(args.set),
         "retrieval": to_dict(section),
-        "in_context": to_dict(config.strategy_config("in_context")),
+        "in_context": to_dict(strategy_config(config, "in_context")),
         **chunking,
         "command": " ".join(["python", *sys.argv]),
     }

@@ -199,10 +199,10 @@ def test_oracle_prompt_holds_exactly_the_probes_own_document(tokenizer, monkeypa
         assert not any(text in prompt for doc_id, text in texts.items() if doc_id != probe.doc_id)
 
     # The same model input in_context builds when it holds that one document (its prompt format, reused).
-    from continual_transformer.strategies import registry
+    from continual_transformer.strategies import registry, strategy_config
 
     seen.clear()
-    reader = registry.get("in_context")(backbone, config().strategy_config("in_context"), settings=config())
+    reader = registry.get("in_context")(backbone, strategy_config(config(), "in_context"), settings=config())
     reader.learn(benchmark.documents[0])
     knowledge.answer_probes(reader, benchmark.probes_for("d0"), max_new_tokens=2)
     reader.close()
