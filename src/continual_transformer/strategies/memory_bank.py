@@ -46,14 +46,16 @@ import logging
 import re
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from continual_transformer.backbone import sequence_nll
+from continual_transformer.backbone import ScoringBatch, ScoringHooks, sequence_nll
 from continual_transformer.config import ConfigError
 from continual_transformer.documents import Document, chunk_spans
+from continual_transformer.layers import hidden_size, layer_index
 from continual_transformer.modules.embedder import SentenceEmbedder
 from continual_transformer.modules.hooks import LayerCapture, ResidualAdder, layer_output
 from continual_transformer.modules.memory_store import MemoryStore
@@ -164,6 +166,25 @@ class MemoryBankConfig:
             raise ConfigError(f"{key}.fuse_tokens: must be >= 0, got {self.fuse_tokens}")
 
 
+class _FusedMemories(ScoringHooks):
+    """Scoring with memories: each batch retrieves by its rows' queries and fuses the values while it runs.
+
+    Retrieval runs per batch (as the batch is scored), so a call's memory use stays bounded; scoring is
+    measurement and never counts as a use of a memory.
+    """
+
+    def __init__(self, strategy: MemoryBankStrategy, queries: Sequence[str]) -> None:
+        self.strategy = strategy
+        self.queries = queries
+
+    def forward(self, batch: ScoringBatch) -> AbstractContextManager[Any]:
+        delta = self.strategy.deltas([self.queries[i] for i in batch.rows])
+        if delta is None:
+            return nullcontext()
+        mask = self.strategy._scoring_mask(batch.context_lengths, batch.input_ids.shape[1])
+        return self.strategy._fusion(delta, mask)
+
+
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the wanted layer has run."""
 
@@ -177,7 +198,7 @@ class MemoryBankStrategy(Strategy):
         n_layers = backbone.num_layers
         self.key_layer = self._layer_index(config.key_layer, n_layers // 2, "key_layer")
         self.fuse_layer = self._layer_index(config.fuse_layer, self.key_layer, "fuse_layer")
-        hidden = int(getattr(backbone.model.config, "hidden_size", 0) or backbone.model.config.n_embd)
+        hidden = hidden_size(backbone.model)
         self.embedder: SentenceEmbedder | None = None
         if config.key_encoder != "backbone":
             self.embedder = SentenceEmbedder.load(config.key_encoder, device=backbone.device)
@@ -191,12 +212,9 @@ class MemoryBankStrategy(Strategy):
         self._center: torch.Tensor | None = None
 
     def _layer_index(self, value: int | None, default: int, name: str) -> int:
-        n = self.backbone.num_layers
         if value is None:
             return default
-        if not -n <= value < n:
-            raise ConfigError(f"strategies.memory_bank.{name}: {value} out of range for {n} layers")
-        return value % n
+        return layer_index(value, self.backbone.num_layers, f"strategies.memory_bank.{name}")
 
     # -- keys -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -276,7 +294,8 @@ class MemoryBankStrategy(Strategy):
         ``after`` (N,) of each text without and with its own value fused.
         """
         cfg = self.config
-        ids, labels, attention = self.backbone._labelled_batch([""] * len(texts), list(texts))
+        batch = self.backbone.labelled_batch(list(texts))
+        ids, labels, attention = batch.input_ids, batch.labels, batch.attention_mask
         module = self.backbone.layers[self.fuse_layer]
         with torch.no_grad(), LayerCapture(module) as cap:
             before = self._example_losses(
@@ -374,11 +393,7 @@ class MemoryBankStrategy(Strategy):
 
     def _examples_nll(self, texts: Sequence[str]) -> float | None:
         """Token-weighted mean NLL of the examples, each scored with the memories it retrieves itself."""
-        if not texts:
-            return None
-        values = self.token_nll(texts)
-        count = sum(v.numel() for v in values)
-        return sum(float(v.sum()) for v in values) / max(count, 1)
+        return self.mean_nll(texts) if texts else None
 
     # -- fusion ---------------------------------------------------------------------------------------------
     def deltas(self, queries: Sequence[str], *, reinforce: bool = False) -> torch.Tensor | None:
@@ -442,70 +457,9 @@ class MemoryBankStrategy(Strategy):
                 answers.extend(self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens))
         return answers
 
-    @torch.no_grad()
-    def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
-        """Logits with the retrieved memories fused; texts that retrieve none get the base logits bit for bit."""
-        batch = self.backbone.encode(texts)
-        delta = self.deltas(list(texts))
-        if delta is None:
-            return self.backbone.model(**batch).logits.float()
-        with self._fusion(delta, None):
-            return self.backbone.model(**batch).logits.float()
-
-    @torch.no_grad()
-    def token_nll(
-        self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8
-    ) -> list[torch.Tensor]:
-        """Per-token NLL with memories retrieved by ``contexts[i]`` (or the text itself) fused."""
-        texts = list(texts)
-        if self.store.size == 0:
-            return self.backbone.token_nll(texts, contexts=contexts)
-        ctx = list(contexts) if contexts is not None else [""] * len(texts)
-        results: list[torch.Tensor] = []
-        for start in range(0, len(texts), batch_size):
-            chunk, chunk_ctx = texts[start : start + batch_size], ctx[start : start + batch_size]
-            delta = self.deltas([c if c.strip() else t for c, t in zip(chunk_ctx, chunk)])
-            if delta is None:
-                results.extend(
-                    self.backbone.token_nll(chunk, contexts=chunk_ctx if contexts is not None else None)
-                )
-                continue
-            ids, labels, attention = self.backbone._labelled_batch(chunk_ctx, chunk)
-            context_lengths = [
-                int((row == -100).logical_and(att == 1).sum()) for row, att in zip(labels, attention)
-            ]
-            with self._fusion(delta, self._scoring_mask(context_lengths, ids.shape[1])):
-                logits = self.backbone.model(input_ids=ids, attention_mask=attention).logits
-            nll = sequence_nll(logits, labels)
-            mask = labels[:, 1:] != -100
-            results.extend(row[m].float().cpu() for row, m in zip(nll, mask))
-        return results
-
-    @torch.no_grad()
-    def perplexity(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> float:
-        """Perplexity in windows; each window retrieves memories by its own text (unrelated text: base model)."""
-        if self.store.size == 0:
-            return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
-        ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if max_tokens is not None:
-            ids = ids[:max_tokens]
-        windows = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
-        if not windows:
-            raise ValueError("perplexity needs at least two tokens of text")
-        deltas = self.deltas([self.backbone.tokenizer.decode(w) for w in windows])
-        if deltas is None:
-            return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
-        total, count, pad, device = 0.0, 0, self.backbone.tokenizer.pad_token_id, self.backbone.device
-        for start in range(0, len(windows), 8):
-            rows = windows[start : start + 8]
-            width = max(len(r) for r in rows)
-            ids_t = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-            labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows], device=device)
-            with self._fusion(deltas[start : start + 8], None):
-                logits = self.backbone.model(input_ids=ids_t, attention_mask=(labels != -100).long()).logits
-            total += float(sequence_nll(logits, labels).sum())
-            count += int((labels[:, 1:] != -100).sum())
-        return float(torch.tensor(total / count).exp())
+    def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
+        """Memories retrieved by each row's query, fused while the batch runs (none retrieved: the base model)."""
+        return _FusedMemories(self, queries) if self.store.size else None
 
     # -- state ----------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
