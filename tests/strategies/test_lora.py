@@ -14,7 +14,7 @@ PROBE = ["The capital of Veloria is", "A quick brown fox jumps over the lazy dog
 FAST = {
     "rank": 4,
     "optim": {"learning_rate": 1e-2, "epochs": 10, "stop_loss": 0.0},
-    "windows": {"window": 64},
+    "windows": {"window": 64, "context": 8},
 }
 
 
@@ -43,9 +43,9 @@ def test_lora_learns_and_round_trips(tokenizer, arch, tmp_path):
 def test_lora_wraps_every_conv1d_of_the_chosen_gpt2_layers(tokenizer):
     ct = build(tokenizer, "gpt2", layers="-1")
     wrapped = {n.rsplit(".lora_A", 1)[0] for n in ct.strategy.trainable_state() if ".lora_A." in n}
-    last = ct.backbone.layers[-1]
-    expected = {f"transformer.h.2.{n}" for n, m in last.named_modules() if isinstance(m, Conv1D)}
-    assert wrapped == expected and len(expected) == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    expected = {f"transformer.h.2.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert all(isinstance(ct.backbone.model.get_submodule(f"{n}.base_layer"), Conv1D) for n in expected)
+    assert wrapped == expected
 
 
 def test_lora_initialisation_leaves_the_global_generator_alone(tokenizer):

@@ -10,7 +10,7 @@ from conftest import make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.backbone import model_fingerprint
-from continual_transformer.config import ConfigError, load_config
+from continual_transformer.config import ConfigError, OptimArgs, WindowArgs, load_config
 from continual_transformer.modules.dual_mlp import DualMLP, find_mlp, neuron_layout
 from continual_transformer.modules.neuron_stats import (
     UsageAccumulator,
@@ -37,20 +37,19 @@ FAST = {
     "background_prompts": 4,
     "background_new_tokens": 24,
     "augment": False,
-    "epochs": 20,
-    "learning_rate": 1e-2,
+    "optim": {"epochs": 20, "learning_rate": 1e-2},
     "sparse": True,
     "trainable_neurons": 16,
-    "window_tokens": 64,
-    "context_tokens": 8,
+    "windows": {"window": 64, "context": 8},
     "anchor_weight": 0.0,
 }
 
 
 def build(tokenizer, *, arch: str = "llama", seed: int = 0, **overrides) -> ContinualTransformer:
-    config = load_config(
-        overrides={"generation": {"max_new_tokens": 8}, "strategies": {"ttt": {**FAST, **overrides}}}
-    )
+    """``epochs`` and ``stop_loss`` go into ``optim``; everything else is a ttt setting."""
+    optim = {**FAST["optim"], **{k: overrides.pop(k) for k in ("epochs", "stop_loss") if k in overrides}}
+    section = {**FAST, **overrides, "optim": optim}
+    config = load_config(overrides={"generation": {"max_new_tokens": 8}, "strategies": {"ttt": section}})
     return ContinualTransformer(make_backbone(tokenizer, arch=arch, seed=seed), strategy="ttt", config=config)
 
 
@@ -395,17 +394,20 @@ def test_layer_shares_and_config_validation():
         ({"alpha_initial": 1.0}, "alpha"),
         ({"alpha_initial": 0.1, "alpha_min": 0.2}, "alpha"),
         ({"alpha_decay": 0.0}, "alpha_decay"),
-        ({"weight_decay": 0.1, "sparse": True}, "weight_decay"),
+        ({"optim": OptimArgs(weight_decay=0.1), "sparse": True}, "optim.weight_decay"),
         ({"trainable_neurons": 2.5}, "trainable_neurons"),
         ({"trainable_neurons": 0}, "trainable_neurons"),
-        ({"optimizer": "adam"}, "optimizer"),
-        ({"context_tokens": 256}, "context_tokens"),
         ({"augment_rephrasings": 4}, "augment_rephrasings"),
     ]
     for bad, field in bad_configs:
         with pytest.raises(ConfigError, match=f"strategies.ttt.{field}"):
             TTTConfig(**bad)
-    TTTConfig(weight_decay=0.1, sparse=False)
+    for bad, field in [({"optimizer": "adam"}, "optim.optimizer"), ({"epochs": 0}, "optim.epochs")]:
+        with pytest.raises(ConfigError, match=field):
+            OptimArgs(**bad)
+    with pytest.raises(ConfigError, match="windows.context"):
+        WindowArgs(window=256, context=256)
+    TTTConfig(optim=OptimArgs(weight_decay=0.1), sparse=False)
     TTTConfig(trainable_neurons=0.25)
 
 

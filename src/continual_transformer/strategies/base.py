@@ -145,13 +145,15 @@ class Strategy(ABC):
         must see the untouched model (e.g. for context distillation) run inside it. Generation through
         :meth:`generate` is not covered: use ``self.backbone.generate`` inside.
         """
-        previous = self._disabled
+        if self._disabled:  # nested: already the base model
+            yield
+            return
         self._disabled = True
         try:
             with self._base_model():
                 yield
         finally:
-            self._disabled = previous
+            self._disabled = False
 
     def _base_model(self) -> AbstractContextManager[Any]:
         """Switch off every change learning made to the backbone while inside (default: it makes none)."""
