@@ -49,11 +49,14 @@ def test_lora_wraps_every_conv1d_of_the_chosen_gpt2_layers(tokenizer):
 
 
 def test_lora_initialisation_leaves_the_global_generator_alone(tokenizer):
+    from continual_transformer.strategies import registry
+
     backbone = make_backbone(tokenizer)  # builds a model from a seed of its own
+    config = fast_config(strategies={"lora": FAST})
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    ContinualTransformer(backbone, strategy="lora", config=fast_config(strategies={"lora": FAST}))
+    registry.get("lora")(backbone, config.strategy_config("lora"), settings=config)
     assert torch.equal(torch.rand(3), expected)
 
 
