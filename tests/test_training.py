@@ -1,4 +1,4 @@
-"""The one training loop (continual_transformer.training.train) against a slow reference, and its plug points."""
+"""The one training loop (training.train) against a slow reference, and its plug points."""
 
 from __future__ import annotations
 

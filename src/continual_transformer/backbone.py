@@ -4,8 +4,8 @@ This is the one place that decides device and dtype, applies the chat template, 
 scores text: labelled batches, per-token negative log-likelihood, windowed perplexity and next-token logits,
 each written once. A strategy changes what scoring computes only through :class:`ScoringHooks` -- text put in
 front of a row (retrieved context), a context manager around the forward pass (hooks, fused memories) and a
-transform of the next-token scores (kNN mixing, a logit bias). Strategies receive a :class:`Backbone`; they never
-load models.
+transform of the next-token scores (kNN mixing, a logit bias). Strategies receive a :class:`Backbone`; they
+never load models.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of transformer blocks, found by structure, not by architecture name.
 
-    It is the ``ModuleList`` whose length is the configured number of layers and whose children share one class
-    (``model.layers`` in Llama/Qwen/Mistral, ``transformer.h`` in GPT-2).
+    It is the ``ModuleList`` whose length is the configured number of layers and whose children share one
+    class (``model.layers`` in Llama/Qwen/Mistral, ``transformer.h`` in GPT-2).
     """
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     candidates = [
@@ -127,7 +127,8 @@ class ScoringBatch:
 
 
 class ScoringHooks:
-    """How a strategy changes scoring, made per scoring call from the rows' queries. This base changes nothing.
+    """How a strategy changes scoring, made per scoring call from the rows' queries. This base changes
+    nothing.
 
     Row indices are those of :attr:`ScoringBatch.rows` (positions in the call's list of texts or windows).
     """
@@ -160,7 +161,7 @@ HooksFactory = Callable[[Sequence[str]], ScoringHooks | None]
 
 
 def row_queries(texts: Sequence[str], contexts: Sequence[str]) -> list[str]:
-    """What a row asks about: its context when one is given (e.g. a question before an answer), else its text."""
+    """What a row asks about: its context when given (e.g. a question before an answer), else its text."""
     return [c if c.strip() else t for c, t in zip(contexts, texts)]
 
 
@@ -222,7 +223,7 @@ class Backbone:
             raise ModelNotFoundError(f"{exc}\n{zoo.hub_hint(config.name)}") from exc
         return cls(model.to(device), tokenizer, name=config.name, generation=generation)
 
-    # -- properties -------------------------------------------------------------------------------------------
+    # -- properties ------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -243,7 +244,7 @@ class Backbone:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    # -- prompts ----------------------------------------------------------------------------------------------
+    # -- prompts ---------------------------------------------------------------------------------------------
     def uses_chat(self, chat: bool | None) -> bool:
         wanted = self.generation.chat_template if chat is None else chat
         return bool(wanted and self.tokenizer.chat_template)
@@ -297,7 +298,7 @@ class Backbone:
         """Token ids of ``text`` without special tokens ("" gives none)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    # -- generation -------------------------------------------------------------------------------------------
+    # -- generation ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(
         self,
@@ -334,9 +335,9 @@ class Backbone:
             )
         return answers
 
-    # -- scoring ----------------------------------------------------------------------------------------------
-    # One implementation of labelled batches, per-token NLL, windowed perplexity and next-token logits. A strategy
-    # changes what they compute only through ScoringHooks (made per call from the rows' queries).
+    # -- scoring ---------------------------------------------------------------------------------------------
+    # One implementation of labelled batches, per-token NLL, windowed perplexity and next-token logits. A
+    # strategy changes what they compute only through ScoringHooks (made per call from the rows' queries).
 
     def labelled_batch(
         self,
@@ -348,8 +349,9 @@ class Backbone:
     ) -> ScoringBatch:
         """Rows ``prefix + context`` then ``text``, right-padded; only the text's tokens are labelled.
 
-        ``prefixes[i] + contexts[i]`` is tokenised as one string (unscored). A row longer than the model's context
-        window keeps its end. ``rows`` names each row's index in the caller's list (default ``0..B-1``).
+        ``prefixes[i] + contexts[i]`` is tokenised as one string (unscored). A row longer than the model's
+        context window keeps its end. ``rows`` names each row's index in the caller's list (default
+        ``0..B-1``).
         """
         n = len(texts)
         contexts = list(contexts) if contexts is not None else [""] * n
@@ -385,9 +387,9 @@ class Backbone:
     ) -> torch.Tensor:
         """Next-token scores (B, T, V) of a batch: the model's logits, or what ``hooks`` make of them.
 
-        The model runs inside ``hooks.forward(batch)``; ``hooks.next_token_scores`` then transforms the logits at
-        ``positions`` (B, T) bool (default: the positions that predict a scored token). Without hooks the logits
-        keep the model's dtype.
+        The model runs inside ``hooks.forward(batch)``; ``hooks.next_token_scores`` then transforms the logits
+        at ``positions`` (B, T) bool (default: the positions that predict a scored token). Without hooks the
+        logits keep the model's dtype.
         """
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if hooks is None:
@@ -407,11 +409,11 @@ class Backbone:
     ) -> list[torch.Tensor]:
         """Per-token negative log-likelihood of each text (float32, on CPU).
 
-        With ``contexts``, ``contexts[i]`` is prepended and only the tokens of ``texts[i]`` are scored. Texts are
-        truncated to the model's context window (keeping the end). ``hooks`` (a strategy's
-        :meth:`~continual_transformer.strategies.Strategy.scoring_hooks`) is called once with each row's query --
-        its context when one is given, else the text; rows the hooks do not touch are scored in batches of their
-        own without them, exactly as the base model scores them.
+        With ``contexts``, ``contexts[i]`` is prepended and only the tokens of ``texts[i]`` are scored. Texts
+        are truncated to the model's context window (keeping the end). ``hooks`` (a strategy's
+        :meth:`~continual_transformer.strategies.Strategy.scoring_hooks`) is called once with each row's query
+        -- its context when one is given, else the text; rows the hooks do not touch are scored in batches of
+        their own without them, exactly as the base model scores them.
         """
         texts = list(texts)
         contexts = list(contexts) if contexts is not None else [""] * len(texts)
@@ -448,7 +450,7 @@ class Backbone:
         return total / max(count, 1)
 
     def text_windows(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> list[list[int]]:
-        """Consecutive non-overlapping windows of ``window`` token ids (of at least two tokens) over ``text``."""
+        """Consecutive non-overlapping windows of ``window`` token ids (two tokens at least) over ``text``."""
         ids = self.token_ids(text)
         if max_tokens is not None:
             ids = ids[:max_tokens]
@@ -488,11 +490,12 @@ class Backbone:
 
     @torch.no_grad()
     def forward_logits(self, texts: Sequence[str], *, hooks: HooksFactory | None = None) -> torch.Tensor:
-        """Next-token scores (B, T, V) float32 of a right-padded batch of raw texts (as :meth:`encode` pads it).
+        """Next-token scores (B, T, V) float32 of a right-padded batch of raw texts (as :meth:`encode` pads
+        it).
 
-        With ``hooks`` (queries: the texts), a touched row is run as ``prefix + text`` and its own positions are
-        returned; positions past a text's end hold the scores at the padding after it. Untouched rows keep the
-        base model's logits of the whole batch, bit for bit.
+        With ``hooks`` (queries: the texts), a touched row is run as ``prefix + text`` and its own positions
+        are returned; positions past a text's end hold the scores at the padding after it. Untouched rows keep
+        the base model's logits of the whole batch, bit for bit.
         """
         texts = list(texts)
         encoded = self.encode(texts)
@@ -530,7 +533,7 @@ class Backbone:
         out[touched] = torch.stack(rows)
         return out
 
-    # -- training helpers --------------------------------------------------------------------------------------
+    # -- training helpers ------------------------------------------------------------------------------------
     @contextmanager
     def training(self) -> Iterator[None]:
         """Train mode for the duration (dropout etc.), eval mode afterwards, whatever happens."""

@@ -294,7 +294,7 @@ def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Shared settings of strategies that train with gradient descent (nested as ``optim:`` and ``windows:``)
 
 
@@ -338,7 +338,7 @@ class WindowArgs:
     window: int = 512
     """Tokens per window."""
     context: int = 64
-    """Tokens of preceding text each window after the first re-reads (unscored), so facts keep their subject."""
+    """Tokens of preceding text each window after the first re-reads (unscored): facts keep their subject."""
 
     def __post_init__(self) -> None:
         _check(self.window >= 2, "windows.window", f"must be >= 2, got {self.window}")
@@ -362,8 +362,8 @@ LEGACY_TRAINING_KEYS: Mapping[str, str] = types.MappingProxyType(
 def nest_legacy_keys(cls: type, data: Mapping[str, Any]) -> Mapping[str, Any]:
     """``data`` with the flat keys of :data:`LEGACY_TRAINING_KEYS` moved into their nested section.
 
-    Only for a ``cls`` that has the nested field (``optim`` / ``windows``) and no field of the flat name; a key
-    given both ways is refused.
+    Only for a ``cls`` that has the nested field (``optim`` / ``windows``) and no field of the flat name; a
+    key given both ways is refused.
     """
     names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     moved = {
@@ -385,4 +385,4 @@ def nest_legacy_keys(cls: type, data: Mapping[str, Any]) -> Mapping[str, Any]:
     return nested
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------

@@ -3,11 +3,11 @@
 One place for what every weight-changing strategy asks of the architecture, found by structure (as
 :func:`continual_transformer.backbone.find_decoder_layers` finds the layers), never by model name:
 
-* a **layer spec** -- ``all``, a Python slice such as ``-8:`` or ``4:12``, one index such as ``-1``, or a share of
-  the top layers such as ``25%`` -- turned into layer indices;
+* a **layer spec** -- ``all``, a Python slice such as ``-8:`` or ``4:12``, one index such as ``-1``, or a
+  share of the top layers such as ``25%`` -- turned into layer indices;
 * the model's **hidden size** (``hidden_size`` in Llama-like configs, ``n_embd`` in GPT-2);
-* the **projections** inside chosen layers that LoRA can wrap: ``nn.Linear`` and transformers' GPT-2 ``Conv1D``
-  (which stores its weight transposed, ``(in, out)``).
+* the **projections** inside chosen layers that LoRA can wrap: ``nn.Linear`` and transformers' GPT-2
+  ``Conv1D`` (which stores its weight transposed, ``(in, out)``).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def layer_index(value: int, n_layers: int, key: str = "layer") -> int:
 
 
 def hidden_size(model: nn.Module) -> int:
-    """Width of the residual stream (``hidden_size``, GPT-2's ``n_embd``, else the input embeddings' width)."""
+    """Width of the residual stream (``hidden_size``, GPT-2's ``n_embd``, else the embeddings' width)."""
     config = getattr(model, "config", None)
     for name in ("hidden_size", "n_embd", "d_model"):
         value = getattr(config, name, None)
@@ -94,7 +94,8 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
 
 
 def projection_targets(model: nn.Module, layers: nn.ModuleList, layer_ids: Sequence[int]) -> list[str]:
-    """Names of the ``nn.Linear`` / ``Conv1D`` modules inside the decoder layers ``layer_ids``, in model order."""
+    """Names of the ``nn.Linear`` / ``Conv1D`` modules inside the decoder layers ``layer_ids``, in model
+    order."""
     prefix = module_name(model, layers)
     wanted = tuple(f"{prefix}.{i}." for i in layer_ids)
     return [

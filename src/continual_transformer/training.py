@@ -5,9 +5,9 @@ previous one without being scored on it), so a fact is never cut off from its su
 become chat exchanges scored on the answer only -- the format the model is later asked in.
 
 :func:`train` is the one optimisation loop. What a step minimises is pluggable (``loss_fn``, default
-:func:`next_token_loss`); an :class:`Example` may carry extra per-example tensors (``extras``, e.g. a teacher's
-top-k token ids and log-probabilities per scored position) that :func:`collate` pads and stacks into the batch,
-so an objective such as context distillation plugs in without another loop.
+:func:`next_token_loss`); an :class:`Example` may carry extra per-example tensors (``extras``, e.g. a
+teacher's top-k token ids and log-probabilities per scored position) that :func:`collate` pads and stacks into
+the batch, so an objective such as context distillation plugs in without another loop.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 IGNORE = -100
 
 Batch = dict[str, torch.Tensor]
-"""A collated batch: ``input_ids``, ``labels``, ``attention_mask`` (B, T) and each example extra (B, N, ...)."""
+"""A collated batch: ``input_ids``, ``labels``, ``attention_mask`` (B, T) and each example extra (B, N, ...).
+"""
 LossFn = Callable[[Backbone, Batch], torch.Tensor]
 """Maps the backbone and a batch to a scalar loss with grad (what one step minimises)."""
 
@@ -51,7 +52,8 @@ class Example:
 
 
 def text_examples(backbone: Backbone, text: str, *, window: int, context: int) -> list[Example]:
-    """Windows of ``window`` tokens over ``text``; each window after the first re-reads ``context`` tokens unscored."""
+    """Windows of ``window`` tokens over ``text``; each window after the first re-reads ``context`` tokens
+    unscored."""
     ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = backbone.tokenizer.bos_token_id
     # A leading BOS gives the first tokens of a document a position-0 context, as in pretraining.
@@ -111,7 +113,8 @@ def make_optimizer(
     params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
     if name == "adamw":
-        # The fused CUDA kernel updates every tensor in one launch (several times faster for many small tensors).
+        # The fused CUDA kernel updates every tensor in one launch (several times faster for many small
+        # tensors).
         fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name == "sgd":
@@ -120,7 +123,7 @@ def make_optimizer(
 
 
 def next_token_loss(backbone: Backbone, batch: Batch) -> torch.Tensor:
-    """Mean next-token loss over the scored tokens of a batch (a scalar tensor with grad): the default loss."""
+    """Mean next-token loss over the scored tokens of a batch (a scalar with grad): the default loss."""
     logits = backbone.model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits
@@ -133,7 +136,7 @@ batch_loss = next_token_loss  # the earlier name, used by benchmarks/ttt_through
 
 
 def kl_to_reference(reference_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over positions where ``mask`` is set of KL(reference || model) between next-token distributions."""
+    """Mean over the positions where ``mask`` is set of KL(reference || model) of next-token distributions."""
     ref = torch.log_softmax(reference_logits.float(), dim=-1)
     own = torch.log_softmax(logits.float(), dim=-1)
     kl = (ref.exp() * (ref - own)).sum(-1)  # (B, T)

@@ -44,7 +44,7 @@ def test_store_finds_duplicates():
 def test_retrieve_matches_a_slow_reference():
     torch.manual_seed(0)
     store = MemoryStore(6, 3, capacity=40)
-    for i in range(30):
+    for _ in range(30):
         store.add(torch.randn(6), torch.randn(3), gate_logit=0.0, importance=float(torch.rand(())) + 0.1)
     queries = torch.nn.functional.normalize(torch.randn(5, 6), dim=-1)
     slots, sims, valid = store.retrieve(queries, k=4, min_similarity=0.1)

@@ -20,7 +20,7 @@ def build(tokenizer, arch: str = "llama", **settings) -> ContinualTransformer:
     )
 
 
-# -- the strategy ----------------------------------------------------------------------------------------------
+# -- the strategy --------------------------------------------------------------------------------------------
 def test_learning_stores_every_position_and_lowers_the_nll(tokenizer):
     ct = build(tokenizer)
     n_tokens = len(tokenizer(DOC, add_special_tokens=False)["input_ids"])

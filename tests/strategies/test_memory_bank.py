@@ -18,7 +18,7 @@ def build(tokenizer, **settings) -> ContinualTransformer:
     return ContinualTransformer(make_backbone(tokenizer), strategy="memory_bank", config=config)
 
 
-# -- the strategy ----------------------------------------------------------------------------------------------
+# -- the strategy --------------------------------------------------------------------------------------------
 def test_examples_are_sentences_with_short_ones_joined(tokenizer):
     ct = build(tokenizer, min_tokens=4)
     assert ct.strategy.examples("Hi. " + DOC) == [
@@ -110,7 +110,7 @@ def test_config_errors_name_the_key():
         MemoryBankConfig(on_duplicate="merge")
 
 
-# -- keys from a sentence embedder (a tiny random BERT) -----------------------------------------------------------
+# -- keys from a sentence embedder (a tiny random BERT) ------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_embedder_dir(tmp_path_factory):
     from conftest import CORPUS, save_tiny_embedder

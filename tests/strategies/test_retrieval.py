@@ -22,7 +22,7 @@ def build(tokenizer, **settings) -> ContinualTransformer:
     return ContinualTransformer(make_backbone(tokenizer), strategy="retrieval", config=config)
 
 
-# -- the strategy ----------------------------------------------------------------------------------------------
+# -- the strategy --------------------------------------------------------------------------------------------
 def test_retrieval_ranks_the_right_document_first(tokenizer):
     ct = build(tokenizer, chunk_tokens=16, chunk_overlap=4)
     for doc in (FRANCE, VELORIA, MIRELA):
@@ -121,7 +121,7 @@ def test_config_errors_name_the_key():
         RetrievalConfig(bias_strength=-1.0)
 
 
-# -- dense retrieval on a tiny random BERT ------------------------------------------------------------------------
+# -- dense retrieval on a tiny random BERT -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_embedder_dir(tmp_path_factory):
     from conftest import CORPUS, save_tiny_embedder

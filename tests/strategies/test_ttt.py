@@ -57,7 +57,7 @@ def trainable(ct) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in ct.strategy.trainable_parameters().items()}
 
 
-# -- dual MLP ------------------------------------------------------------------------------------------------------
+# -- dual MLP ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -140,7 +140,7 @@ def test_delta_disabled_gives_the_base_mlp(tokenizer):
     assert dual.delta_enabled
 
 
-# -- alpha ---------------------------------------------------------------------------------------------------------
+# -- alpha ---------------------------------------------------------------------------------------------------
 
 
 def test_alpha_schedule_decays_per_document_to_its_floor_and_survives_save_load(tokenizer, tmp_path):
@@ -178,7 +178,7 @@ def test_alpha_scales_the_learned_delta(tokenizer):
     assert (damped - base).abs().max() < 1e-3 * (full - base).abs().max()
 
 
-# -- sparse updates ------------------------------------------------------------------------------------------------
+# -- sparse updates ------------------------------------------------------------------------------------------
 
 
 def test_masked_neurons_get_exactly_zero_gradients_and_keep_their_weights(tokenizer):
@@ -247,7 +247,7 @@ def test_sparse_false_updates_every_neuron(tokenizer):
 
 
 def test_optimizer_state_does_not_leak_across_documents(tokenizer):
-    """A neuron chosen for document 1 but not document 2 must not move during document 2 (no Adam momentum)."""
+    """A neuron chosen for document 1 but not document 2 must not move during document 2 (no momentum)."""
     ct = build(tokenizer, trainable_neurons=8, epochs=3)
     ct.learn_document(DOC)
     examples, _ = ct.strategy._examples(
@@ -261,7 +261,7 @@ def test_optimizer_state_does_not_leak_across_documents(tokenizer):
     assert torch.equal(after[key][:, ~chosen], before[key][:, ~chosen])
 
 
-# -- TF-IDF statistics ---------------------------------------------------------------------------------------------
+# -- TF-IDF statistics ---------------------------------------------------------------------------------------
 
 
 def slow_topk_counts(acts: torch.Tensor, k: int, mask: torch.Tensor) -> torch.Tensor:
@@ -358,7 +358,7 @@ def test_background_file_is_used_when_configured(tokenizer, tmp_path):
         bad.learn_document(DOC)
 
 
-# -- learning, state, close ----------------------------------------------------------------------------------------
+# -- learning, state, close ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -411,7 +411,7 @@ def test_layer_shares_and_config_validation():
     TTTConfig(trainable_neurons=0.25)
 
 
-# -- augmentation --------------------------------------------------------------------------------------------------
+# -- augmentation --------------------------------------------------------------------------------------------
 
 
 def test_qa_parser_handles_messy_model_output():
@@ -490,7 +490,7 @@ def test_augmentation_off_and_on_run_on_the_tiny_model(tokenizer, augment, monke
     assert report.loss_after < report.loss_before
 
 
-# -- precision and anchoring ------------------------------------------------------------------------------------------
+# -- precision and anchoring ---------------------------------------------------------------------------------
 
 
 def test_float32_copy_under_a_half_precision_model_is_exact_before_learning_and_keeps_small_updates(

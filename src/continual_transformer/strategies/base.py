@@ -35,7 +35,8 @@ class LearnReport:
     tokens: int
     """Tokens of the document that were learned."""
     loss_before: float | None
-    """Mean next-token loss on the document before learning (``None`` when the strategy does not compute it)."""
+    """Mean next-token loss on the document before learning (``None`` when the strategy does not compute it).
+    """
     loss_after: float | None
     """Mean next-token loss on the document after learning."""
     seconds: float
@@ -66,9 +67,10 @@ class StrategyStats:
 class Strategy(ABC):
     """Base class of document-learning strategies.
 
-    Subclasses set ``name`` and ``config_cls`` through :func:`continual_transformer.strategies.register_strategy`.
-    ``modifies_backbone`` tells the invariant tests whether backbone weights may change while learning
-    (``False`` means: frozen parameters must stay bit-identical).
+    Subclasses set ``name`` and ``config_cls`` through
+    :func:`continual_transformer.strategies.register_strategy`. ``modifies_backbone`` tells the invariant
+    tests whether backbone weights may change while learning (``False`` means: frozen parameters must stay
+    bit-identical).
     """
 
     name: ClassVar[str]
@@ -96,16 +98,17 @@ class Strategy(ABC):
     def generate(
         self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
     ) -> list[str]:
-        """Answer each prompt with what the strategy has learned (default: generate from the current backbone)."""
+        """Answer each prompt with what the strategy has learned (default: generate from the current
+        backbone)."""
         return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
 
-    # -- scoring: written once here, on the backbone's scoring; strategies only supply scoring_hooks -------------
+    # -- scoring: written once here, on the backbone's scoring; strategies only supply scoring_hooks ---------
     def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
         """How this strategy changes scoring for rows whose queries are ``queries`` (``None``: not at all).
 
         Strategies that change the forward pass (memories, captures), put text in front (retrieved context) or
-        transform the next-token distribution (kNN mixing, logit bias) return a :class:`ScoringHooks`; those whose
-        change lives in the backbone's weights need none.
+        transform the next-token distribution (kNN mixing, logit bias) return a :class:`ScoringHooks`; those
+        whose change lives in the backbone's weights need none.
         """
         return None
 
@@ -114,7 +117,8 @@ class Strategy(ABC):
 
     @torch.no_grad()
     def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
-        """Next-token scores (B, T, V) float32 for a right-padded batch of raw texts, as this strategy computes them."""
+        """Next-token scores (B, T, V) float32 for a right-padded batch of raw texts, as this strategy
+        computes them."""
         return self.backbone.forward_logits(texts, hooks=self._hooks)
 
     def token_nll(
@@ -135,10 +139,11 @@ class Strategy(ABC):
             text, window=window, max_tokens=max_tokens, batch_size=batch_size, hooks=self._hooks
         )
 
-    # -- the base model ------------------------------------------------------------------------------------------
+    # -- the base model --------------------------------------------------------------------------------------
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        """Inside, the backbone computes exactly the base model and this strategy scores as the base model does.
+        """Inside, the backbone computes exactly the base model and this strategy scores as the base model
+        does.
 
         Every learned change is off (adapters disabled, trainable copies bypassed, scoring hooks not made,
         in-place trained weights swapped for the originals) and back on exit, whatever happens. Teachers that
@@ -196,13 +201,14 @@ class Strategy(ABC):
 
 
 class TrainingStrategy(Strategy):
-    """A strategy that learns a document by gradient descent (``finetune``, ``lora``, ``ttt`` and those to come).
+    """A strategy that learns a document by gradient descent (``finetune``, ``lora``, ``ttt`` and those to
+    come).
 
-    :meth:`learn` is written once: examples from the document, the loss before, one :func:`training.train` run on
-    :meth:`trainable_parameters` with the config's ``optim`` settings, the loss after. Subclasses say what trains
-    and may add examples, a regularizer, a gradient hook or another loss (:meth:`training_options`), and react to
-    the finished run (:meth:`after_training`). The config must have ``optim`` (OptimArgs) and ``windows``
-    (WindowArgs).
+    :meth:`learn` is written once: examples from the document, the loss before, one :func:`training.train` run
+    on :meth:`trainable_parameters` with the config's ``optim`` settings, the loss after. Subclasses say what
+    trains and may add examples, a regularizer, a gradient hook or another loss (:meth:`training_options`),
+    and react to the finished run (:meth:`after_training`). The config must have ``optim`` (OptimArgs) and
+    ``windows`` (WindowArgs).
     """
 
     @abstractmethod
@@ -259,7 +265,8 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 def pack_ragged(
     rows: Sequence[Sequence[int]], dtype: torch.dtype = torch.int64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of integers (or ``bytes``) of any length as two tensors: the rows concatenated, and each row's end.
+    """Rows of integers (or ``bytes``) of any length as two tensors: the rows concatenated, and each row's
+    end.
 
     The one way variable-length state (texts, token chunks) is stored in safetensors.
     """
@@ -290,7 +297,7 @@ def unpack_ragged(flat: torch.Tensor, ends: torch.Tensor) -> list[list[int]]:
 
 
 def pack_texts(texts: Sequence[str], prefix: str) -> dict[str, torch.Tensor]:
-    """Texts as two tensors (UTF-8 bytes and end offsets), so text state lives in safetensors and is counted."""
+    """Texts as two tensors (UTF-8 bytes, end offsets): text state lives in safetensors and is counted."""
     data, ends = pack_ragged([t.encode("utf-8") for t in texts], torch.uint8)
     return {f"{prefix}.bytes": data, f"{prefix}.ends": ends}
 

@@ -1,8 +1,8 @@
 """``finetune``: plain gradient descent on the document, in place, on a chosen range of decoder layers.
 
 The baseline every other strategy is measured against. It adds no parameters; its state is the current value
-of the layers it trains. The original weights of those layers are kept on the CPU so :meth:`reset` restores the
-base model exactly (and :meth:`disabled` swaps them in for a while).
+of the layers it trains. The original weights of those layers are kept on the CPU so :meth:`reset` restores
+the base model exactly (and :meth:`disabled` swaps them in for a while).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ __all__ = ["FinetuneConfig", "FinetuneStrategy", "select_layers"]
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     layers: str = "all"
-    """Decoder layers to train: ``all``, a slice such as ``-8:`` (the last 8) or ``4:12``, one index, or a share
-    of the top layers such as ``25%``."""
+    """Decoder layers to train: ``all``, a slice such as ``-8:`` (the last 8) or ``4:12``, one index, or a
+    share of the top layers such as ``25%``."""
     optim: OptimArgs = field(default_factory=OptimArgs)
     """Optimiser settings (learning rate 1e-4, 30 epochs, early stop below loss 0.1)."""
     windows: WindowArgs = field(default_factory=WindowArgs)

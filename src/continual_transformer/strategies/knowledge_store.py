@@ -4,29 +4,29 @@ Learning a document runs the frozen backbone over it once (in windows that re-re
 stores, for every position, the pair *(hidden state at a chosen layer, next token id)* in a
 :class:`~continual_transformer.modules.VectorStore`. No gradient is computed.
 
-At each next-token prediction the current hidden state at that layer queries the ``k`` nearest stored keys; their
-next tokens form ``p_kNN`` (softmax of ``-distance / temperature`` over the neighbours, summed per token) and the
-prediction becomes ``p = (1 - λ) p_LM + λ p_kNN``. This is token-level memory: it can emit a new name or year
-piece by piece once the model's context resembles the context the name followed in the document (e.g. the model
-has written "The capital of Veloria is"), which a pooled vector cannot.
+At each next-token prediction the current hidden state at that layer queries the ``k`` nearest stored keys;
+their next tokens form ``p_kNN`` (softmax of ``-distance / temperature`` over the neighbours, summed per
+token) and the prediction becomes ``p = (1 - λ) p_LM + λ p_kNN``. This is token-level memory: it can emit a
+new name or year piece by piece once the model's context resembles the context the name followed in the
+document (e.g. the model has written "The capital of Veloria is"), which a pooled vector cannot.
 
 A **distance gate** keeps unrelated text untouched: at a position whose nearest neighbour is farther than
 ``max_distance``, λ is 0 and the model's logits are returned unchanged (bit for bit).
 
-Where the mixture applies, :meth:`forward_logits` returns ``log p`` (the log of the mixed distribution, float32)
-in place of logits; elsewhere the base logits. Both are valid logits (softmax gives the distribution), so
-:meth:`token_nll`, :meth:`perplexity` and generation (a ``LogitsProcessor`` fed by a forward hook that captures
-the layer's hidden states) all apply the same mixture. During sampling the temperature/top-p warpers act on the
-mixture's scores.
+Where the mixture applies, :meth:`forward_logits` returns ``log p`` (the log of the mixed distribution,
+float32) in place of logits; elsewhere the base logits. Both are valid logits (softmax gives the
+distribution), so :meth:`token_nll`, :meth:`perplexity` and generation (a ``LogitsProcessor`` fed by a forward
+hook that captures the layer's hidden states) all apply the same mixture. During sampling the
+temperature/top-p warpers act on the mixture's scores.
 
 What it cannot do: answer a question whose wording leads the model to a context unlike the document's (the
 hidden state of "<assistant turn start>" after "What is the capital of Veloria?" is not near any stored key
 until the answer's own words begin to resemble the document).
 
 Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 chat questions, defaults): 2 of 6
-answers contained the new name ("The capital of Veloria is Tarnhelm.", "...born in the town of Brastow"; a third
-got "Oskar Plimos" for "Plimbe") against 0 for the base model; λ = 0.5 answered the same; the 3 unrelated
-questions were answered exactly as by the base model.
+answers contained the new name ("The capital of Veloria is Tarnhelm.", "...born in the town of Brastow"; a
+third got "Oskar Plimos" for "Plimbe") against 0 for the base model; λ = 0.5 answered the same; the 3
+unrelated questions were answered exactly as by the base model.
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ class KnowledgeStoreConfig:
     layer: int = -1
     """Decoder layer whose output is the key (with ``key_source: layer``); negative counts from the end."""
     interpolation: float = 0.5
-    """λ: weight of the kNN distribution in the mixture, where the distance gate lets it apply. The gate already
-    confines the mixture to positions that continue stored text, so λ can be higher than the paper's 0.25 for
-    perplexity. CPU quick profile (6 novel-facts documents, 48 probes), λ 0.25 / 0.5 / 0.75: acquisition 0.042 /
-    0.167 / 0.229 (in_context 0.229), general perplexity +0.2 % / +0.7 % / +1.6 %, no known fact lost."""
+    """λ: weight of the kNN distribution in the mixture, where the distance gate lets it apply. The gate
+    already confines the mixture to positions that continue stored text, so λ can be higher than the paper's
+    0.25 for perplexity. CPU quick profile (6 novel-facts documents, 48 probes), λ 0.25 / 0.5 / 0.75:
+    acquisition 0.042 / 0.167 / 0.229 (in_context 0.229), general perplexity +0.2 % / +0.7 % / +1.6 %, no
+    known fact lost."""
     k: int = 16
     """Neighbours retrieved per position."""
     temperature: float = 0.05
@@ -78,8 +79,8 @@ class KnowledgeStoreConfig:
     scale) or ``l2`` (squared Euclidean distance on raw hidden states, as in the paper)."""
     max_distance: float = 0.2
     """Distance gate: positions whose nearest neighbour is farther than this keep the model's logits (λ = 0).
-    On SmolLM2-135M (cosine, last layer) a position that continues a stored context is at 0.03-0.16 and 3 % of the
-    positions of unrelated text fall under 0.2 (13 % under 0.3)."""
+    On SmolLM2-135M (cosine, last layer) a position that continues a stored context is at 0.03-0.16 and 3 % of
+    the positions of unrelated text fall under 0.2 (13 % under 0.3)."""
     capacity: int = 0
     """Most keys kept (0: unbounded, the store doubles when full)."""
     eviction: str = "fifo"
@@ -89,8 +90,8 @@ class KnowledgeStoreConfig:
     key_dtype: str = "float32"
     """Storage type of the keys: ``float32``, ``float16`` or ``bfloat16`` (halves memory, slower on CPU)."""
     windows: WindowArgs = field(default_factory=WindowArgs)
-    """Forward passes over a document being stored: 512 tokens, each window after the first re-reading 64 tokens
-    of preceding text (their pairs are not stored twice)."""
+    """Forward passes over a document being stored: 512 tokens, each window after the first re-reading 64
+    tokens of preceding text (their pairs are not stored twice)."""
 
     def __post_init__(self) -> None:
         key = "strategies.knowledge_store"
@@ -119,7 +120,7 @@ class KnowledgeStoreConfig:
 
 
 class _KNNMixing(ScoringHooks):
-    """Scoring with the kNN-LM: capture the key layer during the forward pass, then mix at the used positions."""
+    """Scoring with the kNN-LM: capture the key layer in the forward pass, then mix at the used positions."""
 
     def __init__(self, strategy: KnowledgeStoreStrategy) -> None:
         self.strategy = strategy
@@ -178,7 +179,8 @@ class KnowledgeStoreStrategy(Strategy):
     def mix(self, hidden: torch.Tensor, logits: torch.Tensor, *, touch: bool = False) -> torch.Tensor:
         """Scores (M, V) float32 for M positions: ``log p_mix`` where the gate passes, ``logits`` elsewhere.
 
-        ``touch`` marks the neighbours used as retrieved (``lru`` eviction); generation does, scoring does not.
+        ``touch`` marks the neighbours used as retrieved (``lru`` eviction); generation does, scoring does
+        not.
         """
         out = logits.float()
         if self.store.size == 0 or self.config.interpolation == 0:

@@ -1,9 +1,10 @@
 """``lora``: LoRA fine-tuning on the document (peft), on a chosen range of decoder layers.
 
 The standard parameter-efficient baseline. Adapters are injected into the projections of the chosen decoder
-layers in place (``peft.inject_adapter_in_model``): ``nn.Linear`` in Llama-like models, transformers' ``Conv1D``
-in GPT-2 (:func:`continual_transformer.layers.projection_targets`). Only the LoRA matrices train and only they
-are saved. :meth:`disabled` switches the adapters off (the base model exactly); ``close`` unwraps the layers.
+layers in place (``peft.inject_adapter_in_model``): ``nn.Linear`` in Llama-like models, transformers'
+``Conv1D`` in GPT-2 (:func:`continual_transformer.layers.projection_targets`). Only the LoRA matrices train
+and only they are saved. :meth:`disabled` switches the adapters off (the base model exactly); ``close``
+unwraps the layers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ ADAPTER = "ctt"
 @dataclass(frozen=True, kw_only=True)
 class LoraConfig:
     layers: str = "all"
-    """Decoder layers that get adapters: ``all``, a slice such as ``-8:``, one index, or a share such as ``25%``."""
+    """Decoder layers that get adapters: ``all``, a slice such as ``-8:``, one index, or a share such as
+    ``25%``."""
     rank: int = 16
     """LoRA rank r."""
     alpha: float = 32.0

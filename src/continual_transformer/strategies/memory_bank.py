@@ -1,43 +1,47 @@
-"""``memory_bank``: one trained vector per learned sentence, retrieved by similarity and added to the residual stream.
+"""``memory_bank``: one trained vector per learned sentence, retrieved by similarity and added to the residual
+stream.
 
 The GPT-2 memory-bank design, on our backbone, with the backbone frozen:
 
 * **Examples.** A document is split into sentences (``unit: sentence``) or token chunks (``unit: chunk``).
 * **Key.** A sentence embedding of the example from ``key_encoder`` (the packaged MiniLM by default), or with
   ``key_encoder: backbone`` the mean of its hidden states at ``key_layer``, each position normalised first (a
-  middle layer by default; position 0, an attention sink alike in every text, is left out), minus the mean of a
-  few generic sentences, normalised. Without the per-position normalisation a few tokens with massive activations
-  dominated the mean: every BoolQ question matched one sentence about chickpeas at cosine 0.997. The
-  backbone's pooled states carry genre as much as content: after learning Wikipedia-like passages (BoolQ), every
-  512-token WikiText window retrieved a memory and general perplexity rose 43-fold; MiniLM keys keep the two apart.
+  middle layer by default; position 0, an attention sink alike in every text, is left out), minus the mean of
+  a few generic sentences, normalised. Without the per-position normalisation a few tokens with massive
+  activations dominated the mean: every BoolQ question matched one sentence about chickpeas at cosine 0.997.
+  The backbone's pooled states carry genre as much as content: after learning Wikipedia-like passages (BoolQ),
+  every 512-token WikiText window retrieved a memory and general perplexity rose 43-fold; MiniLM keys keep the
+  two apart.
 * **Value.** A vector ``v`` in the model's hidden space, trained by a few Adam steps on the example's own
   next-token loss while ``h' = h + g · v`` is added at ``fuse_layer`` — gradients flow only into ``v`` and the
-  gate ``g = sigmoid(gate_logit)`` (``gate: null``; a number fixes ``g``). All examples of a document are trained
-  together in one batch. ``v`` is parametrised in units of the layer's hidden-state RMS, so one learning rate
-  fits models of any scale.
+  gate ``g = sigmoid(gate_logit)`` (``gate: null``; a number fixes ``g``). All examples of a document are
+  trained together in one batch. ``v`` is parametrised in units of the layer's hidden-state RMS, so one
+  learning rate fits models of any scale.
 * **Keep or reject.** The memory is kept only if it lowers the example's loss by more than ``min_gain``
   (relative); its importance starts at that gain.
-* **Duplicates.** An example whose key has cosine > ``duplicate_threshold`` with a stored key is skipped (the stored
-  memory is reinforced) or replaces it (``on_duplicate``).
-* **Retrieval and fusion.** A prompt's key retrieves the ``top_k`` memories by similarity × importance among those
-  with similarity >= ``min_similarity`` (none pass: the base model, bit for bit); their gated values, weighted by a
-  softmax of similarity / ``retrieval_temperature``, are added to the hidden states at ``fuse_layer`` of the last
-  ``fuse_tokens`` prompt tokens and every generated token (``fuse_tokens: 0``: every position). Each use raises a
-  memory's importance by ``use_bonus``; a full bank evicts its least important memory.
+* **Duplicates.** An example whose key has cosine > ``duplicate_threshold`` with a stored key is skipped (the
+  stored memory is reinforced) or replaces it (``on_duplicate``).
+* **Retrieval and fusion.** A prompt's key retrieves the ``top_k`` memories by similarity × importance among
+  those with similarity >= ``min_similarity`` (none pass: the base model, bit for bit); their gated values,
+  weighted by a softmax of similarity / ``retrieval_temperature``, are added to the hidden states at
+  ``fuse_layer`` of the last ``fuse_tokens`` prompt tokens and every generated token (``fuse_tokens: 0``:
+  every position). Each use raises a memory's importance by ``use_bonus``; a full bank evicts its least
+  important memory.
 
-What it can and cannot do, honestly: a value is one vector added to every fused position — a steering direction.
-It lowers the loss of the sentence it was trained on (it shifts the model toward that sentence's tokens), and
-retrieval keeps it away from unrelated prompts; but one pooled vector has to encode a whole sentence at once, so
-it cannot reliably make a small model *spell* a new name or number in answer to a differently worded question
-(the earlier system's hidden-state bias scored 0.006 on such probes). Token-level memory (``knowledge_store``) or
-retrieval into the prompt (``retrieval``) are the strategies for new names; measure before relying on this one.
+What it can and cannot do, honestly: a value is one vector added to every fused position — a steering
+direction. It lowers the loss of the sentence it was trained on (it shifts the model toward that sentence's
+tokens), and retrieval keeps it away from unrelated prompts; but one pooled vector has to encode a whole
+sentence at once, so it cannot reliably make a small model *spell* a new name or number in answer to a
+differently worded question (the earlier system's hidden-state bias scored 0.006 on such probes). Token-level
+memory (``knowledge_store``) or retrieval into the prompt (``retrieval``) are the strategies for new names;
+measure before relying on this one.
 
-Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 questions, 3 general questions): each
-sentence's own loss fell from ~6.0 to 0.9-2.1 nats; 2 of 6 answers contained the new name ("Tarnhelm", "Plimbe")
-against 0 for the base model, but answers to the related questions degenerated ("Tarnhelm. Tarnhelm. ...",
-digit strings), because the value is added to every generated token; the 3 unrelated questions were answered
-exactly as by the base model (nothing retrieved). Learning costs ``steps`` forward+backward passes per document
-(about a minute per 3-sentence document on 2 busy CPU cores).
+Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 questions, 3 general questions):
+each sentence's own loss fell from ~6.0 to 0.9-2.1 nats; 2 of 6 answers contained the new name ("Tarnhelm",
+"Plimbe") against 0 for the base model, but answers to the related questions degenerated ("Tarnhelm. Tarnhelm.
+...", digit strings), because the value is added to every generated token; the 3 unrelated questions were
+answered exactly as by the base model (nothing retrieved). Learning costs ``steps`` forward+backward passes
+per document (about a minute per 3-sentence document on 2 busy CPU cores).
 """
 
 from __future__ import annotations
@@ -85,11 +89,11 @@ _MIN_SIMILARITY = {"backbone": 0.65, "embedder": 0.6}
 @dataclass(frozen=True, kw_only=True)
 class MemoryBankConfig:
     key_encoder: str = "minilm-l6"
-    """What turns a text into a key: ``backbone`` (pooled hidden states at ``key_layer``) or a sentence embedder
-    (a packaged name such as ``minilm-l6``, a local directory or a hub id)."""
+    """What turns a text into a key: ``backbone`` (pooled hidden states at ``key_layer``) or a sentence
+    embedder (a packaged name such as ``minilm-l6``, a local directory or a hub id)."""
     key_layer: int | None = None
-    """Decoder layer whose mean-pooled output is a memory's key (``key_encoder: backbone``) and, by default, where
-    values are fused; ``None``: the middle layer."""
+    """Decoder layer whose mean-pooled output is a memory's key (``key_encoder: backbone``) and, by default,
+    where values are fused; ``None``: the middle layer."""
     fuse_layer: int | None = None
     """Decoder layer whose output receives the retrieved values; ``None``: the key layer."""
     unit: str = "sentence"
@@ -99,7 +103,8 @@ class MemoryBankConfig:
     min_tokens: int = 4
     """Sentences shorter than this are joined to the next one."""
     steps: int = 12
-    """Adam steps that train the values of a document's examples (together); each is a forward and backward pass."""
+    """Adam steps that train the values of a document's examples (together); each is a forward and backward
+    pass."""
     learning_rate: float = 0.2
     """Adam learning rate of the values, in units of the fused layer's hidden-state RMS."""
     gate: float | None = None
@@ -109,12 +114,13 @@ class MemoryBankConfig:
     top_k: int = 2
     """Memories fused per prompt at most."""
     min_similarity: float | None = None
-    """Cosine similarity between prompt and memory keys below which a memory is never used; ``None``: 0.6 with a
-    sentence embedder, 0.65 with ``backbone`` keys. Best match over the sentences of 50 documents, 10th / 50th
-    percentile and maximum (``benchmarks/relevance_gates.py``, SmolLM2-135M): MiniLM keys, novel-facts probes 0.64 /
-    0.77, BoolQ questions 0.51 / 0.60; general questions at most 0.55, 512-token WikiText windows at most 0.48.
-    Backbone keys separate less: novel-facts probes 0.63 / 0.78 but general questions up to 0.71; after BoolQ
-    passages the WikiText windows (0.71-0.80) sit above the BoolQ questions (0.44 / 0.53)."""
+    """Cosine similarity between prompt and memory keys below which a memory is never used; ``None``: 0.6 with
+    a sentence embedder, 0.65 with ``backbone`` keys. Best match over the sentences of 50 documents, 10th /
+    50th percentile and maximum (``benchmarks/relevance_gates.py``, SmolLM2-135M): MiniLM keys, novel-facts
+    probes 0.64 / 0.77, BoolQ questions 0.51 / 0.60; general questions at most 0.55, 512-token WikiText
+    windows at most 0.48. Backbone keys separate less: novel-facts probes 0.63 / 0.78 but general questions up
+    to 0.71; after BoolQ passages the WikiText windows (0.71-0.80) sit above the BoolQ questions (0.44 /
+    0.53)."""
     retrieval_temperature: float = 0.05
     """Softmax temperature over the similarities of the retrieved memories (their fusion weights)."""
     duplicate_threshold: float = 0.97
@@ -236,7 +242,8 @@ class MemoryBankStrategy(Strategy):
                 pass
             finally:
                 handle.remove()
-            # each position normalised first: a few tokens carry massive activations that would otherwise dominate
+            # each position normalised first: a few tokens carry massive activations that would otherwise
+            # dominate
             hidden = torch.nn.functional.normalize(captured["h"].float(), dim=-1)
             mask = batch["attention_mask"].clone()
             lengths = mask.sum(1)
@@ -246,7 +253,7 @@ class MemoryBankStrategy(Strategy):
         return torch.cat(out) if out else torch.zeros(0, self.store.key_dim, device=self.backbone.device)
 
     def keys(self, texts: Sequence[str]) -> torch.Tensor:
-        """Unit keys (N, K) of ``texts``: sentence embeddings, or pooled hidden states minus the generic mean."""
+        """Unit keys (N, K) of ``texts``: sentence embeddings, or pooled hidden states less a generic mean."""
         if self.embedder is not None:
             return self.embedder.encode(list(texts)).to(self.backbone.device)
         if self._center is None:
@@ -339,7 +346,8 @@ class MemoryBankStrategy(Strategy):
         start = time.perf_counter()
         cfg = self.config
         texts = self.examples(document.text)
-        # Memories are retrieved per example, so the document's loss is measured per example (each its own query).
+        # Memories are retrieved per example, so the document's loss is measured per example (each its own
+        # query).
         loss_before = self._examples_nll(texts)
         keys = self.keys(texts) if texts else torch.zeros(0, self.store.key_dim, device=self.backbone.device)
         best, slot = self.store.duplicates(keys, cfg.duplicate_threshold)
@@ -397,7 +405,8 @@ class MemoryBankStrategy(Strategy):
 
     # -- fusion ---------------------------------------------------------------------------------------------
     def deltas(self, queries: Sequence[str], *, reinforce: bool = False) -> torch.Tensor | None:
-        """The vector (B, H) added at ``fuse_layer`` for each query, or ``None`` when no query retrieves a memory.
+        """The vector (B, H) added at ``fuse_layer`` for each query, or ``None`` when no query retrieves a
+        memory.
 
         ``reinforce`` counts the retrieval as a use (generation does; scoring is measurement and does not).
         """
@@ -423,7 +432,7 @@ class MemoryBankStrategy(Strategy):
         return ResidualAdder(self.backbone.layers[self.fuse_layer], delta.to(self.backbone.dtype), mask)
 
     def _scoring_mask(self, context_lengths: Sequence[int], width: int) -> torch.Tensor | None:
-        """(B, T) positions fused when scoring: the last ``fuse_tokens`` of the context and everything after."""
+        """(B, T) positions fused when scoring: the context's last ``fuse_tokens`` and everything after."""
         n = self.config.fuse_tokens
         if n == 0:
             return None
@@ -458,7 +467,8 @@ class MemoryBankStrategy(Strategy):
         return answers
 
     def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
-        """Memories retrieved by each row's query, fused while the batch runs (none retrieved: the base model)."""
+        """Memories retrieved by each row's query, fused while the batch runs (none retrieved: the base
+        model)."""
         return _FusedMemories(self, queries) if self.store.size else None
 
     # -- state ----------------------------------------------------------------------------------------------

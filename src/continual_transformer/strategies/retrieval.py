@@ -1,37 +1,39 @@
-"""``retrieval``: index documents in chunks; answer with the relevant chunks in the prompt and a bias toward their tokens.
+"""``retrieval``: index documents in chunks; answer with the relevant chunks in the prompt and a bias toward
+their tokens.
 
-Learning a document tokenises it, cuts it into overlapping token chunks and adds them to an index: dense MiniLM
-embeddings (``retriever: dense``, the default), or BM25 / TF-IDF over word terms
-(:class:`~continual_transformer.modules.LexicalIndex`). Nothing of the backbone changes and no gradient is computed.
+Learning a document tokenises it, cuts it into overlapping token chunks and adds them to an index: dense
+MiniLM embeddings (``retriever: dense``, the default), or BM25 / TF-IDF over word terms
+(:class:`~continual_transformer.modules.LexicalIndex`). Nothing of the backbone changes and no gradient is
+computed.
 
 Answering a prompt retrieves its ``top_k`` chunks. A **relevance gate** decides whether they are used at all:
 lexical retrievers gate on the idf-weighted fraction of the query's content words found in the chunk
 (``min_relevance``), the dense retriever on cosine similarity (``min_similarity``). A prompt whose best chunk
-does not pass gets no context and no bias, so it is answered exactly as the base model answers it (the lesson of
-the earlier system, which prepended chunks to every query and lost 94 % of general facts). A prompt that passes
-gets its chunks inside the *user message of the chat template* (``prompt_template``) — the template is kept — and,
-when ``bias_strength > 0``, ``+bias_strength`` on the logits of every token that occurs in those chunks at each
-decoding step (a :class:`~transformers.LogitsProcessor`); ``bias_strength = 0`` is plain retrieval-augmented
-generation.
+does not pass gets no context and no bias, so it is answered exactly as the base model answers it (the lesson
+of the earlier system, which prepended chunks to every query and lost 94 % of general facts). A prompt that
+passes gets its chunks inside the *user message of the chat template* (``prompt_template``) — the template is
+kept — and, when ``bias_strength > 0``, ``+bias_strength`` on the logits of every token that occurs in those
+chunks at each decoding step (a :class:`~transformers.LogitsProcessor`); ``bias_strength = 0`` is plain
+retrieval-augmented generation.
 
 Scoring (:meth:`forward_logits`, :meth:`token_nll`, :meth:`perplexity`) does the same thing on raw text: the
-context (``text_template``) is prepended to each text whose query passes the gate, only the text's own positions
-are returned or scored, and the bias is added to those logits. The query is the scoring context when one is
-given (e.g. the question before an answer), otherwise the text itself.
+context (``text_template``) is prepended to each text whose query passes the gate, only the text's own
+positions are returned or scored, and the bias is added to those logits. The query is the scoring context when
+one is given (e.g. the question before an answer), otherwise the text itself.
 
-State: the chunks' token ids (tensors) and the document ids (JSON); the lexical index is rebuilt from the chunks
-on load, dense embeddings are saved.
+State: the chunks' token ids (tensors) and the document ids (JSON); the lexical index is rebuilt from the
+chunks on load, dense embeddings are saved.
 
-Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 chat questions, BM25): 4 of 6 answers
-right with ``bias_strength: 0`` (plain RAG), 5 of 6 with the default 1.0, 0 for the base model; the 3 unrelated
-general questions were gated out and answered exactly as by the base model in both cases.
+Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 chat questions, BM25): 4 of 6
+answers right with ``bias_strength: 0`` (plain RAG), 5 of 6 with the default 1.0, 0 for the base model; the 3
+unrelated general questions were gated out and answered exactly as by the base model in both cases.
 
-Why dense by default (H100, 50 documents): on novel facts the dense retriever at ``min_similarity: 0.45`` answered
-0.600 of the probes against 0.517 for BM25 at its gate, with general perplexity and known facts unchanged. On BoolQ
-(Wikipedia passages) BM25 found the right passage first for 98 % of the questions, but its word-overlap gate let
-only about a quarter of them through while general questions reached relevance 1.0 on the same passages
-(known-fact forgetting 0.051); MiniLM similarity separates the two (questions: 10th percentile 0.45; general
-questions at most 0.56, 90th percentile 0.34; known-fact forgetting 0.013).
+Why dense by default (H100, 50 documents): on novel facts the dense retriever at ``min_similarity: 0.45``
+answered 0.600 of the probes against 0.517 for BM25 at its gate, with general perplexity and known facts
+unchanged. On BoolQ (Wikipedia passages) BM25 found the right passage first for 98 % of the questions, but its
+word-overlap gate let only about a quarter of them through while general questions reached relevance 1.0 on
+the same passages (known-fact forgetting 0.051); MiniLM similarity separates the two (questions: 10th
+percentile 0.45; general questions at most 0.56, 90th percentile 0.34; known-fact forgetting 0.013).
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class RetrievalConfig:
     retriever: str = "dense"
-    """``dense`` (sentence embeddings from ``embedder``), ``bm25`` (Okapi BM25 over word terms) or ``tfidf`` (cosine
-    of tf-idf vectors); the lexical ones need no embedding model."""
+    """``dense`` (sentence embeddings from ``embedder``), ``bm25`` (Okapi BM25 over word terms) or ``tfidf``
+    (cosine of tf-idf vectors); the lexical ones need no embedding model."""
     top_k: int = 3
     """Chunks put in the prompt at most (each must pass the relevance gate)."""
     chunk_tokens: int | None = None
@@ -78,18 +80,20 @@ class RetrievalConfig:
     chunk_overlap: int | None = None
     """Tokens shared by consecutive chunks; ``None`` uses ``documents.chunk_overlap``."""
     min_relevance: float = 0.5
-    """Gate of the lexical retrievers: idf-weighted fraction of the query's content words a chunk must contain."""
+    """Gate of the lexical retrievers: idf-weighted fraction of the query's content words a chunk must
+    contain."""
     min_similarity: float = 0.45
-    """Gate of the dense retriever: cosine similarity between query and chunk embeddings. MiniLM, best chunk per
-    question over 50 documents (10th / 50th / 90th percentile): novel-facts probes 0.62 / 0.72 / 0.81, BoolQ
-    questions 0.45 / 0.59 / 0.68; general questions 0.12 / 0.21 / 0.32 (at most 0.40) against the novel facts, 0.16 /
-    0.24 / 0.34 (at most 0.56) against the BoolQ passages."""
+    """Gate of the dense retriever: cosine similarity between query and chunk embeddings. MiniLM, best chunk
+    per question over 50 documents (10th / 50th / 90th percentile): novel-facts probes 0.62 / 0.72 / 0.81,
+    BoolQ questions 0.45 / 0.59 / 0.68; general questions 0.12 / 0.21 / 0.32 (at most 0.40) against the novel
+    facts, 0.16 / 0.24 / 0.34 (at most 0.56) against the BoolQ passages."""
     bias_strength: float = 1.0
     """Added to the logits of every token of the retrieved chunks at each step (0 = plain retrieval)."""
     embedder: str = "minilm-l6"
     """Embedding model of the dense retriever: a packaged name, a local directory or a hub id."""
     prompt_template: str = "Use this information if it helps:\n{context}\n\n{prompt}"
-    """User message when context is used; ``{context}`` is the chunks, ``{prompt}`` the question. The chat template wraps it."""
+    """User message when context is used; ``{context}`` is the chunks, ``{prompt}`` the question. The chat
+    template wraps it."""
     text_template: str = "{context}\n\n"
     """Text prepended before raw (non-chat) prompts and scored texts when context is used."""
     chunk_separator: str = "\n\n"
@@ -170,7 +174,8 @@ class RetrievalStrategy(Strategy):
         self.chunk_overlap = config.chunk_overlap if config.chunk_overlap is not None else docs.chunk_overlap
         if self.chunk_overlap >= self.chunk_tokens:
             raise ConfigError(
-                f"strategies.retrieval.chunk_overlap: {self.chunk_overlap} must be < chunk_tokens {self.chunk_tokens}"
+                f"strategies.retrieval.chunk_overlap: {self.chunk_overlap} must be < chunk_tokens "
+                f"{self.chunk_tokens}"
             )
         self._embedder: SentenceEmbedder | None = None
         self._special = set(backbone.tokenizer.all_special_ids)
@@ -379,7 +384,8 @@ class RetrievalStrategy(Strategy):
         allowed = required | ({"embeddings"} if self.config.retriever == "dense" else set())
         if not required <= set(state) or not set(state) <= allowed:
             raise ValueError(
-                f"retrieval state must hold {sorted(required)} (and embeddings for dense), got {sorted(state)}"
+                f"retrieval state must hold {sorted(required)} (and embeddings for dense), "
+                f"got {sorted(state)}"
             )
         offsets, docs = state["chunk_offsets"], state["chunk_doc"].cpu().tolist()
         try:

@@ -1,33 +1,35 @@
 """``ttt``: test-time training of a dual MLP per decoder layer, with optional sparse, TF-IDF-gated updates.
 
 Each chosen decoder layer's MLP is wrapped in a :class:`~continual_transformer.modules.dual_mlp.DualMLP`: the
-frozen original plus a trainable copy, mixed as ``base + (1 - alpha) * (trainable - base)``. The copy starts as
-the base weights, so the model is the base model bit for bit until it learns. ``alpha`` starts at
+frozen original plus a trainable copy, mixed as ``base + (1 - alpha) * (trainable - base)``. The copy starts
+as the base weights, so the model is the base model bit for bit until it learns. ``alpha`` starts at
 ``alpha_initial`` and is multiplied by ``alpha_decay`` after every learned document, down to ``alpha_min``.
 
-Learning a document is mini-batch gradient descent (:func:`continual_transformer.training.train`) on windows of
-the document that keep their preceding context, optionally plus material the base model writes about the
-document (rephrasings, question-answer pairs trained as chat exchanges: the format the model is later asked in).
+Learning a document is mini-batch gradient descent (:func:`continual_transformer.training.train`) on windows
+of the document that keep their preceding context, optionally plus material the base model writes about the
+document (rephrasings, question-answer pairs trained as chat exchanges: the format the model is later asked
+in).
 
 With ``sparse`` (sparse memory finetuning, Lin et al. 2025), only the ``trainable_neurons`` hidden neurons per
 layer that the document uses much more than background text does are updated (TF-IDF over top-k usage rates,
 see :mod:`continual_transformer.modules.neuron_stats`); the gradients of every other neuron's slices of
-gate/up/down (``c_fc``/``c_proj``) are zeroed, and the optimizer is built per document with no weight decay, so
-those weights stay exactly as they were. Background usage is calibrated once, lazily, on text the base model
-generates itself (or a text file), and saved with the state.
+gate/up/down (``c_fc``/``c_proj``) are zeroed, and the optimizer is built per document with no weight decay,
+so those weights stay exactly as they were. Background usage is calibrated once, lazily, on text the base
+model generates itself (or a text file), and saved with the state.
 
-Defaults come from the demo document (5 fictional facts) on SmolLM2-135M-Instruct, CPU; general-text perplexity
-on 12k characters of WikiText-2 (19.21 before); ``finetune`` at its defaults: 5/5 answered, perplexity +15.5 %.
+Defaults come from the demo document (5 fictional facts) on SmolLM2-135M-Instruct, CPU; general-text
+perplexity on 12k characters of WikiText-2 (19.21 before); ``finetune`` at its defaults: 5/5 answered,
+perplexity +15.5 %.
 
 - Dense copies of **all** layers, AdamW 1e-4: 5/5, +6.7 % in 12 steps; with ``alpha_initial`` 0.5: 5/5, +6.4 %
-  in 22 steps. Under Adam, alpha only shrinks the effective step, so it defaults to 0 (and at 0 the base MLP is
-  not computed at all).
+  in 22 steps. Under Adam, alpha only shrinks the effective step, so it defaults to 0 (and at 0 the base MLP
+  is not computed at all).
 - Sparse, 25 % of the neurons of all layers, 2e-4: 5/5, +11.0 % in 16 steps. Sparse in the top 25 % of layers
-  (128 of 1536 neurons, 1e-3): 4/5, +72 %; 32 neurons: 5/5, +47 %. Unlike memory-layer slots, MLP neurons fire on
-  every token, so concentrating the change in few weights hurts general text more than spreading it: ``sparse``
-  is off by default and kept for the ablation.
-- Augmentation (1 rephrasing + model-written QA pairs) gave no gain (4/5 either way, top-25 % sparse) at 4.4x the
-  learning time; SmolLM2-135M often attaches answers to the wrong question. Off by default.
+  (128 of 1536 neurons, 1e-3): 4/5, +72 %; 32 neurons: 5/5, +47 %. Unlike memory-layer slots, MLP neurons fire
+  on every token, so concentrating the change in few weights hurts general text more than spreading it:
+  ``sparse`` is off by default and kept for the ablation.
+- Augmentation (1 rephrasing + model-written QA pairs) gave no gain (4/5 either way, top-25 % sparse) at 4.4x
+  the learning time; SmolLM2-135M often attaches answers to the wrong question. Off by default.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ BACKGROUND_CHAT_PROMPTS: tuple[str, ...] = (
 
 REPHRASE_PROMPTS: tuple[str, ...] = (
     "Rewrite the following text in other words. Keep every name, number and fact.\n\n{text}",
-    "Explain the following text in your own words, sentence by sentence, keeping all names and numbers.\n\n{text}",
+    "Explain the following text in your own words, sentence by sentence, keeping all names and numbers."
+    "\n\n{text}",
     "List every fact in the following text as short, complete sentences.\n\n{text}",
 )
 # The text goes first and the format last: SmolLM2-135M follows a trailing "Q: ... / A: ..." template, but
@@ -113,39 +116,42 @@ AUGMENT_PIECE_TOKENS = 384
 @dataclass(frozen=True, kw_only=True)
 class TTTConfig:
     layers: str = "all"
-    """Decoder layers whose MLP gets a trainable copy: finetune's spec (``all``, ``-8:``, ``4:12``, one index) or a
-    share of the top layers (``25%``: the last quarter, at least one). All layers measured best (module docstring)."""
+    """Decoder layers whose MLP gets a trainable copy: finetune's spec (``all``, ``-8:``, ``4:12``, one index)
+    or a share of the top layers (``25%``: the last quarter, at least one). All layers measured best (module
+    docstring)."""
     alpha_initial: float = 0.0
-    """Weight of the base MLP at the start: the output is ``base + (1 - alpha) * (trainable - base)``. With Adam,
-    alpha > 0 only shrinks the effective step (same result, more steps: measured), so it starts at 0."""
+    """Weight of the base MLP at the start: the output is ``base + (1 - alpha) * (trainable - base)``. With
+    Adam, alpha > 0 only shrinks the effective step (same result, more steps: measured), so it starts at 0."""
     alpha_decay: float = 1.0
     """``alpha`` is multiplied by this after every learned document."""
     alpha_min: float = 0.0
     """Floor of ``alpha``."""
     optim: OptimArgs = field(default_factory=OptimArgs)
-    """Optimiser settings (learning rate 1e-4, 30 epochs, early stop below loss 0.1); a new optimizer is built for
-    every document. ``weight_decay`` must be 0 with ``sparse`` (it would move unselected neurons)."""
+    """Optimiser settings (learning rate 1e-4, 30 epochs, early stop below loss 0.1); a new optimizer is built
+    for every document. ``weight_decay`` must be 0 with ``sparse`` (it would move unselected neurons)."""
     windows: WindowArgs = field(default_factory=lambda: WindowArgs(window=256))
     """Training windows: 256 tokens, each re-reading 64 tokens of preceding text."""
     max_tokens_per_document: int = 8192
     """Scored document tokens learned at most (later windows are dropped); 0: no limit."""
     trainable_dtype: str = "float32"
-    """dtype of the trainable copies: ``float32`` keeps them in full precision under a bfloat16/float16 model (small
-    updates are not rounded away; the copy's output is cast back), ``model``: the model's dtype."""
+    """dtype of the trainable copies: ``float32`` keeps them in full precision under a bfloat16/float16 model
+    (small updates are not rounded away; the copy's output is cast back), ``model``: the model's dtype."""
     anchor_weight: float = 5.0
-    """Weight of a KL term, added to every step, that keeps the next-token distributions on background text (the
-    ``background`` corpus) close to the base model's; 0 disables it. Costs one more forward+backward per step.
-    On the demo document (CPU, WikiText perplexity 19.21 before): 0 -> 5/5 answered, +6.7 %; 1 -> 5/5, +3.6 %;
-    5 -> 5/5, +1.9 %; 20 -> 4/5, +0.8 %."""
+    """Weight of a KL term, added to every step, that keeps the next-token distributions on background text
+    (the ``background`` corpus) close to the base model's; 0 disables it. Costs one more forward+backward per
+    step. On the demo document (CPU, WikiText perplexity 19.21 before): 0 -> 5/5 answered, +6.7 %; 1 -> 5/5,
+    +3.6 %; 5 -> 5/5, +1.9 %; 20 -> 4/5, +0.8 %."""
     anchor_batch: int = 4
     """Background chunks per step for the anchor term."""
     sparse: bool = False
-    """Update only the document's top TF-IDF neurons per layer (False: every neuron of the copies). Off by default:
-    on SmolLM2 it raised general perplexity more than dense updates for the same facts learned (measured)."""
+    """Update only the document's top TF-IDF neurons per layer (False: every neuron of the copies). Off by
+    default: on SmolLM2 it raised general perplexity more than dense updates for the same facts learned
+    (measured)."""
     trainable_neurons: int | float = 0.25
     """Neurons updated per layer and document: a count (>= 1) or a fraction of the layer's neurons (< 1)."""
     active_fraction: float = 0.02
-    """A neuron is *used* by a token when its |activation| is in the token's top ``active_fraction`` of units."""
+    """A neuron is *used* by a token when its |activation| is in the token's top ``active_fraction`` of units.
+    """
     background: str = "self"
     """Background corpus for the neuron usage statistics: ``self`` (text the base model generates from generic
     prompts) or the path of a UTF-8 text file."""
@@ -158,10 +164,11 @@ class TTTConfig:
     background_max_tokens: int = 65536
     """Tokens of a background file used at most (calibration time grows with it)."""
     augment: bool = False
-    """Also train on rephrasings and question-answer pairs the base model writes about the document. Off by default:
-    it does not win on the full benchmark. SmolLM2-135M, 50 novel-facts documents (H100): acquisition 0.220 vs 0.210,
-    general perplexity +39.0 % vs +35.8 %, known-fact forgetting 0.372 vs 0.256, at 2.5x the tokens learned and 2.6x
-    the learning time. On the CPU quick profile (6 documents) it did win: 0.396 vs 0.333 at equal perplexity."""
+    """Also train on rephrasings and question-answer pairs the base model writes about the document. Off by
+    default: it does not win on the full benchmark. SmolLM2-135M, 50 novel-facts documents (H100): acquisition
+    0.220 vs 0.210, general perplexity +39.0 % vs +35.8 %, known-fact forgetting 0.372 vs 0.256, at 2.5x the
+    tokens learned and 2.6x the learning time. On the CPU quick profile (6 documents) it did win: 0.396 vs
+    0.333 at equal perplexity."""
     augment_rephrasings: int = 1
     """Rephrasings per document piece (one prompt each, at most 3)."""
     augment_questions: int = 8
@@ -169,7 +176,8 @@ class TTTConfig:
     augment_new_tokens: int = 256
     """Tokens generated per augmentation answer."""
     sentence_exchanges: bool = False
-    """Also train each sentence of the document as a chat exchange (``Tell me a fact: "<first words> ..."``)."""
+    """Also train each sentence of the document as a chat exchange (``Tell me a fact: "<first words> ..."``).
+    """
 
     def __post_init__(self) -> None:
         key = "strategies.ttt."
@@ -183,7 +191,8 @@ class TTTConfig:
             raise ConfigError(f"{key}alpha_decay: must be in (0, 1], got {self.alpha_decay}")
         if self.sparse and self.optim.weight_decay > 0:
             raise ConfigError(
-                f"{key}optim.weight_decay: must be 0 with sparse updates (decay would move unselected neurons)"
+                f"{key}optim.weight_decay: must be 0 with sparse updates "
+                "(decay would move unselected neurons)"
             )
         if self.trainable_dtype not in ("float32", "model"):
             raise ConfigError(f"{key}trainable_dtype: must be float32 or model, got {self.trainable_dtype!r}")
@@ -220,7 +229,7 @@ class TTTConfig:
 select_ttt_layers = select_layers  # the layer spec, shares such as ``25%`` included, is layers.select_layers
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Augmentation text handling (pure functions, tested on strings)
 
 _Q_MARK = re.compile(
@@ -241,9 +250,10 @@ def parse_qa_pairs(text: str) -> list[tuple[str, str]]:
     """Question-answer pairs from messy model output.
 
     Accepts ``Q: ... A: ...`` on one line, ``Q1:``/``Question:`` and ``A1:``/``Answer:`` on consecutive lines,
-    numbering, bullets and markdown bold, and numbered questions ending in ``?`` without a ``Q:`` marker. Answers
-    may continue on following lines until the next question or a blank line. A question without an answer (e.g. cut
-    off by the token limit) is dropped, and a question asked again keeps its first answer (small models loop).
+    numbering, bullets and markdown bold, and numbered questions ending in ``?`` without a ``Q:`` marker.
+    Answers may continue on following lines until the next question or a blank line. A question without an
+    answer (e.g. cut off by the token limit) is dropped, and a question asked again keeps its first answer
+    (small models loop).
     """
     pairs: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -398,7 +408,7 @@ def sentence_exchanges(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @register_strategy("ttt", config_cls=TTTConfig)
@@ -439,7 +449,7 @@ class TTTStrategy(TrainingStrategy):
             for name, p in dual.trainable.named_parameters()
         }
 
-    # -- calibration ---------------------------------------------------------------------------------------------
+    # -- calibration -----------------------------------------------------------------------------------------
     @property
     def calibrated(self) -> bool:
         return float(self._chunks) > 0  # sync: once per document
@@ -532,7 +542,7 @@ class TTTStrategy(TrainingStrategy):
         n = self.config.trainable_neurons
         return min(dual.neurons, int(n) if n >= 1 else max(1, math.ceil(n * dual.neurons)))
 
-    # -- augmentation -----------------------------------------------------------------------------------------------
+    # -- augmentation ----------------------------------------------------------------------------------------
     def augmentation(self, text: str) -> tuple[list[str], list[tuple[str, str]]]:
         """(rephrasings, question-answer pairs) the base model writes about ``text``.
 
@@ -615,7 +625,7 @@ class TTTStrategy(TrainingStrategy):
             counts["sentences"] = len(sentences)
         return examples, counts
 
-    # -- learning ---------------------------------------------------------------------------------------------------
+    # -- learning --------------------------------------------------------------------------------------------
     def _anchor(self, seed: int):
         """A regularizer: KL(base || trained) on ``anchor_batch`` random background chunks per call."""
         rows = self.background_rows()
@@ -698,7 +708,7 @@ class TTTStrategy(TrainingStrategy):
         """The current ``alpha`` (the same in every wrapped layer)."""
         return float(self.duals[0].alpha) if self.duals else self.config.alpha_initial
 
-    # -- state ------------------------------------------------------------------------------------------------------
+    # -- state -----------------------------------------------------------------------------------------------
     def trained_backbone_parameters(self) -> set[str]:
         owned = {id(p) for p in self.trainable_parameters().values()}
         return {name for name, p in self.backbone.model.named_parameters() if id(p) in owned}
@@ -731,7 +741,7 @@ class TTTStrategy(TrainingStrategy):
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Forget learned weights and the alpha schedule; the background statistics (of the base model) stay."""
+        """Forget learned weights and the alpha schedule; the background statistics (base model's) stay."""
         for dual in self.duals:
             dual.reset_trainable()
             dual.set_alpha(self.config.alpha_initial)
