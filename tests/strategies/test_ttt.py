@@ -11,6 +11,7 @@ from conftest import make_backbone
 from continual_transformer import ContinualTransformer
 from continual_transformer.backbone import model_fingerprint
 from continual_transformer.config import ConfigError, OptimArgs, WindowArgs, load_config
+from continual_transformer.documents import Document
 from continual_transformer.modules.dual_mlp import DualMLP, find_mlp, neuron_layout
 from continual_transformer.modules.neuron_stats import (
     UsageAccumulator,
@@ -185,7 +186,7 @@ def test_masked_neurons_get_exactly_zero_gradients_and_keep_their_weights(tokeni
     ct = build(tokenizer, arch="gpt2", trainable_neurons=16, epochs=5)
     strategy = ct.strategy
     strategy.calibrate()
-    examples, _ = strategy._examples(DOC)
+    examples, _ = strategy.training_examples(Document(id="d", text=DOC))
     chosen = [top_neurons(scores, 16) for scores in strategy.neuron_scores(examples)]  # (I,) per layer
     before = trainable(ct)
     seen: list[dict[str, torch.Tensor]] = []
@@ -220,7 +221,7 @@ def test_masked_neurons_get_exactly_zero_gradients_and_keep_their_weights(tokeni
 def test_selected_neurons_are_the_documents_top_tfidf_neurons(tokenizer):
     ct = build(tokenizer, trainable_neurons=8, epochs=2)
     ct.strategy.calibrate()
-    examples, _ = ct.strategy._examples(DOC)
+    examples, _ = ct.strategy.training_examples(Document(id="d", text=DOC))
     expected = [top_neurons(s, 8) for s in ct.strategy.neuron_scores(examples)]
     before = trainable(ct)
     ct.learn_document(DOC)
@@ -250,8 +251,8 @@ def test_optimizer_state_does_not_leak_across_documents(tokenizer):
     """A neuron chosen for document 1 but not document 2 must not move during document 2 (no momentum)."""
     ct = build(tokenizer, trainable_neurons=8, epochs=3)
     ct.learn_document(DOC)
-    examples, _ = ct.strategy._examples(
-        "A quick brown fox jumps over the lazy dog. 0123456789 questions answers."
+    examples, _ = ct.strategy.training_examples(
+        Document(id="d2", text="A quick brown fox jumps over the lazy dog. 0123456789 questions answers.")
     )
     chosen = top_neurons(ct.strategy.neuron_scores(examples)[0], 8)
     before = trainable(ct)
@@ -330,7 +331,7 @@ def test_calibration_is_saved_and_restored_without_recalibrating(tokenizer, tmp_
     report = ct.learn_document(DOC)
     assert ct.strategy.calibrated and report.extra["calibration_seconds"] > 0
     ct.save(tmp_path / "s")
-    examples, _ = ct.strategy._examples("Water boils at 100 degrees.")
+    examples, _ = ct.strategy.training_examples(Document(id="w", text="Water boils at 100 degrees."))
     masks = [top_neurons(s, 16) for s in ct.strategy.neuron_scores(examples)]
 
     fresh = build(tokenizer)
