@@ -6,7 +6,14 @@ import pytest
 import torch
 from conftest import make_backbone, tiny_gpt2, tiny_llama
 
-from continual_transformer.backbone import Backbone, find_decoder_layers, model_fingerprint, resolve_dtype
+from continual_transformer.backbone import (
+    Backbone,
+    ScoringBatch,
+    ScoringHooks,
+    find_decoder_layers,
+    model_fingerprint,
+    resolve_dtype,
+)
 from continual_transformer.config import GenerationConfig
 
 
@@ -87,3 +94,96 @@ def test_backbone_freezes_the_model_and_pads(tokenizer):
 def test_auto_dtype_is_float32_on_cpu():
     assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+
+
+# -- scoring hooks -------------------------------------------------------------------------------------------
+class _Hooks(ScoringHooks):
+    """Test hooks: a prefix and a logit shift on some rows, a record of what the hooks saw."""
+
+    def __init__(self, prefixes: dict[int, str], shift: float = 0.0) -> None:
+        self.prefixes, self.shift = prefixes, shift
+        self.forward_rows: list[tuple[int, ...]] = []
+        self.positions: list[int] = []
+
+    def touches(self, row: int) -> bool:
+        return row in self.prefixes
+
+    def prefix(self, row: int) -> str:
+        return self.prefixes.get(row, "")
+
+    def forward(self, batch: ScoringBatch):
+        self.forward_rows.append(batch.rows)
+        return super().forward(batch)
+
+    def next_token_scores(self, logits, batch, positions):
+        self.positions.append(int(positions.sum()))
+        return logits.float() + self.shift
+
+
+def test_padding_side_is_chosen_per_call_and_never_stored(backbone):
+    backbone.tokenizer.padding_side = "right"
+    left = backbone.encode(["a", "a quick brown fox"], padding_side="left")
+    assert left["attention_mask"][0, -1] == 1 and left["attention_mask"][0, 0] == 0
+    assert backbone.tokenizer.padding_side == "right"
+    backbone.generate(["a", "a quick brown fox"], chat=False)
+    assert backbone.tokenizer.padding_side == "right"
+
+
+def test_prefix_hooks_score_like_a_context_and_untouched_rows_like_the_base(backbone):
+    texts = [" Tarnhelm.", "A quick brown fox jumps over the lazy dog.", " in 1873."]
+    made = _Hooks({0: "The capital of Veloria is"})
+    seen_queries: list[list[str]] = []
+
+    def factory(queries):
+        seen_queries.append(list(queries))
+        return made
+
+    scored = backbone.token_nll(texts, contexts=["", "", "born"], hooks=factory)
+    assert seen_queries == [[texts[0], texts[1], "born"]]  # the context is the query when given
+    assert made.forward_rows == [(0,)]  # untouched rows never see the hooks
+    assert torch.equal(scored[0], backbone.token_nll([texts[0]], contexts=["The capital of Veloria is"])[0])
+    plain = backbone.token_nll([texts[1], texts[2]], contexts=["", "born"])
+    assert torch.equal(scored[1], plain[0]) and torch.equal(scored[2], plain[1])
+
+
+def test_transform_applies_at_scored_positions_and_changes_the_nll(backbone):
+    text = "The capital of Veloria is Tarnhelm."
+    made = _Hooks({0: ""}, shift=0.0)
+    assert torch.equal(backbone.token_nll([text], hooks=lambda q: made)[0], backbone.token_nll([text])[0])
+    assert made.positions == [len(backbone.token_ids(text)) - 1]  # every position that predicts a token
+
+    class Sharpen(_Hooks):
+        def next_token_scores(self, logits, batch, positions):
+            return 2 * logits.float()
+
+    sharpened = backbone.token_nll([text], hooks=lambda q: Sharpen({0: ""}))[0]
+    assert not torch.equal(sharpened, backbone.token_nll([text])[0])
+
+
+def test_perplexity_with_a_prefix_scores_the_same_tokens(backbone):
+    text = "A quick brown fox jumps over the lazy dog. " * 6
+    windows = backbone.text_windows(text, window=16)
+    made = _Hooks({i: "The capital of Veloria is Tarnhelm.\n\n" for i in range(len(windows))})
+    ppl = backbone.perplexity(text, window=16, batch_size=3, hooks=lambda q: made)
+    assert sum(made.positions) == sum(len(w) - 1 for w in windows)  # the first token of a window is context
+    expected = []
+    prefix = backbone.token_ids(made.prefix(0))
+    for w in windows:  # slow reference: one window at a time
+        ids = torch.tensor([prefix + w])
+        logits = backbone.model(input_ids=ids).logits[0, len(prefix) : -1]
+        expected += torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="none").tolist()
+    assert ppl == pytest.approx(math.exp(sum(expected) / len(expected)), rel=1e-5)
+    assert made.forward_rows[0] == (0, 1, 2) and all(len(r) <= 3 for r in made.forward_rows)
+
+
+def test_forward_logits_with_a_prefix_returns_the_texts_own_positions(backbone):
+    texts = ["The capital of Veloria is", "A quick brown fox jumps over the lazy dog."]
+    base = backbone.forward_logits(texts)
+    made = _Hooks({0: "Tarnhelm. Quenmark.\n\n"})
+    out = backbone.forward_logits(texts, hooks=lambda q: made)
+    assert out.shape == base.shape
+    assert torch.equal(out[1], base[1])  # untouched: the base model's logits of the whole batch
+    prefix, own = backbone.token_ids(made.prefix(0)), backbone.token_ids(texts[0])
+    alone = backbone.model(input_ids=torch.tensor([prefix + own])).logits[0, len(prefix) :]
+    assert torch.allclose(out[0, : len(own)], alone, atol=1e-5)
+    assert not torch.allclose(out[0, : len(own)], base[0, : len(own)], atol=1e-3)

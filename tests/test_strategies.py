@@ -147,3 +147,53 @@ def test_close_restores_the_base_model(tokenizer, name):
     assert model_fingerprint(ct.backbone.model) == fingerprint
     batch = ct.backbone.encode(PROBE)
     assert torch.equal(ct.backbone.model(**batch).logits.float(), base_logits)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_disabled_computes_the_base_model_and_learning_comes_back(tokenizer, name):
+    ct = build(tokenizer, name)
+    batch = ct.backbone.encode(PROBE)
+    base_model = ct.backbone.model(**batch).logits.float()
+    base_scored = ct.strategy.forward_logits(PROBE)
+    base_nll = ct.strategy.token_nll(PROBE)
+    ct.learn_document(DOC)
+    learned_model = ct.backbone.model(**batch).logits.float()
+    learned_scored = ct.strategy.forward_logits(PROBE)
+    with ct.strategy.disabled():
+        assert torch.equal(ct.backbone.model(**batch).logits.float(), base_model)
+        assert torch.equal(ct.strategy.forward_logits(PROBE), base_scored)
+        assert all(torch.equal(a, b) for a, b in zip(ct.strategy.token_nll(PROBE), base_nll))
+        with ct.strategy.disabled():  # nests
+            assert torch.equal(ct.backbone.model(**batch).logits.float(), base_model)
+        assert torch.equal(ct.backbone.model(**batch).logits.float(), base_model)
+    assert torch.equal(ct.backbone.model(**batch).logits.float(), learned_model)
+    assert torch.equal(ct.strategy.forward_logits(PROBE), learned_scored)
+    assert not torch.equal(learned_scored, base_scored) or not ct.strategy.changes_outputs
+    assert not any(p.requires_grad for p in ct.backbone.model.parameters())
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_disabled_restores_learning_when_the_body_raises(tokenizer, name):
+    ct = build(tokenizer, name)
+    ct.learn_document(DOC)
+    learned = ct.strategy.forward_logits(PROBE)
+    with pytest.raises(RuntimeError, match="teacher failed"), ct.strategy.disabled():
+        raise RuntimeError("teacher failed")
+    assert torch.equal(ct.strategy.forward_logits(PROBE), learned)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_no_strategy_module_writes_its_own_scoring(name):
+    """Scoring is written once (Backbone + Strategy); strategies only supply hooks."""
+    import inspect
+
+    cls = registry.get(name)
+    source = inspect.getsource(inspect.getmodule(cls))
+    for banned in (
+        "def perplexity",
+        "def token_nll",
+        "def forward_logits",
+        "_labelled_batch",
+        "def _mean_nll",
+    ):
+        assert banned not in source, f"{name} defines {banned!r}"

@@ -1,16 +1,22 @@
 """The backbone: one loaded causal LM and its tokenizer, and everything every strategy needs from it.
 
 This is the one place that decides device and dtype, applies the chat template, pads batches, generates and
-measures per-token negative log-likelihood. Strategies receive a :class:`Backbone`; they never load models.
+scores text: labelled batches, per-token negative log-likelihood, windowed perplexity and next-token logits,
+each written once. A strategy changes what scoring computes only through :class:`ScoringHooks` -- text put in
+front of a row (retrieved context), a context manager around the forward pass (hooks, fused memories) and a
+transform of the next-token scores (kNN mixing, a logit bias). Strategies receive a :class:`Backbone`; they
+never load models.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +31,8 @@ from continual_transformer.errors import ModelNotFoundError
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IGNORE = -100
+"""Label of a position that is not scored (context, prefix, padding)."""
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -48,8 +56,8 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of transformer blocks, found by structure, not by architecture name.
 
-    It is the ``ModuleList`` whose length is the configured number of layers and whose children share one class
-    (``model.layers`` in Llama/Qwen/Mistral, ``transformer.h`` in GPT-2).
+    It is the ``ModuleList`` whose length is the configured number of layers and whose children share one
+    class (``model.layers`` in Llama/Qwen/Mistral, ``transformer.h`` in GPT-2).
     """
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     candidates = [
@@ -95,6 +103,87 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class ScoringBatch:
+    """Rows to score, right-padded: ``[unscored: prefix, context][scored: text][padding]``."""
+
+    input_ids: torch.Tensor
+    """(B, T) token ids."""
+    attention_mask: torch.Tensor
+    """(B, T) 1 on tokens, 0 on padding."""
+    labels: torch.Tensor
+    """(B, T) the scored tokens' ids, -100 elsewhere."""
+    rows: tuple[int, ...]
+    """Index of each row in the scoring call's list of texts (to look up per-row state made from queries)."""
+    context_lengths: tuple[int, ...]
+    """Unscored tokens at the start of each row (strategy prefix and given context)."""
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """(B, T) bool: positions whose next token is scored (where next-token scores are used)."""
+        out = torch.zeros_like(self.attention_mask, dtype=torch.bool)
+        out[:, :-1] = self.labels[:, 1:] != IGNORE
+        return out
+
+
+class ScoringHooks:
+    """How a strategy changes scoring, made per scoring call from the rows' queries. This base changes
+    nothing.
+
+    Row indices are those of :attr:`ScoringBatch.rows` (positions in the call's list of texts or windows).
+    """
+
+    def prefix(self, row: int) -> str:
+        """Text put in front of row ``row`` (and of its given context), unscored: e.g. retrieved context."""
+        return ""
+
+    def touches(self, row: int) -> bool:
+        """False when row ``row`` is scored exactly as the base model scores it (no prefix, no change)."""
+        return True
+
+    def forward(self, batch: ScoringBatch) -> AbstractContextManager[Any]:
+        """A context inside which the model runs on ``batch``: forward hooks, fused memories, captures."""
+        return nullcontext()
+
+    def next_token_scores(
+        self, logits: torch.Tensor, batch: ScoringBatch, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores (B, T, V) from the model's logits (model dtype) after :meth:`forward` ran.
+
+        Only ``positions`` (B, T) bool are used by the caller; hidden states captured in :meth:`forward` and
+        ``batch.input_ids`` are at hand. Return valid logits (e.g. log-probabilities of a mixture).
+        """
+        return logits
+
+
+HooksFactory = Callable[[Sequence[str]], ScoringHooks | None]
+"""Makes the hooks of one scoring call from the rows' queries (``None``: score with the model as it is)."""
+
+
+def row_queries(texts: Sequence[str], contexts: Sequence[str]) -> list[str]:
+    """What a row asks about: its context when given (e.g. a question before an answer), else its text."""
+    return [c if c.strip() else t for c, t in zip(contexts, texts)]
+
+
+class DecodedWindows(Sequence[str]):
+    """The texts of token windows, decoded on first access (strategies that ignore queries pay nothing)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, windows: Sequence[Sequence[int]]) -> None:
+        self._tokenizer = tokenizer
+        self._windows = windows
+        self._texts: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        if index not in self._texts:
+            self._texts[index] = self._tokenizer.decode(self._windows[index])
+        return self._texts[index]
+
+
 class Backbone:
     """A causal language model with its tokenizer, device and dtype."""
 
@@ -134,7 +223,7 @@ class Backbone:
             raise ModelNotFoundError(f"{exc}\n{zoo.hub_hint(config.name)}") from exc
         return cls(model.to(device), tokenizer, name=config.name, generation=generation)
 
-    # -- properties -------------------------------------------------------------------------------------------
+    # -- properties ------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -155,7 +244,7 @@ class Backbone:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    # -- prompts ----------------------------------------------------------------------------------------------
+    # -- prompts ---------------------------------------------------------------------------------------------
     def uses_chat(self, chat: bool | None) -> bool:
         wanted = self.generation.chat_template if chat is None else chat
         return bool(wanted and self.tokenizer.chat_template)
@@ -192,14 +281,24 @@ class Backbone:
     def encode(
         self, texts: Sequence[str], *, padding_side: str = "right", add_special_tokens: bool = False
     ) -> dict[str, torch.Tensor]:
-        """Tokenise a batch with padding and attention mask, on the model's device."""
-        self.tokenizer.padding_side = padding_side
+        """Tokenise a batch with padding and attention mask, on the model's device.
+
+        The padding side is chosen per call; the shared tokenizer's own setting is never changed.
+        """
         batch = self.tokenizer(
-            list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+            list(texts),
+            return_tensors="pt",
+            padding=True,
+            padding_side=padding_side,
+            add_special_tokens=add_special_tokens,
         )
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
-    # -- generation -------------------------------------------------------------------------------------------
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens ("" gives none)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    # -- generation ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(
         self,
@@ -236,54 +335,129 @@ class Backbone:
             )
         return answers
 
-    # -- likelihood -------------------------------------------------------------------------------------------
+    # -- scoring ---------------------------------------------------------------------------------------------
+    # One implementation of labelled batches, per-token NLL, windowed perplexity and next-token logits. A
+    # strategy changes what they compute only through ScoringHooks (made per call from the rows' queries).
+
+    def labelled_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        contexts: Sequence[str] | None = None,
+        prefixes: Sequence[str] | None = None,
+        rows: Sequence[int] | None = None,
+    ) -> ScoringBatch:
+        """Rows ``prefix + context`` then ``text``, right-padded; only the text's tokens are labelled.
+
+        ``prefixes[i] + contexts[i]`` is tokenised as one string (unscored). A row longer than the model's
+        context window keeps its end. ``rows`` names each row's index in the caller's list (default
+        ``0..B-1``).
+        """
+        n = len(texts)
+        contexts = list(contexts) if contexts is not None else [""] * n
+        prefixes = list(prefixes) if prefixes is not None else [""] * n
+        limit = self.max_length
+        pairs = []
+        for prefix, context, text in zip(prefixes, contexts, texts):
+            ctx_ids = self.token_ids(prefix + context)
+            txt_ids = self.token_ids(text)
+            ids = (ctx_ids + txt_ids)[-limit:]
+            n_ctx = max(0, len(ids) - len(txt_ids))
+            pairs.append((ids[:n_ctx], ids[n_ctx:]))
+        return self._batch(pairs, range(n) if rows is None else rows)
+
+    def _batch(self, pairs: Sequence[tuple[list[int], list[int]]], rows: Sequence[int]) -> ScoringBatch:
+        """A :class:`ScoringBatch` of (unscored ids, scored ids) rows."""
+        lengths = [len(a) + len(b) for a, b in pairs]
+        width = max(lengths)
+        pad = self.tokenizer.pad_token_id
+        ids = [a + b + [pad] * (width - n) for (a, b), n in zip(pairs, lengths)]
+        labels = [[IGNORE] * len(a) + b + [IGNORE] * (width - n) for (a, b), n in zip(pairs, lengths)]
+        attention = [[1] * n + [0] * (width - n) for n in lengths]
+        return ScoringBatch(
+            input_ids=torch.tensor(ids, device=self.device),
+            attention_mask=torch.tensor(attention, device=self.device),
+            labels=torch.tensor(labels, device=self.device),
+            rows=tuple(rows),
+            context_lengths=tuple(len(a) for a, _ in pairs),
+        )
+
+    def next_token_scores(
+        self, batch: ScoringBatch, hooks: ScoringHooks | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Next-token scores (B, T, V) of a batch: the model's logits, or what ``hooks`` make of them.
+
+        The model runs inside ``hooks.forward(batch)``; ``hooks.next_token_scores`` then transforms the logits
+        at ``positions`` (B, T) bool (default: the positions that predict a scored token). Without hooks the
+        logits keep the model's dtype.
+        """
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if hooks is None:
+            return self.model(**inputs).logits
+        with hooks.forward(batch):
+            logits = self.model(**inputs).logits
+        return hooks.next_token_scores(logits, batch, batch.scored if positions is None else positions)
+
     @torch.no_grad()
     def token_nll(
-        self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8
+        self,
+        texts: Sequence[str],
+        *,
+        contexts: Sequence[str] | None = None,
+        batch_size: int = 8,
+        hooks: HooksFactory | None = None,
     ) -> list[torch.Tensor]:
         """Per-token negative log-likelihood of each text (float32, on CPU).
 
-        With ``contexts``, ``contexts[i]`` is prepended and only the tokens of ``texts[i]`` are scored.
-        Texts are truncated to the model's context window (keeping the end).
+        With ``contexts``, ``contexts[i]`` is prepended and only the tokens of ``texts[i]`` are scored. Texts
+        are truncated to the model's context window (keeping the end). ``hooks`` (a strategy's
+        :meth:`~continual_transformer.strategies.Strategy.scoring_hooks`) is called once with each row's query
+        -- its context when one is given, else the text; rows the hooks do not touch are scored in batches of
+        their own without them, exactly as the base model scores them.
         """
-        results: list[torch.Tensor] = []
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start : start + batch_size])
-            ctx = list(contexts[start : start + batch_size]) if contexts is not None else [""] * len(chunk)
-            ids, labels, attention = self._labelled_batch(ctx, chunk)
-            logits = self.model(input_ids=ids, attention_mask=attention).logits
-            nll = sequence_nll(logits, labels)  # (B, T-1), 0 where masked
-            mask = labels[:, 1:] != -100
-            for row_nll, row_mask in zip(nll, mask):
-                results.append(row_nll[row_mask].float().cpu())  # sync: results leave the device
+        texts = list(texts)
+        contexts = list(contexts) if contexts is not None else [""] * len(texts)
+        made = hooks(row_queries(texts, contexts)) if hooks is not None else None
+        touched = [i for i in range(len(texts)) if made is not None and made.touches(i)]
+        plain = sorted(set(range(len(texts))) - set(touched))
+        results: list[torch.Tensor] = [torch.zeros(0)] * len(texts)
+        for group, group_hooks in ((plain, None), (touched, made)):
+            for start in range(0, len(group), batch_size):
+                rows = group[start : start + batch_size]
+                batch = self.labelled_batch(
+                    [texts[i] for i in rows],
+                    contexts=[contexts[i] for i in rows],
+                    prefixes=[group_hooks.prefix(i) for i in rows] if group_hooks is not None else None,
+                    rows=rows,
+                )
+                nll = sequence_nll(self.next_token_scores(batch, group_hooks), batch.labels)  # (B, T-1)
+                mask = batch.labels[:, 1:] != IGNORE
+                for i, row_nll, row_mask in zip(rows, nll, mask):
+                    results[i] = row_nll[row_mask].float().cpu()  # sync: results leave the device
         return results
 
-    def _labelled_batch(
-        self, contexts: Sequence[str], texts: Sequence[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ids, labels and attention mask, each (B, T); labels of context and padding are -100."""
-        limit = self.max_length
-        rows, label_rows = [], []
-        for context, text in zip(contexts, texts):
-            ctx_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
-            txt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids = (ctx_ids + txt_ids)[-limit:]
-            n_ctx = max(0, len(ids) - len(txt_ids))
-            rows.append(ids)
-            label_rows.append([-100] * n_ctx + ids[n_ctx:])
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
-        labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows], device=self.device)
-        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
-        return ids, labels, attention
-
-    def mean_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None) -> float:
-        """Token-weighted mean NLL over all texts."""
-        values = self.token_nll(texts, contexts=contexts)
+    def mean_nll(
+        self,
+        texts: Sequence[str],
+        *,
+        contexts: Sequence[str] | None = None,
+        hooks: HooksFactory | None = None,
+    ) -> float:
+        """Token-weighted mean NLL over all texts (0.0 when no token is scored)."""
+        values = self.token_nll(texts, contexts=contexts, hooks=hooks)
         total = sum(float(v.sum()) for v in values)
         count = sum(v.numel() for v in values)
         return total / max(count, 1)
+
+    def text_windows(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> list[list[int]]:
+        """Consecutive non-overlapping windows of ``window`` token ids (two tokens at least) over ``text``."""
+        ids = self.token_ids(text)
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        windows = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
+        if not windows:
+            raise ValueError("perplexity needs at least two tokens of text")
+        return windows
 
     @torch.no_grad()
     def perplexity(
@@ -293,38 +467,73 @@ class Backbone:
         window: int = 512,
         batch_size: int = 8,
         max_tokens: int | None = None,
-        context: str = "",
+        hooks: HooksFactory | None = None,
     ) -> float:
         """Perplexity of a long text, scored in consecutive non-overlapping windows of ``window`` tokens.
 
-        ``context`` is prepended (unscored) to every window, for strategies that answer with text in the prompt.
+        The first token of a window is its context (never scored), whatever a strategy puts in front of it, so
+        every strategy scores the same tokens. ``hooks`` is called once with each window's text as its query.
         """
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if max_tokens is not None:
-            ids = ids[:max_tokens]
-        prefix = self.tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
-        windows = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
-        if not windows:
-            raise ValueError("perplexity needs at least two tokens of text")
+        windows = self.text_windows(text, window=window, max_tokens=max_tokens)
+        made = hooks(DecodedWindows(self.tokenizer, windows)) if hooks is not None else None
+        if made is not None and not any(made.touches(i) for i in range(len(windows))):
+            made = None
         total, count = 0.0, 0
-        pad = self.tokenizer.pad_token_id
         for start in range(0, len(windows), batch_size):
-            rows = [prefix + r for r in windows[start : start + batch_size]]
-            width = max(len(r) for r in rows)
-            ids_t = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
-            labels = torch.tensor(
-                [[-100] * len(prefix) + r[len(prefix) :] + [-100] * (width - len(r)) for r in rows],
-                device=self.device,
-            )
-            attention = torch.tensor(
-                [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device
-            )
-            nll = sequence_nll(self.model(input_ids=ids_t, attention_mask=attention).logits, labels)
+            rows = range(start, min(start + batch_size, len(windows)))
+            prefixes = [self.token_ids(made.prefix(i)) if made is not None else [] for i in rows]
+            batch = self._batch([(p + windows[i][:1], windows[i][1:]) for p, i in zip(prefixes, rows)], rows)
+            nll = sequence_nll(self.next_token_scores(batch, made), batch.labels)
             total += float(nll.sum())  # sync: one per batch of windows
-            count += int((labels[:, 1:] != -100).sum())
+            count += int((batch.labels[:, 1:] != IGNORE).sum())
         return math.exp(total / count)
 
-    # -- training helpers --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_logits(self, texts: Sequence[str], *, hooks: HooksFactory | None = None) -> torch.Tensor:
+        """Next-token scores (B, T, V) float32 of a right-padded batch of raw texts (as :meth:`encode` pads
+        it).
+
+        With ``hooks`` (queries: the texts), a touched row is run as ``prefix + text`` and its own positions
+        are returned; positions past a text's end hold the scores at the padding after it. Untouched rows keep
+        the base model's logits of the whole batch, bit for bit.
+        """
+        texts = list(texts)
+        encoded = self.encode(texts)
+        made = hooks(texts) if hooks is not None else None
+        touched = [i for i in range(len(texts)) if made is not None and made.touches(i)]
+        if len(touched) < len(texts):
+            out = self.model(**encoded).logits.float()
+            if not touched:
+                return out
+        assert made is not None
+        width = encoded["input_ids"].shape[1]
+        lengths = encoded["attention_mask"].sum(1).tolist()  # sync: row lengths, once per call
+        prefixes = [self.token_ids(made.prefix(i)) for i in touched]
+        longest = max(len(p) for p in prefixes)
+        pad = self.tokenizer.pad_token_id
+        pairs = [
+            (
+                p,
+                encoded["input_ids"][i, : lengths[i]].tolist()
+                + [pad] * (width - lengths[i] + longest - len(p)),
+            )
+            for p, i in zip(prefixes, touched)
+        ]
+        batch = self._batch(pairs, touched)
+        attention = torch.zeros_like(batch.attention_mask)
+        own = torch.zeros_like(attention, dtype=torch.bool)
+        for row, (p, i) in enumerate(zip(prefixes, touched)):
+            attention[row, : len(p) + lengths[i]] = 1
+            own[row, len(p) : len(p) + lengths[i]] = True
+        batch = dataclasses.replace(batch, attention_mask=attention)
+        scores = self.next_token_scores(batch, made, own).float()
+        rows = [scores[row, len(p) : len(p) + width] for row, p in enumerate(prefixes)]
+        if len(touched) == len(texts):
+            return torch.stack(rows)
+        out[touched] = torch.stack(rows)
+        return out
+
+    # -- training helpers ------------------------------------------------------------------------------------
     @contextmanager
     def training(self) -> Iterator[None]:
         """Train mode for the duration (dropout etc.), eval mode afterwards, whatever happens."""
@@ -340,4 +549,4 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
     shift_labels = labels[:, 1:]  # (B, T-1)
     nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp(min=0), reduction="none")
-    return nll * (shift_labels != -100)
+    return nll * (shift_labels != IGNORE)

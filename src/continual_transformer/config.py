@@ -367,3 +367,97 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shared settings of strategies that train with gradient descent (nested as ``optim:`` and ``windows:``)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimArgs:
+    """The optimiser block of a strategy that trains (``strategies.<name>.optim``)."""
+
+    optimizer: str = "adamw"
+    """``adamw`` or ``sgd``; a new optimizer is built for every document (no momentum carried across)."""
+    learning_rate: float = 1e-4
+    """Optimizer learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 (SGD)."""
+    epochs: int = 30
+    """Passes over each document's examples."""
+    batch_size: int = 8
+    """Examples (windows, exchanges) per optimisation step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables it)."""
+    stop_loss: float = 0.1
+    """Stop after the first epoch whose mean loss is below this (0 disables early stopping)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.optimizer in ("adamw", "sgd"),
+            "optim.optimizer",
+            f"must be adamw or sgd, got {self.optimizer!r}",
+        )
+        _check(self.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.epochs >= 1, "optim.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _check(self.stop_loss >= 0, "optim.stop_loss", "must be >= 0 (0 disables early stopping)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WindowArgs:
+    """How a document is cut into token windows (``strategies.<name>.windows``)."""
+
+    window: int = 512
+    """Tokens per window."""
+    context: int = 64
+    """Tokens of preceding text each window after the first re-reads (unscored): facts keep their subject."""
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 2, "windows.window", f"must be >= 2, got {self.window}")
+        _check(
+            0 <= self.context < self.window,
+            "windows.context",
+            f"must be in [0, window), got {self.context} with window {self.window}",
+        )
+
+
+LEGACY_TRAINING_KEYS: Mapping[str, str] = types.MappingProxyType(
+    {
+        **{name: f"optim.{name}" for name in (f.name for f in dataclasses.fields(OptimArgs))},
+        "window_tokens": "windows.window",
+        "context_tokens": "windows.context",
+    }
+)
+"""Flat keys of earlier configs (``strategies.finetune.learning_rate``) and where they live now."""
+
+
+def nest_legacy_keys(cls: type, data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``data`` with the flat keys of :data:`LEGACY_TRAINING_KEYS` moved into their nested section.
+
+    Only for a ``cls`` that has the nested field (``optim`` / ``windows``) and no field of the flat name; a
+    key given both ways is refused.
+    """
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    moved = {
+        key: target
+        for key, target in LEGACY_TRAINING_KEYS.items()
+        if key in data and key not in names and target.split(".")[0] in names
+    }
+    if not moved:
+        return data
+    nested: dict[str, Any] = {k: v for k, v in data.items() if k not in moved}
+    for key, target in moved.items():
+        section, _, name = target.partition(".")
+        current = nested.get(section)
+        current = {} if current is None else dict(to_dict(current))
+        if name in current:
+            raise ConfigError(f"{key} and {target} are both given; use {target}")
+        current[name] = data[key]
+        nested[section] = current
+    return nested
+
+
+# ------------------------------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def _parse_jsonl(path: Path, text: str, config: DocumentConfig, *, id_prefix: st
 
 
 def chunk_spans(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:
-    """``[start, end)`` spans covering ``n_tokens`` tokens in chunks of ``size`` sharing ``overlap`` tokens."""
+    """``[start, end)`` spans covering ``n_tokens`` tokens in chunks of ``size`` that share ``overlap``."""
     if n_tokens <= 0:
         return []
     if not 0 <= overlap < size:

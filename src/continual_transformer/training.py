@@ -1,26 +1,39 @@
-"""Gradient-descent mechanics shared by every strategy that trains weights.
+"""Gradient-descent mechanics shared by every strategy that trains weights: examples, batches, one loop.
 
 Documents become training sequences that keep their preceding context (a later window re-reads the end of the
 previous one without being scored on it), so a fact is never cut off from its subject. Question-answer pairs
-become chat exchanges scored on the answer only — the format the model is later asked in.
+become chat exchanges scored on the answer only -- the format the model is later asked in.
+
+:func:`train` is the one optimisation loop. What a step minimises is pluggable (``loss_fn``, default
+:func:`next_token_loss`); an :class:`Example` may carry extra per-example tensors (``extras``, e.g. a
+teacher's top-k token ids and log-probabilities per scored position) that :func:`collate` pads and stacks into
+the batch, so an objective such as context distillation plugs in without another loop.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from continual_transformer.backbone import Backbone, sequence_nll
+from continual_transformer.config import OptimArgs, WindowArgs
 from continual_transformer.documents import chunk_spans
 
 logger = logging.getLogger(__name__)
 
 IGNORE = -100
+
+Batch = dict[str, torch.Tensor]
+"""A collated batch: ``input_ids``, ``labels``, ``attention_mask`` (B, T) and each example extra (B, N, ...).
+"""
+LossFn = Callable[[Backbone, Batch], torch.Tensor]
+"""Maps the backbone and a batch to a scalar loss with grad (what one step minimises)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,9 @@ class Example:
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False)
+    """Extra per-example tensors for a custom loss; :func:`collate` pads each along its first dimension (with
+    zeros) to the longest in the batch and stacks them. Every example of a batch must carry the same keys."""
 
     @property
     def scored_tokens(self) -> int:
@@ -36,7 +52,8 @@ class Example:
 
 
 def text_examples(backbone: Backbone, text: str, *, window: int, context: int) -> list[Example]:
-    """Windows of ``window`` tokens over ``text``; each window after the first re-reads ``context`` tokens unscored."""
+    """Windows of ``window`` tokens over ``text``; each window after the first re-reads ``context`` tokens
+    unscored."""
     ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = backbone.tokenizer.bos_token_id
     # A leading BOS gives the first tokens of a document a position-0 context, as in pretraining.
@@ -51,6 +68,11 @@ def text_examples(backbone: Backbone, text: str, *, window: int, context: int) -
     return examples
 
 
+def window_examples(backbone: Backbone, text: str, windows: WindowArgs) -> list[Example]:
+    """:func:`text_examples` with the windowing of a strategy's ``windows:`` settings."""
+    return text_examples(backbone, text, window=windows.window, context=windows.context)
+
+
 def exchange_examples(backbone: Backbone, pairs: Iterable[tuple[str, str]]) -> list[Example]:
     """Chat exchanges (prompt, answer) scored on the answer tokens only."""
     examples = []
@@ -62,7 +84,8 @@ def exchange_examples(backbone: Backbone, pairs: Iterable[tuple[str, str]]) -> l
     return examples
 
 
-def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> Batch:
+    """Right-padded ``input_ids``, ``labels`` (-100 on padding) and ``attention_mask``, plus the extras."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -72,14 +95,26 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> d
         ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": attention.to(device)}
+    batch = {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": attention.to(device)}
+    keys = set(examples[0].extras)
+    if any(set(e.extras) != keys for e in examples):
+        raise ValueError("every example of a batch must carry the same extras")
+    for key in sorted(keys):
+        tensors = [e.extras[key] for e in examples]
+        longest = max(t.shape[0] for t in tensors)
+        stacked = tensors[0].new_zeros((len(tensors), longest, *tensors[0].shape[1:]))
+        for row, tensor in enumerate(tensors):
+            stacked[row, : tensor.shape[0]] = tensor
+        batch[key] = stacked.to(device)
+    return batch
 
 
 def make_optimizer(
     params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
     if name == "adamw":
-        # The fused CUDA kernel updates every tensor in one launch (several times faster for many small tensors).
+        # The fused CUDA kernel updates every tensor in one launch (several times faster for many small
+        # tensors).
         fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name == "sgd":
@@ -87,8 +122,8 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; use adamw or sgd")
 
 
-def batch_loss(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token loss over the scored tokens of a batch (a scalar tensor with grad)."""
+def next_token_loss(backbone: Backbone, batch: Batch) -> torch.Tensor:
+    """Mean next-token loss over the scored tokens of a batch (a scalar with grad): the default loss."""
     logits = backbone.model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits
@@ -97,8 +132,11 @@ def batch_loss(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tens
     return nll.sum() / scored
 
 
+batch_loss = next_token_loss  # the earlier name, used by benchmarks/ttt_throughput.py
+
+
 def kl_to_reference(reference_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over positions where ``mask`` is set of KL(reference || model) between next-token distributions."""
+    """Mean over the positions where ``mask`` is set of KL(reference || model) of next-token distributions."""
     ref = torch.log_softmax(reference_logits.float(), dim=-1)
     own = torch.log_softmax(logits.float(), dim=-1)
     kl = (ref.exp() * (ref - own)).sum(-1)  # (B, T)
@@ -107,60 +145,71 @@ def kl_to_reference(reference_logits: torch.Tensor, logits: torch.Tensor, mask: 
     return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp(min=1)
 
 
+@contextmanager
+def gradients_on(params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """``requires_grad`` on for ``params`` while inside, off afterwards whatever happens."""
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
 def train(
     backbone: Backbone,
     examples: Sequence[Example],
     params: list[torch.nn.Parameter],
+    optim: OptimArgs,
     *,
-    optimizer: str = "adamw",
-    learning_rate: float = 1e-4,
-    weight_decay: float = 0.0,
-    epochs: int = 1,
-    batch_size: int = 8,
-    max_grad_norm: float | None = 1.0,
-    stop_loss: float | None = None,
     seed: int = 0,
-    grad_hook=None,
+    loss_fn: LossFn = next_token_loss,
     regularizer: Callable[[], torch.Tensor] | None = None,
+    grad_hook: Callable[[list[torch.nn.Parameter]], None] | None = None,
     description: str = "learning",
 ) -> list[float]:
-    """Optimise ``params`` on ``examples``; return the loss of every step (the examples' loss alone).
+    """Optimise ``params`` on ``examples`` as ``optim`` says; return every step's loss (``loss_fn`` alone).
 
-    ``stop_loss`` ends training after the first epoch whose mean loss falls below it. ``grad_hook(params)`` runs
-    after each backward pass (e.g. to mask gradients) and before clipping. ``regularizer()`` is added to every
-    step's loss (e.g. a KL term that anchors the model to its base on other text).
+    ``seed`` fixes the order the examples are shuffled in each epoch (its own ``random.Random``: no global
+    state is read or changed). ``optim.stop_loss`` ends training after the first epoch whose mean loss falls
+    below it. ``regularizer()`` is added to every step's loss (e.g. a KL term that anchors the model to its
+    base on other text); ``grad_hook(params)`` runs after each backward pass and before clipping (e.g. to mask
+    gradients). ``requires_grad`` is switched on for ``params`` during training and off afterwards.
     """
     if not examples:
         return []
-    opt = make_optimizer(params, optimizer, learning_rate, weight_decay)
+    opt = make_optimizer(params, optim.optimizer, optim.learning_rate, optim.weight_decay)
     rng = random.Random(seed)
     order = list(range(len(examples)))
+    batch_size = optim.batch_size
     steps_per_epoch = (len(examples) + batch_size - 1) // batch_size
     losses: list[float] = []
     pad = backbone.tokenizer.pad_token_id
     with (
+        gradients_on(params),
         backbone.training(),
-        tqdm(total=epochs * steps_per_epoch, desc=description, leave=False, disable=None) as bar,
+        tqdm(total=optim.epochs * steps_per_epoch, desc=description, leave=False, disable=None) as bar,
     ):
-        for _ in range(epochs):
+        for _ in range(optim.epochs):
             rng.shuffle(order)
             epoch_losses = []
             for start in range(0, len(order), batch_size):
                 batch = collate(
                     [examples[i] for i in order[start : start + batch_size]], pad, backbone.device
                 )
-                loss = batch_loss(backbone, batch)
+                loss = loss_fn(backbone, batch)
                 (loss + regularizer() if regularizer is not None else loss).backward()
                 if grad_hook is not None:
                     grad_hook(params)
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                if optim.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 epoch_losses.append(loss.item())  # sync: one per step, for the report and the stop rule
                 bar.update(1)
                 bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
             losses.extend(epoch_losses)
-            if stop_loss is not None and sum(epoch_losses) / len(epoch_losses) < stop_loss:
+            if optim.stop_loss and sum(epoch_losses) / len(epoch_losses) < optim.stop_loss:
                 break
     return losses

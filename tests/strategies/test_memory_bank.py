@@ -1,4 +1,4 @@
-"""The ``memory_bank`` strategy and its memory store, on the tiny test models."""
+"""The ``memory_bank`` strategy on the tiny test models (its memory store: tests/modules)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from conftest import fast_config, make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.config import ConfigError
-from continual_transformer.modules.memory_store import MemoryStore
 
 DOC = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
 UNRELATED = "A quick brown fox jumps over the lazy dog."
@@ -19,41 +18,7 @@ def build(tokenizer, **settings) -> ContinualTransformer:
     return ContinualTransformer(make_backbone(tokenizer), strategy="memory_bank", config=config)
 
 
-# -- the store ---------------------------------------------------------------------------------------------------
-def test_store_evicts_the_least_important_memory():
-    store = MemoryStore(4, 4, capacity=2)
-    store.add(torch.tensor([1.0, 0, 0, 0]), torch.ones(4), gate_logit=0.0, importance=0.5)
-    store.add(torch.tensor([0, 1.0, 0, 0]), torch.ones(4), gate_logit=0.0, importance=0.1)
-    slot, evicted = store.add(torch.tensor([0, 0, 1.0, 0]), torch.ones(4), gate_logit=0.0, importance=0.3)
-    assert evicted == 1 and slot == 1 and store.size == 2
-    assert sorted(store.importance[:2].tolist()) == pytest.approx([0.3, 0.5])
-    store.reinforce(torch.tensor([1, 1]), 0.5)  # used twice: now the most important
-    _, evicted = store.add(torch.tensor([0, 0, 0, 1.0]), torch.ones(4), gate_logit=0.0, importance=0.2)
-    assert evicted == 0 and store.uses[1] == 2
-
-
-def test_store_ranks_by_similarity_times_importance_above_a_threshold():
-    store = MemoryStore(2, 2, capacity=4)
-    store.add(torch.tensor([1.0, 0.0]), torch.zeros(2), gate_logit=0.0, importance=0.1)
-    store.add(torch.tensor([0.8, 0.6]), torch.zeros(2), gate_logit=0.0, importance=1.0)
-    store.add(torch.tensor([0.0, 1.0]), torch.zeros(2), gate_logit=0.0, importance=5.0)
-    slots, sims, valid = store.retrieve(torch.tensor([[1.0, 0.0]]), k=3, min_similarity=0.5)
-    assert slots[0, :2].tolist() == [
-        1,
-        0,
-    ]  # 0.8 x 1.0 beats 1.0 x 0.1; the orthogonal memory fails the threshold
-    assert valid[0].tolist() == [True, True, False]
-    assert sims[0, 0] == pytest.approx(0.8)
-
-
-def test_store_finds_duplicates():
-    store = MemoryStore(2, 2, capacity=4)
-    store.add(torch.tensor([1.0, 0.0]), torch.zeros(2), gate_logit=0.0, importance=1.0)
-    best, slot = store.duplicates(torch.tensor([[0.99, 0.14], [0.0, 1.0]]), 0.95)
-    assert best[0] > 0.95 > best[1] and slot[0] == 0
-
-
-# -- the strategy ----------------------------------------------------------------------------------------------
+# -- the strategy --------------------------------------------------------------------------------------------
 def test_examples_are_sentences_with_short_ones_joined(tokenizer):
     ct = build(tokenizer, min_tokens=4)
     assert ct.strategy.examples("Hi. " + DOC) == [
@@ -145,7 +110,7 @@ def test_config_errors_name_the_key():
         MemoryBankConfig(on_duplicate="merge")
 
 
-# -- keys from a sentence embedder (a tiny random BERT) -----------------------------------------------------------
+# -- keys from a sentence embedder (a tiny random BERT) ------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_embedder_dir(tmp_path_factory):
     from conftest import CORPUS, save_tiny_embedder

@@ -1,4 +1,4 @@
-"""The ``retrieval`` strategy and its lexical index, on the tiny test models."""
+"""The ``retrieval`` strategy on the tiny test models (its lexical index: tests/modules)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from conftest import fast_config, make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.config import ConfigError
-from continual_transformer.modules.lexical_index import LexicalIndex, analyze
 
 VELORIA = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
 MIRELA = (
@@ -23,44 +22,7 @@ def build(tokenizer, **settings) -> ContinualTransformer:
     return ContinualTransformer(make_backbone(tokenizer), strategy="retrieval", config=config)
 
 
-# -- the lexical index ---------------------------------------------------------------------------------------
-def test_analyze_drops_stop_words_and_stems():
-    assert analyze("What is the capital of Veloria? The rivers flowed.") == [
-        "capital",
-        "veloria",
-        "river",
-        "flow",
-    ]
-    assert analyze("Born in 1873") == ["born", "1873"]
-
-
-@pytest.mark.parametrize("scoring", ["bm25", "tfidf"])
-def test_index_ranks_the_right_chunk_first(scoring):
-    index = LexicalIndex(scoring)
-    index.add([FRANCE, VELORIA, MIRELA])
-    hits = index.search(["Where was Mirela Voskuijlen born?", "Which river flows through Quenmark?"], k=3)
-    assert hits[0][0].index == 2 and hits[1][0].index == 1
-    assert hits[0][0].relevance == pytest.approx(1.0)
-    assert all(a.score >= b.score for row in hits for a, b in zip(row, row[1:]))
-
-
-def test_relevance_weighs_unknown_query_words_heavily():
-    index = LexicalIndex()
-    index.add([VELORIA, MIRELA])
-    ((hit,),) = index.search(["What is the capital of Zorbania?"], k=1)
-    assert hit.index == 0 and hit.relevance < 0.5  # "capital" matches, the unknown name does not
-    assert index.search([UNRELATED], k=2) == [[]]  # no shared term: nothing returned
-
-
-def test_index_remove_keeps_order():
-    index = LexicalIndex()
-    index.add([VELORIA, MIRELA, FRANCE])
-    index.remove([0])
-    assert len(index) == 2
-    assert index.search(["Paris France"], k=1)[0][0].index == 1
-
-
-# -- the strategy ----------------------------------------------------------------------------------------------
+# -- the strategy --------------------------------------------------------------------------------------------
 def test_retrieval_ranks_the_right_document_first(tokenizer):
     ct = build(tokenizer, chunk_tokens=16, chunk_overlap=4)
     for doc in (FRANCE, VELORIA, MIRELA):
@@ -159,7 +121,7 @@ def test_config_errors_name_the_key():
         RetrievalConfig(bias_strength=-1.0)
 
 
-# -- dense retrieval on a tiny random BERT ------------------------------------------------------------------------
+# -- dense retrieval on a tiny random BERT -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_embedder_dir(tmp_path_factory):
     from conftest import CORPUS, save_tiny_embedder

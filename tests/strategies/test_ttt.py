@@ -10,7 +10,8 @@ from conftest import make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.backbone import model_fingerprint
-from continual_transformer.config import ConfigError, load_config
+from continual_transformer.config import ConfigError, OptimArgs, WindowArgs, load_config
+from continual_transformer.documents import Document
 from continual_transformer.modules.dual_mlp import DualMLP, find_mlp, neuron_layout
 from continual_transformer.modules.neuron_stats import (
     UsageAccumulator,
@@ -37,20 +38,19 @@ FAST = {
     "background_prompts": 4,
     "background_new_tokens": 24,
     "augment": False,
-    "epochs": 20,
-    "learning_rate": 1e-2,
+    "optim": {"epochs": 20, "learning_rate": 1e-2},
     "sparse": True,
     "trainable_neurons": 16,
-    "window_tokens": 64,
-    "context_tokens": 8,
+    "windows": {"window": 64, "context": 8},
     "anchor_weight": 0.0,
 }
 
 
 def build(tokenizer, *, arch: str = "llama", seed: int = 0, **overrides) -> ContinualTransformer:
-    config = load_config(
-        overrides={"generation": {"max_new_tokens": 8}, "strategies": {"ttt": {**FAST, **overrides}}}
-    )
+    """``epochs`` and ``stop_loss`` go into ``optim``; everything else is a ttt setting."""
+    optim = {**FAST["optim"], **{k: overrides.pop(k) for k in ("epochs", "stop_loss") if k in overrides}}
+    section = {**FAST, **overrides, "optim": optim}
+    config = load_config(overrides={"generation": {"max_new_tokens": 8}, "strategies": {"ttt": section}})
     return ContinualTransformer(make_backbone(tokenizer, arch=arch, seed=seed), strategy="ttt", config=config)
 
 
@@ -58,7 +58,7 @@ def trainable(ct) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in ct.strategy.trainable_parameters().items()}
 
 
-# -- dual MLP ------------------------------------------------------------------------------------------------------
+# -- dual MLP ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -141,7 +141,7 @@ def test_delta_disabled_gives_the_base_mlp(tokenizer):
     assert dual.delta_enabled
 
 
-# -- alpha ---------------------------------------------------------------------------------------------------------
+# -- alpha ---------------------------------------------------------------------------------------------------
 
 
 def test_alpha_schedule_decays_per_document_to_its_floor_and_survives_save_load(tokenizer, tmp_path):
@@ -179,14 +179,14 @@ def test_alpha_scales_the_learned_delta(tokenizer):
     assert (damped - base).abs().max() < 1e-3 * (full - base).abs().max()
 
 
-# -- sparse updates ------------------------------------------------------------------------------------------------
+# -- sparse updates ------------------------------------------------------------------------------------------
 
 
 def test_masked_neurons_get_exactly_zero_gradients_and_keep_their_weights(tokenizer):
     ct = build(tokenizer, arch="gpt2", trainable_neurons=16, epochs=5)
     strategy = ct.strategy
     strategy.calibrate()
-    examples, _ = strategy._examples(DOC)
+    examples, _ = strategy.training_examples(Document(id="d", text=DOC))
     chosen = [top_neurons(scores, 16) for scores in strategy.neuron_scores(examples)]  # (I,) per layer
     before = trainable(ct)
     seen: list[dict[str, torch.Tensor]] = []
@@ -221,7 +221,7 @@ def test_masked_neurons_get_exactly_zero_gradients_and_keep_their_weights(tokeni
 def test_selected_neurons_are_the_documents_top_tfidf_neurons(tokenizer):
     ct = build(tokenizer, trainable_neurons=8, epochs=2)
     ct.strategy.calibrate()
-    examples, _ = ct.strategy._examples(DOC)
+    examples, _ = ct.strategy.training_examples(Document(id="d", text=DOC))
     expected = [top_neurons(s, 8) for s in ct.strategy.neuron_scores(examples)]
     before = trainable(ct)
     ct.learn_document(DOC)
@@ -248,11 +248,11 @@ def test_sparse_false_updates_every_neuron(tokenizer):
 
 
 def test_optimizer_state_does_not_leak_across_documents(tokenizer):
-    """A neuron chosen for document 1 but not document 2 must not move during document 2 (no Adam momentum)."""
+    """A neuron chosen for document 1 but not document 2 must not move during document 2 (no momentum)."""
     ct = build(tokenizer, trainable_neurons=8, epochs=3)
     ct.learn_document(DOC)
-    examples, _ = ct.strategy._examples(
-        "A quick brown fox jumps over the lazy dog. 0123456789 questions answers."
+    examples, _ = ct.strategy.training_examples(
+        Document(id="d2", text="A quick brown fox jumps over the lazy dog. 0123456789 questions answers.")
     )
     chosen = top_neurons(ct.strategy.neuron_scores(examples)[0], 8)
     before = trainable(ct)
@@ -262,7 +262,7 @@ def test_optimizer_state_does_not_leak_across_documents(tokenizer):
     assert torch.equal(after[key][:, ~chosen], before[key][:, ~chosen])
 
 
-# -- TF-IDF statistics ---------------------------------------------------------------------------------------------
+# -- TF-IDF statistics ---------------------------------------------------------------------------------------
 
 
 def slow_topk_counts(acts: torch.Tensor, k: int, mask: torch.Tensor) -> torch.Tensor:
@@ -331,7 +331,7 @@ def test_calibration_is_saved_and_restored_without_recalibrating(tokenizer, tmp_
     report = ct.learn_document(DOC)
     assert ct.strategy.calibrated and report.extra["calibration_seconds"] > 0
     ct.save(tmp_path / "s")
-    examples, _ = ct.strategy._examples("Water boils at 100 degrees.")
+    examples, _ = ct.strategy.training_examples(Document(id="w", text="Water boils at 100 degrees."))
     masks = [top_neurons(s, 16) for s in ct.strategy.neuron_scores(examples)]
 
     fresh = build(tokenizer)
@@ -359,7 +359,7 @@ def test_background_file_is_used_when_configured(tokenizer, tmp_path):
         bad.learn_document(DOC)
 
 
-# -- learning, state, close ----------------------------------------------------------------------------------------
+# -- learning, state, close ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -395,21 +395,24 @@ def test_layer_shares_and_config_validation():
         ({"alpha_initial": 1.0}, "alpha"),
         ({"alpha_initial": 0.1, "alpha_min": 0.2}, "alpha"),
         ({"alpha_decay": 0.0}, "alpha_decay"),
-        ({"weight_decay": 0.1, "sparse": True}, "weight_decay"),
+        ({"optim": OptimArgs(weight_decay=0.1), "sparse": True}, "optim.weight_decay"),
         ({"trainable_neurons": 2.5}, "trainable_neurons"),
         ({"trainable_neurons": 0}, "trainable_neurons"),
-        ({"optimizer": "adam"}, "optimizer"),
-        ({"context_tokens": 256}, "context_tokens"),
         ({"augment_rephrasings": 4}, "augment_rephrasings"),
     ]
     for bad, field in bad_configs:
         with pytest.raises(ConfigError, match=f"strategies.ttt.{field}"):
             TTTConfig(**bad)
-    TTTConfig(weight_decay=0.1, sparse=False)
+    for bad, field in [({"optimizer": "adam"}, "optim.optimizer"), ({"epochs": 0}, "optim.epochs")]:
+        with pytest.raises(ConfigError, match=field):
+            OptimArgs(**bad)
+    with pytest.raises(ConfigError, match="windows.context"):
+        WindowArgs(window=256, context=256)
+    TTTConfig(optim=OptimArgs(weight_decay=0.1), sparse=False)
     TTTConfig(trainable_neurons=0.25)
 
 
-# -- augmentation --------------------------------------------------------------------------------------------------
+# -- augmentation --------------------------------------------------------------------------------------------
 
 
 def test_qa_parser_handles_messy_model_output():
@@ -488,7 +491,7 @@ def test_augmentation_off_and_on_run_on_the_tiny_model(tokenizer, augment, monke
     assert report.loss_after < report.loss_before
 
 
-# -- precision and anchoring ------------------------------------------------------------------------------------------
+# -- precision and anchoring ---------------------------------------------------------------------------------
 
 
 def test_float32_copy_under_a_half_precision_model_is_exact_before_learning_and_keeps_small_updates(

@@ -1,6 +1,7 @@
 """Reusable building blocks of the strategies that learn without touching the backbone's weights.
 
-- :class:`LexicalIndex`: BM25 / TF-IDF over word terms, on sparse matrices (no Python loop over chunks per query).
+- :class:`LexicalIndex`: BM25 / TF-IDF over word terms, on sparse matrices (no Python loop over chunks per
+  query).
 - :class:`SentenceEmbedder`: mean-pooled sentence embeddings from a Hugging Face encoder (MiniLM by default).
 - :class:`VectorStore`: preallocated key/value store with a size counter, geometric growth or a capacity bound
   with FIFO / least-recently-retrieved eviction, searched with batched matmul + top-k.

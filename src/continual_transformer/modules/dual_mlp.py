@@ -1,20 +1,22 @@
 """A decoder layer's MLP paired with a trainable copy: ``base(x) + (1 - alpha) * (trainable(x) - base(x))``.
 
-The copy starts as the base weights, so before learning the delta is exactly zero and the layer computes the base
-model's output bit for bit. ``alpha`` (a buffer, saved with the state) damps the learned delta; the strategy
-decays it per learned document. At ``alpha == 0`` the output is the trainable copy alone, and the base MLP is not
-computed. :meth:`DualMLP.delta_disabled` switches the delta off (the base model again),
-e.g. to generate training material or measure neuron usage with the untouched model.
+The copy starts as the base weights, so before learning the delta is exactly zero and the layer computes the
+base model's output bit for bit. ``alpha`` (a buffer, saved with the state) damps the learned delta; the
+strategy decays it per learned document. At ``alpha == 0`` the output is the trainable copy alone, and the
+base MLP is not computed. :meth:`DualMLP.delta_disabled` switches the delta off (the base model again), e.g.
+to generate training material or measure neuron usage with the untouched model.
 
-The copy may be kept in a wider dtype than the model (``trainable_dtype``, e.g. float32 under a bfloat16 model):
-small updates are not rounded away, and the copy's output is cast back to the model's dtype. Such a copy computes
-slightly differently from the base even with equal weights, so until it is first changed (:meth:`mark_changed`)
-the base MLP computes instead: before learning, the output is still the base model's bit for bit.
+The copy may be kept in a wider dtype than the model (``trainable_dtype``, e.g. float32 under a bfloat16
+model): small updates are not rounded away, and the copy's output is cast back to the model's dtype. Such a
+copy computes slightly differently from the base even with equal weights, so until it is first changed
+(:meth:`mark_changed`) the base MLP computes instead: before learning, the output is still the base model's
+bit for bit.
 
-The MLP and its hidden neurons are found by structure, not by architecture name: the MLP is the child of a decoder
-layer whose class name ends in ``MLP`` or that is named ``mlp``/``feed_forward``/``ffn``; its last projection
-(``down_proj`` / GPT-2 ``c_proj``) reads the hidden neurons, and the projections that write them (``gate_proj`` and
-``up_proj``, GPT-2 ``c_fc``, fused ``gate_up_proj``) are those whose output width is a multiple of that input width.
+The MLP and its hidden neurons are found by structure, not by architecture name: the MLP is the child of a
+decoder layer whose class name ends in ``MLP`` or that is named ``mlp``/``feed_forward``/``ffn``; its last
+projection (``down_proj`` / GPT-2 ``c_proj``) reads the hidden neurons, and the projections that write them
+(``gate_proj`` and ``up_proj``, GPT-2 ``c_fc``, fused ``gate_up_proj``) are those whose output width is a
+multiple of that input width.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def projection_shape(module: nn.Module) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class NeuronAxis:
-    """Where the hidden neurons lie in one parameter: along ``axis``, neuron ``j`` owns index ``j % n`` slices."""
+    """Where the hidden neurons lie in one parameter: along ``axis``, neuron ``j`` owns index ``j % n``
+    slices."""
 
     axis: int | None
     """Axis of the parameter indexed by (a multiple of) the neurons; ``None``: shared by all neurons (e.g. the
@@ -67,7 +70,7 @@ class NeuronAxis:
 
 @dataclass(frozen=True)
 class NeuronLayout:
-    """The hidden neurons of an MLP: how many, which projection reads them, and their axis in each parameter."""
+    """The hidden neurons of an MLP: how many, which projection reads them, their axis in each parameter."""
 
     neurons: int
     """Hidden (intermediate) units: the input width of the output projection."""
@@ -114,7 +117,7 @@ def neuron_layout(mlp: nn.Module) -> NeuronLayout:
             f"{type(mlp).__name__}: no projection writes the {neurons} hidden units read by {out_name!r}"
         )
     axes: dict[str, NeuronAxis] = {}
-    for name, param in mlp.named_parameters():
+    for name, _ in mlp.named_parameters():
         owner, _, kind = name.rpartition(".")
         module = mlp.get_submodule(owner) if owner else mlp
         conv = isinstance(module, Conv1D)
@@ -165,7 +168,7 @@ class DualMLP(nn.Module):
         self._alpha = float(value)
 
     def sync_alpha(self) -> None:
-        """Refresh the host copy after the ``alpha`` buffer was overwritten (e.g. loaded from a checkpoint)."""
+        """Refresh the host copy after the ``alpha`` buffer was overwritten (e.g. by a checkpoint load)."""
         self._alpha = float(self.alpha)  # sync: once per load
 
     @property
@@ -181,8 +184,9 @@ class DualMLP(nn.Module):
         if not self.delta_enabled or not self.changed:
             return self.base(hidden, *args, **kwargs)
         if self._alpha == 0.0:
-            # base + 1 * (trainable - base) is the trainable copy: skip the base MLP (half the MLP cost). Before
-            # learning the copy computes exactly what the base does, so this too is the base model bit for bit.
+            # base + 1 * (trainable - base) is the trainable copy: skip the base MLP (half the MLP cost).
+            # Before learning the copy computes exactly what the base does, so this too is the base model bit
+            # for bit.
             return self._trainable(hidden, *args, **kwargs)
         base_out = self.base(hidden, *args, **kwargs)
         trained_out = self._trainable(hidden, *args, **kwargs)

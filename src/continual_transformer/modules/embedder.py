@@ -1,7 +1,8 @@
 """Sentence embeddings: mean pooling of a Hugging Face encoder's last hidden states, L2-normalised.
 
-The default is the packaged all-MiniLM-L6-v2 (``continual_transformer.zoo.resolve("minilm-l6")``), used the way
-sentence-transformers uses it (mean over non-padding tokens, then normalise), so cosine similarity is a dot product.
+The default is the packaged all-MiniLM-L6-v2 (``continual_transformer.zoo.resolve("minilm-l6")``), used the
+way sentence-transformers uses it (mean over non-padding tokens, then normalise), so cosine similarity is a
+dot product.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ def _replace_output(output: Any, hidden: torch.Tensor) -> Any:
 
 
 class LayerCapture:
-    """Keeps the last hidden states ``(B, T, H)`` a module produced (``.hidden``), while the hook is installed.
+    """Keeps the last hidden states ``(B, T, H)`` a module produced (``.hidden``), while the hook is
+    installed.
 
     ``inputs=True`` captures what the module receives instead (e.g. the input of the LM head, which is the
     output of the final norm).
@@ -61,11 +62,11 @@ class LayerCapture:
 class ResidualAdder:
     """Adds a per-row vector to a module's output hidden states: ``h[b, t] += delta[b] * mask[b, t]``.
 
-    ``delta`` is ``(B, H)``; ``mask`` is ``None`` (every position) or ``(B, T)`` for the first call, which is the
-    full sequence (the prompt during generation); later calls of one sequence each see the newly generated
+    ``delta`` is ``(B, H)``; ``mask`` is ``None`` (every position) or ``(B, T)`` for the first call, which is
+    the full sequence (the prompt during generation); later calls of one sequence each see the newly generated
     token only and always get the delta (``mask`` is ignored when its width does not match, i.e. after the
-    prefill of a KV-cached generation). With ``skip_zero_rows`` (the default), rows whose delta is all zero are
-    left bit-identical; training turns it off so a delta that starts at zero still receives gradients.
+    prefill of a KV-cached generation). With ``skip_zero_rows`` (the default), rows whose delta is all zero
+    are left bit-identical; training turns it off so a delta that starts at zero still receives gradients.
     """
 
     def __init__(

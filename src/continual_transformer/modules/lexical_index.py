@@ -1,16 +1,17 @@
-"""A lexical index over word terms: BM25 (Okapi, Lucene's non-negative idf) or TF-IDF cosine, on sparse matrices.
+"""A lexical index over word terms: BM25 (Okapi, Lucene's non-negative idf) or TF-IDF cosine, on sparse
+matrices.
 
-Why not ``rank_bm25``: its ``get_scores`` walks a Python list of per-document dicts for every query term, which is
-seconds per query at 100k chunks, and its idf turns negative (then patched by an ``epsilon`` rule) when a term is
-in more than half of the documents — including every term of a one-document index. Here the index is a CSR
-matrix of term counts; weights are computed once per change (vectorised over the non-zeros) and a query is one
-sparse matrix product.
+Why not ``rank_bm25``: its ``get_scores`` walks a Python list of per-document dicts for every query term,
+which is seconds per query at 100k chunks, and its idf turns negative (then patched by an ``epsilon`` rule)
+when a term is in more than half of the documents — including every term of a one-document index. Here the
+index is a CSR matrix of term counts; weights are computed once per change (vectorised over the non-zeros) and
+a query is one sparse matrix product.
 
 Besides the ranking score, :meth:`LexicalIndex.search` returns a *relevance* in ``[0, 1]`` for every hit: the
-idf-weighted fraction of the query's content words that the chunk contains. Unlike a raw BM25 score it does not
-depend on the size of the corpus or the length of the query, so one threshold can gate "is this question about
-anything I have read?" (a query word never seen in the index carries the largest idf, so a question about an
-unknown name is not relevant to a chunk that only shares its generic words).
+idf-weighted fraction of the query's content words that the chunk contains. Unlike a raw BM25 score it does
+not depend on the size of the corpus or the length of the query, so one threshold can gate "is this question
+about anything I have read?" (a query word never seen in the index carries the largest idf, so a question
+about an unknown name is not relevant to a chunk that only shares its generic words).
 """
 
 from __future__ import annotations
@@ -31,18 +32,19 @@ _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
 # Function words carry no topic; leaving them out keeps "What is the capital of X?" from matching every chunk.
 STOP_WORDS = frozenset(
-    """a about above after again against all am an and any are as at be because been before being below between
-    both but by can could did do does doing down during each few for from further had has have having he her here
-    hers herself him himself his how i if in into is it its itself just me more most my myself no nor not now of
-    off on once only or other our ours ourselves out over own same she should so some such than that the their
-    theirs them themselves then there these they this those through to too under until up very was we were what
-    when where which while who whom why will with would you your yours yourself yourselves also s t""".split()
+    """a about above after again against all am an and any are as at be because been before being below
+    between both but by can could did do does doing down during each few for from further had has have
+    having he her here hers herself him himself his how i if in into is it its itself just me more most
+    my myself no nor not now of off on once only or other our ours ourselves out over own same she
+    should so some such than that the their theirs them themselves then there these they this those
+    through to too under until up very was we were what when where which while who whom why will with
+    would you your yours yourself yourselves also s t""".split()
 )
 
 
 @lru_cache(maxsize=1 << 17)
 def _stem(word: str) -> str:
-    """A deliberately light suffix stripper: plural and -ed/-ing forms meet their stem (flows/flowed -> flow)."""
+    """A deliberately light suffix stripper: plurals and -ed/-ing forms meet their stem (flowed -> flow)."""
     if len(word) > 4 and word.endswith("ies"):
         return word[:-3] + "y"
     if len(word) > 4 and word.endswith(("sses", "shes", "ches", "xes", "zes")):
@@ -57,7 +59,7 @@ def _stem(word: str) -> str:
 
 
 def analyze(text: str) -> list[str]:
-    """Lower-cased, stemmed word terms of ``text`` without stop words (digits count as words: years matter)."""
+    """Lower-cased, stemmed word terms of ``text`` without stop words (digits are words: years matter)."""
     return [_stem(w) for w in _WORD.findall(text.lower()) if w not in STOP_WORDS]
 
 
@@ -74,7 +76,8 @@ class Hit:
 
 
 class LexicalIndex:
-    """Chunks as bags of word terms; ``scoring`` is ``bm25`` or ``tfidf`` (cosine of sublinear tf-idf vectors)."""
+    """Chunks as bags of word terms; ``scoring`` is ``bm25`` or ``tfidf`` (cosine of sublinear tf-idf
+    vectors)."""
 
     def __init__(self, scoring: str = "bm25", *, k1: float = 1.5, b: float = 0.75) -> None:
         if scoring not in ("bm25", "tfidf"):

@@ -1,7 +1,8 @@
 """Next-token distributions changed at decoding time: a token bias, and the kNN-LM mixture.
 
-Both are ``transformers`` logits processors, passed through ``Backbone.generate(..., logits_processor=[...])``.
-They receive the raw next-token logits ``(B, V)`` of the current step and return scores of the same shape.
+Both are ``transformers`` logits processors, passed through ``Backbone.generate(...,
+logits_processor=[...])``. They receive the raw next-token logits ``(B, V)`` of the current step and return
+scores of the same shape.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def mix_log_probs(logits: torch.Tensor, p_knn: torch.Tensor, lam: torch.Tensor |
 class KNNMixtureProcessor(LogitsProcessor):
     """Applies ``mix(hidden, logits)`` at each step, with ``hidden`` the last position of a captured layer.
 
-    ``mix`` maps (B, H) hidden states and (B, V) logits to (B, V) scores (log-probabilities of the mixture where
-    the kNN part applies, the unchanged logits elsewhere).
+    ``mix`` maps (B, H) hidden states and (B, V) logits to (B, V) scores (log-probabilities of the mixture
+    where the kNN part applies, the unchanged logits elsewhere).
     """
 
     def __init__(

@@ -1,8 +1,10 @@
-"""A bounded bank of memories: unit key vectors, value vectors, gates and importance scores, in preallocated tensors.
+"""A bounded bank of memories: unit key vectors, value vectors, gates and importance scores, in preallocated
+tensors.
 
-Retrieval ranks memories by ``cosine similarity × importance`` among those whose similarity passes a threshold;
-a retrieved memory's importance grows by a bonus each time it is used. When the bank is full, the least important
-memory (the oldest among equals) makes room. Near-duplicates (cosine above a threshold) are found with one matmul.
+Retrieval ranks memories by ``cosine similarity × importance`` among those whose similarity passes a
+threshold; a retrieved memory's importance grows by a bonus each time it is used. When the bank is full, the
+least important memory (the oldest among equals) makes room. Near-duplicates (cosine above a threshold) are
+found with one matmul.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ class MemoryStore:
     def retrieve(
         self, queries: torch.Tensor, k: int, min_similarity: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-``k`` memories of each query by similarity × importance among those with similarity >= threshold.
+        """Top-``k`` memories of each query by similarity × importance among those with similarity >=
+        threshold.
 
         Returns (slots (Q, k'), similarities (Q, k'), valid (Q, k') bool); k' = min(k, size).
         """

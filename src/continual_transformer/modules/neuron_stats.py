@@ -1,10 +1,10 @@
 """How often each MLP hidden neuron is among a token's most active units, and TF-IDF over those rates.
 
-Sparse memory finetuning (Lin et al. 2025, "Continual Learning via Sparse Memory Finetuning", sec. 3) updates only
-the memory slots a batch uses much more than background data does, ranked by TF-IDF: TF counts a slot's accesses
-in the batch, IDF is computed from how many background batches access it. Here the slots are the hidden neurons of
-an MLP (the input units of ``down_proj`` / ``c_proj``) and a neuron is *used* by a token when its ``|activation|``
-is among that token's top ``k``.
+Sparse memory finetuning (Lin et al. 2025, "Continual Learning via Sparse Memory Finetuning", sec. 3) updates
+only the memory slots a batch uses much more than background data does, ranked by TF-IDF: TF counts a slot's
+accesses in the batch, IDF is computed from how many background batches access it. Here the slots are the
+hidden neurons of an MLP (the input units of ``down_proj`` / ``c_proj``) and a neuron is *used* by a token
+when its ``|activation|`` is among that token's top ``k``.
 
 An MLP is dense (every neuron fires a little on every token), so "used at least once in a chunk" saturates for
 chunks of more than a few tokens. We therefore count usage as a **rate**:
@@ -14,8 +14,8 @@ chunks of more than a few tokens. We therefore count usage as a **rate**:
   with one-token chunks it is exactly the classic "chunks that use ``i``");
 - ``IDF_i = log((N + 1) / (df_i + 1))``, ``TF_i`` = the document's top-``k`` rate, score = ``TF_i * IDF_i``.
 
-Everything is batched: one forward pre-hook per layer turns a ``(B, T, I)`` activation tensor into per-row counts
-with ``topk`` + ``scatter_add``; there is no Python loop over tokens or neurons.
+Everything is batched: one forward pre-hook per layer turns a ``(B, T, I)`` activation tensor into per-row
+counts with ``topk`` + ``scatter_add``; there is no Python loop over tokens or neurons.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def record_usage(
 
 
 def inverse_document_frequency(df: torch.Tensor, chunks: float) -> torch.Tensor:
-    """``log((N + 1) / (df + 1))``: 0 for a neuron every chunk uses fully, ``log(N + 1)`` for one never used."""
+    """``log((N + 1) / (df + 1))``: 0 when every chunk uses a neuron fully, ``log(N + 1)`` when none does."""
     return torch.log(
         torch.as_tensor(chunks + 1.0, dtype=torch.float32, device=df.device) / (df.float() + 1.0)
     )

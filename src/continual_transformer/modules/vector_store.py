@@ -7,7 +7,8 @@ retrieved first; insertion counts as a use). Search is a batched matmul plus ``t
 queries processed in blocks so the distance matrix stays within a memory budget.
 
 Distances: ``l2`` is the squared Euclidean distance; ``cosine`` stores unit keys and returns the squared
-Euclidean distance between unit vectors, ``2 - 2·cos`` (in ``[0, 4]``), so both metrics read "smaller is closer".
+Euclidean distance between unit vectors, ``2 - 2·cos`` (in ``[0, 4]``), so both metrics read "smaller is
+closer".
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class VectorStore:
     def search(
         self, queries: torch.Tensor, k: int, *, mark_used: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distances (M, k') and rows (M, k') of the ``k' = min(k, size)`` nearest keys of each query, nearest first."""
+        """Distances (M, k') and rows (M, k') of the ``k' = min(k, size)`` nearest keys of each query, nearest
+        first."""
         m = queries.shape[0]
         k = min(k, self.size)
         if k == 0:

@@ -8,17 +8,22 @@ benchmark harness only talk to strategies through this class.
 from __future__ import annotations
 
 import dataclasses
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from continual_transformer.backbone import ScoringHooks
+
 if TYPE_CHECKING:
     from continual_transformer.backbone import Backbone
     from continual_transformer.config import Config
     from continual_transformer.documents import Document
+    from continual_transformer.training import Example
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +35,8 @@ class LearnReport:
     tokens: int
     """Tokens of the document that were learned."""
     loss_before: float | None
-    """Mean next-token loss on the document before learning (``None`` when the strategy does not compute it)."""
+    """Mean next-token loss on the document before learning (``None`` when the strategy does not compute it).
+    """
     loss_after: float | None
     """Mean next-token loss on the document after learning."""
     seconds: float
@@ -61,9 +67,10 @@ class StrategyStats:
 class Strategy(ABC):
     """Base class of document-learning strategies.
 
-    Subclasses set ``name`` and ``config_cls`` through :func:`continual_transformer.strategies.register_strategy`.
-    ``modifies_backbone`` tells the invariant tests whether backbone weights may change while learning
-    (``False`` means: frozen parameters must stay bit-identical).
+    Subclasses set ``name`` and ``config_cls`` through
+    :func:`continual_transformer.strategies.register_strategy`. ``modifies_backbone`` tells the invariant
+    tests whether backbone weights may change while learning (``False`` means: frozen parameters must stay
+    bit-identical).
     """
 
     name: ClassVar[str]
@@ -80,6 +87,7 @@ class Strategy(ABC):
         self.config = config
         self.settings = settings
         self.documents_learned = 0
+        self._disabled = False
 
     # -- learning --------------------------------------------------------------------------------------------
     @abstractmethod
@@ -90,25 +98,71 @@ class Strategy(ABC):
     def generate(
         self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
     ) -> list[str]:
-        """Answer each prompt with what the strategy has learned (default: generate from the current backbone)."""
+        """Answer each prompt with what the strategy has learned (default: generate from the current
+        backbone)."""
         return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+
+    # -- scoring: written once here, on the backbone's scoring; strategies only supply scoring_hooks ---------
+    def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
+        """How this strategy changes scoring for rows whose queries are ``queries`` (``None``: not at all).
+
+        Strategies that change the forward pass (memories, captures), put text in front (retrieved context) or
+        transform the next-token distribution (kNN mixing, logit bias) return a :class:`ScoringHooks`; those
+        whose change lives in the backbone's weights need none.
+        """
+        return None
+
+    def _hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
+        return None if self._disabled else self.scoring_hooks(queries)
 
     @torch.no_grad()
     def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
-        """Next-token logits (B, T, V) for a right-padded batch of raw texts, as this strategy computes them.
+        """Next-token scores (B, T, V) float32 for a right-padded batch of raw texts, as this strategy
+        computes them."""
+        return self.backbone.forward_logits(texts, hooks=self._hooks)
 
-        Strategies that change the forward pass (memories, retrieval) override this; invariant tests compare it.
-        """
-        batch = self.backbone.encode(texts)
-        return self.backbone.model(**batch).logits.float()
-
-    def token_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None) -> list[torch.Tensor]:
+    def token_nll(
+        self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8
+    ) -> list[torch.Tensor]:
         """Per-token NLL of each text as this strategy scores it (see :meth:`Backbone.token_nll`)."""
-        return self.backbone.token_nll(texts, contexts=contexts)
+        return self.backbone.token_nll(texts, contexts=contexts, batch_size=batch_size, hooks=self._hooks)
 
-    def perplexity(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> float:
+    def mean_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None) -> float:
+        """Token-weighted mean NLL of the texts as this strategy scores them."""
+        return self.backbone.mean_nll(texts, contexts=contexts, hooks=self._hooks)
+
+    def perplexity(
+        self, text: str, *, window: int = 512, max_tokens: int | None = None, batch_size: int = 8
+    ) -> float:
         """Perplexity of general text as this strategy scores it (general-ability measurements use this)."""
-        return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
+        return self.backbone.perplexity(
+            text, window=window, max_tokens=max_tokens, batch_size=batch_size, hooks=self._hooks
+        )
+
+    # -- the base model --------------------------------------------------------------------------------------
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside, the backbone computes exactly the base model and this strategy scores as the base model
+        does.
+
+        Every learned change is off (adapters disabled, trainable copies bypassed, scoring hooks not made,
+        in-place trained weights swapped for the originals) and back on exit, whatever happens. Teachers that
+        must see the untouched model (e.g. for context distillation) run inside it. Generation through
+        :meth:`generate` is not covered: use ``self.backbone.generate`` inside.
+        """
+        if self._disabled:  # nested: already the base model
+            yield
+            return
+        self._disabled = True
+        try:
+            with self._base_model():
+                yield
+        finally:
+            self._disabled = False
+
+    def _base_model(self) -> AbstractContextManager[Any]:
+        """Switch off every change learning made to the backbone while inside (default: it makes none)."""
+        return nullcontext()
 
     def trained_backbone_parameters(self) -> set[str]:
         """Names (as in ``backbone.model.named_parameters()``) of backbone weights learning may change."""
@@ -146,24 +200,109 @@ class Strategy(ABC):
         self.reset()
 
 
+class TrainingStrategy(Strategy):
+    """A strategy that learns a document by gradient descent (``finetune``, ``lora``, ``ttt`` and those to
+    come).
+
+    :meth:`learn` is written once: examples from the document, the loss before, one :func:`training.train` run
+    on :meth:`trainable_parameters` with the config's ``optim`` settings, the loss after. Subclasses say what
+    trains and may add examples, a regularizer, a gradient hook or another loss (:meth:`training_options`),
+    and react to the finished run (:meth:`after_training`). The config must have ``optim`` (OptimArgs) and
+    ``windows`` (WindowArgs).
+    """
+
+    @abstractmethod
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters learning optimises, by state name."""
+
+    def training_examples(self, document: Document) -> tuple[list[Example], dict[str, Any]]:
+        """The examples of a document (default: its windows) and figures for the report."""
+        from continual_transformer import training
+
+        return training.window_examples(self.backbone, document.text, self.config.windows), {}
+
+    def training_options(self, examples: Sequence[Example]) -> dict[str, Any]:
+        """Extra keyword arguments of :func:`training.train` (``regularizer``, ``grad_hook``, ``loss_fn``)."""
+        return {}
+
+    def after_training(self, document: Document, losses: list[float]) -> dict[str, Any]:
+        """Runs after the optimisation, before the loss after is measured; returns figures for the report."""
+        return {}
+
+    def learn(self, document: Document) -> LearnReport:
+        from continual_transformer import training
+
+        start = time.perf_counter()
+        examples, figures = self.training_examples(document)
+        loss_before = self.mean_nll([document.text])
+        params = list(self.trainable_parameters().values())
+        losses = training.train(
+            self.backbone,
+            examples,
+            params,
+            self.config.optim,
+            seed=self.settings.seed + self.documents_learned,
+            description=f"{self.name} {document.id}",
+            **self.training_options(examples),
+        )
+        figures = {**figures, **self.after_training(document, losses)}
+        self.documents_learned += 1
+        return LearnReport(
+            doc_id=document.id,
+            tokens=sum(e.scored_tokens for e in examples),
+            loss_before=loss_before,
+            loss_after=self.mean_nll([document.text]),
+            seconds=time.perf_counter() - start,
+            step_losses=tuple(losses),
+            extra={"steps": len(losses), **figures},
+        )
+
+
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def pack_ragged(
+    rows: Sequence[Sequence[int]], dtype: torch.dtype = torch.int64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of integers (or ``bytes``) of any length as two tensors: the rows concatenated, and each row's
+    end.
+
+    The one way variable-length state (texts, token chunks) is stored in safetensors.
+    """
+    ends = torch.tensor([len(row) for row in rows], dtype=torch.int64).cumsum(0)
+    if rows and all(isinstance(row, bytes) for row in rows):
+        joined = b"".join(rows)  # type: ignore[arg-type]
+        flat = (
+            torch.frombuffer(bytearray(joined), dtype=torch.uint8)
+            if joined
+            else torch.zeros(0, dtype=torch.uint8)
+        )
+        return flat.to(dtype), ends
+    return torch.tensor([x for row in rows for x in row], dtype=dtype), ends
+
+
+def _spans(ends: torch.Tensor, size: int) -> list[tuple[int, int]]:
+    bounds = ends.cpu().tolist()
+    starts = [0, *bounds[:-1]]
+    if any(b < a for a, b in zip(starts, bounds)) or (bounds[-1] if bounds else 0) != size:
+        raise ValueError("packed state: the end offsets do not match the data")
+    return list(zip(starts, bounds))
+
+
+def unpack_ragged(flat: torch.Tensor, ends: torch.Tensor) -> list[list[int]]:
+    """The rows :func:`pack_ragged` packed."""
+    values = flat.cpu().tolist()
+    return [values[a:b] for a, b in _spans(ends, len(values))]
+
+
 def pack_texts(texts: Sequence[str], prefix: str) -> dict[str, torch.Tensor]:
-    """Texts as two tensors (UTF-8 bytes and end offsets), so text state lives in safetensors and is counted."""
-    encoded = [t.encode("utf-8") for t in texts]
-    data = (
-        torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8)
-        if encoded and any(encoded)
-        else torch.zeros(0, dtype=torch.uint8)
-    )
-    ends = torch.tensor([0] + [len(e) for e in encoded], dtype=torch.int64).cumsum(0)[1:]
-    return {f"{prefix}.bytes": data.clone(), f"{prefix}.ends": ends}
+    """Texts as two tensors (UTF-8 bytes, end offsets): text state lives in safetensors and is counted."""
+    data, ends = pack_ragged([t.encode("utf-8") for t in texts], torch.uint8)
+    return {f"{prefix}.bytes": data, f"{prefix}.ends": ends}
 
 
 def unpack_texts(state: dict[str, torch.Tensor], prefix: str) -> list[str]:
-    data = bytes(state[f"{prefix}.bytes"].cpu().numpy().tobytes())
-    ends = state[f"{prefix}.ends"].tolist()
-    starts = [0, *ends[:-1]]
-    return [data[a:b].decode("utf-8") for a, b in zip(starts, ends)]
+    """The texts :func:`pack_texts` packed under ``prefix``."""
+    data = state[f"{prefix}.bytes"].cpu().numpy().tobytes()
+    return [data[a:b].decode("utf-8") for a, b in _spans(state[f"{prefix}.ends"], len(data))]

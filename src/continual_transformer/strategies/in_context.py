@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from continual_transformer.backbone import ScoringHooks
 from continual_transformer.config import ConfigError
 from continual_transformer.documents import Document
 from continual_transformer.strategies import register_strategy
@@ -37,6 +38,14 @@ class InContextConfig:
             raise ConfigError("strategies.in_context.max_context_tokens: must be >= 1")
 
 
+class _ContextInFront(ScoringHooks):
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+
+    def prefix(self, row: int) -> str:
+        return self._prefix
+
+
 @register_strategy("in_context", config_cls=InContextConfig)
 class InContext(Strategy):
     reads_context = True
@@ -49,12 +58,12 @@ class InContext(Strategy):
     def learn(self, document: Document) -> LearnReport:
         start = time.perf_counter()
         tokens = len(self.backbone.tokenizer(document.text, add_special_tokens=False)["input_ids"])
-        loss_before = self.backbone.mean_nll([document.text])
+        loss_before = self.backbone.mean_nll([document.text])  # the base model's, without any document
         self.texts.append(document.text)
         self._lengths.append(tokens)
         self.documents_learned += 1
         # The document's loss with itself in context: what "having learned it" means for this strategy.
-        loss_after = self.backbone.mean_nll([document.text], contexts=[self.context() + "\n\n"])
+        loss_after = self.mean_nll([document.text])
         return LearnReport(
             doc_id=document.id,
             tokens=tokens,
@@ -92,37 +101,10 @@ class InContext(Strategy):
             self._with_context(prompts, chat), formatted=True, max_new_tokens=max_new_tokens
         )
 
-    @torch.no_grad()
-    def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
+    def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
+        """The documents, then a blank line, in front of every scored text."""
         context = self.context()
-        if not context:
-            return super().forward_logits(texts)
-        prefix = self.backbone.tokenizer(context + "\n\n", add_special_tokens=False)["input_ids"]
-        batch = self.backbone.encode(texts)
-        ids = torch.cat(
-            [torch.tensor([prefix] * len(texts), device=batch["input_ids"].device), batch["input_ids"]], 1
-        )
-        mask = torch.cat(
-            [
-                torch.ones(len(texts), len(prefix), dtype=batch["attention_mask"].dtype, device=ids.device),
-                batch["attention_mask"],
-            ],
-            1,
-        )
-        return self.backbone.model(input_ids=ids, attention_mask=mask).logits[:, len(prefix) :].float()
-
-    def token_nll(self, texts: Sequence[str], *, contexts: Sequence[str] | None = None) -> list[torch.Tensor]:
-        context = self.context()
-        if not context:
-            return super().token_nll(texts, contexts=contexts)
-        contexts = contexts or [""] * len(texts)
-        return self.backbone.token_nll(texts, contexts=[f"{context}\n\n{c}" for c in contexts])
-
-    def perplexity(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> float:
-        context = self.context()
-        return self.backbone.perplexity(
-            text, window=window, max_tokens=max_tokens, context=f"{context}\n\n" if context else ""
-        )
+        return _ContextInFront(f"{context}\n\n") if context else None
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return pack_texts(self.texts, "documents")

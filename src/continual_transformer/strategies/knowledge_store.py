@@ -4,47 +4,47 @@ Learning a document runs the frozen backbone over it once (in windows that re-re
 stores, for every position, the pair *(hidden state at a chosen layer, next token id)* in a
 :class:`~continual_transformer.modules.VectorStore`. No gradient is computed.
 
-At each next-token prediction the current hidden state at that layer queries the ``k`` nearest stored keys; their
-next tokens form ``p_kNN`` (softmax of ``-distance / temperature`` over the neighbours, summed per token) and the
-prediction becomes ``p = (1 - λ) p_LM + λ p_kNN``. This is token-level memory: it can emit a new name or year
-piece by piece once the model's context resembles the context the name followed in the document (e.g. the model
-has written "The capital of Veloria is"), which a pooled vector cannot.
+At each next-token prediction the current hidden state at that layer queries the ``k`` nearest stored keys;
+their next tokens form ``p_kNN`` (softmax of ``-distance / temperature`` over the neighbours, summed per
+token) and the prediction becomes ``p = (1 - λ) p_LM + λ p_kNN``. This is token-level memory: it can emit a
+new name or year piece by piece once the model's context resembles the context the name followed in the
+document (e.g. the model has written "The capital of Veloria is"), which a pooled vector cannot.
 
 A **distance gate** keeps unrelated text untouched: at a position whose nearest neighbour is farther than
 ``max_distance``, λ is 0 and the model's logits are returned unchanged (bit for bit).
 
-Where the mixture applies, :meth:`forward_logits` returns ``log p`` (the log of the mixed distribution, float32)
-in place of logits; elsewhere the base logits. Both are valid logits (softmax gives the distribution), so
-:meth:`token_nll`, :meth:`perplexity` and generation (a ``LogitsProcessor`` fed by a forward hook that captures
-the layer's hidden states) all apply the same mixture. During sampling the temperature/top-p warpers act on the
-mixture's scores.
+Where the mixture applies, :meth:`forward_logits` returns ``log p`` (the log of the mixed distribution,
+float32) in place of logits; elsewhere the base logits. Both are valid logits (softmax gives the
+distribution), so :meth:`token_nll`, :meth:`perplexity` and generation (a ``LogitsProcessor`` fed by a forward
+hook that captures the layer's hidden states) all apply the same mixture. During sampling the
+temperature/top-p warpers act on the mixture's scores.
 
 What it cannot do: answer a question whose wording leads the model to a context unlike the document's (the
 hidden state of "<assistant turn start>" after "What is the capital of Veloria?" is not near any stored key
 until the answer's own words begin to resemble the document).
 
 Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 chat questions, defaults): 2 of 6
-answers contained the new name ("The capital of Veloria is Tarnhelm.", "...born in the town of Brastow"; a third
-got "Oskar Plimos" for "Plimbe") against 0 for the base model; λ = 0.5 answered the same; the 3 unrelated
-questions were answered exactly as by the base model.
+answers contained the new name ("The capital of Veloria is Tarnhelm.", "...born in the town of Brastow"; a
+third got "Oskar Plimos" for "Plimbe") against 0 for the base model; λ = 0.5 answered the same; the 3
+unrelated questions were answered exactly as by the base model.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import LogitsProcessorList
 
-from continual_transformer.backbone import sequence_nll
-from continual_transformer.config import ConfigError
+from continual_transformer.backbone import ScoringBatch, ScoringHooks
+from continual_transformer.config import ConfigError, WindowArgs
 from continual_transformer.documents import Document, chunk_spans
+from continual_transformer.layers import hidden_size, layer_index
 from continual_transformer.modules.hooks import LayerCapture
 from continual_transformer.modules.logits import KNNMixtureProcessor, knn_distribution, mix_log_probs
 from continual_transformer.modules.vector_store import VectorStore
@@ -65,10 +65,11 @@ class KnowledgeStoreConfig:
     layer: int = -1
     """Decoder layer whose output is the key (with ``key_source: layer``); negative counts from the end."""
     interpolation: float = 0.5
-    """λ: weight of the kNN distribution in the mixture, where the distance gate lets it apply. The gate already
-    confines the mixture to positions that continue stored text, so λ can be higher than the paper's 0.25 for
-    perplexity. CPU quick profile (6 novel-facts documents, 48 probes), λ 0.25 / 0.5 / 0.75: acquisition 0.042 /
-    0.167 / 0.229 (in_context 0.229), general perplexity +0.2 % / +0.7 % / +1.6 %, no known fact lost."""
+    """λ: weight of the kNN distribution in the mixture, where the distance gate lets it apply. The gate
+    already confines the mixture to positions that continue stored text, so λ can be higher than the paper's
+    0.25 for perplexity. CPU quick profile (6 novel-facts documents, 48 probes), λ 0.25 / 0.5 / 0.75:
+    acquisition 0.042 / 0.167 / 0.229 (in_context 0.229), general perplexity +0.2 % / +0.7 % / +1.6 %, no
+    known fact lost."""
     k: int = 16
     """Neighbours retrieved per position."""
     temperature: float = 0.05
@@ -78,8 +79,8 @@ class KnowledgeStoreConfig:
     scale) or ``l2`` (squared Euclidean distance on raw hidden states, as in the paper)."""
     max_distance: float = 0.2
     """Distance gate: positions whose nearest neighbour is farther than this keep the model's logits (λ = 0).
-    On SmolLM2-135M (cosine, last layer) a position that continues a stored context is at 0.03-0.16 and 3 % of the
-    positions of unrelated text fall under 0.2 (13 % under 0.3)."""
+    On SmolLM2-135M (cosine, last layer) a position that continues a stored context is at 0.03-0.16 and 3 % of
+    the positions of unrelated text fall under 0.2 (13 % under 0.3)."""
     capacity: int = 0
     """Most keys kept (0: unbounded, the store doubles when full)."""
     eviction: str = "fifo"
@@ -88,10 +89,9 @@ class KnowledgeStoreConfig:
     """Rows preallocated at first."""
     key_dtype: str = "float32"
     """Storage type of the keys: ``float32``, ``float16`` or ``bfloat16`` (halves memory, slower on CPU)."""
-    window_tokens: int = 512
-    """Tokens per forward pass when a document is stored."""
-    context_tokens: int = 64
-    """Tokens of preceding text each window after the first re-reads (their pairs are not stored twice)."""
+    windows: WindowArgs = field(default_factory=WindowArgs)
+    """Forward passes over a document being stored: 512 tokens, each window after the first re-reading 64
+    tokens of preceding text (their pairs are not stored twice)."""
 
     def __post_init__(self) -> None:
         key = "strategies.knowledge_store"
@@ -117,8 +117,24 @@ class KnowledgeStoreConfig:
             raise ConfigError(
                 f"{key}.key_dtype: must be one of {sorted(_KEY_DTYPES)}, got {self.key_dtype!r}"
             )
-        if self.window_tokens < 2 or not 0 <= self.context_tokens < self.window_tokens:
-            raise ConfigError(f"{key}: need window_tokens >= 2 and 0 <= context_tokens < window_tokens")
+
+
+class _KNNMixing(ScoringHooks):
+    """Scoring with the kNN-LM: capture the key layer in the forward pass, then mix at the used positions."""
+
+    def __init__(self, strategy: KnowledgeStoreStrategy) -> None:
+        self.strategy = strategy
+        self._capture: LayerCapture | None = None
+
+    def forward(self, batch: ScoringBatch) -> LayerCapture:
+        self._capture = self.strategy.capture()
+        return self._capture
+
+    def next_token_scores(
+        self, logits: torch.Tensor, batch: ScoringBatch, positions: torch.Tensor
+    ) -> torch.Tensor:
+        assert self._capture is not None and self._capture.hidden is not None
+        return self.strategy._mix_where(logits.float(), self._capture.hidden, positions)
 
 
 @register_strategy("knowledge_store", config_cls=KnowledgeStoreConfig)
@@ -127,12 +143,9 @@ class KnowledgeStoreStrategy(Strategy):
 
     def __init__(self, backbone, config: KnowledgeStoreConfig, *, settings) -> None:
         super().__init__(backbone, config, settings=settings)
-        n_layers = backbone.num_layers
-        if config.key_source == "layer" and not -n_layers <= config.layer < n_layers:
-            raise ConfigError(
-                f"strategies.knowledge_store.layer: {config.layer} out of range for {n_layers} layers"
-            )
-        hidden = int(getattr(backbone.model.config, "hidden_size", 0) or backbone.model.config.n_embd)
+        if config.key_source == "layer":
+            layer_index(config.layer, backbone.num_layers, "strategies.knowledge_store.layer")
+        hidden = hidden_size(backbone.model)
         self.store = VectorStore(
             hidden,
             capacity=config.capacity,
@@ -166,7 +179,8 @@ class KnowledgeStoreStrategy(Strategy):
     def mix(self, hidden: torch.Tensor, logits: torch.Tensor, *, touch: bool = False) -> torch.Tensor:
         """Scores (M, V) float32 for M positions: ``log p_mix`` where the gate passes, ``logits`` elsewhere.
 
-        ``touch`` marks the neighbours used as retrieved (``lru`` eviction); generation does, scoring does not.
+        ``touch`` marks the neighbours used as retrieved (``lru`` eviction); generation does, scoring does
+        not.
         """
         out = logits.float()
         if self.store.size == 0 or self.config.interpolation == 0:
@@ -201,12 +215,13 @@ class KnowledgeStoreStrategy(Strategy):
         cfg = self.config
         ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
         keys, values = [], []
-        for i, (a, b) in enumerate(chunk_spans(len(ids), cfg.window_tokens, cfg.context_tokens)):
+        windows = cfg.windows
+        for i, (a, b) in enumerate(chunk_spans(len(ids), windows.window, windows.context)):
             piece = ids[a:b]
             if len(piece) < 3:
                 continue
             # Position 0 is skipped: its hidden state is a context-free attention sink, alike in every text.
-            first = 1 if i == 0 else cfg.context_tokens - 1  # positions predicting tokens not stored before
+            first = 1 if i == 0 else windows.context - 1  # positions predicting tokens not stored before
             t = torch.tensor([piece], device=self.backbone.device)
             _, hidden = self._forward(t, torch.ones_like(t))
             keys.append(hidden[0, first : len(piece) - 1])
@@ -220,11 +235,11 @@ class KnowledgeStoreStrategy(Strategy):
 
     def learn(self, document: Document) -> LearnReport:
         start = time.perf_counter()
-        loss_before = self._mean_nll(document.text)
+        loss_before = self.mean_nll([document.text])
         keys, values = self.document_pairs(document.text)
         self.store.add(keys, values)
         self.documents_learned += 1
-        loss_after = self._mean_nll(document.text)
+        loss_after = self.mean_nll([document.text])
         return LearnReport(
             doc_id=document.id,
             tokens=int(values.numel()),
@@ -233,10 +248,6 @@ class KnowledgeStoreStrategy(Strategy):
             seconds=time.perf_counter() - start,
             extra={"stored": int(values.numel()), "store_size": self.store.size},
         )
-
-    def _mean_nll(self, text: str) -> float:
-        values = self.token_nll([text])
-        return float(values[0].mean()) if values[0].numel() else 0.0
 
     # -- answering ------------------------------------------------------------------------------------------
     def generate(
@@ -253,56 +264,9 @@ class KnowledgeStoreStrategy(Strategy):
                 logits_processor=LogitsProcessorList([processor]),
             )
 
-    @torch.no_grad()
-    def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
-        """Per position: ``log p_mix`` where a stored key is within ``max_distance``, the base logits elsewhere."""
-        batch = self.backbone.encode(texts)
-        logits, hidden = self._forward(batch["input_ids"], batch["attention_mask"])
-        return self._mix_where(logits, hidden, batch["attention_mask"].bool())
-
-    @torch.no_grad()
-    def token_nll(
-        self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8
-    ) -> list[torch.Tensor]:
-        if self.store.size == 0:
-            return self.backbone.token_nll(texts, contexts=contexts)
-        results: list[torch.Tensor] = []
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start : start + batch_size])
-            ctx = list(contexts[start : start + batch_size]) if contexts is not None else [""] * len(chunk)
-            ids, labels, attention = self.backbone._labelled_batch(ctx, chunk)
-            logits, hidden = self._forward(ids, attention)
-            scored = torch.zeros_like(attention, dtype=torch.bool)
-            scored[:, :-1] = labels[:, 1:] != -100  # positions that predict a scored token
-            nll = sequence_nll(self._mix_where(logits, hidden, scored), labels)
-            mask = labels[:, 1:] != -100
-            results.extend(row[m].float().cpu() for row, m in zip(nll, mask))
-        return results
-
-    @torch.no_grad()
-    def perplexity(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> float:
-        if self.store.size == 0:
-            return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
-        ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if max_tokens is not None:
-            ids = ids[:max_tokens]
-        windows = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
-        if not windows:
-            raise ValueError("perplexity needs at least two tokens of text")
-        total, count, pad, device = 0.0, 0, self.backbone.tokenizer.pad_token_id, self.backbone.device
-        for start in range(0, len(windows), 8):
-            rows = windows[start : start + 8]
-            width = max(len(r) for r in rows)
-            ids_t = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-            labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows], device=device)
-            attention = (labels != -100).long()
-            logits, hidden = self._forward(ids_t, attention)
-            scored = torch.zeros_like(attention, dtype=torch.bool)
-            scored[:, :-1] = labels[:, 1:] != -100
-            nll = sequence_nll(self._mix_where(logits, hidden, scored), labels)
-            total += float(nll.sum())
-            count += int((labels[:, 1:] != -100).sum())
-        return math.exp(total / count)
+    def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
+        """The kNN mixture at every scored position (the gate leaves far positions' logits as they are)."""
+        return _KNNMixing(self) if self.store.size else None
 
     # -- state ----------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -1,43 +1,47 @@
-"""``memory_bank``: one trained vector per learned sentence, retrieved by similarity and added to the residual stream.
+"""``memory_bank``: one trained vector per learned sentence, retrieved by similarity and added to the residual
+stream.
 
 The GPT-2 memory-bank design, on our backbone, with the backbone frozen:
 
 * **Examples.** A document is split into sentences (``unit: sentence``) or token chunks (``unit: chunk``).
 * **Key.** A sentence embedding of the example from ``key_encoder`` (the packaged MiniLM by default), or with
   ``key_encoder: backbone`` the mean of its hidden states at ``key_layer``, each position normalised first (a
-  middle layer by default; position 0, an attention sink alike in every text, is left out), minus the mean of a
-  few generic sentences, normalised. Without the per-position normalisation a few tokens with massive activations
-  dominated the mean: every BoolQ question matched one sentence about chickpeas at cosine 0.997. The
-  backbone's pooled states carry genre as much as content: after learning Wikipedia-like passages (BoolQ), every
-  512-token WikiText window retrieved a memory and general perplexity rose 43-fold; MiniLM keys keep the two apart.
+  middle layer by default; position 0, an attention sink alike in every text, is left out), minus the mean of
+  a few generic sentences, normalised. Without the per-position normalisation a few tokens with massive
+  activations dominated the mean: every BoolQ question matched one sentence about chickpeas at cosine 0.997.
+  The backbone's pooled states carry genre as much as content: after learning Wikipedia-like passages (BoolQ),
+  every 512-token WikiText window retrieved a memory and general perplexity rose 43-fold; MiniLM keys keep the
+  two apart.
 * **Value.** A vector ``v`` in the model's hidden space, trained by a few Adam steps on the example's own
   next-token loss while ``h' = h + g · v`` is added at ``fuse_layer`` — gradients flow only into ``v`` and the
-  gate ``g = sigmoid(gate_logit)`` (``gate: null``; a number fixes ``g``). All examples of a document are trained
-  together in one batch. ``v`` is parametrised in units of the layer's hidden-state RMS, so one learning rate
-  fits models of any scale.
+  gate ``g = sigmoid(gate_logit)`` (``gate: null``; a number fixes ``g``). All examples of a document are
+  trained together in one batch. ``v`` is parametrised in units of the layer's hidden-state RMS, so one
+  learning rate fits models of any scale.
 * **Keep or reject.** The memory is kept only if it lowers the example's loss by more than ``min_gain``
   (relative); its importance starts at that gain.
-* **Duplicates.** An example whose key has cosine > ``duplicate_threshold`` with a stored key is skipped (the stored
-  memory is reinforced) or replaces it (``on_duplicate``).
-* **Retrieval and fusion.** A prompt's key retrieves the ``top_k`` memories by similarity × importance among those
-  with similarity >= ``min_similarity`` (none pass: the base model, bit for bit); their gated values, weighted by a
-  softmax of similarity / ``retrieval_temperature``, are added to the hidden states at ``fuse_layer`` of the last
-  ``fuse_tokens`` prompt tokens and every generated token (``fuse_tokens: 0``: every position). Each use raises a
-  memory's importance by ``use_bonus``; a full bank evicts its least important memory.
+* **Duplicates.** An example whose key has cosine > ``duplicate_threshold`` with a stored key is skipped (the
+  stored memory is reinforced) or replaces it (``on_duplicate``).
+* **Retrieval and fusion.** A prompt's key retrieves the ``top_k`` memories by similarity × importance among
+  those with similarity >= ``min_similarity`` (none pass: the base model, bit for bit); their gated values,
+  weighted by a softmax of similarity / ``retrieval_temperature``, are added to the hidden states at
+  ``fuse_layer`` of the last ``fuse_tokens`` prompt tokens and every generated token (``fuse_tokens: 0``:
+  every position). Each use raises a memory's importance by ``use_bonus``; a full bank evicts its least
+  important memory.
 
-What it can and cannot do, honestly: a value is one vector added to every fused position — a steering direction.
-It lowers the loss of the sentence it was trained on (it shifts the model toward that sentence's tokens), and
-retrieval keeps it away from unrelated prompts; but one pooled vector has to encode a whole sentence at once, so
-it cannot reliably make a small model *spell* a new name or number in answer to a differently worded question
-(the earlier system's hidden-state bias scored 0.006 on such probes). Token-level memory (``knowledge_store``) or
-retrieval into the prompt (``retrieval``) are the strategies for new names; measure before relying on this one.
+What it can and cannot do, honestly: a value is one vector added to every fused position — a steering
+direction. It lowers the loss of the sentence it was trained on (it shifts the model toward that sentence's
+tokens), and retrieval keeps it away from unrelated prompts; but one pooled vector has to encode a whole
+sentence at once, so it cannot reliably make a small model *spell* a new name or number in answer to a
+differently worded question (the earlier system's hidden-state bias scored 0.006 on such probes). Token-level
+memory (``knowledge_store``) or retrieval into the prompt (``retrieval``) are the strategies for new names;
+measure before relying on this one.
 
-Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 questions, 3 general questions): each
-sentence's own loss fell from ~6.0 to 0.9-2.1 nats; 2 of 6 answers contained the new name ("Tarnhelm", "Plimbe")
-against 0 for the base model, but answers to the related questions degenerated ("Tarnhelm. Tarnhelm. ...",
-digit strings), because the value is added to every generated token; the 3 unrelated questions were answered
-exactly as by the base model (nothing retrieved). Learning costs ``steps`` forward+backward passes per document
-(about a minute per 3-sentence document on 2 busy CPU cores).
+Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 questions, 3 general questions):
+each sentence's own loss fell from ~6.0 to 0.9-2.1 nats; 2 of 6 answers contained the new name ("Tarnhelm",
+"Plimbe") against 0 for the base model, but answers to the related questions degenerated ("Tarnhelm. Tarnhelm.
+...", digit strings), because the value is added to every generated token; the 3 unrelated questions were
+answered exactly as by the base model (nothing retrieved). Learning costs ``steps`` forward+backward passes
+per document (about a minute per 3-sentence document on 2 busy CPU cores).
 """
 
 from __future__ import annotations
@@ -46,14 +50,16 @@ import logging
 import re
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from continual_transformer.backbone import sequence_nll
+from continual_transformer.backbone import ScoringBatch, ScoringHooks, sequence_nll
 from continual_transformer.config import ConfigError
 from continual_transformer.documents import Document, chunk_spans
+from continual_transformer.layers import hidden_size, layer_index
 from continual_transformer.modules.embedder import SentenceEmbedder
 from continual_transformer.modules.hooks import LayerCapture, ResidualAdder, layer_output
 from continual_transformer.modules.memory_store import MemoryStore
@@ -83,11 +89,11 @@ _MIN_SIMILARITY = {"backbone": 0.65, "embedder": 0.6}
 @dataclass(frozen=True, kw_only=True)
 class MemoryBankConfig:
     key_encoder: str = "minilm-l6"
-    """What turns a text into a key: ``backbone`` (pooled hidden states at ``key_layer``) or a sentence embedder
-    (a packaged name such as ``minilm-l6``, a local directory or a hub id)."""
+    """What turns a text into a key: ``backbone`` (pooled hidden states at ``key_layer``) or a sentence
+    embedder (a packaged name such as ``minilm-l6``, a local directory or a hub id)."""
     key_layer: int | None = None
-    """Decoder layer whose mean-pooled output is a memory's key (``key_encoder: backbone``) and, by default, where
-    values are fused; ``None``: the middle layer."""
+    """Decoder layer whose mean-pooled output is a memory's key (``key_encoder: backbone``) and, by default,
+    where values are fused; ``None``: the middle layer."""
     fuse_layer: int | None = None
     """Decoder layer whose output receives the retrieved values; ``None``: the key layer."""
     unit: str = "sentence"
@@ -97,7 +103,8 @@ class MemoryBankConfig:
     min_tokens: int = 4
     """Sentences shorter than this are joined to the next one."""
     steps: int = 12
-    """Adam steps that train the values of a document's examples (together); each is a forward and backward pass."""
+    """Adam steps that train the values of a document's examples (together); each is a forward and backward
+    pass."""
     learning_rate: float = 0.2
     """Adam learning rate of the values, in units of the fused layer's hidden-state RMS."""
     gate: float | None = None
@@ -107,12 +114,13 @@ class MemoryBankConfig:
     top_k: int = 2
     """Memories fused per prompt at most."""
     min_similarity: float | None = None
-    """Cosine similarity between prompt and memory keys below which a memory is never used; ``None``: 0.6 with a
-    sentence embedder, 0.65 with ``backbone`` keys. Best match over the sentences of 50 documents, 10th / 50th
-    percentile and maximum (``benchmarks/relevance_gates.py``, SmolLM2-135M): MiniLM keys, novel-facts probes 0.64 /
-    0.77, BoolQ questions 0.51 / 0.60; general questions at most 0.55, 512-token WikiText windows at most 0.48.
-    Backbone keys separate less: novel-facts probes 0.63 / 0.78 but general questions up to 0.71; after BoolQ
-    passages the WikiText windows (0.71-0.80) sit above the BoolQ questions (0.44 / 0.53)."""
+    """Cosine similarity between prompt and memory keys below which a memory is never used; ``None``: 0.6 with
+    a sentence embedder, 0.65 with ``backbone`` keys. Best match over the sentences of 50 documents, 10th /
+    50th percentile and maximum (``benchmarks/relevance_gates.py``, SmolLM2-135M): MiniLM keys, novel-facts
+    probes 0.64 / 0.77, BoolQ questions 0.51 / 0.60; general questions at most 0.55, 512-token WikiText
+    windows at most 0.48. Backbone keys separate less: novel-facts probes 0.63 / 0.78 but general questions up
+    to 0.71; after BoolQ passages the WikiText windows (0.71-0.80) sit above the BoolQ questions (0.44 /
+    0.53)."""
     retrieval_temperature: float = 0.05
     """Softmax temperature over the similarities of the retrieved memories (their fusion weights)."""
     duplicate_threshold: float = 0.97
@@ -164,6 +172,25 @@ class MemoryBankConfig:
             raise ConfigError(f"{key}.fuse_tokens: must be >= 0, got {self.fuse_tokens}")
 
 
+class _FusedMemories(ScoringHooks):
+    """Scoring with memories: each batch retrieves by its rows' queries and fuses the values while it runs.
+
+    Retrieval runs per batch (as the batch is scored), so a call's memory use stays bounded; scoring is
+    measurement and never counts as a use of a memory.
+    """
+
+    def __init__(self, strategy: MemoryBankStrategy, queries: Sequence[str]) -> None:
+        self.strategy = strategy
+        self.queries = queries
+
+    def forward(self, batch: ScoringBatch) -> AbstractContextManager[Any]:
+        delta = self.strategy.deltas([self.queries[i] for i in batch.rows])
+        if delta is None:
+            return nullcontext()
+        mask = self.strategy._scoring_mask(batch.context_lengths, batch.input_ids.shape[1])
+        return self.strategy._fusion(delta, mask)
+
+
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the wanted layer has run."""
 
@@ -177,7 +204,7 @@ class MemoryBankStrategy(Strategy):
         n_layers = backbone.num_layers
         self.key_layer = self._layer_index(config.key_layer, n_layers // 2, "key_layer")
         self.fuse_layer = self._layer_index(config.fuse_layer, self.key_layer, "fuse_layer")
-        hidden = int(getattr(backbone.model.config, "hidden_size", 0) or backbone.model.config.n_embd)
+        hidden = hidden_size(backbone.model)
         self.embedder: SentenceEmbedder | None = None
         if config.key_encoder != "backbone":
             self.embedder = SentenceEmbedder.load(config.key_encoder, device=backbone.device)
@@ -191,12 +218,9 @@ class MemoryBankStrategy(Strategy):
         self._center: torch.Tensor | None = None
 
     def _layer_index(self, value: int | None, default: int, name: str) -> int:
-        n = self.backbone.num_layers
         if value is None:
             return default
-        if not -n <= value < n:
-            raise ConfigError(f"strategies.memory_bank.{name}: {value} out of range for {n} layers")
-        return value % n
+        return layer_index(value, self.backbone.num_layers, f"strategies.memory_bank.{name}")
 
     # -- keys -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -218,7 +242,8 @@ class MemoryBankStrategy(Strategy):
                 pass
             finally:
                 handle.remove()
-            # each position normalised first: a few tokens carry massive activations that would otherwise dominate
+            # each position normalised first: a few tokens carry massive activations that would otherwise
+            # dominate
             hidden = torch.nn.functional.normalize(captured["h"].float(), dim=-1)
             mask = batch["attention_mask"].clone()
             lengths = mask.sum(1)
@@ -228,7 +253,7 @@ class MemoryBankStrategy(Strategy):
         return torch.cat(out) if out else torch.zeros(0, self.store.key_dim, device=self.backbone.device)
 
     def keys(self, texts: Sequence[str]) -> torch.Tensor:
-        """Unit keys (N, K) of ``texts``: sentence embeddings, or pooled hidden states minus the generic mean."""
+        """Unit keys (N, K) of ``texts``: sentence embeddings, or pooled hidden states less a generic mean."""
         if self.embedder is not None:
             return self.embedder.encode(list(texts)).to(self.backbone.device)
         if self._center is None:
@@ -276,7 +301,8 @@ class MemoryBankStrategy(Strategy):
         ``after`` (N,) of each text without and with its own value fused.
         """
         cfg = self.config
-        ids, labels, attention = self.backbone._labelled_batch([""] * len(texts), list(texts))
+        batch = self.backbone.labelled_batch(list(texts))
+        ids, labels, attention = batch.input_ids, batch.labels, batch.attention_mask
         module = self.backbone.layers[self.fuse_layer]
         with torch.no_grad(), LayerCapture(module) as cap:
             before = self._example_losses(
@@ -320,7 +346,8 @@ class MemoryBankStrategy(Strategy):
         start = time.perf_counter()
         cfg = self.config
         texts = self.examples(document.text)
-        # Memories are retrieved per example, so the document's loss is measured per example (each its own query).
+        # Memories are retrieved per example, so the document's loss is measured per example (each its own
+        # query).
         loss_before = self._examples_nll(texts)
         keys = self.keys(texts) if texts else torch.zeros(0, self.store.key_dim, device=self.backbone.device)
         best, slot = self.store.duplicates(keys, cfg.duplicate_threshold)
@@ -374,15 +401,12 @@ class MemoryBankStrategy(Strategy):
 
     def _examples_nll(self, texts: Sequence[str]) -> float | None:
         """Token-weighted mean NLL of the examples, each scored with the memories it retrieves itself."""
-        if not texts:
-            return None
-        values = self.token_nll(texts)
-        count = sum(v.numel() for v in values)
-        return sum(float(v.sum()) for v in values) / max(count, 1)
+        return self.mean_nll(texts) if texts else None
 
     # -- fusion ---------------------------------------------------------------------------------------------
     def deltas(self, queries: Sequence[str], *, reinforce: bool = False) -> torch.Tensor | None:
-        """The vector (B, H) added at ``fuse_layer`` for each query, or ``None`` when no query retrieves a memory.
+        """The vector (B, H) added at ``fuse_layer`` for each query, or ``None`` when no query retrieves a
+        memory.
 
         ``reinforce`` counts the retrieval as a use (generation does; scoring is measurement and does not).
         """
@@ -408,7 +432,7 @@ class MemoryBankStrategy(Strategy):
         return ResidualAdder(self.backbone.layers[self.fuse_layer], delta.to(self.backbone.dtype), mask)
 
     def _scoring_mask(self, context_lengths: Sequence[int], width: int) -> torch.Tensor | None:
-        """(B, T) positions fused when scoring: the last ``fuse_tokens`` of the context and everything after."""
+        """(B, T) positions fused when scoring: the context's last ``fuse_tokens`` and everything after."""
         n = self.config.fuse_tokens
         if n == 0:
             return None
@@ -442,70 +466,10 @@ class MemoryBankStrategy(Strategy):
                 answers.extend(self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens))
         return answers
 
-    @torch.no_grad()
-    def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
-        """Logits with the retrieved memories fused; texts that retrieve none get the base logits bit for bit."""
-        batch = self.backbone.encode(texts)
-        delta = self.deltas(list(texts))
-        if delta is None:
-            return self.backbone.model(**batch).logits.float()
-        with self._fusion(delta, None):
-            return self.backbone.model(**batch).logits.float()
-
-    @torch.no_grad()
-    def token_nll(
-        self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8
-    ) -> list[torch.Tensor]:
-        """Per-token NLL with memories retrieved by ``contexts[i]`` (or the text itself) fused."""
-        texts = list(texts)
-        if self.store.size == 0:
-            return self.backbone.token_nll(texts, contexts=contexts)
-        ctx = list(contexts) if contexts is not None else [""] * len(texts)
-        results: list[torch.Tensor] = []
-        for start in range(0, len(texts), batch_size):
-            chunk, chunk_ctx = texts[start : start + batch_size], ctx[start : start + batch_size]
-            delta = self.deltas([c if c.strip() else t for c, t in zip(chunk_ctx, chunk)])
-            if delta is None:
-                results.extend(
-                    self.backbone.token_nll(chunk, contexts=chunk_ctx if contexts is not None else None)
-                )
-                continue
-            ids, labels, attention = self.backbone._labelled_batch(chunk_ctx, chunk)
-            context_lengths = [
-                int((row == -100).logical_and(att == 1).sum()) for row, att in zip(labels, attention)
-            ]
-            with self._fusion(delta, self._scoring_mask(context_lengths, ids.shape[1])):
-                logits = self.backbone.model(input_ids=ids, attention_mask=attention).logits
-            nll = sequence_nll(logits, labels)
-            mask = labels[:, 1:] != -100
-            results.extend(row[m].float().cpu() for row, m in zip(nll, mask))
-        return results
-
-    @torch.no_grad()
-    def perplexity(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> float:
-        """Perplexity in windows; each window retrieves memories by its own text (unrelated text: base model)."""
-        if self.store.size == 0:
-            return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
-        ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if max_tokens is not None:
-            ids = ids[:max_tokens]
-        windows = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
-        if not windows:
-            raise ValueError("perplexity needs at least two tokens of text")
-        deltas = self.deltas([self.backbone.tokenizer.decode(w) for w in windows])
-        if deltas is None:
-            return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
-        total, count, pad, device = 0.0, 0, self.backbone.tokenizer.pad_token_id, self.backbone.device
-        for start in range(0, len(windows), 8):
-            rows = windows[start : start + 8]
-            width = max(len(r) for r in rows)
-            ids_t = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-            labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows], device=device)
-            with self._fusion(deltas[start : start + 8], None):
-                logits = self.backbone.model(input_ids=ids_t, attention_mask=(labels != -100).long()).logits
-            total += float(sequence_nll(logits, labels).sum())
-            count += int((labels[:, 1:] != -100).sum())
-        return float(torch.tensor(total / count).exp())
+    def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
+        """Memories retrieved by each row's query, fused while the batch runs (none retrieved: the base
+        model)."""
+        return _FusedMemories(self, queries) if self.store.size else None
 
     # -- state ----------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

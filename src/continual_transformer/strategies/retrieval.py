@@ -1,37 +1,39 @@
-"""``retrieval``: index documents in chunks; answer with the relevant chunks in the prompt and a bias toward their tokens.
+"""``retrieval``: index documents in chunks; answer with the relevant chunks in the prompt and a bias toward
+their tokens.
 
-Learning a document tokenises it, cuts it into overlapping token chunks and adds them to an index: dense MiniLM
-embeddings (``retriever: dense``, the default), or BM25 / TF-IDF over word terms
-(:class:`~continual_transformer.modules.LexicalIndex`). Nothing of the backbone changes and no gradient is computed.
+Learning a document tokenises it, cuts it into overlapping token chunks and adds them to an index: dense
+MiniLM embeddings (``retriever: dense``, the default), or BM25 / TF-IDF over word terms
+(:class:`~continual_transformer.modules.LexicalIndex`). Nothing of the backbone changes and no gradient is
+computed.
 
 Answering a prompt retrieves its ``top_k`` chunks. A **relevance gate** decides whether they are used at all:
 lexical retrievers gate on the idf-weighted fraction of the query's content words found in the chunk
 (``min_relevance``), the dense retriever on cosine similarity (``min_similarity``). A prompt whose best chunk
-does not pass gets no context and no bias, so it is answered exactly as the base model answers it (the lesson of
-the earlier system, which prepended chunks to every query and lost 94 % of general facts). A prompt that passes
-gets its chunks inside the *user message of the chat template* (``prompt_template``) — the template is kept — and,
-when ``bias_strength > 0``, ``+bias_strength`` on the logits of every token that occurs in those chunks at each
-decoding step (a :class:`~transformers.LogitsProcessor`); ``bias_strength = 0`` is plain retrieval-augmented
-generation.
+does not pass gets no context and no bias, so it is answered exactly as the base model answers it (the lesson
+of the earlier system, which prepended chunks to every query and lost 94 % of general facts). A prompt that
+passes gets its chunks inside the *user message of the chat template* (``prompt_template``) — the template is
+kept — and, when ``bias_strength > 0``, ``+bias_strength`` on the logits of every token that occurs in those
+chunks at each decoding step (a :class:`~transformers.LogitsProcessor`); ``bias_strength = 0`` is plain
+retrieval-augmented generation.
 
 Scoring (:meth:`forward_logits`, :meth:`token_nll`, :meth:`perplexity`) does the same thing on raw text: the
-context (``text_template``) is prepended to each text whose query passes the gate, only the text's own positions
-are returned or scored, and the bias is added to those logits. The query is the scoring context when one is
-given (e.g. the question before an answer), otherwise the text itself.
+context (``text_template``) is prepended to each text whose query passes the gate, only the text's own
+positions are returned or scored, and the bias is added to those logits. The query is the scoring context when
+one is given (e.g. the question before an answer), otherwise the text itself.
 
-State: the chunks' token ids (tensors) and the document ids (JSON); the lexical index is rebuilt from the chunks
-on load, dense embeddings are saved.
+State: the chunks' token ids (tensors) and the document ids (JSON); the lexical index is rebuilt from the
+chunks on load, dense embeddings are saved.
 
-Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 chat questions, BM25): 4 of 6 answers
-right with ``bias_strength: 0`` (plain RAG), 5 of 6 with the default 1.0, 0 for the base model; the 3 unrelated
-general questions were gated out and answered exactly as by the base model in both cases.
+Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 chat questions, BM25): 4 of 6
+answers right with ``bias_strength: 0`` (plain RAG), 5 of 6 with the default 1.0, 0 for the base model; the 3
+unrelated general questions were gated out and answered exactly as by the base model in both cases.
 
-Why dense by default (H100, 50 documents): on novel facts the dense retriever at ``min_similarity: 0.45`` answered
-0.600 of the probes against 0.517 for BM25 at its gate, with general perplexity and known facts unchanged. On BoolQ
-(Wikipedia passages) BM25 found the right passage first for 98 % of the questions, but its word-overlap gate let
-only about a quarter of them through while general questions reached relevance 1.0 on the same passages
-(known-fact forgetting 0.051); MiniLM similarity separates the two (questions: 10th percentile 0.45; general
-questions at most 0.56, 90th percentile 0.34; known-fact forgetting 0.013).
+Why dense by default (H100, 50 documents): on novel facts the dense retriever at ``min_similarity: 0.45``
+answered 0.600 of the probes against 0.517 for BM25 at its gate, with general perplexity and known facts
+unchanged. On BoolQ (Wikipedia passages) BM25 found the right passage first for 98 % of the questions, but its
+word-overlap gate let only about a quarter of them through while general questions reached relevance 1.0 on
+the same passages (known-fact forgetting 0.051); MiniLM similarity separates the two (questions: 10th
+percentile 0.45; general questions at most 0.56, 90th percentile 0.34; known-fact forgetting 0.013).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList
 
-from continual_transformer.backbone import sequence_nll
+from continual_transformer.backbone import ScoringBatch, ScoringHooks
 from continual_transformer.config import ConfigError
 from continual_transformer.documents import Document, chunk_spans
 from continual_transformer.modules.embedder import SentenceEmbedder
@@ -54,7 +56,14 @@ from continual_transformer.modules.lexical_index import Hit, LexicalIndex
 from continual_transformer.modules.logits import TokenBiasProcessor, token_bias
 from continual_transformer.modules.vector_store import VectorStore
 from continual_transformer.strategies import register_strategy
-from continual_transformer.strategies.base import LearnReport, Strategy, StrategyStats, tensor_bytes
+from continual_transformer.strategies.base import (
+    LearnReport,
+    Strategy,
+    StrategyStats,
+    pack_ragged,
+    tensor_bytes,
+    unpack_ragged,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +71,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class RetrievalConfig:
     retriever: str = "dense"
-    """``dense`` (sentence embeddings from ``embedder``), ``bm25`` (Okapi BM25 over word terms) or ``tfidf`` (cosine
-    of tf-idf vectors); the lexical ones need no embedding model."""
+    """``dense`` (sentence embeddings from ``embedder``), ``bm25`` (Okapi BM25 over word terms) or ``tfidf``
+    (cosine of tf-idf vectors); the lexical ones need no embedding model."""
     top_k: int = 3
     """Chunks put in the prompt at most (each must pass the relevance gate)."""
     chunk_tokens: int | None = None
@@ -71,18 +80,20 @@ class RetrievalConfig:
     chunk_overlap: int | None = None
     """Tokens shared by consecutive chunks; ``None`` uses ``documents.chunk_overlap``."""
     min_relevance: float = 0.5
-    """Gate of the lexical retrievers: idf-weighted fraction of the query's content words a chunk must contain."""
+    """Gate of the lexical retrievers: idf-weighted fraction of the query's content words a chunk must
+    contain."""
     min_similarity: float = 0.45
-    """Gate of the dense retriever: cosine similarity between query and chunk embeddings. MiniLM, best chunk per
-    question over 50 documents (10th / 50th / 90th percentile): novel-facts probes 0.62 / 0.72 / 0.81, BoolQ
-    questions 0.45 / 0.59 / 0.68; general questions 0.12 / 0.21 / 0.32 (at most 0.40) against the novel facts, 0.16 /
-    0.24 / 0.34 (at most 0.56) against the BoolQ passages."""
+    """Gate of the dense retriever: cosine similarity between query and chunk embeddings. MiniLM, best chunk
+    per question over 50 documents (10th / 50th / 90th percentile): novel-facts probes 0.62 / 0.72 / 0.81,
+    BoolQ questions 0.45 / 0.59 / 0.68; general questions 0.12 / 0.21 / 0.32 (at most 0.40) against the novel
+    facts, 0.16 / 0.24 / 0.34 (at most 0.56) against the BoolQ passages."""
     bias_strength: float = 1.0
     """Added to the logits of every token of the retrieved chunks at each step (0 = plain retrieval)."""
     embedder: str = "minilm-l6"
     """Embedding model of the dense retriever: a packaged name, a local directory or a hub id."""
     prompt_template: str = "Use this information if it helps:\n{context}\n\n{prompt}"
-    """User message when context is used; ``{context}`` is the chunks, ``{prompt}`` the question. The chat template wraps it."""
+    """User message when context is used; ``{context}`` is the chunks, ``{prompt}`` the question. The chat
+    template wraps it."""
     text_template: str = "{context}\n\n"
     """Text prepended before raw (non-chat) prompts and scored texts when context is used."""
     chunk_separator: str = "\n\n"
@@ -125,6 +136,32 @@ class Augmentation:
     bias_tokens: tuple[int, ...]
 
 
+class _RetrievedContext(ScoringHooks):
+    """Scoring with retrieval: per row, the gated chunks in front (``text_template``) and their token bias."""
+
+    def __init__(self, strategy: RetrievalStrategy, plans: Sequence[Augmentation]) -> None:
+        self.strategy = strategy
+        self.plans = plans
+
+    def touches(self, row: int) -> bool:
+        return self.plans[row].context is not None
+
+    def prefix(self, row: int) -> str:
+        context = self.plans[row].context
+        return "" if context is None else self.strategy.config.text_template.format(context=context)
+
+    def next_token_scores(
+        self, logits: torch.Tensor, batch: ScoringBatch, positions: torch.Tensor
+    ) -> torch.Tensor:
+        logits = logits.float()
+        if self.strategy.config.bias_strength <= 0:
+            return logits
+        bias = self.strategy._bias_rows([self.plans[i] for i in batch.rows])  # (B, V')
+        width = min(bias.shape[1], logits.shape[-1])
+        logits[..., :width] += bias[:, None, :width]
+        return logits
+
+
 @register_strategy("retrieval", config_cls=RetrievalConfig)
 class RetrievalStrategy(Strategy):
     modifies_backbone = False
@@ -137,7 +174,8 @@ class RetrievalStrategy(Strategy):
         self.chunk_overlap = config.chunk_overlap if config.chunk_overlap is not None else docs.chunk_overlap
         if self.chunk_overlap >= self.chunk_tokens:
             raise ConfigError(
-                f"strategies.retrieval.chunk_overlap: {self.chunk_overlap} must be < chunk_tokens {self.chunk_tokens}"
+                f"strategies.retrieval.chunk_overlap: {self.chunk_overlap} must be < chunk_tokens "
+                f"{self.chunk_tokens}"
             )
         self._embedder: SentenceEmbedder | None = None
         self._special = set(backbone.tokenizer.all_special_ids)
@@ -230,7 +268,7 @@ class RetrievalStrategy(Strategy):
             index = self.doc_ids.index(document.id)
             if self.doc_sha[index] == document.sha256:
                 logger.info("retrieval: %s is already indexed, unchanged", document.id)
-                loss = self._mean_nll(document.text)
+                loss = self.mean_nll([document.text])
                 return LearnReport(
                     doc_id=document.id,
                     tokens=len(ids),
@@ -240,7 +278,7 @@ class RetrievalStrategy(Strategy):
                     extra={"chunks": 0, "unchanged": True},
                 )
             self._remove_document(index)
-        loss_before = self._mean_nll(document.text)
+        loss_before = self.mean_nll([document.text])
         if document.id in self.doc_ids:
             index = self.doc_ids.index(document.id)
             self.doc_sha[index] = document.sha256
@@ -250,7 +288,7 @@ class RetrievalStrategy(Strategy):
             self.doc_sha.append(document.sha256)
         self._add_chunks(chunks, [index] * len(chunks))
         self.documents_learned += 1
-        loss_after = self._mean_nll(document.text)
+        loss_after = self.mean_nll([document.text])
         return LearnReport(
             doc_id=document.id,
             tokens=len(ids),
@@ -263,10 +301,6 @@ class RetrievalStrategy(Strategy):
                 "retriever": self.config.retriever,
             },
         )
-
-    def _mean_nll(self, text: str) -> float:
-        values = self.token_nll([text])
-        return float(values[0].mean()) if values[0].numel() else 0.0
 
     # -- answering ------------------------------------------------------------------------------------------
     def _vocab_size(self) -> int:
@@ -324,129 +358,21 @@ class RetrievalStrategy(Strategy):
             device=self.backbone.device,
         )
 
-    @torch.no_grad()
-    def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
-        """Logits (B, T, V) of each text's own positions, with the retrieved context prepended and the bias added.
+    def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
+        """Retrieval for each row's query: its context in front and, with ``bias_strength``, its token bias.
 
-        Texts whose query does not pass the gate keep the base model's logits bit for bit.
+        Rows whose query does not pass the gate are untouched: scored exactly as by the base model.
         """
-        texts = list(texts)
-        base = super().forward_logits(texts)
         if not self.chunk_ids:
-            return base
-        plans = self.augment(texts)
-        rich = [i for i, p in enumerate(plans) if p.context is not None]
-        if not rich:
-            return base
-        tok = self.backbone.tokenizer
-        prefixes = [
-            tok(self.config.text_template.format(context=plans[i].context), add_special_tokens=False)[
-                "input_ids"
-            ]
-            for i in rich
-        ]
-        bodies = [tok(texts[i], add_special_tokens=False)["input_ids"] for i in rich]
-        rows = [p + b for p, b in zip(prefixes, bodies)]
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.backbone.device)
-        attention = torch.tensor(
-            [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.backbone.device
-        )
-        logits = self.backbone.model(input_ids=ids, attention_mask=attention).logits.float()
-        bias = self._bias_rows([plans[i] for i in rich]) if self.config.bias_strength > 0 else None
-        for row, (i, prefix, body) in enumerate(zip(rich, prefixes, bodies)):
-            own = logits[row, len(prefix) : len(prefix) + len(body)]
-            if bias is not None:
-                own = own + bias[row, : own.shape[-1]]
-            base[i, : len(body)] = own
-        return base
-
-    @torch.no_grad()
-    def token_nll(
-        self, texts: Sequence[str], *, contexts: Sequence[str] | None = None, batch_size: int = 8
-    ) -> list[torch.Tensor]:
-        """Per-token NLL of each text with retrieval applied (query: ``contexts[i]`` if given, else the text)."""
-        texts = list(texts)
-        ctx = list(contexts) if contexts is not None else [""] * len(texts)
-        if not self.chunk_ids:
-            return self.backbone.token_nll(texts, contexts=contexts)
-        plans = self.augment([c if c.strip() else t for c, t in zip(ctx, texts)])
-        results: list[torch.Tensor | None] = [None] * len(texts)
-        plain = [i for i, p in enumerate(plans) if p.context is None]
-        if plain:
-            sub_ctx = [ctx[i] for i in plain] if contexts is not None else None
-            for i, nll in zip(plain, self.backbone.token_nll([texts[i] for i in plain], contexts=sub_ctx)):
-                results[i] = nll
-        rich = [i for i, p in enumerate(plans) if p.context is not None]
-        for start in range(0, len(rich), batch_size):
-            rows = rich[start : start + batch_size]
-            full_ctx = [self.config.text_template.format(context=plans[i].context) + ctx[i] for i in rows]
-            ids, labels, attention = self.backbone._labelled_batch(full_ctx, [texts[i] for i in rows])
-            for i, nll in zip(rows, self._scored_nll(ids, labels, attention, [plans[i] for i in rows])):
-                results[i] = nll
-        return [r if r is not None else torch.zeros(0) for r in results]
-
-    def _scored_nll(
-        self, ids: torch.Tensor, labels: torch.Tensor, attention: torch.Tensor, plans: Sequence[Augmentation]
-    ) -> list[torch.Tensor]:
-        """NLL (float32, CPU) of each row's labelled tokens, with the bias of its plan added to the logits."""
-        logits = self.backbone.model(input_ids=ids, attention_mask=attention).logits.float()
-        if self.config.bias_strength > 0:
-            bias = self._bias_rows(plans)
-            width = min(bias.shape[1], logits.shape[-1])
-            logits[..., :width] += bias[:, None, :width]
-        nll = sequence_nll(logits, labels)
-        mask = labels[:, 1:] != -100
-        return [row_nll[row_mask].float().cpu() for row_nll, row_mask in zip(nll, mask)]
-
-    @torch.no_grad()
-    def perplexity(self, text: str, *, window: int = 512, max_tokens: int | None = None) -> float:
-        """Perplexity in windows of ``window`` tokens; each window is its own query (unrelated text: base model)."""
-        if not self.chunk_ids:
-            return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
-        ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if max_tokens is not None:
-            ids = ids[:max_tokens]
-        windows = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
-        if not windows:
-            raise ValueError("perplexity needs at least two tokens of text")
-        plans = self.augment([self.backbone.tokenizer.decode(w) for w in windows])
-        if all(p.context is None for p in plans):
-            return self.backbone.perplexity(text, window=window, max_tokens=max_tokens)
-        tok, device = self.backbone.tokenizer, self.backbone.device
-        total, count = 0.0, 0
-        for start in range(0, len(windows), 8):
-            batch = list(zip(windows[start : start + 8], plans[start : start + 8]))
-            prefixes = [
-                tok(self.config.text_template.format(context=p.context), add_special_tokens=False)[
-                    "input_ids"
-                ]
-                if p.context is not None
-                else []
-                for _, p in batch
-            ]
-            rows = [pre + w for pre, (w, _) in zip(prefixes, batch)]
-            # As in Backbone.perplexity, the first token of a window is context, not scored.
-            label_rows = [[-100] * (len(pre) + 1) + w[1:] for pre, (w, _) in zip(prefixes, batch)]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=device)
-            labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows], device=device)
-            attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-            for nll in self._scored_nll(ids, labels, attention, [p for _, p in batch]):
-                total += float(nll.sum())
-                count += nll.numel()
-        return math.exp(total / max(count, 1))
+            return None
+        return _RetrievedContext(self, self.augment(list(queries)))
 
     # -- state ----------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        lengths = torch.tensor([len(c) for c in self.chunk_ids], dtype=torch.long)
-        offsets = torch.zeros(len(self.chunk_ids) + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(lengths, 0)
-        flat = [t for c in self.chunk_ids for t in c]
+        flat, ends = pack_ragged(self.chunk_ids, torch.int32)
         state = {
-            "chunk_tokens": torch.tensor(flat, dtype=torch.int32),
-            "chunk_offsets": offsets,
+            "chunk_tokens": flat,
+            "chunk_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), ends]),
             "chunk_doc": torch.tensor(self.chunk_doc, dtype=torch.int32),
         }
         if self._dense is not None and self._dense.size:
@@ -458,13 +384,20 @@ class RetrievalStrategy(Strategy):
         allowed = required | ({"embeddings"} if self.config.retriever == "dense" else set())
         if not required <= set(state) or not set(state) <= allowed:
             raise ValueError(
-                f"retrieval state must hold {sorted(required)} (and embeddings for dense), got {sorted(state)}"
+                f"retrieval state must hold {sorted(required)} (and embeddings for dense), "
+                f"got {sorted(state)}"
             )
-        offsets = state["chunk_offsets"].cpu().tolist()
-        flat = state["chunk_tokens"].cpu().tolist()
-        docs = state["chunk_doc"].cpu().tolist()
-        n = len(offsets) - 1
-        if n < 0 or len(docs) != n or offsets[-1] != len(flat):
+        offsets, docs = state["chunk_offsets"], state["chunk_doc"].cpu().tolist()
+        try:
+            if offsets.numel() < 1 or int(offsets[0]) != 0:
+                raise ValueError("chunk_offsets must start at 0")
+            chunks = unpack_ragged(state["chunk_tokens"], offsets[1:])
+        except ValueError as exc:
+            raise ValueError(
+                f"retrieval state: chunk_offsets and chunk_tokens do not agree ({exc})"
+            ) from None
+        n = len(chunks)
+        if len(docs) != n:
             raise ValueError("retrieval state: chunk_offsets, chunk_tokens and chunk_doc do not agree")
         embeddings = state.get("embeddings")
         if self.config.retriever == "dense" and n and (embeddings is None or embeddings.shape[0] != n):
@@ -472,7 +405,6 @@ class RetrievalStrategy(Strategy):
         doc_ids, doc_sha, learned = self.doc_ids, self.doc_sha, self.documents_learned
         self._clear()
         self.doc_ids, self.doc_sha, self.documents_learned = doc_ids, doc_sha, learned
-        chunks = [flat[offsets[i] : offsets[i + 1]] for i in range(n)]
         self._add_chunks(
             chunks, docs, embeddings.to(self.backbone.device) if embeddings is not None else None
         )

@@ -1,60 +1,63 @@
 """``ttt``: test-time training of a dual MLP per decoder layer, with optional sparse, TF-IDF-gated updates.
 
 Each chosen decoder layer's MLP is wrapped in a :class:`~continual_transformer.modules.dual_mlp.DualMLP`: the
-frozen original plus a trainable copy, mixed as ``base + (1 - alpha) * (trainable - base)``. The copy starts as
-the base weights, so the model is the base model bit for bit until it learns. ``alpha`` starts at
+frozen original plus a trainable copy, mixed as ``base + (1 - alpha) * (trainable - base)``. The copy starts
+as the base weights, so the model is the base model bit for bit until it learns. ``alpha`` starts at
 ``alpha_initial`` and is multiplied by ``alpha_decay`` after every learned document, down to ``alpha_min``.
 
-Learning a document is mini-batch gradient descent (:func:`continual_transformer.training.train`) on windows of
-the document that keep their preceding context, optionally plus material the base model writes about the
-document (rephrasings, question-answer pairs trained as chat exchanges: the format the model is later asked in).
+Learning a document is mini-batch gradient descent (:func:`continual_transformer.training.train`) on windows
+of the document that keep their preceding context, optionally plus material the base model writes about the
+document (rephrasings, question-answer pairs trained as chat exchanges: the format the model is later asked
+in).
 
 With ``sparse`` (sparse memory finetuning, Lin et al. 2025), only the ``trainable_neurons`` hidden neurons per
 layer that the document uses much more than background text does are updated (TF-IDF over top-k usage rates,
 see :mod:`continual_transformer.modules.neuron_stats`); the gradients of every other neuron's slices of
-gate/up/down (``c_fc``/``c_proj``) are zeroed, and the optimizer is built per document with no weight decay, so
-those weights stay exactly as they were. Background usage is calibrated once, lazily, on text the base model
-generates itself (or a text file), and saved with the state.
+gate/up/down (``c_fc``/``c_proj``) are zeroed, and the optimizer is built per document with no weight decay,
+so those weights stay exactly as they were. Background usage is calibrated once, lazily, on text the base
+model generates itself (or a text file), and saved with the state.
 
-Defaults come from the demo document (5 fictional facts) on SmolLM2-135M-Instruct, CPU; general-text perplexity
-on 12k characters of WikiText-2 (19.21 before); ``finetune`` at its defaults: 5/5 answered, perplexity +15.5 %.
+Defaults come from the demo document (5 fictional facts) on SmolLM2-135M-Instruct, CPU; general-text
+perplexity on 12k characters of WikiText-2 (19.21 before); ``finetune`` at its defaults: 5/5 answered,
+perplexity +15.5 %.
 
 - Dense copies of **all** layers, AdamW 1e-4: 5/5, +6.7 % in 12 steps; with ``alpha_initial`` 0.5: 5/5, +6.4 %
-  in 22 steps. Under Adam, alpha only shrinks the effective step, so it defaults to 0 (and at 0 the base MLP is
-  not computed at all).
+  in 22 steps. Under Adam, alpha only shrinks the effective step, so it defaults to 0 (and at 0 the base MLP
+  is not computed at all).
 - Sparse, 25 % of the neurons of all layers, 2e-4: 5/5, +11.0 % in 16 steps. Sparse in the top 25 % of layers
-  (128 of 1536 neurons, 1e-3): 4/5, +72 %; 32 neurons: 5/5, +47 %. Unlike memory-layer slots, MLP neurons fire on
-  every token, so concentrating the change in few weights hurts general text more than spreading it: ``sparse``
-  is off by default and kept for the ablation.
-- Augmentation (1 rephrasing + model-written QA pairs) gave no gain (4/5 either way, top-25 % sparse) at 4.4x the
-  learning time; SmolLM2-135M often attaches answers to the wrong question. Off by default.
+  (128 of 1536 neurons, 1e-3): 4/5, +72 %; 32 neurons: 5/5, +47 %. Unlike memory-layer slots, MLP neurons fire
+  on every token, so concentrating the change in few weights hurts general text more than spreading it:
+  ``sparse`` is off by default and kept for the ablation.
+- Augmentation (1 rephrasing + model-written QA pairs) gave no gain (4/5 either way, top-25 % sparse) at 4.4x
+  the learning time; SmolLM2-135M often attaches answers to the wrong question. Off by default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from continual_transformer import training
-from continual_transformer.config import ConfigError
+from continual_transformer.config import ConfigError, OptimArgs, WindowArgs
 from continual_transformer.documents import Document, chunk_spans
+from continual_transformer.layers import check_layer_spec, select_layers
 from continual_transformer.modules.dual_mlp import DualMLP, deltas_disabled, find_mlp
 from continual_transformer.modules.neuron_stats import active_units, record_usage, tfidf_scores, top_neurons
 from continual_transformer.strategies import register_strategy
-from continual_transformer.strategies.base import LearnReport, Strategy, StrategyStats, tensor_bytes
-from continual_transformer.strategies.finetune import _LAYER_SPEC, select_layers
+from continual_transformer.strategies.base import LearnReport, StrategyStats, TrainingStrategy, tensor_bytes
 
 logger = logging.getLogger(__name__)
-
-_PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
 
 # Generic prompts whose greedy continuations are the default background corpus ("self"): half raw text to
 # continue, half chat requests, so chat-template tokens and everyday prose both count as background.
@@ -97,7 +100,8 @@ BACKGROUND_CHAT_PROMPTS: tuple[str, ...] = (
 
 REPHRASE_PROMPTS: tuple[str, ...] = (
     "Rewrite the following text in other words. Keep every name, number and fact.\n\n{text}",
-    "Explain the following text in your own words, sentence by sentence, keeping all names and numbers.\n\n{text}",
+    "Explain the following text in your own words, sentence by sentence, keeping all names and numbers."
+    "\n\n{text}",
     "List every fact in the following text as short, complete sentences.\n\n{text}",
 )
 # The text goes first and the format last: SmolLM2-135M follows a trailing "Q: ... / A: ..." template, but
@@ -112,52 +116,42 @@ AUGMENT_PIECE_TOKENS = 384
 @dataclass(frozen=True, kw_only=True)
 class TTTConfig:
     layers: str = "all"
-    """Decoder layers whose MLP gets a trainable copy: finetune's spec (``all``, ``-8:``, ``4:12``, one index) or a
-    share of the top layers (``25%``: the last quarter, at least one). All layers measured best (module docstring)."""
+    """Decoder layers whose MLP gets a trainable copy: finetune's spec (``all``, ``-8:``, ``4:12``, one index)
+    or a share of the top layers (``25%``: the last quarter, at least one). All layers measured best (module
+    docstring)."""
     alpha_initial: float = 0.0
-    """Weight of the base MLP at the start: the output is ``base + (1 - alpha) * (trainable - base)``. With Adam,
-    alpha > 0 only shrinks the effective step (same result, more steps: measured), so it starts at 0."""
+    """Weight of the base MLP at the start: the output is ``base + (1 - alpha) * (trainable - base)``. With
+    Adam, alpha > 0 only shrinks the effective step (same result, more steps: measured), so it starts at 0."""
     alpha_decay: float = 1.0
     """``alpha`` is multiplied by this after every learned document."""
     alpha_min: float = 0.0
     """Floor of ``alpha``."""
-    learning_rate: float = 1e-4
-    """Optimizer learning rate."""
-    optimizer: str = "adamw"
-    """``adamw`` or ``sgd``; a new optimizer is built for every document (no momentum carried across)."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (AdamW) or L2 (SGD); must be 0 with ``sparse`` (it would move unselected neurons)."""
-    epochs: int = 30
-    """Passes over each document's examples."""
-    batch_size: int = 8
-    """Examples (windows, exchanges) per optimisation step."""
-    window_tokens: int = 256
-    """Tokens per training window."""
-    context_tokens: int = 64
-    """Tokens of preceding text each window re-reads (unscored), so facts keep their subject."""
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    """Optimiser settings (learning rate 1e-4, 30 epochs, early stop below loss 0.1); a new optimizer is built
+    for every document. ``weight_decay`` must be 0 with ``sparse`` (it would move unselected neurons)."""
+    windows: WindowArgs = field(default_factory=lambda: WindowArgs(window=256))
+    """Training windows: 256 tokens, each re-reading 64 tokens of preceding text."""
     max_tokens_per_document: int = 8192
     """Scored document tokens learned at most (later windows are dropped); 0: no limit."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping (0 disables it)."""
-    stop_loss: float = 0.1
-    """Stop after the first epoch whose mean loss is below this (0 disables early stopping)."""
     trainable_dtype: str = "float32"
-    """dtype of the trainable copies: ``float32`` keeps them in full precision under a bfloat16/float16 model (small
-    updates are not rounded away; the copy's output is cast back), ``model``: the model's dtype."""
+    """dtype of the trainable copies: ``float32`` keeps them in full precision under a bfloat16/float16 model
+    (small updates are not rounded away; the copy's output is cast back), ``model``: the model's dtype."""
     anchor_weight: float = 5.0
-    """Weight of a KL term, added to every step, that keeps the next-token distributions on background text (the
-    ``background`` corpus) close to the base model's; 0 disables it. Costs one more forward+backward per step.
-    On the demo document (CPU, WikiText perplexity 19.21 before): 0 -> 5/5 answered, +6.7 %; 1 -> 5/5, +3.6 %;
-    5 -> 5/5, +1.9 %; 20 -> 4/5, +0.8 %."""
+    """Weight of a KL term, added to every step, that keeps the next-token distributions on background text
+    (the ``background`` corpus) close to the base model's; 0 disables it. Costs one more forward+backward per
+    step. On the demo document (CPU, WikiText perplexity 19.21 before): 0 -> 5/5 answered, +6.7 %; 1 -> 5/5,
+    +3.6 %; 5 -> 5/5, +1.9 %; 20 -> 4/5, +0.8 %."""
     anchor_batch: int = 4
     """Background chunks per step for the anchor term."""
     sparse: bool = False
-    """Update only the document's top TF-IDF neurons per layer (False: every neuron of the copies). Off by default:
-    on SmolLM2 it raised general perplexity more than dense updates for the same facts learned (measured)."""
+    """Update only the document's top TF-IDF neurons per layer (False: every neuron of the copies). Off by
+    default: on SmolLM2 it raised general perplexity more than dense updates for the same facts learned
+    (measured)."""
     trainable_neurons: int | float = 0.25
     """Neurons updated per layer and document: a count (>= 1) or a fraction of the layer's neurons (< 1)."""
     active_fraction: float = 0.02
-    """A neuron is *used* by a token when its |activation| is in the token's top ``active_fraction`` of units."""
+    """A neuron is *used* by a token when its |activation| is in the token's top ``active_fraction`` of units.
+    """
     background: str = "self"
     """Background corpus for the neuron usage statistics: ``self`` (text the base model generates from generic
     prompts) or the path of a UTF-8 text file."""
@@ -170,10 +164,11 @@ class TTTConfig:
     background_max_tokens: int = 65536
     """Tokens of a background file used at most (calibration time grows with it)."""
     augment: bool = False
-    """Also train on rephrasings and question-answer pairs the base model writes about the document. Off by default:
-    it does not win on the full benchmark. SmolLM2-135M, 50 novel-facts documents (H100): acquisition 0.220 vs 0.210,
-    general perplexity +39.0 % vs +35.8 %, known-fact forgetting 0.372 vs 0.256, at 2.5x the tokens learned and 2.6x
-    the learning time. On the CPU quick profile (6 documents) it did win: 0.396 vs 0.333 at equal perplexity."""
+    """Also train on rephrasings and question-answer pairs the base model writes about the document. Off by
+    default: it does not win on the full benchmark. SmolLM2-135M, 50 novel-facts documents (H100): acquisition
+    0.220 vs 0.210, general perplexity +39.0 % vs +35.8 %, known-fact forgetting 0.372 vs 0.256, at 2.5x the
+    tokens learned and 2.6x the learning time. On the CPU quick profile (6 documents) it did win: 0.396 vs
+    0.333 at equal perplexity."""
     augment_rephrasings: int = 1
     """Rephrasings per document piece (one prompt each, at most 3)."""
     augment_questions: int = 8
@@ -181,17 +176,12 @@ class TTTConfig:
     augment_new_tokens: int = 256
     """Tokens generated per augmentation answer."""
     sentence_exchanges: bool = False
-    """Also train each sentence of the document as a chat exchange (``Tell me a fact: "<first words> ..."``)."""
+    """Also train each sentence of the document as a chat exchange (``Tell me a fact: "<first words> ..."``).
+    """
 
     def __post_init__(self) -> None:
         key = "strategies.ttt."
-        spec = self.layers.strip()
-        if not (_LAYER_SPEC.match(spec) or _PERCENT.match(spec)):
-            raise ConfigError(
-                f"{key}layers: {self.layers!r} is not a share like '25%', 'all', a slice like '-8:', or an index"
-            )
-        if _PERCENT.match(spec) and not 0 < float(spec[:-1]) <= 100:
-            raise ConfigError(f"{key}layers: {self.layers!r} must be a share in (0%, 100%]")
+        check_layer_spec(self.layers, f"{key}layers")
         if not 0 <= self.alpha_min <= self.alpha_initial < 1:
             raise ConfigError(
                 f"{key}alpha_initial/alpha_min: need 0 <= alpha_min <= alpha_initial < 1, "
@@ -199,24 +189,15 @@ class TTTConfig:
             )
         if not 0 < self.alpha_decay <= 1:
             raise ConfigError(f"{key}alpha_decay: must be in (0, 1], got {self.alpha_decay}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"{key}optimizer: must be adamw or sgd, got {self.optimizer!r}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"{key}learning_rate: must be > 0")
-        if self.weight_decay < 0 or (self.sparse and self.weight_decay > 0):
+        if self.sparse and self.optim.weight_decay > 0:
             raise ConfigError(
-                f"{key}weight_decay: must be 0 with sparse updates (decay would move unselected neurons)"
-                if self.weight_decay > 0
-                else f"{key}weight_decay: must be >= 0"
+                f"{key}optim.weight_decay: must be 0 with sparse updates "
+                "(decay would move unselected neurons)"
             )
         if self.trainable_dtype not in ("float32", "model"):
             raise ConfigError(f"{key}trainable_dtype: must be float32 or model, got {self.trainable_dtype!r}")
         if self.anchor_weight < 0 or self.anchor_batch < 1:
             raise ConfigError(f"{key}anchor_weight must be >= 0 and anchor_batch >= 1")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"{key}epochs, batch_size: must be >= 1")
-        if not 0 <= self.context_tokens < self.window_tokens:
-            raise ConfigError(f"{key}context_tokens: must be in [0, window_tokens)")
         if self.max_tokens_per_document < 0:
             raise ConfigError(f"{key}max_tokens_per_document: must be >= 0 (0: no limit)")
         neurons = self.trainable_neurons
@@ -245,17 +226,10 @@ class TTTConfig:
             raise ConfigError(f"{key}augment_questions must be >= 0 and augment_new_tokens >= 1")
 
 
-def select_ttt_layers(spec: str, n_layers: int) -> list[int]:
-    """Layer indices for a share of the top layers (``25%``) or finetune's spec."""
-    spec = spec.strip()
-    share = _PERCENT.match(spec)
-    if share:
-        count = max(1, min(n_layers, round(float(share.group(1)) / 100 * n_layers)))
-        return list(range(n_layers - count, n_layers))
-    return select_layers(spec, n_layers)
+select_ttt_layers = select_layers  # the layer spec, shares such as ``25%`` included, is layers.select_layers
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Augmentation text handling (pure functions, tested on strings)
 
 _Q_MARK = re.compile(
@@ -276,9 +250,10 @@ def parse_qa_pairs(text: str) -> list[tuple[str, str]]:
     """Question-answer pairs from messy model output.
 
     Accepts ``Q: ... A: ...`` on one line, ``Q1:``/``Question:`` and ``A1:``/``Answer:`` on consecutive lines,
-    numbering, bullets and markdown bold, and numbered questions ending in ``?`` without a ``Q:`` marker. Answers
-    may continue on following lines until the next question or a blank line. A question without an answer (e.g. cut
-    off by the token limit) is dropped, and a question asked again keeps its first answer (small models loop).
+    numbering, bullets and markdown bold, and numbered questions ending in ``?`` without a ``Q:`` marker.
+    Answers may continue on following lines until the next question or a blank line. A question without an
+    answer (e.g. cut off by the token limit) is dropped, and a question asked again keeps its first answer
+    (small models loop).
     """
     pairs: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -433,16 +408,16 @@ def sentence_exchanges(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @register_strategy("ttt", config_cls=TTTConfig)
-class TTTStrategy(Strategy):
+class TTTStrategy(TrainingStrategy):
     modifies_backbone = True
 
     def __init__(self, backbone, config: TTTConfig, *, settings) -> None:
         super().__init__(backbone, config, settings=settings)
-        self.layer_ids = select_ttt_layers(config.layers, backbone.num_layers)
+        self.layer_ids = select_layers(config.layers, backbone.num_layers, "strategies.ttt.layers")
         self._wrapped: list[tuple[torch.nn.Module, str, DualMLP]] = []
         for i in self.layer_ids:
             layer = backbone.layers[i]
@@ -474,7 +449,7 @@ class TTTStrategy(Strategy):
             for name, p in dual.trainable.named_parameters()
         }
 
-    # -- calibration ---------------------------------------------------------------------------------------------
+    # -- calibration -----------------------------------------------------------------------------------------
     @property
     def calibrated(self) -> bool:
         return float(self._chunks) > 0  # sync: once per document
@@ -558,7 +533,7 @@ class TTTStrategy(Strategy):
                 [d.neurons for d in self.duals],
                 [self._k(d) for d in self.duals],
                 pad_id=self.backbone.tokenizer.pad_token_id,
-                batch_size=self.config.batch_size,
+                batch_size=self.config.optim.batch_size,
             )
         chunks = float(self._chunks)
         return [tfidf_scores(acc.rate, df, chunks) for acc, df in zip(usage, self._df)]
@@ -567,7 +542,7 @@ class TTTStrategy(Strategy):
         n = self.config.trainable_neurons
         return min(dual.neurons, int(n) if n >= 1 else max(1, math.ceil(n * dual.neurons)))
 
-    # -- augmentation -----------------------------------------------------------------------------------------------
+    # -- augmentation ----------------------------------------------------------------------------------------
     def augmentation(self, text: str) -> tuple[list[str], list[tuple[str, str]]]:
         """(rephrasings, question-answer pairs) the base model writes about ``text``.
 
@@ -625,9 +600,10 @@ class TTTStrategy(Strategy):
         )
         return rephrasings, pairs
 
-    def _examples(self, text: str) -> tuple[list[training.Example], dict[str, int]]:
-        cfg, bb = self.config, self.backbone
-        examples = training.text_examples(bb, text, window=cfg.window_tokens, context=cfg.context_tokens)
+    def training_examples(self, document: Document) -> tuple[list[training.Example], dict[str, Any]]:
+        """The document's windows (up to ``max_tokens_per_document`` scored tokens), then any augmentation."""
+        cfg, bb, text = self.config, self.backbone, document.text
+        examples = training.window_examples(bb, text, cfg.windows)
         if cfg.max_tokens_per_document:
             kept, scored = [], 0
             for example in examples:
@@ -640,9 +616,7 @@ class TTTStrategy(Strategy):
         if cfg.augment:
             rephrasings, pairs = self.augmentation(text)
             for r in rephrasings:
-                examples += training.text_examples(
-                    bb, r, window=cfg.window_tokens, context=cfg.context_tokens
-                )
+                examples += training.window_examples(bb, r, cfg.windows)
             examples += training.exchange_examples(bb, pairs)
             counts.update(rephrasings=len(rephrasings), qa_pairs=len(pairs))
         if cfg.sentence_exchanges:
@@ -651,7 +625,7 @@ class TTTStrategy(Strategy):
             counts["sentences"] = len(sentences)
         return examples, counts
 
-    # -- learning ---------------------------------------------------------------------------------------------------
+    # -- learning --------------------------------------------------------------------------------------------
     def _anchor(self, seed: int):
         """A regularizer: KL(base || trained) on ``anchor_batch`` random background chunks per call."""
         rows = self.background_rows()
@@ -683,88 +657,58 @@ class TTTStrategy(Strategy):
                 p.grad.mul_(self._grad_masks[id(p)])
 
     def learn(self, document: Document) -> LearnReport:
-        cfg = self.config
         calibration = 0.0
-        if cfg.sparse and not self.calibrated:
-            calibration = self.calibrate()
-        start = time.perf_counter()
-        examples, counts = self._examples(document.text)
-        loss_before = self.backbone.mean_nll([document.text])
-        named = self.trainable_parameters()
-        params = list(named.values())
-        grad_hook = None
+        if self.config.sparse and not self.calibrated:
+            calibration = self.calibrate()  # once, before the first document; not counted as learning time
+        report = super().learn(document)
+        return dataclasses.replace(report, extra={**report.extra, "calibration_seconds": calibration})
+
+    def training_options(self, examples: Sequence[training.Example]) -> dict[str, Any]:
+        cfg = self.config
+        options: dict[str, Any] = {}
         if cfg.sparse:
             self._grad_masks = {}
             for dual, scores in zip(self.duals, self.neuron_scores(examples)):
                 chosen = top_neurons(scores, self._neurons_per_layer(dual))
                 masks = dual.layout.masks(chosen, dict(dual.trainable.named_parameters()))
                 self._grad_masks.update({id(p): masks[n] for n, p in dual.trainable.named_parameters()})
-            grad_hook = self._mask_gradients
-        regularizer = (
-            self._anchor(self.settings.seed + self.documents_learned) if cfg.anchor_weight > 0 else None
-        )
+            options["grad_hook"] = self._mask_gradients
+        if cfg.anchor_weight > 0:
+            options["regularizer"] = self._anchor(self.settings.seed + self.documents_learned)
         for dual in self.duals:
             dual.mark_changed()
-        for p in params:
-            p.requires_grad_(True)
-        try:
-            losses = training.train(
-                self.backbone,
-                examples,
-                params,
-                optimizer=cfg.optimizer,
-                learning_rate=cfg.learning_rate,
-                weight_decay=cfg.weight_decay,
-                epochs=cfg.epochs,
-                batch_size=cfg.batch_size,
-                max_grad_norm=cfg.max_grad_norm or None,
-                stop_loss=cfg.stop_loss or None,
-                seed=self.settings.seed + self.documents_learned,
-                grad_hook=grad_hook,
-                regularizer=regularizer,
-                description=f"ttt {document.id}",
-            )
-        finally:
-            for p in params:
-                p.requires_grad_(False)
-            self._grad_masks = {}
+        return options
+
+    def after_training(self, document: Document, losses: list[float]) -> dict[str, Any]:
+        cfg = self.config
+        self._grad_masks = {}
         logger.info(
-            "ttt: %s: %d steps on %d examples, loss %.3f -> %.3f",
+            "ttt: %s: %d steps, loss %.3f -> %.3f",
             document.id,
             len(losses),
-            len(examples),
             losses[0] if losses else float("nan"),
             losses[-1] if losses else float("nan"),
         )
         alpha = self.alpha
         for dual in self.duals:
             dual.set_alpha(max(cfg.alpha_min, alpha * cfg.alpha_decay))
-        self.documents_learned += 1
-        loss_after = self.backbone.mean_nll([document.text])
         neurons = [self._neurons_per_layer(d) if cfg.sparse else d.neurons for d in self.duals]
-        return LearnReport(
-            doc_id=document.id,
-            tokens=sum(e.scored_tokens for e in examples),
-            loss_before=loss_before,
-            loss_after=loss_after,
-            seconds=time.perf_counter() - start,
-            step_losses=tuple(losses),
-            extra={
-                "steps": len(losses),
-                "alpha": alpha,
-                "neurons_per_layer": neurons,
-                "layers": f"{self.layer_ids[0]}..{self.layer_ids[-1]}",
-                "calibration_seconds": calibration,
-                **counts,
-            },
-        )
+        return {
+            "alpha": alpha,
+            "neurons_per_layer": neurons,
+            "layers": f"{self.layer_ids[0]}..{self.layer_ids[-1]}",
+        }
+
+    def _base_model(self) -> AbstractContextManager[Any]:
+        """The trainable copies bypassed: every wrapped layer computes its base MLP."""
+        return deltas_disabled(self.duals)
 
     @property
     def alpha(self) -> float:
         """The current ``alpha`` (the same in every wrapped layer)."""
         return float(self.duals[0].alpha) if self.duals else self.config.alpha_initial
 
-    # -- state ------------------------------------------------------------------------------------------------------
+    # -- state -----------------------------------------------------------------------------------------------
     def trained_backbone_parameters(self) -> set[str]:
         owned = {id(p) for p in self.trainable_parameters().values()}
         return {name for name, p in self.backbone.model.named_parameters() if id(p) in owned}
@@ -797,7 +741,7 @@ class TTTStrategy(Strategy):
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Forget learned weights and the alpha schedule; the background statistics (of the base model) stay."""
+        """Forget learned weights and the alpha schedule; the background statistics (base model's) stay."""
         for dual in self.duals:
             dual.reset_trainable()
             dual.set_alpha(self.config.alpha_initial)
