@@ -126,6 +126,19 @@ def fast_config(**overrides) -> Config:
     strategies = data["strategies"] = {name: dict(settings) for name, settings in data["strategies"].items()}
     strategies.setdefault("memory_bank", {}).setdefault("key_encoder", "backbone")
     strategies.setdefault("retrieval", {}).setdefault("retriever", "bm25")
+    # a small product-key memory: calibration in milliseconds instead of 262k slots
+    small_memory = {
+        "n_keys": 16,
+        "heads": 2,
+        "topk": 4,
+        "query_dim": 16,
+        "top_t": 64,
+        "background_tokens": 512,
+        "background_chunk_tokens": 32,
+        "kmeans_iterations": 5,
+    }
+    for key, value in small_memory.items():
+        strategies.setdefault("memory_layer", {}).setdefault(key, value)
     return load_config(overrides=data)
 
 

@@ -40,8 +40,8 @@ def test_precedence_defaults_file_overrides_set(tmp_path):
     )
     assert cfg.model.device == "cpu"  # from the file
     assert cfg.seed == 4  # overrides beat the file
-    assert strategy_config(cfg, "finetune").epochs == 7  # --set beats both
-    assert strategy_config(cfg, "finetune").learning_rate == 1e-4  # default kept
+    assert strategy_config(cfg, "finetune").optim.epochs == 7  # --set beats both
+    assert strategy_config(cfg, "finetune").optim.learning_rate == 1e-4  # default kept
     assert cfg.generation.max_new_tokens == 9
 
 
@@ -51,7 +51,7 @@ def test_precedence_defaults_file_overrides_set(tmp_path):
         ("modle: {name: x}", "unknown config key 'modle'"),
         ("model: {nmae: x}", "unknown config key 'model.nmae'"),
         ("strategies: {finetune: {lr: 1}}", "unknown config key 'strategies.finetune.lr'"),
-        ("strategies: {finetune: {epochs: many}}", "strategies.finetune.epochs: expected an integer"),
+        ("strategies: {finetune: {epochs: many}}", "strategies.finetune.optim.epochs: expected an integer"),
         ("strategies: {nope: {}}", "strategies.nope: unknown strategy"),
         ("strategies: {finetune: 3}", "strategies.finetune: expected a mapping"),
         ("strategy: nope", "strategy: unknown strategy 'nope'"),
@@ -86,8 +86,8 @@ def test_strategy_names_are_checked_without_typing_sections():
 
 def test_resolve_config_fills_given_sections_and_is_idempotent():
     cfg = resolve_config(load_config(set_items=["strategies.finetune.epochs=3"]))
-    assert cfg.strategies["finetune"]["epochs"] == 3
-    assert cfg.strategies["finetune"]["learning_rate"] == 1e-4  # default filled in
+    assert cfg.strategies["finetune"]["optim"]["epochs"] == 3
+    assert cfg.strategies["finetune"]["optim"]["learning_rate"] == 1e-4  # default filled in
     assert "lora" not in cfg.strategies  # sections not given stay absent
     assert resolve_config(cfg) == cfg
 
@@ -143,7 +143,7 @@ def test_dump_yaml_round_trips(tmp_path):
 def test_parse_override_types():
     assert parse_override("a.b=0.5") == {"a": {"b": 0.5}}
     cfg = load_config(set_items=["strategies.finetune.learning_rate=1e-3"])
-    assert strategy_config(cfg).learning_rate == 1e-3
+    assert strategy_config(cfg).optim.learning_rate == 1e-3
     assert parse_override("a=true") == {"a": True}
     assert parse_override("a=-8:") == {"a": "-8:"}
     with pytest.raises(ConfigError, match="key.path=value"):

@@ -165,6 +165,7 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> An
     data = {} if data is None else data
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    data = nest_legacy_keys(cls, data)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
@@ -175,6 +176,11 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> An
         kwargs[key] = _coerce(hints[key], value, path)
     try:
         return cls(**kwargs)
+    except ConfigError as exc:
+        # a nested section's check names its key relative to the section ("optim.learning_rate"): say where
+        if prefix and not str(exc).startswith(prefix.split(".")[0]):
+            raise ConfigError(f"{prefix}: {exc}") from exc
+        raise
     except TypeError as exc:  # a value of the wrong type reached a comparison in __post_init__
         raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
 

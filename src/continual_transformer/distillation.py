@@ -584,3 +584,75 @@ def distill_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.
     kl = top_term.sum(-1) + other_term  # (B, P)
     # where, not a product: a padded position may hold a non-finite value, and nan * 0 is nan.
     return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The objective on the shared training loop
+
+OBJECTIVES = ("next_token", "context_distill")
+"""What a weight-changing strategy trains on a document: its own next-token loss, or context distillation."""
+
+
+def check_objective(objective: str, key: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``objective`` is one of :data:`OBJECTIVES`."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"{key}: must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+
+
+def document_distill_examples(
+    backbone: Backbone,
+    document_text: str,
+    config: ContextDistillConfig,
+    *,
+    teacher_context: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    chunk_tokens: int = 1024,
+) -> list[DistillExample]:
+    """:func:`build_distill_examples` over a document of any length: the teacher reads one chunk of at most
+    ``chunk_tokens`` tokens at a time (cut at sentence ends), so its prompt always fits the context window."""
+    limit = max(64, min(chunk_tokens, backbone.max_length - config.teacher_max_new_tokens - 256))
+    chunks, current, used = [], [], 0
+    for sentence in split_sentences(document_text) or [document_text]:
+        size = len(backbone.token_ids(sentence))
+        if current and used + size > limit:
+            chunks.append(" ".join(current))
+            current, used = [], 0
+        current.append(sentence)
+        used += size
+    if current:
+        chunks.append(" ".join(current))
+    examples: list[DistillExample] = []
+    for chunk in chunks:
+        examples += build_distill_examples(backbone, chunk, config, teacher_context=teacher_context)
+    return examples
+
+
+def as_training_examples(examples: Sequence[DistillExample]) -> list:
+    """Distillation examples as :class:`training.Example` rows for :func:`training.train`.
+
+    Labels mark the continuation tokens (so ``scored_tokens`` counts them); the teacher's targets ride along
+    as extras, which :func:`training.collate` pads and stacks and :func:`distill_step_loss` reads.
+    """
+    from continual_transformer.training import IGNORE, Example
+
+    rows = []
+    for example in examples:
+        labels = [IGNORE] * len(example.input_ids)
+        for position in example.positions:
+            labels[position + 1] = example.input_ids[position + 1]
+        extras = {
+            "positions": torch.tensor(example.positions, dtype=torch.long),
+            "position_mask": torch.ones(len(example.positions), dtype=torch.bool),
+            "teacher_ids": example.teacher_ids,
+            "teacher_logprobs": example.teacher_logprobs,
+        }
+        rows.append(Example(tuple(example.input_ids), tuple(labels), extras))
+    return rows
+
+
+def distill_step_loss(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss of one training step (a ``training.LossFn``): the student's forward pass, then
+    :func:`distill_loss` at the scored positions."""
+    logits = backbone.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    return distill_loss(logits, batch)

@@ -11,7 +11,7 @@ from conftest import make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.backbone import model_fingerprint
-from continual_transformer.config import ConfigError, load_config
+from continual_transformer.config import ConfigError, from_dict, load_config
 from continual_transformer.documents import make_document
 from continual_transformer.strategies import memory_layer as memory_layer_module  # registers the strategy
 from continual_transformer.strategies.memory_layer import MemoryLayerConfig, select_memory_layers, tfidf_slots
@@ -178,10 +178,13 @@ def test_gpt2_architecture(tokenizer):
     assert report.loss_after < report.loss_before
 
 
-def test_context_distill_is_a_declared_seam(tokenizer):
-    ct = build(tokenizer, objective="context_distill")
-    with pytest.raises(ConfigError, match="no implementation"):
-        ct.strategy.training_plan(make_document(DOC))
+def test_context_distill_trains_the_selected_slots_toward_the_teacher(tokenizer):
+    ct = build(tokenizer, objective="context_distill", stop_loss=0.0, learning_rate=1.0)
+    report = ct.learn_document(DOC)
+    losses, per_epoch = report.step_losses, len(report.step_losses) // FAST["epochs"]
+    first, last = sum(losses[:per_epoch]), sum(losses[-per_epoch:])
+    assert last < first, "the student's KL to the teacher falls"
+    assert 0 < sum(report.extra["slots_trained"]) <= FAST["top_t"] * len(ct.strategy.memories)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +203,7 @@ def test_context_distill_is_a_declared_seam(tokenizer):
 )
 def test_config_validation(bad):
     with pytest.raises(ConfigError, match="memory_layer"):
-        MemoryLayerConfig(**{**FAST, **bad})
+        from_dict(MemoryLayerConfig, {**FAST, **bad}, "strategies.memory_layer")
 
 
 def test_select_memory_layers():

@@ -229,13 +229,30 @@ class TrainingStrategy(Strategy):
         """Runs after the optimisation, before the loss after is measured; returns figures for the report."""
         return {}
 
+    def distill_examples(self, document: Document) -> tuple[list[Example], dict[str, Any]]:
+        """The ``context_distill`` objective's examples: queries about the document answered by the base model
+        with the document in its prompt (every learned change off, :meth:`disabled`), as training rows."""
+        from continual_transformer import distillation
+
+        started = time.perf_counter()
+        examples = distillation.document_distill_examples(
+            self.backbone, document.text, self.config.distill, teacher_context=self.disabled
+        )
+        kinds = {kind: sum(e.kind == kind for e in examples) for kind in distillation.QUERY_KINDS}
+        figures = {"distill_queries": kinds, "teacher_seconds": time.perf_counter() - started}
+        return distillation.as_training_examples(examples), figures
+
     def learn(self, document: Document) -> LearnReport:
-        from continual_transformer import training
+        from continual_transformer import distillation, training
 
         start = time.perf_counter()
-        examples, figures = self.training_examples(document)
+        distilling = getattr(self.config, "objective", "next_token") == "context_distill"
+        examples, figures = (self.distill_examples if distilling else self.training_examples)(document)
         loss_before = self.mean_nll([document.text])
         params = list(self.trainable_parameters().values())
+        options = self.training_options(examples)
+        if distilling:
+            options.setdefault("loss_fn", distillation.distill_step_loss)
         losses = training.train(
             self.backbone,
             examples,
@@ -243,7 +260,7 @@ class TrainingStrategy(Strategy):
             self.config.optim,
             seed=self.settings.seed + self.documents_learned,
             description=f"{self.name} {document.id}",
-            **self.training_options(examples),
+            **options,
         )
         figures = {**figures, **self.after_training(document, losses)}
         self.documents_learned += 1

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from continual_transformer.config import OptimArgs, WindowArgs
+from continual_transformer.distillation import ContextDistillConfig, check_objective
 from continual_transformer.layers import check_layer_spec, select_layers
 from continual_transformer.strategies import register_strategy
 from continual_transformer.strategies.base import StrategyStats, TrainingStrategy, tensor_bytes
@@ -31,9 +32,15 @@ class FinetuneConfig:
     """Optimiser settings (learning rate 1e-4, 30 epochs, early stop below loss 0.1)."""
     windows: WindowArgs = field(default_factory=WindowArgs)
     """Training windows: 512 tokens, each re-reading 64 tokens of preceding text."""
+    objective: str = "next_token"
+    """What a document trains: ``next_token`` (the document's own next-token loss) or ``context_distill``
+    (match the base model that reads the document in its prompt, on queries about it; ``distill``)."""
+    distill: ContextDistillConfig = field(default_factory=ContextDistillConfig)
+    """Queries and teacher settings of the ``context_distill`` objective."""
 
     def __post_init__(self) -> None:
         check_layer_spec(self.layers, "strategies.finetune.layers")
+        check_objective(self.objective, "strategies.finetune.objective")
 
 
 @register_strategy("finetune", config_cls=FinetuneConfig)

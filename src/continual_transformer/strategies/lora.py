@@ -19,6 +19,7 @@ from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from continual_transformer.config import ConfigError, OptimArgs, WindowArgs
+from continual_transformer.distillation import ContextDistillConfig, check_objective
 from continual_transformer.layers import check_layer_spec, is_transposed, projection_targets, select_layers
 from continual_transformer.strategies import register_strategy
 from continual_transformer.strategies.base import StrategyStats, TrainingStrategy, tensor_bytes
@@ -41,9 +42,15 @@ class LoraConfig:
     """Optimiser settings; LoRA needs a larger learning rate (1e-3) than full fine-tuning."""
     windows: WindowArgs = field(default_factory=WindowArgs)
     """Training windows: 512 tokens, each re-reading 64 tokens of preceding text."""
+    objective: str = "next_token"
+    """What a document trains: ``next_token`` (the document's own next-token loss) or ``context_distill``
+    (match the base model that reads the document in its prompt, on queries about it; ``distill``)."""
+    distill: ContextDistillConfig = field(default_factory=ContextDistillConfig)
+    """Queries and teacher settings of the ``context_distill`` objective."""
 
     def __post_init__(self) -> None:
         check_layer_spec(self.layers, "strategies.lora.layers")
+        check_objective(self.objective, "strategies.lora.objective")
         if self.rank < 1:
             raise ConfigError("strategies.lora.rank: must be >= 1")
 

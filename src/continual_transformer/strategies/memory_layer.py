@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +41,18 @@ import torch
 from torch import nn
 
 from continual_transformer import training
-from continual_transformer.config import ConfigError
+from continual_transformer.config import ConfigError, OptimArgs, WindowArgs
+from continual_transformer.distillation import ContextDistillConfig, check_objective
 from continual_transformer.documents import Document, chunk_spans
 from continual_transformer.evaluation.general import general_text
+from continual_transformer.layers import check_layer_spec, select_layers
 from continual_transformer.modules.dual_mlp import find_mlp
 from continual_transformer.modules.hooks import LayerCapture
 from continual_transformer.modules.product_key_memory import ProductKeyMemory
 from continual_transformer.strategies import register_strategy
 from continual_transformer.strategies.base import LearnReport, Strategy, StrategyStats, tensor_bytes
-from continual_transformer.strategies.finetune import _LAYER_SPEC, select_layers
 
 logger = logging.getLogger(__name__)
-
-OBJECTIVES = ("next_token", "context_distill")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,29 +73,25 @@ class MemoryLayerConfig:
     SmolLM2-135M (one 3-sentence fact, AdamW 0.2, 30 steps) 2000 slots reached loss 0.36 against 0.37 with
     500: no gain for 4x the changed slots."""
     objective: str = "next_token"
-    """What a document trains: ``next_token`` (its own next-token loss) or ``context_distill`` (a distillation
-    objective plugged in through :meth:`MemoryLayerStrategy.training_plan`)."""
-    optimizer: str = "adamw"
-    """``adamw`` (no weight decay: Adam) or ``sgd`` (the paper's choice: it forgot less than AdamW there). On
-    SmolLM2-135M, CPU, 2 short fictional-fact documents, 30 steps each, WikiText-2 perplexity on 2,048 tokens
-    (18.50 before): AdamW 0.2 -> document losses 3.83 -> 0.37 and 2.75 -> 0.49, 1/2 questions answered,
-    perplexity +1.0 %; SGD 3000 -> 0.63 and 0.74, 0/2 answered, perplexity -0.1 %; SGD 100 barely moved
-    (3.83 -> 3.67 in 15 steps): values start at zero and each slot gets ~1/32 of a read, so SGD needs
+    """What a document trains: ``next_token`` (its own next-token loss) or ``context_distill`` (match the base
+    model that reads the document in its prompt, on queries about it; ``distill``)."""
+    distill: ContextDistillConfig = field(default_factory=ContextDistillConfig)
+    """Queries and teacher settings of the ``context_distill`` objective."""
+    optim: OptimArgs = field(
+        default_factory=lambda: OptimArgs(
+            optimizer="adamw", learning_rate=0.2, epochs=30, batch_size=8, max_grad_norm=0.0, stop_loss=0.1
+        )
+    )
+    """Optimisation of the selected value rows (their only parameter group; weight decay would move rows of
+    slots written by earlier documents, so keep it 0). AdamW (no decay: Adam) at 0.2, or SGD (the paper's
+    choice). On SmolLM2-135M, CPU, 2 short fictional-fact documents, 30 steps each, WikiText-2 perplexity on
+    2,048 tokens (18.50 before): AdamW 0.2 -> document losses 3.83 -> 0.37 and 2.75 -> 0.49, 1/2 questions
+    answered, perplexity +1.0 %; SGD 3000 -> 0.63 and 0.74, 0/2 answered, perplexity -0.1 %; SGD 100 barely
+    moved (3.83 -> 3.67 in 15 steps): values start at zero and each slot gets ~1/32 of a read, so SGD needs
     learning rates in the thousands."""
-    learning_rate: float = 0.2
-    """Learning rate of the value rows (their only parameter group); ``optimizer`` has the measurements."""
-    epochs: int = 30
-    """Passes over each document's examples."""
-    batch_size: int = 8
-    """Examples (windows) per optimisation step."""
-    window_tokens: int = 256
-    """Tokens per training window."""
-    context_tokens: int = 64
-    """Tokens of preceding text each window re-reads (unscored), so facts keep their subject."""
-    max_grad_norm: float = 0.0
-    """Gradient clipping of the value rows (0 disables it)."""
-    stop_loss: float = 0.1
-    """Stop after the first epoch whose mean loss is below this (0 disables early stopping)."""
+    windows: WindowArgs = field(default_factory=lambda: WindowArgs(window=256, context=64))
+    """Training windows of the ``next_token`` objective: 256 tokens, each re-reading 64 tokens of preceding
+    text, so facts keep their subject."""
     background: str = "general"
     """Background text for calibration: ``general`` (the tail of WikiText-2 valid from the data directory;
     built-in prose without it) or the path of a UTF-8 text file (its tail)."""
@@ -111,10 +106,8 @@ class MemoryLayerConfig:
     def __post_init__(self) -> None:
         key = "strategies.memory_layer."
         spec = self.layers.strip()
-        if spec != "middle" and not _LAYER_SPEC.match(spec):
-            raise ConfigError(
-                f"{key}layers: {self.layers!r} is not 'middle', 'all', a slice like '12:18', or an index"
-            )
+        if spec != "middle":
+            check_layer_spec(spec, f"{key}layers")
         if self.n_keys < 2 or self.heads < 1:
             raise ConfigError(f"{key}n_keys must be >= 2 and heads >= 1")
         if not 1 <= self.topk <= self.n_keys:
@@ -123,20 +116,7 @@ class MemoryLayerConfig:
             raise ConfigError(f"{key}query_dim: must be even and >= 2, got {self.query_dim}")
         if self.top_t < 1:
             raise ConfigError(f"{key}top_t: must be >= 1, got {self.top_t}")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(
-                f"{key}objective: must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
-            )
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"{key}optimizer: must be sgd or adamw, got {self.optimizer!r}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"{key}learning_rate: must be > 0, got {self.learning_rate}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"{key}epochs, batch_size: must be >= 1")
-        if not 0 <= self.context_tokens < self.window_tokens:
-            raise ConfigError(f"{key}context_tokens: must be in [0, window_tokens)")
-        if self.max_grad_norm < 0 or self.stop_loss < 0:
-            raise ConfigError(f"{key}max_grad_norm, stop_loss: must be >= 0 (0 disables them)")
+        check_objective(self.objective, f"{key}objective")
         if not self.background.strip():
             raise ConfigError(f"{key}background: 'general' or the path of a text file")
         if self.background_tokens < 2 or self.background_chunk_tokens < 2:
@@ -267,7 +247,7 @@ class MemoryLayerStrategy(Strategy):
         The forward pass stops after the deepest memory layer; memories read as the model currently computes.
         """
         pad, device = self.backbone.tokenizer.pad_token_id, self.backbone.device
-        step = self.config.batch_size
+        step = self.config.optim.batch_size
         per_layer: list[list[torch.Tensor]] = [[] for _ in self.memories]
         row_ids = []
         deepest = self.mlps[max(range(len(self.layer_ids)), key=lambda j: self.layer_ids[j])]
@@ -331,19 +311,18 @@ class MemoryLayerStrategy(Strategy):
     # -- objective -------------------------------------------------------------------------------------------
     def training_plan(self, document: Document) -> TrainingPlan:
         """Examples and optimisation of ``document`` for the configured objective."""
-        builders: dict[str, Callable[[Document], TrainingPlan]] = {"next_token": self._next_token_plan}
-        if self.config.objective not in builders:
-            raise ConfigError(
-                f"strategies.memory_layer.objective: {self.config.objective!r} has no implementation yet "
-                f"(available: {', '.join(builders)})"
-            )
-        return builders[self.config.objective](document)
+        from continual_transformer import distillation
 
-    def _next_token_plan(self, document: Document) -> TrainingPlan:
         cfg = self.config
-        examples = training.text_examples(
-            self.backbone, document.text, window=cfg.window_tokens, context=cfg.context_tokens
-        )
+        loss_fn: training.LossFn = training.next_token_loss
+        if cfg.objective == "context_distill":
+            distilled = distillation.document_distill_examples(
+                self.backbone, document.text, cfg.distill, teacher_context=self.disabled
+            )
+            examples = distillation.as_training_examples(distilled)
+            loss_fn = distillation.distill_step_loss
+        else:
+            examples = training.window_examples(self.backbone, document.text, cfg.windows)
         seed = self.settings.seed + self.documents_learned
 
         def optimise(params: list[nn.Parameter]) -> list[float]:
@@ -351,14 +330,9 @@ class MemoryLayerStrategy(Strategy):
                 self.backbone,
                 examples,
                 params,
-                optimizer=cfg.optimizer,
-                learning_rate=cfg.learning_rate,
-                weight_decay=0.0,  # decay would move rows of slots written by earlier documents
-                epochs=cfg.epochs,
-                batch_size=cfg.batch_size,
-                max_grad_norm=cfg.max_grad_norm or None,
-                stop_loss=cfg.stop_loss or None,
+                cfg.optim,
                 seed=seed,
+                loss_fn=loss_fn,
                 description=f"memory_layer {document.id}",
             )
 

@@ -50,6 +50,7 @@ import torch
 
 from continual_transformer import training
 from continual_transformer.config import ConfigError, OptimArgs, WindowArgs
+from continual_transformer.distillation import ContextDistillConfig, check_objective
 from continual_transformer.documents import Document, chunk_spans
 from continual_transformer.layers import check_layer_spec, select_layers
 from continual_transformer.modules.dual_mlp import DualMLP, deltas_disabled, find_mlp
@@ -133,6 +134,11 @@ class TTTConfig:
     """Training windows: 256 tokens, each re-reading 64 tokens of preceding text."""
     max_tokens_per_document: int = 8192
     """Scored document tokens learned at most (later windows are dropped); 0: no limit."""
+    objective: str = "next_token"
+    """What a document trains: ``next_token`` (the document's own next-token loss) or ``context_distill``
+    (match the base model that reads the document in its prompt, on queries about it; ``distill``)."""
+    distill: ContextDistillConfig = field(default_factory=ContextDistillConfig)
+    """Queries and teacher settings of the ``context_distill`` objective."""
     trainable_dtype: str = "float32"
     """dtype of the trainable copies: ``float32`` keeps them in full precision under a bfloat16/float16 model
     (small updates are not rounded away; the copy's output is cast back), ``model``: the model's dtype."""
@@ -182,6 +188,7 @@ class TTTConfig:
     def __post_init__(self) -> None:
         key = "strategies.ttt."
         check_layer_spec(self.layers, f"{key}layers")
+        check_objective(self.objective, f"{key}objective")
         if not 0 <= self.alpha_min <= self.alpha_initial < 1:
             raise ConfigError(
                 f"{key}alpha_initial/alpha_min: need 0 <= alpha_min <= alpha_initial < 1, "
