@@ -74,10 +74,10 @@ def session(tokenizer) -> Session:
 
 def test_session_resolves_its_config_against_the_strategies(session, tokenizer):
     assert session.strategy.name == "finetune" and session.config.model.name == "tiny-llama"
-    assert session.config.strategies["finetune"]["epochs"] == 3
+    assert session.config.strategies["finetune"]["optim"]["epochs"] == 3
     assert session.config.strategies["finetune"]["layers"] == "all"  # defaults filled in
-    assert session.strategy.config.epochs == 3
-    with pytest.raises(ConfigError, match="strategies.finetune.epochs: expected an integer"):
+    assert session.strategy.config.optim.epochs == 3
+    with pytest.raises(ConfigError, match="strategies.finetune.optim.epochs: expected an integer"):
         Session(fast_config(strategies={"finetune": {"epochs": "many"}}), backbone=make_backbone(tokenizer))
     with pytest.raises(ConfigError, match="strategy: unknown strategy 'nope'"):
         Session(fast_config(strategy="nope"), backbone=make_backbone(tokenizer))

@@ -148,13 +148,17 @@ def test_score_by_kind_hand_computed():
 def test_strategy_specs_carry_settings_for_ablation_rows():
     from continual_transformer.config import ConfigError, load_config
     from continual_transformer.evaluation.knowledge import parse_strategy_spec, spec_config
+    from continual_transformer.strategies import strategy_config
 
     assert parse_strategy_spec("ttt") == ("ttt", {})
     assert parse_strategy_spec("ttt:sparse=true:layers=25%") == ("ttt", {"sparse": True, "layers": "25%"})
     config = load_config(overrides={"strategies": {"ttt": {"learning_rate": 3e-4}}})
     name, section = spec_config(config, "ttt:alpha_initial=0.5:alpha_decay=0.9")
     assert name == "ttt" and section.alpha_initial == 0.5 and section.alpha_decay == 0.9
-    assert section.learning_rate == 3e-4  # settings not named in the spec come from the config
+    assert section.optim.learning_rate == 3e-4  # settings not named in the spec come from the config
+    _, section = spec_config(config, "ttt:learning_rate=1e-3:epochs=2")  # flat keys of the optimiser
+    assert section.optim.learning_rate == 1e-3 and section.optim.epochs == 2
+    assert section.optim.batch_size == strategy_config(config, "ttt").optim.batch_size
     with pytest.raises(ConfigError, match="strategies.ttt.no_such_key"):
         parse_strategy_spec("ttt:no_such_key=1")
     with pytest.raises(ConfigError):

@@ -49,14 +49,14 @@ def test_lora_wraps_every_conv1d_of_the_chosen_gpt2_layers(tokenizer):
 
 
 def test_lora_initialisation_leaves_the_global_generator_alone(tokenizer):
-    from continual_transformer.strategies import registry
+    from continual_transformer.strategies import registry, strategy_config
 
     backbone = make_backbone(tokenizer)  # builds a model from a seed of its own
     config = fast_config(strategies={"lora": FAST})
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    registry.get("lora")(backbone, config.strategy_config("lora"), settings=config)
+    registry.get("lora")(backbone, strategy_config(config, "lora"), settings=config)
     assert torch.equal(torch.rand(3), expected)
 
 

@@ -26,7 +26,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from continual_transformer.backbone import Backbone, model_fingerprint
-from continual_transformer.config import Config, ConfigError, from_dict, parse_override, to_dict
+from continual_transformer.config import (
+    Config,
+    ConfigError,
+    deep_merge,
+    from_dict,
+    nest_legacy_keys,
+    parse_override,
+    to_dict,
+)
 from continual_transformer.evaluation import metrics, system
 from continual_transformer.evaluation.datasets import KNOWN_FACTS, KnowledgeBenchmark, Probe, load_benchmark
 from continual_transformer.evaluation.general import general_text
@@ -105,7 +113,9 @@ def spec_config(config: Config, spec: str) -> tuple[str, Any]:
     name, changes = parse_strategy_spec(spec)
     section = strategy_config(config, name)
     if changes:
-        section = from_dict(type(section), {**to_dict(section), **changes}, prefix=f"strategies.{name}")
+        # flat spec keys (``learning_rate``) go to their nested section first, then merge key by key
+        changes = nest_legacy_keys(type(section), changes)
+        section = from_dict(type(section), deep_merge(to_dict(section), changes), prefix=f"strategies.{name}")
     return name, section
 
 
