@@ -275,10 +275,13 @@ def learn(
         table = Table(title=f"learned with {session.strategy.name}")
         for column in ("document", "tokens", "loss before", "loss after", "seconds"):
             table.add_column(column, justify="right" if column != "document" else "left")
+        skipped = []
         for doc in documents:
             report = session.learn(doc)
             if ALREADY_LEARNED in report.extra:
-                table.add_row(doc.id, f"already learned as {report.extra[ALREADY_LEARNED]}", "-", "-", "-")
+                skipped.append(
+                    f"{doc.id}: already learned as {report.extra[ALREADY_LEARNED]}, not learned again"
+                )
                 continue
             table.add_row(
                 doc.id,
@@ -288,8 +291,16 @@ def learn(
                 f"{report.seconds:.1f}",
             )
         session.save(state, lock=lock)
-    console.print(table)
-    console.print(f"state saved to {state} ({len(session.history)} documents learned in total)")
+    if table.row_count:
+        console.print(table)
+    for line in skipped:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"state saved to {state} ({len(session.history)} documents learned in total)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("ask")
@@ -514,10 +525,10 @@ def main(args: list[str] | None = None) -> None:
     try:
         app(args=args)
     except StateLockedError as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(EXIT_LOCKED) from None
     except ContinualTransformerError as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(EXIT_USAGE) from None
 
 
