@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import yaml
@@ -214,8 +215,8 @@ def test_bench_tasks_settings_are_checked_before_any_work(tmp_path):
 # -- state that survives what users do ----------------------------------------------------------------------
 def ctt(capsys, *args: str) -> tuple[int, str, str]:
     """Run ``ctt`` in this process as the console script does; (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
+    with mock.patch.object(sys, "argv", ["ctt", *map(str, args)]), pytest.raises(SystemExit) as info:
+        main()
     captured = capsys.readouterr()
     return info.value.code, captured.out, captured.err
 
