@@ -385,13 +385,14 @@ def state_config(
     (unless ``reset``: the state is then started over). A file or a directory that holds other files but no
     checkpoint is refused too, before anything is loaded.
     """
-    from continual_transformer import checkpoint
-
     if config_file is not None and Path(config_file).is_dir():
         raise ConfigError(f"config file {config_file} is a directory; give a YAML file")
-    if directory is None or reset or checkpoint.prepare_read(directory) != "checkpoint":
-        if directory is not None:
-            checkpoint.state_kind(directory)  # a file or a foreign directory is no state, even to reset
+    if directory is None:
+        return load_config(config_file, overrides, list(set_items))
+    from continual_transformer import checkpoint
+
+    if reset or checkpoint.prepare_read(directory) != "checkpoint":
+        checkpoint.state_kind(directory)  # a file or a foreign directory is no state, even to reset
         return load_config(config_file, overrides, list(set_items))
     saved, _ = checkpoint_config(directory)
     data = to_dict(saved)
