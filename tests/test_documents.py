@@ -113,3 +113,35 @@ def test_chunk_text_covers_the_text(tokenizer):
     chunks = chunk_text(tokenizer, text, size=16, overlap=0)
     assert len(chunks) > 1
     assert "".join(chunks) == text
+
+
+def test_directory_learning_skips_links_that_lead_outside_it(tmp_path, caplog):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("hostname of the machine")
+    (outside / "more").mkdir()
+    (outside / "more" / "x.txt").write_text("more secrets")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("Alpha text.")
+    (docs / "escape.txt").symlink_to(outside / "secret.txt")
+    (docs / "escaped-dir").symlink_to(outside / "more", target_is_directory=True)
+    (docs / "alias.txt").symlink_to(docs / "a.txt")  # inside the tree: read
+    with caplog.at_level("WARNING", logger="continual_transformer.documents"):
+        found = read_documents(docs)
+    assert [d.id for d in found] == ["a.txt", "alias.txt"]
+    assert all("secret" not in d.text for d in found)
+    assert "escape.txt" in caplog.text and "outside" in caplog.text
+
+
+def test_content_hash_ignores_line_endings_trailing_space_and_composition():
+    base = make_document("Caf\u00e9 au lait.\nSecond line.")
+    variants = [
+        "Caf\u00e9 au lait.\r\nSecond line.  \n",
+        "Cafe\u0301 au lait.\nSecond line.",
+        "\n Caf\u00e9 au lait.\nSecond line.",
+    ]
+    assert base.sha256 != make_document(variants[0]).sha256
+    assert all(make_document(v).content_sha256 == base.content_sha256 for v in variants[:2])
+    assert make_document(variants[2]).content_sha256 == base.content_sha256
+    assert make_document("Another text.").content_sha256 != base.content_sha256

@@ -222,3 +222,25 @@ def test_the_facade_is_a_view_of_its_session(tokenizer):
     assert ct.history is ct.session.history and len(ct.history) == 1
     assert ContinualTransformer.from_session(ct.session).history is ct.history
     assert ct._tasks is None and ct.tasks is ct.session.tasks and ct._tasks is ct.tasks
+
+
+def test_the_state_config_is_the_checkpoints_with_the_flags_over_it(session, tmp_path):
+    from continual_transformer.session import state_config
+
+    session.save(tmp_path / "state")
+    cfg = state_config(tmp_path / "state")
+    assert cfg == session.config, "the checkpoint's config applies without flags"
+    changed = state_config(tmp_path / "state", set_items=["strategies.finetune.epochs=9", "seed=4"])
+    assert changed.strategies["finetune"]["epochs"] == 9 and changed.seed == 4
+    assert changed.strategies["finetune"]["learning_rate"] == 1e-2, (
+        "the rest of the checkpoint's config stays"
+    )
+    with pytest.raises(CheckpointError, match="made on base model 'tiny-llama', not 'other-model'"):
+        state_config(tmp_path / "state", overrides={"model": {"name": "other-model"}})
+    with pytest.raises(CheckpointError, match="holds strategy 'finetune', not 'lora'"):
+        state_config(tmp_path / "state", overrides={"strategy": "lora"})
+    reset = state_config(tmp_path / "state", overrides={"strategy": "lora"}, reset=True)
+    assert reset.strategy == "lora" and reset.model.name == "smollm2-135m-instruct", "reset: defaults again"
+    assert state_config(tmp_path / "none").strategy == "finetune"
+    with pytest.raises(ConfigError, match="is a directory"):
+        state_config(tmp_path / "none", config_file=tmp_path)

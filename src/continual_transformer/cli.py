@@ -2,6 +2,18 @@
 
 Library modules are imported inside the commands that use them, so ``ctt --help``, ``ctt models list`` and
 ``ctt config show`` start without torch or transformers.
+
+State (``--state DIR``, default ``./ctt-state``): when DIR holds a checkpoint, its config applies and the
+command-line flags (``--config``, ``--set``, ``--device``, ...) change it; another ``--model`` than the one
+the state was made on is refused, and another ``--strategy`` unless ``ctt learn --reset`` starts the state
+over (:func:`continual_transformer.session.state_config`). ``ctt learn`` loads, learns and saves while
+holding the directory's lock, so concurrent learners take turns (``--lock-timeout``). ``ctt ask`` and
+``ctt generate`` refuse a DIR that holds no checkpoint unless ``--allow-empty`` says the base model is fine.
+
+Exit codes: 0 success; 1 an unexpected error (a bug: traceback); 2 a usage or input error, reported in one
+line on stderr (bad option, bad config, unreadable document, missing or foreign state, empty or too long
+question, refused checkpoint); 3 the state directory stayed locked by another process for the whole
+``--lock-timeout`` (try again later).
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from continual_transformer.errors import ContinualTransformerError
@@ -42,6 +55,11 @@ err_console = Console(stderr=True)
 
 DEFAULT_STATE = Path("ctt-state")
 
+EXIT_USAGE = 2
+"""Usage and input errors (also click's code for a bad option)."""
+EXIT_LOCKED = 3
+"""The state directory's lock was not released in time."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class Options:
@@ -60,10 +78,8 @@ class Options:
     verbose: bool = False
     """``--verbose``: log what the library does (and keep transformers' progress bars)."""
 
-    def config(self) -> Config:
-        """The resolved configuration: defaults < ``--config`` file < flags and ``--set``."""
-        from continual_transformer.config import load_config
-
+    def overrides(self) -> dict[str, Any]:
+        """``--model``, ``--device`` and ``--strategy`` as a nested config mapping."""
         overrides: dict[str, Any] = {}
         if self.model:
             overrides.setdefault("model", {})["name"] = self.model
@@ -71,7 +87,14 @@ class Options:
             overrides.setdefault("model", {})["device"] = self.device
         if self.strategy:
             overrides["strategy"] = self.strategy
-        return load_config(self.config_file, overrides, list(self.set_items))
+        return overrides
+
+    def config(self, state: Path | None = None, *, reset: bool = False) -> Config:
+        """The resolved configuration: defaults (or the checkpoint's in ``state``) < ``--config`` file <
+        flags and ``--set``."""
+        from continual_transformer.session import state_config
+
+        return state_config(state, self.config_file, self.overrides(), self.set_items, reset=reset)
 
 
 @app.callback()
@@ -123,16 +146,29 @@ def resolved_config(ctx: typer.Context) -> Config:
     return options(ctx).config()
 
 
-def build_session(ctx: typer.Context, state: Path | None = None) -> Session:
-    """A session from the resolved config, with the saved state loaded when ``state`` holds a checkpoint."""
-    from continual_transformer.checkpoint import MANIFEST_FILE
+def build_session(
+    ctx: typer.Context, state: Path | None = None, *, reset: bool = False, allow_empty: bool = True
+) -> Session:
+    """A session from the resolved config, with the saved state loaded when ``state`` holds a checkpoint
+    (not with ``reset``). Without ``allow_empty`` a ``state`` that holds no checkpoint is an error."""
+    from continual_transformer.checkpoint import prepare_read
     from continual_transformer.session import Session
 
     opts = options(ctx)
+    kind = prepare_read(state) if state is not None else "missing"
+    if state is not None and kind != "checkpoint" and not allow_empty:
+        from continual_transformer.errors import CheckpointError
+
+        what = "no such directory" if kind == "missing" else "an empty directory"
+        raise CheckpointError(
+            f"no learned state at {state.resolve()} ({what}); learn documents first "
+            f"(ctt learn FILE --state {state}) or pass --allow-empty to answer with the base model"
+        )
+    config = opts.config(state, reset=reset)
     quiet_transformers(opts)
     with console.status("loading model..."):
-        session = Session(opts.config())
-        if state is not None and (state / MANIFEST_FILE).exists():
+        session = Session(config)
+        if kind == "checkpoint" and not reset:
             session.load(state)
     return session
 
@@ -201,6 +237,12 @@ def strategies() -> None:
 StateOption = Annotated[
     Path, typer.Option("--state", "-s", help="Checkpoint directory to load from and save to.")
 ]
+AllowEmptyOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-empty", help="Answer with the base model when --state holds no checkpoint (else an error)."
+    ),
+]
 
 
 @app.command("learn")
@@ -208,29 +250,57 @@ def learn(
     ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="Files (.txt, .md, .jsonl) or directories to learn.")],
     state: StateOption = DEFAULT_STATE,
+    reset: Annotated[
+        bool,
+        typer.Option(help="Start the state over (discarding what it learned), e.g. to change --strategy."),
+    ] = False,
+    lock_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait while another process writes the same --state.")
+    ] = 120.0,
 ) -> None:
-    """Learn documents and save the state (loading it first if it exists)."""
-    from continual_transformer.config import DocumentConfig
+    """Learn documents and save the state (loading it first if it exists). Documents already learned are
+    not learned again."""
+    from continual_transformer.checkpoint import recover, state_kind
     from continual_transformer.documents import read_documents
+    from continual_transformer.locking import StateLock
+    from continual_transformer.session import ALREADY_LEARNED
 
-    cfg = resolved_config(ctx)
-    documents = [doc for path in paths for doc in read_documents(path, cfg.documents or DocumentConfig())]
-    session = build_session(ctx, state)
-    table = Table(title=f"learned with {session.strategy.name}")
-    for column in ("document", "tokens", "loss before", "loss after", "seconds"):
-        table.add_column(column, justify="right" if column != "document" else "left")
-    for doc in documents:
-        report = session.learn(doc)
-        table.add_row(
-            doc.id,
-            str(report.tokens),
-            _num(report.loss_before),
-            _num(report.loss_after),
-            f"{report.seconds:.1f}",
-        )
-    session.save(state)
-    console.print(table)
-    console.print(f"state saved to {state} ({len(session.history)} documents learned in total)")
+    opts = options(ctx)
+    state_kind(state)  # a file or a directory of other files is refused before any work
+    cfg = opts.config(state, reset=reset)  # read again under the lock; this one reads the documents
+    documents = [doc for path in paths for doc in read_documents(path, cfg.documents)]
+    with StateLock(state, timeout=lock_timeout) as lock:
+        recover(state)
+        session = build_session(ctx, state, reset=reset)
+        table = Table(title=f"learned with {session.strategy.name}")
+        for column in ("document", "tokens", "loss before", "loss after", "seconds"):
+            table.add_column(column, justify="right" if column != "document" else "left")
+        skipped = []
+        for doc in documents:
+            report = session.learn(doc)
+            if ALREADY_LEARNED in report.extra:
+                skipped.append(
+                    f"{doc.id}: already learned as {report.extra[ALREADY_LEARNED]}, not learned again"
+                )
+                continue
+            table.add_row(
+                doc.id,
+                str(report.tokens),
+                _num(report.loss_before),
+                _num(report.loss_after),
+                f"{report.seconds:.1f}",
+            )
+        session.save(state, lock=lock)
+    if table.row_count:
+        console.print(table)
+    for line in skipped:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"state saved to {state} ({len(session.history)} documents learned in total)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("ask")
@@ -238,9 +308,14 @@ def ask(
     ctx: typer.Context,
     question: Annotated[str, typer.Argument(help="The question.")],
     state: StateOption = DEFAULT_STATE,
+    allow_empty: AllowEmptyOption = False,
 ) -> None:
     """Answer a question with what has been learned."""
-    session = build_session(ctx, state)
+    from continual_transformer.session import InputError
+
+    if not question.strip():
+        raise InputError("the question is empty")
+    session = build_session(ctx, state, allow_empty=allow_empty)
     console.print(session.ask(question), markup=False, highlight=False)
 
 
@@ -251,9 +326,10 @@ def generate(
     state: StateOption = DEFAULT_STATE,
     chat: Annotated[bool, typer.Option(help="Apply the chat template.")] = False,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate.")] = None,
+    allow_empty: AllowEmptyOption = False,
 ) -> None:
     """Continue a prompt (raw text by default)."""
-    session = build_session(ctx, state)
+    session = build_session(ctx, state, allow_empty=allow_empty)
     console.print(
         session.generate([prompt], chat=chat, max_new_tokens=max_new_tokens)[0], markup=False, highlight=False
     )
@@ -441,12 +517,19 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
+    """Run ``ctt`` (``args``: the command line, default ``sys.argv[1:]``); exits with the codes of the module
+    docstring."""
+    from continual_transformer.locking import StateLockedError
+
     try:
-        app()
+        app(args=args)
+    except StateLockedError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise SystemExit(EXIT_LOCKED) from None
     except ContinualTransformerError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise SystemExit(2) from None
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise SystemExit(EXIT_USAGE) from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Reading documents to learn: ``.txt``, ``.md``, ``.jsonl`` and directories of them, and chunking by tokens.
 
 Everything is validated before anything is returned, so a bad file anywhere in a directory stops the whole
-read with an error naming the file (and the JSONL line) and the model is never touched.
+read with an error naming the file (and the JSONL line) and the model is never touched. Reading a directory
+never leaves it: a symbolic link that resolves outside the directory is skipped (and logged).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,20 @@ class Document:
 
     @property
     def sha256(self) -> str:
+        """SHA-256 of the text exactly as given."""
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    @property
+    def content_sha256(self) -> str:
+        """SHA-256 of the normalised text (:func:`normalise_text`): equal for the same document saved with
+        other line endings, trailing spaces or Unicode composition. Sessions learn each content once."""
+        return hashlib.sha256(normalise_text(self.text).encode("utf-8")).hexdigest()
+
+
+def normalise_text(text: str) -> str:
+    """``text`` in NFC, with ``\\n`` line endings, no trailing whitespace on any line and none around it."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip()
 
 
 def make_document(
@@ -56,11 +71,16 @@ def read_documents(path: str | Path, config: DocumentConfig | None = None) -> li
     if not path.exists():
         raise DocumentError(path, "no such file or directory")
     if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
+        root = path.resolve()
+        files = []
+        for p in sorted(path.rglob("*")):
+            if not p.is_file() or any(part.startswith(".") for part in p.relative_to(path).parts):
+                continue
+            target = p.resolve()
+            if not target.is_relative_to(root):
+                logger.warning("skipping %s: a link to %s, outside %s", p, target, path)
+                continue
+            files.append(p)
         wanted = [p for p in files if p.suffix.lower() in config.extensions]
         for skipped in sorted(set(files) - set(wanted)):
             logger.info("skipping %s (not one of %s)", skipped, ", ".join(config.extensions))

@@ -7,6 +7,11 @@ through a :class:`Session` method, so there is one place to serialise writes. It
 directory (:mod:`continual_transformer.checkpoint`) in which each component keeps its own part: the strategy
 its tensors and extra state, the task learner its own; the base model is checked once, for all of them.
 
+A session learns each document once: documents are identified by the SHA-256 of their normalised text
+(:attr:`Document.content_sha256`), recorded in the history, and a repeat is reported as already learned.
+Prompts longer than the model's context (less the tokens to generate) are refused before any work.
+:func:`state_config` is the one rule for the config a command on a state directory runs with.
+
 Importing this module imports no torch; building a session does.
 """
 
@@ -22,13 +27,24 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from continual_transformer.config import Config, defaults_yaml, dump_yaml, from_dict, to_dict
-from continual_transformer.errors import CheckpointError
+from continual_transformer.config import (
+    Config,
+    deep_merge,
+    defaults_yaml,
+    dump_yaml,
+    from_dict,
+    load_config,
+    parse_override,
+    read_yaml,
+    to_dict,
+)
+from continual_transformer.errors import CheckpointError, ConfigError, ContinualTransformerError
 from continual_transformer.strategies import check_strategy_names, registry, strategy_config
 
 if TYPE_CHECKING:
     from continual_transformer.backbone import Backbone
     from continual_transformer.documents import Document
+    from continual_transformer.locking import StateLock
     from continual_transformer.strategies import LearnReport, Strategy, StrategyStats
     from continual_transformer.tasks import TaskLearner, TaskReport
 
@@ -38,6 +54,19 @@ STRATEGY_PART = "strategy"
 """Checkpoint part of the document strategy (its tensors and ``extra_state()``)."""
 TASKS_PART = "tasks"
 """Checkpoint part of the task learner (its ``state_tensors()`` and ``checkpoint_manifest()``)."""
+
+
+class InputError(ContinualTransformerError, ValueError):
+    """A question or prompt that cannot be answered as given (empty, or longer than the model reads)."""
+
+
+class PromptTooLongError(InputError):
+    """A prompt that, with the tokens to generate, does not fit in the model's context."""
+
+
+ALREADY_LEARNED = "already_learned"
+"""Key of :attr:`LearnReport.extra` naming the earlier document when :meth:`Session.learn` skipped a
+repeat."""
 
 
 def validate_config(config: Config) -> Config:
@@ -112,17 +141,39 @@ class Session:
             strategy_cls = registry.get(config.strategy)
             self.strategy: Strategy = strategy_cls(backbone, strategy_config(config), settings=config)
         self.history: list[dict[str, Any]] = []
+        self._learned: dict[str, str] = {}  # content SHA-256 -> doc id, for the documents in the history
         self._tasks: TaskLearner | None = None
 
     # -- documents ------------------------------------------------------------------------------------------
     def learn(self, document: Document) -> LearnReport:
-        """Learn one document with the strategy and record it in the history."""
+        """Learn one document with the strategy and record it in the history.
+
+        A document whose normalised text was learned already is not learned again: the report then has no
+        tokens and ``extra[ALREADY_LEARNED]`` is the id it was learned under.
+        """
+        from continual_transformer.strategies import LearnReport
+
+        key = document.content_sha256
+        if key in self._learned:
+            logger.info(
+                "%s was already learned (as %s); not learning it again", document.id, self._learned[key]
+            )
+            return LearnReport(
+                doc_id=document.id,
+                tokens=0,
+                loss_before=None,
+                loss_after=None,
+                seconds=0.0,
+                extra={ALREADY_LEARNED: self._learned[key]},
+            )
         report = self.strategy.learn(document)
+        self._learned[key] = document.id
         self.history.append(
             {
                 "doc_id": document.id,
                 "source": document.source,
                 "sha256": document.sha256,
+                "content_sha256": key,
                 "strategy": self.strategy.name,
                 "learned_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "tokens": report.tokens,
@@ -148,14 +199,38 @@ class Session:
     def generate(
         self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
     ) -> list[str]:
-        """Continuations of each prompt, answered with what the strategy has learned."""
-        return self.strategy.generate(list(prompts), chat=chat, max_new_tokens=max_new_tokens)
+        """Continuations of each prompt, answered with what the strategy has learned.
+
+        :class:`PromptTooLongError` before any work when a prompt does not fit (:meth:`check_prompts`).
+        """
+        prompts = list(prompts)
+        self.check_prompts(prompts, chat=chat, max_new_tokens=max_new_tokens)
+        return self.strategy.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
 
     def ask(self, question: str, *, max_new_tokens: int | None = None) -> str:
         """Answer one question through the chat template."""
         if not question.strip():
-            raise ValueError("question is empty")
+            raise InputError("question is empty")
         return self.generate([question], chat=True, max_new_tokens=max_new_tokens)[0]
+
+    def check_prompts(
+        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+    ) -> None:
+        """Refuse prompts whose tokens (as the model sees them, chat template included) plus the tokens to
+        generate exceed the model's context: the model would read a truncated or garbled prompt."""
+        backbone = self.backbone
+        limit = backbone.max_length
+        new_tokens = max_new_tokens or backbone.generation.max_new_tokens
+        for index, prompt in enumerate(prompts):
+            text = backbone.format_prompt(prompt, chat=chat)
+            tokens = len(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if tokens + new_tokens > limit:
+                which = "prompt" if len(prompts) == 1 else f"prompt {index}"
+                raise PromptTooLongError(
+                    f"{which} is {tokens} tokens; with {new_tokens} tokens to generate that exceeds the "
+                    f"context of {backbone.name} ({limit} tokens): shorten it to at most "
+                    f"{max(limit - new_tokens, 0)} tokens"
+                )
 
     def stats(self) -> StrategyStats:
         return self.strategy.stats()
@@ -164,6 +239,7 @@ class Session:
         """Forget every document learned (the strategy's state and the history); learned tasks stay."""
         self.strategy.reset()
         self.history.clear()
+        self._learned.clear()
 
     # -- tasks ----------------------------------------------------------------------------------------------
     @property
@@ -198,9 +274,13 @@ class Session:
             self._tasks = None
 
     # -- checkpoints ----------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write one checkpoint (atomically): the resolved config, the history, the base model's identity
-        and a part per component (the strategy's; the task learner's once it holds tasks)."""
+    def save(self, directory: str | Path, *, lock: StateLock | None = None) -> Path:
+        """Write one checkpoint (crash-safe): the resolved config, the history, the base model's identity
+        and a part per component (the strategy's; the task learner's once it holds tasks).
+
+        Only the tensor files whose content changed are written. ``lock``: the directory's lock when the
+        caller holds it (for load, learn and save as one step); otherwise it is taken for the write.
+        """
         from continual_transformer import checkpoint
         from continual_transformer.version import __version__
 
@@ -220,7 +300,7 @@ class Session:
             "history": self.history,
         }
         return checkpoint.write_checkpoint(
-            directory, config_yaml=dump_yaml(self.config), manifest=manifest, parts=parts
+            directory, config_yaml=dump_yaml(self.config), manifest=manifest, parts=parts, lock=lock
         )
 
     def load(self, directory: str | Path) -> None:
@@ -229,14 +309,14 @@ class Session:
         refused too (the task learner rolls itself back when its part does not fit)."""
         from continual_transformer import checkpoint
 
-        manifest = checkpoint.read_manifest(directory)
+        manifest, tensors = checkpoint.read_checkpoint(directory, self.backbone.device)
         checkpoint.check_base_model(manifest.get("base_model"), self.backbone, directory)
         if manifest.get("strategy") != self.strategy.name:
             raise CheckpointError(
                 f"checkpoint {directory} holds strategy {manifest.get('strategy')!r}, this model uses "
                 f"{self.strategy.name!r}; use ContinualTransformer.from_checkpoint({str(directory)!r})"
             )
-        parts = checkpoint.read_parts(directory, manifest, self.backbone.device)
+        parts = checkpoint.split_parts(tensors, manifest, directory)
         unknown = sorted(set(parts) - {STRATEGY_PART, TASKS_PART})
         if unknown:
             raise CheckpointError(f"checkpoint {directory} has parts {unknown} this library does not know")
@@ -255,6 +335,11 @@ class Session:
             ) from exc
         self.strategy.load_extra_state(dict(part.state))
         self.history = list(manifest.get("history", []))
+        self._learned = {
+            entry["content_sha256"]: entry.get("doc_id", "")
+            for entry in self.history
+            if isinstance(entry, dict) and "content_sha256" in entry
+        }
         logger.info("loaded checkpoint %s (%d documents learned)", directory, len(self.history))
 
     @classmethod
@@ -271,9 +356,10 @@ def checkpoint_config(directory: str | Path) -> tuple[Config, dict[str, Any]]:
     manifest."""
     from continual_transformer import checkpoint
 
+    checkpoint.prepare_read(directory)
     manifest = checkpoint.read_manifest(directory)
     try:
-        data = yaml.safe_load(checkpoint.read_config_yaml(directory)) or {}
+        data = yaml.safe_load(checkpoint.read_config_yaml(directory, manifest)) or {}
     except yaml.YAMLError as exc:
         raise CheckpointError(f"{directory}/config.yaml is corrupt: {exc}") from exc
     config = from_dict(Config, data)
@@ -281,6 +367,53 @@ def checkpoint_config(directory: str | Path) -> tuple[Config, dict[str, Any]]:
     if name:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, name=name))
     return config, manifest
+
+
+def state_config(
+    directory: str | Path | None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    set_items: Sequence[str] = (),
+    *,
+    reset: bool = False,
+) -> Config:
+    """The config a command on state ``directory`` runs with: the checkpoint's own when ``directory`` holds
+    one (and ``reset`` is false), else the defaults; then ``config_file``, ``overrides`` (nested) and
+    ``set_items`` (``key.path=value``) over it, in that order.
+
+    Refused (:class:`CheckpointError`): another base model than the checkpoint's, or another strategy
+    (unless ``reset``: the state is then started over). A file or a directory that holds other files but no
+    checkpoint is refused too, before anything is loaded.
+    """
+    if config_file is not None and Path(config_file).is_dir():
+        raise ConfigError(f"config file {config_file} is a directory; give a YAML file")
+    if directory is None:
+        return load_config(config_file, overrides, list(set_items))
+    from continual_transformer import checkpoint
+
+    if reset or checkpoint.prepare_read(directory) != "checkpoint":
+        checkpoint.state_kind(directory)  # a file or a foreign directory is no state, even to reset
+        return load_config(config_file, overrides, list(set_items))
+    saved, _ = checkpoint_config(directory)
+    data = to_dict(saved)
+    if config_file is not None:
+        data = deep_merge(data, read_yaml(config_file))
+    if overrides:
+        data = deep_merge(data, overrides)
+    for item in set_items:
+        data = deep_merge(data, parse_override(item))
+    config = from_dict(Config, data)
+    if config.model.name != saved.model.name:
+        raise CheckpointError(
+            f"state {directory} was made on base model {saved.model.name!r}, not {config.model.name!r}; "
+            "use another state directory for another model"
+        )
+    if config.strategy != saved.strategy:
+        raise CheckpointError(
+            f"state {directory} holds strategy {saved.strategy!r}, not {config.strategy!r}; use another "
+            "state directory, or reset this one (what it learned is then discarded)"
+        )
+    return config
 
 
 def _fmt(value: float | None) -> str:
