@@ -50,7 +50,7 @@ class TokenAuth:
 
 
 class BodyTooLarge(Exception):
-    """Raised inside the app when a body without (or with a lying) Content-Length passes the limit."""
+    """A body passed the limit while being read (kept for handlers; :class:`BodyLimit` answers 413 itself)."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body over the limit of {limit:,} bytes")
@@ -58,7 +58,9 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """Refuses bodies over ``max_bytes`` with 413: at once from ``Content-Length``, else while reading."""
+    """Refuses bodies over ``max_bytes`` with 413: at once from ``Content-Length``; a body sent without one
+    (chunked) is read here, up to the limit, before the app sees any of it. The server enforces that a body
+    is as long as its ``Content-Length`` says."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
@@ -68,24 +70,40 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                await send_error(send, scope["path"], 400, "invalid Content-Length")
+                await send_error(send, path, 400, "invalid Content-Length")
                 return
             if int(length) > self.max_bytes:
                 message = f"request body is {int(length):,} bytes, over the limit of {self.max_bytes:,}"
-                await send_error(send, scope["path"], 413, message)
+                await send_error(send, path, 413, message)
                 return
-        received = 0
-
-        async def limited() -> dict:
-            nonlocal received
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await send_error(send, path, 413, str(BodyTooLarge(self.max_bytes)))
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        await self.app(scope, limited, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

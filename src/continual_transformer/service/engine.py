@@ -421,7 +421,8 @@ class Engine:
                 if self._pending.get(doc.id) == entry.seq:
                     del self._pending[doc.id]
         self.counters["learned"] += 1
-        return {"id": doc.id, "seq": entry.seq, **report.to_dict()}
+        report_fields = {k: v for k, v in report.to_dict().items() if k != "doc_id"}
+        return {"id": doc.id, "seq": entry.seq, **report_fields}
 
     def _load(self, name: str | None) -> dict[str, Any]:
         path = self.store.checkpoint_dir(name or "")
@@ -529,7 +530,9 @@ class Engine:
                     if runnable
                     else []
                 )
-                counts = [self._count_tokens(text) for text in texts]
+                counts = [
+                    min(self._count_tokens(text), r.max_new_tokens) for text, (r, _) in zip(texts, runnable)
+                ]  # re-tokenising the decoded text can count more tokens than were generated
         except Exception as exc:
             logger.exception("generation failed")
             for r in requests:
