@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from service_helpers import client, make_engine
+from service_helpers import client, make_engine, tiny_session
 
 from continual_transformer.documents import Document
 from continual_transformer.service.errors import ServiceError
@@ -164,3 +164,24 @@ def test_the_lock_lets_readers_share_and_a_writer_exclude():
         t.join()
     assert max(n for kind, n in events if kind == "r") >= 2, "readers overlap"
     assert [n for kind, n in events if kind == "w"] == [0], "the writer runs alone"
+
+
+def test_a_new_state_directory_starts_from_a_checkpoint_and_a_checkpoint_dir_is_refused(tmp_path):
+    from continual_transformer.documents import make_document
+    from continual_transformer.service.engine import Engine
+    from continual_transformer.service.settings import ServiceConfig
+    from continual_transformer.service.store import ServiceStartError
+
+    learned = tiny_session()
+    learned.learn(make_document("A fact learned offline.", "offline"))
+    learned.save(tmp_path / "learned")
+    with pytest.raises(ServiceStartError, match="is a checkpoint directory"):
+        make_engine(tmp_path / "learned").start(background=False)
+    engine = Engine(
+        ServiceConfig(state_dir=tmp_path / "serve"), session=tiny_session(), init_from=tmp_path / "learned"
+    )
+    with client(engine):
+        assert learned_ids(engine) == ["offline"]
+    restarted = make_engine(tmp_path / "serve")
+    with client(restarted):
+        assert learned_ids(restarted) == ["offline"], "from its own snapshot now"

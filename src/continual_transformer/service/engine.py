@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import groupby
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from continual_transformer.errors import CheckpointError
@@ -98,6 +99,7 @@ class Engine:
     ``session`` is used as given (state restored into it); otherwise ``session_factory`` builds one when the
     engine starts (in the background: ``/ready`` answers 503 meanwhile). ``start_writer=False`` acknowledges
     and journals documents without learning them (what a crash before learning leaves behind).
+    ``init_from`` is a checkpoint loaded when the state directory has no snapshot yet.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Engine:
         session_factory: Callable[[], Session] | None = None,
         start_writer: bool = True,
         on_fatal: Callable[[str], None] | None = None,
+        init_from: Path | None = None,
     ) -> None:
         if (session is None) == (session_factory is None):
             raise ValueError("give exactly one of session and session_factory")
@@ -117,8 +120,11 @@ class Engine:
         self._session_factory = session_factory
         self._start_writer = start_writer
         self._on_fatal = on_fatal
+        self._init_from = init_from
         self.state = STARTING
         self.reason = "loading the model and restoring state"
+        self.start_error: str | None = None
+        """Why restoring failed (kept after :meth:`close`)."""
         self._ready = threading.Event()
         self._rw = ReadWriteLock()
         self._submit = threading.Lock()  # orders journal appends with queue puts
@@ -140,6 +146,11 @@ class Engine:
     def start(self, *, background: bool = True) -> None:
         """Lock the state directory, then build/restore the session (in a thread when ``background``)."""
         self.store.lock()
+        try:
+            self.store.check_layout()
+        except BaseException:
+            self.store.unlock()
+            raise
         if background:
             thread = threading.Thread(target=self._boot, name="ctt-serve-boot", daemon=True)
             thread.start()
@@ -159,10 +170,14 @@ class Engine:
         except Exception as exc:  # reported through /ready and on_fatal, never raised into a thread's void
             logger.exception("ctt serve could not start")
             self.state, self.reason = FAILED, f"could not start: {type(exc).__name__}: {exc}"
+            self.start_error = self.reason
             self._ready.set()
             if self._on_fatal is not None:
                 self._on_fatal(self.reason)
             return
+        with self._submit:
+            if self.state != STARTING:  # closed while restoring
+                return
         for target, name in ((self._write_loop, "writer"), (self._generate_loop, "generator")):
             if name == "writer" and not self._start_writer:
                 continue
@@ -181,6 +196,9 @@ class Engine:
         snapshot, seq = self.store.current()
         if snapshot is not None:
             self._session.load(snapshot)
+        elif self._init_from is not None:
+            self._session.load(self._init_from)
+            logger.info("started from checkpoint %s", self._init_from)
         self._journal = Journal(self.store.journal_path)
         self._applied_seq = self._snapshot_seq = seq
         replay = list(self._journal.entries(after=seq))
@@ -189,7 +207,7 @@ class Engine:
         self.counters["replayed"] = len(replay)
         self._next_seq = max(seq, self._journal.last_seq) + 1
         self._known_ids = {record["doc_id"] for record in self._session.history}
-        if replay:
+        if replay or (snapshot is None and self._init_from is not None):
             logger.info("replayed %d journaled documents after snapshot seq %d", len(replay), seq)
             self._snapshot()
 
@@ -392,6 +410,7 @@ class Engine:
             with self._rw.write():
                 self.session.strategy.forget(op.name)
                 self.session.history[:] = [h for h in self.session.history if h["doc_id"] != op.name]
+            with self._submit:
                 self._known_ids.discard(op.name)
             self._snapshot()
             return {"forgotten": op.name}

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from continual_transformer.service.settings import ServiceConfig, is_loopback
+from continual_transformer.service.store import ServiceStartError, StateDirBusy
+
+__all__ = ["ServiceStartError", "StateDirBusy", "resolve_token", "serve"]
 
 if TYPE_CHECKING:
     from continual_transformer.backbone import Backbone
@@ -20,10 +23,6 @@ TOKEN_ENV = "CTT_SERVE_TOKEN"
 """Environment variable read for the token when none is given."""
 TOKEN_FILE = "token"
 """File in the state directory holding the generated token (mode 0600)."""
-
-
-class ServiceStartError(RuntimeError):
-    """The service could not restore its state (the reason says why); nothing was served."""
 
 
 def resolve_token(host: str, token: str | None, state_dir: Path) -> str | None:
@@ -55,21 +54,23 @@ def serve(
     queue_size: int = 64,
     checkpoint_interval: float = 60.0,
     backbone: Backbone | None = None,
+    init_from: str | Path | None = None,
     log_level: str = "info",
     **options: Any,
 ) -> None:
     """Serve a session built from ``config`` (on ``backbone`` when given) until SIGINT/SIGTERM.
 
     State lives in ``state_dir``: the last snapshot is restored and the journal replayed (in the
-    background; ``/ready`` answers 503 until done), and a final snapshot is written on shutdown. ``options``
-    are further :class:`ServiceConfig` fields (``max_batch``, ``max_body_bytes``, ``request_timeout``, ...).
-    Raises :class:`StateDirBusy` when another service holds ``state_dir`` and :class:`ServiceStartError`
-    when the state cannot be restored.
+    background; ``/ready`` answers 503 until done), and a final snapshot is written on shutdown. A new
+    state directory starts from the checkpoint ``init_from`` (e.g. one written by ``ctt learn``) when
+    given. ``options`` are further :class:`ServiceConfig` fields (``max_batch``, ``max_body_bytes``,
+    ``request_timeout``, ...). Raises :class:`StateDirBusy` when another service holds ``state_dir`` and
+    :class:`ServiceStartError` when it is not a service state directory or the state cannot be restored.
     """
     import uvicorn
 
     from continual_transformer.service.app import create_app
-    from continual_transformer.service.engine import FAILED, Engine
+    from continual_transformer.service.engine import Engine
     from continual_transformer.session import Session
 
     state_dir = Path(state_dir)
@@ -88,7 +89,12 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    engine = Engine(settings, session_factory=lambda: Session(config, backbone=backbone), on_fatal=stop)
+    engine = Engine(
+        settings,
+        session_factory=lambda: Session(config, backbone=backbone),
+        on_fatal=stop,
+        init_from=Path(init_from) if init_from is not None else None,
+    )
     engine.start(background=True)  # takes the state-dir lock now: a busy directory fails before binding
     try:
         app = create_app(engine, manage=False)
@@ -107,5 +113,5 @@ def serve(
         server.run()
     finally:
         engine.close()
-    if engine.reason.startswith("could not start") or engine.state == FAILED:
-        raise ServiceStartError(engine.reason)
+    if engine.start_error is not None:
+        raise ServiceStartError(engine.start_error)

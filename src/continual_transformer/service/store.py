@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from continual_transformer.errors import ContinualTransformerError
 from continual_transformer.service.errors import ServiceError
 from continual_transformer.service.journal import fsync_dir
 
@@ -45,7 +46,11 @@ CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Names of checkpoints saved on request: one path component, no leading dot, no separators."""
 
 
-class StateDirBusy(RuntimeError):
+class ServiceStartError(ContinualTransformerError, RuntimeError):
+    """The service cannot start on this state directory (the message says why and what to do)."""
+
+
+class StateDirBusy(ServiceStartError):
     """Another process (or service) holds the state directory."""
 
 
@@ -97,6 +102,15 @@ class StateStore:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self._lock_handle = handle
+
+    def check_layout(self) -> None:
+        """Refuse a plain checkpoint directory (``ctt learn --state``): the service keeps its own layout, and
+        a later ``ctt learn`` on the same directory would replace it whole."""
+        if (self.root / "manifest.json").exists() and not (self.root / CURRENT_FILE).exists():
+            raise ServiceStartError(
+                f"{self.root} is a checkpoint directory, not a service state directory; serve from another "
+                f"directory and start it from this checkpoint (serve(init_from={str(self.root)!r}))"
+            )
 
     def unlock(self) -> None:
         if self._lock_handle is not None:
