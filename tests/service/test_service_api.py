@@ -261,3 +261,16 @@ def test_prompting_helpers():
     for text in ["", "one", "  two words ", "a\n\nb\tc  "]:
         assert "".join(stream_pieces(text)) == text
     assert len(stream_pieces("three short words")) == 3
+
+
+def test_importing_serve_loads_neither_torch_nor_fastapi():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, continual_transformer.service, continual_transformer.service.run\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

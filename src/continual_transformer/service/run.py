@@ -49,7 +49,7 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    state_dir: str | Path = "ctt-state",
+    state_dir: str | Path = "ctt-serve",
     token: str | None = None,
     queue_size: int = 64,
     checkpoint_interval: float = 60.0,

@@ -27,7 +27,7 @@ class ServiceConfig:
     given)."""
     port: int = 8000
     """TCP port (0 picks a free one)."""
-    state_dir: Path = Path("ctt-state")
+    state_dir: Path = Path("ctt-serve")
     """Where the service keeps its checkpoint snapshots, journal, named checkpoints and lock."""
     token: str | None = None
     """Bearer token every request except ``/health`` and ``/ready`` must carry; ``None`` means no auth on
