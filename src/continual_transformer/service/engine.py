@@ -6,11 +6,8 @@ before it is acknowledged and before it enters the queue, so the acknowledgement
 "learned";
 ``wait`` on a ticket waits for the learning too.
 
-Generation requests go through a second bounded queue served by one generation thread, which answers up to
-``max_batch`` of them per ``session.generate`` call under the read lock. One thread drives the model because
-strategies keep per-call state on shared modules (hooks, the tokenizer's padding side, memory reinforcement);
-the lock keeps every answer on weights that are fully updated. Cheap reads (info, history, documents) share
-the read lock with it.
+Generation requests go to the :class:`~continual_transformer.service.batcher.Batcher`, which answers
+them in batches under the read lock. Cheap reads (info, history, documents) share the read lock with it.
 
 Restart: the current snapshot is loaded and the journal entries after its sequence number are learned again,
 in order, so a kill at any moment loses no acknowledged document and learns none twice.
@@ -29,11 +26,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from continual_transformer.errors import CheckpointError
+from continual_transformer.service.batcher import Batcher
 from continual_transformer.service.errors import ServiceError
 from continual_transformer.service.journal import LEARN, Entry, Journal
 from continual_transformer.service.rwlock import ReadWriteLock
@@ -47,22 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STARTING, READY, FAILED, STOPPING, STOPPED = "starting", "ready", "failed", "stopping", "stopped"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Answer:
-    """One generated answer with its token counts."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    max_new_tokens: int
-    seconds: float
-
-    @property
-    def finish_reason(self) -> str:
-        """``length`` when the answer used its whole token budget, else ``stop``."""
-        return "length" if self.completion_tokens >= self.max_new_tokens else "stop"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,14 +61,6 @@ class _WriteOp:
     future: Future
     entry: Entry | None = None
     name: str | None = None
-
-
-@dataclass(kw_only=True)
-class _GenRequest:
-    prompt: str
-    chat: bool | None
-    max_new_tokens: int
-    future: Future
 
 
 _STOP = object()
@@ -127,9 +100,10 @@ class Engine:
         """Why restoring failed (kept after :meth:`close`)."""
         self._ready = threading.Event()
         self._rw = ReadWriteLock()
+        self.counters = {"learned": 0, "answered": 0, "snapshots": 0, "replayed": 0, "batches": 0}
         self._submit = threading.Lock()  # orders journal appends with queue puts
         self._writes: queue.Queue = queue.Queue(maxsize=settings.queue_size)
-        self._gens: queue.Queue = queue.Queue(maxsize=settings.generation_queue_size)
+        self._batcher = Batcher(settings, lambda: self.session, self._rw, self.counters)
         self._journal: Journal | None = None
         self._threads: list[threading.Thread] = []
         self._next_seq = 1
@@ -140,7 +114,6 @@ class Engine:
         self._known_ids: set[str] = set()
         self._pending: dict[str, int] = {}
         self.failures: deque[dict[str, Any]] = deque(maxlen=100)
-        self.counters = {"learned": 0, "answered": 0, "snapshots": 0, "replayed": 0, "batches": 0}
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self, *, background: bool = True) -> None:
@@ -178,7 +151,7 @@ class Engine:
         with self._submit:
             if self.state != STARTING:  # closed while restoring
                 return
-        for target, name in ((self._write_loop, "writer"), (self._generate_loop, "generator")):
+        for target, name in ((self._write_loop, "writer"), (self._batcher.run, "generator")):
             if name == "writer" and not self._start_writer:
                 continue
             thread = threading.Thread(target=target, name=f"ctt-serve-{name}", daemon=True)
@@ -219,8 +192,7 @@ class Engine:
             return
         was_ready = self.state == READY
         self.state, self.reason = STOPPING, "shutting down"
-        with contextlib.suppress(queue.Full):
-            self._gens.put(_STOP, timeout=timeout)
+        self._batcher.stop(timeout)
         self._stop_writer = True
         with self._submit:  # no acknowledgement races the stop marker
             with contextlib.suppress(queue.Full):
@@ -242,14 +214,14 @@ class Engine:
     _stop_writer = False
 
     def _fail_queued(self, error: ServiceError) -> None:
-        for q in (self._writes, self._gens):
-            while True:
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _STOP and not item.future.done():
-                    item.future.set_exception(error)
+        self._batcher.fail_queued(error)
+        while True:
+            try:
+                item = self._writes.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP and not item.future.done():
+                item.future.set_exception(error)
 
     @property
     def session(self) -> Session:
@@ -499,95 +471,9 @@ class Engine:
     def generate(self, prompt: str, *, chat: bool | None = None, max_new_tokens: int | None = None) -> Future:
         """Queue one prompt; the future resolves to an :class:`Answer` (or a :class:`ServiceError`)."""
         self.require_ready()
-        limit = self.settings.max_new_tokens
-        budget = max_new_tokens or self.session.config.generation.max_new_tokens
-        if not 1 <= budget <= limit:
-            raise ServiceError(400, f"max_new_tokens must be between 1 and {limit}, got {budget}")
-        future: Future = Future()
-        try:
-            self._gens.put_nowait(_GenRequest(prompt=prompt, chat=chat, max_new_tokens=budget, future=future))
-        except queue.Full:
-            raise ServiceError(
-                429,
-                f"{self.settings.generation_queue_size} answers are waiting; retry later",
-                code="queue_full",
-            ) from None
-        return future
-
-    def _generate_loop(self) -> None:
-        while True:
-            first = self._gens.get()
-            if first is _STOP:
-                return
-            batch, stop = [first], False
-            deadline = time.monotonic() + self.settings.batch_wait
-            while len(batch) < self.settings.max_batch:
-                try:
-                    item = self._gens.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(item)
-            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-            key = lambda r: (r.chat is None, bool(r.chat), r.max_new_tokens)  # noqa: E731
-            for _, group in groupby(sorted(live, key=key), key=key):
-                self._answer(list(group))
-            if stop:
-                return
-
-    def _answer(self, requests: list[_GenRequest]) -> None:
-        first, start = requests[0], time.perf_counter()
-        try:
-            with self._rw.read():  # the tokenizer too is used by one thread at a time
-                runnable = self._fitting(requests)
-                texts = (
-                    self.session.generate(
-                        [r.prompt for r, _ in runnable], chat=first.chat, max_new_tokens=first.max_new_tokens
-                    )
-                    if runnable
-                    else []
-                )
-                counts = [
-                    min(self._count_tokens(text), r.max_new_tokens) for text, (r, _) in zip(texts, runnable)
-                ]  # re-tokenising the decoded text can count more tokens than were generated
-        except Exception as exc:
-            logger.exception("generation failed")
-            for r in requests:
-                self._settle(r.future, ServiceError(500, f"generation failed: {type(exc).__name__}"))
-            return
-        seconds = time.perf_counter() - start
-        self.counters["batches"] += 1
-        self.counters["answered"] += len(runnable)
-        for (r, tokens), text, n in zip(runnable, texts, counts):
-            answer = Answer(
-                text=text,
-                prompt_tokens=tokens,
-                completion_tokens=n,
-                max_new_tokens=r.max_new_tokens,
-                seconds=seconds,
-            )
-            r.future.set_result(answer)
-
-    def _fitting(self, requests: list[_GenRequest]) -> list[tuple[_GenRequest, int]]:
-        """The requests whose prompt and token budget fit the model's context (the others get a 400)."""
-        limit = self.session.backbone.max_length
-        runnable = []
-        for r in requests:
-            tokens = self._count_tokens(r.prompt)
-            if tokens + r.max_new_tokens > limit:
-                message = (
-                    f"the prompt is {tokens} tokens; with {r.max_new_tokens} new tokens it exceeds the "
-                    f"model's context of {limit} tokens"
-                )
-                r.future.set_exception(ServiceError(400, message))
-            else:
-                runnable.append((r, tokens))
-        return runnable
-
-    def _count_tokens(self, text: str) -> int:
-        return len(self.session.backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._batcher.submit(
+            prompt, chat=chat, max_new_tokens=max_new_tokens or self.session.config.generation.max_new_tokens
+        )
 
     # -- reads ----------------------------------------------------------------------------------------------
     def documents(self) -> list[dict[str, Any]]:
@@ -625,7 +511,10 @@ class Engine:
             "reason": self.reason,
             "auth": self.settings.auth_required,
             "queue": {"waiting": self._writes.qsize(), "size": self.settings.queue_size},
-            "generation_queue": {"waiting": self._gens.qsize(), "size": self.settings.generation_queue_size},
+            "generation_queue": {
+                "waiting": self._batcher.waiting,
+                "size": self.settings.generation_queue_size,
+            },
             "max_batch": self.settings.max_batch,
             "journal": {
                 "next_seq": self._next_seq,

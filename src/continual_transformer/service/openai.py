@@ -20,8 +20,9 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from continual_transformer.service.batcher import Answer
 from continual_transformer.service.deps import check_model, engine_of, wait_for
-from continual_transformer.service.engine import Answer, Engine
+from continual_transformer.service.engine import Engine
 from continual_transformer.service.errors import ServiceError
 from continual_transformer.service.models import Text
 from continual_transformer.service.prompting import conversation_prompt, stream_pieces
