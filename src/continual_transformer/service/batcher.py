@@ -1,0 +1,188 @@
+"""Generation batching: one thread answers queued prompts, up to ``max_batch`` per ``session.generate`` call.
+
+One thread drives the model because strategies keep per-call state on shared modules (hooks, the tokenizer's
+padding side, memory reinforcement); it holds the read lock of the engine's readers-writer lock, so every
+answer is computed on weights that are fully updated. Requests that share ``chat`` and the token budget are
+batched together; each still gets its own answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from itertools import groupby
+from typing import TYPE_CHECKING
+
+from continual_transformer.service.errors import ServiceError
+from continual_transformer.service.rwlock import ReadWriteLock
+from continual_transformer.service.settings import ServiceConfig
+
+if TYPE_CHECKING:
+    from continual_transformer.session import Session
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Answer:
+    """One generated answer with its token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    max_new_tokens: int
+    seconds: float
+
+    @property
+    def finish_reason(self) -> str:
+        """``length`` when the answer used its whole token budget, else ``stop``."""
+        return "length" if self.completion_tokens >= self.max_new_tokens else "stop"
+
+
+@dataclass(kw_only=True)
+class _GenRequest:
+    prompt: str
+    chat: bool | None
+    max_new_tokens: int
+    future: Future
+
+
+class Batcher:
+    """The generation queue (bounded: 429 when full) and the thread that serves it (:meth:`run`)."""
+
+    def __init__(
+        self,
+        settings: ServiceConfig,
+        session: Callable[[], Session],
+        lock: ReadWriteLock,
+        counters: dict[str, int],
+    ) -> None:
+        self.settings = settings
+        self._session = session
+        self._rw = lock
+        self._queue: queue.Queue = queue.Queue(maxsize=settings.generation_queue_size)
+        self.counters = counters
+
+    @property
+    def session(self) -> Session:
+        return self._session()
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, prompt: str, *, chat: bool | None, max_new_tokens: int) -> Future:
+        limit = self.settings.max_new_tokens
+        if not 1 <= max_new_tokens <= limit:
+            raise ServiceError(400, f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}")
+        future: Future = Future()
+        request = _GenRequest(prompt=prompt, chat=chat, max_new_tokens=max_new_tokens, future=future)
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            waiting = self.settings.generation_queue_size
+            raise ServiceError(
+                429, f"{waiting} answers are waiting; retry later", code="queue_full"
+            ) from None
+        return future
+
+    def stop(self, timeout: float) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put(_STOP, timeout=timeout)
+
+    def fail_queued(self, error: ServiceError) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and not item.future.done():
+                item.future.set_exception(error)
+
+    def run(self) -> None:
+        """Serve the queue until :meth:`stop` (the generation thread's target)."""
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch, stop = [first], False
+            deadline = time.monotonic() + self.settings.batch_wait
+            while len(batch) < self.settings.max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            key = lambda r: (r.chat is None, bool(r.chat), r.max_new_tokens)  # noqa: E731
+            for _, group in groupby(sorted(live, key=key), key=key):
+                self._answer(list(group))
+            if stop:
+                return
+
+    def _answer(self, requests: list[_GenRequest]) -> None:
+        first, start = requests[0], time.perf_counter()
+        try:
+            with self._rw.read():  # the tokenizer too is used by one thread at a time
+                runnable = self._fitting(requests)
+                texts = (
+                    self.session.generate(
+                        [r.prompt for r, _ in runnable], chat=first.chat, max_new_tokens=first.max_new_tokens
+                    )
+                    if runnable
+                    else []
+                )
+                counts = [
+                    min(self._count_tokens(text), r.max_new_tokens) for text, (r, _) in zip(texts, runnable)
+                ]  # re-tokenising the decoded text can count more tokens than were generated
+        except Exception as exc:
+            logger.exception("generation failed")
+            for r in requests:
+                _settle(r.future, ServiceError(500, f"generation failed: {type(exc).__name__}"))
+            return
+        seconds = time.perf_counter() - start
+        self.counters["batches"] += 1
+        self.counters["answered"] += len(runnable)
+        for (r, tokens), text, n in zip(runnable, texts, counts):
+            answer = Answer(
+                text=text,
+                prompt_tokens=tokens,
+                completion_tokens=n,
+                max_new_tokens=r.max_new_tokens,
+                seconds=seconds,
+            )
+            r.future.set_result(answer)
+
+    def _fitting(self, requests: list[_GenRequest]) -> list[tuple[_GenRequest, int]]:
+        """The requests whose prompt and token budget fit the model's context (the others get a 400)."""
+        limit = self.session.backbone.max_length
+        runnable = []
+        for r in requests:
+            tokens = self._count_tokens(r.prompt)
+            if tokens + r.max_new_tokens > limit:
+                message = (
+                    f"the prompt is {tokens} tokens; with {r.max_new_tokens} new tokens it exceeds the "
+                    f"model's context of {limit} tokens"
+                )
+                r.future.set_exception(ServiceError(400, message))
+            else:
+                runnable.append((r, tokens))
+        return runnable
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.session.backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _settle(future: Future, error: ServiceError) -> None:
+    if not future.done():
+        future.set_exception(error)
