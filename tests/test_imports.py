@@ -39,6 +39,7 @@ def heavy_modules_after(body: str) -> dict[str, bool]:
         "import continual_transformer.tasks.config",
         "import continual_transformer.session",
         "import continual_transformer.continual",
+        "import continual_transformer.service.run",
         "import continual_transformer.cli",
     ],
 )

@@ -335,6 +335,47 @@ def generate(
     )
 
 
+@app.command("serve")
+def serve_command(
+    ctx: typer.Context,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; beyond loopback, token auth is on.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    state: Annotated[
+        Path, typer.Option("--state", "-s", help="Service state directory (snapshots, journal, checkpoints).")
+    ] = Path("ctt-serve"),
+    token: Annotated[
+        str | None, typer.Option(envvar="CTT_SERVE_TOKEN", help="Bearer token clients must send.")
+    ] = None,
+    queue_size: Annotated[
+        int, typer.Option(help="Documents acknowledged but not yet learned; more get HTTP 429.")
+    ] = 64,
+    checkpoint_interval: Annotated[
+        float, typer.Option(help="Seconds between snapshots while there is unsaved learning.")
+    ] = 60.0,
+    init_from: Annotated[
+        Path | None, typer.Option("--from", help="Checkpoint to start a new state directory from.")
+    ] = None,
+) -> None:
+    """Serve the model over HTTP (native, OpenAI- and Ollama-compatible APIs), learning while it serves."""
+    from continual_transformer.service.run import serve
+
+    opts = options(ctx)
+    quiet_transformers(opts)
+    serve(
+        opts.config(),
+        host=host,
+        port=port,
+        state_dir=state,
+        token=token,
+        queue_size=queue_size,
+        checkpoint_interval=checkpoint_interval,
+        init_from=init_from,
+        log_level="info" if opts.verbose else "warning",
+    )
+
+
 @app.command("demo")
 def demo(ctx: typer.Context) -> None:
     """Show the model learn fictional facts: answers before and after, and the cost in general perplexity."""
