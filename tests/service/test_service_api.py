@@ -151,7 +151,8 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused_and_the_state_kept(tmp_path,
         api.post("/documents", json={"text": DOC, "id": "a", "wait": True})
         if kind == "corrupt":
             api.post("/checkpoints", json={"name": "bad"})
-            (target / "state.safetensors").write_bytes(b"\x00garbage")
+            for tensors in target.glob("tensors-*.safetensors"):
+                tensors.write_bytes(b"\x00garbage")
         answer = api.post("/ask", json={"question": QUESTION}).json()["answer"]
         refused = api.post("/checkpoints/bad/load")
         assert refused.status_code == 409, refused.text

@@ -39,11 +39,11 @@ class BackboneEmbedder:
         out = []
         for start in range(0, len(texts), self.batch_size):
             chunk = list(texts[start : start + self.batch_size])
-            tokenizer.padding_side = "right"
             batch = tokenizer(
                 chunk,
                 return_tensors="pt",
                 padding=True,
+                padding_side="right",  # per call: the shared tokenizer is never changed
                 truncation=True,
                 max_length=self.max_tokens,
                 add_special_tokens=False,
