@@ -231,10 +231,11 @@ def test_the_state_config_is_the_checkpoints_with_the_flags_over_it(session, tmp
     cfg = state_config(tmp_path / "state")
     assert cfg == session.config, "the checkpoint's config applies without flags"
     changed = state_config(tmp_path / "state", set_items=["strategies.finetune.epochs=9", "seed=4"])
-    assert changed.strategies["finetune"]["epochs"] == 9 and changed.seed == 4
-    assert changed.strategies["finetune"]["learning_rate"] == 1e-2, (
-        "the rest of the checkpoint's config stays"
-    )
+    from continual_transformer.strategies import strategy_config
+
+    section = strategy_config(changed, "finetune")
+    assert section.optim.epochs == 9 and changed.seed == 4
+    assert section.optim.learning_rate == 1e-2, "the rest of the checkpoint's config stays"
     with pytest.raises(CheckpointError, match="made on base model 'tiny-llama', not 'other-model'"):
         state_config(tmp_path / "state", overrides={"model": {"name": "other-model"}})
     with pytest.raises(CheckpointError, match="holds strategy 'finetune', not 'lora'"):

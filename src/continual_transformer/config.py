@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ import yaml
 
 from continual_transformer.errors import ConfigError
 from continual_transformer.tasks.config import TaskConfig
+
+logger = logging.getLogger(__name__)
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -459,8 +462,9 @@ def nest_legacy_keys(cls: type, data: Mapping[str, Any]) -> Mapping[str, Any]:
         section, _, name = target.partition(".")
         current = nested.get(section)
         current = {} if current is None else dict(to_dict(current))
-        if name in current:
-            raise ConfigError(f"{key} and {target} are both given; use {target}")
+        if name in current and current[name] != data[key]:
+            # a flat key comes from the user (a file, --set, a benchmark spec) over a resolved nested section
+            logger.info("%s=%r replaces %s=%r", key, data[key], target, current[name])
         current[name] = data[key]
         nested[section] = current
     return nested

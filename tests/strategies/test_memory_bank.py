@@ -8,6 +8,7 @@ from conftest import fast_config, make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.config import ConfigError
+from continual_transformer.documents import make_document
 
 DOC = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
 UNRELATED = "A quick brown fox jumps over the lazy dog."
@@ -44,7 +45,8 @@ def test_learning_stores_memories_and_relearning_finds_duplicates(tokenizer):
     first = ct.learn_document(DOC)
     assert first.extra["kept"] == 2 and ct.strategy.store.size == 2
     importance = ct.strategy.store.importance[:2].clone()
-    second = ct.learn_document(DOC)
+    assert ct.learn_document(DOC).extra["already_learned"]  # the session learns one text once
+    second = ct.strategy.learn(make_document(DOC, doc_id="again"))  # the strategy itself, asked again
     assert second.extra["duplicates"] == 2 and second.extra["kept"] == 0 and ct.strategy.store.size == 2
     assert (ct.strategy.store.importance[:2] > importance).all()  # the duplicates reinforced what was stored
 

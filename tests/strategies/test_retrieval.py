@@ -8,6 +8,7 @@ from conftest import fast_config, make_backbone
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.config import ConfigError
+from continual_transformer.documents import make_document
 
 VELORIA = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
 MIRELA = (
@@ -103,7 +104,8 @@ def test_relearning_a_document_does_not_duplicate_chunks(tokenizer):
     ct = build(tokenizer, chunk_tokens=16, chunk_overlap=4)
     ct.learn_document(VELORIA, doc_id="v")
     n = len(ct.strategy.chunk_ids)
-    report = ct.learn_document(VELORIA, doc_id="v")
+    assert ct.learn_document(VELORIA, doc_id="v").extra["already_learned"] == "v"  # the session dedupes
+    report = ct.strategy.learn(make_document(VELORIA, doc_id="v"))  # the strategy itself, asked again
     assert report.extra["unchanged"] and len(ct.strategy.chunk_ids) == n
     ct.learn_document(MIRELA, doc_id="v")  # same id, new text: replaces
     assert ct.strategy.doc_ids == ["v"]
