@@ -275,6 +275,14 @@ class TrainingStrategy(Strategy):
         )
 
 
+def check_state_names(expected, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` unless ``state`` has exactly the tensor names of ``expected``
+    (checked before a strategy changes anything)."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

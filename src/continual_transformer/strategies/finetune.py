@@ -18,7 +18,12 @@ from continual_transformer.config import OptimArgs, WindowArgs
 from continual_transformer.distillation import ContextDistillConfig, check_objective
 from continual_transformer.layers import check_layer_spec, select_layers
 from continual_transformer.strategies import register_strategy
-from continual_transformer.strategies.base import StrategyStats, TrainingStrategy, tensor_bytes
+from continual_transformer.strategies.base import (
+    StrategyStats,
+    TrainingStrategy,
+    check_state_names,
+    tensor_bytes,
+)
 
 __all__ = ["FinetuneConfig", "FinetuneStrategy", "select_layers"]
 
@@ -94,13 +99,7 @@ class FinetuneStrategy(TrainingStrategy):
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing = sorted(set(self._params) - set(state))
-        unexpected = sorted(set(state) - set(self._params))
-        if missing or unexpected:
-            raise ValueError(
-                f"finetune state does not match layers {self.config.layers!r}: "
-                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        check_state_names(self._params, state, f"finetune state does not match layers {self.config.layers!r}")
         for key, param in self._params.items():
             if state[key].shape != param.shape:
                 raise ValueError(f"{key}: shape {tuple(state[key].shape)} != {tuple(param.shape)}")

@@ -50,7 +50,13 @@ from continual_transformer.modules.dual_mlp import find_mlp
 from continual_transformer.modules.hooks import LayerCapture
 from continual_transformer.modules.product_key_memory import ProductKeyMemory
 from continual_transformer.strategies import register_strategy
-from continual_transformer.strategies.base import LearnReport, Strategy, StrategyStats, tensor_bytes
+from continual_transformer.strategies.base import (
+    LearnReport,
+    Strategy,
+    StrategyStats,
+    check_state_names,
+    tensor_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -398,12 +404,7 @@ class MemoryLayerStrategy(Strategy):
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         current = self.trainable_state()
-        missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
-        if missing or unexpected:
-            raise ValueError(
-                f"memory_layer state does not match layers {self.config.layers!r}: "
-                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        check_state_names(current, state, f"memory_layer state does not match layers {self.config.layers!r}")
         values = {f"layers.{i}.values.{part}" for i in self.layer_ids for part in ("slots", "rows")}
         for key, target in current.items():  # check everything before changing anything
             if key not in values and state[key].shape != target.shape:

@@ -56,7 +56,13 @@ from continual_transformer.layers import check_layer_spec, select_layers
 from continual_transformer.modules.dual_mlp import DualMLP, deltas_disabled, find_mlp
 from continual_transformer.modules.neuron_stats import active_units, record_usage, tfidf_scores, top_neurons
 from continual_transformer.strategies import register_strategy
-from continual_transformer.strategies.base import LearnReport, StrategyStats, TrainingStrategy, tensor_bytes
+from continual_transformer.strategies.base import (
+    LearnReport,
+    StrategyStats,
+    TrainingStrategy,
+    check_state_names,
+    tensor_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -731,12 +737,7 @@ class TTTStrategy(TrainingStrategy):
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         current = self.trainable_state()
-        missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
-        if missing or unexpected:
-            raise ValueError(
-                f"ttt state does not match layers {self.config.layers!r}: "
-                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        check_state_names(current, state, f"ttt state does not match layers {self.config.layers!r}")
         for key, target in current.items():  # check everything before changing anything
             if state[key].shape != target.shape:
                 raise ValueError(f"{key}: shape {tuple(state[key].shape)} != {tuple(target.shape)}")
