@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_backbone, tiny_gpt2, tiny_llama
+from conftest import build_tokenizer, make_backbone, tiny_gpt2, tiny_llama
 
 from continual_transformer.backbone import (
     Backbone,
@@ -187,3 +187,33 @@ def test_forward_logits_with_a_prefix_returns_the_texts_own_positions(backbone):
     alone = backbone.model(input_ids=torch.tensor([prefix + own])).logits[0, len(prefix) :]
     assert torch.allclose(out[0, : len(own)], alone, atol=1e-5)
     assert not torch.allclose(out[0, : len(own)], base[0, : len(own)], atol=1e-3)
+
+
+def test_models_trained_with_bos_get_it_in_front_of_every_scored_and_generated_sequence(tokenizer):
+    from tokenizers import processors
+
+    from continual_transformer.backbone import Backbone, start_ids
+
+    assert start_ids(tokenizer) == ()  # this tokenizer adds nothing: sequences are left as they are
+    with_bos = build_tokenizer()
+    bos = with_bos.bos_token_id
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{with_bos.bos_token} $A", special_tokens=[(with_bos.bos_token, bos)]
+    )
+    assert start_ids(with_bos) == (bos,)
+    plain = make_backbone(tokenizer)
+    led = Backbone(tiny_llama(with_bos), with_bos, name="tiny-bos", generation=plain.generation)
+    batch = led.labelled_batch(["the cat sat"], contexts=["a dog"])
+    assert batch.input_ids[0, 0].item() == bos
+    assert batch.input_ids[0].tolist().count(bos) == 1
+    # the scored tokens are the text's own, whatever leads the row
+    assert len(led.token_nll(["the cat sat"])[0]) == len(led.token_ids("the cat sat"))
+    seen: list[list[int]] = []
+    hook = led.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True
+    )
+    try:
+        led.generate(["hello"], chat=False, max_new_tokens=1)
+    finally:
+        hook.remove()
+    assert seen[0][0] == bos and seen[0].count(bos) == 1

@@ -73,6 +73,15 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
+def start_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """``(BOS,)`` when the tokenizer puts BOS before every text it encodes, else ``()``."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return ()
+    ids = tokenizer("a")["input_ids"]
+    return (bos,) if ids and ids[0] == bos else ()
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash identifying the base weights: config plus a strided sample of every parameter.
 
@@ -205,6 +214,9 @@ class Backbone:
             param.requires_grad_(False)
         self.fingerprint = model_fingerprint(model)
         self.layers = find_decoder_layers(model)
+        self.start_ids = start_ids(tokenizer)
+        """Ids every scored or generated sequence starts with: ``(BOS,)`` for models trained with BOS at
+        position 0 (the tokenizer adds it, e.g. Gemma, which repeats itself without it), else ``()``."""
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -315,6 +327,9 @@ class Backbone:
         Extra keyword arguments go to ``model.generate`` (e.g. ``logits_processor``).
         """
         texts = list(prompts) if formatted else [self.format_prompt(p, chat=chat) for p in prompts]
+        if self.start_ids:
+            bos = self.tokenizer.bos_token
+            texts = [t if t.startswith(bos) else bos + t for t in texts]
         settings = self.generation
         gen_config = HFGenerationConfig(
             max_new_tokens=max_new_tokens or settings.max_new_tokens,
@@ -367,7 +382,10 @@ class Backbone:
         return self._batch(pairs, range(n) if rows is None else rows)
 
     def _batch(self, pairs: Sequence[tuple[list[int], list[int]]], rows: Sequence[int]) -> ScoringBatch:
-        """A :class:`ScoringBatch` of (unscored ids, scored ids) rows."""
+        """A :class:`ScoringBatch` of (unscored ids, scored ids) rows, each led by :attr:`start_ids`."""
+        if self.start_ids:
+            lead = list(self.start_ids)
+            pairs = [(a if (a + b)[: len(lead)] == lead else lead + a, b) for a, b in pairs]
         lengths = [len(a) + len(b) for a, b in pairs]
         width = max(lengths)
         pad = self.tokenizer.pad_token_id
