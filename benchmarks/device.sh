@@ -7,13 +7,13 @@
 #   mv /tmp/w/part.aa .device/p1/ && mv /tmp/w/part.ab .device/p2/
 #   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 gguf==0.19.0 rank-bm25==0.2.2 -d .device/whl
-#   mkdir -p .device/d1 .device/d2 && cp -r $DATA/{clinc150,banking77,wikitext2} .device/d1/ && cp -r $DATA/cl_benchmark .device/d2/
+#   mkdir -p .device/d1 .device/d2z && cp -r $DATA/{clinc150,banking77,wikitext2} .device/d1/
+#   tar czf .device/d2z/cl.tgz -C $DATA cl_benchmark        (11 MB: it rides with the model's second half)
 #   the MiniLM embedder (memory_bank keys, the minilm task router) in float16, 45 MB: its pulled directory
 #   (`ctt models pull minilm-l6`) copied to .device/emb/minilm-l6 with model.safetensors re-saved in float16
 # Then, on the GPU machine, back to back:
-#   bash benchmarks/device.sh setup        (carry .device/p1 .device/whl)
-#   bash benchmarks/device.sh model        (carry .device/p2 .device/d1)
-#   bash benchmarks/device.sh data         (carry .device/d2: the long15 collection; any call may carry it)
+#   bash benchmarks/device.sh setup        (carry .device/p1 .device/whl .device/d1)
+#   bash benchmarks/device.sh model        (carry .device/p2 .device/d2z)
 #   bash benchmarks/device.sh embedder     (carry .device/emb)
 #   bash benchmarks/device.sh knowledge    (and any other stage below)
 # A call may run stages side by side (the model leaves the GPU mostly idle), each under `timeout`, then pack
@@ -30,11 +30,15 @@ DATA=/root/data
 KNOWLEDGE=benchmarks/results/knowledge/h100-novel_facts-50-wikitext
 CTT=(python3 -m continual_transformer --model $MODEL --set data_dir=$DATA --set generation.batch_size=64
      --set model.dtype=float32)
-copy_data() { mkdir -p $DATA && for d in .device/d1 .device/d2; do [ -d $d ] && cp -r $d/. $DATA/; done; true; }
+copy_data() {  # the data folders, and the long15 collection as a tarball when carried (.device/d2z/cl.tgz)
+  mkdir -p $DATA && for d in .device/d1 .device/d2; do [ -d $d ] && cp -r $d/. $DATA/; done
+  [ -f .device/d2z/cl.tgz ] && tar xzf .device/d2z/cl.tgz -C $DATA; true
+}
 case "$stage" in
   setup)
     mkdir -p $MODEL && cp .device/p1/part.aa $MODEL/
-    python3 -m pip install -q --no-index --no-deps --target /root/site .device/whl/*.whl ;;
+    python3 -m pip install -q --no-index --no-deps --target /root/site .device/whl/*.whl
+    copy_data ;;
   model)
     cat $MODEL/part.aa .device/p2/part.ab > $MODEL/smollm2.gguf && rm $MODEL/part.aa
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $MODEL/smollm2.gguf" | sha256sum -c

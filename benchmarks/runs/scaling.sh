@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Learning into weights against the number of documents, and on real news articles: one process per group of
+# rows (the 135M model leaves the GPU mostly idle). Run after the device.sh stages setup, model and embedder:
+#   bash benchmarks/runs/scaling.sh GROUP SECONDS
+#     parametric  the best parametric strategy at tolerable forgetting (ttt with context distillation) and
+#                 memory_layer, 200 novel-facts documents (50 are in h200-novel_facts-50-weights)
+#     stores      oracle, retrieval and knowledge_store at 200 and 1,000 documents
+#     news        ttt (context distillation), memory_layer and knowledge_store on 50 news articles
+# Each process is stopped after SECONDS (default 520); results land under $OUT/scaling/NAME. Summarise with
+#   python benchmarks/knowledge_scaling.py DIR... --out benchmarks/results/knowledge/scaling
+set -uo pipefail
+group=${1:?group: parametric | stores | news}
+limit=${2:-520}
+export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=/root/ctt-cache TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+MODEL=${MODEL:-/root/models}
+DATA=${DATA:-/root/data}
+run() {  # run NAME BENCHMARK DOCS STRATEGIES: one benchmark process, logged, stopped at the limit
+  local name=$1 benchmark=$2 docs=$3 strategies=$4
+  mkdir -p "$OUT/scaling/$name"
+  timeout "$limit" python3 -m continual_transformer --model "$MODEL" --set data_dir="$DATA" \
+    --set generation.batch_size=64 --set model.dtype=float32 \
+    --set strategies.ttt.distill.teacher_batch_size=32 --set strategies.memory_layer.distill.teacher_batch_size=32 \
+    bench knowledge --benchmark "$benchmark" --docs "$docs" --no-baselines --strategies "$strategies" \
+    --out "$OUT/scaling/$name" > "$OUT/scaling/$name/log.txt" 2>&1 &
+}
+cd_=objective=context_distill
+case "$group" in
+  parametric)
+    run nf-200-ttt-cd novel_facts 200 "ttt:$cd_"
+    run nf-200-ml novel_facts 200 memory_layer ;;
+  stores)
+    run nf-200-stores novel_facts 200 oracle,retrieval,knowledge_store
+    run nf-1000-stores novel_facts 1000 oracle,retrieval,knowledge_store ;;
+  news)
+    run news-ttt-cd news 50 "ttt:$cd_"
+    run news-ml-ks news 50 memory_layer,knowledge_store ;;
+  *) echo "unknown group $group" >&2; exit 2 ;;
+esac
+wait
