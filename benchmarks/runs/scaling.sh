@@ -5,7 +5,8 @@
 #     parametric  the best parametric strategy at tolerable forgetting (ttt with context distillation) and
 #                 memory_layer, 200 novel-facts documents (50 are in h200-novel_facts-50-weights)
 #     stores      oracle, retrieval and knowledge_store at 200 and 1,000 documents
-#     news        ttt (context distillation), memory_layer and knowledge_store on 50 news articles
+#     news        ttt (context distillation), memory_layer, knowledge_store and retrieval on 50 news articles,
+#                 and the retrieval diagnostic (benchmarks/retrieval_diagnostics.py) on novel facts and news
 # Each process is stopped after SECONDS (default 520); results land under $OUT/scaling/NAME. Summarise with
 #   python benchmarks/knowledge_scaling.py DIR... --out benchmarks/results/knowledge/scaling
 set -uo pipefail
@@ -35,7 +36,14 @@ case "$group" in
     run nf-1000-stores novel_facts 1000 oracle,retrieval,knowledge_store ;;
   news)
     run news-ttt-cd news 50 "ttt:$cd_"
-    run news-ml-ks news 50 memory_layer,knowledge_store ;;
+    run news-ml-ks news 50 memory_layer,knowledge_store
+    run news-retrieval news 50 retrieval,retrieval:top_k=1
+    for benchmark in novel_facts news; do  # where retrieval loses to the oracle, probe by probe
+      mkdir -p "$OUT/scaling/diag"
+      timeout "$limit" python3 benchmarks/retrieval_diagnostics.py --benchmark $benchmark --docs 50 \
+        --set model.name="$MODEL" --set data_dir="$DATA" --set model.dtype=float32 --out "$OUT/scaling/diag" \
+        > "$OUT/scaling/diag/log-$benchmark.txt" 2>&1 &
+    done ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac
 wait
