@@ -494,16 +494,21 @@ class Backbone:
         """
         windows = self.text_windows(text, window=window, max_tokens=max_tokens)
         made = hooks(DecodedWindows(self.tokenizer, windows)) if hooks is not None else None
-        if made is not None and not any(made.touches(i) for i in range(len(windows))):
-            made = None
+        touched = [i for i in range(len(windows)) if made is not None and made.touches(i)]
+        plain = sorted(set(range(len(windows))) - set(touched))
         total, count = 0.0, 0
-        for start in range(0, len(windows), batch_size):
-            rows = range(start, min(start + batch_size, len(windows)))
-            prefixes = [self.token_ids(made.prefix(i)) if made is not None else [] for i in rows]
-            batch = self._batch([(p + windows[i][:1], windows[i][1:]) for p, i in zip(prefixes, rows)], rows)
-            nll = sequence_nll(self.next_token_scores(batch, made), batch.labels)
-            total += float(nll.sum())  # sync: one per batch of windows
-            count += int((batch.labels[:, 1:] != IGNORE).sum())
+        for group, group_hooks in (
+            (plain, None),
+            (touched, made),
+        ):  # untouched windows: the base model's batches
+            for start in range(0, len(group), batch_size):
+                rows = group[start : start + batch_size]
+                prefixes = [self.token_ids(group_hooks.prefix(i)) if group_hooks else [] for i in rows]
+                pairs = [(p + windows[i][:1], windows[i][1:]) for p, i in zip(prefixes, rows)]
+                batch = self._batch(pairs, rows)
+                nll = sequence_nll(self.next_token_scores(batch, group_hooks), batch.labels)
+                total += float(nll.sum())  # sync: one per batch of windows
+                count += int((batch.labels[:, 1:] != IGNORE).sum())
         return math.exp(total / count)
 
     @torch.no_grad()

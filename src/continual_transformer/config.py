@@ -416,6 +416,34 @@ class OptimArgs:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GateArgs:
+    """The relevance gate of a strategy that changes weights (``strategies.<name>.gate``).
+
+    With ``enabled``, a prompt (or scored text) applies what was learned only when it is about a learned
+    document: the cosine similarity of its sentence embedding to the best chunk of a learned document
+    reaches ``min_similarity``. Everything else is answered and scored by the base model, exactly. This is
+    the gate the ``retrieval`` strategy uses, here in front of learned weights.
+    """
+
+    enabled: bool = False
+    """Apply learned weights only to prompts about learned documents (off: to every prompt)."""
+    embedder: str = "minilm-l6"
+    """Sentence embedder of prompts and document chunks (a packaged name, Hugging Face id or directory)."""
+    min_similarity: float = 0.45
+    """Cosine similarity a prompt needs to a learned chunk (retrieval's calibrated default)."""
+    chunk_tokens: int = 128
+    """Backbone tokens per document chunk that prompts are compared with."""
+
+    def __post_init__(self) -> None:
+        _check(
+            -1.0 <= self.min_similarity <= 1.0,
+            "gate.min_similarity",
+            f"must be in [-1, 1], got {self.min_similarity}",
+        )
+        _check(self.chunk_tokens >= 8, "gate.chunk_tokens", f"must be >= 8, got {self.chunk_tokens}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class WindowArgs:
     """How a document is cut into token windows (``strategies.<name>.windows``)."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from continual_transformer.backbone import Backbone
     from continual_transformer.config import Config
     from continual_transformer.documents import Document
+    from continual_transformer.modules.relevance_gate import RelevanceGate
     from continual_transformer.training import Example
 
 
@@ -64,6 +65,21 @@ class StrategyStats:
     """Documents learned so far."""
 
 
+class BaseModelRows(ScoringHooks):
+    """Scoring hooks of the relevance gate: the rows it closes for run on the base model (``base_model``, a
+    strategy's switch-everything-off context); the others are scored with what was learned."""
+
+    def __init__(self, closed: Sequence[bool], base_model: Callable[[], AbstractContextManager[Any]]) -> None:
+        self.closed = list(closed)
+        self.base_model = base_model
+
+    def touches(self, row: int) -> bool:
+        return self.closed[row]
+
+    def forward(self, batch: Any) -> AbstractContextManager[Any]:
+        return self.base_model()
+
+
 class Strategy(ABC):
     """Base class of document-learning strategies.
 
@@ -88,6 +104,13 @@ class Strategy(ABC):
         self.settings = settings
         self.documents_learned = 0
         self._disabled = False
+        gate = getattr(config, "gate", None)
+        self.gate: RelevanceGate | None = None
+        """The relevance gate in front of learned weights (``gate.enabled`` in the strategy's config)."""
+        if gate is not None and gate.enabled:
+            from continual_transformer.modules.relevance_gate import RelevanceGate
+
+            self.gate = RelevanceGate(gate, backbone.tokenizer, backbone.device)
 
     # -- learning --------------------------------------------------------------------------------------------
     @abstractmethod
@@ -99,8 +122,29 @@ class Strategy(ABC):
         self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
     ) -> list[str]:
         """Answer each prompt with what the strategy has learned (default: generate from the current
-        backbone)."""
-        return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+        backbone; with the relevance gate, prompts it closes for are answered by the base model)."""
+        prompts = list(prompts)
+        closed = self._gate_closed(prompts)
+        if not any(closed):
+            return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+        answers: list[str] = [""] * len(prompts)
+        for shut in (False, True):
+            rows = [i for i, c in enumerate(closed) if c == shut]
+            if not rows:
+                continue
+            with self.disabled() if shut else nullcontext():
+                out = self.backbone.generate(
+                    [prompts[i] for i in rows], chat=chat, max_new_tokens=max_new_tokens
+                )
+            for i, answer in zip(rows, out):
+                answers[i] = answer
+        return answers
+
+    def _gate_closed(self, queries: Sequence[str]) -> list[bool]:
+        """Per query: does the relevance gate keep learned weights away from it (all False without a gate)?"""
+        if self.gate is None or self._disabled:
+            return [False] * len(queries)
+        return [not is_open for is_open in self.gate.open(queries)]
 
     # -- scoring: written once here, on the backbone's scoring; strategies only supply scoring_hooks ---------
     def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
@@ -113,7 +157,14 @@ class Strategy(ABC):
         return None
 
     def _hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
-        return None if self._disabled else self.scoring_hooks(queries)
+        if self._disabled:
+            return None
+        made = self.scoring_hooks(queries)
+        if made is None and self.gate is not None:
+            closed = self._gate_closed(queries)
+            if any(closed):
+                return BaseModelRows(closed, self._base_model)
+        return made
 
     @torch.no_grad()
     def forward_logits(self, texts: Sequence[str]) -> torch.Tensor:
@@ -179,10 +230,25 @@ class Strategy(ABC):
 
     def extra_state(self) -> dict[str, Any]:
         """JSON-serialisable non-tensor state saved with checkpoints (e.g. document ids of an index)."""
-        return {"documents_learned": self.documents_learned}
+        state: dict[str, Any] = {"documents_learned": self.documents_learned}
+        if self.gate is not None:
+            state["gate_chunks"] = self.gate.state()
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.documents_learned = int(state.get("documents_learned", 0))
+        if self.gate is not None:
+            self.gate.load_state(state.get("gate_chunks", []))
+
+    def remember(self, document: Document) -> None:
+        """After learning ``document``: let the relevance gate open for prompts about it."""
+        if self.gate is not None:
+            self.gate.add(document.text)
+
+    def forget_all(self) -> None:
+        """Part of :meth:`reset`: the relevance gate closes for everything."""
+        if self.gate is not None:
+            self.gate.clear()
 
     @abstractmethod
     def reset(self) -> None:
@@ -264,6 +330,7 @@ class TrainingStrategy(Strategy):
         )
         figures = {**figures, **self.after_training(document, losses)}
         self.documents_learned += 1
+        self.remember(document)
         return LearnReport(
             doc_id=document.id,
             tokens=sum(e.scored_tokens for e in examples),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from continual_transformer.config import OptimArgs, WindowArgs
+from continual_transformer.config import GateArgs, OptimArgs, WindowArgs
 from continual_transformer.distillation import ContextDistillConfig, check_objective
 from continual_transformer.layers import check_layer_spec, select_layers
 from continual_transformer.strategies import register_strategy
@@ -42,6 +42,8 @@ class FinetuneConfig:
     (match the base model that reads the document in its prompt, on queries about it; ``distill``)."""
     distill: ContextDistillConfig = field(default_factory=ContextDistillConfig)
     """Queries and teacher settings of the ``context_distill`` objective."""
+    gate: GateArgs = field(default_factory=GateArgs)
+    """Apply what was learned only to prompts about learned documents (off by default; ``GateArgs``)."""
 
     def __post_init__(self) -> None:
         check_layer_spec(self.layers, "strategies.finetune.layers")
@@ -113,6 +115,7 @@ class FinetuneStrategy(TrainingStrategy):
             for key, param in self._params.items():
                 param.copy_(self._original[key])
         self.documents_learned = 0
+        self.forget_all()
 
     def stats(self) -> StrategyStats:
         n = sum(p.numel() for p in self._params.values())

@@ -18,7 +18,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from continual_transformer.config import ConfigError, OptimArgs, WindowArgs
+from continual_transformer.config import ConfigError, GateArgs, OptimArgs, WindowArgs
 from continual_transformer.distillation import ContextDistillConfig, check_objective
 from continual_transformer.layers import check_layer_spec, is_transposed, projection_targets, select_layers
 from continual_transformer.strategies import register_strategy
@@ -47,6 +47,8 @@ class LoraConfig:
     (match the base model that reads the document in its prompt, on queries about it; ``distill``)."""
     distill: ContextDistillConfig = field(default_factory=ContextDistillConfig)
     """Queries and teacher settings of the ``context_distill`` objective."""
+    gate: GateArgs = field(default_factory=GateArgs)
+    """Apply what was learned only to prompts about learned documents (off by default; ``GateArgs``)."""
 
     def __post_init__(self) -> None:
         check_layer_spec(self.layers, "strategies.lora.layers")
@@ -126,6 +128,7 @@ class LoraStrategy(TrainingStrategy):
         for name, param in self._params.items():
             param.copy_(self._initial[name])  # lora_B starts at zero: the base model exactly
         self.documents_learned = 0
+        self.forget_all()
 
     def close(self) -> None:
         """Replace every LoRA-wrapped layer by its base layer."""

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from continual_transformer import training
-from continual_transformer.config import ConfigError, OptimArgs, WindowArgs
+from continual_transformer.config import ConfigError, GateArgs, OptimArgs, WindowArgs
 from continual_transformer.distillation import ContextDistillConfig, check_objective
 from continual_transformer.documents import Document, chunk_spans
 from continual_transformer.evaluation.general import general_text
@@ -83,6 +83,8 @@ class MemoryLayerConfig:
     model that reads the document in its prompt, on queries about it; ``distill``)."""
     distill: ContextDistillConfig = field(default_factory=ContextDistillConfig)
     """Queries and teacher settings of the ``context_distill`` objective."""
+    gate: GateArgs = field(default_factory=GateArgs)
+    """Apply what was learned only to prompts about learned documents (off by default; ``GateArgs``)."""
     optim: OptimArgs = field(
         default_factory=lambda: OptimArgs(
             optimizer="adamw", learning_rate=0.2, epochs=30, batch_size=8, max_grad_norm=0.0, stop_loss=0.1
@@ -209,7 +211,7 @@ class MemoryLayerStrategy(Strategy):
         return hook
 
     @contextmanager
-    def disabled(self) -> Iterator[None]:
+    def _base_model(self) -> Iterator[None]:
         """Inside, the memory branches are off and the backbone computes the base model."""
         previous = [m.enabled for m in self.memories]
         for memory in self.memories:
@@ -360,6 +362,7 @@ class MemoryLayerStrategy(Strategy):
             for memory in self.memories:
                 memory.end_training(commit=committed)  # an interrupted document changes nothing
         self.documents_learned += 1
+        self.remember(document)
         loss_after = self.backbone.mean_nll([document.text])
         logger.info(
             "memory_layer: %s: %d steps on %s slots, loss %.3f -> %.3f",
@@ -438,6 +441,7 @@ class MemoryLayerStrategy(Strategy):
         for memory in self.memories:
             memory.clear()
         self.documents_learned = 0
+        self.forget_all()
 
     def close(self) -> None:
         """Remove the memory branches from the MLPs (the backbone's weights were never changed)."""

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from continual_transformer import training
-from continual_transformer.config import ConfigError, OptimArgs, WindowArgs
+from continual_transformer.config import ConfigError, GateArgs, OptimArgs, WindowArgs
 from continual_transformer.distillation import ContextDistillConfig, check_objective
 from continual_transformer.documents import Document, chunk_spans
 from continual_transformer.layers import check_layer_spec, select_layers
@@ -145,6 +145,8 @@ class TTTConfig:
     (match the base model that reads the document in its prompt, on queries about it; ``distill``)."""
     distill: ContextDistillConfig = field(default_factory=ContextDistillConfig)
     """Queries and teacher settings of the ``context_distill`` objective."""
+    gate: GateArgs = field(default_factory=GateArgs)
+    """Apply what was learned only to prompts about learned documents (off by default; ``GateArgs``)."""
     trainable_dtype: str = "float32"
     """dtype of the trainable copies: ``float32`` keeps them in full precision under a bfloat16/float16 model
     (small updates are not rounded away; the copy's output is cast back), ``model``: the model's dtype."""
@@ -754,6 +756,7 @@ class TTTStrategy(TrainingStrategy):
             dual.reset_trainable()
             dual.set_alpha(self.config.alpha_initial)
         self.documents_learned = 0
+        self.forget_all()
 
     def close(self) -> None:
         """Put the original MLP modules back into their layers."""
