@@ -2,15 +2,16 @@
 # Learning into weights against the number of documents, and on real news articles: one process per group of
 # rows (the 135M model leaves the GPU mostly idle). Run after the device.sh stages setup, model and embedder:
 #   bash benchmarks/runs/scaling.sh GROUP SECONDS
-#     parametric  the best parametric strategy at tolerable forgetting (ttt with context distillation) and
-#                 memory_layer, 200 novel-facts documents (50 are in h200-novel_facts-50-weights)
+#     gated       every weight-changing strategy behind the relevance gate (gate.enabled), 50 novel-facts
+#                 documents, and gated ttt on 50 news articles
+#     parametric  gated ttt and memory_layer with context distillation at 200 novel-facts documents
 #     stores      oracle, retrieval and knowledge_store at 200 and 1,000 documents
 #     news        ttt (context distillation), memory_layer, knowledge_store and retrieval on 50 news articles,
 #                 and the retrieval diagnostic (benchmarks/retrieval_diagnostics.py) on novel facts and news
 # Each process is stopped after SECONDS (default 520); results land under $OUT/scaling/NAME. Summarise with
 #   python benchmarks/knowledge_scaling.py DIR... --out benchmarks/results/knowledge/scaling
 set -uo pipefail
-group=${1:?group: parametric | stores | news}
+group=${1:?group: gated | parametric | stores | news}
 limit=${2:-520}
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=/root/ctt-cache TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
@@ -27,10 +28,17 @@ run() {  # run NAME BENCHMARK DOCS STRATEGIES: one benchmark process, logged, st
     --out "$OUT/scaling/$name" > "$OUT/scaling/$name/log.txt" 2>&1 &
 }
 cd_=objective=context_distill
+g=gate.enabled=true
 case "$group" in
+  gated)
+    run nf-50-ttt-g novel_facts 50 "ttt:$g"
+    run nf-50-ttt-cd-g novel_facts 50 "ttt:$cd_:$g,lora:$cd_:$g"
+    run nf-50-ml-g novel_facts 50 "memory_layer:$cd_:$g,memory_layer:$g"
+    run nf-50-ft-g novel_facts 50 "finetune:$g,lora:$g"
+    run news-50-ttt-g news 50 "ttt:$g,ttt:$cd_:$g" ;;
   parametric)
-    run nf-200-ttt-cd novel_facts 200 "ttt:$cd_"
-    run nf-200-ml novel_facts 200 memory_layer ;;
+    run nf-200-ttt-cd-g novel_facts 200 "ttt:$cd_:$g"
+    run nf-200-ml-cd-g novel_facts 200 "memory_layer:$cd_:$g" ;;
   stores)
     run nf-200-stores novel_facts 200 oracle,retrieval,knowledge_store
     run nf-1000-stores novel_facts 1000 oracle,retrieval,knowledge_store ;;
