@@ -9,8 +9,10 @@ before it is acknowledged and before it enters the queue, so the acknowledgement
 Generation requests go to the :class:`~continual_transformer.service.batcher.Batcher`, which answers
 them in batches under the read lock. Cheap reads (info, history, documents) share the read lock with it.
 
-Restart: the current snapshot is loaded and the journal entries after its sequence number are learned again,
-in order, so a kill at any moment loses no acknowledged document and learns none twice.
+Restart: the current snapshot is loaded, the service is ready, and the journal entries after the snapshot's
+sequence number are learned again by the writer thread, in order and before any later write, so a kill at
+any moment loses no acknowledged document and learns none twice. Replayed documents are listed as queued
+until learned: readiness does not wait for a backlog that may take minutes to learn on a slow machine.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ class Engine:
         self._last_snapshot = time.monotonic()
         self._known_ids: set[str] = set()
         self._pending: dict[str, int] = {}
+        self._replay: deque[Entry] = deque()
+        self._replayed = threading.Event()
         self.failures: deque[dict[str, Any]] = deque(maxlen=100)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -136,6 +140,11 @@ class Engine:
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
         return self.state == READY
+
+    def wait_replayed(self, timeout: float | None = None) -> bool:
+        """Wait until the journal tail found on start has been learned again; whether it has."""
+        self._ready.wait(timeout)
+        return self._replayed.wait(timeout)
 
     def _boot(self) -> None:
         try:
@@ -175,14 +184,35 @@ class Engine:
         self._journal = Journal(self.store.journal_path)
         self._applied_seq = self._snapshot_seq = seq
         replay = list(self._journal.entries(after=seq))
-        for entry in replay:
-            self._learn(entry)
+        self._replay = deque(replay)
         self.counters["replayed"] = len(replay)
         self._next_seq = max(seq, self._journal.last_seq) + 1
         self._known_ids = {record["doc_id"] for record in self._session.history}
-        if replay or (snapshot is None and self._init_from is not None):
-            logger.info("replayed %d journaled documents after snapshot seq %d", len(replay), seq)
+        for entry in replay:  # acknowledged, not yet learned: queued ahead of every later write
+            self._known_ids.add(entry.document.id)
+            self._pending[entry.document.id] = entry.seq
+        if not replay:
+            self._replayed.set()
+        else:
+            logger.info("%d journaled documents after snapshot seq %d to learn again", len(replay), seq)
+        if snapshot is None and self._init_from is not None:
             self._snapshot()
+
+    def _replay_journal(self) -> None:
+        """Learn the journal tail found on start (the writer thread, before anything queued)."""
+        while self._replay and not self._stop_writer:
+            entry = self._replay.popleft()
+            try:
+                self._learn(entry)
+            except ServiceError:
+                pass  # recorded in failures; the document is not learned
+            try:
+                self._maybe_snapshot()
+            except Exception:
+                logger.exception("snapshot failed; the journal still holds every document")
+        if not self._replay:
+            self._replayed.set()
+            logger.info("replayed the journal: %d documents", self.counters["replayed"])
 
     def close(self, *, checkpoint: bool = True, timeout: float = 30.0) -> None:
         """Stop serving: refuse new requests, finish the write in progress, snapshot (unless ``checkpoint``
@@ -333,6 +363,9 @@ class Engine:
         return self._enqueue("load", name)
 
     def _write_loop(self) -> None:
+        self._replay_journal()
+        if self._stop_writer:
+            return
         while True:
             try:
                 op = self._writes.get(timeout=min(1.0, self.settings.checkpoint_interval))
@@ -521,6 +554,7 @@ class Engine:
                 "applied_seq": self._applied_seq,
                 "snapshot_seq": self._snapshot_seq,
             },
+            "replay": {"waiting": len(self._replay), "done": self._replayed.is_set()},
             "counters": dict(self.counters),
             "failures": list(self.failures),
         }
