@@ -197,15 +197,21 @@ class Session:
         return [self.learn(document) for document in documents]
 
     def generate(
-        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
-        """Continuations of each prompt, answered with what the strategy has learned.
+        """Continuations of each prompt, answered with what the strategy has learned; ``generate_kwargs``
+        go to ``model.generate`` (sampling settings, a ``streamer``).
 
         :class:`PromptTooLongError` before any work when a prompt does not fit (:meth:`check_prompts`).
         """
         prompts = list(prompts)
         self.check_prompts(prompts, chat=chat, max_new_tokens=max_new_tokens)
-        return self.strategy.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+        return self.strategy.generate(prompts, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs)
 
     def ask(self, question: str, *, max_new_tokens: int | None = None) -> str:
         """Answer one question through the chat template."""

@@ -15,7 +15,7 @@ from continual_transformer.documents import make_document
 from continual_transformer.service.app import create_app
 from continual_transformer.service.auth import token_matches
 from continual_transformer.service.engine import Engine
-from continual_transformer.service.prompting import conversation_prompt, stream_pieces
+from continual_transformer.service.prompting import conversation_prompt
 from continual_transformer.service.run import resolve_token
 from continual_transformer.service.settings import ServiceConfig, is_loopback
 
@@ -259,9 +259,6 @@ def test_prompting_helpers():
     ) == ("Be brief.\n\nuser: a\nassistant: b\n\nc")
     with pytest.raises(Exception, match="last message"):
         conversation_prompt([("user", "a"), ("assistant", "b")])
-    for text in ["", "one", "  two words ", "a\n\nb\tc  "]:
-        assert "".join(stream_pieces(text)) == text
-    assert len(stream_pieces("three short words")) == 3
 
 
 def test_importing_serve_loads_neither_torch_nor_fastapi():

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from continual_transformer.errors import CheckpointError
 from continual_transformer.service.batcher import Batcher
 from continual_transformer.service.errors import ServiceError
+from continual_transformer.service.generation import GenerationOptions, TextStream
 from continual_transformer.service.journal import LEARN, Entry, Journal
 from continual_transformer.service.rwlock import ReadWriteLock
 from continual_transformer.service.settings import ServiceConfig
@@ -501,12 +502,48 @@ class Engine:
         self._journal.compact(seq)
 
     # -- generation -----------------------------------------------------------------------------------------
-    def generate(self, prompt: str, *, chat: bool | None = None, max_new_tokens: int | None = None) -> Future:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        options: GenerationOptions | None = None,
+    ) -> Future:
         """Queue one prompt; the future resolves to an :class:`Answer` (or a :class:`ServiceError`)."""
         self.require_ready()
         return self._batcher.submit(
-            prompt, chat=chat, max_new_tokens=max_new_tokens or self.session.config.generation.max_new_tokens
+            prompt,
+            chat=chat,
+            max_new_tokens=max_new_tokens or self.session.config.generation.max_new_tokens,
+            options=options,
         )
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        options: GenerationOptions | None = None,
+    ) -> tuple[Future, TextStream]:
+        """Queue one prompt whose answer is streamed: its future (the whole :class:`Answer`) and the pieces
+        of text as the model produces them (:class:`TextStream`; at most ``generation_timeout`` seconds)."""
+        from transformers import TextIteratorStreamer
+
+        self.require_ready()
+        options = options or GenerationOptions()
+        streamer = TextIteratorStreamer(
+            self.session.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1
+        )
+        future = self._batcher.submit(
+            prompt,
+            chat=chat,
+            max_new_tokens=max_new_tokens or self.session.config.generation.max_new_tokens,
+            options=options,
+            streamer=streamer,
+        )
+        return future, TextStream(streamer, future, options, self.settings.generation_timeout)
 
     # -- reads ----------------------------------------------------------------------------------------------
     def documents(self) -> list[dict[str, Any]]:

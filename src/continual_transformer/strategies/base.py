@@ -96,11 +96,16 @@ class Strategy(ABC):
 
     # -- answering -------------------------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         """Answer each prompt with what the strategy has learned (default: generate from the current
-        backbone)."""
-        return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+        backbone). ``generate_kwargs`` go to ``model.generate`` (sampling settings, a ``streamer``)."""
+        return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs)
 
     # -- scoring: written once here, on the backbone's scoring; strategies only supply scoring_hooks ---------
     def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -95,10 +96,18 @@ class InContext(Strategy):
         return [f"{context}\n\n{p}" for p in prompts]
 
     def generate(
-        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         return self.backbone.generate(
-            self._with_context(prompts, chat), formatted=True, max_new_tokens=max_new_tokens
+            self._with_context(prompts, chat),
+            formatted=True,
+            max_new_tokens=max_new_tokens,
+            **generate_kwargs,
         )
 
     def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:

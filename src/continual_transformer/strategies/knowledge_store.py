@@ -251,17 +251,28 @@ class KnowledgeStoreStrategy(Strategy):
 
     # -- answering ------------------------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         if self.store.size == 0 or self.config.interpolation == 0:
-            return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+            return self.backbone.generate(
+                prompts, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs
+            )
         with self.capture() as cap:
             processor = KNNMixtureProcessor(cap, lambda hidden, scores: self.mix(hidden, scores, touch=True))
+            processors = LogitsProcessorList(
+                [processor, *(generate_kwargs.pop("logits_processor", None) or [])]
+            )
             return self.backbone.generate(
                 prompts,
                 chat=chat,
                 max_new_tokens=max_new_tokens,
-                logits_processor=LogitsProcessorList([processor]),
+                logits_processor=processors,
+                **generate_kwargs,
             )
 
     def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:

@@ -443,7 +443,12 @@ class MemoryBankStrategy(Strategy):
 
     # -- answering ------------------------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         prompts = list(prompts)
         answers: list[str] = []
@@ -452,7 +457,9 @@ class MemoryBankStrategy(Strategy):
             batch = prompts[start : start + step]
             delta = self.deltas(batch, reinforce=True)
             if delta is None:
-                answers.extend(self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens))
+                answers.extend(
+                    self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs)
+                )
                 continue
             mask = None
             if self.config.fuse_tokens:
@@ -463,7 +470,9 @@ class MemoryBankStrategy(Strategy):
                     True  # left padding: every prompt ends in the last column
                 )
             with self._fusion(delta, mask):
-                answers.extend(self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens))
+                answers.extend(
+                    self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs)
+                )
         return answers
 
     def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
