@@ -180,14 +180,17 @@ class Server:
 
 
 def history_counts(server: Server) -> collections.Counter:
-    records = httpx.get(f"{server.url}/history", headers=server.headers(), timeout=60).json()["history"]
+    records = httpx.get(f"{server.url}/history", headers=server.headers(), timeout=600).json()["history"]
     return collections.Counter(r["doc_id"] for r in records)
 
 
 def wait_drained(server: Server, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = httpx.get(f"{server.url}/info", headers=server.headers(), timeout=60).json()
+        try:  # /info waits for the learning step in progress (the read lock): slow on a busy CPU
+            info = httpx.get(f"{server.url}/info", headers=server.headers(), timeout=120).json()
+        except httpx.TimeoutException:
+            continue
         journal = info["journal"]
         if info["queue"]["waiting"] == 0 and journal["applied_seq"] >= journal["next_seq"] - 1:
             return

@@ -247,6 +247,16 @@ class Session:
         self.history.clear()
         self._learned.clear()
 
+    def forget(self, doc_id: str) -> None:
+        """Forget one document (strategies that can; :class:`CannotForgetError` otherwise, ``KeyError`` when
+        no such document was learned): the strategy's state and the history lose it; learning its text
+        again learns it anew."""
+        if not any(h.get("doc_id") == doc_id for h in self.history):
+            raise KeyError(doc_id)
+        self.strategy.forget(doc_id)
+        self.history = [h for h in self.history if h.get("doc_id") != doc_id]
+        self._learned = {k: v for k, v in self._learned.items() if v != doc_id}
+
     # -- tasks ----------------------------------------------------------------------------------------------
     @property
     def tasks(self) -> TaskLearner:

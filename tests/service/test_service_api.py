@@ -77,11 +77,12 @@ def _wait_learned(api: TestClient, doc_id: str) -> dict:
 
 
 def test_forget_is_refused_with_a_reason_and_reset_forgets_everything(tmp_path):
-    with client(make_engine(tmp_path)) as api:
+    with client(make_engine(tmp_path, session=tiny_session("finetune"))) as api:
         api.post("/documents", json={"text": DOC, "id": "a", "wait": True})
         refused = api.delete("/documents/a")
-        assert refused.status_code == 501
-        assert "cannot forget a single document" in refused.json()["error"]["message"]
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "forget_unsupported"
+        message = refused.json()["error"]["message"]
+        assert "cannot forget a single document" in message and "same weights" in message
         assert [d["id"] for d in api.get("/documents").json()["documents"]] == ["a"]
         assert api.delete("/documents").json() == {"reset": True}
         assert api.get("/documents").json()["documents"] == []

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from service_helpers import client, make_engine, tiny_session
 
-from continual_transformer.documents import Document
+from continual_transformer.documents import Document, make_document
 from continual_transformer.service.app import create_app
 from continual_transformer.service.errors import ServiceError
 from continual_transformer.service.journal import LEARN, Entry, Journal, JournalError
@@ -228,3 +228,35 @@ def test_a_new_state_directory_starts_from_a_checkpoint_and_a_checkpoint_dir_is_
     restarted = make_engine(tmp_path / "serve")
     with client(restarted):
         assert learned_ids(restarted) == ["offline"], "from its own snapshot now"
+
+
+def test_forgetting_one_document_removes_its_chunks_durably(tmp_path):
+    only_b = tiny_session("retrieval")
+    only_b.learn(make_document(FACTS["b"], "b"))
+    engine = make_engine(tmp_path, session=tiny_session("retrieval"))
+    with client(engine) as api:
+        for doc_id, text in FACTS.items():
+            api.post("/documents", json={"text": text, "id": doc_id, "wait": True})
+        strategy = engine.session.strategy
+        assert len(set(strategy.chunk_doc)) == 2
+        assert api.delete("/documents/a").json() == {"forgotten": "a"}
+        assert strategy.doc_ids == ["b"] and set(strategy.chunk_doc) == {0}
+        assert strategy.chunk_ids == only_b.strategy.chunk_ids, "a's chunks are gone, b's unchanged"
+        question = "Where is the Velorian archive?"
+        assert api.post("/ask", json={"question": question}).json()["answer"] == only_b.ask(question)
+        assert [d["id"] for d in api.get("/documents").json()["documents"]] == ["b"]
+        assert api.delete("/documents/a").status_code == 404
+        engine.close(checkpoint=False)  # what kill -9 leaves right after the acknowledgement
+    restarted = make_engine(tmp_path, session=tiny_session("retrieval"))
+    with client(restarted) as api:
+        assert restarted.wait_replayed(60)
+        assert learned_ids(restarted) == ["b"] and restarted.session.strategy.doc_ids == ["b"]
+        learned = api.post("/documents", json={"text": FACTS["a"], "id": "a", "wait": True}).json()
+        assert learned["documents"][0]["tokens"] > 0, "a forgotten text is learned anew"
+        assert restarted.session.strategy.doc_ids == ["b", "a"]
+
+
+FACTS = {
+    "a": "The Velorian archive is kept in Tarnhelm under the old bridge.",
+    "b": "The Velorian archive moved to Quenmark in the spring.",
+}

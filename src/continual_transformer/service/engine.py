@@ -337,14 +337,15 @@ class Engine:
         return self._enqueue("reset")
 
     def forget(self, doc_id: str) -> Future:
-        """Forget one document, where the strategy can (a ``forget(doc_id)`` method); 501 otherwise."""
+        """Forget one document, where the strategy can; 409 with the reason otherwise. The forget is
+        journaled before it is applied, so a restart replays it in order with the documents."""
         self.require_ready()
         strategy = self.session.strategy
-        if not callable(getattr(strategy, "forget", None)):
+        if not strategy.can_forget:
             raise ServiceError(
-                501,
-                f"strategy {strategy.name!r} cannot forget a single document (what it learned is not "
-                "kept per document); DELETE /documents resets all of them",
+                409,
+                f"strategy {strategy.name!r} cannot forget a single document: {strategy.cannot_forget}; "
+                "DELETE /documents forgets every document",
                 code="forget_unsupported",
             )
         if doc_id not in self._known_ids:
@@ -414,8 +415,7 @@ class Engine:
             return {"reset": True}
         if op.kind == "forget":
             with self._rw.write():
-                self.session.strategy.forget(op.name)
-                self.session.history[:] = [h for h in self.session.history if h["doc_id"] != op.name]
+                self.session.forget(op.name)
             with self._submit:
                 self._known_ids.discard(op.name)
             self._snapshot()
@@ -604,7 +604,7 @@ class Engine:
                     model_id=self.model_id,
                     documents=len(session.history),
                     stats=stats,
-                    can_forget=callable(getattr(session.strategy, "forget", None)),
+                    can_forget=session.strategy.can_forget,
                 )
         return data
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from continual_transformer.backbone import ScoringHooks
+from continual_transformer.errors import ContinualTransformerError
 
 if TYPE_CHECKING:
     from continual_transformer.backbone import Backbone
@@ -78,6 +79,8 @@ class Strategy(ABC):
     modifies_backbone: ClassVar[bool] = False
     changes_outputs: ClassVar[bool] = True
     """False only for the ``none`` floor: learning never changes what the model computes."""
+    cannot_forget: ClassVar[str] = "what it learned is not kept per document"
+    """Why :meth:`forget` is refused (strategies that can forget one document override :meth:`forget`)."""
     reads_context: ClassVar[bool] = False
     """True when answers come from stored text put in the prompt: the document loss then only drops on a model
     that can copy from its context (a pretrained one, not a random test model)."""
@@ -193,6 +196,20 @@ class Strategy(ABC):
     def reset(self) -> None:
         """Forget everything learned: afterwards the model behaves exactly like the base model."""
 
+    @property
+    def can_forget(self) -> bool:
+        """Whether :meth:`forget` removes one document (else it raises :class:`CannotForgetError`)."""
+        return type(self).forget is not Strategy.forget
+
+    def forget(self, doc_id: str) -> None:
+        """Remove what one learned document added, as if it had never been learned; ``KeyError`` when no
+        document ``doc_id`` is held. Strategies whose documents change shared weights cannot, and refuse
+        with :class:`CannotForgetError` (:meth:`reset` forgets everything)."""
+        raise CannotForgetError(
+            f"strategy {self.name!r} cannot forget a single document ({self.cannot_forget}); a reset forgets "
+            "every document"
+        )
+
     @abstractmethod
     def stats(self) -> StrategyStats:
         """Parameters added and bytes of state."""
@@ -205,6 +222,10 @@ class Strategy(ABC):
         self.reset()
 
 
+class CannotForgetError(ContinualTransformerError):
+    """The strategy cannot remove one document (see :attr:`Strategy.cannot_forget`)."""
+
+
 class TrainingStrategy(Strategy):
     """A strategy that learns a document by gradient descent (``finetune``, ``lora``, ``ttt`` and those to
     come).
@@ -215,6 +236,10 @@ class TrainingStrategy(Strategy):
     and react to the finished run (:meth:`after_training`). The config must have ``optim`` (OptimArgs) and
     ``windows`` (WindowArgs).
     """
+
+    cannot_forget = (
+        "every document's gradient steps changed the same weights, which keep no per-document part"
+    )
 
     @abstractmethod
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:

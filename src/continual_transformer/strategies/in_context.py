@@ -55,6 +55,7 @@ class InContext(Strategy):
         super().__init__(backbone, config, settings=settings)
         self.texts: list[str] = []
         self._lengths: list[int] = []
+        self.doc_ids: list[str | None] = []  # one per text (None: loaded from a state without ids)
 
     def learn(self, document: Document) -> LearnReport:
         start = time.perf_counter()
@@ -62,6 +63,7 @@ class InContext(Strategy):
         loss_before = self.backbone.mean_nll([document.text])  # the base model's, without any document
         self.texts.append(document.text)
         self._lengths.append(tokens)
+        self.doc_ids.append(document.id)
         self.documents_learned += 1
         # The document's loss with itself in context: what "having learned it" means for this strategy.
         loss_after = self.mean_nll([document.text])
@@ -124,10 +126,28 @@ class InContext(Strategy):
         self._lengths = [
             len(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts
         ]
+        self.doc_ids = [None] * len(texts)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "doc_ids": list(self.doc_ids)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        ids = state.get("doc_ids")
+        if isinstance(ids, list) and len(ids) == len(self.texts):
+            self.doc_ids = [None if i is None else str(i) for i in ids]
 
     def reset(self) -> None:
-        self.texts, self._lengths = [], []
+        self.texts, self._lengths, self.doc_ids = [], [], []
         self.documents_learned = 0
+
+    def forget(self, doc_id: str) -> None:
+        """Drop the document's text from the context."""
+        if doc_id not in self.doc_ids:
+            raise KeyError(doc_id)
+        index = self.doc_ids.index(doc_id)
+        del self.texts[index], self._lengths[index], self.doc_ids[index]
+        self.documents_learned = max(0, self.documents_learned - 1)
 
     def stats(self) -> StrategyStats:
         return StrategyStats(

@@ -199,6 +199,11 @@ class _StopForward(Exception):
 class MemoryBankStrategy(Strategy):
     modifies_backbone = False
 
+    cannot_forget = (
+        "memories are shared between documents: near-duplicates reinforce or overwrite another document's "
+        "slot and a full bank evicts, so no memory belongs to one document alone"
+    )
+
     def __init__(self, backbone, config: MemoryBankConfig, *, settings) -> None:
         super().__init__(backbone, config, settings=settings)
         n_layers = backbone.num_layers

@@ -435,6 +435,16 @@ class RetrievalStrategy(Strategy):
     def reset(self) -> None:
         self._clear()
 
+    def forget(self, doc_id: str) -> None:
+        """Remove the document's chunks from the index (the other documents' stay as they were)."""
+        if doc_id not in self.doc_ids:
+            raise KeyError(doc_id)
+        index = self.doc_ids.index(doc_id)
+        self._remove_document(index)
+        del self.doc_ids[index], self.doc_sha[index]
+        self.chunk_doc = [d - (d > index) for d in self.chunk_doc]
+        self.documents_learned = max(0, self.documents_learned - 1)
+
     def stats(self) -> StrategyStats:
         return StrategyStats(
             params_added=0,
