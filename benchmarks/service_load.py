@@ -180,14 +180,17 @@ class Server:
 
 
 def history_counts(server: Server) -> collections.Counter:
-    records = httpx.get(f"{server.url}/history", headers=server.headers(), timeout=60).json()["history"]
+    records = httpx.get(f"{server.url}/history", headers=server.headers(), timeout=600).json()["history"]
     return collections.Counter(r["doc_id"] for r in records)
 
 
 def wait_drained(server: Server, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = httpx.get(f"{server.url}/info", headers=server.headers(), timeout=60).json()
+        try:  # /info waits for the learning step in progress (the read lock): slow on a busy CPU
+            info = httpx.get(f"{server.url}/info", headers=server.headers(), timeout=120).json()
+        except httpx.TimeoutException:
+            continue
         journal = info["journal"]
         if info["queue"]["waiting"] == 0 and journal["applied_seq"] >= journal["next_seq"] - 1:
             return
@@ -299,6 +302,9 @@ def run_crash(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     for r in range(args.crash_rounds):
         server = Server(args, state)
         start_seconds = server.start()
+        replay_started = time.perf_counter()
+        wait_drained(server)  # the journal tail is learned again after readiness
+        replay_seconds = time.perf_counter() - replay_started
         counts = history_counts(server)
         check = exactly_once(acked, counts)
         stop = threading.Event()
@@ -315,7 +321,7 @@ def run_crash(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         ) -> None:
             n = 0
             with httpx.Client(base_url=server.url, headers=server.headers(), timeout=30) as http:
-                while not stop.is_set():
+                while not stop.is_set() and (not args.crash_docs or n < args.crash_docs):
                     n += 1
                     doc_id = f"crash-{r}-{index}-{n}"
                     try:
@@ -338,15 +344,26 @@ def run_crash(args: argparse.Namespace, state: Path) -> dict[str, Any]:
             t.join()
         acked |= round_acked
         rounds.append(
-            {"round": r, "restart_s": round(start_seconds, 2), "acked_this_round": len(round_acked), **check}
+            {
+                "round": r,
+                "restart_s": round(start_seconds, 2),
+                "replay_s": round(replay_seconds, 2),
+                "acked_this_round": len(round_acked),
+                **check,
+            }
         )
     server = Server(args, state)
     server.start()
+    wait_drained(server)
     final = exactly_once(acked, history_counts(server))
     server.stop()
     failed = [x for x in rounds if x["missing"] or x["duplicated"]]
+    restarts = [x["restart_s"] for x in rounds]
     return {
         "rounds": args.crash_rounds,
+        "docs_per_sender": args.crash_docs or None,
+        "restart_s_max": max(restarts, default=None),
+        "replay_s_max": max((x["replay_s"] for x in rounds), default=None),
         "acknowledged": len(acked),
         "final": final,
         "failed_rounds": len(failed),
@@ -602,6 +619,10 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             f"{crash['final']}; rounds failing: {crash['failed_rounds']} -> "
             f"{'PASS' if crash['passed'] else 'FAIL'}",
             "",
+            f"Slowest restart to ready: {crash['restart_s_max']} s; slowest replay of the journal tail after "
+            f"readiness: {crash['replay_s_max']} s; documents per sender and round: "
+            f"{crash['docs_per_sender'] or 'until the kill'}.",
+            "",
         ]
     if "fuzz" in results:
         fuzz = results["fuzz"]
@@ -631,6 +652,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--learn-fraction", type=float, default=0.2)
     parser.add_argument("--crash-rounds", type=int, default=20)
+    parser.add_argument(
+        "--crash-docs",
+        type=int,
+        default=0,
+        help="documents each of the 4 crash senders sends per round at most (0: until the kill)",
+    )
     parser.add_argument("--fuzz", type=int, default=10_000)
     parser.add_argument("--queue-size", type=int, default=64)
     parser.add_argument("--request-timeout", type=float, default=120.0)

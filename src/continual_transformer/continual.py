@@ -125,6 +125,13 @@ class ContinualTransformer:
         """Forget everything learned."""
         self.session.reset()
 
+    def forget(self, doc_id: str) -> None:
+        """Forget one learned document: its chunks, texts or entries are removed (``retrieval``,
+        ``in_context``, ``knowledge_store``). Strategies whose documents change shared weights raise
+        :class:`~continual_transformer.strategies.base.CannotForgetError` with the reason; an unknown id
+        raises ``KeyError``."""
+        self.session.forget(doc_id)
+
     # -- tasks (task-incremental classification, fixed-size adapter pool) ------------------------------------
     @property
     def tasks(self) -> TaskLearner:

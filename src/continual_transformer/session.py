@@ -197,15 +197,21 @@ class Session:
         return [self.learn(document) for document in documents]
 
     def generate(
-        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
-        """Continuations of each prompt, answered with what the strategy has learned.
+        """Continuations of each prompt, answered with what the strategy has learned; ``generate_kwargs``
+        go to ``model.generate`` (sampling settings, a ``streamer``).
 
         :class:`PromptTooLongError` before any work when a prompt does not fit (:meth:`check_prompts`).
         """
         prompts = list(prompts)
         self.check_prompts(prompts, chat=chat, max_new_tokens=max_new_tokens)
-        return self.strategy.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+        return self.strategy.generate(prompts, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs)
 
     def ask(self, question: str, *, max_new_tokens: int | None = None) -> str:
         """Answer one question through the chat template."""
@@ -240,6 +246,16 @@ class Session:
         self.strategy.reset()
         self.history.clear()
         self._learned.clear()
+
+    def forget(self, doc_id: str) -> None:
+        """Forget one document (strategies that can; :class:`CannotForgetError` otherwise, ``KeyError`` when
+        no such document was learned): the strategy's state and the history lose it; learning its text
+        again learns it anew."""
+        if not any(h.get("doc_id") == doc_id for h in self.history):
+            raise KeyError(doc_id)
+        self.strategy.forget(doc_id)
+        self.history = [h for h in self.history if h.get("doc_id") != doc_id]
+        self._learned = {k: v for k, v in self._learned.items() if v != doc_id}
 
     # -- tasks ----------------------------------------------------------------------------------------------
     @property

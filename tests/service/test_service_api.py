@@ -15,7 +15,7 @@ from continual_transformer.documents import make_document
 from continual_transformer.service.app import create_app
 from continual_transformer.service.auth import token_matches
 from continual_transformer.service.engine import Engine
-from continual_transformer.service.prompting import conversation_prompt, stream_pieces
+from continual_transformer.service.prompting import conversation_prompt
 from continual_transformer.service.run import resolve_token
 from continual_transformer.service.settings import ServiceConfig, is_loopback
 
@@ -77,11 +77,12 @@ def _wait_learned(api: TestClient, doc_id: str) -> dict:
 
 
 def test_forget_is_refused_with_a_reason_and_reset_forgets_everything(tmp_path):
-    with client(make_engine(tmp_path)) as api:
+    with client(make_engine(tmp_path, session=tiny_session("finetune"))) as api:
         api.post("/documents", json={"text": DOC, "id": "a", "wait": True})
         refused = api.delete("/documents/a")
-        assert refused.status_code == 501
-        assert "cannot forget a single document" in refused.json()["error"]["message"]
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "forget_unsupported"
+        message = refused.json()["error"]["message"]
+        assert "cannot forget a single document" in message and "same weights" in message
         assert [d["id"] for d in api.get("/documents").json()["documents"]] == ["a"]
         assert api.delete("/documents").json() == {"reset": True}
         assert api.get("/documents").json()["documents"] == []
@@ -259,9 +260,6 @@ def test_prompting_helpers():
     ) == ("Be brief.\n\nuser: a\nassistant: b\n\nc")
     with pytest.raises(Exception, match="last message"):
         conversation_prompt([("user", "a"), ("assistant", "b")])
-    for text in ["", "one", "  two words ", "a\n\nb\tc  "]:
-        assert "".join(stream_pieces(text)) == text
-    assert len(stream_pieces("three short words")) == 3
 
 
 def test_importing_serve_loads_neither_torch_nor_fastapi():

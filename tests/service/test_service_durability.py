@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
+from fastapi.testclient import TestClient
 from service_helpers import client, make_engine, tiny_session
 
-from continual_transformer.documents import Document
+from continual_transformer.documents import Document, make_document
+from continual_transformer.service.app import create_app
 from continual_transformer.service.errors import ServiceError
 from continual_transformer.service.journal import LEARN, Entry, Journal, JournalError
 from continual_transformer.service.rwlock import ReadWriteLock
@@ -66,6 +69,7 @@ def test_acknowledged_documents_survive_a_crash_before_learning_exactly_once(tmp
         crashed.close(checkpoint=False)  # what kill -9 leaves: the journal, no snapshot
     restarted = make_engine(tmp_path)
     with client(restarted) as api:
+        assert restarted.wait_replayed(60)
         assert learned_ids(restarted) == ["a", *crashed_ids], "every acknowledged document, once, in order"
         assert restarted.counters["replayed"] == 6
         assert api.post("/documents", json={"text": "Fact doc0.", "id": "doc0"}).status_code == 409
@@ -87,7 +91,45 @@ def test_a_crash_after_a_snapshot_replays_only_the_tail(tmp_path):
         engine.close(checkpoint=False)
     restarted = make_engine(tmp_path)
     with client(restarted):
+        assert restarted.wait_replayed(60)
         assert learned_ids(restarted) == ["d0", "d1", "d2"] and restarted.counters["replayed"] == 1
+
+
+def test_a_restart_is_ready_before_a_slow_replay_and_learns_the_backlog_once_in_order(tmp_path):
+    """A long journal tail must not hold readiness back (on a slow machine replaying a backlog of documents
+    took longer than any readiness probe waits): the replay runs in the writer, ahead of later writes."""
+    crashed = make_engine(tmp_path, start_writer=False)
+    with client(crashed) as api:
+        for i in range(3):
+            assert api.post("/documents", json={"text": f"Fact {i}.", "id": f"b{i}"}).status_code == 202
+        crashed.close(checkpoint=False)
+    session = tiny_session()
+    gate = threading.Event()
+    learn = session.learn
+
+    def slow_learn(document):
+        assert gate.wait(60)
+        return learn(document)
+
+    session.learn = slow_learn
+    restarted = make_engine(tmp_path, session=session)
+    started = threading.Thread(target=restarted.start, kwargs={"background": False}, daemon=True)
+    started.start()
+    started.join(30)
+    try:
+        assert not started.is_alive(), "start() waited for the replay"
+        api = TestClient(create_app(restarted, manage=False))
+        assert api.get("/ready").status_code == 200
+        assert api.post("/documents", json={"text": "Again.", "id": "b1"}).status_code == 409
+        assert api.post("/documents", json={"text": "After.", "id": "after"}).status_code == 202
+        assert sorted(restarted._pending) == ["after", "b0", "b1", "b2"], "the backlog is queued"
+        gate.set()
+        assert restarted.wait_replayed(60)
+        api.post("/documents", json={"text": "Last.", "id": "last", "wait": True})
+        assert learned_ids(restarted) == ["b0", "b1", "b2", "after", "last"]
+    finally:
+        gate.set()
+        restarted.close()
 
 
 def test_a_reset_is_durable_and_orders_with_queued_documents(tmp_path):
@@ -99,6 +141,7 @@ def test_a_reset_is_durable_and_orders_with_queued_documents(tmp_path):
         engine.close(checkpoint=False)
     restarted = make_engine(tmp_path)
     with client(restarted):
+        assert restarted.wait_replayed(60)
         assert learned_ids(restarted) == ["new"]
 
 
@@ -185,3 +228,35 @@ def test_a_new_state_directory_starts_from_a_checkpoint_and_a_checkpoint_dir_is_
     restarted = make_engine(tmp_path / "serve")
     with client(restarted):
         assert learned_ids(restarted) == ["offline"], "from its own snapshot now"
+
+
+def test_forgetting_one_document_removes_its_chunks_durably(tmp_path):
+    only_b = tiny_session("retrieval")
+    only_b.learn(make_document(FACTS["b"], "b"))
+    engine = make_engine(tmp_path, session=tiny_session("retrieval"))
+    with client(engine) as api:
+        for doc_id, text in FACTS.items():
+            api.post("/documents", json={"text": text, "id": doc_id, "wait": True})
+        strategy = engine.session.strategy
+        assert len(set(strategy.chunk_doc)) == 2
+        assert api.delete("/documents/a").json() == {"forgotten": "a"}
+        assert strategy.doc_ids == ["b"] and set(strategy.chunk_doc) == {0}
+        assert strategy.chunk_ids == only_b.strategy.chunk_ids, "a's chunks are gone, b's unchanged"
+        question = "Where is the Velorian archive?"
+        assert api.post("/ask", json={"question": question}).json()["answer"] == only_b.ask(question)
+        assert [d["id"] for d in api.get("/documents").json()["documents"]] == ["b"]
+        assert api.delete("/documents/a").status_code == 404
+        engine.close(checkpoint=False)  # what kill -9 leaves right after the acknowledgement
+    restarted = make_engine(tmp_path, session=tiny_session("retrieval"))
+    with client(restarted) as api:
+        assert restarted.wait_replayed(60)
+        assert learned_ids(restarted) == ["b"] and restarted.session.strategy.doc_ids == ["b"]
+        learned = api.post("/documents", json={"text": FACTS["a"], "id": "a", "wait": True}).json()
+        assert learned["documents"][0]["tokens"] > 0, "a forgotten text is learned anew"
+        assert restarted.session.strategy.doc_ids == ["b", "a"]
+
+
+FACTS = {
+    "a": "The Velorian archive is kept in Tarnhelm under the old bridge.",
+    "b": "The Velorian archive moved to Quenmark in the spring.",
+}

@@ -99,6 +99,8 @@ def create_app(engine: Engine, *, manage: bool = True) -> FastAPI:
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(ollama.router)
-    app.add_middleware(BodyLimit, max_bytes=engine.settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=engine.settings.max_body_bytes, timeout=engine.settings.body_timeout
+    )
     app.add_middleware(TokenAuth, token=engine.settings.token)  # added last: runs first
     return app

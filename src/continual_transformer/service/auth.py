@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from typing import Any
@@ -58,13 +59,15 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """Refuses bodies over ``max_bytes`` with 413: at once from ``Content-Length``; a body sent without one
-    (chunked) is read here, up to the limit, before the app sees any of it. The server enforces that a body
-    is as long as its ``Content-Length`` says."""
+    """Refuses bodies over ``max_bytes`` with 413 (at once from ``Content-Length``, else while reading) and
+    bodies not received in full within ``timeout`` seconds with 408 (a slow or stalled client holds no
+    handler). The body is read here, before the app sees any of it, then handed on. The server enforces that
+    a body is as long as its ``Content-Length`` says."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -80,14 +83,23 @@ class BodyLimit:
                 message = f"request body is {int(length):,} bytes, over the limit of {self.max_bytes:,}"
                 await send_error(send, path, 413, message)
                 return
-            await self.app(scope, receive, send)
-            return
-        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            if int(length) == 0:
+                await self.app(scope, receive, send)
+                return
+        elif scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
-            message = await receive()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.0))
+            except TimeoutError:
+                await send_error(
+                    send, path, 408, f"the request body was not received within {self.timeout:g} seconds"
+                )
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             size += len(message.get("body", b""))

@@ -3,7 +3,8 @@
 One thread drives the model because strategies keep per-call state on shared modules (hooks, the tokenizer's
 padding side, memory reinforcement); it holds the read lock of the engine's readers-writer lock, so every
 answer is computed on weights that are fully updated. Requests that share ``chat`` and the token budget are
-batched together; each still gets its own answer.
+batched together; each still gets its own answer. A request with sampling settings, a seed, stop sequences
+or a streamer is answered alone (a batch of one), so its answer does not depend on what else is queued.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import groupby
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from continual_transformer.service.errors import ServiceError
+from continual_transformer.service.generation import GenerationOptions
 from continual_transformer.service.rwlock import ReadWriteLock
 from continual_transformer.service.settings import ServiceConfig
 
@@ -39,10 +41,14 @@ class Answer:
     completion_tokens: int
     max_new_tokens: int
     seconds: float
+    stopped: bool = False
+    """A stop sequence ended the answer."""
 
     @property
     def finish_reason(self) -> str:
         """``length`` when the answer used its whole token budget, else ``stop``."""
+        if self.stopped:
+            return "stop"
         return "length" if self.completion_tokens >= self.max_new_tokens else "stop"
 
 
@@ -52,6 +58,16 @@ class _GenRequest:
     chat: bool | None
     max_new_tokens: int
     future: Future
+    options: GenerationOptions = GenerationOptions()
+    streamer: Any = None
+
+    @property
+    def alone(self) -> bool:
+        return self.streamer is not None or not self.options.plain
+
+    def end_stream(self) -> None:
+        if self.streamer is not None:
+            self.streamer.end()
 
 
 class Batcher:
@@ -78,12 +94,29 @@ class Batcher:
     def waiting(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, prompt: str, *, chat: bool | None, max_new_tokens: int) -> Future:
+    def submit(
+        self,
+        prompt: str,
+        *,
+        chat: bool | None,
+        max_new_tokens: int,
+        options: GenerationOptions | None = None,
+        streamer: Any = None,
+    ) -> Future:
+        """Queue one prompt. ``streamer`` (a ``TextIteratorStreamer``) receives the answer's text while it is
+        generated; it is ended whatever happens to the request."""
         limit = self.settings.max_new_tokens
         if not 1 <= max_new_tokens <= limit:
             raise ServiceError(400, f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}")
         future: Future = Future()
-        request = _GenRequest(prompt=prompt, chat=chat, max_new_tokens=max_new_tokens, future=future)
+        request = _GenRequest(
+            prompt=prompt,
+            chat=chat,
+            max_new_tokens=max_new_tokens,
+            future=future,
+            options=options or GenerationOptions(),
+            streamer=streamer,
+        )
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -105,6 +138,7 @@ class Batcher:
                 return
             if item is not _STOP and not item.future.done():
                 item.future.set_exception(error)
+                item.end_stream()
 
     def run(self) -> None:
         """Serve the queue until :meth:`stop` (the generation thread's target)."""
@@ -123,9 +157,16 @@ class Batcher:
                     stop = True
                     break
                 batch.append(item)
-            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            live = []
+            for r in batch:
+                if r.future.set_running_or_notify_cancel():
+                    live.append(r)
+                else:
+                    r.end_stream()
+            for r in [r for r in live if r.alone]:
+                self._answer([r])
             key = lambda r: (r.chat is None, bool(r.chat), r.max_new_tokens)  # noqa: E731
-            for _, group in groupby(sorted(live, key=key), key=key):
+            for _, group in groupby(sorted([r for r in live if not r.alone], key=key), key=key):
                 self._answer(list(group))
             if stop:
                 return
@@ -135,13 +176,24 @@ class Batcher:
         try:
             with self._rw.read():  # the tokenizer too is used by one thread at a time
                 runnable = self._fitting(requests)
-                texts = (
-                    self.session.generate(
-                        [r.prompt for r, _ in runnable], chat=first.chat, max_new_tokens=first.max_new_tokens
-                    )
-                    if runnable
-                    else []
-                )
+                texts, stopped = [], []
+                if runnable:
+                    backbone = self.session.backbone
+                    kwargs = first.options.generate_kwargs(backbone)
+                    if first.streamer is not None:
+                        kwargs["streamer"] = first.streamer
+                    kwargs["max_time"] = self.settings.generation_timeout
+                    with first.options.seeded(backbone):
+                        raw = self.session.generate(
+                            [r.prompt for r, _ in runnable],
+                            chat=first.chat,
+                            max_new_tokens=first.max_new_tokens,
+                            **kwargs,
+                        )
+                    for text in raw:
+                        answer, stop = first.options.finish(text)
+                        texts.append(answer)
+                        stopped.append(stop)
                 counts = [
                     min(self._count_tokens(text), r.max_new_tokens) for text, (r, _) in zip(texts, runnable)
                 ]  # re-tokenising the decoded text can count more tokens than were generated
@@ -150,16 +202,33 @@ class Batcher:
             for r in requests:
                 _settle(r.future, ServiceError(500, f"generation failed: {type(exc).__name__}"))
             return
+        finally:
+            for r in requests:
+                r.end_stream()
         seconds = time.perf_counter() - start
+        if runnable and seconds >= self.settings.generation_timeout:
+            timeout = self.settings.generation_timeout
+            for r, _ in runnable:
+                _settle(
+                    r.future,
+                    ServiceError(
+                        504,
+                        f"generation was stopped after {timeout:g} seconds (the generation timeout); ask for "
+                        "fewer tokens",
+                        code="generation_timeout",
+                    ),
+                )
+            return
         self.counters["batches"] += 1
         self.counters["answered"] += len(runnable)
-        for (r, tokens), text, n in zip(runnable, texts, counts):
+        for (r, tokens), text, n, stop in zip(runnable, texts, counts, stopped):
             answer = Answer(
                 text=text,
                 prompt_tokens=tokens,
                 completion_tokens=n,
                 max_new_tokens=r.max_new_tokens,
                 seconds=seconds,
+                stopped=stop,
             )
             r.future.set_result(answer)
 

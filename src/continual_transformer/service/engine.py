@@ -9,8 +9,10 @@ before it is acknowledged and before it enters the queue, so the acknowledgement
 Generation requests go to the :class:`~continual_transformer.service.batcher.Batcher`, which answers
 them in batches under the read lock. Cheap reads (info, history, documents) share the read lock with it.
 
-Restart: the current snapshot is loaded and the journal entries after its sequence number are learned again,
-in order, so a kill at any moment loses no acknowledged document and learns none twice.
+Restart: the current snapshot is loaded, the service is ready, and the journal entries after the snapshot's
+sequence number are learned again by the writer thread, in order and before any later write, so a kill at
+any moment loses no acknowledged document and learns none twice. Replayed documents are listed as queued
+until learned: readiness does not wait for a backlog that may take minutes to learn on a slow machine.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from continual_transformer.errors import CheckpointError
 from continual_transformer.service.batcher import Batcher
 from continual_transformer.service.errors import ServiceError
+from continual_transformer.service.generation import GenerationOptions, TextStream
 from continual_transformer.service.journal import LEARN, Entry, Journal
 from continual_transformer.service.rwlock import ReadWriteLock
 from continual_transformer.service.settings import ServiceConfig
@@ -113,6 +116,8 @@ class Engine:
         self._last_snapshot = time.monotonic()
         self._known_ids: set[str] = set()
         self._pending: dict[str, int] = {}
+        self._replay: deque[Entry] = deque()
+        self._replayed = threading.Event()
         self.failures: deque[dict[str, Any]] = deque(maxlen=100)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -136,6 +141,11 @@ class Engine:
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
         return self.state == READY
+
+    def wait_replayed(self, timeout: float | None = None) -> bool:
+        """Wait until the journal tail found on start has been learned again; whether it has."""
+        self._ready.wait(timeout)
+        return self._replayed.wait(timeout)
 
     def _boot(self) -> None:
         try:
@@ -175,14 +185,35 @@ class Engine:
         self._journal = Journal(self.store.journal_path)
         self._applied_seq = self._snapshot_seq = seq
         replay = list(self._journal.entries(after=seq))
-        for entry in replay:
-            self._learn(entry)
+        self._replay = deque(replay)
         self.counters["replayed"] = len(replay)
         self._next_seq = max(seq, self._journal.last_seq) + 1
         self._known_ids = {record["doc_id"] for record in self._session.history}
-        if replay or (snapshot is None and self._init_from is not None):
-            logger.info("replayed %d journaled documents after snapshot seq %d", len(replay), seq)
+        for entry in replay:  # acknowledged, not yet learned: queued ahead of every later write
+            self._known_ids.add(entry.document.id)
+            self._pending[entry.document.id] = entry.seq
+        if not replay:
+            self._replayed.set()
+        else:
+            logger.info("%d journaled documents after snapshot seq %d to learn again", len(replay), seq)
+        if snapshot is None and self._init_from is not None:
             self._snapshot()
+
+    def _replay_journal(self) -> None:
+        """Learn the journal tail found on start (the writer thread, before anything queued)."""
+        while self._replay and not self._stop_writer:
+            entry = self._replay.popleft()
+            try:
+                self._learn(entry)
+            except ServiceError:
+                pass  # recorded in failures; the document is not learned
+            try:
+                self._maybe_snapshot()
+            except Exception:
+                logger.exception("snapshot failed; the journal still holds every document")
+        if not self._replay:
+            self._replayed.set()
+            logger.info("replayed the journal: %d documents", self.counters["replayed"])
 
     def close(self, *, checkpoint: bool = True, timeout: float = 30.0) -> None:
         """Stop serving: refuse new requests, finish the write in progress, snapshot (unless ``checkpoint``
@@ -306,14 +337,15 @@ class Engine:
         return self._enqueue("reset")
 
     def forget(self, doc_id: str) -> Future:
-        """Forget one document, where the strategy can (a ``forget(doc_id)`` method); 501 otherwise."""
+        """Forget one document, where the strategy can; 409 with the reason otherwise. The forget is
+        journaled before it is applied, so a restart replays it in order with the documents."""
         self.require_ready()
         strategy = self.session.strategy
-        if not callable(getattr(strategy, "forget", None)):
+        if not strategy.can_forget:
             raise ServiceError(
-                501,
-                f"strategy {strategy.name!r} cannot forget a single document (what it learned is not "
-                "kept per document); DELETE /documents resets all of them",
+                409,
+                f"strategy {strategy.name!r} cannot forget a single document: {strategy.cannot_forget}; "
+                "DELETE /documents forgets every document",
                 code="forget_unsupported",
             )
         if doc_id not in self._known_ids:
@@ -333,6 +365,9 @@ class Engine:
         return self._enqueue("load", name)
 
     def _write_loop(self) -> None:
+        self._replay_journal()
+        if self._stop_writer:
+            return
         while True:
             try:
                 op = self._writes.get(timeout=min(1.0, self.settings.checkpoint_interval))
@@ -380,8 +415,7 @@ class Engine:
             return {"reset": True}
         if op.kind == "forget":
             with self._rw.write():
-                self.session.strategy.forget(op.name)
-                self.session.history[:] = [h for h in self.session.history if h["doc_id"] != op.name]
+                self.session.forget(op.name)
             with self._submit:
                 self._known_ids.discard(op.name)
             self._snapshot()
@@ -468,12 +502,48 @@ class Engine:
         self._journal.compact(seq)
 
     # -- generation -----------------------------------------------------------------------------------------
-    def generate(self, prompt: str, *, chat: bool | None = None, max_new_tokens: int | None = None) -> Future:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        options: GenerationOptions | None = None,
+    ) -> Future:
         """Queue one prompt; the future resolves to an :class:`Answer` (or a :class:`ServiceError`)."""
         self.require_ready()
         return self._batcher.submit(
-            prompt, chat=chat, max_new_tokens=max_new_tokens or self.session.config.generation.max_new_tokens
+            prompt,
+            chat=chat,
+            max_new_tokens=max_new_tokens or self.session.config.generation.max_new_tokens,
+            options=options,
         )
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        options: GenerationOptions | None = None,
+    ) -> tuple[Future, TextStream]:
+        """Queue one prompt whose answer is streamed: its future (the whole :class:`Answer`) and the pieces
+        of text as the model produces them (:class:`TextStream`; at most ``generation_timeout`` seconds)."""
+        from transformers import TextIteratorStreamer
+
+        self.require_ready()
+        options = options or GenerationOptions()
+        streamer = TextIteratorStreamer(
+            self.session.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1
+        )
+        future = self._batcher.submit(
+            prompt,
+            chat=chat,
+            max_new_tokens=max_new_tokens or self.session.config.generation.max_new_tokens,
+            options=options,
+            streamer=streamer,
+        )
+        return future, TextStream(streamer, future, options, self.settings.generation_timeout)
 
     # -- reads ----------------------------------------------------------------------------------------------
     def documents(self) -> list[dict[str, Any]]:
@@ -521,6 +591,7 @@ class Engine:
                 "applied_seq": self._applied_seq,
                 "snapshot_seq": self._snapshot_seq,
             },
+            "replay": {"waiting": len(self._replay), "done": self._replayed.is_set()},
             "counters": dict(self.counters),
             "failures": list(self.failures),
         }
@@ -533,7 +604,7 @@ class Engine:
                     model_id=self.model_id,
                     documents=len(session.history),
                     stats=stats,
-                    can_forget=callable(getattr(session.strategy, "forget", None)),
+                    can_forget=session.strategy.can_forget,
                 )
         return data
 

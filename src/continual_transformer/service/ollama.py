@@ -2,9 +2,10 @@
 
 ``POST /api/chat`` and ``POST /api/generate`` (streaming NDJSON, Ollama's default, or one JSON object with
 ``"stream": false``), ``GET /api/tags``, ``POST /api/show`` and ``GET /api/version``. Every answer goes
-through the session's ``generate``. Streaming sends the finished answer in word-sized chunks (strategies
-generate whole answers). ``options.num_predict`` sets the token budget (clamped to the service's limit);
-other options are accepted and ignored. As with Ollama, an empty prompt or message list only "loads" the
+through the session's ``generate``. Streaming sends the text as the model produces it (a
+``TextIteratorStreamer`` in generation). ``options.num_predict`` sets the token budget (clamped to the
+service's limit); ``temperature`` (0: greedy), ``top_p``, ``seed`` and ``stop`` are honoured; other
+options are accepted and ignored. As with Ollama, an empty prompt or message list only "loads" the
 model (``done_reason: "load"``).
 """
 
@@ -21,11 +22,19 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from continual_transformer.service.batcher import Answer
-from continual_transformer.service.deps import check_model, engine_of, wait_for
+from continual_transformer.service.deps import (
+    check_model,
+    engine_of,
+    finish_stream,
+    open_stream,
+    stream_error,
+    wait_for,
+)
 from continual_transformer.service.engine import Engine
 from continual_transformer.service.errors import ServiceError
+from continual_transformer.service.generation import GenerationOptions
 from continual_transformer.service.models import Text
-from continual_transformer.service.prompting import conversation_prompt, stream_pieces
+from continual_transformer.service.prompting import conversation_prompt
 from continual_transformer.version import __version__
 
 router = APIRouter(prefix="/api")
@@ -41,6 +50,15 @@ class Options(Lenient):
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    stop: Annotated[list[Text], Field(max_length=8)] | None = None
+
+
+def _options(options: Options | None) -> GenerationOptions:
+    if options is None:
+        return GenerationOptions()
+    return GenerationOptions.of(
+        temperature=options.temperature, top_p=options.top_p, seed=options.seed, stop=options.stop
+    )
 
 
 class Message(Lenient):
@@ -105,7 +123,14 @@ def _timings(answer: Answer) -> dict[str, Any]:
 
 
 def _ndjson(chunks: Iterator[dict[str, Any]]) -> StreamingResponse:
-    return StreamingResponse((json.dumps(c) + "\n" for c in chunks), media_type="application/x-ndjson")
+    def lines() -> Iterator[str]:
+        try:
+            for chunk in chunks:
+                yield json.dumps(chunk) + "\n"
+        except Exception as exc:  # after the first line the status is sent: the error is the last line
+            yield json.dumps({"error": stream_error(exc).message}) + "\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 @router.get("/version")
@@ -158,17 +183,22 @@ async def chat(body: ChatRequest, engine: EngineDep) -> dict[str, Any] | Streami
         if message.images:
             raise ServiceError(400, "images are not supported (text models only)")
     prompt = conversation_prompt([(m.role, m.content or "") for m in body.messages])
-    answer: Answer = await wait_for(
-        engine.generate(prompt, chat=True, max_new_tokens=_budget(engine, body.options)),
-        engine.settings.request_timeout,
-    )
-    final = {**head, "done": True, "done_reason": answer.finish_reason, **_timings(answer)}
+    budget, options = _budget(engine, body.options), _options(body.options)
     if body.stream is False:
+        answer: Answer = await wait_for(
+            engine.generate(prompt, chat=True, max_new_tokens=budget, options=options),
+            engine.settings.request_timeout,
+        )
+        final = {**head, "done": True, "done_reason": answer.finish_reason, **_timings(answer)}
         return {**final, "message": {"role": "assistant", "content": answer.text}}
+    future, stream = engine.stream(prompt, chat=True, max_new_tokens=budget, options=options)
+    pieces = await open_stream(future, stream)
 
     def chunks() -> Iterator[dict[str, Any]]:
-        for piece in stream_pieces(answer.text):
+        for piece in pieces:
             yield {**head, "message": {"role": "assistant", "content": piece}, "done": False}
+        answer = finish_stream(future)
+        final = {**head, "done": True, "done_reason": answer.finish_reason, **_timings(answer)}
         yield {**final, "message": {"role": "assistant", "content": ""}}
 
     return _ndjson(chunks())
@@ -182,17 +212,28 @@ async def generate(body: GenerateRequest, engine: EngineDep) -> dict[str, Any] |
         done = {**head, "response": "", "done": True, "done_reason": "load"}
         return _ndjson(iter([done])) if body.stream is not False else done
     prompt = body.prompt if not body.system else f"{body.system}\n\n{body.prompt}"
-    answer: Answer = await wait_for(
-        engine.generate(prompt, chat=not body.raw, max_new_tokens=_budget(engine, body.options)),
-        engine.settings.request_timeout,
-    )
-    final = {**head, "done": True, "done_reason": answer.finish_reason, "context": [], **_timings(answer)}
+    budget, options = _budget(engine, body.options), _options(body.options)
     if body.stream is False:
+        answer: Answer = await wait_for(
+            engine.generate(prompt, chat=not body.raw, max_new_tokens=budget, options=options),
+            engine.settings.request_timeout,
+        )
+        final = {**head, "done": True, "done_reason": answer.finish_reason, "context": [], **_timings(answer)}
         return {**final, "response": answer.text}
+    future, stream = engine.stream(prompt, chat=not body.raw, max_new_tokens=budget, options=options)
+    pieces = await open_stream(future, stream)
 
     def chunks() -> Iterator[dict[str, Any]]:
-        for piece in stream_pieces(answer.text):
+        for piece in pieces:
             yield {**head, "response": piece, "done": False}
-        yield {**final, "response": ""}
+        answer = finish_stream(future)
+        yield {
+            **head,
+            "done": True,
+            "done_reason": answer.finish_reason,
+            "context": [],
+            **_timings(answer),
+            "response": "",
+        }
 
     return _ndjson(chunks())

@@ -2,10 +2,10 @@
 
 ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` and ``POST /v1/completions``
 (both streaming as server-sent events and not). Every answer goes through the session's ``generate``, so
-what was learned applies here as on the native routes. Streaming sends the finished answer in word-sized
-chunks: strategies generate whole answers, so the first chunk comes when the answer is done. ``max_tokens``
-is clamped to the service's limit; sampling settings (``temperature``, ``top_p``, ``seed``) are accepted
-and ignored: the session's generation config decides. Only ``n=1`` is served.
+what was learned applies here as on the native routes. Streaming sends the text as the model produces it
+(a ``TextIteratorStreamer`` in generation), then ``data: [DONE]``. ``max_tokens`` is clamped to the
+service's limit; ``temperature`` (0: greedy), ``top_p``, ``seed`` and ``stop`` are honoured (none given:
+the session's generation config decides). Only ``n=1`` is served.
 """
 
 from __future__ import annotations
@@ -21,11 +21,19 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from continual_transformer.service.batcher import Answer
-from continual_transformer.service.deps import check_model, engine_of, wait_for
+from continual_transformer.service.deps import (
+    check_model,
+    engine_of,
+    finish_stream,
+    open_stream,
+    stream_error,
+    wait_for,
+)
 from continual_transformer.service.engine import Engine
-from continual_transformer.service.errors import ServiceError
+from continual_transformer.service.errors import ServiceError, error_body
+from continual_transformer.service.generation import GenerationOptions
 from continual_transformer.service.models import Text
-from continual_transformer.service.prompting import conversation_prompt, stream_pieces
+from continual_transformer.service.prompting import conversation_prompt
 
 router = APIRouter(prefix="/v1")
 EngineDep = Annotated[Engine, Depends(engine_of)]
@@ -60,6 +68,12 @@ class Sampling(Lenient):
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=8)] | None = None
+
+    def options(self) -> GenerationOptions:
+        return GenerationOptions.of(
+            temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop
+        )
 
 
 class ChatCompletionRequest(Sampling):
@@ -103,9 +117,13 @@ def _usage(answers: list[Answer]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _sse(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:
-    for chunk in chunks:
-        yield f"data: {json.dumps(chunk)}\n\n"
+def _sse(chunks: Iterator[dict[str, Any]], path: str) -> Iterator[str]:
+    try:
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except Exception as exc:  # after the first chunk the status is sent: the error is the last event
+        error = stream_error(exc)
+        yield f"data: {json.dumps(error_body(path, error.status, error.message, error.code))}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -133,11 +151,13 @@ async def chat_completions(
     _check(engine, body)
     prompt = conversation_prompt([(m.role, _message_text(m)) for m in body.messages])
     budget = _budget(engine, body.max_completion_tokens, body.max_tokens)
-    answer: Answer = await wait_for(
-        engine.generate(prompt, chat=True, max_new_tokens=budget), engine.settings.request_timeout
-    )
+    options = body.options()
     ident, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.model_id
     if not body.stream:
+        answer: Answer = await wait_for(
+            engine.generate(prompt, chat=True, max_new_tokens=budget, options=options),
+            engine.settings.request_timeout,
+        )
         return {
             "id": ident,
             "object": "chat.completion",
@@ -153,17 +173,20 @@ async def chat_completions(
             ],
             "usage": _usage([answer]),
         }
+    future, stream = engine.stream(prompt, chat=True, max_new_tokens=budget, options=options)
+    pieces = await open_stream(future, stream)
 
     def chunks() -> Iterator[dict[str, Any]]:
         head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name}
         yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
-        for piece in stream_pieces(answer.text):
+        for piece in pieces:
             yield {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+        answer = finish_stream(future)
         yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": answer.finish_reason}]}
         if body.stream_options is not None and body.stream_options.include_usage:
             yield {**head, "choices": [], "usage": _usage([answer])}
 
-    return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
+    return StreamingResponse(_sse(chunks(), "/v1/chat/completions"), media_type="text/event-stream")
 
 
 @router.post("/completions", response_model=None)
@@ -171,37 +194,69 @@ async def completions(body: CompletionRequest, engine: EngineDep) -> dict[str, A
     _check(engine, body)
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     budget = _budget(engine, body.max_tokens)
+    options = body.options()
+    ident, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), engine.model_id
+    head = {"id": ident, "object": "text_completion", "created": created, "model": name}
+    if body.stream:
+        return await _stream_completions(engine, body, prompts, budget, options, head)
     futures = []
     try:
         for prompt in prompts:
-            futures.append(engine.generate(prompt, chat=False, max_new_tokens=budget))
+            futures.append(engine.generate(prompt, chat=False, max_new_tokens=budget, options=options))
     except ServiceError:
         for future in futures:
             future.cancel()
         raise
     answers: list[Answer] = [await wait_for(f, engine.settings.request_timeout) for f in futures]
     texts = [(p if body.echo else "") + a.text for p, a in zip(prompts, answers)]
-    ident, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), engine.model_id
-    head = {"id": ident, "object": "text_completion", "created": created, "model": name}
-    if not body.stream:
-        choices = [
-            {"index": i, "text": text, "finish_reason": a.finish_reason, "logprobs": None}
-            for i, (text, a) in enumerate(zip(texts, answers))
-        ]
-        return {**head, "choices": choices, "usage": _usage(answers)}
+    choices = [
+        {"index": i, "text": text, "finish_reason": a.finish_reason, "logprobs": None}
+        for i, (text, a) in enumerate(zip(texts, answers))
+    ]
+    return {**head, "choices": choices, "usage": _usage(answers)}
+
+
+async def _stream_completions(
+    engine: Engine,
+    body: CompletionRequest,
+    prompts: list[str],
+    budget: int | None,
+    options: GenerationOptions,
+    head: dict[str, Any],
+) -> StreamingResponse:
+    """Each prompt's text as it is generated, one prompt after the other (each a batch of one)."""
+    streams = []
+    try:
+        for prompt in prompts:
+            streams.append(engine.stream(prompt, chat=False, max_new_tokens=budget, options=options))
+    except ServiceError:
+        for future, _ in streams:
+            future.cancel()
+        raise
+    first = await open_stream(*streams[0])
 
     def chunks() -> Iterator[dict[str, Any]]:
-        for i, (text, a) in enumerate(zip(texts, answers)):
-            for piece in stream_pieces(text):
+        answers = []
+        for i, (prompt, (future, stream)) in enumerate(zip(prompts, streams)):
+            if body.echo:
+                yield {
+                    **head,
+                    "choices": [{"index": i, "text": prompt, "finish_reason": None, "logprobs": None}],
+                }
+            for piece in first if i == 0 else stream:
                 yield {
                     **head,
                     "choices": [{"index": i, "text": piece, "finish_reason": None, "logprobs": None}],
                 }
+            answer = finish_stream(future)
+            answers.append(answer)
             yield {
                 **head,
-                "choices": [{"index": i, "text": "", "finish_reason": a.finish_reason, "logprobs": None}],
+                "choices": [
+                    {"index": i, "text": "", "finish_reason": answer.finish_reason, "logprobs": None}
+                ],
             }
         if body.stream_options is not None and body.stream_options.include_usage:
             yield {**head, "choices": [], "usage": _usage(answers)}
 
-    return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
+    return StreamingResponse(_sse(chunks(), "/v1/completions"), media_type="text/event-stream")

@@ -1,4 +1,4 @@
-"""Chat messages (OpenAI or Ollama) as the one prompt a session answers, and answers cut into stream chunks.
+"""Chat messages (OpenAI or Ollama) as the one prompt a session answers.
 
 ``Session.generate`` takes one prompt per answer and applies the chat template itself (strategies such as
 ``in_context`` put their documents into that prompt), so a conversation is flattened: system messages
@@ -8,7 +8,6 @@ through unchanged, so it is answered exactly as ``session.ask`` answers it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from continual_transformer.service.errors import ServiceError
@@ -33,12 +32,3 @@ def conversation_prompt(messages: Sequence[tuple[str, str]]) -> str:
         parts.append("\n".join(turns))
     parts.append(last)
     return "\n\n".join(parts)
-
-
-_PIECE = re.compile(r"\s*\S+|\s+$")
-
-
-def stream_pieces(text: str) -> list[str]:
-    """``text`` cut into word-sized pieces whose concatenation is ``text`` (the streaming chunks)."""
-    pieces = _PIECE.findall(text)
-    return pieces or [text]

@@ -51,6 +51,12 @@ class ServiceConfig:
     request_timeout: float = 300.0
     """Seconds a request waits for its answer (or, with ``wait``, for its document to be learned); then
     HTTP 504."""
+    body_timeout: float = 30.0
+    """Seconds a client has to send its whole request body; then HTTP 408 (a stalled or very slow client
+    holds no handler)."""
+    generation_timeout: float = 120.0
+    """Seconds one generation may run; a longer one is stopped and answered with HTTP 504 (a streamed answer
+    ends with an error event). Waiting in the queue counts against ``request_timeout``."""
     model_id: str | None = None
     """Model name listed by ``/v1/models`` and ``/api/tags`` (default: the session's base model name)."""
     limit_concurrency: int = 512
@@ -69,6 +75,8 @@ class ServiceConfig:
             "max_body_bytes": self.max_body_bytes >= 1024,
             "max_new_tokens": self.max_new_tokens >= 1,
             "request_timeout": self.request_timeout > 0,
+            "body_timeout": self.body_timeout > 0,
+            "generation_timeout": self.generation_timeout > 0,
             "limit_concurrency": self.limit_concurrency >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from continual_transformer.backbone import ScoringHooks
+from continual_transformer.errors import ContinualTransformerError
 
 if TYPE_CHECKING:
     from continual_transformer.backbone import Backbone
@@ -94,6 +95,8 @@ class Strategy(ABC):
     modifies_backbone: ClassVar[bool] = False
     changes_outputs: ClassVar[bool] = True
     """False only for the ``none`` floor: learning never changes what the model computes."""
+    cannot_forget: ClassVar[str] = "what it learned is not kept per document"
+    """Why :meth:`forget` is refused (strategies that can forget one document override :meth:`forget`)."""
     reads_context: ClassVar[bool] = False
     """True when answers come from stored text put in the prompt: the document loss then only drops on a model
     that can copy from its context (a pretrained one, not a random test model)."""
@@ -119,14 +122,22 @@ class Strategy(ABC):
 
     # -- answering -------------------------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         """Answer each prompt with what the strategy has learned (default: generate from the current
-        backbone; with the relevance gate, prompts it closes for are answered by the base model)."""
+        backbone; with the relevance gate, prompts it closes for are answered by the base model).
+        ``generate_kwargs`` go to ``model.generate`` (sampling settings, a ``streamer``)."""
         prompts = list(prompts)
         closed = self._gate_closed(prompts)
         if not any(closed):
-            return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+            return self.backbone.generate(
+                prompts, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs
+            )
         answers: list[str] = [""] * len(prompts)
         for shut in (False, True):
             rows = [i for i, c in enumerate(closed) if c == shut]
@@ -134,7 +145,7 @@ class Strategy(ABC):
                 continue
             with self.disabled() if shut else nullcontext():
                 out = self.backbone.generate(
-                    [prompts[i] for i in rows], chat=chat, max_new_tokens=max_new_tokens
+                    [prompts[i] for i in rows], chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs
                 )
             for i, answer in zip(rows, out):
                 answers[i] = answer
@@ -254,6 +265,20 @@ class Strategy(ABC):
     def reset(self) -> None:
         """Forget everything learned: afterwards the model behaves exactly like the base model."""
 
+    @property
+    def can_forget(self) -> bool:
+        """Whether :meth:`forget` removes one document (else it raises :class:`CannotForgetError`)."""
+        return type(self).forget is not Strategy.forget
+
+    def forget(self, doc_id: str) -> None:
+        """Remove what one learned document added, as if it had never been learned; ``KeyError`` when no
+        document ``doc_id`` is held. Strategies whose documents change shared weights cannot, and refuse
+        with :class:`CannotForgetError` (:meth:`reset` forgets everything)."""
+        raise CannotForgetError(
+            f"strategy {self.name!r} cannot forget a single document ({self.cannot_forget}); a reset forgets "
+            "every document"
+        )
+
     @abstractmethod
     def stats(self) -> StrategyStats:
         """Parameters added and bytes of state."""
@@ -266,6 +291,10 @@ class Strategy(ABC):
         self.reset()
 
 
+class CannotForgetError(ContinualTransformerError):
+    """The strategy cannot remove one document (see :attr:`Strategy.cannot_forget`)."""
+
+
 class TrainingStrategy(Strategy):
     """A strategy that learns a document by gradient descent (``finetune``, ``lora``, ``ttt`` and those to
     come).
@@ -276,6 +305,10 @@ class TrainingStrategy(Strategy):
     and react to the finished run (:meth:`after_training`). The config must have ``optim`` (OptimArgs) and
     ``windows`` (WindowArgs).
     """
+
+    cannot_forget = (
+        "every document's gradient steps changed the same weights, which keep no per-document part"
+    )
 
     @abstractmethod
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,6 +55,7 @@ class InContext(Strategy):
         super().__init__(backbone, config, settings=settings)
         self.texts: list[str] = []
         self._lengths: list[int] = []
+        self.doc_ids: list[str | None] = []  # one per text (None: loaded from a state without ids)
 
     def learn(self, document: Document) -> LearnReport:
         start = time.perf_counter()
@@ -61,6 +63,7 @@ class InContext(Strategy):
         loss_before = self.backbone.mean_nll([document.text])  # the base model's, without any document
         self.texts.append(document.text)
         self._lengths.append(tokens)
+        self.doc_ids.append(document.id)
         self.documents_learned += 1
         # The document's loss with itself in context: what "having learned it" means for this strategy.
         loss_after = self.mean_nll([document.text])
@@ -95,10 +98,18 @@ class InContext(Strategy):
         return [f"{context}\n\n{p}" for p in prompts]
 
     def generate(
-        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         return self.backbone.generate(
-            self._with_context(prompts, chat), formatted=True, max_new_tokens=max_new_tokens
+            self._with_context(prompts, chat),
+            formatted=True,
+            max_new_tokens=max_new_tokens,
+            **generate_kwargs,
         )
 
     def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
@@ -115,10 +126,28 @@ class InContext(Strategy):
         self._lengths = [
             len(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts
         ]
+        self.doc_ids = [None] * len(texts)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "doc_ids": list(self.doc_ids)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        ids = state.get("doc_ids")
+        if isinstance(ids, list) and len(ids) == len(self.texts):
+            self.doc_ids = [None if i is None else str(i) for i in ids]
 
     def reset(self) -> None:
-        self.texts, self._lengths = [], []
+        self.texts, self._lengths, self.doc_ids = [], [], []
         self.documents_learned = 0
+
+    def forget(self, doc_id: str) -> None:
+        """Drop the document's text from the context."""
+        if doc_id not in self.doc_ids:
+            raise KeyError(doc_id)
+        index = self.doc_ids.index(doc_id)
+        del self.texts[index], self._lengths[index], self.doc_ids[index]
+        self.documents_learned = max(0, self.documents_learned - 1)
 
     def stats(self) -> StrategyStats:
         return StrategyStats(

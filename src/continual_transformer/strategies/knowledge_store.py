@@ -146,6 +146,7 @@ class KnowledgeStoreStrategy(Strategy):
         if config.key_source == "layer":
             layer_index(config.layer, backbone.num_layers, "strategies.knowledge_store.layer")
         hidden = hidden_size(backbone.model)
+        self.doc_spans: dict[str, tuple[int, int]] = {}  # doc id -> its entries' insert stamps [a, b)
         self.store = VectorStore(
             hidden,
             capacity=config.capacity,
@@ -237,7 +238,9 @@ class KnowledgeStoreStrategy(Strategy):
         start = time.perf_counter()
         loss_before = self.mean_nll([document.text])
         keys, values = self.document_pairs(document.text)
+        first = self.store.clock
         self.store.add(keys, values)
+        self.doc_spans[document.id] = (first, self.store.clock)  # the insert stamps of its entries
         self.documents_learned += 1
         loss_after = self.mean_nll([document.text])
         return LearnReport(
@@ -251,17 +254,28 @@ class KnowledgeStoreStrategy(Strategy):
 
     # -- answering ------------------------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         if self.store.size == 0 or self.config.interpolation == 0:
-            return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+            return self.backbone.generate(
+                prompts, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs
+            )
         with self.capture() as cap:
             processor = KNNMixtureProcessor(cap, lambda hidden, scores: self.mix(hidden, scores, touch=True))
+            processors = LogitsProcessorList(
+                [processor, *(generate_kwargs.pop("logits_processor", None) or [])]
+            )
             return self.backbone.generate(
                 prompts,
                 chat=chat,
                 max_new_tokens=max_new_tokens,
-                logits_processor=LogitsProcessorList([processor]),
+                logits_processor=processors,
+                **generate_kwargs,
             )
 
     def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
@@ -279,11 +293,33 @@ class KnowledgeStoreStrategy(Strategy):
         self.store.load_state_dict(state, "store.")
 
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "store_size": self.store.size, "hidden_size": self.store.dim}
+        return {
+            **super().extra_state(),
+            "store_size": self.store.size,
+            "hidden_size": self.store.dim,
+            "doc_spans": [[doc_id, a, b] for doc_id, (a, b) in self.doc_spans.items()],
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        spans = state.get("doc_spans", [])
+        self.doc_spans = {
+            str(s[0]): (int(s[1]), int(s[2])) for s in spans if isinstance(s, list) and len(s) == 3
+        }
 
     def reset(self) -> None:
         self.store.clear()
+        self.doc_spans = {}
         self.documents_learned = 0
+
+    def forget(self, doc_id: str) -> None:
+        """Remove the entries the document added (those an eviction already removed stay removed)."""
+        if doc_id not in self.doc_spans:
+            raise KeyError(doc_id)
+        first, end = self.doc_spans.pop(doc_id)
+        stamps = self.store.inserted_at[: self.store.size]
+        self.store.keep((stamps < first) | (stamps >= end))
+        self.documents_learned = max(0, self.documents_learned - 1)
 
     def stats(self) -> StrategyStats:
         return StrategyStats(

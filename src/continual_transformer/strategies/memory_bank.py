@@ -199,6 +199,11 @@ class _StopForward(Exception):
 class MemoryBankStrategy(Strategy):
     modifies_backbone = False
 
+    cannot_forget = (
+        "memories are shared between documents: near-duplicates reinforce or overwrite another document's "
+        "slot and a full bank evicts, so no memory belongs to one document alone"
+    )
+
     def __init__(self, backbone, config: MemoryBankConfig, *, settings) -> None:
         super().__init__(backbone, config, settings=settings)
         n_layers = backbone.num_layers
@@ -443,7 +448,12 @@ class MemoryBankStrategy(Strategy):
 
     # -- answering ------------------------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         prompts = list(prompts)
         answers: list[str] = []
@@ -452,7 +462,9 @@ class MemoryBankStrategy(Strategy):
             batch = prompts[start : start + step]
             delta = self.deltas(batch, reinforce=True)
             if delta is None:
-                answers.extend(self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens))
+                answers.extend(
+                    self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs)
+                )
                 continue
             mask = None
             if self.config.fuse_tokens:
@@ -463,7 +475,9 @@ class MemoryBankStrategy(Strategy):
                     True  # left padding: every prompt ends in the last column
                 )
             with self._fusion(delta, mask):
-                answers.extend(self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens))
+                answers.extend(
+                    self.backbone.generate(batch, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs)
+                )
         return answers
 
     def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:

@@ -308,18 +308,27 @@ class RetrievalStrategy(Strategy):
         return int(head.weight.shape[0]) if head is not None else int(self.backbone.model.config.vocab_size)
 
     def generate(
-        self, prompts: Sequence[str], *, chat: bool | None = None, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         prompts = list(prompts)
         if not self.chunk_ids:
-            return self.backbone.generate(prompts, chat=chat, max_new_tokens=max_new_tokens)
+            return self.backbone.generate(
+                prompts, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs
+            )
         plans = self.augment(prompts)
         answers: list[str | None] = [None] * len(prompts)
         plain = [i for i, p in enumerate(plans) if p.context is None]
         if plain:  # exactly what the base model answers, batched among themselves
             for i, answer in zip(
                 plain,
-                self.backbone.generate([prompts[i] for i in plain], chat=chat, max_new_tokens=max_new_tokens),
+                self.backbone.generate(
+                    [prompts[i] for i in plain], chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs
+                ),
             ):
                 answers[i] = answer
         rich = [i for i, p in enumerate(plans) if p.context is not None]
@@ -328,7 +337,7 @@ class RetrievalStrategy(Strategy):
         for start in range(0, len(rich), step):
             rows = rich[start : start + step]
             texts = [self._augmented_prompt(prompts[i], plans[i].context or "", use_chat) for i in rows]
-            kwargs: dict[str, Any] = {}
+            kwargs: dict[str, Any] = dict(generate_kwargs)
             if self.config.bias_strength > 0:
                 bias = token_bias(
                     [plans[i].bias_tokens for i in rows],
@@ -336,7 +345,9 @@ class RetrievalStrategy(Strategy):
                     self.config.bias_strength,
                     device=self.backbone.device,
                 )
-                kwargs["logits_processor"] = LogitsProcessorList([TokenBiasProcessor(bias)])
+                kwargs["logits_processor"] = LogitsProcessorList(
+                    [TokenBiasProcessor(bias), *(generate_kwargs.get("logits_processor") or [])]
+                )
             outs = self.backbone.generate(texts, formatted=True, max_new_tokens=max_new_tokens, **kwargs)
             for i, answer in zip(rows, outs):
                 answers[i] = answer
@@ -423,6 +434,16 @@ class RetrievalStrategy(Strategy):
 
     def reset(self) -> None:
         self._clear()
+
+    def forget(self, doc_id: str) -> None:
+        """Remove the document's chunks from the index (the other documents' stay as they were)."""
+        if doc_id not in self.doc_ids:
+            raise KeyError(doc_id)
+        index = self.doc_ids.index(doc_id)
+        self._remove_document(index)
+        del self.doc_ids[index], self.doc_sha[index]
+        self.chunk_doc = [d - (d > index) for d in self.chunk_doc]
+        self.documents_learned = max(0, self.documents_learned - 1)
 
     def stats(self) -> StrategyStats:
         return StrategyStats(
