@@ -300,7 +300,7 @@ class PlaybookStore:
         """Write ``playbook`` as ``name`` (default: its own name), atomically; returns the file."""
         from continual_transformer.checkpoint import _atomic_write  # the project's one atomic write
 
-        name = check_name(name or playbook.name)
+        name = check_name(playbook.name if name is None else name)
         self.directory.mkdir(parents=True, exist_ok=True)
         data = dict(playbook.to_dict(), name=name)
         path = self.path(name)
