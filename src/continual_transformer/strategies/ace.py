@@ -431,6 +431,11 @@ class AceStrategy(RetrievalStrategy):
             "seconds": time.perf_counter() - started,
             "generate_seconds": generate_seconds,
             "reflect_seconds": reflect_seconds,
+            "sample_replies": {  # the first of each role, as written (what a small model manages to say)
+                "answer": answers[0][:300],
+                "reflector": reflect_out[0][:300] if reflect_out else None,
+                "curator": curate_out[0][:300] if curate_out else None,
+            },
         }
 
     def _similarity(self, new: Sequence[str], old: Sequence[str]) -> torch.Tensor:
