@@ -13,7 +13,9 @@ Two tasks, every row on one backbone, in one process:
     question was asked in training; the cloze form was not).
 (b) **intent labels** (Banking77, a few confusable card intents): the document is the label list; training
     QA pairs are (message, label) from the train split, held-out messages from the test split. The question
-    lists the labels and asks for one; the playbook can hold rules such as "X means card_arrival".
+    lists the labels and asks for one; the playbook can hold rules such as "X means card_arrival". These rows
+    fold exact duplicate bullets only (``dedupe_similarity=null``): every question carries the same label
+    list, so MiniLM finds any two of them more than 0.9 similar.
 
     python benchmarks/ace_eval.py --out benchmarks/results/ace/cpu-smollm2      # CPU, small size
     python benchmarks/ace_eval.py --quick --model tiny ...                       # seconds: checks the script
@@ -251,7 +253,7 @@ def intent_rows(backbone, config, args, specs) -> dict[str, Any]:
         strategy = build(backbone, config, spec)
         try:
             start = time.perf_counter()
-            report = strategy.learn_with_feedback(document, train, loops=args.loops)
+            report = strategy.learn_with_feedback(document, train, loops=args.intent_loops or args.loops)
             reports = [report]
             learn = {"learn_seconds": time.perf_counter() - start, **loop_summary(reports)}
             with strategy.without_playbook():
@@ -357,6 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--docs", type=int, default=4, help="novel-fact documents")
     parser.add_argument("--loops", type=int, default=2, help="Generate-Reflect-Curate loops per document")
+    parser.add_argument("--intent-loops", type=int, default=None, help="loops of (b) (default --loops)")
     parser.add_argument("--intent-train", type=int, default=2, help="training messages per intent")
     parser.add_argument("--intent-test", type=int, default=5, help="held-out messages per intent")
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -367,7 +370,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--intent-strategies",
-        default="ace:curate_correct=true,ace:curate_correct=true:fallback_insight=true",
+        default="ace:curate_correct=true:dedupe_similarity=null,"
+        "ace:curate_correct=true:fallback_insight=true:dedupe_similarity=null",
         help="ACE rows of (b)",
     )
     parser.add_argument("--set", action="append", default=[], help="config override key.path=value")
