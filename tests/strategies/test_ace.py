@@ -11,7 +11,7 @@ from conftest import fast_config, make_backbone, save_tiny_embedder
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.ace.operations import Operation, apply_operations
-from continual_transformer.ace.playbook import PlaybookError
+from continual_transformer.ace.playbook import PlaybookError, PlaybookStore
 from continual_transformer.config import ConfigError
 from continual_transformer.documents import make_document
 
@@ -189,6 +189,17 @@ def test_checkpoint_and_named_playbooks_round_trip(tokenizer, tmp_path):
     assert fresh.strategy.playbook.to_dict() == ct.strategy.playbook.to_dict()
     assert fresh.generate([QUESTION, UNRELATED]) == expected
     assert torch.equal(fresh.strategy.forward_logits([QUESTION]), logits)
+
+    from typer.testing import CliRunner
+
+    from continual_transformer.ace.cli import app
+
+    books = tmp_path / "from-state"
+    result = CliRunner().invoke(
+        app, ["from-state", str(tmp_path / "state"), "--name", "v", "--dir", str(books)]
+    )
+    assert result.exit_code == 0, result.output
+    assert PlaybookStore(books).load("v").to_dict()["bullets"] == ct.strategy.playbook.to_dict()["bullets"]
 
     path = ct.strategy.save_playbook("veloria")
     assert path.parent == tmp_path / "books"
