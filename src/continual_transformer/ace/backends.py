@@ -150,8 +150,7 @@ class OpenAIBackend(_HTTPBackend):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        import openai
-
+        openai = _require("openai")
         self._openai = openai
         self.client = openai.OpenAI(
             base_url=self.base_url, api_key=self.key or "none", timeout=self.timeout, max_retries=0
@@ -197,8 +196,7 @@ class OllamaBackend(_HTTPBackend):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        import ollama
-
+        ollama = _require("ollama")
         self._ollama = ollama
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else None
         self.client = ollama.Client(host=self.base_url, timeout=self.timeout, headers=headers)
@@ -233,6 +231,18 @@ class OllamaBackend(_HTTPBackend):
         if not isinstance(content, str):
             raise MalformedReplyError(f"{where} sent a reply without message.content")
         return content.strip()
+
+
+def _require(package: str) -> Any:
+    """The client package of an HTTP backend, or a clear error saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise BackendError(
+            f"the {package} backend needs the {package!r} package: pip install 'continual-transformer[ace]'"
+        ) from None
 
 
 def _short(text: Any, limit: int = 200) -> str:
