@@ -3,7 +3,7 @@
 # rows (the 135M model leaves the GPU mostly idle). Run after the device.sh stages setup, model and embedder:
 #   bash benchmarks/runs/scaling.sh GROUP SECONDS
 #     gated       every weight-changing strategy behind the relevance gate (gate.enabled), 50 novel-facts
-#                 documents, and gated ttt on 50 news articles
+#                 documents, and gated ttt and memory_layer (context distillation) on 50 news articles
 #     parametric  gated ttt and memory_layer with context distillation at 200 novel-facts documents
 #     stores      oracle, retrieval and knowledge_store at 200 and 1,000 documents
 #     news        ttt (context distillation), memory_layer, knowledge_store and retrieval on 50 news articles,
@@ -35,7 +35,7 @@ case "$group" in
     run nf-50-ttt-cd-g novel_facts 50 "ttt:$cd_:$g,lora:$cd_:$g"
     run nf-50-ml-g novel_facts 50 "memory_layer:$cd_:$g,memory_layer:$g"
     run nf-50-ft-g novel_facts 50 "finetune:$g,lora:$g"
-    run news-50-ttt-g news 50 "ttt:$g,ttt:$cd_:$g" ;;
+    run news-50-ttt-g news 50 "ttt:$cd_:$g,memory_layer:$cd_:$g" ;;
   parametric)
     run nf-200-ttt-cd-g novel_facts 200 "ttt:$cd_:$g"
     run nf-200-ml-cd-g novel_facts 200 "memory_layer:$cd_:$g" ;;
