@@ -24,6 +24,7 @@ run() {  # run NAME BENCHMARK DOCS STRATEGIES: one benchmark process, logged, st
   timeout "$limit" python3 -m continual_transformer --model "$MODEL" --set data_dir="$DATA" \
     --set generation.batch_size=64 --set model.dtype=float32 \
     --set strategies.ttt.distill.teacher_batch_size=32 --set strategies.memory_layer.distill.teacher_batch_size=32 \
+    --set strategies.lora.distill.teacher_batch_size=32 \
     bench knowledge --benchmark "$benchmark" --docs "$docs" --no-baselines --strategies "$strategies" \
     --out "$OUT/scaling/$name" > "$OUT/scaling/$name/log.txt" 2>&1 &
 }
