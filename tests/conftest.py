@@ -126,6 +126,7 @@ def fast_config(**overrides) -> Config:
     strategies = data["strategies"] = {name: dict(settings) for name, settings in data["strategies"].items()}
     strategies.setdefault("memory_bank", {}).setdefault("key_encoder", "backbone")
     strategies.setdefault("retrieval", {}).setdefault("retriever", "bm25")
+    strategies.setdefault("ace", {}).setdefault("retriever", "bm25")
     # a small product-key memory: calibration in milliseconds instead of 262k slots
     small_memory = {
         "n_keys": 16,
