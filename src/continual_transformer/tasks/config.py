@@ -20,7 +20,16 @@ from continual_transformer.errors import ConfigError
 _LAYER_SPEC = re.compile(r"^(all|-?\d*:-?\d*|-?\d+)$")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
 
-SHIPPED_METHODS = ("adapter_distill", "ewc", "joint", "lora_per_task", "lwf", "replay", "sequential")
+SHIPPED_METHODS = (
+    "adapter_distill",
+    "ewc",
+    "isolation",
+    "joint",
+    "lora_per_task",
+    "lwf",
+    "replay",
+    "sequential",
+)
 """Task methods that ship in :mod:`continual_transformer.tasks.methods` (a test keeps this list in step)."""
 _METHODS_MODULE = "continual_transformer.tasks.methods"
 
