@@ -287,11 +287,27 @@ class TaskBenchmarkSettings:
     since scoring costs one continuation per label."""
     full_matrix: bool = False
     """Evaluate every task after every step. Off: only cells a metric reads (t >= k - 1), the rest is null."""
+    eval_every: int = 1
+    """Evaluate every task seen only after every ``eval_every``-th task and the last one; after the others
+    only the task just learned and the next (BWT, FWT and the average stay exact; long streams stay
+    cheap)."""
+    unknown_tasks: bool = False
+    """After the last task, measure unknown-task detection: the router's threshold calibrated on held-out
+    training examples of the learned tasks (those past ``max_train_per_label``, up to 5 per label) at
+    ``unknown_false_alarm_rate``, then CLINC150's out-of-scope test split against the suite's test inputs."""
+    unknown_false_alarm_rate: float = 0.02
+    """Target false-alarm rate of the unknown-task threshold on in-task inputs."""
     learner: TaskConfig = field(default_factory=TaskConfig)
     """Learner settings shared by every method (``method`` is set per method)."""
 
     def __post_init__(self) -> None:
         _check(self.order >= 0, "bench.order", "must be >= 0")
+        _check(self.eval_every >= 1, "bench.eval_every", "must be >= 1")
+        _check(
+            0.0 <= self.unknown_false_alarm_rate < 1.0,
+            "bench.unknown_false_alarm_rate",
+            "must be in [0, 1)",
+        )
         for key in ("num_tasks", "max_train_per_label", "max_test_per_label", "max_labels_per_task"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"bench.{key}", f"must be >= 1 or null, got {value!r}")
