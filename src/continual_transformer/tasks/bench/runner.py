@@ -236,9 +236,11 @@ def run_method(
     matrix = np.full((n, n), np.nan)
     params, state_bytes, seconds, adapter_s, distill_s, eval_s = [], [], [], [], [], []
     merges = 0
+    at_end = method == "joint" and settings.joint_at_end
     try:
         for t, task in enumerate(tqdm(tasks, desc=method, disable=None)):
-            report = learner.learn_task(task.name, task.train, labels=task.labels)
+            epochs = 0 if at_end and t < n - 1 else None
+            report = learner.learn_task(task.name, task.train, epochs, labels=task.labels)
             params.append(report.parameters)
             state_bytes.append(report.state_bytes)
             seconds.append(report.seconds)
@@ -250,10 +252,11 @@ def run_method(
             cells = [
                 k for k in range(n) if settings.full_matrix or (k <= t + 1 if checkpoint else k in (t, t + 1))
             ]
-            accuracies = learner.evaluate_many(
-                [(tasks[k].name, tasks[k].test, tasks[k].labels) for k in cells]
-            )
-            matrix[t, cells] = accuracies
+            if cells:
+                accuracies = learner.evaluate_many(
+                    [(tasks[k].name, tasks[k].test, tasks[k].labels) for k in cells]
+                )
+                matrix[t, cells] = accuracies
             eval_s.append(time.perf_counter() - eval_start)
             logger.info("%s after %s: %s", method, task.name, np.round(matrix[t, : t + 1], 3).tolist())
         routed = [learner.evaluate_detailed(task.name, task.test, routed=True) for task in tasks]
@@ -264,11 +267,17 @@ def run_method(
         )
     finally:
         learner.close()
+    sequence_metrics = not at_end
     return {
         "avg_accuracy": average_accuracy(matrix),
-        "bwt": backward_transfer(matrix),
-        "fwt": forward_transfer(matrix, baseline),
-        "forgetting": forgetting(matrix) if settings.eval_every == 1 else sparse_forgetting(matrix),
+        "bwt": backward_transfer(matrix) if sequence_metrics else None,
+        "fwt": forward_transfer(matrix, baseline) if sequence_metrics else None,
+        "forgetting": (
+            (forgetting(matrix) if settings.eval_every == 1 else sparse_forgetting(matrix))
+            if sequence_metrics
+            else None
+        ),
+        "trained_at_end": at_end,
         "unknown_tasks": unknown,
         "routed_avg_accuracy": float(np.mean([r["accuracy"] for r in routed])),
         "router_accuracy": float(np.mean([r["router_accuracy"] for r in routed])),
