@@ -313,7 +313,8 @@ class TaskLearner:
             known = (tasks >= 0).nonzero().squeeze(1).tolist()
             out = [UNKNOWN_TASK] * len(texts)
             if known:
-                labels = self.predict_batch([texts[i] for i in known], [int(tasks[i]) for i in known])
+                ids = self.tasks
+                labels = self.predict_batch([texts[i] for i in known], [ids[int(tasks[i])] for i in known])
                 for i, label in zip(known, labels):
                     out[i] = label
             return out
