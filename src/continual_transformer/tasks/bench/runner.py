@@ -312,16 +312,17 @@ def unknown_task_detection(
 ) -> dict[str, Any]:
     """Calibrate the unknown-task threshold on held-out in-task inputs, then flag CLINC150's out-of-scope
     test inputs among the suite's test inputs: precision, recall, F1 of the flag and the false-alarm rate."""
-    from continual_transformer.tasks.data import read_labeled_file
+    from continual_transformer.tasks.data import TaskDataError, read_labeled_file
 
+    try:
+        oos_file = Path(settings.data_dir) / "clinc150" / "data_full.json"
+        oos = [e.text for e in read_labeled_file(oos_file, split="oos_test")]
+    except TaskDataError as exc:
+        return {"skipped": f"no out-of-scope split ({exc})"}
     held_out = calibration_texts(suite, settings)
     if not held_out:
         return {"skipped": "no held-out training examples to calibrate on"}
     threshold = learner.calibrate_unknown(held_out, false_alarm_rate=settings.unknown_false_alarm_rate)
-    oos = [
-        e.text
-        for e in read_labeled_file(Path(settings.data_dir) / "clinc150" / "data_full.json", split="oos_test")
-    ]
     in_scope = [e.text for t in tasks for e in t.test]
     flagged_oos = int((learner.route_indices(oos, allow_unknown=True) < 0).sum())
     flagged_in = int((learner.route_indices(in_scope, allow_unknown=True) < 0).sum())
