@@ -236,6 +236,7 @@ def run_method(
     matrix = np.full((n, n), np.nan)
     params, state_bytes, seconds, adapter_s, distill_s, eval_s = [], [], [], [], [], []
     merges = 0
+    merge_log: list[dict[str, Any]] = []
     at_end = method == "joint" and settings.joint_at_end
     try:
         for t, task in enumerate(tqdm(tasks, desc=method, disable=None)):
@@ -247,6 +248,17 @@ def run_method(
             adapter_s.append(report.train_seconds)
             distill_s.append(report.distill_seconds)
             merges += int(report.merged)
+            if report.merged:
+                merge_log.append(
+                    {
+                        "task": t,
+                        "slot": report.slot,
+                        "merged_tasks": list(report.extra.get("merged_tasks", [])),
+                        "replayed_rows": report.extra.get("replayed_rows"),
+                        "distill_rows": report.extra.get("distill_rows"),
+                        "distill_s": report.distill_seconds,
+                    }
+                )
             eval_start = time.perf_counter()
             checkpoint = (t + 1) % settings.eval_every == 0 or t == n - 1
             cells = [
@@ -294,6 +306,7 @@ def run_method(
         "distill_s_per_task": float(np.mean(distill_s)),
         "eval_s_per_task": float(np.mean(eval_s)),
         "merges": merges,
+        "merge_log": merge_log,
         "grows_with_tasks": learner.method.grows_with_tasks,
         "accuracy_matrix": matrix.tolist(),
     }
