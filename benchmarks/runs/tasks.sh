@@ -47,10 +47,10 @@ ALL=adapter_distill,joint,isolation
 ORIGINAL=(--set learner.slot_choice=transfer --set learner.merge_data=new --set learner.buffer_policy=reservoir
           --set learner.buffer_size=500)
 ( bench clinc150-10 clinc150-10 $ALL; bench banking77 banking77 $ALL ) &
-# the cost lever: one distillation pass over 32 rows per task sharing the slot
+# the cost lever: one distillation pass over as many rows as the new task has, split over the slot's tasks
 ( bench clinc150-50 clinc150-50 $ALL
   bench intents15-lowcost intents15 adapter_distill --set learner.distill_epochs=1 \
-    --set learner.distill_rows_per_task=32 ) &
+    --set learner.distill_budget=1.0 ) &
 ( bench intents15 intents15 $ALL; bench intents15-original intents15 adapter_distill "${ORIGINAL[@]}" ) &
 ( bench stream115 stream115 adapter_distill "${stream_tasks[@]}"; bench long15-order0 long15 $ALL ) &
 wait

@@ -128,10 +128,15 @@ class TaskConfig:
     merge_data: str = "balanced"
     """Distillation set of a merge: ``new`` (the new task's rows plus whatever buffer rows the slot's tasks
     have, as Ermis et al.) or ``balanced`` (every task sharing the slot, the new one included, contributes
-    ``distill_rows_per_task`` rows per epoch: its buffer rows cycled, the new task's rows sampled), so the
-    old tasks weigh as much as the new one whatever their number of buffered rows."""
+    ``distill_rows_per_task`` rows per epoch, within ``distill_budget``: its buffer rows cycled, the new
+    task's rows sampled), so the old tasks weigh as much as the new one whatever their number of buffered
+    rows."""
     distill_rows_per_task: int = 128
     """Rows per task and distillation epoch of a ``balanced`` merge (fewer when the new task has fewer)."""
+    distill_budget: float = 2.0
+    """A ``balanced`` merge's distillation rows per epoch are at most this many times the new task's rows
+    (split equally over the tasks sharing the slot): the cost of a merge stays bounded however many tasks
+    the slot serves (about ``distill_epochs * distill_budget / epochs`` adapter trainings)."""
     online_epochs: int = 1
     """Passes over a mini-batch given to ``learn_task`` for a task already learned (an online update: the
     task's slot keeps training on the batch and the task's buffered rows; the other tasks of the slot are
@@ -243,6 +248,7 @@ class TaskConfig:
             ("buffer_policy", ("reservoir", "balanced")),
         ):
             _check(getattr(self, key) in allowed, f"tasks.{key}", f"must be one of {allowed}")
+        _check(self.distill_budget > 0, "tasks.distill_budget", "must be > 0")
         _check(self.distill_epochs >= 0, "tasks.distill_epochs", "must be >= 0")
         _check(self.distill_temperature > 0, "tasks.distill_temperature", "must be > 0")
         _check(self.distill_ce_weight >= 0, "tasks.distill_ce_weight", "must be >= 0")

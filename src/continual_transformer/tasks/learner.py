@@ -168,6 +168,11 @@ class TaskLearner:
     ) -> TaskReport:
         """Learn (or keep learning) task ``task_id`` from labelled examples (see :mod:`.data` for the forms).
 
+        For a task learned already this is an online update with ``adapter_distill`` (and ``isolation``):
+        the task's adapter keeps training on the new examples and the task's buffered ones for
+        ``tasks.online_epochs`` passes (``epochs`` is not used), the other tasks of its slot kept by
+        distillation; other methods train on the new examples as on a new task. See :meth:`learn_stream`.
+
         ``labels`` fixes the task's label set and its order in the prompt (default: the labels of
         ``train_data`` in order of first appearance); a label in the data but not in ``labels`` is an error.
         """

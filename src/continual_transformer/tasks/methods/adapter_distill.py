@@ -148,13 +148,15 @@ class AdapterDistillMethod(TaskMethod):
             # slot too, as in the data-free original.
             return new_rows + (old_rows or [dataclasses.replace(r, teacher=slot) for r in new_rows])
         rng = random.Random(seed)
-        per_task = min(self.config.distill_rows_per_task, len(new_rows))
-        out = rng.sample(new_rows, per_task)
         by_task: dict[int, list[TrainRow]] = {}
-        for row in old_rows:
-            by_task.setdefault(row.task, []).append(row)
+        for row in old_rows or [dataclasses.replace(r, teacher=slot) for r in new_rows]:  # data-free fallback
+            by_task.setdefault(row.task if old_rows else -1, []).append(row)
+        budget = int(self.config.distill_budget * len(new_rows)) // (len(by_task) + 1)
+        per_task = max(1, min(self.config.distill_rows_per_task, len(new_rows), budget))
+        out = rng.sample(new_rows, per_task)
         for task_rows in by_task.values():
-            out += [task_rows[i % len(task_rows)] for i in range(per_task)]  # cycled: every row as often
+            start = rng.randrange(len(task_rows))
+            out += [task_rows[(start + i) % len(task_rows)] for i in range(per_task)]  # cycled
         return out
 
     def _update(self, task: int, examples: Sequence[Encoded], *, rows_of: RowsOf) -> dict[str, Any]:
