@@ -44,13 +44,13 @@ bench() {  # bench RUN SUITE METHODS [options]: one run, stopped when the lane's
   echo "$run: exit $? after $(( $(date +%s) - start )) s" >> "$OUT/tasks/lanes.txt"
 }
 ALL=adapter_distill,joint,isolation
-ORIGINAL=(--set learner.slot_choice=transfer --set learner.merge_data=new --set learner.buffer_policy=reservoir
-          --set learner.buffer_size=500)
+ORIGINAL=(--set learner.merge_data=new --set learner.buffer_policy=reservoir --set learner.buffer_size=500)
 ( bench clinc150-10 clinc150-10 $ALL; bench banking77 banking77 $ALL ) &
 # the cost lever: one distillation pass over as many rows as the new task has, split over the slot's tasks
 ( bench clinc150-50 clinc150-50 $ALL
   bench intents15-lowcost intents15 adapter_distill --set learner.distill_epochs=1 \
-    --set learner.distill_budget=1.0 ) &
+    --set learner.distill_budget=1.0
+  bench intents15-balanced-slots intents15 adapter_distill --set learner.slot_choice=balanced ) &
 ( bench intents15 intents15 $ALL; bench intents15-original intents15 adapter_distill "${ORIGINAL[@]}" ) &
 ( bench stream115 stream115 adapter_distill "${stream_tasks[@]}"; bench long15-order0 long15 $ALL ) &
 wait

@@ -14,7 +14,7 @@ from continual_transformer.tasks import UNKNOWN_TASK, TaskError, TaskLearner
 from continual_transformer.tasks.buffer import ReplayBuffer
 from continual_transformer.tasks.prompts import Encoded
 
-ORIGINAL = {"slot_choice": "transfer", "merge_data": "new", "buffer_policy": "reservoir"}
+ORIGINAL = {"merge_data": "new", "buffer_policy": "reservoir"}
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
@@ -105,7 +105,14 @@ def test_unknown_task_is_flagged_after_calibration_and_survives_a_checkpoint(tok
 def test_a_hundred_and_one_tasks_at_a_fixed_size(tokenizer):
     learner = TaskLearner(
         make_backbone(tokenizer),
-        tiny_config(max_tasks=101, epochs=1, distill_epochs=1, transfer_samples=2, distill_rows_per_task=4),
+        tiny_config(
+            max_tasks=101,
+            epochs=1,
+            distill_epochs=1,
+            transfer_samples=2,
+            distill_rows_per_task=4,
+            slot_choice="balanced",
+        ),
     )
     sizes = set()
     for k in range(101):
