@@ -59,6 +59,25 @@ def targets(runs: list[tuple[str, dict]]) -> list[str]:
             f"{' (+' + str(growth) + ')' if growth else ''} "
             f"| {_num(m.get('train_time_vs_plain_adapter'), 2)} | {ood} |"
         )
+    for name, report in runs:
+        m = report["methods"].get("adapter_distill")
+        if m is None or len(report["meta"]["tasks"]) < 100:
+            continue
+        rows = m["accuracy_matrix"]
+        curve = [
+            (t + 1, sum(row[: t + 1]) / (t + 1))
+            for t, row in enumerate(rows)
+            if all(v is not None for v in row[: t + 1])
+        ]
+        at_10 = next((a for n, a in curve if n >= 10), None)
+        lines += [
+            "",
+            f"`{name}` ({len(rows)} tasks): mean accuracy on the tasks seen after "
+            + ", ".join(f"{n}: {a:.3f}" for n, a in curve)
+            + f". Last vs after 10 tasks: {m['avg_accuracy'] - at_10:+.3f} (target >= -0.030)"
+            if at_10 is not None
+            else "",
+        ]
     return lines
 
 
