@@ -9,7 +9,7 @@ from continual_transformer.errors import RegistryError
 from continual_transformer.tasks import methods
 from continual_transformer.tasks.methods.base import TaskMethod
 
-SHIPPED = ["adapter_distill", "ewc", "joint", "lora_per_task", "lwf", "replay", "sequential"]
+SHIPPED = ["adapter_distill", "ewc", "isolation", "joint", "lora_per_task", "lwf", "replay", "sequential"]
 
 
 def test_every_shipped_method_is_declared_and_loads_under_its_name():

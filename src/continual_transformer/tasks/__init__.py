@@ -18,13 +18,20 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from continual_transformer.tasks.benchmark import bench_tasks, run_task_benchmark
     from continual_transformer.tasks.config import TaskBenchmarkSettings, TaskConfig
-    from continual_transformer.tasks.data import LabeledExample, TaskDataError, TaskError, read_labeled
+    from continual_transformer.tasks.data import (
+        UNKNOWN_TASK,
+        LabeledExample,
+        TaskDataError,
+        TaskError,
+        read_labeled,
+    )
     from continual_transformer.tasks.learner import TaskLearner, TaskReport
     from continual_transformer.tasks.methods import TaskMethod, method_names, register_task_method
     from continual_transformer.tasks.suites import SUITES, TaskSpec, load_suite
 
 _LAZY = {
     "SUITES": "suites",
+    "UNKNOWN_TASK": "data",
     "LabeledExample": "data",
     "TaskBenchmarkSettings": "config",
     "TaskConfig": "config",
@@ -57,6 +64,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "SUITES",
+    "UNKNOWN_TASK",
     "LabeledExample",
     "TaskBenchmarkSettings",
     "TaskConfig",

@@ -6,7 +6,7 @@ from continual_transformer.tasks.bench.profiles import profile_settings, resolve
 from continual_transformer.tasks.bench.report import render_markdown, write_plots
 from continual_transformer.tasks.bench.runner import (
     DEFAULT_METHODS,
-    PLAIN_ADAPTER,
+    PLAIN_ADAPTERS,
     bench_tasks,
     earlier_results,
     run_method,
@@ -17,7 +17,7 @@ from continual_transformer.tasks.bench.workers import run_in_workers
 
 __all__ = [
     "DEFAULT_METHODS",
-    "PLAIN_ADAPTER",
+    "PLAIN_ADAPTERS",
     "bench_tasks",
     "earlier_results",
     "machine_info",

@@ -28,6 +28,10 @@ TEXT_KEYS = ("text", "sentence")
 LABEL_KEYS = ("label", "intent", "category")
 
 
+UNKNOWN_TASK = "<unknown task>"
+"""What ``TaskLearner.predict(..., allow_unknown=True)`` answers for a text of no learned task."""
+
+
 class TaskDataError(DocumentError):
     """Labelled data could not be read; the message names the file (or argument) and the line (or item)."""
 

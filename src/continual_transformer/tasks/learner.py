@@ -22,8 +22,9 @@ rolled back, so the learner predicts exactly as before it; a refused checkpoint 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from continual_transformer.backbone import Backbone
 from continual_transformer.config import from_dict, to_dict
 from continual_transformer.errors import CheckpointError, ConfigError
 from continual_transformer.tasks.config import TaskConfig
-from continual_transformer.tasks.data import LabeledExample, TaskData, TaskError, read_labeled
+from continual_transformer.tasks.data import UNKNOWN_TASK, LabeledExample, TaskData, TaskError, read_labeled
 from continual_transformer.tasks.methods import get_method
 from continual_transformer.tasks.methods.base import TaskMethod, resolve_share_prefix
 from continual_transformer.tasks.prompts import Encoded, PromptBuilder, TrainRow
@@ -53,6 +54,7 @@ from continual_transformer.tasks.table import TaskTable
 from continual_transformer.version import __version__
 
 logger = logging.getLogger(__name__)
+
 
 CHECKPOINT_KIND = "task-learner"
 
@@ -166,6 +168,11 @@ class TaskLearner:
     ) -> TaskReport:
         """Learn (or keep learning) task ``task_id`` from labelled examples (see :mod:`.data` for the forms).
 
+        For a task learned already this is an online update with ``adapter_distill`` (and ``isolation``):
+        the task's adapter keeps training on the new examples and the task's buffered ones for
+        ``tasks.online_epochs`` passes (``epochs`` is not used), the other tasks of its slot kept by
+        distillation; other methods train on the new examples as on a new task. See :meth:`learn_stream`.
+
         ``labels`` fixes the task's label set and its order in the prompt (default: the labels of
         ``train_data`` in order of first appearance); a label in the data but not in ``labels`` is an error.
         """
@@ -268,18 +275,54 @@ class TaskLearner:
             rows.append(TrainRow(prompt.prompt(e.text_ids), prompt.answers[e.label], e.task))
         return rows
 
+    def learn_stream(
+        self,
+        task_id: str | int,
+        batches: Iterable[TaskData],
+        epochs: int | None = None,
+        *,
+        labels: Sequence[str] | None = None,
+    ) -> list[TaskReport]:
+        """Learn task ``task_id`` from mini-batches arriving over time, one :meth:`learn_task` call each.
+
+        The first batch of a new task trains its adapter; every later batch is an online update (with
+        ``adapter_distill``: the task's slot keeps training on the batch and the task's buffered rows,
+        ``tasks.online_epochs`` passes, no retraining from scratch and no merge). Each batch is rolled back
+        alone if it fails.
+        """
+        return [self.learn_task(task_id, batch, epochs, labels=labels) for batch in batches]
+
     # -- prediction ------------------------------------------------------------------------------------------
-    def predict(self, text: str, task_id: str | int | None = None) -> str:
-        """The label of ``text`` in task ``task_id`` (routed to a task by its prototype when ``None``)."""
-        return self.predict_batch([text], task_id)[0]
+    def predict(self, text: str, task_id: str | int | None = None, *, allow_unknown: bool = False) -> str:
+        """The label of ``text`` in task ``task_id`` (routed to a task by its prototype when ``None``).
+
+        ``allow_unknown=True`` (routed only) answers :data:`UNKNOWN_TASK` for a text that belongs to no
+        learned task (less similar to every prototype than the threshold :meth:`calibrate_unknown` set).
+        """
+        return self.predict_batch([text], task_id, allow_unknown=allow_unknown)[0]
 
     def predict_batch(
-        self, texts: Sequence[str], task_ids: str | int | Sequence[str | int] | None = None
+        self,
+        texts: Sequence[str],
+        task_ids: str | int | Sequence[str | int] | None = None,
+        *,
+        allow_unknown: bool = False,
     ) -> list[str]:
-        """Labels of many texts; ``task_ids`` is one id for all, one id per text, or ``None`` to route."""
+        """Labels of many texts; ``task_ids`` is one id for all, one id per text, or ``None`` to route
+        (with ``allow_unknown``, :data:`UNKNOWN_TASK` for texts of no learned task)."""
         texts = list(texts)
         if not texts:
             return []
+        if task_ids is None and allow_unknown:
+            tasks = self.route_indices(texts, allow_unknown=True)
+            known = (tasks >= 0).nonzero().squeeze(1).tolist()
+            out = [UNKNOWN_TASK] * len(texts)
+            if known:
+                ids = self.tasks
+                labels = self.predict_batch([texts[i] for i in known], [ids[int(tasks[i])] for i in known])
+                for i, label in zip(known, labels):
+                    out[i] = label
+            return out
         if task_ids is None:
             tasks = self.route_indices(texts)
         elif isinstance(task_ids, (str, int)):
@@ -292,15 +335,34 @@ class TaskLearner:
         choice = self._classify(self.prompts.encode_texts(texts), tasks, label_sets)
         return [labels[c] for labels, c in zip(label_sets, choice)]
 
-    def route(self, texts: Sequence[str]) -> list[str]:
-        """The task id each text is routed to (nearest task prototype)."""
+    def route(self, texts: Sequence[str], *, allow_unknown: bool = False) -> list[str]:
+        """The task id each text is routed to (nearest task prototype; :data:`UNKNOWN_TASK` for a text of
+        no learned task when ``allow_unknown``)."""
         ids = self.tasks
-        return [ids[int(i)] for i in self.route_indices(list(texts))]
+        routed = self.route_indices(list(texts), allow_unknown=allow_unknown)
+        return [ids[int(i)] if i >= 0 else UNKNOWN_TASK for i in routed]
 
-    def route_indices(self, texts: Sequence[str]) -> torch.Tensor:
+    def route_indices(self, texts: Sequence[str], *, allow_unknown: bool = False) -> torch.Tensor:
+        """Task index of each text (B,); -1 for a text of no learned task when ``allow_unknown``."""
         if len(self.table) == 0:
             raise TaskError("no task has been learned yet")
-        return self.router.route(self.embedder(list(texts)))
+        embeddings = self.embedder(list(texts))
+        if not allow_unknown:
+            return self.router.route(embeddings)
+        if not math.isfinite(float(self.router.unknown_threshold)):
+            raise TaskError("no unknown-task threshold yet: call calibrate_unknown(held-out texts) first")
+        return self.router.route_or_unknown(embeddings)
+
+    def calibrate_unknown(self, texts: Sequence[str], *, false_alarm_rate: float = 0.02) -> float:
+        """Calibrate the unknown-task threshold on held-out texts of learned tasks (not seen in training):
+        at most ``false_alarm_rate`` of them fall below it. Returns the threshold (a centred cosine
+        similarity); it is kept in the router's state (saved, rolled back). Calibrate again after learning
+        new tasks: prototypes and their centre move."""
+        if len(self.table) == 0:
+            raise TaskError("no task has been learned yet")
+        threshold = self.router.calibrate(self.embedder(list(texts)), false_alarm_rate)
+        logger.info("unknown-task threshold %.4f (false alarms <= %.3f)", threshold, false_alarm_rate)
+        return threshold
 
     def scores(self, texts: Sequence[str], task_id: str | int) -> list[torch.Tensor]:
         """Length-normalised log-likelihood of every label of ``task_id`` for each text (in ``labels()``

@@ -136,6 +136,8 @@ class PrototypeRouter(TensorState):
         shape = (max_tasks, labels_per_task) if self.per_label else (max_tasks,)
         self.prototypes = torch.zeros(*shape, dim, dtype=torch.float32)
         self.counts = torch.zeros(*shape, dtype=torch.int64)
+        # Below this similarity to its nearest prototype a text belongs to no learned task (-inf: never).
+        self.unknown_threshold = torch.full((), float("-inf"), dtype=torch.float32)
 
     def update(self, task: int, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Fold ``embeddings`` (n, dim) of task ``task`` (with their label indices (n,)) into the
@@ -158,6 +160,10 @@ class PrototypeRouter(TensorState):
 
     def route(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Index of the nearest task for each embedding (B,); only prototypes with examples compete."""
+        return self.route_with_similarity(embeddings)[0]
+
+    def route_with_similarity(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index of the nearest task (B,) and the centred cosine similarity to its nearest prototype (B,)."""
         dim = self.prototypes.shape[-1]
         protos, counts = self.prototypes.reshape(-1, dim), self.counts.reshape(-1)
         known = counts > 0
@@ -169,13 +175,38 @@ class PrototypeRouter(TensorState):
         queries = F.normalize(embeddings.float() - centre, dim=-1)  # (B, dim)
         similarity = queries @ keys.T  # (B, P)
         similarity[:, ~known] = float("-inf")
-        nearest = similarity.argmax(-1)
-        return nearest // self.prototypes.shape[1] if self.per_label else nearest
+        best, nearest = similarity.max(-1)
+        return (nearest // self.prototypes.shape[1] if self.per_label else nearest), best
+
+    def calibrate(self, embeddings: torch.Tensor, false_alarm_rate: float) -> float:
+        """Set :attr:`unknown_threshold` so that a share ``false_alarm_rate`` of ``embeddings`` (held-out
+        inputs of learned tasks) would be flagged unknown: the empirical quantile of their similarity."""
+        if not 0.0 <= false_alarm_rate < 1.0:
+            raise ValueError(f"false_alarm_rate must be in [0, 1), got {false_alarm_rate}")
+        if embeddings.shape[0] == 0:
+            raise TaskError("calibrating the unknown-task threshold needs held-out in-task texts")
+        similarity = self.route_with_similarity(embeddings)[1].sort().values
+        k = int(false_alarm_rate * similarity.numel())  # texts strictly below the threshold are flagged
+        threshold = float(similarity[k]) if false_alarm_rate > 0 else float(similarity[0]) - 1e-6
+        self.unknown_threshold.fill_(threshold)
+        return threshold
+
+    def route_or_unknown(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """As :meth:`route`, with -1 for a text less similar to every prototype than the calibrated
+        threshold."""
+        tasks, similarity = self.route_with_similarity(embeddings)
+        return torch.where(similarity < self.unknown_threshold, torch.full_like(tasks, -1), tasks)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"prototypes": self.prototypes, "counts": self.counts}
+        return {
+            "prototypes": self.prototypes,
+            "counts": self.counts,
+            "unknown_threshold": self.unknown_threshold,
+        }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "unknown_threshold" not in tensors:  # a checkpoint from before unknown-task detection
+            tensors = {**tensors, "unknown_threshold": torch.full((), float("-inf"))}
         for name, own in self.state_tensors().items():
             if name not in tensors or tensors[name].shape != own.shape:
                 raise ValueError(f"router tensor {name} is missing or has the wrong shape")

@@ -9,6 +9,10 @@ banking77      the 77 Banking77 intents in ``categories.json`` order, cut into 7
 long15         the long sequence of Razdaibiedina et al. 2023 / O-LoRA (orders 4, 5, 6) from ``cl_benchmark``;
                Yahoo Answers ships without data here, so it has 14 tasks. Yelp, IMDB and MultiRC have no
                test split and DBpedia no train split: those are split 80/20 with a fixed seed.
+intents15      a stream no setting was tuned on: the 227 intents of CLINC150 and Banking77 shuffled with a
+               fixed seed and cut into 15 tasks of 2 to 10 intents (sizes drawn with the same seed)
+stream115      115 tasks in one stream: CLINC150 as 75 tasks of 2 intents, Banking77 as 26 tasks of 3 (the
+               last of 2), then long15 (order 0, 14 tasks)
 =============  =============================================================================================
 
 Nothing is copied: files are read from the data directory.
@@ -28,7 +32,9 @@ from continual_transformer.tasks.data import LabeledExample, TaskDataError, read
 
 logger = logging.getLogger(__name__)
 
-SUITES = ("clinc150-10", "clinc150-50", "banking77", "long15")
+SUITES = ("clinc150-10", "clinc150-50", "banking77", "long15", "intents15", "stream115")
+
+_INTENTS15_SEED = 15
 
 LONG15_FOLDERS = {
     "mnli": "NLI/MNLI",
@@ -137,9 +143,17 @@ def load_suite(
         tasks = _clinc(data_dir / "clinc150", per_task=15 if name == "clinc150-10" else 3)
     elif name == "banking77":
         tasks = _banking(data_dir / "banking77", per_task=11)
+    elif name == "intents15":
+        tasks = _intents15(data_dir)
+    elif name == "stream115":
+        tasks = [
+            *_clinc(data_dir / "clinc150", per_task=2, across_domains=True),
+            *_banking(data_dir / "banking77", per_task=3),
+            *_long15(data_dir / "cl_benchmark", 0),
+        ]
     else:
         tasks = _long15(data_dir / "cl_benchmark", order)
-    if name != "long15" and order > 0:
+    if name not in ("long15", "stream115") and order > 0:
         random.Random(order).shuffle(tasks)
     if num_tasks is not None:
         tasks = tasks[:num_tasks]
@@ -186,10 +200,23 @@ def _read_json(path: Path):
         raise TaskDataError(path, f"invalid JSON ({exc.msg})", line=exc.lineno) from exc
 
 
-def _clinc(folder: Path, per_task: int) -> list[TaskSpec]:
+def _clinc(folder: Path, per_task: int, *, across_domains: bool = False) -> list[TaskSpec]:
+    """Tasks of ``per_task`` intents cut within each domain, or (``across_domains``) from all intents in
+    domain order."""
     domains = _read_json(folder / "domains.json")
     train = read_labeled_file(folder / "data_full.json", split="train")
     test = read_labeled_file(folder / "data_full.json", split="test")
+    if across_domains:
+        intents = [intent for names in domains.values() for intent in names]
+        return [
+            TaskSpec(
+                f"clinc150-{k // per_task}",
+                tuple(intents[k : k + per_task]),
+                _group(train, intents[k : k + per_task]),
+                _group(test, intents[k : k + per_task]),
+            )
+            for k in range(0, len(intents), per_task)
+        ]
     tasks = []
     for domain, intents in domains.items():
         for k in range(0, len(intents), per_task):
@@ -208,6 +235,37 @@ def _banking(folder: Path, per_task: int) -> list[TaskSpec]:
         labels = tuple(categories[k : k + per_task])
         tasks.append(
             TaskSpec(f"banking77-{k // per_task}", labels, _group(train, labels), _group(test, labels))
+        )
+    return tasks
+
+
+def _intents15(data_dir: Path) -> list[TaskSpec]:
+    """15 tasks of 2-10 intents drawn from CLINC150 and Banking77 together (seeded; see the module table)."""
+    pools = []
+    for tasks in (_clinc(data_dir / "clinc150", per_task=15), _banking(data_dir / "banking77", per_task=77)):
+        for task in tasks:
+            for label in task.labels:
+                pools.append(
+                    (
+                        label,
+                        tuple(e for e in task.train if e.label == label),
+                        tuple(e for e in task.test if e.label == label),
+                    )
+                )
+    rng = random.Random(_INTENTS15_SEED)
+    rng.shuffle(pools)
+    sizes = [rng.randint(2, 10) for _ in range(15)]
+    tasks, start = [], 0
+    for k, size in enumerate(sizes):
+        chosen = pools[start : start + size]
+        start += size
+        tasks.append(
+            TaskSpec(
+                f"intents15-{k}",
+                tuple(label for label, _, _ in chosen),
+                tuple(e for _, train, _ in chosen for e in train),
+                tuple(e for _, _, test in chosen for e in test),
+            )
         )
     return tasks
 

@@ -4,7 +4,7 @@ parallel processes (:mod:`.workers`) and the Markdown report and plots (:mod:`.r
 from continual_transformer.tasks.bench.profiles import profile_settings, resolve_settings
 from continual_transformer.tasks.bench.runner import (
     DEFAULT_METHODS,
-    PLAIN_ADAPTER,
+    PLAIN_ADAPTERS,
     bench_tasks,
     run_method,
     run_task_benchmark,
@@ -13,7 +13,7 @@ from continual_transformer.tasks.bench.runner import (
 
 __all__ = [
     "DEFAULT_METHODS",
-    "PLAIN_ADAPTER",
+    "PLAIN_ADAPTERS",
     "bench_tasks",
     "profile_settings",
     "resolve_settings",

@@ -82,6 +82,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             _fmt(ratio, 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _reference_lines(report)
     lines += ["", "## Accuracy matrices R[t, k] (row: after task t; column: task k)", ""]
     names = meta["tasks"]
     for name, m in report["methods"].items():
@@ -95,6 +96,45 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {names[t]} | " + " | ".join(_fmt(v, 2) for v in row) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _reference_lines(report: dict[str, Any]) -> list[str]:
+    """Each method against the upper bounds (``joint`` uncapped, ``isolation``), and unknown-task
+    detection."""
+    methods = report["methods"]
+    lines = []
+    refs = [r for r in ("joint", "isolation") if r in methods]
+    if refs:
+        lines += ["", "Against the references (avg acc / reference's avg acc; routed / with-id):", ""]
+        lines += ["| method | " + " | ".join(f"× {r}" for r in refs) + " | routed × with-id |"]
+        lines += ["|---" * (len(refs) + 2) + "|"]
+        for name, m in methods.items():
+            ratios = [_fmt(m["avg_accuracy"] / methods[r]["avg_accuracy"], 3) for r in refs]
+            routed = m["routed_avg_accuracy"] / m["avg_accuracy"] if m["avg_accuracy"] else None
+            lines.append(f"| {name} | " + " | ".join(ratios) + f" | {_fmt(routed)} |")
+    unknown = {n: m["unknown_tasks"] for n, m in methods.items() if m.get("unknown_tasks")}
+    if unknown:
+        lines += [
+            "",
+            "Unknown-task detection (CLINC150 out-of-scope test split against the suite's test inputs; "
+            "threshold calibrated on held-out training inputs of the learned tasks):",
+            "",
+            "| method | target false alarms | false alarms | precision | recall | F1 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, u in unknown.items():
+            if "skipped" in u:
+                lines.append(f"| {name} | {u['skipped']} | | | | |")
+                continue
+            cells = (
+                u["target_false_alarm_rate"],
+                u["false_alarm_rate"],
+                u["precision"],
+                u["recall"],
+                u["f1"],
+            )
+            lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in cells) + " |")
+    return lines
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -127,8 +167,10 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     ax = fig.add_subplot()
     for name in names:
         matrix = _float_matrix(methods[name]["accuracy_matrix"])
-        seen = [float(np.nanmean(matrix[t, : t + 1])) for t in range(matrix.shape[0])]
-        ax.plot(range(1, len(seen) + 1), seen, marker="o", label=name)
+        # Rows evaluated on every task seen (eval_every, joint_at_end skip the others).
+        full = [t for t in range(matrix.shape[0]) if not np.isnan(matrix[t, : t + 1]).any()]
+        seen = [float(matrix[t, : t + 1].mean()) for t in full]
+        ax.plot([t + 1 for t in full], seen, marker="o" if len(full) < 40 else None, label=name)
     ax.set_xlabel("tasks learned")
     ax.set_xticks(range(1, len(report["meta"]["tasks"]) + 1, max(1, len(report["meta"]["tasks"]) // 10)))
     ax.set_ylabel("mean accuracy on tasks seen")

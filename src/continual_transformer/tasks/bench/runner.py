@@ -52,8 +52,9 @@ from continual_transformer.tasks.training import seeded
 logger = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("adapter_distill", "sequential", "joint", "lora_per_task", "ewc", "lwf", "replay")
-PLAIN_ADAPTER = "sequential"
-"""The method whose training time is the 'plain adapter' reference (one adapter trained per task)."""
+PLAIN_ADAPTERS = ("isolation", "sequential")
+"""Methods whose training time is the 'plain adapter' reference (one adapter trained per task), first
+found."""
 
 Progress = Callable[[str, dict[str, Any]], None]
 """``progress(method, summary)``, called as each method finishes."""
@@ -128,7 +129,9 @@ def run_task_benchmark(
         results = {m: v for m, v in done.items() if m not in methods} | {
             m: done[m] for m in methods if m in done
         }
-        plain = results.get(PLAIN_ADAPTER, {}).get("train_s_per_task")
+        plain = next(
+            (results[m]["train_s_per_task"] for m in PLAIN_ADAPTERS if m in results and results[m]), None
+        )
         for summary in results.values():
             summary["train_time_vs_plain_adapter"] = summary["train_s_per_task"] / plain if plain else None
         run_settings = {**to_dict(settings), "quick": quick}
@@ -164,7 +167,7 @@ def run_task_benchmark(
         run_in_workers(backbone, suite, methods, settings, baseline, workers, out_dir / "logs", finished)
     else:
         for method in methods:
-            finished(method, run_method(backbone, tasks, method, settings, baseline))
+            finished(method, run_method(backbone, tasks, method, settings, baseline, suite=suite))
     report = write_report()
     logger.info("wrote %s", out_dir)
     return report
@@ -222,39 +225,72 @@ def run_method(
     method: str,
     settings: TaskBenchmarkSettings,
     baseline: Sequence[float],
+    *,
+    suite: str | None = None,
 ) -> dict[str, Any]:
     """One method through the whole sequence; returns its summary (one entry of
-    ``results.json["methods"]``)."""
+    ``results.json["methods"]``). ``suite`` names the suite the tasks come from (needed for
+    ``settings.unknown_tasks``)."""
     n = len(tasks)
     learner = TaskLearner(backbone, dataclasses.replace(settings.learner, method=method))
     matrix = np.full((n, n), np.nan)
     params, state_bytes, seconds, adapter_s, distill_s, eval_s = [], [], [], [], [], []
     merges = 0
+    merge_log: list[dict[str, Any]] = []
+    at_end = method == "joint" and settings.joint_at_end
     try:
         for t, task in enumerate(tqdm(tasks, desc=method, disable=None)):
-            report = learner.learn_task(task.name, task.train, labels=task.labels)
+            epochs = 0 if at_end and t < n - 1 else None
+            report = learner.learn_task(task.name, task.train, epochs, labels=task.labels)
             params.append(report.parameters)
             state_bytes.append(report.state_bytes)
             seconds.append(report.seconds)
             adapter_s.append(report.train_seconds)
             distill_s.append(report.distill_seconds)
             merges += int(report.merged)
+            if report.merged:
+                merge_log.append(
+                    {
+                        "task": t,
+                        "slot": report.slot,
+                        "merged_tasks": list(report.extra.get("merged_tasks", [])),
+                        "replayed_rows": report.extra.get("replayed_rows"),
+                        "distill_rows": report.extra.get("distill_rows"),
+                        "distill_s": report.distill_seconds,
+                    }
+                )
             eval_start = time.perf_counter()
-            cells = [k for k in range(n) if settings.full_matrix or k <= t + 1]
-            accuracies = learner.evaluate_many(
-                [(tasks[k].name, tasks[k].test, tasks[k].labels) for k in cells]
-            )
-            matrix[t, cells] = accuracies
+            checkpoint = (t + 1) % settings.eval_every == 0 or t == n - 1
+            cells = [
+                k for k in range(n) if settings.full_matrix or (k <= t + 1 if checkpoint else k in (t, t + 1))
+            ]
+            if cells:
+                accuracies = learner.evaluate_many(
+                    [(tasks[k].name, tasks[k].test, tasks[k].labels) for k in cells]
+                )
+                matrix[t, cells] = accuracies
             eval_s.append(time.perf_counter() - eval_start)
             logger.info("%s after %s: %s", method, task.name, np.round(matrix[t, : t + 1], 3).tolist())
         routed = [learner.evaluate_detailed(task.name, task.test, routed=True) for task in tasks]
+        unknown = (
+            unknown_task_detection(learner, suite, tasks, settings)
+            if settings.unknown_tasks and suite is not None
+            else None
+        )
     finally:
         learner.close()
+    sequence_metrics = not at_end
     return {
         "avg_accuracy": average_accuracy(matrix),
-        "bwt": backward_transfer(matrix),
-        "fwt": forward_transfer(matrix, baseline),
-        "forgetting": forgetting(matrix),
+        "bwt": backward_transfer(matrix) if sequence_metrics else None,
+        "fwt": forward_transfer(matrix, baseline) if sequence_metrics else None,
+        "forgetting": (
+            (forgetting(matrix) if settings.eval_every == 1 else sparse_forgetting(matrix))
+            if sequence_metrics
+            else None
+        ),
+        "trained_at_end": at_end,
+        "unknown_tasks": unknown,
         "routed_avg_accuracy": float(np.mean([r["accuracy"] for r in routed])),
         "router_accuracy": float(np.mean([r["router_accuracy"] for r in routed])),
         "routed_accuracy_per_task": [r["accuracy"] for r in routed],
@@ -270,9 +306,73 @@ def run_method(
         "distill_s_per_task": float(np.mean(distill_s)),
         "eval_s_per_task": float(np.mean(eval_s)),
         "merges": merges,
+        "merge_log": merge_log,
         "grows_with_tasks": learner.method.grows_with_tasks,
         "accuracy_matrix": matrix.tolist(),
     }
+
+
+def sparse_forgetting(matrix: np.ndarray) -> float:
+    """``metrics.forgetting`` over the cells evaluated (rows skipped by ``eval_every`` are NaN)."""
+    T = matrix.shape[0]
+    if T < 2:
+        return 0.0
+    return float(np.mean([np.nanmax(matrix[k : T - 1, k]) - matrix[T - 1, k] for k in range(T - 1)]))
+
+
+def unknown_task_detection(
+    learner: TaskLearner, suite: str, tasks: Sequence[TaskSpec], settings: TaskBenchmarkSettings
+) -> dict[str, Any]:
+    """Calibrate the unknown-task threshold on held-out in-task inputs, then flag CLINC150's out-of-scope
+    test inputs among the suite's test inputs: precision, recall, F1 of the flag and the false-alarm rate."""
+    from continual_transformer.tasks.data import TaskDataError, read_labeled_file
+
+    try:
+        oos_file = Path(settings.data_dir) / "clinc150" / "data_full.json"
+        oos = [e.text for e in read_labeled_file(oos_file, split="oos_test")]
+    except TaskDataError as exc:
+        return {"skipped": f"no out-of-scope split ({exc})"}
+    held_out = calibration_texts(suite, settings)
+    if not held_out:
+        return {"skipped": "no held-out training examples to calibrate on"}
+    threshold = learner.calibrate_unknown(held_out, false_alarm_rate=settings.unknown_false_alarm_rate)
+    in_scope = [e.text for t in tasks for e in t.test]
+    flagged_oos = int((learner.route_indices(oos, allow_unknown=True) < 0).sum())
+    flagged_in = int((learner.route_indices(in_scope, allow_unknown=True) < 0).sum())
+    precision = flagged_oos / max(flagged_oos + flagged_in, 1)
+    recall = flagged_oos / len(oos)
+    return {
+        "threshold": threshold,
+        "target_false_alarm_rate": settings.unknown_false_alarm_rate,
+        "calibration_texts": len(held_out),
+        "out_of_scope_texts": len(oos),
+        "in_scope_texts": len(in_scope),
+        "false_alarm_rate": flagged_in / max(len(in_scope), 1),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+    }
+
+
+def calibration_texts(suite: str, settings: TaskBenchmarkSettings, per_label: int = 5) -> list[str]:
+    """Training examples of the suite's tasks that the run did not train on (past ``max_train_per_label``),
+    at most ``per_label`` per label."""
+    full = load_suite(
+        suite,
+        settings.data_dir,
+        order=settings.order,
+        num_tasks=settings.num_tasks,
+        max_labels_per_task=settings.max_labels_per_task,
+    )
+    skip = settings.max_train_per_label or 0
+    texts = []
+    for task in full:
+        seen: dict[str, int] = {}
+        for e in task.train:
+            seen[e.label] = seen.get(e.label, 0) + 1
+            if skip < seen[e.label] <= skip + per_label:
+                texts.append(e.text)
+    return texts
 
 
 def nan_matrix(summary: dict[str, Any]) -> dict[str, Any]:

@@ -154,4 +154,4 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     with seeded(settings.learner.seed, spec["model"]["device"]):
         backbone = Backbone.load(ModelConfig(**spec["model"]))
         tasks = suite_tasks(spec["suite"], settings)
-        return run_method(backbone, tasks, spec["method"], settings, spec["baseline"])
+        return run_method(backbone, tasks, spec["method"], settings, spec["baseline"], suite=spec["suite"])

@@ -20,6 +20,8 @@ lwf                 shared adapter + distillation to the previous adapter on new
                     (Learning without Forgetting, Li & Hoiem 2017)
 replay              shared adapter + fixed-size reservoir buffer mixed into every step        no
                     (experience replay, Chaudhry et al. 2019)
+isolation           one pool adapter per task, never merged (reference for the pool's         yes (an adapter)
+                    merges; slots preallocated for max_tasks)
 ==================  =======================================================================  ================
 
 Methods are registered in :data:`registry` (a :class:`~continual_transformer.registry.Registry`): every
@@ -48,6 +50,7 @@ for _name, _module in {
     "ewc": "ewc",
     "lwf": "lwf",
     "replay": "replay",
+    "isolation": "isolation",
 }.items():
     registry.declare(_name, f"{__name__}.{_module}")
 
