@@ -27,7 +27,17 @@ if TYPE_CHECKING:
 registry: Registry[type[Strategy]] = Registry("strategy", error=StrategyError)
 """Every document-learning strategy by name (``ctt strategies``)."""
 
-SHIPPED = ("finetune", "in_context", "knowledge_store", "lora", "memory_bank", "none", "retrieval", "ttt")
+SHIPPED = (
+    "doc2lora",
+    "finetune",
+    "in_context",
+    "knowledge_store",
+    "lora",
+    "memory_bank",
+    "none",
+    "retrieval",
+    "ttt",
+)
 """Strategies that ship with the library, each in ``continual_transformer.strategies.<name>``."""
 
 for _name in SHIPPED:
