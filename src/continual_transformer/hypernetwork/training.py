@@ -139,7 +139,7 @@ class TrainReport:
     """Processes that trained together."""
     documents: dict[str, int]
     """Documents per source; ``train`` and ``held_out`` totals."""
-    curve: list[dict[str, float]]
+    curve: list[dict[str, float | None]]
     """``{step, seconds, held_out_kl, train_loss}`` at every evaluation."""
     held_out_kl_base: float
     """Held-out KL of the base model without the document (the untrained hypernetwork's zero adapter)."""
@@ -382,7 +382,7 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
     from continual_transformer.backbone import Backbone
     from continual_transformer.config import ModelConfig
 
-    accelerator = Accelerator(cpu=config.device == "cpu")
+    accelerator = Accelerator(cpu=config.device == "cpu" or not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(config.out)
     device = str(accelerator.device) if config.device == "auto" else config.device
@@ -442,7 +442,7 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
     rng = random.Random(config.seed * 1000 + rank)
     fixed = rng.sample(range(len(my_train)), min(config.docs_per_step, len(my_train)))
 
-    def evaluate(step: int, seconds: float, train_loss: float) -> dict[str, float]:
+    def evaluate(step: int, seconds: float, train_loss: float | None) -> dict[str, float | None]:
         network.eval()
         total, count = held_out_kl(
             backbone, network, core, wrappers, my_held, held_examples, config.docs_per_step
@@ -450,10 +450,10 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
         summed = accelerator.reduce(torch.tensor([total, float(count)], device=backbone.device), "sum")
         network.train()
         kl = float(summed[0] / summed[1].clamp(min=1))
-        logger.info("step %d: held-out KL %.4f, train loss %.4f", step, kl, train_loss)
+        logger.info("step %d: held-out KL %.4f, train loss %s", step, kl, train_loss)
         return {"step": step, "seconds": round(seconds, 2), "held_out_kl": kl, "train_loss": train_loss}
 
-    curve = [evaluate(0, 0.0, float("nan"))]
+    curve = [evaluate(0, 0.0, None)]
     network.train()
     losses: list[float] = []
     documents_read, tokens_read = 0, 0
