@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -63,9 +64,7 @@ def train_hypernetwork_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     report = train_hypernetwork(config)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process of `accelerate launch` prints
         summary = {
             "weights": report.weights,
             "steps": report.steps,

@@ -235,14 +235,23 @@ def document_signals(
     key = _cache_key(backbone, config)
     paths = [cache_dir / f"{doc.sha256[:24]}-{key}.safetensors" for doc in documents]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
-    if missing:
-        queries = [make_queries(backbone, documents[i].text, config) for i in missing]
+    group = max(1, config.teacher_batch_size // 4)  # documents per round: batches span documents
+    started = time.perf_counter()
+    for done in range(0, len(missing), group):
+        chosen = missing[done : done + group]
+        queries = [make_queries(backbone, documents[i].text, config) for i in chosen]
         flat = [q for qs in queries for q in qs]
         examples = teacher_signals(backbone, flat, config) if flat else []
         start = 0
-        for i, qs in zip(missing, queries):
+        for i, qs in zip(chosen, queries):
             _save_examples(paths[i], examples[start : start + len(qs)])
             start += len(qs)
+        logger.info(
+            "teacher signals: %d/%d documents in %.0fs",
+            done + len(chosen),
+            len(missing),
+            time.perf_counter() - started,
+        )
     return [_load_examples(p) for p in paths]
 
 
@@ -373,16 +382,49 @@ def weights_checksum(network: torch.nn.Module) -> str:
 # The run
 
 
+class _OneProcess:
+    """What :func:`train_hypernetwork` uses of ``accelerate.Accelerator``, for one process where accelerate
+    is not installed."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def __init__(self, cpu: bool) -> None:
+        self.device = torch.device("cpu" if cpu else "cuda")
+
+    def prepare(self, *objects):
+        return objects
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm_(self, parameters, max_norm: float):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        return tensor
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _accelerator(cpu: bool):
+    """(accelerator, gather_object): HF Accelerate's, or a one-process stand-in when it is not installed."""
+    try:
+        from accelerate import Accelerator
+        from accelerate.utils import gather_object
+    except ImportError:
+        logger.warning("accelerate is not installed: training in one process")
+        return _OneProcess(cpu), list
+    return Accelerator(cpu=cpu), gather_object
+
+
 def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
     """Meta-train a hypernetwork for ``config.model``; write weights, config, curve and report under
     ``config.out``. Works as one process or under ``accelerate launch`` (every process calls it)."""
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-
     from continual_transformer.backbone import Backbone
     from continual_transformer.config import ModelConfig
 
-    accelerator = Accelerator(cpu=config.device == "cpu" or not torch.cuda.is_available())
+    accelerator, gather_object = _accelerator(config.device == "cpu" or not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(config.out)
     device = str(accelerator.device) if config.device == "auto" else config.device
