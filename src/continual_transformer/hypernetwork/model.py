@@ -10,8 +10,9 @@ document chunk and writes rank-r LoRA factors for chosen projections of every ch
   component of the emitted adapter.
 * **Blocks**: ``blocks`` x (cross-attention of the latents to their layer's tokens, self-attention among the
   latents of one target, MLP), pre-norm.
-* **Heads**: per module type, ``A = head_a(z)`` (r, in) and ``B = head_b(z)`` (out, r). ``head_b`` starts at
-  zero, so an untrained network emits a zero delta: the adapted model is the base model bit for bit.
+* **Heads**: per module type, ``A = normalize(head_a(z))`` (r, in), rows of unit norm, and
+  ``B = head_b(z)`` (out, r). ``head_b`` starts at zero, so an untrained network emits a zero delta: the
+  adapted model is the base model bit for bit.
 
 The adapter of a chunk is applied as ``y = W x + scale * B (A x)``; chunks compose by concatenating their rank
 components (the sum of their deltas). :class:`GeneratedLoRA` applies generated factors inside the backbone.
@@ -276,7 +277,9 @@ class HyperNetwork(nn.Module):
         for index, module in enumerate(self.module_types):
             chosen = (self.target_type == index).nonzero().squeeze(-1)
             zm = z[:, chosen]  # (C, n_m, r, H)
-            a = self.head_a[module](zm)  # (C, n_m, r, in)
+            # unit rows: the size of the delta is carried by B alone, which keeps early steps stable on
+            # projections whose inputs have outlier dimensions (down_proj)
+            a = F.normalize(self.head_a[module](zm), dim=-1)  # (C, n_m, r, in)
             b = self.head_b[module](zm).transpose(-1, -2)  # (C, n_m, out, r)
             out[module] = (a, b)
         return out

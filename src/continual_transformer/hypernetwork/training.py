@@ -52,15 +52,23 @@ from continual_transformer.hypernetwork.model import (
 logger = logging.getLogger(__name__)
 
 
-def _default_distill() -> ContextDistillConfig:
-    return ContextDistillConfig(
-        question_queries=False,
-        max_prefix_queries=8,
-        max_entity_queries=4,
-        teacher_max_new_tokens=24,
-        top_k=16,
-        teacher_batch_size=32,
-    )
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig(ContextDistillConfig):
+    """:class:`ContextDistillConfig` with meta-training's defaults: many short documents, so no question
+    writing (a generation per document), fewer queries, shorter continuations, bigger batches."""
+
+    question_queries: bool = False
+    """Have the base model write questions about the document (off: it costs a generation per document)."""
+    max_prefix_queries: int = 8
+    """At most this many prefix queries per document."""
+    max_entity_queries: int = 4
+    """At most this many entity queries per document."""
+    teacher_max_new_tokens: int = 24
+    """Tokens of teacher continuation per query."""
+    top_k: int = 16
+    """Teacher log-probabilities kept per scored position."""
+    teacher_batch_size: int = 32
+    """Queries generated and scored together (they span documents)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +95,7 @@ class TrainHypernetworkConfig:
     """Held-out documents evaluated at most (the first by hash)."""
     max_chars: int = 1000
     """Documents are clipped to this many characters at a sentence end (one chunk of the hypernetwork)."""
-    distill: ContextDistillConfig = field(default_factory=_default_distill)
+    distill: TeacherConfig = field(default_factory=TeacherConfig)
     """Queries and teacher settings (question writing is off: it costs a generation per document)."""
     steps: int = 300
     """Optimisation steps (each process does every step on its own documents)."""
