@@ -148,7 +148,7 @@ def launched(tmp_path_factory) -> Path:
         "sources=[facts,records]", "documents=12", "eval_percent=25", "eval_every=3", "max_chars=200",
         "architecture.hidden=32", "architecture.heads=2", "architecture.blocks=1",
         "architecture.chunk_tokens=64",
-        "learning_rate=3e-3", "fixed_batch=true", "docs_per_step=2", "queries_per_doc=4",
+        "learning_rate=3e-3", "warmup_steps=0", "fixed_batch=true", "docs_per_step=2", "queries_per_doc=4",
         "distill.max_prefix_queries=4", "distill.max_entity_queries=2", "distill.teacher_max_new_tokens=8",
     ]  # fmt: skip
     command = [
