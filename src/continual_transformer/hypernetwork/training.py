@@ -494,8 +494,10 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
 
     def evaluate(step: int, seconds: float, train_loss: float | None) -> dict[str, float | None]:
         network.eval()
+        # the unwrapped network: processes may hold different numbers of held-out documents, and evaluation
+        # must not enter DDP's collectives
         total, count = held_out_kl(
-            backbone, network, core, wrappers, my_held, held_examples, config.docs_per_step
+            backbone, core, core, wrappers, my_held, held_examples, config.docs_per_step
         )
         summed = accelerator.reduce(torch.tensor([total, float(count)], device=backbone.device), "sum")
         network.train()
