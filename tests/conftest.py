@@ -6,6 +6,7 @@ essential checks on the real packaged SmolLM2 (marker ``real_model``).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,38 @@ def fast_config(**overrides) -> Config:
     }
     for key, value in small_memory.items():
         strategies.setdefault("memory_layer", {}).setdefault(key, value)
+    # doc2lora: a randomly initialised hypernetwork for the tiny llama, accepted as such, gate open
+    doc2lora = strategies.setdefault("doc2lora", {})
+    doc2lora.setdefault("hypernetwork", str(tiny_hypernetwork_file()))
+    doc2lora.setdefault("allow_untrained", True)
+    doc2lora.setdefault("gate_threshold", -1.0)
     return load_config(overrides=data)
+
+
+@functools.cache
+def tiny_hypernetwork_file(seed: int = 0) -> Path:
+    """A randomly initialised Doc-to-LoRA hypernetwork for :func:`tiny_llama` (saved marked untrained), with
+    its output heads random too so that its adapters change the model (for invariant tests only)."""
+    import tempfile
+
+    from continual_transformer.hypernetwork.model import (
+        HyperNetConfig,
+        HyperNetSpec,
+        HyperNetwork,
+        save_hypernetwork,
+    )
+
+    backbone = make_backbone(build_tokenizer())
+    spec = HyperNetSpec.for_backbone(
+        backbone, HyperNetConfig(rank=2, hidden=32, heads=2, blocks=1, chunk_tokens=32)
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = HyperNetwork(spec)
+        for head in network.head_b.values():
+            torch.nn.init.normal_(head.weight, std=0.2)
+    directory = Path(tempfile.mkdtemp(prefix="ctt-hypernetwork-"))
+    return save_hypernetwork(network, directory / "tiny.safetensors")
 
 
 def save_tiny_embedder(directory: Path, texts: list[str]) -> Path:

@@ -29,6 +29,7 @@ registry: Registry[type[Strategy]] = Registry("strategy", error=StrategyError)
 
 SHIPPED = (
     "ace",
+    "doc2lora",
     "finetune",
     "in_context",
     "knowledge_store",
