@@ -34,7 +34,7 @@ def test_gated_weights_apply_only_to_prompts_about_learned_documents(tokenizer, 
     base_ppl = s.perplexity(UNRELATED * 4, window=16)
     base_answer = s.generate([UNRELATED], chat=False)
     ct.learn_document(VELORIA)
-    assert s.gate is not None and s.gate.open([VELORIA, UNRELATED]) == [True, False]
+    assert s.relevance_gate is not None and s.relevance_gate.open([VELORIA, UNRELATED]) == [True, False]
     after = s.token_nll([VELORIA, UNRELATED])
     assert not torch.equal(after[0], base_nll[0])  # the learned document: what was learned applies
     assert torch.equal(after[1], base_nll[1])  # anything else: the base model, bit for bit
@@ -51,11 +51,11 @@ def test_gate_state_round_trips_and_reset_closes_it(tokenizer, embedder_dir, tmp
     ct.save(tmp_path / "state")
     fresh = build(tokenizer, "ttt", embedder_dir)
     fresh.load(tmp_path / "state")
-    assert fresh.strategy.gate.chunks == ct.strategy.gate.chunks
+    assert fresh.strategy.relevance_gate.chunks == ct.strategy.relevance_gate.chunks
     again = fresh.strategy.token_nll([VELORIA, UNRELATED])
     assert all(torch.equal(a, b) for a, b in zip(nll, again))
     fresh.strategy.reset()
-    assert fresh.strategy.gate.open([VELORIA]) == [False]
+    assert fresh.strategy.relevance_gate.open([VELORIA]) == [False]
 
 
 def test_gate_settings_are_validated():

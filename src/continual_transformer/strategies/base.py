@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from continual_transformer.backbone import ScoringHooks
+from continual_transformer.config import GateArgs
 from continual_transformer.errors import ContinualTransformerError
 
 if TYPE_CHECKING:
@@ -107,13 +108,13 @@ class Strategy(ABC):
         self.settings = settings
         self.documents_learned = 0
         self._disabled = False
-        gate = getattr(config, "gate", None)
-        self.gate: RelevanceGate | None = None
+        gate = getattr(config, "gate", None)  # a GateArgs section (memory_bank's ``gate`` is another thing)
+        self.relevance_gate: RelevanceGate | None = None
         """The relevance gate in front of learned weights (``gate.enabled`` in the strategy's config)."""
-        if gate is not None and gate.enabled:
+        if isinstance(gate, GateArgs) and gate.enabled:
             from continual_transformer.modules.relevance_gate import RelevanceGate
 
-            self.gate = RelevanceGate(gate, backbone.tokenizer, backbone.device)
+            self.relevance_gate = RelevanceGate(gate, backbone.tokenizer, backbone.device)
 
     # -- learning --------------------------------------------------------------------------------------------
     @abstractmethod
@@ -153,9 +154,9 @@ class Strategy(ABC):
 
     def _gate_closed(self, queries: Sequence[str]) -> list[bool]:
         """Per query: does the relevance gate keep learned weights away from it (all False without a gate)?"""
-        if self.gate is None or self._disabled:
+        if self.relevance_gate is None or self._disabled:
             return [False] * len(queries)
-        return [not is_open for is_open in self.gate.open(queries)]
+        return [not is_open for is_open in self.relevance_gate.open(queries)]
 
     # -- scoring: written once here, on the backbone's scoring; strategies only supply scoring_hooks ---------
     def scoring_hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
@@ -171,7 +172,7 @@ class Strategy(ABC):
         if self._disabled:
             return None
         made = self.scoring_hooks(queries)
-        if made is None and self.gate is not None:
+        if made is None and self.relevance_gate is not None:
             closed = self._gate_closed(queries)
             if any(closed):
                 return BaseModelRows(closed, self._base_model)
@@ -242,24 +243,24 @@ class Strategy(ABC):
     def extra_state(self) -> dict[str, Any]:
         """JSON-serialisable non-tensor state saved with checkpoints (e.g. document ids of an index)."""
         state: dict[str, Any] = {"documents_learned": self.documents_learned}
-        if self.gate is not None:
-            state["gate_chunks"] = self.gate.state()
+        if self.relevance_gate is not None:
+            state["gate_chunks"] = self.relevance_gate.state()
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.documents_learned = int(state.get("documents_learned", 0))
-        if self.gate is not None:
-            self.gate.load_state(state.get("gate_chunks", []))
+        if self.relevance_gate is not None:
+            self.relevance_gate.load_state(state.get("gate_chunks", []))
 
     def remember(self, document: Document) -> None:
         """After learning ``document``: let the relevance gate open for prompts about it."""
-        if self.gate is not None:
-            self.gate.add(document.text)
+        if self.relevance_gate is not None:
+            self.relevance_gate.add(document.text)
 
     def forget_all(self) -> None:
         """Part of :meth:`reset`: the relevance gate closes for everything."""
-        if self.gate is not None:
-            self.gate.clear()
+        if self.relevance_gate is not None:
+            self.relevance_gate.clear()
 
     @abstractmethod
     def reset(self) -> None:
