@@ -91,6 +91,10 @@ class DocumentConfig:
         _check(bool(self.text_field), "documents.text_field", "must not be empty")
 
 
+GENERATION_BACKENDS = ("eager", "static", "compiled")
+"""Values of ``generation.backend``."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
     max_new_tokens: int = 48
@@ -107,8 +111,24 @@ class GenerationConfig:
     """System message for chat prompts; ``None`` keeps the template's default."""
     batch_size: int = 16
     """Prompts generated together (left padding with attention masks)."""
+    backend: str = "eager"
+    """How tokens are decoded: ``eager`` (Hugging Face ``generate`` with a growing cache, the reference),
+    ``static`` (a preallocated KV cache: fixed shapes, no per-token reallocation) or ``compiled`` (the static
+    cache and a ``torch.compile``-d decoding step, replayed as CUDA graphs on a GPU; float32 matrix products
+    in TF32 on a GPU). Greedy answers are the same on every backend in float32 (up to the last bit of a
+    near-tie); ``compiled`` pays a one-off compilation (tens of seconds) per batch shape. Measured in
+    ``benchmarks/results/speed``."""
+    threads: int = 0
+    """CPU threads used while generating (``torch.set_num_threads`` for the call, restored afterwards); 0
+    leaves PyTorch's setting alone."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.backend in GENERATION_BACKENDS,
+            "generation.backend",
+            f"must be one of {', '.join(GENERATION_BACKENDS)}, got {self.backend!r}",
+        )
+        _check(self.threads >= 0, "generation.threads", "must be >= 0")
         _check(self.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
         _check(self.temperature > 0, "generation.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
