@@ -122,7 +122,11 @@ def strategies(
     docs = bench.documents[: args.strategy_docs]
     for spec in ["none", *[s for s in args.strategies if s != "none"]]:
         name, section = spec_config(config, spec)
-        strategy = registry.get(name)(backbone, section, settings=config)
+        try:
+            strategy = registry.get(name)(backbone, section, settings=config)
+        except Exception as exc:  # e.g. a sentence embedder not on this machine: the other rows still run
+            logger.warning("%s: not measured (%s)", spec, exc)
+            continue
         try:
             start = time.perf_counter()
             if name != "none":
@@ -257,7 +261,8 @@ def tasks(backbone: Backbone, args: argparse.Namespace, config) -> dict[str, Any
     ]  # fmt: skip
     out: dict[str, Any] = {"examples": len(rows), "epochs": 1}
     for label, batch in (("default", config.tasks.batch_size), ("large_batch", args.task_batch)):
-        tasks_config = dataclasses.replace(config.tasks, batch_size=batch)
+        # the backbone router: the sentence embedder need not be on the machine (training is what is timed)
+        tasks_config = dataclasses.replace(config.tasks, batch_size=batch, router="backbone")
         session = Session(dataclasses.replace(config, strategy="none", tasks=tasks_config), backbone=backbone)
         try:
             session.learn_task("warmup", rows[:32], epochs=1)
@@ -515,21 +520,31 @@ def main(argv: list[str] | None = None) -> int:
     bench = load_benchmark("novel_facts", n_docs=max(args.many, args.strategy_docs, 8), seed=0)
     prompts = [p.prompt for p in bench.probes if p.kind == "qa"]
     wanted = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(wanted) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; use {', '.join(SECTIONS)}")
     for section in wanted:
         start = time.perf_counter()
-        if section == "streams":
-            results["streams"] = streams(backbone, args, prompts)
-        elif section == "strategies":
-            results["strategies"] = {}
-            strategies(backbone, args, config, bench, results["strategies"], lambda: write(results, args.out))
-        elif section == "learn1":
-            results["learn1"] = learn1(backbone, args, config, bench)
-        elif section == "learn_many":
-            results["learn_many"] = learn_many(backbone, args, config, bench)
-        elif section == "tasks":
-            results["tasks"] = tasks(backbone, args, config)
-        else:
-            parser.error(f"unknown section {section!r}; use {', '.join(SECTIONS)}")
+        try:
+            if section == "streams":
+                results["streams"] = streams(backbone, args, prompts)
+            elif section == "strategies":
+                results["strategies"] = {}
+                strategies(
+                    backbone, args, config, bench, results["strategies"], lambda: write(results, args.out)
+                )
+            elif section == "learn1":
+                results["learn1"] = learn1(backbone, args, config, bench)
+            elif section == "learn_many":
+                results["learn_many"] = learn_many(backbone, args, config, bench)
+            elif section == "tasks":
+                results["tasks"] = tasks(backbone, args, config)
+        except Exception as exc:  # one failed section must not cost the others' figures
+            logger.exception("section %s failed", section)
+            results.setdefault("errors", {})[section] = repr(exc)
+            results.pop(section, None)
+        if section == "strategies" and "none" not in results.get("strategies", {"none": 0}):
+            results.pop("strategies")
         results.setdefault("section_seconds", {})[section] = time.perf_counter() - start
         write(results, args.out)
     print((args.out / "results.md").read_text())

@@ -94,7 +94,9 @@ def test_compiled_decoding_sees_hooks_added_after_compiling(tokenizer):
         shifted = backbone.generate(PROMPTS)
     assert shifted != plain
     with_backend(backbone, "compiled")
-    for _ in range(2):  # the first call with new hooks runs uncompiled, the second through the compiler
-        with ResidualAdder(backbone.layers[1], delta):
+    with ResidualAdder(backbone.layers[1], delta):
+        for _ in range(2):  # the first call with a new hook runs uncompiled, the second through the compiler
             assert backbone.generate(PROMPTS) == shifted
+    with ResidualAdder(backbone.layers[1], delta):  # a hook for one call only: decoded uncompiled
+        assert backbone.generate(PROMPTS) == shifted
     assert backbone.generate(PROMPTS) == plain

@@ -3,7 +3,8 @@
 # (benchmarks/speed.py). Run after the device.sh stages setup and model (benchmarks/device.sh explains the
 # transfer):
 #   bash benchmarks/runs/speed.sh [SECONDS]      (the whole script stays under SECONDS; default 470)
-#   QUICK=1 MODEL=smollm2-135m-instruct DATA=../shared/data bash benchmarks/runs/speed.sh 900   (CPU test)
+#   QUICK=1 BACKEND=static MODEL=smollm2-135m-instruct DATA=../shared/data PYTHON=python \
+#     CTT_CACHE=~/.cache/continual_transformer bash benchmarks/runs/speed.sh 900    (the CPU test)
 # Timing runs are sequential (a second process on the GPU would disturb them): streams first, then the
 # strategy latencies in one process, then learning and task training in another, each with its share of the
 # time.
@@ -16,6 +17,7 @@ OUT=${OUT:-/tmp/out}
 MODEL=${MODEL:-/root/models}
 DATA=${DATA:-/root/data}
 QUICK=${QUICK:-}
+BACKEND=${BACKEND:-compiled}
 mkdir -p "$OUT"
 start=$(date +%s)
 speed() {  # speed NAME SHARE ARGS...: one section in its own process, stopped after SHARE % of the limit
@@ -24,15 +26,15 @@ speed() {  # speed NAME SHARE ARGS...: one section in its own process, stopped a
   local t=$(( limit * share / 100 )); (( t > left )) && t=$left
   (( t < 20 )) && { echo "$name: no time left" | tee -a "$OUT/summary.txt"; return; }
   mkdir -p "$OUT/$name"
-  timeout "$t" python3 benchmarks/speed.py --model "$MODEL" --set data_dir="$DATA" ${QUICK:+--quick} \
-    "$@" --out "$OUT/$name" > "$OUT/$name/log.txt" 2>&1
+  timeout "$t" "${PYTHON:-python3}" benchmarks/speed.py --model "$MODEL" --set data_dir="$DATA" \
+    ${QUICK:+--quick} --backend "$BACKEND" "$@" --out "$OUT/$name" > "$OUT/$name/log.txt" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
   tail -n 25 "$OUT/$name/results.md" 2>/dev/null
 }
 if [ -n "$QUICK" ]; then
-  speed answering 60 --sections streams,strategies --threads 2 --strategies none,retrieval,knowledge_store,ttt \
+  speed answering 60 --sections streams,strategies --threads 1 --strategies none,retrieval,knowledge_store,ttt \
     --set strategies.ttt.optim.epochs=2
-  speed learning 40 --sections learn1,learn_many,tasks --threads 2 --set strategies.ttt.optim.epochs=2 \
+  speed learning 40 --sections learn1,learn_many,tasks --threads 1 --set strategies.ttt.optim.epochs=2 \
     --many 4 --sequential 2 --task-examples 32
 else
   # bf16 (the GPU default) and the compiled backend (static KV cache + CUDA graphs). Streams and strategies
@@ -42,7 +44,7 @@ else
   speed learning 45 --sections learn1,learn_many,tasks --many 1000 --sequential 8 \
     --learn-specs ttt,ttt:objective=context_distill --task-examples 1024 --task-batch 128
 fi
-python3 - "$OUT" <<'EOF'
+"${PYTHON:-python3}" - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])

@@ -208,7 +208,7 @@ class Backbone:
         self.layers = find_decoder_layers(model)
         self._compile: Any = None  # the compile configuration of the ``compiled`` backend, made on first use
         self._compile_failed = False
-        self._seen_hooks: dict[frozenset[tuple[int, int]], int] = {}  # hook sets met by compiled decoding
+        self._last_hooks: dict[tuple[int, int], Any] = {}  # hooks met by the last compiled-backend call
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -360,20 +360,18 @@ class Backbone:
         """``model.generate`` on one batch; a compiled call also guards on the model's forward hooks."""
         if gen_config.compile_config is None:
             return self.model.generate(**batch, generation_config=gen_config, **kwargs)
-        hooks = _hook_signature(self.model)
-        if len(self._seen_hooks) > 1024:  # per-call hooks leave one entry each
-            self._seen_hooks.clear()
-        seen = self._seen_hooks.get(hooks, 0)
-        self._seen_hooks[hooks] = seen + 1
-        if hooks and not seen:
-            # Hooks met for the first time (e.g. a per-call fusion): compiling a graph for them would cost
-            # more than the call; hooks that stay (a memory layer) are compiled from their second call on.
+        hooks = _installed_hooks(self.model)
+        stayed = hooks.keys() == self._last_hooks.keys()
+        self._last_hooks = hooks  # held, so no later hook can reuse a current hook's id
+        if hooks and not stayed:
+            # Hooks installed for this call (a per-call fusion): compiling a graph for them would cost more
+            # than the call. Hooks that stay installed (a memory layer) compile from their second call on.
             gen_config = _without_compile(gen_config)
             return self.model.generate(**batch, generation_config=gen_config, **kwargs)
         try:
             # Dynamo skips guards on module hooks by default: a graph traced without a hook would then run on
             # after one is added. With the guards on, a changed set of hooks retraces instead.
-            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False, **_RECOMPILES):
                 return self.model.generate(**batch, generation_config=gen_config, **kwargs)
         except Exception as exc:  # a compiler failure (missing toolchain, unsupported op): decode eagerly
             if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or kwargs.get(
@@ -638,14 +636,21 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll * (shift_labels != IGNORE)
 
 
-def _hook_signature(model: nn.Module) -> frozenset[tuple[int, int]]:
-    """The forward hooks installed on ``model`` and its modules, as (module id, hook id) pairs."""
-    return frozenset(
-        (id(module), id(hook))
+def _installed_hooks(model: nn.Module) -> dict[tuple[int, int], Any]:
+    """The forward hooks installed on ``model`` and its modules, by (module id, hook id)."""
+    return {
+        (id(module), id(hook)): hook
         for module in model.modules()
         for hooks in (module._forward_hooks, module._forward_pre_hooks)
         for hook in hooks.values()
-    )
+    }
+
+
+# Every (batch size, cache length) is a graph of its own: room for a service's shapes before dynamo gives up.
+_RECOMPILES = next(
+    ({name: 64} for name in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, name)),
+    {},
+)
 
 
 def _without_compile(gen_config: HFGenerationConfig) -> HFGenerationConfig:
