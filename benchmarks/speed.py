@@ -120,6 +120,10 @@ def strategies(
     """Fills ``rows`` one strategy at a time (``save()`` after each: an interrupted run keeps them)."""
     probes = [p.prompt for p in bench.probes if p.kind == "qa"][: args.probes]
     docs = bench.documents[: args.strategy_docs]
+    for backend in ("eager", args.backend):  # first-call costs stay out of the base row
+        use_backend(backbone, backend, batch_size=1)
+        for p in probes:
+            backbone.generate([p], chat=True, max_new_tokens=args.new_tokens)
     for spec in ["none", *[s for s in args.strategies if s != "none"]]:
         name, section = spec_config(config, spec)
         try:
