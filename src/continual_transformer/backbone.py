@@ -10,6 +10,7 @@ never load models.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -217,6 +218,9 @@ class Backbone:
         self.start_ids = start_ids(tokenizer)
         """Ids every scored or generated sequence starts with: ``(BOS,)`` for models trained with BOS at
         position 0 (the tokenizer adds it, e.g. Gemma, which repeats itself without it), else ``()``."""
+        self._compile: Any = None  # the compile configuration of the ``compiled`` backend, made on first use
+        self._compile_failed = False
+        self._last_hooks: dict[tuple[int, int], Any] = {}  # hooks met by the last compiled-backend call
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -311,6 +315,26 @@ class Backbone:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     # -- generation ------------------------------------------------------------------------------------------
+    def hf_generation_config(self, max_new_tokens: int | None = None) -> HFGenerationConfig:
+        """The Hugging Face generation settings of one call: this backbone's settings and its backend."""
+        settings = self.generation
+        gen_config = HFGenerationConfig(
+            max_new_tokens=max_new_tokens or settings.max_new_tokens,
+            do_sample=settings.do_sample,
+            temperature=settings.temperature if settings.do_sample else None,
+            top_p=settings.top_p if settings.do_sample else None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        if settings.backend != "eager":
+            gen_config.cache_implementation = "static"
+            if settings.backend == "compiled" and self._compile_ok():
+                gen_config.compile_config = self._compile_config()
+            else:
+                gen_config.disable_compile = True
+        return gen_config
+
     @torch.inference_mode()
     def generate(
         self,
@@ -324,31 +348,91 @@ class Backbone:
         """Greedy (or sampled) continuations of each prompt, batched with left padding.
 
         ``formatted=True`` means the prompts already are model input (no chat template is applied).
-        Extra keyword arguments go to ``model.generate`` (e.g. ``logits_processor``).
+        Extra keyword arguments go to ``model.generate`` (e.g. ``logits_processor``, ``streamer``, sampling
+        options). ``generation.backend`` picks the decoding path (:class:`GenerationConfig`): every backend
+        runs the same model with the same hooks and logits processors, so a strategy's changes apply on each.
         """
         texts = list(prompts) if formatted else [self.format_prompt(p, chat=chat) for p in prompts]
         if self.start_ids:
             bos = self.tokenizer.bos_token
             texts = [t if t.startswith(bos) else bos + t for t in texts]
         settings = self.generation
-        gen_config = HFGenerationConfig(
-            max_new_tokens=max_new_tokens or settings.max_new_tokens,
-            do_sample=settings.do_sample,
-            temperature=settings.temperature if settings.do_sample else None,
-            top_p=settings.top_p if settings.do_sample else None,
-            top_k=None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        gen_config = self.hf_generation_config(max_new_tokens)
         answers: list[str] = []
-        for start in range(0, len(texts), settings.batch_size):
-            batch = self.encode(texts[start : start + settings.batch_size], padding_side="left")
-            output = self.model.generate(**batch, generation_config=gen_config, **generate_kwargs)
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers.extend(
-                t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            )
+        with self._decoding():
+            for start in range(0, len(texts), settings.batch_size):
+                batch = self.encode(texts[start : start + settings.batch_size], padding_side="left")
+                output = self._generate_batch(batch, gen_config, generate_kwargs)
+                new_tokens = output[:, batch["input_ids"].shape[1] :]
+                answers.extend(
+                    t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                )
         return answers
+
+    def _generate_batch(
+        self, batch: dict[str, torch.Tensor], gen_config: HFGenerationConfig, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """``model.generate`` on one batch; a compiled call also guards on the model's forward hooks."""
+        if gen_config.compile_config is None:
+            return self.model.generate(**batch, generation_config=gen_config, **kwargs)
+        hooks = _installed_hooks(self.model)
+        stayed = hooks.keys() == self._last_hooks.keys()
+        self._last_hooks = hooks  # held, so no later hook can reuse a current hook's id
+        if hooks and not stayed:
+            # Hooks installed for this call (a per-call fusion): compiling a graph for them would cost more
+            # than the call. Hooks that stay installed (a memory layer) compile from their second call on.
+            gen_config = _without_compile(gen_config)
+            return self.model.generate(**batch, generation_config=gen_config, **kwargs)
+        try:
+            # Dynamo skips guards on module hooks by default: a graph traced without a hook would then run on
+            # after one is added. With the guards on, a changed set of hooks retraces instead.
+            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False, **_RECOMPILES):
+                return self.model.generate(**batch, generation_config=gen_config, **kwargs)
+        except Exception as exc:  # a compiler failure (missing toolchain, unsupported op): decode eagerly
+            if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or kwargs.get(
+                "streamer"
+            ):
+                raise
+            logger.warning("compiled decoding failed (%s); using the static cache without compiling", exc)
+            self._compile_failed = True
+            return self.model.generate(**batch, generation_config=_without_compile(gen_config), **kwargs)
+
+    def _compile_ok(self) -> bool:
+        return not self._compile_failed
+
+    def _compile_config(self) -> Any:
+        """One compile configuration per backbone (Hugging Face recompiles when the configuration changes)."""
+        if self._compile is None:
+            from transformers.generation.configuration_utils import CompileConfig
+
+            cuda = self.device.type == "cuda"
+            # CUDA graphs replay a decoding step in one launch; on the CPU the fused kernels are the gain.
+            config = CompileConfig(fullgraph=False, mode="reduce-overhead" if cuda else "default")
+            if not cuda:
+                config._compile_all_devices = True  # Hugging Face compiles on CUDA only unless told
+            self._compile = config
+        return self._compile
+
+    @contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """The thread count and float32 matrix-product precision of one generation call, restored after."""
+        threads = self.generation.threads
+        previous_threads = torch.get_num_threads()
+        precision = torch.get_float32_matmul_precision()
+        fast_float32 = (
+            self.generation.backend != "eager" and self.device.type == "cuda" and self.dtype == torch.float32
+        )
+        if threads:
+            torch.set_num_threads(threads)
+        if fast_float32:
+            torch.set_float32_matmul_precision("high")  # TF32 matrix products
+        try:
+            yield
+        finally:
+            if threads:
+                torch.set_num_threads(previous_threads)
+            if fast_float32:
+                torch.set_float32_matmul_precision(precision)
 
     # -- scoring ---------------------------------------------------------------------------------------------
     # One implementation of labelled batches, per-token NLL, windowed perplexity and next-token logits. A
@@ -573,3 +657,28 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_labels = labels[:, 1:]  # (B, T-1)
     nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp(min=0), reduction="none")
     return nll * (shift_labels != IGNORE)
+
+
+def _installed_hooks(model: nn.Module) -> dict[tuple[int, int], Any]:
+    """The forward hooks installed on ``model`` and its modules, by (module id, hook id)."""
+    return {
+        (id(module), id(hook)): hook
+        for module in model.modules()
+        for hooks in (module._forward_hooks, module._forward_pre_hooks)
+        for hook in hooks.values()
+    }
+
+
+# Every (batch size, cache length) is a graph of its own: room for a service's shapes before dynamo gives up.
+_RECOMPILES = next(
+    ({name: 64} for name in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, name)),
+    {},
+)
+
+
+def _without_compile(gen_config: HFGenerationConfig) -> HFGenerationConfig:
+    """A copy of ``gen_config`` that keeps the static cache but decodes without compiling."""
+    out = copy.deepcopy(gen_config)
+    out.compile_config = None
+    out.disable_compile = True
+    return out

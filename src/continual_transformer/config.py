@@ -91,6 +91,10 @@ class DocumentConfig:
         _check(bool(self.text_field), "documents.text_field", "must not be empty")
 
 
+GENERATION_BACKENDS = ("eager", "static", "compiled")
+"""Values of ``generation.backend``."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
     max_new_tokens: int = 48
@@ -107,8 +111,21 @@ class GenerationConfig:
     """System message for chat prompts; ``None`` keeps the template's default."""
     batch_size: int = 16
     """Prompts generated together (left padding with attention masks)."""
+    backend: str = "eager"
+    """``eager`` (Hugging Face's growing cache, the reference), ``static`` (a preallocated KV cache) or
+    ``compiled`` (static cache + ``torch.compile``-d decoding step, CUDA graphs on a GPU, TF32 for float32);
+    greedy answers match ``eager`` (``benchmarks/results/speed``); compiling costs seconds per batch shape."""
+    threads: int = 0
+    """CPU threads used while generating (``torch.set_num_threads`` for the call, restored afterwards); 0
+    leaves PyTorch's setting alone."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.backend in GENERATION_BACKENDS,
+            "generation.backend",
+            f"must be one of {', '.join(GENERATION_BACKENDS)}, got {self.backend!r}",
+        )
+        _check(self.threads >= 0, "generation.threads", "must be >= 0")
         _check(self.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
         _check(self.temperature > 0, "generation.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
@@ -400,6 +417,14 @@ class OptimArgs:
     """Gradient clipping by global norm (0 disables it)."""
     stop_loss: float = 0.1
     """Stop after the first epoch whose mean loss is below this (0 disables early stopping)."""
+    pack_tokens: int = 0
+    """Pack short examples into rows of up to this many tokens (each attends only to itself, positions
+    restart per example); ``batch_size`` then counts rows. 0: one example per row (the reference)."""
+    autocast: bool = False
+    """Run forward and backward under bfloat16 autocast on a GPU; weights and optimiser keep their own dtype
+    (float32 master weights stay float32)."""
+    compile: bool = False
+    """``torch.compile`` the step's loss (one graph per batch shape: pair with ``pack_tokens``)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -413,6 +438,12 @@ class OptimArgs:
         _check(self.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _check(self.stop_loss >= 0, "optim.stop_loss", "must be >= 0 (0 disables early stopping)")
+        _check(self.pack_tokens >= 0, "optim.pack_tokens", "must be >= 0 (0 disables packing)")
+
+    @property
+    def fast_steps(self) -> bool:
+        """True when any speed option is set (steps then read their losses once per epoch)."""
+        return bool(self.pack_tokens or self.autocast or self.compile)
 
 
 @dataclass(frozen=True, kw_only=True)

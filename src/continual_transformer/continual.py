@@ -96,6 +96,12 @@ class ContinualTransformer:
         doc = document if isinstance(document, Document) else make_document(document, doc_id)
         return self.session.learn(doc)
 
+    def learn_documents(self, documents: Sequence[str | Document]) -> list[LearnReport]:
+        """Learn documents (texts or :class:`Document`) that arrive together, in one training run where the
+        strategy trains weights (see :meth:`Session.learn_documents`)."""
+        docs = [d if isinstance(d, Document) else make_document(d, None) for d in documents]
+        return self.session.learn_documents(docs)
+
     def learn_file(self, path: str | Path) -> list[LearnReport]:
         """Learn every document in a file or directory. All files are validated before anything is learned."""
         return self.session.learn_all(read_documents(path, self.config.documents))

@@ -166,7 +166,27 @@ class Session:
                 seconds=0.0,
                 extra={ALREADY_LEARNED: self._learned[key]},
             )
-        report = self.strategy.learn(document)
+        return self._record(document, self.strategy.learn(document))
+
+    def learn_documents(self, documents: Iterable[Document]) -> list[LearnReport]:
+        """Learn documents that arrive together in one run of the strategy
+        (:meth:`~continual_transformer.strategies.Strategy.learn_documents`: one training over all their
+        examples for strategies that train weights); each is recorded as :meth:`learn` records it. Documents
+        learned already (or repeated in the batch) are not learned again, as in :meth:`learn`."""
+        documents = list(documents)
+        fresh: dict[str, Document] = {}
+        for document in documents:
+            if document.content_sha256 not in self._learned:
+                fresh.setdefault(document.content_sha256, document)
+        reports = {
+            id(d): self._record(d, r)
+            for d, r in zip(fresh.values(), self.strategy.learn_documents(list(fresh.values())))
+        }
+        return [reports[id(d)] if id(d) in reports else self.learn(d) for d in documents]
+
+    def _record(self, document: Document, report: LearnReport) -> LearnReport:
+        """Note a learned document in the history and the content index."""
+        key = document.content_sha256
         self._learned[key] = document.id
         self.history.append(
             {

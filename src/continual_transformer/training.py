@@ -109,6 +109,36 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> B
     return batch
 
 
+def pack_examples(examples: Sequence[Example], length: int) -> list[Example]:
+    """Examples packed into rows of at most ``length`` tokens (first fit, longest first; longer ones alone).
+
+    Each row carries ``extras["position_ids"]``: positions restart at 0 for every example, so the model's
+    attention keeps each example to itself (Hugging Face reads restarting positions without an attention mask
+    as packed sequences), and the first token of every example is unscored (its predecessor belongs to
+    another example). Examples with extras of their own are not packed.
+    """
+    if any(e.extras for e in examples):
+        raise ValueError("examples with extras (e.g. a teacher's distributions) cannot be packed")
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        n = len(example.input_ids)
+        slot = next((i for i, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            rows.append([example])
+            room.append(length - n)
+        else:
+            rows[slot].append(example)
+            room[slot] -= n
+    packed = []
+    for row in rows:
+        ids = [t for e in row for t in e.input_ids]
+        labels = [label for e in row for label in (IGNORE, *e.labels[1:])]
+        positions = torch.tensor([p for e in row for p in range(len(e.input_ids))])
+        packed.append(Example(tuple(ids), tuple(labels), {"position_ids": positions}))
+    return packed
+
+
 def make_optimizer(
     params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
@@ -124,9 +154,14 @@ def make_optimizer(
 
 def next_token_loss(backbone: Backbone, batch: Batch) -> torch.Tensor:
     """Mean next-token loss over the scored tokens of a batch (a scalar with grad): the default loss."""
-    logits = backbone.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
+    if "position_ids" in batch:  # packed rows (pack_examples): restarting positions, no attention mask
+        logits = backbone.model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+    else:
+        logits = backbone.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
     nll = sequence_nll(logits, batch["labels"])  # (B, T-1)
     scored = (batch["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
     return nll.sum() / scored
@@ -179,6 +214,11 @@ def train(
     """
     if not examples:
         return []
+    if optim.pack_tokens:
+        if any(e.extras for e in examples):
+            logger.info("examples with extras are trained unpacked")
+        else:
+            examples = pack_examples(examples, optim.pack_tokens)
     opt = make_optimizer(params, optim.optimizer, optim.learning_rate, optim.weight_decay)
     rng = random.Random(seed)
     order = list(range(len(examples)))
@@ -186,6 +226,8 @@ def train(
     steps_per_epoch = (len(examples) + batch_size - 1) // batch_size
     losses: list[float] = []
     pad = backbone.tokenizer.pad_token_id
+    step_loss = torch.compile(loss_fn, dynamic=False) if optim.compile else loss_fn
+    autocast = torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=optim.autocast)
     with (
         gradients_on(params),
         backbone.training(),
@@ -193,22 +235,29 @@ def train(
     ):
         for _ in range(optim.epochs):
             rng.shuffle(order)
-            epoch_losses = []
+            epoch_losses: list = []
             for start in range(0, len(order), batch_size):
                 batch = collate(
                     [examples[i] for i in order[start : start + batch_size]], pad, backbone.device
                 )
-                loss = loss_fn(backbone, batch)
-                (loss + regularizer() if regularizer is not None else loss).backward()
+                with autocast:
+                    loss = step_loss(backbone, batch)
+                    total = loss + regularizer() if regularizer is not None else loss
+                total.backward()
                 if grad_hook is not None:
                     grad_hook(params)
                 if optim.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                epoch_losses.append(loss.item())  # sync: one per step, for the report and the stop rule
                 bar.update(1)
+                if optim.fast_steps:
+                    epoch_losses.append(loss.detach())  # read once per epoch: no sync per step
+                    continue
+                epoch_losses.append(loss.item())  # sync: one per step, for the report and the stop rule
                 bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
+            if optim.fast_steps:
+                epoch_losses = torch.stack(epoch_losses).float().tolist()  # sync: once per epoch
             losses.extend(epoch_losses)
             if optim.stop_loss and sum(epoch_losses) / len(epoch_losses) < optim.stop_loss:
                 break

@@ -121,6 +121,12 @@ class Strategy(ABC):
     def learn(self, document: Document) -> LearnReport:
         """Learn one document; return what it cost and what it changed."""
 
+    def learn_documents(self, documents: Sequence[Document]) -> list[LearnReport]:
+        """Learn documents that arrive together; one report each. Default: :meth:`learn` one by one;
+        strategies that train weights run one training over the examples of all of them (far fewer, fuller
+        steps)."""
+        return [self.learn(document) for document in documents]
+
     # -- answering -------------------------------------------------------------------------------------------
     def generate(
         self,
@@ -374,6 +380,65 @@ class TrainingStrategy(Strategy):
             step_losses=tuple(losses),
             extra={"steps": len(losses), **figures},
         )
+
+    def learn_documents(self, documents: Sequence[Document]) -> list[LearnReport]:
+        """One training run (:func:`training.train`, the config's ``optim``) over the examples of all
+        ``documents``, shuffled together; the strategy's hooks see the whole set (``training_options``) and
+        each document (``after_training``, after the run). Reports carry the run's time shared out by scored
+        tokens (``extra["batch_seconds"]``: the whole run) and each document's own loss before and after. One
+        document is learned by :meth:`learn`, exactly as alone.
+        """
+        from continual_transformer import distillation, training
+
+        documents = list(documents)
+        if len(documents) <= 1:
+            return [self.learn(document) for document in documents]
+        start = time.perf_counter()
+        distilling = getattr(self.config, "objective", "next_token") == "context_distill"
+        made = [(self.distill_examples if distilling else self.training_examples)(d) for d in documents]
+        examples = [e for ex, _ in made for e in ex]
+        loss_before = self._document_nll(documents)
+        params = list(self.trainable_parameters().values())
+        options = self.training_options(examples)
+        if distilling:
+            options.setdefault("loss_fn", distillation.distill_step_loss)
+        losses = training.train(
+            self.backbone,
+            examples,
+            params,
+            self.config.optim,
+            seed=self.settings.seed + self.documents_learned,
+            description=f"{self.name} {len(documents)} documents",
+            **options,
+        )
+        figures = [{**f, **self.after_training(d, losses)} for d, (_, f) in zip(documents, made)]
+        self.documents_learned += len(documents)
+        loss_after = self._document_nll(documents)
+        seconds = time.perf_counter() - start
+        tokens = [sum(e.scored_tokens for e in ex) for ex, _ in made]
+        share = seconds / max(sum(tokens), 1)
+        return [
+            LearnReport(
+                doc_id=document.id,
+                tokens=n,
+                loss_before=before,
+                loss_after=after,
+                seconds=share * n,
+                step_losses=tuple(losses),
+                extra={
+                    "steps": len(losses),
+                    "batch_documents": len(documents),
+                    "batch_seconds": seconds,
+                    **f,
+                },
+            )
+            for document, n, before, after, f in zip(documents, tokens, loss_before, loss_after, figures)
+        ]
+
+    def _document_nll(self, documents: Sequence[Document]) -> list[float]:
+        """Each document's mean NLL as this strategy scores it, in batches."""
+        values = self.backbone.token_nll([d.text for d in documents], hooks=self._hooks)
+        return [float(v.mean()) if v.numel() else 0.0 for v in values]
 
 
 def check_state_names(expected, state: dict[str, torch.Tensor], what: str) -> None:

@@ -678,6 +678,11 @@ class TTTStrategy(TrainingStrategy):
         report = super().learn(document)
         return dataclasses.replace(report, extra={**report.extra, "calibration_seconds": calibration})
 
+    def learn_documents(self, documents: Sequence[Document]) -> list[LearnReport]:
+        if self.config.sparse and not self.calibrated and len(documents) > 1:
+            self.calibrate()  # once, before the first document; not counted as learning time
+        return super().learn_documents(documents)
+
     def training_options(self, examples: Sequence[training.Example]) -> dict[str, Any]:
         cfg = self.config
         options: dict[str, Any] = {}

@@ -1,0 +1,559 @@
+"""Speed of answering and learning, each fast path side by side with the eager Hugging Face path (same run).
+
+Sections (``--sections``, all by default):
+
+- ``streams``: new tokens/s for 1, 64 and 256 prompts decoded together (``--streams``), every prompt forced to
+  ``--new-tokens`` tokens, on ``eager`` and on the fast backend (``--backend``, default ``compiled``);
+- ``strategies``: one-stream answer latency of each strategy after learning ``--strategy-docs`` documents,
+  as a ratio to the base model's on the same path, and whether the fast path's answers equal the eager ones;
+- ``learn1``: seconds to learn one ~200-token document with ``ttt`` (``--learn-specs``), with the default
+  training steps and with the speed options (``--fast-optim``: packing, bf16 autocast on a GPU);
+- ``learn_many``: document tokens/s learning ``--many`` documents at once (``learn_documents``) with the speed
+  options, against learning them one at a time with the defaults (measured on ``--sequential`` of them);
+- ``tasks``: task training examples/s of ``learn_task`` at the default batch size and at ``--task-batch``.
+
+Prompt and document texts come from the generated ``novel_facts`` benchmark (no data files needed).
+
+    python benchmarks/speed.py --device cuda --out benchmarks/results/speed/h200            # the full run
+    python benchmarks/speed.py --quick --threads 2 --out benchmarks/results/speed/cpu        # CPU, minutes
+
+Writes ``results.json``, ``results.md`` and ``speed.png`` to ``--out`` (after every section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from continual_transformer.backbone import Backbone
+from continual_transformer.config import load_config
+from continual_transformer.evaluation import system
+from continual_transformer.evaluation.datasets import load_benchmark
+from continual_transformer.evaluation.knowledge import spec_config
+from continual_transformer.session import Session
+from continual_transformer.strategies import registry
+
+logger = logging.getLogger("speed")
+
+SECTIONS = ("streams", "strategies", "learn1", "learn_many", "tasks")
+TARGETS = {  # the H200 targets of the speed issue (bf16), for the report's "distance" column
+    "stream_1_tokens_per_s": 1000.0,
+    "stream_64_tokens_per_s": 50000.0,
+    "strategy_latency_ratio_max": 1.15,
+    "learn1_seconds": 1.0,
+    "learn_many_doc_tokens_per_s": 50000.0,
+    "task_examples_per_s": 2000.0,
+}
+
+
+def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> tuple[float, Any]:
+    """Median wall seconds of ``reps`` calls (the device synchronised around each) and the last result."""
+    times, out = [], None
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def use_backend(backbone: Backbone, backend: str, **changes: Any) -> None:
+    backbone.generation = dataclasses.replace(backbone.generation, backend=backend, **changes)
+
+
+# -- sections ------------------------------------------------------------------------------------------------
+
+
+def streams(backbone: Backbone, args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for n in args.streams:
+        batch = [prompts[i % len(prompts)] for i in range(n)]
+        row: dict[str, Any] = {}
+        for backend in ("eager", args.backend):
+            use_backend(backbone, backend, batch_size=n)
+
+            def call(batch=batch):
+                return backbone.generate(
+                    batch, chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
+                )
+
+            warm = time.perf_counter()
+            for _ in range(args.warmup if backend != "eager" else 1):
+                call()
+            warm_s = time.perf_counter() - warm
+            seconds, answers = timed(call, backbone.device, args.reps)
+            row[backend] = {
+                "seconds": seconds,
+                "new_tokens_per_s": n * args.new_tokens / seconds,
+                "warmup_seconds": warm_s,
+                "answers": answers[:2],
+            }
+            logger.info("%d streams, %s: %.1f new tokens/s", n, backend, row[backend]["new_tokens_per_s"])
+        row["speedup"] = row[args.backend]["new_tokens_per_s"] / row["eager"]["new_tokens_per_s"]
+        row["answers_equal"] = row[args.backend]["answers"] == row["eager"]["answers"]
+        rows[str(n)] = row
+    use_backend(backbone, "eager", batch_size=args.batch_size)
+    return rows
+
+
+def strategies(
+    backbone: Backbone,
+    args: argparse.Namespace,
+    config,
+    bench,
+    rows: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Any]:
+    """Fills ``rows`` one strategy at a time (``save()`` after each: an interrupted run keeps them)."""
+    probes = [p.prompt for p in bench.probes if p.kind == "qa"][: args.probes]
+    docs = bench.documents[: args.strategy_docs]
+    for backend in ("eager", args.backend):  # first-call costs stay out of the base row
+        use_backend(backbone, backend, batch_size=1)
+        for p in probes:
+            backbone.generate([p], chat=True, max_new_tokens=args.new_tokens)
+    for spec in ["none", *[s for s in args.strategies if s != "none"]]:
+        name, section = spec_config(config, spec)
+        try:
+            strategy = registry.get(name)(backbone, section, settings=config)
+        except Exception as exc:  # e.g. a sentence embedder not on this machine: the other rows still run
+            logger.warning("%s: not measured (%s)", spec, exc)
+            continue
+        try:
+            start = time.perf_counter()
+            if name != "none":
+                strategy.learn_documents(docs) if args.batched_learning else [strategy.learn(d) for d in docs]
+            learn_s = time.perf_counter() - start
+            row: dict[str, Any] = {"learn_seconds": learn_s}
+            for backend in ("eager", args.backend):
+                use_backend(backbone, backend, batch_size=1)
+                for _ in range(args.warmup):
+                    strategy.generate(probes[:1], chat=True, max_new_tokens=args.new_tokens)
+                times, answers = [], []
+                for p in probes:
+                    seconds, out = timed(
+                        lambda p=p, s=strategy: s.generate([p], chat=True, max_new_tokens=args.new_tokens),
+                        backbone.device,
+                        1,
+                    )
+                    times.append(seconds)
+                    answers.append(out[0])
+                row[backend] = {"latency_s": statistics.median(times), "answers": answers}
+            row["answers_equal"] = row[args.backend]["answers"] == row["eager"]["answers"]
+            row["answers_equal_fraction"] = sum(
+                a == b for a, b in zip(row[args.backend]["answers"], row["eager"]["answers"])
+            ) / max(len(probes), 1)
+            rows[spec] = row
+            for backend in ("eager", args.backend):
+                base = rows["none"][backend]["latency_s"]
+                row[backend]["ratio_to_base"] = row[backend]["latency_s"] / base
+            logger.info(
+                "%s: latency %.3fs eager, %.3fs %s (x%.2f of base); answers equal: %s",
+                spec,
+                row["eager"]["latency_s"],
+                row[args.backend]["latency_s"],
+                args.backend,
+                row[args.backend]["ratio_to_base"],
+                row["answers_equal"],
+            )
+            save()
+        finally:
+            strategy.close()
+            use_backend(backbone, "eager", batch_size=args.batch_size)
+    return rows
+
+
+def _optim_changes(spec: str, optim: dict[str, Any]) -> str:
+    """``spec`` with the speed options of ``optim`` added as flat strategy keys."""
+    extra = ":".join(f"{k}={v}" for k, v in optim.items())
+    return f"{spec}:{extra}" if extra else spec
+
+
+def learn1(backbone: Backbone, args: argparse.Namespace, config, bench) -> dict[str, Any]:
+    docs = sorted(bench.documents, key=lambda d: abs(len(backbone.token_ids(d.text)) - 200))
+    warm, doc = docs[1], docs[0]
+    rows: dict[str, Any] = {}
+    for spec in args.learn_specs:
+        row: dict[str, Any] = {"doc_tokens": len(backbone.token_ids(doc.text))}
+        for label, optim in (("default", {}), ("fast", args.fast_optim)):
+            name, section = spec_config(config, _optim_changes(spec, optim))
+            strategy = registry.get(name)(backbone, section, settings=config)
+            try:
+                strategy.learn(warm)  # warm-up: kernels, compilation
+                strategy.reset()
+                seconds, report = timed(lambda s=strategy: s.learn(doc), backbone.device, 1)
+                row[label] = {
+                    "seconds": seconds,
+                    "steps": report.extra.get("steps"),
+                    "loss_before": report.loss_before,
+                    "loss_after": report.loss_after,
+                    "optim": optim,
+                }
+            finally:
+                strategy.close()
+            logger.info("learn one doc, %s %s: %.2fs", spec, label, row[label]["seconds"])
+        row["speedup"] = row["default"]["seconds"] / row["fast"]["seconds"]
+        rows[spec] = row
+    return rows
+
+
+def learn_many(backbone: Backbone, args: argparse.Namespace, config, bench) -> dict[str, Any]:
+    docs = bench.documents[: args.many]
+    tokens = [len(backbone.token_ids(d.text)) for d in docs]
+    spec = args.learn_specs[0]
+    row: dict[str, Any] = {"spec": spec, "documents": len(docs), "doc_tokens": sum(tokens)}
+    name, section = spec_config(config, spec)
+    strategy = registry.get(name)(backbone, section, settings=config)
+    try:
+        strategy.learn(docs[0])  # warm-up
+        strategy.reset()
+        n = min(args.sequential, len(docs))
+        seconds, _ = timed(lambda: [strategy.learn(d) for d in docs[:n]], backbone.device, 1)
+        row["sequential"] = {
+            "documents": n,
+            "seconds": seconds,
+            "doc_tokens_per_s": sum(tokens[:n]) / seconds,
+        }
+    finally:
+        strategy.close()
+    name, section = spec_config(config, _optim_changes(spec, args.fast_optim))
+    strategy = registry.get(name)(backbone, section, settings=config)
+    try:
+        strategy.learn_documents(docs[: max(2, len(docs) // 50)])  # warm-up
+        strategy.reset()
+        seconds, reports = timed(lambda: strategy.learn_documents(docs), backbone.device, 1)
+        before = statistics.fmean(r.loss_before for r in reports)
+        after = statistics.fmean(r.loss_after for r in reports)
+        row["batched"] = {
+            "seconds": seconds,
+            "doc_tokens_per_s": sum(tokens) / seconds,
+            "steps": reports[0].extra.get("steps"),
+            "mean_loss_before": before,
+            "mean_loss_after": after,
+            "optim": args.fast_optim,
+        }
+    finally:
+        strategy.close()
+    row["speedup"] = row["batched"]["doc_tokens_per_s"] / row["sequential"]["doc_tokens_per_s"]
+    logger.info(
+        "learn %d docs: %.0f doc tokens/s batched, %.0f one at a time",
+        len(docs),
+        row["batched"]["doc_tokens_per_s"],
+        row["sequential"]["doc_tokens_per_s"],
+    )
+    return row
+
+
+def tasks(backbone: Backbone, args: argparse.Namespace, config) -> dict[str, Any]:
+    labels = ["weather", "music", "travel", "banking", "cooking", "sports", "health", "shopping"]
+    rows = [
+        {"text": f"request {i}: something about {labels[i % len(labels)]} for example {i * 7 % 13}",
+         "label": labels[i % len(labels)]}
+        for i in range(args.task_examples)
+    ]  # fmt: skip
+    out: dict[str, Any] = {"examples": len(rows), "epochs": 1}
+    for label, batch in (("default", config.tasks.batch_size), ("large_batch", args.task_batch)):
+        # the backbone router: the sentence embedder need not be on the machine (training is what is timed)
+        tasks_config = dataclasses.replace(config.tasks, batch_size=batch, router="backbone")
+        session = Session(dataclasses.replace(config, strategy="none", tasks=tasks_config), backbone=backbone)
+        try:
+            session.learn_task("warmup", rows[:32], epochs=1)
+            seconds, _ = timed(lambda s=session: s.learn_task("speed", rows, epochs=1), backbone.device, 1)
+        finally:
+            session.strategy.close()
+        out[label] = {"batch_size": batch, "seconds": seconds, "examples_per_s": len(rows) / seconds}
+        logger.info("task training, batch %d: %.1f examples/s", batch, len(rows) / seconds)
+    out["speedup"] = out["large_batch"]["examples_per_s"] / out["default"]["examples_per_s"]
+    return out
+
+
+# -- report --------------------------------------------------------------------------------------------------
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures and their distance to the targets (measured / target)."""
+    s: dict[str, Any] = {}
+    backend = results["meta"]["settings"]["backend"]
+    for n, row in results.get("streams", {}).items():
+        s[f"stream_{n}_tokens_per_s"] = row[backend]["new_tokens_per_s"]
+        s[f"stream_{n}_eager_tokens_per_s"] = row["eager"]["new_tokens_per_s"]
+        s[f"stream_{n}_speedup"] = row["speedup"]
+    rows = results.get("strategies", {})
+    if rows:
+        s["strategy_latency_ratio_max"] = max(r[backend]["ratio_to_base"] for r in rows.values())
+    for spec, row in results.get("learn1", {}).items():
+        s.setdefault("learn1_seconds", row["fast"]["seconds"])
+        s[f"learn1_{spec}_seconds"] = row["fast"]["seconds"]
+        s[f"learn1_{spec}_default_seconds"] = row["default"]["seconds"]
+    if "learn_many" in results:
+        s["learn_many_doc_tokens_per_s"] = results["learn_many"]["batched"]["doc_tokens_per_s"]
+        s["learn_many_sequential_doc_tokens_per_s"] = results["learn_many"]["sequential"]["doc_tokens_per_s"]
+    if "tasks" in results:
+        s["task_examples_per_s"] = results["tasks"]["large_batch"]["examples_per_s"]
+        s["task_default_examples_per_s"] = results["tasks"]["default"]["examples_per_s"]
+    return s
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results["summary"] = summary(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    meta, s = results["meta"], results["meta"]["settings"]
+    backend = s["backend"]
+    lines = [
+        "# Speed: fast paths against the eager Hugging Face path",
+        "",
+        f"Model `{meta['model']}` on {meta['device']} ({s['dtype']}, {s['threads']} CPU threads), fast "
+        f"backend `{backend}`, {s['new_tokens']} new tokens per answer, library {meta['version']}, torch "
+        f"{s['torch']}, transformers {s['transformers']}, {meta['date']}. Command: `{s['command']}`",
+        "",
+        "| figure | eager / default | fast | ratio | target (H200) | measured / target |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def line(
+        figure: str, slow: float | None, fast: float, target_key: str | None, higher: bool = True
+    ) -> None:
+        ratio = (fast / slow if higher else slow / fast) if slow else float("nan")
+        target = TARGETS.get(target_key or "")
+        distance = f"{fast / target:.3f}" if target else ""
+        lines.append(
+            f"| {figure} | {'' if slow is None else f'{slow:,.2f}'} | {fast:,.2f} | {ratio:.2f}x | "
+            f"{'' if target is None else f'{target:,}'} | {distance} |"
+        )
+
+    for n, row in results.get("streams", {}).items():
+        line(
+            f"{n} stream(s), new tokens/s",
+            row["eager"]["new_tokens_per_s"],
+            row[backend]["new_tokens_per_s"],
+            f"stream_{n}_tokens_per_s",
+        )
+    for spec, row in results.get("learn1", {}).items():
+        line(
+            f"learn one {row['doc_tokens']}-token doc, `{spec}`, s",
+            row["default"]["seconds"],
+            row["fast"]["seconds"],
+            "learn1_seconds",
+            higher=False,
+        )
+    if "learn_many" in results:
+        r = results["learn_many"]
+        line(
+            f"learn {r['documents']:,} docs at once, `{r['spec']}`, doc tokens/s (eager: one at a time)",
+            r["sequential"]["doc_tokens_per_s"],
+            r["batched"]["doc_tokens_per_s"],
+            "learn_many_doc_tokens_per_s",
+        )
+    if "tasks" in results:
+        r = results["tasks"]
+        line(
+            f"task training, examples/s (batch {r['default']['batch_size']} -> "
+            f"{r['large_batch']['batch_size']})",
+            r["default"]["examples_per_s"],
+            r["large_batch"]["examples_per_s"],
+            "task_examples_per_s",
+        )
+    rows = results.get("strategies", {})
+    if rows:
+        lines += [
+            "",
+            f"Answer latency per strategy, one stream (ratio to the base model on the same path; target "
+            f"<= {TARGETS['strategy_latency_ratio_max']}x)",
+            "",
+            f"| strategy | eager s | x base | {backend} s | x base | answers equal to eager |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for spec, r in rows.items():
+            lines.append(
+                f"| `{spec}` | {r['eager']['latency_s']:.3f} | {r['eager']['ratio_to_base']:.2f} | "
+                f"{r[backend]['latency_s']:.3f} | {r[backend]['ratio_to_base']:.2f} | "
+                f"{r['answers_equal_fraction']:.2f} |"
+            )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot(results, out / "speed.png")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backend = results["meta"]["settings"]["backend"]
+    panels = []
+    if results.get("streams"):
+        r = results["streams"]
+        panels.append(
+            (
+                "new tokens/s",
+                [f"{n} stream(s)" for n in r],
+                [x["eager"]["new_tokens_per_s"] for x in r.values()],
+                [x[backend]["new_tokens_per_s"] for x in r.values()],
+            )
+        )
+    if results.get("strategies"):
+        r = results["strategies"]
+        panels.append(
+            (
+                "answer latency s (1 stream)",
+                list(r),
+                [x["eager"]["latency_s"] for x in r.values()],
+                [x[backend]["latency_s"] for x in r.values()],
+            )
+        )
+    learn = []
+    if results.get("learn1"):
+        learn += [
+            (f"learn 1 doc s\n{k}", v["default"]["seconds"], v["fast"]["seconds"])
+            for k, v in results["learn1"].items()
+        ]
+    if not panels and not learn:
+        return
+    fig, axes = plt.subplots(1, len(panels) + bool(learn), figsize=(6 * (len(panels) + bool(learn)), 4))
+    axes = [axes] if not hasattr(axes, "__len__") else list(axes)
+    if learn:
+        panels.append(("seconds", [x[0] for x in learn], [x[1] for x in learn], [x[2] for x in learn]))
+    for ax, (title, names, slow, fast) in zip(axes, panels):
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], slow, 0.4, label="eager / default")
+        ax.bar([x + 0.2 for x in xs], fast, 0.4, label=f"{backend} / fast options")
+        ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['meta']['model']} on {results['meta']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--backend", default="compiled", choices=["static", "compiled"])
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    parser.add_argument("--quick", action="store_true", help="small sizes for the CPU")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--streams", default=None, help="comma-separated prompt counts (default 1,64,256)")
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2, help="fast-path calls before timing (compilation)")
+    parser.add_argument("--batch-size", type=int, default=16, help="generation.batch_size outside streams")
+    parser.add_argument("--strategies", default=None, help="comma-separated specs (default: every strategy)")
+    parser.add_argument("--strategy-docs", type=int, default=None)
+    parser.add_argument("--probes", type=int, default=None)
+    parser.add_argument(
+        "--batched-learning", action="store_true", help="strategies learn with learn_documents"
+    )
+    parser.add_argument("--learn-specs", default="ttt", help="comma-separated ttt-like specs for learn1")
+    parser.add_argument(
+        "--fast-optim", default=None, help="speed options, e.g. pack_tokens=512:autocast=true"
+    )
+    parser.add_argument("--many", type=int, default=None, help="documents learned at once")
+    parser.add_argument("--sequential", type=int, default=None, help="of which learned one at a time")
+    parser.add_argument("--task-examples", type=int, default=None)
+    parser.add_argument("--task-batch", type=int, default=64)
+    parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed/local"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    q = args.quick
+    args.streams = [int(x) for x in (args.streams or ("1,4" if q else "1,64,256")).split(",")]
+    args.new_tokens = args.new_tokens or (16 if q else 64)
+    args.strategy_docs = args.strategy_docs or (2 if q else 20)
+    args.probes = args.probes or (3 if q else 8)
+    args.many = args.many or (8 if q else 1000)
+    args.sequential = args.sequential or (2 if q else 10)
+    args.task_examples = args.task_examples or (64 if q else 2048)
+    args.learn_specs = [s for s in args.learn_specs.split(",") if s]
+    args.strategies = (
+        [s for s in args.strategies.split(",") if s] if args.strategies else list(registry.names())
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_config(
+        set_items=[
+            f"model.name={args.model}",
+            f"model.device={args.device}",
+            f"model.dtype={args.dtype}",
+            f"generation.batch_size={args.batch_size}",
+            *args.set,
+        ]
+    )
+    backbone = Backbone.load(config.model, config.generation)
+    cuda = backbone.device.type == "cuda"
+    if args.fast_optim is None:
+        args.fast_optim = "pack_tokens=512:autocast=true:batch_size=16" if cuda else "pack_tokens=512"
+    args.fast_optim = dict(kv.split("=", 1) for kv in args.fast_optim.split(":") if kv)
+    import transformers
+
+    results: dict[str, Any] = {
+        "meta": system.meta(
+            backbone.name,
+            backbone.device,
+            {
+                "backend": args.backend,
+                "dtype": str(backbone.dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads(),
+                "new_tokens": args.new_tokens,
+                "streams": args.streams,
+                "quick": q,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "fast_optim": args.fast_optim,
+                "command": " ".join(["python", "benchmarks/speed.py", *(argv or sys.argv[1:])]),
+                "overrides": list(args.set),
+            },
+        )
+    }
+    bench = load_benchmark("novel_facts", n_docs=max(args.many, args.strategy_docs, 8), seed=0)
+    prompts = [p.prompt for p in bench.probes if p.kind == "qa"]
+    wanted = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(wanted) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; use {', '.join(SECTIONS)}")
+    for section in wanted:
+        start = time.perf_counter()
+        try:
+            if section == "streams":
+                results["streams"] = streams(backbone, args, prompts)
+            elif section == "strategies":
+                results["strategies"] = {}
+                strategies(
+                    backbone, args, config, bench, results["strategies"], lambda: write(results, args.out)
+                )
+            elif section == "learn1":
+                results["learn1"] = learn1(backbone, args, config, bench)
+            elif section == "learn_many":
+                results["learn_many"] = learn_many(backbone, args, config, bench)
+            elif section == "tasks":
+                results["tasks"] = tasks(backbone, args, config)
+        except Exception as exc:  # one failed section must not cost the others' figures
+            logger.exception("section %s failed", section)
+            results.setdefault("errors", {})[section] = repr(exc)
+            results.pop(section, None)
+        if section == "strategies" and "none" not in results.get("strategies", {"none": 0}):
+            results.pop("strategies")
+        results.setdefault("section_seconds", {})[section] = time.perf_counter() - start
+        write(results, args.out)
+    print((args.out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Speed options of the training loop (packing, autocast, deferred loss reads); batched document learning."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import fast_config, make_backbone
+
+from continual_transformer import ContinualTransformer, training
+from continual_transformer.backbone import sequence_nll
+from continual_transformer.config import ConfigError, OptimArgs, WindowArgs
+
+TEXTS = [
+    "The capital of Veloria is Tarnhelm.",
+    "The Orvalis river flows through the city of Quenmark.",
+    "Dr. Mirela Voskuijlen was born in the town of Brastow in 1873.",
+    "The national animal is the silver lynx.",
+]
+
+
+def _examples(backbone):
+    return [e for t in TEXTS for e in training.window_examples(backbone, t, WindowArgs(window=64, context=8))]
+
+
+def test_packing_keeps_every_example_to_itself(tokenizer):
+    """The NLL of each example inside a packed row equals its NLL alone (attention does not cross)."""
+    backbone = make_backbone(tokenizer)
+    examples = _examples(backbone)
+    packed = training.pack_examples(examples, 64)
+    assert len(packed) < len(examples)
+    assert sum(len(p.input_ids) for p in packed) == sum(len(e.input_ids) for e in examples)
+    with torch.no_grad():
+        alone = [
+            sequence_nll(
+                backbone.model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits,
+                torch.tensor([e.labels]),
+            ).sum()
+            for e in examples
+        ]
+        batch = training.collate(packed, backbone.tokenizer.pad_token_id, backbone.device)
+        logits = backbone.model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+        together = sequence_nll(logits, batch["labels"]).sum()
+    assert torch.allclose(together, torch.stack(alone).sum(), rtol=1e-5)
+    assert training.next_token_loss(backbone, batch) > 0
+
+
+def test_examples_with_extras_are_not_packed():
+    example = training.Example((1, 2, 3), (1, 2, 3), {"x": torch.zeros(2)})
+    with pytest.raises(ValueError, match="extras"):
+        training.pack_examples([example], 16)
+
+
+@pytest.mark.parametrize(
+    "options", [{"pack_tokens": 64}, {"autocast": True}, {"pack_tokens": 64, "autocast": True}]
+)
+def test_speed_options_still_learn(tokenizer, options):
+    backbone = make_backbone(tokenizer)
+    params = list(backbone.layers[-1].parameters())
+    optim = OptimArgs(learning_rate=1e-2, epochs=8, batch_size=4, stop_loss=0.0, **options)
+    losses = training.train(backbone, _examples(backbone), params, optim)
+    assert all(isinstance(x, float) for x in losses)
+    assert losses[-1] < losses[0] * 0.8
+    assert not any(p.requires_grad for p in params)
+
+
+def test_pack_tokens_is_validated():
+    with pytest.raises(ConfigError, match="pack_tokens"):
+        OptimArgs(pack_tokens=-1)
+    assert not OptimArgs().fast_steps and OptimArgs(autocast=True).fast_steps
+
+
+@pytest.mark.parametrize("name", ["finetune", "ttt", "retrieval"])
+def test_learn_documents_learns_each_document(tokenizer, name):
+    ct = ContinualTransformer(make_backbone(tokenizer), strategy=name, config=fast_config())
+    reports = ct.learn_documents([*TEXTS, TEXTS[0]])
+    assert [r.tokens > 0 for r in reports] == [True] * 4 + [False], "a repeated text is learned once"
+    assert len(ct.history) == 4
+    if ct.strategy.changes_outputs and not ct.strategy.reads_context:
+        assert all(r.loss_after < r.loss_before for r in reports[:4])
+    if name != "retrieval":
+        assert reports[0].extra["batch_documents"] == 4
+        assert ct.strategy.documents_learned == 4
+
+
+def test_learn_documents_of_one_document_is_learn(tokenizer):
+    a = ContinualTransformer(make_backbone(tokenizer), strategy="finetune", config=fast_config())
+    b = ContinualTransformer(make_backbone(tokenizer), strategy="finetune", config=fast_config())
+    ra, rb = a.learn_documents([TEXTS[0]])[0], b.learn_document(TEXTS[0])
+    assert ra.step_losses == rb.step_losses and ra.loss_after == rb.loss_after
+    assert dataclasses.asdict(a.stats()) == dataclasses.asdict(b.stats())
