@@ -4,7 +4,7 @@
 ``POST /documents``                         learn one document (JSON); 202 once durable, 200 with ``wait``
 ``POST /documents/upload``                  learn a ``.txt``/``.md``/``.jsonl`` file (multipart ``file``)
 ``GET /documents``, ``GET /documents/ID``   learned and queued documents
-``DELETE /documents/ID``                    forget one document (strategies with ``forget``; else 501)
+``DELETE /documents/ID``                    forget one document (strategies that can; else 409 + reason)
 ``DELETE /documents``                       forget every document (reset)
 ``POST /ask``, ``POST /generate``           answer a question / continue prompts
 ``GET /info``, ``GET /history``             strategy, model, state, stats; the learning history

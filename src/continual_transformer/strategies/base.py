@@ -497,3 +497,94 @@ def unpack_texts(state: dict[str, torch.Tensor], prefix: str) -> list[str]:
     """The texts :func:`pack_texts` packed under ``prefix``."""
     data = state[f"{prefix}.bytes"].cpu().numpy().tobytes()
     return [data[a:b].decode("utf-8") for a, b in _spans(state[f"{prefix}.ends"], len(data))]
+
+
+# -- state relative to the base model: what learning changed, exactly ------------------------------------
+ROWS, ROW_VALUES, COLS, COL_VALUES = "@rows", "@row_values", "@cols", "@col_values"
+_BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (``-0.0`` differs from ``0.0``, a NaN equals itself): comparisons are
+    exact."""
+    return tensor.contiguous().view(_BIT_VIEWS[tensor.element_size()])
+
+
+def delta_state(
+    current: dict[str, torch.Tensor], base: dict[str, torch.Tensor], *, max_share: float = 0.5
+) -> dict[str, torch.Tensor]:
+    """``current`` as what differs from ``base`` (same names and shapes), bit-exactly.
+
+    A tensor equal to its base is left out; one whose changes sit in a few rows (dim 0) or columns (dim 1) of
+    a matrix -- a neuron's weights, an embedding row -- is stored as those indices (``NAME@rows``) and their
+    values (``NAME@row_values``), or ``@cols``/``@col_values``, when they are at most ``max_share`` of it;
+    any other changed tensor is stored whole under its name. :func:`apply_delta_state` inverts it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in current.items():
+        reference = base[name].to(device=tensor.device, dtype=tensor.dtype)
+        changed = _bits(tensor) != _bits(reference)
+        if not bool(changed.any()):  # sync: once per tensor per save
+            continue
+        if tensor.ndim == 0:
+            out[name] = tensor
+            continue
+        flat = changed.reshape(changed.shape[0], -1)
+        rows = flat.any(dim=1).nonzero().squeeze(1)
+        cols = changed.any(dim=0).reshape(-1).nonzero().squeeze(1) if tensor.ndim == 2 else None
+        limit = max_share * tensor.numel()
+        row_cost = rows.numel() * (tensor.numel() // max(tensor.shape[0], 1))
+        col_cost = cols.numel() * tensor.shape[0] if cols is not None else tensor.numel() + 1
+        if min(row_cost, col_cost) > limit:
+            out[name] = tensor
+        elif row_cost <= col_cost:
+            out[name + ROWS], out[name + ROW_VALUES] = rows.to(torch.int64), tensor[rows]
+        else:
+            out[name + COLS], out[name + COL_VALUES] = cols.to(torch.int64), tensor[:, cols]
+    return out
+
+
+def apply_delta_state(
+    state: dict[str, torch.Tensor], base: dict[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
+    """The full tensors of a :func:`delta_state` (a state of full tensors is read as it is): every name of
+    ``base``, its stored value, rows or columns written over a copy of the base, or the base itself.
+    ``ValueError`` naming ``what`` for names, indices or shapes that do not fit ``base``."""
+    full: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name, reference in base.items():
+        if name in state:
+            value = state[name]
+            used.add(name)
+        elif name + ROWS in state or name + COLS in state:
+            kind = ROWS if name + ROWS in state else COLS
+            index = state[name + kind].to(device=reference.device, dtype=torch.int64)
+            values = state[name + (ROW_VALUES if kind == ROWS else COL_VALUES)]
+            used |= {name + kind, name + (ROW_VALUES if kind == ROWS else COL_VALUES)}
+            size = reference.shape[0] if kind == ROWS else (reference.shape[1] if reference.ndim == 2 else -1)
+            expected = (
+                (index.numel(), *reference.shape[1:]) if kind == ROWS else (reference.shape[0], index.numel())
+            )
+            if (
+                index.ndim != 1
+                or size < 0
+                or tuple(values.shape) != expected
+                or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= size))
+            ):
+                raise ValueError(
+                    f"{what}: {name}{kind} does not fit a tensor of shape {tuple(reference.shape)}"
+                )
+            value = reference.clone()
+            if kind == ROWS:
+                value[index] = values.to(device=reference.device, dtype=reference.dtype)
+            else:
+                value[:, index] = values.to(device=reference.device, dtype=reference.dtype)
+        else:
+            value = reference
+        if tuple(value.shape) != tuple(reference.shape):
+            raise ValueError(f"{what}: {name}: shape {tuple(value.shape)} != {tuple(reference.shape)}")
+        full[name] = value
+    unexpected = sorted(set(state) - used)
+    if unexpected:
+        raise ValueError(f"{what}: unexpected {unexpected[:3]}")
+    return full

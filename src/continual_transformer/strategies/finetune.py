@@ -1,8 +1,10 @@
 """``finetune``: plain gradient descent on the document, in place, on a chosen range of decoder layers.
 
-The baseline every other strategy is measured against. It adds no parameters; its state is the current value
-of the layers it trains. The original weights of those layers are kept on the CPU so :meth:`reset` restores
-the base model exactly (and :meth:`disabled` swaps them in for a while).
+The baseline every other strategy is measured against. It adds no parameters; its state is what learning
+changed in the layers it trains, relative to the base model, bit-exactly (:func:`delta_state`: unchanged
+tensors are left out, changes confined to a few rows or columns are stored as those). The original weights
+of those layers are kept on the CPU so :meth:`reset` restores the base model exactly (and :meth:`disabled`
+swaps them in for a while).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from continual_transformer.strategies import register_strategy
 from continual_transformer.strategies.base import (
     StrategyStats,
     TrainingStrategy,
-    check_state_names,
+    apply_delta_state,
+    delta_state,
     tensor_bytes,
 )
 
@@ -97,17 +100,23 @@ class FinetuneStrategy(TrainingStrategy):
         return {name for name, p in self.backbone.model.named_parameters() if id(p) in owned}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach() for k, p in self._params.items()}
+        """What learning changed in the trained layers (:func:`delta_state` against the original weights;
+        empty before anything was learned)."""
+        if self._original is None:
+            return {}
+        return delta_state({k: p.detach() for k, p in self._params.items()}, self._original)
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        check_state_names(self._params, state, f"finetune state does not match layers {self.config.layers!r}")
-        for key, param in self._params.items():
-            if state[key].shape != param.shape:
-                raise ValueError(f"{key}: shape {tuple(state[key].shape)} != {tuple(param.shape)}")
+        """Restore a :meth:`trainable_state` (or full tensors of the trained layers, as older checkpoints
+        hold them); everything is checked before anything changes."""
         self._remember_original()
+        assert self._original is not None
+        full = apply_delta_state(
+            state, self._original, f"finetune state does not match layers {self.config.layers!r}"
+        )
         for key, param in self._params.items():
-            param.copy_(state[key])
+            param.copy_(full[key])
 
     @torch.no_grad()
     def reset(self) -> None:

@@ -60,7 +60,8 @@ from continual_transformer.strategies.base import (
     LearnReport,
     StrategyStats,
     TrainingStrategy,
-    check_state_names,
+    apply_delta_state,
+    delta_state,
     tensor_bytes,
 )
 
@@ -733,8 +734,19 @@ class TTTStrategy(TrainingStrategy):
         owned = {id(p) for p in self.trainable_parameters().values()}
         return {name for name, p in self.backbone.model.named_parameters() if id(p) in owned}
 
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        """The frozen MLP weights the trainable copies started from, by state name."""
+        return {
+            f"layers.{i}.{name}": p.detach()
+            for i, dual in zip(self.layer_ids, self.duals)
+            for name, p in dual.base.named_parameters()
+        }
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        state = {k: p.detach() for k, p in self.trainable_parameters().items()}
+        """The trainable copies as what learning changed in them (:func:`delta_state` against the base MLPs:
+        the neurons a document updated, bit-exactly), the alphas and the calibration statistics."""
+        copies = {k: p.detach() for k, p in self.trainable_parameters().items()}
+        state = delta_state(copies, self._base_weights())
         for i, dual, df in zip(self.layer_ids, self.duals, self._df):
             state[f"layers.{i}.alpha"] = dual.alpha.detach()
             state[f"calibration.{i}.df"] = df
@@ -743,13 +755,31 @@ class TTTStrategy(TrainingStrategy):
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        current = self.trainable_state()
-        check_state_names(current, state, f"ttt state does not match layers {self.config.layers!r}")
+        """Restore a :meth:`trainable_state` (full copies, as older checkpoints hold them, are read too);
+        everything is checked before anything changes."""
+        what = f"ttt state does not match layers {self.config.layers!r}"
+        params = self.trainable_parameters()
+        extra = {
+            k: t
+            for k, t in (
+                *[(f"layers.{i}.alpha", d.alpha) for i, d in zip(self.layer_ids, self.duals)],
+                *[(f"calibration.{i}.df", df) for i, df in zip(self.layer_ids, self._df)],
+                ("calibration.chunks", self._chunks),
+            )
+        }
+        missing = sorted(k for k in extra if k not in state)
+        if missing:
+            raise ValueError(f"{what}: missing {missing[:3]}")
+        copies = apply_delta_state(
+            {k: v for k, v in state.items() if k not in extra}, self._base_weights(), what
+        )
+        current = {**params, **extra}
+        full = {**copies, **{k: state[k] for k in extra}}
         for key, target in current.items():  # check everything before changing anything
-            if state[key].shape != target.shape:
-                raise ValueError(f"{key}: shape {tuple(state[key].shape)} != {tuple(target.shape)}")
+            if full[key].shape != target.shape:
+                raise ValueError(f"{key}: shape {tuple(full[key].shape)} != {tuple(target.shape)}")
         for key, target in current.items():
-            target.copy_(state[key])
+            target.copy_(full[key])
         for dual in self.duals:
             dual.sync_alpha()
             dual.mark_changed()
