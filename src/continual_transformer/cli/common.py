@@ -90,7 +90,22 @@ class Options:
         flags and ``--set``."""
         from continual_transformer.session import state_config
 
-        return state_config(state, self.config_file, self.overrides(), self.set_items, reset=reset)
+        config_file, overrides = self.config_file, self.overrides()
+        if (
+            config_file is not None
+            and config_file.is_file()
+            and state is not None
+            and not reset
+            and _holds_checkpoint(state)
+        ):
+            # A state keeps the strategy it was made with: the settings file's ``strategy`` is for new
+            # states (``ctt use``, or ``--strategy`` with ``--reset``, change it); the rest of it applies.
+            from continual_transformer.config import deep_merge, read_yaml
+
+            data = read_yaml(config_file)
+            data.pop("strategy", None)
+            config_file, overrides = None, deep_merge(data, overrides)
+        return state_config(state, config_file, overrides, self.set_items, reset=reset)
 
     @property
     def settings_file(self) -> Path:
@@ -240,3 +255,7 @@ def build_session(
         if kind == "checkpoint" and not reset:
             session.load(state)
     return session
+
+
+def _holds_checkpoint(state: Path) -> bool:
+    return state.is_dir() and (state / "manifest.json").is_file()
