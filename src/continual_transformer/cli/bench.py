@@ -164,6 +164,7 @@ def bench_tasks_command(
         workers=workers,
         add=add,
         overrides=setting or (),
+        progress=lambda method, summary: say(f"  {method} done"),
     )
     target = out or Path("benchmarks/results/tasks") / suite
     plots = sorted(str(p) for p in target.glob("*.png")) if target.is_dir() else []

@@ -233,18 +233,18 @@ class Menu:
 
             cfg = self.session.config
             out = Path("benchmarks/results/tasks/quick-menu")
-            bench_tasks(
-                suite="clinc150-10",
-                methods=None,
-                quick=True,
-                out=out,
-                data_dir=cfg.data_dir,
-                model=cfg.model.name,
-                device=cfg.model.device,
-                dtype=cfg.model.dtype,
-                seed=cfg.seed,
+            self._bare_backbone(
+                lambda backbone: bench_tasks(
+                    suite="clinc150-10",
+                    quick=True,
+                    out=out,
+                    data_dir=cfg.data_dir,
+                    model=backbone,
+                    seed=cfg.seed,
+                    progress=lambda method, summary: say(f"  {method} done"),
+                )
             )
-            say(f"wrote {out}")
+            say(f"wrote {out}: results.json, results.md and the accuracy-matrix plots")
 
     def _knowledge_quick(self, backbone: Any) -> None:
         from rich.markdown import Markdown
