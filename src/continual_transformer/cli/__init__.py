@@ -31,6 +31,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from continual_transformer.ace import cli as ace_cli
 from continual_transformer.cli import basics, bench, compare, configure, state, tasks
 from continual_transformer.cli.common import (
     EXIT_CODES,
@@ -44,6 +45,7 @@ from continual_transformer.cli.common import (
 )
 from continual_transformer.demo import RECOMMENDED_STRATEGY as RECOMMENDED
 from continual_transformer.errors import ContinualTransformerError
+from continual_transformer.hypernetwork.cli import train_hypernetwork_command
 from continual_transformer.version import __version__
 
 
@@ -82,10 +84,10 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "demo": compare.demo,
     "strategies": basics.strategies,
     "serve": basics.serve_command,
+    "train-hypernetwork": train_hypernetwork_command,
 }
 
-# Sub-command groups: name -> typer app. Strategies with their own commands register theirs here
-# (e.g. "doc2lora": continual_transformer.hypernetwork.cli.app, "ace": continual_transformer.ace.cli.app).
+# Sub-command groups: name -> typer app. Strategies with their own commands register theirs here.
 SUB_APPS: dict[str, typer.Typer] = {
     "models": basics.models_app,
     "config": configure.config_app,
@@ -93,6 +95,7 @@ SUB_APPS: dict[str, typer.Typer] = {
     "checkpoints": state.checkpoints_app,
     "tasks": tasks.tasks_app,
     "bench": bench.bench_app,
+    "ace": ace_cli.app,
 }
 
 for _name, _function in COMMANDS.items():
