@@ -91,6 +91,8 @@ def model_info(session: Session) -> ModelInfo:
     names = [n for n, _ in backbone.model.named_parameters()]
     extra = {n for n in names if any(tag in n for tag in ("lora_", "memory", "dual", "trainable", "adapter"))}
     modified |= set(layer_indices(sorted(extra)))
+    # Strategies whose modules sit beside the model through hooks (memory_layer) name their layers.
+    modified |= {int(i) for i in getattr(strategy, "layer_ids", ())}
     return ModelInfo(
         model=backbone.name,
         device=str(backbone.device),
