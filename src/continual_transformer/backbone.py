@@ -276,7 +276,10 @@ class Backbone:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def format_exchange(self, prompt: str, answer: str) -> tuple[str, str]:
-        """(context, completion) for a chat exchange, so training can supervise the completion only."""
+        """(context, completion) for a chat exchange, so training can supervise the completion only (a model
+        without a chat template: the prompt and a newline, then the answer)."""
+        if not self.tokenizer.chat_template:
+            return prompt + "\n", answer
         context = self.format_prompt(prompt, chat=True)
         full = self.tokenizer.apply_chat_template(
             [
