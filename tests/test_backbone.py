@@ -219,9 +219,10 @@ def test_models_trained_with_bos_get_it_in_front_of_every_scored_and_generated_s
     assert seen[0][0] == bos and seen[0].count(bos) == 1
 
 
-def test_a_model_without_chat_template_formats_exchanges_as_plain_text(tokenizer):
-    backbone = make_backbone(tokenizer)
-    backbone.tokenizer.chat_template = None
+def test_a_model_without_chat_template_formats_exchanges_as_plain_text():
+    plain = build_tokenizer()  # its own tokenizer: the session's keeps its chat template
+    plain.chat_template = None
+    backbone = make_backbone(plain)
     assert backbone.format_exchange("Where is Tarnhelm?", "In Veloria.") == (
         "Where is Tarnhelm?\n",
         "In Veloria.",
