@@ -63,3 +63,9 @@ def test_gate_settings_are_validated():
         GateArgs(min_similarity=2.0)
     with pytest.raises(ConfigError, match="gate.chunk_tokens"):
         GateArgs(chunk_tokens=1)
+
+
+def test_documents_learned_together_open_the_gate_too(tokenizer, embedder_dir):
+    ct = build(tokenizer, "ttt", embedder_dir)
+    ct.learn_documents([VELORIA, CORPUS[1]])
+    assert ct.strategy.relevance_gate.open([VELORIA, CORPUS[1], UNRELATED]) == [True, True, False]

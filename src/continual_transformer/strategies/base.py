@@ -348,26 +348,34 @@ class TrainingStrategy(Strategy):
         figures = {"distill_queries": kinds, "teacher_seconds": time.perf_counter() - started}
         return distillation.as_training_examples(examples), figures
 
-    def learn(self, document: Document) -> LearnReport:
+    def _examples(self, document: Document) -> tuple[list[Example], dict[str, Any]]:
+        """The examples of the configured objective (``next_token`` or ``context_distill``) and figures."""
+        distilling = getattr(self.config, "objective", "next_token") == "context_distill"
+        return (self.distill_examples if distilling else self.training_examples)(document)
+
+    def _train(self, examples: list[Example], description: str) -> list[float]:
+        """One :func:`training.train` run over ``examples`` with the config's ``optim`` and this strategy's
+        options (the distillation loss for ``context_distill``)."""
         from continual_transformer import distillation, training
 
-        start = time.perf_counter()
-        distilling = getattr(self.config, "objective", "next_token") == "context_distill"
-        examples, figures = (self.distill_examples if distilling else self.training_examples)(document)
-        loss_before = self.mean_nll([document.text])
-        params = list(self.trainable_parameters().values())
         options = self.training_options(examples)
-        if distilling:
+        if getattr(self.config, "objective", "next_token") == "context_distill":
             options.setdefault("loss_fn", distillation.distill_step_loss)
-        losses = training.train(
+        return training.train(
             self.backbone,
             examples,
-            params,
+            list(self.trainable_parameters().values()),
             self.config.optim,
             seed=self.settings.seed + self.documents_learned,
-            description=f"{self.name} {document.id}",
+            description=description,
             **options,
         )
+
+    def learn(self, document: Document) -> LearnReport:
+        start = time.perf_counter()
+        examples, figures = self._examples(document)
+        loss_before = self.mean_nll([document.text])
+        losses = self._train(examples, f"{self.name} {document.id}")
         figures = {**figures, **self.after_training(document, losses)}
         self.documents_learned += 1
         self.remember(document)
@@ -388,31 +396,18 @@ class TrainingStrategy(Strategy):
         tokens (``extra["batch_seconds"]``: the whole run) and each document's own loss before and after. One
         document is learned by :meth:`learn`, exactly as alone.
         """
-        from continual_transformer import distillation, training
-
         documents = list(documents)
         if len(documents) <= 1:
             return [self.learn(document) for document in documents]
         start = time.perf_counter()
-        distilling = getattr(self.config, "objective", "next_token") == "context_distill"
-        made = [(self.distill_examples if distilling else self.training_examples)(d) for d in documents]
+        made = [self._examples(d) for d in documents]
         examples = [e for ex, _ in made for e in ex]
         loss_before = self._document_nll(documents)
-        params = list(self.trainable_parameters().values())
-        options = self.training_options(examples)
-        if distilling:
-            options.setdefault("loss_fn", distillation.distill_step_loss)
-        losses = training.train(
-            self.backbone,
-            examples,
-            params,
-            self.config.optim,
-            seed=self.settings.seed + self.documents_learned,
-            description=f"{self.name} {len(documents)} documents",
-            **options,
-        )
+        losses = self._train(examples, f"{self.name} {len(documents)} documents")
         figures = [{**f, **self.after_training(d, losses)} for d, (_, f) in zip(documents, made)]
         self.documents_learned += len(documents)
+        for document in documents:
+            self.remember(document)
         loss_after = self._document_nll(documents)
         seconds = time.perf_counter() - start
         tokens = [sum(e.scored_tokens for e in ex) for ex, _ in made]
