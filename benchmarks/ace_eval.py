@@ -45,6 +45,7 @@ from continual_transformer.evaluation.datasets import Probe, load_benchmark
 from continual_transformer.evaluation.knowledge import OracleReader, answer_probes, score, spec_config
 from continual_transformer.evaluation.metrics import contains
 from continual_transformer.strategies import registry
+from continual_transformer.strategies.ace import LOOP_COUNTS
 
 logger = logging.getLogger("ace_eval")
 
@@ -59,17 +60,6 @@ INTENTS = (
 INTENT_QUESTION = (
     "Classify the bank customer's message into exactly one of these intents: {labels}.\n"
     "Message: {text}\nReply with the intent name only."
-)
-LOOP_KEYS = (
-    "reflector_replies",
-    "reflector_parsed",
-    "tags_from_reflector",
-    "tags_from_check",
-    "curator_replies",
-    "curator_parsed",
-    "operations_valid",
-    "operations_rejected",
-    "fallback_adds",
 )
 
 
@@ -135,7 +125,7 @@ def build(backbone: Backbone, config, spec: str):
 def loop_summary(reports) -> dict[str, Any]:
     loops = [loop for r in reports for loop in r.extra.get("loops", [])]
     n = max(len(loops), 1)
-    totals = {key: sum(loop[key] for loop in loops) for key in LOOP_KEYS}
+    totals = {key: sum(loop[key] for loop in loops) for key in LOOP_COUNTS}
     return {
         "loops": len(loops),
         "seconds_per_loop": sum(loop["seconds"] for loop in loops) / n,

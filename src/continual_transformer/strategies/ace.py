@@ -79,6 +79,19 @@ from continual_transformer.strategies.retrieval import (
 
 logger = logging.getLogger(__name__)
 
+LOOP_COUNTS = (
+    "reflector_replies",
+    "reflector_parsed",
+    "tags_from_reflector",
+    "tags_from_check",
+    "curator_replies",
+    "curator_parsed",
+    "operations_valid",
+    "operations_rejected",
+    "fallback_adds",
+)
+"""What each Generate-Reflect-Curate loop counts (summed over the loops in a learn report)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class AceConfig(RetrievalConfig):
@@ -314,21 +327,7 @@ class AceStrategy(RetrievalStrategy):
         if loops < 1:
             raise ValueError(f"loops must be >= 1, got {loops}")
         records = [self._loop(pairs) for _ in range(loops)]
-        totals = {
-            key: sum(r[key] for r in records)
-            for key in (
-                "reflector_replies",
-                "reflector_parsed",
-                "tags_from_reflector",
-                "tags_from_check",
-                "curator_replies",
-                "curator_parsed",
-                "operations_valid",
-                "operations_rejected",
-                "fallback_adds",
-                "tokens",
-            )
-        }
+        totals = {key: sum(r[key] for r in records) for key in (*LOOP_COUNTS, "tokens")}
         return LearnReport(
             doc_id=document.id,
             tokens=stored.tokens,
