@@ -111,3 +111,56 @@ def test_a_save_after_one_more_document_writes_only_changed_files(tmp_path):
     s.save(path)
     new = {p.name for p in path.iterdir()} - before
     assert new and all(name.startswith("tensors-") for name in new)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dense_changes_are_stored_as_codes_within_half_a_step(bits):
+    torch.manual_seed(0)
+    base = {"odd": torch.randn(6, 7), "wide": torch.randn(4, 64), "vector": torch.randn(5)}
+    current = {k: v + 1e-3 * torch.randn_like(v) for k, v in base.items()}
+    current["wide"][2] = base["wide"][2]  # a row that did not change: scale 0, codes 0
+    state = delta_state(current, base, bits=bits)
+    code = f"@q{bits}"
+    assert {"odd" + code, "odd@scale", "wide" + code, "wide@scale", "vector"} == set(state)
+    assert state["wide@scale"][2].item() == 0
+    full = apply_delta_state(state, base, "test")
+    for name in ("odd", "wide"):
+        change = current[name] - base[name]
+        step = change.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)
+        assert ((full[name] - current[name]).abs() <= step / 2 + 1e-6).all(), name
+    assert torch.equal(full["vector"], current["vector"])  # vectors are stored exactly
+    stored = state["wide" + code].numel() * state["wide" + code].element_size()
+    assert stored == current["wide"].numel() * current["wide"].element_size() * bits // 32
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_delta_state({**state, "odd" + code: state["odd" + code][:, :1]}, base, "test")
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_delta_state({k: v for k, v in state.items() if k != "odd@scale"}, base, "test")
+
+
+def test_delta_bits_are_checked_in_the_config():
+    from continual_transformer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="delta_bits"):
+        session("finetune", delta_bits=3)
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "ttt"])
+def test_rounded_learning_stays_close_to_exact_and_is_what_a_checkpoint_holds(strategy, tmp_path):
+    exact, rounded = session(strategy, delta_bits=0), session(strategy, delta_bits=8)
+    for s in (exact, rounded):
+        s.learn(make_document(DOC, "d"))
+    probe = ["Where does the Orvalis flow?"]
+    reference, logits = exact.strategy.forward_logits(probe), rounded.strategy.forward_logits(probe)
+    assert not torch.equal(reference, logits), "the learned change was rounded"
+    assert (logits - reference).abs().max() < 0.02 * reference.abs().max()
+    exact.save(tmp_path / "exact")
+    path = rounded.save(tmp_path / "rounded")
+    assert tensor_bytes_on_disk(path) < tensor_bytes_on_disk(tmp_path / "exact") / 3
+    written = {p.name: p.stat().st_mtime_ns for p in path.iterdir() if p.name.startswith("tensors-")}
+    rounded.save(path)  # the codes are kept, not recomputed: nothing to write
+    assert {p.name: p.stat().st_mtime_ns for p in path.iterdir() if p.name.startswith("tensors-")} == written
+    fresh = session(strategy, delta_bits=8)
+    fresh.load(path)
+    assert torch.equal(fresh.strategy.forward_logits(probe), logits)
+    fresh.save(tmp_path / "again")  # a reloaded state saves the same codes
+    assert {p.name for p in (tmp_path / "again").iterdir() if p.name.startswith("tensors-")} == set(written)

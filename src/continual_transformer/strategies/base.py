@@ -317,9 +317,56 @@ class TrainingStrategy(Strategy):
         "every document's gradient steps changed the same weights, which keep no per-document part"
     )
 
+    _rounded: dict[str, torch.Tensor] | None = None
+    """The :func:`delta_state` the trainable parameters were last rounded to (``delta_bits``), or ``None``."""
+
     @abstractmethod
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The parameters learning optimises, by state name."""
+
+    def delta_base(self) -> dict[str, torch.Tensor] | None:
+        """The weights :meth:`trainable_parameters` started from (same names), which a checkpoint stores them
+        relative to (:meth:`stored_delta`); ``None`` (the default): they are stored whole."""
+        return None
+
+    def weights_changed(self) -> None:
+        """Called after the trainable parameters were written outside an optimiser step (rounding)."""
+
+    def stored_delta(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters as a checkpoint stores them: what changed from :meth:`delta_base`, exactly
+        (``delta_bits`` 0) or as the codes the weights were rounded to after the last learning run."""
+        base = self.delta_base()
+        assert base is not None, f"{self.name} stores its parameters whole"
+        if self._rounded is not None:
+            return self._rounded
+        return delta_state({k: p.detach() for k, p in self.trainable_parameters().items()}, base)
+
+    def load_stored_delta(self, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+        """The full trainable tensors of a :meth:`stored_delta` (checked, nothing changed yet); a state with
+        rounded codes is remembered as the one a later save writes again."""
+        base = self.delta_base()
+        assert base is not None, f"{self.name} stores its parameters whole"
+        full = apply_delta_state(state, base, what)
+        self._rounded = state if any(k.endswith(tuple(CODES.values())) for k in state) else None
+        return full
+
+    @torch.no_grad()
+    def _round_to_stored(self) -> None:
+        """With ``delta_bits`` (config), round what learning changed to the codes a checkpoint stores: the
+        weights that answer are then exactly those a reload gives, and a save writes the codes as they are."""
+        bits = getattr(self.config, "delta_bits", 0)
+        base = self.delta_base()
+        self._rounded = None
+        if not bits or base is None:
+            return
+        params = {k: p.detach() for k, p in self.trainable_parameters().items()}
+        state = delta_state(params, base, bits=bits)
+        full = apply_delta_state(state, base, self.name)
+        for name in params:
+            if name + CODES[bits] in state:
+                params[name].copy_(full[name])
+        self._rounded = state
+        self.weights_changed()
 
     def training_examples(self, document: Document) -> tuple[list[Example], dict[str, Any]]:
         """The examples of a document (default: its windows) and figures for the report."""
@@ -377,6 +424,7 @@ class TrainingStrategy(Strategy):
         loss_before = self.mean_nll([document.text])
         losses = self._train(examples, f"{self.name} {document.id}")
         figures = {**figures, **self.after_training(document, losses)}
+        self._round_to_stored()
         self.documents_learned += 1
         self.remember(document)
         return LearnReport(
@@ -405,6 +453,7 @@ class TrainingStrategy(Strategy):
         loss_before = self._document_nll(documents)
         losses = self._train(examples, f"{self.name} {len(documents)} documents")
         figures = [{**f, **self.after_training(d, losses)} for d, (_, f) in zip(documents, made)]
+        self._round_to_stored()
         self.documents_learned += len(documents)
         for document in documents:
             self.remember(document)
@@ -494,9 +543,21 @@ def unpack_texts(state: dict[str, torch.Tensor], prefix: str) -> list[str]:
     return [data[a:b].decode("utf-8") for a, b in _spans(state[f"{prefix}.ends"], len(data))]
 
 
-# -- state relative to the base model: what learning changed, exactly ------------------------------------
+# -- state relative to the base model: what learning changed, exactly or rounded -----------------------------
 ROWS, ROW_VALUES, COLS, COL_VALUES = "@rows", "@row_values", "@cols", "@col_values"
+SCALE = "@scale"
+CODES = {8: "@q8", 4: "@q4"}
+DELTA_BITS = (0, *CODES)
+"""Bits per value a dense change can be stored with (0: exactly, as the tensor itself)."""
 _BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def check_delta_bits(bits: int, key: str) -> None:
+    """Refuse a ``delta_bits`` setting that :func:`delta_state` does not store."""
+    if bits not in DELTA_BITS:
+        from continual_transformer.errors import ConfigError
+
+        raise ConfigError(f"{key}: must be one of {list(DELTA_BITS)}, got {bits!r}")
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -505,16 +566,50 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(_BIT_VIEWS[tensor.element_size()])
 
 
+def _quantize(change: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and per-row scales of a matrix of changes: ``round(change / scale)`` with ``scale`` the row's
+    largest change over ``2**(bits-1) - 1`` (8 bits: int8 codes; 4 bits: two codes per uint8, low nibble
+    first, stored offset by 8)."""
+    top = 2 ** (bits - 1) - 1
+    change = change.float()
+    scale = change.abs().amax(dim=1, keepdim=True) / top
+    codes = torch.round(change / scale.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(-top, top)
+    if bits == 8:
+        return codes.to(torch.int8), scale
+    nibbles = (codes + 8).to(torch.uint8)
+    if nibbles.shape[1] % 2:
+        nibbles = torch.nn.functional.pad(nibbles, (0, 1), value=8)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scale
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """The float32 changes :func:`_quantize` stored (``codes * scale``, computed the same way everywhere)."""
+    if bits == 4:
+        low, high = (codes & 15).to(torch.int16) - 8, (codes >> 4).to(torch.int16) - 8
+        codes = torch.stack((low, high), dim=2).reshape(codes.shape[0], -1)[:, :columns]
+    return codes.to(torch.float32) * scale
+
+
 def delta_state(
-    current: dict[str, torch.Tensor], base: dict[str, torch.Tensor], *, max_share: float = 0.5
+    current: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
+    *,
+    max_share: float = 0.5,
+    bits: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """``current`` as what differs from ``base`` (same names and shapes), bit-exactly.
+    """``current`` as what differs from ``base`` (same names and shapes): exactly, or with dense changes of
+    matrices rounded to ``bits`` per value.
 
     A tensor equal to its base is left out; one whose changes sit in a few rows (dim 0) or columns (dim 1) of
     a matrix -- a neuron's weights, an embedding row -- is stored as those indices (``NAME@rows``) and their
-    values (``NAME@row_values``), or ``@cols``/``@col_values``, when they are at most ``max_share`` of it;
-    any other changed tensor is stored whole under its name. :func:`apply_delta_state` inverts it.
+    values (``NAME@row_values``), or ``@cols``/``@col_values``, when they are at most ``max_share`` of it.
+    Any other changed tensor is stored whole under its name -- or, with ``bits`` (8 or 4) and a floating
+    matrix, as its change from the base in ``bits``-bit codes (``NAME@q8``/``NAME@q4``) with one float32
+    scale per row (``NAME@scale``): 4x or 8x smaller than float32, each value off by at most half a step
+    (1/254 or 1/14 of its row's largest change). :func:`apply_delta_state` inverts it.
     """
+    if bits not in DELTA_BITS:
+        raise ValueError(f"bits must be one of {DELTA_BITS}, got {bits}")
     out: dict[str, torch.Tensor] = {}
     for name, tensor in current.items():
         reference = base[name].to(device=tensor.device, dtype=tensor.dtype)
@@ -531,7 +626,11 @@ def delta_state(
         row_cost = rows.numel() * (tensor.numel() // max(tensor.shape[0], 1))
         col_cost = cols.numel() * tensor.shape[0] if cols is not None else tensor.numel() + 1
         if min(row_cost, col_cost) > limit:
-            out[name] = tensor
+            if bits and tensor.ndim == 2 and tensor.is_floating_point():
+                change = tensor.float() - reference.float()
+                out[name + CODES[bits]], out[name + SCALE] = _quantize(change, bits)
+            else:
+                out[name] = tensor
         elif row_cost <= col_cost:
             out[name + ROWS], out[name + ROW_VALUES] = rows.to(torch.int64), tensor[rows]
         else:
@@ -551,6 +650,25 @@ def apply_delta_state(
         if name in state:
             value = state[name]
             used.add(name)
+        elif any(name + code in state for code in CODES.values()):
+            bits = next(b for b, code in CODES.items() if name + code in state)
+            codes, scale = state[name + CODES[bits]], state.get(name + SCALE)
+            used |= {name + CODES[bits], name + SCALE}
+            rows, columns = (reference.shape[0], reference.shape[1]) if reference.ndim == 2 else (-1, -1)
+            if (
+                scale is None
+                or codes.dtype != (torch.int8 if bits == 8 else torch.uint8)
+                or tuple(codes.shape) != (rows, columns if bits == 8 else (columns + 1) // 2)
+                or tuple(scale.shape) != (rows, 1)
+                or not scale.is_floating_point()
+            ):
+                raise ValueError(
+                    f"{what}: {name}{CODES[bits]} does not fit a tensor of shape {tuple(reference.shape)}"
+                )
+            change = _dequantize(
+                codes.to(reference.device), scale.to(reference.device, torch.float32), bits, columns
+            )
+            value = (reference.to(torch.float32) + change).to(reference.dtype)
         elif name + ROWS in state or name + COLS in state:
             kind = ROWS if name + ROWS in state else COLS
             index = state[name + kind].to(device=reference.device, dtype=torch.int64)

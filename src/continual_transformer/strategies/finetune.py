@@ -1,10 +1,11 @@
 """``finetune``: plain gradient descent on the document, in place, on a chosen range of decoder layers.
 
 The baseline every other strategy is measured against. It adds no parameters; its state is what learning
-changed in the layers it trains, relative to the base model, bit-exactly (:func:`delta_state`: unchanged
-tensors are left out, changes confined to a few rows or columns are stored as those). The original weights
-of those layers are kept on the CPU so :meth:`reset` restores the base model exactly (and :meth:`disabled`
-swaps them in for a while).
+changed in the layers it trains, relative to the base model (:func:`delta_state`: unchanged tensors are left
+out, changes confined to a few rows or columns are stored as those, dense changes as ``delta_bits``-bit codes
+the weights are rounded to after each learning run, so a reload answers exactly as before). The original
+weights of those layers are kept on the CPU so :meth:`reset` restores the base model exactly (and
+:meth:`disabled` swaps them in for a while).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from continual_transformer.strategies import register_strategy
 from continual_transformer.strategies.base import (
     StrategyStats,
     TrainingStrategy,
-    apply_delta_state,
-    delta_state,
+    check_delta_bits,
     tensor_bytes,
 )
 
@@ -47,9 +47,14 @@ class FinetuneConfig:
     """Queries and teacher settings of the ``context_distill`` objective."""
     gate: GateArgs = field(default_factory=GateArgs)
     """Apply what was learned only to prompts about learned documents (off by default; ``GateArgs``)."""
+    delta_bits: int = 8
+    """Bits per value of what learning changed, as checkpoints store it and as the model then uses it: after
+    each learning run the change from the original weights is rounded to this many bits with one scale per
+    row (8: 4x smaller than float32; 4: 8x; 0: kept exactly, stored whole)."""
 
     def __post_init__(self) -> None:
         check_layer_spec(self.layers, "strategies.finetune.layers")
+        check_delta_bits(self.delta_bits, "strategies.finetune.delta_bits")
         check_objective(self.objective, "strategies.finetune.objective")
 
 
@@ -74,6 +79,11 @@ class FinetuneStrategy(TrainingStrategy):
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         self._remember_original()
         return self._params
+
+    def delta_base(self) -> dict[str, torch.Tensor]:
+        self._remember_original()
+        assert self._original is not None
+        return self._original
 
     def after_training(self, document, losses: list[float]) -> dict[str, Any]:
         return {"layers": f"{self.layer_ids[0]}..{self.layer_ids[-1]}"}
@@ -104,7 +114,7 @@ class FinetuneStrategy(TrainingStrategy):
         empty before anything was learned)."""
         if self._original is None:
             return {}
-        return delta_state({k: p.detach() for k, p in self._params.items()}, self._original)
+        return self.stored_delta()
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -112,9 +122,7 @@ class FinetuneStrategy(TrainingStrategy):
         hold them); everything is checked before anything changes."""
         self._remember_original()
         assert self._original is not None
-        full = apply_delta_state(
-            state, self._original, f"finetune state does not match layers {self.config.layers!r}"
-        )
+        full = self.load_stored_delta(state, f"finetune state does not match layers {self.config.layers!r}")
         for key, param in self._params.items():
             param.copy_(full[key])
 
@@ -123,6 +131,7 @@ class FinetuneStrategy(TrainingStrategy):
         if self._original is not None:
             for key, param in self._params.items():
                 param.copy_(self._original[key])
+        self._rounded = None
         self.documents_learned = 0
         self.forget_all()
 

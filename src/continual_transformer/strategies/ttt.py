@@ -60,8 +60,7 @@ from continual_transformer.strategies.base import (
     LearnReport,
     StrategyStats,
     TrainingStrategy,
-    apply_delta_state,
-    delta_state,
+    check_delta_bits,
     tensor_bytes,
 )
 
@@ -193,11 +192,16 @@ class TTTConfig:
     sentence_exchanges: bool = False
     """Also train each sentence of the document as a chat exchange (``Tell me a fact: "<first words> ..."``).
     """
+    delta_bits: int = 8
+    """Bits per value of what learning changed in the copies, as checkpoints store it and as the model then
+    uses it: after each learning run the change from the base MLP is rounded to this many bits with one
+    scale per row (8: 4x smaller than float32; 4: 8x; 0: kept exactly, stored whole)."""
 
     def __post_init__(self) -> None:
         key = "strategies.ttt."
         check_layer_spec(self.layers, f"{key}layers")
         check_objective(self.objective, f"{key}objective")
+        check_delta_bits(self.delta_bits, f"{key}delta_bits")
         if not 0 <= self.alpha_min <= self.alpha_initial < 1:
             raise ConfigError(
                 f"{key}alpha_initial/alpha_min: need 0 <= alpha_min <= alpha_initial < 1, "
@@ -734,6 +738,13 @@ class TTTStrategy(TrainingStrategy):
         owned = {id(p) for p in self.trainable_parameters().values()}
         return {name for name, p in self.backbone.model.named_parameters() if id(p) in owned}
 
+    def delta_base(self) -> dict[str, torch.Tensor]:
+        return self._base_weights()
+
+    def weights_changed(self) -> None:
+        for dual in self.duals:
+            dual.mark_changed()
+
     def _base_weights(self) -> dict[str, torch.Tensor]:
         """The frozen MLP weights the trainable copies started from, by state name."""
         return {
@@ -744,9 +755,9 @@ class TTTStrategy(TrainingStrategy):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trainable copies as what learning changed in them (:func:`delta_state` against the base MLPs:
-        the neurons a document updated, bit-exactly), the alphas and the calibration statistics."""
-        copies = {k: p.detach() for k, p in self.trainable_parameters().items()}
-        state = delta_state(copies, self._base_weights())
+        the neurons a document updated, or ``delta_bits`` codes), the alphas and the calibration
+        statistics."""
+        state = dict(self.stored_delta())
         for i, dual, df in zip(self.layer_ids, self.duals, self._df):
             state[f"layers.{i}.alpha"] = dual.alpha.detach()
             state[f"calibration.{i}.df"] = df
@@ -770,9 +781,7 @@ class TTTStrategy(TrainingStrategy):
         missing = sorted(k for k in extra if k not in state)
         if missing:
             raise ValueError(f"{what}: missing {missing[:3]}")
-        copies = apply_delta_state(
-            {k: v for k, v in state.items() if k not in extra}, self._base_weights(), what
-        )
+        copies = self.load_stored_delta({k: v for k, v in state.items() if k not in extra}, what)
         current = {**params, **extra}
         full = {**copies, **{k: state[k] for k in extra}}
         for key, target in current.items():  # check everything before changing anything
@@ -790,6 +799,7 @@ class TTTStrategy(TrainingStrategy):
         for dual in self.duals:
             dual.reset_trainable()
             dual.set_alpha(self.config.alpha_initial)
+        self._rounded = None
         self.documents_learned = 0
         self.forget_all()
 
