@@ -308,3 +308,53 @@ def test_results_without_an_oracle_row_still_render(tmp_path):
     assert len(table) == 2 and all(line.split(" | ")[3] == "–" for line in table)
     paths = write_knowledge_results(results, tmp_path)
     assert (tmp_path / "acquisition_vs_forgetting.png") in paths
+
+
+def test_learn_together_learns_each_batch_in_one_run(tokenizer, bench, monkeypatch):
+    import dataclasses
+
+    from continual_transformer.strategies.finetune import FinetuneStrategy
+
+    runs: list[list[str]] = []
+    learn_documents = FinetuneStrategy.learn_documents
+
+    def spy(self, documents):
+        runs.append([d.id for d in documents])
+        return learn_documents(self, documents)
+
+    monkeypatch.setattr(FinetuneStrategy, "learn_documents", spy)
+    monkeypatch.setattr(FinetuneStrategy, "learn", lambda self, d: pytest.fail("learned one by one"))
+    together = dataclasses.replace(bench, learn_together=True)
+    backbone = make_backbone(tokenizer, max_new_tokens=4)
+    row = knowledge.run_strategy(
+        "finetune",
+        backbone,
+        config(),
+        tiny_benchmark(),
+        together,
+        general="a quick brown fox " * 20,
+        known=[],
+        ppl_base=1.0,
+    )
+    assert runs == [["d0", "d1"], ["d2", "d3"]]
+    assert row["doc_loss_after"] < row["doc_loss_before"] and len(row["accuracy_matrix"]) == 2
+
+
+def test_rows_are_added_only_to_a_run_of_the_same_profile(tmp_path):
+    import dataclasses
+
+    from continual_transformer.errors import ContinualTransformerError
+    from continual_transformer.evaluation.report import read_knowledge_results
+
+    profile = dataclasses.asdict(KnowledgeBenchConfig())
+    older = {k: v for k, v in profile.items() if k != "learn_together"}  # written before the setting existed
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": {"model": "m", "settings": {"bench": older}}, "strategies": {}}))
+    assert read_knowledge_results(path, "m", profile)["strategies"] == {}
+    with pytest.raises(ContinualTransformerError, match="other settings"):
+        read_knowledge_results(path, "m", {**profile, "learn_together": True})
+    with pytest.raises(ContinualTransformerError, match="other settings"):
+        read_knowledge_results(path, "other-model", profile)
+    path.write_text("{}")
+    with pytest.raises(ContinualTransformerError, match="not a knowledge benchmark result"):
+        read_knowledge_results(path, "m", profile)

@@ -149,3 +149,21 @@ def test_dense_retrieval_finds_and_saves_embeddings(tokenizer, tiny_embedder_dir
     fresh.load(tmp_path / "dense")
     assert torch.equal(fresh.strategy.forward_logits([VELORIA, UNRELATED]), logits)
     assert torch.equal(fresh.strategy._dense.keys[:3], strategy._dense.keys[:3])
+
+
+@pytest.mark.parametrize("strategy", ["retrieval", "knowledge_store"])
+def test_documents_learned_together_are_stored_as_one_by_one(tokenizer, strategy):
+    docs = [make_document(text, f"d{i}") for i, text in enumerate((VELORIA, MIRELA, FRANCE))]
+    config = fast_config()
+    apart = ContinualTransformer(make_backbone(tokenizer), strategy=strategy, config=config)
+    together = ContinualTransformer(make_backbone(tokenizer), strategy=strategy, config=config)
+    singles = [apart.strategy.learn(d) for d in docs]
+    reports = together.strategy.learn_documents(docs)
+    prompts = ["Where was Mirela Voskuijlen born?", "What is the capital of Veloria?"]
+    assert torch.equal(apart.strategy.forward_logits(prompts), together.strategy.forward_logits(prompts))
+    assert [r.doc_id for r in reports] == ["d0", "d1", "d2"]
+    assert [r.tokens for r in reports] == [r.tokens for r in singles]
+    assert reports[0].loss_before == pytest.approx(singles[0].loss_before)  # nothing stored before either
+    assert reports[-1].loss_after == pytest.approx(singles[-1].loss_after)  # everything stored after both
+    assert all(r.extra["batch_documents"] == 3 for r in reports)
+    assert sum(r.seconds for r in reports) == pytest.approx(reports[0].extra["batch_seconds"])

@@ -43,6 +43,12 @@ def bench_knowledge(
     docs: Annotated[int | None, typer.Option(help="Documents learned (default 50; 8 with --quick).")] = None,
     seed: Annotated[int, typer.Option(help="Benchmark seed.")] = 0,
     batches: Annotated[int | None, typer.Option(help="Stream batches (default 5; 2 with --quick).")] = None,
+    together: Annotated[
+        bool,
+        typer.Option(
+            "--learn-together", help="Learn each batch's documents in one training run (learn_documents)."
+        ),
+    ] = False,
     quick: Annotated[bool, typer.Option(help="Small profile that finishes on a CPU in minutes.")] = False,
     out: Annotated[Path, typer.Option(help="Results directory.")] = Path("benchmarks/results/knowledge"),
     baselines: Annotated[
@@ -73,7 +79,7 @@ def bench_knowledge(
     cfg = opts.config()
     quiet_transformers(opts)
     base = QUICK if quick else KnowledgeBenchConfig()
-    changes = {"benchmark": benchmark, "seed": seed}
+    changes = {"benchmark": benchmark, "seed": seed, "learn_together": together}
     if docs is not None:
         changes["docs"] = docs
     if batches is not None:

@@ -58,6 +58,10 @@ class KnowledgeBenchConfig:
     """Seed of the generated benchmark and of the sampling of real ones."""
     stream_batches: int = 5
     """The documents are learned in this many batches; retention is measured after each."""
+    learn_together: bool = False
+    """Learn each batch's documents in one run (:meth:`Strategy.learn_documents`: one optimisation over all
+    their examples, shuffled together) instead of one document after another. For many documents: a
+    different, cheaper stream, reported as such."""
     ppl_tokens: int = 30_000
     """Tokens of held-out general text (WikiText-2 valid) scored for perplexity."""
     known_facts: int = 80
@@ -208,8 +212,13 @@ def run_strategy(
         bounds = np.cumsum([0] + [len(group) for group in probes_by_batch])
         final = _Answers([], 0.0)
         for t, batch in enumerate(tqdm(batches, desc=f"{name}: stream", leave=False, disable=None)):
-            for i in batch:
-                report = strategy.learn(benchmark.documents[i])
+            documents = [benchmark.documents[i] for i in batch]
+            learned = (
+                strategy.learn_documents(documents)
+                if bench.learn_together
+                else [strategy.learn(document) for document in documents]
+            )
+            for report in learned:
                 learn_seconds += report.seconds
                 learn_tokens += report.tokens
                 reports.append(report)
@@ -285,9 +294,10 @@ class OracleReader:
     """Answers each probe with only its own document in the prompt, nothing learned.
 
     The prompt is built by the ``in_context`` strategy (its configured instruction, chat template and budget)
-    holding exactly one document, loaded through its public state API: the oracle reads the same prompt format
-    as ``in_context``, with the right document and no other. A document longer than ``in_context``'s budget
-    would leave the prompt empty; such documents are counted in :attr:`over_budget` (and logged).
+    as it would be holding exactly that one document: the oracle reads the same prompt format as
+    ``in_context``, with the right document and no other. Probes of all documents are answered together, in
+    the backbone's generation batches. A document longer than ``in_context``'s budget would leave the prompt
+    empty; such documents are counted in :attr:`over_budget` (and logged).
     """
 
     def __init__(self, backbone: Backbone, config: Config, benchmark: KnowledgeBenchmark) -> None:
@@ -296,29 +306,34 @@ class OracleReader:
         )
         self.texts = {doc.id: doc.text for doc in benchmark.documents}
         self.over_budget: set[str] = set()
+        self._contexts: dict[str, str] = {}
 
-    def read(self, doc_id: str) -> None:
-        """Put document ``doc_id``, and only it, in the reader's prompt."""
-        self.reader.load_trainable_state(pack_texts([self.texts[doc_id]], "documents"))
-        if self.reader.context() != self.texts[doc_id] and doc_id not in self.over_budget:
-            logger.warning(
-                "oracle: document %s does not fit in_context's budget; its probes see none", doc_id
-            )
-            self.over_budget.add(doc_id)
+    def context(self, doc_id: str) -> str:
+        """What the prompt holds for document ``doc_id``: the document, or nothing when it is over budget."""
+        if doc_id not in self._contexts:
+            context = self.reader.fitting([self.texts[doc_id]])
+            if context != self.texts[doc_id]:
+                logger.warning(
+                    "oracle: document %s does not fit in_context's budget; its probes see none", doc_id
+                )
+                self.over_budget.add(doc_id)
+            self._contexts[doc_id] = context
+        return self._contexts[doc_id]
 
     def answer(self, probes: Sequence[Probe], max_new_tokens: int) -> _Answers:
-        """Answers in probe order; probes of one document are answered together (cloze and questions
-        apart)."""
+        """Answers in probe order: cloze prompts continued as raw text, questions through the chat template,
+        each with its own document in front."""
         predictions: list[str] = [""] * len(probes)
         start = time.perf_counter()
-        by_doc: dict[str, list[int]] = {}
-        for i, probe in enumerate(probes):
-            by_doc.setdefault(probe.doc_id, []).append(i)
-        for doc_id, index in by_doc.items():
-            self.read(doc_id)
-            answers = answer_probes(self.reader, [probes[i] for i in index], max_new_tokens)
-            for i, prediction in zip(index, answers.predictions):
-                predictions[i] = prediction
+        for kind, chat in (("cloze", False), ("qa", True)):
+            index = [i for i, p in enumerate(probes) if p.kind == kind]
+            prompts = [
+                self.reader.with_context(self.context(probes[i].doc_id), [probes[i].prompt], chat)[0]
+                for i in index
+            ]
+            outputs = self.reader.backbone.generate(prompts, formatted=True, max_new_tokens=max_new_tokens)
+            for i, out in zip(index, outputs):
+                predictions[i] = out
         return _Answers(predictions, time.perf_counter() - start)
 
     def latency(self, probes: Sequence[Probe], max_new_tokens: int) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -100,7 +101,9 @@ def knowledge_markdown(results: dict[str, Any]) -> str:
             else f" ({meta['machine']['cpu_count']} CPU cores)"
         ),
         f"- {bench['documents']} documents, {bench['probes']} probes ({bench['cloze']} cloze, "
-        f"{bench['qa']} questions), learned in {settings['stream_batches']} batches; seed {settings['seed']}",
+        f"{bench['qa']} questions), learned in {settings['stream_batches']} batches"
+        + (" (each batch in one training run)" if settings.get("learn_together") else "")
+        + f"; seed {settings['seed']}",
         f"- general ability: perplexity on {settings['ppl_tokens']:,} tokens of "
         f"{meta['settings']['general_text']}; {bench['known_facts_kept']}/{bench['known_facts_asked']} "
         "known-fact probes answered correctly by the base model",
@@ -229,6 +232,10 @@ def read_knowledge_results(path: Path, model: str, bench: dict) -> dict:
         raise ContinualTransformerError(
             f"{path} is not a knowledge benchmark result ({exc}); use another --out"
         ) from exc
+    from continual_transformer.evaluation.knowledge import KnowledgeBenchConfig
+
+    defaults = dataclasses.asdict(KnowledgeBenchConfig())  # settings added later read as their defaults
+    settings = {**{k: v for k, v in defaults.items() if k not in settings}, **settings}
     if settings != bench or earlier_model != model:
         raise ContinualTransformerError(
             f"{path} was measured with other settings or another model ({earlier_model}, {settings}); "

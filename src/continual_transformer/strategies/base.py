@@ -127,6 +127,37 @@ class Strategy(ABC):
         steps)."""
         return [self.learn(document) for document in documents]
 
+    def _learn_by_adding(
+        self, documents: Sequence[Document], add: Callable[[Document], tuple[int, dict[str, Any]]]
+    ) -> list[LearnReport]:
+        """Learning for strategies that store what they read (an index, a key-value store): every document's
+        loss before (in batches), ``add`` each (it returns the tokens stored and figures for the report), the
+        loss after; the time is shared out by tokens (``extra["batch_seconds"]``: the whole call)."""
+        documents = list(documents)
+        start = time.perf_counter()
+        loss_before = self._document_nll(documents)
+        added = [add(document) for document in documents]
+        loss_after = self._document_nll(documents)
+        seconds = time.perf_counter() - start
+        share = seconds / max(sum(n for n, _ in added), 1)
+        batch = {"batch_documents": len(documents), "batch_seconds": seconds} if len(documents) > 1 else {}
+        return [
+            LearnReport(
+                doc_id=document.id,
+                tokens=n,
+                loss_before=before,
+                loss_after=after,
+                seconds=share * n if len(documents) > 1 else seconds,
+                extra={**figures, **batch},
+            )
+            for document, (n, figures), before, after in zip(documents, added, loss_before, loss_after)
+        ]
+
+    def _document_nll(self, documents: Sequence[Document]) -> list[float]:
+        """Each document's mean NLL as this strategy scores it, in batches."""
+        values = self.backbone.token_nll([d.text for d in documents], hooks=self._hooks)
+        return [float(v.mean()) if v.numel() else 0.0 for v in values]
+
     # -- answering -------------------------------------------------------------------------------------------
     def generate(
         self,
@@ -478,11 +509,6 @@ class TrainingStrategy(Strategy):
             )
             for document, n, before, after, f in zip(documents, tokens, loss_before, loss_after, figures)
         ]
-
-    def _document_nll(self, documents: Sequence[Document]) -> list[float]:
-        """Each document's mean NLL as this strategy scores it, in batches."""
-        values = self.backbone.token_nll([d.text for d in documents], hooks=self._hooks)
-        return [float(v.mean()) if v.numel() else 0.0 for v in values]
 
 
 def check_state_names(expected, state: dict[str, torch.Tensor], what: str) -> None:

@@ -77,9 +77,16 @@ class InContext(Strategy):
 
     def context(self) -> str:
         """The newest documents that fit the budget, in learning order."""
+        return self.fitting(self.texts, self._lengths)
+
+    def fitting(self, texts: Sequence[str], lengths: Sequence[int] | None = None) -> str:
+        """The newest of ``texts`` (in learning order, with their token counts when known) that fit the
+        budget, joined as they are put in the prompt."""
+        if lengths is None:
+            lengths = [len(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         budget = min(self.config.max_context_tokens, self.backbone.max_length // 2)
         chosen, used = [], 0
-        for text, n in zip(reversed(self.texts), reversed(self._lengths)):
+        for text, n in zip(reversed(texts), reversed(lengths)):
             if used + n > budget:
                 break
             chosen.append(text)
@@ -87,7 +94,10 @@ class InContext(Strategy):
         return "\n\n".join(reversed(chosen))
 
     def _with_context(self, prompts: Sequence[str], chat: bool | None) -> list[str]:
-        context = self.context()
+        return self.with_context(self.context(), prompts, chat)
+
+    def with_context(self, context: str, prompts: Sequence[str], chat: bool | None) -> list[str]:
+        """``prompts`` as model input with ``context`` (documents as :meth:`fitting` joins them) in front."""
         if not context:
             return [self.backbone.format_prompt(p, chat=chat) for p in prompts]
         if self.backbone.uses_chat(chat):

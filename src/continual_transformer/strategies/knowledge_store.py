@@ -32,7 +32,6 @@ unrelated questions were answered exactly as by the base model.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,22 +234,21 @@ class KnowledgeStoreStrategy(Strategy):
         return torch.cat(keys), torch.cat(values)
 
     def learn(self, document: Document) -> LearnReport:
-        start = time.perf_counter()
-        loss_before = self.mean_nll([document.text])
+        return self._learn_by_adding([document], self._store)[0]
+
+    def learn_documents(self, documents: Sequence[Document]) -> list[LearnReport]:
+        """Store every document, with each one's loss before and after measured in batches (the losses
+        before are all taken before any of them is stored)."""
+        return self._learn_by_adding(documents, self._store)
+
+    def _store(self, document: Document) -> tuple[int, dict[str, Any]]:
+        """Add a document's key-value pairs to the store; the tokens stored and figures for its report."""
         keys, values = self.document_pairs(document.text)
         first = self.store.clock
         self.store.add(keys, values)
         self.doc_spans[document.id] = (first, self.store.clock)  # the insert stamps of its entries
         self.documents_learned += 1
-        loss_after = self.mean_nll([document.text])
-        return LearnReport(
-            doc_id=document.id,
-            tokens=int(values.numel()),
-            loss_before=loss_before,
-            loss_after=loss_after,
-            seconds=time.perf_counter() - start,
-            extra={"stored": int(values.numel()), "store_size": self.store.size},
-        )
+        return int(values.numel()), {"stored": int(values.numel()), "store_size": self.store.size}
 
     # -- answering ------------------------------------------------------------------------------------------
     def generate(

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -261,24 +260,24 @@ class RetrievalStrategy(Strategy):
 
     # -- learning -------------------------------------------------------------------------------------------
     def learn(self, document: Document) -> LearnReport:
-        start = time.perf_counter()
+        return self._learn_by_adding([document], self._index)[0]
+
+    def learn_documents(self, documents: Sequence[Document]) -> list[LearnReport]:
+        """Index every document, with each one's loss before and after measured in batches (the losses
+        before are all taken before any of them is indexed)."""
+        return self._learn_by_adding(documents, self._index)
+
+    def _index(self, document: Document) -> tuple[int, dict[str, Any]]:
+        """Put a document's chunks in the index (a document already held under its id is replaced, or kept
+        when its text is the same); the tokens read and figures for its report."""
         ids = self.backbone.tokenizer(document.text, add_special_tokens=False)["input_ids"]
         chunks = [ids[a:b] for a, b in chunk_spans(len(ids), self.chunk_tokens, self.chunk_overlap)]
         if document.id in self.doc_ids:
             index = self.doc_ids.index(document.id)
             if self.doc_sha[index] == document.sha256:
                 logger.info("retrieval: %s is already indexed, unchanged", document.id)
-                loss = self.mean_nll([document.text])
-                return LearnReport(
-                    doc_id=document.id,
-                    tokens=len(ids),
-                    loss_before=loss,
-                    loss_after=loss,
-                    seconds=time.perf_counter() - start,
-                    extra={"chunks": 0, "unchanged": True},
-                )
+                return len(ids), {"chunks": 0, "unchanged": True}
             self._remove_document(index)
-        loss_before = self.mean_nll([document.text])
         if document.id in self.doc_ids:
             index = self.doc_ids.index(document.id)
             self.doc_sha[index] = document.sha256
@@ -288,19 +287,11 @@ class RetrievalStrategy(Strategy):
             self.doc_sha.append(document.sha256)
         self._add_chunks(chunks, [index] * len(chunks))
         self.documents_learned += 1
-        loss_after = self.mean_nll([document.text])
-        return LearnReport(
-            doc_id=document.id,
-            tokens=len(ids),
-            loss_before=loss_before,
-            loss_after=loss_after,
-            seconds=time.perf_counter() - start,
-            extra={
-                "chunks": len(chunks),
-                "index_chunks": len(self.chunk_ids),
-                "retriever": self.config.retriever,
-            },
-        )
+        return len(ids), {
+            "chunks": len(chunks),
+            "index_chunks": len(self.chunk_ids),
+            "retriever": self.config.retriever,
+        }
 
     # -- answering ------------------------------------------------------------------------------------------
     def _vocab_size(self) -> int:
