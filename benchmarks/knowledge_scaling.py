@@ -3,9 +3,11 @@ change and known-fact forgetting per strategy, from several ``ctt bench knowledg
 
     python benchmarks/knowledge_scaling.py RESULTS_DIR... --out benchmarks/results/knowledge/scaling
 
-Rows are grouped by benchmark, strategy and number of documents; "× oracle" divides by the ``oracle`` row of
-the same benchmark and number of documents (from any of the directories). Writes ``scaling.json``,
-``scaling.md`` and ``scaling.png`` (one panel per measure, one line per strategy, documents on a log axis).
+Rows are grouped by benchmark, strategy and number of documents; a run that learned each stream batch in one
+training run (``--learn-together``) is its own row, "STRATEGY (together)". "× oracle" divides by the
+``oracle`` row of the same benchmark and number of documents (from any of the directories). Writes
+``scaling.json``, ``scaling.md`` and ``scaling.png`` (one panel per measure, one line per strategy,
+documents on a log axis).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ def collect(dirs: list[Path]) -> list[dict]:
     for path in dirs:
         results = json.loads((path / "results.json" if path.is_dir() else path).read_text(encoding="utf-8"))
         bench = results["meta"]["settings"]["bench"]
+        together = bool(bench.get("learn_together"))
         for name, row in results["strategies"].items():
+            if together and name != "oracle":  # another stream: each batch learned in one run
+                name = f"{name} (together)"
             key = (bench["benchmark"], int(bench["docs"]), name)
             records[key] = {
                 "benchmark": key[0],

@@ -2,6 +2,9 @@
 # Learning into weights against the number of documents, and on real news articles: one process per group of
 # rows (the 135M model leaves the GPU mostly idle). Run after the device.sh stages setup, model and embedder:
 #   bash benchmarks/runs/scaling.sh GROUP SECONDS
+#     scale       the stores (oracle, retrieval, knowledge_store) at 200 and 1,000 novel-facts documents and gated
+#                 ttt at 50 and 200, each stream batch learned in one run (--learn-together); gated ttt at 50
+#                 one by one; retrieval, knowledge_store and gated ttt on 50 news articles; the diagnostic
 #     gated       every weight-changing strategy behind the relevance gate (gate.enabled), 50 novel-facts
 #                 documents, and gated ttt and memory_layer (context distillation) on 50 news articles
 #     parametric  gated ttt and memory_layer with context distillation at 200 novel-facts documents
@@ -11,26 +14,45 @@
 # Each process is stopped after SECONDS (default 520); results land under $OUT/scaling/NAME. Summarise with
 #   python benchmarks/knowledge_scaling.py DIR... --out benchmarks/results/knowledge/scaling
 set -uo pipefail
-group=${1:?group: gated | parametric | stores | news}
+group=${1:?group: scale | gated | parametric | stores | news | quick}
 limit=${2:-520}
-export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=/root/ctt-cache TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=${CTT_CACHE:-/root/ctt-cache} TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 MODEL=${MODEL:-/root/models}
 DATA=${DATA:-/root/data}
-run() {  # run NAME BENCHMARK DOCS STRATEGIES: one benchmark process, logged, stopped at the limit
+run() {  # run NAME BENCHMARK DOCS STRATEGIES [BENCH OPTIONS...]: one benchmark process, logged, stopped at the limit
   local name=$1 benchmark=$2 docs=$3 strategies=$4
+  shift 4
   mkdir -p "$OUT/scaling/$name"
   timeout "$limit" python3 -m continual_transformer --model "$MODEL" --set data_dir="$DATA" \
-    --set generation.batch_size=64 --set model.dtype=float32 \
+    --set generation.batch_size=${BATCH:-64} --set model.dtype=float32 \
     --set strategies.ttt.distill.teacher_batch_size=32 --set strategies.memory_layer.distill.teacher_batch_size=32 \
     --set strategies.lora.distill.teacher_batch_size=32 \
-    bench knowledge --benchmark "$benchmark" --docs "$docs" --no-baselines --strategies "$strategies" \
+    bench knowledge --benchmark "$benchmark" --docs "$docs" --no-baselines --strategies "$strategies" "$@" \
     --out "$OUT/scaling/$name" > "$OUT/scaling/$name/log.txt" 2>&1 &
+}
+diagnose() {  # where retrieval loses to the oracle, probe by probe, on each benchmark named
+  mkdir -p "$OUT/scaling/diag"
+  for benchmark in "$@"; do
+    timeout "$limit" python3 benchmarks/retrieval_diagnostics.py --benchmark $benchmark --docs 50 \
+      --set model.name="$MODEL" --set data_dir="$DATA" --set model.dtype=float32 --out "$OUT/scaling/diag" \
+      > "$OUT/scaling/diag/log-$benchmark.txt" 2>&1 &
+  done
 }
 cd_=objective=context_distill
 g=gate.enabled=true
 case "$group" in
+  scale)  # one call: the stores at 200 and 1,000 documents, gated ttt at 50 and 200 with each batch learned
+          # in one run (and at 50 one by one, with the stored 8-bit deltas), news rows and the diagnostic
+    run nf-200-stores novel_facts 200 oracle,retrieval,knowledge_store --learn-together
+    BATCH=256 run nf-1000-retrieval novel_facts 1000 oracle,retrieval --learn-together
+    BATCH=256 run nf-1000-ks novel_facts 1000 knowledge_store --learn-together
+    run nf-50-ttt-g-together novel_facts 50 "ttt:$g" --learn-together
+    run nf-200-ttt-g-together novel_facts 200 "ttt:$g" --learn-together
+    run nf-50-ttt-g novel_facts 50 "ttt:$g"
+    run news-50 news 50 "retrieval,knowledge_store,ttt:$g"
+    diagnose novel_facts news ;;
   gated)
     run nf-50-ttt-g novel_facts 50 "ttt:$g"
     run nf-50-ttt-cd-g novel_facts 50 "ttt:$cd_:$g,lora:$cd_:$g"
@@ -47,12 +69,11 @@ case "$group" in
     run news-ttt-cd news 50 "ttt:$cd_"
     run news-ml-ks news 50 memory_layer,knowledge_store
     run news-retrieval news 50 retrieval,retrieval:top_k=1
-    for benchmark in novel_facts news; do  # where retrieval loses to the oracle, probe by probe
-      mkdir -p "$OUT/scaling/diag"
-      timeout "$limit" python3 benchmarks/retrieval_diagnostics.py --benchmark $benchmark --docs 50 \
-        --set model.name="$MODEL" --set data_dir="$DATA" --set model.dtype=float32 --out "$OUT/scaling/diag" \
-        > "$OUT/scaling/diag/log-$benchmark.txt" 2>&1 &
-    done ;;
+    diagnose novel_facts news ;;
+  quick)  # the CPU check of this script, 4 documents on the packaged model: PATH=.venv/bin:$PATH \
+          # MODEL=smollm2-135m-instruct DATA=../shared/data CTT_CACHE=~/.cache/continual_transformer
+    run quick-stores novel_facts 4 oracle,retrieval --learn-together --batches 2 --quick
+    run quick-ttt novel_facts 4 "ttt:$g" --learn-together --batches 2 --quick ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac
 wait
