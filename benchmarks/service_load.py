@@ -184,6 +184,12 @@ def history_counts(server: Server) -> collections.Counter:
     return collections.Counter(r["doc_id"] for r in records)
 
 
+def probe_answers(server: Server) -> list[str]:
+    """Greedy answers to the probe questions (the state's answers, compared across a restart)."""
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=600) as http:
+        return [http.post("/ask", json={"question": q}).json()["answer"] for q in QUESTIONS]
+
+
 def wait_drained(server: Server, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -307,6 +313,13 @@ def run_crash(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         replay_seconds = time.perf_counter() - replay_started
         counts = history_counts(server)
         check = exactly_once(acked, counts)
+        # A kill with nothing in flight: the restored state must answer exactly as the killed one did.
+        before = probe_answers(server)
+        server.kill()
+        server = Server(args, state)
+        server.start()
+        wait_drained(server)
+        check["answers_unchanged"] = probe_answers(server) == before
         stop = threading.Event()
         round_acked: set[str] = set()
         lock = threading.Lock()
@@ -357,7 +370,7 @@ def run_crash(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     wait_drained(server)
     final = exactly_once(acked, history_counts(server))
     server.stop()
-    failed = [x for x in rounds if x["missing"] or x["duplicated"]]
+    failed = [x for x in rounds if x["missing"] or x["duplicated"] or not x["answers_unchanged"]]
     restarts = [x["restart_s"] for x in rounds]
     return {
         "rounds": args.crash_rounds,
@@ -617,7 +630,10 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             "",
             f"Slowest restart to ready: {crash['restart_s_max']} s; slowest replay of the journal tail after "
             f"readiness: {crash['replay_s_max']} s; documents per sender and round: "
-            f"{crash['docs_per_sender'] or 'until the kill'}.",
+            f"{crash['docs_per_sender'] or 'until the kill'}. Before each such kill, a kill with nothing in "
+            "flight: the restored state answered the probe questions exactly as before in "
+            f"{sum(bool(x.get('answers_unchanged')) for x in crash['per_round'])} of {crash['rounds']} "
+            "rounds.",
             "",
         ]
     if "fuzz" in results:
