@@ -100,3 +100,42 @@ def test_compiled_decoding_sees_hooks_added_after_compiling(tokenizer):
     with ResidualAdder(backbone.layers[1], delta):  # a hook for one call only: decoded uncompiled
         assert backbone.generate(PROMPTS) == shifted
     assert backbone.generate(PROMPTS) == plain
+
+
+def test_knowledge_store_capture_decodes_compiled_without_retracing(tokenizer, monkeypatch):
+    """knowledge_store enters a new capture hook per call: the backbone's tap stands in for it, so compiled
+    decoding is used from the second call on and not traced again, with the eager answers."""
+    import continual_transformer.backbone as backbone_module
+
+    ct = ContinualTransformer(make_backbone(tokenizer), strategy="knowledge_store", config=fast_config())
+    ct.learn_document(DOC)
+    eager = answers(ct, "eager")
+    uncompiled: list[int] = []
+    real = backbone_module._without_compile
+    monkeypatch.setattr(
+        backbone_module, "_without_compile", lambda config: uncompiled.append(1) or real(config)
+    )
+    assert answers(ct, "compiled") == eager  # the first call with the tap decodes uncompiled
+    assert answers(ct, "compiled") == eager
+    first = len(uncompiled)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert answers(ct, "compiled") == eager
+    assert len(uncompiled) == first, "the compiled step ran"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "no new graph was traced"
+    assert not ct.backbone._compile_failed
+    assert not any(h for m in ct.backbone.model.modules() for h in m._forward_hooks.values()), "restored"
+
+
+def test_fast_backends_pad_prompts_to_a_bucket(tokenizer):
+    """Prompts of different lengths share one static-cache length (one compiled step) and answer as eager."""
+    from continual_transformer.backbone import PROMPT_BUCKET, _pad_left
+
+    backbone = make_backbone(tokenizer)
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    padded = _pad_left(batch, backbone.tokenizer.pad_token_id, PROMPT_BUCKET)
+    assert padded["input_ids"].shape[1] % PROMPT_BUCKET == 0
+    assert padded["attention_mask"].sum() == batch["attention_mask"].sum()
+    with_backend(backbone, "eager")
+    eager = [backbone.generate([p]) for p in PROMPTS]
+    with_backend(backbone, "static")
+    assert [backbone.generate([p]) for p in PROMPTS] == eager

@@ -221,6 +221,7 @@ class Backbone:
         self._compile: Any = None  # the compile configuration of the ``compiled`` backend, made on first use
         self._compile_failed = False
         self._last_hooks: dict[tuple[int, int], Any] = {}  # hooks met by the last compiled-backend call
+        self._taps: dict[tuple[int, bool, int], _Tap] = {}  # capture hooks standing in for per-call captures
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -365,6 +366,8 @@ class Backbone:
         with self._decoding():
             for start in range(0, len(texts), settings.batch_size):
                 batch = self.encode(texts[start : start + settings.batch_size], padding_side="left")
+                if settings.backend != "eager":
+                    batch = _pad_left(batch, self.tokenizer.pad_token_id, PROMPT_BUCKET)
                 output = self._generate_batch(batch, gen_config, generate_kwargs)
                 new_tokens = output[:, batch["input_ids"].shape[1] :]
                 answers.extend(
@@ -378,27 +381,78 @@ class Backbone:
         """``model.generate`` on one batch; a compiled call also guards on the model's forward hooks."""
         if gen_config.compile_config is None:
             return self.model.generate(**batch, generation_config=gen_config, **kwargs)
-        hooks = _installed_hooks(self.model)
-        stayed = hooks.keys() == self._last_hooks.keys()
-        self._last_hooks = hooks  # held, so no later hook can reuse a current hook's id
-        if hooks and not stayed:
-            # Hooks installed for this call (a per-call fusion): compiling a graph for them would cost more
-            # than the call. Hooks that stay installed (a memory layer) compile from their second call on.
-            gen_config = _without_compile(gen_config)
-            return self.model.generate(**batch, generation_config=gen_config, **kwargs)
-        try:
-            # Dynamo skips guards on module hooks by default: a graph traced without a hook would then run on
-            # after one is added. With the guards on, a changed set of hooks retraces instead.
-            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False, **_RECOMPILES):
+        with self._captures_tapped() as taps:
+            if taps:
+                kwargs = {**kwargs, "logits_processor": _with_taps(taps, kwargs.get("logits_processor"))}
+            hooks = _installed_hooks(self.model)
+            stayed = hooks.keys() == self._last_hooks.keys()
+            self._last_hooks = hooks  # held, so no later hook can reuse a current hook's id
+            if hooks and not stayed:
+                # Hooks installed for this call (a per-call fusion): compiling a graph for them would cost
+                # more than the call. Hooks that stay installed (a memory layer, the backbone's own capture
+                # taps) compile from their second call on.
+                gen_config = _without_compile(gen_config)
                 return self.model.generate(**batch, generation_config=gen_config, **kwargs)
-        except Exception as exc:  # a compiler failure (missing toolchain, unsupported op): decode eagerly
-            if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or kwargs.get(
-                "streamer"
-            ):
-                raise
-            logger.warning("compiled decoding failed (%s); using the static cache without compiling", exc)
-            self._compile_failed = True
-            return self.model.generate(**batch, generation_config=_without_compile(gen_config), **kwargs)
+            try:
+                # Dynamo skips guards on module hooks by default: a graph traced without a hook would then
+                # run on after one is added. With the guards on, a changed set of hooks retraces instead.
+                with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False, **_RECOMPILES):
+                    return self.model.generate(**batch, generation_config=gen_config, **kwargs)
+            except Exception as exc:  # a compiler failure (missing toolchain, unsupported op): decode eagerly
+                if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or kwargs.get(
+                    "streamer"
+                ):
+                    raise
+                logger.warning("compiled decoding failed (%s); using the static cache without compiling", exc)
+                self._compile_failed = True
+                return self.model.generate(**batch, generation_config=_without_compile(gen_config), **kwargs)
+
+    @contextmanager
+    def _captures_tapped(self) -> Iterator[list[tuple[_Tap, Any]]]:
+        """Per-call :class:`~continual_transformer.modules.LayerCapture` hooks replaced by the backbone's own
+        taps for the duration of a compiled call, restored after (order and keys as they were).
+
+        A capture entered for one call (``knowledge_store`` reads a layer at every step) is a new hook object
+        under a new key each time: compiled decoding would retrace for it on every call, so it ran uncompiled.
+        A tap is one hook object per (module, inputs) kept by the backbone and put under one fixed key, so the
+        compiled step's hook guards hold from call to call; what a tap captured is handed to its capture
+        before the logits processors run (:func:`_with_taps`). Yields the (tap, capture) pairs.
+        """
+        from continual_transformer.modules.hooks import LayerCapture
+
+        swapped: list[tuple[dict[int, Any], dict[int, Any]]] = []
+        pairs: list[tuple[_Tap, Any]] = []
+        for module in self.model.modules():
+            for hooks, inputs in ((module._forward_hooks, False), (module._forward_pre_hooks, True)):
+                found = [
+                    key
+                    for key, hook in hooks.items()
+                    if isinstance(getattr(hook, "__self__", None), LayerCapture)
+                    and getattr(hook, "__func__", None)
+                    is (LayerCapture._pre_hook if inputs else LayerCapture._hook)
+                ]
+                if not found:
+                    continue
+                saved = dict(hooks)
+                hooks.clear()
+                slot = 0
+                for key, hook in saved.items():
+                    if key not in found:
+                        hooks[key] = hook
+                        continue
+                    tap = self._taps.setdefault((id(module), inputs, slot), _Tap(inputs=inputs))
+                    hooks[_TAP_KEY - slot] = tap
+                    pairs.append((tap, hook.__self__))
+                    slot += 1
+                swapped.append((hooks, saved))
+        try:
+            yield pairs
+        finally:
+            for hooks, saved in swapped:
+                hooks.clear()
+                hooks.update(saved)
+            for tap, _ in pairs:
+                tap.hidden = None
 
     def _compile_ok(self) -> bool:
         return not self._compile_failed
@@ -677,6 +731,62 @@ _RECOMPILES = next(
     ({name: 64} for name in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, name)),
     {},
 )
+
+
+PROMPT_BUCKET = 64
+"""On the ``static`` and ``compiled`` backends prompts are left-padded to a multiple of this many tokens, so
+the static cache (prompt + new tokens) takes few lengths and a compiled decoding step serves many prompts
+instead of being traced again for each new length (padding is masked: the answers stay the same)."""
+
+_TAP_KEY = -1_000_000  # the hook-dict key of a backbone tap (handle ids are positive)
+
+
+class _Tap:
+    """A forward hook keeping the hidden states a module produced (a forward-pre hook with ``inputs``: what it
+    receives)."""
+
+    def __init__(self, *, inputs: bool) -> None:
+        self.inputs = inputs
+        self.hidden: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any = None) -> None:
+        self.hidden = args[0] if self.inputs else (output[0] if isinstance(output, (tuple, list)) else output)
+
+
+class _TapsToCaptures:
+    """A logits processor that hands each tap's hidden states to its capture (first in the list) or, with
+    ``release``, drops both references (last in the list: a CUDA graph's outputs are not held past a step)."""
+
+    def __init__(self, pairs: list[tuple[_Tap, Any]], *, release: bool = False) -> None:
+        self.pairs = pairs
+        self.release = release
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for tap, capture in self.pairs:
+            capture.hidden = None if self.release else tap.hidden
+            if self.release:
+                tap.hidden = None
+        return scores
+
+
+def _with_taps(pairs: list[tuple[_Tap, Any]], processors: Any) -> Any:
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList(
+        [_TapsToCaptures(pairs), *(processors or []), _TapsToCaptures(pairs, release=True)]
+    )
+
+
+def _pad_left(batch: dict[str, torch.Tensor], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:
+    """A left-padded batch widened on the left to a multiple of ``multiple`` tokens (masked padding)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    extra = -ids.shape[1] % multiple
+    if not extra:
+        return batch
+    return {
+        "input_ids": F.pad(ids, (extra, 0), value=pad_id),
+        "attention_mask": F.pad(mask, (extra, 0), value=0),
+    }
 
 
 def _without_compile(gen_config: HFGenerationConfig) -> HFGenerationConfig:
