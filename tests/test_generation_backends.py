@@ -127,7 +127,8 @@ def test_knowledge_store_capture_decodes_compiled_without_retracing(tokenizer, m
 
 
 def test_fast_backends_pad_prompts_to_a_bucket(tokenizer):
-    """Prompts of different lengths share one static-cache length (one compiled step) and answer as eager."""
+    """On the compiled backend prompts of different lengths share one static-cache length (one compiled step)
+    and answer as eager."""
     from continual_transformer.backbone import PROMPT_BUCKET, _pad_left
 
     backbone = make_backbone(tokenizer)
@@ -137,5 +138,5 @@ def test_fast_backends_pad_prompts_to_a_bucket(tokenizer):
     assert padded["attention_mask"].sum() == batch["attention_mask"].sum()
     with_backend(backbone, "eager")
     eager = [backbone.generate([p]) for p in PROMPTS]
-    with_backend(backbone, "static")
+    with_backend(backbone, "compiled")
     assert [backbone.generate([p]) for p in PROMPTS] == eager

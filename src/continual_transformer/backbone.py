@@ -366,7 +366,7 @@ class Backbone:
         with self._decoding():
             for start in range(0, len(texts), settings.batch_size):
                 batch = self.encode(texts[start : start + settings.batch_size], padding_side="left")
-                if settings.backend != "eager":
+                if gen_config.compile_config is not None:
                     batch = _pad_left(batch, self.tokenizer.pad_token_id, PROMPT_BUCKET)
                 output = self._generate_batch(batch, gen_config, generate_kwargs)
                 new_tokens = output[:, batch["input_ids"].shape[1] :]
@@ -734,9 +734,10 @@ _RECOMPILES = next(
 
 
 PROMPT_BUCKET = 64
-"""On the ``static`` and ``compiled`` backends prompts are left-padded to a multiple of this many tokens, so
-the static cache (prompt + new tokens) takes few lengths and a compiled decoding step serves many prompts
-instead of being traced again for each new length (padding is masked: the answers stay the same)."""
+"""On the ``compiled`` backend prompts are left-padded to a multiple of this many tokens, so the static cache
+(prompt + new tokens) takes few lengths and a compiled decoding step serves many prompts instead of being
+traced again for each new length (padding is masked: the answers stay the same). Uncompiled decoding keeps
+its prompts as they are (on a CPU the padding would be real work)."""
 
 _TAP_KEY = -1_000_000  # the hook-dict key of a backbone tap (handle ids are positive)
 
