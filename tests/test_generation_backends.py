@@ -140,3 +140,69 @@ def test_fast_backends_pad_prompts_to_a_bucket(tokenizer):
     eager = [backbone.generate([p]) for p in PROMPTS]
     with_backend(backbone, "compiled")
     assert [backbone.generate([p]) for p in PROMPTS] == eager
+
+
+class _EndRows:
+    """A logits processor that forces EOS on row r once it has ``stops[r]`` new tokens (early stopping)."""
+
+    def __init__(self, width: int, stops: list[int], eos: int) -> None:
+        self.width, self.stops, self.eos = width, stops, eos
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        made = input_ids.shape[1] - self.width
+        for row, stop in enumerate(self.stops):
+            if made == stop:
+                scores[row] = -1e9
+                scores[row, self.eos] = 0.0
+        return scores
+
+
+@pytest.mark.parametrize("backend", ["static", "compiled"])
+@pytest.mark.parametrize("case", ["plain", "min_new_tokens", "early_eos"])
+def test_lean_loop_gives_generate_tokens(tokenizer, backend, case):
+    """The lean decoding loop returns the very token ids Hugging Face's eager generate returns (prompt, new
+    tokens, the columns after every row ended), with processors and min_new_tokens."""
+    backbone = make_backbone(tokenizer, max_new_tokens=12)
+    with_backend(backbone, "eager")
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    eos = backbone.tokenizer.eos_token_id
+    kwargs = {
+        "plain": {},
+        "min_new_tokens": {"min_new_tokens": 12},
+        "early_eos": {"logits_processor": [_EndRows(batch["input_ids"].shape[1], [2, 5, 7], eos)]},
+    }[case]
+    reference = backbone.model.generate(**batch, generation_config=backbone.hf_generation_config(), **kwargs)
+    with_backend(backbone, backend)
+    lean = backbone._lean_generate(
+        batch, backbone.hf_generation_config(), kwargs, compiled=backend == "compiled"
+    )
+    assert not backbone._lean_failed
+    assert torch.equal(lean, reference)
+    if case == "early_eos":
+        assert reference.shape[1] < batch["input_ids"].shape[1] + 12, "generate stopped early"
+
+
+def test_lean_loop_is_the_fast_backends_path_and_falls_back(tokenizer, monkeypatch, caplog):
+    """static and compiled decode through the lean loop; a failing step degrades with a log line (CUDA
+    graphs -> compiled -> plain -> generate), answers unchanged."""
+    backbone = make_backbone(tokenizer)
+    with_backend(backbone, "eager")
+    eager = backbone.generate(PROMPTS)
+    calls: list[str] = []
+    real = backbone._lean_decode
+    monkeypatch.setattr(backbone, "_lean_decode", lambda *a: calls.append(a[-1]) or real(*a))
+    with_backend(backbone, "static")
+    assert backbone.generate(PROMPTS) == eager and calls == ["plain"]
+
+    def broken(*args):
+        calls.append(args[-1])
+        raise RuntimeError("no graphs here")
+
+    monkeypatch.setattr(backbone, "_lean_decode", broken)
+    backbone._lean_mode = "reduce-overhead"  # as on a GPU
+    with_backend(backbone, "compiled")
+    calls.clear()
+    with caplog.at_level("WARNING"):
+        assert backbone.generate(PROMPTS) == eager
+    assert calls == ["reduce-overhead", "default", "plain"]
+    assert backbone._lean_failed and "decoding with generate" in caplog.text
