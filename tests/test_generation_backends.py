@@ -9,6 +9,7 @@ import torch
 from conftest import fast_config, make_backbone
 
 from continual_transformer import ContinualTransformer
+from continual_transformer.backbone import Backbone
 from continual_transformer.config import GenerationConfig
 from continual_transformer.errors import ConfigError
 from continual_transformer.modules.hooks import ResidualAdder
@@ -206,3 +207,23 @@ def test_lean_loop_is_the_fast_backends_path_and_falls_back(tokenizer, monkeypat
         assert backbone.generate(PROMPTS) == eager
     assert calls == ["reduce-overhead", "default", "plain"]
     assert backbone._lean_failed and "decoding with generate" in caplog.text
+
+
+@pytest.mark.real_model
+def test_lean_loop_gives_generate_tokens_on_the_packaged_model():
+    """SmolLM2-135M-Instruct, chat prompts of different lengths in one batch, answers ending on their own:
+    the lean loop (plain and compiled step) returns generate's token ids."""
+    from continual_transformer.config import load_config
+
+    config = load_config(set_items=["model.device=cpu", "generation.max_new_tokens=24"])
+    backbone = Backbone.load(config.model, config.generation)
+    prompts = ["What is the capital of France?", "Say hello.", "Name three colours of the rainbow, please."]
+    batch = backbone.encode([backbone.format_prompt(p) for p in prompts], padding_side="left")
+    reference = backbone.model.generate(**batch, generation_config=backbone.hf_generation_config())
+    for backend in ("static", "compiled"):
+        with_backend(backbone, backend)
+        lean = backbone._lean_generate(
+            batch, backbone.hf_generation_config(), {}, compiled=backend == "compiled"
+        )
+        assert not backbone._lean_failed
+        assert torch.equal(lean, reference), backend
