@@ -8,6 +8,7 @@
 #   QUICK=1 BACKEND=static MODEL=smollm2-135m-instruct DATA=../shared/data PYTHON=python \
 #     CTT_CACHE=~/.cache/continual_transformer bash benchmarks/runs/fastpath_knowledge.sh 170   (the CPU test:
 #     two documents, knowledge_store only, short answers)
+#   COMPARE_ONLY=1 OUT=DIR bash benchmarks/runs/fastpath_knowledge.sh    (compare what DIR already holds)
 set -uo pipefail
 limit=${1:-480}
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=${CTT_CACHE:-/root/ctt-cache}
@@ -25,12 +26,13 @@ run() {  # run BACKEND NAME STRATEGIES [OPTIONS...]: one benchmark process, logg
   mkdir -p "$dir/$backend/$name"
   timeout -k 5 "$(( limit - 10 ))" "$PY" -m continual_transformer --model "$MODEL" --set data_dir="$DATA" \
     --set generation.batch_size=64 --set model.dtype=float32 --set generation.backend="$backend" "$@" \
-    bench knowledge --quick --no-baselines --strategies "$strategies" --out "$dir/$backend/$name" \
+    bench knowledge --quick ${QUICK:+--docs 2 --batches 1} --no-baselines --strategies "$strategies" \
+    --out "$dir/$backend/$name" \
     > "$dir/$backend/$name/log.txt" 2>&1
   echo "$backend/$name: exit $? after $(( $(date +%s) - start )) s" | tee -a "$dir/summary.txt"
 }
 mkdir -p "$dir"
-for backend in eager "$BACKEND"; do
+[ -n "${COMPARE_ONLY:-}" ] || for backend in eager "$BACKEND"; do
   if [ -n "$QUICK" ]; then
     run "$backend" stores knowledge_store --set generation.max_new_tokens=6 --set generation.threads=1 &
   else
