@@ -84,27 +84,26 @@ def streams(
     rows: dict[str, Any],
     save: Callable[[], None],
 ) -> dict[str, Any]:
-    """Fills ``rows`` one figure at a time (``save()`` after each: an interrupted run keeps them)."""
+    """Fills ``rows`` one figure at a time (``save()`` after each: an interrupted run keeps them). With
+    ``--interleave`` the eager and the fast calls alternate rep by rep (a shared, loaded machine's drift then
+    falls on both alike), and each stream count is saved once both are measured."""
     for n in args.streams:
         batch = [prompts[i % len(prompts)] for i in range(n)]
         row: dict[str, Any] = {}
         rows[str(n)] = row
-        for backend in ("eager", args.backend):
+
+        def call(backend: str, batch=batch, n=n) -> list[str]:
             use_backend(backbone, backend, batch_size=n)
+            return backbone.generate(
+                batch, chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
+            )
 
-            def call(batch=batch):
-                return backbone.generate(
-                    batch, chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
-                )
-
-            warm = time.perf_counter()
-            for _ in range(args.warmup if backend != "eager" else 1):
-                call()
-            warm_s = time.perf_counter() - warm
-            seconds, answers = timed(call, backbone.device, args.reps)
+        def record(backend: str, times: list[float], warm_s: float, answers: list[str], n=n, row=row) -> None:
+            seconds = statistics.median(times)
             row[backend] = {
                 "seconds": seconds,
                 "new_tokens_per_s": n * args.new_tokens / seconds,
+                "reps_seconds": times,
                 "warmup_seconds": warm_s,
                 "answers": answers[:2],
             }
@@ -116,6 +115,32 @@ def streams(
                 warm_s,
             )
             save()
+
+        def warm_up(backend: str) -> float:
+            start = time.perf_counter()
+            for _ in range(args.warmup if backend != "eager" else 1):
+                call(backend)
+            return time.perf_counter() - start
+
+        backends = ("eager", args.backend)
+        if args.interleave:
+            warm = {b: warm_up(b) for b in backends}
+            times: dict[str, list[float]] = {b: [] for b in backends}
+            answers: dict[str, list[str]] = {}
+            for _ in range(args.reps):
+                for b in backends:
+                    seconds, answers[b] = timed(lambda b=b: call(b), backbone.device, 1)
+                    times[b].append(seconds)
+            for b in backends:
+                record(b, times[b], warm[b], answers[b])
+        else:
+            for b in backends:
+                warm_s = warm_up(b)
+                out: list[float] = []
+                for _ in range(args.reps):
+                    seconds, last = timed(lambda b=b: call(b), backbone.device, 1)
+                    out.append(seconds)
+                record(b, out, warm_s, last)
         row["speedup"] = row[args.backend]["new_tokens_per_s"] / row["eager"]["new_tokens_per_s"]
         row["answers_equal"] = row[args.backend]["answers"] == row["eager"]["answers"]
         save()
@@ -520,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", default=None, help="comma-separated prompt counts (default 1,64,256)")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--interleave", action="store_true", help="streams: alternate eager and fast calls rep by rep"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="fast-path calls before timing (compilation)")
     parser.add_argument("--batch-size", type=int, default=16, help="generation.batch_size outside streams")
     parser.add_argument("--strategies", default=None, help="comma-separated specs (default: every strategy)")
