@@ -222,9 +222,8 @@ class Backbone:
         self._compile_failed = False
         self._last_hooks: dict[tuple[int, int], Any] = {}  # hooks met by the last compiled-backend call
         self._taps: dict[tuple[int, bool, int], _Tap] = {}  # capture hooks standing in for per-call captures
-        self._lean_caches: dict[
-            tuple[int, int], Any
-        ] = {}  # static KV caches of the lean loop, by (batch, length)
+        # static KV caches of the lean loop, by (batch, length)
+        self._lean_caches: dict[tuple[int, int], Any] = {}
         self._lean_steps: dict[str, Any] = {}  # the lean loop's decoding step, compiled once per compile mode
         self._lean_mode: str | None = None  # the compile mode of the lean step (None: not yet chosen)
         self._lean_failed = False  # the lean loop failed once: Hugging Face's generate decodes from then on
