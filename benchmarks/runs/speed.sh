@@ -19,7 +19,9 @@
 # 1 stream, ~75 s for 64), a retrace for every new prompt length (the static cache's length followed the
 # prompt; now prompts are padded to 64-token buckets), knowledge_store decoding uncompiled (a new capture
 # hook per call; now the backbone's taps stand in), a compile per strategy that changes the model, and
-# 1,000 documents learned for up to 30 epochs (now --many-epochs 3).
+# 1,000 documents learned for up to 30 epochs (now --many-epochs 3). Decoding on the compiled backend is now
+# the backbone's lean loop (one CUDA-graph step per token; if capturing fails it falls back to the compiled
+# step, then the plain one, with a log line: grep the logs for "lean decoding").
 # Results land under $OUT/<part>/ (results.json, results.md, speed.png, log.txt); $OUT/summary.json merges
 # the headline figures.
 set -uo pipefail
