@@ -106,24 +106,19 @@ def test_compiled_decoding_sees_hooks_added_after_compiling(tokenizer):
 def test_knowledge_store_capture_decodes_compiled_without_retracing(tokenizer, monkeypatch):
     """knowledge_store enters a new capture hook per call: the backbone's tap stands in for it, so compiled
     decoding is used from the second call on and not traced again, with the eager answers."""
-    import continual_transformer.backbone as backbone_module
-
     ct = ContinualTransformer(make_backbone(tokenizer), strategy="knowledge_store", config=fast_config())
     ct.learn_document(DOC)
     eager = answers(ct, "eager")
-    uncompiled: list[int] = []
-    real = backbone_module._without_compile
-    monkeypatch.setattr(
-        backbone_module, "_without_compile", lambda config: uncompiled.append(1) or real(config)
-    )
+    modes: list[str] = []
+    real = ct.backbone._lean_decode
+    monkeypatch.setattr(ct.backbone, "_lean_decode", lambda *a: modes.append(a[-1]) or real(*a))
     assert answers(ct, "compiled") == eager  # the first call with the tap decodes uncompiled
     assert answers(ct, "compiled") == eager
-    first = len(uncompiled)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert answers(ct, "compiled") == eager
-    assert len(uncompiled) == first, "the compiled step ran"
+    assert modes == ["plain", "default", "default"], "the compiled step ran from the second call on"
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "no new graph was traced"
-    assert not ct.backbone._compile_failed
+    assert not ct.backbone._compile_failed and not ct.backbone._lean_failed
     assert not any(h for m in ct.backbone.model.modules() for h in m._forward_hooks.values()), "restored"
 
 
