@@ -77,34 +77,73 @@ def use_backend(backbone: Backbone, backend: str, **changes: Any) -> None:
 # -- sections ------------------------------------------------------------------------------------------------
 
 
-def streams(backbone: Backbone, args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
-    rows: dict[str, Any] = {}
+def streams(
+    backbone: Backbone,
+    args: argparse.Namespace,
+    prompts: list[str],
+    rows: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Any]:
+    """Fills ``rows`` one figure at a time (``save()`` after each: an interrupted run keeps them). With
+    ``--interleave`` the eager and the fast calls alternate rep by rep (a shared, loaded machine's drift then
+    falls on both alike), and each stream count is saved once both are measured."""
     for n in args.streams:
         batch = [prompts[i % len(prompts)] for i in range(n)]
         row: dict[str, Any] = {}
-        for backend in ("eager", args.backend):
+        rows[str(n)] = row
+
+        def call(backend: str, batch=batch, n=n) -> list[str]:
             use_backend(backbone, backend, batch_size=n)
+            return backbone.generate(
+                batch, chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
+            )
 
-            def call(batch=batch):
-                return backbone.generate(
-                    batch, chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
-                )
-
-            warm = time.perf_counter()
-            for _ in range(args.warmup if backend != "eager" else 1):
-                call()
-            warm_s = time.perf_counter() - warm
-            seconds, answers = timed(call, backbone.device, args.reps)
+        def record(backend: str, times: list[float], warm_s: float, answers: list[str], n=n, row=row) -> None:
+            seconds = statistics.median(times)
             row[backend] = {
                 "seconds": seconds,
                 "new_tokens_per_s": n * args.new_tokens / seconds,
+                "reps_seconds": times,
                 "warmup_seconds": warm_s,
                 "answers": answers[:2],
             }
-            logger.info("%d streams, %s: %.1f new tokens/s", n, backend, row[backend]["new_tokens_per_s"])
+            logger.info(
+                "%d streams, %s: %.1f new tokens/s (warm-up %.1fs)",
+                n,
+                backend,
+                row[backend]["new_tokens_per_s"],
+                warm_s,
+            )
+            save()
+
+        def warm_up(backend: str) -> float:
+            start = time.perf_counter()
+            for _ in range(args.warmup if backend != "eager" else 1):
+                call(backend)
+            return time.perf_counter() - start
+
+        backends = ("eager", args.backend)
+        if args.interleave:
+            warm = {b: warm_up(b) for b in backends}
+            times: dict[str, list[float]] = {b: [] for b in backends}
+            answers: dict[str, list[str]] = {}
+            for _ in range(args.reps):
+                for b in backends:
+                    seconds, answers[b] = timed(lambda b=b: call(b), backbone.device, 1)
+                    times[b].append(seconds)
+            for b in backends:
+                record(b, times[b], warm[b], answers[b])
+        else:
+            for b in backends:
+                warm_s = warm_up(b)
+                out: list[float] = []
+                for _ in range(args.reps):
+                    seconds, last = timed(lambda b=b: call(b), backbone.device, 1)
+                    out.append(seconds)
+                record(b, out, warm_s, last)
         row["speedup"] = row[args.backend]["new_tokens_per_s"] / row["eager"]["new_tokens_per_s"]
         row["answers_equal"] = row[args.backend]["answers"] == row["eager"]["answers"]
-        rows[str(n)] = row
+        save()
     use_backend(backbone, "eager", batch_size=args.batch_size)
     return rows
 
@@ -139,8 +178,10 @@ def strategies(
             row: dict[str, Any] = {"learn_seconds": learn_s}
             for backend in ("eager", args.backend):
                 use_backend(backbone, backend, batch_size=1)
+                warm = time.perf_counter()
                 for _ in range(args.warmup):
                     strategy.generate(probes[:1], chat=True, max_new_tokens=args.new_tokens)
+                warm_s = time.perf_counter() - warm
                 times, answers = [], []
                 for p in probes:
                     seconds, out = timed(
@@ -150,7 +191,11 @@ def strategies(
                     )
                     times.append(seconds)
                     answers.append(out[0])
-                row[backend] = {"latency_s": statistics.median(times), "answers": answers}
+                row[backend] = {
+                    "latency_s": statistics.median(times),
+                    "warmup_seconds": warm_s,
+                    "answers": answers,
+                }
             row["answers_equal"] = row[args.backend]["answers"] == row["eager"]["answers"]
             row["answers_equal_fraction"] = sum(
                 a == b for a, b in zip(row[args.backend]["answers"], row["eager"]["answers"])
@@ -160,12 +205,15 @@ def strategies(
                 base = rows["none"][backend]["latency_s"]
                 row[backend]["ratio_to_base"] = row[backend]["latency_s"] / base
             logger.info(
-                "%s: latency %.3fs eager, %.3fs %s (x%.2f of base); answers equal: %s",
+                "%s: learned in %.1fs; latency %.3fs eager, %.3fs %s (x%.2f of base; warm-up %.1fs); "
+                "answers equal: %s",
                 spec,
+                learn_s,
                 row["eager"]["latency_s"],
                 row[args.backend]["latency_s"],
                 args.backend,
                 row[args.backend]["ratio_to_base"],
+                row[args.backend]["warmup_seconds"],
                 row["answers_equal"],
             )
             save()
@@ -181,12 +229,20 @@ def _optim_changes(spec: str, optim: dict[str, Any]) -> str:
     return f"{spec}:{extra}" if extra else spec
 
 
-def learn1(backbone: Backbone, args: argparse.Namespace, config, bench) -> dict[str, Any]:
+def learn1(
+    backbone: Backbone,
+    args: argparse.Namespace,
+    config,
+    bench,
+    rows: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Any]:
+    """Fills ``rows`` one figure at a time (``save()`` after each)."""
     docs = sorted(bench.documents, key=lambda d: abs(len(backbone.token_ids(d.text)) - 200))
     warm, doc = docs[1], docs[0]
-    rows: dict[str, Any] = {}
     for spec in args.learn_specs:
         row: dict[str, Any] = {"doc_tokens": len(backbone.token_ids(doc.text))}
+        rows[spec] = row
         for label, optim in (("default", {}), ("fast", args.fast_optim)):
             name, section = spec_config(config, _optim_changes(spec, optim))
             strategy = registry.get(name)(backbone, section, settings=config)
@@ -204,16 +260,27 @@ def learn1(backbone: Backbone, args: argparse.Namespace, config, bench) -> dict[
             finally:
                 strategy.close()
             logger.info("learn one doc, %s %s: %.2fs", spec, label, row[label]["seconds"])
+            save()
         row["speedup"] = row["default"]["seconds"] / row["fast"]["seconds"]
-        rows[spec] = row
+        save()
     return rows
 
 
-def learn_many(backbone: Backbone, args: argparse.Namespace, config, bench) -> dict[str, Any]:
+def learn_many(
+    backbone: Backbone,
+    args: argparse.Namespace,
+    config,
+    bench,
+    row: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Any]:
+    """Fills ``row``: the sequential baseline (default options, default epochs and stop rule, on
+    ``--sequential`` documents), then ``--many`` documents at once with the speed options and a bounded number
+    of epochs (``--many-epochs``), ``save()`` after each."""
     docs = bench.documents[: args.many]
     tokens = [len(backbone.token_ids(d.text)) for d in docs]
     spec = args.learn_specs[0]
-    row: dict[str, Any] = {"spec": spec, "documents": len(docs), "doc_tokens": sum(tokens)}
+    row.update({"spec": spec, "documents": len(docs), "doc_tokens": sum(tokens)})
     name, section = spec_config(config, spec)
     strategy = registry.get(name)(backbone, section, settings=config)
     try:
@@ -226,9 +293,14 @@ def learn_many(backbone: Backbone, args: argparse.Namespace, config, bench) -> d
             "seconds": seconds,
             "doc_tokens_per_s": sum(tokens[:n]) / seconds,
         }
+        logger.info(
+            "learn %d docs one at a time: %.0f doc tokens/s", n, row["sequential"]["doc_tokens_per_s"]
+        )
+        save()
     finally:
         strategy.close()
-    name, section = spec_config(config, _optim_changes(spec, args.fast_optim))
+    optim = {**args.fast_optim, **({"epochs": args.many_epochs} if args.many_epochs else {})}
+    name, section = spec_config(config, _optim_changes(spec, optim))
     strategy = registry.get(name)(backbone, section, settings=config)
     try:
         strategy.learn_documents(docs[: max(2, len(docs) // 50)])  # warm-up
@@ -242,7 +314,8 @@ def learn_many(backbone: Backbone, args: argparse.Namespace, config, bench) -> d
             "steps": reports[0].extra.get("steps"),
             "mean_loss_before": before,
             "mean_loss_after": after,
-            "optim": args.fast_optim,
+            "optim": optim,
+            "epochs": section.optim.epochs,
         }
     finally:
         strategy.close()
@@ -253,17 +326,21 @@ def learn_many(backbone: Backbone, args: argparse.Namespace, config, bench) -> d
         row["batched"]["doc_tokens_per_s"],
         row["sequential"]["doc_tokens_per_s"],
     )
+    save()
     return row
 
 
-def tasks(backbone: Backbone, args: argparse.Namespace, config) -> dict[str, Any]:
+def tasks(
+    backbone: Backbone, args: argparse.Namespace, config, out: dict[str, Any], save: Callable[[], None]
+) -> dict[str, Any]:
+    """Fills ``out`` (``save()`` after each batch size)."""
     labels = ["weather", "music", "travel", "banking", "cooking", "sports", "health", "shopping"]
     rows = [
         {"text": f"request {i}: something about {labels[i % len(labels)]} for example {i * 7 % 13}",
          "label": labels[i % len(labels)]}
         for i in range(args.task_examples)
     ]  # fmt: skip
-    out: dict[str, Any] = {"examples": len(rows), "epochs": 1}
+    out.update({"examples": len(rows), "epochs": 1})
     for label, batch in (("default", config.tasks.batch_size), ("large_batch", args.task_batch)):
         # the backbone router: the sentence embedder need not be on the machine (training is what is timed)
         tasks_config = dataclasses.replace(config.tasks, batch_size=batch, router="backbone")
@@ -275,6 +352,7 @@ def tasks(backbone: Backbone, args: argparse.Namespace, config) -> dict[str, Any
             session.strategy.close()
         out[label] = {"batch_size": batch, "seconds": seconds, "examples_per_s": len(rows) / seconds}
         logger.info("task training, batch %d: %.1f examples/s", batch, len(rows) / seconds)
+        save()
     out["speedup"] = out["large_batch"]["examples_per_s"] / out["default"]["examples_per_s"]
     return out
 
@@ -282,27 +360,41 @@ def tasks(backbone: Backbone, args: argparse.Namespace, config) -> dict[str, Any
 # -- report --------------------------------------------------------------------------------------------------
 
 
+def _get(row: dict[str, Any], *keys: str) -> Any:
+    """``row[k1][k2]...`` or None where a figure was not measured (a section cut off part-way)."""
+    for key in keys:
+        if not isinstance(row, dict) or key not in row:
+            return None
+        row = row[key]
+    return row
+
+
 def summary(results: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures and their distance to the targets (measured / target)."""
+    """The headline figures and their distance to the targets (measured / target); figures not measured
+    (a section cut off part-way) are left out."""
     s: dict[str, Any] = {}
     backend = results["meta"]["settings"]["backend"]
+    figures = {}
     for n, row in results.get("streams", {}).items():
-        s[f"stream_{n}_tokens_per_s"] = row[backend]["new_tokens_per_s"]
-        s[f"stream_{n}_eager_tokens_per_s"] = row["eager"]["new_tokens_per_s"]
-        s[f"stream_{n}_speedup"] = row["speedup"]
-    rows = results.get("strategies", {})
-    if rows:
-        s["strategy_latency_ratio_max"] = max(r[backend]["ratio_to_base"] for r in rows.values())
+        figures[f"stream_{n}_tokens_per_s"] = _get(row, backend, "new_tokens_per_s")
+        figures[f"stream_{n}_eager_tokens_per_s"] = _get(row, "eager", "new_tokens_per_s")
+        figures[f"stream_{n}_speedup"] = row.get("speedup")
+    ratios = [_get(r, backend, "ratio_to_base") for r in results.get("strategies", {}).values()]
+    ratios = [r for r in ratios if r is not None]
+    if ratios:
+        figures["strategy_latency_ratio_max"] = max(ratios)
     for spec, row in results.get("learn1", {}).items():
-        s.setdefault("learn1_seconds", row["fast"]["seconds"])
-        s[f"learn1_{spec}_seconds"] = row["fast"]["seconds"]
-        s[f"learn1_{spec}_default_seconds"] = row["default"]["seconds"]
-    if "learn_many" in results:
-        s["learn_many_doc_tokens_per_s"] = results["learn_many"]["batched"]["doc_tokens_per_s"]
-        s["learn_many_sequential_doc_tokens_per_s"] = results["learn_many"]["sequential"]["doc_tokens_per_s"]
-    if "tasks" in results:
-        s["task_examples_per_s"] = results["tasks"]["large_batch"]["examples_per_s"]
-        s["task_default_examples_per_s"] = results["tasks"]["default"]["examples_per_s"]
+        if "learn1_seconds" not in figures:
+            figures["learn1_seconds"] = _get(row, "fast", "seconds")
+        figures[f"learn1_{spec}_seconds"] = _get(row, "fast", "seconds")
+        figures[f"learn1_{spec}_default_seconds"] = _get(row, "default", "seconds")
+    many = results.get("learn_many", {})
+    figures["learn_many_doc_tokens_per_s"] = _get(many, "batched", "doc_tokens_per_s")
+    figures["learn_many_epochs"] = _get(many, "batched", "epochs")
+    figures["learn_many_sequential_doc_tokens_per_s"] = _get(many, "sequential", "doc_tokens_per_s")
+    figures["task_examples_per_s"] = _get(results.get("tasks", {}), "large_batch", "examples_per_s")
+    figures["task_default_examples_per_s"] = _get(results.get("tasks", {}), "default", "examples_per_s")
+    s.update({k: v for k, v in figures.items() if v is not None})
     return s
 
 
@@ -324,64 +416,79 @@ def write(results: dict[str, Any], out: Path) -> None:
     ]
 
     def line(
-        figure: str, slow: float | None, fast: float, target_key: str | None, higher: bool = True
+        figure: str, slow: float | None, fast: float | None, target_key: str | None, higher: bool = True
     ) -> None:
-        ratio = (fast / slow if higher else slow / fast) if slow else float("nan")
+        if slow is None and fast is None:
+            return
+        ratio = (fast / slow if higher else slow / fast) if slow and fast else None
         target = TARGETS.get(target_key or "")
-        distance = f"{fast / target:.3f}" if target else ""
+        distance = f"{fast / target:.3f}" if target and fast is not None else ""
         lines.append(
-            f"| {figure} | {'' if slow is None else f'{slow:,.2f}'} | {fast:,.2f} | {ratio:.2f}x | "
+            f"| {figure} | {'' if slow is None else f'{slow:,.2f}'} | "
+            f"{'(not measured)' if fast is None else f'{fast:,.2f}'} | "
+            f"{'' if ratio is None else f'{ratio:.2f}x'} | "
             f"{'' if target is None else f'{target:,}'} | {distance} |"
         )
 
     for n, row in results.get("streams", {}).items():
         line(
             f"{n} stream(s), new tokens/s",
-            row["eager"]["new_tokens_per_s"],
-            row[backend]["new_tokens_per_s"],
+            _get(row, "eager", "new_tokens_per_s"),
+            _get(row, backend, "new_tokens_per_s"),
             f"stream_{n}_tokens_per_s",
         )
     for spec, row in results.get("learn1", {}).items():
         line(
             f"learn one {row['doc_tokens']}-token doc, `{spec}`, s",
-            row["default"]["seconds"],
-            row["fast"]["seconds"],
+            _get(row, "default", "seconds"),
+            _get(row, "fast", "seconds"),
             "learn1_seconds",
             higher=False,
         )
-    if "learn_many" in results:
-        r = results["learn_many"]
+    r = results.get("learn_many", {})
+    if r:
+        epochs = _get(r, "batched", "epochs")
         line(
-            f"learn {r['documents']:,} docs at once, `{r['spec']}`, doc tokens/s (eager: one at a time)",
-            r["sequential"]["doc_tokens_per_s"],
-            r["batched"]["doc_tokens_per_s"],
+            f"learn {r['documents']:,} docs at once, `{r['spec']}`"
+            f"{'' if epochs is None else f', {epochs} epochs'}, doc tokens/s (eager: "
+            f"{_get(r, 'sequential', 'documents')} one at a time, default options)",
+            _get(r, "sequential", "doc_tokens_per_s"),
+            _get(r, "batched", "doc_tokens_per_s"),
             "learn_many_doc_tokens_per_s",
         )
-    if "tasks" in results:
-        r = results["tasks"]
+    r = results.get("tasks", {})
+    if r:
         line(
-            f"task training, examples/s (batch {r['default']['batch_size']} -> "
-            f"{r['large_batch']['batch_size']})",
-            r["default"]["examples_per_s"],
-            r["large_batch"]["examples_per_s"],
+            f"task training, examples/s (batch {_get(r, 'default', 'batch_size')} -> "
+            f"{_get(r, 'large_batch', 'batch_size')})",
+            _get(r, "default", "examples_per_s"),
+            _get(r, "large_batch", "examples_per_s"),
             "task_examples_per_s",
         )
-    rows = results.get("strategies", {})
+    rows = {k: r for k, r in results.get("strategies", {}).items() if _get(r, backend, "ratio_to_base")}
     if rows:
         lines += [
             "",
             f"Answer latency per strategy, one stream (ratio to the base model on the same path; target "
-            f"<= {TARGETS['strategy_latency_ratio_max']}x)",
+            f"<= {TARGETS['strategy_latency_ratio_max']}x; warm-up: the first {backend} calls, compiling)",
             "",
-            f"| strategy | eager s | x base | {backend} s | x base | answers equal to eager |",
-            "|---|---:|---:|---:|---:|---:|",
+            f"| strategy | learn s | eager s | x base | {backend} s | x base | warm-up s "
+            "| answers equal to eager |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for spec, r in rows.items():
             lines.append(
-                f"| `{spec}` | {r['eager']['latency_s']:.3f} | {r['eager']['ratio_to_base']:.2f} | "
-                f"{r[backend]['latency_s']:.3f} | {r[backend]['ratio_to_base']:.2f} | "
+                f"| `{spec}` | {r['learn_seconds']:.1f} | {r['eager']['latency_s']:.3f} | "
+                f"{r['eager']['ratio_to_base']:.2f} | {r[backend]['latency_s']:.3f} | "
+                f"{r[backend]['ratio_to_base']:.2f} | {r[backend].get('warmup_seconds', float('nan')):.1f} | "
                 f"{r['answers_equal_fraction']:.2f} |"
             )
+    if results.get("section_seconds"):
+        lines += ["", "Seconds per section: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in results["section_seconds"].items()
+        )]  # fmt: skip
+    if results.get("errors"):
+        lines += ["", *(f"- section `{k}` failed: {v}" for k, v in results["errors"].items())]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(results, out / "speed.png")
 
@@ -394,42 +501,28 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     backend = results["meta"]["settings"]["backend"]
     panels = []
-    if results.get("streams"):
-        r = results["streams"]
-        panels.append(
-            (
-                "new tokens/s",
-                [f"{n} stream(s)" for n in r],
-                [x["eager"]["new_tokens_per_s"] for x in r.values()],
-                [x[backend]["new_tokens_per_s"] for x in r.values()],
-            )
-        )
-    if results.get("strategies"):
-        r = results["strategies"]
-        panels.append(
-            (
-                "answer latency s (1 stream)",
-                list(r),
-                [x["eager"]["latency_s"] for x in r.values()],
-                [x[backend]["latency_s"] for x in r.values()],
-            )
-        )
-    learn = []
-    if results.get("learn1"):
-        learn += [
-            (f"learn 1 doc s\n{k}", v["default"]["seconds"], v["fast"]["seconds"])
-            for k, v in results["learn1"].items()
-        ]
-    if not panels and not learn:
+
+    def pairs(rows: dict[str, Any], slow: tuple[str, ...], fast: tuple[str, ...]) -> list[tuple]:
+        out = [(name, _get(r, *slow), _get(r, *fast)) for name, r in rows.items()]
+        return [x for x in out if x[1] is not None and x[2] is not None]
+
+    done = pairs(results.get("streams", {}), ("eager", "new_tokens_per_s"), (backend, "new_tokens_per_s"))
+    if done:
+        panels.append(("new tokens/s", [f"{n} stream(s)" for n, _, _ in done], done))
+    done = pairs(results.get("strategies", {}), ("eager", "latency_s"), (backend, "latency_s"))
+    if done:
+        panels.append(("answer latency s (1 stream)", [n for n, _, _ in done], done))
+    done = pairs(results.get("learn1", {}), ("default", "seconds"), ("fast", "seconds"))
+    if done:
+        panels.append(("seconds", [f"learn 1 doc s\n{n}" for n, _, _ in done], done))
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels) + bool(learn), figsize=(6 * (len(panels) + bool(learn)), 4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4))
     axes = [axes] if not hasattr(axes, "__len__") else list(axes)
-    if learn:
-        panels.append(("seconds", [x[0] for x in learn], [x[1] for x in learn], [x[2] for x in learn]))
-    for ax, (title, names, slow, fast) in zip(axes, panels):
+    for ax, (title, names, rows) in zip(axes, panels):
         xs = range(len(names))
-        ax.bar([x - 0.2 for x in xs], slow, 0.4, label="eager / default")
-        ax.bar([x + 0.2 for x in xs], fast, 0.4, label=f"{backend} / fast options")
+        ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], 0.4, label="eager / default")
+        ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label=f"{backend} / fast options")
         ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.set_title(title)
@@ -452,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", default=None, help="comma-separated prompt counts (default 1,64,256)")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--interleave", action="store_true", help="streams: alternate eager and fast calls rep by rep"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="fast-path calls before timing (compilation)")
     parser.add_argument("--batch-size", type=int, default=16, help="generation.batch_size outside streams")
     parser.add_argument("--strategies", default=None, help="comma-separated specs (default: every strategy)")
@@ -466,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--many", type=int, default=None, help="documents learned at once")
     parser.add_argument("--sequential", type=int, default=None, help="of which learned one at a time")
+    parser.add_argument(
+        "--many-epochs", type=int, default=0, help="epochs of the --many batch (0: the strategy's setting)"
+    )
     parser.add_argument("--task-examples", type=int, default=None)
     parser.add_argument("--task-batch", type=int, default=64)
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
@@ -527,28 +626,29 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown sections {unknown}; use {', '.join(SECTIONS)}")
+
+    def save() -> None:
+        write(results, args.out)
+
     for section in wanted:
         start = time.perf_counter()
         try:
+            filled = results[section] = {}  # each figure lands here as it finishes, saved at once
             if section == "streams":
-                results["streams"] = streams(backbone, args, prompts)
+                streams(backbone, args, prompts, filled, save)
             elif section == "strategies":
-                results["strategies"] = {}
-                strategies(
-                    backbone, args, config, bench, results["strategies"], lambda: write(results, args.out)
-                )
+                strategies(backbone, args, config, bench, filled, save)
             elif section == "learn1":
-                results["learn1"] = learn1(backbone, args, config, bench)
+                learn1(backbone, args, config, bench, filled, save)
             elif section == "learn_many":
-                results["learn_many"] = learn_many(backbone, args, config, bench)
+                learn_many(backbone, args, config, bench, filled, save)
             elif section == "tasks":
-                results["tasks"] = tasks(backbone, args, config)
+                tasks(backbone, args, config, filled, save)
         except Exception as exc:  # one failed section must not cost the others' figures
             logger.exception("section %s failed", section)
             results.setdefault("errors", {})[section] = repr(exc)
+        if not results.get(section):
             results.pop(section, None)
-        if section == "strategies" and "none" not in results.get("strategies", {"none": 0}):
-            results.pop("strategies")
         results.setdefault("section_seconds", {})[section] = time.perf_counter() - start
         write(results, args.out)
     print((args.out / "results.md").read_text())

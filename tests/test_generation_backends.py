@@ -9,6 +9,7 @@ import torch
 from conftest import fast_config, make_backbone
 
 from continual_transformer import ContinualTransformer
+from continual_transformer.backbone import Backbone
 from continual_transformer.config import GenerationConfig
 from continual_transformer.errors import ConfigError
 from continual_transformer.modules.hooks import ResidualAdder
@@ -100,3 +101,124 @@ def test_compiled_decoding_sees_hooks_added_after_compiling(tokenizer):
     with ResidualAdder(backbone.layers[1], delta):  # a hook for one call only: decoded uncompiled
         assert backbone.generate(PROMPTS) == shifted
     assert backbone.generate(PROMPTS) == plain
+
+
+def test_knowledge_store_capture_decodes_compiled_without_retracing(tokenizer, monkeypatch):
+    """knowledge_store enters a new capture hook per call: the backbone's tap stands in for it, so compiled
+    decoding is used from the second call on and not traced again, with the eager answers."""
+    ct = ContinualTransformer(make_backbone(tokenizer), strategy="knowledge_store", config=fast_config())
+    ct.learn_document(DOC)
+    eager = answers(ct, "eager")
+    modes: list[str] = []
+    real = ct.backbone._lean_decode
+    monkeypatch.setattr(ct.backbone, "_lean_decode", lambda *a: modes.append(a[-1]) or real(*a))
+    assert answers(ct, "compiled") == eager  # the first call with the tap decodes uncompiled
+    assert answers(ct, "compiled") == eager
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert answers(ct, "compiled") == eager
+    assert modes == ["plain", "default", "default"], "the compiled step ran from the second call on"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "no new graph was traced"
+    assert not ct.backbone._compile_failed and not ct.backbone._lean_failed
+    assert not any(h for m in ct.backbone.model.modules() for h in m._forward_hooks.values()), "restored"
+
+
+def test_fast_backends_pad_prompts_to_a_bucket(tokenizer):
+    """On the compiled backend prompts of different lengths share one static-cache length (one compiled step)
+    and answer as eager."""
+    from continual_transformer.backbone import PROMPT_BUCKET, _pad_left
+
+    backbone = make_backbone(tokenizer)
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    padded = _pad_left(batch, backbone.tokenizer.pad_token_id, PROMPT_BUCKET)
+    assert padded["input_ids"].shape[1] % PROMPT_BUCKET == 0
+    assert padded["attention_mask"].sum() == batch["attention_mask"].sum()
+    with_backend(backbone, "eager")
+    eager = [backbone.generate([p]) for p in PROMPTS]
+    with_backend(backbone, "compiled")
+    assert [backbone.generate([p]) for p in PROMPTS] == eager
+
+
+class _EndRows:
+    """A logits processor that forces EOS on row r once it has ``stops[r]`` new tokens (early stopping)."""
+
+    def __init__(self, width: int, stops: list[int], eos: int) -> None:
+        self.width, self.stops, self.eos = width, stops, eos
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        made = input_ids.shape[1] - self.width
+        for row, stop in enumerate(self.stops):
+            if made == stop:
+                scores[row] = -1e9
+                scores[row, self.eos] = 0.0
+        return scores
+
+
+@pytest.mark.parametrize("backend", ["static", "compiled"])
+@pytest.mark.parametrize("case", ["plain", "min_new_tokens", "early_eos"])
+def test_lean_loop_gives_generate_tokens(tokenizer, backend, case):
+    """The lean decoding loop returns the very token ids Hugging Face's eager generate returns (prompt, new
+    tokens, the columns after every row ended), with processors and min_new_tokens."""
+    backbone = make_backbone(tokenizer, max_new_tokens=12)
+    with_backend(backbone, "eager")
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    eos = backbone.tokenizer.eos_token_id
+    kwargs = {
+        "plain": {},
+        "min_new_tokens": {"min_new_tokens": 12},
+        "early_eos": {"logits_processor": [_EndRows(batch["input_ids"].shape[1], [2, 5, 7], eos)]},
+    }[case]
+    reference = backbone.model.generate(**batch, generation_config=backbone.hf_generation_config(), **kwargs)
+    with_backend(backbone, backend)
+    lean = backbone._lean_generate(
+        batch, backbone.hf_generation_config(), kwargs, compiled=backend == "compiled"
+    )
+    assert not backbone._lean_failed
+    assert torch.equal(lean, reference)
+    if case == "early_eos":
+        assert reference.shape[1] < batch["input_ids"].shape[1] + 12, "generate stopped early"
+
+
+def test_lean_loop_is_the_fast_backends_path_and_falls_back(tokenizer, monkeypatch, caplog):
+    """static and compiled decode through the lean loop; a failing step degrades with a log line (CUDA
+    graphs -> compiled -> plain -> generate), answers unchanged."""
+    backbone = make_backbone(tokenizer)
+    with_backend(backbone, "eager")
+    eager = backbone.generate(PROMPTS)
+    calls: list[str] = []
+    real = backbone._lean_decode
+    monkeypatch.setattr(backbone, "_lean_decode", lambda *a: calls.append(a[-1]) or real(*a))
+    with_backend(backbone, "static")
+    assert backbone.generate(PROMPTS) == eager and calls == ["plain"]
+
+    def broken(*args):
+        calls.append(args[-1])
+        raise RuntimeError("no graphs here")
+
+    monkeypatch.setattr(backbone, "_lean_decode", broken)
+    backbone._lean_mode = "reduce-overhead"  # as on a GPU
+    with_backend(backbone, "compiled")
+    calls.clear()
+    with caplog.at_level("WARNING"):
+        assert backbone.generate(PROMPTS) == eager
+    assert calls == ["reduce-overhead", "default", "plain"]
+    assert backbone._lean_failed and "decoding with generate" in caplog.text
+
+
+@pytest.mark.real_model
+def test_lean_loop_gives_generate_tokens_on_the_packaged_model():
+    """SmolLM2-135M-Instruct, chat prompts of different lengths in one batch, answers ending on their own:
+    the lean loop (plain and compiled step) returns generate's token ids."""
+    from continual_transformer.config import load_config
+
+    config = load_config(set_items=["model.device=cpu", "generation.max_new_tokens=24"])
+    backbone = Backbone.load(config.model, config.generation)
+    prompts = ["What is the capital of France?", "Say hello.", "Name three colours of the rainbow, please."]
+    batch = backbone.encode([backbone.format_prompt(p) for p in prompts], padding_side="left")
+    reference = backbone.model.generate(**batch, generation_config=backbone.hf_generation_config())
+    for backend in ("static", "compiled"):
+        with_backend(backbone, backend)
+        lean = backbone._lean_generate(
+            batch, backbone.hf_generation_config(), {}, compiled=backend == "compiled"
+        )
+        assert not backbone._lean_failed
+        assert torch.equal(lean, reference), backend

@@ -221,6 +221,12 @@ class Backbone:
         self._compile: Any = None  # the compile configuration of the ``compiled`` backend, made on first use
         self._compile_failed = False
         self._last_hooks: dict[tuple[int, int], Any] = {}  # hooks met by the last compiled-backend call
+        self._taps: dict[tuple[int, bool, int], _Tap] = {}  # capture hooks standing in for per-call captures
+        # static KV caches of the lean loop, by (batch, length)
+        self._lean_caches: dict[tuple[int, int], Any] = {}
+        self._lean_steps: dict[str, Any] = {}  # the lean loop's decoding step, compiled once per compile mode
+        self._lean_mode: str | None = None  # the compile mode of the lean step (None: not yet chosen)
+        self._lean_failed = False  # the lean loop failed once: Hugging Face's generate decodes from then on
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -365,6 +371,8 @@ class Backbone:
         with self._decoding():
             for start in range(0, len(texts), settings.batch_size):
                 batch = self.encode(texts[start : start + settings.batch_size], padding_side="left")
+                if gen_config.compile_config is not None:
+                    batch = _pad_left(batch, self.tokenizer.pad_token_id, PROMPT_BUCKET)
                 output = self._generate_batch(batch, gen_config, generate_kwargs)
                 new_tokens = output[:, batch["input_ids"].shape[1] :]
                 answers.extend(
@@ -375,30 +383,244 @@ class Backbone:
     def _generate_batch(
         self, batch: dict[str, torch.Tensor], gen_config: HFGenerationConfig, kwargs: dict[str, Any]
     ) -> torch.Tensor:
-        """``model.generate`` on one batch; a compiled call also guards on the model's forward hooks."""
+        """One batch decoded: the lean loop (:meth:`_lean_generate`) on the ``static`` and ``compiled``
+        backends where it applies, else ``model.generate``; a compiled call also guards on the model's forward
+        hooks."""
+        lean = self._lean_applies(gen_config, kwargs)
         if gen_config.compile_config is None:
+            if lean:
+                return self._lean_generate(batch, gen_config, kwargs, compiled=False)
             return self.model.generate(**batch, generation_config=gen_config, **kwargs)
-        hooks = _installed_hooks(self.model)
-        stayed = hooks.keys() == self._last_hooks.keys()
-        self._last_hooks = hooks  # held, so no later hook can reuse a current hook's id
-        if hooks and not stayed:
-            # Hooks installed for this call (a per-call fusion): compiling a graph for them would cost more
-            # than the call. Hooks that stay installed (a memory layer) compile from their second call on.
-            gen_config = _without_compile(gen_config)
-            return self.model.generate(**batch, generation_config=gen_config, **kwargs)
-        try:
-            # Dynamo skips guards on module hooks by default: a graph traced without a hook would then run on
-            # after one is added. With the guards on, a changed set of hooks retraces instead.
-            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False, **_RECOMPILES):
+        with self._captures_tapped() as taps:
+            if taps:
+                kwargs = {**kwargs, "logits_processor": _with_taps(taps, kwargs.get("logits_processor"))}
+            hooks = _installed_hooks(self.model)
+            stayed = hooks.keys() == self._last_hooks.keys()
+            self._last_hooks = hooks  # held, so no later hook can reuse a current hook's id
+            if hooks and not stayed:
+                # Hooks installed for this call (a per-call fusion): compiling a graph for them would cost
+                # more than the call. Hooks that stay installed (a memory layer, the backbone's own capture
+                # taps) compile from their second call on.
+                if lean:
+                    return self._lean_generate(batch, gen_config, kwargs, compiled=False)
+                gen_config = _without_compile(gen_config)
                 return self.model.generate(**batch, generation_config=gen_config, **kwargs)
-        except Exception as exc:  # a compiler failure (missing toolchain, unsupported op): decode eagerly
-            if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or kwargs.get(
-                "streamer"
-            ):
-                raise
-            logger.warning("compiled decoding failed (%s); using the static cache without compiling", exc)
-            self._compile_failed = True
-            return self.model.generate(**batch, generation_config=_without_compile(gen_config), **kwargs)
+            try:
+                # Dynamo skips guards on module hooks by default: a graph traced without a hook would then
+                # run on after one is added. With the guards on, a changed set of hooks retraces instead.
+                with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False, **_RECOMPILES):
+                    if lean:
+                        return self._lean_generate(batch, gen_config, kwargs, compiled=True)
+                    return self.model.generate(**batch, generation_config=gen_config, **kwargs)
+            except Exception as exc:  # a compiler failure (missing toolchain, unsupported op): decode eagerly
+                if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or kwargs.get(
+                    "streamer"
+                ):
+                    raise
+                logger.warning("compiled decoding failed (%s); using the static cache without compiling", exc)
+                self._compile_failed = True
+                return self.model.generate(**batch, generation_config=_without_compile(gen_config), **kwargs)
+
+    # -- the lean decoding loop ------------------------------------------------------------------------------
+    # Hugging Face's generate does Python work per token (stopping criteria, processors, cache bookkeeping,
+    # a host sync) that a launch-bound model on a GPU waits for. The lean loop keeps a static KV cache per
+    # (batch, length), runs the prompt once uncompiled, then one decoding step per token (compiled, and
+    # replayed as a CUDA graph on a GPU), picks tokens on the device and checks for EOS every few tokens. It
+    # produces the tokens generate produces (greedy; the same processors in the same order; tests compare
+    # them); anything else (sampling, a streamer, other generate options) goes to generate.
+
+    def _lean_applies(self, gen_config: HFGenerationConfig, kwargs: dict[str, Any]) -> bool:
+        return (
+            self.generation.backend != "eager"
+            and not self._lean_failed
+            and not gen_config.do_sample
+            and set(kwargs) <= {"logits_processor", "min_new_tokens"}
+            and not getattr(self.model.config, "is_encoder_decoder", False)
+            and self._cache_keyword() is not None
+        )
+
+    def _cache_keyword(self) -> str | None:
+        """The forward keyword of the KV cache (``cache`` in recent ``transformers``, ``past_key_values``
+        before)."""
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+    def _lean_generate(
+        self,
+        batch: dict[str, torch.Tensor],
+        gen_config: HFGenerationConfig,
+        kwargs: dict[str, Any],
+        *,
+        compiled: bool,
+    ) -> torch.Tensor:
+        """The lean loop with the fastest step that works: a compiled step replayed as a CUDA graph, then a
+        compiled step without graphs, then the plain step; each failure is logged once and the call starts
+        over on the next (the cache is reset per call). If even the plain step fails, generate decodes."""
+        while True:
+            mode = self._lean_step_mode(compiled)
+            try:
+                return self._lean_decode(batch, gen_config, kwargs, mode)
+            except Exception as exc:
+                following = {"reduce-overhead": "default", "default": "plain"}.get(mode)
+                if following is None:
+                    logger.warning("lean decoding failed (%s); decoding with generate from now on", exc)
+                    self._lean_failed = True
+                    return self.model.generate(**batch, generation_config=gen_config, **kwargs)
+                logger.warning("lean decoding step %r failed (%s); trying %r", mode, exc, following)
+                self._lean_mode = following
+
+    def _lean_step_mode(self, compiled: bool) -> str:
+        """``reduce-overhead`` (CUDA graphs), ``default`` (compiled) or ``plain`` (not compiled)."""
+        if self._lean_mode is None:
+            self._lean_mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        if not compiled or self._compile_failed:
+            return "plain"
+        return self._lean_mode
+
+    def _lean_cache(self, batch_size: int, length: int) -> Any:
+        """A reset static KV cache for ``batch_size`` rows of ``length`` positions, kept for later calls (a
+        compiled step guards on the cache object: a new one of the same shape would be traced again)."""
+        from transformers import StaticCache
+
+        key = (batch_size, length)
+        cache = self._lean_caches.pop(key, None)
+        if cache is None:
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+        else:
+            cache.reset()
+        self._lean_caches[key] = cache  # most recently used last
+        while len(self._lean_caches) > _LEAN_CACHES:
+            self._lean_caches.pop(next(iter(self._lean_caches)))
+        return cache
+
+    def _lean_step(self, mode: str) -> Callable[..., torch.Tensor]:
+        """The decoding step: next-token logits (B, V) of one new token per row (the cache updated in
+        place)."""
+        if mode not in self._lean_steps:
+            model, keyword = self.model, self._cache_keyword()
+
+            def step(token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any) -> Any:
+                out = model(
+                    input_ids=token,
+                    attention_mask=mask,
+                    position_ids=position,
+                    use_cache=True,
+                    **{keyword: cache},
+                )
+                return out.logits[:, -1, :]
+
+            self._lean_steps[mode] = (
+                step if mode == "plain" else torch.compile(step, mode=mode, fullgraph=False, dynamic=False)
+            )
+        return self._lean_steps[mode]
+
+    def _lean_decode(
+        self,
+        batch: dict[str, torch.Tensor],
+        gen_config: HFGenerationConfig,
+        kwargs: dict[str, Any],
+        mode: str,
+    ) -> torch.Tensor:
+        """Greedy decoding of one left-padded batch; returns prompt + new ids as generate does."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows, width = ids.shape
+        new = int(gen_config.max_new_tokens)
+        min_new = int(kwargs.get("min_new_tokens") or 0)
+        processors = list(kwargs.get("logits_processor") or [])
+        eos = gen_config.eos_token_id
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=ids.device)
+        pad = gen_config.pad_token_id if gen_config.pad_token_id is not None else int(eos_ids[0])
+        cache = self._lean_cache(rows, width + new)
+        out = torch.full((rows, width + new), pad, dtype=ids.dtype, device=ids.device)
+        out[:, :width] = ids
+        full_mask = torch.ones((rows, width + new), dtype=mask.dtype, device=mask.device)
+        full_mask[:, :width] = mask
+        position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        extra = {"logits_to_keep": 1} if _accepts(self.model.forward, "logits_to_keep") else {}
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **{self._cache_keyword(): cache},
+            **extra,
+        ).logits[:, -1, :]
+        position = position[:, -1:] + 1
+        step = self._lean_step(mode)
+        cuda_graphs = mode == "reduce-overhead"
+        unfinished = torch.ones(rows, dtype=torch.bool, device=ids.device)
+        done = 0
+        for i in range(new):
+            scores = logits.to(dtype=torch.float32, copy=True)
+            if i < min_new and eos_ids.numel():
+                scores[:, eos_ids] = -math.inf
+            for processor in processors:
+                scores = processor(out[:, : width + i], scores)
+            token = torch.where(unfinished, scores.argmax(-1), pad)
+            out[:, width + i] = token
+            done = i + 1
+            if eos_ids.numel():
+                unfinished &= ~torch.isin(token, eos_ids)
+            if done == new or (done % _EOS_CHECK_EVERY == 0 and not bool(unfinished.any())):  # sync
+                break
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step(token[:, None], position, full_mask, cache)
+            position = position + 1
+        if eos_ids.numel():  # generate stops at the step where the last row finished: cut the same columns
+            hit = torch.isin(out[:, width : width + done], eos_ids)
+            last = torch.where(hit.any(1), hit.int().argmax(1), done - 1)
+            done = int(last.max()) + 1  # sync: once per call
+        return out[:, : width + done]
+
+    @contextmanager
+    def _captures_tapped(self) -> Iterator[list[tuple[_Tap, Any]]]:
+        """Per-call :class:`~continual_transformer.modules.LayerCapture` hooks replaced by the backbone's own
+        taps for the duration of a compiled call, restored after (order and keys as they were).
+
+        A capture entered for one call (``knowledge_store`` reads a layer at every step) is a new hook object
+        under a new key each time: compiled decoding would retrace for it on every call, so it ran uncompiled.
+        A tap is one hook object per (module, inputs) kept by the backbone and put under one fixed key, so the
+        compiled step's hook guards hold from call to call; what a tap captured is handed to its capture
+        before the logits processors run (:func:`_with_taps`). Yields the (tap, capture) pairs.
+        """
+        from continual_transformer.modules.hooks import LayerCapture
+
+        swapped: list[tuple[dict[int, Any], dict[int, Any]]] = []
+        pairs: list[tuple[_Tap, Any]] = []
+        for module in self.model.modules():
+            for hooks, inputs in ((module._forward_hooks, False), (module._forward_pre_hooks, True)):
+                found = [
+                    key
+                    for key, hook in hooks.items()
+                    if isinstance(getattr(hook, "__self__", None), LayerCapture)
+                    and getattr(hook, "__func__", None)
+                    is (LayerCapture._pre_hook if inputs else LayerCapture._hook)
+                ]
+                if not found:
+                    continue
+                saved = dict(hooks)
+                hooks.clear()
+                slot = 0
+                for key, hook in saved.items():
+                    if key not in found:
+                        hooks[key] = hook
+                        continue
+                    tap = self._taps.setdefault((id(module), inputs, slot), _Tap(inputs=inputs))
+                    hooks[_TAP_KEY - slot] = tap
+                    pairs.append((tap, hook.__self__))
+                    slot += 1
+                swapped.append((hooks, saved))
+        try:
+            yield pairs
+        finally:
+            for hooks, saved in swapped:
+                hooks.clear()
+                hooks.update(saved)
+            for tap, _ in pairs:
+                tap.hidden = None
 
     def _compile_ok(self) -> bool:
         return not self._compile_failed
@@ -677,6 +899,73 @@ _RECOMPILES = next(
     ({name: 64} for name in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, name)),
     {},
 )
+
+
+PROMPT_BUCKET = 64
+"""On the ``compiled`` backend prompts are left-padded to a multiple of this many tokens, so the static cache
+(prompt + new tokens) takes few lengths and a compiled decoding step serves many prompts instead of being
+traced again for each new length (padding is masked: the answers stay the same). Uncompiled decoding keeps
+its prompts as they are (on a CPU the padding would be real work)."""
+
+_LEAN_CACHES = 8  # static KV caches the lean loop keeps, most recently used
+_EOS_CHECK_EVERY = 8  # the lean loop looks at the host for finished rows every this many tokens
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(fn).parameters
+
+
+_TAP_KEY = -1_000_000  # the hook-dict key of a backbone tap (handle ids are positive)
+
+
+class _Tap:
+    """A forward hook keeping the hidden states a module produced (a forward-pre hook with ``inputs``: what it
+    receives)."""
+
+    def __init__(self, *, inputs: bool) -> None:
+        self.inputs = inputs
+        self.hidden: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any = None) -> None:
+        self.hidden = args[0] if self.inputs else (output[0] if isinstance(output, (tuple, list)) else output)
+
+
+class _TapsToCaptures:
+    """A logits processor that hands each tap's hidden states to its capture (first in the list) or, with
+    ``release``, drops both references (last in the list: a CUDA graph's outputs are not held past a step)."""
+
+    def __init__(self, pairs: list[tuple[_Tap, Any]], *, release: bool = False) -> None:
+        self.pairs = pairs
+        self.release = release
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for tap, capture in self.pairs:
+            capture.hidden = None if self.release else tap.hidden
+            if self.release:
+                tap.hidden = None
+        return scores
+
+
+def _with_taps(pairs: list[tuple[_Tap, Any]], processors: Any) -> Any:
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList(
+        [_TapsToCaptures(pairs), *(processors or []), _TapsToCaptures(pairs, release=True)]
+    )
+
+
+def _pad_left(batch: dict[str, torch.Tensor], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:
+    """A left-padded batch widened on the left to a multiple of ``multiple`` tokens (masked padding)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    extra = -ids.shape[1] % multiple
+    if not extra:
+        return batch
+    return {
+        "input_ids": F.pad(ids, (extra, 0), value=pad_id),
+        "attention_mask": F.pad(mask, (extra, 0), value=0),
+    }
 
 
 def _without_compile(gen_config: HFGenerationConfig) -> HFGenerationConfig:

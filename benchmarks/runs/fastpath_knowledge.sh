@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Knowledge acquisition on the fast decoding path against the eager one: the knowledge benchmark's quick
+# profile (8 novel-facts documents) for retrieval, ttt and knowledge_store, once with
+# generation.backend=eager and once with the fast backend, side by side; then every figure other than
+# timings compared row by row ($OUT/fastpath_knowledge/compare.md). Not timing-sensitive: it can run beside
+# other work. Run after the device.sh stages setup, model and embedder (retrieval needs the MiniLM embedder):
+#   bash benchmarks/runs/fastpath_knowledge.sh [SECONDS]      (each process stopped after SECONDS; default 480)
+#   QUICK=1 BACKEND=static MODEL=smollm2-135m-instruct DATA=../shared/data PYTHON=python \
+#     CTT_CACHE=~/.cache/continual_transformer bash benchmarks/runs/fastpath_knowledge.sh 170   (the CPU test:
+#     two documents, knowledge_store only, short answers)
+#   COMPARE_ONLY=1 OUT=DIR bash benchmarks/runs/fastpath_knowledge.sh    (compare what DIR already holds)
+set -uo pipefail
+limit=${1:-480}
+export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=${CTT_CACHE:-/root/ctt-cache}
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+OUT=${OUT:-/tmp/out}
+MODEL=${MODEL:-/root/models}
+DATA=${DATA:-/root/data}
+QUICK=${QUICK:-}
+BACKEND=${BACKEND:-compiled}
+PY=${PYTHON:-python3}
+dir=$OUT/fastpath_knowledge
+start=$(date +%s)
+run() {  # run BACKEND NAME STRATEGIES [OPTIONS...]: one benchmark process, logged, stopped at the limit
+  local backend=$1 name=$2 strategies=$3; shift 3
+  mkdir -p "$dir/$backend/$name"
+  timeout -k 5 "$(( limit - 10 ))" "$PY" -m continual_transformer --model "$MODEL" --set data_dir="$DATA" \
+    --set generation.batch_size=64 --set model.dtype=float32 --set generation.backend="$backend" "$@" \
+    bench knowledge --quick ${QUICK:+--docs 2 --batches 1} --no-baselines --strategies "$strategies" \
+    --out "$dir/$backend/$name" \
+    > "$dir/$backend/$name/log.txt" 2>&1
+  echo "$backend/$name: exit $? after $(( $(date +%s) - start )) s" | tee -a "$dir/summary.txt"
+}
+mkdir -p "$dir"
+[ -n "${COMPARE_ONLY:-}" ] || for backend in eager "$BACKEND"; do
+  if [ -n "$QUICK" ]; then
+    run "$backend" stores knowledge_store --set generation.max_new_tokens=6 --set generation.threads=1 &
+  else
+    run "$backend" stores retrieval,knowledge_store &
+    run "$backend" ttt ttt &
+  fi
+done
+wait
+"$PY" - "$dir" eager "$BACKEND" <<'EOF'
+import json, sys
+from pathlib import Path
+root, slow, fast = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+TIMING = ("seconds", "latency", "tokens_per_s", "peak_memory", "learn_s", "answer_s")
+def rows(backend):
+    out = {}
+    for path in sorted((root / backend).glob("*/results.json")):
+        out.update(json.loads(path.read_text()).get("strategies", {}))
+    return out
+a, b = rows(slow), rows(fast)
+lines = [f"# Knowledge figures, `{slow}` against `{fast}` decoding (quick profile; timings left out)", "",
+         "| strategy | figure | " + slow + " | " + fast + " | same |", "|---|---|---:|---:|---|"]
+summary = {}
+for name in sorted(set(a) | set(b)):
+    if name not in a or name not in b:
+        lines.append(f"| `{name}` | (measured on one backend only) | | | |")
+        continue
+    same_all = True
+    for key, value in a[name].items():
+        if any(t in key for t in TIMING) or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        other = b[name].get(key)
+        same = other is not None and abs(value - other) <= 1e-9 * max(1.0, abs(value))
+        same_all &= same
+        lines.append(f"| `{name}` | {key} | {value:.4g} | {other if other is None else format(other, '.4g')} | "
+                     f"{'yes' if same else 'NO'} |")
+    predictions = [(x.get("prediction"), y.get("prediction"))
+                   for x, y in zip(a[name].get("examples", []), b[name].get("examples", []))]
+    equal = sum(x == y for x, y in predictions)
+    lines.append(f"| `{name}` | example answers equal | | | {equal}/{len(predictions)} |")
+    summary[name] = {"figures_equal": same_all, "examples_equal": f"{equal}/{len(predictions)}"}
+(root / "compare.md").write_text("\n".join(lines) + "\n")
+(root / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
+print("\n".join(lines))
+EOF
