@@ -264,6 +264,8 @@ def run_method(
             cells = [
                 k for k in range(n) if settings.full_matrix or (k <= t + 1 if checkpoint else k in (t, t + 1))
             ]
+            if at_end and t < n - 1:
+                cells = []  # not trained yet: no metric of a joint trained at the end reads these rows
             if cells:
                 accuracies = learner.evaluate_many(
                     [(tasks[k].name, tasks[k].test, tasks[k].labels) for k in cells]
