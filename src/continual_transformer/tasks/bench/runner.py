@@ -210,6 +210,54 @@ def earlier_results(path: Path, suite: str, model: str, settings: dict[str, Any]
     return earlier
 
 
+def merge_runs(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """One result from runs of the same suite, model and settings that each measured some of the methods
+    (side by side in separate processes, each into its own folder): ``results.json``, ``results.md`` and plots
+    in ``out_dir``, as one run with every method would write them. A folder without ``results.json`` (a run
+    stopped before its first method finished) is passed over; a run measured otherwise is refused. A method
+    found in several runs is taken from the last. ``train_time_vs_plain_adapter`` is recomputed against the
+    merged ``isolation`` (or ``sequential``) run, measured side by side under the same contention."""
+    runs = [(Path(s), Path(s) / "results.json") for s in sources]
+    reports = [
+        (folder, json.loads(path.read_text(encoding="utf-8"))) for folder, path in runs if path.is_file()
+    ]
+    if not reports:
+        raise ValueError(f"no results.json in {[str(s) for s in sources]}")
+    first = reports[0][1]
+    key = (first["suite"], first["meta"]["model"])
+    settings = {k: v for k, v in first["meta"]["settings"].items() if k != "quick"}
+    methods: dict[str, Any] = {}
+    unfinished: set[str] = set()
+    for folder, report in reports:
+        same_settings = {k: v for k, v in report["meta"]["settings"].items() if k != "quick"} == settings
+        if (report["suite"], report["meta"]["model"]) != key or not same_settings:
+            raise ConfigError(
+                f"{folder} was measured on another suite, model or settings than {reports[0][0]}"
+            )
+        methods.update(report["methods"])
+        unfinished.update(report["meta"].get("unfinished", []))
+    plain = next(
+        (methods[m]["train_s_per_task"] for m in PLAIN_ADAPTERS if m in methods and methods[m]), None
+    )
+    for summary in methods.values():
+        summary["train_time_vs_plain_adapter"] = summary["train_s_per_task"] / plain if plain else None
+    merged = {
+        "meta": {
+            **first["meta"],
+            "wall_s": max(r["meta"].get("wall_s", 0.0) for _, r in reports),
+            "workers": len(reports),
+            "unfinished": sorted(unfinished - set(methods)),
+            "merged_from": [folder.name for folder, _ in reports],
+        },
+        "suite": first["suite"],
+        "methods": methods,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_report_files(merged, out_dir)
+    return merged
+
+
 def zero_shot_accuracy(backbone: Backbone, tasks: Sequence[TaskSpec], config: TaskConfig) -> list[float]:
     """Accuracy of the untrained base model on each task (the FWT reference ``b[k]``)."""
     learner = TaskLearner(backbone, dataclasses.replace(config, method="adapter_distill"))
