@@ -321,7 +321,7 @@ def run_method(
                 matrix[t, cells] = accuracies
             eval_s.append(time.perf_counter() - eval_start)
             logger.info("%s after %s: %s", method, task.name, np.round(matrix[t, : t + 1], 3).tolist())
-        routed = [learner.evaluate_detailed(task.name, task.test, routed=True) for task in tasks]
+        routed = learner.evaluate_routed_many([(task.name, task.test) for task in tasks])
         unknown = (
             unknown_task_detection(learner, suite, tasks, settings)
             if settings.unknown_tasks and suite is not None
