@@ -8,7 +8,8 @@
 # lane runs its parts one after another. At the end the parts of a suite are merged into <run>/ (results.json,
 # results.md, plots: `python -m continual_transformer.tasks merge`) and SUMMARY.md is written
 # (benchmarks/summarize_tasks.py). A part that would not finish before the deadline is not started
-# (skipped.txt); one still running at the deadline is stopped, and what it finished stays.
+# (skipped.txt); one still running at the deadline is stopped: its parts/<run>--<method>/partial-<method>.json
+# keeps the accuracy matrix up to its last full evaluation (the stream: every 10 tasks).
 #
 # Estimated H200 seconds per part (from benchmarks/results/tasks/h200-issue18, 4 lanes: learning + evaluation
 # after each task, model load, zero-shot and routed evaluation, unknown-task detection):

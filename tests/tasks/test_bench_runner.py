@@ -140,6 +140,26 @@ def test_runs_measured_side_by_side_merge_into_one_result(tokenizer, tmp_path):
         runner.merge_runs([parts[0], tmp_path / "other"], tmp_path / "refused")
 
 
+def test_a_method_reports_its_progress_at_every_full_evaluation(tokenizer, tmp_path):
+    """What a run stopped half-way would lose (the accuracy matrix so far) is handed out at each full
+    evaluation; the partial file of a finished method is gone."""
+    write_clinc(tmp_path / "data")
+    settings = TaskBenchmarkSettings(
+        data_dir=str(tmp_path / "data"), eval_every=2, learner=tiny_config(pool_size=2, epochs=1)
+    )
+    backbone = make_backbone(tokenizer)
+    tasks = runner.suite_tasks("clinc150-10", settings)
+    seen = []
+    summary = runner.run_method(
+        backbone, tasks, "adapter_distill", settings, [0.0] * 3, checkpoint=seen.append
+    )
+    assert [p["tasks_done"] for p in seen] == [2]  # after task 2 of 3 (the last one is the summary)
+    first_rows = [[None if math.isnan(v) else v for v in row] for row in summary["accuracy_matrix"][:2]]
+    assert seen[0]["accuracy_matrix"] == first_rows
+    run_task_benchmark("clinc150-10", ["adapter_distill"], backbone, settings, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("partial-*.json"))
+
+
 def test_bench_tasks_seeds_the_run_and_leaves_the_global_generator_as_it_was(tokenizer, tmp_path):
     """Same seed, same figures; and the caller's random stream is not moved by the run."""
     write_clinc(tmp_path / "data", domains=2)

@@ -36,6 +36,7 @@ from continual_transformer.evaluation.metrics import (
     forgetting,
     forward_transfer,
 )
+from continual_transformer.evaluation.report import write_json
 from continual_transformer.evaluation.system import meta
 from continual_transformer.tasks.bench.profiles import (
     DEFAULT_DATA_DIR,
@@ -167,7 +168,18 @@ def run_task_benchmark(
         run_in_workers(backbone, suite, methods, settings, baseline, workers, out_dir / "logs", finished)
     else:
         for method in methods:
-            finished(method, run_method(backbone, tasks, method, settings, baseline, suite=suite))
+            partial = out_dir / f"partial-{method}.json"
+            summary = run_method(
+                backbone,
+                tasks,
+                method,
+                settings,
+                baseline,
+                suite=suite,
+                checkpoint=lambda progress, path=partial: write_json(path, progress),
+            )
+            partial.unlink(missing_ok=True)
+            finished(method, summary)
     report = write_report()
     logger.info("wrote %s", out_dir)
     return report
@@ -275,10 +287,13 @@ def run_method(
     baseline: Sequence[float],
     *,
     suite: str | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """One method through the whole sequence; returns its summary (one entry of
     ``results.json["methods"]``). ``suite`` names the suite the tasks come from (needed for
-    ``settings.unknown_tasks``)."""
+    ``settings.unknown_tasks``). ``checkpoint(progress)`` is called after every evaluation of all tasks seen
+    (each ``eval_every``-th task) with what a stopped run would otherwise lose: the tasks done, the accuracy
+    matrix so far (``null`` where not evaluated), parameters, bytes of state and seconds per task."""
     n = len(tasks)
     learner = TaskLearner(backbone, dataclasses.replace(settings.learner, method=method))
     matrix = np.full((n, n), np.nan)
@@ -308,9 +323,11 @@ def run_method(
                     }
                 )
             eval_start = time.perf_counter()
-            checkpoint = (t + 1) % settings.eval_every == 0 or t == n - 1
+            checkpoint_row = (t + 1) % settings.eval_every == 0 or t == n - 1
             cells = [
-                k for k in range(n) if settings.full_matrix or (k <= t + 1 if checkpoint else k in (t, t + 1))
+                k
+                for k in range(n)
+                if settings.full_matrix or (k <= t + 1 if checkpoint_row else k in (t, t + 1))
             ]
             if at_end and t < n - 1:
                 cells = []  # not trained yet: no metric of a joint trained at the end reads these rows
@@ -320,6 +337,21 @@ def run_method(
                 )
                 matrix[t, cells] = accuracies
             eval_s.append(time.perf_counter() - eval_start)
+            if checkpoint is not None and checkpoint_row and t < n - 1 and not at_end:
+                checkpoint(
+                    {
+                        "method": method,
+                        "tasks_done": t + 1,
+                        "avg_accuracy_so_far": float(np.mean(matrix[t, : t + 1])),
+                        "accuracy_matrix": [
+                            [None if math.isnan(v) else v for v in row] for row in matrix[: t + 1].tolist()
+                        ],
+                        "params_over_tasks": params,
+                        "state_bytes_over_tasks": state_bytes,
+                        "train_s_per_task": float(np.mean(seconds)),
+                        "eval_s_per_task": float(np.mean(eval_s)),
+                    }
+                )
             logger.info("%s after %s: %s", method, task.name, np.round(matrix[t, : t + 1], 3).tolist())
         routed = learner.evaluate_routed_many([(task.name, task.test) for task in tasks])
         unknown = (
