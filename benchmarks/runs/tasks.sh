@@ -24,7 +24,8 @@
 #   long15 isolation             90  as sequential on H100 (4.4 s/task) x 0.8, evaluation
 #   long15 joint                 75  4,800 rows / 32 = 150 steps x 0.4 s (256-token texts), one evaluation
 # Lanes (estimated seconds): stream115 470 | clinc150-50 adapter_distill 380 | clinc150-50 isolation + long15
-# joint 300 | clinc150-50 joint + banking77 isolation + long15 isolation 325 | banking77 adapter_distill +
+# joint + training throughput at batch sizes 32, 128, 512 (benchmarks/task_train_speed.py, beside the other
+# lanes) 340 | clinc150-50 joint + banking77 isolation + long15 isolation 325 | banking77 adapter_distill +
 # joint, then long15 order 2 adapter_distill 395 | long15 order 0 then order 1 adapter_distill 300 (orders 1
 # and 2 are extras: skipped when they would not fit). The stream (the critical path) may run to the deadline
 # (default 528 s of the 540 s call); the other lanes stop 20 s earlier and their suites are merged while the
@@ -54,6 +55,7 @@ if [ "$quick" = --quick ]; then
          --set max_test_per_label=1 --set learner.epochs=1 --set learner.distill_epochs=1
          --set learner.router=backbone)
   stream=(--set num_tasks=4 --set eval_every=2)
+  speed_args=(--quick --batch-sizes 4 8 --steps 1)
   scale=0  # estimates are H200 seconds: not checked on the CPU
 else
   PY=python3
@@ -64,6 +66,7 @@ else
   [ -d $DATA/cl_benchmark ] || { [ -f .device/d2z/cl.tgz ] && tar xzf .device/d2z/cl.tgz -C $DATA; }
   extra=()
   stream=()
+  speed_args=(--batch-sizes 32 128 512)
   scale=1
 fi
 mkdir -p "$R/parts"
@@ -84,6 +87,16 @@ part() {  # part ESTIMATE RUN SUITE METHOD [options]: one method on one suite, i
     > "$R/parts/$name/log.txt" 2>&1
   echo "$name: exit $? at $(( $(date +%s) - start )) s (estimate $estimate s)" >> "$R/lanes.txt"
 }
+speed() {  # training examples/s of one adapter at several batch sizes (benchmarks/task_train_speed.py)
+  local t; t=$(left "$deadline")
+  if [ "$t" -lt $(( 40 * scale + 5 )) ]; then
+    echo "train_speed: not started, $t s left of an estimated 40 s" >> "$R/skipped.txt"
+    return
+  fi
+  timeout "$t" $PY benchmarks/task_train_speed.py --model "$MODEL" --data-dir "$DATA" "${speed_args[@]}" \
+    --out "$R/train_speed" > "$R/train_speed.log" 2>&1
+  echo "train_speed: exit $? at $(( $(date +%s) - start )) s (estimate 40 s)" >> "$R/lanes.txt"
+}
 merge() {  # merge RUN: the parts of one suite into $R/RUN
   local parts=("$R/parts/$1--"*)
   [ -e "${parts[0]}" ] || return 0
@@ -99,7 +112,7 @@ stream_lane=$!
 deadline=$(( limit - 20 ))
 lanes=()
 ( part 380 clinc150-50 clinc150-50 adapter_distill ) & lanes+=($!)
-( part 225 clinc150-50 clinc150-50 isolation; part 75 long15-order0 long15 joint ) & lanes+=($!)
+( part 225 clinc150-50 clinc150-50 isolation; part 75 long15-order0 long15 joint; speed ) & lanes+=($!)
 ( part 110 clinc150-50 clinc150-50 joint; part 125 banking77 banking77 isolation
   part 90 long15-order0 long15 isolation ) & lanes+=($!)
 ( part 175 banking77 banking77 adapter_distill; part 70 banking77 banking77 joint
