@@ -105,6 +105,61 @@ def test_methods_can_be_added_to_an_earlier_run_of_the_same_profile(tokenizer, t
     ]  # the refused run lost nothing
 
 
+def test_runs_measured_side_by_side_merge_into_one_result(tokenizer, tmp_path):
+    """Methods run in separate processes, each into its own folder, merge into the result one run of every
+    method writes; a joint trained at the end is evaluated only after the last task."""
+    write_clinc(tmp_path / "data")
+    settings = TaskBenchmarkSettings(
+        data_dir=str(tmp_path / "data"), joint_at_end=True, learner=tiny_config(pool_size=2, epochs=1)
+    )
+    backbone = make_backbone(tokenizer)
+    parts = [tmp_path / "parts" / m for m in ("adapter_distill", "isolation", "joint")]
+    single = {
+        m: run_task_benchmark("clinc150-10", [m], backbone, settings, part)["methods"][m]
+        for m, part in zip(("adapter_distill", "isolation", "joint"), parts)
+    }
+    joint = np.array(
+        [[math.nan if v is None else v for v in row] for row in single["joint"]["accuracy_matrix"]]
+    )
+    assert np.isnan(joint[:-1]).all() and not np.isnan(joint[-1]).any()  # only the last row is evaluated
+
+    merged = runner.merge_runs([*parts, tmp_path / "parts" / "never-finished"], tmp_path / "merged")
+    saved = json.loads((tmp_path / "merged" / "results.json").read_text(encoding="utf-8"))
+    assert list(saved["methods"]) == ["adapter_distill", "isolation", "joint"] == list(merged["methods"])
+    assert saved["meta"]["merged_from"] == ["adapter_distill", "isolation", "joint"]
+    distill = saved["methods"]["adapter_distill"]
+    assert distill["avg_accuracy"] == single["adapter_distill"]["avg_accuracy"]
+    assert distill["train_time_vs_plain_adapter"] == pytest.approx(
+        distill["train_s_per_task"] / saved["methods"]["isolation"]["train_s_per_task"]
+    )
+    assert "| joint |" in (tmp_path / "merged" / "results.md").read_text(encoding="utf-8")
+
+    other = TaskBenchmarkSettings(data_dir=settings.data_dir, learner=tiny_config(pool_size=2, epochs=2))
+    run_task_benchmark("clinc150-10", ["sequential"], backbone, other, tmp_path / "other")
+    with pytest.raises(ConfigError, match="another suite, model or settings"):
+        runner.merge_runs([parts[0], tmp_path / "other"], tmp_path / "refused")
+
+
+def test_a_method_reports_its_progress_at_every_full_evaluation(tokenizer, tmp_path):
+    """What a run stopped half-way would lose (the accuracy matrix so far) is handed out at each full
+    evaluation; the partial file of a finished method is gone."""
+    write_clinc(tmp_path / "data")
+    settings = TaskBenchmarkSettings(
+        data_dir=str(tmp_path / "data"), eval_every=2, learner=tiny_config(pool_size=2, epochs=1)
+    )
+    backbone = make_backbone(tokenizer)
+    tasks = runner.suite_tasks("clinc150-10", settings)
+    seen = []
+    summary = runner.run_method(
+        backbone, tasks, "adapter_distill", settings, [0.0] * 3, checkpoint=seen.append
+    )
+    assert [p["tasks_done"] for p in seen] == [2]  # after task 2 of 3 (the last one is the summary)
+    first_rows = [[None if math.isnan(v) else v for v in row] for row in summary["accuracy_matrix"][:2]]
+    assert seen[0]["accuracy_matrix"] == first_rows
+    run_task_benchmark("clinc150-10", ["adapter_distill"], backbone, settings, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("partial-*.json"))
+
+
 def test_bench_tasks_seeds_the_run_and_leaves_the_global_generator_as_it_was(tokenizer, tmp_path):
     """Same seed, same figures; and the caller's random stream is not moved by the run."""
     write_clinc(tmp_path / "data", domains=2)

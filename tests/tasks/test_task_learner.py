@@ -165,6 +165,17 @@ def test_evaluate_many_equals_one_evaluation_per_task(tokenizer):
     assert learner.evaluate_many(items) == single
 
 
+def test_routed_evaluation_of_many_tasks_equals_one_per_task(tokenizer):
+    learner = TaskLearner(make_backbone(tokenizer), tiny_config(pool_size=1))
+    for index in range(3):
+        learner.learn_task(f"t{index}", synthetic_task(index), epochs=2)
+    items = [(f"t{index}", synthetic_task(index, per_label=3)) for index in range(3)]
+    single = [learner.evaluate_detailed(t, d, routed=True) for t, d in items]
+    many = learner.evaluate_routed_many(items)
+    assert [m["accuracy"] for m in many] == [s["accuracy"] for s in single]
+    assert [m["router_accuracy"] for m in many] == pytest.approx([s["router_accuracy"] for s in single])
+
+
 def test_facade_checkpoint_carries_documents_and_tasks_together(tokenizer, tmp_path):
     from conftest import fast_config
 

@@ -43,3 +43,37 @@ def test_fit_skips_steps_whose_gradient_is_not_finite(tokenizer):
     assert len(calls) == 4 and len(losses) == 2  # two steps skipped, two taken
     assert torch.isfinite(weight).all()
     assert (weight > 1).all()  # the steps taken moved the weights toward 2
+
+
+def test_fit_without_host_syncs_matches_the_host_checked_loop(tokenizer, monkeypatch):
+    """The GPU path (fused AdamW skipping non-finite steps on the device, losses read once) takes the same
+    steps and gives the same weights and losses as the host-checked loop; forced here on the CPU."""
+    from continual_transformer.tasks import training
+
+    backbone = make_backbone(tokenizer)
+    rows = [TrainRow(prompt=(5, 6, 7), answer=(8,), task=0) for _ in range(4)]
+
+    def run(fused: bool) -> tuple[torch.Tensor, list[float]]:
+        weight = torch.nn.Parameter(torch.ones(3))
+        calls = []
+
+        def step_loss(batch, chosen):
+            calls.append(len(chosen))
+            poisoned = len(calls) % 2 == 1
+            masked = torch.where(torch.tensor(False), torch.sqrt(weight - 10).sum(), torch.zeros(()))
+            return (weight - 2).pow(2).sum() + (masked if poisoned else 0.0)
+
+        if fused:
+            monkeypatch.setattr(
+                training,
+                "make_optimizer",
+                lambda params, name, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=True),
+            )
+        losses = fit(backbone, [weight], rows, step_loss, epochs=3, batch_size=2, learning_rate=0.1)
+        return weight.detach().clone(), losses
+
+    host_weight, host_losses = run(fused=False)
+    device_weight, device_losses = run(fused=True)
+    assert len(host_losses) == 3  # three of six steps skipped
+    assert device_losses == host_losses
+    assert torch.allclose(device_weight, host_weight, atol=1e-6)

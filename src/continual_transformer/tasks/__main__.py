@@ -1,4 +1,6 @@
-"""``python -m continual_transformer.tasks bench --suite clinc150-10 [--quick] [--methods a,b] [--out DIR]``.
+"""``python -m continual_transformer.tasks bench --suite clinc150-10 [--quick] [--methods a,b] [--out DIR]``;
+``python -m continual_transformer.tasks merge --out DIR RUN...`` (runs of one suite that each measured some
+methods, side by side, into one result).
 
 A thin command line over :func:`bench_tasks` (the same function ``ctt bench tasks`` calls): parses, calls,
 logs.
@@ -10,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from continual_transformer.tasks.bench import bench_tasks
+from continual_transformer.tasks.bench import bench_tasks, merge_runs
 from continual_transformer.tasks.bench.profiles import DEFAULT_DATA_DIR
 from continual_transformer.tasks.suites import SUITES
 
@@ -40,8 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--workers", type=int, default=1, help="methods run at once, one process each (GPU)")
+    merge = sub.add_parser("merge", help="merge runs of one suite that each measured some methods")
+    merge.add_argument("--out", required=True, help="folder of the merged results")
+    merge.add_argument("runs", nargs="+", help="result folders (each with results.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "merge":
+        merged = merge_runs(args.runs, args.out)
+        print(f"merged {sorted(merged['methods'])} into {args.out}")
+        return 0
     bench_tasks(
         suite=args.suite,
         methods=args.methods,

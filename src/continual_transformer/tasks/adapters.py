@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from continual_transformer.backbone import Backbone
+from continual_transformer.tasks.prompts import to_device
 from continual_transformer.tasks.state import TensorState
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
@@ -139,7 +140,7 @@ class AdapterPool(TensorState, nn.Module):
             if ids.device.type == "cpu" and ids.numel() and bool((ids == ids[0]).all()):
                 selection = int(ids[0])  # one slot for the whole batch: plain matmuls, no gather
             else:
-                ids = ids.to(self.slot_down.device)
+                ids = to_device(ids, self.slot_down.device)
                 selection = (ids.clamp(min=0), (ids >= 0).to(torch.float32))
         if isinstance(selection, str) and selection != "scratch":
             raise ValueError(

@@ -301,8 +301,8 @@ class TaskBenchmarkSettings:
     cheap)."""
     joint_at_end: bool = False
     """``joint`` registers tasks 1..T-1 without training and trains once, at the last task, on the union of
-    every task's examples: the multitask upper bound at 1/T of the incremental cost (only the last row of R,
-    so no BWT / FWT / forgetting)."""
+    every task's examples: the multitask upper bound at 1/T of the incremental cost (only the last row of R
+    is evaluated, so no BWT / FWT / forgetting)."""
     unknown_tasks: bool = False
     """After the last task, measure unknown-task detection: the router's threshold calibrated on held-out
     training examples of the learned tasks (those past ``max_train_per_label``, up to 5 per label) at

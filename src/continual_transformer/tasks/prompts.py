@@ -135,6 +135,15 @@ def forward_last(model: torch.nn.Module, keep: int, **inputs) -> tuple[torch.Ten
     return output.logits[:, -keep:], output
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU ``tensor`` on ``device``. To a GPU through pinned memory, without waiting: a copy from pageable
+    memory makes the host wait until the GPU has run everything queued, and a model this small is bound by
+    the host launching kernels, so each such wait leaves the GPU idle while the next step is launched."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def left_pad(
     rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, *, offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,7 +156,7 @@ def left_pad(
         ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
-    return ids.to(device), mask.to(device), positions.to(device)
+    return to_device(ids, device), to_device(mask, device), to_device(positions, device)
 
 
 MIN_SHARED_PREFIX = 8
@@ -189,7 +198,7 @@ def prefixed_forward(
             model, keep, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache
         )
         return logits, output, mask
-    prefix = torch.tensor([list(rows[0][:shared])], device=device)  # (1, P0)
+    prefix = to_device(torch.tensor([list(rows[0][:shared])]), device)  # (1, P0)
     _, head = forward_last(
         model, 1, input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], use_cache=True
     )
@@ -245,7 +254,9 @@ def answer_batch(
     target_mask = torch.arange(width)[None, :] >= (width - lengths)[:, None]  # (B, A)
     shared = common_prefix(sequences, keep=width + 1) if share_prefix else 0
     tasks = torch.tensor([r.task for r in rows], dtype=torch.long)
-    return AnswerBatch(sequences, shared, targets.to(device), target_mask.to(device), tasks, pad_id)
+    return AnswerBatch(
+        sequences, shared, to_device(targets, device), to_device(target_mask, device), tasks, pad_id
+    )
 
 
 def answer_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.adapters import hidden_size
 from continual_transformer.tasks.data import TaskError
+from continual_transformer.tasks.prompts import to_device
 from continual_transformer.tasks.state import TensorState
 
 if TYPE_CHECKING:
@@ -49,8 +50,8 @@ class BackboneEmbedder:
                 add_special_tokens=False,
             )
             ids, mask = (
-                batch["input_ids"].to(self.backbone.device),
-                batch["attention_mask"].to(self.backbone.device),
+                to_device(batch["input_ids"], self.backbone.device),
+                to_device(batch["attention_mask"], self.backbone.device),
             )
             output = self.backbone.model(
                 input_ids=ids,

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from continual_transformer.backbone import Backbone
-from continual_transformer.tasks.prompts import cache_kwarg, common_prefix, output_cache, prefixed_forward
+from continual_transformer.tasks.prompts import (
+    cache_kwarg,
+    common_prefix,
+    output_cache,
+    prefixed_forward,
+    to_device,
+)
 
 Select = Callable[[torch.Tensor], AbstractContextManager]
 """``select(rows)`` attaches the adapters for a forward pass whose rows belong to prompts ``rows`` (CPU,
@@ -58,7 +64,11 @@ def score_candidates(
     for row, tokens in enumerate(flat):
         cand[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         cand_mask[row, : len(tokens)] = True
-    cand, cand_mask, owner_dev = cand.to(device), cand_mask.to(device), owner.to(device)
+    cand, cand_mask, owner_dev = (
+        to_device(cand, device),
+        to_device(cand_mask, device),
+        to_device(owner, device),
+    )
 
     total = first_logp[owner_dev, cand[:, 0]]  # (N,)
     if width > 1:

@@ -70,11 +70,17 @@ def fit(
         return []
     params = list(params)
     opt = make_optimizer(params, "adamw", learning_rate, weight_decay)
+    # On a GPU (fused AdamW) a step with a non-finite loss or gradient is skipped on the device (the
+    # optimizer's found_inf, as under a gradient scaler) and the losses are read once at the end: no host sync
+    # per step.
+    on_device = bool(opt.defaults.get("fused"))
     rng = random.Random(seed)
     order = list(range(len(rows)))
     steps = epochs * ((len(rows) + batch_size - 1) // batch_size)
     pad = int(backbone.tokenizer.pad_token_id)
     losses: list[float] = []
+    step_losses: list[torch.Tensor] = []
+    step_ok: list[torch.Tensor] = []
     skipped = 0
     for param in params:
         param.requires_grad_(True)
@@ -91,24 +97,40 @@ def fit(
                     loss.backward()
                     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
                     # A non-finite loss or gradient (a half-precision overflow) would turn every trained
-                    # weight into nan: skip the step. One sync per step; the loss is read below anyway.
-                    if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
+                    # weight into nan: skip the step.
+                    ok = torch.isfinite(loss) & torch.isfinite(norm)
+                    if on_device:
+                        opt.found_inf = (
+                            ~ok
+                        ).float()  # fused AdamW leaves weights and step count as they were
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        step_losses.append(loss.detach().float())
+                        step_ok.append(ok)
+                        bar.update(1)
+                        continue
+                    if not bool(ok):  # on the CPU a host check costs nothing
                         skipped += 1
-                        logger.warning(
-                            "%s: non-finite loss or gradient, step skipped (%d so far)", description, skipped
-                        )
                         opt.zero_grad(set_to_none=True)
                         bar.update(1)
                         continue
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                    losses.append(loss.item())  # sync: one per step, for the report and the progress bar
+                    losses.append(loss.item())
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step_losses:
+            taken = torch.stack(step_ok).cpu()  # sync: one per call
+            losses = torch.stack(step_losses).cpu()[taken].tolist()
+            skipped = int((~taken).sum())
     finally:
         for param in params:
             param.requires_grad_(False)
             param.grad = None
+    if skipped:
+        logger.warning(
+            "%s: %d of %d steps skipped (non-finite loss or gradient)", description, skipped, steps
+        )
     return losses
 
 

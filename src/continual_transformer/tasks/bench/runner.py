@@ -36,6 +36,7 @@ from continual_transformer.evaluation.metrics import (
     forgetting,
     forward_transfer,
 )
+from continual_transformer.evaluation.report import write_json
 from continual_transformer.evaluation.system import meta
 from continual_transformer.tasks.bench.profiles import (
     DEFAULT_DATA_DIR,
@@ -167,7 +168,18 @@ def run_task_benchmark(
         run_in_workers(backbone, suite, methods, settings, baseline, workers, out_dir / "logs", finished)
     else:
         for method in methods:
-            finished(method, run_method(backbone, tasks, method, settings, baseline, suite=suite))
+            partial = out_dir / f"partial-{method}.json"
+            summary = run_method(
+                backbone,
+                tasks,
+                method,
+                settings,
+                baseline,
+                suite=suite,
+                checkpoint=lambda progress, path=partial: write_json(path, progress),
+            )
+            partial.unlink(missing_ok=True)
+            finished(method, summary)
     report = write_report()
     logger.info("wrote %s", out_dir)
     return report
@@ -210,6 +222,54 @@ def earlier_results(path: Path, suite: str, model: str, settings: dict[str, Any]
     return earlier
 
 
+def merge_runs(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """One result from runs of the same suite, model and settings that each measured some of the methods
+    (side by side in separate processes, each into its own folder): ``results.json``, ``results.md`` and plots
+    in ``out_dir``, as one run with every method would write them. A folder without ``results.json`` (a run
+    stopped before its first method finished) is passed over; a run measured otherwise is refused. A method
+    found in several runs is taken from the last. ``train_time_vs_plain_adapter`` is recomputed against the
+    merged ``isolation`` (or ``sequential``) run, measured side by side under the same contention."""
+    runs = [(Path(s), Path(s) / "results.json") for s in sources]
+    reports = [
+        (folder, json.loads(path.read_text(encoding="utf-8"))) for folder, path in runs if path.is_file()
+    ]
+    if not reports:
+        raise ValueError(f"no results.json in {[str(s) for s in sources]}")
+    first = reports[0][1]
+    key = (first["suite"], first["meta"]["model"])
+    settings = {k: v for k, v in first["meta"]["settings"].items() if k != "quick"}
+    methods: dict[str, Any] = {}
+    unfinished: set[str] = set()
+    for folder, report in reports:
+        same_settings = {k: v for k, v in report["meta"]["settings"].items() if k != "quick"} == settings
+        if (report["suite"], report["meta"]["model"]) != key or not same_settings:
+            raise ConfigError(
+                f"{folder} was measured on another suite, model or settings than {reports[0][0]}"
+            )
+        methods.update(report["methods"])
+        unfinished.update(report["meta"].get("unfinished", []))
+    plain = next(
+        (methods[m]["train_s_per_task"] for m in PLAIN_ADAPTERS if m in methods and methods[m]), None
+    )
+    for summary in methods.values():
+        summary["train_time_vs_plain_adapter"] = summary["train_s_per_task"] / plain if plain else None
+    merged = {
+        "meta": {
+            **first["meta"],
+            "wall_s": max(r["meta"].get("wall_s", 0.0) for _, r in reports),
+            "workers": len(reports),
+            "unfinished": sorted(unfinished - set(methods)),
+            "merged_from": [folder.name for folder, _ in reports],
+        },
+        "suite": first["suite"],
+        "methods": methods,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_report_files(merged, out_dir)
+    return merged
+
+
 def zero_shot_accuracy(backbone: Backbone, tasks: Sequence[TaskSpec], config: TaskConfig) -> list[float]:
     """Accuracy of the untrained base model on each task (the FWT reference ``b[k]``)."""
     learner = TaskLearner(backbone, dataclasses.replace(config, method="adapter_distill"))
@@ -227,10 +287,13 @@ def run_method(
     baseline: Sequence[float],
     *,
     suite: str | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """One method through the whole sequence; returns its summary (one entry of
     ``results.json["methods"]``). ``suite`` names the suite the tasks come from (needed for
-    ``settings.unknown_tasks``)."""
+    ``settings.unknown_tasks``). ``checkpoint(progress)`` is called after every evaluation of all tasks seen
+    (each ``eval_every``-th task) with what a stopped run would otherwise lose: the tasks done, the accuracy
+    matrix so far (``null`` where not evaluated), parameters, bytes of state and seconds per task."""
     n = len(tasks)
     learner = TaskLearner(backbone, dataclasses.replace(settings.learner, method=method))
     matrix = np.full((n, n), np.nan)
@@ -260,18 +323,37 @@ def run_method(
                     }
                 )
             eval_start = time.perf_counter()
-            checkpoint = (t + 1) % settings.eval_every == 0 or t == n - 1
+            checkpoint_row = (t + 1) % settings.eval_every == 0 or t == n - 1
             cells = [
-                k for k in range(n) if settings.full_matrix or (k <= t + 1 if checkpoint else k in (t, t + 1))
+                k
+                for k in range(n)
+                if settings.full_matrix or (k <= t + 1 if checkpoint_row else k in (t, t + 1))
             ]
+            if at_end and t < n - 1:
+                cells = []  # not trained yet: no metric of a joint trained at the end reads these rows
             if cells:
                 accuracies = learner.evaluate_many(
                     [(tasks[k].name, tasks[k].test, tasks[k].labels) for k in cells]
                 )
                 matrix[t, cells] = accuracies
             eval_s.append(time.perf_counter() - eval_start)
+            if checkpoint is not None and checkpoint_row and t < n - 1 and not at_end:
+                checkpoint(
+                    {
+                        "method": method,
+                        "tasks_done": t + 1,
+                        "avg_accuracy_so_far": float(np.mean(matrix[t, : t + 1])),
+                        "accuracy_matrix": [
+                            [None if math.isnan(v) else v for v in row] for row in matrix[: t + 1].tolist()
+                        ],
+                        "params_over_tasks": params,
+                        "state_bytes_over_tasks": state_bytes,
+                        "train_s_per_task": float(np.mean(seconds)),
+                        "eval_s_per_task": float(np.mean(eval_s)),
+                    }
+                )
             logger.info("%s after %s: %s", method, task.name, np.round(matrix[t, : t + 1], 3).tolist())
-        routed = [learner.evaluate_detailed(task.name, task.test, routed=True) for task in tasks]
+        routed = learner.evaluate_routed_many([(task.name, task.test) for task in tasks])
         unknown = (
             unknown_task_detection(learner, suite, tasks, settings)
             if settings.unknown_tasks and suite is not None

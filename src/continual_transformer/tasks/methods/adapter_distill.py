@@ -16,10 +16,21 @@ from continual_transformer.tasks.buffer import ReplayBuffer
 from continual_transformer.tasks.config import TaskConfig
 from continual_transformer.tasks.methods import registry
 from continual_transformer.tasks.methods.base import RowsOf, TaskMethod, adapter_pool, copy_exact, sub_tensors
-from continual_transformer.tasks.prompts import AnswerBatch, Encoded, TrainRow, answer_batch, answer_logits
+from continual_transformer.tasks.prompts import (
+    AnswerBatch,
+    Encoded,
+    TrainRow,
+    answer_batch,
+    answer_logits,
+    to_device,
+)
 from continual_transformer.tasks.training import answer_nll, distillation_loss, rows_nll
 
 logger = logging.getLogger(__name__)
+
+TRANSFER_BATCHES = 4
+"""The transfer scores of a slot choice run ``eval_batch_size * TRANSFER_BATCHES`` rows per forward pass
+(every candidate slot times ``transfer_samples`` rows: 640 with 10 slots)."""
 
 GOLD = -1
 """Teacher of a distillation row that learns its gold answer instead (an online update's own rows)."""
@@ -217,11 +228,12 @@ class AdapterDistillMethod(TaskMethod):
     def _distill_loss(self, batch: AnswerBatch, rows: Sequence[TrainRow]) -> torch.Tensor:
         """Distillation on rows with a teacher slot; the gold answer's NLL on rows whose teacher is
         :data:`GOLD`; each part weighted by its share of the rows."""
-        gold = torch.tensor([r.teacher == GOLD for r in rows], device=batch.target_mask.device)
+        is_gold = [r.teacher == GOLD for r in rows]
+        n_gold = sum(is_gold)  # counted on the host: no device sync
+        gold = to_device(torch.tensor(is_gold), batch.target_mask.device)
         with self.pool.use("scratch"):
             student = answer_logits(self.backbone.model, batch)
         loss = student.new_zeros((), dtype=torch.float32)
-        n_gold = int(gold.sum())  # rows are on the host: no device sync
         if n_gold < len(rows):
             target = self._teacher_logits(batch, rows)
             mask = batch.target_mask & ~gold[:, None]
@@ -253,7 +265,7 @@ class AdapterDistillMethod(TaskMethod):
                 logits = answer_logits(self.backbone.model, sub)  # (b, A_sub, V), right-aligned answers
             if out is None:
                 out = logits.new_zeros(len(rows), batch.answer_width, logits.shape[-1])
-            out[index.to(out.device), batch.answer_width - sub.answer_width :] = logits
+            out[to_device(index, out.device), batch.answer_width - sub.answer_width :] = logits
         return out  # rows without a teacher stay zero (masked out of the loss)
 
     def _most_transferable(self, rows: Sequence[TrainRow], slots: list[int]) -> tuple[int, dict[int, float]]:
@@ -269,7 +281,10 @@ class AdapterDistillMethod(TaskMethod):
                 offset[0] += n
                 return answer_logits(self.backbone.model, batch)
 
-        nll = rows_nll(self.backbone, expanded, forward, self.config.eval_batch_size, share_prefix=False)
+        # No gradients: rows in batches of TRANSFER_BATCHES evaluation batches (a pass costs its launches, not
+        # its rows, on a GPU).
+        batch_size = self.config.eval_batch_size * TRANSFER_BATCHES
+        nll = rows_nll(self.backbone, expanded, forward, batch_size, share_prefix=False)
         nll = nll.view(len(slots), len(sample))
         means = nll.mean(1)
         best = int(means.argmin())
