@@ -86,6 +86,8 @@ def summarize(root: Path, quick: bool = False) -> str:
     every: list[tuple[str, dict]] = []
     for path in sorted(root.glob("*/results.json")):
         report = json.loads(path.read_text(encoding="utf-8"))
+        if "settings" not in report.get("meta", {}) or "suite" not in report:
+            continue  # not a suite's run (e.g. the training-speed figures beside them)
         if bool(report["meta"]["settings"].get("quick")) != quick:
             continue
         every.append((path.parent.name, report))

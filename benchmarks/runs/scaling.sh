@@ -53,6 +53,9 @@ case "$group" in
     run nf-50-ttt-g novel_facts 50 "ttt:$g"
     run news-50 news 50 "retrieval,knowledge_store,ttt:$g"
     diagnose novel_facts news ;;
+  stores)  # the stores at 200 and 1,000 documents, each batch learned in one run
+    run nf-200-stores novel_facts 200 oracle,retrieval,knowledge_store --learn-together
+    BATCH=256 run nf-1000-retrieval novel_facts 1000 oracle,retrieval --learn-together ;;
   gated)
     run nf-50-ttt-g novel_facts 50 "ttt:$g"
     run nf-50-ttt-cd-g novel_facts 50 "ttt:$cd_:$g,lora:$cd_:$g"
@@ -62,9 +65,6 @@ case "$group" in
   parametric)
     run nf-200-ttt-cd-g novel_facts 200 "ttt:$cd_:$g"
     run nf-200-ml-cd-g novel_facts 200 "memory_layer:$cd_:$g" ;;
-  stores)
-    run nf-200-stores novel_facts 200 oracle,retrieval,knowledge_store
-    run nf-1000-stores novel_facts 1000 oracle,retrieval,knowledge_store ;;
   news)
     run news-ttt-cd news 50 "ttt:$cd_"
     run news-ml-ks news 50 memory_layer,knowledge_store
