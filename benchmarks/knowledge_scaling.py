@@ -84,10 +84,11 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(5 * len(MEASURES), 4))
+    fig, axes = plt.subplots(1, len(MEASURES), figsize=(5 * len(MEASURES) + 4, 4.5))
     series: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         series.setdefault((r["benchmark"], r["strategy"]), []).append(r)
+    markers = {"novel_facts": "o", "news": "s"}
     for ax, (measure, title) in zip(axes, MEASURES):
         for (benchmark, strategy), rows in sorted(series.items()):
             rows = [r for r in rows if r[measure] is not None]
@@ -95,14 +96,17 @@ def plot(records: list[dict], path: Path) -> None:
                 ax.plot(
                     [r["docs"] for r in rows],
                     [r[measure] for r in rows],
-                    marker="o",
+                    marker=markers.get(benchmark, "^"),
                     label=f"{strategy} ({benchmark})",
                 )
         ax.set_xscale("log")
         ax.set_xlabel("documents learned")
         ax.set_title(title)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    # a broken model's perplexity change (x 10^5) would flatten every other line: a symmetric log axis
+    axes[[m for m, _ in MEASURES].index("ppl_change")].set_yscale("symlog", linthresh=0.1)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
