@@ -112,12 +112,12 @@ class GenerationConfig:
     batch_size: int = 16
     """Prompts generated together (left padding with attention masks)."""
     backend: str = "eager"
-    """``eager`` (Hugging Face's ``generate`` with its growing cache, the reference), ``static`` (greedy answers
-    from the backbone's lean loop: a preallocated KV cache, one decoding step per token, tokens picked on the
-    device) or ``compiled`` (the same loop with a ``torch.compile``-d step, replayed as a CUDA graph on a GPU,
-    TF32 for float32, prompts padded to 64-token buckets). Greedy token ids match ``eager``; sampling and
-    streamers go to ``generate`` with a static cache (``benchmarks/results/speed``); compiling costs seconds per
-    batch shape."""
+    """``eager`` (Hugging Face's ``generate`` with its growing cache, the reference), ``static`` (greedy
+    answers from the backbone's lean loop: a preallocated KV cache, one decoding step per token, tokens picked
+    on the device) or ``compiled`` (the same loop with a ``torch.compile``-d step, replayed as a CUDA graph on
+    a GPU, TF32 for float32, prompts padded to 64-token buckets). Greedy token ids match ``eager``; sampling
+    and streamers go to ``generate`` with a static cache (``benchmarks/results/speed``); compiling costs
+    seconds per batch shape."""
     threads: int = 0
     """CPU threads used while generating (``torch.set_num_threads`` for the call, restored afterwards); 0
     leaves PyTorch's setting alone."""
