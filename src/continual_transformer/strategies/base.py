@@ -139,19 +139,8 @@ class Strategy(ABC):
         added = [add(document) for document in documents]
         loss_after = self._document_nll(documents)
         seconds = time.perf_counter() - start
-        share = seconds / max(sum(n for n, _ in added), 1)
-        batch = {"batch_documents": len(documents), "batch_seconds": seconds} if len(documents) > 1 else {}
-        return [
-            LearnReport(
-                doc_id=document.id,
-                tokens=n,
-                loss_before=before,
-                loss_after=after,
-                seconds=share * n if len(documents) > 1 else seconds,
-                extra={**figures, **batch},
-            )
-            for document, (n, figures), before, after in zip(documents, added, loss_before, loss_after)
-        ]
+        tokens, figures = [n for n, _ in added], [f for _, f in added]
+        return shared_reports(documents, tokens, loss_before, loss_after, seconds, figures)
 
     def _document_nll(self, documents: Sequence[Document]) -> list[float]:
         """Each document's mean NLL as this strategy scores it, in batches."""
@@ -489,26 +478,44 @@ class TrainingStrategy(Strategy):
         for document in documents:
             self.remember(document)
         loss_after = self._document_nll(documents)
-        seconds = time.perf_counter() - start
         tokens = [sum(e.scored_tokens for e in ex) for ex, _ in made]
-        share = seconds / max(sum(tokens), 1)
-        return [
-            LearnReport(
-                doc_id=document.id,
-                tokens=n,
-                loss_before=before,
-                loss_after=after,
-                seconds=share * n,
-                step_losses=tuple(losses),
-                extra={
-                    "steps": len(losses),
-                    "batch_documents": len(documents),
-                    "batch_seconds": seconds,
-                    **f,
-                },
-            )
-            for document, n, before, after, f in zip(documents, tokens, loss_before, loss_after, figures)
-        ]
+        return shared_reports(
+            documents,
+            tokens,
+            loss_before,
+            loss_after,
+            time.perf_counter() - start,
+            [{"steps": len(losses), **f} for f in figures],
+            step_losses=tuple(losses),
+        )
+
+
+def shared_reports(
+    documents: Sequence[Document],
+    tokens: Sequence[int],
+    loss_before: Sequence[float],
+    loss_after: Sequence[float],
+    seconds: float,
+    figures: Sequence[dict[str, Any]],
+    **common: Any,
+) -> list[LearnReport]:
+    """One report per document learned together: the call's ``seconds`` shared out by tokens (with more than
+    one document, ``extra`` also holds ``batch_documents`` and ``batch_seconds``: the whole call)."""
+    together = len(documents) > 1
+    share = seconds / max(sum(tokens), 1)
+    batch = {"batch_documents": len(documents), "batch_seconds": seconds} if together else {}
+    return [
+        LearnReport(
+            doc_id=document.id,
+            tokens=n,
+            loss_before=before,
+            loss_after=after,
+            seconds=share * n if together else seconds,
+            extra={**f, **batch},
+            **common,
+        )
+        for document, n, before, after, f in zip(documents, tokens, loss_before, loss_after, figures)
+    ]
 
 
 def check_state_names(expected, state: dict[str, torch.Tensor], what: str) -> None:
