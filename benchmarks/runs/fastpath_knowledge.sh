@@ -7,7 +7,7 @@
 #   bash benchmarks/runs/fastpath_knowledge.sh [SECONDS]      (each process stopped after SECONDS; default 480)
 #   QUICK=1 BACKEND=static MODEL=smollm2-135m-instruct DATA=../shared/data PYTHON=python \
 #     CTT_CACHE=~/.cache/continual_transformer bash benchmarks/runs/fastpath_knowledge.sh 170   (the CPU test:
-#     two documents, knowledge_store only, short answers)
+#     two documents, knowledge_store only -- or STRATEGIES=a,b,... -- short answers)
 #   COMPARE_ONLY=1 OUT=DIR bash benchmarks/runs/fastpath_knowledge.sh    (compare what DIR already holds)
 set -uo pipefail
 limit=${1:-480}
@@ -34,7 +34,8 @@ run() {  # run BACKEND NAME STRATEGIES [OPTIONS...]: one benchmark process, logg
 mkdir -p "$dir"
 [ -n "${COMPARE_ONLY:-}" ] || for backend in eager "$BACKEND"; do
   if [ -n "$QUICK" ]; then
-    run "$backend" stores knowledge_store --set generation.max_new_tokens=6 --set generation.threads=1 &
+    run "$backend" stores "${STRATEGIES:-knowledge_store}" --set generation.max_new_tokens=6 \
+      --set generation.threads=1 &
   else
     run "$backend" stores retrieval,knowledge_store &
     run "$backend" ttt ttt &
