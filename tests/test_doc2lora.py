@@ -199,3 +199,42 @@ def test_trained_weights_load_into_the_strategy(launched, tmp_path):
                                  strategy="doc2lora", config=config)  # fmt: skip
     fresh.load(tmp_path / "state")
     assert torch.equal(fresh.strategy.forward_logits([DOC]), ct.strategy.forward_logits([DOC]))
+
+
+def test_resume_continues_the_steps_curve_and_optimizer(launched, tmp_path):
+    """A second run with ``resume`` starts from the first's weights and optimizer moments and continues its
+    step count and curve; the record lists both segments."""
+    from safetensors.torch import load_file
+
+    from continual_transformer.errors import ConfigError
+    from continual_transformer.hypernetwork.model import load_hypernetwork
+    from continual_transformer.hypernetwork.training import (
+        OPTIMIZER_FILE,
+        TeacherConfig,
+        TrainHypernetworkConfig,
+        load_optimizer,
+        train_hypernetwork,
+    )
+
+    first = launched / "out"
+    moments = load_file(str(first / OPTIMIZER_FILE))
+    assert any(k.endswith(".exp_avg_sq") and v.abs().sum() > 0 for k, v in moments.items())
+    before = load_hypernetwork(first / "hypernetwork.safetensors").training
+    config = TrainHypernetworkConfig(
+        model=str(launched / "model"), device="cpu", sources=("facts", "records"), documents=12,
+        eval_percent=25, eval_every=3, max_chars=200, docs_per_step=2, queries_per_doc=4, steps=3,
+        learning_rate=3e-3, warmup_steps=0, cache_dir=str(first / "teacher-cache"),
+        out=str(tmp_path / "more"), resume=str(first / "hypernetwork.safetensors"),
+        distill=TeacherConfig(max_prefix_queries=4, max_entity_queries=2, teacher_max_new_tokens=8),
+    )  # fmt: skip
+    report = train_hypernetwork(config)
+    assert report.steps == before["steps"] + 3 == 9
+    assert [p["step"] for p in report.curve] == [0, 3, 6, 9]
+    assert report.curve[:3] == before["curve"]
+    after = load_hypernetwork(tmp_path / "more" / "hypernetwork.safetensors")
+    assert after.trained and [s["steps"] for s in after.training["segments"]] == [6, 3]
+    assert after.network.spec == load_hypernetwork(first / "hypernetwork.safetensors").network.spec
+    with pytest.raises(ConfigError, match="not an optimizer state"):
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / OPTIMIZER_FILE).write_bytes((first / "hypernetwork.safetensors").read_bytes())
+        load_optimizer(torch.optim.AdamW(after.network.parameters()), tmp_path / "bad" / OPTIMIZER_FILE)

@@ -7,14 +7,17 @@
 #                 one by one; retrieval, knowledge_store and gated ttt on 50 news articles; the diagnostic
 #     gated       every weight-changing strategy behind the relevance gate (gate.enabled), 50 novel-facts
 #                 documents, and gated ttt and memory_layer (context distillation) on 50 news articles
-#     parametric  gated ttt and memory_layer with context distillation at 200 novel-facts documents
+#     parametric  gated ttt at 200 and 1,000 and gated memory_layer at 50, 200 and 1,000 novel-facts documents,
+#                 each stream batch learned in one run (--learn-together), and retrieval at 1,000 likewise
+#     chunks      retrieval with 128-token chunks (32 overlapping) on 50 news articles and 50 novel-facts
+#                 documents, beside the committed rows of the default (256-token chunks)
 #     stores      oracle, retrieval and knowledge_store at 200 and 1,000 documents
 #     news        ttt (context distillation), memory_layer, knowledge_store and retrieval on 50 news articles,
 #                 and the retrieval diagnostic (benchmarks/retrieval_diagnostics.py) on novel facts and news
 # Each process is stopped after SECONDS (default 520); results land under $OUT/scaling/NAME. Summarise with
 #   python benchmarks/knowledge_scaling.py DIR... --out benchmarks/results/knowledge/scaling
 set -uo pipefail
-group=${1:?group: scale | gated | parametric | stores | news | quick}
+group=${1:?group: scale | gated | parametric | chunks | stores | news | quick}
 limit=${2:-520}
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=${CTT_CACHE:-/root/ctt-cache} TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
@@ -63,8 +66,15 @@ case "$group" in
     run nf-50-ft-g novel_facts 50 "finetune:$g,lora:$g"
     run news-50-ttt-g news 50 "ttt:$cd_:$g,memory_layer:$cd_:$g" ;;
   parametric)
-    run nf-200-ttt-cd-g novel_facts 200 "ttt:$cd_:$g"
-    run nf-200-ml-cd-g novel_facts 200 "memory_layer:$cd_:$g" ;;
+    run nf-200-ttt-g-together novel_facts 200 "ttt:$g" --learn-together
+    run nf-1000-ttt-g-together novel_facts 1000 "ttt:$g" --learn-together
+    run nf-50-ml-g-together novel_facts 50 "memory_layer:$g" --learn-together
+    run nf-200-ml-g-together novel_facts 200 "memory_layer:$g" --learn-together
+    run nf-1000-ml-g-together novel_facts 1000 "memory_layer:$g" --learn-together
+    BATCH=256 run nf-1000-retrieval novel_facts 1000 retrieval --learn-together ;;
+  chunks)
+    run news-50-retrieval-c128 news 50 "retrieval:chunk_tokens=128:chunk_overlap=32"
+    run nf-50-retrieval-c128 novel_facts 50 "retrieval:chunk_tokens=128:chunk_overlap=32" ;;
   news)
     run news-ttt-cd news 50 "ttt:$cd_"
     run news-ml-ks news 50 memory_layer,knowledge_store
@@ -73,7 +83,8 @@ case "$group" in
   quick)  # the CPU check of this script, 4 documents on the packaged model: PATH=.venv/bin:$PATH \
           # MODEL=smollm2-135m-instruct DATA=../shared/data CTT_CACHE=~/.cache/continual_transformer
     run quick-stores novel_facts 4 oracle,retrieval --learn-together --batches 2 --quick
-    run quick-ttt novel_facts 4 "ttt:$g" --learn-together --batches 2 --quick ;;
+    run quick-ttt novel_facts 4 "ttt:$g" --learn-together --batches 2 --quick
+    run quick-ml novel_facts 4 "memory_layer:$g" --learn-together --batches 2 --quick ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac
 wait

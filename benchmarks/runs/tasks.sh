@@ -36,6 +36,7 @@
 # already copied by those stages):
 #   bash benchmarks/runs/tasks.sh [SECONDS]           deadline of the stream (default 528; other lanes 20 s less)
 #   bash benchmarks/runs/tasks.sh 900 --quick         CPU check: quick profiles, a few tiny tasks per suite
+#   PLAN=refs bash benchmarks/runs/tasks.sh [SECONDS]  the joint / isolation references instead (below)
 # Results land under $OUT/tasks/ (commit them under benchmarks/results/tasks/h200-issue18b/).
 set -uo pipefail
 limit=${1:-528}
@@ -107,26 +108,45 @@ if [ "$scale" = 1 ] && command -v nvidia-smi > /dev/null; then  # how busy the G
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 20 > "$R/gpu.csv" 2>&1 &
   smi=$!
 fi
-( deadline=$limit; part 470 stream115 stream115 adapter_distill "${stream[@]}" ) &
-stream_lane=$!
-deadline=$(( limit - 20 ))
-lanes=()
-( part 380 clinc150-50 clinc150-50 adapter_distill ) & lanes+=($!)
-( part 225 clinc150-50 clinc150-50 isolation; part 75 long15-order0 long15 joint; speed ) & lanes+=($!)
-( part 110 clinc150-50 clinc150-50 joint; part 125 banking77 banking77 isolation
-  part 90 long15-order0 long15 isolation ) & lanes+=($!)
-( part 175 banking77 banking77 adapter_distill; part 70 banking77 banking77 joint
-  part 150 long15-order2 long15 adapter_distill --order 2 ) & lanes+=($!)
-( part 150 long15-order0 long15 adapter_distill; part 150 long15-order1 long15 adapter_distill --order 1 ) &
-lanes+=($!)
-wait "${lanes[@]}"
-echo "suite lanes done at $(( $(date +%s) - start )) s" >> "$R/lanes.txt"
-merges=()
-for run in clinc150-50 banking77 long15-order0 long15-order1 long15-order2; do merge $run & merges+=($!); done
-wait "${merges[@]}"
-wait "$stream_lane"
-echo "stream lane done at $(( $(date +%s) - start )) s" >> "$R/lanes.txt"
-merge stream115
+if [ "${PLAN:-suites}" = refs ]; then
+  # The references at the width of adapter_distill's pool (joint_adapter_dim): each suite whose "× joint" the
+  # targets read, with adapter_distill and isolation side by side in the same run where the committed run lacks
+  # them (clinc150-10, intents15, banking77); joint alone for clinc150-50 and long15 order 0.
+  deadline=$(( limit - 10 ))
+  lanes=()
+  ( part 230 intents15 intents15 adapter_distill; part 60 intents15 intents15 joint ) & lanes+=($!)
+  ( part 175 banking77 banking77 adapter_distill; part 70 banking77 banking77 joint
+    part 40 clinc150-10 clinc150-10 joint ) & lanes+=($!)
+  ( part 140 clinc150-10 clinc150-10 adapter_distill; part 125 banking77 banking77 isolation ) & lanes+=($!)
+  ( part 110 clinc150-50-joint clinc150-50 joint; part 75 long15-order0-joint long15 joint ) & lanes+=($!)
+  ( part 90 intents15 intents15 isolation; part 60 clinc150-10 clinc150-10 isolation ) & lanes+=($!)
+  wait "${lanes[@]}"
+  echo "reference lanes done at $(( $(date +%s) - start )) s" >> "$R/lanes.txt"
+  merges=()
+  for run in intents15 banking77 clinc150-10 clinc150-50-joint long15-order0-joint; do merge $run & merges+=($!); done
+  wait "${merges[@]}"
+else
+  ( deadline=$limit; part 470 stream115 stream115 adapter_distill "${stream[@]}" ) &
+  stream_lane=$!
+  deadline=$(( limit - 20 ))
+  lanes=()
+  ( part 380 clinc150-50 clinc150-50 adapter_distill ) & lanes+=($!)
+  ( part 225 clinc150-50 clinc150-50 isolation; part 75 long15-order0 long15 joint; speed ) & lanes+=($!)
+  ( part 110 clinc150-50 clinc150-50 joint; part 125 banking77 banking77 isolation
+    part 90 long15-order0 long15 isolation ) & lanes+=($!)
+  ( part 175 banking77 banking77 adapter_distill; part 70 banking77 banking77 joint
+    part 150 long15-order2 long15 adapter_distill --order 2 ) & lanes+=($!)
+  ( part 150 long15-order0 long15 adapter_distill; part 150 long15-order1 long15 adapter_distill --order 1 ) &
+  lanes+=($!)
+  wait "${lanes[@]}"
+  echo "suite lanes done at $(( $(date +%s) - start )) s" >> "$R/lanes.txt"
+  merges=()
+  for run in clinc150-50 banking77 long15-order0 long15-order1 long15-order2; do merge $run & merges+=($!); done
+  wait "${merges[@]}"
+  wait "$stream_lane"
+  echo "stream lane done at $(( $(date +%s) - start )) s" >> "$R/lanes.txt"
+  merge stream115
+fi
 $PY benchmarks/summarize_tasks.py "$R" $quick > /dev/null
 [ -n "${smi:-}" ] && kill "$smi"
 echo "all done at $(( $(date +%s) - start )) s" >> "$R/lanes.txt"

@@ -216,3 +216,22 @@ def test_module_registers_the_strategy():
     from continual_transformer.strategies import registry
 
     assert registry.get("memory_layer") is memory_layer_module.MemoryLayerStrategy
+
+
+def test_documents_learned_together_train_the_union_of_their_slots(tokenizer):
+    """``learn_documents``: each document picks its slots as alone; one run trains their union, and a report
+    per document shares the run's time."""
+    other = "Dr. Mirela Voskuijlen was born in the town of Brastow in 1873."
+    ct = build(tokenizer)
+    strategy = ct.strategy
+    strategy.calibrate()
+    own = [strategy.select_slots(strategy.training_plan(make_document(t)).examples)[0] for t in (DOC, other)]
+    before = ct.strategy.forward_logits([other])
+    reports = strategy.learn_documents([make_document(DOC), make_document(other)])
+    (memory,) = strategy.memories
+    assert set(memory.value_state()["slots"].tolist()) == set(own[0].tolist()) | set(own[1].tolist())
+    assert [r.extra["batch_documents"] for r in reports] == [2, 2]
+    assert reports[0].step_losses == reports[1].step_losses and len(reports[0].step_losses) > 0
+    assert reports[1].loss_after < reports[1].loss_before
+    assert not torch.equal(ct.strategy.forward_logits([other]), before)
+    assert strategy.documents_learned == 2

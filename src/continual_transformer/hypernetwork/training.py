@@ -44,6 +44,7 @@ from continual_transformer.hypernetwork.model import (
     HyperNetSpec,
     HyperNetwork,
     chunk_features,
+    load_hypernetwork,
     save_hypernetwork,
     unwrap_targets,
     wrap_targets,
@@ -124,6 +125,10 @@ class TrainHypernetworkConfig:
     """Teacher-signal cache (one file per document); empty: ``<out>/teacher-cache``."""
     fixed_batch: bool = False
     """Every step on the same documents and queries (a check that the loss falls; not for real training)."""
+    resume: str = ""
+    """A hypernetwork file of an earlier run to continue: its weights and architecture (``architecture`` is
+    then ignored), its optimizer moments (``optimizer.safetensors`` beside it, when there), its step count and
+    curve. Empty: start from a fresh initialisation."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -426,6 +431,50 @@ def _accelerator(cpu: bool):
     return Accelerator(cpu=cpu), gather_object
 
 
+OPTIMIZER_FILE = "optimizer.safetensors"
+"""The optimizer moments saved beside a run's weights (what ``resume`` continues with)."""
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """AdamW's per-parameter moments and step counts as safetensors (atomically), keyed by parameter index."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"{index}.{name}"] = torch.as_tensor(value).detach().float().cpu().contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "ctt-adamw-state/1"})
+    tmp.replace(path)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> bool:
+    """Restore moments saved by :func:`save_optimizer`; False (nothing changed) when there is no file. A file
+    for other parameters is refused."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        if (handle.metadata() or {}).get("format") != "ctt-adamw-state/1":
+            raise ConfigError(f"{path}: not an optimizer state file")
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    for index, entry in state.items():
+        if index >= len(params) or entry.get("exp_avg", params[index]).shape != params[index].shape:
+            raise ConfigError(f"{path}: optimizer state of other parameters than this hypernetwork's")
+    current = optimizer.state_dict()
+    current["state"] = {
+        i: {k: (v.reshape(()) if k == "step" else v) for k, v in entry.items()} for i, entry in state.items()
+    }
+    optimizer.load_state_dict(current)
+    return True
+
+
 def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
     """Meta-train a hypernetwork for ``config.model``; write weights, config, curve and report under
     ``config.out``. Works as one process or under ``accelerate launch`` (every process calls it)."""
@@ -468,9 +517,17 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
     teacher_seconds = time.perf_counter() - started
     teacher_seconds = max(gather_object([teacher_seconds]))
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        core = HyperNetwork(HyperNetSpec.for_backbone(backbone, config.architecture)).to(backbone.device)
+    earlier: dict[str, Any] = {}
+    if config.resume:
+        loaded = load_hypernetwork(config.resume, backbone.device)
+        loaded.network.spec.check_backbone(backbone)
+        core = loaded.network.train()
+        earlier = loaded.training
+        logger.info("resuming %s after %s steps", config.resume, earlier.get("steps", 0))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            core = HyperNetwork(HyperNetSpec.for_backbone(backbone, config.architecture)).to(backbone.device)
     wrappers = wrap_targets(backbone.model, core.spec.targets, core.spec.config.scale)
 
     # the gate's centre: the mean pooled embedding of the training documents, over every process
@@ -488,8 +545,12 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
     optimizer = torch.optim.AdamW(
         core.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
+    if config.resume and load_optimizer(optimizer, Path(config.resume).with_name(OPTIMIZER_FILE)):
+        logger.info("optimizer moments restored")
     network, optimizer = accelerator.prepare(core, optimizer)
-    rng = random.Random(config.seed * 1000 + rank)
+    first_step = int(earlier.get("steps", 0))
+    seconds_before = float(earlier.get("train_seconds", 0.0))
+    rng = random.Random(config.seed * 1000 + rank + first_step)
     fixed = rng.sample(range(len(my_train)), min(config.docs_per_step, len(my_train)))
 
     def evaluate(step: int, seconds: float, train_loss: float | None) -> dict[str, float | None]:
@@ -505,13 +566,48 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
         logger.info("step %d: held-out KL %.4f, train loss %s", step, kl, train_loss)
         return {"step": step, "seconds": round(seconds, 2), "held_out_kl": kl, "train_loss": train_loss}
 
-    curve = [evaluate(0, 0.0, None)]
+    weights = out / "hypernetwork.safetensors"
+    device_name = f"{world} x {backbone.device.type}" + (
+        f" ({torch.cuda.get_device_name(backbone.device)})" if backbone.device.type == "cuda" else ""
+    )
+    documents = {**counts, "train": len(train_docs), "held_out": len(held_docs)}
+    segments = list(earlier.get("segments", []))
+
+    def record(step: int, train_seconds: float) -> dict[str, Any]:
+        """The training record stored in the weights' metadata (``resume`` continues from it)."""
+        segment = {
+            "steps": step - first_step,
+            "train_seconds": round(train_seconds, 2),
+            "device": device_name,
+        }
+        return {
+            "config": to_dict(config),
+            "documents": documents,
+            "steps": step,
+            "world_size": world,
+            "held_out_kl_base": curve[0]["held_out_kl"],
+            "held_out_kl_final": curve[-1]["held_out_kl"],
+            "train_seconds": round(seconds_before + train_seconds, 2),
+            "teacher_seconds": round(teacher_seconds, 2),
+            "device": device_name,
+            "curve": curve,
+            "segments": [*segments, segment],
+        }
+
+    def checkpoint(step: int, train_seconds: float) -> None:
+        """Weights and optimizer moments as they are now (a run stopped later keeps them)."""
+        if accelerator.is_main_process:
+            save_hypernetwork(core, weights, training=record(step, train_seconds))
+            save_optimizer(optimizer, out / OPTIMIZER_FILE)
+            (out / "curve.json").write_text(json.dumps(curve, indent=2) + "\n")
+
+    curve = list(earlier.get("curve") or [evaluate(0, 0.0, None)])
     network.train()
     losses: list[float] = []
     documents_read, tokens_read = 0, 0
     train_start = time.perf_counter()
-    step = 0
-    for step in range(1, config.steps + 1):
+    step = first_step
+    for step in range(first_step + 1, first_step + config.steps + 1):
         chosen = fixed if config.fixed_batch else rng.sample(range(len(my_train)), len(fixed))
         step_rng = random.Random(config.seed) if config.fixed_batch else rng
         examples = [
@@ -519,7 +615,7 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
             for i in chosen
         ]
         for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * _lr_factor(step - 1, config)
+            group["lr"] = config.learning_rate * _lr_factor(step - first_step - 1, config)
         loss, _, tokens = adapted_distill_loss(
             backbone, network, core, wrappers, [my_train[i] for i in chosen], examples
         )
@@ -536,9 +632,12 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
             [1.0 if config.time_limit and elapsed > config.time_limit else 0.0], device=backbone.device
         )
         stop = bool(accelerator.reduce(stop, "max"))
-        if step % config.eval_every == 0 or step == config.steps or stop:
+        last = step == first_step + config.steps or stop
+        if step % config.eval_every == 0 or last:
             recent = losses[-config.eval_every :]
-            curve.append(evaluate(step, elapsed, sum(recent) / len(recent)))
+            curve.append(evaluate(step, seconds_before + elapsed, sum(recent) / len(recent)))
+            if not last:
+                checkpoint(step, elapsed)
         if stop:
             break
     train_seconds = time.perf_counter() - train_start
@@ -549,18 +648,17 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
     gate = gate_statistics(backbone, core, my_held, held_examples) if accelerator.is_main_process else {}
     unwrap_targets(backbone.model)
 
-    weights = out / "hypernetwork.safetensors"
     n_params = sum(p.numel() for p in core.parameters())
     report = TrainReport(
         weights=str(weights),
         steps=step,
         world_size=world,
-        documents={**counts, "train": len(train_docs), "held_out": len(held_docs)},
+        documents=documents,
         curve=curve,
         held_out_kl_base=curve[0]["held_out_kl"],
         held_out_kl_final=curve[-1]["held_out_kl"],
         teacher_seconds=round(teacher_seconds, 2),
-        train_seconds=round(train_seconds, 2),
+        train_seconds=round(seconds_before + train_seconds, 2),
         documents_per_second=float(totals[0]) / max(train_seconds, 1e-9),
         tokens_per_second=float(totals[1]) / max(train_seconds, 1e-9),
         parameters=n_params,
@@ -568,25 +666,11 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
         rank_checksums=list(checksums),
         train_losses=losses,
         gate=gate,
-        device=f"{world} x {backbone.device.type}"
-        + (f" ({torch.cuda.get_device_name(backbone.device)})" if backbone.device.type == "cuda" else ""),
+        device=device_name,
     )
+    checkpoint(step, train_seconds)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        training = {
-            "config": to_dict(config),
-            "documents": report.documents,
-            "steps": report.steps,
-            "world_size": world,
-            "held_out_kl_base": report.held_out_kl_base,
-            "held_out_kl_final": report.held_out_kl_final,
-            "train_seconds": report.train_seconds,
-            "teacher_seconds": report.teacher_seconds,
-            "device": report.device,
-        }
-        save_hypernetwork(core, weights, training=training)
         (out / "training_config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-        (out / "curve.json").write_text(json.dumps(curve, indent=2) + "\n")
         (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     accelerator.wait_for_everyone()
     return report

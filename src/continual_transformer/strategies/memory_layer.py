@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +55,7 @@ from continual_transformer.strategies.base import (
     Strategy,
     StrategyStats,
     check_state_names,
+    shared_reports,
     tensor_bytes,
 )
 
@@ -157,8 +158,8 @@ class TrainingPlan:
 
     examples: list[training.Example]
     """Token rows whose memory reads choose the trained slots (their real tokens are counted)."""
-    optimise: Callable[[list[nn.Parameter]], list[float]]
-    """Optimises the given value rows; returns the loss of every step."""
+    loss_fn: training.LossFn
+    """The objective's step loss over those rows."""
     scored_tokens: int
     """Tokens the objective scores (the report's ``tokens``)."""
 
@@ -318,74 +319,86 @@ class MemoryLayerStrategy(Strategy):
 
     # -- objective -------------------------------------------------------------------------------------------
     def training_plan(self, document: Document) -> TrainingPlan:
-        """Examples and optimisation of ``document`` for the configured objective."""
+        """Examples and step loss of ``document`` for the configured objective."""
         from continual_transformer import distillation
 
         cfg = self.config
-        loss_fn: training.LossFn = training.next_token_loss
         if cfg.objective == "context_distill":
             distilled = distillation.document_distill_examples(
                 self.backbone, document.text, cfg.distill, teacher_context=self.disabled
             )
             examples = distillation.as_training_examples(distilled)
-            loss_fn = distillation.distill_step_loss
-        else:
-            examples = training.window_examples(self.backbone, document.text, cfg.windows)
-        seed = self.settings.seed + self.documents_learned
-
-        def optimise(params: list[nn.Parameter]) -> list[float]:
-            return training.train(
-                self.backbone,
-                examples,
-                params,
-                cfg.optim,
-                seed=seed,
-                loss_fn=loss_fn,
-                description=f"memory_layer {document.id}",
+            return TrainingPlan(
+                examples, distillation.distill_step_loss, sum(e.scored_tokens for e in examples)
             )
-
-        return TrainingPlan(examples, optimise, sum(e.scored_tokens for e in examples))
+        examples = training.window_examples(self.backbone, document.text, cfg.windows)
+        return TrainingPlan(examples, training.next_token_loss, sum(e.scored_tokens for e in examples))
 
     # -- learning --------------------------------------------------------------------------------------------
     def learn(self, document: Document) -> LearnReport:
+        return self._learn([document])[0]
+
+    def learn_documents(self, documents: Sequence[Document]) -> list[LearnReport]:
+        """Documents that arrive together: each chooses its slots from its own reads (TF-IDF, as alone), and
+        one training run over all their examples updates the union of those slots (far fewer, fuller steps).
+        One document is learned by :meth:`learn`, exactly as alone."""
+        return self._learn(list(documents))
+
+    def _learn(self, documents: list[Document]) -> list[LearnReport]:
+        if not documents:
+            return []
         calibration = 0.0 if self.calibrated else self.calibrate()
         start = time.perf_counter()
-        plan = self.training_plan(document)
-        loss_before = self.backbone.mean_nll([document.text])
-        chosen = self.select_slots(plan.examples)
+        plans = [self.training_plan(document) for document in documents]
+        loss_before = self._document_nll(documents)
+        per_document = [self.select_slots(plan.examples) for plan in plans]
+        chosen = per_document[0] if len(plans) == 1 else [torch.cat(s).unique() for s in zip(*per_document)]
+        examples = [e for plan in plans for e in plan.examples]
         params = [memory.begin_training(slots) for memory, slots in zip(self.memories, chosen)]
         committed = False
         try:
-            losses = plan.optimise(params)
+            losses = training.train(
+                self.backbone,
+                examples,
+                params,
+                self.config.optim,
+                seed=self.settings.seed + self.documents_learned,
+                loss_fn=plans[0].loss_fn,
+                description=f"memory_layer {documents[0].id}"
+                + (f" +{len(documents) - 1}" if len(documents) > 1 else ""),
+            )
             committed = True
         finally:
             for memory in self.memories:
-                memory.end_training(commit=committed)  # an interrupted document changes nothing
-        self.documents_learned += 1
-        self.remember(document)
-        loss_after = self.backbone.mean_nll([document.text])
+                memory.end_training(commit=committed)  # an interrupted run changes nothing
+        self.documents_learned += len(documents)
+        for document in documents:
+            self.remember(document)
+        loss_after = self._document_nll(documents)
         logger.info(
-            "memory_layer: %s: %d steps on %s slots, loss %.3f -> %.3f",
-            document.id,
+            "memory_layer: %d document(s) from %s: %d steps on %s slots, loss %.3f -> %.3f",
+            len(documents),
+            documents[0].id,
             len(losses),
             "/".join(str(s.numel()) for s in chosen),
+            sum(loss_before) / len(loss_before),
+            sum(loss_after) / len(loss_after),
+        )
+        figures = {
+            "steps": len(losses),
+            "slots_trained": [int(s.numel()) for s in chosen],
+            "slots_written": [m.written for m in self.memories],
+            "layers": list(self.layer_ids),
+            "calibration_seconds": calibration,
+        }
+        return shared_reports(
+            documents,
+            [plan.scored_tokens for plan in plans],
             loss_before,
             loss_after,
-        )
-        return LearnReport(
-            doc_id=document.id,
-            tokens=plan.scored_tokens,
-            loss_before=loss_before,
-            loss_after=loss_after,
-            seconds=time.perf_counter() - start,
+            time.perf_counter() - start,
+            [figures] * len(documents),
             step_losses=tuple(losses),
-            extra={
-                "steps": len(losses),
-                "slots_trained": [int(s.numel()) for s in chosen],
-                "slots_written": [m.written for m in self.memories],
-                "layers": list(self.layer_ids),
-                "calibration_seconds": calibration,
-            },
         )
 
     # -- state -----------------------------------------------------------------------------------------------

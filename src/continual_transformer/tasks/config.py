@@ -156,6 +156,11 @@ class TaskConfig:
     joint_max_examples: int | None = None
     """``joint`` trains each step on at most this many examples drawn uniformly from all tasks so far
     (``None``: every example; its cost then grows with the number of tasks)."""
+    joint_adapter_dim: int | None = None
+    """Bottleneck width of ``joint``'s shared adapter (``None``: ``pool_size * adapter_dim``, the width of
+    ``adapter_distill``'s whole pool, so the multitask bound has the capacity of the zero-growth method it
+    bounds; with one pool slot's width, 16, it answered 0.421 on banking77 against 0.769 for one adapter per
+    task)."""
 
     # -- regularisers --
     ewc_lambda: float = 1000.0
@@ -240,6 +245,12 @@ class TaskConfig:
             self.adapter_activation in ACTIVATIONS,
             "tasks.adapter_activation",
             f"must be one of {ACTIVATIONS}",
+        )
+        _check(
+            self.joint_adapter_dim is None
+            or (isinstance(self.joint_adapter_dim, int) and self.joint_adapter_dim >= 1),
+            "tasks.joint_adapter_dim",
+            f"must be null or an integer >= 1, got {self.joint_adapter_dim!r}",
         )
         _check(self.learning_rate > 0, "tasks.learning_rate", "must be > 0")
         _check(self.weight_decay >= 0, "tasks.weight_decay", "must be >= 0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 
@@ -20,13 +21,14 @@ class JointMethod(SequentialMethod):
     """Shared adapter trained, at each step, on every example of every task so far (multitask upper bound).
 
     It keeps all training data (its state grows with every task) and its cost per step grows with the tasks
-    seen.
+    seen. Its adapter is as wide as ``adapter_distill``'s whole pool (``joint_adapter_dim``).
     """
 
     grows_with_tasks = True
 
     def __init__(self, backbone: Backbone, config: TaskConfig) -> None:
-        super().__init__(backbone, config)
+        width = config.joint_adapter_dim or config.pool_size * config.adapter_dim
+        super().__init__(backbone, dataclasses.replace(config, adapter_dim=width))
         self.store: list[Encoded] = []
 
     def training_examples(self, task: int, examples: Sequence[Encoded]) -> Sequence[Encoded]:
