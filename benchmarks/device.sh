@@ -7,14 +7,15 @@
 #   mv /tmp/w/part.aa .device/p1/ && mv /tmp/w/part.ab .device/p2/
 #   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 gguf==0.19.0 rank-bm25==0.2.2 -d .device/whl
-#   mkdir -p .device/d1 .device/d2z && cp -r $DATA/{clinc150,banking77,wikitext2} .device/d1/
-#   tar czf .device/d2z/cl.tgz -C $DATA cl_benchmark        (11 MB: it rides with the model's second half)
+#   mkdir -p .device/d1 .device/d2x && cp -r $DATA/{clinc150,banking77,wikitext2} .device/d1/
+#   tar cJf .device/d2x/cl.txz -C $DATA cl_benchmark        (7.3 MB with xz: it rides with the embedder)
 #   the MiniLM embedder (memory_bank keys, the minilm task router) in float16, 45 MB: its pulled directory
 #   (`ctt models pull minilm-l6`) copied to .device/emb/minilm-l6 with model.safetensors re-saved in float16
 # Then, on the GPU machine, back to back:
-#   bash benchmarks/device.sh setup        (carry .device/p1 .device/whl .device/d1)
-#   bash benchmarks/device.sh model        (carry .device/p2 .device/d2z)
-#   bash benchmarks/device.sh embedder     (carry .device/emb)
+#   bash benchmarks/device.sh setup        (carry .device/p1 .device/whl)
+#   bash benchmarks/device.sh model        (carry .device/p2 .device/d1)
+#   bash benchmarks/device.sh embedder     (carry .device/emb .device/d2x)
+# (each call's carried files and the working tree must stay under 64 MiB together)
 #   bash benchmarks/device.sh knowledge    (and any other stage below)
 # A call may run stages side by side (the model leaves the GPU mostly idle), each under `timeout`, then pack
 # what they wrote: OUT=/tmp/out; (bash benchmarks/device.sh rows SPEC... &); ...; wait; tar czf $REAL_OUT/r.tgz -C /tmp/out .
@@ -30,9 +31,10 @@ DATA=/root/data
 KNOWLEDGE=benchmarks/results/knowledge/h100-novel_facts-50-wikitext
 CTT=(python3 -m continual_transformer --model $MODEL --set data_dir=$DATA --set generation.batch_size=64
      --set model.dtype=float32)
-copy_data() {  # the data folders, and the long15 collection as a tarball when carried (.device/d2z/cl.tgz)
+copy_data() {  # the data folders, and the long15 collection as a tarball when carried (.device/d2x/cl.txz)
   mkdir -p $DATA && for d in .device/d1 .device/d2; do [ -d $d ] && cp -r $d/. $DATA/; done
-  [ -f .device/d2z/cl.tgz ] && tar xzf .device/d2z/cl.tgz -C $DATA; true
+  [ -f .device/d2x/cl.txz ] && [ ! -d $DATA/cl_benchmark ] \
+    && python3 -c "import tarfile; tarfile.open('.device/d2x/cl.txz').extractall('$DATA')"; true
 }
 case "$stage" in
   setup)
@@ -48,6 +50,7 @@ case "$stage" in
   data)
     copy_data; ls $DATA ;;
   embedder)
+    copy_data
     mkdir -p $CTT_CACHE/models && cp -r .device/emb/minilm-l6 $CTT_CACHE/models/
     python3 -c "from continual_transformer import zoo; print(zoo.resolve('minilm-l6', auto_pull=False))" ;;
   knowledge)

@@ -32,7 +32,7 @@
 # stream runs; then the stream's merge and the summary (about 6 s). The estimates predate the sync-free
 # training loop and the batched routed evaluation, which can only lower them.
 #
-# After benchmarks/device.sh setup, model and embedder (the data: .device/d1 and .device/d2z/cl.tgz carried, or
+# After benchmarks/device.sh setup, model and embedder (the data: .device/d1 and .device/d2x/cl.txz carried, or
 # already copied by those stages):
 #   bash benchmarks/runs/tasks.sh [SECONDS]           deadline of the stream (default 528; other lanes 20 s less)
 #   bash benchmarks/runs/tasks.sh 900 --quick         CPU check: quick profiles, a few tiny tasks per suite
@@ -64,7 +64,8 @@ else
   DATA=/root/data
   export PYTHONPATH=/root/site:$PWD/src CTT_CACHE=/root/ctt-cache
   mkdir -p $DATA && for d in .device/d1 .device/d2; do [ -d $d ] && cp -r $d/. $DATA/; done
-  [ -d $DATA/cl_benchmark ] || { [ -f .device/d2z/cl.tgz ] && tar xzf .device/d2z/cl.tgz -C $DATA; }
+  [ -d $DATA/cl_benchmark ] || { [ -f .device/d2x/cl.txz ] \
+    && python3 -c "import tarfile; tarfile.open('.device/d2x/cl.txz').extractall('$DATA')"; }
   extra=()
   stream=()
   speed_args=(--batch-sizes 32 128 512)

@@ -380,17 +380,23 @@ def unwrap_targets(model: nn.Module) -> None:
 
 
 def save_hypernetwork(
-    network: HyperNetwork, path: str | Path, *, training: dict[str, Any] | None = None
+    network: HyperNetwork,
+    path: str | Path,
+    *,
+    training: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write the weights as safetensors (atomically), with the spec and the training record in the metadata.
 
     ``training=None`` marks the file untrained: the strategy refuses it unless told to accept it (tests).
+    ``dtype`` is the stored precision (``torch.float16`` halves the file); the network always computes in
+    float32.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in network.state_dict().items()}
+    tensors = {k: v.detach().to(dtype).cpu().contiguous() for k, v in network.state_dict().items()}
     metadata = {
         "format": FORMAT,
         "spec": network.spec.to_json(),

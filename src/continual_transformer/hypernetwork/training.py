@@ -125,6 +125,10 @@ class TrainHypernetworkConfig:
     """Teacher-signal cache (one file per document); empty: ``<out>/teacher-cache``."""
     fixed_batch: bool = False
     """Every step on the same documents and queries (a check that the loss falls; not for real training)."""
+    weights_dtype: str = "float16"
+    """Stored precision of the weights file: ``float16`` (half the size; what ships) or ``float32``. The
+    network trains and computes in float32; every checkpoint, the one a run resumes from included, is
+    stored at this precision."""
     resume: str = ""
     """A hypernetwork file of an earlier run to continue: its weights and architecture (``architecture`` is
     then ignored), its optimizer moments (``optimizer.safetensors`` beside it, when there), its step count and
@@ -137,6 +141,8 @@ class TrainHypernetworkConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 < self.eval_percent < 100:
             raise ConfigError(f"eval_percent: must be in (0, 100), got {self.eval_percent}")
+        if self.weights_dtype not in ("float16", "float32"):
+            raise ConfigError(f"weights_dtype: float16 or float32, got {self.weights_dtype!r}")
         if self.learning_rate <= 0 or self.time_limit < 0 or self.warmup_steps < 0:
             raise ConfigError("learning_rate must be > 0, time_limit and warmup_steps >= 0")
 
@@ -597,7 +603,12 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
     def checkpoint(step: int, train_seconds: float) -> None:
         """Weights and optimizer moments as they are now (a run stopped later keeps them)."""
         if accelerator.is_main_process:
-            save_hypernetwork(core, weights, training=record(step, train_seconds))
+            save_hypernetwork(
+                core,
+                weights,
+                training=record(step, train_seconds),
+                dtype=getattr(torch, config.weights_dtype),
+            )
             save_optimizer(optimizer, out / OPTIMIZER_FILE)
             (out / "curve.json").write_text(json.dumps(curve, indent=2) + "\n")
 
@@ -662,7 +673,8 @@ def train_hypernetwork(config: TrainHypernetworkConfig) -> TrainReport:
         documents_per_second=float(totals[0]) / max(train_seconds, 1e-9),
         tokens_per_second=float(totals[1]) / max(train_seconds, 1e-9),
         parameters=n_params,
-        weights_bytes=4 * sum(t.numel() for t in core.state_dict().values()),
+        weights_bytes=sum(t.numel() for t in core.state_dict().values())
+        * getattr(torch, config.weights_dtype).itemsize,
         rank_checksums=list(checksums),
         train_losses=losses,
         gate=gate,
