@@ -128,3 +128,26 @@ def test_learning_does_not_touch_the_global_random_generator(tokenizer, method):
     learner.predict_batch(["capital river"])
     assert torch.equal(torch.random.get_rng_state(), before)
     learner.close()
+
+
+@pytest.mark.parametrize("method", ["sequential", "joint", "ewc", "lwf", "replay"])
+def test_the_shared_adapter_trains_its_whole_bottleneck_from_the_first_task(tokenizer, method):
+    """Started from an all-zero adapter, only the output bias would receive gradient (a constant offset per
+    layer): the first task starts the shared adapter fresh, so its projections train."""
+    learner = TaskLearner(make_backbone(tokenizer), tiny_config(method=method))
+    learner.learn_task("t0", synthetic_task(0), epochs=1)
+    pool = learner.method.pool
+    assert pool.slot_up[0].abs().sum() > 0 and pool.slot_down[0].abs().sum() > 0
+    learner.close()
+
+
+def test_joint_adapter_is_as_wide_as_the_pool_unless_told(tokenizer):
+    config = tiny_config(method="joint")
+    learner = TaskLearner(make_backbone(tokenizer), config)
+    assert learner.method.pool.bottleneck == config.pool_size * config.adapter_dim
+    learner.close()
+    import dataclasses
+
+    narrow = TaskLearner(make_backbone(tokenizer), dataclasses.replace(config, joint_adapter_dim=3))
+    assert narrow.method.pool.bottleneck == 3
+    narrow.close()

@@ -38,7 +38,13 @@ class SequentialMethod(TaskMethod):
     ) -> dict[str, Any]:
         rows = rows_of(self.training_examples(task, examples))
         start = time.perf_counter()
-        self.pool.fetch(0)
+        if bool(self.pool.slot_down[0].any()):  # sync: once per task
+            self.pool.fetch(0)
+        else:
+            # the first training: a fresh adapter. From all zeros only the output bias would learn (the
+            # bottleneck's activations and the up-projection's gradient are both zero), a constant offset per
+            # layer whatever the input.
+            self.pool.fresh_scratch(self.config.seed + task)
         self.before_task(task, rows)
         losses = self._fit(
             self.pool.scratch_parameters(),
