@@ -1,0 +1,295 @@
+"""Continuous batching: a fixed set of decoding rows that prompts join and leave between decoding steps.
+
+:class:`DecodeSlots` owns one static KV cache of ``rows x length`` positions. A prompt joins by being run
+alone (its prefill, exactly the forward pass a solo answer starts with) and having its keys and values copied
+into a free row; every :meth:`DecodeSlots.step` then decodes one greedy token for all live rows together, and
+a row that reaches EOS or its token budget is handed back at once and its row freed for the next prompt.
+
+Rows share the cache's write column (every step writes column ``t`` of every row) but nothing else: each row
+keeps its own position ids, and an additive attention mask per row says which columns are its tokens. Keys are
+cached after their position is applied (rotary or absolute embeddings), so where in the cache a row's tokens
+sit does not change what it computes; a prompt is copied to end at the write column (the column jumps forward
+when a prompt is longer than the columns behind it), and when the write column reaches the end every row's
+tokens are moved to the right end of a shorter span (:meth:`DecodeSlots._compact`). Models whose attention
+depends on column distance (sliding windows, ALiBi) are refused by :func:`supports_slots`.
+
+A row's answer is the greedy answer its prompt gets alone (the tests compare it with
+:meth:`Backbone.generate`): no logits processors, no sampling, no per-call hooks -- requests needing those
+are answered by the batch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from continual_transformer.backbone import Backbone
+
+logger = logging.getLogger(__name__)
+
+_POSITIONAL_BY_COLUMN = ("bloom", "mpt", "falcon", "gemma2", "gemma3", "mistral", "mixtral", "phi3")
+"""Model types whose attention reads column distances (ALiBi) or may use sliding windows."""
+
+
+def supports_slots(backbone: Backbone) -> bool:
+    """Whether :class:`DecodeSlots` computes this model's answers exactly: a decoder-only model with a
+    ``StaticCache`` keyword, full attention in every layer and positions carried by the keys."""
+    config = backbone.model.config
+    layer_types = getattr(config, "layer_types", None) or ()
+    return (
+        backbone._cache_keyword() is not None
+        and not getattr(config, "is_encoder_decoder", False)
+        and getattr(config, "sliding_window", None) is None
+        and all(kind == "full_attention" for kind in layer_types)
+        and getattr(config, "model_type", "") not in _POSITIONAL_BY_COLUMN
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinishedRow:
+    """One answer that left the slots."""
+
+    key: Any
+    """What the caller gave :meth:`DecodeSlots.add` for this prompt."""
+    text: str
+    """The answer as :meth:`Backbone.generate` returns it (special tokens dropped, outer whitespace
+    stripped)."""
+    token_ids: tuple[int, ...]
+    """The new tokens, EOS included when it ended the answer."""
+    prompt_tokens: int
+    """Tokens of the model input (chat template applied)."""
+    seconds: float
+    """From joining to leaving."""
+
+
+@dataclass(kw_only=True)
+class _Row:
+    key: Any
+    budget: int
+    prompt_tokens: int
+    started: float
+    tokens: list[int]
+
+
+class DecodeSlots:
+    """``rows`` decoding rows of at most ``length`` cache positions each, shared by prompts that come and go.
+
+    Not thread-safe: one thread adds prompts and steps (the service's generation thread). Greedy only.
+    """
+
+    def __init__(self, backbone: Backbone, *, rows: int, length: int) -> None:
+        if rows < 1 or length < 2:
+            raise ValueError(f"DecodeSlots needs rows >= 1 and length >= 2, got {rows} and {length}")
+        if not supports_slots(backbone):
+            raise ValueError(f"continuous batching does not support {backbone.name}")
+        from transformers import StaticCache
+
+        self.backbone = backbone
+        self.rows = rows
+        self.length = length
+        model, device = backbone.model, backbone.device
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        self._initialized = False
+        eos = backbone.tokenizer.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else list(eos or []))
+        self.pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
+        self.visible = torch.zeros((rows, length), dtype=torch.bool, device=device)  # (B, L) a row's columns
+        self.next_tokens = torch.full((rows,), self.pad_id, dtype=torch.long, device=device)  # (B,)
+        self.positions = torch.zeros((rows,), dtype=torch.long, device=device)  # (B,) position of next_tokens
+        self.column = 0  # the write column of the next step
+        self._rows: list[_Row | None] = [None] * rows
+        self.compactions = 0
+        self.steps = 0
+        self._mode = backbone._lean_step_mode(backbone.generation.backend == "compiled")
+
+    # -- what is held ---------------------------------------------------------------------------------------
+    @property
+    def live(self) -> int:
+        """Rows holding a prompt that is still being answered."""
+        return sum(row is not None for row in self._rows)
+
+    @property
+    def free(self) -> int:
+        return self.rows - self.live
+
+    def keys(self) -> list[Any]:
+        """The keys of the live rows."""
+        return [row.key for row in self._rows if row is not None]
+
+    def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        """Whether a prompt of ``prompt_tokens`` model tokens and its budget fit in one row."""
+        return prompt_tokens + max_new_tokens < self.length
+
+    def model_ids(self, prompt: str, *, chat: bool | None = None, formatted: bool = False) -> list[int]:
+        """The token ids :meth:`Backbone.generate` feeds the model for ``prompt``."""
+        backbone = self.backbone
+        return backbone.token_ids(backbone.model_text(prompt, chat=chat, formatted=formatted))
+
+    # -- joining and leaving --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def add(self, key: Any, ids: Sequence[int], max_new_tokens: int) -> FinishedRow | None:
+        """Prefill ``ids`` (model input, see :meth:`model_ids`) into a free row and pick its first token;
+        returns the answer when that already ends it (EOS or a budget of one), else ``None``."""
+        if not self.free:
+            raise RuntimeError("no free decoding row")
+        if not ids:
+            raise ValueError("an empty prompt cannot be decoded")
+        if not self.fits(len(ids), max_new_tokens):
+            raise ValueError(f"{len(ids)} prompt tokens and {max_new_tokens} new ones exceed {self.length}")
+        started = time.perf_counter()
+        backbone = self.backbone
+        model, device = backbone.model, backbone.device
+        from transformers import DynamicCache
+
+        prompt = torch.tensor([list(ids)], dtype=torch.long, device=device)  # (1, P)
+        solo = DynamicCache(config=model.config)
+        extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        with backbone._decoding():
+            logits = model(
+                input_ids=prompt, use_cache=True, **{backbone._cache_keyword(): solo}, **extra
+            ).logits[:, -1, :]  # (1, V)
+        first = int(logits.float().argmax(-1))  # sync: once per prompt
+        row = next(i for i, r in enumerate(self._rows) if r is None)
+        n = prompt.shape[1]
+        if self.column < n:
+            self.column = n  # the columns skipped are masked for every row
+        self._write(row, solo, n)
+        state = _Row(key=key, budget=max_new_tokens, prompt_tokens=n, started=started, tokens=[first])
+        self._rows[row] = state
+        self.next_tokens[row] = first
+        self.positions[row] = n
+        return self._leave_if_done(row)
+
+    def _write(self, row: int, solo: Any, n: int) -> None:
+        """Copy a prefilled prompt's keys and values into ``row``, ending just before the write column."""
+        start, end = self.column - n, self.column
+        for layer, source in zip(self.cache.layers, solo.layers):
+            keys, values = source.keys, source.values  # (1, H, P, D)
+            if not self._initialized:
+                layer.lazy_initialization(
+                    keys.expand(self.rows, -1, -1, -1), values.expand(self.rows, -1, -1, -1)
+                )
+            layer.keys[row, :, start:end] = keys[0]
+            layer.values[row, :, start:end] = values[0]
+        self._initialized = True
+        self.visible[row] = False
+        self.visible[row, start:end] = True
+
+    def _leave_if_done(self, row: int) -> FinishedRow | None:
+        state = self._rows[row]
+        assert state is not None
+        if len(state.tokens) < state.budget and state.tokens[-1] not in self.eos_ids:
+            return None
+        self._rows[row] = None
+        self.visible[row] = False
+        self.next_tokens[row] = self.pad_id
+        text = self.backbone.tokenizer.decode(state.tokens, skip_special_tokens=True).strip()
+        return FinishedRow(
+            key=state.key,
+            text=text,
+            token_ids=tuple(state.tokens),
+            prompt_tokens=state.prompt_tokens,
+            seconds=time.perf_counter() - state.started,
+        )
+
+    def drop(self, key: Any) -> bool:
+        """Free the row answering ``key`` without an answer (a cancelled or timed-out request)."""
+        for i, row in enumerate(self._rows):
+            if row is not None and row.key == key:
+                self._rows[i] = None
+                self.visible[i] = False
+                self.next_tokens[i] = self.pad_id
+                return True
+        return False
+
+    def clear(self) -> None:
+        """Drop every row (after a failed step: the cache may hold half-written columns)."""
+        self._rows = [None] * self.rows
+        self.visible.zero_()
+        self.next_tokens.fill_(self.pad_id)
+        self.column = 0
+
+    # -- decoding -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[FinishedRow]:
+        """One greedy token for every live row; returns the answers that ended with it."""
+        live = [i for i, row in enumerate(self._rows) if row is not None]
+        if not live:
+            return []
+        if self.column >= self.length:
+            self._compact()
+        column = self.column
+        self.visible[:, column] = True  # every row sees the token it writes (free rows too: no empty row)
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(column)
+        dtype = self.backbone.dtype
+        mask = torch.zeros(self.visible.shape, dtype=dtype, device=self.visible.device)
+        mask = mask.masked_fill(~self.visible, torch.finfo(dtype).min)[:, None, None, :]  # (B, 1, 1, L)
+        with self.backbone._decoding():
+            logits = self._run_step(mask)
+        self.column = column + 1
+        self.steps += 1
+        chosen = logits.float().argmax(-1)  # (B,)
+        self.next_tokens.copy_(chosen)
+        self.positions += 1
+        picked = chosen.tolist()  # sync: once per step, to hand finished answers back at once
+        finished = []
+        for i in live:
+            state = self._rows[i]
+            assert state is not None
+            state.tokens.append(int(picked[i]))
+            done = self._leave_if_done(i)
+            if done is not None:
+                finished.append(done)
+        return finished
+
+    def _run_step(self, mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, V) with the fastest step that works (as the lean loop chooses: compiled and
+        replayed as a CUDA graph, compiled, plain)."""
+        backbone = self.backbone
+        while True:
+            step = backbone._lean_step(self._mode)
+            try:
+                if self._mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = step(self.next_tokens[:, None], self.positions[:, None], mask, self.cache)
+                return logits.clone() if self._mode == "reduce-overhead" else logits
+            except Exception as exc:
+                following = {"reduce-overhead": "default", "default": "plain"}.get(self._mode)
+                if following is None:
+                    raise
+                logger.warning("decoding-slot step %r failed (%s); trying %r", self._mode, exc, following)
+                self._mode = following
+                for layer in self.cache.layers:
+                    layer.cumulative_length.fill_(self.column)
+
+    def _compact(self) -> None:
+        """Move every live row's columns, in order, to end at the shortest common write column."""
+        live = torch.tensor([row is not None for row in self._rows], device=self.visible.device)
+        self.visible &= live[:, None]
+        counts = self.visible.sum(1)  # (B,)
+        column = int(counts.max())  # sync: once per compaction
+        if column >= self.length:
+            raise RuntimeError("a decoding row outgrew its cache length")
+        order = torch.argsort(self.visible.int(), dim=1, stable=True)  # hidden columns first, then the row's
+        index = torch.roll(order, shifts=column - self.length, dims=1)  # (B, L): column j <- index[:, j]
+        for layer in self.cache.layers:
+            for tensor in (layer.keys, layer.values):  # (B, H, L, D)
+                gather = index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
+                tensor.copy_(tensor.gather(2, gather))
+        span = torch.arange(self.length, device=counts.device)
+        self.visible = (span[None, :] < column) & (span[None, :] >= column - counts[:, None])
+        self.column = column
+        self.compactions += 1
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters

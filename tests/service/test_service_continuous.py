@@ -1,0 +1,189 @@
+"""Continuous batching: decoding rows that prompts join and leave between steps (DecodeSlots) and the
+service's generation thread on them. Every answer must equal the prompt's solo answer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+from conftest import build_tokenizer, make_backbone
+from service_helpers import tiny_session
+
+from continual_transformer.decode_slots import DecodeSlots, supports_slots
+from continual_transformer.documents import Document
+from continual_transformer.service.batcher import Batcher
+from continual_transformer.service.errors import ServiceError
+from continual_transformer.service.rwlock import ReadWriteLock
+from continual_transformer.service.settings import ServiceConfig
+
+PROMPTS = [
+    "hello there",
+    "A quick brown fox jumps over the lazy dog. questions answers",
+    "memory",
+    "documents learning memory questions answers 0123456789 fox",
+    "fox",
+    "the lazy dog",
+    "0123456789",
+]
+BUDGETS = [3, 12, 9, 5, 12, 2, 11]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rows_joining_at_different_steps_answer_as_alone(arch):
+    backbone = make_backbone(build_tokenizer(), arch=arch, max_new_tokens=12)
+    solo = [backbone.generate([p], chat=False, max_new_tokens=n)[0] for p, n in zip(PROMPTS, BUDGETS)]
+    # 3 rows of 36 positions: prompts wait for a free row, join mid-answer, and the rows get compacted
+    slots = DecodeSlots(backbone, rows=3, length=36)
+    answers, queue, joined_at = {}, list(range(len(PROMPTS))), {}
+    while queue or slots.live:
+        if queue and slots.free:  # one newcomer per step: they join at different steps
+            k = queue.pop(0)
+            joined_at[k] = slots.steps
+            done = slots.add(k, slots.model_ids(PROMPTS[k], chat=False), BUDGETS[k])
+            if done is not None:
+                answers[done.key] = done.text
+        for done in slots.step():
+            answers[done.key] = done.text
+            assert len(done.token_ids) <= BUDGETS[done.key]
+    assert [answers[k] for k in range(len(PROMPTS))] == solo
+    assert len(set(joined_at.values())) == len(PROMPTS)
+    assert slots.compactions >= 1
+    assert slots.live == 0 and slots.free == 3
+
+
+def test_a_chat_prompt_and_a_budget_of_one_finish_at_join():
+    backbone = make_backbone(build_tokenizer(), max_new_tokens=4)
+    slots = DecodeSlots(backbone, rows=2, length=64)
+    done = slots.add("k", slots.model_ids("hello there", chat=True), 1)
+    assert done is not None and slots.free == 2
+    assert done.text == backbone.generate(["hello there"], chat=True, max_new_tokens=1)[0]
+    with pytest.raises(ValueError):
+        slots.add("long", list(range(60)), 8)
+
+
+def test_models_reading_column_distances_are_refused():
+    backbone = make_backbone(build_tokenizer())
+    assert supports_slots(backbone)
+    backbone.model.config.sliding_window = 16
+    assert not supports_slots(backbone)
+    with pytest.raises(ValueError):
+        DecodeSlots(backbone, rows=2, length=32)
+
+
+# -- the service's generation thread -----------------------------------------------------------------------
+
+
+class _Served:
+    """A batcher with continuous batching on a tiny session, its thread running."""
+
+    def __init__(self, monkeypatch, *, strategy: str = "none", step_delay: float = 0.0, **settings):
+        self.session = tiny_session(strategy)
+        self.made: list[DecodeSlots] = []
+        made, step = self.made, DecodeSlots.step
+
+        def decode_slots(backbone, rows, length):
+            made.append(DecodeSlots(backbone, rows=rows, length=length))
+            return made[-1]
+
+        def slow_step(slots):
+            time.sleep(step_delay)
+            return step(slots)
+
+        monkeypatch.setattr(type(self.session.backbone), "decode_slots", decode_slots)
+        monkeypatch.setattr(DecodeSlots, "step", slow_step)
+        config = ServiceConfig(continuous=True, max_batch=settings.pop("max_batch", 3), **settings)
+        self.counters: Counter = Counter()
+        self.batcher = Batcher(config, lambda: self.session, ReadWriteLock(), self.counters)
+        self.thread = threading.Thread(target=self.batcher.run, daemon=True)
+        self.thread.start()
+
+    def solo(self, prompt: str, n: int, chat: bool | None = False) -> str:
+        return self.session.generate([prompt], chat=chat, max_new_tokens=n)[0]
+
+    def close(self) -> None:
+        self.batcher.stop(5)
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def served(monkeypatch):
+    made = []
+
+    def build(**kwargs):
+        made.append(_Served(monkeypatch, **kwargs))
+        return made[-1]
+
+    yield build
+    for s in made:
+        s.close()
+
+
+def test_service_answers_equal_solo_answers_and_rows_are_reused(served):
+    s = served(max_batch=2)
+    futures = []
+    for k, (prompt, n) in enumerate(zip(PROMPTS, BUDGETS)):
+        futures.append(s.batcher.submit(prompt, chat=bool(k % 2), max_new_tokens=n))
+        time.sleep(0.002 * k)  # arrivals spread over the decoding steps
+    answers = [f.result(timeout=60) for f in futures]
+    expected = [s.solo(p, n, chat=bool(k % 2)) for k, (p, n) in enumerate(zip(PROMPTS, BUDGETS))]
+    assert [a.text for a in answers] == expected
+    assert len(s.made) == 1 and s.made[0].rows == 2  # 7 requests through the same 2 rows
+    assert s.counters["answered"] == len(PROMPTS)
+    assert all(a.completion_tokens <= n for a, n in zip(answers, BUDGETS))
+
+
+def test_a_short_answer_finishes_before_a_long_one_that_started_earlier(served):
+    s = served(step_delay=0.01)
+    long = s.batcher.submit("memory", chat=False, max_new_tokens=60)
+    while not s.made or s.made[0].steps < 3:  # the long answer is decoding
+        time.sleep(0.005)
+    short = s.batcher.submit("fox", chat=False, max_new_tokens=3)
+    assert short.result(timeout=60).text == s.solo("fox", 3)
+    assert not long.done()
+    assert long.result(timeout=60).text == s.solo("memory", 60)
+
+
+def test_a_failing_row_does_not_poison_the_others(served, monkeypatch):
+    s = served(step_delay=0.005)
+    add = DecodeSlots.add
+
+    def failing_add(slots, key, ids, max_new_tokens):
+        if len(ids) == len(slots.model_ids("boom boom boom boom", chat=False)):
+            raise RuntimeError("bad prompt")
+        return add(slots, key, ids, max_new_tokens)
+
+    monkeypatch.setattr(DecodeSlots, "add", failing_add)
+    good = s.batcher.submit("memory", chat=False, max_new_tokens=20)
+    bad = s.batcher.submit("boom boom boom boom", chat=False, max_new_tokens=5)
+    with pytest.raises(ServiceError) as caught:
+        bad.result(timeout=60)
+    assert caught.value.status == 500
+    assert good.result(timeout=60).text == s.solo("memory", 20)
+
+    # a failed shared step fails its rows only; the next request is answered on fresh rows
+    monkeypatch.setattr(DecodeSlots, "add", add)
+    step = DecodeSlots.step
+    monkeypatch.setattr(DecodeSlots, "step", lambda slots: (_ for _ in ()).throw(RuntimeError("step")))
+    broken = s.batcher.submit("fox", chat=False, max_new_tokens=5)
+    with pytest.raises(ServiceError):
+        broken.result(timeout=60)
+    monkeypatch.setattr(DecodeSlots, "step", step)
+    assert s.batcher.submit("fox", chat=False, max_new_tokens=5).result(timeout=60).text == s.solo("fox", 5)
+
+
+def test_requests_rows_cannot_serve_take_the_batch_path(served):
+    from continual_transformer.service.generation import GenerationOptions
+
+    s = served(strategy="in_context", max_batch=2)
+    s.session.learn(Document(id="v", text="The capital of Veloria is Tarnhelm."))
+    plain = s.batcher.submit("memory", chat=False, max_new_tokens=6)
+    assert plain.result(timeout=60).text == s.solo("memory", 6)
+    assert not s.made  # in_context puts documents in the prompt: no rows are made for it
+    s.session.strategy.reset()
+    seeded = s.batcher.submit(
+        "fox", chat=False, max_new_tokens=4, options=GenerationOptions(temperature=0.0, seed=3)
+    )
+    assert seeded.result(timeout=60).text == s.solo("fox", 4)
