@@ -1,6 +1,6 @@
 """Continuous batching: a fixed set of decoding rows that prompts join and leave between decoding steps.
 
-:class:`DecodeSlots` owns one static KV cache of ``rows x length`` positions. A prompt joins by being run
+:class:`DecodeSlots` keeps static KV caches of up to ``rows x length`` positions. A prompt joins by being run
 alone (its prefill, exactly the forward pass a solo answer starts with) and having its keys and values copied
 into a free row; every :meth:`DecodeSlots.step` then decodes one greedy token for all live rows together, and
 a row that reaches EOS or its token budget is handed back at once and its row freed for the next prompt.
@@ -12,6 +12,10 @@ sit does not change what it computes; a prompt is copied to end at the write col
 when a prompt is longer than the columns behind it), and when the write column reaches the end every row's
 tokens are moved to the right end of a shorter span (:meth:`DecodeSlots._compact`). Models whose attention
 depends on column distance (sliding windows, ALiBi) are refused by :func:`supports_slots`.
+
+The step runs only as many rows as are live, rounded up to a power of two (a cache per width; the live rows
+move to a narrower or wider one as answers leave and prompts join), so a few answers do not pay for
+``rows``.
 
 A row's answer is the greedy answer its prompt gets alone (the tests compare it with
 :meth:`Backbone.generate`): no logits processors, no sampling, no per-call hooks -- requests needing those
@@ -88,25 +92,28 @@ class DecodeSlots:
             raise ValueError(f"DecodeSlots needs rows >= 1 and length >= 2, got {rows} and {length}")
         if not supports_slots(backbone):
             raise ValueError(f"continuous batching does not support {backbone.name}")
-        from transformers import StaticCache
-
         self.backbone = backbone
         self.rows = rows
         self.length = length
-        model, device = backbone.model, backbone.device
-        self.cache = StaticCache(config=model.config, max_cache_len=length)
-        self._initialized = False
+        self._device = backbone.device
+        self._caches: dict[int, Any] = {}  # a static cache per width, made when first needed
         eos = backbone.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else list(eos or []))
         self.pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
-        self.visible = torch.zeros((rows, length), dtype=torch.bool, device=device)  # (B, L) a row's columns
-        self.next_tokens = torch.full((rows,), self.pad_id, dtype=torch.long, device=device)  # (B,)
-        self.positions = torch.zeros((rows,), dtype=torch.long, device=device)  # (B,) position of next_tokens
+        self.width = 0  # rows the step runs: the live ones fit, a power of two (or ``rows``)
+        self.cache: Any = None  # the static cache of ``width`` rows
+        self._rows: list[_Row | None] = []
+        self.visible = torch.zeros(
+            (0, length), dtype=torch.bool, device=self._device
+        )  # (W, L) a row's columns
+        self.next_tokens = torch.zeros((0,), dtype=torch.long, device=self._device)  # (W,) the next input
+        self.positions = torch.zeros((0,), dtype=torch.long, device=self._device)  # (W,) its position id
         self.column = 0  # the write column of the next step
-        self._rows: list[_Row | None] = [None] * rows
         self.compactions = 0
+        self.resizes = 0
         self.steps = 0
         self._mode = backbone._lean_step_mode(backbone.generation.backend == "compiled")
+        self._shapes: list[tuple[int, int, int, int]] = []  # (heads, key dim, heads, value dim) per layer
 
     # -- what is held ---------------------------------------------------------------------------------------
     @property
@@ -116,7 +123,52 @@ class DecodeSlots:
 
     @property
     def free(self) -> int:
+        """Prompts that can join now."""
         return self.rows - self.live
+
+    def _width_for(self, live: int) -> int:
+        """The step's batch for ``live`` rows: the next power of two, at most ``rows`` (a step over all
+        ``rows`` would compute idle rows; a few widths keep the compiled steps few)."""
+        return min(self.rows, 1 << max(live - 1, 0).bit_length())
+
+    def _resize(self, width: int) -> None:
+        """Move the live rows, in order, to the first rows of the cache of ``width`` rows."""
+        from transformers import StaticCache
+
+        live = [i for i, row in enumerate(self._rows) if row is not None]
+        n = len(live)
+        index = torch.tensor(live, dtype=torch.long, device=self._device)
+        cache = self._caches.get(width)
+        if cache is None:
+            cache = self._caches[width] = StaticCache(
+                config=self.backbone.model.config, max_cache_len=self.length
+            )
+            if self._shapes:
+                self._initialize(cache, width)
+        if n and self.cache is not None:
+            for new, old in zip(cache.layers, self.cache.layers):
+                new.keys[:n] = old.keys.index_select(0, index)
+                new.values[:n] = old.values.index_select(0, index)
+
+        def moved(tensor: torch.Tensor, fill: Any) -> torch.Tensor:
+            out = torch.full((width, *tensor.shape[1:]), fill, dtype=tensor.dtype, device=self._device)
+            out[:n] = tensor.index_select(0, index)
+            return out
+
+        self.visible = moved(self.visible, False)
+        self.next_tokens = moved(self.next_tokens, self.pad_id)
+        self.positions = moved(self.positions, 0)
+        self._rows = [self._rows[i] for i in live] + [None] * (width - n)
+        self.cache, self.width = cache, width
+        self.resizes += 1
+
+    def _initialize(self, cache: Any, width: int) -> None:
+        for layer, (heads, key_dim, value_heads, value_dim) in zip(cache.layers, self._shapes):
+            dtype = self.backbone.dtype
+            layer.lazy_initialization(
+                torch.zeros((width, heads, 1, key_dim), dtype=dtype, device=self._device),
+                torch.zeros((width, value_heads, 1, value_dim), dtype=dtype, device=self._device),
+            )
 
     def keys(self) -> list[Any]:
         """The keys of the live rows."""
@@ -155,6 +207,12 @@ class DecodeSlots:
                 input_ids=prompt, use_cache=True, **{backbone._cache_keyword(): solo}, **extra
             ).logits[:, -1, :]  # (1, V)
         first = int(logits.float().argmax(-1))  # sync: once per prompt
+        if not self._shapes:
+            self._shapes = [(k.shape[1], k.shape[3], v.shape[1], v.shape[3]) for k, v in _layers(solo)]
+            for width, cache in self._caches.items():
+                self._initialize(cache, width)
+        if self.live == self.width:
+            self._resize(self._width_for(self.live + 1))
         row = next(i for i, r in enumerate(self._rows) if r is None)
         n = prompt.shape[1]
         if self.column < n:
@@ -169,15 +227,9 @@ class DecodeSlots:
     def _write(self, row: int, solo: Any, n: int) -> None:
         """Copy a prefilled prompt's keys and values into ``row``, ending just before the write column."""
         start, end = self.column - n, self.column
-        for layer, source in zip(self.cache.layers, solo.layers):
-            keys, values = source.keys, source.values  # (1, H, P, D)
-            if not self._initialized:
-                layer.lazy_initialization(
-                    keys.expand(self.rows, -1, -1, -1), values.expand(self.rows, -1, -1, -1)
-                )
+        for layer, (keys, values) in zip(self.cache.layers, _layers(solo)):  # (1, H, P, D) each
             layer.keys[row, :, start:end] = keys[0]
             layer.values[row, :, start:end] = values[0]
-        self._initialized = True
         self.visible[row] = False
         self.visible[row, start:end] = True
 
@@ -198,6 +250,7 @@ class DecodeSlots:
             seconds=time.perf_counter() - state.started,
         )
 
+    @torch.inference_mode()
     def drop(self, key: Any) -> bool:
         """Free the row answering ``key`` without an answer (a cancelled or timed-out request)."""
         for i, row in enumerate(self._rows):
@@ -210,18 +263,21 @@ class DecodeSlots:
 
     def clear(self) -> None:
         """Drop every row (after a failed step: the cache may hold half-written columns)."""
-        self._rows = [None] * self.rows
-        self.visible.zero_()
-        self.next_tokens.fill_(self.pad_id)
-        self.column = 0
+        self._rows = []
+        self.width, self.cache, self.column = 0, None, 0
+        self.visible = torch.zeros((0, self.length), dtype=torch.bool, device=self._device)
+        self.next_tokens = torch.zeros((0,), dtype=torch.long, device=self._device)
+        self.positions = torch.zeros((0,), dtype=torch.long, device=self._device)
 
     # -- decoding -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[FinishedRow]:
         """One greedy token for every live row; returns the answers that ended with it."""
-        live = [i for i, row in enumerate(self._rows) if row is not None]
-        if not live:
+        if not self.live:
             return []
+        if self._width_for(self.live) < self.width:  # rows left: a narrower step
+            self._resize(self._width_for(self.live))
+        live = [i for i, row in enumerate(self._rows) if row is not None]
         if self.column >= self.length:
             self._compact()
         column = self.column
@@ -287,6 +343,11 @@ class DecodeSlots:
         self.visible = (span[None, :] < column) & (span[None, :] >= column - counts[:, None])
         self.column = column
         self.compactions += 1
+
+
+def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of each layer of a filled dynamic cache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
