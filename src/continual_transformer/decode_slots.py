@@ -13,6 +13,9 @@ when a prompt is longer than the columns behind it), and when the write column r
 tokens are moved to the right end of a shorter span (:meth:`DecodeSlots._compact`). Models whose attention
 depends on column distance (sliding windows, ALiBi) are refused by :func:`supports_slots`.
 
+Prompts that start with a remembered prefix (the chat template's system part: :meth:`DecodeSlots.chat_prefix`)
+prefill only what follows it; the prefix's keys and values are computed once while the weights stay the same.
+
 The step runs only as many rows as are live, rounded up to a power of two (a cache per width; the live rows
 move to a narrower or wider one as answers leave and prompts join), so a few answers do not pay for
 ``rows``.
@@ -114,6 +117,9 @@ class DecodeSlots:
         self.steps = 0
         self._mode = backbone._lean_step_mode(backbone.generation.backend == "compiled")
         self._shapes: list[tuple[int, int, int, int]] = []  # (heads, key dim, heads, value dim) per layer
+        # shared prefixes by token ids: their (keys, values) per layer once computed, else None
+        self._prefixes: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]] | None] = {}
+        self.prefix_hits = 0
 
     # -- what is held ---------------------------------------------------------------------------------------
     @property
@@ -183,6 +189,65 @@ class DecodeSlots:
         backbone = self.backbone
         return backbone.token_ids(backbone.model_text(prompt, chat=chat, formatted=formatted))
 
+    def chat_prefix(self) -> list[int]:
+        """The token ids every chat prompt starts with (the template's system part and the user turn's
+        opening, as far as two different prompts tokenise alike)."""
+        first, second = self.model_ids("0", chat=True), self.model_ids("Hello", chat=True)
+        common = 0
+        while common < min(len(first), len(second)) and first[common] == second[common]:
+            common += 1
+        return first[:common]
+
+    def remember_prefix(self, ids: Sequence[int]) -> None:
+        """Keep the keys and values of ``ids`` (a prefix many prompts start with: the chat template's system
+        part, a shared context), computed at its first use: a prompt that starts with it and goes on then
+        prefills only its remaining tokens. They hold while the model's weights stay as they are: call
+        :meth:`forget_prefixes` whenever the weights may have changed."""
+        if ids:
+            self._prefixes.setdefault(tuple(ids), None)
+
+    def forget_prefixes(self) -> None:
+        """Drop the computed keys and values of the remembered prefixes (computed again at their next use)."""
+        self._prefixes = dict.fromkeys(self._prefixes)
+
+    def _prefill(self, ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
+        """Next-token logits (1, V) after ``ids`` and a dynamic cache of their keys and values, reusing the
+        longest remembered prefix ``ids`` starts with."""
+        from transformers import DynamicCache
+
+        backbone = self.backbone
+        model, keyword = backbone.model, backbone._cache_keyword()
+        extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        ids = list(ids)
+        prefix = max(
+            (p for p in self._prefixes if len(p) < len(ids) and tuple(ids[: len(p)]) == p),
+            key=len,
+            default=(),
+        )
+        cache = DynamicCache(config=model.config)
+        if prefix:
+            stored = self._prefixes[prefix]
+            if stored is None:
+                head = DynamicCache(config=model.config)
+                model(input_ids=self._tensor(prefix), use_cache=True, **{keyword: head})
+                stored = self._prefixes[prefix] = _layers(head)
+            for index, (keys, values) in enumerate(stored):
+                cache.update(keys, values, index)
+            self.prefix_hits += 1
+        start = len(prefix)
+        positions = torch.arange(start, len(ids), device=self._device)[None, :]  # (1, P - start)
+        logits = model(
+            input_ids=self._tensor(ids[start:]),
+            position_ids=positions,
+            use_cache=True,
+            **{keyword: cache},
+            **extra,
+        ).logits[:, -1, :]
+        return logits, cache
+
+    def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([list(ids)], dtype=torch.long, device=self._device)  # (1, P)
+
     # -- joining and leaving --------------------------------------------------------------------------------
     @torch.inference_mode()
     def add(self, key: Any, ids: Sequence[int], max_new_tokens: int) -> FinishedRow | None:
@@ -195,17 +260,8 @@ class DecodeSlots:
         if not self.fits(len(ids), max_new_tokens):
             raise ValueError(f"{len(ids)} prompt tokens and {max_new_tokens} new ones exceed {self.length}")
         started = time.perf_counter()
-        backbone = self.backbone
-        model, device = backbone.model, backbone.device
-        from transformers import DynamicCache
-
-        prompt = torch.tensor([list(ids)], dtype=torch.long, device=device)  # (1, P)
-        solo = DynamicCache(config=model.config)
-        extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-        with backbone._decoding():
-            logits = model(
-                input_ids=prompt, use_cache=True, **{backbone._cache_keyword(): solo}, **extra
-            ).logits[:, -1, :]  # (1, V)
+        with self.backbone._decoding():
+            logits, solo = self._prefill(ids)  # (1, V), the prompt's keys and values
         first = int(logits.float().argmax(-1))  # sync: once per prompt
         if not self._shapes:
             self._shapes = [(k.shape[1], k.shape[3], v.shape[1], v.shape[3]) for k, v in _layers(solo)]
@@ -214,7 +270,7 @@ class DecodeSlots:
         if self.live == self.width:
             self._resize(self._width_for(self.live + 1))
         row = next(i for i, r in enumerate(self._rows) if r is None)
-        n = prompt.shape[1]
+        n = len(ids)
         if self.column < n:
             self.column = n  # the columns skipped are masked for every row
         self._write(row, solo, n)

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 from conftest import build_tokenizer, make_backbone
 from service_helpers import tiny_session
 
@@ -61,6 +62,36 @@ def test_a_chat_prompt_and_a_budget_of_one_finish_at_join():
     assert done.text == backbone.generate(["hello there"], chat=True, max_new_tokens=1)[0]
     with pytest.raises(ValueError):
         slots.add("long", list(range(60)), 8)
+
+
+def test_prompts_after_a_remembered_prefix_answer_as_alone():
+    backbone = make_backbone(build_tokenizer(), max_new_tokens=8)
+    slots = DecodeSlots(backbone, rows=2, length=96)
+    prefix = slots.chat_prefix()
+    assert prefix and slots.model_ids("fox", chat=True)[: len(prefix)] == prefix
+    slots.remember_prefix(prefix)
+    answers = {}
+    for k, prompt in enumerate(PROMPTS[:4]):
+        if not slots.free:
+            while slots.live == slots.rows:
+                answers.update((d.key, d.text) for d in slots.step())
+        done = slots.add(k, slots.model_ids(prompt, chat=True), 8)
+        if done is not None:
+            answers[k] = done.text
+    while slots.live:
+        answers.update((d.key, d.text) for d in slots.step())
+    solo = [backbone.generate([p], chat=True, max_new_tokens=8)[0] for p in PROMPTS[:4]]
+    assert [answers[k] for k in range(4)] == solo
+    assert slots.prefix_hits == 4
+    # new weights: the prefix's keys and values are computed again
+    with torch.no_grad():
+        backbone.model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    slots.forget_prefixes()
+    done = None
+    slots.add("again", slots.model_ids("memory", chat=True), 6)
+    while done is None:
+        done = next(iter(slots.step()), None)
+    assert done.text == backbone.generate(["memory"], chat=True, max_new_tokens=6)[0]
 
 
 def test_models_reading_column_distances_are_refused():
@@ -132,6 +163,7 @@ def test_service_answers_equal_solo_answers_and_rows_are_reused(served):
     assert [a.text for a in answers] == expected
     assert len(s.made) == 1 and s.made[0].rows == 2  # 7 requests through the same 2 rows
     assert s.counters["answered"] == len(PROMPTS)
+    assert s.made[0].prefix_hits >= 3  # the chat prompts prefilled after the template's shared part
     assert all(a.completion_tokens <= n for a, n in zip(answers, BUDGETS))
 
 

@@ -233,6 +233,8 @@ class Batcher:
     def _run_continuous(self) -> None:
         """Serve the queue with continuous batching until :meth:`stop`.
 
+        Chat prompts prefill only what follows the chat template's shared system part, whose keys and
+        values are computed once per hold of the read lock (weights cannot change while it is held).
         While answers are being decoded the read lock is held and arrivals join the decoding rows between
         steps; a waiting writer stops arrivals from joining, so the rows drain and learning gets the lock
         (as on the batch path, no answer sees weights change under it). Requests the rows cannot serve are
@@ -246,6 +248,8 @@ class Batcher:
                 return
             arrivals = [first]
             with self._rw.read():
+                if slots is not None:
+                    slots.forget_prefixes()  # learning may have changed the weights since the last run
                 rows: dict[int, tuple[_GenRequest, float]] = {}  # request id -> (request, deadline)
                 while True:
                     if not stopping and not self._rw.writer_waiting:
@@ -284,6 +288,8 @@ class Batcher:
                 if shared
                 else None
             )
+            if slots is not None and backbone.tokenizer.chat_template:
+                slots.remember_prefix(slots.chat_prefix())  # the system part, prefilled once per run
         others = []
         for r in requests:
             if r.alone or not shared or slots is None or not slots.free:
