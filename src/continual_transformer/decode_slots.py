@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -370,7 +371,8 @@ class DecodeSlots:
             try:
                 if self._mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
-                logits = step(self.next_tokens[:, None], self.positions[:, None], mask, self.cache)
+                with _guarded(self._mode):
+                    logits = step(self.next_tokens[:, None], self.positions[:, None], mask, self.cache)
                 return logits.clone() if self._mode == "reduce-overhead" else logits
             except Exception as exc:
                 following = {"reduce-overhead": "default", "default": "plain"}.get(self._mode)
@@ -399,6 +401,16 @@ class DecodeSlots:
         self.visible = (span[None, :] < column) & (span[None, :] >= column - counts[:, None])
         self.column = column
         self.compactions += 1
+
+
+def _guarded(mode: str) -> AbstractContextManager[Any]:
+    """A compiled step's dynamo settings, as the lean loop's: guards on module hooks (a hook added later
+    retraces instead of being skipped) and room for a graph per width."""
+    if mode == "plain":
+        return nullcontext()
+    from continual_transformer.backbone import _RECOMPILES
+
+    return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False, **_RECOMPILES)
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

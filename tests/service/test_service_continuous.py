@@ -219,3 +219,30 @@ def test_requests_rows_cannot_serve_take_the_batch_path(served):
         "fox", chat=False, max_new_tokens=4, options=GenerationOptions(temperature=0.0, seed=3)
     )
     assert seeded.result(timeout=60).text == s.solo("fox", 4)
+
+
+def test_the_http_service_answers_with_continuous_batching_as_the_session_does(tmp_path, monkeypatch):
+    from service_helpers import client, make_engine
+
+    made = []
+    decode_slots = type(tiny_session().backbone).decode_slots
+    monkeypatch.setattr(
+        type(tiny_session().backbone),
+        "decode_slots",
+        lambda backbone, rows, length: made.append(decode_slots(backbone, rows, length)) or made[-1],
+    )
+    question = "What is the capital of Veloria?"
+    doc = "The capital of Veloria is Tarnhelm. The Orvalis river flows through the city of Quenmark."
+    engine = make_engine(tmp_path, session=tiny_session("finetune"), continuous=True)
+    with client(engine) as api:
+        session = api.app.state.engine.session
+        before = api.post("/ask", json={"question": question}).json()["answer"]
+        assert before == session.generate([question], chat=True)[0]
+        response = api.post("/documents", json={"text": doc, "id": "veloria", "wait": True})
+        assert response.status_code == 200, response.text
+        after = api.post("/ask", json={"question": question}).json()["answer"]
+        # the weights changed between two runs: the remembered chat prefix was computed again
+        assert after == session.generate([question], chat=True)[0] != before
+        texts = api.post("/generate", json={"prompts": [question, "fox"], "chat": True}).json()["texts"]
+        assert texts == [after, session.generate(["fox"], chat=True)[0]]
+    assert len(made) == 1 and made[0].prefix_hits >= 3

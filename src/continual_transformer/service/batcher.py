@@ -142,27 +142,34 @@ class Batcher:
 
     def run(self) -> None:
         """Serve the queue until :meth:`stop` (the generation thread's target)."""
-        if self.settings.continuous:
-            self._run_continuous()
-            return
+        slots: Any = None
         while True:
             first = self._queue.get()
             if first is _STOP:
                 return
-            batch, stop = [first], False
-            deadline = time.monotonic() + self.settings.batch_wait
-            while len(batch) < self.settings.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(item)
-            self._answer_batches(_running(batch))
+            if self.settings.continuous and _answers_shared(self.session):
+                slots, stop = self._serve_continuous(first, slots)
+            else:
+                stop = self._serve_batch(first)
             if stop:
                 return
+
+    def _serve_batch(self, first: _GenRequest) -> bool:
+        """Gather requests for ``batch_wait`` seconds after ``first`` (up to ``max_batch``) and answer them;
+        whether the stop came."""
+        batch, stop = [first], False
+        deadline = time.monotonic() + self.settings.batch_wait
+        while len(batch) < self.settings.max_batch:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+                break
+            batch.append(item)
+        self._answer_batches(_running(batch))
+        return stop
 
     def _answer_batches(self, requests: list[_GenRequest], *, locked: bool = False) -> None:
         """Answer running requests on the batch path: alone where they must be, else grouped by chat and
@@ -230,36 +237,31 @@ class Batcher:
             r.future.set_result(answer)
 
     # -- continuous batching --------------------------------------------------------------------------------
-    def _run_continuous(self) -> None:
-        """Serve the queue with continuous batching until :meth:`stop`.
+    def _serve_continuous(self, first: _GenRequest, slots: Any) -> tuple[Any, bool]:
+        """Serve ``first`` and every request that arrives while answers are decoding with continuous batching
+        (the read lock held throughout); returns the slots (kept for the next run) and whether the stop came.
 
-        Chat prompts prefill only what follows the chat template's shared system part, whose keys and
-        values are computed once per hold of the read lock (weights cannot change while it is held).
-        While answers are being decoded the read lock is held and arrivals join the decoding rows between
-        steps; a waiting writer stops arrivals from joining, so the rows drain and learning gets the lock
-        (as on the batch path, no answer sees weights change under it). Requests the rows cannot serve are
-        answered on the batch path between steps.
+        Arrivals join the decoding rows between steps; a waiting writer stops arrivals from joining, so the
+        rows drain and learning gets the lock (as on the batch path, no answer sees weights change under it).
+        Chat prompts prefill only what follows the chat template's shared system part, whose keys and values
+        are computed once per run. Requests the rows cannot serve are answered on the batch path between
+        steps.
         """
-        slots: Any = None
+        arrivals: list[Any] = [first]
         stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            arrivals = [first]
-            with self._rw.read():
-                if slots is not None:
-                    slots.forget_prefixes()  # learning may have changed the weights since the last run
-                rows: dict[int, tuple[_GenRequest, float]] = {}  # request id -> (request, deadline)
-                while True:
-                    if not stopping and not self._rw.writer_waiting:
-                        stopping = self._take(arrivals, self.settings.max_batch - len(rows))
-                    if arrivals:
-                        slots = self._admit(_running(arrivals), rows, slots)
-                        arrivals = []
-                    if not rows:
-                        break
-                    self._step(slots, rows)
+        with self._rw.read():
+            if slots is not None:
+                slots.forget_prefixes()  # learning may have changed the weights since the last run
+            rows: dict[int, tuple[_GenRequest, float]] = {}  # request id -> (request, deadline)
+            while True:
+                if not stopping and not self._rw.writer_waiting:
+                    stopping = self._take(arrivals, self.settings.max_batch - len(rows))
+                if arrivals:
+                    slots = self._admit(_running(arrivals), rows, slots)
+                    arrivals = []
+                if not rows:
+                    return slots, stopping
+                self._step(slots, rows)
 
     def _take(self, arrivals: list[Any], room: int) -> bool:
         """Move up to ``room`` queued requests into ``arrivals`` without waiting; whether the stop came."""
@@ -392,7 +394,10 @@ def _answers_shared(session: Session) -> bool:
     adapters chosen per prompt; no relevance gate), so prompts can share decoding rows."""
     from continual_transformer.strategies.base import Strategy
 
-    strategy = session.strategy
+    try:
+        strategy = session.strategy
+    except Exception:  # no session yet (restoring): the batch path answers with the 503
+        return False
     return type(strategy).generate is Strategy.generate and strategy.relevance_gate is None
 
 
