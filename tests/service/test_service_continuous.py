@@ -18,6 +18,7 @@ from continual_transformer.service.batcher import Batcher
 from continual_transformer.service.errors import ServiceError
 from continual_transformer.service.rwlock import ReadWriteLock
 from continual_transformer.service.settings import ServiceConfig
+from continual_transformer.strategies import registry
 
 PROMPTS = [
     "hello there",
@@ -246,3 +247,32 @@ def test_the_http_service_answers_with_continuous_batching_as_the_session_does(t
         texts = api.post("/generate", json={"prompts": [question, "fox"], "chat": True}).json()["texts"]
         assert texts == [after, session.generate(["fox"], chat=True)[0]]
     assert len(made) == 1 and made[0].prefix_hits >= 3
+
+
+NOT_SHARED = {"in_context", "retrieval", "knowledge_store", "memory_bank", "ace", "doc2lora"}
+"""Strategies whose answers are made per call (context in the prompt, kNN mixing, fused memories, adapters
+chosen per prompt): the batch path answers for them."""
+
+
+@pytest.mark.parametrize("name", sorted(registry.names()))
+def test_every_strategy_that_shares_rows_answers_as_alone_after_learning(name):
+    from continual_transformer.service.batcher import _answers_shared
+
+    session = tiny_session(name)
+    session.learn(Document(id="v", text="The capital of Veloria is Tarnhelm. The Orvalis river is long."))
+    assert _answers_shared(session) == (name not in NOT_SHARED)
+    if name in NOT_SHARED:
+        return
+    prompts = ["What is the capital of Veloria?", "fox", "Where does the Orvalis river flow?"]
+    slots = session.backbone.decode_slots(2, 96)
+    slots.remember_prefix(slots.chat_prefix())
+    answers = {}
+    for k, prompt in enumerate(prompts):
+        while not slots.free:
+            answers.update((d.key, d.text) for d in slots.step())
+        done = slots.add(k, slots.model_ids(prompt, chat=True), 8)
+        if done is not None:
+            answers[k] = done.text
+    while slots.live:
+        answers.update((d.key, d.text) for d in slots.step())
+    assert [answers[k] for k in range(3)] == [session.generate([p], chat=True)[0] for p in prompts]
