@@ -177,10 +177,6 @@ class DecodeSlots:
                 torch.zeros((width, value_heads, 1, value_dim), dtype=dtype, device=self._device),
             )
 
-    def keys(self) -> list[Any]:
-        """The keys of the live rows."""
-        return [row.key for row in self._rows if row is not None]
-
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
         """Whether a prompt of ``prompt_tokens`` model tokens and its budget fit in one row."""
         return prompt_tokens + max_new_tokens < self.length

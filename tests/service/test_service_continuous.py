@@ -3,6 +3,7 @@ service's generation thread on them. Every answer must equal the prompt's solo a
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import Counter
@@ -53,6 +54,27 @@ def test_rows_joining_at_different_steps_answer_as_alone(arch):
     assert len(set(joined_at.values())) == len(PROMPTS)
     assert slots.compactions >= 1 and slots.resizes >= 2  # rows compacted; narrower and wider steps
     assert slots.live == 0 and slots.free == 3
+
+
+def test_random_arrivals_with_frequent_compaction_and_resizing_answer_as_alone():
+    backbone = make_backbone(build_tokenizer(), max_new_tokens=16)
+    rng = random.Random(0)
+    words = " ".join(PROMPTS).split()
+    prompts = [" ".join(rng.choices(words, k=rng.randint(1, 9))) for _ in range(16)]
+    budgets = [rng.randint(1, 16) for _ in prompts]
+    slots = DecodeSlots(backbone, rows=4, length=40)
+    answers, waiting = {}, list(range(len(prompts)))
+    while waiting or slots.live:
+        for _ in range(rng.randint(0, 3)):  # 0 to 3 arrivals before each step
+            if waiting and slots.free:
+                k = waiting.pop(0)
+                done = slots.add(k, slots.model_ids(prompts[k], chat=False), budgets[k])
+                if done is not None:
+                    answers[k] = done.text
+        answers.update((d.key, d.text) for d in slots.step())
+    solo = [backbone.generate([p], chat=False, max_new_tokens=n)[0] for p, n in zip(prompts, budgets)]
+    assert [answers[k] for k in range(len(prompts))] == solo
+    assert slots.compactions >= 2 and slots.resizes >= 3
 
 
 def test_a_chat_prompt_and_a_budget_of_one_finish_at_join():
@@ -205,6 +227,16 @@ def test_a_failing_row_does_not_poison_the_others(served, monkeypatch):
         broken.result(timeout=60)
     monkeypatch.setattr(DecodeSlots, "step", step)
     assert s.batcher.submit("fox", chat=False, max_new_tokens=5).result(timeout=60).text == s.solo("fox", 5)
+
+
+def test_a_row_past_the_generation_timeout_gets_a_504_and_frees_its_row(served):
+    s = served(step_delay=0.05, generation_timeout=0.5)
+    slow = s.batcher.submit("memory", chat=False, max_new_tokens=200)
+    with pytest.raises(ServiceError) as caught:
+        slow.result(timeout=60)
+    assert caught.value.status == 504 and caught.value.code == "generation_timeout"
+    assert s.made[0].live == 0
+    assert s.batcher.submit("fox", chat=False, max_new_tokens=3).result(timeout=60).text == s.solo("fox", 3)
 
 
 def test_requests_rows_cannot_serve_take_the_batch_path(served):
