@@ -47,7 +47,8 @@ _POSITIONAL_BY_COLUMN = ("bloom", "mpt", "falcon", "gemma2", "gemma3", "mistral"
 
 def supports_slots(backbone: Backbone) -> bool:
     """Whether :class:`DecodeSlots` computes this model's answers exactly: a decoder-only model with a
-    ``StaticCache`` keyword, full attention in every layer and positions carried by the keys."""
+    ``StaticCache`` keyword, full attention in every layer, positions carried by the keys and an attention
+    implementation that takes an additive mask per row (``sdpa``, ``eager``)."""
     config = backbone.model.config
     layer_types = getattr(config, "layer_types", None) or ()
     return (
@@ -56,6 +57,7 @@ def supports_slots(backbone: Backbone) -> bool:
         and getattr(config, "sliding_window", None) is None
         and all(kind == "full_attention" for kind in layer_types)
         and getattr(config, "model_type", "") not in _POSITIONAL_BY_COLUMN
+        and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")  # they take a 4D additive mask
     )
 
 
