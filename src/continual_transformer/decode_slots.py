@@ -1,9 +1,10 @@
 """Continuous batching: a fixed set of decoding rows that prompts join and leave between decoding steps.
 
 :class:`DecodeSlots` keeps static KV caches of up to ``rows x length`` positions. A prompt joins by being run
-alone (its prefill: the forward pass a solo answer starts with, continuing a remembered prefix's keys and values
-where it starts with one) and having its keys and values copied into a free row; every :meth:`DecodeSlots.step` then decodes one greedy token for all live rows together, and
-a row that reaches EOS or its token budget is handed back at once and its row freed for the next prompt.
+alone (its prefill: the forward pass a solo answer starts with, continuing a remembered prefix's keys and
+values where it starts with one) and having its keys and values copied into a free row; every
+:meth:`DecodeSlots.step` then decodes one greedy token for all live rows together, and a row that reaches EOS
+or its token budget is handed back at once and its row freed for the next prompt.
 
 Rows share the cache's write column (every step writes column ``t`` of every row) but nothing else: each row
 keeps its own position ids, and an additive attention mask per row says which columns are its tokens. Keys are
