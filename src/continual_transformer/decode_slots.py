@@ -210,20 +210,26 @@ class DecodeSlots:
         """Drop the computed keys and values of the remembered prefixes (computed again at their next use)."""
         self._prefixes = dict.fromkeys(self._prefixes)
 
-    def _prefill(self, ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
-        """Next-token logits (1, V) after ``ids`` and a dynamic cache of their keys and values, reusing the
-        longest remembered prefix ``ids`` starts with."""
-        from transformers import DynamicCache
-
-        backbone = self.backbone
-        model, keyword = backbone.model, backbone._cache_keyword()
-        extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-        ids = list(ids)
-        prefix = max(
+    def _prefix_of(self, ids: Sequence[int]) -> tuple[int, ...]:
+        """The longest remembered prefix ``ids`` starts with and goes on after (``()``: none)."""
+        return max(
             (p for p in self._prefixes if len(p) < len(ids) and tuple(ids[: len(p)]) == p),
             key=len,
             default=(),
         )
+
+    def _prefill(
+        self, prefix: tuple[int, ...], prompts: Sequence[Sequence[int]]
+    ) -> tuple[list[int], list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """The first greedy token of each prompt (all starting with ``prefix``) and each prompt's keys and
+        values per layer, (1, H, P, D) each: one forward pass over what follows the prefix, right-padded (a
+        causal model's real tokens never attend to the padding after them), continuing the prefix's cached
+        keys and values (computed here at first use)."""
+        from transformers import DynamicCache
+
+        backbone = self.backbone
+        model, keyword = backbone.model, backbone._cache_keyword()
+        start, rows = len(prefix), len(prompts)
         cache = DynamicCache(config=model.config)
         if prefix:
             stored = self._prefixes[prefix]
@@ -232,58 +238,95 @@ class DecodeSlots:
                 model(input_ids=self._tensor(prefix), use_cache=True, **{keyword: head})
                 stored = self._prefixes[prefix] = _layers(head)
             for index, (keys, values) in enumerate(stored):
-                cache.update(keys, values, index)
-            self.prefix_hits += 1
-        start = len(prefix)
-        positions = torch.arange(start, len(ids), device=self._device)[None, :]  # (1, P - start)
-        logits = model(
-            input_ids=self._tensor(ids[start:]),
-            position_ids=positions,
-            use_cache=True,
-            **{keyword: cache},
-            **extra,
-        ).logits[:, -1, :]
-        return logits, cache
+                cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+            self.prefix_hits += rows
+        lengths = [len(ids) - start for ids in prompts]
+        width = max(lengths)
+        suffixes = torch.full((rows, width), self.pad_id, dtype=torch.long, device=self._device)  # (B, T)
+        for i, ids in enumerate(prompts):
+            suffixes[i, : lengths[i]] = torch.tensor(list(ids[start:]), dtype=torch.long)
+        positions = torch.arange(start, start + width, device=self._device)[None, :].expand(
+            rows, -1
+        )  # (B, T)
+        logits = model(input_ids=suffixes, position_ids=positions, use_cache=True, **{keyword: cache}).logits
+        last = torch.tensor(lengths, device=self._device) - 1  # (B,)
+        firsts = logits[torch.arange(rows, device=self._device), last].float().argmax(-1)  # (B,)
+        layers = _layers(cache)
+        per_row = [
+            [(k[i : i + 1, :, : start + n], v[i : i + 1, :, : start + n]) for k, v in layers]
+            for i, n in enumerate(lengths)
+        ]
+        return firsts.tolist(), per_row  # sync: once per group of prompts
 
     def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor([list(ids)], dtype=torch.long, device=self._device)  # (1, P)
 
     # -- joining and leaving --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def add(self, key: Any, ids: Sequence[int], max_new_tokens: int) -> FinishedRow | None:
         """Prefill ``ids`` (model input, see :meth:`model_ids`) into a free row and pick its first token;
         returns the answer when that already ends it (EOS or a budget of one), else ``None``."""
-        if not self.free:
-            raise RuntimeError("no free decoding row")
-        if not ids:
-            raise ValueError("an empty prompt cannot be decoded")
-        if not self.fits(len(ids), max_new_tokens):
-            raise ValueError(f"{len(ids)} prompt tokens and {max_new_tokens} new ones exceed {self.length}")
+        return next(iter(self.add_many([(key, ids, max_new_tokens)])), None)
+
+    @torch.inference_mode()
+    def add_many(self, prompts: Sequence[tuple[Any, Sequence[int], int]]) -> list[FinishedRow]:
+        """:meth:`add` for several ``(key, ids, max_new_tokens)`` at once: prompts that start with the same
+        remembered prefix (or none) are prefilled in one forward pass. Returns the answers that already
+        ended. Nothing is added when it raises."""
+        if len(prompts) > self.free:
+            raise RuntimeError(f"{len(prompts)} prompts for {self.free} free decoding rows")
+        for _, ids, max_new_tokens in prompts:
+            if not ids:
+                raise ValueError("an empty prompt cannot be decoded")
+            if not self.fits(len(ids), max_new_tokens):
+                raise ValueError(
+                    f"{len(ids)} prompt tokens and {max_new_tokens} new ones exceed {self.length}"
+                )
         started = time.perf_counter()
+        groups: dict[tuple[int, ...], list[tuple[Any, Sequence[int], int]]] = {}
+        for item in prompts:
+            groups.setdefault(self._prefix_of(item[1]), []).append(item)
+        prefilled = []
         with self.backbone._decoding():
-            logits, solo = self._prefill(ids)  # (1, V), the prompt's keys and values
-        first = int(logits.float().argmax(-1))  # sync: once per prompt
+            for prefix, items in groups.items():
+                firsts, layers = self._prefill(prefix, [ids for _, ids, _ in items])
+                prefilled += zip(items, firsts, layers)
+        finished = []
+        for (key, ids, max_new_tokens), first, kv in prefilled:
+            done = self._place(key, len(ids), max_new_tokens, first, kv, started)
+            if done is not None:
+                finished.append(done)
+        return finished
+
+    def _place(
+        self,
+        key: Any,
+        n: int,
+        max_new_tokens: int,
+        first: int,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+        started: float,
+    ) -> FinishedRow | None:
+        """Put a prefilled prompt of ``n`` tokens (its keys and values ``kv`` per layer) into a free row."""
         if not self._shapes:
-            self._shapes = [(k.shape[1], k.shape[3], v.shape[1], v.shape[3]) for k, v in _layers(solo)]
+            self._shapes = [(k.shape[1], k.shape[3], v.shape[1], v.shape[3]) for k, v in kv]
             for width, cache in self._caches.items():
                 self._initialize(cache, width)
         if self.live == self.width:
             self._resize(self._width_for(self.live + 1))
         row = next(i for i, r in enumerate(self._rows) if r is None)
-        n = len(ids)
         if self.column < n:
             self.column = n  # the columns skipped are masked for every row
-        self._write(row, solo, n)
+        self._write(row, kv, n)
         state = _Row(key=key, budget=max_new_tokens, prompt_tokens=n, started=started, tokens=[first])
         self._rows[row] = state
         self.next_tokens[row] = first
         self.positions[row] = n
         return self._leave_if_done(row)
 
-    def _write(self, row: int, solo: Any, n: int) -> None:
+    def _write(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
         """Copy a prefilled prompt's keys and values into ``row``, ending just before the write column."""
         start, end = self.column - n, self.column
-        for layer, (keys, values) in zip(self.cache.layers, _layers(solo)):  # (1, H, P, D) each
+        for layer, (keys, values) in zip(self.cache.layers, kv):  # (1, H, P, D) each
             layer.keys[row, :, start:end] = keys[0]
             layer.values[row, :, start:end] = values[0]
         self.visible[row] = False
@@ -415,9 +458,3 @@ def _guarded(mode: str) -> AbstractContextManager[Any]:
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, values) of each layer of a filled dynamic cache."""
     return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _accepts_logits_to_keep(model: Any) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters

@@ -77,6 +77,24 @@ def test_random_arrivals_with_frequent_compaction_and_resizing_answer_as_alone()
     assert slots.compactions >= 2 and slots.resizes >= 3
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompts_prefilled_together_answer_as_alone(arch):
+    backbone = make_backbone(build_tokenizer(), arch=arch, max_new_tokens=10)
+    slots = DecodeSlots(backbone, rows=8, length=96)
+    slots.remember_prefix(slots.chat_prefix())
+    chats = [k % 2 == 0 for k in range(len(PROMPTS))]  # with the chat prefix, and without
+    joining = [(k, slots.model_ids(p, chat=c), 10) for k, (p, c) in enumerate(zip(PROMPTS, chats))][:6]
+    answers = {d.key: d.text for d in slots.add_many(joining)}
+    assert slots.live + len(answers) == 6 and slots.prefix_hits == 3
+    while slots.live:
+        answers.update((d.key, d.text) for d in slots.step())
+    solo = [backbone.generate([p], chat=c, max_new_tokens=10)[0] for p, c in zip(PROMPTS, chats)][:6]
+    assert [answers[k] for k in range(6)] == solo
+    with pytest.raises(RuntimeError):
+        slots.add_many([(k, slots.model_ids("fox"), 4) for k in range(9)])
+    assert slots.live == 0
+
+
 def test_a_chat_prompt_and_a_budget_of_one_finish_at_join():
     backbone = make_backbone(build_tokenizer(), max_new_tokens=4)
     slots = DecodeSlots(backbone, rows=2, length=64)
@@ -203,23 +221,29 @@ def test_a_short_answer_finishes_before_a_long_one_that_started_earlier(served):
 
 def test_a_failing_row_does_not_poison_the_others(served, monkeypatch):
     s = served(step_delay=0.005)
-    add = DecodeSlots.add
+    add_many = DecodeSlots.add_many
+    boom = "boom boom boom boom"
 
-    def failing_add(slots, key, ids, max_new_tokens):
-        if len(ids) == len(slots.model_ids("boom boom boom boom", chat=False)):
+    def failing_add_many(slots, prompts):
+        if any(ids == slots.model_ids(boom, chat=False) for _, ids, _ in prompts):
             raise RuntimeError("bad prompt")
-        return add(slots, key, ids, max_new_tokens)
+        return add_many(slots, prompts)
 
-    monkeypatch.setattr(DecodeSlots, "add", failing_add)
+    monkeypatch.setattr(DecodeSlots, "add_many", failing_add_many)
     good = s.batcher.submit("memory", chat=False, max_new_tokens=20)
-    bad = s.batcher.submit("boom boom boom boom", chat=False, max_new_tokens=5)
+    while not s.made or not s.made[0].live:
+        time.sleep(0.002)
+    # arriving together: the prompts prefilled with the failing one are prefilled again alone
+    bad = s.batcher.submit(boom, chat=False, max_new_tokens=5)
+    other = s.batcher.submit("fox", chat=False, max_new_tokens=6)
     with pytest.raises(ServiceError) as caught:
         bad.result(timeout=60)
     assert caught.value.status == 500
     assert good.result(timeout=60).text == s.solo("memory", 20)
+    assert other.result(timeout=60).text == s.solo("fox", 6)
 
     # a failed shared step fails its rows only; the next request is answered on fresh rows
-    monkeypatch.setattr(DecodeSlots, "add", add)
+    monkeypatch.setattr(DecodeSlots, "add_many", add_many)
     step = DecodeSlots.step
     monkeypatch.setattr(DecodeSlots, "step", lambda slots: (_ for _ in ()).throw(RuntimeError("step")))
     broken = s.batcher.submit("fox", chat=False, max_new_tokens=5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -292,33 +293,54 @@ class Batcher:
             )
             if slots is not None and backbone.tokenizer.chat_template:
                 slots.remember_prefix(slots.chat_prefix())  # the system part, prefilled once per run
-        others = []
+        others, joining = [], []
         for r in requests:
-            if r.alone or not shared or slots is None or not slots.free:
+            if r.alone or not shared or slots is None or len(joining) >= slots.free:
                 others.append(r)
                 continue
             try:
                 ids = slots.model_ids(r.prompt, chat=r.chat)
                 tokens = self._count_tokens(r.prompt)
-                if tokens + r.max_new_tokens > backbone.max_length:
-                    self._fitting([r])  # answers the 400
-                    continue
-                if not slots.fits(len(ids), r.max_new_tokens):
-                    others.append(r)
-                    continue
-                deadline = time.monotonic() + self.settings.generation_timeout
-                rows[id(r)] = (r, deadline)
-                done = slots.add(id(r), ids, r.max_new_tokens)
-            except Exception as exc:  # this prompt's prefill failed: the other rows go on
-                logger.exception("generation failed")
-                rows.pop(id(r), None)
-                _settle(r.future, ServiceError(500, f"generation failed: {type(exc).__name__}"))
+            except Exception as exc:  # this prompt failed: the others go on
+                _fail(r, exc)
                 continue
-            if done is not None:
-                self._finish(rows.pop(id(r))[0], done)
+            if tokens + r.max_new_tokens > backbone.max_length:
+                self._fitting([r])  # answers the 400
+            elif not slots.fits(len(ids), r.max_new_tokens):
+                others.append(r)
+            else:
+                joining.append((r, ids))
+        self._join(slots, joining, rows)
         if others:
             self._answer_batches(others, locked=True)
         return slots
+
+    def _join(self, slots: Any, joining: list[tuple[_GenRequest, list[int]]], rows: dict[int, Any]) -> None:
+        """Prefill the joining requests together into free rows; when that fails, each alone, so that only a
+        prompt that fails by itself fails."""
+        if not joining:
+            return
+        deadline = time.monotonic() + self.settings.generation_timeout
+        try:
+            finished = slots.add_many([(id(r), ids, r.max_new_tokens) for r, ids in joining])
+            rows.update((id(r), (r, deadline)) for r, _ in joining)
+        except Exception:
+            if len(joining) == 1:
+                _fail(joining[0][0], sys.exc_info()[1])
+                return
+            logger.warning("prefilling %d prompts together failed; one at a time", len(joining))
+            finished = []
+            for r, ids in joining:
+                try:
+                    done = slots.add(id(r), ids, r.max_new_tokens)
+                except Exception as exc:
+                    _fail(r, exc)
+                    continue
+                rows[id(r)] = (r, deadline)
+                if done is not None:
+                    finished.append(done)
+        for done in finished:
+            self._finish(rows.pop(done.key)[0], done)
 
     def _step(self, slots: Any, rows: dict[int, tuple[_GenRequest, float]]) -> None:
         """One decoding step of every row; finished answers are returned, timed-out or cancelled rows
@@ -399,6 +421,12 @@ def _answers_shared(session: Session) -> bool:
     except Exception:  # no session yet (restoring): the batch path answers with the 503
         return False
     return type(strategy).generate is Strategy.generate and strategy.relevance_gate is None
+
+
+def _fail(r: _GenRequest, exc: BaseException | None) -> None:
+    """Answer one request with a 500 for ``exc`` (logged)."""
+    logger.error("generation failed", exc_info=exc)
+    _settle(r.future, ServiceError(500, f"generation failed: {type(exc).__name__}"))
 
 
 def _timeout_error(timeout: float) -> ServiceError:
