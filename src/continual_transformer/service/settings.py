@@ -52,8 +52,8 @@ class ServiceConfig:
     ``continuous_length``, and strategies that change answers per call (retrieved context, kNN mixing,
     fused memories, a relevance gate, any strategy with its own ``generate``) take the batch path. Chat
     prompts prefill only what follows the template's shared system part. On one CPU thread with
-    SmolLM2-135M, 8 closed-loop clients of 8 to 64 new tokens: 2.2x the new tokens/s, p50 and p95 latency
-    halved, the same answers (``benchmarks/results/speed/cpu-service``)."""
+    SmolLM2-135M, 8 closed-loop clients of 8 to 64 new tokens: 2.3x the new tokens/s, p50 1.9x and p95 2.2x
+    lower, the same answers (``benchmarks/results/speed/cpu-service``)."""
     continuous_length: int = 1024
     """Cache positions of each continuous-batching row: a request's prompt (chat template included) and
     its new tokens must fit in fewer; longer ones take the batch path. The cache holds ``max_batch`` rows of
