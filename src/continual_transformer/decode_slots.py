@@ -1,8 +1,9 @@
 """Continuous batching: a fixed set of decoding rows that prompts join and leave between decoding steps.
 
-:class:`DecodeSlots` keeps static KV caches of up to ``rows x length`` positions. A prompt joins by being run
-alone (its prefill: the forward pass a solo answer starts with, continuing a remembered prefix's keys and
-values where it starts with one) and having its keys and values copied into a free row; every
+:class:`DecodeSlots` keeps static KV caches of up to ``rows x length`` positions. A prompt joins by being
+prefilled (the forward pass a solo answer starts with, continuing a remembered prefix's keys and values where
+it starts with one; prompts that arrive together share one right-padded pass, in which no real token attends
+to the padding after it) and having its keys and values copied into a free row; every
 :meth:`DecodeSlots.step` then decodes one greedy token for all live rows together, and a row that reaches EOS
 or its token budget is handed back at once and its row freed for the next prompt.
 
@@ -21,9 +22,9 @@ The step runs only as many rows as are live, rounded up to a power of two (a cac
 move to a narrower or wider one as answers leave and prompts join), so a few answers do not pay for
 ``rows``.
 
-A row's answer is the greedy answer its prompt gets alone (the tests compare it with
-:meth:`Backbone.generate`): no logits processors, no sampling, no per-call hooks -- requests needing those
-are answered by the batch path.
+A row's answer is the greedy answer its prompt gets alone, up to the float rounding of differently shaped
+matrix products (the tests compare it with :meth:`Backbone.generate`, one prompt at a time): no logits
+processors, no sampling, no per-call hooks -- requests needing those are answered by the batch path.
 """
 
 from __future__ import annotations
