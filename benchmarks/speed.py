@@ -10,7 +10,12 @@ Sections (``--sections``, all by default):
   training steps and with the speed options (``--fast-optim``: packing, bf16 autocast on a GPU);
 - ``learn_many``: document tokens/s learning ``--many`` documents at once (``learn_documents``) with the speed
   options, against learning them one at a time with the defaults (measured on ``--sequential`` of them);
-- ``tasks``: task training examples/s of ``learn_task`` at the default batch size and at ``--task-batch``.
+- ``tasks``: task training examples/s of ``learn_task`` at the default batch size and at ``--task-batch``;
+- ``service``: ``--service-clients`` concurrent clients, each sending ``--service-requests`` greedy chat
+  requests one after another with answer budgets cycling through ``--service-tokens``, through the service's
+  generation thread (``Batcher``, strategy ``none``, ``max_batch`` ``--service-batch``) with continuous
+  batching off (whole batches) and on (rows joined and left between decoding steps): new tokens/s, p50/p95
+  request latency and their ratios, and whether both modes give the same answers (``--service-backend``).
 
 Prompt and document texts come from the generated ``novel_facts`` benchmark (no data files needed).
 
@@ -45,7 +50,7 @@ from continual_transformer.strategies import registry
 
 logger = logging.getLogger("speed")
 
-SECTIONS = ("streams", "strategies", "learn1", "learn_many", "tasks")
+SECTIONS = ("streams", "strategies", "learn1", "learn_many", "tasks", "service")
 TARGETS = {  # the H200 targets of the speed issue (bf16), for the report's "distance" column
     "stream_1_tokens_per_s": 1000.0,
     "stream_64_tokens_per_s": 50000.0,
@@ -357,6 +362,123 @@ def tasks(
     return out
 
 
+def service(
+    backbone: Backbone,
+    args: argparse.Namespace,
+    config,
+    prompts: list[str],
+    out: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Any]:
+    """Fills ``out`` (``save()`` after each mode): the same closed-loop clients through the service's
+    generation thread with continuous batching off, then on."""
+    import threading
+    from collections import Counter
+
+    from continual_transformer.service.batcher import Batcher
+    from continual_transformer.service.rwlock import ReadWriteLock
+    from continual_transformer.service.settings import ServiceConfig
+
+    use_backend(backbone, args.service_backend)
+    session = Session(dataclasses.replace(config, strategy="none"), backbone=backbone)
+    n_clients, n_requests, budgets = args.service_clients, args.service_requests, args.service_tokens
+    plan = [
+        [
+            (prompts[(c * n_requests + j) % len(prompts)], budgets[(c + j) % len(budgets)])
+            for j in range(n_requests)
+        ]
+        for c in range(n_clients)
+    ]
+    out.update(
+        {
+            "clients": n_clients,
+            "requests_per_client": n_requests,
+            "budgets": budgets,
+            "max_batch": args.service_batch,
+            "continuous_length": args.service_length,
+            "backend": args.service_backend,
+        }
+    )
+    texts: dict[str, list[str]] = {}
+    for mode in ("batch", "continuous"):
+        settings = ServiceConfig(
+            continuous=mode == "continuous",
+            max_batch=args.service_batch,
+            continuous_length=args.service_length,
+            generation_timeout=3600.0,
+            max_new_tokens=max(budgets),
+        )
+        batcher = Batcher(settings, lambda: session, ReadWriteLock(), Counter())
+        thread = threading.Thread(target=batcher.run, daemon=True)
+        thread.start()
+        results: list[list[tuple[float, int, int, str]]] = [[] for _ in range(n_clients)]
+
+        def client(c: int, batcher=batcher, results=results) -> None:
+            for prompt, budget in plan[c]:
+                start = time.perf_counter()
+                answer = batcher.submit(prompt, chat=True, max_new_tokens=budget).result()
+                results[c].append(
+                    (time.perf_counter() - start, budget, answer.completion_tokens, answer.text)
+                )
+
+        try:
+            warm_start = time.perf_counter()
+            batcher.submit(plan[0][0][0], chat=True, max_new_tokens=4).result()
+            warm_s = time.perf_counter() - warm_start
+            start = time.perf_counter()
+            clients = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
+            for t in clients:
+                t.start()
+            for t in clients:
+                t.join()
+            wall = time.perf_counter() - start
+        finally:
+            batcher.stop(5)
+            thread.join(60)
+        done = [r for rows in results for r in rows]
+        latencies = sorted(r[0] for r in done)
+        tokens = sum(r[2] for r in done)
+        by_budget = {
+            str(b): statistics.median([r[0] for r in done if r[1] == b])
+            for b in budgets
+            if b in {r[1] for r in done}
+        }
+        texts[mode] = [r[3] for rows in results for r in rows]
+        out[mode] = {
+            "seconds": wall,
+            "requests": len(done),
+            "new_tokens": tokens,
+            "new_tokens_per_s": tokens / wall,
+            "latency_p50_s": _percentile(latencies, 50),
+            "latency_p95_s": _percentile(latencies, 95),
+            "latency_mean_s": statistics.fmean(latencies),
+            "latency_p50_by_budget_s": by_budget,
+            "warmup_seconds": warm_s,
+        }
+        logger.info(
+            "service, continuous batching %s: %.1f new tokens/s, p50 %.2fs, p95 %.2fs",
+            "on" if mode == "continuous" else "off",
+            tokens / wall,
+            out[mode]["latency_p50_s"],
+            out[mode]["latency_p95_s"],
+        )
+        save()
+    off, on = out["batch"], out["continuous"]
+    out["speedup"] = on["new_tokens_per_s"] / off["new_tokens_per_s"]
+    out["p50_ratio"] = off["latency_p50_s"] / on["latency_p50_s"]
+    out["p95_ratio"] = off["latency_p95_s"] / on["latency_p95_s"]
+    out["answers_equal_fraction"] = statistics.fmean(
+        a == b for a, b in zip(texts["batch"], texts["continuous"])
+    )
+    return out
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return sorted_values[int(rank) - 1]
+
+
 # -- report --------------------------------------------------------------------------------------------------
 
 
@@ -394,6 +516,12 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     figures["learn_many_sequential_doc_tokens_per_s"] = _get(many, "sequential", "doc_tokens_per_s")
     figures["task_examples_per_s"] = _get(results.get("tasks", {}), "large_batch", "examples_per_s")
     figures["task_default_examples_per_s"] = _get(results.get("tasks", {}), "default", "examples_per_s")
+    served = results.get("service", {})
+    figures["service_batch_tokens_per_s"] = _get(served, "batch", "new_tokens_per_s")
+    figures["service_continuous_tokens_per_s"] = _get(served, "continuous", "new_tokens_per_s")
+    figures["service_speedup"] = served.get("speedup")
+    figures["service_p50_ratio"] = served.get("p50_ratio")
+    figures["service_p95_ratio"] = served.get("p95_ratio")
     s.update({k: v for k, v in figures.items() if v is not None})
     return s
 
@@ -465,6 +593,15 @@ def write(results: dict[str, Any], out: Path) -> None:
             _get(r, "large_batch", "examples_per_s"),
             "task_examples_per_s",
         )
+    r = results.get("service", {})
+    if r:
+        who = (
+            f"service, {r['clients']} clients x {r['requests_per_client']} requests, max_batch "
+            f"{r['max_batch']}"
+        )
+        line(f"{who}: new tokens/s (batches -> continuous)", *_pair(r, "new_tokens_per_s"), None)
+        line(f"{who}: p50 latency s", *_pair(r, "latency_p50_s"), None, higher=False)
+        line(f"{who}: p95 latency s", *_pair(r, "latency_p95_s"), None, higher=False)
     rows = {k: r for k, r in results.get("strategies", {}).items() if _get(r, backend, "ratio_to_base")}
     if rows:
         lines += [
@@ -483,6 +620,20 @@ def write(results: dict[str, Any], out: Path) -> None:
                 f"{r[backend]['ratio_to_base']:.2f} | {r[backend].get('warmup_seconds', float('nan')):.1f} | "
                 f"{r['answers_equal_fraction']:.2f} |"
             )
+    r = results.get("service", {})
+    if _get(r, "continuous", "latency_p50_by_budget_s"):
+        lines += [
+            "",
+            f"Service requests ({r['clients']} closed-loop clients, greedy chat answers, `{r['backend']}` "
+            f"backend, cache rows of {r['continuous_length']} positions; answers equal in both modes: "
+            f"{r.get('answers_equal_fraction', float('nan')):.2f}), p50 latency by answer budget:",
+            "",
+            "| budget (new tokens) | batches s | continuous s |",
+            "|---:|---:|---:|",
+        ]
+        for budget, on in r["continuous"]["latency_p50_by_budget_s"].items():
+            off = _get(r, "batch", "latency_p50_by_budget_s", budget)
+            lines.append(f"| {budget} | {'' if off is None else f'{off:.2f}'} | {on:.2f} |")
     if results.get("section_seconds"):
         lines += ["", "Seconds per section: " + ", ".join(
             f"{k} {v:.0f}" for k, v in results["section_seconds"].items()
@@ -491,6 +642,11 @@ def write(results: dict[str, Any], out: Path) -> None:
         lines += ["", *(f"- section `{k}` failed: {v}" for k, v in results["errors"].items())]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(results, out / "speed.png")
+
+
+def _pair(row: dict[str, Any], key: str) -> tuple[float | None, float | None]:
+    """(continuous batching off, on) of one service figure."""
+    return _get(row, "batch", key), _get(row, "continuous", key)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -567,6 +723,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--task-examples", type=int, default=None)
     parser.add_argument("--task-batch", type=int, default=64)
+    parser.add_argument("--service-clients", type=int, default=None, help="service: concurrent clients")
+    parser.add_argument("--service-requests", type=int, default=None, help="service: requests per client")
+    parser.add_argument(
+        "--service-tokens", default=None, help="service: comma-separated answer budgets (cycled)"
+    )
+    parser.add_argument("--service-batch", type=int, default=8, help="service: max_batch")
+    parser.add_argument(
+        "--service-length", type=int, default=256, help="service: cache positions per continuous row"
+    )
+    parser.add_argument(
+        "--service-backend", default="static", choices=["eager", "static", "compiled"], help="service backend"
+    )
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed/local"))
     args = parser.parse_args(argv)
@@ -579,6 +747,11 @@ def main(argv: list[str] | None = None) -> int:
     args.many = args.many or (8 if q else 1000)
     args.sequential = args.sequential or (2 if q else 10)
     args.task_examples = args.task_examples or (64 if q else 2048)
+    args.service_clients = args.service_clients or (4 if q else 16)
+    args.service_requests = args.service_requests or (2 if q else 4)
+    args.service_tokens = [
+        int(x) for x in (args.service_tokens or ("8,16,32" if q else "8,16,32,64")).split(",")
+    ]
     args.learn_specs = [s for s in args.learn_specs.split(",") if s]
     args.strategies = (
         [s for s in args.strategies.split(",") if s] if args.strategies else list(registry.names())
@@ -644,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
                 learn_many(backbone, args, config, bench, filled, save)
             elif section == "tasks":
                 tasks(backbone, args, config, filled, save)
+            elif section == "service":
+                service(backbone, args, config, prompts, filled, save)
         except Exception as exc:  # one failed section must not cost the others' figures
             logger.exception("section %s failed", section)
             results.setdefault("errors", {})[section] = repr(exc)

@@ -12,7 +12,9 @@
 #   2. side by side, until the end: the strategy latencies in two processes (each with its own base row,
 #      so each ratio is taken under the same load), learning (one ~200-token document with the default
 #      strategy `finetune` and with `ttt`; 1,000 documents at once with a fixed number of epochs against
-#      a few learned one at a time) and task training. Compiling is CPU work (16 cores) and the 135M model
+#      a few learned one at a time), task training and then the service section (continuous batching off
+#      and on, ~1-2 minutes in the tasks process, which ended early before: speed.sh's time is unchanged).
+#      Compiling is CPU work (16 cores) and the 135M model
 #      leaves the GPU mostly idle, so these overlap well; their absolute times include that load (noted in
 #      the results), the ratios are taken within one process.
 # Where the time went before (one 540 s run, everything in sequence): one compile per batch shape (~35 s for
@@ -55,7 +57,8 @@ if [ -n "$QUICK" ]; then
   part learning "$t" --sections learn1,learn_many --threads 1 --learn-specs finetune,ttt \
     --set strategies.ttt.optim.epochs=2 --set strategies.finetune.optim.epochs=2 --many 4 --sequential 2 \
     --many-epochs 1 &
-  part tasks "$t" --sections tasks --threads 1 --task-examples 32 &
+  part tasks "$t" --sections tasks,service --threads 1 --task-examples 32 --service-clients 2 \
+    --service-requests 1 --service-tokens 4,8 &
   wait
 else
   # bf16 (the GPU default) and the compiled backend (static KV cache + CUDA graphs).
@@ -69,7 +72,10 @@ else
     --probes 3 --strategies none,ttt,finetune,lora,in_context &
   part learning "$t" --sections learn1,learn_many --learn-specs finetune,ttt --many 1000 --sequential 3 \
     --many-epochs 3 &
-  part tasks "$t" --sections tasks --task-examples 1024 --task-batch 128 &
+  # then the service: 16 clients through the generation thread, continuous batching off and on (both on
+  # the static backend, uncompiled: the batch path would compile a graph per batch size and cache length)
+  part tasks "$t" --sections tasks,service --task-examples 1024 --task-batch 128 --service-clients 16 \
+    --service-requests 4 --service-tokens 16,32,64,128 --service-batch 16 --service-length 512 &
   wait
 fi
 "$PY" - "$OUT" <<'EOF'

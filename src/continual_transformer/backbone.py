@@ -361,10 +361,7 @@ class Backbone:
         options). ``generation.backend`` picks the decoding path (:class:`GenerationConfig`): every backend
         runs the same model with the same hooks and logits processors, so a strategy's changes apply on each.
         """
-        texts = list(prompts) if formatted else [self.format_prompt(p, chat=chat) for p in prompts]
-        if self.start_ids:
-            bos = self.tokenizer.bos_token
-            texts = [t if t.startswith(bos) else bos + t for t in texts]
+        texts = [self.model_text(p, chat=chat, formatted=formatted) for p in prompts]
         settings = self.generation
         gen_config = self.hf_generation_config(max_new_tokens)
         answers: list[str] = []
@@ -379,6 +376,22 @@ class Backbone:
                     t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 )
         return answers
+
+    def model_text(self, prompt: str, *, chat: bool | None = None, formatted: bool = False) -> str:
+        """The text :meth:`generate` tokenises for ``prompt``: the chat template applied (unless
+        ``formatted``), and BOS in front for models that start every sequence with it."""
+        text = prompt if formatted else self.format_prompt(prompt, chat=chat)
+        if self.start_ids:
+            bos = self.tokenizer.bos_token
+            text = text if text.startswith(bos) else bos + text
+        return text
+
+    def decode_slots(self, rows: int, length: int) -> Any:
+        """A :class:`~continual_transformer.decode_slots.DecodeSlots` of ``rows`` rows of ``length`` cache
+        positions on this model (continuous batching of greedy answers)."""
+        from continual_transformer.decode_slots import DecodeSlots
+
+        return DecodeSlots(self, rows=rows, length=length)
 
     def _generate_batch(
         self, batch: dict[str, torch.Tensor], gen_config: HFGenerationConfig, kwargs: dict[str, Any]

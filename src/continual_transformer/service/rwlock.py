@@ -17,6 +17,11 @@ class ReadWriteLock:
         self._writer = False
         self._writers_waiting = 0
 
+    @property
+    def writer_waiting(self) -> bool:
+        """Whether a writer waits for the lock (a reader holding it long should let go soon)."""
+        return bool(self._writers_waiting)
+
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
