@@ -105,6 +105,13 @@ def serve_command(
     init_from: Annotated[
         Path | None, typer.Option("--from", help="Checkpoint to start a new state directory from.")
     ] = None,
+    continuous: Annotated[
+        bool,
+        typer.Option(
+            "--continuous/--no-continuous",
+            help="Continuous batching: greedy requests join and leave decoding rows between steps.",
+        ),
+    ] = False,
 ) -> None:
     """Serve the model over HTTP (native, OpenAI- and Ollama-compatible APIs), learning while it serves."""
     from continual_transformer.service.run import serve
@@ -121,4 +128,5 @@ def serve_command(
         checkpoint_interval=checkpoint_interval,
         init_from=init_from,
         log_level="info" if opts.verbose else "warning",
+        continuous=continuous,
     )

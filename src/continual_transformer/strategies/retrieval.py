@@ -77,8 +77,8 @@ class RetrievalConfig:
     chunk_tokens: int | None = 128
     """Tokens per chunk; ``None`` uses ``documents.chunk_tokens``. Short chunks match a question as well as
     its document does, and one chunk holds the answer: on 50 news articles (H200) 128-token chunks answered
-    0.738 of the probes against 0.579 with 512-token chunks (the oracle: 0.951), the same 0.600 on novel facts,
-    no known fact lost either way (``benchmarks/results/knowledge/h200-retrieval-chunks``)."""
+    0.738 of the probes against 0.579 with 512-token chunks (the oracle: 0.951), the same 0.600 on novel
+    facts, no known fact lost either way (``benchmarks/results/knowledge/h200-retrieval-chunks``)."""
     chunk_overlap: int | None = 32
     """Tokens shared by consecutive chunks; ``None`` uses ``documents.chunk_overlap``."""
     min_relevance: float = 0.5
