@@ -50,7 +50,7 @@ from continual_transformer.strategies import registry
 
 logger = logging.getLogger("speed")
 
-SECTIONS = ("streams", "strategies", "learn1", "learn_many", "tasks", "service")
+SECTIONS = ("streams", "strategies", "learn1", "learn_many", "tasks", "service", "int8")
 TARGETS = {  # the H200 targets of the speed issue (bf16), for the report's "distance" column
     "stream_1_tokens_per_s": 1000.0,
     "stream_64_tokens_per_s": 50000.0,
@@ -151,6 +151,52 @@ def streams(
         save()
     use_backend(backbone, "eager", batch_size=args.batch_size)
     return rows
+
+
+def int8(
+    backbone: Backbone,
+    args: argparse.Namespace,
+    config,
+    prompts: list[str],
+    row: dict[str, Any],
+    save: Callable[[], None],
+) -> None:
+    """One stream on the CPU: the float32 model on the eager path against a copy quantized to int8
+    (``model.quantize``) on the fast backend, call by call over a few prompts, alternating (a loaded machine's
+    drift falls on both alike); the share of answers equal to float32's."""
+    if backbone.device.type != "cpu":
+        return
+    quantized = Backbone.load(dataclasses.replace(config.model, quantize="int8"), config.generation)
+    chosen = prompts[: args.int8_prompts]
+
+    def call(which: Backbone, backend: str, prompt: str) -> list[str]:
+        use_backend(which, backend, batch_size=1)
+        return which.generate(
+            [prompt], chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
+        )
+
+    for prompt in chosen[:1]:  # warm-up (the fast backend's caches)
+        call(backbone, "eager", prompt), call(quantized, args.backend, prompt)
+    times: dict[str, list[float]] = {"float32": [], "int8": []}
+    answers: dict[str, list[str]] = {"float32": [], "int8": []}
+    for rep in range(args.reps):
+        for prompt in chosen:
+            for name, which, backend in (("float32", backbone, "eager"), ("int8", quantized, args.backend)):
+                seconds, out = timed(lambda w=which, b=backend, p=prompt: call(w, b, p), backbone.device, 1)
+                times[name].append(seconds)
+                if rep == 0:
+                    answers[name] += out
+    for name in times:
+        row[name] = {
+            "new_tokens_per_s": args.new_tokens / statistics.median(times[name]),
+            "seconds": times[name],
+            "answers": answers[name],
+        }
+    row["speedup"] = row["int8"]["new_tokens_per_s"] / row["float32"]["new_tokens_per_s"]
+    row["answers_equal"] = sum(a == b for a, b in zip(answers["float32"], answers["int8"])) / len(chosen)
+    row["prompts"] = len(chosen)
+    use_backend(backbone, "eager", batch_size=args.batch_size)
+    save()
 
 
 def strategies(
@@ -602,6 +648,15 @@ def write(results: dict[str, Any], out: Path) -> None:
         line(f"{who}: new tokens/s (batches -> continuous)", *_pair(r, "new_tokens_per_s"), None)
         line(f"{who}: p50 latency s", *_pair(r, "latency_p50_s"), None, higher=False)
         line(f"{who}: p95 latency s", *_pair(r, "latency_p95_s"), None, higher=False)
+    r = results.get("int8", {})
+    if r:
+        line(
+            f"1 stream, float32 eager -> int8 (`model.quantize`) {backend}, new tokens/s "
+            f"({r['prompts']} prompts; answers equal to float32: {r['answers_equal']:.2f})",
+            _get(r, "float32", "new_tokens_per_s"),
+            _get(r, "int8", "new_tokens_per_s"),
+            None,
+        )
     rows = {k: r for k, r in results.get("strategies", {}).items() if _get(r, backend, "ratio_to_base")}
     if rows:
         lines += [
@@ -735,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--service-backend", default="static", choices=["eager", "static", "compiled"], help="service backend"
     )
+    parser.add_argument("--int8-prompts", type=int, default=4, help="int8: prompts answered one at a time")
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed/local"))
     args = parser.parse_args(argv)
@@ -819,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
                 tasks(backbone, args, config, filled, save)
             elif section == "service":
                 service(backbone, args, config, prompts, filled, save)
+            elif section == "int8":
+                int8(backbone, args, config, prompts, filled, save)
         except Exception as exc:  # one failed section must not cost the others' figures
             logger.exception("section %s failed", section)
             results.setdefault("errors", {})[section] = repr(exc)

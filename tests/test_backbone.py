@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tokenizer, make_backbone, tiny_gpt2, tiny_llama
+from conftest import build_tokenizer, fast_config, make_backbone, tiny_gpt2, tiny_llama
 
 from continual_transformer.backbone import (
     Backbone,
@@ -227,3 +227,35 @@ def test_a_model_without_chat_template_formats_exchanges_as_plain_text():
         "Where is Tarnhelm?\n",
         "In Veloria.",
     )
+
+
+def test_int8_quantization_keeps_the_fingerprint_and_stays_close_to_float(tokenizer):
+    """``model.quantize=int8``: every linear layer becomes a dynamically quantized one, the logits stay close to
+    float32's (and are not identical: the layers really changed), the fingerprint is the float model's, and
+    a strategy that trains through the model is refused with the reason."""
+    from continual_transformer import ContinualTransformer
+    from continual_transformer.config import ConfigError
+
+    backbone = make_backbone(tokenizer)
+    ids = backbone.encode(["alpha beta gamma delta"])
+    with torch.no_grad():
+        base = backbone.model(**ids).logits
+    fingerprint = backbone.fingerprint
+    backbone.quantize("int8")
+    assert backbone.quantized == "int8" and backbone.fingerprint == fingerprint
+    linear = [m for m in backbone.model.modules() if type(m) is torch.nn.Linear]
+    assert not linear  # every nn.Linear was replaced
+    with torch.no_grad():
+        quantized = backbone.model(**ids).logits
+    assert not torch.equal(quantized, base)
+    assert (quantized - base).norm() < 0.1 * base.norm()
+    assert len(backbone.generate(["alpha beta"])) == 1
+    answers = ContinualTransformer(backbone, strategy="retrieval", config=fast_config())
+    answers.learn_document("alpha beta gamma delta epsilon")  # answer-only strategies work
+    trained = make_backbone(tokenizer)
+    trained.quantize("int8")
+    with pytest.raises(ConfigError, match="finetune learns by gradient descent"):
+        ContinualTransformer(trained, strategy="finetune", config=fast_config())
+    half = Backbone(tiny_llama(tokenizer).to(torch.bfloat16), tokenizer, name="bf16")
+    with pytest.raises(ConfigError, match="float32"):
+        half.quantize("int8")

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers import GenerationConfig as HFGenerationConfig
 
 from continual_transformer.config import GenerationConfig, ModelConfig
-from continual_transformer.errors import ModelNotFoundError
+from continual_transformer.errors import ConfigError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,8 @@ class Backbone:
         for param in model.parameters():
             param.requires_grad_(False)
         self.fingerprint = model_fingerprint(model)
+        self.quantized: str | None = None
+        """``int8`` once :meth:`quantize` ran (nothing trains through the model then), else ``None``."""
         self.layers = find_decoder_layers(model)
         self.start_ids = start_ids(tokenizer)
         """Ids every scored or generated sequence starts with: ``(BOS,)`` for models trained with BOS at
@@ -243,7 +245,36 @@ class Backbone:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=config.revision)
         except OSError as exc:
             raise ModelNotFoundError(f"{exc}\n{zoo.hub_hint(config.name)}") from exc
-        return cls(model.to(device), tokenizer, name=config.name, generation=generation)
+        backbone = cls(model.to(device), tokenizer, name=config.name, generation=generation)
+        if config.quantize != "none":
+            backbone.quantize(config.quantize)
+        return backbone
+
+    def quantize(self, kind: str = "int8") -> None:
+        """Answer with int8 linear layers from now on (PyTorch dynamic quantization: int8 weights with one
+        scale per output row, activations quantized per call; CPU only). The fingerprint stays the float
+        model's, so checkpoints of answer-only strategies load on either. Nothing can train through the model
+        afterwards."""
+        if kind != "int8":
+            raise ConfigError(f"model.quantize: none or int8, got {kind!r}")
+        if self.device.type != "cpu":
+            raise ConfigError("model.quantize=int8 runs on the CPU only (set model.device=cpu)")
+        if self.dtype != torch.float32:
+            raise ConfigError("model.quantize=int8 quantizes a float32 model (set model.dtype=float32)")
+        import warnings
+
+        with (
+            warnings.catch_warnings()
+        ):  # the eager-mode API is marked for migration to torchao; it still works
+            warnings.simplefilter("ignore")
+            per_channel = torch.ao.quantization.per_channel_dynamic_qconfig  # one scale per output row
+            torch.ao.quantization.quantize_dynamic(
+                self.model, {nn.Linear: per_channel}, dtype=torch.qint8, inplace=True
+            )
+        self.quantized = kind
+        self._lean_caches.clear()
+        self._lean_steps.clear()
+        logger.info("%s: linear layers quantized to int8 for answering", self.name)
 
     # -- properties ------------------------------------------------------------------------------------------
     @property

@@ -197,7 +197,7 @@ def run_strategy(
 ) -> dict[str, Any]:
     """Measure one strategy; the backbone is restored (and checked) afterwards."""
     device = backbone.device
-    fingerprint = backbone.fingerprint
+    fingerprint = model_fingerprint(backbone.model)  # as it is (a quantized model differs from its float one)
     system.reset_peak_memory(device)
     base_name, section = spec_config(config, name)
     strategy = registry.get(base_name)(backbone, section, settings=config)
@@ -374,7 +374,7 @@ def run_oracle(
     prompt).
     """
     device = backbone.device
-    fingerprint = backbone.fingerprint
+    fingerprint = model_fingerprint(backbone.model)  # as it is (a quantized model differs from its float one)
     system.reset_peak_memory(device)
     oracle = OracleReader(backbone, config, benchmark)
     try:

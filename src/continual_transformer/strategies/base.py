@@ -19,7 +19,7 @@ import torch
 
 from continual_transformer.backbone import ScoringHooks
 from continual_transformer.config import GateArgs
-from continual_transformer.errors import ContinualTransformerError
+from continual_transformer.errors import ConfigError, ContinualTransformerError
 
 if TYPE_CHECKING:
     from continual_transformer.backbone import Backbone
@@ -101,8 +101,17 @@ class Strategy(ABC):
     reads_context: ClassVar[bool] = False
     """True when answers come from stored text put in the prompt: the document loss then only drops on a model
     that can copy from its context (a pretrained one, not a random test model)."""
+    trains_through_backbone: ClassVar[bool] = False
+    """True when learning back-propagates through the model's layers: refused on a quantized model
+    (``model.quantize``), whose int8 layers have no gradient."""
 
     def __init__(self, backbone: Backbone, config: Any, *, settings: Config) -> None:
+        if self.trains_through_backbone and getattr(backbone, "quantized", None):
+            raise ConfigError(
+                f"{self.name} learns by gradient descent through the model, which model.quantize="
+                f"{backbone.quantized} leaves without gradients; use model.quantize=none, or an answer-only "
+                "strategy (retrieval, in_context, knowledge_store, doc2lora, ace, none)"
+            )
         self.backbone = backbone
         self.config = config
         self.settings = settings
@@ -333,6 +342,7 @@ class TrainingStrategy(Strategy):
     ``windows`` (WindowArgs).
     """
 
+    trains_through_backbone = True
     cannot_forget = (
         "every document's gradient steps changed the same weights, which keep no per-document part"
     )
@@ -588,8 +598,6 @@ _BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def check_delta_bits(bits: int, key: str) -> None:
     """Refuse a ``delta_bits`` setting that :func:`delta_state` does not store."""
     if bits not in DELTA_BITS:
-        from continual_transformer.errors import ConfigError
-
         raise ConfigError(f"{key}: must be one of {list(DELTA_BITS)}, got {bits!r}")
 
 

@@ -198,6 +198,7 @@ class _StopForward(Exception):
 @register_strategy("memory_bank", config_cls=MemoryBankConfig)
 class MemoryBankStrategy(Strategy):
     modifies_backbone = False
+    trains_through_backbone = True
 
     cannot_forget = (
         "memories are shared between documents: near-duplicates reinforce or overwrite another document's "

@@ -171,6 +171,7 @@ class _StopForward(Exception):
 @register_strategy("memory_layer", config_cls=MemoryLayerConfig)
 class MemoryLayerStrategy(Strategy):
     modifies_backbone = False
+    trains_through_backbone = True
 
     def __init__(self, backbone, config: MemoryLayerConfig, *, settings) -> None:
         super().__init__(backbone, config, settings=settings)

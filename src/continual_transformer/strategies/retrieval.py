@@ -299,7 +299,9 @@ class RetrievalStrategy(Strategy):
     # -- answering ------------------------------------------------------------------------------------------
     def _vocab_size(self) -> int:
         head = self.backbone.model.get_output_embeddings()
-        return int(head.weight.shape[0]) if head is not None else int(self.backbone.model.config.vocab_size)
+        if head is None:
+            return int(self.backbone.model.config.vocab_size)
+        return int(getattr(head, "out_features", None) or head.weight.shape[0])  # quantized heads: no .weight
 
     def generate(
         self,
