@@ -52,9 +52,11 @@ class ModelConfig:
     """Hub revision for Hugging Face ids."""
     quantize: str = "none"
     """``int8``: the model's linear layers answer with int8 weights and per-call int8 activations (PyTorch
-    dynamic quantization; CPU only), about 3x the new tokens/s of float32 on a CPU; answers can differ from
-    float32's. For strategies that do not train through the model (``none``, ``retrieval``, ``in_context``,
-    ``knowledge_store``, ``doc2lora``, ``ace``); the others refuse it. ``none``: the weights as loaded."""
+    dynamic quantization; CPU only): 2.7x the new tokens/s of float32 on a CPU, but on SmolLM2-135M it loses
+    a third of the general facts the model knew and most of its reading (the oracle's acquisition 0.438 ->
+    0.125; ``benchmarks/results/knowledge/cpu-quick-int8``). For strategies that do not train through the
+    model (``none``, ``retrieval``, ``in_context``, ``knowledge_store``, ``doc2lora``, ``ace``); the others
+    refuse it. ``none``: the weights as loaded."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name", "must not be empty")
