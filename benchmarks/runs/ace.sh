@@ -3,7 +3,7 @@
 # Reflector and the Curator (benchmarks/ace_eval.py), four processes side by side (the 135M model leaves the
 # GPU mostly idle): novel facts (12 documents, 3 loops) and Banking77 card intents (3 training and 10 held-out
 # messages per intent, 3 loops), each with the paper's ACE and with the fallback feedback memory.
-# Run after the device.sh stages setup, model and embedder:
+# Run after `benchmarks/device.sh ready`:
 #   bash benchmarks/runs/ace.sh [SECONDS] [--quick]   (each process is stopped after SECONDS; default 330)
 # Results land under $OUT/ace-*/ (results.json, results.md, log.txt), written as each task finishes.
 # Tested on the CPU with a tiny model: MODEL=DIR DATA=../shared/data DEVICE=cpu bash benchmarks/runs/ace.sh 120 --quick

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Doc-to-LoRA on a GPU machine, in two phases that can run in separate calls (after the device.sh stages setup,
-# model and embedder, with the accelerate wheel in .device/whl):
+# Doc-to-LoRA on a GPU machine, in two phases that can run in separate calls (after `benchmarks/device.sh ready`,
+# with the accelerate wheel in .device/whl):
 #   bash benchmarks/runs/doc2lora.sh train SECONDS [RESUME]
 #       meta-train the hypernetwork on the packaged SmolLM2 for SECONDS of training steps (teacher signals
 #       first, cached in $CACHE across calls on the same machine) into $OUT/gpu1/, continuing RESUME (an

@@ -3,7 +3,7 @@
 # profile (8 novel-facts documents) for retrieval, ttt and knowledge_store, once with
 # generation.backend=eager and once with the fast backend, side by side; then every figure other than
 # timings compared row by row ($OUT/fastpath_knowledge/compare.md). Not timing-sensitive: it can run beside
-# other work. Run after the device.sh stages setup, model and embedder (retrieval needs the MiniLM embedder):
+# other work. Run after `benchmarks/device.sh ready` (retrieval needs the MiniLM embedder):
 #   bash benchmarks/runs/fastpath_knowledge.sh [SECONDS]      (each process stopped after SECONDS; default 480)
 #   QUICK=1 BACKEND=static MODEL=smollm2-135m-instruct DATA=../shared/data PYTHON=python \
 #     CTT_CACHE=~/.cache/continual_transformer bash benchmarks/runs/fastpath_knowledge.sh 170   (the CPU test:

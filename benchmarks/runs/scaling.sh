@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Learning into weights against the number of documents, and on real news articles: one process per group of
-# rows (the 135M model leaves the GPU mostly idle). Run after the device.sh stages setup, model and embedder:
+# rows (the 135M model leaves the GPU mostly idle). Run after `benchmarks/device.sh ready`:
 #   bash benchmarks/runs/scaling.sh GROUP SECONDS
 #     scale       the stores (oracle, retrieval, knowledge_store) at 200 and 1,000 novel-facts documents and gated
 #                 ttt at 50 and 200, each stream batch learned in one run (--learn-together); gated ttt at 50

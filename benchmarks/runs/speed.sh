@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Speed of answering and learning on one GPU machine, each figure beside the eager Hugging Face path
-# (benchmarks/speed.py). Run after the device.sh stages setup, model and (for memory_bank and retrieval)
-# embedder:
+# (benchmarks/speed.py). Run after `benchmarks/device.sh ready` (the embedder serves memory_bank and
+# retrieval):
 #   bash benchmarks/runs/speed.sh [SECONDS]      (every section ends inside SECONDS; default 540)
 #   QUICK=1 BACKEND=static MODEL=smollm2-135m-instruct DATA=../shared/data PYTHON=python \
 #     CTT_CACHE=~/.cache/continual_transformer bash benchmarks/runs/speed.sh 400    (the CPU test)
@@ -65,7 +65,7 @@ else
   part streams $(( limit * 35 / 100 )) --sections streams --streams 1,64,256 --new-tokens 64
   t=$(left)
   # Strategies that change the forward pass first; retrieval and memory_bank need the MiniLM embedder
-  # (device.sh embedder): without it they are skipped with a log line.
+  # (device.sh ready): without it they are skipped with a log line.
   part strategies-a "$t" --sections strategies --new-tokens 32 --strategy-docs 5 --batched-learning \
     --probes 3 --strategies none,knowledge_store,memory_layer,memory_bank,retrieval &
   part strategies-b "$t" --sections strategies --new-tokens 32 --strategy-docs 5 --batched-learning \

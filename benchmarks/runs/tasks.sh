@@ -32,7 +32,7 @@
 # stream runs; then the stream's merge and the summary (about 6 s). The estimates predate the sync-free
 # training loop and the batched routed evaluation, which can only lower them.
 #
-# After benchmarks/device.sh setup, model and embedder (the data: .device/d1 and .device/d2x/cl.txz carried, or
+# After benchmarks/device.sh ready (the data: .device/d1 and .device/d2x/cl.txz carried, or
 # already copied by those stages):
 #   bash benchmarks/runs/tasks.sh [SECONDS]           deadline of the stream (default 528; other lanes 20 s less)
 #   bash benchmarks/runs/tasks.sh 900 --quick         CPU check: quick profiles, a few tiny tasks per suite

@@ -2,7 +2,7 @@
 # Learning into weights, measured side by side on one GPU machine: every row of the knowledge benchmark in its
 # own process (the 135M model leaves the GPU mostly idle), novel facts and real news articles, the retrieval
 # diagnostic, and the refactoring check (the quick knowledge and task profiles on the code before and after).
-# Run after the device.sh stages setup, model and embedder (benchmarks/device.sh explains the transfer):
+# Run after `benchmarks/device.sh ready` (benchmarks/device.sh explains the transfer):
 #   bash benchmarks/runs/weights.sh SECONDS     (each process is stopped after SECONDS; default 520)
 # Results land under $OUT (one folder per process; results are written as each row finishes). Merge the
 # knowledge rows of one benchmark with benchmarks/merge_knowledge.py FIRST OTHERS...
