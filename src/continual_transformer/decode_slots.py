@@ -116,6 +116,7 @@ class DecodeSlots:
         )  # (W, L) a row's columns
         self.next_tokens = torch.zeros((0,), dtype=torch.long, device=self._device)  # (W,) the next input
         self.positions = torch.zeros((0,), dtype=torch.long, device=self._device)  # (W,) its position id
+        self.bias: torch.Tensor | None = None  # (W, V') logit bias per row, made when a biased prompt joins
         self.column = 0  # the write column of the next step
         self.compactions = 0
         self.resizes = 0
@@ -169,6 +170,8 @@ class DecodeSlots:
         self.visible = moved(self.visible, False)
         self.next_tokens = moved(self.next_tokens, self.pad_id)
         self.positions = moved(self.positions, 0)
+        if self.bias is not None:
+            self.bias = moved(self.bias, 0.0)
         self._rows = [self._rows[i] for i in live] + [None] * (width - n)
         self.cache, self.width = cache, width
         self.resizes += 1
@@ -220,7 +223,10 @@ class DecodeSlots:
         )
 
     def _prefill(
-        self, prefix: tuple[int, ...], prompts: Sequence[Sequence[int]]
+        self,
+        prefix: tuple[int, ...],
+        prompts: Sequence[Sequence[int]],
+        biases: Sequence[torch.Tensor | None] = (),
     ) -> tuple[list[int], list[list[tuple[torch.Tensor, torch.Tensor]]]]:
         """The first greedy token of each prompt (all starting with ``prefix``) and each prompt's keys and
         values per layer, (1, H, P, D) each: one forward pass over what follows the prefix, right-padded (a
@@ -251,7 +257,11 @@ class DecodeSlots:
         )  # (B, T)
         logits = model(input_ids=suffixes, position_ids=positions, use_cache=True, **{keyword: cache}).logits
         last = torch.tensor(lengths, device=self._device) - 1  # (B,)
-        firsts = logits[torch.arange(rows, device=self._device), last].float().argmax(-1)  # (B,)
+        scores = logits[torch.arange(rows, device=self._device), last].float()  # (B, V)
+        for i, bias in enumerate(biases):
+            if bias is not None:
+                scores[i, : bias.shape[0]] += bias.to(scores.device)
+        firsts = scores.argmax(-1)  # (B,)
         layers = _layers(cache)
         per_row = [
             [(k[i : i + 1, :, : start + n], v[i : i + 1, :, : start + n]) for k, v in layers]
@@ -263,19 +273,23 @@ class DecodeSlots:
         return torch.tensor([list(ids)], dtype=torch.long, device=self._device)  # (1, P)
 
     # -- joining and leaving --------------------------------------------------------------------------------
-    def add(self, key: Any, ids: Sequence[int], max_new_tokens: int) -> FinishedRow | None:
+    def add(
+        self, key: Any, ids: Sequence[int], max_new_tokens: int, bias: torch.Tensor | None = None
+    ) -> FinishedRow | None:
         """Prefill ``ids`` (model input, see :meth:`model_ids`) into a free row and pick its first token;
-        returns the answer when that already ends it (EOS or a budget of one), else ``None``."""
-        return next(iter(self.add_many([(key, ids, max_new_tokens)])), None)
+        returns the answer when that already ends it (EOS or a budget of one), else ``None``. ``bias`` (V',)
+        is added to the first V' logits of every step of this row (``Strategy.decoding_inputs``)."""
+        return next(iter(self.add_many([(key, ids, max_new_tokens, bias)])), None)
 
     @torch.inference_mode()
-    def add_many(self, prompts: Sequence[tuple[Any, Sequence[int], int]]) -> list[FinishedRow]:
-        """:meth:`add` for several ``(key, ids, max_new_tokens)`` at once: prompts that start with the same
-        remembered prefix (or none) are prefilled in one forward pass. Returns the answers that already
+    def add_many(self, prompts: Sequence[tuple[Any, ...]]) -> list[FinishedRow]:
+        """:meth:`add` for several ``(key, ids, max_new_tokens[, bias])`` at once: prompts that start with the
+        same remembered prefix (or none) are prefilled in one forward pass. Returns the answers that already
         ended. Nothing is added when it raises."""
         if len(prompts) > self.free:
             raise RuntimeError(f"{len(prompts)} prompts for {self.free} free decoding rows")
-        for _, ids, max_new_tokens in prompts:
+        prompts = [(*item, None) if len(item) == 3 else tuple(item) for item in prompts]
+        for _, ids, max_new_tokens, _ in prompts:
             if not ids:
                 raise ValueError("an empty prompt cannot be decoded")
             if not self.fits(len(ids), max_new_tokens):
@@ -283,17 +297,17 @@ class DecodeSlots:
                     f"{len(ids)} prompt tokens and {max_new_tokens} new ones exceed {self.length}"
                 )
         started = time.perf_counter()
-        groups: dict[tuple[int, ...], list[tuple[Any, Sequence[int], int]]] = {}
+        groups: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}
         for item in prompts:
             groups.setdefault(self._prefix_of(item[1]), []).append(item)
         prefilled = []
         with self.backbone._decoding():
             for prefix, items in groups.items():
-                firsts, layers = self._prefill(prefix, [ids for _, ids, _ in items])
+                firsts, layers = self._prefill(prefix, [i[1] for i in items], [i[3] for i in items])
                 prefilled += zip(items, firsts, layers)
         finished = []
-        for (key, ids, max_new_tokens), first, kv in prefilled:
-            done = self._place(key, len(ids), max_new_tokens, first, kv, started)
+        for (key, ids, max_new_tokens, bias), first, kv in prefilled:
+            done = self._place(key, len(ids), max_new_tokens, first, kv, started, bias)
             if done is not None:
                 finished.append(done)
         return finished
@@ -306,6 +320,7 @@ class DecodeSlots:
         first: int,
         kv: list[tuple[torch.Tensor, torch.Tensor]],
         started: float,
+        bias: torch.Tensor | None = None,
     ) -> FinishedRow | None:
         """Put a prefilled prompt of ``n`` tokens (its keys and values ``kv`` per layer) into a free row."""
         if not self._shapes:
@@ -322,7 +337,22 @@ class DecodeSlots:
         self._rows[row] = state
         self.next_tokens[row] = first
         self.positions[row] = n
+        self._set_bias(row, bias)
         return self._leave_if_done(row)
+
+    def _set_bias(self, row: int, bias: torch.Tensor | None) -> None:
+        """``row``'s logit bias (zero without one); the bias table is made, or widened, as needed."""
+        if bias is None and self.bias is None:
+            return
+        size = 0 if bias is None else bias.shape[0]
+        if self.bias is None or self.bias.shape[1] < size:
+            table = torch.zeros((self.width, size), dtype=torch.float32, device=self._device)
+            if self.bias is not None:
+                table[:, : self.bias.shape[1]] = self.bias
+            self.bias = table
+        self.bias[row] = 0.0
+        if bias is not None:
+            self.bias[row, :size] = bias.to(device=self._device, dtype=torch.float32)
 
     def _write(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
         """Copy a prefilled prompt's keys and values into ``row``, ending just before the write column."""
@@ -368,6 +398,7 @@ class DecodeSlots:
         self.visible = torch.zeros((0, self.length), dtype=torch.bool, device=self._device)
         self.next_tokens = torch.zeros((0,), dtype=torch.long, device=self._device)
         self.positions = torch.zeros((0,), dtype=torch.long, device=self._device)
+        self.bias = None
 
     # -- decoding -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -391,7 +422,10 @@ class DecodeSlots:
             logits = self._run_step(mask)
         self.column = column + 1
         self.steps += 1
-        chosen = logits.float().argmax(-1)  # (B,)
+        scores = logits.float()
+        if self.bias is not None:
+            scores[:, : self.bias.shape[1]] += self.bias
+        chosen = scores.argmax(-1)  # (B,)
         self.next_tokens.copy_(chosen)
         self.positions += 1
         picked = chosen.tolist()  # sync: once per step, to hand finished answers back at once

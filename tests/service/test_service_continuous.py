@@ -305,9 +305,10 @@ def test_the_http_service_answers_with_continuous_batching_as_the_session_does(t
     assert len(made) == 1 and made[0].prefix_hits >= 3
 
 
-NOT_SHARED = {"in_context", "retrieval", "knowledge_store", "memory_bank", "ace", "doc2lora"}
-"""Strategies whose answers are made per call (context in the prompt, kNN mixing, fused memories, adapters
-chosen per prompt): the batch path answers for them."""
+NOT_SHARED = {"in_context", "knowledge_store", "memory_bank", "ace", "doc2lora"}
+"""Strategies whose answers are made per call (kNN mixing, fused memories, adapters chosen per prompt, a
+playbook): the batch path answers for them. Retrieval shares rows: its prompt with the retrieved context and
+its logit bias are the row's (``Strategy.decoding_inputs``)."""
 
 
 @pytest.mark.parametrize("name", sorted(registry.names()))
@@ -326,9 +327,35 @@ def test_every_strategy_that_shares_rows_answers_as_alone_after_learning(name):
     for k, prompt in enumerate(prompts):
         while not slots.free:
             answers.update((d.key, d.text) for d in slots.step())
-        done = slots.add(k, slots.model_ids(prompt, chat=True), 8)
+        (decoded,) = session.strategy.decoding_inputs([prompt], chat=True)
+        done = slots.add(k, session.backbone.token_ids(decoded.text), 8, decoded.bias)
         if done is not None:
             answers[k] = done.text
     while slots.live:
         answers.update((d.key, d.text) for d in slots.step())
     assert [answers[k] for k in range(3)] == [session.generate([p], chat=True)[0] for p in prompts]
+
+
+def test_retrieval_rows_carry_their_context_and_logit_bias():
+    """A question the retrieved context answers decodes its augmented prompt with the bias towards the
+    context's tokens (an unrelated one decodes the plain prompt), sharing rows, exactly as ``generate``."""
+    session = tiny_session("retrieval")
+    session.learn(Document(id="v", text="The capital of Veloria is Tarnhelm. The Orvalis river is long."))
+    prompts = ["What is the capital of Veloria?", "fox"]
+    related, unrelated = session.strategy.decoding_inputs(prompts, chat=True)
+    assert related.bias is not None and "Tarnhelm" in related.text and related.bias.abs().sum() > 0
+    assert unrelated.bias is None and unrelated.text == session.backbone.model_text("fox", chat=True)
+    slots = session.backbone.decode_slots(2, 160)
+    answers = {}
+    for k, decoded in enumerate((related, unrelated)):
+        done = slots.add(k, session.backbone.token_ids(decoded.text), 8, decoded.bias)
+        if done is not None:
+            answers[k] = done.text
+    while slots.live:
+        answers.update((d.key, d.text) for d in slots.step())
+    assert [answers[0], answers[1]] == [session.generate([p], chat=True)[0] for p in prompts]
+    # the bias is applied: on the tiny model it outweighs the logits, so the first token is a context token
+    unbiased = session.backbone.decode_slots(1, 160).add(0, session.backbone.token_ids(related.text), 1)
+    biased = slots.add(9, session.backbone.token_ids(related.text), 1, related.bias)
+    assert unbiased is not None and biased is not None
+    assert related.bias[biased.token_ids[0]] > 0 and biased.token_ids != unbiased.token_ids

@@ -299,40 +299,44 @@ class Batcher:
                 others.append(r)
                 continue
             try:
-                ids = slots.model_ids(r.prompt, chat=r.chat)
                 tokens = self._count_tokens(r.prompt)
+                if tokens + r.max_new_tokens > backbone.max_length:
+                    self._fitting([r])  # answers the 400
+                    continue
+                (decoded,) = session.strategy.decoding_inputs([r.prompt], chat=r.chat) or [None]
+                ids = backbone.token_ids(decoded.text) if decoded is not None else []
             except Exception as exc:  # this prompt failed: the others go on
                 _fail(r, exc)
                 continue
-            if tokens + r.max_new_tokens > backbone.max_length:
-                self._fitting([r])  # answers the 400
-            elif not slots.fits(len(ids), r.max_new_tokens):
+            if decoded is None or not slots.fits(len(ids), r.max_new_tokens):
                 others.append(r)
             else:
-                joining.append((r, ids))
+                joining.append((r, ids, decoded.bias))
         self._join(slots, joining, rows)
         if others:
             self._answer_batches(others, locked=True)
         return slots
 
-    def _join(self, slots: Any, joining: list[tuple[_GenRequest, list[int]]], rows: dict[int, Any]) -> None:
+    def _join(
+        self, slots: Any, joining: list[tuple[_GenRequest, list[int], Any]], rows: dict[int, Any]
+    ) -> None:
         """Prefill the joining requests together into free rows; when that fails, each alone, so that only a
         prompt that fails by itself fails."""
         if not joining:
             return
         deadline = time.monotonic() + self.settings.generation_timeout
         try:
-            finished = slots.add_many([(id(r), ids, r.max_new_tokens) for r, ids in joining])
-            rows.update((id(r), (r, deadline)) for r, _ in joining)
+            finished = slots.add_many([(id(r), ids, r.max_new_tokens, bias) for r, ids, bias in joining])
+            rows.update((id(r), (r, deadline)) for r, _, _ in joining)
         except Exception:
             if len(joining) == 1:
                 _fail(joining[0][0], sys.exc_info()[1])
                 return
             logger.warning("prefilling %d prompts together failed; one at a time", len(joining))
             finished = []
-            for r, ids in joining:
+            for r, ids, bias in joining:
                 try:
-                    done = slots.add(id(r), ids, r.max_new_tokens)
+                    done = slots.add(id(r), ids, r.max_new_tokens, bias)
                 except Exception as exc:
                     _fail(r, exc)
                     continue
@@ -411,16 +415,14 @@ def _running(requests: list[_GenRequest]) -> list[_GenRequest]:
 
 
 def _answers_shared(session: Session) -> bool:
-    """Whether the session's strategy answers each prompt as the backbone's plain greedy generation does,
-    with nothing made per call (no own ``generate``: no retrieved context, kNN mixing, fused memories or
-    adapters chosen per prompt; no relevance gate), so prompts can share decoding rows."""
-    from continual_transformer.strategies.base import Strategy
-
+    """Whether the session's strategy answers each prompt by plain greedy decoding of a model text
+    (``Strategy.shares_decoding``: the base model's, or retrieval's with its context and logit bias), so
+    prompts can share decoding rows."""
     try:
         strategy = session.strategy
     except Exception:  # no session yet (restoring): the batch path answers with the 503
         return False
-    return type(strategy).generate is Strategy.generate and strategy.relevance_gate is None
+    return strategy.shares_decoding()
 
 
 def _fail(r: _GenRequest, exc: BaseException | None) -> None:

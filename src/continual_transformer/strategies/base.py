@@ -29,6 +29,16 @@ if TYPE_CHECKING:
     from continual_transformer.training import Example
 
 
+@dataclass(frozen=True)
+class DecodingInput:
+    """What greedy answering of one prompt decodes: the exact model text, and a logit bias added at every step
+    (``None``: none)."""
+
+    text: str
+    bias: torch.Tensor | None = None
+    """(V',) float32 added to the first V' logits of every step (retrieval's bias towards context tokens)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class LearnReport:
     """What learning one document did."""
@@ -157,6 +167,21 @@ class Strategy(ABC):
         return [float(v.mean()) if v.numel() else 0.0 for v in values]
 
     # -- answering -------------------------------------------------------------------------------------------
+    def shares_decoding(self) -> bool:
+        """Whether each greedy answer is plain decoding of a model text (:meth:`decoding_inputs`), so prompts
+        can share decoding rows (the service's continuous batching). Not for strategies with their own
+        :meth:`generate` (kNN mixing, fused memories, adapters chosen per prompt) or a relevance gate."""
+        return type(self).generate is Strategy.generate and self.relevance_gate is None
+
+    def decoding_inputs(
+        self, prompts: Sequence[str], *, chat: bool | None = None
+    ) -> list[DecodingInput] | None:
+        """The model text (and logit bias) whose greedy decoding answers each prompt exactly as
+        :meth:`generate` does; ``None`` unless :meth:`shares_decoding`."""
+        if not self.shares_decoding():
+            return None
+        return [DecodingInput(self.backbone.model_text(p, chat=chat)) for p in prompts]
+
     def generate(
         self,
         prompts: Sequence[str],

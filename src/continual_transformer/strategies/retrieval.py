@@ -56,6 +56,7 @@ from continual_transformer.modules.logits import TokenBiasProcessor, token_bias
 from continual_transformer.modules.vector_store import VectorStore
 from continual_transformer.strategies import register_strategy
 from continual_transformer.strategies.base import (
+    DecodingInput,
     LearnReport,
     Strategy,
     StrategyStats,
@@ -348,6 +349,38 @@ class RetrievalStrategy(Strategy):
             for i, answer in zip(rows, outs):
                 answers[i] = answer
         return [a or "" for a in answers]
+
+    def shares_decoding(self) -> bool:
+        return type(self).generate is RetrievalStrategy.generate and self.relevance_gate is None
+
+    def decoding_inputs(
+        self, prompts: Sequence[str], *, chat: bool | None = None
+    ) -> list[DecodingInput] | None:
+        """Each prompt's model text as :meth:`generate` builds it (with its retrieved context, or plain when
+        none passes the gate) and its bias towards the context's tokens."""
+        if not self.shares_decoding():
+            return None
+        prompts = list(prompts)
+        model_text = self.backbone.model_text
+        if not self.chunk_ids:
+            return [DecodingInput(model_text(p, chat=chat)) for p in prompts]
+        use_chat = self.backbone.uses_chat(chat)
+        inputs = []
+        for prompt, plan in zip(prompts, self.augment(prompts)):
+            if plan.context is None:
+                inputs.append(DecodingInput(model_text(prompt, chat=chat)))
+                continue
+            text = model_text(self._augmented_prompt(prompt, plan.context, use_chat), formatted=True)
+            bias = None
+            if self.config.bias_strength > 0:
+                bias = token_bias(
+                    [plan.bias_tokens],
+                    self._vocab_size(),
+                    self.config.bias_strength,
+                    device=self.backbone.device,
+                )[0]
+            inputs.append(DecodingInput(text, bias))
+        return inputs
 
     def _augmented_prompt(self, prompt: str, context: str, use_chat: bool) -> str:
         """The exact model input for ``prompt`` with ``context`` (chat template kept when it is used)."""
