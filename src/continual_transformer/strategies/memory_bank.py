@@ -396,6 +396,29 @@ class MemoryBankStrategy(Strategy):
             ]
         )
 
+    @torch.no_grad()
+    def query_kl(self, examples: Sequence[DistillExample], *, fused: bool = True) -> torch.Tensor:
+        """KL(teacher || student) (Q,) of each distillation example, the student being the strategy as it
+        answers (each query fused with the memories its own key retrieves; ``fused=False``: the base
+        model)."""
+        cfg, device = self.config, self.backbone.device
+        out = torch.zeros(len(examples), device=device)
+        pad = self.backbone.tokenizer.pad_token_id
+        for start in range(0, len(examples), cfg.distill_batch_size):
+            part = list(examples[start : start + cfg.distill_batch_size])
+            batch = distillation.collate_distill(part, pad, device)
+            delta = self.deltas([e.query for e in part]) if fused else None
+            fusion: AbstractContextManager[Any] = nullcontext()
+            if delta is not None:
+                lengths = (batch["positions"][:, 0] + 1).tolist()
+                fusion = self._fusion(delta, self._scoring_mask(lengths, batch["input_ids"].shape[1]))
+            with fusion:
+                logits = self.backbone.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+            out[start : start + len(part)] = self._row_kl(logits, batch)
+        return out
+
     def distill_values(
         self, new_keys: torch.Tensor, examples: Sequence[DistillExample], exclude: Sequence[int] = ()
     ) -> dict[str, torch.Tensor]:
