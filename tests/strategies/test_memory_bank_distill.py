@@ -17,7 +17,8 @@ def build(tokenizer, **settings) -> ContinualTransformer:
     section = {
         "objective": "context_distill",
         "distill": DISTILL,
-        "steps": 15,
+        "distill_steps": 15,
+        "distill_learning_rate": 0.2,
         # tiny random models: backbone keys separate little, so every query may retrieve every memory
         "min_similarity": -1.0,
         "min_gain": -1.0,
