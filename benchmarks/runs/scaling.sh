@@ -7,7 +7,8 @@
 #                 one by one; retrieval, knowledge_store and gated ttt on 50 news articles; the diagnostic
 #     gated       every weight-changing strategy behind the relevance gate (gate.enabled), 50 novel-facts
 #                 documents, and gated ttt and memory_layer (context distillation) on 50 news articles
-#     parametric  gated ttt and memory_layer with context distillation at 200 novel-facts documents
+#     parametric  gated ttt and memory_layer with context distillation at 200 novel-facts documents;
+#                 memory_bank with context distillation at 50 (its next-token row: 0.003)
 #     stores      oracle, retrieval and knowledge_store at 200 and 1,000 documents
 #     news        ttt (context distillation), memory_layer, knowledge_store and retrieval on 50 news articles,
 #                 and the retrieval diagnostic (benchmarks/retrieval_diagnostics.py) on novel facts and news
@@ -28,7 +29,7 @@ run() {  # run NAME BENCHMARK DOCS STRATEGIES [BENCH OPTIONS...]: one benchmark 
   timeout "$limit" python3 -m continual_transformer --model "$MODEL" --set data_dir="$DATA" \
     --set generation.batch_size=${BATCH:-64} --set model.dtype=float32 \
     --set strategies.ttt.distill.teacher_batch_size=32 --set strategies.memory_layer.distill.teacher_batch_size=32 \
-    --set strategies.lora.distill.teacher_batch_size=32 \
+    --set strategies.lora.distill.teacher_batch_size=32 --set strategies.memory_bank.distill.teacher_batch_size=32 \
     bench knowledge --benchmark "$benchmark" --docs "$docs" --no-baselines --strategies "$strategies" "$@" \
     --out "$OUT/scaling/$name" > "$OUT/scaling/$name/log.txt" 2>&1 &
 }
@@ -64,7 +65,8 @@ case "$group" in
     run news-50-ttt-g news 50 "ttt:$cd_:$g,memory_layer:$cd_:$g" ;;
   parametric)
     run nf-200-ttt-cd-g novel_facts 200 "ttt:$cd_:$g"
-    run nf-200-ml-cd-g novel_facts 200 "memory_layer:$cd_:$g" ;;
+    run nf-200-ml-cd-g novel_facts 200 "memory_layer:$cd_:$g"
+    run nf-50-mb-cd novel_facts 50 "memory_bank:$cd_" ;;
   news)
     run news-ttt-cd news 50 "ttt:$cd_"
     run news-ml-ks news 50 memory_layer,knowledge_store

@@ -17,8 +17,18 @@ The GPT-2 memory-bank design, on our backbone, with the backbone frozen:
   gate ``g = sigmoid(gate_logit)`` (``gate: null``; a number fixes ``g``). All examples of a document are
   trained together in one batch. ``v`` is parametrised in units of the layer's hidden-state RMS, so one
   learning rate fits models of any scale.
+* **Context distillation** (``objective: context_distill``). The values are instead trained so that the
+  model *without* the document but *with* the memories fused matches the teacher, the base model with the
+  document in its prompt (:mod:`continual_transformer.distillation`: sentence prefixes, questions the base
+  model writes, "Tell me about X"; the teacher runs with the bank off). Memories stay keyed on the
+  document's sentences; each query retrieves by its *own* key from the stored memories plus the new ones,
+  exactly as at answer time (top ``top_k``, ``min_similarity``, softmax weights), and only the values it
+  retrieves receive its gradient. A query that retrieves no new memory trains nothing (the bank would not
+  answer it either); a sentence no query retrieves is not kept. All queries train together, batched
+  (``distill_batch_size``), for ``distill_steps`` Adam steps at ``distill_learning_rate``.
 * **Keep or reject.** The memory is kept only if it lowers the example's loss by more than ``min_gain``
-  (relative); its importance starts at that gain.
+  (relative); its importance starts at that gain. With ``context_distill`` the gain is that of the
+  distillation KL of the queries that retrieve the memory, weighted by its retrieval weight.
 * **Duplicates.** An example whose key has cosine > ``duplicate_threshold`` with a stored key is skipped (the
   stored memory is reinforced) or replaces it (``on_duplicate``).
 * **Retrieval and fusion.** A prompt's key retrieves the ``top_k`` memories by similarity × importance among
