@@ -46,6 +46,17 @@ differently worded question (the earlier system's hidden-state bias scored 0.006
 memory (``knowledge_store``) or retrieval into the prompt (``retrieval``) are the strategies for new names;
 measure before relying on this one.
 
+Context distillation, measured (SmolLM2-135M-Instruct, CPU quick profile, 6 novel-facts documents, 48
+probes; ``benchmarks/results/knowledge/cpu-quick-memory_bank/``): acquisition 0.042 (0.10x the oracle's
+0.438) against 0.021 for next-token, both at +0.0 % perplexity and no known fact lost; the two extra answers
+are one fact (a year) asked two ways. On the first document the queries that retrieve a new memory fell from
+a mean KL of 0.46 to 0.07 nats (all queries), yet 6 of its 17 queries retrieve any memory (MiniLM similarity
+of a sentence prefix or a generated question to the sentence below 0.6), and the answers it changes often
+degenerate ("a glass that is a glass that is ..."): one vector added at every position steers the whole
+continuation. Learning took 14x the wall time of next-token (1,663 s against 120 s for the 6 documents; the
+teacher writes questions and continuations). Next-token stays the default: one fact more is no measurable
+gain.
+
 Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 questions, 3 general questions):
 each sentence's own loss fell from ~6.0 to 0.9-2.1 nats; 2 of 6 answers contained the new name ("Tarnhelm",
 "Plimbe") against 0 for the base model, but answers to the related questions degenerated ("Tarnhelm. Tarnhelm.
