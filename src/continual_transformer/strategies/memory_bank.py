@@ -457,9 +457,9 @@ class MemoryBankStrategy(Strategy):
         learns to match the teacher's top-k on the teacher's continuation. Only the new values and gates
         train; stored memories a query retrieves are fused as they are. Queries that retrieve no new memory
         give no gradient and are not run. Returns ``values`` (N, H), ``gate_logits`` (N,), per query
-        ``kl_before`` (the strategy as it was) and ``kl_after`` (Q,) and ``fused`` (Q,) bool (a new memory
-        retrieved), and per memory ``gains`` (N,): the relative KL drop of the queries that retrieve it,
-        weighted by its retrieval weight (0 for a memory no query retrieves).
+        ``kl_before`` (the strategy as it was) and ``kl_after`` (Q,) (0 where not fused) and ``fused`` (Q,)
+        bool (a new memory retrieved), and per memory ``gains`` (N,): the relative KL drop of the queries that
+        retrieve it, weighted by its retrieval weight (0 for a memory no query retrieves).
         """
         cfg, device = self.config, self.backbone.device
         n, q = new_keys.shape[0], len(examples)
@@ -601,12 +601,13 @@ class MemoryBankStrategy(Strategy):
             tokens = sum(e.scored_tokens for e in examples)
             replaced = [d for i in train if (d := duplicate_of[i]) is not None and d >= 0]
             trained = self.distill_values(keys[train], examples, replaced)
-            gains = trained["gains"]
+            gains, fused = trained["gains"], trained["fused"]
             figures = {
                 "distill_queries": len(examples),
                 "distill_queries_fused": int(trained["fused"].sum()),
-                "distill_kl_before": float(trained["kl_before"].mean()) if examples else None,
-                "distill_kl_after": float(trained["kl_after"].mean()) if examples else None,
+                # over the queries that retrieve a new memory (the others are not run)
+                "distill_kl_before": float(trained["kl_before"][fused].mean()) if fused.any() else None,
+                "distill_kl_after": float(trained["kl_after"][fused].mean()) if fused.any() else None,
             }
         elif train:
             trained = self.train_values([texts[i] for i in train])
