@@ -230,9 +230,9 @@ def test_a_model_without_chat_template_formats_exchanges_as_plain_text():
 
 
 def test_int8_quantization_keeps_the_fingerprint_and_stays_close_to_float(tokenizer):
-    """``model.quantize=int8``: every linear layer becomes a dynamically quantized one, the logits stay close to
-    float32's (and are not identical: the layers really changed), the fingerprint is the float model's, and
-    a strategy that trains through the model is refused with the reason."""
+    """``model.quantize=int8``: every linear layer becomes a dynamically quantized one, the logits stay close
+    to float32's (and are not identical: the layers really changed), the fingerprint is the float model's,
+    and a strategy that trains through the model is refused with the reason."""
     from continual_transformer import ContinualTransformer
     from continual_transformer.config import ConfigError
 

@@ -9,15 +9,17 @@
 #                 documents, and gated ttt and memory_layer (context distillation) on 50 news articles
 #     parametric  gated ttt at 200 and 1,000 and gated memory_layer at 50, 200 and 1,000 novel-facts documents,
 #                 each stream batch learned in one run (--learn-together), and retrieval at 1,000 likewise
+#     large       what parametric left unfinished when it shared a call (the 1,000-document rows), and
+#                 memory_bank with context distillation at 50 (its next-token row: 0.003): four processes
 #     chunks      retrieval with 128-token chunks (32 overlapping) on 50 news articles and 50 novel-facts
-#                 documents, beside the committed rows of the default (256-token chunks)
+#                 documents, beside the committed rows of 512-token chunks
 #     stores      oracle, retrieval and knowledge_store at 200 and 1,000 documents
 #     news        ttt (context distillation), memory_layer, knowledge_store and retrieval on 50 news articles,
 #                 and the retrieval diagnostic (benchmarks/retrieval_diagnostics.py) on novel facts and news
 # Each process is stopped after SECONDS (default 520); results land under $OUT/scaling/NAME. Summarise with
 #   python benchmarks/knowledge_scaling.py DIR... --out benchmarks/results/knowledge/scaling
 set -uo pipefail
-group=${1:?group: scale | gated | parametric | chunks | stores | news | quick}
+group=${1:?group: scale | gated | parametric | large | chunks | stores | news | quick}
 limit=${2:-520}
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=${CTT_CACHE:-/root/ctt-cache} TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
@@ -31,7 +33,7 @@ run() {  # run NAME BENCHMARK DOCS STRATEGIES [BENCH OPTIONS...]: one benchmark 
   timeout "$limit" python3 -m continual_transformer --model "$MODEL" --set data_dir="$DATA" \
     --set generation.batch_size=${BATCH:-64} --set model.dtype=float32 \
     --set strategies.ttt.distill.teacher_batch_size=32 --set strategies.memory_layer.distill.teacher_batch_size=32 \
-    --set strategies.lora.distill.teacher_batch_size=32 \
+    --set strategies.lora.distill.teacher_batch_size=32 --set strategies.memory_bank.distill.teacher_batch_size=32 \
     bench knowledge --benchmark "$benchmark" --docs "$docs" --no-baselines --strategies "$strategies" "$@" \
     --out "$OUT/scaling/$name" > "$OUT/scaling/$name/log.txt" 2>&1 &
 }
@@ -72,6 +74,11 @@ case "$group" in
     run nf-200-ml-g-together novel_facts 200 "memory_layer:$g" --learn-together
     run nf-1000-ml-g-together novel_facts 1000 "memory_layer:$g" --learn-together
     BATCH=256 run nf-1000-retrieval novel_facts 1000 retrieval --learn-together ;;
+  large)
+    run nf-1000-ttt-g-together novel_facts 1000 "ttt:$g" --learn-together
+    run nf-1000-ml-g-together novel_facts 1000 "memory_layer:$g" --learn-together
+    BATCH=256 run nf-1000-retrieval novel_facts 1000 retrieval --learn-together
+    run nf-50-mb-cd novel_facts 50 "memory_bank:$cd_" ;;
   chunks)
     run news-50-retrieval-c128 news 50 "retrieval:chunk_tokens=128:chunk_overlap=32"
     run nf-50-retrieval-c128 novel_facts 50 "retrieval:chunk_tokens=128:chunk_overlap=32" ;;

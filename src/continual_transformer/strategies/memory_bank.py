@@ -17,8 +17,18 @@ The GPT-2 memory-bank design, on our backbone, with the backbone frozen:
   gate ``g = sigmoid(gate_logit)`` (``gate: null``; a number fixes ``g``). All examples of a document are
   trained together in one batch. ``v`` is parametrised in units of the layer's hidden-state RMS, so one
   learning rate fits models of any scale.
+* **Context distillation** (``objective: context_distill``). The values are instead trained so that the
+  model *without* the document but *with* the memories fused matches the teacher, the base model with the
+  document in its prompt (:mod:`continual_transformer.distillation`: sentence prefixes, questions the base
+  model writes, "Tell me about X"; the teacher runs with the bank off). Memories stay keyed on the
+  document's sentences; each query retrieves by its *own* key from the stored memories plus the new ones,
+  exactly as at answer time (top ``top_k``, ``min_similarity``, softmax weights), and only the values it
+  retrieves receive its gradient. A query that retrieves no new memory trains nothing (the bank would not
+  answer it either); a sentence no query retrieves is not kept. All queries train together, batched
+  (``distill_batch_size``), for ``distill_steps`` Adam steps at ``distill_learning_rate``.
 * **Keep or reject.** The memory is kept only if it lowers the example's loss by more than ``min_gain``
-  (relative); its importance starts at that gain.
+  (relative); its importance starts at that gain. With ``context_distill`` the gain is that of the
+  distillation KL of the queries that retrieve the memory, weighted by its retrieval weight.
 * **Duplicates.** An example whose key has cosine > ``duplicate_threshold`` with a stored key is skipped (the
   stored memory is reinforced) or replaces it (``on_duplicate``).
 * **Retrieval and fusion.** A prompt's key retrieves the ``top_k`` memories by similarity × importance among
@@ -36,6 +46,22 @@ differently worded question (the earlier system's hidden-state bias scored 0.006
 memory (``knowledge_store``) or retrieval into the prompt (``retrieval``) are the strategies for new names;
 measure before relying on this one.
 
+Context distillation, measured (SmolLM2-135M-Instruct, CPU quick profile, 6 novel-facts documents, 48
+probes; ``benchmarks/results/knowledge/cpu-quick-memory_bank/``): acquisition 0.042 (0.10x the oracle's
+0.438) against 0.021 for next-token, both at +0.0 % perplexity and no known fact lost; the two extra answers
+are one fact (a year) asked two ways. On the first document the queries that retrieve a new memory fell from
+a mean KL of 0.46 to 0.07 nats (all queries), yet 6 of its 17 queries retrieve any memory (MiniLM similarity
+of a sentence prefix or a generated question to the sentence below 0.6), and the answers it changes often
+degenerate ("a glass that is a glass that is ..."): one vector added at every position steers the whole
+continuation. Why it carries so little (``benchmarks/memory_bank_distill.py``): 94 % of the held-out probes
+retrieve a memory of their own document, and values fitted to the probes themselves lower their KL to the
+teacher from 0.77 to 0.17 nats, so neither retrieval nor one vector's capacity is the limit; but the values
+trained on the distillation queries (their KL 0.35 -> 0.07) *raise* the probes' KL (0.81 -> 1.04): a
+steering vector fitted to a few phrasings does not transfer to other phrasings of the same fact. Learning
+took 14x the wall time of next-token (1,663 s against 120 s for the 6 documents; the
+teacher writes questions and continuations). Next-token stays the default: one fact more is no measurable
+gain.
+
 Measured once on SmolLM2-135M-Instruct (CPU, 3 short fictional documents, 6 questions, 3 general questions):
 each sentence's own loss fell from ~6.0 to 0.9-2.1 nats; 2 of 6 answers contained the new name ("Tarnhelm",
 "Plimbe") against 0 for the base model, but answers to the related questions degenerated ("Tarnhelm. Tarnhelm.
@@ -51,13 +77,15 @@ import re
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from continual_transformer import distillation
 from continual_transformer.backbone import ScoringBatch, ScoringHooks, sequence_nll
 from continual_transformer.config import ConfigError
+from continual_transformer.distillation import ContextDistillConfig, DistillExample, check_objective
 from continual_transformer.documents import Document, chunk_spans
 from continual_transformer.layers import hidden_size, layer_index
 from continual_transformer.modules.embedder import SentenceEmbedder
@@ -106,7 +134,14 @@ class MemoryBankConfig:
     """Adam steps that train the values of a document's examples (together); each is a forward and backward
     pass."""
     learning_rate: float = 0.2
-    """Adam learning rate of the values, in units of the fused layer's hidden-state RMS."""
+    """Adam learning rate of the values, in units of the fused layer's hidden-state RMS (``next_token``)."""
+    distill_steps: int = 20
+    """Adam steps of ``context_distill`` (each a forward and backward pass over every query that retrieves a
+    new memory)."""
+    distill_learning_rate: float = 0.02
+    """The same for ``context_distill``: the student starts close to the teacher (KL ~0.3-0.5 nats on
+    SmolLM2-135M), and 0.2 (each of 576 coordinates moving 0.2 RMS per step) overshoots: the KL of the fused
+    queries rose from 0.46 to 0.81 in 12 steps."""
     gate: float | None = None
     """``None``: a learned sigmoid gate per memory (starts at 0.5); a number in [0, 1]: a fixed gate."""
     min_gain: float = 0.05
@@ -133,6 +168,14 @@ class MemoryBankConfig:
     """Importance added to a memory each time it is retrieved."""
     fuse_tokens: int = 0
     """Fuse into the last N prompt tokens and every generated token; 0: every position."""
+    objective: str = "next_token"
+    """What trains the values: ``next_token`` (each example's own next-token loss, its value fused into it) or
+    ``context_distill`` (queries about the document, each fused with the memories its own key retrieves, match
+    the base model that reads the document in its prompt; ``distill``)."""
+    distill: ContextDistillConfig = field(default_factory=ContextDistillConfig)
+    """Queries and teacher settings of the ``context_distill`` objective."""
+    distill_batch_size: int = 8
+    """Distillation queries per forward pass (``context_distill``); each step accumulates over all of them."""
 
     def __post_init__(self) -> None:
         key = "strategies.memory_bank"
@@ -142,10 +185,10 @@ class MemoryBankConfig:
             raise ConfigError(f"{key}.chunk_tokens: must be >= 4, got {self.chunk_tokens}")
         if self.min_tokens < 1:
             raise ConfigError(f"{key}.min_tokens: must be >= 1, got {self.min_tokens}")
-        if self.steps < 1:
-            raise ConfigError(f"{key}.steps: must be >= 1, got {self.steps}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"{key}.learning_rate: must be > 0, got {self.learning_rate}")
+        if self.steps < 1 or self.distill_steps < 1:
+            raise ConfigError(f"{key}.steps and distill_steps must be >= 1")
+        if not self.learning_rate > 0 or not self.distill_learning_rate > 0:
+            raise ConfigError(f"{key}.learning_rate and distill_learning_rate must be > 0")
         if self.gate is not None and not 0.0 <= self.gate <= 1.0:
             raise ConfigError(f"{key}.gate: must be null (learned) or in [0, 1], got {self.gate}")
         if not -1.0 <= self.min_gain < 1.0:
@@ -170,6 +213,9 @@ class MemoryBankConfig:
             raise ConfigError(f"{key}.use_bonus: must be >= 0, got {self.use_bonus}")
         if self.fuse_tokens < 0:
             raise ConfigError(f"{key}.fuse_tokens: must be >= 0, got {self.fuse_tokens}")
+        check_objective(self.objective, f"{key}.objective")
+        if self.distill_batch_size < 1:
+            raise ConfigError(f"{key}.distill_batch_size: must be >= 1, got {self.distill_batch_size}")
 
 
 class _FusedMemories(ScoringHooks):
@@ -347,6 +393,182 @@ class MemoryBankStrategy(Strategy):
             "after": after.detach().float(),
         }
 
+    def _retrieval_weights(
+        self, query_keys: torch.Tensor, new_keys: torch.Tensor, exclude: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Retrieval over the stored memories plus ``new_keys`` (N, K), as :meth:`deltas` retrieves from the
+        store: top ``top_k`` by similarity × importance among similarities >= ``min_similarity``, weights a
+        softmax of similarity / ``retrieval_temperature``. New memories rank with importance 1 (their
+        importance is only known after training). Stored slots in ``exclude`` (about to be replaced) take no
+        part. Returns candidate indices (Q, k) (``i < store.size``: a stored slot, else new memory ``i -
+        store.size``), weights (Q, k) (0 where nothing valid) and validity (Q, k)."""
+        cfg, size = self.config, self.store.size
+        keys = torch.cat([self.store.keys[:size], torch.nn.functional.normalize(new_keys.float(), dim=-1)])
+        importance = torch.cat([self.store.importance[:size], torch.ones(len(new_keys), device=keys.device)])
+        if exclude:
+            importance[list(exclude)] = float("-inf")
+        sims = query_keys.float().to(keys.device) @ keys.T  # (Q, S + N)
+        score = torch.where(
+            (sims >= self.min_similarity) & (importance > float("-inf")),
+            sims * importance.clamp(min=0.0),
+            torch.full_like(sims, float("-inf")),
+        )
+        top, slots = torch.topk(score, min(cfg.top_k, keys.shape[0]), dim=-1)
+        valid = torch.isfinite(top)
+        weights = torch.softmax(
+            sims.gather(1, slots).masked_fill(~valid, float("-inf")) / cfg.retrieval_temperature, -1
+        )
+        return slots, torch.nan_to_num(weights, nan=0.0), valid
+
+    @staticmethod
+    def _row_kl(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """KL(teacher || student) (B,) of each row of a :func:`distillation.collate_distill` batch."""
+        return torch.stack(
+            [
+                distillation.distill_loss(logits[i : i + 1], {k: v[i : i + 1] for k, v in batch.items()})
+                for i in range(logits.shape[0])
+            ]
+        )
+
+    @torch.no_grad()
+    def query_kl(self, examples: Sequence[DistillExample], *, fused: bool = True) -> torch.Tensor:
+        """KL(teacher || student) (Q,) of each distillation example, the student being the strategy as it
+        answers (each query fused with the memories its own key retrieves; ``fused=False``: the base
+        model)."""
+        cfg, device = self.config, self.backbone.device
+        out = torch.zeros(len(examples), device=device)
+        pad = self.backbone.tokenizer.pad_token_id
+        for start in range(0, len(examples), cfg.distill_batch_size):
+            part = list(examples[start : start + cfg.distill_batch_size])
+            batch = distillation.collate_distill(part, pad, device)
+            delta = self.deltas([e.query for e in part]) if fused else None
+            fusion: AbstractContextManager[Any] = nullcontext()
+            if delta is not None:
+                lengths = (batch["positions"][:, 0] + 1).tolist()
+                fusion = self._fusion(delta, self._scoring_mask(lengths, batch["input_ids"].shape[1]))
+            with fusion:
+                logits = self.backbone.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+            out[start : start + len(part)] = self._row_kl(logits, batch)
+        return out
+
+    def distill_values(
+        self, new_keys: torch.Tensor, examples: Sequence[DistillExample], exclude: Sequence[int] = ()
+    ) -> dict[str, torch.Tensor]:
+        """Train the values (and gates) of new memories keyed ``new_keys`` (N, K) by context distillation.
+
+        Each query retrieves by its own key from the stored memories and the new ones together, exactly as
+        it would be answered (:meth:`_retrieval_weights`); the fused student (no document in its prompt)
+        learns to match the teacher's top-k on the teacher's continuation. Only the new values and gates
+        train; stored memories a query retrieves are fused as they are. Queries that retrieve no new memory
+        give no gradient and are not run. Returns ``values`` (N, H), ``gate_logits`` (N,), per query
+        ``kl_before`` (the strategy as it was) and ``kl_after`` (Q,) (0 where not fused) and ``fused`` (Q,)
+        bool (a new memory retrieved), and per memory ``gains`` (N,): the relative KL drop of the queries that
+        retrieve it, weighted by its retrieval weight (0 for a memory no query retrieves).
+        """
+        cfg, device = self.config, self.backbone.device
+        n, q = new_keys.shape[0], len(examples)
+        hidden = self.store.value_dim
+        empty = {
+            "values": torch.zeros(n, hidden, device=device),
+            "gate_logits": torch.zeros(n, device=device),
+            "kl_before": torch.zeros(q, device=device),
+            "kl_after": torch.zeros(q, device=device),
+            "fused": torch.zeros(q, dtype=torch.bool, device=device),
+            "gains": torch.zeros(n, device=device),
+        }
+        if not q or not n:
+            return empty
+        size = self.store.size
+        slots, weights, valid = self._retrieval_weights(
+            self.keys([e.query for e in examples]), new_keys, exclude
+        )
+        new = valid & (slots >= size)  # (Q, k)
+        fused = new.any(-1)
+        rows = torch.nonzero(fused).squeeze(1).tolist()  # sync: once per document
+        empty["fused"] = fused
+        if not rows:
+            return empty
+        pad = self.backbone.tokenizer.pad_token_id
+        module = self.backbone.layers[self.fuse_layer]
+        step = cfg.distill_batch_size
+        batches = []
+        for start in range(0, len(rows), step):
+            part = rows[start : start + step]
+            batch = distillation.collate_distill([examples[i] for i in part], pad, device)
+            lengths = (batch["positions"][:, 0] + 1).tolist()
+            batches.append((part, batch, self._scoring_mask(lengths, batch["input_ids"].shape[1])))
+        # the strategy as it was (stored memories only) and the hidden-state scale at the fuse layer
+        before = torch.zeros(q, device=device)
+        sq, count = torch.zeros((), device=device), torch.zeros((), device=device)
+        with torch.no_grad():
+            for part, batch, mask in batches:
+                old = self.deltas([examples[i].query for i in part])
+                fusion = self._fusion(old, mask) if old is not None else nullcontext()
+                with fusion, LayerCapture(module) as cap:
+                    logits = self.backbone.model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                before[part] = self._row_kl(logits, batch)
+                assert cap.hidden is not None
+                real = batch["attention_mask"].bool()
+                sq += cap.hidden.float()[real].pow(2).mean(-1).sum()
+                count += real.sum()
+        rms = (sq / count).sqrt()
+        stored = (
+            self.store.values[:size]
+            * (
+                torch.sigmoid(self.store.gate_logits[:size])
+                if cfg.gate is None
+                else torch.full((size,), cfg.gate, device=device)
+            )[:, None]
+        )
+        units = torch.zeros(n, hidden, device=device, requires_grad=True)
+        gate_logits = torch.zeros(n, device=device, requires_grad=cfg.gate is None)
+        optimizer = torch.optim.Adam(
+            [units] + ([gate_logits] if cfg.gate is None else []), lr=cfg.distill_learning_rate
+        )
+
+        def deltas(part: list[int]) -> torch.Tensor:
+            gate = torch.sigmoid(gate_logits) if cfg.gate is None else torch.full_like(gate_logits, cfg.gate)
+            table = torch.cat([stored, gate[:, None] * rms * units])  # (S + N, H)
+            return (weights[part][..., None] * table[slots[part]]).sum(1)  # (B, H)
+
+        with torch.enable_grad():
+            for _ in range(cfg.distill_steps):
+                optimizer.zero_grad(set_to_none=True)
+                for part, batch, mask in batches:
+                    adder = ResidualAdder(
+                        module, deltas(part).to(self.backbone.dtype), mask, skip_zero_rows=False
+                    )
+                    with adder:
+                        logits = self.backbone.model(
+                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                        ).logits
+                    (self._row_kl(logits, batch).sum() / len(rows)).backward()
+                optimizer.step()
+        after = before.clone()
+        with torch.no_grad():
+            for part, batch, mask in batches:
+                with self._fusion(deltas(part), mask):
+                    logits = self.backbone.model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                after[part] = self._row_kl(logits, batch)
+        # each new memory's share of each query: its retrieval weight (0 when not retrieved)
+        share = torch.zeros(q, n, device=device)
+        share.scatter_add_(1, (slots - size).clamp(min=0), torch.where(new, weights, 0.0))
+        gains = (share * (before - after)[:, None]).sum(0) / (share * before[:, None]).sum(0).clamp(min=1e-6)
+        return {
+            "values": (rms * units).detach().float(),
+            "gate_logits": gate_logits.detach().float(),
+            "kl_before": before,
+            "kl_after": after,
+            "fused": fused,
+            "gains": gains,
+        }
+
     # -- learning -------------------------------------------------------------------------------------------
     def learn(self, document: Document) -> LearnReport:
         start = time.perf_counter()
@@ -377,9 +599,26 @@ class MemoryBankStrategy(Strategy):
                 if d >= 0:
                     self.store.reinforce(torch.tensor([d]), cfg.use_bonus)
         tokens = sum(len(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-        if train:
+        figures: dict[str, Any] = {}
+        if train and cfg.objective == "context_distill":
+            examples = distillation.document_distill_examples(
+                self.backbone, document.text, cfg.distill, teacher_context=self.disabled
+            )
+            tokens = sum(e.scored_tokens for e in examples)
+            replaced = [d for i in train if (d := duplicate_of[i]) is not None and d >= 0]
+            trained = self.distill_values(keys[train], examples, replaced)
+            gains, fused = trained["gains"], trained["fused"]
+            figures = {
+                "distill_queries": len(examples),
+                "distill_queries_fused": int(trained["fused"].sum()),
+                # over the queries that retrieve a new memory (the others are not run)
+                "distill_kl_before": float(trained["kl_before"][fused].mean()) if fused.any() else None,
+                "distill_kl_after": float(trained["kl_after"][fused].mean()) if fused.any() else None,
+            }
+        elif train:
             trained = self.train_values([texts[i] for i in train])
             gains = (trained["before"] - trained["after"]) / trained["before"].clamp(min=1e-6)
+        if train:
             for row, i in enumerate(train):
                 gain = float(gains[row])
                 if gain <= cfg.min_gain:
@@ -402,7 +641,7 @@ class MemoryBankStrategy(Strategy):
             loss_before=loss_before,
             loss_after=loss_after,
             seconds=time.perf_counter() - start,
-            extra={**counts, "memories": self.store.size},
+            extra={**counts, "memories": self.store.size, **figures},
         )
 
     def _examples_nll(self, texts: Sequence[str]) -> float | None:
