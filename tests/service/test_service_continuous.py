@@ -208,11 +208,18 @@ def test_service_answers_equal_solo_answers_and_rows_are_reused(served):
     assert all(a.completion_tokens <= n for a, n in zip(answers, BUDGETS))
 
 
+def wait_until(condition, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; fail (not hang) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        time.sleep(0.002)
+
+
 def test_a_short_answer_finishes_before_a_long_one_that_started_earlier(served):
     s = served(step_delay=0.01)
     long = s.batcher.submit("memory", chat=False, max_new_tokens=60)
-    while not s.made or s.made[0].steps < 3:  # the long answer is decoding
-        time.sleep(0.005)
+    wait_until(lambda: s.made and s.made[0].steps >= 3)  # the long answer is decoding
     short = s.batcher.submit("fox", chat=False, max_new_tokens=3)
     assert short.result(timeout=60).text == s.solo("fox", 3)
     assert not long.done()
@@ -225,14 +232,13 @@ def test_a_failing_row_does_not_poison_the_others(served, monkeypatch):
     boom = "boom boom boom boom"
 
     def failing_add_many(slots, prompts):
-        if any(ids == slots.model_ids(boom, chat=False) for _, ids, _ in prompts):
+        if any(ids == slots.model_ids(boom, chat=False) for _, ids, *_ in prompts):
             raise RuntimeError("bad prompt")
         return add_many(slots, prompts)
 
     monkeypatch.setattr(DecodeSlots, "add_many", failing_add_many)
     good = s.batcher.submit("memory", chat=False, max_new_tokens=20)
-    while not s.made or not s.made[0].live:
-        time.sleep(0.002)
+    wait_until(lambda: s.made and s.made[0].live)
     # arriving together: the prompts prefilled with the failing one are prefilled again alone
     bad = s.batcher.submit(boom, chat=False, max_new_tokens=5)
     other = s.batcher.submit("fox", chat=False, max_new_tokens=6)
