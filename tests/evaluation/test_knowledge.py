@@ -358,3 +358,19 @@ def test_rows_are_added_only_to_a_run_of_the_same_profile(tmp_path):
     path.write_text("{}")
     with pytest.raises(ContinualTransformerError, match="not a knowledge benchmark result"):
         read_knowledge_results(path, "m", profile)
+
+
+def test_a_setting_of_how_strategies_learn_can_be_set_aside_and_either_side_may_lack_new_settings(tmp_path):
+    import dataclasses
+
+    from continual_transformer.evaluation.report import LEARNING_SETTINGS, read_knowledge_results
+
+    profile = dataclasses.asdict(KnowledgeBenchConfig())
+    older = {k: v for k, v in profile.items() if k != "learn_together"}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": {"model": "m", "settings": {"bench": profile}}, "strategies": {}}))
+    assert read_knowledge_results(path, "m", older)["strategies"] == {}  # the target predates the setting
+    together = {**profile, "learn_together": True}
+    assert read_knowledge_results(path, "m", together, ignore=LEARNING_SETTINGS)["strategies"] == {}
+    with pytest.raises(Exception, match="other settings"):
+        read_knowledge_results(path, "m", {**together, "docs": 7}, ignore=LEARNING_SETTINGS)

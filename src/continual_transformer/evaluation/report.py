@@ -222,8 +222,14 @@ def knowledge_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
-def read_knowledge_results(path: Path, model: str, bench: dict) -> dict:
-    """An earlier run's results to add rows to; refused when it measured another model or profile."""
+LEARNING_SETTINGS = ("learn_together",)
+"""Benchmark settings that change only how strategies learn: rows of strategies that learn nothing
+(``oracle``, ``none``) are the same whatever their values."""
+
+
+def read_knowledge_results(path: Path, model: str, bench: dict, *, ignore: Sequence[str] = ()) -> dict:
+    """An earlier run's results to add rows to; refused when it measured another model or profile (settings
+    named in ``ignore`` aside). Settings either side was written without read as their defaults."""
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
         settings = earlier["meta"]["settings"]["bench"]
@@ -235,8 +241,11 @@ def read_knowledge_results(path: Path, model: str, bench: dict) -> dict:
     from continual_transformer.evaluation.knowledge import KnowledgeBenchConfig
 
     defaults = dataclasses.asdict(KnowledgeBenchConfig())  # settings added later read as their defaults
-    settings = {**{k: v for k, v in defaults.items() if k not in settings}, **settings}
-    if settings != bench or earlier_model != model:
+
+    def compared(values: dict) -> dict:
+        return {k: v for k, v in {**defaults, **values}.items() if k not in ignore}
+
+    if compared(settings) != compared(bench) or earlier_model != model:
         raise ContinualTransformerError(
             f"{path} was measured with other settings or another model ({earlier_model}, {settings}); "
             "rows can only be added to a run of the same profile: use another --out"
