@@ -278,6 +278,18 @@ def test_loss_equals_per_position_reference(k):
     assert torch.isfinite(logits.grad).all()
 
 
+def test_per_row_loss_is_each_rows_own_mean():
+    vocab = 40
+    examples, _ = synthetic_examples(vocab, 8, seed=5)
+    batch = collate_distill(examples, pad_id=0, device=torch.device("cpu"))
+    logits = torch.randn(3, batch["input_ids"].shape[1], vocab, generator=torch.Generator().manual_seed(1))
+    rows = distill_loss(logits, batch, per_row=True)
+    assert rows.shape == (3,)
+    for row, example in enumerate(examples):
+        expected = reference_loss(logits[row : row + 1], [example])
+        torch.testing.assert_close(rows[row].double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_loss_is_zero_when_the_student_is_the_teacher():
     vocab = 40
     examples, teacher_logits = synthetic_examples(vocab, 8, seed=3)

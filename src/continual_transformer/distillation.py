@@ -554,8 +554,11 @@ def collate_distill(
     }
 
 
-def distill_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over scored positions of KL(teacher || student) on the top-k plus one "other" bucket (float32).
+def distill_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], *, per_row: bool = False
+) -> torch.Tensor:
+    """Mean over scored positions of KL(teacher || student) on the top-k plus one "other" bucket (float32);
+    ``per_row``: each row's mean over its own positions, (B,).
 
     The teacher's k stored log-probabilities (over the full vocabulary) and the mass of every other token
     make a distribution over k + 1 outcomes; the student's is its full-vocabulary log-softmax gathered at the
@@ -583,7 +586,10 @@ def distill_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.
     )
     kl = top_term.sum(-1) + other_term  # (B, P)
     # where, not a product: a padded position may hold a non-finite value, and nan * 0 is nan.
-    return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp(min=1)
+    kl = torch.where(mask, kl, 0.0)
+    if per_row:
+        return kl.sum(-1) / mask.sum(-1).clamp(min=1)
+    return kl.sum() / mask.sum().clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -420,16 +420,6 @@ class MemoryBankStrategy(Strategy):
         )
         return slots, torch.nan_to_num(weights, nan=0.0), valid
 
-    @staticmethod
-    def _row_kl(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """KL(teacher || student) (B,) of each row of a :func:`distillation.collate_distill` batch."""
-        return torch.stack(
-            [
-                distillation.distill_loss(logits[i : i + 1], {k: v[i : i + 1] for k, v in batch.items()})
-                for i in range(logits.shape[0])
-            ]
-        )
-
     @torch.no_grad()
     def query_kl(self, examples: Sequence[DistillExample], *, fused: bool = True) -> torch.Tensor:
         """KL(teacher || student) (Q,) of each distillation example, the student being the strategy as it
@@ -450,7 +440,7 @@ class MemoryBankStrategy(Strategy):
                 logits = self.backbone.model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                 ).logits
-            out[start : start + len(part)] = self._row_kl(logits, batch)
+            out[start : start + len(part)] = distillation.distill_loss(logits, batch, per_row=True)
         return out
 
     def distill_values(
@@ -510,7 +500,7 @@ class MemoryBankStrategy(Strategy):
                     logits = self.backbone.model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                     ).logits
-                before[part] = self._row_kl(logits, batch)
+                before[part] = distillation.distill_loss(logits, batch, per_row=True)
                 assert cap.hidden is not None
                 real = batch["attention_mask"].bool()
                 sq += cap.hidden.float()[real].pow(2).mean(-1).sum()
@@ -546,7 +536,7 @@ class MemoryBankStrategy(Strategy):
                         logits = self.backbone.model(
                             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                         ).logits
-                    (self._row_kl(logits, batch).sum() / len(rows)).backward()
+                    (distillation.distill_loss(logits, batch, per_row=True).sum() / len(rows)).backward()
                 optimizer.step()
         after = before.clone()
         with torch.no_grad():
@@ -555,7 +545,7 @@ class MemoryBankStrategy(Strategy):
                     logits = self.backbone.model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                     ).logits
-                after[part] = self._row_kl(logits, batch)
+                after[part] = distillation.distill_loss(logits, batch, per_row=True)
         # each new memory's share of each query: its retrieval weight (0 when not retrieved)
         share = torch.zeros(q, n, device=device)
         share.scatter_add_(1, (slots - size).clamp(min=0), torch.where(new, weights, 0.0))
