@@ -333,19 +333,16 @@ class RetrievalStrategy(Strategy):
         step = self.backbone.generation.batch_size
         for start in range(0, len(rich), step):
             rows = rich[start : start + step]
-            texts = [self._augmented_prompt(prompts[i], plans[i].context or "", use_chat) for i in rows]
+            inputs = [self._with_context(prompts[i], plans[i], use_chat) for i in rows]
             kwargs: dict[str, Any] = dict(generate_kwargs)
             if self.config.bias_strength > 0:
-                bias = token_bias(
-                    [plans[i].bias_tokens for i in rows],
-                    self._vocab_size(),
-                    self.config.bias_strength,
-                    device=self.backbone.device,
-                )
+                bias = torch.stack([inp.bias for inp in inputs if inp.bias is not None])
                 kwargs["logits_processor"] = LogitsProcessorList(
                     [TokenBiasProcessor(bias), *(generate_kwargs.get("logits_processor") or [])]
                 )
-            outs = self.backbone.generate(texts, formatted=True, max_new_tokens=max_new_tokens, **kwargs)
+            outs = self.backbone.generate(
+                [inp.text for inp in inputs], formatted=True, max_new_tokens=max_new_tokens, **kwargs
+            )
             for i, answer in zip(rows, outs):
                 answers[i] = answer
         return [a or "" for a in answers]
@@ -365,22 +362,22 @@ class RetrievalStrategy(Strategy):
         if not self.chunk_ids:
             return [DecodingInput(model_text(p, chat=chat)) for p in prompts]
         use_chat = self.backbone.uses_chat(chat)
-        inputs = []
-        for prompt, plan in zip(prompts, self.augment(prompts)):
-            if plan.context is None:
-                inputs.append(DecodingInput(model_text(prompt, chat=chat)))
-                continue
-            text = model_text(self._augmented_prompt(prompt, plan.context, use_chat), formatted=True)
-            bias = None
-            if self.config.bias_strength > 0:
-                bias = token_bias(
-                    [plan.bias_tokens],
-                    self._vocab_size(),
-                    self.config.bias_strength,
-                    device=self.backbone.device,
-                )[0]
-            inputs.append(DecodingInput(text, bias))
-        return inputs
+        return [
+            DecodingInput(model_text(prompt, chat=chat))
+            if plan.context is None
+            else self._with_context(prompt, plan, use_chat)
+            for prompt, plan in zip(prompts, self.augment(prompts))
+        ]
+
+    def _with_context(self, prompt: str, plan: Augmentation, use_chat: bool) -> DecodingInput:
+        """The model text of ``prompt`` with ``plan``'s retrieved context, and the bias towards its tokens."""
+        augmented = self._augmented_prompt(prompt, plan.context or "", use_chat)
+        bias = None
+        if self.config.bias_strength > 0:
+            bias = token_bias(
+                [plan.bias_tokens], self._vocab_size(), self.config.bias_strength, device=self.backbone.device
+            )[0]
+        return DecodingInput(self.backbone.model_text(augmented, formatted=True), bias)
 
     def _augmented_prompt(self, prompt: str, context: str, use_chat: bool) -> str:
         """The exact model input for ``prompt`` with ``context`` (chat template kept when it is used)."""
