@@ -148,6 +148,20 @@ def streams(
                 record(b, out, warm_s, last)
         row["speedup"] = row[args.backend]["new_tokens_per_s"] / row["eager"]["new_tokens_per_s"]
         row["answers_equal"] = row[args.backend]["answers"] == row["eager"]["answers"]
+        if backbone._lean_mode == "graphs" and backbone._lean_graphs and n <= 64:
+            # the recorded chunks against the same compiled step run from the host, token by token: the same
+            # kernels, so the answers must be identical; the time shows what the host loop cost per token
+            backbone._lean_mode = "default"
+            try:
+                seconds, host = timed(lambda: call(args.backend), backbone.device, 1)
+            finally:
+                backbone._lean_mode = "graphs"
+            row["compiled_step_from_host"] = {
+                "seconds": seconds,
+                "new_tokens_per_s": n * args.new_tokens / seconds,
+                "answers_equal_recorded_chunks": host[:2] == row[args.backend]["answers"],
+            }
+            logger.info("%d streams, compiled step from the host: %s", n, row["compiled_step_from_host"])
         save()
     use_backend(backbone, "eager", batch_size=args.batch_size)
     return rows

@@ -179,8 +179,8 @@ def test_lean_loop_gives_generate_tokens(tokenizer, backend, case):
 
 
 def test_lean_loop_is_the_fast_backends_path_and_falls_back(tokenizer, monkeypatch, caplog):
-    """static and compiled decode through the lean loop; a failing step degrades with a log line (CUDA
-    graphs -> compiled -> plain -> generate), answers unchanged."""
+    """static and compiled decode through the lean loop; a failing step degrades with a log line (recorded
+    chunks -> CUDA graphs per step -> compiled -> plain -> generate), answers unchanged."""
     backbone = make_backbone(tokenizer)
     with_backend(backbone, "eager")
     eager = backbone.generate(PROMPTS)
@@ -195,13 +195,66 @@ def test_lean_loop_is_the_fast_backends_path_and_falls_back(tokenizer, monkeypat
         raise RuntimeError("no graphs here")
 
     monkeypatch.setattr(backbone, "_lean_decode", broken)
-    backbone._lean_mode = "reduce-overhead"  # as on a GPU
+    backbone._lean_mode = "graphs"  # as on a GPU
     with_backend(backbone, "compiled")
     calls.clear()
     with caplog.at_level("WARNING"):
         assert backbone.generate(PROMPTS) == eager
-    assert calls == ["reduce-overhead", "default", "plain"]
+    assert calls == ["graphs", "reduce-overhead", "default", "plain"]
     assert backbone._lean_failed and "decoding with generate" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["plain", "min_new_tokens", "early_eos", "one_token"])
+def test_chunked_decoding_gives_generate_tokens(tokenizer, case):
+    """Chunked decoding (what a GPU records as CUDA graphs, run here step by step) returns generate's token
+    ids: tokens picked on the device, EOS barred before min_new_tokens, padding after a row ends, the columns
+    cut where the last row ended, the steps a last chunk runs past max_new_tokens dropped."""
+    backbone = make_backbone(tokenizer, max_new_tokens=1 if case == "one_token" else 13)
+    with_backend(backbone, "eager")
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    width = batch["input_ids"].shape[1]
+    config = backbone.hf_generation_config()
+    kwargs = {"min_new_tokens": 13} if case == "min_new_tokens" else {}
+    if case in ("early_eos", "min_new_tokens"):  # tokens the rows do produce end them early (several EOS ids)
+        free = backbone.model.generate(
+            **batch, generation_config=config, eos_token_id=None, min_new_tokens=13
+        )
+        config.eos_token_id = [int(free[row, width + 2 + row]) for row in range(len(PROMPTS))]
+    reference = backbone.model.generate(**batch, generation_config=config, **kwargs)
+    chunked = backbone._chunked_decode(batch, config, kwargs, capture=False)
+    assert torch.equal(chunked, reference)
+    if case == "early_eos":
+        assert reference.shape[1] < width + 13, "generate stopped early"
+    if case == "min_new_tokens":
+        barred = torch.isin(reference[:, width:], torch.tensor(config.eos_token_id))
+        assert reference.shape[1] == width + 13 and not barred.any(), "EOS barred"
+
+
+def test_recorded_chunks_only_where_nothing_decides_on_the_host(tokenizer):
+    """A CUDA graph replays what it recorded: chunks are recorded only for the plain Hugging Face model with
+    no processors and no hooks; a strategy's module or hook, or a processor, takes the per-step path."""
+    backbone = make_backbone(tokenizer, max_new_tokens=4)
+    config = backbone.hf_generation_config()
+    assert backbone._graphs_apply(config, {})
+    assert not backbone._graphs_apply(config, {"logits_processor": [lambda ids, scores: scores]})
+    layer = backbone.model.model.layers[0]
+    handle = layer.register_forward_hook(lambda module, args, output: output)
+    assert not backbone._graphs_apply(config, {})
+    handle.remove()
+
+    class Wrapped(torch.nn.Module):  # a strategy's module, which may branch on a host flag
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, hidden):
+            return self.inner(hidden)
+
+    mlp = layer.mlp
+    layer.mlp = Wrapped(mlp)
+    assert not backbone._graphs_apply(config, {})
+    layer.mlp = mlp
+    assert backbone._graphs_apply(config, {})
 
 
 @pytest.mark.real_model

@@ -229,6 +229,11 @@ class Backbone:
         self._lean_steps: dict[str, Any] = {}  # the lean loop's decoding step, compiled once per compile mode
         self._lean_mode: str | None = None  # the compile mode of the lean step (None: not yet chosen)
         self._lean_failed = False  # the lean loop failed once: Hugging Face's generate decodes from then on
+        # decoding chunks recorded as CUDA graphs, by the (batch, length) of their static KV cache
+        self._lean_graphs: dict[tuple[int, int], _Chunk] = {}
+        self._static_cache_capturable: bool | None = (
+            None  # every static cache layer keeps its length on the device
+        )
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -273,6 +278,7 @@ class Backbone:
             )
         self.quantized = kind
         self._lean_caches.clear()
+        self._lean_graphs.clear()
         self._lean_steps.clear()
         logger.info("%s: linear layers quantized to int8 for answering", self.name)
 
@@ -469,7 +475,9 @@ class Backbone:
     # Hugging Face's generate does Python work per token (stopping criteria, processors, cache bookkeeping,
     # a host sync) that a launch-bound model on a GPU waits for. The lean loop keeps a static KV cache per
     # (batch, length), runs the prompt once uncompiled, then one decoding step per token (compiled, and
-    # replayed as a CUDA graph on a GPU), picks tokens on the device and checks for EOS every few tokens. It
+    # replayed as a CUDA graph on a GPU), picks tokens on the device and checks for EOS every few tokens. On a
+    # GPU, where nothing decides on the host (no processors, hooks or strategy modules), a whole chunk of
+    # steps with their token picking is recorded as one CUDA graph, so the host does no work per token. It
     # produces the tokens generate produces (greedy; the same processors in the same order; tests compare
     # them); anything else (sampling, a streamer, other generate options) goes to generate.
 
@@ -499,29 +507,66 @@ class Backbone:
         *,
         compiled: bool,
     ) -> torch.Tensor:
-        """The lean loop with the fastest step that works: a compiled step replayed as a CUDA graph, then a
-        compiled step without graphs, then the plain step; each failure is logged once and the call starts
-        over on the next (the cache is reset per call). If even the plain step fails, generate decodes."""
+        """The lean loop with the fastest step that works: on a GPU, chunks of compiled steps recorded as CUDA
+        graphs (:meth:`_chunked_decode`, where the call and the model allow it), then a compiled step replayed
+        as a CUDA graph per token, then a compiled step without graphs, then the plain step; each failure is
+        logged once and the call starts over on the next (the cache is reset per call). If even the plain step
+        fails, generate decodes."""
         while True:
             mode = self._lean_step_mode(compiled)
+            if mode == "graphs" and not self._graphs_apply(gen_config, kwargs):
+                mode = "reduce-overhead"
             try:
                 return self._lean_decode(batch, gen_config, kwargs, mode)
             except Exception as exc:
-                following = {"reduce-overhead": "default", "default": "plain"}.get(mode)
+                following = {
+                    "graphs": "reduce-overhead",
+                    "reduce-overhead": "default",
+                    "default": "plain",
+                }.get(mode)
                 if following is None:
                     logger.warning("lean decoding failed (%s); decoding with generate from now on", exc)
                     self._lean_failed = True
                     return self.model.generate(**batch, generation_config=gen_config, **kwargs)
                 logger.warning("lean decoding step %r failed (%s); trying %r", mode, exc, following)
+                self._lean_graphs.clear()
                 self._lean_mode = following
 
     def _lean_step_mode(self, compiled: bool) -> str:
-        """``reduce-overhead`` (CUDA graphs), ``default`` (compiled) or ``plain`` (not compiled)."""
+        """``graphs`` (chunks of steps as CUDA graphs), ``reduce-overhead`` (one CUDA graph per step),
+        ``default`` (compiled) or ``plain`` (not compiled)."""
         if self._lean_mode is None:
-            self._lean_mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self._lean_mode = "graphs" if self.device.type == "cuda" else "default"
         if not compiled or self._compile_failed:
             return "plain"
         return self._lean_mode
+
+    def _graphs_apply(self, gen_config: HFGenerationConfig, kwargs: dict[str, Any]) -> bool:
+        """Whether a call may decode in recorded chunks (:meth:`_chunked_decode`). A CUDA graph replays what
+        it recorded without running Python, so nothing may decide on the host per call or per token: no
+        logits processors, no forward hooks, every module a ``torch`` or ``transformers`` one (a strategy's
+        module may branch on a host flag, e.g. a switched-off delta), and a static cache that counts its
+        length on the device (a sliding-window layer counts on the host). Other calls take the per-step
+        graphs, which guard on all of this."""
+        if kwargs.get("logits_processor") or int(gen_config.max_new_tokens or 0) < 1:
+            return False
+        if self._static_cache_capturable is None:
+            from transformers import StaticCache
+
+            layers = getattr(StaticCache(config=self.model.config, max_cache_len=8), "layers", None)
+            self._static_cache_capturable = bool(layers) and all(
+                isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
+                and not hasattr(layer, "cumulative_length_int")
+                for layer in layers
+            )
+        return (
+            self._static_cache_capturable
+            and not _installed_hooks(self.model)
+            and all(
+                type(module).__module__.startswith(("torch.", "transformers."))
+                for module in self.model.modules()
+            )
+        )
 
     def _lean_cache(self, batch_size: int, length: int) -> Any:
         """A reset static KV cache for ``batch_size`` rows of ``length`` positions, kept for later calls (a
@@ -532,10 +577,12 @@ class Backbone:
         cache = self._lean_caches.pop(key, None)
         if cache is None:
             cache = StaticCache(config=self.model.config, max_cache_len=length)
+            self._lean_graphs.pop(key, None)  # a graph recorded on an earlier cache of this shape
         else:
             cache.reset()
         self._lean_caches[key] = cache  # most recently used last
         while len(self._lean_caches) > _LEAN_CACHES:
+            self._lean_graphs.pop(next(iter(self._lean_caches)), None)
             self._lean_caches.pop(next(iter(self._lean_caches)))
         return cache
 
@@ -568,6 +615,8 @@ class Backbone:
         mode: str,
     ) -> torch.Tensor:
         """Greedy decoding of one left-padded batch; returns prompt + new ids as generate does."""
+        if mode == "graphs":
+            return self._chunked_decode(batch, gen_config, kwargs, capture=True)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         rows, width = ids.shape
         new = int(gen_config.max_new_tokens)
@@ -618,6 +667,86 @@ class Backbone:
             last = torch.where(hit.any(1), hit.int().argmax(1), done - 1)
             done = int(last.max()) + 1  # sync: once per call
         return out[:, : width + done]
+
+    def _chunked_decode(
+        self,
+        batch: dict[str, torch.Tensor],
+        gen_config: HFGenerationConfig,
+        kwargs: dict[str, Any],
+        *,
+        capture: bool,
+    ) -> torch.Tensor:
+        """Greedy decoding in chunks of ``_EOS_CHECK_EVERY`` steps over static buffers, each step picking its
+        token on the device (:class:`_Chunk`); the host looks at finished rows between chunks. With
+        ``capture`` (a GPU) a chunk of compiled steps is recorded once per (batch, length) and model as a CUDA
+        graph and replayed: no Python and one launch per chunk. Without it the same chunks run step by step
+        (the CPU check of the same logic). The tokens equal :meth:`_lean_decode`'s; no logits processors
+        (:meth:`_graphs_apply`)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows, width = ids.shape
+        new = int(gen_config.max_new_tokens)
+        min_new = int(kwargs.get("min_new_tokens") or 0)
+        eos = gen_config.eos_token_id
+        eos_list = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = gen_config.pad_token_id if gen_config.pad_token_id is not None else eos_list[0]
+        length = width + new + _EOS_CHECK_EVERY  # the last chunk may run past the last new token
+        cache = self._lean_cache(rows, length)
+        step = self._lean_step("default" if capture else "plain")
+        key = (rows, length)
+        structure = (_model_structure(self.model), tuple(eos_list), pad)
+        chunk = self._lean_graphs.get(key) if capture else None
+        extra = {"logits_to_keep": 1} if _accepts(self.model.forward, "logits_to_keep") else {}
+
+        def start(chunk: _Chunk) -> None:  # the prompt, and the first token picked from its logits
+            position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            logits = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position,
+                use_cache=True,
+                **{self._cache_keyword(): cache},
+                **extra,
+            ).logits[:, -1, :]
+            chunk.begin(ids, mask, position[:, -1:] + 1, width + min_new)
+            chunk.pick(logits)
+
+        def run(chunk: _Chunk) -> None:
+            for _ in range(_EOS_CHECK_EVERY):
+                chunk.pick(step(chunk.token, chunk.position, chunk.mask, cache))
+                chunk.position.add_(1)
+
+        if chunk is None or chunk.structure != structure:
+            chunk = _Chunk(rows, length, eos_list, pad, self.model.config.vocab_size, ids.device, mask.dtype)
+            if capture:
+                start(chunk)  # the cache's tensors exist from the first forward on: record after it
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # compile and warm up off the capturing stream
+                    run(chunk)
+                    run(chunk)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run(chunk)
+                chunk.graph, chunk.structure = graph, structure
+                self._lean_graphs[key] = chunk
+                cache.reset()
+                logger.info("lean decoding: a chunk of %d steps recorded for %d x %d", _EOS_CHECK_EVERY, *key)
+        start(chunk)
+        done = 1
+        while done < new and (done == 1 or bool(chunk.unfinished.any())):  # sync: once per chunk
+            if chunk.graph is not None:
+                chunk.graph.replay()
+            else:
+                run(chunk)
+            done += _EOS_CHECK_EVERY
+        done = min(done, new)
+        out = chunk.out[:, : width + done].clone()
+        if eos_list:  # generate stops at the step where the last row finished: cut the same columns
+            hit = torch.isin(out[:, width:], chunk.eos_ids)
+            last = torch.where(hit.any(1), hit.int().argmax(1), done - 1)
+            out = out[:, : width + int(last.max()) + 1]  # sync: once per call
+        return out
 
     @contextmanager
     def _captures_tapped(self) -> Iterator[list[tuple[_Tap, Any]]]:
@@ -936,6 +1065,70 @@ def _installed_hooks(model: nn.Module) -> dict[tuple[int, int], Any]:
         for hooks in (module._forward_hooks, module._forward_pre_hooks)
         for hook in hooks.values()
     }
+
+
+def _model_structure(model: nn.Module) -> tuple[Any, ...]:
+    """What a recorded CUDA graph depends on beyond the values it reads: the modules and where their
+    parameters and buffers live (a swapped module or a replaced tensor means recording again)."""
+    return (
+        tuple(map(id, model.modules())),
+        tuple(p.data_ptr() for p in model.parameters()),
+        tuple(b.data_ptr() for b in model.buffers()),
+    )
+
+
+class _Chunk:
+    """The static buffers of chunked greedy decoding (:meth:`Backbone._chunked_decode`) and, on a GPU, the
+    CUDA graph that reads and writes them: every step picks its token on the device, so a chunk of steps
+    runs without the host."""
+
+    def __init__(
+        self,
+        rows: int,
+        length: int,
+        eos: list[int],
+        pad: int,
+        vocab: int,
+        device: torch.device,
+        mask_dtype: torch.dtype,
+    ) -> None:
+        self.rows, self.pad = rows, pad
+        self.out = torch.full((rows, length), pad, dtype=torch.long, device=device)
+        self.mask = torch.ones((rows, length), dtype=mask_dtype, device=device)
+        self.token = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.column = torch.zeros((1, 1), dtype=torch.long, device=device)  # where the next token goes
+        self.min_column = torch.zeros((1, 1), dtype=torch.long, device=device)  # EOS barred before it
+        self.unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+        self.eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+        self.eos_bar = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self.eos_bar[self.eos_ids] = -math.inf
+        self.graph: Any = None
+        self.structure: Any = None
+
+    def begin(self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, min_column: int) -> None:
+        width = ids.shape[1]
+        self.out.fill_(self.pad)
+        self.out[:, :width] = ids
+        self.mask.fill_(1)
+        self.mask[:, :width] = mask
+        self.position.copy_(position)
+        self.column.fill_(width)
+        self.min_column.fill_(min_column)
+        self.unfinished.fill_(True)
+
+    def pick(self, logits: torch.Tensor) -> None:
+        """The next token of every row from its logits (B, V): EOS barred before ``min_column``, ``pad``
+        once a row has finished; written at ``column``."""
+        scores = logits.float()
+        if self.eos_ids.numel():
+            scores = scores + torch.where(self.column < self.min_column, self.eos_bar, 0.0)
+        token = torch.where(self.unfinished, scores.argmax(-1), self.pad)
+        self.out.scatter_(1, self.column.expand(self.rows, 1), token[:, None])
+        if self.eos_ids.numel():
+            self.unfinished &= ~(token[:, None] == self.eos_ids).any(-1)
+        self.token.copy_(token[:, None])
+        self.column.add_(1)
 
 
 # Every (batch size, cache length) is a graph of its own: room for a service's shapes before dynamo gives up.
