@@ -1,6 +1,6 @@
 """One table of every task-incremental result under a results folder (long15 orders averaged), then the
-issue's targets for ``adapter_distill`` against the references of the same run (``joint`` trained on every
-example, ``isolation``).
+issue's targets for each zero-growth candidate (``adapter_distill``, ``replay``) against the references of the
+same run (``joint`` trained on every example, ``isolation``).
 
 python benchmarks/summarize_tasks.py [benchmarks/results/tasks] [--quick]   # writes SUMMARY.md there
 """
@@ -28,10 +28,15 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def targets(runs: list[tuple[str, dict]]) -> list[str]:
-    """Per run with ``adapter_distill``: the distances to the issue's targets."""
+CANDIDATES = ("adapter_distill", "replay")
+"""The zero-growth methods read against the targets: a fixed pool of adapters merged by distillation, and one
+shared adapter with a fixed replay buffer."""
+
+
+def targets(runs: list[tuple[str, dict]], method: str) -> list[str]:
+    """Per run with ``method``: the distances to the issue's targets."""
     lines = [
-        "## Targets (adapter_distill)",
+        f"## Targets ({method})",
         "",
         "Targets: BWT >= -0.010; avg >= 0.97 × joint (trained on every example); routed >= 0.95 × with-id; "
         "0 bytes per task after the first; training time <= 1.5 × a plain adapter (`isolation`, same run); "
@@ -43,7 +48,7 @@ def targets(runs: list[tuple[str, dict]]) -> list[str]:
     ]
     for name, report in runs:
         methods = report["methods"]
-        m = methods.get("adapter_distill")
+        m = methods.get(method)
         if m is None:
             continue
         joint = methods.get("joint", {}).get("avg_accuracy")
@@ -60,7 +65,7 @@ def targets(runs: list[tuple[str, dict]]) -> list[str]:
             f"| {_num(m.get('train_time_vs_plain_adapter'), 2)} | {ood} |"
         )
     for name, report in runs:
-        m = report["methods"].get("adapter_distill")
+        m = report["methods"].get(method)
         if m is None or len(report["meta"]["tasks"]) < 100:
             continue
         rows = m["accuracy_matrix"]
@@ -130,7 +135,8 @@ def summarize(root: Path, quick: bool = False) -> str:
             missing = f" ({len(found)}/{len(runs)} runs)" if len(found) < len(runs) else ""
             lines.append(f"| {method}{missing} | " + " | ".join(cells) + f" | {params} | {seconds:.1f} |")
         lines.append("")
-    lines += targets(every)
+    for method in CANDIDATES:
+        lines += ["", *targets(every, method)]
     return "\n".join(lines) + "\n"
 
 

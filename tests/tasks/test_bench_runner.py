@@ -3,6 +3,7 @@ seeding."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -138,6 +139,16 @@ def test_runs_measured_side_by_side_merge_into_one_result(tokenizer, tmp_path):
     run_task_benchmark("clinc150-10", ["sequential"], backbone, other, tmp_path / "other")
     with pytest.raises(ConfigError, match="another suite, model or settings"):
         runner.merge_runs([parts[0], tmp_path / "other"], tmp_path / "refused")
+
+    # joint_at_end changes how joint trains and nothing else: a run without joint merges either way
+    without = dataclasses.replace(settings, joint_at_end=False)
+    run_task_benchmark("clinc150-10", ["sequential"], backbone, without, tmp_path / "sequential")
+    added = runner.merge_runs([*parts, tmp_path / "sequential"], tmp_path / "with-sequential")
+    assert list(added["methods"]) == ["adapter_distill", "isolation", "joint", "sequential"]
+    assert added["meta"]["settings"]["joint_at_end"] is True
+    run_task_benchmark("clinc150-10", ["joint"], backbone, without, tmp_path / "joint-per-task")
+    with pytest.raises(ConfigError, match="another suite, model or settings"):
+        runner.merge_runs([parts[2], tmp_path / "joint-per-task"], tmp_path / "refused-joint")
 
 
 def test_a_method_reports_its_progress_at_every_full_evaluation(tokenizer, tmp_path):

@@ -237,12 +237,10 @@ def merge_runs(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, 
         raise ValueError(f"no results.json in {[str(s) for s in sources]}")
     first = reports[0][1]
     key = (first["suite"], first["meta"]["model"])
-    settings = {k: v for k, v in first["meta"]["settings"].items() if k != "quick"}
     methods: dict[str, Any] = {}
     unfinished: set[str] = set()
     for folder, report in reports:
-        same_settings = {k: v for k, v in report["meta"]["settings"].items() if k != "quick"} == settings
-        if (report["suite"], report["meta"]["model"]) != key or not same_settings:
+        if (report["suite"], report["meta"]["model"]) != key or not _same_settings(first, report):
             raise ConfigError(
                 f"{folder} was measured on another suite, model or settings than {reports[0][0]}"
             )
@@ -268,6 +266,19 @@ def merge_runs(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_report_files(merged, out_dir)
     return merged
+
+
+def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two task benchmark results were measured with the same settings: ``quick`` aside, and
+    ``joint_at_end`` aside unless both measured ``joint`` (it changes how ``joint`` trains, nothing else)."""
+    ignored = {"quick"}
+    if not ("joint" in a.get("methods", {}) and "joint" in b.get("methods", {})):
+        ignored.add("joint_at_end")
+
+    def kept(report: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in report["meta"]["settings"].items() if k not in ignored}
+
+    return kept(a) == kept(b)
 
 
 def zero_shot_accuracy(backbone: Backbone, tasks: Sequence[TaskSpec], config: TaskConfig) -> list[float]:
