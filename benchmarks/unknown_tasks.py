@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from continual_transformer.evaluation.report import write_json
+from continual_transformer.evaluation.system import meta as run_meta
 from continual_transformer.tasks.bench.profiles import profile_settings
-from continual_transformer.tasks.bench.runner import calibration_texts, suite_tasks
+from continual_transformer.tasks.bench.runner import auroc, calibration_texts, suite_tasks
 from continual_transformer.tasks.data import read_labeled_file
 from continual_transformer.tasks.router import (
     COVARIANCE_SCORES,
@@ -37,19 +37,6 @@ from continual_transformer.tasks.router import (
     SentenceRouterEmbedder,
     spread_by_label,
 )
-
-
-def auroc(known: torch.Tensor, unknown: torch.Tensor) -> float:
-    """P(an in-scope text scores above an out-of-scope one), ties counted half (Mann-Whitney U)."""
-    both = torch.cat([known, unknown]).double()
-    order = both.argsort()
-    ranks = torch.empty_like(both)
-    ranks[order] = torch.arange(1, both.numel() + 1, dtype=torch.float64)
-    for value in both[order][1:][both[order][1:] == both[order][:-1]].unique():  # average the tied ranks
-        tied = both == value
-        ranks[tied] = ranks[tied].mean()
-    n, m = known.numel(), unknown.numel()
-    return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * m))
 
 
 class CachedEmbedder:
@@ -72,7 +59,13 @@ def main() -> int:
     parser.add_argument("--shrinkage", nargs="+", type=float, default=[0.5, 0.9], help="Mahalanobis scores")
     parser.add_argument("--rate", type=float, default=0.02, help="target false-alarm rate")
     parser.add_argument("--confidence", type=float, default=0.9, help="of the conformal calibration")
-    parser.add_argument("--per-label", nargs="+", type=int, default=[5, 20], help="held-out texts per label")
+    parser.add_argument("--per-label", nargs="+", type=int, default=[5], help="held-out texts per label")
+    parser.add_argument(
+        "--router-samples",
+        type=int,
+        default=None,
+        help="training texts per task in the prototypes (profile's)",
+    )
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -88,6 +81,7 @@ def main() -> int:
     for suite in args.suites:
         settings = profile_settings(suite, quick=False, data_dir=args.data_dir)
         cfg = settings.learner
+        router_samples = args.router_samples or cfg.router_samples
         if cfg.router == "backbone":
             print(f"{suite}: its profile routes with the backbone; skipped (sentence embedders only)")
             continue
@@ -107,7 +101,7 @@ def main() -> int:
         samples = []
         for task in tasks:
             labels = [task.labels.index(e.label) for e in task.train]
-            chosen = spread_by_label(labels, cfg.router_samples)
+            chosen = spread_by_label(labels, router_samples)
             samples.append(
                 (embed([task.train[i].text for i in chosen]), torch.tensor([labels[i] for i in chosen]))
             )
@@ -141,6 +135,7 @@ def main() -> int:
                             "suite": suite,
                             "tasks": len(tasks),
                             "router": cfg.router,
+                            "router_samples": router_samples,
                             "score": score,
                             "shrinkage": shrink,
                             "auroc": area,
@@ -174,20 +169,13 @@ def main() -> int:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     meta = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch_threads": args.threads,
-            "device": args.device,
-            "torch": torch.__version__,
-        },
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **run_meta(next(iter(embedders))[0] if embedders else "minilm", torch.device(args.device), settings),
+        "torch_threads": args.threads,
         "commit": commit,
         "seconds": round(time.perf_counter() - start_all, 1),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "command": "PYTHONPATH=src python benchmarks/unknown_tasks.py --suites " + " ".join(args.suites),
+        "command": "PYTHONPATH=src python benchmarks/unknown_tasks.py " + " ".join(sys.argv[1:]),
     }
     write_json(args.out / "results.json", {"meta": meta, "rows": rows})
     (args.out / "results.md").write_text(markdown(rows, meta, args), encoding="utf-8")
@@ -199,8 +187,8 @@ def markdown(rows: list[dict], meta: dict, args: argparse.Namespace) -> str:
     lines = [
         "# Unknown-task detection (full profiles, router only: no adapter trained)",
         "",
-        f"`{meta['command']}` ({meta['machine']['platform']}, {meta['machine']['cpus']} CPUs, "
-        f"{meta['seconds']:.0f} s, commit {meta['commit']}).",
+        f"`{meta['command']}` (commit {meta['commit']}, {meta['seconds']:.0f} s; machine: "
+        f"{json.dumps(meta['machine'])}).",
         "",
         "CLINC150's out-of-scope test split (1,000 texts) flagged among each suite's in-scope test inputs. "
         f"Threshold asked for {args.rate:.0%} false alarms, calibrated on held-out training texts of the "
@@ -208,15 +196,15 @@ def markdown(rows: list[dict], meta: dict, args: argparse.Namespace) -> str:
         f"conformal bound at confidence {args.confidence}; false alarms are those realised on the test "
         "inputs. Target (issue 18): F1 >= 0.8 at <= 2 % false alarms.",
         "",
-        "| suite | score | shrinkage | AUROC | held out / label | calibration | F1 | precision | recall "
-        "| false alarms | target met |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "| suite | score | shrinkage | router samples | AUROC | held out / label | calibration | F1 "
+        "| precision | recall | false alarms | target met |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         met = r["f1"] >= 0.8 and r["false_alarm_rate"] <= 0.02
         lines.append(
             f"| {r['suite']} | {r['score']} | {'' if r['shrinkage'] is None else r['shrinkage']} "
-            f"| {r['auroc']:.4f} | {r['calibration_per_label']} | "
+            f"| {r['router_samples']} | {r['auroc']:.4f} | {r['calibration_per_label']} | "
             f"{'quantile' if r['confidence'] is None else 'conformal ' + str(r['confidence'])} "
             f"| {r['f1']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['false_alarm_rate']:.4f} "
             f"| {'yes' if met else 'no'} |"
