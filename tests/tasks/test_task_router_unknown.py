@@ -3,16 +3,24 @@ batch one, the conformal calibration, and state that old checkpoints lack."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from conftest import make_backbone
-from task_helpers import WORD_GROUPS, single_thread, synthetic_task, tiny_config  # noqa: F401
+from task_helpers import WORD_GROUPS, single_thread, synthetic_task, tiny_config, write_clinc  # noqa: F401
 
 from continual_transformer.errors import ConfigError
-from continual_transformer.tasks import UNKNOWN_TASK, TaskConfig, TaskError, TaskLearner
+from continual_transformer.tasks import (
+    UNKNOWN_TASK,
+    TaskBenchmarkSettings,
+    TaskConfig,
+    TaskError,
+    TaskLearner,
+)
 from continual_transformer.tasks import config as task_config
+from continual_transformer.tasks.bench import runner
 from continual_transformer.tasks.bench.runner import auroc
 from continual_transformer.tasks.learner import saved_task_config
 from continual_transformer.tasks.router import (
@@ -195,3 +203,30 @@ def test_the_learner_flags_foreign_texts_with_the_configured_score_across_a_chec
     restored = TaskLearner.from_checkpoint(make_backbone(tokenizer), tmp_path / "state")
     assert restored.config.router_unknown_score == score
     assert restored.route(foreign, allow_unknown=True) == flagged
+
+
+def test_the_task_benchmark_measures_detection_with_the_configured_score(tokenizer, tmp_path):
+    write_clinc(tmp_path / "data")
+    data_file = tmp_path / "data" / "clinc150" / "data_full.json"
+    rows = json.loads(data_file.read_text(encoding="utf-8"))
+    foreign = [" ".join(WORD_GROUPS[g]) for g in (6, 7)] + ["questions memory degrees", "answers learning"]
+    rows["oos_test"] = [[text, "oos"] for text in foreign]
+    data_file.write_text(json.dumps(rows), encoding="utf-8")
+    settings = TaskBenchmarkSettings(
+        data_dir=str(tmp_path / "data"),
+        max_train_per_label=2,  # the third training text of each intent is held out for calibration
+        unknown_false_alarm_rate=0.0,
+        learner=tiny_config(epochs=1, router_unknown_score="mahalanobis"),
+    )
+    tasks = runner.suite_tasks("clinc150-10", settings)
+    learner = TaskLearner(make_backbone(tokenizer), settings.learner)
+    for task in tasks:
+        learner.learn_task(task.name, [(e.text, e.label) for e in task.train], labels=task.labels)
+    result = runner.unknown_task_detection(learner, "clinc150-10", tasks, settings)
+    assert result["score"] == "mahalanobis" and result["calibration_texts"] == 6
+    in_scope = [e.text for t in tasks for e in t.test]
+    flagged_in = learner.route(in_scope, allow_unknown=True).count(UNKNOWN_TASK)  # what predict would do
+    flagged_oos = learner.route(foreign, allow_unknown=True).count(UNKNOWN_TASK)
+    assert result["false_alarm_rate"] == flagged_in / len(in_scope)
+    assert result["recall"] == flagged_oos / len(foreign)
+    assert 0.0 <= result["auroc"] <= 1.0
