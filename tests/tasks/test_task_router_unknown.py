@@ -230,3 +230,12 @@ def test_the_task_benchmark_measures_detection_with_the_configured_score(tokeniz
     assert result["false_alarm_rate"] == flagged_in / len(in_scope)
     assert result["recall"] == flagged_oos / len(foreign)
     assert 0.0 <= result["auroc"] <= 1.0
+
+
+def test_one_example_per_label_measures_no_spread_and_falls_back_to_the_euclidean_distance():
+    router = PrototypeRouter(1, DIM, 2, unknown_score="mahalanobis", shrinkage=0.0)
+    router.update(0, torch.eye(DIM)[:2] * 5, torch.tensor([0, 1]))
+    assert not bool(router.scatter.any())
+    probe = torch.randn(4, DIM, generator=torch.Generator().manual_seed(0))
+    expected = -torch.cdist(probe, torch.eye(DIM)[:2] * 5).square().min(-1).values
+    torch.testing.assert_close(router.unknown_scores(probe), expected, rtol=1e-5, atol=1e-4)

@@ -272,7 +272,7 @@ class PrototypeRouter(TensorState):
         protos, counts = self._known()
         if self.unknown_score == "euclidean":
             return -torch.cdist(embeddings.float(), protos).square().min(-1).values
-        if not bool(self.scatter.any()):
+        if bool(self.scatter.isnan().any()):
             raise TaskError(
                 f"the router has no covariance statistics for the {self.unknown_score} score (its state "
                 "predates them): learn the tasks again or set tasks.router_unknown_score=euclidean"
@@ -332,7 +332,8 @@ class PrototypeRouter(TensorState):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         defaults = {"unknown_threshold": torch.full((), float("-inf"))}  # from before unknown-task detection
         if self.scatter is not None:
-            defaults["scatter"] = torch.zeros_like(self.scatter)  # from before the Mahalanobis scores
+            # from before the Mahalanobis scores: NaN marks the statistics as unknown (and keeps them so)
+            defaults["scatter"] = torch.full_like(self.scatter, float("nan"))
         tensors = {**{k: v for k, v in defaults.items() if k not in tensors}, **tensors}
         for name, own in self.state_tensors().items():
             if name not in tensors or tensors[name].shape != own.shape:
