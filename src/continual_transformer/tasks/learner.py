@@ -303,7 +303,8 @@ class TaskLearner:
         """The label of ``text`` in task ``task_id`` (routed to a task by its prototype when ``None``).
 
         ``allow_unknown=True`` (routed only) answers :data:`UNKNOWN_TASK` for a text that belongs to no
-        learned task (less similar to every prototype than the threshold :meth:`calibrate_unknown` set).
+        learned task: too far from every prototype by ``tasks.router_unknown_score``, below the threshold
+        :meth:`calibrate_unknown` set.
         """
         return self.predict_batch([text], task_id, allow_unknown=allow_unknown)[0]
 
