@@ -239,3 +239,25 @@ def test_one_example_per_label_measures_no_spread_and_falls_back_to_the_euclidea
     probe = torch.randn(4, DIM, generator=torch.Generator().manual_seed(0))
     expected = -torch.cdist(probe, torch.eye(DIM)[:2] * 5).square().min(-1).values
     torch.testing.assert_close(router.unknown_scores(probe), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_an_old_learner_checkpoint_loads_with_the_cosine_threshold_it_was_calibrated_with(
+    tokenizer, tmp_path
+):
+    learner = TaskLearner(make_backbone(tokenizer), tiny_config(router_unknown_score="cosine"))
+    for k in range(2):
+        learner.learn_task(f"t{k}", synthetic_task(k, per_label=6))
+    held_out = [t for k in range(2) for t, _ in synthetic_task(k, per_label=3)]
+    learner.calibrate_unknown(held_out, false_alarm_rate=0.1)
+    foreign = [" ".join(WORD_GROUPS[g]) for g in (6, 7)] + ["questions memory degrees", "answers learning"]
+    flagged = learner.route(foreign + held_out, allow_unknown=True)
+    assert 0 < flagged.count(UNKNOWN_TASK) < len(flagged)
+    learner.save(tmp_path / "state")
+    manifest_file = tmp_path / "state" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    del manifest["task_config"]["router_unknown_score"]  # as written before the setting existed
+    manifest_file.write_text(json.dumps(manifest), encoding="utf-8")
+    restored = TaskLearner(make_backbone(tokenizer), tiny_config())  # built with the new default score
+    restored.load(tmp_path / "state")
+    assert restored.config.router_unknown_score == "cosine"
+    assert restored.route(foreign + held_out, allow_unknown=True) == flagged
