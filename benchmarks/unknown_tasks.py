@@ -119,7 +119,7 @@ def main() -> int:
                 embed.dim,
                 cfg.max_labels_per_task if cfg.router_prototypes == "label" else None,
                 unknown_score=score,
-                shrinkage=shrink if shrink is not None else 0.5,
+                shrinkage=shrink if shrink is not None else 0.9,
             )
             for k, (x, y) in enumerate(samples):
                 router.update(k, x, y)

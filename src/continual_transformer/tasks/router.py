@@ -158,7 +158,7 @@ class PrototypeRouter(TensorState):
         labels_per_task: int | None = None,
         *,
         unknown_score: str = "cosine",
-        shrinkage: float = 0.5,
+        shrinkage: float = 0.9,
     ) -> None:
         if unknown_score not in UNKNOWN_SCORES:
             raise ValueError(f"unknown_score must be one of {UNKNOWN_SCORES}, got {unknown_score!r}")
