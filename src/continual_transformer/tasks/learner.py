@@ -116,7 +116,13 @@ class LearnerParts:
             prompts=PromptBuilder(backbone, config),
             table=TaskTable(config),
             embedder=embedder,
-            router=PrototypeRouter(config.max_tasks, embedder.dim, per_label),
+            router=PrototypeRouter(
+                config.max_tasks,
+                embedder.dim,
+                per_label,
+                unknown_score=config.router_unknown_score,
+                shrinkage=config.router_covariance_shrinkage,
+            ),
             method=get_method(config.method)(backbone, config),
             share_prefix=resolve_share_prefix(config, backbone),
         )
@@ -297,7 +303,8 @@ class TaskLearner:
         """The label of ``text`` in task ``task_id`` (routed to a task by its prototype when ``None``).
 
         ``allow_unknown=True`` (routed only) answers :data:`UNKNOWN_TASK` for a text that belongs to no
-        learned task (less similar to every prototype than the threshold :meth:`calibrate_unknown` set).
+        learned task: too far from every prototype by ``tasks.router_unknown_score``, below the threshold
+        :meth:`calibrate_unknown` set.
         """
         return self.predict_batch([text], task_id, allow_unknown=allow_unknown)[0]
 
@@ -354,14 +361,23 @@ class TaskLearner:
         return self.router.route_or_unknown(embeddings)
 
     def calibrate_unknown(self, texts: Sequence[str], *, false_alarm_rate: float = 0.02) -> float:
-        """Calibrate the unknown-task threshold on held-out texts of learned tasks (not seen in training):
-        at most ``false_alarm_rate`` of them fall below it. Returns the threshold (a centred cosine
-        similarity); it is kept in the router's state (saved, rolled back). Calibrate again after learning
-        new tasks: prototypes and their centre move."""
+        """Calibrate the unknown-task threshold on held-out texts of learned tasks (not seen in training) so
+        that at most ``false_alarm_rate`` of such texts fall below it: on new inputs with probability
+        ``tasks.router_unknown_confidence`` (the more held-out texts, the closer to the rate the threshold
+        can go), or on these texts when it is ``None``. Returns the threshold (of the score
+        ``tasks.router_unknown_score``); it is kept in the router's state (saved, rolled back). Calibrate
+        again after learning new tasks: prototypes (and the covariance) move."""
         if len(self.table) == 0:
             raise TaskError("no task has been learned yet")
-        threshold = self.router.calibrate(self.embedder(list(texts)), false_alarm_rate)
-        logger.info("unknown-task threshold %.4f (false alarms <= %.3f)", threshold, false_alarm_rate)
+        confidence = self.config.router_unknown_confidence
+        threshold = self.router.calibrate(self.embedder(list(texts)), false_alarm_rate, confidence=confidence)
+        logger.info(
+            "unknown-task threshold %.4f (%s score; false alarms <= %.3f%s)",
+            threshold,
+            self.config.router_unknown_score,
+            false_alarm_rate,
+            f" with probability {confidence}" if confidence is not None else " on the held-out texts",
+        )
         return threshold
 
     def scores(self, texts: Sequence[str], task_id: str | int) -> list[torch.Tensor]:
@@ -570,7 +586,7 @@ class TaskLearner:
             raise CheckpointError(f"{where} is not a task-learner checkpoint (kind {manifest.get('kind')!r})")
         checkpoint.check_base_model(manifest.get("base_model"), self.backbone, where)
         try:
-            config = from_dict(TaskConfig, manifest.get("task_config"), "tasks")
+            config = saved_task_config(manifest)
         except ConfigError as exc:
             raise CheckpointError(f"{where}: task config is invalid ({exc})") from exc
         previous, kept = self._parts, self._parts.method.snapshot()
@@ -593,8 +609,7 @@ class TaskLearner:
     @classmethod
     def from_checkpoint(cls, backbone: Backbone, directory: str | Path) -> TaskLearner:
         """A learner built from a checkpoint's config and state."""
-        config = from_dict(TaskConfig, checkpoint.read_manifest(directory).get("task_config"), "tasks")
-        learner = cls(backbone, config)
+        learner = cls(backbone, saved_task_config(checkpoint.read_manifest(directory)))
         learner.load(directory)
         return learner
 
@@ -602,3 +617,12 @@ class TaskLearner:
         """Undo any structural change the method made to the backbone (LoRA layers); hooks never outlive a
         call."""
         self.method.close()
+
+
+def saved_task_config(manifest: dict[str, Any]) -> TaskConfig:
+    """The :class:`TaskConfig` a checkpoint's manifest holds. A checkpoint from before
+    ``router_unknown_score`` keeps the score its threshold was calibrated with: ``cosine``."""
+    saved = manifest.get("task_config")
+    if isinstance(saved, dict) and "router_unknown_score" not in saved:
+        saved = {**saved, "router_unknown_score": "cosine"}
+    return from_dict(TaskConfig, saved, "tasks")

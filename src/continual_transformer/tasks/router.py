@@ -9,6 +9,7 @@ states over the text's tokens, no adapter attached) or, as an option, from the M
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -123,6 +124,17 @@ def spread_by_label(labels: Sequence[int], n: int) -> list[int]:
     return sorted(chosen)
 
 
+UNKNOWN_SCORES = ("cosine", "euclidean", "mahalanobis", "relative_mahalanobis")
+"""How the router scores a text's closeness to the learned tasks for unknown-task detection (higher: more like
+a learned task), always against the nearest label (or task) prototype: ``cosine``, the centred cosine
+similarity the router routes by; ``euclidean``, minus the squared distance; ``mahalanobis``, minus the
+squared Mahalanobis distance under the prototypes' shared (tied) covariance (Lee et al. 2018);
+``relative_mahalanobis``, that distance less the one to the mean of all examples under their whole covariance
+(Ren et al. 2021)."""
+COVARIANCE_SCORES = ("mahalanobis", "relative_mahalanobis")
+"""The scores that need the shared covariance: the router keeps a (dim, dim) scatter for them."""
+
+
 class PrototypeRouter(TensorState):
     """Prototypes (running means of embeddings) in a fixed table; routes by centred cosine similarity.
 
@@ -130,23 +142,46 @@ class PrototypeRouter(TensorState):
     it keeps one per label, a (max_tasks, labels_per_task, dim) table, and a text goes to the task of its
     nearest label prototype: a task whose labels are far apart (an intent domain) is not blurred into one
     mean.
+
+    A text scoring below :attr:`unknown_threshold` belongs to no learned task; ``unknown_score``
+    (:data:`UNKNOWN_SCORES`) names the score. For the Mahalanobis scores the router also keeps the scatter of
+    the examples about their prototypes, a (dim, dim) running sum updated with every batch (Chan et al.'s
+    pairwise update), so the shared covariance is known without storing any example and the state stays
+    fixed in size; ``shrinkage`` pulls that covariance towards a multiple of the identity (a few examples per
+    label in a few hundred dimensions leave it singular; 1 is the Euclidean distance).
     """
 
-    def __init__(self, max_tasks: int, dim: int, labels_per_task: int | None = None) -> None:
+    def __init__(
+        self,
+        max_tasks: int,
+        dim: int,
+        labels_per_task: int | None = None,
+        *,
+        unknown_score: str = "cosine",
+        shrinkage: float = 0.9,
+    ) -> None:
+        if unknown_score not in UNKNOWN_SCORES:
+            raise ValueError(f"unknown_score must be one of {UNKNOWN_SCORES}, got {unknown_score!r}")
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+        self.unknown_score, self.shrinkage = unknown_score, shrinkage
         self.per_label = labels_per_task is not None
         shape = (max_tasks, labels_per_task) if self.per_label else (max_tasks,)
         self.prototypes = torch.zeros(*shape, dim, dtype=torch.float32)
         self.counts = torch.zeros(*shape, dtype=torch.int64)
-        # Below this similarity to its nearest prototype a text belongs to no learned task (-inf: never).
+        # Sum over the examples folded in of (x - its prototype)(x - its prototype)^T (Mahalanobis only).
+        self.scatter = torch.zeros(dim, dim) if unknown_score in COVARIANCE_SCORES else None
+        # Below this score a text belongs to no learned task (-inf: never).
         self.unknown_threshold = torch.full((), float("-inf"), dtype=torch.float32)
 
     def update(self, task: int, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Fold ``embeddings`` (n, dim) of task ``task`` (with their label indices (n,)) into the
-        prototypes."""
+        """Fold ``embeddings`` (n, dim) of task ``task`` (with their label indices (n,)) into the prototypes
+        (and the scatter about them)."""
         embeddings = embeddings.float()
         if not self.per_label:
             sums = embeddings.sum(0, keepdim=True)  # (1, dim)
             counts = torch.tensor([embeddings.shape[0]])
+            labels = torch.zeros(embeddings.shape[0], dtype=torch.long)
             protos, n = self.prototypes[task : task + 1], self.counts[task : task + 1]
         else:
             if labels is None:
@@ -155,9 +190,38 @@ class PrototypeRouter(TensorState):
             sums = torch.zeros(width, embeddings.shape[1]).index_add_(0, labels, embeddings)  # (L, dim)
             counts = torch.bincount(labels, minlength=width)
             protos, n = self.prototypes[task], self.counts[task]
+        if self.scatter is not None:
+            self._add_scatter(embeddings, labels, protos, n, sums, counts)
         total = protos * n[:, None] + sums
         n += counts
         protos.copy_(total / n.clamp(min=1)[:, None])
+
+    def _add_scatter(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        protos: torch.Tensor,
+        n: torch.Tensor,
+        sums: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> None:
+        """Scatter of a batch about its own label means, plus n_a n_b / (n_a + n_b) (m_b - m_a)(m_b - m_a)^T
+        per label for moving the mean m_a of n_a earlier examples (Chan, Golub and LeVeque 1979); float64."""
+        batch_means = sums.double() / counts.clamp(min=1)[:, None]  # (L, dim)
+        centred = embeddings.double() - batch_means[labels]  # (n, dim)
+        shift = batch_means - protos.double()  # (L, dim)
+        weight = (n * counts).double() / (n + counts).clamp(min=1).double()  # (L,); 0 for a new label
+        delta = centred.T @ centred + shift.T @ (weight[:, None] * shift)  # (dim, dim)
+        self.scatter.copy_(self.scatter.double() + delta)
+
+    def _known(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prototypes with examples (P, dim) and their counts (P,)."""
+        dim = self.prototypes.shape[-1]
+        protos, counts = self.prototypes.reshape(-1, dim), self.counts.reshape(-1)
+        known = counts > 0
+        if not bool(known.any()):
+            raise TaskError("no task has been learned yet: nothing to route to")
+        return protos[known], counts[known]
 
     def route(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Index of the nearest task for each embedding (B,); only prototypes with examples compete."""
@@ -179,36 +243,135 @@ class PrototypeRouter(TensorState):
         best, nearest = similarity.max(-1)
         return (nearest // self.prototypes.shape[1] if self.per_label else nearest), best
 
-    def calibrate(self, embeddings: torch.Tensor, false_alarm_rate: float) -> float:
-        """Set :attr:`unknown_threshold` so that a share ``false_alarm_rate`` of ``embeddings`` (held-out
-        inputs of learned tasks) would be flagged unknown: the empirical quantile of their similarity."""
+    def covariance(self, *, total: bool = False) -> torch.Tensor:
+        """The shared covariance of the examples about their prototypes (dim, dim), float64, shrunk
+        towards ``trace / dim`` times the identity by ``shrinkage``; ``total=True``: about the mean of all
+        examples."""
+        if self.scatter is None:
+            raise TaskError(f"the {self.unknown_score} score keeps no covariance statistics")
+        protos, counts = self._known()
+        scatter = self.scatter.double()
+        n = int(counts.sum())
+        if total:
+            mean = (protos.double() * counts[:, None]).sum(0) / n
+            between = protos.double() - mean  # (P, dim)
+            scatter = scatter + between.T @ (counts[:, None].double() * between)
+        covariance = scatter / max(n - (1 if total else protos.shape[0]), 1)
+        identity = torch.eye(covariance.shape[0], dtype=torch.float64)
+        scale = float(covariance.diagonal().mean())
+        if not scale > 0:  # one example per prototype: no spread measured, the Euclidean distance
+            return identity
+        # a floor of 1e-6 of the mean variance keeps the Cholesky factorisation defined without shrinkage
+        return (1 - self.shrinkage) * covariance + (self.shrinkage + 1e-6) * scale * identity
+
+    def unknown_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """How much each embedding looks like the learned tasks (B,), by ``unknown_score``: higher is more
+        like them; :meth:`route_or_unknown` flags texts scoring below :attr:`unknown_threshold`."""
+        if self.unknown_score == "cosine":
+            return self.route_with_similarity(embeddings)[1]
+        protos, counts = self._known()
+        if self.unknown_score == "euclidean":
+            return -torch.cdist(embeddings.float(), protos).square().min(-1).values
+        if bool(self.scatter.isnan().any()):
+            raise TaskError(
+                f"the router has no covariance statistics for the {self.unknown_score} score (its state "
+                "predates them): learn the tasks again or set tasks.router_unknown_score=euclidean"
+            )
+        distance = _squared_distances(embeddings, protos, self.covariance()).min(-1).values
+        if self.unknown_score == "relative_mahalanobis":
+            mean = ((protos.double() * counts[:, None]).sum(0) / counts.sum()).float()[None]  # (1, dim)
+            distance = distance - _squared_distances(embeddings, mean, self.covariance(total=True))[:, 0]
+        return -distance
+
+    def calibrate(
+        self, embeddings: torch.Tensor, false_alarm_rate: float, *, confidence: float | None = None
+    ) -> float:
+        """Set :attr:`unknown_threshold` from ``embeddings`` (held-out inputs of learned tasks) so that a
+        share ``false_alarm_rate`` of such inputs is flagged unknown.
+
+        ``confidence=None`` takes the empirical quantile: the calibration texts meet the rate, new ones only
+        on average (the quantile of a few hundred texts is noisy). With a ``confidence`` c, the threshold is
+        the highest order statistic whose false-alarm rate on new inputs of the same distribution stays at or
+        under the rate with probability c (that rate is Beta-distributed whatever the scores:
+        :func:`flagged_for_confidence`)."""
         if not 0.0 <= false_alarm_rate < 1.0:
             raise ValueError(f"false_alarm_rate must be in [0, 1), got {false_alarm_rate}")
         if embeddings.shape[0] == 0:
             raise TaskError("calibrating the unknown-task threshold needs held-out in-task texts")
-        similarity = self.route_with_similarity(embeddings)[1].sort().values
-        k = int(false_alarm_rate * similarity.numel())  # texts strictly below the threshold are flagged
-        threshold = float(similarity[k]) if false_alarm_rate > 0 else float(similarity[0]) - 1e-6
+        scores = self.unknown_scores(embeddings).sort().values
+        n = scores.numel()
+        if confidence is None:
+            k = int(false_alarm_rate * n)
+        else:
+            k = flagged_for_confidence(n, false_alarm_rate, confidence)
+            if k < 0:
+                logger.warning(
+                    "%d held-out texts cannot bound the false-alarm rate at %.3f with confidence %.2f; the "
+                    "threshold flags none of them",
+                    n,
+                    false_alarm_rate,
+                    confidence,
+                )
+        # texts strictly below the threshold are flagged: the k lowest calibration scores
+        threshold = float(scores[k]) if k >= 0 and false_alarm_rate > 0 else float(scores[0]) - 1e-6
         self.unknown_threshold.fill_(threshold)
         return threshold
 
     def route_or_unknown(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """As :meth:`route`, with -1 for a text less similar to every prototype than the calibrated
-        threshold."""
-        tasks, similarity = self.route_with_similarity(embeddings)
-        return torch.where(similarity < self.unknown_threshold, torch.full_like(tasks, -1), tasks)
+        """As :meth:`route`, with -1 for a text that scores below the calibrated threshold."""
+        tasks = self.route(embeddings)
+        unknown = self.unknown_scores(embeddings) < self.unknown_threshold
+        return torch.where(unknown, torch.full_like(tasks, -1), tasks)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "prototypes": self.prototypes,
-            "counts": self.counts,
-            "unknown_threshold": self.unknown_threshold,
-        }
+        tensors = {"prototypes": self.prototypes, "counts": self.counts}
+        if self.scatter is not None:
+            tensors["scatter"] = self.scatter
+        return {**tensors, "unknown_threshold": self.unknown_threshold}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        if "unknown_threshold" not in tensors:  # a checkpoint from before unknown-task detection
-            tensors = {**tensors, "unknown_threshold": torch.full((), float("-inf"))}
+        defaults = {"unknown_threshold": torch.full((), float("-inf"))}  # from before unknown-task detection
+        if self.scatter is not None:
+            # from before the Mahalanobis scores: NaN marks the statistics as unknown (and keeps them so)
+            defaults["scatter"] = torch.full_like(self.scatter, float("nan"))
+        tensors = {**{k: v for k, v in defaults.items() if k not in tensors}, **tensors}
         for name, own in self.state_tensors().items():
             if name not in tensors or tensors[name].shape != own.shape:
                 raise ValueError(f"router tensor {name} is missing or has the wrong shape")
             own.copy_(tensors[name])
+
+
+def flagged_for_confidence(n: int, false_alarm_rate: float, confidence: float) -> int:
+    """How many of ``n`` calibration scores a threshold may flag (the largest k) so that, with probability
+    ``confidence``, it flags at most ``false_alarm_rate`` of new inputs from the same distribution; -1 when
+    even flagging none cannot (too few texts: fewer than log(1 - confidence) / log(1 - rate)).
+
+    A threshold just above the k-th lowest of n exchangeable scores flags a share Beta(k + 1, n - k) of the
+    distribution, so P(share > rate) = P(Binomial(n, rate) <= k) (the conformal bound of Vovk et al.)."""
+    if not 0.0 <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [0, 1), got {confidence}")
+    if false_alarm_rate <= 0.0:
+        return -1
+    j = torch.arange(n + 1, dtype=torch.float64)
+    log_pmf = (
+        math.lgamma(n + 1)
+        - torch.lgamma(j + 1)
+        - torch.lgamma(n - j + 1)
+        + j * math.log(false_alarm_rate)
+        + (n - j) * math.log1p(-false_alarm_rate)
+    )
+    allowed = (log_pmf.exp().cumsum(0) <= 1.0 - confidence).nonzero()
+    return int(allowed[-1]) if allowed.numel() else -1
+
+
+def _squared_distances(
+    embeddings: torch.Tensor, centres: torch.Tensor, covariance: torch.Tensor
+) -> torch.Tensor:
+    """(x - c)^T covariance^-1 (x - c) for every embedding (B, dim) and centre (P, dim): (B, P).
+
+    Both sides are whitened by the covariance's Cholesky factor (float64), then compared in float32."""
+    factor = torch.linalg.cholesky(covariance)  # (dim, dim), lower
+    queries = torch.linalg.solve_triangular(factor, embeddings.double().T, upper=False).T.float()  # (B, dim)
+    keys = torch.linalg.solve_triangular(factor, centres.double().T, upper=False).T.float()  # (P, dim)
+    cross = queries @ keys.T  # (B, P)
+    return (queries.square().sum(-1, keepdim=True) - 2 * cross + keys.square().sum(-1)).clamp(min=0)

@@ -119,12 +119,12 @@ def _reference_lines(report: dict[str, Any]) -> list[str]:
             "Unknown-task detection (CLINC150 out-of-scope test split against the suite's test inputs; "
             "threshold calibrated on held-out training inputs of the learned tasks):",
             "",
-            "| method | target false alarms | false alarms | precision | recall | F1 |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| method | score | target false alarms | false alarms | precision | recall | F1 | AUROC |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name, u in unknown.items():
             if "skipped" in u:
-                lines.append(f"| {name} | {u['skipped']} | | | | |")
+                lines.append(f"| {name} | {u['skipped']} | | | | | | |")
                 continue
             cells = (
                 u["target_false_alarm_rate"],
@@ -132,8 +132,10 @@ def _reference_lines(report: dict[str, Any]) -> list[str]:
                 u["precision"],
                 u["recall"],
                 u["f1"],
+                u.get("auroc"),
             )
-            lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in cells) + " |")
+            score = u.get("score", "cosine")  # results from before the setting: the centred cosine
+            lines.append(f"| {name} | {score} | " + " | ".join(_fmt(v) for v in cells) + " |")
     return lines
 
 

@@ -430,11 +430,16 @@ def unknown_task_detection(
         return {"skipped": "no held-out training examples to calibrate on"}
     threshold = learner.calibrate_unknown(held_out, false_alarm_rate=settings.unknown_false_alarm_rate)
     in_scope = [e.text for t in tasks for e in t.test]
-    flagged_oos = int((learner.route_indices(oos, allow_unknown=True) < 0).sum())
-    flagged_in = int((learner.route_indices(in_scope, allow_unknown=True) < 0).sum())
+    known = learner.router.unknown_scores(learner.embedder(in_scope))
+    unknown = learner.router.unknown_scores(learner.embedder(oos))
+    flagged_oos = int((unknown < threshold).sum())  # as route_indices(..., allow_unknown=True) flags them
+    flagged_in = int((known < threshold).sum())
     precision = flagged_oos / max(flagged_oos + flagged_in, 1)
     recall = flagged_oos / len(oos)
     return {
+        "score": learner.config.router_unknown_score,
+        "confidence": learner.config.router_unknown_confidence,
+        "auroc": auroc(known, unknown),
         "threshold": threshold,
         "target_false_alarm_rate": settings.unknown_false_alarm_rate,
         "calibration_texts": len(held_out),
@@ -445,6 +450,20 @@ def unknown_task_detection(
         "recall": recall,
         "f1": 2 * precision * recall / max(precision + recall, 1e-12),
     }
+
+
+def auroc(known: torch.Tensor, unknown: torch.Tensor) -> float:
+    """Area under the ROC curve of telling ``unknown`` scores (B,) from ``known`` ones (A,), higher meaning
+    known: P(a known text scores above an unknown one), ties counted half (the Mann-Whitney U statistic)."""
+    both = torch.cat([known, unknown]).double()
+    ranks = torch.empty_like(both)
+    ranks[both.argsort()] = torch.arange(1, both.numel() + 1, dtype=torch.float64)
+    values, inverse = both.unique(return_inverse=True)
+    mean_rank = torch.zeros_like(values).index_add_(0, inverse, ranks)
+    mean_rank /= torch.bincount(inverse, minlength=values.numel())  # tied scores share their mean rank
+    ranks = mean_rank[inverse]
+    n, m = known.numel(), unknown.numel()
+    return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * m))
 
 
 def calibration_texts(suite: str, settings: TaskBenchmarkSettings, per_label: int = 5) -> list[str]:
