@@ -37,6 +37,8 @@
 #   bash benchmarks/runs/tasks.sh [SECONDS]           deadline of the stream (default 528; other lanes 20 s less)
 #   bash benchmarks/runs/tasks.sh 900 --quick         CPU check: quick profiles, a few tiny tasks per suite
 #   PLAN=refs bash benchmarks/runs/tasks.sh [SECONDS]  the joint / isolation references instead (below)
+#   PLAN=baselines bash benchmarks/runs/tasks.sh [SECONDS]  sequential, ewc, lwf and replay on the same suites
+#     (run after refs with the same OUT: each suite merges every part found)
 # Results land under $OUT/tasks/ (commit them under benchmarks/results/tasks/h200-issue18b/).
 set -uo pipefail
 limit=${1:-528}
@@ -125,6 +127,21 @@ if [ "${PLAN:-suites}" = refs ]; then
   echo "reference lanes done at $(( $(date +%s) - start )) s" >> "$R/lanes.txt"
   merges=()
   for run in intents15 banking77 clinc150-10 clinc150-50-joint long15-order0-joint; do merge $run & merges+=($!); done
+  wait "${merges[@]}"
+elif [ "${PLAN:-suites}" = baselines ]; then
+  # The shared-adapter methods on the suites the references measured, in parts that merge with them
+  # (joint_at_end only concerns joint): five lanes of two parts.
+  deadline=$(( limit - 10 ))
+  lanes=()
+  ( part 150 clinc150-10 clinc150-10 sequential; part 140 clinc150-10 clinc150-10 replay ) & lanes+=($!)
+  ( part 200 clinc150-10 clinc150-10 ewc; part 150 clinc150-10 clinc150-10 lwf ) & lanes+=($!)
+  ( part 140 intents15 intents15 sequential; part 135 intents15 intents15 replay ) & lanes+=($!)
+  ( part 205 intents15 intents15 ewc; part 150 intents15 intents15 lwf ) & lanes+=($!)
+  ( part 90 banking77 banking77 sequential; part 95 banking77 banking77 replay ) & lanes+=($!)
+  wait "${lanes[@]}"
+  echo "baseline lanes done at $(( $(date +%s) - start )) s" >> "$R/lanes.txt"
+  merges=()
+  for run in intents15 banking77 clinc150-10; do merge $run & merges+=($!); done
   wait "${merges[@]}"
 else
   ( deadline=$limit; part 470 stream115 stream115 adapter_distill "${stream[@]}" ) &

@@ -36,6 +36,7 @@ def single_thread():
 
 def tiny_config(**overrides) -> TaskConfig:
     settings = dict(
+        method="adapter_distill",  # the pool mechanics most task tests exercise
         max_tasks=8,
         max_labels_per_task=4,
         max_label_bytes=24,

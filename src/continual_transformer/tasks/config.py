@@ -55,10 +55,14 @@ class TaskConfig:
     """How a :class:`~continual_transformer.tasks.TaskLearner` learns classification tasks one after
     another."""
 
-    method: str = "adapter_distill"
-    """Continual-learning method (:func:`known_methods`): ``adapter_distill`` (fixed pool of adapters merged
-    by distillation: zero growth), ``sequential``, ``joint``, ``lora_per_task``, ``ewc``, ``lwf`` or
-    ``replay``."""
+    method: str = "replay"
+    """Continual-learning method (:func:`known_methods`): ``replay`` (one shared adapter, each step adding
+    rows from a fixed buffer of earlier tasks' examples: zero growth), ``adapter_distill`` (a fixed pool of
+    adapters merged by distillation: zero growth), ``sequential``, ``joint``, ``lora_per_task``, ``ewc`` or
+    ``lwf``. On the H200 suites (``benchmarks/results/tasks/h200-fixed/SUMMARY.md``) ``replay`` beats
+    ``adapter_distill`` on each: average accuracy 0.868 / 0.893 / 0.961 against 0.705 / 0.791 / 0.944 on
+    banking77 / clinc150-10 / intents15, BWT 0.0 / -0.4 / -1.6 points against -0.6 / -1.6 / -2.3, at
+    1.08-1.23x a plain adapter's training time against 1.65-1.77x, in half the state."""
     max_tasks: int = 50
     """Capacity in tasks, fixed up front: the task table, task-to-slot map and router are preallocated for
     it."""
