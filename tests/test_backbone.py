@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -259,3 +260,61 @@ def test_int8_quantization_keeps_the_fingerprint_and_stays_close_to_float(tokeni
     half = Backbone(tiny_llama(tokenizer).to(torch.bfloat16), tokenizer, name="bf16")
     with pytest.raises(ConfigError, match="float32"):
         half.quantize("int8")
+
+
+def test_int8_weight_linear_equals_its_dequantized_reference():
+    """The int8 kernel computes x W^T + b with W rounded to int8 per output row: equal (to bfloat16's output
+    rounding) to float64 products of the bfloat16-rounded input with the dequantized weight; the rounding
+    error of W is at most half a step of its row's scale."""
+    from continual_transformer.modules.int8_linear import Int8WeightLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 20)
+    layer = Int8WeightLinear.from_linear(linear)
+    step = layer.scale.float()[:, None]
+    assert ((layer.dequantized() - linear.weight).abs() <= step / 2 + 1e-6).all()
+    x = torch.randn(2, 3, 48)
+    reference = (
+        x.to(torch.bfloat16).double() @ layer.dequantized().double().T
+    ).float() + linear.bias.detach()
+    out = layer(x)
+    assert out.shape == (2, 3, 20) and out.dtype == torch.float32
+    assert torch.allclose(out, reference, rtol=1e-2, atol=1e-2)
+    assert not any(isinstance(b, torch.nn.Parameter) for b in layer.buffers())  # nothing to train
+
+
+def test_int8_weights_quantization_answers_close_to_float_and_refuses_training(tokenizer):
+    """``model.quantize=int8_weights``: every linear layer holds int8 weights, the logits stay close to
+    float32's (closer than dynamic quantization, which also rounds activations), the fingerprint is the float
+    model's, answers come on every backend, and a strategy that trains through the model is refused."""
+    from continual_transformer import ContinualTransformer
+    from continual_transformer.config import ConfigError, ModelConfig
+    from continual_transformer.modules.int8_linear import Int8WeightLinear
+
+    backbone = make_backbone(tokenizer)
+    ids = backbone.encode(["alpha beta gamma delta"])
+    with torch.no_grad():
+        base = backbone.model(**ids).logits
+    fingerprint = backbone.fingerprint
+    dynamic = make_backbone(tokenizer)
+    dynamic.quantize("int8")
+    backbone.quantize("int8_weights")
+    assert backbone.quantized == "int8_weights" and backbone.fingerprint == fingerprint
+    assert not [m for m in backbone.model.modules() if type(m) is torch.nn.Linear]
+    assert any(isinstance(m, Int8WeightLinear) for m in backbone.model.modules())
+    with torch.no_grad():
+        weights_only = backbone.model(**ids).logits
+        rounded_activations = dynamic.model(**ids).logits
+    assert not torch.equal(weights_only, base)
+    assert (weights_only - base).norm() < 0.05 * base.norm()
+    assert (weights_only - base).norm() < (rounded_activations - base).norm()
+    for backend in ("eager", "static"):
+        backbone.generation = dataclasses.replace(backbone.generation, backend=backend)
+        assert len(backbone.generate(["alpha beta"])) == 1
+    with pytest.raises(ConfigError, match="finetune learns by gradient descent"):
+        ContinualTransformer(backbone, strategy="finetune", config=fast_config())
+    half = Backbone(tiny_llama(tokenizer).to(torch.bfloat16), tokenizer, name="bf16")
+    half.quantize("int8_weights")  # bfloat16 models take it too
+    assert half.model(**ids).logits.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="model.quantize"):
+        ModelConfig(quantize="int4")

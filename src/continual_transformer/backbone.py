@@ -215,7 +215,8 @@ class Backbone:
             param.requires_grad_(False)
         self.fingerprint = model_fingerprint(model)
         self.quantized: str | None = None
-        """``int8`` once :meth:`quantize` ran (nothing trains through the model then), else ``None``."""
+        """The kind (``int8``, ``int8_weights``) once :meth:`quantize` ran (nothing trains through the model
+        then), else ``None``."""
         self.layers = find_decoder_layers(model)
         self.start_ids = start_ids(tokenizer)
         """Ids every scored or generated sequence starts with: ``(BOS,)`` for models trained with BOS at
@@ -256,31 +257,39 @@ class Backbone:
         return backbone
 
     def quantize(self, kind: str = "int8") -> None:
-        """Answer with int8 linear layers from now on (PyTorch dynamic quantization: int8 weights with one
-        scale per output row, activations quantized per call; CPU only). The fingerprint stays the float
-        model's, so checkpoints of answer-only strategies load on either. Nothing can train through the model
-        afterwards."""
-        if kind != "int8":
-            raise ConfigError(f"model.quantize: none or int8, got {kind!r}")
+        """Answer with int8 linear layers from now on; CPU only. ``int8``: PyTorch dynamic quantization (int8
+        weights with one scale per output row, activations quantized per call); ``int8_weights``: int8 weights
+        with one scale per output row, activations kept (:class:`~continual_transformer.modules.int8_linear.
+        Int8WeightLinear`, products in bfloat16). The fingerprint stays the float model's, so checkpoints of
+        answer-only strategies load on either. Nothing can train through the model afterwards."""
+        if kind not in QUANTIZE_KINDS:
+            raise ConfigError(f"model.quantize: none, {' or '.join(QUANTIZE_KINDS)}, got {kind!r}")
         if self.device.type != "cpu":
-            raise ConfigError("model.quantize=int8 runs on the CPU only (set model.device=cpu)")
-        if self.dtype != torch.float32:
-            raise ConfigError("model.quantize=int8 quantizes a float32 model (set model.dtype=float32)")
-        import warnings
+            raise ConfigError(f"model.quantize={kind} runs on the CPU only (set model.device=cpu)")
+        if kind == "int8_weights":
+            from continual_transformer.modules.int8_linear import quantize_weights_int8
 
-        with (
-            warnings.catch_warnings()
-        ):  # the eager-mode API is marked for migration to torchao; it still works
-            warnings.simplefilter("ignore")
-            per_channel = torch.ao.quantization.per_channel_dynamic_qconfig  # one scale per output row
-            torch.ao.quantization.quantize_dynamic(
-                self.model, {nn.Linear: per_channel}, dtype=torch.qint8, inplace=True
-            )
+            if self.dtype not in (torch.float32, torch.bfloat16):
+                raise ConfigError("model.quantize=int8_weights needs a float32 or bfloat16 model")
+            quantize_weights_int8(self.model)
+        else:
+            if self.dtype != torch.float32:
+                raise ConfigError("model.quantize=int8 quantizes a float32 model (set model.dtype=float32)")
+            import warnings
+
+            with (
+                warnings.catch_warnings()
+            ):  # the eager-mode API is marked for migration to torchao; it still works
+                warnings.simplefilter("ignore")
+                per_channel = torch.ao.quantization.per_channel_dynamic_qconfig  # one scale per output row
+                torch.ao.quantization.quantize_dynamic(
+                    self.model, {nn.Linear: per_channel}, dtype=torch.qint8, inplace=True
+                )
         self.quantized = kind
         self._lean_caches.clear()
         self._lean_graphs.clear()
         self._lean_steps.clear()
-        logger.info("%s: linear layers quantized to int8 for answering", self.name)
+        logger.info("%s: linear layers quantized (%s) for answering", self.name, kind)
 
     # -- properties ------------------------------------------------------------------------------------------
     @property
@@ -1137,6 +1146,9 @@ _RECOMPILES = next(
     {},
 )
 
+
+QUANTIZE_KINDS = ("int8", "int8_weights")
+"""What ``model.quantize`` accepts besides ``none`` (:meth:`Backbone.quantize`)."""
 
 PROMPT_BUCKET = 64
 """On the ``compiled`` backend prompts are left-padded to a multiple of this many tokens, so the static cache

@@ -51,16 +51,21 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision for Hugging Face ids."""
     quantize: str = "none"
-    """``int8``: the model's linear layers answer with int8 weights and per-call int8 activations (PyTorch
-    dynamic quantization; CPU only): 2.7x the new tokens/s of float32 on a CPU, but on SmolLM2-135M it loses
-    a third of the general facts the model knew and most of its reading (the oracle's acquisition 0.438 ->
-    0.125; ``benchmarks/results/knowledge/cpu-quick-int8``). For strategies that do not train through the
-    model (``none``, ``retrieval``, ``in_context``, ``knowledge_store``, ``doc2lora``, ``ace``); the others
-    refuse it. ``none``: the weights as loaded."""
+    """Answer with int8 linear layers (CPU only), for strategies that do not train through the model
+    (``none``, ``retrieval``, ``in_context``, ``knowledge_store``, ``doc2lora``, ``ace``; the others refuse
+    it). ``int8_weights``: int8 weights with one scale per output row, activations kept (products in
+    bfloat16): a quarter of the bytes read per token. ``int8``: PyTorch dynamic quantization, activations
+    quantized per call too: 2.7x the new tokens/s of float32 on a CPU, but on SmolLM2-135M it loses a third
+    of the general facts the model knew and most of its reading (the oracle's acquisition 0.438 -> 0.125;
+    ``benchmarks/results/knowledge/cpu-quick-int8``). ``none``: the weights as loaded."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name", "must not be empty")
-        _check(self.quantize in ("none", "int8"), "model.quantize", f"none or int8, got {self.quantize!r}")
+        _check(
+            self.quantize in ("none", "int8", "int8_weights"),
+            "model.quantize",
+            f"none, int8 or int8_weights, got {self.quantize!r}",
+        )
         _check(
             self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
             "model.device",
