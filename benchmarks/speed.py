@@ -175,12 +175,16 @@ def int8(
     row: dict[str, Any],
     save: Callable[[], None],
 ) -> None:
-    """One stream on the CPU: the float32 model on the eager path against a copy quantized to int8
-    (``model.quantize``) on the fast backend, call by call over a few prompts, alternating (a loaded machine's
-    drift falls on both alike); the share of answers equal to float32's."""
+    """One stream on the CPU: the float32 model on the eager path against copies quantized each way
+    (``model.quantize``: ``--quantize-kinds``) on the fast backend, call by call over a few prompts,
+    alternating (a loaded machine's drift falls on all alike); the share of answers equal to float32's."""
     if backbone.device.type != "cpu":
         return
-    quantized = Backbone.load(dataclasses.replace(config.model, quantize="int8"), config.generation)
+    kinds = list(args.quantize_kinds)
+    models = {
+        kind: Backbone.load(dataclasses.replace(config.model, quantize=kind), config.generation)
+        for kind in kinds
+    }
     chosen = prompts[: args.int8_prompts]
 
     def call(which: Backbone, backend: str, prompt: str) -> list[str]:
@@ -189,13 +193,15 @@ def int8(
             [prompt], chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
         )
 
+    runs = [("float32", backbone, "eager"), *((kind, models[kind], args.backend) for kind in kinds)]
     for prompt in chosen[:1]:  # warm-up (the fast backend's caches)
-        call(backbone, "eager", prompt), call(quantized, args.backend, prompt)
-    times: dict[str, list[float]] = {"float32": [], "int8": []}
-    answers: dict[str, list[str]] = {"float32": [], "int8": []}
+        for _, which, backend in runs:
+            call(which, backend, prompt)
+    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    answers: dict[str, list[str]] = {name: [] for name, _, _ in runs}
     for rep in range(args.reps):
         for prompt in chosen:
-            for name, which, backend in (("float32", backbone, "eager"), ("int8", quantized, args.backend)):
+            for name, which, backend in runs:
                 seconds, out = timed(lambda w=which, b=backend, p=prompt: call(w, b, p), backbone.device, 1)
                 times[name].append(seconds)
                 if rep == 0:
@@ -206,8 +212,12 @@ def int8(
             "seconds": times[name],
             "answers": answers[name],
         }
-    row["speedup"] = row["int8"]["new_tokens_per_s"] / row["float32"]["new_tokens_per_s"]
-    row["answers_equal"] = sum(a == b for a, b in zip(answers["float32"], answers["int8"])) / len(chosen)
+    for kind in kinds:
+        row[kind]["speedup"] = row[kind]["new_tokens_per_s"] / row["float32"]["new_tokens_per_s"]
+        row[kind]["answers_equal"] = sum(a == b for a, b in zip(answers["float32"], answers[kind])) / len(
+            chosen
+        )
+    row["kinds"] = kinds
     row["prompts"] = len(chosen)
     use_backend(backbone, "eager", batch_size=args.batch_size)
     save()
@@ -663,12 +673,13 @@ def write(results: dict[str, Any], out: Path) -> None:
         line(f"{who}: p50 latency s", *_pair(r, "latency_p50_s"), None, higher=False)
         line(f"{who}: p95 latency s", *_pair(r, "latency_p95_s"), None, higher=False)
     r = results.get("int8", {})
-    if r:
+    for kind in r.get("kinds", ["int8"] if "int8" in r else []):
+        equal = r[kind].get("answers_equal", r.get("answers_equal", float("nan")))
         line(
-            f"1 stream, float32 eager -> int8 (`model.quantize`) {backend}, new tokens/s "
-            f"({r['prompts']} prompts; answers equal to float32: {r['answers_equal']:.2f})",
+            f"1 stream, float32 eager -> `model.quantize: {kind}` {backend}, new tokens/s "
+            f"({r['prompts']} prompts; answers equal to float32: {equal:.2f})",
             _get(r, "float32", "new_tokens_per_s"),
-            _get(r, "int8", "new_tokens_per_s"),
+            _get(r, kind, "new_tokens_per_s"),
             None,
         )
     rows = {k: r for k, r in results.get("strategies", {}).items() if _get(r, backend, "ratio_to_base")}
@@ -805,6 +816,12 @@ def main(argv: list[str] | None = None) -> int:
         "--service-backend", default="static", choices=["eager", "static", "compiled"], help="service backend"
     )
     parser.add_argument("--int8-prompts", type=int, default=4, help="int8: prompts answered one at a time")
+    parser.add_argument(
+        "--quantize-kinds",
+        type=lambda text: [k for k in text.split(",") if k],
+        default=["int8", "int8_weights"],
+        help="int8: the model.quantize kinds measured beside float32 (comma-separated)",
+    )
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed/local"))
     args = parser.parse_args(argv)
