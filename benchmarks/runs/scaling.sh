@@ -11,6 +11,8 @@
 #                 each stream batch learned in one run (--learn-together), and retrieval at 1,000 likewise
 #     large       what parametric left unfinished when it shared a call (the 1,000-document rows), and
 #                 memory_bank with context distillation at 50 (its next-token row: 0.003): four processes
+#                 (not finished in a 440 s call of its own either: at 200 documents gated memory_layer alone
+#                 took 381 s, so 1,000 documents need several calls' time, more than one call's 600 s)
 #     chunks      retrieval with 128-token chunks (32 overlapping) on 50 news articles and 50 novel-facts
 #                 documents, beside the committed rows of 512-token chunks
 #     stores      oracle, retrieval and knowledge_store at 200 and 1,000 documents
