@@ -80,6 +80,23 @@ def test_online_batches_improve_the_task_and_keep_the_others(tokenizer):
     assert len(learner.tasks) == 2
 
 
+def test_online_batches_with_replay_the_default_method(tokenizer):
+    """``replay`` (the default method): later mini-batches of a learned task train the shared adapter on them
+    and on replayed rows of every task, so the task improves and the other one is kept within a bound; the
+    task stays one task and the state keeps its size."""
+    learner = TaskLearner(make_backbone(tokenizer), tiny_config(method="replay"))
+    other, task = synthetic_task(2, per_label=4), synthetic_task(0, per_label=6)
+    learner.learn_task("other", other)
+    other_before = learner.evaluate("other", other)
+    learner.learn_task("task", task[:2], epochs=1)
+    first = gold_log_likelihood(learner, "task", task)
+    size = learner.state_bytes()
+    learner.learn_stream("task", [task[2:6], task[6:9], task[9:]])
+    assert gold_log_likelihood(learner, "task", task) > first
+    assert learner.evaluate("other", other) >= other_before - 0.25
+    assert len(learner.tasks) == 2 and learner.state_bytes() == size
+
+
 def test_unknown_task_is_flagged_after_calibration_and_survives_a_checkpoint(tokenizer, tmp_path):
     learner = TaskLearner(make_backbone(tokenizer), tiny_config())
     for k in range(2):
