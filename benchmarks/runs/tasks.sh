@@ -39,6 +39,9 @@
 #   PLAN=refs bash benchmarks/runs/tasks.sh [SECONDS]  the joint / isolation references instead (below)
 #   PLAN=baselines bash benchmarks/runs/tasks.sh [SECONDS]  sequential, ewc, lwf and replay on the same suites
 #     (run after refs with the same OUT: each suite merges every part found)
+#   PLAN=replay bash benchmarks/runs/tasks.sh [SECONDS]  replay (the default method) on the 115-task stream,
+#     clinc150-50 and long15's three orders with their references; banking77's ewc and lwf (estimates: replay
+#     trains about as fast as one plain adapter per task, 1.1x isolation on the H200)
 # Results land under $OUT/tasks/ (commit them under benchmarks/results/tasks/h200-issue18b/).
 set -uo pipefail
 limit=${1:-528}
@@ -128,6 +131,26 @@ if [ "${PLAN:-suites}" = refs ]; then
   merges=()
   for run in intents15 banking77 clinc150-10 clinc150-50-joint long15-order0-joint; do merge $run & merges+=($!); done
   wait "${merges[@]}"
+elif [ "${PLAN:-suites}" = replay ]; then
+  # replay (the default method) where only adapter_distill was measured: the 115-task stream, clinc150-50 and
+  # long15's three orders, beside the references of those suites; banking77's ewc and lwf.
+  ( deadline=$limit; part 330 stream115 stream115 replay "${stream[@]}" ) &
+  stream_lane=$!
+  deadline=$(( limit - 20 ))
+  lanes=()
+  ( part 200 clinc150-50 clinc150-50 replay; part 110 clinc150-50 clinc150-50 joint ) & lanes+=($!)
+  ( part 225 clinc150-50 clinc150-50 isolation; part 75 long15-order0 long15 joint ) & lanes+=($!)
+  ( part 100 long15-order0 long15 replay; part 100 long15-order1 long15 replay --order 1
+    part 90 long15-order0 long15 isolation ) & lanes+=($!)
+  ( part 100 long15-order2 long15 replay --order 2; part 130 banking77 banking77 ewc
+    part 100 banking77 banking77 lwf ) & lanes+=($!)
+  wait "${lanes[@]}"
+  echo "replay lanes done at $(( $(date +%s) - start )) s" >> "$R/lanes.txt"
+  merges=()
+  for run in clinc150-50 banking77 long15-order0 long15-order1 long15-order2; do merge $run & merges+=($!); done
+  wait "${merges[@]}"
+  wait "$stream_lane"
+  merge stream115
 elif [ "${PLAN:-suites}" = baselines ]; then
   # The shared-adapter methods on the suites the references measured, in parts that merge with them
   # (joint_at_end only concerns joint): five lanes of two parts.
