@@ -316,5 +316,22 @@ def test_int8_weights_quantization_answers_close_to_float_and_refuses_training(t
     half = Backbone(tiny_llama(tokenizer).to(torch.bfloat16), tokenizer, name="bf16")
     half.quantize("int8_weights")  # bfloat16 models take it too
     assert half.model(**ids).logits.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="quantized already"):
+        half.quantize("int8")
     with pytest.raises(ConfigError, match="model.quantize"):
         ModelConfig(quantize="int4")
+
+
+def test_int8_weights_keep_float_layers_the_kernel_cannot_pack():
+    """The int8 kernel reads inputs in blocks of 16: a layer of another input width keeps its float weights
+    (the kernel would answer wrongly), the others are quantized; quantizing twice is refused."""
+    from continual_transformer.modules.int8_linear import Int8WeightLinear, quantize_weights_int8
+
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Linear(32, 8))
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        before = model(x)
+    assert quantize_weights_int8(model) == 1
+    assert type(model[0]) is torch.nn.Linear and isinstance(model[1], Int8WeightLinear)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, rtol=0.05, atol=0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -228,6 +229,42 @@ def test_chunked_decoding_gives_generate_tokens(tokenizer, case):
     if case == "min_new_tokens":
         barred = torch.isin(reference[:, width:], torch.tensor(config.eos_token_id))
         assert reference.shape[1] == width + 13 and not barred.any(), "EOS barred"
+
+
+class _ReplayedRun:
+    """Stands in for a CUDA graph on the CPU: recording runs nothing, a replay runs what was recorded."""
+
+    def __init__(self, run) -> None:
+        self.replay = run
+
+
+@pytest.mark.parametrize("new", [1, 7, 8, 9, 13])
+def test_recorded_chunks_warm_up_and_replay_inside_their_buffers(tokenizer, monkeypatch, new):
+    """The capture path with the CUDA calls stood in for: the warm-up really runs (compiling) and must stay
+    inside the buffers and the cache for any max_new_tokens, even below a chunk's 8 steps; the first call
+    (recording) and a second (replaying the recorded chunk) both return generate's token ids."""
+    backbone = make_backbone(tokenizer, max_new_tokens=new)
+    plain = backbone._lean_step("plain")
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)  # no compiler on the CPU test path
+    recorded: list[_ReplayedRun] = []
+
+    def record(device, warm_up, run):
+        warm_up()
+        recorded.append(_ReplayedRun(run))
+        return recorded[-1]
+
+    monkeypatch.setattr(backbone, "_record_chunk", record)
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    config = backbone.hf_generation_config()
+    reference = backbone.model.generate(**batch, generation_config=config, min_new_tokens=new)
+    kwargs = {"min_new_tokens": new}
+    assert torch.equal(backbone._chunked_decode(batch, config, kwargs, capture=True), reference)
+    assert torch.equal(backbone._chunked_decode(batch, config, kwargs, capture=True), reference)
+    assert len(recorded) == 1, "the second call replays the chunk recorded by the first"
+    swapped = backbone.model.model.layers[0].mlp
+    backbone.model.model.layers[0].mlp = copy.deepcopy(swapped)  # another module: recorded again
+    assert torch.equal(backbone._chunked_decode(batch, config, kwargs, capture=True), reference)
+    assert len(recorded) == 2
 
 
 def test_recorded_chunks_only_where_nothing_decides_on_the_host(tokenizer):

@@ -262,6 +262,8 @@ class Backbone:
         with one scale per output row, activations kept (:class:`~continual_transformer.modules.int8_linear.
         Int8WeightLinear`, products in bfloat16). The fingerprint stays the float model's, so checkpoints of
         answer-only strategies load on either. Nothing can train through the model afterwards."""
+        if self.quantized:
+            raise ConfigError(f"the model is quantized already ({self.quantized})")
         if kind not in QUANTIZE_KINDS:
             raise ConfigError(f"model.quantize: none, {' or '.join(QUANTIZE_KINDS)}, got {kind!r}")
         if self.device.type != "cpu":
@@ -271,7 +273,11 @@ class Backbone:
 
             if self.dtype not in (torch.float32, torch.bfloat16):
                 raise ConfigError("model.quantize=int8_weights needs a float32 or bfloat16 model")
-            quantize_weights_int8(self.model)
+            if not quantize_weights_int8(self.model):
+                raise ConfigError(
+                    "model.quantize=int8_weights found no linear layer to quantize in this model (its layers "
+                    "are not torch.nn.Linear, or their input widths are not multiples of 16)"
+                )
         else:
             if self.dtype != torch.float32:
                 raise ConfigError("model.quantize=int8 quantizes a float32 model (set model.dtype=float32)")
@@ -563,9 +569,9 @@ class Backbone:
             from transformers import StaticCache
 
             layers = getattr(StaticCache(config=self.model.config, max_cache_len=8), "layers", None)
-            self._static_cache_capturable = bool(layers) and all(
-                isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
-                and not hasattr(layer, "cumulative_length_int")
+            self._static_cache_capturable = bool(layers) and all(  # plain static layers only
+                type(layer).__name__ == "StaticLayer"
+                and isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
                 for layer in layers
             )
         return (
@@ -725,19 +731,17 @@ class Backbone:
                 chunk.position.add_(1)
 
         if chunk is None or chunk.structure != structure:
-            chunk = _Chunk(rows, length, eos_list, pad, self.model.config.vocab_size, ids.device, mask.dtype)
+            chunk = _Chunk(rows, length, eos_list, pad, self._vocab_width(), ids.device, mask.dtype)
             if capture:
-                start(chunk)  # the cache's tensors exist from the first forward on: record after it
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # compile and warm up off the capturing stream
-                    run(chunk)
-                    run(chunk)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    run(chunk)
-                chunk.graph, chunk.structure = graph, structure
+
+                def warm_up(chunk: _Chunk = chunk) -> None:  # compiles; every pass stays inside the buffers
+                    for _ in range(2):
+                        cache.reset()
+                        start(chunk)  # the cache's tensors exist from the first forward on
+                        run(chunk)
+
+                chunk.graph = self._record_chunk(ids.device, warm_up, lambda chunk=chunk: run(chunk))
+                chunk.structure = structure
                 self._lean_graphs[key] = chunk
                 cache.reset()
                 logger.info("lean decoding: a chunk of %d steps recorded for %d x %d", _EOS_CHECK_EVERY, *key)
@@ -756,6 +760,33 @@ class Backbone:
             last = torch.where(hit.any(1), hit.int().argmax(1), done - 1)
             out = out[:, : width + int(last.max()) + 1]  # sync: once per call
         return out
+
+    @staticmethod
+    def _record_chunk(device: torch.device, warm_up: Callable[[], None], run: Callable[[], None]) -> Any:
+        """``run`` recorded as a CUDA graph on ``device`` after ``warm_up`` ran (really, off the capturing
+        stream: the first pass compiles). Recording runs nothing; the graph replays ``run``'s kernels on the
+        buffers it read and wrote."""
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            try:
+                with torch.cuda.stream(side):
+                    warm_up()
+            finally:
+                current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA
+                run()
+        return graph
+
+    def _vocab_width(self) -> int:
+        """Columns of the model's logits (the head's outputs; the configured vocabulary without a head)."""
+        head = self.model.get_output_embeddings()
+        width = getattr(head, "out_features", None) if head is not None else None
+        if width is None and head is not None and getattr(head, "weight", None) is not None:
+            width = head.weight.shape[0]
+        return int(width or self.model.config.vocab_size)
 
     @contextmanager
     def _captures_tapped(self) -> Iterator[list[tuple[_Tap, Any]]]:

@@ -52,12 +52,14 @@ class ModelConfig:
     """Hub revision for Hugging Face ids."""
     quantize: str = "none"
     """Answer with int8 linear layers (CPU only), for strategies that do not train through the model
-    (``none``, ``retrieval``, ``in_context``, ``knowledge_store``, ``doc2lora``, ``ace``; the others refuse
-    it). ``int8_weights``: int8 weights with one scale per output row, activations kept (products in
-    bfloat16): a quarter of the bytes read per token. ``int8``: PyTorch dynamic quantization, activations
-    quantized per call too: 2.7x the new tokens/s of float32 on a CPU, but on SmolLM2-135M it loses a third
-    of the general facts the model knew and most of its reading (the oracle's acquisition 0.438 -> 0.125;
-    ``benchmarks/results/knowledge/cpu-quick-int8``). ``none``: the weights as loaded."""
+    (``none``, ``retrieval``, ``in_context``, ``knowledge_store``, ``ace``; the others refuse it or, like
+    ``doc2lora``, find no float projection to adapt). ``int8_weights``: int8 weights with one scale per output
+    row, activations kept (products in bfloat16): a quarter of the bytes read per token, 2.3-3.0x the new
+    tokens/s of float32 eager for one stream on a 2-core CPU, at 3 of 24 known facts and 0.438 -> 0.396 oracle
+    acquisition on the quick profile. ``int8``: PyTorch dynamic quantization, activations quantized per call
+    too: 3.0-3.1x, but on SmolLM2-135M it loses a third of the general facts the model knew and most of its
+    reading (the oracle's acquisition 0.438 -> 0.125). Both: ``benchmarks/results/knowledge/cpu-quick-int8``.
+    ``none``: the weights as loaded."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name", "must not be empty")

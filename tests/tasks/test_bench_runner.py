@@ -146,9 +146,15 @@ def test_runs_measured_side_by_side_merge_into_one_result(tokenizer, tmp_path):
     added = runner.merge_runs([*parts, tmp_path / "sequential"], tmp_path / "with-sequential")
     assert list(added["methods"]) == ["adapter_distill", "isolation", "joint", "sequential"]
     assert added["meta"]["settings"]["joint_at_end"] is True
+    first_without = runner.merge_runs([tmp_path / "sequential", parts[2]], tmp_path / "sequential-first")
+    assert first_without["meta"]["settings"]["joint_at_end"] is True, "the setting joint was measured with"
     run_task_benchmark("clinc150-10", ["joint"], backbone, without, tmp_path / "joint-per-task")
     with pytest.raises(ConfigError, match="another suite, model or settings"):
         runner.merge_runs([parts[2], tmp_path / "joint-per-task"], tmp_path / "refused-joint")
+    with pytest.raises(ConfigError, match="another suite, model or settings"):  # not through a run without it
+        runner.merge_runs(
+            [tmp_path / "sequential", parts[2], tmp_path / "joint-per-task"], tmp_path / "refused-through"
+        )
 
 
 def test_a_method_reports_its_progress_at_every_full_evaluation(tokenizer, tmp_path):

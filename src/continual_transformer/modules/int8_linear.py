@@ -9,8 +9,12 @@ not quantized: only the weights are rounded, once.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 class Int8WeightLinear(nn.Module):
@@ -50,13 +54,25 @@ class Int8WeightLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
+PACK = 16
+"""The kernel reads the int8 matrix in blocks of this many inputs: a layer whose input width is not a multiple
+of it gives wrong numbers (or crashes), so such layers keep their float weights."""
+
+
 def quantize_weights_int8(model: nn.Module) -> int:
-    """Every ``nn.Linear`` of ``model`` replaced in place by an :class:`Int8WeightLinear` (a head tied to the
-    embeddings gets an int8 copy; the embeddings keep theirs). Returns how many were replaced."""
-    replaced = 0
+    """Every ``nn.Linear`` of ``model`` whose input width is a multiple of :data:`PACK` replaced in place by
+    an :class:`Int8WeightLinear` (a head tied to the embeddings gets an int8 copy; the embeddings keep
+    theirs); the others stay float, with a log line. Returns how many were replaced."""
+    replaced, kept = 0, []
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, Int8WeightLinear.from_linear(child))
-                replaced += 1
+            if type(child) is not nn.Linear:
+                continue
+            if child.in_features % PACK:
+                kept.append(name)
+                continue
+            setattr(module, name, Int8WeightLinear.from_linear(child))
+            replaced += 1
+    if kept:
+        logger.info("%d linear layers keep float weights (input width not a multiple of %d)", len(kept), PACK)
     return replaced

@@ -62,7 +62,7 @@ class TaskConfig:
     ``lwf``. On the H200 suites (``benchmarks/results/tasks/h200-fixed/SUMMARY.md``) ``replay`` beats
     ``adapter_distill`` on each: average accuracy 0.868 / 0.893 / 0.961 against 0.705 / 0.791 / 0.944 on
     banking77 / clinc150-10 / intents15, BWT 0.0 / -0.4 / -1.6 points against -0.6 / -1.6 / -2.3, at
-    1.08-1.23x a plain adapter's training time against 1.65-1.77x, in half the state."""
+    0.90-1.23x a plain adapter's training time against 1.65-1.77x, in half the state."""
     max_tasks: int = 50
     """Capacity in tasks, fixed up front: the task table, task-to-slot map and router are preallocated for
     it."""

@@ -12,7 +12,8 @@ Classification is generative: each label is scored by the likelihood of its name
 task's labels, so no task adds a head. The continual-learning method (``config.method``) decides which adapter
 weights serve a task. Everything the learner keeps (task table, label names, router prototypes, the method's
 adapters and buffers) lives in tensors allocated at construction for ``max_tasks`` tasks: with the default
-``adapter_distill`` method, parameters and bytes of state after the last task equal those after the first.
+``replay`` method (and with ``adapter_distill``), parameters and bytes of state after the last task equal
+those after the first.
 
 Each stateful part (task table, router, method) owns its state: ``state_tensors()`` / ``load_state_tensors()``
 for checkpoints, ``snapshot()`` / ``rollback()`` for undo. A task that fails half-way (or is interrupted) is

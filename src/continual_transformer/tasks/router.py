@@ -361,7 +361,7 @@ def flagged_for_confidence(n: int, false_alarm_rate: float, confidence: float) -
         + (n - j) * math.log1p(-false_alarm_rate)
     )
     allowed = (log_pmf.exp().cumsum(0) <= 1.0 - confidence).nonzero()
-    return int(allowed[-1]) if allowed.numel() else -1
+    return min(int(allowed[-1]), n - 1) if allowed.numel() else -1  # confidence 0: all but one at most
 
 
 def _squared_distances(

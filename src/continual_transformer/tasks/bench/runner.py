@@ -239,8 +239,15 @@ def merge_runs(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, 
     key = (first["suite"], first["meta"]["model"])
     methods: dict[str, Any] = {}
     unfinished: set[str] = set()
+    # joint_at_end is compared among the runs that measured joint (all against the first of them); every
+    # other setting against the first run
+    with_joint = next((report for _, report in reports if "joint" in report["methods"]), first)
     for folder, report in reports:
-        if (report["suite"], report["meta"]["model"]) != key or not _same_settings(first, report):
+        if (
+            (report["suite"], report["meta"]["model"]) != key
+            or not _same_settings(first, report)
+            or not _same_settings(with_joint, report)
+        ):
             raise ConfigError(
                 f"{folder} was measured on another suite, model or settings than {reports[0][0]}"
             )
@@ -251,9 +258,13 @@ def merge_runs(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, 
     )
     for summary in methods.values():
         summary["train_time_vs_plain_adapter"] = summary["train_s_per_task"] / plain if plain else None
+    settings = {**first["meta"]["settings"]}
+    if "joint_at_end" in with_joint["meta"]["settings"]:
+        settings["joint_at_end"] = with_joint["meta"]["settings"]["joint_at_end"]  # how joint was measured
     merged = {
         "meta": {
             **first["meta"],
+            "settings": settings,
             "wall_s": max(r["meta"].get("wall_s", 0.0) for _, r in reports),
             "workers": len(reports),
             "unfinished": sorted(unfinished - set(methods)),
