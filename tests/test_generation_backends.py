@@ -104,6 +104,27 @@ def test_compiled_decoding_sees_hooks_added_after_compiling(tokenizer):
     assert backbone.generate(PROMPTS) == plain
 
 
+def test_memory_bank_fusion_decodes_compiled_without_retracing(tokenizer, monkeypatch):
+    """memory_bank adds its retrieved memories through a new residual hook per call: the backbone's adder
+    tap stands in for it, so compiled decoding is used from the second call on and not traced again, with
+    the eager answers; the model's hooks are as they were after each call."""
+    ct = ContinualTransformer(make_backbone(tokenizer), strategy="memory_bank", config=fast_config())
+    ct.learn_document(DOC)
+    assert ct.strategy.deltas(PROMPTS, reinforce=False) is not None, "memories are fused for these prompts"
+    eager = answers(ct, "eager")
+    modes: list[str] = []
+    real = ct.backbone._lean_decode
+    monkeypatch.setattr(ct.backbone, "_lean_decode", lambda *a: modes.append(a[-1]) or real(*a))
+    assert answers(ct, "compiled") == eager  # the first call with the tap decodes uncompiled
+    assert answers(ct, "compiled") == eager
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert answers(ct, "compiled") == eager
+    assert modes == ["plain", "default", "default"], "the compiled step ran from the second call on"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "no new graph was traced"
+    assert not ct.backbone._compile_failed and not ct.backbone._lean_failed
+    assert not any(h for m in ct.backbone.model.modules() for h in m._forward_hooks.values()), "restored"
+
+
 def test_knowledge_store_capture_decodes_compiled_without_retracing(tokenizer, monkeypatch):
     """knowledge_store enters a new capture hook per call: the backbone's tap stands in for it, so compiled
     decoding is used from the second call on and not traced again, with the eager answers."""

@@ -225,6 +225,7 @@ class Backbone:
         self._compile_failed = False
         self._last_hooks: dict[tuple[int, int], Any] = {}  # hooks met by the last compiled-backend call
         self._taps: dict[tuple[int, bool, int], _Tap] = {}  # capture hooks standing in for per-call captures
+        self._adder_taps: dict[tuple[int, int], _AdderTap] = {}  # hooks standing in for per-call adders
         # static KV caches of the lean loop, by (batch, length)
         self._lean_caches: dict[tuple[int, int], Any] = {}
         self._lean_steps: dict[str, Any] = {}  # the lean loop's decoding step, compiled once per compile mode
@@ -790,41 +791,58 @@ class Backbone:
 
     @contextmanager
     def _captures_tapped(self) -> Iterator[list[tuple[_Tap, Any]]]:
-        """Per-call :class:`~continual_transformer.modules.LayerCapture` hooks replaced by the backbone's own
-        taps for the duration of a compiled call, restored after (order and keys as they were).
+        """Per-call :class:`~continual_transformer.modules.LayerCapture` and
+        :class:`~continual_transformer.modules.ResidualAdder` hooks replaced by the backbone's own taps for
+        the duration of a compiled call, restored after (order and keys as they were).
 
-        A capture entered for one call (``knowledge_store`` reads a layer at every step) is a new hook object
-        under a new key each time: compiled decoding would retrace for it on every call, so it ran uncompiled.
-        A tap is one hook object per (module, inputs) kept by the backbone and put under one fixed key, so the
-        compiled step's hook guards hold from call to call; what a tap captured is handed to its capture
-        before the logits processors run (:func:`_with_taps`). Yields the (tap, capture) pairs.
+        A capture or an adder entered for one call (``knowledge_store`` reads a layer at every step,
+        ``memory_bank`` adds the memories it retrieved for the prompts) is a new hook object under a new key
+        each time: compiled decoding would retrace for it on every call, so it ran uncompiled. A tap is one
+        hook object per (module, kind, slot) kept by the backbone and put under one fixed key, so the compiled
+        step's hook guards hold from call to call; what a capture tap captured is handed to its capture before
+        the logits processors run (:func:`_with_taps`), and an adder tap adds the call's delta as the adder
+        would (:func:`~continual_transformer.modules.hooks.shift_output`). Yields the (tap, capture) pairs.
         """
-        from continual_transformer.modules.hooks import LayerCapture
+        from continual_transformer.modules.hooks import LayerCapture, ResidualAdder
 
         swapped: list[tuple[dict[int, Any], dict[int, Any]]] = []
         pairs: list[tuple[_Tap, Any]] = []
+        adders: list[_AdderTap] = []
         for module in self.model.modules():
             for hooks, inputs in ((module._forward_hooks, False), (module._forward_pre_hooks, True)):
-                found = [
+                captures = {
                     key
                     for key, hook in hooks.items()
                     if isinstance(getattr(hook, "__self__", None), LayerCapture)
                     and getattr(hook, "__func__", None)
                     is (LayerCapture._pre_hook if inputs else LayerCapture._hook)
-                ]
-                if not found:
+                }
+                added = {
+                    key
+                    for key, hook in hooks.items()
+                    if not inputs
+                    and isinstance(getattr(hook, "__self__", None), ResidualAdder)
+                    and getattr(hook, "__func__", None) is ResidualAdder._hook
+                }
+                if not captures and not added:
                     continue
                 saved = dict(hooks)
                 hooks.clear()
-                slot = 0
+                slot = adder_slot = 0
                 for key, hook in saved.items():
-                    if key not in found:
+                    if key in captures:
+                        tap = self._taps.setdefault((id(module), inputs, slot), _Tap(inputs=inputs))
+                        hooks[_TAP_KEY - slot] = tap
+                        pairs.append((tap, hook.__self__))
+                        slot += 1
+                    elif key in added:
+                        adder = self._adder_taps.setdefault((id(module), adder_slot), _AdderTap())
+                        adder.take(hook.__self__)
+                        hooks[_ADDER_KEY - adder_slot] = adder
+                        adders.append(adder)
+                        adder_slot += 1
+                    else:
                         hooks[key] = hook
-                        continue
-                    tap = self._taps.setdefault((id(module), inputs, slot), _Tap(inputs=inputs))
-                    hooks[_TAP_KEY - slot] = tap
-                    pairs.append((tap, hook.__self__))
-                    slot += 1
                 swapped.append((hooks, saved))
         try:
             yield pairs
@@ -834,6 +852,8 @@ class Backbone:
                 hooks.update(saved)
             for tap, _ in pairs:
                 tap.hidden = None
+            for adder in adders:
+                adder.release()
 
     def _compile_ok(self) -> bool:
         return not self._compile_failed
@@ -1198,6 +1218,7 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
 
 
 _TAP_KEY = -1_000_000  # the hook-dict key of a backbone tap (handle ids are positive)
+_ADDER_KEY = -2_000_000  # the hook-dict key of a backbone adder tap
 
 
 class _Tap:
@@ -1210,6 +1231,28 @@ class _Tap:
 
     def __call__(self, module: nn.Module, args: Any, output: Any = None) -> None:
         self.hidden = args[0] if self.inputs else (output[0] if isinstance(output, (tuple, list)) else output)
+
+
+class _AdderTap:
+    """A forward hook adding the delta of the :class:`~continual_transformer.modules.ResidualAdder` it stands
+    in for during one call (:meth:`Backbone._captures_tapped`)."""
+
+    def __init__(self) -> None:
+        self.delta: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.skip_zero_rows = True
+
+    def take(self, adder: Any) -> None:
+        self.delta, self.mask, self.skip_zero_rows = adder.delta, adder.mask, adder.skip_zero_rows
+
+    def release(self) -> None:
+        self.delta = self.mask = None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        from continual_transformer.modules.hooks import shift_output
+
+        assert self.delta is not None, "an adder tap runs only while it stands in for an adder"
+        return shift_output(output, self.delta, self.mask, skip_zero_rows=self.skip_zero_rows)
 
 
 class _TapsToCaptures:

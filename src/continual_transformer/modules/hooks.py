@@ -25,6 +25,23 @@ def _replace_output(output: Any, hidden: torch.Tensor) -> Any:
     return hidden
 
 
+def shift_output(
+    output: Any, delta: torch.Tensor, mask: torch.Tensor | None, *, skip_zero_rows: bool = True
+) -> Any:
+    """A module's output with ``delta`` (B, H) added to its hidden states at the positions ``mask`` (B, T)
+    marks (every position without a mask, or when the mask's width is not the output's: a cached decoding
+    step); rows whose delta is all zero are left bit-identical unless ``skip_zero_rows`` is off
+    (:class:`ResidualAdder`)."""
+    hidden = layer_output(output)
+    shift = delta.to(hidden.dtype)[:, None, :]  # (B, 1, H)
+    if mask is not None and mask.shape[1] == hidden.shape[1]:
+        shift = shift * mask.to(hidden.dtype)[:, :, None]
+    if not skip_zero_rows:
+        return _replace_output(output, hidden + shift)
+    active = (delta != 0).any(-1)  # (B,)
+    return _replace_output(output, torch.where(active[:, None, None], hidden + shift, hidden))
+
+
 class LayerCapture:
     """Keeps the last hidden states ``(B, T, H)`` a module produced (``.hidden``), while the hook is
     installed.
@@ -84,15 +101,7 @@ class ResidualAdder:
         self._handle: Any = None
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        hidden = layer_output(output)
-        delta = self.delta.to(hidden.dtype)[:, None, :]  # (B, 1, H)
-        if self.mask is not None and self.mask.shape[1] == hidden.shape[1]:
-            delta = delta * self.mask.to(hidden.dtype)[:, :, None]
-        if not self.skip_zero_rows:
-            return _replace_output(output, hidden + delta)
-        active = (self.delta != 0).any(-1)  # (B,)
-        shifted = torch.where(active[:, None, None], hidden + delta, hidden)
-        return _replace_output(output, shifted)
+        return shift_output(output, self.delta, self.mask, skip_zero_rows=self.skip_zero_rows)
 
     def __enter__(self) -> ResidualAdder:
         self._handle = self.module.register_forward_hook(self._hook)
