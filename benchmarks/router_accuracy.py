@@ -33,6 +33,7 @@ def main() -> int:
     parser.add_argument("--suites", nargs="+", default=["clinc150-10", "clinc150-50", "banking77", "long15"])
     parser.add_argument("--embedders", nargs="+", default=["backbone", "minilm"])
     parser.add_argument("--prototypes", nargs="+", default=["label", "task"])
+    parser.add_argument("--rules", nargs="+", default=["cosine", "lda"], help="tasks.router_rule values")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -68,8 +69,14 @@ def main() -> int:
                 )
             queries = embed(test_texts)
             embed_s = time.perf_counter() - start
-            for kind in args.prototypes:
-                router = PrototypeRouter(len(tasks), embed.dim, width if kind == "label" else None)
+            for kind, rule in ((k, r) for k in args.prototypes for r in args.rules):
+                router = PrototypeRouter(
+                    len(tasks),
+                    embed.dim,
+                    width if kind == "label" else None,
+                    rule=rule,
+                    rule_shrinkage=cfg.router_rule_shrinkage,
+                )
                 for k, (vectors, labels) in enumerate(train):
                     router.update(k, vectors, labels if kind == "label" else None)
                 routed = router.route(queries)
@@ -79,6 +86,7 @@ def main() -> int:
                         "suite": suite,
                         "embedder": name,
                         "prototypes": kind,
+                        "rule": rule,
                         "tasks": len(tasks),
                         "test_examples": len(test_texts),
                         "router_accuracy": float((routed == truth).float().mean()),
@@ -87,7 +95,8 @@ def main() -> int:
                     }
                 )
                 print(
-                    f"{suite:12s} {name:8s} {kind:5s} router accuracy {rows[-1]['router_accuracy']:.3f}",
+                    f"{suite:12s} {name:8s} {kind:5s} {rule:6s} router accuracy "
+                    f"{rows[-1]['router_accuracy']:.3f}",
                     flush=True,
                 )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -96,9 +105,13 @@ def main() -> int:
         "device": str(backbone.device),
         "dtype": str(backbone.dtype).replace("torch.", ""),
         "router_samples": cfg.router_samples,
+        "router_rule_shrinkage": cfg.router_rule_shrinkage,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(backbone.device),
-        "command": "python benchmarks/router_accuracy.py --suites " + " ".join(args.suites),
+        "command": "python benchmarks/router_accuracy.py --suites "
+        + " ".join(args.suites)
+        + f" --embedders {' '.join(args.embedders)} --prototypes {' '.join(args.prototypes)}"
+        + f" --rules {' '.join(args.rules)}",
     }
     write_json(args.out / "results.json", {"meta": meta, "rows": rows})
     lines = [
@@ -108,11 +121,12 @@ def main() -> int:
         f"{meta['router_samples']} training texts "
         "per task feed the prototypes; every test text of every task is routed.",
         "",
-        "| suite | tasks | embedder | prototypes | router accuracy | worst task |",
-        "|---|---:|---|---|---:|---:|",
+        "| suite | tasks | embedder | prototypes | rule | router accuracy | worst task |",
+        "|---|---:|---|---|---|---:|---:|",
     ]
     lines += [
-        f"| {r['suite']} | {r['tasks']} | {r['embedder']} | {r['prototypes']} | {r['router_accuracy']:.3f} | "
+        f"| {r['suite']} | {r['tasks']} | {r['embedder']} | {r['prototypes']} | {r.get('rule', 'cosine')} "
+        f"| {r['router_accuracy']:.3f} | "
         f"{r['worst_task_accuracy']:.3f} |"
         for r in rows
     ]

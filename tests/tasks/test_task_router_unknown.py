@@ -11,6 +11,7 @@ import torch
 from conftest import make_backbone
 from task_helpers import WORD_GROUPS, single_thread, synthetic_task, tiny_config, write_clinc  # noqa: F401
 
+from continual_transformer.config import to_dict
 from continual_transformer.errors import ConfigError
 from continual_transformer.tasks import (
     UNKNOWN_TASK,
@@ -261,3 +262,46 @@ def test_an_old_learner_checkpoint_loads_with_the_cosine_threshold_it_was_calibr
     restored.load(tmp_path / "state")
     assert restored.config.router_unknown_score == "cosine"
     assert restored.route(foreign + held_out, allow_unknown=True) == flagged
+
+
+def _elongated(generator: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tasks of one label each, spread wide along x and narrow along y: task 0 around (0, 0), task 1
+    around (6, 3). Nearness in plain distance follows x, which says little; y tells the tasks apart."""
+    task = torch.arange(2).repeat_interleave(n)
+    centre = torch.tensor([[0.0, 0.0], [6.0, 3.0]])[task]
+    return centre + torch.randn(2 * n, 2, generator=generator) * torch.tensor([5.0, 0.5]), task
+
+
+def test_lda_rule_routes_by_the_shared_covariance_where_cosine_cannot():
+    """The lda rule routes by Mahalanobis distance under the covariance kept as running statistics: on
+    elongated clusters it picks the right task where the centred cosine rule cannot; the same statistics
+    survive a state round trip, and a state without them is refused with the setting to change."""
+    x, task = _elongated(torch.Generator().manual_seed(0), 400)
+    test, truth = _elongated(torch.Generator().manual_seed(1), 200)
+    routers = {
+        rule: PrototypeRouter(2, 2, 1, unknown_score="euclidean", rule=rule, rule_shrinkage=0.0)
+        for rule in ("cosine", "lda")
+    }
+    for router in routers.values():
+        for k in range(2):
+            router.update(k, x[task == k], torch.zeros(int((task == k).sum()), dtype=torch.long))
+    accuracy = {rule: float((r.route(test) == truth).float().mean()) for rule, r in routers.items()}
+    assert accuracy["lda"] > 0.95 and accuracy["cosine"] < 0.85, accuracy
+    lda = routers["lda"]
+    restored = PrototypeRouter(2, 2, 1, unknown_score="euclidean", rule="lda", rule_shrinkage=0.0)
+    restored.load_state_tensors({k: v.clone() for k, v in lda.state_tensors().items()})
+    assert torch.equal(restored.route(test), lda.route(test))
+    old = {k: v for k, v in lda.state_tensors().items() if k != "scatter"}  # from before the statistics
+    stale = PrototypeRouter(2, 2, 1, unknown_score="euclidean", rule="lda")
+    stale.load_state_tensors(old)
+    with pytest.raises(TaskError, match="tasks.router_rule=cosine"):
+        stale.route(test)
+
+
+def test_a_checkpoint_from_before_the_lda_rule_routes_as_it_did():
+    manifest = {"task_config": to_dict(TaskConfig())}
+    del manifest["task_config"]["router_rule"]
+    assert saved_task_config(manifest).router_rule == "cosine"
+    assert TaskConfig().router_rule in task_config.ROUTE_RULES
+    with pytest.raises(ConfigError, match="tasks.router_rule"):
+        TaskConfig(router_rule="knn")

@@ -123,6 +123,8 @@ class LearnerParts:
                 per_label,
                 unknown_score=config.router_unknown_score,
                 shrinkage=config.router_covariance_shrinkage,
+                rule=config.router_rule,
+                rule_shrinkage=config.router_rule_shrinkage,
             ),
             method=get_method(config.method)(backbone, config),
             share_prefix=resolve_share_prefix(config, backbone),
@@ -622,8 +624,10 @@ class TaskLearner:
 
 def saved_task_config(manifest: dict[str, Any]) -> TaskConfig:
     """The :class:`TaskConfig` a checkpoint's manifest holds. A checkpoint from before
-    ``router_unknown_score`` keeps the score its threshold was calibrated with: ``cosine``."""
+    ``router_unknown_score`` keeps the score its threshold was calibrated with (``cosine``), and one from
+    before ``router_rule`` the rule it routed by, which needs no covariance statistics (``cosine``)."""
     saved = manifest.get("task_config")
-    if isinstance(saved, dict) and "router_unknown_score" not in saved:
-        saved = {**saved, "router_unknown_score": "cosine"}
+    if isinstance(saved, dict):
+        for key in ("router_unknown_score", "router_rule"):
+            saved = saved if key in saved else {**saved, key: "cosine"}
     return from_dict(TaskConfig, saved, "tasks")

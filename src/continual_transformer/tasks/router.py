@@ -133,6 +133,9 @@ squared Mahalanobis distance under the prototypes' shared (tied) covariance (Lee
 (Ren et al. 2021)."""
 COVARIANCE_SCORES = ("mahalanobis", "relative_mahalanobis")
 """The scores that need the shared covariance: the router keeps a (dim, dim) scatter for them."""
+ROUTE_RULES = ("cosine", "lda")
+"""How the router picks a text's task (:meth:`PrototypeRouter.route`): the nearest prototype by centred cosine
+similarity, or by Mahalanobis distance under the shared covariance (linear discriminant analysis)."""
 
 
 class PrototypeRouter(TensorState):
@@ -159,18 +162,26 @@ class PrototypeRouter(TensorState):
         *,
         unknown_score: str = "cosine",
         shrinkage: float = 0.9,
+        rule: str = "cosine",
+        rule_shrinkage: float = 0.3,
     ) -> None:
         if unknown_score not in UNKNOWN_SCORES:
             raise ValueError(f"unknown_score must be one of {UNKNOWN_SCORES}, got {unknown_score!r}")
-        if not 0.0 <= shrinkage <= 1.0:
-            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+        if rule not in ROUTE_RULES:
+            raise ValueError(f"rule must be one of {ROUTE_RULES}, got {rule!r}")
+        for name, value in (("shrinkage", shrinkage), ("rule_shrinkage", rule_shrinkage)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         self.unknown_score, self.shrinkage = unknown_score, shrinkage
+        self.rule, self.rule_shrinkage = rule, rule_shrinkage
         self.per_label = labels_per_task is not None
         shape = (max_tasks, labels_per_task) if self.per_label else (max_tasks,)
         self.prototypes = torch.zeros(*shape, dim, dtype=torch.float32)
         self.counts = torch.zeros(*shape, dtype=torch.int64)
-        # Sum over the examples folded in of (x - its prototype)(x - its prototype)^T (Mahalanobis only).
-        self.scatter = torch.zeros(dim, dim) if unknown_score in COVARIANCE_SCORES else None
+        # Sum over the examples folded in of (x - its prototype)(x - its prototype)^T (Mahalanobis scores and
+        # the lda rule only).
+        keeps_scatter = unknown_score in COVARIANCE_SCORES or rule == "lda"
+        self.scatter = torch.zeros(dim, dim) if keeps_scatter else None
         # Below this score a text belongs to no learned task (-inf: never).
         self.unknown_threshold = torch.full((), float("-inf"), dtype=torch.float32)
 
@@ -224,8 +235,31 @@ class PrototypeRouter(TensorState):
         return protos[known], counts[known]
 
     def route(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest task for each embedding (B,); only prototypes with examples compete."""
-        return self.route_with_similarity(embeddings)[0]
+        """Index of the task of each embedding (B,) by ``rule``; only prototypes with examples compete.
+
+        ``cosine``: the nearest prototype by centred cosine similarity. ``lda``: the nearest by Mahalanobis
+        distance under the shared covariance (shrunk by ``rule_shrinkage``), i.e. linear discriminant
+        analysis with equal priors, from the running statistics alone (streaming LDA)."""
+        if self.rule == "cosine":
+            return self.route_with_similarity(embeddings)[0]
+        dim = self.prototypes.shape[-1]
+        protos, known = self.prototypes.reshape(-1, dim), self.counts.reshape(-1) > 0
+        if not bool(known.any()):
+            raise TaskError("no task has been learned yet: nothing to route to")
+        self._require_scatter("the lda routing rule", "tasks.router_rule=cosine")
+        distance = torch.full((embeddings.shape[0], protos.shape[0]), float("inf"))
+        distance[:, known] = _squared_distances(
+            embeddings, protos[known], self.covariance(shrinkage=self.rule_shrinkage)
+        )
+        nearest = distance.argmin(-1)
+        return nearest // self.prototypes.shape[1] if self.per_label else nearest
+
+    def _require_scatter(self, what: str, instead: str) -> None:
+        if self.scatter is None or bool(self.scatter.isnan().any()):
+            raise TaskError(
+                f"the router has no covariance statistics for {what} (its state predates them): learn the "
+                f"tasks again or set {instead}"
+            )
 
     def route_with_similarity(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Index of the nearest task (B,) and the centred cosine similarity to its nearest prototype (B,)."""
@@ -243,10 +277,11 @@ class PrototypeRouter(TensorState):
         best, nearest = similarity.max(-1)
         return (nearest // self.prototypes.shape[1] if self.per_label else nearest), best
 
-    def covariance(self, *, total: bool = False) -> torch.Tensor:
+    def covariance(self, *, total: bool = False, shrinkage: float | None = None) -> torch.Tensor:
         """The shared covariance of the examples about their prototypes (dim, dim), float64, shrunk
-        towards ``trace / dim`` times the identity by ``shrinkage``; ``total=True``: about the mean of all
-        examples."""
+        towards ``trace / dim`` times the identity by ``shrinkage`` (default: the Mahalanobis scores');
+        ``total=True``: about the mean of all examples."""
+        shrinkage = self.shrinkage if shrinkage is None else shrinkage
         if self.scatter is None:
             raise TaskError(f"the {self.unknown_score} score keeps no covariance statistics")
         protos, counts = self._known()
@@ -262,7 +297,7 @@ class PrototypeRouter(TensorState):
         if not scale > 0:  # one example per prototype: no spread measured, the Euclidean distance
             return identity
         # a floor of 1e-6 of the mean variance keeps the Cholesky factorisation defined without shrinkage
-        return (1 - self.shrinkage) * covariance + (self.shrinkage + 1e-6) * scale * identity
+        return (1 - shrinkage) * covariance + (shrinkage + 1e-6) * scale * identity
 
     def unknown_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         """How much each embedding looks like the learned tasks (B,), by ``unknown_score``: higher is more
@@ -272,11 +307,7 @@ class PrototypeRouter(TensorState):
         protos, counts = self._known()
         if self.unknown_score == "euclidean":
             return -torch.cdist(embeddings.float(), protos).square().min(-1).values
-        if bool(self.scatter.isnan().any()):
-            raise TaskError(
-                f"the router has no covariance statistics for the {self.unknown_score} score (its state "
-                "predates them): learn the tasks again or set tasks.router_unknown_score=euclidean"
-            )
+        self._require_scatter(f"the {self.unknown_score} score", "tasks.router_unknown_score=euclidean")
         distance = _squared_distances(embeddings, protos, self.covariance()).min(-1).values
         if self.unknown_score == "relative_mahalanobis":
             mean = ((protos.double() * counts[:, None]).sum(0) / counts.sum()).float()[None]  # (1, dim)
