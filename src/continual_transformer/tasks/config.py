@@ -210,7 +210,8 @@ class TaskConfig:
     full profiles, no adapter (``benchmarks/router_accuracy.py``, ``benchmarks/results/router/lda``): router
     accuracy 0.893 / 0.913 / 0.871 with ``lda`` against 0.859 / 0.897 / 0.814 with ``cosine`` on banking77 /
     intents15 / long15, 0.958 / 0.905 against 0.961 / 0.908 on clinc150-10 / clinc150-50; with the
-    ``backbone`` embedder on long15 (its profile's) 0.948 against 0.852 (``router/lda-long15-backbone``)."""
+    ``backbone`` embedder on long15 (its profile's) 0.948 against 0.852 (``router/lda-long15-backbone``); on
+    the 115-task stream 0.838 against 0.819 (``router/lda-stream115``)."""
     router_rule_shrinkage: float = 0.3
     """Weight of ``trace / dim`` times the identity in the covariance of the ``lda`` rule (0: the sample
     covariance; 1: the Euclidean distance)."""
