@@ -104,44 +104,38 @@ def test_compiled_decoding_sees_hooks_added_after_compiling(tokenizer):
     assert backbone.generate(PROMPTS) == plain
 
 
+def _decodes_compiled_from_the_second_call(ct: ContinualTransformer, monkeypatch) -> None:
+    """The strategy's per-call hook is served by a backbone tap: the first compiled call decodes uncompiled
+    (new hooks), the next ones through the compiled step without a new trace, all with the eager answers;
+    the model's hooks are as they were after each call."""
+    eager = answers(ct, "eager")
+    modes: list[str] = []
+    real = ct.backbone._lean_decode
+    monkeypatch.setattr(ct.backbone, "_lean_decode", lambda *a: modes.append(a[-1]) or real(*a))
+    assert answers(ct, "compiled") == eager
+    assert answers(ct, "compiled") == eager
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert answers(ct, "compiled") == eager
+    assert modes == ["plain", "default", "default"], "the compiled step ran from the second call on"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "no new graph was traced"
+    assert not ct.backbone._compile_failed and not ct.backbone._lean_failed
+    assert not any(h for m in ct.backbone.model.modules() for h in m._forward_hooks.values()), "restored"
+
+
 def test_memory_bank_fusion_decodes_compiled_without_retracing(tokenizer, monkeypatch):
     """memory_bank adds its retrieved memories through a new residual hook per call: the backbone's adder
-    tap stands in for it, so compiled decoding is used from the second call on and not traced again, with
-    the eager answers; the model's hooks are as they were after each call."""
+    tap stands in for it."""
     ct = ContinualTransformer(make_backbone(tokenizer), strategy="memory_bank", config=fast_config())
     ct.learn_document(DOC)
     assert ct.strategy.deltas(PROMPTS, reinforce=False) is not None, "memories are fused for these prompts"
-    eager = answers(ct, "eager")
-    modes: list[str] = []
-    real = ct.backbone._lean_decode
-    monkeypatch.setattr(ct.backbone, "_lean_decode", lambda *a: modes.append(a[-1]) or real(*a))
-    assert answers(ct, "compiled") == eager  # the first call with the tap decodes uncompiled
-    assert answers(ct, "compiled") == eager
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert answers(ct, "compiled") == eager
-    assert modes == ["plain", "default", "default"], "the compiled step ran from the second call on"
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "no new graph was traced"
-    assert not ct.backbone._compile_failed and not ct.backbone._lean_failed
-    assert not any(h for m in ct.backbone.model.modules() for h in m._forward_hooks.values()), "restored"
+    _decodes_compiled_from_the_second_call(ct, monkeypatch)
 
 
 def test_knowledge_store_capture_decodes_compiled_without_retracing(tokenizer, monkeypatch):
-    """knowledge_store enters a new capture hook per call: the backbone's tap stands in for it, so compiled
-    decoding is used from the second call on and not traced again, with the eager answers."""
+    """knowledge_store enters a new capture hook per call: the backbone's capture tap stands in for it."""
     ct = ContinualTransformer(make_backbone(tokenizer), strategy="knowledge_store", config=fast_config())
     ct.learn_document(DOC)
-    eager = answers(ct, "eager")
-    modes: list[str] = []
-    real = ct.backbone._lean_decode
-    monkeypatch.setattr(ct.backbone, "_lean_decode", lambda *a: modes.append(a[-1]) or real(*a))
-    assert answers(ct, "compiled") == eager  # the first call with the tap decodes uncompiled
-    assert answers(ct, "compiled") == eager
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert answers(ct, "compiled") == eager
-    assert modes == ["plain", "default", "default"], "the compiled step ran from the second call on"
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "no new graph was traced"
-    assert not ct.backbone._compile_failed and not ct.backbone._lean_failed
-    assert not any(h for m in ct.backbone.model.modules() for h in m._forward_hooks.values()), "restored"
+    _decodes_compiled_from_the_second_call(ct, monkeypatch)
 
 
 def test_fast_backends_pad_prompts_to_a_bucket(tokenizer):

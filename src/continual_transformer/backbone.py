@@ -646,17 +646,7 @@ class Backbone:
         out[:, :width] = ids
         full_mask = torch.ones((rows, width + new), dtype=mask.dtype, device=mask.device)
         full_mask[:, :width] = mask
-        position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        extra = {"logits_to_keep": 1} if _accepts(self.model.forward, "logits_to_keep") else {}
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position,
-            use_cache=True,
-            **{self._cache_keyword(): cache},
-            **extra,
-        ).logits[:, -1, :]
-        position = position[:, -1:] + 1
+        logits, position = self._prefill(ids, mask, cache)
         step = self._lean_step(mode)
         cuda_graphs = mode == "reduce-overhead"
         unfinished = torch.ones(rows, dtype=torch.bool, device=ids.device)
@@ -678,11 +668,24 @@ class Backbone:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = step(token[:, None], position, full_mask, cache)
             position = position + 1
-        if eos_ids.numel():  # generate stops at the step where the last row finished: cut the same columns
-            hit = torch.isin(out[:, width : width + done], eos_ids)
-            last = torch.where(hit.any(1), hit.int().argmax(1), done - 1)
-            done = int(last.max()) + 1  # sync: once per call
-        return out[:, : width + done]
+        return _cut_after_eos(out[:, : width + done], width, eos_ids)
+
+    def _prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt run once into ``cache``: its last logits (B, V) and the position of the first new
+        token (B, 1)."""
+        position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        extra = {"logits_to_keep": 1} if _accepts(self.model.forward, "logits_to_keep") else {}
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **{self._cache_keyword(): cache},
+            **extra,
+        ).logits[:, -1, :]
+        return logits, position[:, -1:] + 1
 
     def _chunked_decode(
         self,
@@ -711,19 +714,10 @@ class Backbone:
         key = (rows, length)
         structure = (_model_structure(self.model), tuple(eos_list), pad)
         chunk = self._lean_graphs.get(key) if capture else None
-        extra = {"logits_to_keep": 1} if _accepts(self.model.forward, "logits_to_keep") else {}
 
         def start(chunk: _Chunk) -> None:  # the prompt, and the first token picked from its logits
-            position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            logits = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position,
-                use_cache=True,
-                **{self._cache_keyword(): cache},
-                **extra,
-            ).logits[:, -1, :]
-            chunk.begin(ids, mask, position[:, -1:] + 1, width + min_new)
+            logits, position = self._prefill(ids, mask, cache)
+            chunk.begin(ids, mask, position, width + min_new)
             chunk.pick(logits)
 
         def run(chunk: _Chunk) -> None:
@@ -754,13 +748,7 @@ class Backbone:
             else:
                 run(chunk)
             done += _EOS_CHECK_EVERY
-        done = min(done, new)
-        out = chunk.out[:, : width + done].clone()
-        if eos_list:  # generate stops at the step where the last row finished: cut the same columns
-            hit = torch.isin(out[:, width:], chunk.eos_ids)
-            last = torch.where(hit.any(1), hit.int().argmax(1), done - 1)
-            out = out[:, : width + int(last.max()) + 1]  # sync: once per call
-        return out
+        return _cut_after_eos(chunk.out[:, : width + min(done, new)].clone(), width, chunk.eos_ids)
 
     @staticmethod
     def _record_chunk(device: torch.device, warm_up: Callable[[], None], run: Callable[[], None]) -> Any:
@@ -1125,6 +1113,17 @@ def _installed_hooks(model: nn.Module) -> dict[tuple[int, int], Any]:
         for hooks in (module._forward_hooks, module._forward_pre_hooks)
         for hook in hooks.values()
     }
+
+
+def _cut_after_eos(out: torch.Tensor, width: int, eos_ids: torch.Tensor) -> torch.Tensor:
+    """Prompt + new ids (B, width + n) cut after the step where the last row produced EOS, as generate stops
+    there (rows without EOS keep every column); unchanged without EOS ids. One host sync."""
+    if not eos_ids.numel():
+        return out
+    done = out.shape[1] - width
+    hit = torch.isin(out[:, width:], eos_ids)
+    last = torch.where(hit.any(1), hit.int().argmax(1), done - 1)
+    return out[:, : width + int(last.max()) + 1]
 
 
 def _model_structure(model: nn.Module) -> tuple[Any, ...]:
