@@ -638,9 +638,8 @@ class Backbone:
         new = int(gen_config.max_new_tokens)
         min_new = int(kwargs.get("min_new_tokens") or 0)
         processors = list(kwargs.get("logits_processor") or [])
-        eos = gen_config.eos_token_id
-        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=ids.device)
-        pad = gen_config.pad_token_id if gen_config.pad_token_id is not None else int(eos_ids[0])
+        eos_list, pad = _eos_and_pad(gen_config)
+        eos_ids = torch.tensor(eos_list, dtype=torch.long, device=ids.device)
         cache = self._lean_cache(rows, width + new)
         out = torch.full((rows, width + new), pad, dtype=ids.dtype, device=ids.device)
         out[:, :width] = ids
@@ -705,14 +704,12 @@ class Backbone:
         rows, width = ids.shape
         new = int(gen_config.max_new_tokens)
         min_new = int(kwargs.get("min_new_tokens") or 0)
-        eos = gen_config.eos_token_id
-        eos_list = [eos] if isinstance(eos, int) else list(eos or [])
-        pad = gen_config.pad_token_id if gen_config.pad_token_id is not None else eos_list[0]
+        eos_list, pad = _eos_and_pad(gen_config)
         length = width + new + _EOS_CHECK_EVERY  # the last chunk may run past the last new token
         cache = self._lean_cache(rows, length)
         step = self._lean_step("default" if capture else "plain")
         key = (rows, length)
-        structure = (_model_structure(self.model), tuple(eos_list), pad)
+        structure = (_model_structure(self.model), tuple(eos_list), pad) if capture else None
         chunk = self._lean_graphs.get(key) if capture else None
 
         def start(chunk: _Chunk) -> None:  # the prompt, and the first token picked from its logits
@@ -1113,6 +1110,14 @@ def _installed_hooks(model: nn.Module) -> dict[tuple[int, int], Any]:
         for hooks in (module._forward_hooks, module._forward_pre_hooks)
         for hook in hooks.values()
     }
+
+
+def _eos_and_pad(gen_config: HFGenerationConfig) -> tuple[list[int], int]:
+    """The EOS ids of a generation configuration (one, several or none) and the id that pads finished rows
+    (the pad id, else the first EOS id)."""
+    eos = gen_config.eos_token_id
+    eos_list = [eos] if isinstance(eos, int) else list(eos or [])
+    return eos_list, gen_config.pad_token_id if gen_config.pad_token_id is not None else eos_list[0]
 
 
 def _cut_after_eos(out: torch.Tensor, width: int, eos_ids: torch.Tensor) -> torch.Tensor:
