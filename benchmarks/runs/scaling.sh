@@ -9,17 +9,20 @@
 #                 documents, and gated ttt and memory_layer (context distillation) on 50 news articles
 #     parametric  gated ttt at 200 and 1,000 and gated memory_layer at 50, 200 and 1,000 novel-facts documents,
 #                 each stream batch learned in one run (--learn-together), and retrieval at 1,000 likewise
-#     large       the 1,000-document rows: gated ttt, gated memory_layer and retrieval on novel facts, each stream
-#                 batch learned in one run (--learn-together), answers batched 256 at a time on the static
-#                 decoding path (the lean loop without compiling: greedy tokens as eager's, no compile per shape).
-#                 They take longer than one call (gated ttt: 3,750 learning steps at 0.2-0.5 s), so they run
-#                 detached and resumable: each process in its own session (setsid) under $WORK (default
-#                 /root/scaling, kept while the machine stays lent), saving its state after every stream batch
-#                 (--resume) and running on between calls. Each call of this group starts every row that is
-#                 neither done nor running (a saved stream continues where it stopped), waits up to SECONDS for
-#                 them, prints each row's state and packs results and logs (not the saved state: gated ttt's is
-#                 80 MB, more than a call carries) into $OUT/scaling-large.tgz. Call it again back to back (the
+#     large       the 1,000-document rows: gated ttt, gated memory_layer and retrieval on novel facts (ROWS: any
+#                 of "ttt ml retrieval"), each stream batch learned in one run (--learn-together), answers 256
+#                 at a time on the static decoding path (the lean loop uncompiled: eager's greedy tokens, no
+#                 compile per batch shape). Longer than one call, so they run detached and resumable: each
+#                 process in its own session (setsid) under $WORK (default /root/scaling, kept while the machine
+#                 stays lent), saving its state after every stream batch (--resume) and running on between
+#                 calls. Each call starts every row neither done nor running (a saved stream continues where it
+#                 stopped), waits up to SECONDS, prints each row's state and packs results and logs into
+#                 $OUT/scaling-large.tgz (not the saved state: gated ttt's is 80 MB, gated memory_layer's 64 MB
+#                 at 200 documents and growing, over what a call carries). Repeat the call back to back (the
 #                 machine goes back 30 s after a call) until it prints "all done"; a fresh machine starts over.
+#                 Expected on one H200, the three side by side (the 200-document rows' H200 logs scaled per
+#                 phase: 5x the learning steps, 5x the probe answers): retrieval 700-950 s, gated memory_layer
+#                 1,100-1,700 s, gated ttt 1,300-2,100 s (3,750 learning steps at 0.3-0.5 s): 3-4 calls of 520 s.
 #     mbcd        memory_bank with context distillation at 50 documents (its next-token row: 0.003)
 #     chunks      retrieval with 128-token chunks (32 overlapping) on 50 news articles and 50 novel-facts
 #                 documents, beside the committed rows of 512-token chunks
@@ -144,9 +147,14 @@ case "$group" in
     BATCH=256 run nf-1000-retrieval novel_facts 1000 retrieval --learn-together ;;
   large)  # detached and resumable (see the header); the call itself ends after SECONDS
     D=${DOCS:-1000}
-    BATCH=256 detached nf-$D-ttt-g-together novel_facts "$D" "ttt:$g" --learn-together ${EXTRA:-}
-    BATCH=256 detached nf-$D-ml-g-together novel_facts "$D" "memory_layer:$g" --learn-together ${EXTRA:-}
-    BATCH=256 detached nf-$D-retrieval novel_facts "$D" retrieval --learn-together ${EXTRA:-}
+    for row in ${ROWS:-ttt ml retrieval}; do  # ROWS: which of the three, longest first
+      case $row in
+        ttt) BATCH=256 detached nf-$D-ttt-g-together novel_facts "$D" "ttt:$g" --learn-together ${EXTRA:-} ;;
+        ml) BATCH=256 detached nf-$D-ml-g-together novel_facts "$D" "memory_layer:$g" --learn-together ${EXTRA:-} ;;
+        retrieval) BATCH=256 detached nf-$D-retrieval novel_facts "$D" retrieval --learn-together ${EXTRA:-} ;;
+        *) echo "unknown row $row (ttt, ml, retrieval)" >&2; exit 2 ;;
+      esac
+    done
     follow
     exit ;;
   mbcd)
