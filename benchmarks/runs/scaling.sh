@@ -79,31 +79,38 @@ detached() {  # detached NAME BENCHMARK DOCS STRATEGIES [BENCH OPTIONS...]: a re
   mkdir -p "$dir"
   rows+=("$name")
   [ -f "$dir/done" ] && return
-  [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null && return
+  running "$name" && return
   echo "$name: starting$([ -d "$dir/resume" ] && echo ', continuing its saved stream')"
   gpu
   ctt --set generation.backend="${BACKEND:-static}" bench knowledge --benchmark "$benchmark" --docs "$docs" \
     --no-baselines --strategies "$strategies" "$@" --resume --out "$dir"
   setsid nohup bash "$0" _worker "$dir" "${cmd[@]}" > /dev/null 2>&1 < /dev/null &
+  echo $! > "$dir/pid"  # at once (the worker writes its own as it starts)
 }
 row_state() {  # done, or running / stopped with the stream batches saved so far
   local dir=$WORK/$1 state=stopped saved
   [ -f "$dir/done" ] && { echo done; return; }
-  [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null && state=running
+  running "$1" && state=running
   saved=$(cat "$dir"/resume/*/manifest.json 2>/dev/null | "$PY" -c 'import json, sys
 d = json.load(sys.stdin); print(d["parts"]["progress"]["batches_done"], "of", len(d["run"]["documents"]))' 2>/dev/null)
   echo "$state, stream batches saved: ${saved:-none}"
 }
-follow() {  # wait until every detached row is done or SECONDS have passed, then report and pack
-  local deadline=$(( SECONDS + limit )) name pending
+running() {  # is row NAME's detached process alive?
+  [ -f "$WORK/$1/pid" ] && kill -0 "$(cat "$WORK/$1/pid")" 2>/dev/null
+}
+follow() {  # wait until no detached row runs any more or SECONDS have passed, then report and pack
+  local deadline=$(( SECONDS + limit )) name pending alive
   while :; do
-    pending=0
-    for name in "${rows[@]}"; do [ -f "$WORK/$name/done" ] || pending=$(( pending + 1 )); done
-    [ "$pending" -eq 0 ] || [ "$SECONDS" -ge "$deadline" ] && break
+    pending=0 alive=0
+    for name in "${rows[@]}"; do
+      [ -f "$WORK/$name/done" ] || pending=$(( pending + 1 ))
+      running "$name" && alive=$(( alive + 1 ))
+    done
+    [ "$alive" -eq 0 ] || [ "$SECONDS" -ge "$deadline" ] && break
     sleep 5
   done
   for name in "${rows[@]}"; do echo "$name: $(row_state "$name")"; done
-  [ "$pending" -eq 0 ] && echo "all done" || echo "$pending row(s) not done: call again"
+  [ "$pending" -eq 0 ] && echo "all done" || echo "$pending row(s) not done: call again (a stopped row's log.txt says why)"
   mkdir -p "$OUT"
   tar czf "$OUT/scaling-$group.tgz" -C "$WORK" --exclude=resume --exclude=pid "${rows[@]}"
 }
