@@ -20,9 +20,10 @@
 #                 $OUT/scaling-large.tgz (not the saved state: gated ttt's is 80 MB, gated memory_layer's 64 MB
 #                 at 200 documents and growing, over what a call carries). Repeat the call back to back (the
 #                 machine goes back 30 s after a call) until it prints "all done"; a fresh machine starts over.
-#                 Expected on one H200, the three side by side (the 200-document rows' H200 logs scaled per
-#                 phase: 5x the learning steps, 5x the probe answers): retrieval 700-950 s, gated memory_layer
-#                 1,100-1,700 s, gated ttt 1,300-2,100 s (3,750 learning steps at 0.3-0.5 s): 3-4 calls of 520 s.
+#                 Expected on one H200, the three side by side: gated ttt 900-2,100 s (3,750 learning steps at
+#                 most, at 0.12 s each alone -- 50 documents on the H100 -- to 0.49 s beside five other processes --
+#                 200 documents on the H200 -- plus 24,000 probe answers), gated memory_layer 700-1,700 s,
+#                 retrieval 600-950 s (answers with retrieved text: 0.019-0.04 s per probe): 2-4 calls of 520 s.
 #     mbcd        memory_bank with context distillation at 50 documents (its next-token row: 0.003)
 #     chunks      retrieval with 128-token chunks (32 overlapping) on 50 news articles and 50 novel-facts
 #                 documents, beside the committed rows of 512-token chunks
