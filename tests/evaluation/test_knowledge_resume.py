@@ -111,6 +111,9 @@ def test_a_stream_continued_after_two_batches_gives_the_uninterrupted_results(
     assert row["resumed"]["after_batches"] == [2] and row["resumed"]["earlier_seconds"] > 0
     assert measured(row) == measured(reference)
     assert row["doc_loss_after"] < row["doc_loss_before"]
+    phases = row["seconds_by_phase"]
+    assert set(phases) == {"learn", "stream_answers", "known_facts", "perplexity", "latency"}
+    assert phases["learn"] == row["learn_seconds"] and phases["stream_answers"] > 0
     assert (
         row["accuracy_matrix"][2][0] is not None and row["wall_seconds"] > row["resumed"]["earlier_seconds"]
     )

@@ -257,6 +257,7 @@ def run_strategy(
                     progress.acquired.append(predictions)
             progress.accuracy_rows.append(row)
             progress.last_answers, progress.last_answer_seconds = seen.predictions, seen.seconds
+            progress.stream_answer_seconds += seen.seconds
             progress.batches_done = t + 1
             if resume is not None:
                 progress.seconds = earlier_seconds + time.perf_counter() - start
@@ -270,8 +271,11 @@ def run_strategy(
         acquisition = score(all_probes, [p for batch in progress.acquired for p in batch])
         known_after = answer_probes(strategy, known, bench.max_new_tokens)
         known_scored = score(known, known_after.predictions) if known else {"contains": float("nan")}
+        started = time.perf_counter()
         ppl_after = strategy.perplexity(general, max_tokens=bench.ppl_tokens)
+        ppl_seconds, started = time.perf_counter() - started, time.perf_counter()
         latency = measure_latency(strategy, all_probes[: bench.latency_prompts], bench.max_new_tokens)
+        latency_seconds = time.perf_counter() - started
         stats = strategy.stats()
         peak = max(progress.peak_memory_mb, system.peak_memory_mb(device))
         losses = progress.doc_losses
@@ -301,6 +305,13 @@ def run_strategy(
             "first_batch_retention": float(R[-1, 0] / R[0, 0]) if R[0, 0] > 0 else float("nan"),
             "accuracy_matrix": [[None if math.isnan(v) else float(v) for v in row] for row in R],
             "learn_seconds": learn_seconds,
+            "seconds_by_phase": {  # where the time went (learning, the accuracy matrix's answers, the rest)
+                "learn": learn_seconds,
+                "stream_answers": progress.stream_answer_seconds,
+                "known_facts": known_after.seconds,
+                "perplexity": ppl_seconds,
+                "latency": latency_seconds,
+            },
             "learn_tokens": learn_tokens,
             "learn_s_per_1k_tokens": 1000 * learn_seconds / max(learn_tokens, 1),
             "doc_loss_before": _mean([a for a, _ in losses]) if losses else None,

@@ -55,6 +55,8 @@ class StreamProgress:
     last_answers: list[str] = field(default_factory=list)
     """The answers to every probe seen so far after the last finished batch (the final answers at the end)."""
     last_answer_seconds: float = 0.0
+    stream_answer_seconds: float = 0.0
+    """Seconds spent answering the probes of the accuracy matrix, every batch so far."""
     learn_seconds: float = 0.0
     learn_tokens: int = 0
     doc_losses: list[list[float]] = field(default_factory=list)
