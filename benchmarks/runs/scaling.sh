@@ -16,8 +16,8 @@
 #                 process in its own session (setsid) under $WORK (default /root/scaling, kept while the machine
 #                 stays lent), saving its state after every stream batch (--resume) and running on between
 #                 calls. Each call starts every row neither done nor running (a saved stream continues where it
-#                 stopped), waits up to SECONDS, prints each row's state and packs results and logs into
-#                 $OUT/scaling-large.tgz (not the saved state: gated ttt's is 80 MB, gated memory_layer's 64 MB
+#                 stopped), waits up to SECONDS, prints each row's state and packs results, logs and the
+#                 figures saved so far (progress.json) into $OUT/scaling-large.tgz (not the saved state: gated ttt's is 80 MB, gated memory_layer's 64 MB
 #                 at 200 documents and growing, over what a call carries). Repeat the call back to back (the
 #                 machine goes back 30 s after a call) until it prints "all done"; a fresh machine starts over.
 #                 Expected on one H200, the three side by side: gated ttt 900-2,100 s (3,750 learning steps at
@@ -92,8 +92,13 @@ row_state() {  # done, or running / stopped with the stream batches saved so far
   local dir=$WORK/$1 state=stopped saved
   [ -f "$dir/done" ] && { echo done; return; }
   running "$1" && state=running
+  # the saved stream's figures so far beside the results (packed; the saved state itself stays)
   saved=$(cat "$dir"/resume/*/manifest.json 2>/dev/null | "$PY" -c 'import json, sys
-d = json.load(sys.stdin); print(d["parts"]["progress"]["batches_done"], "of", len(d["run"]["documents"]))' 2>/dev/null)
+d = json.load(sys.stdin); p = d["parts"]["progress"]; keep = ("accuracy_rows", "learn_seconds", "learn_tokens",
+    "stream_answer_seconds", "seconds", "peak_memory_mb", "resumed_at", "batches_done")
+json.dump({"strategy": d["run"]["strategy"], "bench": d["run"]["bench"], **{k: p.get(k) for k in keep}},
+    open(sys.argv[1], "w"), indent=1)
+print(p["batches_done"], "of", len(d["run"]["documents"]))' "$dir/progress.json" 2>/dev/null)
   echo "$state, stream batches saved: ${saved:-none}"
 }
 running() {  # is row NAME's detached process alive?
