@@ -7,8 +7,8 @@
 #                 one by one; retrieval, knowledge_store and gated ttt on 50 news articles; the diagnostic
 #     gated       every weight-changing strategy behind the relevance gate (gate.enabled), 50 novel-facts
 #                 documents, and gated ttt and memory_layer (context distillation) on 50 news articles
-#     parametric  gated ttt at 200 and 1,000 and gated memory_layer at 50, 200 and 1,000 novel-facts documents,
-#                 each stream batch learned in one run (--learn-together), and retrieval at 1,000 likewise
+#     parametric  gated ttt at 200 and gated memory_layer at 50 and 200 novel-facts documents, each stream batch
+#                 learned in one run (--learn-together); their 1,000-document rows are the group large
 #     large       the 1,000-document rows: gated ttt, gated memory_layer and retrieval on novel facts (ROWS: any
 #                 of "ttt ml retrieval"), each stream batch learned in one run (--learn-together), answers 256
 #                 at a time on the static decoding path (the lean loop uncompiled: eager's greedy tokens, no
@@ -153,11 +153,8 @@ case "$group" in
     run news-50-ttt-g news 50 "ttt:$cd_:$g,memory_layer:$cd_:$g" ;;
   parametric)
     run nf-200-ttt-g-together novel_facts 200 "ttt:$g" --learn-together
-    run nf-1000-ttt-g-together novel_facts 1000 "ttt:$g" --learn-together
     run nf-50-ml-g-together novel_facts 50 "memory_layer:$g" --learn-together
-    run nf-200-ml-g-together novel_facts 200 "memory_layer:$g" --learn-together
-    run nf-1000-ml-g-together novel_facts 1000 "memory_layer:$g" --learn-together
-    BATCH=256 run nf-1000-retrieval novel_facts 1000 retrieval --learn-together ;;
+    run nf-200-ml-g-together novel_facts 200 "memory_layer:$g" --learn-together ;;
   large)  # detached and resumable (see the header); the call itself ends after SECONDS
     D=${DOCS:-1000}
     for row in ${ROWS:-ttt ml retrieval}; do  # ROWS: which of the three, longest first
