@@ -17,9 +17,10 @@
 #                 stays lent), saving its state after every stream batch (--resume) and running on between
 #                 calls. Each call starts every row neither done nor running (a saved stream continues where it
 #                 stopped), waits up to SECONDS, prints each row's state and packs results, logs and the
-#                 figures saved so far (progress.json) into $OUT/scaling-large.tgz (not the saved state: gated ttt's is 80 MB, gated memory_layer's 64 MB
-#                 at 200 documents and growing, over what a call carries). Repeat the call back to back (the
-#                 machine goes back 30 s after a call) until it prints "all done"; a fresh machine starts over.
+#                 figures saved so far (progress.json) into $OUT/scaling-large.tgz (not the saved state: gated
+#                 ttt's is 80 MB, gated memory_layer's 64 MB at 200 documents and growing, over what a call
+#                 carries). Repeat the call back to back (the machine goes back 30 s after a call) until it
+#                 prints "all done"; a fresh machine starts over (`benchmarks/device.sh ready` first).
 #                 Expected on one H200, the three side by side: gated ttt 900-2,100 s (3,750 learning steps at
 #                 most, at 0.12 s each alone -- 50 documents on the H100 -- to 0.49 s beside five other processes --
 #                 200 documents on the H200 -- plus 24,000 probe answers), gated memory_layer 700-1,700 s,
