@@ -191,6 +191,22 @@ def test_bench_knowledge_adds_rows_to_an_earlier_run_of_the_same_profile_only(ba
     assert list(json.loads((out / "results.json").read_text())["strategies"]) == ["none", "retrieval:top_k=1"]
 
 
+def test_bench_knowledge_resume_keeps_finished_rows_and_removes_their_saved_streams(base_args, tmp_path):
+    import json
+
+    out = tmp_path / "bench"
+    common = [*base_args, "bench", "knowledge", "--quick", "--docs", "2", "--batches", "2", "--no-baselines"]
+    first = runner.invoke(app, [*common, "--out", str(out), "--resume", "--strategies", "finetune"])
+    assert first.exit_code == 0, first.output
+    assert not any((out / "resume").iterdir()), "a written row's saved stream is removed"
+    row = json.loads((out / "results.json").read_text())["strategies"]["finetune"]
+    second = runner.invoke(app, [*common, "--out", str(out), "--resume", "--strategies", "finetune,none"])
+    assert second.exit_code == 0, second.output
+    assert "kept from" in second.output
+    results = json.loads((out / "results.json").read_text())["strategies"]
+    assert list(results) == ["finetune", "none"] and results["finetune"] == row  # kept, not measured again
+
+
 def test_bench_tasks_settings_are_checked_before_any_work(tmp_path):
     result = runner.invoke(
         app,

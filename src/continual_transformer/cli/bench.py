@@ -58,6 +58,14 @@ def bench_knowledge(
             "add strategies to an earlier run's results)."
         ),
     ] = True,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Save each strategy's state and stream progress after every batch under OUT/resume, and "
+            "continue from there: rows already in OUT/results.json are kept, a stream saved by an earlier "
+            "process of the same run goes on where it stopped (another run's save is refused)."
+        ),
+    ] = False,
 ) -> None:
     """Acquisition, retention, general-ability change and cost of every strategy on identical documents."""
     import dataclasses
@@ -74,6 +82,7 @@ def bench_knowledge(
         read_knowledge_results,
         write_knowledge_results,
     )
+    from continual_transformer.evaluation.resume import remove_stream, state_directory
 
     opts = options(ctx)
     cfg = opts.config()
@@ -94,8 +103,13 @@ def bench_knowledge(
     )
 
     earlier: dict = {}
-    if not baselines and (out / "results.json").is_file():
+    if (resume or not baselines) and (out / "results.json").is_file():
         earlier = read_knowledge_results(out / "results.json", backbone.name, dataclasses.asdict(bench))
+    if resume:
+        done = [name for name in names if name in earlier.get("strategies", {})]
+        if done:
+            say(f"kept from {out / 'results.json'}: {', '.join(done)}")
+        names = [name for name in names if name not in done]
 
     def merged(results: dict) -> dict:
         return {**results, "strategies": {**earlier.get("strategies", {}), **results["strategies"]}}
@@ -110,8 +124,14 @@ def bench_knowledge(
                 f"PPL change {row['ppl_change']:+.1%}, {row['wall_seconds']:.0f}s"
             )
             write_knowledge_results(merged(results), out)  # an interrupted run keeps every finished strategy
+            if resume:
+                remove_stream(state_directory(out / "resume", name))  # its row is written
 
-        results = merged(run_knowledge_bench(backbone, cfg, names, bench, on_result=progress))
+        results = merged(
+            run_knowledge_bench(
+                backbone, cfg, names, bench, on_result=progress, resume=out / "resume" if resume else None
+            )
+        )
     paths = write_knowledge_results(results, out)
     if opts.json:
         emit_json({"results": str(out / "results.json"), "files": [str(p) for p in paths]})

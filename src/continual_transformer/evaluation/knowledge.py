@@ -10,6 +10,10 @@ For each strategy, on one shared backbone (restored and checked by fingerprint b
 
 Beside the strategies runs the ``oracle`` row (:func:`run_oracle`): every probe answered with only its own
 document in the prompt, the ceiling any retrieval strategy can reach with this model and prompt format.
+
+A run longer than one process may last saves each strategy's stream after every batch and continues it in the
+next process (``resume``, :mod:`continual_transformer.evaluation.resume`), with the results of an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +41,7 @@ from continual_transformer.config import (
     to_dict,
 )
 from continual_transformer.evaluation import metrics, system
+from continual_transformer.evaluation import resume as resume_
 from continual_transformer.evaluation.datasets import KNOWN_FACTS, KnowledgeBenchmark, Probe, load_benchmark
 from continual_transformer.evaluation.general import general_text
 from continual_transformer.evaluation.report import ORACLE
@@ -194,8 +200,15 @@ def run_strategy(
     general: str,
     known: Sequence[Probe],
     ppl_base: float,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
-    """Measure one strategy; the backbone is restored (and checked) afterwards."""
+    """Measure one strategy; the backbone is restored (and checked) afterwards.
+
+    ``resume``: a directory where the strategy's state and the stream's progress are saved after every
+    learned batch (:mod:`continual_transformer.evaluation.resume`); a stream saved there by an earlier
+    process of the same run is continued, giving the results of an uninterrupted run.
+    """
+    start = time.perf_counter()
     device = backbone.device
     fingerprint = model_fingerprint(backbone.model)  # as it is (a quantized model differs from its float one)
     system.reset_peak_memory(device)
@@ -205,41 +218,68 @@ def run_strategy(
         batches = stream_batches(benchmark, bench.stream_batches)
         probes_by_batch = [benchmark.probes_for([benchmark.documents[i].id for i in b]) for b in batches]
         T = len(batches)
-        R = np.full((T, T), np.nan)
-        just_learned: list[dict[str, Any]] = []
-        learn_seconds, learn_tokens, reports = 0.0, 0, []
         all_probes = [p for group in probes_by_batch for p in group]
         bounds = np.cumsum([0] + [len(group) for group in probes_by_batch])
-        final = _Answers([], 0.0)
-        for t, batch in enumerate(tqdm(batches, desc=f"{name}: stream", leave=False, disable=None)):
-            documents = [benchmark.documents[i] for i in batch]
+        progress = resume_.StreamProgress()
+        identity: dict[str, Any] = {}
+        if resume is not None:
+            identity = resume_.run_identity(
+                name,
+                backbone,
+                config,
+                dataclasses.asdict(bench),
+                [[benchmark.documents[i].id for i in b] for b in batches],
+            )
+            saved = resume_.load_stream(resume, identity, strategy)
+            if saved is not None:
+                progress = saved
+                progress.resumed_at.append(progress.batches_done)
+        earlier_seconds = progress.seconds
+        for t in tqdm(range(progress.batches_done, T), desc=f"{name}: stream", leave=False, disable=None):
+            documents = [benchmark.documents[i] for i in batches[t]]
             learned = (
                 strategy.learn_documents(documents)
                 if bench.learn_together
                 else [strategy.learn(document) for document in documents]
             )
             for report in learned:
-                learn_seconds += report.seconds
-                learn_tokens += report.tokens
-                reports.append(report)
+                progress.learn_seconds += report.seconds
+                progress.learn_tokens += report.tokens
+                if report.loss_before is not None:
+                    progress.doc_losses.append([report.loss_before, report.loss_after])
             # Every batch seen so far is asked in one call; after the last batch these are the final answers.
             seen = answer_probes(strategy, all_probes[: bounds[t + 1]], bench.max_new_tokens)
+            row: list[float | None] = [None] * T
             for k in range(t + 1):
                 predictions = seen.predictions[bounds[k] : bounds[k + 1]]
-                scored = score(probes_by_batch[k], predictions)
-                R[t, k] = scored["contains"]
+                row[k] = score(probes_by_batch[k], predictions)["contains"]
                 if k == t:
-                    just_learned.append({"scored": scored, "predictions": predictions})
-            final = seen
+                    progress.acquired.append(predictions)
+            progress.accuracy_rows.append(row)
+            progress.last_answers, progress.last_answer_seconds = seen.predictions, seen.seconds
+            progress.stream_answer_seconds += seen.seconds
+            progress.batches_done = t + 1
+            if resume is not None:
+                progress.seconds = earlier_seconds + time.perf_counter() - start
+                progress.peak_memory_mb = max(progress.peak_memory_mb, system.peak_memory_mb(device))
+                resume_.save_stream(resume, identity, config, strategy, progress)
+        R = np.array(
+            [[np.nan if v is None else v for v in row] for row in progress.accuracy_rows], dtype=float
+        )
+        final = _Answers(progress.last_answers, progress.last_answer_seconds)
         final_scored = score(all_probes, final.predictions)
-        acquisition = score(all_probes, [p for j in just_learned for p in j["predictions"]])
+        acquisition = score(all_probes, [p for batch in progress.acquired for p in batch])
         known_after = answer_probes(strategy, known, bench.max_new_tokens)
         known_scored = score(known, known_after.predictions) if known else {"contains": float("nan")}
+        started = time.perf_counter()
         ppl_after = strategy.perplexity(general, max_tokens=bench.ppl_tokens)
+        ppl_seconds, started = time.perf_counter() - started, time.perf_counter()
         latency = measure_latency(strategy, all_probes[: bench.latency_prompts], bench.max_new_tokens)
+        latency_seconds = time.perf_counter() - started
         stats = strategy.stats()
-        peak = system.peak_memory_mb(device)
-        losses = [(r.loss_before, r.loss_after) for r in reports if r.loss_before is not None]
+        peak = max(progress.peak_memory_mb, system.peak_memory_mb(device))
+        losses = progress.doc_losses
+        learn_seconds, learn_tokens = progress.learn_seconds, progress.learn_tokens
         n_docs = len(benchmark.documents)
         result = {
             "strategy": base_name,
@@ -265,6 +305,13 @@ def run_strategy(
             "first_batch_retention": float(R[-1, 0] / R[0, 0]) if R[0, 0] > 0 else float("nan"),
             "accuracy_matrix": [[None if math.isnan(v) else float(v) for v in row] for row in R],
             "learn_seconds": learn_seconds,
+            "seconds_by_phase": {  # where the time went (learning, the accuracy matrix's answers, the rest)
+                "learn": learn_seconds,
+                "stream_answers": progress.stream_answer_seconds,
+                "known_facts": known_after.seconds,
+                "perplexity": ppl_seconds,
+                "latency": latency_seconds,
+            },
             "learn_tokens": learn_tokens,
             "learn_s_per_1k_tokens": 1000 * learn_seconds / max(learn_tokens, 1),
             "doc_loss_before": _mean([a for a, _ in losses]) if losses else None,
@@ -281,6 +328,8 @@ def run_strategy(
                 for p, pred in list(zip(all_probes, final.predictions))[:6]
             ],
         }
+        if progress.resumed_at:
+            result["resumed"] = {"after_batches": progress.resumed_at, "earlier_seconds": earlier_seconds}
     finally:
         strategy.close()
     if model_fingerprint(backbone.model) != fingerprint:
@@ -445,9 +494,16 @@ def run_knowledge_bench(
     bench: KnowledgeBenchConfig = KnowledgeBenchConfig(),
     *,
     on_result: Callable[[str, dict[str, Any], dict[str, Any]], None] | None = None,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """Run the strategies (pass them through :func:`with_strategies` to have the baselines beside them) and
-    return the results document (see ``results.json``)."""
+    return the results document (see ``results.json``).
+
+    ``resume``: a directory under which each strategy's stream is saved after every batch and continued when
+    an earlier process saved it (:func:`run_strategy`; one sub-directory per strategy,
+    :func:`~continual_transformer.evaluation.resume.state_directory`). The saves stay there: remove one once
+    its row is written (the ``oracle`` row learns nothing and saves nothing).
+    """
     names = list(strategies)
     benchmark = load_benchmark(bench.benchmark, n_docs=bench.docs, seed=bench.seed, data_dir=config.data_dir)
     general, general_source = general_text(config.data_dir)
@@ -488,10 +544,19 @@ def run_knowledge_bench(
             row = run_oracle(backbone, config, benchmark, bench, known=known, ppl_base=ppl_base)
         else:
             row = run_strategy(
-                name, backbone, config, benchmark, bench, general=general, known=known, ppl_base=ppl_base
+                name,
+                backbone,
+                config,
+                benchmark,
+                bench,
+                general=general,
+                known=known,
+                ppl_base=ppl_base,
+                resume=None if resume is None else resume_.state_directory(resume, name),
             )
         results["strategies"][name] = row
-        results["strategies"][name]["wall_seconds"] = time.perf_counter() - start
+        earlier = row.get("resumed", {}).get("earlier_seconds", 0.0)  # spent by processes before this one
+        results["strategies"][name]["wall_seconds"] = earlier + time.perf_counter() - start
         if on_result is not None:
             on_result(name, results["strategies"][name], results)
     return results
