@@ -13,6 +13,7 @@ from continual_transformer import ContinualTransformer
 from continual_transformer.backbone import Backbone
 from continual_transformer.config import GenerationConfig
 from continual_transformer.errors import ConfigError
+from continual_transformer.modules.fused_linear import FusedMember
 from continual_transformer.modules.hooks import ResidualAdder
 from continual_transformer.strategies import registry
 
@@ -72,16 +73,28 @@ def test_threads_setting_is_restored(tokenizer):
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.parametrize("name", ["none", "memory_layer", "memory_bank", "knowledge_store", "ttt"])
-def test_compiled_decoding_answers_as_eager(tokenizer, name):
-    """Persistent hooks (memory_layer), per-call hooks (memory_bank), logits processors (knowledge_store) and
-    a swapped MLP (ttt) on the compiled path; torch.compile on the CPU takes a few seconds per graph."""
+@pytest.mark.parametrize("fused", ["off", "on"])
+@pytest.mark.parametrize("name", ["none", "memory_layer", "memory_bank", "knowledge_store", "ttt", "lora"])
+def test_compiled_decoding_answers_as_eager(tokenizer, name, fused):
+    """Persistent hooks (memory_layer), per-call hooks (memory_bank), logits processors (knowledge_store), a
+    swapped MLP (ttt) and peft's wrapped projections (lora) on the compiled path, with and without fused
+    q/k/v and gate/up products (a GPU's default; layers a strategy wrapped or hooked keep their own);
+    torch.compile on the CPU takes a few seconds per graph."""
     ct = ContinualTransformer(make_backbone(tokenizer), strategy=name, config=fast_config())
+    ct.backbone.generation = dataclasses.replace(ct.backbone.generation, fused_projections=fused)
     ct.learn_document(DOC)
     eager = answers(ct, "eager")
     for _ in range(3):  # persistent hooks compile from their second call on
         assert answers(ct, "compiled") == eager
     assert not ct.backbone._compile_failed
+    if fused == "on":  # every plain q/k/v and gate/up group was fused; the model's own layers are back
+        groups = ct.backbone._fusion.groups.values()
+        assert len(groups) == sum(
+            all(type(getattr(parent, n, None)) is torch.nn.Linear for n in names)
+            for parent in ct.backbone.model.modules()
+            for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+        )
+        assert not any(isinstance(m, FusedMember) for m in ct.backbone.model.modules())
 
 
 def test_compiled_decoding_sees_hooks_added_after_compiling(tokenizer):
@@ -206,17 +219,23 @@ def test_lean_loop_is_the_fast_backends_path_and_falls_back(tokenizer, monkeypat
     with_backend(backbone, "static")
     assert backbone.generate(PROMPTS) == eager and calls == ["plain"]
 
+    fused: list[bool] = []
+
     def broken(*args):
         calls.append(args[-1])
+        fused.append(isinstance(backbone.layers[0].mlp.up_proj, FusedMember))
         raise RuntimeError("no graphs here")
 
     monkeypatch.setattr(backbone, "_lean_decode", broken)
     backbone._lean_mode = "graphs"  # as on a GPU
-    with_backend(backbone, "compiled")
+    with_backend(backbone, "compiled", fused_projections="on")  # as on a GPU
     calls.clear()
+    layers = dict(backbone.model.named_modules())
     with caplog.at_level("WARNING"):
         assert backbone.generate(PROMPTS) == eager
     assert calls == ["graphs", "reduce-overhead", "default", "plain"]
+    assert fused == [True, True, True, False], "compiled steps fused, the plain step as the model is"
+    assert dict(backbone.model.named_modules()) == layers, "the model's own layers are back"
     assert backbone._lean_failed and "decoding with generate" in caplog.text
 
 
@@ -327,3 +346,35 @@ def test_lean_loop_gives_generate_tokens_on_the_packaged_model():
         )
         assert not backbone._lean_failed
         assert torch.equal(lean, reference), backend
+
+
+def test_recorded_chunks_with_fused_projections(tokenizer, monkeypatch):
+    """generation.fused_projections=on: the chunk is recorded with the fused q/k/v and gate/up members in
+    place, replayed by the next call (the same members: the model's structure is unchanged) and gives
+    generate's token ids; the model's own layers are back after every call and in the fallback's plain
+    step."""
+    backbone = make_backbone(tokenizer, max_new_tokens=11)
+    backbone.generation = dataclasses.replace(backbone.generation, fused_projections="on")
+    plain = backbone._lean_step("plain")
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)  # no compiler on the CPU test path
+    recorded: list[_ReplayedRun] = []
+    fused_while_recording: list[bool] = []
+
+    def record(device, warm_up, run):
+        fused_while_recording.append(isinstance(backbone.layers[0].self_attn.q_proj, FusedMember))
+        warm_up()
+        recorded.append(_ReplayedRun(run))
+        return recorded[-1]
+
+    monkeypatch.setattr(backbone, "_record_chunk", record)
+    backbone._lean_mode = "graphs"  # as on a GPU
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    config = backbone.hf_generation_config()
+    reference = backbone.model.generate(**batch, generation_config=config)
+    layers = dict(backbone.model.named_modules())
+    for _ in range(2):
+        assert torch.equal(backbone._lean_generate(batch, config, {}, compiled=True), reference)
+        assert dict(backbone.model.named_modules()) == layers, "the model's own layers are back"
+    assert fused_while_recording == [True] and len(recorded) == 1
+    with backbone._fused_projections("plain"):
+        assert not any(isinstance(m, FusedMember) for m in backbone.model.modules())

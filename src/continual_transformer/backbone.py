@@ -230,11 +230,17 @@ class Backbone:
         self._lean_caches: dict[tuple[int, int], Any] = {}
         self._lean_steps: dict[str, Any] = {}  # the lean loop's decoding step, compiled once per compile mode
         self._lean_mode: str | None = None  # the compile mode of the lean step (None: not yet chosen)
+        # inductor options of the lean step (torch.compile's ``options``), e.g. coordinate_descent_tuning: a
+        # benchmark's comparison; a change compiles the step again
+        self.lean_inductor_options: dict[str, Any] = {}
         self._lean_failed = False  # the lean loop failed once: Hugging Face's generate decodes from then on
         # decoding chunks recorded as CUDA graphs, by the (batch, length) of their static KV cache
         self._lean_graphs: dict[tuple[int, int], _Chunk] = {}
         self._static_cache_capturable: bool | None = (
             None  # every static cache layer keeps its length on the device
+        )
+        self._fusion: Any = (
+            None  # the fused q/k/v and gate/up products of compiled decoding, made on first use
         )
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -293,6 +299,7 @@ class Backbone:
                     self.model, {nn.Linear: per_channel}, dtype=torch.qint8, inplace=True
                 )
         self.quantized = kind
+        self._fusion = None
         self._lean_caches.clear()
         self._lean_graphs.clear()
         self._lean_steps.clear()
@@ -533,7 +540,8 @@ class Backbone:
             if mode == "graphs" and not self._graphs_apply(gen_config, kwargs):
                 mode = "reduce-overhead"
             try:
-                return self._lean_decode(batch, gen_config, kwargs, mode)
+                with self._fused_projections(mode):
+                    return self._lean_decode(batch, gen_config, kwargs, mode)
             except Exception as exc:
                 following = {
                     "graphs": "reduce-overhead",
@@ -557,6 +565,27 @@ class Backbone:
             return "plain"
         return self._lean_mode
 
+    @contextmanager
+    def _fused_projections(self, mode: str) -> Iterator[None]:
+        """The compiled steps (every ``mode`` but ``plain``) run with each layer's q/k/v and gate/up products
+        computed as one product each (:class:`~continual_transformer.modules.fused_linear.Fusion`, weights
+        copied from the model's at every call; layers a strategy wrapped or hooked keep their own), where
+        ``generation.fused_projections`` says so; the original layers are back in place after the call. The
+        plain step, the last of the fallback chain, always runs the model as it is."""
+        setting = self.generation.fused_projections
+        if mode == "plain" or setting == "off" or (setting == "auto" and self.device.type != "cuda"):
+            yield
+            return
+        from continual_transformer.modules.fused_linear import Fusion
+
+        if self._fusion is None:
+            self._fusion = Fusion()
+        self._fusion.install(self.model)
+        try:
+            yield
+        finally:
+            self._fusion.remove()
+
     def _graphs_apply(self, gen_config: HFGenerationConfig, kwargs: dict[str, Any]) -> bool:
         """Whether a call may decode in recorded chunks (:meth:`_chunked_decode`). A CUDA graph replays what
         it recorded without running Python, so nothing may decide on the host per call or per token: no
@@ -575,11 +604,13 @@ class Backbone:
                 and isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
                 for layer in layers
             )
+        from continual_transformer.modules.fused_linear import FusedMember
+
         return (
             self._static_cache_capturable
             and not _installed_hooks(self.model)
             and all(
-                type(module).__module__.startswith(("torch.", "transformers."))
+                type(module).__module__.startswith(("torch.", "transformers.")) or type(module) is FusedMember
                 for module in self.model.modules()
             )
         )
@@ -605,7 +636,9 @@ class Backbone:
     def _lean_step(self, mode: str) -> Callable[..., torch.Tensor]:
         """The decoding step: next-token logits (B, V) of one new token per row (the cache updated in
         place)."""
-        if mode not in self._lean_steps:
+        options = self.lean_inductor_options
+        key = mode if mode == "plain" or not options else f"{mode} {sorted(options.items())}"
+        if key not in self._lean_steps:
             model, keyword = self.model, self._cache_keyword()
 
             def step(token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any) -> Any:
@@ -618,10 +651,16 @@ class Backbone:
                 )
                 return out.logits[:, -1, :]
 
-            self._lean_steps[mode] = (
-                step if mode == "plain" else torch.compile(step, mode=mode, fullgraph=False, dynamic=False)
-            )
-        return self._lean_steps[mode]
+            if mode == "plain":
+                self._lean_steps[key] = step
+            elif options:  # torch.compile takes a mode or options: reduce-overhead is the cudagraphs option
+                graphs = {"triton.cudagraphs": True} if mode == "reduce-overhead" else {}
+                self._lean_steps[key] = torch.compile(
+                    step, options={**options, **graphs}, fullgraph=False, dynamic=False
+                )
+            else:
+                self._lean_steps[key] = torch.compile(step, mode=mode, fullgraph=False, dynamic=False)
+        return self._lean_steps[key]
 
     def _lean_decode(
         self,
@@ -709,7 +748,7 @@ class Backbone:
         cache = self._lean_cache(rows, length)
         step = self._lean_step("default" if capture else "plain")
         key = (rows, length)
-        structure = (_model_structure(self.model), tuple(eos_list), pad) if capture else None
+        structure = (_model_structure(self.model), tuple(eos_list), pad, id(step)) if capture else None
         chunk = self._lean_graphs.get(key) if capture else None
 
         def start(chunk: _Chunk) -> None:  # the prompt, and the first token picked from its logits
