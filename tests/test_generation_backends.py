@@ -73,7 +73,7 @@ def test_threads_setting_is_restored(tokenizer):
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.parametrize("fused", ["off", "on"])
+@pytest.mark.parametrize("fused", ["never", "always"])
 @pytest.mark.parametrize("name", ["none", "memory_layer", "memory_bank", "knowledge_store", "ttt", "lora"])
 def test_compiled_decoding_answers_as_eager(tokenizer, name, fused):
     """Persistent hooks (memory_layer), per-call hooks (memory_bank), logits processors (knowledge_store), a
@@ -87,7 +87,7 @@ def test_compiled_decoding_answers_as_eager(tokenizer, name, fused):
     for _ in range(3):  # persistent hooks compile from their second call on
         assert answers(ct, "compiled") == eager
     assert not ct.backbone._compile_failed
-    if fused == "on":  # every plain q/k/v and gate/up group was fused; the model's own layers are back
+    if fused == "always":  # every plain q/k/v and gate/up group was fused; the model's own layers are back
         groups = ct.backbone._fusion.groups.values()
         assert len(groups) == sum(
             all(type(getattr(parent, n, None)) is torch.nn.Linear for n in names)
@@ -228,7 +228,7 @@ def test_lean_loop_is_the_fast_backends_path_and_falls_back(tokenizer, monkeypat
 
     monkeypatch.setattr(backbone, "_lean_decode", broken)
     backbone._lean_mode = "graphs"  # as on a GPU
-    with_backend(backbone, "compiled", fused_projections="on")  # as on a GPU
+    with_backend(backbone, "compiled", fused_projections="always")  # as on a GPU
     calls.clear()
     layers = dict(backbone.model.named_modules())
     with caplog.at_level("WARNING"):
@@ -349,12 +349,12 @@ def test_lean_loop_gives_generate_tokens_on_the_packaged_model():
 
 
 def test_recorded_chunks_with_fused_projections(tokenizer, monkeypatch):
-    """generation.fused_projections=on: the chunk is recorded with the fused q/k/v and gate/up members in
+    """generation.fused_projections=always: the chunk is recorded with the fused q/k/v and gate/up members in
     place, replayed by the next call (the same members: the model's structure is unchanged) and gives
     generate's token ids; the model's own layers are back after every call and in the fallback's plain
     step."""
     backbone = make_backbone(tokenizer, max_new_tokens=11)
-    backbone.generation = dataclasses.replace(backbone.generation, fused_projections="on")
+    backbone.generation = dataclasses.replace(backbone.generation, fused_projections="always")
     plain = backbone._lean_step("plain")
     monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)  # no compiler on the CPU test path
     recorded: list[_ReplayedRun] = []

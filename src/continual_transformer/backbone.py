@@ -573,7 +573,7 @@ class Backbone:
         ``generation.fused_projections`` says so; the original layers are back in place after the call. The
         plain step, the last of the fallback chain, always runs the model as it is."""
         setting = self.generation.fused_projections
-        if mode == "plain" or setting == "off" or (setting == "auto" and self.device.type != "cuda"):
+        if mode == "plain" or setting == "never" or (setting == "auto" and self.device.type != "cuda"):
             yield
             return
         from continual_transformer.modules.fused_linear import Fusion

@@ -138,15 +138,16 @@ class GenerationConfig:
     leaves PyTorch's setting alone."""
     fused_projections: str = "auto"
     """On the ``compiled`` backend, q/k/v and gate/up products computed as one matrix product each
-    (:mod:`~continual_transformer.modules.fused_linear`; layers a strategy wrapped or hooked are left as they
-    are): ``on``, ``off`` or ``auto`` (on a GPU, where a decoding step is bound by kernel launches; on a CPU
-    the weights' copy per call costs more than the launches saved). Same tokens as unfused up to rounding."""
+    (:mod:`~continual_transformer.modules.fused_linear`; layers a strategy wrapped or hooked are left as
+    they are): ``always``, ``never`` or ``auto`` (on a GPU, where a decoding step is bound by kernel
+    launches; a CPU step is bound by reading the weights, which fusing does not reduce, and each call
+    copies the fused weights). Same tokens as unfused up to rounding."""
 
     def __post_init__(self) -> None:
         _check(
-            self.fused_projections in ("auto", "on", "off"),
+            self.fused_projections in ("auto", "always", "never"),
             "generation.fused_projections",
-            f"must be auto, on or off, got {self.fused_projections!r}",
+            f"must be auto, always or never, got {self.fused_projections!r}",
         )
         _check(
             self.backend in GENERATION_BACKENDS,
