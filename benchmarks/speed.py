@@ -160,6 +160,10 @@ def streams(
         else:
             for b in backends:
                 measure(n, b, lambda b=b, n=n: call(b, n))
+        if args.profile:
+            row["profile"] = profile_call(lambda n=n: call(fast, n), backbone.device, n * args.new_tokens)
+            logger.info("%d streams, %s, one call profiled: %s", n, fast, row["profile"]["summary"])
+            save()
         if "eager" in row:
             row["speedup"] = row[fast]["new_tokens_per_s"] / row["eager"]["new_tokens_per_s"]
             row["answers_equal"] = row[fast]["answers"] == row["eager"]["answers"]
@@ -204,6 +208,40 @@ def streams(
         save()
     use_backend(backbone, "eager", batch_size=args.batch_size)
     return rows
+
+
+def profile_call(fn: Callable[[], Any], device: torch.device, tokens: int) -> dict[str, Any]:
+    """One call under the profiler (GPU kernels, those replayed from CUDA graphs included): kernels and GPU
+    busy milliseconds per call and per new token, the wall time, and the kernels taking the most time. On a
+    CPU the same for ATen ops (nested ones counted too; a check of this function more than a figure)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1000
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == kind:
+            time_us = event.device_time if cuda else event.cpu_time
+            kernels.setdefault(event.name, []).append(time_us / 1000)  # ms
+    count = sum(len(v) for v in kernels.values())
+    busy = sum(sum(v) for v in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:15]
+    return {
+        "summary": f"{count} kernels, {busy:.1f} ms GPU busy, {wall_ms:.1f} ms wall, "
+        f"{count / max(tokens, 1):.1f} kernels and {busy / max(tokens, 1) * 1000:.1f} us per new token",
+        "kernels": count,
+        "gpu_busy_ms": busy,
+        "wall_ms": wall_ms,
+        "top_kernels": [{"name": k[:140], "launches": len(v), "ms": sum(v)} for k, v in top],
+    }
 
 
 def int8(
@@ -866,6 +904,11 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="streams, --tuned: an inductor option name=value (the value read as JSON where it parses)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="streams: one more fast call per count under the profiler (GPU kernels and busy time)",
     )
     parser.add_argument(
         "--host-check",

@@ -276,7 +276,8 @@ class _ReplayedRun:
 def test_recorded_chunks_warm_up_and_replay_inside_their_buffers(tokenizer, monkeypatch, new):
     """The capture path with the CUDA calls stood in for: the warm-up really runs (compiling) and must stay
     inside the buffers and the cache for any max_new_tokens, even below a chunk's 8 steps; the first call
-    (recording) and a second (replaying the recorded chunk) both return generate's token ids."""
+    (recording) and a second (replaying the recorded chunk and prompt pass) both return generate's token
+    ids."""
     backbone = make_backbone(tokenizer, max_new_tokens=new)
     plain = backbone._lean_step("plain")
     monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)  # no compiler on the CPU test path
@@ -294,11 +295,11 @@ def test_recorded_chunks_warm_up_and_replay_inside_their_buffers(tokenizer, monk
     kwargs = {"min_new_tokens": new}
     assert torch.equal(backbone._chunked_decode(batch, config, kwargs, capture=True), reference)
     assert torch.equal(backbone._chunked_decode(batch, config, kwargs, capture=True), reference)
-    assert len(recorded) == 1, "the second call replays the chunk recorded by the first"
+    assert len(recorded) == 2, "the second call replays the chunk and the prompt pass the first recorded"
     swapped = backbone.model.model.layers[0].mlp
     backbone.model.model.layers[0].mlp = copy.deepcopy(swapped)  # another module: recorded again
     assert torch.equal(backbone._chunked_decode(batch, config, kwargs, capture=True), reference)
-    assert len(recorded) == 2
+    assert len(recorded) == 4
 
 
 def test_recorded_chunks_only_where_nothing_decides_on_the_host(tokenizer):
@@ -375,6 +376,49 @@ def test_recorded_chunks_with_fused_projections(tokenizer, monkeypatch):
     for _ in range(2):
         assert torch.equal(backbone._lean_generate(batch, config, {}, compiled=True), reference)
         assert dict(backbone.model.named_modules()) == layers, "the model's own layers are back"
-    assert fused_while_recording == [True] and len(recorded) == 1
+    assert fused_while_recording == [True, True] and len(recorded) == 2, "the chunk and the prompt pass"
     with backbone._fused_projections("plain"):
         assert not any(isinstance(m, FusedMember) for m in backbone.model.modules())
+
+
+def test_prompt_pass_is_recorded_per_width_and_runs_uncaptured_when_recording_fails(
+    tokenizer, monkeypatch, caplog
+):
+    """The prompt pass takes a (B, 1, T, L) additive mask (no host reads in Hugging Face's mask code) and
+    gives the 2-D mask's logits; it is recorded once per prompt width of a chunk; if recording it fails,
+    the prompts run uncaptured from then on (a warning), the chunks are still recorded and the tokens
+    unchanged."""
+    from continual_transformer.backbone import _prompt_mask
+
+    backbone = make_backbone(tokenizer, max_new_tokens=9)
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert not mask.all(), "left padding in the batch"
+    length = ids.shape[1] + 17
+    flat, _ = backbone._prefill(ids, mask, backbone._lean_cache(len(PROMPTS), length))
+    square, position = backbone._prefill(ids, mask, backbone._lean_cache(len(PROMPTS), length), length=length)
+    torch.testing.assert_close(square, flat, rtol=0, atol=1e-5)
+    assert torch.equal(position[:, 0], mask.sum(1))
+    blocked = _prompt_mask(mask, length, torch.float32)[:, 0] < 0  # (B, T, L)
+    assert blocked[:, :, ids.shape[1] :].all() and not blocked[0, -1, : ids.shape[1]][mask[0].bool()].any()
+
+    plain = backbone._lean_step("plain")
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)
+    recorded: list[str] = []
+
+    def record(device, warm_up, run):
+        warm_up()
+        if recorded:  # the prompt pass is recorded after the chunk
+            raise RuntimeError("operation not permitted when stream is capturing")
+        recorded.append("chunk")
+        return _ReplayedRun(run)
+
+    monkeypatch.setattr(backbone, "_record_chunk", record)
+    config = backbone.hf_generation_config()
+    reference = backbone.model.generate(**batch, generation_config=config)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            assert torch.equal(backbone._chunked_decode(batch, config, {}, capture=True), reference)
+    assert backbone._prompt_graphs_failed and recorded == ["chunk"]
+    assert "recording the prompt pass failed" in caplog.text
+    assert len(backbone._lean_graphs) == 1 and not next(iter(backbone._lean_graphs.values())).prompts

@@ -239,9 +239,8 @@ class Backbone:
         self._static_cache_capturable: bool | None = (
             None  # every static cache layer keeps its length on the device
         )
-        self._fusion: Any = (
-            None  # the fused q/k/v and gate/up products of compiled decoding, made on first use
-        )
+        self._fusion: Any = None  # fused q/k/v and gate/up products of compiled decoding, made on first use
+        self._prompt_graphs_failed = False  # recording a prompt pass failed once: prompts run uncaptured
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -709,15 +708,17 @@ class Backbone:
         return _cut_after_eos(out[:, : width + done], width, eos_ids)
 
     def _prefill(
-        self, ids: torch.Tensor, mask: torch.Tensor, cache: Any
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, *, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt run once into ``cache``: its last logits (B, V) and the position of the first new
-        token (B, 1)."""
+        token (B, 1). With ``length`` (the cache's positions) the mask reaches the model as a (B, 1, T,
+        length) additive mask (:func:`_prompt_mask`): Hugging Face's own mask code, which reads the padding
+        on the host, is skipped, so the pass can be recorded as a CUDA graph."""
         position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         extra = {"logits_to_keep": 1} if _accepts(self.model.forward, "logits_to_keep") else {}
         logits = self.model(
             input_ids=ids,
-            attention_mask=mask,
+            attention_mask=mask if length is None else _prompt_mask(mask, length, self.dtype),
             position_ids=position,
             use_cache=True,
             **{self._cache_keyword(): cache},
@@ -750,11 +751,22 @@ class Backbone:
         key = (rows, length)
         structure = (_model_structure(self.model), tuple(eos_list), pad, id(step)) if capture else None
         chunk = self._lean_graphs.get(key) if capture else None
+        square = getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager")
 
-        def start(chunk: _Chunk) -> None:  # the prompt, and the first token picked from its logits
-            logits, position = self._prefill(ids, mask, cache)
-            chunk.begin(ids, mask, position, width + min_new)
+        def prompt(chunk: _Chunk) -> None:  # the prompt from the chunk's buffers, the first token picked
+            logits, position = self._prefill(
+                chunk.out[:, :width], chunk.mask[:, :width], cache, length=length if square else None
+            )
+            chunk.position.copy_(position)
             chunk.pick(logits)
+
+        def start(chunk: _Chunk) -> None:
+            chunk.begin(ids, mask, width + min_new)
+            recorded = chunk.prompts.get(width)
+            if recorded is not None:
+                recorded.replay()
+            else:
+                prompt(chunk)
 
         def run(chunk: _Chunk) -> None:
             for _ in range(_EOS_CHECK_EVERY):
@@ -776,6 +788,20 @@ class Backbone:
                 self._lean_graphs[key] = chunk
                 cache.reset()
                 logger.info("lean decoding: a chunk of %d steps recorded for %d x %d", _EOS_CHECK_EVERY, *key)
+        if capture and square and width not in chunk.prompts and not self._prompt_graphs_failed:
+
+            def warm_prompt(chunk: _Chunk = chunk) -> None:
+                cache.reset()
+                chunk.begin(ids, mask, width + min_new)
+                prompt(chunk)
+
+            try:
+                chunk.prompts[width] = self._record_chunk(ids.device, warm_prompt, lambda: prompt(chunk))
+                logger.info("lean decoding: the prompt pass recorded for %d x %d", rows, width)
+            except Exception as exc:  # the prompt then runs uncaptured, as before; the chunks are unaffected
+                self._prompt_graphs_failed = True
+                logger.warning("lean decoding: recording the prompt pass failed (%s); it runs eagerly", exc)
+            cache.reset()
         start(chunk)
         done = 1
         while done < new and (done == 1 or bool(chunk.unfinished.any())):  # sync: once per chunk
@@ -1207,15 +1233,17 @@ class _Chunk:
         self.eos_bar = torch.zeros(vocab, dtype=torch.float32, device=device)
         self.eos_bar[self.eos_ids] = -math.inf
         self.graph: Any = None
+        self.prompts: dict[int, Any] = {}  # the prompt pass recorded as a CUDA graph, by prompt width
         self.structure: Any = None
 
-    def begin(self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, min_column: int) -> None:
+    def begin(self, ids: torch.Tensor, mask: torch.Tensor, min_column: int) -> None:
+        """The prompt (B, T) and its mask written into the buffers (the positions follow from the prompt
+        pass)."""
         width = ids.shape[1]
         self.out.fill_(self.pad)
         self.out[:, :width] = ids
         self.mask.fill_(1)
         self.mask[:, :width] = mask
-        self.position.copy_(position)
         self.column.fill_(width)
         self.min_column.fill_(min_column)
         self.unfinished.fill_(True)
@@ -1320,6 +1348,19 @@ def _with_taps(pairs: list[tuple[_Tap, Any]], processors: Any) -> Any:
     return LogitsProcessorList(
         [_TapsToCaptures(pairs), *(processors or []), _TapsToCaptures(pairs, release=True)]
     )
+
+
+def _prompt_mask(mask: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, 1, T, length) additive attention mask of prompts (B, T) run into an empty cache of ``length``
+    positions: position i sees the prompt's tokens up to i (0), nothing else (the dtype's minimum; a padding
+    position, which sees nothing, attends evenly and is never seen)."""
+    rows, width = mask.shape
+    query = torch.arange(width, device=mask.device)[:, None]  # (T, 1)
+    key = torch.arange(length, device=mask.device)[None, :]  # (1, L)
+    tokens = F.pad(mask.bool(), (0, length - width))[:, None, :]  # (B, 1, L)
+    seen = (key <= query)[None] & tokens  # (B, T, L)
+    blocked = torch.zeros(seen.shape, dtype=dtype, device=mask.device)
+    return blocked.masked_fill(~seen, torch.finfo(dtype).min)[:, None]
 
 
 def _pad_left(batch: dict[str, torch.Tensor], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:

@@ -138,6 +138,24 @@ def test_a_group_whose_layers_were_replaced_is_built_again(tokenizer):
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
 
 
+def test_a_model_moved_to_another_dtype_is_fused_again(tokenizer):
+    """model.to(dtype) keeps the modules and replaces their tensors: the fused weights follow."""
+    model = tiny_llama(tokenizer)
+    ids = _ids(tokenizer)
+    fusion = Fusion()
+    fusion.install(model)
+    fusion.remove()
+    model.to(torch.bfloat16)
+    reference = _logits(model, ids)
+    fusion.install(model)
+    try:
+        assert all(g.weight.dtype == torch.bfloat16 for g in fusion.groups.values())
+        out = _logits(model, ids)
+    finally:
+        fusion.remove()
+    torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
+
+
 def test_members_called_out_of_order_or_on_other_inputs_compute_their_own(tokenizer):
     """The kept slices serve only the input they came from: a member called first, or on another tensor,
     computes the group's product itself."""

@@ -57,10 +57,14 @@ class FusedGroup:
         return all(getattr(self.parent, n) is m for n, m in zip(self.names, self.members))
 
     def current(self) -> bool:
-        """Whether the parent still holds the layers this group was built from, unchanged in shape."""
+        """Whether the parent still holds the layers this group was built from, unchanged in shape, dtype
+        and device (``model.to(...)`` keeps the modules and replaces their tensors)."""
+        weight = self.weight
         return all(
             getattr(self.parent, n, None) is layer
-            and layer.weight.shape[0] == size
+            and layer.weight.shape == (size, weight.shape[1])
+            and layer.weight.dtype == weight.dtype
+            and layer.weight.device == weight.device
             and (layer.bias is None) == (self.bias is None)
             for n, layer, size in zip(self.names, self.originals, self.sizes)
         )
