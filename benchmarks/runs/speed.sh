@@ -9,13 +9,13 @@
 # (a process cut off still leaves the figures it measured):
 #   1. streams alone (STREAMS_SHARE, default 55%): first the headline figures, 1, 64 and 256 prompts at once
 #      on the compiled backend as configured (fused q/k/v and gate/up products on a GPU), with the eager
-#      baseline at 1 and 64 (256 eager streams ran past the section's time before); then the same compiled
-#      path with fused_projections=never at 1 and 64 (a compile each, ~40 s: the fused/unfused ratio); then
-#      the compiled step run from the host at 1 stream, which must give the recorded chunks' answers. One
-#      more compiled call per count runs under the profiler (kernels and GPU busy time per new token, the
-#      longest kernels: where a step's time goes at 1, 64 and 256 rows).
-#      Nothing else on the GPU or the CPU while they are timed. Expected on an H200 (one compile per shape
-#      ~40-45 s, the first call of each shape): headlines done by ~175 s, the unfused pair by ~255 s;
+#      baseline at 1 only (64 eager streams: 2,099 new tokens/s in h200-3/; 256 ran past the section's
+#      time there), one more compiled call per count under the profiler (kernels and GPU busy time per
+#      new token, the longest kernels: where a step's time goes at 1, 64 and 256 rows); then the same
+#      compiled path with fused_projections=never at 1 and 64 (a compile each, ~40 s: the fused/unfused
+#      ratio); then the compiled step run from the host at 1 stream, which must give the recorded chunks'
+#      answers. Nothing else on the GPU or the CPU while they are timed. Expected on an H200 (one compile per shape
+#      ~40-45 s, the first call of each shape): headlines done by ~165 s, the unfused pair by ~250 s;
 #   2. side by side, until the end: the strategy latencies in two processes (each with its own base row,
 #      so each ratio is taken under the same load), learning (one ~200-token document with the default
 #      strategy `finetune` and with `ttt`; 1,000 documents at once with a fixed number of epochs against
@@ -70,7 +70,7 @@ if [ -n "$QUICK" ]; then
 else
   # bf16 (the GPU default) and the compiled backend (static KV cache + CUDA graphs).
   part streams $(( limit * ${STREAMS_SHARE:-55} / 100 )) --sections streams --streams 1,64,256 \
-    --eager-streams 1,64 --unfused 1,64 --host-check 1 --profile --new-tokens 64
+    --eager-streams 1 --unfused 1,64 --host-check 1 --profile --new-tokens 64
   t=$(left)
   # Strategies that change the forward pass first; retrieval and memory_bank need the MiniLM embedder
   # (device.sh ready): without it they are skipped with a log line.
