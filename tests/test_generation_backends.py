@@ -332,7 +332,8 @@ def test_recorded_chunks_only_where_nothing_decides_on_the_host(tokenizer):
 @pytest.mark.real_model
 def test_lean_loop_gives_generate_tokens_on_the_packaged_model():
     """SmolLM2-135M-Instruct, chat prompts of different lengths in one batch, answers ending on their own:
-    the lean loop (plain and compiled step) returns generate's token ids."""
+    the lean loop (plain and compiled step) and the recorded chunks' logic with fused projections (float32)
+    return generate's token ids."""
     from continual_transformer.config import load_config
 
     config = load_config(set_items=["model.device=cpu", "generation.max_new_tokens=24"])
@@ -347,6 +348,12 @@ def test_lean_loop_gives_generate_tokens_on_the_packaged_model():
         )
         assert not backbone._lean_failed
         assert torch.equal(lean, reference), backend
+    # the recorded chunks' logic run step by step (prompt pass with the 4-D mask), with fused projections
+    with_backend(backbone, "compiled", fused_projections="always")
+    with torch.inference_mode(), backbone._fused_projections("default"):
+        assert isinstance(backbone.layers[0].self_attn.q_proj, FusedMember)
+        chunked = backbone._chunked_decode(batch, backbone.hf_generation_config(), {}, capture=False)
+    assert torch.equal(chunked, reference)
 
 
 def test_recorded_chunks_with_fused_projections(tokenizer, monkeypatch):
