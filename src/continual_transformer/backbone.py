@@ -499,9 +499,11 @@ class Backbone:
     # (batch, length), runs the prompt once uncompiled, then one decoding step per token (compiled, and
     # replayed as a CUDA graph on a GPU), picks tokens on the device and checks for EOS every few tokens. On a
     # GPU, where nothing decides on the host (no processors, hooks or strategy modules), a whole chunk of
-    # steps with their token picking is recorded as one CUDA graph, so the host does no work per token. It
-    # produces the tokens generate produces (greedy; the same processors in the same order; tests compare
-    # them); anything else (sampling, a streamer, other generate options) goes to generate.
+    # steps with their token picking is recorded as one CUDA graph, and so is the prompt pass, so the host
+    # does no work per token. The compiled steps compute q/k/v and gate/up as one product each
+    # (generation.fused_projections): fewer kernels per step. It produces the tokens generate produces
+    # (greedy; the same processors in the same order; tests compare them); anything else (sampling, a
+    # streamer, other generate options) goes to generate.
 
     def _lean_applies(self, gen_config: HFGenerationConfig, kwargs: dict[str, Any]) -> bool:
         return (
