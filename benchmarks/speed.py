@@ -141,6 +141,16 @@ def streams(
             times.append(seconds)
         record(n, key, times, warm_s, last)
 
+    def prompt_uncaptured(n: int) -> list[str]:
+        """The fast call with the prompt pass run uncaptured (the recorded chunks stay: no compile)."""
+        backbone._prompt_graphs_failed = True
+        for chunk in backbone._lean_graphs.values():
+            chunk.prompts.clear()
+        try:
+            return call(fast, n)
+        finally:
+            backbone._prompt_graphs_failed = False
+
     for n in args.streams:
         row: dict[str, Any] = {"fused_projections": fused}
         rows[str(n)] = row
@@ -160,10 +170,21 @@ def streams(
         else:
             for b in backends:
                 measure(n, b, lambda b=b, n=n: call(b, n))
-        if args.profile:
-            row["profile"] = profile_call(lambda n=n: call(fast, n), backbone.device, n * args.new_tokens)
-            logger.info("%d streams, %s, one call profiled: %s", n, fast, row["profile"]["summary"])
-            save()
+        try:  # diagnostics: a failure here must not cost the figures after it
+            if args.profile:
+                row["profile"] = profile_call(lambda n=n: call(fast, n), backbone.device, n * args.new_tokens)
+                logger.info("%d streams, %s, one call profiled: %s", n, fast, row["profile"]["summary"])
+                save()
+            if backbone._lean_mode == "graphs" and backbone._lean_graphs and fast in row:
+                row["answers_equal_prompt_uncaptured"] = prompt_uncaptured(n)[:2] == row[fast]["answers"]
+                logger.info(
+                    "%d streams: the recorded prompt pass answers as the uncaptured one: %s",
+                    n,
+                    row["answers_equal_prompt_uncaptured"],
+                )
+                save()
+        except Exception:
+            logger.exception("%d streams: profiling or the prompt-pass check failed", n)
         if "eager" in row:
             row["speedup"] = row[fast]["new_tokens_per_s"] / row["eager"]["new_tokens_per_s"]
             row["answers_equal"] = row[fast]["answers"] == row["eager"]["answers"]

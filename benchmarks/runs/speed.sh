@@ -11,7 +11,8 @@
 #      on the compiled backend as configured (fused q/k/v and gate/up products on a GPU), with the eager
 #      baseline at 1 only (64 eager streams: 2,099 new tokens/s in h200-3/; 256 ran past the section's
 #      time there), one more compiled call per count under the profiler (kernels and GPU busy time per
-#      new token, the longest kernels: where a step's time goes at 1, 64 and 256 rows); then the same
+#      new token, the longest kernels: where a step's time goes at 1, 64 and 256 rows) and one with the
+#      prompt pass uncaptured (its answers must equal the recorded prompt pass's); then the same
 #      compiled path with fused_projections=never at 1 and 64 (a compile each, ~40 s: the fused/unfused
 #      ratio); then the compiled step run from the host at 1 stream, which must give the recorded chunks'
 #      answers. Nothing else on the GPU or the CPU while they are timed. Expected on an H200 (one compile per shape
