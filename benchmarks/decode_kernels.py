@@ -1,7 +1,8 @@
 """Kernels per decoding step of the compiled lean loop, counted in the code inductor generates for it.
 
 The step (:meth:`Backbone._lean_step`, one new token per row against a static KV cache) is compiled once per
-variant (``--variants``: ``unfused``, ``fused``, i.e. ``generation.fused_projections``), after a prompt ran
+variant (``--variants``: ``unfused``, ``fused``, i.e. ``generation.fused_projections``, and ``grouped``:
+fused with the grouped decoding attention, ``Backbone.lean_attention``), after a prompt ran
 into the cache, and the launches in the generated ``call`` functions are counted by kind: matrix products
 inductor hands to a library (``extern``), kernels it generated (``cpp`` on a CPU, ``triton`` on a GPU) and
 ATen fallbacks. A model with ``--layers`` fewer layers (random weights of the same shapes) gives the per-layer
@@ -88,7 +89,11 @@ def step_code(
     mask = torch.ones_like(ids)
     full_mask = torch.ones((batch, length), dtype=mask.dtype, device=mask.device)
     timings: dict[str, Any] = {}
-    with torch.inference_mode(), backbone._fused_projections("default"):
+    with (
+        torch.inference_mode(),
+        backbone._fused_projections("default"),
+        backbone._grouped_attention("default"),
+    ):
         cache = backbone._lean_cache(batch, length)
         logits, position = backbone._prefill(ids, mask, cache)
         token = logits.argmax(-1, keepdim=True)
@@ -235,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batch.split(",") if b]
     for batch in batches:
         for variant in filter(None, args.variants.split(",")):
-            fused = {"unfused": "never", "fused": "always"}[variant]
+            fused = {"unfused": "never", "fused": "always", "grouped": "always"}[variant]
             backbone.generation = dataclasses.replace(backbone.generation, fused_projections=fused)
+            backbone.lean_attention = "grouped" if variant == "grouped" else None
             with torch._inductor.config.patch(options):
                 codes, seconds, timings = step_code(backbone, batch, args.length, profile=args.profile)
             counted = count_launches(codes)

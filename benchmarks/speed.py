@@ -93,7 +93,8 @@ def streams(
     headline figures, stream count by stream count: eager (at ``--eager-streams``) and the fast backend as
     configured; then the comparisons on the fast backend, each a compile of its own: ``--unfused`` counts
     with ``generation.fused_projections=never`` (row ``<backend>_unfused``), ``--tuned`` counts with the
-    ``--inductor`` options (row ``<backend>_tuned``); then the recorded chunks against the same compiled
+    ``--inductor`` options (row ``<backend>_tuned``), ``--grouped`` counts with the grouped decoding attention
+    (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
     shared, loaded machine's drift then falls on both alike)."""
     fast = args.backend
@@ -189,18 +190,19 @@ def streams(
             row["speedup"] = row[fast]["new_tokens_per_s"] / row["eager"]["new_tokens_per_s"]
             row["answers_equal"] = row[fast]["answers"] == row["eager"]["answers"]
             save()
-    comparisons = [(n, "unfused", {"fused_projections": "never"}, {}) for n in args.unfused]
-    comparisons += [(n, "tuned", {}, args.inductor) for n in args.tuned]
-    for n, name, changes, options in comparisons:
+    comparisons = [(n, "unfused", {"fused_projections": "never"}, {}, None) for n in args.unfused]
+    comparisons += [(n, "tuned", {}, args.inductor, None) for n in args.tuned]
+    comparisons += [(n, "grouped", {}, {}, "grouped") for n in args.grouped]
+    for n, name, changes, options, attention in comparisons:
         row = rows.get(str(n))
         if row is None or fast not in row:
             continue
         key = f"{fast}_{name}"
-        backbone.lean_inductor_options = options
+        backbone.lean_inductor_options, backbone.lean_attention = options, attention
         try:
             measure(n, key, lambda n=n, changes=changes: call(fast, n, **changes))
         finally:
-            backbone.lean_inductor_options = {}
+            backbone.lean_inductor_options, backbone.lean_attention = {}, None
         configured, other = row[fast]["new_tokens_per_s"], row[key]["new_tokens_per_s"]
         # unfused: how much faster the fused projections (as configured) are; tuned: the options' gain
         speedup = row[f"{name}_speedup"] = configured / other if name == "unfused" else other / configured
@@ -669,7 +671,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         figures[f"stream_{n}_tokens_per_s"] = _get(row, backend, "new_tokens_per_s")
         figures[f"stream_{n}_eager_tokens_per_s"] = _get(row, "eager", "new_tokens_per_s")
         figures[f"stream_{n}_speedup"] = row.get("speedup")
-        for name in ("unfused", "tuned"):
+        for name in ("unfused", "tuned", "grouped"):
             figures[f"stream_{n}_{name}_tokens_per_s"] = _get(row, f"{backend}_{name}", "new_tokens_per_s")
             figures[f"stream_{n}_{name}_speedup"] = row.get(f"{name}_speedup")
     ratios = [_get(r, backend, "ratio_to_base") for r in results.get("strategies", {}).values()]
@@ -750,6 +752,9 @@ def write(results: dict[str, Any], out: Path) -> None:
             )
         if tuned is not None:
             line(f"{n} stream(s), inductor {options} vs as configured", configured, tuned, None)
+        grouped = _get(row, f"{backend}_grouped", "new_tokens_per_s")
+        if grouped is not None:
+            line(f"{n} stream(s), grouped decoding attention vs as configured", configured, grouped, None)
     for spec, row in results.get("learn1", {}).items():
         line(
             f"learn one {row['doc_tokens']}-token doc, `{spec}`, s",
@@ -921,6 +926,11 @@ def main(argv: list[str] | None = None) -> int:
         help="streams: counts also measured with the --inductor options (a compile each)",
     )
     parser.add_argument(
+        "--grouped",
+        default="",
+        help="streams: counts also measured with the grouped decoding attention (Backbone.lean_attention)",
+    )
+    parser.add_argument(
         "--inductor",
         action="append",
         default=[],
@@ -986,7 +996,9 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     args.streams = [int(x) for x in (args.streams or ("1,4" if q else "1,64,256")).split(",")]
     args.eager_streams = args.streams if args.eager_streams is None else _counts(args.eager_streams)
-    args.unfused, args.tuned, args.host_check = map(_counts, (args.unfused, args.tuned, args.host_check))
+    args.unfused, args.tuned, args.grouped, args.host_check = map(
+        _counts, (args.unfused, args.tuned, args.grouped, args.host_check)
+    )
     args.inductor = dict(_inductor_option(item) for item in args.inductor)
     args.new_tokens = args.new_tokens or (16 if q else 64)
     args.strategy_docs = args.strategy_docs or (2 if q else 20)

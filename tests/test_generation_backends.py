@@ -384,6 +384,7 @@ def test_recorded_chunks_with_fused_projections(tokenizer, monkeypatch):
         assert torch.equal(backbone._lean_generate(batch, config, {}, compiled=True), reference)
         assert dict(backbone.model.named_modules()) == layers, "the model's own layers are back"
     assert fused_while_recording == [True, True] and len(recorded) == 2, "the chunk and the prompt pass"
+    assert backbone._lean_mode == "graphs", "no step fell back"
     with backbone._fused_projections("plain"):
         assert not any(isinstance(m, FusedMember) for m in backbone.model.modules())
 
@@ -429,3 +430,38 @@ def test_prompt_pass_is_recorded_per_width_and_runs_uncaptured_when_recording_fa
     assert backbone._prompt_graphs_failed and recorded == ["chunk"]
     assert "recording the prompt pass failed" in caplog.text
     assert len(backbone._lean_graphs) == 1 and not next(iter(backbone._lean_graphs.values())).prompts
+
+
+def test_grouped_attention_on_the_compiled_steps(tokenizer, monkeypatch):
+    """Backbone.lean_attention=grouped: the compiled steps attend with the grouped attention (recorded chunks
+    and a real compiled step), answers as eager; the model's attention implementation is sdpa again after
+    each call, and a chunk recorded with it is recorded again without it."""
+    backbone = make_backbone(tokenizer, max_new_tokens=10)
+    with_backend(backbone, "eager")
+    eager = backbone.generate(PROMPTS)
+    with_backend(backbone, "compiled", fused_projections="always")
+    backbone.lean_attention = "grouped"
+    for _ in range(2):
+        assert backbone.generate(PROMPTS) == eager
+        assert backbone.model.config._attn_implementation == "sdpa"
+    assert not backbone._compile_failed and not backbone._lean_failed
+
+    plain = backbone._lean_step("plain")
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)
+    seen: list[str] = []
+
+    def record(device, warm_up, run):
+        seen.append(backbone.model.config._attn_implementation)
+        warm_up()
+        return _ReplayedRun(run)
+
+    monkeypatch.setattr(backbone, "_record_chunk", record)
+    backbone._lean_mode = "graphs"  # as on a GPU
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    config = backbone.hf_generation_config()
+    reference = backbone.model.generate(**batch, generation_config=config)
+    assert torch.equal(backbone._lean_generate(batch, config, {}, compiled=True), reference)
+    backbone.lean_attention = None
+    assert torch.equal(backbone._lean_generate(batch, config, {}, compiled=True), reference)
+    assert seen == ["ctt_grouped_sdpa"] * 2 + ["sdpa"] * 2, "chunk and prompt pass, recorded again without"
+    assert backbone._lean_mode == "graphs", "no step fell back"

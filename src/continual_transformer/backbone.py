@@ -233,6 +233,9 @@ class Backbone:
         # inductor options of the lean step (torch.compile's ``options``), e.g. coordinate_descent_tuning: a
         # benchmark's comparison; a change compiles the step again
         self.lean_inductor_options: dict[str, Any] = {}
+        # ``grouped``: compiled decoding steps attend with modules.grouped_attention (each key/value head read
+        # once for its query heads, no repeated cache) where the model uses ``sdpa``: a benchmark's comparison
+        self.lean_attention: str | None = None
         self._lean_failed = False  # the lean loop failed once: Hugging Face's generate decodes from then on
         # decoding chunks recorded as CUDA graphs, by the (batch, length) of their static KV cache
         self._lean_graphs: dict[tuple[int, int], _Chunk] = {}
@@ -541,7 +544,7 @@ class Backbone:
             if mode == "graphs" and not self._graphs_apply(gen_config, kwargs):
                 mode = "reduce-overhead"
             try:
-                with self._fused_projections(mode):
+                with self._fused_projections(mode), self._grouped_attention(mode):
                     return self._lean_decode(batch, gen_config, kwargs, mode)
             except Exception as exc:
                 following = {
@@ -586,6 +589,23 @@ class Backbone:
             yield
         finally:
             self._fusion.remove()
+
+    @contextmanager
+    def _grouped_attention(self, mode: str) -> Iterator[None]:
+        """With :attr:`lean_attention` ``grouped``, the compiled steps (not ``plain``) of a model on ``sdpa``
+        attention run :func:`~continual_transformer.modules.grouped_attention.grouped_sdpa_attention` (the
+        model's attention implementation switched for the call, restored after)."""
+        config = self.model.config
+        if mode == "plain" or self.lean_attention != "grouped" or config._attn_implementation != "sdpa":
+            yield
+            return
+        from continual_transformer.modules.grouped_attention import register
+
+        config._attn_implementation = register()
+        try:
+            yield
+        finally:
+            config._attn_implementation = "sdpa"
 
     def _graphs_apply(self, gen_config: HFGenerationConfig, kwargs: dict[str, Any]) -> bool:
         """Whether a call may decode in recorded chunks (:meth:`_chunked_decode`). A CUDA graph replays what
@@ -751,9 +771,22 @@ class Backbone:
         cache = self._lean_cache(rows, length)
         step = self._lean_step("default" if capture else "plain")
         key = (rows, length)
-        structure = (_model_structure(self.model), tuple(eos_list), pad, id(step)) if capture else None
+        structure = (
+            (
+                _model_structure(self.model),
+                self.model.config._attn_implementation,
+                tuple(eos_list),
+                pad,
+                id(step),
+            )
+            if capture
+            else None
+        )
         chunk = self._lean_graphs.get(key) if capture else None
-        square = getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager")
+        from continual_transformer.modules.grouped_attention import NAME as GROUPED
+
+        # attention implementations that take a (B, 1, T, L) additive mask (the prompt pass can be recorded)
+        square = getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager", GROUPED)
 
         def prompt(chunk: _Chunk) -> None:  # the prompt from the chunk's buffers, the first token picked
             logits, position = self._prefill(

@@ -138,6 +138,23 @@ def test_a_group_whose_layers_were_replaced_is_built_again(tokenizer):
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
 
 
+def test_fused_weights_made_inside_inference_mode_refresh_outside_it(tokenizer):
+    """generate runs inside inference mode; a group made there is refreshed by a later call outside it."""
+    model = tiny_llama(tokenizer)
+    ids = _ids(tokenizer)
+    fusion = Fusion()
+    with torch.inference_mode():
+        fusion.install(model)
+        fusion.remove()
+    reference = _logits(model, ids)
+    fusion.install(model)
+    try:
+        out = _logits(model, ids)
+    finally:
+        fusion.remove()
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+
+
 def test_a_model_moved_to_another_dtype_is_fused_again(tokenizer):
     """model.to(dtype) keeps the modules and replaces their tensors: the fused weights follow."""
     model = tiny_llama(tokenizer)

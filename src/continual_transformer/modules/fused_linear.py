@@ -38,7 +38,9 @@ class FusedGroup:
     def __init__(self, parent: nn.Module, names: Sequence[str], originals: Sequence[nn.Linear]) -> None:
         self.parent, self.names, self.originals = parent, tuple(names), tuple(originals)
         self.sizes = [layer.out_features for layer in originals]
-        with torch.no_grad():
+        # normal tensors even when first made inside inference mode (generate), so a later refresh outside it
+        # may write them
+        with torch.inference_mode(False), torch.no_grad():
             weight = torch.cat([layer.weight for layer in originals])  # (sum of outputs, in)
             bias = torch.cat([layer.bias for layer in originals]) if originals[0].bias is not None else None
         self.members = [FusedMember(self, i, layer, weight, bias) for i, layer in enumerate(originals)]
