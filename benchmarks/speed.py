@@ -89,92 +89,182 @@ def streams(
     rows: dict[str, Any],
     save: Callable[[], None],
 ) -> dict[str, Any]:
-    """Fills ``rows`` one figure at a time (``save()`` after each: an interrupted run keeps them). With
-    ``--interleave`` the eager and the fast calls alternate rep by rep (a shared, loaded machine's drift then
-    falls on both alike), and each stream count is saved once both are measured."""
+    """Fills ``rows`` one figure at a time (``save()`` after each: an interrupted run keeps them). First the
+    headline figures, stream count by stream count: eager (at ``--eager-streams``) and the fast backend as
+    configured; then the comparisons on the fast backend, each a compile of its own: ``--unfused`` counts
+    with ``generation.fused_projections=never`` (row ``<backend>_unfused``), ``--tuned`` counts with the
+    ``--inductor`` options (row ``<backend>_tuned``), ``--grouped`` counts with the grouped decoding attention
+    (row ``<backend>_grouped``); then the recorded chunks against the same compiled
+    step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
+    shared, loaded machine's drift then falls on both alike)."""
+    fast = args.backend
+
+    def batch_of(n: int) -> list[str]:
+        return [prompts[i % len(prompts)] for i in range(n)]
+
+    fused = backbone.generation.fused_projections
+
+    def call(backend: str, n: int, **changes: Any) -> list[str]:
+        use_backend(backbone, backend, **{"batch_size": n, "fused_projections": fused, **changes})
+        return backbone.generate(
+            batch_of(n), chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
+        )
+
+    def record(n: int, key: str, times: list[float], warm_s: float, answers: list[str]) -> None:
+        seconds = statistics.median(times)
+        rows[str(n)][key] = {
+            "seconds": seconds,
+            "new_tokens_per_s": n * args.new_tokens / seconds,
+            "reps_seconds": times,
+            "warmup_seconds": warm_s,
+            "answers": answers[:2],
+        }
+        logger.info(
+            "%d streams, %s: %.1f new tokens/s (warm-up %.1fs)",
+            n,
+            key,
+            rows[str(n)][key]["new_tokens_per_s"],
+            warm_s,
+        )
+        save()
+
+    def warm_up(fn: Callable[[], Any], calls: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return time.perf_counter() - start
+
+    def measure(n: int, key: str, fn: Callable[[], list[str]]) -> None:
+        warm_s = warm_up(fn, 1 if key == "eager" else args.warmup)
+        times, last = [], []
+        for _ in range(args.reps):
+            seconds, last = timed(fn, backbone.device, 1)
+            times.append(seconds)
+        record(n, key, times, warm_s, last)
+
+    def prompt_uncaptured(n: int) -> list[str]:
+        """The fast call with the prompt pass run uncaptured (the recorded chunks stay: no compile)."""
+        backbone._prompt_graphs_failed = True
+        for chunk in backbone._lean_graphs.values():
+            chunk.prompts.clear()
+        try:
+            return call(fast, n)
+        finally:
+            backbone._prompt_graphs_failed = False
+
     for n in args.streams:
-        batch = [prompts[i % len(prompts)] for i in range(n)]
-        row: dict[str, Any] = {}
+        row: dict[str, Any] = {"fused_projections": fused}
         rows[str(n)] = row
-
-        def call(backend: str, batch=batch, n=n) -> list[str]:
-            use_backend(backbone, backend, batch_size=n)
-            return backbone.generate(
-                batch, chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
-            )
-
-        def record(backend: str, times: list[float], warm_s: float, answers: list[str], n=n, row=row) -> None:
-            seconds = statistics.median(times)
-            row[backend] = {
-                "seconds": seconds,
-                "new_tokens_per_s": n * args.new_tokens / seconds,
-                "reps_seconds": times,
-                "warmup_seconds": warm_s,
-                "answers": answers[:2],
+        backends = ("eager", fast) if n in args.eager_streams else (fast,)
+        if args.interleave and len(backends) == 2:
+            warm = {
+                b: warm_up(lambda b=b, n=n: call(b, n), 1 if b == "eager" else args.warmup) for b in backends
             }
-            logger.info(
-                "%d streams, %s: %.1f new tokens/s (warm-up %.1fs)",
-                n,
-                backend,
-                row[backend]["new_tokens_per_s"],
-                warm_s,
-            )
-            save()
-
-        def warm_up(backend: str) -> float:
-            start = time.perf_counter()
-            for _ in range(args.warmup if backend != "eager" else 1):
-                call(backend)
-            return time.perf_counter() - start
-
-        backends = ("eager", args.backend)
-        if args.interleave:
-            warm = {b: warm_up(b) for b in backends}
             times: dict[str, list[float]] = {b: [] for b in backends}
             answers: dict[str, list[str]] = {}
             for _ in range(args.reps):
                 for b in backends:
-                    seconds, answers[b] = timed(lambda b=b: call(b), backbone.device, 1)
+                    seconds, answers[b] = timed(lambda b=b, n=n: call(b, n), backbone.device, 1)
                     times[b].append(seconds)
             for b in backends:
-                record(b, times[b], warm[b], answers[b])
+                record(n, b, times[b], warm[b], answers[b])
         else:
             for b in backends:
-                warm_s = warm_up(b)
-                out: list[float] = []
-                for _ in range(args.reps):
-                    seconds, last = timed(lambda b=b: call(b), backbone.device, 1)
-                    out.append(seconds)
-                record(b, out, warm_s, last)
-        row["speedup"] = row[args.backend]["new_tokens_per_s"] / row["eager"]["new_tokens_per_s"]
-        row["answers_equal"] = row[args.backend]["answers"] == row["eager"]["answers"]
-        save()
-    # After every headline figure: the recorded chunks against the same compiled step run from the host, token
-    # by token (its cache is 8 positions shorter, masked either way; the step is traced again for it, so no
-    # time is taken): the answers should agree.
-    for n in args.streams:
-        if backbone._lean_mode != "graphs" or not backbone._lean_graphs or n > 64:
+                measure(n, b, lambda b=b, n=n: call(b, n))
+        try:  # diagnostics: a failure here must not cost the figures after it
+            if args.profile:
+                row["profile"] = profile_call(lambda n=n: call(fast, n), backbone.device, n * args.new_tokens)
+                logger.info("%d streams, %s, one call profiled: %s", n, fast, row["profile"]["summary"])
+                save()
+            if backbone._lean_mode == "graphs" and backbone._lean_graphs and fast in row:
+                row["answers_equal_prompt_uncaptured"] = prompt_uncaptured(n)[:2] == row[fast]["answers"]
+                logger.info(
+                    "%d streams: the recorded prompt pass answers as the uncaptured one: %s",
+                    n,
+                    row["answers_equal_prompt_uncaptured"],
+                )
+                save()
+        except Exception:
+            logger.exception("%d streams: profiling or the prompt-pass check failed", n)
+        if "eager" in row:
+            row["speedup"] = row[fast]["new_tokens_per_s"] / row["eager"]["new_tokens_per_s"]
+            row["answers_equal"] = row[fast]["answers"] == row["eager"]["answers"]
+            save()
+    comparisons = [(n, "unfused", {"fused_projections": "never"}, {}, None) for n in args.unfused]
+    comparisons += [(n, "tuned", {}, args.inductor, None) for n in args.tuned]
+    comparisons += [(n, "grouped", {}, {}, "grouped") for n in args.grouped]
+    for n, name, changes, options, attention in comparisons:
+        row = rows.get(str(n))
+        if row is None or fast not in row:
             continue
-        use_backend(backbone, args.backend, batch_size=n)
-        batch = [prompts[i % len(prompts)] for i in range(n)]
+        key = f"{fast}_{name}"
+        backbone.lean_inductor_options, backbone.lean_attention = options, attention
+        try:
+            measure(n, key, lambda n=n, changes=changes: call(fast, n, **changes))
+        finally:
+            backbone.lean_inductor_options, backbone.lean_attention = {}, None
+        configured, other = row[fast]["new_tokens_per_s"], row[key]["new_tokens_per_s"]
+        # unfused: how much faster the fused projections (as configured) are; tuned: the options' gain
+        speedup = row[f"{name}_speedup"] = configured / other if name == "unfused" else other / configured
+        row[f"answers_equal_{name}"] = row[key]["answers"] == row[fast]["answers"]
+        logger.info(
+            "%d streams: %s speedup %.3f, answers equal: %s", n, name, speedup, row[f"answers_equal_{name}"]
+        )
+        save()
+    # The recorded chunks against the same compiled step run from the host, token by token (its cache is 8
+    # positions shorter, masked either way; the step is traced again for it, so no time is taken): the
+    # answers should agree.
+    for n in args.host_check:
+        if backbone._lean_mode != "graphs" or not backbone._lean_graphs or str(n) not in rows:
+            continue
         backbone._lean_mode = "default"
         try:
-            host = backbone.generate(
-                batch, chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
-            )
+            host = call(fast, n)
         finally:
             backbone._lean_mode = "graphs"
-        rows[str(n)]["answers_equal_compiled_step_from_host"] = (
-            host[:2] == rows[str(n)][args.backend]["answers"]
-        )
+        rows[str(n)]["answers_equal_compiled_step_from_host"] = host[:2] == rows[str(n)][fast]["answers"]
         logger.info(
             "%d streams: recorded chunks equal the host-driven step: %s",
             n,
-            host[:2] == rows[str(n)][args.backend]["answers"],
+            host[:2] == rows[str(n)][fast]["answers"],
         )
         save()
     use_backend(backbone, "eager", batch_size=args.batch_size)
     return rows
+
+
+def profile_call(fn: Callable[[], Any], device: torch.device, tokens: int) -> dict[str, Any]:
+    """One call under the profiler (GPU kernels, those replayed from CUDA graphs included): kernels and GPU
+    busy milliseconds per call and per new token, the wall time, and the kernels taking the most time. On a
+    CPU the same for ATen ops (nested ones counted too; a check of this function more than a figure)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1000
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == kind:
+            time_us = event.device_time if cuda else event.cpu_time
+            kernels.setdefault(event.name, []).append(time_us / 1000)  # ms
+    count = sum(len(v) for v in kernels.values())
+    busy = sum(sum(v) for v in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:15]
+    return {
+        "summary": f"{count} kernels, {busy:.1f} ms GPU busy, {wall_ms:.1f} ms wall, "
+        f"{count / max(tokens, 1):.1f} kernels and {busy / max(tokens, 1) * 1000:.1f} us per new token",
+        "kernels": count,
+        "gpu_busy_ms": busy,
+        "wall_ms": wall_ms,
+        "top_kernels": [{"name": k[:140], "launches": len(v), "ms": sum(v)} for k, v in top],
+    }
 
 
 def int8(
@@ -581,6 +671,9 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         figures[f"stream_{n}_tokens_per_s"] = _get(row, backend, "new_tokens_per_s")
         figures[f"stream_{n}_eager_tokens_per_s"] = _get(row, "eager", "new_tokens_per_s")
         figures[f"stream_{n}_speedup"] = row.get("speedup")
+        for name in ("unfused", "tuned", "grouped"):
+            figures[f"stream_{n}_{name}_tokens_per_s"] = _get(row, f"{backend}_{name}", "new_tokens_per_s")
+            figures[f"stream_{n}_{name}_speedup"] = row.get(f"{name}_speedup")
     ratios = [_get(r, backend, "ratio_to_base") for r in results.get("strategies", {}).values()]
     ratios = [r for r in ratios if r is not None]
     if ratios:
@@ -645,6 +738,23 @@ def write(results: dict[str, Any], out: Path) -> None:
             _get(row, backend, "new_tokens_per_s"),
             f"stream_{n}_tokens_per_s",
         )
+    options = s.get("inductor_options") or {}
+    for n, row in results.get("streams", {}).items():  # comparisons: the slow column is the reference
+        configured, unfused, tuned = (
+            _get(row, k, "new_tokens_per_s") for k in (backend, f"{backend}_unfused", f"{backend}_tuned")
+        )
+        if unfused is not None:
+            line(
+                f"{n} stream(s), fused_projections={row.get('fused_projections')} vs never",
+                unfused,
+                configured,
+                None,
+            )
+        if tuned is not None:
+            line(f"{n} stream(s), inductor {options} vs as configured", configured, tuned, None)
+        grouped = _get(row, f"{backend}_grouped", "new_tokens_per_s")
+        if grouped is not None:
+            line(f"{n} stream(s), grouped decoding attention vs as configured", configured, grouped, None)
     for spec, row in results.get("learn1", {}).items():
         line(
             f"learn one {row['doc_tokens']}-token doc, `{spec}`, s",
@@ -779,6 +889,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _counts(text: str) -> list[int]:
+    """Comma-separated stream counts (``none`` or empty: none)."""
+    return [int(x) for x in text.split(",") if x and x != "none"]
+
+
+def _inductor_option(item: str) -> tuple[str, Any]:
+    name, value = item.split("=", 1)
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -789,6 +912,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes for the CPU")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--streams", default=None, help="comma-separated prompt counts (default 1,64,256)")
+    parser.add_argument(
+        "--eager-streams", default=None, help="streams: counts with the eager baseline (default: all)"
+    )
+    parser.add_argument(
+        "--unfused",
+        default="",
+        help="streams: counts also measured with generation.fused_projections=never, after the headlines",
+    )
+    parser.add_argument(
+        "--tuned",
+        default="",
+        help="streams: counts also measured with the --inductor options (a compile each)",
+    )
+    parser.add_argument(
+        "--grouped",
+        default="",
+        help="streams: counts also measured with the grouped decoding attention (Backbone.lean_attention)",
+    )
+    parser.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        help="streams, --tuned: an inductor option name=value (the value read as JSON where it parses)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="streams: one more fast call per count under the profiler (GPU kernels and busy time)",
+    )
+    parser.add_argument(
+        "--host-check",
+        default="1,64",
+        help="streams: counts whose recorded chunks are checked against the step driven from the host",
+    )
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument(
@@ -838,6 +995,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     q = args.quick
     args.streams = [int(x) for x in (args.streams or ("1,4" if q else "1,64,256")).split(",")]
+    args.eager_streams = args.streams if args.eager_streams is None else _counts(args.eager_streams)
+    args.unfused, args.tuned, args.grouped, args.host_check = map(
+        _counts, (args.unfused, args.tuned, args.grouped, args.host_check)
+    )
+    args.inductor = dict(_inductor_option(item) for item in args.inductor)
     args.new_tokens = args.new_tokens or (16 if q else 64)
     args.strategy_docs = args.strategy_docs or (2 if q else 20)
     args.probes = args.probes or (3 if q else 8)
@@ -881,6 +1043,8 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": torch.get_num_threads(),
                 "new_tokens": args.new_tokens,
                 "streams": args.streams,
+                "fused_projections": backbone.generation.fused_projections,
+                "inductor_options": args.inductor,
                 "quick": q,
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,

@@ -13,6 +13,7 @@ from continual_transformer import ContinualTransformer
 from continual_transformer.backbone import Backbone
 from continual_transformer.config import GenerationConfig
 from continual_transformer.errors import ConfigError
+from continual_transformer.modules.fused_linear import FusedMember
 from continual_transformer.modules.hooks import ResidualAdder
 from continual_transformer.strategies import registry
 
@@ -72,16 +73,28 @@ def test_threads_setting_is_restored(tokenizer):
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.parametrize("name", ["none", "memory_layer", "memory_bank", "knowledge_store", "ttt"])
-def test_compiled_decoding_answers_as_eager(tokenizer, name):
-    """Persistent hooks (memory_layer), per-call hooks (memory_bank), logits processors (knowledge_store) and
-    a swapped MLP (ttt) on the compiled path; torch.compile on the CPU takes a few seconds per graph."""
+@pytest.mark.parametrize("fused", ["never", "always"])
+@pytest.mark.parametrize("name", ["none", "memory_layer", "memory_bank", "knowledge_store", "ttt", "lora"])
+def test_compiled_decoding_answers_as_eager(tokenizer, name, fused):
+    """Persistent hooks (memory_layer), per-call hooks (memory_bank), logits processors (knowledge_store), a
+    swapped MLP (ttt) and peft's wrapped projections (lora) on the compiled path, with and without fused
+    q/k/v and gate/up products (a GPU's default; layers a strategy wrapped or hooked keep their own);
+    torch.compile on the CPU takes a few seconds per graph."""
     ct = ContinualTransformer(make_backbone(tokenizer), strategy=name, config=fast_config())
+    ct.backbone.generation = dataclasses.replace(ct.backbone.generation, fused_projections=fused)
     ct.learn_document(DOC)
     eager = answers(ct, "eager")
     for _ in range(3):  # persistent hooks compile from their second call on
         assert answers(ct, "compiled") == eager
     assert not ct.backbone._compile_failed
+    if fused == "always":  # every plain q/k/v and gate/up group was fused; the model's own layers are back
+        groups = ct.backbone._fusion.groups.values()
+        assert len(groups) == sum(
+            all(type(getattr(parent, n, None)) is torch.nn.Linear for n in names)
+            for parent in ct.backbone.model.modules()
+            for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+        )
+        assert not any(isinstance(m, FusedMember) for m in ct.backbone.model.modules())
 
 
 def test_compiled_decoding_sees_hooks_added_after_compiling(tokenizer):
@@ -206,17 +219,23 @@ def test_lean_loop_is_the_fast_backends_path_and_falls_back(tokenizer, monkeypat
     with_backend(backbone, "static")
     assert backbone.generate(PROMPTS) == eager and calls == ["plain"]
 
+    fused: list[bool] = []
+
     def broken(*args):
         calls.append(args[-1])
+        fused.append(isinstance(backbone.layers[0].mlp.up_proj, FusedMember))
         raise RuntimeError("no graphs here")
 
     monkeypatch.setattr(backbone, "_lean_decode", broken)
     backbone._lean_mode = "graphs"  # as on a GPU
-    with_backend(backbone, "compiled")
+    with_backend(backbone, "compiled", fused_projections="always")  # as on a GPU
     calls.clear()
+    layers = dict(backbone.model.named_modules())
     with caplog.at_level("WARNING"):
         assert backbone.generate(PROMPTS) == eager
     assert calls == ["graphs", "reduce-overhead", "default", "plain"]
+    assert fused == [True, True, True, False], "compiled steps fused, the plain step as the model is"
+    assert dict(backbone.model.named_modules()) == layers, "the model's own layers are back"
     assert backbone._lean_failed and "decoding with generate" in caplog.text
 
 
@@ -257,7 +276,8 @@ class _ReplayedRun:
 def test_recorded_chunks_warm_up_and_replay_inside_their_buffers(tokenizer, monkeypatch, new):
     """The capture path with the CUDA calls stood in for: the warm-up really runs (compiling) and must stay
     inside the buffers and the cache for any max_new_tokens, even below a chunk's 8 steps; the first call
-    (recording) and a second (replaying the recorded chunk) both return generate's token ids."""
+    (recording) and a second (replaying the recorded chunk and prompt pass) both return generate's token
+    ids."""
     backbone = make_backbone(tokenizer, max_new_tokens=new)
     plain = backbone._lean_step("plain")
     monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)  # no compiler on the CPU test path
@@ -275,11 +295,11 @@ def test_recorded_chunks_warm_up_and_replay_inside_their_buffers(tokenizer, monk
     kwargs = {"min_new_tokens": new}
     assert torch.equal(backbone._chunked_decode(batch, config, kwargs, capture=True), reference)
     assert torch.equal(backbone._chunked_decode(batch, config, kwargs, capture=True), reference)
-    assert len(recorded) == 1, "the second call replays the chunk recorded by the first"
+    assert len(recorded) == 2, "the second call replays the chunk and the prompt pass the first recorded"
     swapped = backbone.model.model.layers[0].mlp
     backbone.model.model.layers[0].mlp = copy.deepcopy(swapped)  # another module: recorded again
     assert torch.equal(backbone._chunked_decode(batch, config, kwargs, capture=True), reference)
-    assert len(recorded) == 2
+    assert len(recorded) == 4
 
 
 def test_recorded_chunks_only_where_nothing_decides_on_the_host(tokenizer):
@@ -312,7 +332,8 @@ def test_recorded_chunks_only_where_nothing_decides_on_the_host(tokenizer):
 @pytest.mark.real_model
 def test_lean_loop_gives_generate_tokens_on_the_packaged_model():
     """SmolLM2-135M-Instruct, chat prompts of different lengths in one batch, answers ending on their own:
-    the lean loop (plain and compiled step) returns generate's token ids."""
+    the lean loop (plain and compiled step) and the recorded chunks' logic with fused projections (float32)
+    return generate's token ids."""
     from continual_transformer.config import load_config
 
     config = load_config(set_items=["model.device=cpu", "generation.max_new_tokens=24"])
@@ -327,3 +348,120 @@ def test_lean_loop_gives_generate_tokens_on_the_packaged_model():
         )
         assert not backbone._lean_failed
         assert torch.equal(lean, reference), backend
+    # the recorded chunks' logic run step by step (prompt pass with the 4-D mask), with fused projections
+    with_backend(backbone, "compiled", fused_projections="always")
+    with torch.inference_mode(), backbone._fused_projections("default"):
+        assert isinstance(backbone.layers[0].self_attn.q_proj, FusedMember)
+        chunked = backbone._chunked_decode(batch, backbone.hf_generation_config(), {}, capture=False)
+    assert torch.equal(chunked, reference)
+
+
+def test_recorded_chunks_with_fused_projections(tokenizer, monkeypatch):
+    """generation.fused_projections=always: the chunk is recorded with the fused q/k/v and gate/up members in
+    place, replayed by the next call (the same members: the model's structure is unchanged) and gives
+    generate's token ids; the model's own layers are back after every call and in the fallback's plain
+    step."""
+    backbone = make_backbone(tokenizer, max_new_tokens=11)
+    backbone.generation = dataclasses.replace(backbone.generation, fused_projections="always")
+    plain = backbone._lean_step("plain")
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)  # no compiler on the CPU test path
+    recorded: list[_ReplayedRun] = []
+    fused_while_recording: list[bool] = []
+
+    def record(device, warm_up, run):
+        fused_while_recording.append(isinstance(backbone.layers[0].self_attn.q_proj, FusedMember))
+        warm_up()
+        recorded.append(_ReplayedRun(run))
+        return recorded[-1]
+
+    monkeypatch.setattr(backbone, "_record_chunk", record)
+    backbone._lean_mode = "graphs"  # as on a GPU
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    config = backbone.hf_generation_config()
+    reference = backbone.model.generate(**batch, generation_config=config)
+    layers = dict(backbone.model.named_modules())
+    for _ in range(2):
+        assert torch.equal(backbone._lean_generate(batch, config, {}, compiled=True), reference)
+        assert dict(backbone.model.named_modules()) == layers, "the model's own layers are back"
+    assert fused_while_recording == [True, True] and len(recorded) == 2, "the chunk and the prompt pass"
+    assert backbone._lean_mode == "graphs", "no step fell back"
+    with backbone._fused_projections("plain"):
+        assert not any(isinstance(m, FusedMember) for m in backbone.model.modules())
+
+
+def test_prompt_pass_is_recorded_per_width_and_runs_uncaptured_when_recording_fails(
+    tokenizer, monkeypatch, caplog
+):
+    """The prompt pass takes a (B, 1, T, L) additive mask (no host reads in Hugging Face's mask code) and
+    gives the 2-D mask's logits; it is recorded once per prompt width of a chunk; if recording it fails,
+    the prompts run uncaptured from then on (a warning), the chunks are still recorded and the tokens
+    unchanged."""
+    from continual_transformer.backbone import _prompt_mask
+
+    backbone = make_backbone(tokenizer, max_new_tokens=9)
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert not mask.all(), "left padding in the batch"
+    length = ids.shape[1] + 17
+    flat, _ = backbone._prefill(ids, mask, backbone._lean_cache(len(PROMPTS), length))
+    square, position = backbone._prefill(ids, mask, backbone._lean_cache(len(PROMPTS), length), length=length)
+    torch.testing.assert_close(square, flat, rtol=0, atol=1e-5)
+    assert torch.equal(position[:, 0], mask.sum(1))
+    blocked = _prompt_mask(mask, length, torch.float32)[:, 0] < 0  # (B, T, L)
+    assert blocked[:, :, ids.shape[1] :].all() and not blocked[0, -1, : ids.shape[1]][mask[0].bool()].any()
+
+    plain = backbone._lean_step("plain")
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)
+    recorded: list[str] = []
+
+    def record(device, warm_up, run):
+        warm_up()
+        if recorded:  # the prompt pass is recorded after the chunk
+            raise RuntimeError("operation not permitted when stream is capturing")
+        recorded.append("chunk")
+        return _ReplayedRun(run)
+
+    monkeypatch.setattr(backbone, "_record_chunk", record)
+    config = backbone.hf_generation_config()
+    reference = backbone.model.generate(**batch, generation_config=config)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            assert torch.equal(backbone._chunked_decode(batch, config, {}, capture=True), reference)
+    assert backbone._prompt_graphs_failed and recorded == ["chunk"]
+    assert "recording the prompt pass failed" in caplog.text
+    assert len(backbone._lean_graphs) == 1 and not next(iter(backbone._lean_graphs.values())).prompts
+
+
+def test_grouped_attention_on_the_compiled_steps(tokenizer, monkeypatch):
+    """Backbone.lean_attention=grouped: the compiled steps attend with the grouped attention (recorded chunks
+    and a real compiled step), answers as eager; the model's attention implementation is sdpa again after
+    each call, and a chunk recorded with it is recorded again without it."""
+    backbone = make_backbone(tokenizer, max_new_tokens=10)
+    with_backend(backbone, "eager")
+    eager = backbone.generate(PROMPTS)
+    with_backend(backbone, "compiled", fused_projections="always")
+    backbone.lean_attention = "grouped"
+    for _ in range(2):
+        assert backbone.generate(PROMPTS) == eager
+        assert backbone.model.config._attn_implementation == "sdpa"
+    assert not backbone._compile_failed and not backbone._lean_failed
+
+    plain = backbone._lean_step("plain")
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)
+    seen: list[str] = []
+
+    def record(device, warm_up, run):
+        seen.append(backbone.model.config._attn_implementation)
+        warm_up()
+        return _ReplayedRun(run)
+
+    monkeypatch.setattr(backbone, "_record_chunk", record)
+    backbone._lean_mode = "graphs"  # as on a GPU
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    config = backbone.hf_generation_config()
+    reference = backbone.model.generate(**batch, generation_config=config)
+    assert torch.equal(backbone._lean_generate(batch, config, {}, compiled=True), reference)
+    backbone.lean_attention = None
+    assert torch.equal(backbone._lean_generate(batch, config, {}, compiled=True), reference)
+    assert seen == ["ctt_grouped_sdpa"] * 2 + ["sdpa"] * 2, "chunk and prompt pass, recorded again without"
+    assert backbone._lean_mode == "graphs", "no step fell back"

@@ -7,9 +7,16 @@
 #     CTT_CACHE=~/.cache/continual_transformer bash benchmarks/runs/speed.sh 400    (the CPU test)
 # Two phases, each process stopped at its share of the time and writing its results as each figure finishes
 # (a process cut off still leaves the figures it measured):
-#   1. streams alone (40%): 1, 64 and 256 prompts at once, eager and compiled (the headline figures; nothing
-#      else on the GPU or the CPU while they are timed; at 1 and 64 also the compiled step run from the host,
-#      which must give the recorded chunks' answers);
+#   1. streams alone (STREAMS_SHARE, default 55%): first the headline figures, 1, 64 and 256 prompts at once
+#      on the compiled backend as configured (fused q/k/v and gate/up products on a GPU), with the eager
+#      baseline at 1 only (64 eager streams: 2,099 new tokens/s in h200-3/; 256 ran past the section's
+#      time there), one more compiled call per count under the profiler (kernels and GPU busy time per
+#      new token, the longest kernels: where a step's time goes at 1, 64 and 256 rows) and one with the
+#      prompt pass uncaptured (its answers must equal the recorded prompt pass's); then the same
+#      compiled path with fused_projections=never at 1 and 64 (a compile each, ~40 s: the fused/unfused
+#      ratio); then the compiled step run from the host at 1 stream, which must give the recorded chunks'
+#      answers. Nothing else on the GPU or the CPU while they are timed. Expected on an H200 (one compile per shape
+#      ~40-45 s, the first call of each shape): headlines done by ~165 s, the unfused pair by ~250 s;
 #   2. side by side, until the end: the strategy latencies in two processes (each with its own base row,
 #      so each ratio is taken under the same load), learning (one ~200-token document with the default
 #      strategy `finetune` and with `ttt`; 1,000 documents at once with a fixed number of epochs against
@@ -50,7 +57,7 @@ part() {  # part NAME SECONDS ARGS...: one speed.py process, logged, stopped aft
   echo "$name: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
 }
 if [ -n "$QUICK" ]; then
-  part streams $(( limit * 35 / 100 )) --sections streams --threads 1
+  part streams $(( limit * 35 / 100 )) --sections streams --threads 1 --host-check none
   t=$(left)
   part strategies-a "$t" --sections strategies --threads 1 --strategies none,knowledge_store,retrieval &
   part strategies-b "$t" --sections strategies --threads 1 --strategies none,ttt \
@@ -63,7 +70,8 @@ if [ -n "$QUICK" ]; then
   wait
 else
   # bf16 (the GPU default) and the compiled backend (static KV cache + CUDA graphs).
-  part streams $(( limit * 40 / 100 )) --sections streams --streams 1,64,256 --new-tokens 64
+  part streams $(( limit * ${STREAMS_SHARE:-55} / 100 )) --sections streams --streams 1,64,256 \
+    --eager-streams 1 --unfused 1,64 --host-check 1 --profile --new-tokens 64
   t=$(left)
   # Strategies that change the forward pass first; retrieval and memory_bank need the MiniLM embedder
   # (device.sh ready): without it they are skipped with a log line.

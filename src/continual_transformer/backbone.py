@@ -230,12 +230,20 @@ class Backbone:
         self._lean_caches: dict[tuple[int, int], Any] = {}
         self._lean_steps: dict[str, Any] = {}  # the lean loop's decoding step, compiled once per compile mode
         self._lean_mode: str | None = None  # the compile mode of the lean step (None: not yet chosen)
+        # inductor options of the lean step (torch.compile's ``options``), e.g. coordinate_descent_tuning: a
+        # benchmark's comparison; a change compiles the step again
+        self.lean_inductor_options: dict[str, Any] = {}
+        # ``grouped``: compiled decoding steps attend with modules.grouped_attention (each key/value head read
+        # once for its query heads, no repeated cache) where the model uses ``sdpa``: a benchmark's comparison
+        self.lean_attention: str | None = None
         self._lean_failed = False  # the lean loop failed once: Hugging Face's generate decodes from then on
         # decoding chunks recorded as CUDA graphs, by the (batch, length) of their static KV cache
         self._lean_graphs: dict[tuple[int, int], _Chunk] = {}
         self._static_cache_capturable: bool | None = (
             None  # every static cache layer keeps its length on the device
         )
+        self._fusion: Any = None  # fused q/k/v and gate/up products of compiled decoding, made on first use
+        self._prompt_graphs_failed = False  # recording a prompt pass failed once: prompts run uncaptured
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -293,6 +301,7 @@ class Backbone:
                     self.model, {nn.Linear: per_channel}, dtype=torch.qint8, inplace=True
                 )
         self.quantized = kind
+        self._fusion = None
         self._lean_caches.clear()
         self._lean_graphs.clear()
         self._lean_steps.clear()
@@ -493,9 +502,11 @@ class Backbone:
     # (batch, length), runs the prompt once uncompiled, then one decoding step per token (compiled, and
     # replayed as a CUDA graph on a GPU), picks tokens on the device and checks for EOS every few tokens. On a
     # GPU, where nothing decides on the host (no processors, hooks or strategy modules), a whole chunk of
-    # steps with their token picking is recorded as one CUDA graph, so the host does no work per token. It
-    # produces the tokens generate produces (greedy; the same processors in the same order; tests compare
-    # them); anything else (sampling, a streamer, other generate options) goes to generate.
+    # steps with their token picking is recorded as one CUDA graph, and so is the prompt pass, so the host
+    # does no work per token. The compiled steps compute q/k/v and gate/up as one product each
+    # (generation.fused_projections): fewer kernels per step. It produces the tokens generate produces
+    # (greedy; the same processors in the same order; tests compare them); anything else (sampling, a
+    # streamer, other generate options) goes to generate.
 
     def _lean_applies(self, gen_config: HFGenerationConfig, kwargs: dict[str, Any]) -> bool:
         return (
@@ -533,7 +544,8 @@ class Backbone:
             if mode == "graphs" and not self._graphs_apply(gen_config, kwargs):
                 mode = "reduce-overhead"
             try:
-                return self._lean_decode(batch, gen_config, kwargs, mode)
+                with self._fused_projections(mode), self._grouped_attention(mode):
+                    return self._lean_decode(batch, gen_config, kwargs, mode)
             except Exception as exc:
                 following = {
                     "graphs": "reduce-overhead",
@@ -557,6 +569,44 @@ class Backbone:
             return "plain"
         return self._lean_mode
 
+    @contextmanager
+    def _fused_projections(self, mode: str) -> Iterator[None]:
+        """The compiled steps (every ``mode`` but ``plain``) run with each layer's q/k/v and gate/up products
+        computed as one product each (:class:`~continual_transformer.modules.fused_linear.Fusion`, weights
+        copied from the model's at every call; layers a strategy wrapped or hooked keep their own), where
+        ``generation.fused_projections`` says so; the original layers are back in place after the call. The
+        plain step, the last of the fallback chain, always runs the model as it is."""
+        setting = self.generation.fused_projections
+        if mode == "plain" or setting == "never" or (setting == "auto" and self.device.type != "cuda"):
+            yield
+            return
+        from continual_transformer.modules.fused_linear import Fusion
+
+        if self._fusion is None:
+            self._fusion = Fusion()
+        self._fusion.install(self.model)
+        try:
+            yield
+        finally:
+            self._fusion.remove()
+
+    @contextmanager
+    def _grouped_attention(self, mode: str) -> Iterator[None]:
+        """With :attr:`lean_attention` ``grouped``, the compiled steps (not ``plain``) of a model on ``sdpa``
+        attention run :func:`~continual_transformer.modules.grouped_attention.grouped_sdpa_attention` (the
+        model's attention implementation switched for the call, restored after)."""
+        config = self.model.config
+        if mode == "plain" or self.lean_attention != "grouped" or config._attn_implementation != "sdpa":
+            yield
+            return
+        from continual_transformer.modules.grouped_attention import register
+
+        config._attn_implementation = register()
+        try:
+            yield
+        finally:
+            config._attn_implementation = "sdpa"
+
     def _graphs_apply(self, gen_config: HFGenerationConfig, kwargs: dict[str, Any]) -> bool:
         """Whether a call may decode in recorded chunks (:meth:`_chunked_decode`). A CUDA graph replays what
         it recorded without running Python, so nothing may decide on the host per call or per token: no
@@ -575,11 +625,13 @@ class Backbone:
                 and isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
                 for layer in layers
             )
+        from continual_transformer.modules.fused_linear import FusedMember
+
         return (
             self._static_cache_capturable
             and not _installed_hooks(self.model)
             and all(
-                type(module).__module__.startswith(("torch.", "transformers."))
+                type(module).__module__.startswith(("torch.", "transformers.")) or type(module) is FusedMember
                 for module in self.model.modules()
             )
         )
@@ -605,7 +657,9 @@ class Backbone:
     def _lean_step(self, mode: str) -> Callable[..., torch.Tensor]:
         """The decoding step: next-token logits (B, V) of one new token per row (the cache updated in
         place)."""
-        if mode not in self._lean_steps:
+        options = self.lean_inductor_options
+        key = mode if mode == "plain" or not options else f"{mode} {sorted(options.items())}"
+        if key not in self._lean_steps:
             model, keyword = self.model, self._cache_keyword()
 
             def step(token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any) -> Any:
@@ -618,10 +672,16 @@ class Backbone:
                 )
                 return out.logits[:, -1, :]
 
-            self._lean_steps[mode] = (
-                step if mode == "plain" else torch.compile(step, mode=mode, fullgraph=False, dynamic=False)
-            )
-        return self._lean_steps[mode]
+            if mode == "plain":
+                self._lean_steps[key] = step
+            elif options:  # torch.compile takes a mode or options: reduce-overhead is the cudagraphs option
+                graphs = {"triton.cudagraphs": True} if mode == "reduce-overhead" else {}
+                self._lean_steps[key] = torch.compile(
+                    step, options={**options, **graphs}, fullgraph=False, dynamic=False
+                )
+            else:
+                self._lean_steps[key] = torch.compile(step, mode=mode, fullgraph=False, dynamic=False)
+        return self._lean_steps[key]
 
     def _lean_decode(
         self,
@@ -670,15 +730,17 @@ class Backbone:
         return _cut_after_eos(out[:, : width + done], width, eos_ids)
 
     def _prefill(
-        self, ids: torch.Tensor, mask: torch.Tensor, cache: Any
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, *, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt run once into ``cache``: its last logits (B, V) and the position of the first new
-        token (B, 1)."""
+        token (B, 1). With ``length`` (the cache's positions) the mask reaches the model as a (B, 1, T,
+        length) additive mask (:func:`_prompt_mask`): Hugging Face's own mask code, which reads the padding
+        on the host, is skipped, so the pass can be recorded as a CUDA graph."""
         position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         extra = {"logits_to_keep": 1} if _accepts(self.model.forward, "logits_to_keep") else {}
         logits = self.model(
             input_ids=ids,
-            attention_mask=mask,
+            attention_mask=mask if length is None else _prompt_mask(mask, length, self.dtype),
             position_ids=position,
             use_cache=True,
             **{self._cache_keyword(): cache},
@@ -709,13 +771,37 @@ class Backbone:
         cache = self._lean_cache(rows, length)
         step = self._lean_step("default" if capture else "plain")
         key = (rows, length)
-        structure = (_model_structure(self.model), tuple(eos_list), pad) if capture else None
+        structure = (
+            (
+                _model_structure(self.model),
+                self.model.config._attn_implementation,
+                tuple(eos_list),
+                pad,
+                id(step),
+            )
+            if capture
+            else None
+        )
         chunk = self._lean_graphs.get(key) if capture else None
+        from continual_transformer.modules.grouped_attention import NAME as GROUPED
 
-        def start(chunk: _Chunk) -> None:  # the prompt, and the first token picked from its logits
-            logits, position = self._prefill(ids, mask, cache)
-            chunk.begin(ids, mask, position, width + min_new)
+        # attention implementations that take a (B, 1, T, L) additive mask (the prompt pass can be recorded)
+        square = getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager", GROUPED)
+
+        def prompt(chunk: _Chunk) -> None:  # the prompt from the chunk's buffers, the first token picked
+            logits, position = self._prefill(
+                chunk.out[:, :width], chunk.mask[:, :width], cache, length=length if square else None
+            )
+            chunk.position.copy_(position)
             chunk.pick(logits)
+
+        def start(chunk: _Chunk) -> None:
+            chunk.begin(ids, mask, width + min_new)
+            recorded = chunk.prompts.get(width)
+            if recorded is not None:
+                recorded.replay()
+            else:
+                prompt(chunk)
 
         def run(chunk: _Chunk) -> None:
             for _ in range(_EOS_CHECK_EVERY):
@@ -737,6 +823,20 @@ class Backbone:
                 self._lean_graphs[key] = chunk
                 cache.reset()
                 logger.info("lean decoding: a chunk of %d steps recorded for %d x %d", _EOS_CHECK_EVERY, *key)
+        if capture and square and width not in chunk.prompts and not self._prompt_graphs_failed:
+
+            def warm_prompt(chunk: _Chunk = chunk) -> None:
+                cache.reset()
+                chunk.begin(ids, mask, width + min_new)
+                prompt(chunk)
+
+            try:
+                chunk.prompts[width] = self._record_chunk(ids.device, warm_prompt, lambda: prompt(chunk))
+                logger.info("lean decoding: the prompt pass recorded for %d x %d", rows, width)
+            except Exception as exc:  # the prompt then runs uncaptured, as before; the chunks are unaffected
+                self._prompt_graphs_failed = True
+                logger.warning("lean decoding: recording the prompt pass failed (%s); it runs eagerly", exc)
+            cache.reset()
         start(chunk)
         done = 1
         while done < new and (done == 1 or bool(chunk.unfinished.any())):  # sync: once per chunk
@@ -1168,15 +1268,17 @@ class _Chunk:
         self.eos_bar = torch.zeros(vocab, dtype=torch.float32, device=device)
         self.eos_bar[self.eos_ids] = -math.inf
         self.graph: Any = None
+        self.prompts: dict[int, Any] = {}  # the prompt pass recorded as a CUDA graph, by prompt width
         self.structure: Any = None
 
-    def begin(self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, min_column: int) -> None:
+    def begin(self, ids: torch.Tensor, mask: torch.Tensor, min_column: int) -> None:
+        """The prompt (B, T) and its mask written into the buffers (the positions follow from the prompt
+        pass)."""
         width = ids.shape[1]
         self.out.fill_(self.pad)
         self.out[:, :width] = ids
         self.mask.fill_(1)
         self.mask[:, :width] = mask
-        self.position.copy_(position)
         self.column.fill_(width)
         self.min_column.fill_(min_column)
         self.unfinished.fill_(True)
@@ -1281,6 +1383,19 @@ def _with_taps(pairs: list[tuple[_Tap, Any]], processors: Any) -> Any:
     return LogitsProcessorList(
         [_TapsToCaptures(pairs), *(processors or []), _TapsToCaptures(pairs, release=True)]
     )
+
+
+def _prompt_mask(mask: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, 1, T, length) additive attention mask of prompts (B, T) run into an empty cache of ``length``
+    positions: position i sees the prompt's tokens up to i (0), nothing else (the dtype's minimum; a padding
+    position, which sees nothing, attends evenly and is never seen)."""
+    rows, width = mask.shape
+    query = torch.arange(width, device=mask.device)[:, None]  # (T, 1)
+    key = torch.arange(length, device=mask.device)[None, :]  # (1, L)
+    tokens = F.pad(mask.bool(), (0, length - width))[:, None, :]  # (B, 1, L)
+    seen = (key <= query)[None] & tokens  # (B, T, L)
+    blocked = torch.zeros(seen.shape, dtype=dtype, device=mask.device)
+    return blocked.masked_fill(~seen, torch.finfo(dtype).min)[:, None]
 
 
 def _pad_left(batch: dict[str, torch.Tensor], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:

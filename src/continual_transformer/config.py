@@ -136,8 +136,19 @@ class GenerationConfig:
     threads: int = 0
     """CPU threads used while generating (``torch.set_num_threads`` for the call, restored afterwards); 0
     leaves PyTorch's setting alone."""
+    fused_projections: str = "auto"
+    """On the ``compiled`` backend, q/k/v and gate/up products computed as one matrix product each
+    (:mod:`~continual_transformer.modules.fused_linear`; layers a strategy wrapped or hooked are left as
+    they are): ``always``, ``never`` or ``auto`` (on a GPU, where a decoding step is bound by kernel
+    launches; a CPU step is bound by reading the weights, which fusing does not reduce, and each call
+    copies the fused weights). Same tokens as unfused up to rounding."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.fused_projections in ("auto", "always", "never"),
+            "generation.fused_projections",
+            f"must be auto, always or never, got {self.fused_projections!r}",
+        )
         _check(
             self.backend in GENERATION_BACKENDS,
             "generation.backend",

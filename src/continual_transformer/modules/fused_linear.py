@@ -1,0 +1,190 @@
+"""Sibling linear layers that read one input (q/k/v, gate/up) computed as one matrix product while decoding.
+
+A decoding step of a small model on a GPU is bound by kernel launches, not by arithmetic: a Llama layer runs
+three products for q, k and v and two for gate and up, each a kernel of a few microseconds on one row. Here
+each such group of ``nn.Linear`` siblings is stood in for by :class:`FusedMember` modules sharing one
+concatenated weight: the first member called with an input computes the whole group's product and keeps the
+other members' slices, which they return when called with the same input. The parent module's code (Hugging
+Face's attention and MLP) runs unchanged, and so do hooks on the parent.
+
+:meth:`Fusion.install` swaps the members in and :meth:`Fusion.remove` puts the original layers back. While
+they stand in, the model's parameters and ``state_dict`` are unchanged (the members hold the originals'
+parameters under their names). The concatenated weights are copies, refreshed from the originals each time
+the fusion is installed, so a strategy that trains the base weights in place between calls is seen. A group
+is left alone (layer by layer) when a member is not a plain
+``nn.Linear`` (a LoRA wrapper, an int8 layer), carries hooks, or its members disagree on input width, bias,
+dtype or device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Names of sibling linear layers that read the same input in Llama-style attention and gated MLPs."""
+
+
+class FusedGroup:
+    """One group of sibling linear layers: the originals, their concatenated weight (and bias) and the
+    slices computed for members not yet called (a plain object: no parameters of its own)."""
+
+    def __init__(self, parent: nn.Module, names: Sequence[str], originals: Sequence[nn.Linear]) -> None:
+        self.parent, self.names, self.originals = parent, tuple(names), tuple(originals)
+        self.sizes = [layer.out_features for layer in originals]
+        # normal tensors even when first made inside inference mode (generate), so a later refresh outside it
+        # may write them
+        with torch.inference_mode(False), torch.no_grad():
+            weight = torch.cat([layer.weight for layer in originals])  # (sum of outputs, in)
+            bias = torch.cat([layer.bias for layer in originals]) if originals[0].bias is not None else None
+        self.members = [FusedMember(self, i, layer, weight, bias) for i, layer in enumerate(originals)]
+        self.input: torch.Tensor | None = None
+        self.pending: list[torch.Tensor | None] = [None] * len(originals)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.members[0].fused_weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.members[0].fused_bias
+
+    def installed(self) -> bool:
+        return all(getattr(self.parent, n) is m for n, m in zip(self.names, self.members))
+
+    def current(self) -> bool:
+        """Whether the parent still holds the layers this group was built from, unchanged in shape, dtype
+        and device (``model.to(...)`` keeps the modules and replaces their tensors)."""
+        weight = self.weight
+        return all(
+            getattr(self.parent, n, None) is layer
+            and layer.weight.shape == (size, weight.shape[1])
+            and layer.weight.dtype == weight.dtype
+            and layer.weight.device == weight.device
+            and (layer.bias is None) == (self.bias is None)
+            for n, layer, size in zip(self.names, self.originals, self.sizes)
+        )
+
+    def refresh(self) -> None:
+        """Copy the originals' current weights into the concatenated ones (one kernel per tensor)."""
+        with torch.no_grad():
+            torch.cat([layer.weight for layer in self.originals], out=self.weight)
+            if self.bias is not None:
+                torch.cat([layer.bias for layer in self.originals], out=self.bias)
+
+    def install(self) -> None:
+        for name, member in zip(self.names, self.members):
+            setattr(self.parent, name, member)
+
+    def remove(self) -> None:
+        for name, layer in zip(self.names, self.originals):
+            setattr(self.parent, name, layer)
+        self.input, self.pending = None, [None] * len(self.originals)
+
+
+class FusedMember(nn.Module):
+    """Stands in for member ``index`` of a :class:`FusedGroup`: returns the slice of the group's product kept
+    for it when called with the input that product was computed from, else computes the product (one kernel)
+    and keeps the other members' slices. It holds the original layer's parameters under their names (the
+    model's parameters and ``state_dict`` stay the same while it stands in) and the group's concatenated
+    weight and bias as buffers that are not saved (one tensor each, shared by the members)."""
+
+    def __init__(
+        self,
+        group: FusedGroup,
+        index: int,
+        original: nn.Linear,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.group, self.index = group, index
+        self.weight = original.weight
+        self.bias = original.bias
+        self.register_buffer("fused_weight", weight, persistent=False)
+        self.register_buffer("fused_bias", bias, persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        group = self.group
+        kept = group.pending[self.index]
+        if kept is not None and group.input is hidden:
+            pending = list(group.pending)
+            pending[self.index] = None
+            group.pending = pending
+            if all(p is None for p in pending):
+                group.input = None  # nothing kept past the group's last member
+            return kept
+        outputs = F.linear(hidden, self.fused_weight, self.fused_bias).split(
+            group.sizes, dim=-1
+        )  # (..., out_i) each
+        group.input = hidden
+        group.pending = [None if i == self.index else out for i, out in enumerate(outputs)]
+        return outputs[self.index]
+
+    def extra_repr(self) -> str:
+        return f"member {self.index} of {'/'.join(self.group.names)}, out={self.group.sizes[self.index]}"
+
+
+def _fusable(parent: nn.Module, names: Sequence[str]) -> list[nn.Linear] | None:
+    """The members of a group under ``parent`` when they can be fused, else ``None``."""
+    layers = [getattr(parent, name, None) for name in names]
+    if not all(type(layer) is nn.Linear for layer in layers):  # a wrapper (LoRA), int8, or missing
+        return None
+    first = layers[0]
+    for layer in layers:
+        if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks:
+            return None
+        if layer.in_features != first.in_features or (layer.bias is None) != (first.bias is None):
+            return None
+        if layer.weight.dtype != first.weight.dtype or layer.weight.device != first.weight.device:
+            return None
+    return layers  # type: ignore[return-value]
+
+
+class Fusion:
+    """The fused groups of one model (built once, kept by the caller and installed per use).
+
+    :meth:`install` swaps in every group that still applies (groups whose layers a strategy replaced or
+    hooked since are dropped, new plain groups are built) after refreshing their weights; :meth:`remove`
+    puts the original layers back."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[int, tuple[str, ...]], FusedGroup] = {}
+
+    def install(self, model: nn.Module) -> list[FusedGroup]:
+        if any(group.installed() for group in self.groups.values()):
+            raise RuntimeError("the fusion is installed already")
+        active: dict[tuple[int, tuple[str, ...]], FusedGroup] = {}
+        for parent in model.modules():
+            for names in GROUPS:
+                layers = _fusable(parent, names)
+                if layers is None:
+                    continue
+                key = (id(parent), names)
+                group = self.groups.get(key)
+                if group is None or group.parent is not parent or not group.current():
+                    group = FusedGroup(parent, names, layers)
+                active[key] = group
+        self.groups = active
+        installed = []
+        try:
+            for group in active.values():
+                group.refresh()
+                group.install()
+                installed.append(group)
+        except BaseException:
+            for group in installed:
+                group.remove()
+            raise
+        return installed
+
+    def remove(self) -> None:
+        for group in self.groups.values():
+            if group.installed():
+                group.remove()

@@ -1,0 +1,71 @@
+"""Decoding attention that reads each key/value head once for its group of query heads.
+
+With grouped-query attention (SmolLM2: 9 query heads, 3 key/value heads) Hugging Face's ``sdpa`` attention,
+when compiled, repeats the cached keys and values to one copy per query head before the product: two copies
+of the whole cache per layer and step (at 64 rows and 136 positions, ~20 MB per layer), two more kernels per
+layer. For one new token per row the repeat is not needed: a key/value head's query heads are its queries
+(B, KV, G, D), which is what Hugging Face does uncompiled (``pack_gqa``). :func:`grouped_sdpa_attention`
+does that for one-token queries whose mask is shared by the heads and hands everything else to Hugging Face's
+``sdpa`` attention; :func:`register` makes it a named attention implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NAME = "ctt_grouped_sdpa"
+"""The attention implementation's name (``config._attn_implementation``) once :func:`register` ran."""
+
+
+def grouped_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Hugging Face's attention-function signature: query (B, H, T, D), key and value (B, KV, L, D), mask
+    (B, 1, T, L) or ``None``; returns (B, T, H, D) and no weights."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    rows, heads, length, dim = query.shape
+    if (
+        length != 1
+        or groups == 1
+        or dropout
+        or kwargs.get("position_bias") is not None
+        or (attention_mask is not None and attention_mask.shape[1] != 1)
+    ):
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    grouped = query.reshape(rows, heads // groups, groups, dim)  # (B, KV, G, D): one row per query head
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None  # (B, 1, H, D)
+
+
+def register() -> str:
+    """Register :func:`grouped_sdpa_attention` (and ``sdpa``'s mask) under :data:`NAME`; returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, grouped_sdpa_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
