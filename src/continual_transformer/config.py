@@ -458,11 +458,6 @@ class OptimArgs:
         _check(self.stop_loss >= 0, "optim.stop_loss", "must be >= 0 (0 disables early stopping)")
         _check(self.pack_tokens >= 0, "optim.pack_tokens", "must be >= 0 (0 disables packing)")
 
-    @property
-    def fast_steps(self) -> bool:
-        """True when any speed option is set (steps then read their losses once per epoch)."""
-        return bool(self.pack_tokens or self.autocast or self.compile)
-
 
 @dataclass(frozen=True, kw_only=True)
 class GateArgs:
