@@ -91,3 +91,18 @@ def test_learn_documents_of_one_document_is_learn(tokenizer):
     ra, rb = a.learn_documents([TEXTS[0]])[0], b.learn_document(TEXTS[0])
     assert ra.step_losses == rb.step_losses and ra.loss_after == rb.loss_after
     assert dataclasses.asdict(a.stats()) == dataclasses.asdict(b.stats())
+
+
+@pytest.mark.parametrize("budget", [40, 8192])
+def test_document_losses_in_length_sorted_batches_equal_each_document_alone(tokenizer, monkeypatch, budget):
+    from continual_transformer.documents import make_document
+    from continual_transformer.strategies import base
+
+    monkeypatch.setattr(base, "DOCUMENT_NLL_TOKENS", budget)  # 40: several batches, one document alone
+    ct = ContinualTransformer(make_backbone(tokenizer), strategy="finetune", config=fast_config())
+    texts = [TEXTS[2], TEXTS[0], " ".join(TEXTS), TEXTS[3], TEXTS[1]]
+    docs = [make_document(t, f"d{i}") for i, t in enumerate(texts)]
+    together = ct.strategy._document_nll(docs)
+    alone = [float(ct.strategy.backbone.token_nll([t])[0].mean()) for t in texts]
+    assert together == pytest.approx(alone, rel=1e-5)
+    assert len(set(together)) == len(texts)

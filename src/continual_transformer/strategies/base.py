@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from continual_transformer.training import Example
 
 
+DOCUMENT_NLL_TOKENS = 8192
+"""Tokens (rows x longest row) per forward pass when many documents' losses are measured."""
+
+
 @dataclass(frozen=True)
 class DecodingInput:
     """What greedy answering of one prompt decodes: the exact model text, and a logit bias added at every step
@@ -162,9 +166,26 @@ class Strategy(ABC):
         return shared_reports(documents, tokens, loss_before, loss_after, seconds, figures)
 
     def _document_nll(self, documents: Sequence[Document]) -> list[float]:
-        """Each document's mean NLL as this strategy scores it, in batches."""
-        values = self.backbone.token_nll([d.text for d in documents], hooks=self._hooks)
-        return [float(v.mean()) if v.numel() else 0.0 for v in values]
+        """Each document's mean NLL as this strategy scores it: documents sorted by length, in batches of up
+        to :data:`DOCUMENT_NLL_TOKENS` tokens (few forward passes for many short documents, little
+        padding)."""
+        texts = [d.text for d in documents]
+        lengths = [len(ids) for ids in self.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        out: list[float] = [0.0] * len(texts)
+        groups: list[list[int]] = [[]]
+        for i in sorted(range(len(texts)), key=lambda i: lengths[i]):
+            if groups[-1] and (len(groups[-1]) + 1) * (lengths[i] + 2) > DOCUMENT_NLL_TOKENS:
+                groups.append([])
+            groups[-1].append(i)
+        for group in groups:
+            if not group:
+                continue
+            values = self.backbone.token_nll(
+                [texts[i] for i in group], hooks=self._hooks, batch_size=len(group)
+            )
+            for i, v in zip(group, values):
+                out[i] = float(v.mean()) if v.numel() else 0.0
+        return out
 
     # -- answering -------------------------------------------------------------------------------------------
     def shares_decoding(self) -> bool:
