@@ -106,3 +106,21 @@ def test_document_losses_in_length_sorted_batches_equal_each_document_alone(toke
     alone = [float(ct.strategy.backbone.token_nll([t])[0].mean()) for t in texts]
     assert together == pytest.approx(alone, rel=1e-5)
     assert len(set(together)) == len(texts)
+
+
+@pytest.mark.parametrize("pack", [0, 64])
+def test_batches_padded_wider_give_the_same_loss(tokenizer, pack):
+    """Compiled steps pad batches to 64-position buckets: the extra positions change nothing."""
+    backbone = make_backbone(tokenizer)
+    examples = _examples(backbone)
+    if pack:
+        examples = training.pack_examples(examples, pack)
+    pad = backbone.tokenizer.pad_token_id
+    with torch.no_grad():
+        plain = training.collate(examples, pad, backbone.device)
+        wide = training.collate(examples, pad, backbone.device, width=plain["input_ids"].shape[1] + 37)
+        assert wide["input_ids"].shape[1] == plain["input_ids"].shape[1] + 37
+        if pack:
+            assert wide["position_ids"].shape == wide["input_ids"].shape
+        loss, wide_loss = training.next_token_loss(backbone, plain), training.next_token_loss(backbone, wide)
+    assert torch.allclose(loss, wide_loss, rtol=1e-5)

@@ -442,7 +442,9 @@ class OptimArgs:
     """Run forward and backward under bfloat16 autocast on a GPU; weights and optimiser keep their own dtype
     (float32 master weights stay float32)."""
     compile: bool = False
-    """``torch.compile`` the step's loss (one graph per batch shape: pair with ``pack_tokens``)."""
+    """``torch.compile`` the step's forward pass and loss (one graph per batch shape; batches are padded to
+    64-position buckets, so documents of similar length share one; pair with ``pack_tokens``). The first
+    step of each shape compiles (tens of seconds on a 135M model)."""
 
     def __post_init__(self) -> None:
         _check(

@@ -98,9 +98,15 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> Batch:
-    """Right-padded ``input_ids``, ``labels`` (-100 on padding) and ``attention_mask``, plus the extras."""
-    width = max(len(e.input_ids) for e in examples)
+COMPILE_WIDTH_MULTIPLE = 64
+"""With ``optim.compile``, batches are padded to a multiple of this many positions: one compiled graph then
+serves every batch of the same rows whose longest example falls in the same 64-token bucket."""
+
+
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device, *, width: int = 0) -> Batch:
+    """Right-padded ``input_ids``, ``labels`` (-100 on padding) and ``attention_mask``, plus the extras; at
+    least ``width`` positions wide (``position_ids``, token-aligned, padded to the same width with zeros)."""
+    width = max(width, *(len(e.input_ids) for e in examples))
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
@@ -119,7 +125,7 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> B
         raise ValueError("every example of a batch must carry the same extras")
     for key in sorted(keys):
         tensors = [e.extras[key] for e in examples]
-        longest = max(t.shape[0] for t in tensors)
+        longest = width if key == "position_ids" else max(t.shape[0] for t in tensors)
         stacked = tensors[0].new_zeros((len(tensors), longest, *tensors[0].shape[1:]))
         for row, tensor in enumerate(tensors):
             stacked[row, : tensor.shape[0]] = tensor
@@ -258,24 +264,30 @@ class ReferenceLogits:
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
             ).logits
 
+    @property
+    def width(self) -> int:
+        """Positions of every row's logits: the longest row's length."""
+        return max(self.lengths)
+
     def __call__(self, backbone: Backbone, indices: Sequence[int]) -> torch.Tensor:
-        """Reference logits of the rows ``indices`` (k, L, V), L the longest of those rows."""
-        width = max(self.lengths[i] for i in indices)
+        """Reference logits of the rows ``indices`` (k, L, V), L = :attr:`width` (zeros past a row's end)."""
         autocast = torch.is_autocast_enabled(backbone.device.type)
         if self._kept is None or self._kept_autocast != autocast:
             self._kept = None
             vocab = backbone.model.get_output_embeddings().weight.shape[0]
             itemsize = torch.empty((), dtype=backbone.dtype).element_size()
-            if len(self.rows) * max(self.lengths) * vocab * itemsize > self.max_bytes:
-                return self._forward(backbone, [self.rows[i] for i in indices])
-            longest = max(self.lengths)
-            parts = []
-            for start in range(0, len(self.rows), self.batch_size):
-                logits = self._forward(backbone, self.rows[start : start + self.batch_size])
-                parts.append(torch.nn.functional.pad(logits, (0, 0, 0, longest - logits.shape[1])))
+            if len(self.rows) * self.width * vocab * itemsize > self.max_bytes:
+                return self._padded(self._forward(backbone, [self.rows[i] for i in indices]))
+            parts = [
+                self._padded(self._forward(backbone, self.rows[start : start + self.batch_size]))
+                for start in range(0, len(self.rows), self.batch_size)
+            ]
             self._kept, self._kept_autocast = torch.cat(parts), autocast  # (N, L, V)
         index = to_device(torch.tensor(list(indices), dtype=torch.long), self._kept.device)
-        return self._kept[index, :width]
+        return self._kept[index]
+
+    def _padded(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(logits, (0, 0, 0, self.width - logits.shape[1]))
 
 
 class Anchor:
@@ -310,10 +322,10 @@ class Anchor:
         return out
 
     def mask(self, indices: Sequence[int], device: torch.device) -> torch.Tensor:
-        """(k, L) 1 on the real tokens of the drawn rows, L the longest of them."""
+        """(k, L) 1 on the real tokens of the drawn rows, L the reference's width (the same every step)."""
         lengths = torch.tensor([self.reference.lengths[i] for i in indices])
-        width = int(lengths.max())
-        return to_device((torch.arange(width)[None, :] < lengths[:, None]).long(), device)
+        positions = torch.arange(self.reference.width)
+        return to_device((positions[None, :] < lengths[:, None]).long(), device)
 
     def targets(self, backbone: Backbone, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference logits (k, L, V) and the mask (k, L) of the drawn rows."""
@@ -323,7 +335,8 @@ class Anchor:
         """The weighted KL of the next draw, from a forward pass of its own."""
         indices = self.draw()
         rows = [self.reference.rows[i] for i in indices]
-        batch = collate([Example(r, r) for r in rows], backbone.tokenizer.pad_token_id, backbone.device)
+        pad = backbone.tokenizer.pad_token_id
+        batch = collate([Example(r, r) for r in rows], pad, backbone.device, width=self.reference.width)
         logits = model_logits(backbone, batch)
         reference, mask = self.targets(backbone, indices)
         return self.weight * kl_to_reference(reference, logits[:, : mask.shape[1]], mask)
@@ -402,15 +415,22 @@ def train(
             epoch_losses: list[torch.Tensor] = []
             for start in range(0, len(order), batch_size):
                 chosen = [examples[i] for i in order[start : start + batch_size]]
+                width = max(len(e.input_ids) for e in chosen)
+                if fused:
+                    assert anchor is not None
+                    width = max(width, anchor.reference.width)
+                if optim.compile:  # a bucket of widths, so few graphs serve many lengths
+                    width = -(-width // COMPILE_WIDTH_MULTIPLE) * COMPILE_WIDTH_MULTIPLE
                 with autocast:
                     if fused:
                         assert anchor is not None
                         drawn = anchor.draw()
-                        batch = collate(chosen + anchor.examples(drawn, chosen[0]), pad, backbone.device)
+                        rows = chosen + anchor.examples(drawn, chosen[0])
+                        batch = collate(rows, pad, backbone.device, width=width)
                         loss, kl = step_loss(backbone, batch, len(chosen), *anchor.targets(backbone, drawn))
                         total = loss + anchor.weight * kl
                     else:
-                        loss = step_loss(backbone, collate(chosen, pad, backbone.device))
+                        loss = step_loss(backbone, collate(chosen, pad, backbone.device, width=width))
                         total = loss + anchor.separate_term(backbone) if anchor is not None else loss
                     if regularizer is not None:
                         total = total + regularizer()
