@@ -332,11 +332,12 @@ def learn1(
             name, section = spec_config(config, _optim_changes(spec, optim))
             strategy = registry.get(name)(backbone, section, settings=config)
             try:
-                strategy.learn(warm)  # warm-up: kernels, compilation
+                first_s, _ = timed(lambda s=strategy: s.learn(warm), backbone.device, 1)  # kernels, compiling
                 strategy.reset()
                 seconds, report = timed(lambda s=strategy: s.learn(doc), backbone.device, 1)
                 row[label] = {
                     "seconds": seconds,
+                    "first_call_seconds": first_s,
                     "steps": report.extra.get("steps"),
                     "loss_before": report.loss_before,
                     "loss_after": report.loss_after,
@@ -346,11 +347,12 @@ def learn1(
             finally:
                 strategy.close()
             logger.info(
-                "learn one doc, %s %s: %.2fs (%s)",
+                "learn one doc, %s %s: %.2fs (%s; first call %.1fs)",
                 spec,
                 label,
                 row[label]["seconds"],
                 row[label]["phase_seconds"],
+                row[label]["first_call_seconds"],
             )
             save()
         row["speedup"] = row["default"]["seconds"] / row["fast"]["seconds"]
@@ -395,7 +397,10 @@ def learn_many(
     name, section = spec_config(config, _optim_changes(spec, optim))
     strategy = registry.get(name)(backbone, section, settings=config)
     try:
-        strategy.learn_documents(docs[: max(2, len(docs) // 50)])  # warm-up
+        # warm-up (kernels; with optim.compile, the graphs: enough documents for a full batch of packed rows)
+        first_s, _ = timed(
+            lambda: strategy.learn_documents(docs[: max(2, len(docs) // 5)]), backbone.device, 1
+        )
         strategy.reset()
         seconds, reports = timed(lambda: strategy.learn_documents(docs), backbone.device, 1)
         before = statistics.fmean(r.loss_before for r in reports)
@@ -407,6 +412,8 @@ def learn_many(
             "mean_loss_before": before,
             "mean_loss_after": after,
             "phase_seconds": reports[0].extra.get("phase_seconds"),
+            "warmup_documents": max(2, len(docs) // 5),
+            "warmup_seconds": first_s,
             "optim": optim,
             "epochs": section.optim.epochs,
         }

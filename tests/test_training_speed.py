@@ -110,7 +110,8 @@ def test_document_losses_in_length_sorted_batches_equal_each_document_alone(toke
 
 @pytest.mark.parametrize("pack", [0, 64])
 def test_batches_padded_wider_give_the_same_loss(tokenizer, pack):
-    """Compiled steps pad batches to 64-position buckets: the extra positions change nothing."""
+    """Compiled steps pad batches to 64-position buckets and fill an epoch's last batch with empty rows: the
+    extra positions and rows change nothing."""
     backbone = make_backbone(tokenizer)
     examples = _examples(backbone)
     if pack:
@@ -123,4 +124,9 @@ def test_batches_padded_wider_give_the_same_loss(tokenizer, pack):
         if pack:
             assert wide["position_ids"].shape == wide["input_ids"].shape
         loss, wide_loss = training.next_token_loss(backbone, plain), training.next_token_loss(backbone, wide)
-    assert torch.allclose(loss, wide_loss, rtol=1e-5)
+        filled = training.collate(
+            [*examples, *[training.empty_like(examples[0], pad)] * 3], pad, backbone.device
+        )  # rows that score nothing fill a batch to a fixed size
+        filled_loss = training.next_token_loss(backbone, filled)
+    assert filled["input_ids"].shape[0] == len(examples) + 3
+    assert torch.allclose(loss, wide_loss, rtol=1e-5) and torch.allclose(loss, filled_loss, rtol=1e-5)

@@ -133,6 +133,12 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device, *, w
     return batch
 
 
+def empty_like(example: Example, pad_id: int) -> Example:
+    """A row that scores nothing (one padding token), with ``example``'s extras emptied: it fills a batch to a
+    fixed number of rows and changes no loss (losses are means over scored tokens)."""
+    return Example((pad_id,), (IGNORE,), {key: value[:0] for key, value in example.extras.items()})
+
+
 def pack_examples(examples: Sequence[Example], length: int) -> list[Example]:
     """Examples packed into rows of at most ``length`` tokens (first fit, longest first; longer ones alone).
 
@@ -415,6 +421,8 @@ def train(
             epoch_losses: list[torch.Tensor] = []
             for start in range(0, len(order), batch_size):
                 chosen = [examples[i] for i in order[start : start + batch_size]]
+                if optim.compile:  # an epoch's last batch as full as the others: the same graph serves it
+                    chosen += [empty_like(chosen[0], pad)] * (min(batch_size, len(examples)) - len(chosen))
                 width = max(len(e.input_ids) for e in chosen)
                 if fused:
                     assert anchor is not None
