@@ -656,3 +656,15 @@ def test_anchor_draws_the_rows_of_the_reference_sampler():
     rng = random.Random(7)
     for _ in range(5):
         assert [rows[i] for i in anchor.draw()] == rng.sample(rows, 4)
+
+
+def test_alpha_host_copy_is_the_buffers_value_through_a_long_decay(tokenizer):
+    """The schedule reads alpha without a device read: the host copy is the float32 buffer's value exactly,
+    so a long decay gives the alphas a read of the buffer would."""
+    ct = build(tokenizer, alpha_initial=0.9, alpha_decay=0.93, alpha_min=0.0, epochs=1, sparse=False)
+    strategy = ct.strategy
+    expected = torch.tensor(0.9, dtype=torch.float32)
+    for _ in range(12):
+        strategy.after_training(Document(id="d", text=DOC), [1.0])
+        expected = torch.tensor(float(expected) * 0.93, dtype=torch.float32)
+        assert all(d.current_alpha == float(d.alpha) == float(expected) for d in strategy.duals)

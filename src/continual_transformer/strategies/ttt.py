@@ -705,8 +705,10 @@ class TTTStrategy(TrainingStrategy):
             losses[-1] if losses else float("nan"),
         )
         alpha = self.alpha
-        for dual in self.duals:
-            dual.set_alpha(max(cfg.alpha_min, alpha * cfg.alpha_decay))
+        decayed = max(cfg.alpha_min, alpha * cfg.alpha_decay)
+        if decayed != alpha:  # (learn_documents calls this once per document: no writes when nothing changes)
+            for dual in self.duals:
+                dual.set_alpha(decayed)
         neurons = [self._neurons_per_layer(d) if cfg.sparse else d.neurons for d in self.duals]
         return {
             "alpha": alpha,
@@ -721,7 +723,7 @@ class TTTStrategy(TrainingStrategy):
     @property
     def alpha(self) -> float:
         """The current ``alpha`` (the same in every wrapped layer)."""
-        return float(self.duals[0].alpha) if self.duals else self.config.alpha_initial
+        return self.duals[0].current_alpha if self.duals else self.config.alpha_initial
 
     # -- state -----------------------------------------------------------------------------------------------
     def trained_backbone_parameters(self) -> set[str]:
