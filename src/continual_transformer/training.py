@@ -318,14 +318,17 @@ class Anchor:
         """The rows of the next step (indices into ``reference.rows``)."""
         return self._rng.sample(range(len(self.reference.rows)), self.batch)
 
-    def examples(self, indices: Sequence[int], like: Example) -> list[Example]:
-        """The drawn rows as unscored examples in ``like``'s form (packed rows carry restarting positions)."""
-        out = []
-        for i in indices:
-            row = self.reference.rows[i]
-            extras = {"position_ids": torch.arange(len(row))} if "position_ids" in like.extras else {}
-            out.append(Example(row, (IGNORE,) * len(row), extras))
-        return out
+    def examples(self, indices: Sequence[int], like: Example, pad_id: int) -> list[Example]:
+        """The drawn rows as unscored examples in ``like``'s form. Beside packed examples they are packed too:
+        one row of the drawn rows one after another, each padded to the reference's width, positions
+        restarting at each (padding continues its row's positions: it is read by nothing before it)."""
+        rows = [self.reference.rows[i] for i in indices]
+        if "position_ids" not in like.extras:
+            return [Example(row, (IGNORE,) * len(row)) for row in rows]
+        width = self.reference.width
+        ids = tuple(t for row in rows for t in (*row, *(pad_id,) * (width - len(row))))
+        positions = torch.arange(width).repeat(len(rows))
+        return [Example(ids, (IGNORE,) * len(ids), {"position_ids": positions})]
 
     def mask(self, indices: Sequence[int], device: torch.device) -> torch.Tensor:
         """(k, L) 1 on the real tokens of the drawn rows, L the reference's width (the same every step)."""
@@ -352,10 +355,17 @@ def anchored_loss(
     backbone: Backbone, batch: Batch, examples: int, reference: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over a batch whose first ``examples`` rows are training examples and the rest anchor
-    rows: (the examples' mean next-token loss, KL(reference || model) on the anchor rows' ``mask``)."""
+    rows (:meth:`Anchor.examples`: a row each, or all in one packed row): (the examples' mean next-token
+    loss, KL(reference || model) on the anchor rows' ``mask`` (k, L))."""
     logits = model_logits(backbone, batch)  # (B, T, V)
     loss = mean_nll(logits[:examples], batch["labels"][:examples])
-    kl = kl_to_reference(reference, logits[examples:, : mask.shape[1]], mask)
+    k, width = mask.shape
+    anchors = logits[examples:]  # (k, T, V), or (1, T, V): k rows of ``width`` one after another
+    if anchors.shape[0] == k:
+        anchors = anchors[:, :width]
+    else:
+        anchors = anchors[0, : k * width].reshape(k, width, -1)
+    kl = kl_to_reference(reference, anchors, mask)
     return loss, kl
 
 
@@ -426,14 +436,15 @@ def train(
                 width = max(len(e.input_ids) for e in chosen)
                 if fused:
                     assert anchor is not None
-                    width = max(width, anchor.reference.width)
+                    packed = "position_ids" in chosen[0].extras  # the anchor rows then fill one row
+                    width = max(width, anchor.reference.width * (anchor.batch if packed else 1))
                 if optim.compile:  # a bucket of widths, so few graphs serve many lengths
                     width = -(-width // COMPILE_WIDTH_MULTIPLE) * COMPILE_WIDTH_MULTIPLE
                 with autocast:
                     if fused:
                         assert anchor is not None
                         drawn = anchor.draw()
-                        rows = chosen + anchor.examples(drawn, chosen[0])
+                        rows = chosen + anchor.examples(drawn, chosen[0], pad)
                         batch = collate(rows, pad, backbone.device, width=width)
                         loss, kl = step_loss(backbone, batch, len(chosen), *anchor.targets(backbone, drawn))
                         total = loss + anchor.weight * kl

@@ -668,3 +668,16 @@ def test_alpha_host_copy_is_the_buffers_value_through_a_long_decay(tokenizer):
         strategy.after_training(Document(id="d", text=DOC), [1.0])
         expected = torch.tensor(float(expected) * 0.93, dtype=torch.float32)
         assert all(d.current_alpha == float(d.alpha) == float(expected) for d in strategy.duals)
+
+
+def test_anchor_rows_beside_packed_examples_fill_one_packed_row():
+    from continual_transformer import training
+
+    rows = [[5, 6, 7], [8, 9], [1, 2, 3, 4]]
+    anchor = training.Anchor(training.ReferenceLogits(rows, torch.no_grad), weight=1.0, batch=2, seed=0)
+    plain, packed = training.Example((1, 2), (1, 2)), training.Example((1, 2), (1, 2), {"position_ids": None})
+    assert [e.input_ids for e in anchor.examples([1, 0], plain, 0)] == [(8, 9), (5, 6, 7)]
+    (row,) = anchor.examples([1, 0], packed, 0)
+    assert row.input_ids == (8, 9, 0, 0, 5, 6, 7, 0) and set(row.labels) == {training.IGNORE}
+    assert row.extras["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert anchor.mask([1, 0], torch.device("cpu")).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
