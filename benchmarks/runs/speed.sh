@@ -28,7 +28,8 @@
 # LEARNING=1 runs only the learning targets, one process after another with the machine to themselves:
 # learn1 and learn_many with `ttt` (the default strategy) on the default speed options, again with
 # FAST_OPTIM (default: the same plus compile=true; the first call, which compiles, is reported apart from
-# the steady-state figure), learn_many with `finetune`, then task training:
+# the steady-state figure), learn_many with `finetune`, then task training (also with the prompts' shared
+# prefix computed once per batch):
 #   LEARNING=1 bash benchmarks/runs/speed.sh 560
 # FAST_OPTIM=... sets the speed options of the learning part in the full run too (speed.py --fast-optim).
 # Results land under $OUT/<part>/ (results.json, results.md, speed.png, log.txt); $OUT/summary.json merges
@@ -64,7 +65,11 @@ if [ -n "${LEARNING:-}" ]; then
     --many 1000 --sequential 1 --many-epochs 3 --fast-optim "$compiled"
   part learning-finetune $(( limit * 15 / 100 )) --sections learn_many --learn-specs finetune \
     --many 1000 --sequential 1 --many-epochs 3
-  part tasks "$(left)" --sections tasks --task-examples 1024 --task-batch 128
+  part tasks $(( limit * 10 / 100 )) --sections tasks --task-examples 1024 --task-batch 128
+  # the task prompts' shared prefix (system prompt, instruction, label list: most of each row) run once per
+  # batch, off on a GPU by default (tasks.share_prefix): measured here at the large batch
+  part tasks-shared-prefix "$(left)" --sections tasks --task-examples 1024 --task-batch 128 \
+    --set tasks.share_prefix=true
 elif [ -n "$QUICK" ]; then
   part streams $(( limit * 35 / 100 )) --sections streams --threads 1
   t=$(left)
