@@ -59,9 +59,9 @@ part() {  # part NAME SECONDS ARGS...: one speed.py process, logged, stopped aft
 FAST_OPTIM=${FAST_OPTIM:-}
 if [ -n "${LEARNING:-}" ]; then
   compiled=${FAST_OPTIM:-pack_tokens=512:autocast=true:batch_size=16:compile=true}
-  part learning-ttt $(( limit * 20 / 100 )) --sections learn1,learn_many --learn-specs ttt \
+  part learning-ttt $(( limit * 18 / 100 )) --sections learn1,learn_many --learn-specs ttt \
     --many 1000 --sequential 3 --many-epochs 3
-  part learning-ttt-compiled $(( limit * 40 / 100 )) --sections learn1,learn_many --learn-specs ttt \
+  part learning-ttt-compiled $(( limit * 45 / 100 )) --sections learn1,learn_many --learn-specs ttt \
     --many 1000 --sequential 1 --many-epochs 3 --fast-optim "$compiled"
   part learning-finetune $(( limit * 15 / 100 )) --sections learn_many --learn-specs finetune \
     --many 1000 --sequential 1 --many-epochs 3
