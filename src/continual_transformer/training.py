@@ -318,13 +318,26 @@ class Anchor:
         """The rows of the next step (indices into ``reference.rows``)."""
         return self._rng.sample(range(len(self.reference.rows)), self.batch)
 
-    def examples(self, indices: Sequence[int], like: Example, pad_id: int) -> list[Example]:
-        """The drawn rows as unscored examples in ``like``'s form. Beside packed examples they are packed too:
-        one row of the drawn rows one after another, each padded to the reference's width, positions
+    def one_row(self, examples: Sequence[Example]) -> bool:
+        """Whether the drawn rows go beside ``examples`` as one packed row (:meth:`examples`): for packed
+        examples, when that makes the batch smaller (rows x width) than a row each."""
+        if "position_ids" not in examples[0].extras:
+            return False
+        width, rows = max(len(e.input_ids) for e in examples), len(examples)
+        own = self.reference.width
+        return (rows + 1) * max(width, own * self.batch) < (rows + self.batch) * max(width, own)
+
+    def examples(self, indices: Sequence[int], like: Example, pad_id: int, one_row: bool) -> list[Example]:
+        """The drawn rows as unscored examples in ``like``'s form: a row each, or (``one_row``, beside packed
+        examples) one row of the drawn rows one after another, each padded to the reference's width, positions
         restarting at each (padding continues its row's positions: it is read by nothing before it)."""
         rows = [self.reference.rows[i] for i in indices]
-        if "position_ids" not in like.extras:
-            return [Example(row, (IGNORE,) * len(row)) for row in rows]
+        if not one_row:
+            extras = "position_ids" in like.extras
+            return [
+                Example(row, (IGNORE,) * len(row), {"position_ids": torch.arange(len(row))} if extras else {})
+                for row in rows
+            ]
         width = self.reference.width
         ids = tuple(t for row in rows for t in (*row, *(pad_id,) * (width - len(row))))
         positions = torch.arange(width).repeat(len(rows))
@@ -436,15 +449,15 @@ def train(
                 width = max(len(e.input_ids) for e in chosen)
                 if fused:
                     assert anchor is not None
-                    packed = "position_ids" in chosen[0].extras  # the anchor rows then fill one row
-                    width = max(width, anchor.reference.width * (anchor.batch if packed else 1))
+                    one_row = anchor.one_row(chosen)
+                    width = max(width, anchor.reference.width * (anchor.batch if one_row else 1))
                 if optim.compile:  # a bucket of widths, so few graphs serve many lengths
                     width = -(-width // COMPILE_WIDTH_MULTIPLE) * COMPILE_WIDTH_MULTIPLE
                 with autocast:
                     if fused:
                         assert anchor is not None
                         drawn = anchor.draw()
-                        rows = chosen + anchor.examples(drawn, chosen[0], pad)
+                        rows = chosen + anchor.examples(drawn, chosen[0], pad, one_row)
                         batch = collate(rows, pad, backbone.device, width=width)
                         loss, kl = step_loss(backbone, batch, len(chosen), *anchor.targets(backbone, drawn))
                         total = loss + anchor.weight * kl

@@ -588,18 +588,33 @@ def _reference_anchor(strategy):
     return anchor
 
 
-@pytest.mark.parametrize("pack_tokens", [0, 64])
-def test_fused_anchor_with_kept_base_logits_learns_as_the_reference_path(tokenizer, pack_tokens):
+@pytest.mark.parametrize(
+    ("pack_tokens", "anchor_batch", "layout"),
+    [(0, 3, "a row each"), (64, 3, "a packed row each"), (256, 2, "one packed row")],
+)
+def test_fused_anchor_with_kept_base_logits_learns_as_the_reference_path(
+    tokenizer, monkeypatch, pack_tokens, anchor_batch, layout
+):
     """Two documents (the second reads base logits kept while the first changed the copies): the same step
     losses and the same weights as separate anchor passes that compute the base logits every step (within
     float tolerance: rows padded differently; SGD, whose steps keep float differences as small as they are,
     where Adam's normalised steps turn a sign into a whole step; ``delta_bits`` 0, since rounding to codes
     could likewise turn a float difference into a step of the code)."""
-    docs = [DOC, "Dr. Mirela Voskuijlen was born in the town of Brastow in 1873."]
+    from continual_transformer import training
+
+    docs = [" ".join([DOC] * 5), "Dr. Mirela Voskuijlen was born in the town of Brastow in 1873."]
+    layouts = []
+    one_row = training.Anchor.one_row
+    monkeypatch.setattr(
+        training.Anchor,
+        "one_row",
+        lambda self, examples: layouts.append(one_row(self, examples)) or layouts[-1],
+    )
     runs = {}
     for path in ("fast", "reference"):
         ct = build(
-            tokenizer, sparse=False, anchor_weight=5.0, anchor_batch=3, stop_loss=0.0, epochs=6, delta_bits=0,
+            tokenizer, sparse=False, anchor_weight=5.0, anchor_batch=anchor_batch, stop_loss=0.0, epochs=6,
+            delta_bits=0,
             optim={"pack_tokens": pack_tokens, "batch_size": 2, "optimizer": "sgd", "learning_rate": 0.1},
         )  # fmt: skip
         if path == "reference":
@@ -608,9 +623,10 @@ def test_fused_anchor_with_kept_base_logits_learns_as_the_reference_path(tokeniz
         runs[path] = ([r.step_losses for r in reports], trainable(ct))
         if path == "fast":
             assert ct.strategy._reference.kept
+    assert (True in layouts) == (layout == "one packed row"), layouts
     (fast_losses, fast_weights), (ref_losses, ref_weights) = runs["fast"], runs["reference"]
     for a, b in zip(fast_losses, ref_losses):
-        assert len(a) == len(b) == 6
+        assert len(a) == len(b) > 0
         assert a == pytest.approx(b, rel=1e-5)
         assert a[-1] < a[0]
     for key in ref_weights:
@@ -670,14 +686,18 @@ def test_alpha_host_copy_is_the_buffers_value_through_a_long_decay(tokenizer):
         assert all(d.current_alpha == float(d.alpha) == float(expected) for d in strategy.duals)
 
 
-def test_anchor_rows_beside_packed_examples_fill_one_packed_row():
+def test_anchor_rows_beside_packed_examples_fill_one_packed_row_when_that_is_smaller():
     from continual_transformer import training
 
     rows = [[5, 6, 7], [8, 9], [1, 2, 3, 4]]
     anchor = training.Anchor(training.ReferenceLogits(rows, torch.no_grad), weight=1.0, batch=2, seed=0)
     plain, packed = training.Example((1, 2), (1, 2)), training.Example((1, 2), (1, 2), {"position_ids": None})
-    assert [e.input_ids for e in anchor.examples([1, 0], plain, 0)] == [(8, 9), (5, 6, 7)]
-    (row,) = anchor.examples([1, 0], packed, 0)
+    assert [e.input_ids for e in anchor.examples([1, 0], plain, 0, False)] == [(8, 9), (5, 6, 7)]
+    (row,) = anchor.examples([1, 0], packed, 0, True)
     assert row.input_ids == (8, 9, 0, 0, 5, 6, 7, 0) and set(row.labels) == {training.IGNORE}
     assert row.extras["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     assert anchor.mask([1, 0], torch.device("cpu")).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+    long = training.Example(tuple(range(20)), tuple(range(20)), {"position_ids": None})
+    assert not anchor.one_row([plain]), "unpacked examples: a row each"
+    assert not anchor.one_row([packed]), "one short example: 3 rows of 4 beat 2 rows of 8"
+    assert anchor.one_row([long] * 4), "full packed rows: 5 rows of 20 beat 6 rows of 20"
