@@ -164,3 +164,24 @@ def test_rounded_learning_stays_close_to_exact_and_is_what_a_checkpoint_holds(st
     assert torch.equal(fresh.strategy.forward_logits(probe), logits)
     fresh.save(tmp_path / "again")  # a reloaded state saves the same codes
     assert {p.name for p in (tmp_path / "again").iterdir() if p.name.startswith("tensors-")} == set(written)
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "ttt"])
+def test_rounding_one_tensor_at_a_time_gives_the_whole_state_rounding(strategy):
+    """After learning, each trained tensor is rounded on its own device (finetune keeps its base on the CPU):
+    the weights and the codes are exactly those of rounding the whole state at once."""
+    s = session(strategy, delta_bits=8)
+    s.learn(make_document(DOC, "d"))
+    params = s.strategy.trainable_parameters()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1e-3 * torch.randn(p.shape, generator=generator).to(p.dtype))
+    base = s.strategy.delta_base()
+    current = {k: p.detach().clone() for k, p in params.items()}
+    expected_state = delta_state(current, base, bits=8)
+    expected = apply_delta_state(expected_state, base, strategy)
+    s.strategy._round_to_stored()
+    assert set(s.strategy._rounded) == set(expected_state)
+    assert all(torch.equal(s.strategy._rounded[k], v) for k, v in expected_state.items())
+    assert all(torch.equal(params[k].detach(), expected[k]) for k in params)

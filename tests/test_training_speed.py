@@ -70,7 +70,6 @@ def test_speed_options_still_learn(tokenizer, options):
 def test_pack_tokens_is_validated():
     with pytest.raises(ConfigError, match="pack_tokens"):
         OptimArgs(pack_tokens=-1)
-    assert not OptimArgs().fast_steps and OptimArgs(autocast=True).fast_steps
 
 
 @pytest.mark.parametrize("name", ["finetune", "ttt", "retrieval"])
@@ -92,3 +91,42 @@ def test_learn_documents_of_one_document_is_learn(tokenizer):
     ra, rb = a.learn_documents([TEXTS[0]])[0], b.learn_document(TEXTS[0])
     assert ra.step_losses == rb.step_losses and ra.loss_after == rb.loss_after
     assert dataclasses.asdict(a.stats()) == dataclasses.asdict(b.stats())
+
+
+@pytest.mark.parametrize("budget", [40, 8192])
+def test_document_losses_in_length_sorted_batches_equal_each_document_alone(tokenizer, monkeypatch, budget):
+    from continual_transformer.documents import make_document
+    from continual_transformer.strategies import base
+
+    monkeypatch.setattr(base, "DOCUMENT_NLL_TOKENS", budget)  # 40: several batches, one document alone
+    ct = ContinualTransformer(make_backbone(tokenizer), strategy="finetune", config=fast_config())
+    texts = [TEXTS[2], TEXTS[0], " ".join(TEXTS), TEXTS[3], TEXTS[1]]
+    docs = [make_document(t, f"d{i}") for i, t in enumerate(texts)]
+    together = ct.strategy._document_nll(docs)
+    alone = [float(ct.strategy.backbone.token_nll([t])[0].mean()) for t in texts]
+    assert together == pytest.approx(alone, rel=1e-5)
+    assert len(set(together)) == len(texts)
+
+
+@pytest.mark.parametrize("pack", [0, 64])
+def test_batches_padded_wider_give_the_same_loss(tokenizer, pack):
+    """Compiled steps pad batches to 64-position buckets and fill an epoch's last batch with empty rows: the
+    extra positions and rows change nothing."""
+    backbone = make_backbone(tokenizer)
+    examples = _examples(backbone)
+    if pack:
+        examples = training.pack_examples(examples, pack)
+    pad = backbone.tokenizer.pad_token_id
+    with torch.no_grad():
+        plain = training.collate(examples, pad, backbone.device)
+        wide = training.collate(examples, pad, backbone.device, width=plain["input_ids"].shape[1] + 37)
+        assert wide["input_ids"].shape[1] == plain["input_ids"].shape[1] + 37
+        if pack:
+            assert wide["position_ids"].shape == wide["input_ids"].shape
+        loss, wide_loss = training.next_token_loss(backbone, plain), training.next_token_loss(backbone, wide)
+        filled = training.collate(
+            [*examples, *[training.empty_like(examples[0], pad)] * 3], pad, backbone.device
+        )  # rows that score nothing fill a batch to a fixed size
+        filled_loss = training.next_token_loss(backbone, filled)
+    assert filled["input_ids"].shape[0] == len(examples) + 3
+    assert torch.allclose(loss, wide_loss, rtol=1e-5) and torch.allclose(loss, filled_loss, rtol=1e-5)

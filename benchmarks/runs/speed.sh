@@ -32,6 +32,13 @@
 # 1,000 documents learned for up to 30 epochs (now --many-epochs 3). Decoding on the compiled backend is now
 # the backbone's lean loop (one CUDA-graph step per token; if capturing fails it falls back to the compiled
 # step, then the plain one, with a log line: grep the logs for "lean decoding").
+# LEARNING=1 runs only the learning targets, one process after another with the machine to themselves:
+# learn1 and learn_many with `ttt` (the default strategy) on the default speed options, again with
+# FAST_OPTIM (default: the same plus compile=true; the first call, which compiles, is reported apart from
+# the steady-state figure), learn_many with `finetune`, then task training (also with the prompts' shared
+# prefix computed once per batch):
+#   LEARNING=1 bash benchmarks/runs/speed.sh 560
+# FAST_OPTIM=... sets the speed options of the learning part in the full run too (speed.py --fast-optim).
 # Results land under $OUT/<part>/ (results.json, results.md, speed.png, log.txt); $OUT/summary.json merges
 # the headline figures.
 set -uo pipefail
@@ -56,7 +63,21 @@ part() {  # part NAME SECONDS ARGS...: one speed.py process, logged, stopped aft
     ${QUICK:+--quick} --backend "$BACKEND" "$@" --out "$OUT/$name" > "$OUT/$name/log.txt" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
 }
-if [ -n "$QUICK" ]; then
+FAST_OPTIM=${FAST_OPTIM:-}
+if [ -n "${LEARNING:-}" ]; then
+  compiled=${FAST_OPTIM:-pack_tokens=512:autocast=true:batch_size=16:compile=true}
+  part learning-ttt $(( limit * 18 / 100 )) --sections learn1,learn_many --learn-specs ttt \
+    --many 1000 --sequential 3 --many-epochs 3
+  part learning-ttt-compiled $(( limit * 45 / 100 )) --sections learn1,learn_many --learn-specs ttt \
+    --many 1000 --sequential 1 --many-epochs 3 --fast-optim "$compiled"
+  part learning-finetune $(( limit * 15 / 100 )) --sections learn_many --learn-specs finetune \
+    --many 1000 --sequential 1 --many-epochs 3
+  part tasks $(( limit * 10 / 100 )) --sections tasks --task-examples 1024 --task-batch 128
+  # the task prompts' shared prefix (system prompt, instruction, label list: most of each row) run once per
+  # batch, off on a GPU by default (tasks.share_prefix): measured here at the large batch
+  part tasks-shared-prefix "$(left)" --sections tasks --task-examples 1024 --task-batch 128 \
+    --set tasks.share_prefix=true
+elif [ -n "$QUICK" ]; then
   part streams $(( limit * 35 / 100 )) --sections streams --threads 1 --host-check none
   t=$(left)
   part strategies-a "$t" --sections strategies --threads 1 --strategies none,knowledge_store,retrieval &
@@ -80,7 +101,7 @@ else
   part strategies-b "$t" --sections strategies --new-tokens 32 --strategy-docs 5 --batched-learning \
     --probes 3 --strategies none,ttt,finetune,lora,in_context &
   part learning "$t" --sections learn1,learn_many --learn-specs finetune,ttt --many 1000 --sequential 3 \
-    --many-epochs 3 &
+    --many-epochs 3 ${FAST_OPTIM:+--fast-optim "$FAST_OPTIM"} &
   # then the service: 16 clients through the generation thread, continuous batching off and on (both on
   # the static backend, uncompiled: the batch path would compile a graph per batch size and cache length)
   part tasks "$t" --sections tasks,service --task-examples 1024 --task-batch 128 --service-clients 16 \

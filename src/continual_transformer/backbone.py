@@ -1076,9 +1076,10 @@ class Backbone:
                     rows=rows,
                 )
                 nll = sequence_nll(self.next_token_scores(batch, group_hooks), batch.labels)  # (B, T-1)
-                mask = batch.labels[:, 1:] != IGNORE
+                nll = nll.float().cpu()  # sync: one per batch, the results leave the device
+                mask = (batch.labels[:, 1:] != IGNORE).cpu()
                 for i, row_nll, row_mask in zip(rows, nll, mask):
-                    results[i] = row_nll[row_mask].float().cpu()  # sync: results leave the device
+                    results[i] = row_nll[row_mask]
         return results
 
     def mean_nll(

@@ -453,7 +453,9 @@ class OptimArgs:
     """Run forward and backward under bfloat16 autocast on a GPU; weights and optimiser keep their own dtype
     (float32 master weights stay float32)."""
     compile: bool = False
-    """``torch.compile`` the step's loss (one graph per batch shape: pair with ``pack_tokens``)."""
+    """``torch.compile`` the step's forward pass and loss (one graph per batch shape; batches are padded to
+    64-position buckets, so documents of similar length share one; pair with ``pack_tokens``). The first
+    step of each shape compiles (tens of seconds on a 135M model)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -468,11 +470,6 @@ class OptimArgs:
         _check(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _check(self.stop_loss >= 0, "optim.stop_loss", "must be >= 0 (0 disables early stopping)")
         _check(self.pack_tokens >= 0, "optim.pack_tokens", "must be >= 0 (0 disables packing)")
-
-    @property
-    def fast_steps(self) -> bool:
-        """True when any speed option is set (steps then read their losses once per epoch)."""
-        return bool(self.pack_tokens or self.autocast or self.compile)
 
 
 @dataclass(frozen=True, kw_only=True)

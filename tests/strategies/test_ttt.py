@@ -47,8 +47,13 @@ FAST = {
 
 
 def build(tokenizer, *, arch: str = "llama", seed: int = 0, **overrides) -> ContinualTransformer:
-    """``epochs`` and ``stop_loss`` go into ``optim``; everything else is a ttt setting."""
-    optim = {**FAST["optim"], **{k: overrides.pop(k) for k in ("epochs", "stop_loss") if k in overrides}}
+    """``epochs`` and ``stop_loss`` go into ``optim`` (as does a dict ``optim``); everything else is a ttt
+    setting."""
+    optim = {
+        **FAST["optim"],
+        **overrides.pop("optim", {}),
+        **{k: overrides.pop(k) for k in ("epochs", "stop_loss") if k in overrides},
+    }
     section = {**FAST, **overrides, "optim": optim}
     config = load_config(overrides={"generation": {"max_new_tokens": 8}, "strategies": {"ttt": section}})
     return ContinualTransformer(make_backbone(tokenizer, arch=arch, seed=seed), strategy="ttt", config=config)
@@ -564,3 +569,135 @@ def test_kl_to_reference_matches_a_hand_computed_value():
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert kl_to_reference(ref, own, torch.tensor([[1, 0]])).item() == pytest.approx(expected, rel=1e-5)
     assert kl_to_reference(ref, own, torch.tensor([[1, 1]])).item() == pytest.approx(expected / 2, rel=1e-5)
+
+
+# -- the anchor's fast path: one forward pass with the examples, the base model's logits kept ----------------
+
+
+def _reference_anchor(strategy):
+    """The reference path: a forward pass of its own per step, the base model's logits computed every step."""
+    from continual_transformer import training
+
+    def anchor(seed: int) -> training.Anchor:
+        reference = training.ReferenceLogits(strategy.background_rows(), strategy._base_model, max_bytes=0)
+        return training.Anchor(
+            reference, weight=strategy.config.anchor_weight, batch=strategy.config.anchor_batch, seed=seed,
+            fused=False,
+        )  # fmt: skip
+
+    return anchor
+
+
+@pytest.mark.parametrize(
+    ("pack_tokens", "anchor_batch", "layout"),
+    [(0, 3, "a row each"), (64, 3, "a packed row each"), (256, 2, "one packed row")],
+)
+def test_fused_anchor_with_kept_base_logits_learns_as_the_reference_path(
+    tokenizer, monkeypatch, pack_tokens, anchor_batch, layout
+):
+    """Two documents (the second reads base logits kept while the first changed the copies): the same step
+    losses and the same weights as separate anchor passes that compute the base logits every step (within
+    float tolerance: rows padded differently; SGD, whose steps keep float differences as small as they are,
+    where Adam's normalised steps turn a sign into a whole step; ``delta_bits`` 0, since rounding to codes
+    could likewise turn a float difference into a step of the code)."""
+    from continual_transformer import training
+
+    docs = [" ".join([DOC] * 5), "Dr. Mirela Voskuijlen was born in the town of Brastow in 1873."]
+    layouts = []
+    one_row = training.Anchor.one_row
+    monkeypatch.setattr(
+        training.Anchor,
+        "one_row",
+        lambda self, examples: layouts.append(one_row(self, examples)) or layouts[-1],
+    )
+    runs = {}
+    for path in ("fast", "reference"):
+        ct = build(
+            tokenizer, sparse=False, anchor_weight=5.0, anchor_batch=anchor_batch, stop_loss=0.0, epochs=6,
+            delta_bits=0,
+            optim={"pack_tokens": pack_tokens, "batch_size": 2, "optimizer": "sgd", "learning_rate": 0.1},
+        )  # fmt: skip
+        if path == "reference":
+            ct.strategy._anchor = _reference_anchor(ct.strategy)
+        reports = [ct.learn_document(d) for d in docs]
+        runs[path] = ([r.step_losses for r in reports], trainable(ct))
+        if path == "fast":
+            assert ct.strategy._reference.kept
+    assert (True in layouts) == (layout == "one packed row"), layouts
+    (fast_losses, fast_weights), (ref_losses, ref_weights) = runs["fast"], runs["reference"]
+    for a, b in zip(fast_losses, ref_losses):
+        assert len(a) == len(b) > 0
+        assert a == pytest.approx(b, rel=1e-5)
+        assert a[-1] < a[0]
+    for key in ref_weights:
+        assert torch.allclose(fast_weights[key], ref_weights[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_kept_reference_logits_are_the_base_models_and_are_recomputed_when_they_must_be(tokenizer):
+    from continual_transformer import training
+
+    ct = build(tokenizer, sparse=False, anchor_weight=5.0, stop_loss=0.0, epochs=3)
+    ct.learn_document(DOC)  # the copies now differ from the base MLPs
+    strategy, backbone = ct.strategy, ct.strategy.backbone
+    kept = strategy._reference
+    rows = list(range(len(kept.rows)))
+    fresh = training.ReferenceLogits(kept.rows, strategy._base_model, max_bytes=0)
+    assert kept.kept and not fresh.kept
+    assert torch.allclose(kept(backbone, rows[:3]), fresh(backbone, rows[:3]), atol=1e-5)
+    assert not fresh.kept, "past max_bytes nothing is kept"
+    with torch.no_grad():  # the reference itself changes: kept logits are stale until cleared
+        backbone.model.get_output_embeddings().weight.mul_(2.0)
+    stale = kept(backbone, rows[:3])
+    assert torch.allclose(stale, kept._kept[:3, : stale.shape[1]])
+    assert not torch.allclose(stale, fresh(backbone, rows[:3]), atol=1e-3)
+    kept.clear()
+    assert torch.allclose(kept(backbone, rows[:3]), fresh(backbone, rows[:3]), atol=1e-5)
+    before = kept._kept
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept(backbone, rows[:1])
+    assert kept._kept is not before and kept._kept_autocast, "another autocast setting computes them again"
+    strategy.close()
+    assert strategy._reference is None
+
+
+def test_anchor_draws_the_rows_of_the_reference_sampler():
+    """The fused path draws as the separate regularizer did: ``random.Random(seed).sample(rows, k)``."""
+    import random
+
+    from continual_transformer import training
+
+    rows = [[i, i + 1, i + 2] for i in range(10)]
+    reference = training.ReferenceLogits(rows, lambda: torch.no_grad(), max_bytes=0)
+    anchor = training.Anchor(reference, weight=1.0, batch=4, seed=7)
+    rng = random.Random(7)
+    for _ in range(5):
+        assert [rows[i] for i in anchor.draw()] == rng.sample(rows, 4)
+
+
+def test_alpha_host_copy_is_the_buffers_value_through_a_long_decay(tokenizer):
+    """The schedule reads alpha without a device read: the host copy is the float32 buffer's value exactly,
+    so a long decay gives the alphas a read of the buffer would."""
+    ct = build(tokenizer, alpha_initial=0.9, alpha_decay=0.93, alpha_min=0.0, epochs=1, sparse=False)
+    strategy = ct.strategy
+    expected = torch.tensor(0.9, dtype=torch.float32)
+    for _ in range(12):
+        strategy.after_training(Document(id="d", text=DOC), [1.0])
+        expected = torch.tensor(float(expected) * 0.93, dtype=torch.float32)
+        assert all(d.current_alpha == float(d.alpha) == float(expected) for d in strategy.duals)
+
+
+def test_anchor_rows_beside_packed_examples_fill_one_packed_row_when_that_is_smaller():
+    from continual_transformer import training
+
+    rows = [[5, 6, 7], [8, 9], [1, 2, 3, 4]]
+    anchor = training.Anchor(training.ReferenceLogits(rows, torch.no_grad), weight=1.0, batch=2, seed=0)
+    plain, packed = training.Example((1, 2), (1, 2)), training.Example((1, 2), (1, 2), {"position_ids": None})
+    assert [e.input_ids for e in anchor.examples([1, 0], plain, 0, False)] == [(8, 9), (5, 6, 7)]
+    (row,) = anchor.examples([1, 0], packed, 0, True)
+    assert row.input_ids == (8, 9, 0, 0, 5, 6, 7, 0) and set(row.labels) == {training.IGNORE}
+    assert row.extras["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert anchor.mask([1, 0], torch.device("cpu")).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+    long = training.Example(tuple(range(20)), tuple(range(20)), {"position_ids": None})
+    assert not anchor.one_row([plain]), "unpacked examples: a row each"
+    assert not anchor.one_row([packed]), "one short example: 3 rows of 4 beat 2 rows of 8"
+    assert anchor.one_row([long] * 4), "full packed rows: 5 rows of 20 beat 6 rows of 20"

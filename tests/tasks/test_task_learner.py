@@ -237,3 +237,31 @@ def test_router_on_a_sentence_embedder_routes_and_round_trips(tokenizer, tmp_pat
     fresh = TaskLearner(make_backbone(tokenizer), tiny_config())
     fresh.load(tmp_path / "ckpt")
     assert fresh.config.router == str(encoder) and fresh.route(queries) == routed == ["t1"] * len(queries)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_backbone_router_stops_at_its_layer_and_embeds_as_the_full_pass(tokenizer, arch):
+    from conftest import make_backbone
+
+    from continual_transformer.tasks.router import BackboneEmbedder
+
+    backbone = make_backbone(tokenizer, arch=arch)
+    texts = ["The capital of Veloria is Tarnhelm.", "fox", "What is the capital of France? Paris."]
+    calls = []
+    last = backbone.layers[-1].register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        for layer in (1, 2):
+            embedder = BackboneEmbedder(backbone, layer=layer, max_tokens=16, batch_size=2)
+            early = embedder(texts)
+            assert not calls, "the layers after the router's are not run"
+            full = embedder.embed_through_last_layer(texts)
+            assert calls
+            calls.clear()
+            assert early.shape == (3, embedder.dim)
+            assert torch.allclose(early, full, atol=1e-6)
+    finally:
+        last.remove()
+    left = [
+        h for layer in backbone.layers for h in layer._forward_hooks.values() if "_early" in h.__qualname__
+    ]
+    assert not left, "no stopping hook outlives a call"

@@ -33,6 +33,11 @@ from transformers.pytorch_utils import Conv1D
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
+def _as_float32(value: float) -> float:
+    """``value`` rounded to float32, as the ``alpha`` buffer holds it."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
 def find_mlp(layer: nn.Module) -> tuple[str, nn.Module]:
     """(attribute name, module) of the MLP of a decoder layer."""
     found = {
@@ -147,7 +152,7 @@ class DualMLP(nn.Module):
             param.requires_grad_(False)
         device = next(base.parameters()).device
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=device))
-        self._alpha = float(alpha)  # host copy: forward branches on it without a device sync
+        self._alpha = _as_float32(alpha)  # host copy: forward branches on it without a device sync
         self.delta_enabled = True
         self._exact_copy = self.trainable_dtype == base_dtype  # equal weights then compute equal outputs
         self.changed = self._exact_copy
@@ -165,7 +170,13 @@ class DualMLP(nn.Module):
     def set_alpha(self, value: float) -> None:
         with torch.no_grad():
             self.alpha.fill_(value)
-        self._alpha = float(value)
+        self._alpha = _as_float32(value)
+
+    @property
+    def current_alpha(self) -> float:
+        """``alpha`` as the host keeps it: the float32 buffer's value exactly, without a device read
+        (:meth:`set_alpha` and :meth:`sync_alpha` keep the two equal)."""
+        return self._alpha
 
     def sync_alpha(self) -> None:
         """Refresh the host copy after the ``alpha`` buffer was overwritten (e.g. by a checkpoint load)."""

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from continual_transformer.training import Example
 
 
+DOCUMENT_NLL_TOKENS = 8192
+"""Tokens (rows x longest row) per forward pass when many documents' losses are measured."""
+
+
 @dataclass(frozen=True)
 class DecodingInput:
     """What greedy answering of one prompt decodes: the exact model text, and a logit bias added at every step
@@ -162,9 +166,26 @@ class Strategy(ABC):
         return shared_reports(documents, tokens, loss_before, loss_after, seconds, figures)
 
     def _document_nll(self, documents: Sequence[Document]) -> list[float]:
-        """Each document's mean NLL as this strategy scores it, in batches."""
-        values = self.backbone.token_nll([d.text for d in documents], hooks=self._hooks)
-        return [float(v.mean()) if v.numel() else 0.0 for v in values]
+        """Each document's mean NLL as this strategy scores it: documents sorted by length, in batches of up
+        to :data:`DOCUMENT_NLL_TOKENS` tokens (few forward passes for many short documents, little
+        padding)."""
+        texts = [d.text for d in documents]
+        lengths = [len(ids) for ids in self.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        out: list[float] = [0.0] * len(texts)
+        groups: list[list[int]] = [[]]
+        for i in sorted(range(len(texts)), key=lambda i: lengths[i]):
+            if groups[-1] and (len(groups[-1]) + 1) * (lengths[i] + 2) > DOCUMENT_NLL_TOKENS:
+                groups.append([])
+            groups[-1].append(i)
+        for group in groups:
+            if not group:
+                continue
+            values = self.backbone.token_nll(
+                [texts[i] for i in group], hooks=self._hooks, batch_size=len(group)
+            )
+            for i, v in zip(group, values):
+                out[i] = float(v.mean()) if v.numel() else 0.0
+        return out
 
     # -- answering -------------------------------------------------------------------------------------------
     def shares_decoding(self) -> bool:
@@ -414,12 +435,14 @@ class TrainingStrategy(Strategy):
         self._rounded = None
         if not bits or base is None:
             return
-        params = {k: p.detach() for k, p in self.trainable_parameters().items()}
-        state = delta_state(params, base, bits=bits)
-        full = apply_delta_state(state, base, self.name)
-        for name in params:
-            if name + CODES[bits] in state:
-                params[name].copy_(full[name])
+        state: dict[str, torch.Tensor] = {}
+        for name, param in self.trainable_parameters().items():
+            # one tensor at a time, on the parameter's device (a base kept on the CPU is not rounded there)
+            one_base = {name: base[name].to(param.device)}
+            one = delta_state({name: param.detach()}, one_base, bits=bits)
+            if name + CODES[bits] in one:
+                param.detach().copy_(apply_delta_state(one, one_base, self.name)[name])
+            state.update(one)
         self._rounded = state
         self.weights_changed()
 
@@ -474,22 +497,28 @@ class TrainingStrategy(Strategy):
         )
 
     def learn(self, document: Document) -> LearnReport:
-        start = time.perf_counter()
+        clock = PhaseClock()
         examples, figures = self._examples(document)
+        clock.lap("examples")
         loss_before = self.mean_nll([document.text])
+        clock.lap("loss_before")
         losses = self._train(examples, f"{self.name} {document.id}")
+        clock.lap("train")
         figures = {**figures, **self.after_training(document, losses)}
         self._round_to_stored()
         self.documents_learned += 1
         self.remember(document)
+        clock.lap("round")
+        loss_after = self.mean_nll([document.text])
+        clock.lap("loss_after")
         return LearnReport(
             doc_id=document.id,
             tokens=sum(e.scored_tokens for e in examples),
             loss_before=loss_before,
-            loss_after=self.mean_nll([document.text]),
-            seconds=time.perf_counter() - start,
+            loss_after=loss_after,
+            seconds=clock.total,
             step_losses=tuple(losses),
-            extra={"steps": len(losses), **figures},
+            extra={"steps": len(losses), **figures, "phase_seconds": clock.laps},
         )
 
     def learn_documents(self, documents: Sequence[Document]) -> list[LearnReport]:
@@ -502,27 +531,50 @@ class TrainingStrategy(Strategy):
         documents = list(documents)
         if len(documents) <= 1:
             return [self.learn(document) for document in documents]
-        start = time.perf_counter()
+        clock = PhaseClock()
         made = [self._examples(d) for d in documents]
         examples = [e for ex, _ in made for e in ex]
+        clock.lap("examples")
         loss_before = self._document_nll(documents)
+        clock.lap("loss_before")
         losses = self._train(examples, f"{self.name} {len(documents)} documents")
+        clock.lap("train")
         figures = [{**f, **self.after_training(d, losses)} for d, (_, f) in zip(documents, made)]
         self._round_to_stored()
         self.documents_learned += len(documents)
         for document in documents:
             self.remember(document)
+        clock.lap("round")
         loss_after = self._document_nll(documents)
+        clock.lap("loss_after")
         tokens = [sum(e.scored_tokens for e in ex) for ex, _ in made]
         return shared_reports(
             documents,
             tokens,
             loss_before,
             loss_after,
-            time.perf_counter() - start,
-            [{"steps": len(losses), **f} for f in figures],
+            clock.total,
+            [{"steps": len(losses), **f, "phase_seconds": clock.laps} for f in figures],
             step_losses=tuple(losses),
         )
+
+
+class PhaseClock:
+    """Wall seconds of the phases of one call, in order (``lap(name)`` ends a phase). Each phase ends with a
+    read of its results on the host, so the figures need no device synchronisation of their own."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 4)
+        self._last = now
+
+    @property
+    def total(self) -> float:
+        return self._last - self._start
 
 
 def shared_reports(

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import re
 import time
 from collections.abc import Sequence
@@ -152,9 +151,10 @@ class TTTConfig:
     (small updates are not rounded away; the copy's output is cast back), ``model``: the model's dtype."""
     anchor_weight: float = 5.0
     """Weight of a KL term, added to every step, that keeps the next-token distributions on background text
-    (the ``background`` corpus) close to the base model's; 0 disables it. Costs one more forward+backward per
-    step. On the demo document (CPU, WikiText perplexity 19.21 before): 0 -> 5/5 answered, +6.7 %; 1 -> 5/5,
-    +3.6 %; 5 -> 5/5, +1.9 %; 20 -> 4/5, +0.8 %."""
+    (the ``background`` corpus) close to the base model's; 0 disables it. Its ``anchor_batch`` rows ride in
+    each step's forward pass; the base model's logits of the background are computed once and kept
+    (``training.Anchor``). On the demo document (CPU, WikiText perplexity 19.21 before): 0 -> 5/5 answered,
+    +6.7 %; 1 -> 5/5, +3.6 %; 5 -> 5/5, +1.9 %; 20 -> 4/5, +0.8 %."""
     anchor_batch: int = 4
     """Background chunks per step for the anchor term."""
     sparse: bool = False
@@ -455,6 +455,7 @@ class TTTStrategy(TrainingStrategy):
         self._chunks = torch.zeros((), dtype=torch.float32, device=device)
         self.calibration_seconds: float | None = None
         self._background: list[list[int]] | None = None  # token rows of the background corpus, made once
+        self._reference: training.ReferenceLogits | None = None  # the base model's logits of the background
         self._grad_masks: dict[int, torch.Tensor] = {}  # id(param) -> 0/1 mask, set per document
 
     @property
@@ -646,29 +647,18 @@ class TTTStrategy(TrainingStrategy):
         return examples, counts
 
     # -- learning --------------------------------------------------------------------------------------------
-    def _anchor(self, seed: int):
-        """A regularizer: KL(base || trained) on ``anchor_batch`` random background chunks per call."""
-        rows = self.background_rows()
-        rng = random.Random(seed)
-        pad = self.backbone.tokenizer.pad_token_id
-        model, device = self.backbone.model, self.backbone.device
-
-        def regularizer() -> torch.Tensor:
-            chosen = rng.sample(rows, min(self.config.anchor_batch, len(rows)))
-            batch = training.collate([training.Example(tuple(r), tuple(r)) for r in chosen], pad, device)
-            inputs = {
-                "input_ids": batch["input_ids"],
-                "attention_mask": batch["attention_mask"],
-                "use_cache": False,
-            }
-            with torch.no_grad(), deltas_disabled(self.duals):
-                reference = model(**inputs).logits
-            logits = model(**inputs).logits
-            return self.config.anchor_weight * training.kl_to_reference(
-                reference, logits, batch["attention_mask"]
+    def _anchor(self, seed: int) -> training.Anchor:
+        """KL(base || trained) on ``anchor_batch`` random background chunks per step."""
+        if self._reference is None:
+            # the base model's logits of the background: fixed while the copies train (kept until close)
+            self._reference = training.ReferenceLogits(
+                self.background_rows(),
+                self._base_model,
+                batch_size=self.backbone.generation.batch_size,
             )
-
-        return regularizer
+        return training.Anchor(
+            self._reference, weight=self.config.anchor_weight, batch=self.config.anchor_batch, seed=seed
+        )
 
     def _mask_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Zero the gradient slices of unselected neurons (runs after each backward, before clipping)."""
@@ -699,7 +689,7 @@ class TTTStrategy(TrainingStrategy):
                 self._grad_masks.update({id(p): masks[n] for n, p in dual.trainable.named_parameters()})
             options["grad_hook"] = self._mask_gradients
         if cfg.anchor_weight > 0:
-            options["regularizer"] = self._anchor(self.settings.seed + self.documents_learned)
+            options["anchor"] = self._anchor(self.settings.seed + self.documents_learned)
         for dual in self.duals:
             dual.mark_changed()
         return options
@@ -715,8 +705,10 @@ class TTTStrategy(TrainingStrategy):
             losses[-1] if losses else float("nan"),
         )
         alpha = self.alpha
-        for dual in self.duals:
-            dual.set_alpha(max(cfg.alpha_min, alpha * cfg.alpha_decay))
+        decayed = max(cfg.alpha_min, alpha * cfg.alpha_decay)
+        if decayed != alpha:  # (learn_documents calls this once per document: no writes when nothing changes)
+            for dual in self.duals:
+                dual.set_alpha(decayed)
         neurons = [self._neurons_per_layer(d) if cfg.sparse else d.neurons for d in self.duals]
         return {
             "alpha": alpha,
@@ -731,7 +723,7 @@ class TTTStrategy(TrainingStrategy):
     @property
     def alpha(self) -> float:
         """The current ``alpha`` (the same in every wrapped layer)."""
-        return float(self.duals[0].alpha) if self.duals else self.config.alpha_initial
+        return self.duals[0].current_alpha if self.duals else self.config.alpha_initial
 
     # -- state -----------------------------------------------------------------------------------------------
     def trained_backbone_parameters(self) -> set[str]:
@@ -809,6 +801,7 @@ class TTTStrategy(TrainingStrategy):
             setattr(layer, attr, dual.base)
         self._wrapped = []
         self._df = []
+        self._reference = None
 
     def stats(self) -> StrategyStats:
         n = sum(d.trainable_parameter_count() for d in self.duals)

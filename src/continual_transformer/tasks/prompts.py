@@ -20,6 +20,7 @@ import torch
 
 from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.config import TaskConfig
+from continual_transformer.training import to_device
 
 _SENTINEL = "\u2063TEXT\u2063"  # invisible separators: never produced by a template or a label list
 
@@ -133,15 +134,6 @@ def forward_last(model: torch.nn.Module, keep: int, **inputs) -> tuple[torch.Ten
     else:
         output = model(**inputs)
     return output.logits[:, -keep:], output
-
-
-def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A CPU ``tensor`` on ``device``. To a GPU through pinned memory, without waiting: a copy from pageable
-    memory makes the host wait until the GPU has run everything queued, and a model this small is bound by
-    the host launching kernels, so each such wait leaves the GPU idle while the next step is launched."""
-    if torch.device(device).type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def left_pad(

@@ -28,15 +28,39 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+BACKBONE_EMBED_BATCH = 64
+"""Texts the backbone router embeds per forward pass at least (the pass stops at the router's layer and keeps
+no other hidden state, so a larger batch costs little memory)."""
+
+
+class _LayerReached(Exception):
+    """Raised by the hook on the last layer an embedding needs: the rest of the forward pass is not run."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+
 class BackboneEmbedder:
-    """Mean over text tokens of hidden state ``layer`` of the frozen backbone (float32, CPU)."""
+    """Mean over text tokens of hidden state ``layer`` of the frozen backbone (float32, CPU).
+
+    A mid-depth layer's state (``0 < layer < layers``) is taken from the output of decoder layer ``layer - 1``
+    and the forward pass stops there (:meth:`embed_through_last_layer` runs the whole model: the reference).
+    """
 
     def __init__(self, backbone: Backbone, *, layer: int, max_tokens: int, batch_size: int) -> None:
         self.backbone, self.layer, self.max_tokens, self.batch_size = backbone, layer, max_tokens, batch_size
         self.dim = hidden_size(backbone)
 
-    @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        return self._embed(texts, stop_early=0 < self.layer < self.backbone.num_layers)
+
+    def embed_through_last_layer(self, texts: Sequence[str]) -> torch.Tensor:
+        """The same embeddings from the full forward pass's hidden states (the reference path)."""
+        return self._embed(texts, stop_early=False)
+
+    @torch.no_grad()
+    def _embed(self, texts: Sequence[str], *, stop_early: bool) -> torch.Tensor:
         tokenizer = self.backbone.tokenizer
         out = []
         for start in range(0, len(texts), self.batch_size):
@@ -54,19 +78,35 @@ class BackboneEmbedder:
                 to_device(batch["input_ids"], self.backbone.device),
                 to_device(batch["attention_mask"], self.backbone.device),
             )
-            output = self.backbone.model(
-                input_ids=ids,
-                attention_mask=mask,
-                output_hidden_states=True,
-                use_cache=False,
-                **_keep_one(self.backbone.model),
-            )
-            hidden = output.hidden_states[self.layer].float()  # (B, T, d)
+            hidden = (self._early if stop_early else self._full)(ids, mask).float()  # (B, T, d)
             weights = mask.unsqueeze(-1).float()
             out.append(
                 ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu()
             )  # sync: leaves the device
         return torch.cat(out)
+
+    def _full(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        output = self.backbone.model(
+            input_ids=ids,
+            attention_mask=mask,
+            output_hidden_states=True,
+            use_cache=False,
+            **_keep_one(self.backbone.model),
+        )
+        return output.hidden_states[self.layer]
+
+    def _early(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        def stop(module, args, output):
+            raise _LayerReached(output[0] if isinstance(output, tuple) else output)
+
+        handle = self.backbone.layers[self.layer - 1].register_forward_hook(stop)
+        try:
+            self.backbone.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _LayerReached as reached:
+            return reached.hidden
+        finally:
+            handle.remove()
+        raise RuntimeError("the router's layer was never reached in the forward pass")
 
 
 def _keep_one(model) -> dict:
@@ -106,7 +146,10 @@ def make_embedder(backbone: Backbone, config: TaskConfig) -> BackboneEmbedder | 
         )
     layer = config.router_layer if config.router_layer is not None else round(backbone.num_layers * 3 / 8)
     return BackboneEmbedder(
-        backbone, layer=layer, max_tokens=config.max_text_tokens, batch_size=config.eval_batch_size
+        backbone,
+        layer=layer,
+        max_tokens=config.max_text_tokens,
+        batch_size=max(config.eval_batch_size, BACKBONE_EMBED_BATCH),
     )
 
 
