@@ -16,6 +16,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from continual_transformer.backbone import Backbone
 from continual_transformer.config import Config, GenerationConfig
+from continual_transformer.documents import Document
+from continual_transformer.evaluation.datasets import KnowledgeBenchmark, Probe
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -199,3 +201,17 @@ def save_tiny_embedder(directory: Path, texts: list[str]) -> Path:
     assert "[UNK]" not in tokenizer.tokenize(texts[-1]), "every word of the texts is in the vocabulary"
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def veloria_benchmark(n: int = 4, tails: tuple[str, ...] = ("The river is Orvalis.",)) -> KnowledgeBenchmark:
+    """A tiny knowledge benchmark: document i says the capital of Veloria number i is Tarnhelm (then one of
+    ``tails``, in turn); one cloze and one question probe per document."""
+    docs = [
+        Document(f"d{i}", f"The capital of Veloria number {i} is Tarnhelm. {tails[i % len(tails)]}")
+        for i in range(n)
+    ]
+    probes = []
+    for i in range(n):
+        probes.append(Probe(f"d{i}", f"The capital of Veloria number {i} is", ("Tarnhelm",), "cloze"))
+        probes.append(Probe(f"d{i}", f"What is the capital of Veloria number {i}?", ("Tarnhelm",), "qa"))
+    return KnowledgeBenchmark("tiny", docs, probes)

@@ -6,11 +6,10 @@ import json
 import math
 
 import pytest
-from conftest import fast_config, make_backbone
+from conftest import fast_config, make_backbone, veloria_benchmark
 
-from continual_transformer.documents import Document
 from continual_transformer.evaluation import knowledge
-from continual_transformer.evaluation.datasets import KnowledgeBenchmark, Probe
+from continual_transformer.evaluation.datasets import Probe
 from continual_transformer.evaluation.knowledge import (
     KnowledgeBenchConfig,
     run_knowledge_bench,
@@ -35,21 +34,9 @@ REQUIRED = {
 }
 
 
-def tiny_benchmark(n: int = 4) -> KnowledgeBenchmark:
-    docs = [
-        Document(f"d{i}", f"The capital of Veloria number {i} is Tarnhelm. The river is Orvalis.")
-        for i in range(n)
-    ]
-    probes = []
-    for i in range(n):
-        probes.append(Probe(f"d{i}", f"The capital of Veloria number {i} is", ("Tarnhelm",), "cloze"))
-        probes.append(Probe(f"d{i}", f"What is the capital of Veloria number {i}?", ("Tarnhelm",), "qa"))
-    return KnowledgeBenchmark("tiny", docs, probes)
-
-
 @pytest.fixture
 def bench(monkeypatch):
-    monkeypatch.setattr(knowledge, "load_benchmark", lambda *a, **k: tiny_benchmark())
+    monkeypatch.setattr(knowledge, "load_benchmark", lambda *a, **k: veloria_benchmark())
     monkeypatch.setattr(knowledge, "KNOWN_FACTS", (Probe("general", "A quick brown", ("fox",), "cloze"),))
     return KnowledgeBenchConfig(
         docs=4, stream_batches=2, ppl_tokens=64, known_facts=1, max_new_tokens=4, latency_prompts=2
@@ -117,7 +104,7 @@ def test_a_strategy_that_does_not_restore_the_backbone_is_caught(tokenizer, benc
             "finetune",
             backbone,
             config(),
-            tiny_benchmark(),
+            veloria_benchmark(),
             bench,
             general="a quick brown fox " * 20,
             known=[],
@@ -188,7 +175,7 @@ def test_oracle_prompt_holds_exactly_the_probes_own_document(tokenizer, monkeypa
     from continual_transformer.evaluation.knowledge import OracleReader
 
     backbone = make_backbone(tokenizer, max_new_tokens=2)
-    benchmark = tiny_benchmark()
+    benchmark = veloria_benchmark()
     seen = _recording(backbone, monkeypatch)
     oracle = OracleReader(backbone, config(), benchmark)
     try:
@@ -223,9 +210,9 @@ def test_oracle_counts_documents_over_in_contexts_budget(tokenizer):
 
     backbone = make_backbone(tokenizer, max_new_tokens=2)
     cfg = fast_config(strategies={"in_context": {"max_context_tokens": 1}})
-    oracle = OracleReader(backbone, cfg, tiny_benchmark())
+    oracle = OracleReader(backbone, cfg, veloria_benchmark())
     try:
-        oracle.answer(tiny_benchmark().probes, max_new_tokens=2)
+        oracle.answer(veloria_benchmark().probes, max_new_tokens=2)
     finally:
         oracle.close()
     assert oracle.over_budget == {"d0", "d1", "d2", "d3"}
@@ -330,7 +317,7 @@ def test_learn_together_learns_each_batch_in_one_run(tokenizer, bench, monkeypat
         "finetune",
         backbone,
         config(),
-        tiny_benchmark(),
+        veloria_benchmark(),
         together,
         general="a quick brown fox " * 20,
         known=[],

@@ -7,9 +7,8 @@ import dataclasses
 import json
 
 import pytest
-from conftest import CORPUS, fast_config, make_backbone, save_tiny_embedder
+from conftest import CORPUS, fast_config, make_backbone, save_tiny_embedder, veloria_benchmark
 
-from continual_transformer.documents import Document
 from continual_transformer.evaluation import knowledge
 from continual_transformer.evaluation import resume as resume_
 from continual_transformer.evaluation.datasets import KnowledgeBenchmark, Probe
@@ -19,14 +18,7 @@ TIMINGS = ("seconds", "latency", "tokens_per_s", "peak_memory", "learn_s_", "ans
 
 
 def benchmark(n: int = 6) -> KnowledgeBenchmark:
-    docs = [
-        Document(f"d{i}", f"The capital of Veloria number {i} is Tarnhelm. {CORPUS[i % 2]}") for i in range(n)
-    ]
-    probes = []
-    for i in range(n):
-        probes.append(Probe(f"d{i}", f"The capital of Veloria number {i} is", ("Tarnhelm",), "cloze"))
-        probes.append(Probe(f"d{i}", f"What is the capital of Veloria number {i}?", ("Tarnhelm",), "qa"))
-    return KnowledgeBenchmark("tiny", docs, probes)
+    return veloria_benchmark(n, tuple(CORPUS[:2]))
 
 
 @pytest.fixture
