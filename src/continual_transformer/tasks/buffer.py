@@ -49,12 +49,7 @@ class ReplayBuffer(TensorState):
                 row = rng.randrange(seen + 1)
             seen += 1
             if row < self.capacity:
-                ids = example.text_ids[: self.max_tokens]
-                self.tokens[row].zero_()
-                self.tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-                self.lengths[row] = len(ids)
-                self.tasks[row] = example.task
-                self.labels[row] = example.label
+                self._write(row, example)
         self.seen.fill_(seen)
 
     def _write(self, row: int, example: Encoded) -> None:
