@@ -4,6 +4,7 @@ the loss against a per-position reference, and training a student on tiny random
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 
@@ -17,6 +18,8 @@ from continual_transformer.distillation import (
     build_distill_examples,
     collate_distill,
     distill_loss,
+    document_distill_examples,
+    documents_distill_examples,
     extract_entities,
     make_queries,
     parse_questions,
@@ -361,3 +364,46 @@ def test_trained_student_answers_like_the_teacher_without_the_document(tokenizer
     )
     assert losses[-1] < 0.01
     assert greedy() == continuation
+
+
+@pytest.mark.parametrize("questions", [False, True])
+def test_documents_distilled_together_give_each_its_examples_as_alone(tokenizer, questions):
+    """Documents that arrive together: their questions are written and their queries answered by the teacher
+    in shared batches (5 rows here, spanning the documents), each document's examples as when alone."""
+    backbone = make_backbone(tokenizer)
+    config = ContextDistillConfig(
+        **{
+            **NO_QUESTIONS,
+            "question_queries": questions,
+            "question_max_new_tokens": 12,
+            "teacher_batch_size": 5,
+        }
+    )
+    texts = [DOCUMENT, CORPUS[2], CORPUS[3]]
+    together = documents_distill_examples(backbone, texts, config)
+    assert len(together) == len(texts) and all(together)
+    ends = [sum(len(t) for t in together[: i + 1]) for i in range(len(texts) - 1)]
+    assert any(end % config.teacher_batch_size for end in ends), "a batch spans two documents"
+    for got, text in zip(together, texts):
+        assert_same_signals(got, document_distill_examples(backbone, text, config))
+    with pytest.raises(ValueError, match="empty"):
+        documents_distill_examples(backbone, [DOCUMENT, "  "], config)
+
+
+def test_teacher_decodes_greedily_on_the_backbones_decoding_path(tokenizer, monkeypatch):
+    """The teacher's continuations come from the backbone's configured decoding path (the lean loop on the
+    static backend here) and are greedy even when answers are sampled: the eager path's signals."""
+    config = ContextDistillConfig(**NO_QUESTIONS)
+    eager = make_backbone(tokenizer)
+    eager.generation = dataclasses.replace(eager.generation, backend="eager")
+    static = make_backbone(tokenizer)
+    static.generation = dataclasses.replace(static.generation, backend="static", do_sample=True)
+    lean = []
+    original = static._lean_generate
+    monkeypatch.setattr(static, "_lean_generate", lambda *a, **k: lean.append(1) or original(*a, **k))
+    assert_same_signals(
+        build_distill_examples(static, DOCUMENT, config), build_distill_examples(eager, DOCUMENT, config)
+    )
+    assert lean, "decoded by the lean loop"
+    with pytest.raises(ValueError, match="at least one token"):
+        static.generate_ids([[1, 2], []], 4)

@@ -439,6 +439,30 @@ class Backbone:
                 )
         return answers
 
+    @torch.inference_mode()
+    def generate_ids(self, rows: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of token-id prompts (model input as it is), one left-padded batch, on the
+        decoding path of ``generation.backend`` (the lean loop on ``static`` and ``compiled``): the new token
+        ids of each row, up to ``max_new_tokens``, padded after a row's end-of-sequence token as ``generate``
+        pads them. Greedy whatever ``generation.do_sample`` says (teachers and question writers)."""
+        if not rows or any(not row for row in rows):
+            raise ValueError("generate_ids: every row needs at least one token")
+        pad = self.tokenizer.pad_token_id
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+        batch = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        gen_config = self.hf_generation_config(max_new_tokens)
+        gen_config.do_sample, gen_config.temperature, gen_config.top_p = False, None, None
+        with self._decoding():
+            if gen_config.compile_config is not None:
+                batch = _pad_left(batch, pad, PROMPT_BUCKET)
+            output = self._generate_batch(batch, gen_config, {})
+        return output[:, batch["input_ids"].shape[1] :].tolist()  # sync: once per batch
+
     def model_text(self, prompt: str, *, chat: bool | None = None, formatted: bool = False) -> str:
         """The text :meth:`generate` tokenises for ``prompt``: the chat template applied (unless
         ``formatted``), and BOS in front for models that start every sequence with it."""

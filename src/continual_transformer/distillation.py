@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig as HFGenerationConfig
 
 from continual_transformer.errors import ConfigError
 
@@ -281,9 +280,15 @@ class DistillQuery:
     """Model input with the document before the query."""
 
 
-def make_queries(backbone: Backbone, document_text: str, config: ContextDistillConfig) -> list[DistillQuery]:
+def make_queries(
+    backbone: Backbone,
+    document_text: str,
+    config: ContextDistillConfig,
+    *,
+    questions: Sequence[str] | None = None,
+) -> list[DistillQuery]:
     """Every query of the switched-on kinds, capped; generating questions runs the model (call it in the
-    teacher's context)."""
+    teacher's context) unless ``questions`` gives those the model wrote already (:func:`write_questions`)."""
     queries: list[DistillQuery] = []
     if config.prefix_queries and config.max_prefix_queries:
         prefixes = sentence_prefixes(split_sentences(document_text), config.prefix_fractions)
@@ -291,7 +296,9 @@ def make_queries(backbone: Backbone, document_text: str, config: ContextDistillC
             queries.append(DistillQuery("prefix", prefix, prefix, f"{document_text}\n\n{prefix}"))
     chat_texts: list[tuple[str, str]] = []
     if config.question_queries and config.max_question_queries:
-        chat_texts.extend(("question", q) for q in generate_questions(backbone, document_text, config))
+        if questions is None:
+            questions = generate_questions(backbone, document_text, config)
+        chat_texts.extend(("question", q) for q in questions)
     if config.entity_queries and config.max_entity_queries:
         entities = extract_entities(document_text)[: config.max_entity_queries]
         chat_texts.extend(("entity", config.entity_template.format(entity=e)) for e in entities)
@@ -311,19 +318,37 @@ def make_queries(backbone: Backbone, document_text: str, config: ContextDistillC
 def generate_questions(backbone: Backbone, document_text: str, config: ContextDistillConfig) -> list[str]:
     """Questions the model writes about the document (every instruction of :data:`QUESTION_INSTRUCTIONS` in
     one greedy batch), parsed, each once, at most ``config.max_question_queries``."""
+    return write_questions(backbone, [document_text], config)[0]
+
+
+def write_questions(
+    backbone: Backbone, document_texts: Sequence[str], config: ContextDistillConfig
+) -> list[list[str]]:
+    """:func:`generate_questions` for several documents, their instructions decoded together in greedy
+    batches of ``config.teacher_batch_size`` rows (at least one document's instructions per batch)."""
     n = config.max_question_queries
-    prompts = [
-        backbone.format_prompt(instruction.format(n=n, document=document_text), chat=True)
+    rows = [
+        _prompt_ids(
+            backbone, backbone.format_prompt(instruction.format(n=n, document=text), chat=True), raw=False
+        )
+        for text in document_texts
         for instruction in QUESTION_INSTRUCTIONS
     ]
-    rows = [_prompt_ids(backbone, p, raw=False) for p in prompts]
-    outputs = _greedy(backbone, rows, config.question_max_new_tokens)
-    questions: list[str] = []
-    for output in outputs:
-        for question in parse_questions(backbone.tokenizer.decode(output, skip_special_tokens=True)):
-            if question.lower() not in {q.lower() for q in questions}:
-                questions.append(question)
-    return questions[:n]
+    size = max(config.teacher_batch_size, len(QUESTION_INSTRUCTIONS))
+    outputs = [
+        output
+        for start in range(0, len(rows), size)
+        for output in _greedy(backbone, rows[start : start + size], config.question_max_new_tokens)
+    ]
+    per_document = []
+    for d in range(len(document_texts)):
+        questions: list[str] = []
+        for output in outputs[d * len(QUESTION_INSTRUCTIONS) : (d + 1) * len(QUESTION_INSTRUCTIONS)]:
+            for question in parse_questions(backbone.tokenizer.decode(output, skip_special_tokens=True)):
+                if question.lower() not in {q.lower() for q in questions}:
+                    questions.append(question)
+        per_document.append(questions[:n])
+    return per_document
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -437,37 +462,15 @@ def _prompt_ids(backbone: Backbone, text: str, *, raw: bool) -> list[int]:
     return ids
 
 
-@torch.inference_mode()
 def _greedy(backbone: Backbone, rows: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of token-id prompts, one left-padded batch.
+    """Greedy continuations of token-id prompts, one left-padded batch on the backbone's decoding path
+    (:meth:`Backbone.generate_ids`).
 
     Each is cut after its first end-of-sequence token, which is kept: the student learns where answers end.
     """
-    tokenizer = backbone.tokenizer
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        attention[i, width - len(row) :] = 1
-    gen_config = HFGenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=pad,
-        eos_token_id=eos,
-    )
-    output = backbone.model.generate(
-        input_ids=ids.to(backbone.device),
-        attention_mask=attention.to(backbone.device),
-        generation_config=gen_config,
-    )
-    new = output[:, width:].tolist()  # sync: once per batch
+    eos = backbone.tokenizer.eos_token_id
     continuations = []
-    for row in new:
+    for row in backbone.generate_ids(rows, max_new_tokens):
         if eos is not None and eos in row:
             row = row[: row.index(eos) + 1]
         continuations.append(row)
@@ -615,21 +618,65 @@ def document_distill_examples(
 ) -> list[DistillExample]:
     """:func:`build_distill_examples` over a document of any length: the teacher reads one chunk of at most
     ``chunk_tokens`` tokens at a time (cut at sentence ends), so its prompt always fits the context window."""
+    return documents_distill_examples(
+        backbone, [document_text], config, teacher_context=teacher_context, chunk_tokens=chunk_tokens
+    )[0]
+
+
+def documents_distill_examples(
+    backbone: Backbone,
+    document_texts: Sequence[str],
+    config: ContextDistillConfig,
+    *,
+    teacher_context: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    chunk_tokens: int = 1024,
+) -> list[list[DistillExample]]:
+    """:func:`document_distill_examples` of several documents at once, each document's examples in a list of
+    its own. The model runs across documents: their questions are written in shared greedy batches and the
+    teacher answers their queries ``config.teacher_batch_size`` rows at a time, so documents that arrive
+    together (``learn_documents``) take a few large batches instead of several small ones each."""
+    if any(not text.strip() for text in document_texts):
+        raise ValueError("cannot distil an empty document")
+    started = time.perf_counter()
     limit = max(64, min(chunk_tokens, backbone.max_length - config.teacher_max_new_tokens - 256))
-    chunks, current, used = [], [], 0
-    for sentence in split_sentences(document_text) or [document_text]:
-        size = len(backbone.token_ids(sentence))
-        if current and used + size > limit:
+    owners: list[int] = []  # the document of each chunk
+    chunks: list[str] = []
+    for d, text in enumerate(document_texts):
+        current: list[str] = []
+        used = 0
+        for sentence in split_sentences(text) or [text]:
+            size = len(backbone.token_ids(sentence))
+            if current and used + size > limit:
+                chunks.append(" ".join(current))
+                owners.append(d)
+                current, used = [], 0
+            current.append(sentence)
+            used += size
+        if current:
             chunks.append(" ".join(current))
-            current, used = [], 0
-        current.append(sentence)
-        used += size
-    if current:
-        chunks.append(" ".join(current))
-    examples: list[DistillExample] = []
-    for chunk in chunks:
-        examples += build_distill_examples(backbone, chunk, config, teacher_context=teacher_context)
-    return examples
+            owners.append(d)
+    asked = config.question_queries and config.max_question_queries
+    with teacher_context():
+        questions = write_questions(backbone, chunks, config) if asked else [None] * len(chunks)
+        queries = [
+            make_queries(backbone, chunk, config, questions=q or []) for chunk, q in zip(chunks, questions)
+        ]
+        examples = teacher_signals(backbone, [q for qs in queries for q in qs], config)
+    per_document: list[list[DistillExample]] = [[] for _ in document_texts]
+    taken = 0
+    for owner, qs in zip(owners, queries):
+        per_document[owner] += examples[taken : taken + len(qs)]
+        taken += len(qs)
+    counts = {kind: sum(1 for e in examples if e.kind == kind) for kind in QUERY_KINDS}
+    logger.info(
+        "context distillation: %d documents, %d examples (%s), %d scored tokens in %.1fs",
+        len(document_texts),
+        len(examples),
+        ", ".join(f"{k}={v}" for k, v in counts.items()),
+        sum(e.scored_tokens for e in examples),
+        time.perf_counter() - started,
+    )
+    return per_document
 
 
 def as_training_examples(examples: Sequence[DistillExample]) -> list:

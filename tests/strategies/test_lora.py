@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import fast_config, make_backbone
+from peft.tuners.lora import LoraLayer
 from transformers.pytorch_utils import Conv1D
 
 from continual_transformer import ContinualTransformer
@@ -66,3 +67,36 @@ def test_lora_adapters_do_not_depend_on_the_global_generator(tokenizer):
     torch.manual_seed(2)
     b = build(tokenizer, "llama").strategy.trainable_state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_answers_decode_merged_layers_as_the_wrapped_ones(tokenizer, arch, tmp_path, monkeypatch):
+    """Answers are decoded with each adapted projection merged into one plain layer: the same greedy tokens
+    as peft's wrappers, the wrappers back after the call, the copies rebuilt when the adapters change."""
+    ct = build(tokenizer, arch)
+    ct.learn_document(DOC)
+    ct.save(tmp_path / "s")
+    wrapped = build(tokenizer, arch, merge_answers=False)
+    wrapped.load(tmp_path / "s")
+    seen: list[list[type]] = []
+    generate = ct.backbone.generate
+
+    def spy(*args, **kwargs):
+        seen.append([type(m) for m in ct.backbone.model.modules()])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(ct.backbone, "generate", spy)
+    answers = ct.strategy.generate(PROBE, max_new_tokens=8)
+    assert answers == wrapped.strategy.generate(PROBE, max_new_tokens=8)
+    assert answers != build(tokenizer, arch).strategy.generate(PROBE, max_new_tokens=8), "learning shows"
+    assert not any(issubclass(t, LoraLayer) for t in seen[0]), "plain layers while decoding"
+    assert any(isinstance(m, LoraLayer) for m in ct.backbone.model.modules()), "the wrappers are back"
+    merged = [layer for *_, layer in ct.strategy._merged]
+    ct.strategy.generate(PROBE, max_new_tokens=8)
+    assert [layer for *_, layer in ct.strategy._merged] == merged, "kept while the adapters are unchanged"
+    ct.strategy.reset()  # adapters back to their start: the base model's answers
+    assert ct.strategy.generate(PROBE, max_new_tokens=8) == build(tokenizer, arch).strategy.generate(
+        PROBE, max_new_tokens=8
+    )
+    assert [layer for *_, layer in ct.strategy._merged] != merged, "rebuilt after the adapters changed"
+

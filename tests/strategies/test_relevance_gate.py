@@ -69,3 +69,19 @@ def test_documents_learned_together_open_the_gate_too(tokenizer, embedder_dir):
     ct = build(tokenizer, "ttt", embedder_dir)
     ct.learn_documents([VELORIA, CORPUS[1]])
     assert ct.strategy.relevance_gate.open([VELORIA, CORPUS[1], UNRELATED]) == [True, True, False]
+
+
+def test_gated_lora_answers_a_mixed_batch_with_merged_layers_and_the_base_model(tokenizer, embedder_dir):
+    """One call with a prompt the gate opens for and one it closes for: the open one is decoded by the merged
+    layers (as peft's wrappers decode it), the closed one by the base model."""
+    answers = {}
+    for merge in (True, False):
+        settings = {"gate": {"enabled": True, "embedder": str(embedder_dir), "min_similarity": 0.99}}
+        config = fast_config(strategies={"lora": {**settings, "merge_answers": merge}})
+        ct = ContinualTransformer(make_backbone(tokenizer), strategy="lora", config=config)
+        base = ct.strategy.generate([VELORIA, UNRELATED], chat=False)
+        ct.learn_document(VELORIA)
+        answers[merge] = ct.strategy.generate([VELORIA, UNRELATED], chat=False)
+        assert answers[merge][1] == base[1], "closed: the base model"
+        assert answers[merge][0] != base[0], "open: what was learned"
+    assert answers[True] == answers[False]

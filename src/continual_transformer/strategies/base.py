@@ -217,21 +217,28 @@ class Strategy(ABC):
         prompts = list(prompts)
         closed = self._gate_closed(prompts)
         if not any(closed):
-            return self.backbone.generate(
-                prompts, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs
-            )
+            with self._answering():
+                return self.backbone.generate(
+                    prompts, chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs
+                )
         answers: list[str] = [""] * len(prompts)
         for shut in (False, True):
             rows = [i for i, c in enumerate(closed) if c == shut]
             if not rows:
                 continue
-            with self.disabled() if shut else nullcontext():
+            with self.disabled() if shut else self._answering():
                 out = self.backbone.generate(
                     [prompts[i] for i in rows], chat=chat, max_new_tokens=max_new_tokens, **generate_kwargs
                 )
             for i, answer in zip(rows, out):
                 answers[i] = answer
         return answers
+
+    def _answering(self) -> AbstractContextManager[Any]:
+        """The backbone as :meth:`generate` decodes the rows learning applies to (default: as it is). A
+        strategy may put an equivalent, faster form of its change in place for the call (``lora``: each
+        adapted projection merged into one plain layer)."""
+        return nullcontext()
 
     def _gate_closed(self, queries: Sequence[str]) -> list[bool]:
         """Per query: does the relevance gate keep learned weights away from it (all False without a gate)?"""
@@ -460,23 +467,36 @@ class TrainingStrategy(Strategy):
         """Runs after the optimisation, before the loss after is measured; returns figures for the report."""
         return {}
 
-    def distill_examples(self, document: Document) -> tuple[list[Example], dict[str, Any]]:
-        """The ``context_distill`` objective's examples: queries about the document answered by the base model
-        with the document in its prompt (every learned change off, :meth:`disabled`), as training rows."""
+    def distill_examples(self, documents: Sequence[Document]) -> list[tuple[list[Example], dict[str, Any]]]:
+        """The ``context_distill`` objective's examples of each document: queries about it answered by the
+        base model with the document in its prompt (every learned change off, :meth:`disabled`), as training
+        rows; the teacher runs across the documents in shared batches (``teacher_seconds``: the whole
+        set's)."""
         from continual_transformer import distillation
 
         started = time.perf_counter()
-        examples = distillation.document_distill_examples(
-            self.backbone, document.text, self.config.distill, teacher_context=self.disabled
+        made = distillation.documents_distill_examples(
+            self.backbone, [d.text for d in documents], self.config.distill, teacher_context=self.disabled
         )
-        kinds = {kind: sum(e.kind == kind for e in examples) for kind in distillation.QUERY_KINDS}
-        figures = {"distill_queries": kinds, "teacher_seconds": time.perf_counter() - started}
-        return distillation.as_training_examples(examples), figures
+        seconds = time.perf_counter() - started
+        kinds = distillation.QUERY_KINDS
+        return [
+            (
+                distillation.as_training_examples(examples),
+                {
+                    "distill_queries": {k: sum(e.kind == k for e in examples) for k in kinds},
+                    "teacher_seconds": seconds,
+                },
+            )
+            for examples in made
+        ]
 
-    def _examples(self, document: Document) -> tuple[list[Example], dict[str, Any]]:
-        """The examples of the configured objective (``next_token`` or ``context_distill``) and figures."""
-        distilling = getattr(self.config, "objective", "next_token") == "context_distill"
-        return (self.distill_examples if distilling else self.training_examples)(document)
+    def _examples(self, documents: Sequence[Document]) -> list[tuple[list[Example], dict[str, Any]]]:
+        """The examples of the configured objective (``next_token`` or ``context_distill``) and figures, per
+        document."""
+        if getattr(self.config, "objective", "next_token") == "context_distill":
+            return self.distill_examples(documents)
+        return [self.training_examples(d) for d in documents]
 
     def _train(self, examples: list[Example], description: str) -> list[float]:
         """One :func:`training.train` run over ``examples`` with the config's ``optim`` and this strategy's
@@ -498,7 +518,7 @@ class TrainingStrategy(Strategy):
 
     def learn(self, document: Document) -> LearnReport:
         clock = PhaseClock()
-        examples, figures = self._examples(document)
+        ((examples, figures),) = self._examples([document])
         clock.lap("examples")
         loss_before = self.mean_nll([document.text])
         clock.lap("loss_before")
@@ -532,7 +552,7 @@ class TrainingStrategy(Strategy):
         if len(documents) <= 1:
             return [self.learn(document) for document in documents]
         clock = PhaseClock()
-        made = [self._examples(d) for d in documents]
+        made = self._examples(documents)
         examples = [e for ex, _ in made for e in ex]
         clock.lap("examples")
         loss_before = self._document_nll(documents)

@@ -5,18 +5,26 @@ layers in place (``peft.inject_adapter_in_model``): ``nn.Linear`` in Llama-like 
 ``Conv1D`` in GPT-2 (:func:`continual_transformer.layers.projection_targets`). Only the LoRA matrices train
 and only they are saved. :meth:`disabled` switches the adapters off (the base model exactly); ``close``
 unwraps the layers.
+
+Answers are decoded with each adapted projection merged into a copy of its layer (``merge_answers``: the
+weight plus peft's delta, ``scale * B @ A``), put in place of peft's wrapper for the call. Decoding then runs
+plain layers, which the fast backends fuse and record as CUDA graphs as they do the base model's, and one
+product per projection instead of three. The copies are kept until the adapters change.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from torch import nn
 
 from continual_transformer.config import ConfigError, GateArgs, OptimArgs, WindowArgs
 from continual_transformer.distillation import ContextDistillConfig, check_objective
@@ -49,6 +57,9 @@ class LoraConfig:
     """Queries and teacher settings of the ``context_distill`` objective."""
     gate: GateArgs = field(default_factory=GateArgs)
     """Apply what was learned only to prompts about learned documents (off by default; ``GateArgs``)."""
+    merge_answers: bool = True
+    """Decode answers with each adapted projection merged into one plain layer (a copy of the adapted
+    weights is kept while the adapters stay unchanged); ``false``: through peft's wrapped layers."""
 
     def __post_init__(self) -> None:
         check_layer_spec(self.layers, "strategies.lora.layers")
@@ -83,6 +94,8 @@ class LoraStrategy(TrainingStrategy):
         for p in self._params.values():
             p.requires_grad_(False)
         self._initial = {n: p.detach().clone() for n, p in self._params.items()}
+        self._merged: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
+        self._merged_key: tuple[Any, ...] | None = None
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self._params
@@ -104,6 +117,47 @@ class LoraStrategy(TrainingStrategy):
                 layer.enable_adapters(True)  # peft switches requires_grad on here: put it back as it was
             for name, param in self._params.items():
                 param.requires_grad_(grads[name])
+
+    def _answering(self) -> AbstractContextManager[Any]:
+        return self._merged_layers() if self.config.merge_answers and self._params else nullcontext()
+
+    @contextmanager
+    def _merged_layers(self) -> Iterator[None]:
+        """Each wrapped projection replaced by its merged copy while inside, the wrappers back after."""
+        self._refresh_merged()
+        for parent, child, _, merged in self._merged:
+            setattr(parent, child, merged)
+        try:
+            yield
+        finally:
+            for parent, child, wrapper, _ in self._merged:
+                setattr(parent, child, wrapper)
+
+    def _refresh_merged(self) -> None:
+        """(Re)build the merged copies when an adapter or base weight changed since they were made (an
+        optimiser step, a load or a reset writes in place and bumps the tensor's version)."""
+        layers = [(name, m) for name, m in self.backbone.model.named_modules() if isinstance(m, LoraLayer)]
+        key = tuple(
+            (id(m), p.data_ptr(), p._version)
+            for _, m in layers
+            for p in (*m.get_base_layer().parameters(), *m.lora_A.parameters(), *m.lora_B.parameters())
+        )
+        if key == self._merged_key:
+            return
+        merged = []
+        # plain tensors even when first made inside inference mode (generate)
+        model = self.backbone.model
+        with torch.inference_mode(False), torch.no_grad():
+            for name, wrapper in layers:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                layer = copy.deepcopy(wrapper.get_base_layer())
+                for param in layer.parameters():
+                    param.requires_grad_(False)
+                if ADAPTER in wrapper.lora_A:  # peft's delta in the base weight's layout (fan_in_fan_out)
+                    layer.weight.add_(wrapper.get_delta_weight(ADAPTER).to(layer.weight.dtype))
+                merged.append((parent, child, wrapper, layer))
+        self._merged, self._merged_key = merged, key
 
     def trained_backbone_parameters(self) -> set[str]:
         return set(self._params)
@@ -140,6 +194,7 @@ class LoraStrategy(TrainingStrategy):
                 model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer()
             )
         self._params = {}
+        self._merged, self._merged_key = [], None
 
     def stats(self) -> StrategyStats:
         n = sum(p.numel() for p in self._params.values())

@@ -321,19 +321,30 @@ class MemoryLayerStrategy(Strategy):
     # -- objective -------------------------------------------------------------------------------------------
     def training_plan(self, document: Document) -> TrainingPlan:
         """Examples and step loss of ``document`` for the configured objective."""
+        return self.training_plans([document])[0]
+
+    def training_plans(self, documents: Sequence[Document]) -> list[TrainingPlan]:
+        """:meth:`training_plan` of each document; the context-distillation teacher runs across them in
+        shared batches."""
         from continual_transformer import distillation
 
         cfg = self.config
         if cfg.objective == "context_distill":
-            distilled = distillation.document_distill_examples(
-                self.backbone, document.text, cfg.distill, teacher_context=self.disabled
+            made = distillation.documents_distill_examples(
+                self.backbone, [d.text for d in documents], cfg.distill, teacher_context=self.disabled
             )
-            examples = distillation.as_training_examples(distilled)
-            return TrainingPlan(
-                examples, distillation.distill_step_loss, sum(e.scored_tokens for e in examples)
-            )
-        examples = training.window_examples(self.backbone, document.text, cfg.windows)
-        return TrainingPlan(examples, training.next_token_loss, sum(e.scored_tokens for e in examples))
+            plans = []
+            for distilled in made:
+                examples = distillation.as_training_examples(distilled)
+                tokens = sum(e.scored_tokens for e in examples)
+                plans.append(TrainingPlan(examples, distillation.distill_step_loss, tokens))
+            return plans
+        plans = []
+        for document in documents:
+            examples = training.window_examples(self.backbone, document.text, cfg.windows)
+            tokens = sum(e.scored_tokens for e in examples)
+            plans.append(TrainingPlan(examples, training.next_token_loss, tokens))
+        return plans
 
     # -- learning --------------------------------------------------------------------------------------------
     def learn(self, document: Document) -> LearnReport:
@@ -350,7 +361,7 @@ class MemoryLayerStrategy(Strategy):
             return []
         calibration = 0.0 if self.calibrated else self.calibrate()
         start = time.perf_counter()
-        plans = [self.training_plan(document) for document in documents]
+        plans = self.training_plans(documents)
         loss_before = self._document_nll(documents)
         per_document = [self.select_slots(plan.examples) for plan in plans]
         chosen = per_document[0] if len(plans) == 1 else [torch.cat(s).unique() for s in zip(*per_document)]
