@@ -10,6 +10,10 @@ Sections (``--sections``, all by default):
   training steps and with the speed options (``--fast-optim``: packing, bf16 autocast on a GPU);
 - ``learn_many``: document tokens/s learning ``--many`` documents at once (``learn_documents``) with the speed
   options, against learning them one at a time with the defaults (measured on ``--sequential`` of them);
+- ``teacher``: the context-distillation teacher's signals for ``--teacher-docs`` documents (the examples of
+  ``objective: context_distill``), one document at a time on ``eager`` (Hugging Face's generate, how teachers
+  ran before) against all documents together on the fast backend (shared batches, the lean loop), and the
+  share of continuations both give alike;
 - ``tasks``: task training examples/s of ``learn_task`` at the default batch size and at ``--task-batch``;
 - ``service``: ``--service-clients`` concurrent clients, each sending ``--service-requests`` greedy chat
   requests one after another with answer budgets cycling through ``--service-tokens``, through the service's
@@ -50,7 +54,7 @@ from continual_transformer.strategies import registry
 
 logger = logging.getLogger("speed")
 
-SECTIONS = ("streams", "strategies", "learn1", "learn_many", "tasks", "service", "int8")
+SECTIONS = ("streams", "strategies", "learn1", "learn_many", "teacher", "tasks", "service", "int8")
 TARGETS = {  # the H200 targets of the speed issue (bf16), for the report's "distance" column
     "stream_1_tokens_per_s": 1000.0,
     "stream_64_tokens_per_s": 50000.0,
@@ -520,6 +524,63 @@ def learn_many(
     return row
 
 
+def teacher(
+    backbone: Backbone,
+    args: argparse.Namespace,
+    config,
+    bench,
+    row: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Any]:
+    """Fills ``row``: the teacher signals of ``--teacher-docs`` documents one at a time on ``eager`` and all
+    together on the fast backend (``distill`` settings of ``strategies.ttt``), each timed after a warm-up."""
+    from continual_transformer import distillation
+
+    texts = [d.text for d in bench.documents[: args.teacher_docs]]
+    distill = spec_config(config, "ttt")[1].distill
+    row.update({"documents": len(texts), "teacher_batch_size": distill.teacher_batch_size})
+    configured = backbone.generation
+    try:
+        use_backend(backbone, "eager")
+        distillation.documents_distill_examples(backbone, texts[:1], distill)  # warm-up
+        seconds, alone = timed(
+            lambda: [distillation.document_distill_examples(backbone, t, distill) for t in texts],
+            backbone.device,
+            1,
+        )
+        row["eager_one_at_a_time"] = {"seconds": seconds, "documents_per_s": len(texts) / seconds}
+        save()
+        use_backend(backbone, args.backend)
+        first, _ = timed(
+            lambda: distillation.documents_distill_examples(backbone, texts, distill), backbone.device, 1
+        )
+        seconds, together = timed(
+            lambda: distillation.documents_distill_examples(backbone, texts, distill), backbone.device, 1
+        )
+    finally:
+        backbone.generation = configured
+    pairs = [(a.continuation, b.continuation) for x, y in zip(alone, together) for a, b in zip(x, y)]
+    row[args.backend] = {
+        "seconds": seconds,
+        "documents_per_s": len(texts) / seconds,
+        "warmup_seconds": first,
+        "examples": sum(len(x) for x in together),
+        "scored_tokens": sum(e.scored_tokens for x in together for e in x),
+    }
+    row["speedup"] = row["eager_one_at_a_time"]["seconds"] / seconds
+    row["continuations_equal"] = sum(a == b for a, b in pairs) / max(1, len(pairs))
+    logger.info(
+        "teacher signals of %d documents: %.1f s one at a time on eager, %.1f s together on %s (%.2fx)",
+        len(texts),
+        row["eager_one_at_a_time"]["seconds"],
+        seconds,
+        args.backend,
+        row["speedup"],
+    )
+    save()
+    return row
+
+
 def tasks(
     backbone: Backbone, args: argparse.Namespace, config, out: dict[str, Any], save: Callable[[], None]
 ) -> dict[str, Any]:
@@ -719,6 +780,9 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     figures["learn_many_doc_tokens_per_s"] = _get(many, "batched", "doc_tokens_per_s")
     figures["learn_many_epochs"] = _get(many, "batched", "epochs")
     figures["learn_many_sequential_doc_tokens_per_s"] = _get(many, "sequential", "doc_tokens_per_s")
+    taught = results.get("teacher", {})
+    figures["teacher_documents_per_s"] = _get(taught, backend, "documents_per_s")
+    figures["teacher_speedup"] = taught.get("speedup")
     figures["task_examples_per_s"] = _get(results.get("tasks", {}), "large_batch", "examples_per_s")
     figures["task_default_examples_per_s"] = _get(results.get("tasks", {}), "default", "examples_per_s")
     served = results.get("service", {})
@@ -805,6 +869,16 @@ def write(results: dict[str, Any], out: Path) -> None:
             _get(r, "sequential", "doc_tokens_per_s"),
             _get(r, "batched", "doc_tokens_per_s"),
             "learn_many_doc_tokens_per_s",
+        )
+    r = results.get("teacher", {})
+    if r:
+        equal = r.get("continuations_equal")
+        line(
+            f"teacher signals of {r['documents']} documents, documents/s (eager: one at a time; fast: "
+            f"together{'' if equal is None else f', {equal:.0%} of continuations alike'})",
+            _get(r, "eager_one_at_a_time", "documents_per_s"),
+            _get(r, backend, "documents_per_s"),
+            None,
         )
     r = results.get("tasks", {})
     if r:
@@ -1000,6 +1074,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--many-epochs", type=int, default=0, help="epochs of the --many batch (0: the strategy's setting)"
     )
+    parser.add_argument(
+        "--teacher-docs", type=int, default=None, help="teacher: documents (quick 4, else 32)"
+    )
     parser.add_argument("--task-examples", type=int, default=None)
     parser.add_argument("--task-batch", type=int, default=64)
     parser.add_argument("--service-clients", type=int, default=None, help="service: concurrent clients")
@@ -1038,6 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
     args.many = args.many or (8 if q else 1000)
     args.sequential = args.sequential or (2 if q else 10)
     args.task_examples = args.task_examples or (64 if q else 2048)
+    args.teacher_docs = args.teacher_docs or (4 if q else 32)
     args.service_clients = args.service_clients or (4 if q else 16)
     args.service_requests = args.service_requests or (2 if q else 4)
     args.service_tokens = [
@@ -1086,7 +1164,9 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
     }
-    bench = load_benchmark("novel_facts", n_docs=max(args.many, args.strategy_docs, 8), seed=0)
+    bench = load_benchmark(
+        "novel_facts", n_docs=max(args.many, args.strategy_docs, args.teacher_docs, 8), seed=0
+    )
     prompts = [p.prompt for p in bench.probes if p.kind == "qa"]
     wanted = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(wanted) - set(SECTIONS))
@@ -1108,6 +1188,8 @@ def main(argv: list[str] | None = None) -> int:
                 learn1(backbone, args, config, bench, filled, save)
             elif section == "learn_many":
                 learn_many(backbone, args, config, bench, filled, save)
+            elif section == "teacher":
+                teacher(backbone, args, config, bench, filled, save)
             elif section == "tasks":
                 tasks(backbone, args, config, filled, save)
             elif section == "service":
