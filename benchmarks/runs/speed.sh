@@ -35,7 +35,8 @@
 # LEARNING=1 runs only the learning targets, one process after another with the machine to themselves:
 # learn1 and learn_many with `ttt` (the default strategy) on the default speed options, again with
 # FAST_OPTIM (default: the same plus compile=true; the first call, which compiles, is reported apart from
-# the steady-state figure), learn_many with `finetune`, then task training (also with the prompts' shared
+# the steady-state figure), learn_many with `finetune`, the context-distillation teacher (32 documents one at
+# a time on eager against together on the fast backend), then task training (also with the prompts' shared
 # prefix computed once per batch):
 #   LEARNING=1 bash benchmarks/runs/speed.sh 560
 # FAST_OPTIM=... sets the speed options of the learning part in the full run too (speed.py --fast-optim).
@@ -68,10 +69,11 @@ if [ -n "${LEARNING:-}" ]; then
   compiled=${FAST_OPTIM:-pack_tokens=512:autocast=true:batch_size=16:compile=true}
   part learning-ttt $(( limit * 18 / 100 )) --sections learn1,learn_many --learn-specs ttt \
     --many 1000 --sequential 3 --many-epochs 3
-  part learning-ttt-compiled $(( limit * 45 / 100 )) --sections learn1,learn_many --learn-specs ttt \
+  part learning-ttt-compiled $(( limit * 38 / 100 )) --sections learn1,learn_many --learn-specs ttt \
     --many 1000 --sequential 1 --many-epochs 3 --fast-optim "$compiled"
   part learning-finetune $(( limit * 15 / 100 )) --sections learn_many --learn-specs finetune \
     --many 1000 --sequential 1 --many-epochs 3
+  part teacher $(( limit * 10 / 100 )) --sections teacher --teacher-docs 32
   part tasks $(( limit * 10 / 100 )) --sections tasks --task-examples 1024 --task-batch 128
   # the task prompts' shared prefix (system prompt, instruction, label list: most of each row) run once per
   # batch, off on a GPU by default (tasks.share_prefix): measured here at the large batch
@@ -100,8 +102,8 @@ else
     --probes 3 --strategies none,knowledge_store,memory_layer,memory_bank,retrieval &
   part strategies-b "$t" --sections strategies --new-tokens 32 --strategy-docs 5 --batched-learning \
     --probes 3 --strategies none,ttt,finetune,lora,in_context &
-  part learning "$t" --sections learn1,learn_many --learn-specs finetune,ttt --many 1000 --sequential 3 \
-    --many-epochs 3 ${FAST_OPTIM:+--fast-optim "$FAST_OPTIM"} &
+  part learning "$t" --sections learn1,learn_many,teacher --learn-specs finetune,ttt --many 1000 \
+    --sequential 3 --many-epochs 3 --teacher-docs 32 ${FAST_OPTIM:+--fast-optim "$FAST_OPTIM"} &
   # then the service: 16 clients through the generation thread, continuous batching off and on (both on
   # the static backend, uncompiled: the batch path would compile a graph per batch size and cache length)
   part tasks "$t" --sections tasks,service --task-examples 1024 --task-batch 128 --service-clients 16 \
