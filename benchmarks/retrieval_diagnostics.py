@@ -3,8 +3,9 @@
     python benchmarks/retrieval_diagnostics.py --benchmark novel_facts --docs 50
     python benchmarks/retrieval_diagnostics.py --benchmark boolq --set strategies.retrieval.retriever=bm25
     python benchmarks/retrieval_diagnostics.py --benchmark news --docs 6 --set model.device=cpu  # a check
+    python benchmarks/retrieval_diagnostics.py --docs 1000 --ranking-only   # ranking and gate only (CPU)
 
-The ``retrieval`` strategy (as configured: ``--set strategies.retrieval.KEY=VALUE``) learns the benchmark's
+The ``retrieval`` strategy (as configured: ``--set strategies.retrieval.KEY=VALUE``) indexes the benchmark's
 documents. For every probe, through the strategy's public API (``search``, ``augment``, ``chunk_doc``,
 ``doc_ids``, state save/load):
 
@@ -113,11 +114,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     strategy = registry.get("retrieval")(backbone, section, settings=config)
     conditions: dict[str, list[str]] = {}
     try:
-        for doc in bench.documents:
-            strategy.learn(doc)
-        logger.info("learned %d documents", len(bench.documents))
+        strategy.index(bench.documents)  # what learning does, without the loss before and after
+        logger.info("indexed %d documents", len(bench.documents))
         rows = ranking(strategy, probes)
         logger.info("ranked %d probes over %d chunks", len(probes), len(strategy.chunk_ids))
+        chunks = len(strategy.chunk_ids)
+        chunking = {"chunk_tokens": strategy.chunk_tokens, "chunk_overlap": strategy.chunk_overlap}
+        if args.ranking_only:
+            return _results(args, backbone, bench, section, config, rows, chunks, chunking, None, [])
 
         floor = registry.get("none")(backbone, strategy_config(config, "none"), settings=config)
         conditions["none"] = answer_probes(floor, probes, args.max_new_tokens).predictions
@@ -139,24 +143,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             over_budget = sorted(oracle.over_budget)
         finally:
             oracle.close()
-        chunks = len(strategy.chunk_ids)
-        chunking = {"chunk_tokens": strategy.chunk_tokens, "chunk_overlap": strategy.chunk_overlap}
     finally:
         strategy.close()
+    return _results(args, backbone, bench, section, config, rows, chunks, chunking, conditions, over_budget)
 
-    for name, predictions in conditions.items():
+
+def _results(args, backbone, bench, section, config, rows, chunks, chunking, conditions, over_budget) -> dict:
+    """The summary and settings of a run; ``conditions`` (answers per prompt kind) is ``None`` for a
+    ranking-only run."""
+    probes = list(bench.probes)
+
+    for name, predictions in (conditions or {}).items():
         scored = score(probes, predictions)
         for row, prediction, correct in zip(rows, predictions, scored["correct"]):
             row.setdefault("predictions", {})[name] = prediction
             row.setdefault("correct", {})[name] = bool(correct)
     accuracy = {}
-    for name, predictions in conditions.items():
+    for name, predictions in (conditions or {}).items():
         scored = score(probes, predictions)
         accuracy[name] = {k: scored.get(k) for k in ("contains", "em", "cloze_contains", "qa_contains")}
     lost = Counter(
         cause(row, section.top_k)
         for row in rows
-        if row["correct"]["oracle"] and not row["correct"]["retrieval"]
+        if conditions and row["correct"]["oracle"] and not row["correct"]["retrieval"]
     )
     ranks = [row["rank"] for row in rows]
     summary = {
@@ -169,18 +178,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "own_in_prompt": _share(row["own_in_prompt"] for row in rows),
         "docs_in_prompt_mean": float(np.mean([row["docs_in_prompt"] for row in rows])),
         "docs_in_prompt_histogram": dict(sorted(Counter(row["docs_in_prompt"] for row in rows).items())),
-        "accuracy": accuracy,
-        "oracle_right_retrieval_wrong": {c: lost.get(c, 0) for c in CAUSES},
-        "oracle_documents_over_budget": over_budget,
-        "retrieval_right_oracle_wrong": sum(
-            row["correct"]["retrieval"] and not row["correct"]["oracle"] for row in rows
-        ),
     }
+    if conditions:
+        summary.update(
+            {
+                "accuracy": accuracy,
+                "oracle_right_retrieval_wrong": {c: lost.get(c, 0) for c in CAUSES},
+                "oracle_documents_over_budget": over_budget,
+                "retrieval_right_oracle_wrong": sum(
+                    row["correct"]["retrieval"] and not row["correct"]["oracle"] for row in rows
+                ),
+            }
+        )
     settings = {
         "benchmark": args.benchmark,
         "docs": len(bench.documents),
         "seed": args.seed,
         "max_new_tokens": args.max_new_tokens,
+        "ranking_only": bool(args.ranking_only),
         "overrides": list(args.set),
         "retrieval": to_dict(section),
         "in_context": to_dict(strategy_config(config, "in_context")),
@@ -208,7 +223,6 @@ def markdown(results: dict[str, Any]) -> str:
         if retrieval["retriever"] == "dense"
         else f"relevance >= {retrieval['min_relevance']}"
     )
-    oracle = summary["accuracy"]["oracle"]["contains"]
     lines = [
         f"# Retrieval diagnostics: {settings['benchmark']}",
         "",
@@ -235,6 +249,11 @@ def markdown(results: dict[str, Any]) -> str:
         "Documents in the prompt: "
         + ", ".join(f"{n}: {c} probes" for n, c in summary["docs_in_prompt_histogram"].items())
         + ".",
+    ]
+    if "accuracy" not in summary:  # a ranking-only run
+        return "\n".join([*lines, "", "Ranking only (`--ranking-only`): no probe was answered."]) + "\n"
+    oracle = summary["accuracy"]["oracle"]["contains"]
+    lines += [
         "",
         "## Accuracy by what the prompt holds",
         "",
@@ -277,6 +296,9 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument(
+        "--ranking-only", action="store_true", help="rank and gate every probe; answer none (fast on a CPU)"
+    )
     parser.add_argument(
         "--set", action="append", default=[], help="config override key.path=value (repeatable)"
     )

@@ -167,3 +167,19 @@ def test_documents_learned_together_are_stored_as_one_by_one(tokenizer, strategy
     assert reports[-1].loss_after == pytest.approx(singles[-1].loss_after)  # everything stored after both
     assert all(r.extra["batch_documents"] == 3 for r in reports)
     assert sum(r.seconds for r in reports) == pytest.approx(reports[0].extra["batch_seconds"])
+
+
+def test_bulk_index_stores_what_learning_stores(tokenizer, monkeypatch):
+    """``index`` puts documents in the index as learning does (same chunks, same answers' logits), without
+    scoring any document; a document indexed again unchanged adds nothing."""
+    docs = [make_document(text, f"d{i}") for i, text in enumerate((VELORIA, MIRELA, FRANCE))]
+    learned = ContinualTransformer(make_backbone(tokenizer), strategy="retrieval", config=fast_config())
+    learned.strategy.learn_documents(docs)
+    bulk = ContinualTransformer(make_backbone(tokenizer), strategy="retrieval", config=fast_config())
+    monkeypatch.setattr(bulk.strategy, "_document_nll", lambda documents: pytest.fail("scored a document"))
+    assert bulk.strategy.index(docs) == len(learned.strategy.chunk_ids) > 0
+    assert bulk.strategy.chunk_ids == learned.strategy.chunk_ids
+    assert bulk.strategy.doc_ids == learned.strategy.doc_ids
+    prompts = ["Where was Mirela Voskuijlen born?", "What is the capital of Veloria?"]
+    assert torch.equal(bulk.strategy.forward_logits(prompts), learned.strategy.forward_logits(prompts))
+    assert bulk.strategy.index(docs[:1]) == 0
