@@ -47,7 +47,6 @@ from continual_transformer.strategies import registry, strategy_config
 logger = logging.getLogger("retrieval_diagnostics")
 
 HIT_AT = (1, 2, 3, 4, 5)
-TOP_K = (1, 2, 3, 4)
 CAUSES = ("not retrieved", "gated out", "in the prompt")
 
 
@@ -109,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(set_items=args.set)
     backbone = Backbone.load(config.model, config.generation)
     bench = load_benchmark(args.benchmark, n_docs=args.docs, seed=args.seed, data_dir=config.data_dir)
-    probes = list(bench.probes)
+    probes = _sample(list(bench.probes), args.probes, args.seed)
     section = strategy_config(config, "retrieval")
     strategy = registry.get("retrieval")(backbone, section, settings=config)
     conditions: dict[str, list[str]] = {}
@@ -130,7 +129,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("answered with nothing and with retrieval as configured")
         # The gate opened wide: every query takes exactly its top-k chunks.
         wide = {"min_similarity": -1.0, "min_relevance": 0.0}
-        for k in TOP_K:
+        for margin in args.margins:  # as configured, other documents' chunks only near the best chunk
+            changed = dataclasses.replace(section, other_documents_margin=margin)
+            variant = _with_index(strategy, config, changed)
+            try:
+                conditions[f"margin-{margin:g}"] = answer_probes(
+                    variant, probes, args.max_new_tokens
+                ).predictions
+            finally:
+                variant.close()
+            logger.info("answered with other documents within %g of the best chunk", margin)
+        for k in args.top_k:
             variant = _with_index(strategy, config, dataclasses.replace(section, top_k=k, **wide))
             try:
                 conditions[f"top-{k}"] = answer_probes(variant, probes, args.max_new_tokens).predictions
@@ -151,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _results(args, backbone, bench, section, config, rows, chunks, chunking, conditions, over_budget) -> dict:
     """The summary and settings of a run; ``conditions`` (answers per prompt kind) is ``None`` for a
     ranking-only run."""
-    probes = list(bench.probes)
+    probes = _sample(list(bench.probes), args.probes, args.seed)
 
     for name, predictions in (conditions or {}).items():
         scored = score(probes, predictions)
@@ -195,6 +204,7 @@ def _results(args, backbone, bench, section, config, rows, chunks, chunking, con
         "docs": len(bench.documents),
         "seed": args.seed,
         "max_new_tokens": args.max_new_tokens,
+        "probes_sampled": args.probes,
         "ranking_only": bool(args.ranking_only),
         "overrides": list(args.set),
         "retrieval": to_dict(section),
@@ -207,6 +217,14 @@ def _results(args, backbone, bench, section, config, rows, chunks, chunking, con
         "summary": summary,
         "probes": rows,
     }
+
+
+def _sample(probes: list[Probe], n: int | None, seed: int) -> list[Probe]:
+    """``n`` probes drawn at random (``seed``), in their order; all of them without ``n``."""
+    if not n or n >= len(probes):
+        return probes
+    keep = sorted(np.random.default_rng(seed).choice(len(probes), size=n, replace=False).tolist())
+    return [probes[i] for i in keep]
 
 
 def _share(values) -> float:
@@ -296,6 +314,11 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--probes", type=int, default=None, help="a random sample of this many probes")
+    parser.add_argument("--top-k", default="1,2,3,4", help="the top-k conditions (gate open) to answer")
+    parser.add_argument(
+        "--margins", default="", help="other_documents_margin values to answer with, beside as configured"
+    )
     parser.add_argument(
         "--ranking-only", action="store_true", help="rank and gate every probe; answer none (fast on a CPU)"
     )
@@ -305,6 +328,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval_diagnostics"))
     parser.add_argument("--name", help="results folder under --out (default: BENCHMARK-DOCS)")
     args = parser.parse_args()
+    args.top_k = [int(k) for k in args.top_k.split(",") if k]
+    args.margins = [float(m) for m in args.margins.split(",") if m]
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     results = run(args)
     out = args.out / (args.name or f"{Path(args.benchmark).stem}-{args.docs}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import fast_config, make_backbone
@@ -183,3 +185,34 @@ def test_bulk_index_stores_what_learning_stores(tokenizer, monkeypatch):
     prompts = ["Where was Mirela Voskuijlen born?", "What is the capital of Veloria?"]
     assert torch.equal(bulk.strategy.forward_logits(prompts), learned.strategy.forward_logits(prompts))
     assert bulk.strategy.index(docs[:1]) == 0
+
+
+def test_other_documents_join_the_prompt_only_near_the_best_chunk(tokenizer, monkeypatch):
+    """``other_documents_margin``: a chunk of another document than the best chunk's is put in the prompt only
+    when its relevance is within the margin of the best; the best document's own chunks stay."""
+    from continual_transformer.modules.lexical_index import Hit
+
+    ct = build(tokenizer, chunk_tokens=8, chunk_overlap=0, top_k=4, min_relevance=0.2)
+    ct.learn_document(make_document(VELORIA, "veloria"))
+    ct.learn_document(make_document(MIRELA, "mirela"))
+    strategy = ct.strategy
+    own = [i for i, d in enumerate(strategy.chunk_doc) if strategy.doc_ids[d] == "veloria"]
+    other = [i for i, d in enumerate(strategy.chunk_doc) if strategy.doc_ids[d] == "mirela"]
+    ranked = [
+        Hit(own[0], 0.9, 0.9),
+        Hit(other[0], 0.8, 0.8),
+        Hit(own[1], 0.5, 0.5),
+        Hit(other[1], 0.88, 0.88),
+    ]
+    ranked = sorted(ranked, key=lambda h: -h.relevance)
+    monkeypatch.setattr(strategy, "search", lambda queries, k=None: [ranked for _ in queries])
+
+    def used(margin):
+        strategy.config = dataclasses.replace(strategy.config, other_documents_margin=margin)
+        return [h.index for h in strategy.augment(["q"])[0].hits]
+
+    assert used(None) == [own[0], other[1], other[0], own[1]]  # every chunk that passes the gate
+    assert used(0.05) == [own[0], other[1], own[1]]  # 0.80 is more than 0.05 below 0.90; 0.88 is not
+    assert used(0.0) == [own[0], own[1]]
+    with pytest.raises(ConfigError, match="other_documents_margin"):
+        build(tokenizer, other_documents_margin=-0.1)

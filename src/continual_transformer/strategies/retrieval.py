@@ -90,6 +90,10 @@ class RetrievalConfig:
     per question over 50 documents (10th / 50th / 90th percentile): novel-facts probes 0.62 / 0.72 / 0.81,
     BoolQ questions 0.45 / 0.59 / 0.68; general questions 0.12 / 0.21 / 0.32 (at most 0.40) against the novel
     facts, 0.16 / 0.24 / 0.34 (at most 0.56) against the BoolQ passages."""
+    other_documents_margin: float | None = None
+    """A chunk of another document than the best chunk's joins the prompt only when its relevance is within
+    this much of the best chunk's (``None``: every chunk that passes the gate, up to ``top_k``). The best
+    document's other chunks are kept as before."""
     bias_strength: float = 1.0
     """Added to the logits of every token of the retrieved chunks at each step (0 = plain retrieval)."""
     embedder: str = "minilm-l6"
@@ -108,6 +112,10 @@ class RetrievalConfig:
             raise ConfigError(f"{key}.retriever: must be bm25, tfidf or dense, got {self.retriever!r}")
         if self.top_k < 1:
             raise ConfigError(f"{key}.top_k: must be >= 1, got {self.top_k}")
+        if self.other_documents_margin is not None and self.other_documents_margin < 0:
+            raise ConfigError(
+                f"{key}.other_documents_margin: must be >= 0, got {self.other_documents_margin}"
+            )
         if self.chunk_tokens is not None and self.chunk_tokens < 8:
             raise ConfigError(f"{key}.chunk_tokens: must be >= 8, got {self.chunk_tokens}")
         if self.chunk_overlap is not None and self.chunk_overlap < 0:
@@ -252,8 +260,17 @@ class RetrievalStrategy(Strategy):
         """Context and bias tokens for each query; queries whose chunks do not pass the gate get none."""
         gate = self.config.min_similarity if self.config.retriever == "dense" else self.config.min_relevance
         plans = []
+        margin = self.config.other_documents_margin
         for hits in self.search(queries):
             used = tuple(h for h in hits if h.relevance >= gate)
+            if margin is not None and used:
+                best = used[0]  # hits come best first
+                used = tuple(
+                    h
+                    for h in used
+                    if self.chunk_doc[h.index] == self.chunk_doc[best.index]
+                    or h.relevance >= best.relevance - margin
+                )
             if not used:
                 plans.append(Augmentation((), None, ()))
                 continue
