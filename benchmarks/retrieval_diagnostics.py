@@ -119,6 +119,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("ranked %d probes over %d chunks", len(probes), len(strategy.chunk_ids))
         chunks = len(strategy.chunk_ids)
         chunking = {"chunk_tokens": strategy.chunk_tokens, "chunk_overlap": strategy.chunk_overlap}
+        args.margin_prompts = {}  # what the prompt would hold with each margin
+        for margin in args.margins:
+            variant = _with_index(
+                strategy, config, dataclasses.replace(section, other_documents_margin=margin)
+            )
+            try:
+                held = ranking(variant, probes)
+            finally:
+                variant.close()
+            args.margin_prompts[f"{margin:g}"] = {
+                "own_in_prompt": _share(row["own_in_prompt"] for row in held),
+                "docs_in_prompt_mean": float(np.mean([row["docs_in_prompt"] for row in held])),
+            }
         if args.ranking_only:
             return _results(args, backbone, bench, section, config, rows, chunks, chunking, None, [])
 
@@ -187,6 +200,7 @@ def _results(args, backbone, bench, section, config, rows, chunks, chunking, con
         "own_in_prompt": _share(row["own_in_prompt"] for row in rows),
         "docs_in_prompt_mean": float(np.mean([row["docs_in_prompt"] for row in rows])),
         "docs_in_prompt_histogram": dict(sorted(Counter(row["docs_in_prompt"] for row in rows).items())),
+        "margins": args.margin_prompts,
     }
     if conditions:
         summary.update(
@@ -268,6 +282,18 @@ def markdown(results: dict[str, Any]) -> str:
         + ", ".join(f"{n}: {c} probes" for n, c in summary["docs_in_prompt_histogram"].items())
         + ".",
     ]
+    if summary.get("margins"):
+        lines += [
+            "",
+            "With `other_documents_margin` (other documents' chunks only that near the best chunk):",
+            "",
+            "| margin | own doc in prompt | docs in prompt (mean) |",
+            "|---:|---:|---:|",
+            *(
+                f"| {m} | {fmt(v['own_in_prompt'])} | {fmt(v['docs_in_prompt_mean'], '.2f')} |"
+                for m, v in summary["margins"].items()
+            ),
+        ]
     if "accuracy" not in summary:  # a ranking-only run
         return "\n".join([*lines, "", "Ranking only (`--ranking-only`): no probe was answered."]) + "\n"
     oracle = summary["accuracy"]["oracle"]["contains"]
