@@ -99,4 +99,3 @@ def test_answers_decode_merged_layers_as_the_wrapped_ones(tokenizer, arch, tmp_p
         PROBE, max_new_tokens=8
     )
     assert [layer for *_, layer in ct.strategy._merged] != merged, "rebuilt after the adapters changed"
-
