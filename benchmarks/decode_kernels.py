@@ -2,7 +2,7 @@
 
 The step (:meth:`Backbone._lean_step`, one new token per row against a static KV cache) is compiled once per
 variant (``--variants``: ``unfused``, ``fused``, i.e. ``generation.fused_projections``, and ``grouped``:
-fused with the grouped decoding attention, ``Backbone.lean_attention``), after a prompt ran
+fused with the grouped decoding attention, ``generation.decode_attention``), after a prompt ran
 into the cache, and the launches in the generated ``call`` functions are counted by kind: matrix products
 inductor hands to a library (``extern``), kernels it generated (``cpp`` on a CPU, ``triton`` on a GPU) and
 ATen fallbacks. A model with ``--layers`` fewer layers (random weights of the same shapes) gives the per-layer
@@ -241,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     for batch in batches:
         for variant in filter(None, args.variants.split(",")):
             fused = {"unfused": "never", "fused": "always", "grouped": "always"}[variant]
-            backbone.generation = dataclasses.replace(backbone.generation, fused_projections=fused)
-            backbone.lean_attention = "grouped" if variant == "grouped" else None
+            attention = "grouped" if variant == "grouped" else "sdpa"
+            backbone.generation = dataclasses.replace(
+                backbone.generation, fused_projections=fused, decode_attention=attention
+            )
             with torch._inductor.config.patch(options):
                 codes, seconds, timings = step_code(backbone, batch, args.length, profile=args.profile)
             counted = count_launches(codes)

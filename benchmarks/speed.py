@@ -106,10 +106,11 @@ def streams(
     def batch_of(n: int) -> list[str]:
         return [prompts[i % len(prompts)] for i in range(n)]
 
-    fused = backbone.generation.fused_projections
+    fused, attention = backbone.generation.fused_projections, backbone.generation.decode_attention
 
     def call(backend: str, n: int, **changes: Any) -> list[str]:
-        use_backend(backbone, backend, **{"batch_size": n, "fused_projections": fused, **changes})
+        configured = {"batch_size": n, "fused_projections": fused, "decode_attention": attention}
+        use_backend(backbone, backend, **{**configured, **changes})
         return backbone.generate(
             batch_of(n), chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
         )
@@ -194,19 +195,19 @@ def streams(
             row["speedup"] = row[fast]["new_tokens_per_s"] / row["eager"]["new_tokens_per_s"]
             row["answers_equal"] = row[fast]["answers"] == row["eager"]["answers"]
             save()
-    comparisons = [(n, "unfused", {"fused_projections": "never"}, {}, None) for n in args.unfused]
-    comparisons += [(n, "tuned", {}, args.inductor, None) for n in args.tuned]
-    comparisons += [(n, "grouped", {}, {}, "grouped") for n in args.grouped]
-    for n, name, changes, options, attention in comparisons:
+    comparisons = [(n, "unfused", {"fused_projections": "never"}, {}) for n in args.unfused]
+    comparisons += [(n, "tuned", {}, args.inductor) for n in args.tuned]
+    comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
+    for n, name, changes, options in comparisons:
         row = rows.get(str(n))
         if row is None or fast not in row:
             continue
         key = f"{fast}_{name}"
-        backbone.lean_inductor_options, backbone.lean_attention = options, attention
+        backbone.lean_inductor_options = options
         try:
             measure(n, key, lambda n=n, changes=changes: call(fast, n, **changes))
         finally:
-            backbone.lean_inductor_options, backbone.lean_attention = {}, None
+            backbone.lean_inductor_options = {}
         configured, other = row[fast]["new_tokens_per_s"], row[key]["new_tokens_per_s"]
         # unfused: how much faster the fused projections (as configured) are; tuned: the options' gain
         speedup = row[f"{name}_speedup"] = configured / other if name == "unfused" else other / configured
@@ -1034,7 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grouped",
         default="",
-        help="streams: counts also measured with the grouped decoding attention (Backbone.lean_attention)",
+        help="streams: counts also measured with grouped decoding attention (generation.decode_attention)",
     )
     parser.add_argument(
         "--inductor",

@@ -45,6 +45,8 @@ def test_backend_is_validated():
         GenerationConfig(backend="turbo")
     with pytest.raises(ConfigError, match="generation.threads"):
         GenerationConfig(threads=-1)
+    with pytest.raises(ConfigError, match="generation.decode_attention"):
+        GenerationConfig(decode_attention="flash")
 
 
 def test_generate_kwargs_and_streamer_reach_model_generate(tokenizer):
@@ -438,14 +440,13 @@ def test_prompt_pass_is_recorded_per_width_and_runs_uncaptured_when_recording_fa
 
 
 def test_grouped_attention_on_the_compiled_steps(tokenizer, monkeypatch):
-    """Backbone.lean_attention=grouped: the compiled steps attend with the grouped attention (recorded chunks
-    and a real compiled step), answers as eager; the model's attention implementation is sdpa again after
-    each call, and a chunk recorded with it is recorded again without it."""
+    """generation.decode_attention=grouped: the compiled steps attend with the grouped attention (recorded
+    chunks and a real compiled step), answers as eager; the model's attention implementation is sdpa again
+    after each call, and a chunk recorded with it is recorded again without it."""
     backbone = make_backbone(tokenizer, max_new_tokens=10)
     with_backend(backbone, "eager")
     eager = backbone.generate(PROMPTS)
-    with_backend(backbone, "compiled", fused_projections="always")
-    backbone.lean_attention = "grouped"
+    with_backend(backbone, "compiled", fused_projections="always", decode_attention="grouped")
     for _ in range(2):
         assert backbone.generate(PROMPTS) == eager
         assert backbone.model.config._attn_implementation == "sdpa"
@@ -466,7 +467,7 @@ def test_grouped_attention_on_the_compiled_steps(tokenizer, monkeypatch):
     config = backbone.hf_generation_config()
     reference = backbone.model.generate(**batch, generation_config=config)
     assert torch.equal(backbone._lean_generate(batch, config, {}, compiled=True), reference)
-    backbone.lean_attention = None
+    with_backend(backbone, "compiled", fused_projections="always", decode_attention="sdpa")
     assert torch.equal(backbone._lean_generate(batch, config, {}, compiled=True), reference)
     assert seen == ["ctt_grouped_sdpa"] * 2 + ["sdpa"] * 2, "chunk and prompt pass, recorded again without"
     assert backbone._lean_mode == "graphs", "no step fell back"

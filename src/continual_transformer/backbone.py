@@ -233,9 +233,6 @@ class Backbone:
         # inductor options of the lean step (torch.compile's ``options``), e.g. coordinate_descent_tuning: a
         # benchmark's comparison; a change compiles the step again
         self.lean_inductor_options: dict[str, Any] = {}
-        # ``grouped``: compiled decoding steps attend with modules.grouped_attention (each key/value head read
-        # once for its query heads, no repeated cache) where the model uses ``sdpa``: a benchmark's comparison
-        self.lean_attention: str | None = None
         self._lean_failed = False  # the lean loop failed once: Hugging Face's generate decodes from then on
         # decoding chunks recorded as CUDA graphs, by the (batch, length) of their static KV cache
         self._lean_graphs: dict[tuple[int, int], _Chunk] = {}
@@ -616,11 +613,12 @@ class Backbone:
 
     @contextmanager
     def _grouped_attention(self, mode: str) -> Iterator[None]:
-        """With :attr:`lean_attention` ``grouped``, the compiled steps (not ``plain``) of a model on ``sdpa``
-        attention run :func:`~continual_transformer.modules.grouped_attention.grouped_sdpa_attention` (the
-        model's attention implementation switched for the call, restored after)."""
+        """With ``generation.decode_attention: grouped``, the compiled steps (not ``plain``) of a model on
+        ``sdpa`` attention run :func:`~continual_transformer.modules.grouped_attention.grouped_sdpa_attention`
+        (the model's attention implementation switched for the call, restored after)."""
         config = self.model.config
-        if mode == "plain" or self.lean_attention != "grouped" or config._attn_implementation != "sdpa":
+        grouped = self.generation.decode_attention == "grouped"
+        if mode == "plain" or not grouped or config._attn_implementation != "sdpa":
             yield
             return
         from continual_transformer.modules.grouped_attention import register

@@ -142,8 +142,20 @@ class GenerationConfig:
     they are): ``always``, ``never`` or ``auto`` (on a GPU, where a decoding step is bound by kernel
     launches; a CPU step is bound by reading the weights, which fusing does not reduce, and each call
     copies the fused weights). Same tokens as unfused up to rounding."""
+    decode_attention: str = "sdpa"
+    """Attention of the ``compiled`` backend's decoding steps on a model that uses ``sdpa``: ``sdpa`` (the
+    model's own, which repeats the cached keys and values for every query head) or ``grouped``
+    (:mod:`~continual_transformer.modules.grouped_attention`: each key/value head read once for its query
+    heads; H200, bf16: 1.06x / 1.24x / 1.48x the new tokens/s at 1 / 64 / 256 streams,
+    ``benchmarks/results/speed/h200-5``). Same tokens up to rounding; opt-in until the knowledge figures are
+    compared with it on a GPU."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.decode_attention in ("sdpa", "grouped"),
+            "generation.decode_attention",
+            f"must be sdpa or grouped, got {self.decode_attention!r}",
+        )
         _check(
             self.fused_projections in ("auto", "always", "never"),
             "generation.fused_projections",
