@@ -9,6 +9,8 @@
 #     CTT_CACHE=~/.cache/continual_transformer bash benchmarks/runs/fastpath_knowledge.sh 170   (the CPU test:
 #     two documents, knowledge_store only -- or STRATEGIES=a,b,... -- short answers)
 #   COMPARE_ONLY=1 OUT=DIR bash benchmarks/runs/fastpath_knowledge.sh    (compare what DIR already holds)
+#   SET=generation.decode_attention=grouped bash benchmarks/runs/fastpath_knowledge.sh   (one more setting on
+#     both backends; grouped attention only acts on the fast one)
 set -uo pipefail
 limit=${1:-480}
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=${CTT_CACHE:-/root/ctt-cache}
@@ -25,7 +27,8 @@ run() {  # run BACKEND NAME STRATEGIES [OPTIONS...]: one benchmark process, logg
   local backend=$1 name=$2 strategies=$3; shift 3
   mkdir -p "$dir/$backend/$name"
   timeout -k 5 "$(( limit - 10 ))" "$PY" -m continual_transformer --model "$MODEL" --set data_dir="$DATA" \
-    --set generation.batch_size=64 --set model.dtype=float32 --set generation.backend="$backend" "$@" \
+    --set generation.batch_size=64 --set model.dtype=float32 --set generation.backend="$backend" \
+    ${SET:+--set "$SET"} "$@" \
     bench knowledge --quick ${QUICK:+--docs 2 --batches 1} --no-baselines --strategies "$strategies" \
     --out "$dir/$backend/$name" \
     > "$dir/$backend/$name/log.txt" 2>&1
