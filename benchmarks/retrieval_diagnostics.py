@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("ranked %d probes over %d chunks", len(probes), len(strategy.chunk_ids))
         chunks = len(strategy.chunk_ids)
         chunking = {"chunk_tokens": strategy.chunk_tokens, "chunk_overlap": strategy.chunk_overlap}
-        args.margin_prompts = {}  # what the prompt would hold with each margin
+        margins = {}  # what the prompt would hold with each margin
         for margin in args.margins:
             variant = _with_index(
                 strategy, config, dataclasses.replace(section, other_documents_margin=margin)
@@ -128,12 +128,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 held = ranking(variant, probes)
             finally:
                 variant.close()
-            args.margin_prompts[f"{margin:g}"] = {
+            margins[f"{margin:g}"] = {
                 "own_in_prompt": _share(row["own_in_prompt"] for row in held),
                 "docs_in_prompt_mean": float(np.mean([row["docs_in_prompt"] for row in held])),
             }
         if args.ranking_only:
-            return _results(args, backbone, bench, section, config, rows, chunks, chunking, None, [])
+            return _results(args, backbone, bench, section, config, rows, chunks, chunking, margins, None, [])
 
         floor = registry.get("none")(backbone, strategy_config(config, "none"), settings=config)
         conditions["none"] = answer_probes(floor, probes, args.max_new_tokens).predictions
@@ -167,12 +167,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             oracle.close()
     finally:
         strategy.close()
-    return _results(args, backbone, bench, section, config, rows, chunks, chunking, conditions, over_budget)
+    return _results(
+        args, backbone, bench, section, config, rows, chunks, chunking, margins, conditions, over_budget
+    )
 
 
-def _results(args, backbone, bench, section, config, rows, chunks, chunking, conditions, over_budget) -> dict:
-    """The summary and settings of a run; ``conditions`` (answers per prompt kind) is ``None`` for a
-    ranking-only run."""
+def _results(
+    args, backbone, bench, section, config, rows, chunks, chunking, margins, conditions, over_budget
+) -> dict:
+    """The summary and settings of a run; ``margins``: what the prompt holds with each margin;
+    ``conditions`` (answers per prompt kind) is ``None`` for a ranking-only run."""
     probes = _sample(list(bench.probes), args.probes, args.seed)
 
     for name, predictions in (conditions or {}).items():
@@ -200,7 +204,7 @@ def _results(args, backbone, bench, section, config, rows, chunks, chunking, con
         "own_in_prompt": _share(row["own_in_prompt"] for row in rows),
         "docs_in_prompt_mean": float(np.mean([row["docs_in_prompt"] for row in rows])),
         "docs_in_prompt_histogram": dict(sorted(Counter(row["docs_in_prompt"] for row in rows).items())),
-        "margins": args.margin_prompts,
+        "margins": margins,
     }
     if conditions:
         summary.update(

@@ -442,16 +442,13 @@ class Backbone:
         decoding path of ``generation.backend`` (the lean loop on ``static`` and ``compiled``): the new token
         ids of each row, up to ``max_new_tokens``, padded after a row's end-of-sequence token as ``generate``
         pads them. Greedy whatever ``generation.do_sample`` says (teachers and question writers)."""
+        from continual_transformer.training import left_pad
+
         if not rows or any(not row for row in rows):
             raise ValueError("generate_ids: every row needs at least one token")
         pad = self.tokenizer.pad_token_id
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-        batch = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        ids, mask, _ = left_pad([list(row) for row in rows], pad, self.device)
+        batch = {"input_ids": ids, "attention_mask": mask}
         gen_config = self.hf_generation_config(max_new_tokens)
         gen_config.do_sample, gen_config.temperature, gen_config.top_p = False, None, None
         with self._decoding():

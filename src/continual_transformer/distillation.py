@@ -657,10 +657,8 @@ def documents_distill_examples(
             owners.append(d)
     asked = config.question_queries and config.max_question_queries
     with teacher_context():
-        questions = write_questions(backbone, chunks, config) if asked else [None] * len(chunks)
-        queries = [
-            make_queries(backbone, chunk, config, questions=q or []) for chunk, q in zip(chunks, questions)
-        ]
+        questions = write_questions(backbone, chunks, config) if asked else [[] for _ in chunks]
+        queries = [make_queries(backbone, chunk, config, questions=q) for chunk, q in zip(chunks, questions)]
         examples = teacher_signals(backbone, [q for qs in queries for q in qs], config)
     per_document: list[list[DistillExample]] = [[] for _ in document_texts]
     taken = 0

@@ -98,6 +98,21 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, *, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, attention mask and position ids (each (B, T)); positions count real tokens from
+    ``offset``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
+    return to_device(ids, device), to_device(mask, device), to_device(positions, device)
+
+
 COMPILE_WIDTH_MULTIPLE = 64
 """With ``optim.compile``, batches are padded to a multiple of this many positions: one compiled graph then
 serves every batch of the same rows whose longest example falls in the same 64-token bucket."""

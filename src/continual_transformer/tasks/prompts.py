@@ -20,7 +20,7 @@ import torch
 
 from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.config import TaskConfig
-from continual_transformer.training import to_device
+from continual_transformer.training import left_pad, to_device
 
 _SENTINEL = "\u2063TEXT\u2063"  # invisible separators: never produced by a template or a label list
 
@@ -134,21 +134,6 @@ def forward_last(model: torch.nn.Module, keep: int, **inputs) -> tuple[torch.Ten
     else:
         output = model(**inputs)
     return output.logits[:, -keep:], output
-
-
-def left_pad(
-    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, *, offset: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids, attention mask and position ids (each (B, T)); positions count real tokens from
-    ``offset``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
-    return to_device(ids, device), to_device(mask, device), to_device(positions, device)
 
 
 MIN_SHARED_PREFIX = 8
