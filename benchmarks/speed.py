@@ -54,7 +54,17 @@ from continual_transformer.strategies import registry
 
 logger = logging.getLogger("speed")
 
-SECTIONS = ("streams", "strategies", "learn1", "learn_many", "teacher", "tasks", "service", "int8")
+SECTIONS = (
+    "streams",
+    "speculative",
+    "strategies",
+    "learn1",
+    "learn_many",
+    "teacher",
+    "tasks",
+    "service",
+    "int8",
+)
 TARGETS = {  # the H200 targets of the speed issue (bf16), for the report's "distance" column
     "stream_1_tokens_per_s": 1000.0,
     "stream_64_tokens_per_s": 50000.0,
@@ -238,10 +248,13 @@ def streams(
     return rows
 
 
-def profile_call(fn: Callable[[], Any], device: torch.device, tokens: int) -> dict[str, Any]:
+def profile_call(
+    fn: Callable[[], Any], device: torch.device, tokens: int, unit: str = "new token"
+) -> dict[str, Any]:
     """One call under the profiler (GPU kernels, those replayed from CUDA graphs included): kernels and GPU
-    busy milliseconds per call and per new token, the wall time, and the kernels taking the most time. On a
-    CPU the same for ATen ops (nested ones counted too; a check of this function more than a figure)."""
+    busy milliseconds per call and per ``unit`` (``tokens`` of them), the wall time, and the kernels taking
+    the most time. On a CPU the same for ATen ops (nested ones counted too; a check of this function more
+    than a figure)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -264,12 +277,103 @@ def profile_call(fn: Callable[[], Any], device: torch.device, tokens: int) -> di
     top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:15]
     return {
         "summary": f"{count} kernels, {busy:.1f} ms GPU busy, {wall_ms:.1f} ms wall, "
-        f"{count / max(tokens, 1):.1f} kernels and {busy / max(tokens, 1) * 1000:.1f} us per new token",
+        f"{count / max(tokens, 1):.1f} kernels and {busy / max(tokens, 1) * 1000:.1f} us per {unit}",
         "kernels": count,
         "gpu_busy_ms": busy,
         "wall_ms": wall_ms,
         "top_kernels": [{"name": k[:140], "launches": len(v), "ms": sum(v)} for k, v in top],
     }
+
+
+def speculative(
+    backbone: Backbone,
+    args: argparse.Namespace,
+    prompt_sets: dict[str, list[str]],
+    rows: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Any]:
+    """One stream on the fast backend, prompt-lookup decoding off and on (``generation.speculative_tokens``
+    0 and ``--speculative-drafts``), for each prompt set (closed-book questions; a document and a question
+    about it): ``--speculative-prompts`` prompts answered one after another per timed call, the two settings
+    alternating rep by rep. Per setting: new tokens/s, and with drafts the new tokens per decoding step and
+    whether every answer equals the one-token-per-step answer."""
+    fast, drafts = args.backend, args.speculative_drafts
+    for name, texts in prompt_sets.items():
+        chosen = [texts[i % len(texts)] for i in range(args.speculative_prompts)]
+
+        def call(k: int, chosen: list[str] = chosen) -> list[str]:
+            use_backend(backbone, fast, batch_size=1, speculative_tokens=k)
+            return [
+                backbone.generate(
+                    [text], chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
+                )[0]
+                for text in chosen
+            ]
+
+        row: dict[str, Any] = {"prompts": len(chosen), "drafts": drafts}
+        rows[name] = row
+        settings = {"off": 0, "on": drafts}
+        warm = {}
+        for label, k in settings.items():  # compiles and records the graphs of each setting
+            start = time.perf_counter()
+            call(k)
+            warm[label] = time.perf_counter() - start
+        times: dict[str, list[float]] = {label: [] for label in settings}
+        answers: dict[str, list[str]] = {}
+        backbone.speculation = {"steps": 0, "tokens": 0}
+        for _ in range(args.reps):
+            for label, k in settings.items():
+                seconds, answers[label] = timed(lambda k=k: call(k), backbone.device, 1)
+                times[label].append(seconds)
+        for label in settings:
+            seconds = statistics.median(times[label])
+            row[label] = {
+                "seconds": seconds,
+                "new_tokens_per_s": len(chosen) * args.new_tokens / seconds,
+                "reps_seconds": times[label],
+                "warmup_seconds": warm[label],
+                "answers": answers[label][:2],
+            }
+        counts = backbone.speculation
+        row["on"]["new_tokens_per_step"] = counts["tokens"] / max(counts["steps"], 1)
+        row["speedup"] = row["on"]["new_tokens_per_s"] / row["off"]["new_tokens_per_s"]
+        row["answers_equal"] = sum(a == b for a, b in zip(answers["on"], answers["off"])) / len(chosen)
+        logger.info(
+            "speculative, %s: %.1f -> %.1f new tokens/s (%.2fx), %.2f per step, answers equal %.2f",
+            name,
+            row["off"]["new_tokens_per_s"],
+            row["on"]["new_tokens_per_s"],
+            row["speedup"],
+            row["on"]["new_tokens_per_step"],
+            row["answers_equal"],
+        )
+        save()
+    use_backend(backbone, "eager", batch_size=args.batch_size, speculative_tokens=0)
+    return rows
+
+
+def document_prompts(backbone: Backbone, name: str, count: int) -> list[str]:
+    """``count`` prompts of a document and a question about it, from the knowledge benchmark ``name``: the
+    document's text, then its first probe (a cloze sentence is to be completed). Drawn from four times as
+    many documents, those whose prompts fall in the most common bucket of ``PROMPT_BUCKET`` tokens: on the
+    compiled backend every bucket is a compile of its own."""
+    from continual_transformer.backbone import PROMPT_BUCKET
+
+    bench = load_benchmark(name, n_docs=4 * count, seed=0)
+    first = {}
+    for probe in bench.probes:
+        first.setdefault(probe.doc_id, probe)
+    prompts = []
+    for doc in bench.documents:
+        probe = first.get(doc.id)
+        if probe is not None:
+            ask = "Complete this sentence from the text above:" if probe.kind == "cloze" else "Answer:"
+            prompts.append(f"{doc.text}\n\n{ask} {probe.prompt}")
+    buckets: dict[int, list[str]] = {}
+    for text in prompts:
+        size = len(backbone.token_ids(backbone.format_prompt(text, chat=True)))
+        buckets.setdefault(-(-size // PROMPT_BUCKET), []).append(text)
+    return max(buckets.values(), key=len)[:count] if buckets else []
 
 
 def int8(
@@ -450,6 +554,20 @@ def learn1(
                 row[label]["first_call_seconds"],
             )
             save()
+            if args.profile and label == "fast":
+                strategy = registry.get(name)(backbone, section, settings=config)
+                try:
+                    strategy.learn(warm)
+                    strategy.reset()
+                    row["profile"] = profile_call(
+                        lambda s=strategy: s.learn(doc), backbone.device, 1, "document"
+                    )
+                finally:
+                    strategy.close()
+                logger.info(
+                    "learn one doc, %s fast, profiled (per document): %s", spec, row["profile"]["summary"]
+                )
+                save()
         row["speedup"] = row["default"]["seconds"] / row["fast"]["seconds"]
         save()
     return rows
@@ -498,6 +616,13 @@ def learn_many(
         )
         strategy.reset()
         seconds, reports = timed(lambda: strategy.learn_documents(docs), backbone.device, 1)
+        if args.profile:  # the warm-up's documents again, under the profiler (figures per document)
+            strategy.reset()
+            some = docs[: max(2, len(docs) // 5)]
+            row["profile"] = profile_call(
+                lambda: strategy.learn_documents(some), backbone.device, len(some), "document"
+            )
+            logger.info("learn %d docs, profiled (per document): %s", len(some), row["profile"]["summary"])
         before = statistics.fmean(r.loss_before for r in reports)
         after = statistics.fmean(r.loss_after for r in reports)
         row["batched"] = {
@@ -604,6 +729,16 @@ def tasks(
             seconds, report = timed(
                 lambda s=session: s.learn_task("speed", rows, epochs=1), backbone.device, 1
             )
+            if args.profile and label == "large_batch":  # per example
+                out["profile"] = profile_call(
+                    lambda s=session, b=batch: s.learn_task("profiled", rows[: 2 * b], epochs=1),
+                    backbone.device,
+                    2 * batch,
+                    "example",
+                )
+                logger.info(
+                    "task training, batch %d, profiled (per example): %s", batch, out["profile"]["summary"]
+                )
         finally:
             session.strategy.close()
         out[label] = {
@@ -768,6 +903,11 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         for name in ("unfused", "tuned", "grouped"):
             figures[f"stream_{n}_{name}_tokens_per_s"] = _get(row, f"{backend}_{name}", "new_tokens_per_s")
             figures[f"stream_{n}_{name}_speedup"] = row.get(f"{name}_speedup")
+    for name, row in results.get("speculative", {}).items():
+        figures[f"speculative_{name}_tokens_per_s"] = _get(row, "on", "new_tokens_per_s")
+        figures[f"speculative_{name}_off_tokens_per_s"] = _get(row, "off", "new_tokens_per_s")
+        figures[f"speculative_{name}_speedup"] = row.get("speedup")
+        figures[f"speculative_{name}_tokens_per_step"] = _get(row, "on", "new_tokens_per_step")
     ratios = [_get(r, backend, "ratio_to_base") for r in results.get("strategies", {}).values()]
     ratios = [r for r in ratios if r is not None]
     if ratios:
@@ -852,6 +992,16 @@ def write(results: dict[str, Any], out: Path) -> None:
         grouped = _get(row, f"{backend}_grouped", "new_tokens_per_s")
         if grouped is not None:
             line(f"{n} stream(s), grouped decoding attention vs as configured", configured, grouped, None)
+    for name, row in results.get("speculative", {}).items():
+        line(
+            f"1 stream, {name} ({row['prompts']} prompts), prompt-lookup decoding, "
+            f"{row['drafts']} drafts "
+            f"vs off: new tokens/s ({_get(row, 'on', 'new_tokens_per_step') or 0:.2f} per step, answers "
+            f"equal {row.get('answers_equal', 0):.2f})",
+            _get(row, "off", "new_tokens_per_s"),
+            _get(row, "on", "new_tokens_per_s"),
+            "stream_1_tokens_per_s",
+        )
     for spec, row in results.get("learn1", {}).items():
         line(
             f"learn one {row['doc_tokens']}-token doc, `{spec}`, s",
@@ -1033,6 +1183,20 @@ def main(argv: list[str] | None = None) -> int:
         help="streams: counts also measured with the --inductor options (a compile each)",
     )
     parser.add_argument(
+        "--speculative-drafts",
+        type=int,
+        default=4,
+        help="speculative: draft tokens per step with prompt-lookup decoding on",
+    )
+    parser.add_argument(
+        "--speculative-prompts", type=int, default=8, help="speculative: prompts answered per timed call"
+    )
+    parser.add_argument(
+        "--document-benchmarks",
+        default="novel_facts,news",
+        help="speculative: knowledge benchmarks whose documents (with a question) are prompt sets",
+    )
+    parser.add_argument(
         "--grouped",
         default="",
         help="streams: counts also measured with grouped decoding attention (generation.decode_attention)",
@@ -1046,7 +1210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="streams: one more fast call per count under the profiler (GPU kernels and busy time)",
+        help="one more fast call under the profiler (GPU kernels and busy time): per stream count (streams), "
+        "per document (learn1, learn_many), per example (tasks)",
     )
     parser.add_argument(
         "--host-check",
@@ -1110,6 +1275,7 @@ def main(argv: list[str] | None = None) -> int:
         _counts, (args.unfused, args.tuned, args.grouped, args.host_check)
     )
     args.inductor = dict(_inductor_option(item) for item in args.inductor)
+    args.document_benchmarks = [name for name in args.document_benchmarks.split(",") if name]
     args.new_tokens = args.new_tokens or (16 if q else 64)
     args.strategy_docs = args.strategy_docs or (2 if q else 20)
     args.probes = args.probes or (3 if q else 8)
@@ -1183,6 +1349,11 @@ def main(argv: list[str] | None = None) -> int:
             filled = results[section] = {}  # each figure lands here as it finishes, saved at once
             if section == "streams":
                 streams(backbone, args, prompts, filled, save)
+            elif section == "speculative":
+                sets = {"questions": prompts}
+                for name in args.document_benchmarks:
+                    sets[f"{name}_documents"] = document_prompts(backbone, name, args.speculative_prompts)
+                speculative(backbone, args, sets, filled, save)
             elif section == "strategies":
                 strategies(backbone, args, config, bench, filled, save)
             elif section == "learn1":

@@ -287,7 +287,7 @@ def test_recorded_chunks_warm_up_and_replay_inside_their_buffers(tokenizer, monk
     ids."""
     backbone = make_backbone(tokenizer, max_new_tokens=new)
     plain = backbone._lean_step("plain")
-    monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)  # no compiler on the CPU test path
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)  # no compiler on the CPU test path
     recorded: list[_ReplayedRun] = []
 
     def record(device, warm_up, run):
@@ -371,7 +371,7 @@ def test_recorded_chunks_with_fused_projections(tokenizer, monkeypatch):
     backbone = make_backbone(tokenizer, max_new_tokens=11)
     backbone.generation = dataclasses.replace(backbone.generation, fused_projections="always")
     plain = backbone._lean_step("plain")
-    monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)  # no compiler on the CPU test path
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)  # no compiler on the CPU test path
     recorded: list[_ReplayedRun] = []
     fused_while_recording: list[bool] = []
 
@@ -418,7 +418,7 @@ def test_prompt_pass_is_recorded_per_width_and_runs_uncaptured_when_recording_fa
     assert blocked[:, :, ids.shape[1] :].all() and not blocked[0, -1, : ids.shape[1]][mask[0].bool()].any()
 
     plain = backbone._lean_step("plain")
-    monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)
     recorded: list[str] = []
 
     def record(device, warm_up, run):
@@ -453,7 +453,7 @@ def test_grouped_attention_on_the_compiled_steps(tokenizer, monkeypatch):
     assert not backbone._compile_failed and not backbone._lean_failed
 
     plain = backbone._lean_step("plain")
-    monkeypatch.setattr(backbone, "_lean_step", lambda mode: plain)
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)
     seen: list[str] = []
 
     def record(device, warm_up, run):

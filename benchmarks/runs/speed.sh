@@ -67,14 +67,14 @@ part() {  # part NAME SECONDS ARGS...: one speed.py process, logged, stopped aft
 FAST_OPTIM=${FAST_OPTIM:-}
 if [ -n "${LEARNING:-}" ]; then
   compiled=${FAST_OPTIM:-pack_tokens=512:autocast=true:batch_size=16:compile=true}
-  part learning-ttt $(( limit * 18 / 100 )) --sections learn1,learn_many --learn-specs ttt \
+  part learning-ttt $(( limit * 18 / 100 )) --sections learn1,learn_many --learn-specs ttt --profile \
     --many 1000 --sequential 3 --many-epochs 3
-  part learning-ttt-compiled $(( limit * 38 / 100 )) --sections learn1,learn_many --learn-specs ttt \
+  part learning-ttt-compiled $(( limit * 38 / 100 )) --sections learn1,learn_many --learn-specs ttt --profile \
     --many 1000 --sequential 1 --many-epochs 3 --fast-optim "$compiled"
-  part learning-finetune $(( limit * 15 / 100 )) --sections learn_many --learn-specs finetune \
+  part learning-finetune $(( limit * 15 / 100 )) --sections learn_many --learn-specs finetune --profile \
     --many 1000 --sequential 1 --many-epochs 3
   part teacher $(( limit * 10 / 100 )) --sections teacher --teacher-docs 32
-  part tasks $(( limit * 10 / 100 )) --sections tasks --task-examples 1024 --task-batch 128
+  part tasks $(( limit * 10 / 100 )) --sections tasks --task-examples 1024 --task-batch 128 --profile
   # the task prompts' shared prefix (system prompt, instruction, label list: most of each row) run once per
   # batch, off on a GPU by default (tasks.share_prefix): measured here at the large batch
   part tasks-shared-prefix "$(left)" --sections tasks --task-examples 1024 --task-batch 128 \
@@ -93,7 +93,7 @@ elif [ -n "$QUICK" ]; then
   wait
 else
   # bf16 (the GPU default) and the compiled backend (static KV cache + CUDA graphs).
-  part streams $(( limit * ${STREAMS_SHARE:-55} / 100 )) --sections streams --streams 1,64,256 \
+  part streams $(( limit * ${STREAMS_SHARE:-55} / 100 )) --sections streams,speculative --streams 1,64,256 \
     --eager-streams 1 --unfused 1,64 --host-check 1 --profile --new-tokens 64
   t=$(left)
   # Strategies that change the forward pass first; retrieval and memory_bank need the MiniLM embedder

@@ -241,6 +241,8 @@ class Backbone:
         )
         self._fusion: Any = None  # fused q/k/v and gate/up products of compiled decoding, made on first use
         self._prompt_graphs_failed = False  # recording a prompt pass failed once: prompts run uncaptured
+        # prompt-lookup decoding so far: decoding steps run and the tokens they made (a benchmark's figure)
+        self.speculation = {"steps": 0, "tokens": 0}
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -655,6 +657,15 @@ class Backbone:
             )
         )
 
+    def _speculates(self, rows: int, gen_config: HFGenerationConfig, kwargs: dict[str, Any]) -> int:
+        """Draft tokens per step of prompt-lookup decoding for this call (``generation.speculative_tokens``),
+        0 when it does not apply: calls of several rows (each row would accept its own number of drafts from
+        one shared cache length) and calls that may not decode in chunks (:meth:`_graphs_apply`)."""
+        drafts = self.generation.speculative_tokens
+        if not drafts or rows != 1 or not self._graphs_apply(gen_config, kwargs):
+            return 0
+        return drafts
+
     def _lean_cache(self, batch_size: int, length: int) -> Any:
         """A reset static KV cache for ``batch_size`` rows of ``length`` positions, kept for later calls (a
         compiled step guards on the cache object: a new one of the same shape would be traced again)."""
@@ -673,11 +684,12 @@ class Backbone:
             self._lean_caches.pop(next(iter(self._lean_caches)))
         return cache
 
-    def _lean_step(self, mode: str) -> Callable[..., torch.Tensor]:
-        """The decoding step: next-token logits (B, V) of one new token per row (the cache updated in
-        place)."""
+    def _lean_step(self, mode: str, *, every_position: bool = False) -> Callable[..., torch.Tensor]:
+        """The decoding step: next-token logits (B, V) of one new token per row, or with ``every_position``
+        the logits (B, N, V) after each of N new tokens per row (the cache updated in place)."""
         options = self.lean_inductor_options
         key = mode if mode == "plain" or not options else f"{mode} {sorted(options.items())}"
+        key = f"{key} every position" if every_position else key
         if key not in self._lean_steps:
             model, keyword = self.model, self._cache_keyword()
 
@@ -689,7 +701,7 @@ class Backbone:
                     use_cache=True,
                     **{keyword: cache},
                 )
-                return out.logits[:, -1, :]
+                return out.logits if every_position else out.logits[:, -1, :]
 
             if mode == "plain":
                 self._lean_steps[key] = step
@@ -710,8 +722,16 @@ class Backbone:
         mode: str,
     ) -> torch.Tensor:
         """Greedy decoding of one left-padded batch; returns prompt + new ids as generate does."""
-        if mode == "graphs":
-            return self._chunked_decode(batch, gen_config, kwargs, capture=True)
+        speculate = self._speculates(batch["input_ids"].shape[0], gen_config, kwargs)
+        if mode == "graphs" or speculate:
+            return self._chunked_decode(
+                batch,
+                gen_config,
+                kwargs,
+                capture=mode == "graphs",
+                compiled=mode != "plain",
+                speculate=speculate,
+            )
         ids, mask = batch["input_ids"], batch["attention_mask"]
         rows, width = ids.shape
         new = int(gen_config.max_new_tokens)
@@ -774,21 +794,34 @@ class Backbone:
         kwargs: dict[str, Any],
         *,
         capture: bool,
+        compiled: bool | None = None,
+        speculate: int = 0,
     ) -> torch.Tensor:
         """Greedy decoding in chunks of ``_EOS_CHECK_EVERY`` steps over static buffers, each step picking its
         token on the device (:class:`_Chunk`); the host looks at finished rows between chunks. With
         ``capture`` (a GPU) a chunk of compiled steps is recorded once per (batch, length) and model as a CUDA
         graph and replayed: no Python and one launch per chunk. Without it the same chunks run step by step
-        (the CPU check of the same logic). The tokens equal :meth:`_lean_decode`'s; no logits processors
-        (:meth:`_graphs_apply`)."""
+        (the CPU check of the same logic), on the compiled step where ``compiled`` says so (default: as
+        ``capture``). The tokens equal :meth:`_lean_decode`'s; no logits processors (:meth:`_graphs_apply`).
+
+        With ``speculate`` (one row), each step is one of prompt-lookup decoding (:meth:`_Chunk.draft`,
+        :meth:`_Chunk.accept`): the last picked token and ``speculate`` drafts in one forward pass, the
+        accepted drafts and the model's next pick written, and every cache layer's length moved back over the
+        rejected drafts (their keys and values are overwritten by the next step, and masked until then by
+        the causal mask). Chunks of ``_SPECULATIVE_STEPS`` steps."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         rows, width = ids.shape
         new = int(gen_config.max_new_tokens)
         min_new = int(kwargs.get("min_new_tokens") or 0)
         eos_list, pad = _eos_and_pad(gen_config)
-        length = width + new + _EOS_CHECK_EVERY  # the last chunk may run past the last new token
+        steps = _SPECULATIVE_STEPS if speculate else _EOS_CHECK_EVERY
+        # the last chunk may run past the last new token: up to its steps (and one step's drafts) beyond it
+        length = width + new + ((steps + 1) * (speculate + 1) if speculate else steps)
         cache = self._lean_cache(rows, length)
-        step = self._lean_step("default" if capture else "plain")
+        compiled = capture if compiled is None else compiled
+        step = self._lean_step("default" if compiled else "plain", every_position=bool(speculate))
+        ngram = self.generation.speculative_ngram
+        offsets = torch.arange(speculate + 1, device=ids.device)[None, :]
         key = (rows, length)
         structure = (
             (
@@ -797,6 +830,8 @@ class Backbone:
                 tuple(eos_list),
                 pad,
                 id(step),
+                speculate,
+                ngram,
             )
             if capture
             else None
@@ -823,9 +858,16 @@ class Backbone:
                 prompt(chunk)
 
         def run(chunk: _Chunk) -> None:
-            for _ in range(_EOS_CHECK_EVERY):
-                chunk.pick(step(chunk.token, chunk.position, chunk.mask, cache))
-                chunk.position.add_(1)
+            for _ in range(steps):
+                if speculate:
+                    draft = chunk.draft(speculate, ngram)
+                    tokens = torch.cat([chunk.token, draft], dim=1)
+                    logits = step(tokens, chunk.position + offsets, chunk.mask, cache)
+                    rejected = chunk.accept(logits, draft)
+                    torch._foreach_sub_([layer.cumulative_length for layer in cache.layers], rejected)
+                else:
+                    chunk.pick(step(chunk.token, chunk.position, chunk.mask, cache))
+                    chunk.position.add_(1)
 
         if chunk is None or chunk.structure != structure:
             chunk = _Chunk(rows, length, eos_list, pad, self._vocab_width(), ids.device, mask.dtype)
@@ -841,7 +883,12 @@ class Backbone:
                 chunk.structure = structure
                 self._lean_graphs[key] = chunk
                 cache.reset()
-                logger.info("lean decoding: a chunk of %d steps recorded for %d x %d", _EOS_CHECK_EVERY, *key)
+                logger.info(
+                    "lean decoding: a chunk of %d steps%s recorded for %d x %d",
+                    steps,
+                    f" of {speculate} drafts" if speculate else "",
+                    *key,
+                )
         if capture and square and width not in chunk.prompts and not self._prompt_graphs_failed:
 
             def warm_prompt(chunk: _Chunk = chunk) -> None:
@@ -857,13 +904,18 @@ class Backbone:
                 logger.warning("lean decoding: recording the prompt pass failed (%s); it runs eagerly", exc)
             cache.reset()
         start(chunk)
-        done = 1
-        while done < new and (done == 1 or bool(chunk.unfinished.any())):  # sync: once per chunk
+        done, unfinished = 1, True
+        while done < new and unfinished:
             if chunk.graph is not None:
                 chunk.graph.replay()
             else:
                 run(chunk)
-            done += _EOS_CHECK_EVERY
+            column, unfinished = chunk.progress()  # sync: once per chunk
+            done = column - width
+            if speculate:
+                self.speculation["steps"] += steps
+        if speculate:
+            self.speculation["tokens"] += min(done, new) - 1  # the prompt pass picked the first
         return _cut_after_eos(chunk.out[:, : width + min(done, new)].clone(), width, chunk.eos_ids)
 
     @staticmethod
@@ -1316,6 +1368,56 @@ class _Chunk:
         self.token.copy_(token[:, None])
         self.column.add_(1)
 
+    def progress(self) -> tuple[int, bool]:
+        """The column the next token goes to and whether any row is unfinished (one read from the
+        device)."""
+        column, unfinished = torch.cat([self.column.view(1), self.unfinished.any().view(1).long()]).tolist()
+        return int(column), bool(unfinished)
+
+    def draft(self, count: int, ngram: int) -> torch.Tensor:
+        """Prompt-lookup drafts (B, ``count``): the tokens that followed the latest earlier occurrence of
+        each row's last ``ngram`` tokens (prompt and answer so far), or of its last ``ngram - 1`` tokens where
+        those do not recur, and so on down to one; where nothing recurs, the drafts are whatever the buffer
+        holds (a wrong draft costs only its place in the step). On the device, without the host."""
+        rows, length = self.out.shape
+        positions = torch.arange(length, device=self.out.device)
+        start = torch.full((rows,), -1, dtype=torch.long, device=self.out.device)
+        for n in range(min(ngram, length - 1), 0, -1):
+            tail = self.out.gather(1, (self.column - n + positions[:n]).clamp(min=0).expand(rows, n))
+            found = (self.out.unfold(1, n, 1) == tail[:, None, :]).all(-1)  # (B, length - n + 1)
+            found &= positions[: length - n + 1] + n < self.column  # followed by a known token
+            latest = torch.where(found, positions[: length - n + 1] + n, -1).amax(-1)
+            start = torch.where(start < 0, latest, start)
+        at = (start.clamp(min=0)[:, None] + positions[:count]).clamp(max=length - 1)
+        return self.out.gather(1, at)
+
+    def accept(self, logits: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
+        """One step of prompt-lookup decoding from its logits (B, N, V) after the last picked token and
+        ``draft`` (B, N - 1): the model's picks at every place (EOS barred before ``min_column``), the drafts
+        that equal the picks before them accepted up to the first that does not (the same count for every
+        unfinished row, the fewest; none after an EOS), and the accepted picks plus the one after them
+        written from ``column``. Returns the number of rejected drafts (a 0-d tensor) by which the cache
+        must move back."""
+        rows, places = logits.shape[:2]
+        columns = self.column + torch.arange(places, device=logits.device)[None, :]  # (1, N)
+        scores = logits.float()
+        if self.eos_ids.numel():
+            scores = scores + torch.where((columns < self.min_column)[..., None], self.eos_bar, 0.0)
+        picks = scores.argmax(-1)  # (B, N)
+        is_eos = (picks[..., None] == self.eos_ids).any(-1) if self.eos_ids.numel() else picks < 0
+        agree = (picks[:, :-1] == draft) & ~is_eos[:, :-1]
+        accepted = agree.long().cumprod(-1).sum(-1)  # (B,)
+        count = torch.where(self.unfinished, accepted, places - 1).amin()  # 0-d
+        kept = torch.arange(places, device=logits.device)[None, :] <= count  # (1, N)
+        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        tokens = torch.where(self.unfinished[:, None] & kept & ~after_eos, picks, self.pad)
+        self.out.scatter_(1, columns.clamp(max=self.out.shape[1] - 1).expand(rows, places), tokens)
+        self.unfinished &= ~(is_eos & kept).any(-1)
+        self.token.copy_(tokens.gather(1, count.view(1, 1).expand(rows, 1)))
+        self.column.add_(count + 1)
+        self.position.add_(count + 1)
+        return places - 1 - count
+
 
 # Every (batch size, cache length) is a graph of its own: room for a service's shapes before dynamo gives up.
 _RECOMPILES = next(
@@ -1335,6 +1437,7 @@ its prompts as they are (on a CPU the padding would be real work)."""
 
 _LEAN_CACHES = 8  # static KV caches the lean loop keeps, most recently used
 _EOS_CHECK_EVERY = 8  # the lean loop looks at the host for finished rows every this many tokens
+_SPECULATIVE_STEPS = 4  # steps of prompt-lookup decoding per chunk (each makes one to drafts + 1 tokens)
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:

@@ -150,7 +150,21 @@ class GenerationConfig:
     ``benchmarks/results/speed/h200-5``). Same tokens up to rounding; opt-in until the knowledge figures are
     compared with it on a GPU."""
 
+    speculative_tokens: int = 0
+    """Prompt-lookup decoding on the ``static`` and ``compiled`` backends: each decoding step of a one-prompt
+    call also checks up to this many draft tokens, copied from what followed the latest earlier occurrence of
+    the answer's last tokens in the prompt or the answer so far (the longest match of up to
+    ``speculative_ngram`` tokens). One forward pass scores the drafts; a draft token stands only where it is
+    the model's own greedy pick, so answers stay greedy. Answers that copy their prompt (a retrieved
+    document, a quoted passage) need fewer steps. Calls with several prompts, logits processors or forward
+    hooks decode one token per step. 0 switches it off."""
+    speculative_ngram: int = 3
+    """Longest run of last tokens that prompt-lookup decoding looks up (shorter runs are tried after it, down
+    to one token)."""
+
     def __post_init__(self) -> None:
+        _check(self.speculative_tokens >= 0, "generation.speculative_tokens", "must be >= 0 (0: off)")
+        _check(self.speculative_ngram >= 1, "generation.speculative_ngram", "must be >= 1")
         _check(
             self.decode_attention in ("sdpa", "grouped"),
             "generation.decode_attention",
