@@ -205,3 +205,22 @@ def test_prompt_lookup_decoding_on_the_packaged_model():
     counts = backbone.speculation
     assert counts["tokens"] / counts["steps"] > 1.5, counts
     assert not math.isnan(counts["tokens"])
+
+
+def test_a_failing_speculative_step_gives_up_drafts_only(tokenizer, monkeypatch, caplog):
+    """If a drafting step fails (on a GPU: recording it), the call decodes one token per step with the same
+    step mode (a warning, once), and later calls too; the answers are unchanged."""
+    backbone = make_backbone(tokenizer, max_new_tokens=12)
+    eager = backbone.generate([PROMPTS[1]])
+    speculating(backbone)
+
+    def broken(self, count, ngram):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(_Chunk, "draft", broken)
+    with caplog.at_level("WARNING"):
+        assert backbone.generate([PROMPTS[1]]) == eager
+        assert backbone.generate([PROMPTS[1]]) == eager
+    assert backbone._speculation_failed
+    assert caplog.text.count("prompt-lookup decoding failed") == 1
+    assert not backbone._lean_failed

@@ -241,6 +241,9 @@ class Backbone:
         )
         self._fusion: Any = None  # fused q/k/v and gate/up products of compiled decoding, made on first use
         self._prompt_graphs_failed = False  # recording a prompt pass failed once: prompts run uncaptured
+        self._speculation_failed = (
+            False  # prompt-lookup decoding failed once: one token per step from then on
+        )
         # prompt-lookup decoding so far: decoding steps run and the tokens they made (a benchmark's figure)
         self.speculation = {"steps": 0, "tokens": 0}
 
@@ -563,10 +566,16 @@ class Backbone:
             mode = self._lean_step_mode(compiled)
             if mode == "graphs" and not self._graphs_apply(gen_config, kwargs):
                 mode = "reduce-overhead"
+            speculating = bool(self._speculates(batch["input_ids"].shape[0], gen_config, kwargs))
             try:
                 with self._fused_projections(mode), self._grouped_attention(mode):
                     return self._lean_decode(batch, gen_config, kwargs, mode)
             except Exception as exc:
+                if speculating:  # prompt-lookup decoding alone is given up: the step that failed may work
+                    logger.warning("prompt-lookup decoding failed (%s); one token per step from now on", exc)
+                    self._speculation_failed = True
+                    self._lean_graphs.clear()
+                    continue
                 following = {
                     "graphs": "reduce-overhead",
                     "reduce-overhead": "default",
@@ -662,7 +671,7 @@ class Backbone:
         0 when it does not apply: calls of several rows (each row would accept its own number of drafts from
         one shared cache length) and calls that may not decode in chunks (:meth:`_graphs_apply`)."""
         drafts = self.generation.speculative_tokens
-        if not drafts or rows != 1 or not self._graphs_apply(gen_config, kwargs):
+        if not drafts or self._speculation_failed or rows != 1 or not self._graphs_apply(gen_config, kwargs):
             return 0
         return drafts
 
@@ -864,7 +873,8 @@ class Backbone:
                     tokens = torch.cat([chunk.token, draft], dim=1)
                     logits = step(tokens, chunk.position + offsets, chunk.mask, cache)
                     rejected = chunk.accept(logits, draft)
-                    torch._foreach_sub_([layer.cumulative_length for layer in cache.layers], rejected)
+                    for layer in cache.layers:  # a tensor operand: no host read while recording
+                        layer.cumulative_length.sub_(rejected)
                 else:
                     chunk.pick(step(chunk.token, chunk.position, chunk.mask, cache))
                     chunk.position.add_(1)
