@@ -168,7 +168,7 @@ def streams(
             backbone._prompt_graphs_failed = False
 
     for n in args.streams:
-        row: dict[str, Any] = {"fused_projections": fused}
+        row: dict[str, Any] = {"fused_projections": fused, "decode_attention": attention}
         rows[str(n)] = row
         backends = ("eager", fast) if n in args.eager_streams else (fast,)
         if args.interleave and len(backends) == 2:
@@ -208,6 +208,7 @@ def streams(
     comparisons = [(n, "unfused", {"fused_projections": "never"}, {}) for n in args.unfused]
     comparisons += [(n, "tuned", {}, args.inductor) for n in args.tuned]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
+    comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     for n, name, changes, options in comparisons:
         row = rows.get(str(n))
         if row is None or fast not in row:
@@ -219,8 +220,10 @@ def streams(
         finally:
             backbone.lean_inductor_options = {}
         configured, other = row[fast]["new_tokens_per_s"], row[key]["new_tokens_per_s"]
-        # unfused: how much faster the fused projections (as configured) are; tuned: the options' gain
-        speedup = row[f"{name}_speedup"] = configured / other if name == "unfused" else other / configured
+        # unfused, sdpa: how much faster the configured path is than without the fused projections / grouped
+        # attention; tuned, grouped: the gain of the options / the grouped attention over the configured path
+        speedup = configured / other if name in ("unfused", "sdpa") else other / configured
+        row[f"{name}_speedup"] = speedup
         row[f"answers_equal_{name}"] = row[key]["answers"] == row[fast]["answers"]
         logger.info(
             "%d streams: %s speedup %.3f, answers equal: %s", n, name, speedup, row[f"answers_equal_{name}"]
@@ -900,7 +903,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         figures[f"stream_{n}_tokens_per_s"] = _get(row, backend, "new_tokens_per_s")
         figures[f"stream_{n}_eager_tokens_per_s"] = _get(row, "eager", "new_tokens_per_s")
         figures[f"stream_{n}_speedup"] = row.get("speedup")
-        for name in ("unfused", "tuned", "grouped"):
+        for name in ("unfused", "tuned", "grouped", "sdpa"):
             figures[f"stream_{n}_{name}_tokens_per_s"] = _get(row, f"{backend}_{name}", "new_tokens_per_s")
             figures[f"stream_{n}_{name}_speedup"] = row.get(f"{name}_speedup")
     for name, row in results.get("speculative", {}).items():
@@ -992,6 +995,14 @@ def write(results: dict[str, Any], out: Path) -> None:
         grouped = _get(row, f"{backend}_grouped", "new_tokens_per_s")
         if grouped is not None:
             line(f"{n} stream(s), grouped decoding attention vs as configured", configured, grouped, None)
+        sdpa = _get(row, f"{backend}_sdpa", "new_tokens_per_s")
+        if sdpa is not None:
+            line(
+                f"{n} stream(s), decode_attention={row.get('decode_attention')} vs sdpa",
+                sdpa,
+                configured,
+                None,
+            )
     for name, row in results.get("speculative", {}).items():
         line(
             f"1 stream, {name} ({row['prompts']} prompts), prompt-lookup decoding, "
@@ -1197,6 +1208,11 @@ def main(argv: list[str] | None = None) -> int:
         help="speculative: knowledge benchmarks whose documents (with a question) are prompt sets",
     )
     parser.add_argument(
+        "--sdpa",
+        default="",
+        help="streams: counts also measured with the model attention (generation.decode_attention=sdpa)",
+    )
+    parser.add_argument(
         "--grouped",
         default="",
         help="streams: counts also measured with grouped decoding attention (generation.decode_attention)",
@@ -1271,8 +1287,8 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     args.streams = [int(x) for x in (args.streams or ("1,4" if q else "1,64,256")).split(",")]
     args.eager_streams = args.streams if args.eager_streams is None else _counts(args.eager_streams)
-    args.unfused, args.tuned, args.grouped, args.host_check = map(
-        _counts, (args.unfused, args.tuned, args.grouped, args.host_check)
+    args.unfused, args.tuned, args.grouped, args.sdpa, args.host_check = map(
+        _counts, (args.unfused, args.tuned, args.grouped, args.sdpa, args.host_check)
     )
     args.inductor = dict(_inductor_option(item) for item in args.inductor)
     args.document_benchmarks = [name for name in args.document_benchmarks.split(",") if name]

@@ -471,3 +471,16 @@ def test_grouped_attention_on_the_compiled_steps(tokenizer, monkeypatch):
     assert torch.equal(backbone._lean_generate(batch, config, {}, compiled=True), reference)
     assert seen == ["ctt_grouped_sdpa"] * 2 + ["sdpa"] * 2, "chunk and prompt pass, recorded again without"
     assert backbone._lean_mode == "graphs", "no step fell back"
+
+
+def test_decode_attention_auto_is_grouped_on_a_gpu_only(tokenizer, monkeypatch):
+    """``auto`` (the default) decodes with the grouped attention on a GPU and the model's own elsewhere;
+    ``sdpa`` and ``grouped`` hold on every device."""
+    backbone = make_backbone(tokenizer)
+    assert backbone.generation.decode_attention == "auto" and not backbone.decodes_grouped()
+    with_backend(backbone, "compiled", decode_attention="grouped")
+    assert backbone.decodes_grouped()
+    monkeypatch.setattr(Backbone, "device", property(lambda self: torch.device("cuda")))
+    for setting, grouped in (("auto", True), ("sdpa", False), ("grouped", True)):
+        with_backend(backbone, "compiled", decode_attention=setting)
+        assert backbone.decodes_grouped() is grouped, setting

@@ -94,7 +94,7 @@ elif [ -n "$QUICK" ]; then
 else
   # bf16 (the GPU default) and the compiled backend (static KV cache + CUDA graphs).
   part streams $(( limit * ${STREAMS_SHARE:-55} / 100 )) --sections streams,speculative --streams 1,64,256 \
-    --eager-streams 1 --unfused 1,64 --host-check 1 --profile --new-tokens 64
+    --eager-streams 1 --unfused 1,64 --sdpa 1,64 --host-check 1 --profile --new-tokens 64
   t=$(left)
   # Strategies that change the forward pass first; retrieval and memory_bank need the MiniLM embedder
   # (device.sh ready): without it they are skipped with a log line.

@@ -619,14 +619,20 @@ class Backbone:
         finally:
             self._fusion.remove()
 
+    def decodes_grouped(self) -> bool:
+        """Whether the compiled decoding steps use the grouped attention (``generation.decode_attention``:
+        ``grouped``, or ``auto`` on a GPU)."""
+        setting = self.generation.decode_attention
+        return setting == "grouped" or (setting == "auto" and self.device.type == "cuda")
+
     @contextmanager
     def _grouped_attention(self, mode: str) -> Iterator[None]:
-        """With ``generation.decode_attention: grouped``, the compiled steps (not ``plain``) of a model on
-        ``sdpa`` attention run :func:`~continual_transformer.modules.grouped_attention.grouped_sdpa_attention`
-        (the model's attention implementation switched for the call, restored after)."""
+        """With ``generation.decode_attention: grouped`` (``auto`` on a GPU), the compiled steps (not
+        ``plain``) of a model on ``sdpa`` attention run
+        :func:`~continual_transformer.modules.grouped_attention.grouped_sdpa_attention` (the model's attention
+        implementation switched for the call, restored after)."""
         config = self.model.config
-        grouped = self.generation.decode_attention == "grouped"
-        if mode == "plain" or not grouped or config._attn_implementation != "sdpa":
+        if mode == "plain" or not self.decodes_grouped() or config._attn_implementation != "sdpa":
             yield
             return
         from continual_transformer.modules.grouped_attention import register
@@ -1277,11 +1283,14 @@ class Backbone:
 
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token NLL (B, T-1) in float32; positions whose label is -100 are 0."""
+    """Next-token NLL (B, T-1) in float32; positions whose label is -100 are 0. The logits go in as rows
+    (B * (T-1), V): the softmax runs along contiguous memory (a (B, V, T-1) view would take the strided
+    "spatial" kernel, most of a training step's GPU time on a 49k vocabulary)."""
     shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
     shift_labels = labels[:, 1:]  # (B, T-1)
-    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp(min=0), reduction="none")
-    return nll * (shift_labels != IGNORE)
+    rows = shift_logits.reshape(-1, shift_logits.shape[-1])
+    nll = F.cross_entropy(rows, shift_labels.clamp(min=0).reshape(-1), reduction="none")
+    return nll.view(shift_labels.shape) * (shift_labels != IGNORE)
 
 
 def _installed_hooks(model: nn.Module) -> dict[tuple[int, int], Any]:

@@ -142,14 +142,13 @@ class GenerationConfig:
     they are): ``always``, ``never`` or ``auto`` (on a GPU, where a decoding step is bound by kernel
     launches; a CPU step is bound by reading the weights, which fusing does not reduce, and each call
     copies the fused weights). Same tokens as unfused up to rounding."""
-    decode_attention: str = "sdpa"
+    decode_attention: str = "auto"
     """Attention of the ``compiled`` backend's decoding steps on a model that uses ``sdpa``: ``sdpa`` (the
-    model's own, which repeats the cached keys and values for every query head) or ``grouped``
+    model's own, which repeats the cached keys and values for every query head), ``grouped``
     (:mod:`~continual_transformer.modules.grouped_attention`: each key/value head read once for its query
-    heads; H200, bf16: 1.06x / 1.24x / 1.48x the new tokens/s at 1 / 64 / 256 streams,
-    ``benchmarks/results/speed/h200-5``). Same tokens up to rounding; opt-in until the knowledge figures are
-    compared with it on a GPU."""
-
+    heads) or ``auto`` (grouped on a GPU, sdpa elsewhere). H200, bf16: 0.98-1.06x / 1.24-1.34x / 1.48x the new
+    tokens/s of sdpa at 1 / 64 / 256 streams, and the same knowledge figures in float32
+    (``benchmarks/results/speed/h200-5``, ``h200-6``). Same tokens up to rounding."""
     speculative_tokens: int = 0
     """Prompt-lookup decoding on the ``static`` and ``compiled`` backends: each decoding step of a one-prompt
     call also checks up to this many draft tokens, copied from what followed the latest earlier occurrence of
@@ -166,9 +165,9 @@ class GenerationConfig:
         _check(self.speculative_tokens >= 0, "generation.speculative_tokens", "must be >= 0 (0: off)")
         _check(self.speculative_ngram >= 1, "generation.speculative_ngram", "must be >= 1")
         _check(
-            self.decode_attention in ("sdpa", "grouped"),
+            self.decode_attention in ("auto", "sdpa", "grouped"),
             "generation.decode_attention",
-            f"must be sdpa or grouped, got {self.decode_attention!r}",
+            f"must be auto, sdpa or grouped, got {self.decode_attention!r}",
         )
         _check(
             self.fused_projections in ("auto", "always", "never"),
