@@ -289,17 +289,18 @@ def profile_call(
     }
 
 
-def _one_stream_settings(
-    backbone: Backbone, args: argparse.Namespace, texts: list[str], settings: dict[str, dict[str, Any]]
+def _off_and_on(
+    backbone: Backbone, args: argparse.Namespace, label: str, texts: list[str], setting: str, value: int
 ) -> dict[str, Any]:
-    """``texts`` answered one after another on the fast backend (``--new-tokens`` each), once per setting
-    (generation changes) after a warm-up call of each, the settings alternating rep by rep (a loaded
-    machine's drift falls on all alike): per setting seconds, new tokens/s and the first answers, and
-    ``answers_equal``: the share of answers equal to the first setting's."""
+    """``texts`` answered one after another on the fast backend (``--new-tokens`` each) with the generation
+    ``setting`` at 0 ("off") and at ``value`` ("on"), after a warm-up call of each, the two alternating rep
+    by rep (a loaded machine's drift falls on both alike): per setting seconds, new tokens/s and the first
+    answers; the speedup, and the share of answers "on" equal to "off"'s."""
     fast, configured = args.backend, backbone.generation
+    settings = {"off": 0, "on": value}
 
-    def call(changes: dict[str, Any]) -> list[str]:
-        use_backend(backbone, fast, batch_size=1, **changes)
+    def call(v: int) -> list[str]:
+        use_backend(backbone, fast, batch_size=1, **{setting: v})
         return [
             backbone.generate([t], chat=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[
                 0
@@ -309,29 +310,36 @@ def _one_stream_settings(
 
     row: dict[str, Any] = {"prompts": len(texts)}
     warm = {}
-    for label, changes in settings.items():  # compiles and records the graphs of each setting
+    for key, v in settings.items():  # compiles and records the graphs of each setting
         start = time.perf_counter()
-        call(changes)
-        warm[label] = time.perf_counter() - start
-    times: dict[str, list[float]] = {label: [] for label in settings}
+        call(v)
+        warm[key] = time.perf_counter() - start
+    times: dict[str, list[float]] = {key: [] for key in settings}
     answers: dict[str, list[str]] = {}
     for _ in range(args.reps):
-        for label, changes in settings.items():
-            seconds, answers[label] = timed(lambda c=changes: call(c), backbone.device, 1)
-            times[label].append(seconds)
-    for label in settings:
-        seconds = statistics.median(times[label])
-        row[label] = {
+        for key, v in settings.items():
+            seconds, answers[key] = timed(lambda v=v: call(v), backbone.device, 1)
+            times[key].append(seconds)
+    backbone.generation = configured
+    for key in settings:
+        seconds = statistics.median(times[key])
+        row[key] = {
             "seconds": seconds,
             "new_tokens_per_s": len(texts) * args.new_tokens / seconds,
-            "reps_seconds": times[label],
-            "warmup_seconds": warm[label],
-            "answers": answers[label][:2],
+            "reps_seconds": times[key],
+            "warmup_seconds": warm[key],
+            "answers": answers[key][:2],
         }
-    first, *others = settings
-    for label in others:
-        row[label]["answers_equal"] = sum(a == b for a, b in zip(answers[label], answers[first])) / len(texts)
-    backbone.generation = configured
+    row["speedup"] = row["on"]["new_tokens_per_s"] / row["off"]["new_tokens_per_s"]
+    row["answers_equal"] = sum(a == b for a, b in zip(answers["on"], answers["off"])) / len(texts)
+    logger.info(
+        "%s: %.1f -> %.1f new tokens/s (%.2fx), answers equal %.2f",
+        label,
+        row["off"]["new_tokens_per_s"],
+        row["on"]["new_tokens_per_s"],
+        row["speedup"],
+        row["answers_equal"],
+    )
     return row
 
 
@@ -344,28 +352,19 @@ def speculative(
 ) -> dict[str, Any]:
     """One stream on the fast backend, prompt-lookup decoding off and on (``generation.speculative_tokens``
     0 and ``--speculative-drafts``), for each prompt set (closed-book questions; a document and a question
-    about it): ``--speculative-prompts`` prompts per timed call (:func:`_one_stream_settings`). With drafts,
-    also the new tokens per decoding step."""
-    drafts = args.speculative_drafts
+    about it): ``--speculative-prompts`` prompts per timed call (:func:`_off_and_on`), and the new tokens
+    per decoding step with drafts."""
     for name, texts in prompt_sets.items():
         chosen = [texts[i % len(texts)] for i in range(args.speculative_prompts)]
         backbone.speculation = {"steps": 0, "tokens": 0}
-        settings = {"off": {"speculative_tokens": 0}, "on": {"speculative_tokens": drafts}}
-        row = rows[name] = _one_stream_settings(backbone, args, chosen, settings)
-        counts = backbone.speculation
-        row["drafts"] = drafts
-        row["on"]["new_tokens_per_step"] = counts["tokens"] / max(counts["steps"], 1)
-        row["speedup"] = row["on"]["new_tokens_per_s"] / row["off"]["new_tokens_per_s"]
-        row["answers_equal"] = row["on"]["answers_equal"]
-        logger.info(
-            "speculative, %s: %.1f -> %.1f new tokens/s (%.2fx), %.2f per step, answers equal %.2f",
-            name,
-            row["off"]["new_tokens_per_s"],
-            row["on"]["new_tokens_per_s"],
-            row["speedup"],
-            row["on"]["new_tokens_per_step"],
-            row["answers_equal"],
+        row = rows[name] = _off_and_on(
+            backbone, args, f"speculative, {name}", chosen, "speculative_tokens", args.speculative_drafts
         )
+        row["drafts"] = args.speculative_drafts
+        row["on"]["new_tokens_per_step"] = backbone.speculation["tokens"] / max(
+            backbone.speculation["steps"], 1
+        )
+        logger.info("speculative, %s: %.2f new tokens per step", name, row["on"]["new_tokens_per_step"])
         save()
     return rows
 
@@ -379,27 +378,17 @@ def prefix(
 ) -> dict[str, Any]:
     """One stream on the fast backend, several questions about each document asked one after another, with
     prompt-prefix reuse off and on (``generation.prefix_reuse_tokens`` 0 and the configured value, 32 when
-    off): new tokens/s, the answers equal to whole prompt passes', and the prompt tokens not run again."""
+    off; :func:`_off_and_on`), and the share of prompt tokens not run again."""
     tokens = backbone.generation.prefix_reuse_tokens or 32
     for name, texts in prompt_sets.items():
         backbone.prefix_reused = {"calls": 0, "tokens": 0}
-        settings = {"off": {"prefix_reuse_tokens": 0}, "on": {"prefix_reuse_tokens": tokens}}
-        row = rows[name] = _one_stream_settings(backbone, args, texts, settings)
-        prompt_tokens = sum(len(backbone.token_ids(backbone.format_prompt(t, chat=True))) for t in texts)
-        calls = 1 + args.reps  # the warm-up and the timed calls of "on"
-        row["on"]["reused_prompt_share"] = backbone.prefix_reused["tokens"] / (calls * prompt_tokens)
-        row["speedup"] = row["on"]["new_tokens_per_s"] / row["off"]["new_tokens_per_s"]
-        row["answers_equal"] = row["on"]["answers_equal"]
-        logger.info(
-            "prefix reuse, %s: %.1f -> %.1f new tokens/s (%.2fx), %.2f of prompt tokens reused, answers "
-            "equal %.2f",
-            name,
-            row["off"]["new_tokens_per_s"],
-            row["on"]["new_tokens_per_s"],
-            row["speedup"],
-            row["on"]["reused_prompt_share"],
-            row["answers_equal"],
+        row = rows[name] = _off_and_on(
+            backbone, args, f"prefix reuse, {name}", texts, "prefix_reuse_tokens", tokens
         )
+        prompt_tokens = sum(len(backbone.token_ids(backbone.format_prompt(t, chat=True))) for t in texts)
+        calls = 1 + args.reps  # the warm-up and the timed calls with reuse on
+        row["on"]["reused_prompt_share"] = backbone.prefix_reused["tokens"] / (calls * prompt_tokens)
+        logger.info("prefix reuse, %s: %.2f of prompt tokens reused", name, row["on"]["reused_prompt_share"])
         save()
     return rows
 

@@ -215,3 +215,24 @@ def veloria_benchmark(n: int = 4, tails: tuple[str, ...] = ("The river is Orvali
         probes.append(Probe(f"d{i}", f"The capital of Veloria number {i} is", ("Tarnhelm",), "cloze"))
         probes.append(Probe(f"d{i}", f"What is the capital of Veloria number {i}?", ("Tarnhelm",), "qa"))
     return KnowledgeBenchmark("tiny", docs, probes)
+
+
+class ReplayedRun:
+    """Stands in for a CUDA graph on the CPU: recording runs nothing, a replay runs what was recorded."""
+
+    def __init__(self, run) -> None:
+        self.replay = run
+
+
+def record_on_the_cpu(backbone: Backbone, monkeypatch) -> list[ReplayedRun]:
+    """The backbone's CUDA-graph recording stood in for: the warm-up really runs, the recorded run is kept
+    (in the list returned) and runs at every replay."""
+    recorded: list[ReplayedRun] = []
+
+    def record(device, warm_up, run):
+        warm_up()
+        recorded.append(ReplayedRun(run))
+        return recorded[-1]
+
+    monkeypatch.setattr(backbone, "_record_chunk", record)
+    return recorded

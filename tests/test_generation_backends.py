@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import fast_config, make_backbone
+from conftest import ReplayedRun, fast_config, make_backbone, record_on_the_cpu
 from peft.tuners.lora import LoraLayer
 
 from continual_transformer import ContinualTransformer
@@ -272,13 +272,6 @@ def test_chunked_decoding_gives_generate_tokens(tokenizer, case):
         assert reference.shape[1] == width + 13 and not barred.any(), "EOS barred"
 
 
-class _ReplayedRun:
-    """Stands in for a CUDA graph on the CPU: recording runs nothing, a replay runs what was recorded."""
-
-    def __init__(self, run) -> None:
-        self.replay = run
-
-
 @pytest.mark.parametrize("new", [1, 7, 8, 9, 13])
 def test_recorded_chunks_warm_up_and_replay_inside_their_buffers(tokenizer, monkeypatch, new):
     """The capture path with the CUDA calls stood in for: the warm-up really runs (compiling) and must stay
@@ -288,14 +281,7 @@ def test_recorded_chunks_warm_up_and_replay_inside_their_buffers(tokenizer, monk
     backbone = make_backbone(tokenizer, max_new_tokens=new)
     plain = backbone._lean_step("plain")
     monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)  # no compiler on the CPU test path
-    recorded: list[_ReplayedRun] = []
-
-    def record(device, warm_up, run):
-        warm_up()
-        recorded.append(_ReplayedRun(run))
-        return recorded[-1]
-
-    monkeypatch.setattr(backbone, "_record_chunk", record)
+    recorded = record_on_the_cpu(backbone, monkeypatch)
     batch = backbone.encode(PROMPTS, padding_side="left")
     config = backbone.hf_generation_config()
     reference = backbone.model.generate(**batch, generation_config=config, min_new_tokens=new)
@@ -372,13 +358,13 @@ def test_recorded_chunks_with_fused_projections(tokenizer, monkeypatch):
     backbone.generation = dataclasses.replace(backbone.generation, fused_projections="always")
     plain = backbone._lean_step("plain")
     monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)  # no compiler on the CPU test path
-    recorded: list[_ReplayedRun] = []
+    recorded: list[ReplayedRun] = []
     fused_while_recording: list[bool] = []
 
     def record(device, warm_up, run):
         fused_while_recording.append(isinstance(backbone.layers[0].self_attn.q_proj, FusedMember))
         warm_up()
-        recorded.append(_ReplayedRun(run))
+        recorded.append(ReplayedRun(run))
         return recorded[-1]
 
     monkeypatch.setattr(backbone, "_record_chunk", record)
@@ -426,7 +412,7 @@ def test_prompt_pass_is_recorded_per_width_and_runs_uncaptured_when_recording_fa
         if recorded:  # the prompt pass is recorded after the chunk
             raise RuntimeError("operation not permitted when stream is capturing")
         recorded.append("chunk")
-        return _ReplayedRun(run)
+        return ReplayedRun(run)
 
     monkeypatch.setattr(backbone, "_record_chunk", record)
     config = backbone.hf_generation_config()
@@ -459,7 +445,7 @@ def test_grouped_attention_on_the_compiled_steps(tokenizer, monkeypatch):
     def record(device, warm_up, run):
         seen.append(backbone.model.config._attn_implementation)
         warm_up()
-        return _ReplayedRun(run)
+        return ReplayedRun(run)
 
     monkeypatch.setattr(backbone, "_record_chunk", record)
     backbone._lean_mode = "graphs"  # as on a GPU

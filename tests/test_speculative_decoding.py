@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import fast_config, make_backbone
+from conftest import fast_config, make_backbone, record_on_the_cpu
 
 from continual_transformer import ContinualTransformer
 from continual_transformer.backbone import Backbone, _Chunk
@@ -146,11 +146,6 @@ def test_accept_keeps_the_drafts_the_model_would_pick():
     assert not bool(chunk.unfinished.any())
 
 
-class _ReplayedRun:
-    def __init__(self, run) -> None:
-        self.replay = run
-
-
 @pytest.mark.parametrize("new", [1, 4, 13, 30])
 def test_recorded_speculative_chunks_stay_inside_their_buffers(tokenizer, monkeypatch, new):
     """The capture path with the CUDA calls stood in for: the warm-up and the recorded chunks of drafting
@@ -160,21 +155,18 @@ def test_recorded_speculative_chunks_stay_inside_their_buffers(tokenizer, monkey
     speculating(backbone)
     real_step = backbone._lean_step
     monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: real_step("plain", **kw))
-    recorded: list[_ReplayedRun] = []
-
-    def record(device, warm_up, run):
-        warm_up()
-        recorded.append(_ReplayedRun(run))
-        return recorded[-1]
-
-    monkeypatch.setattr(backbone, "_record_chunk", record)
+    recorded = record_on_the_cpu(backbone, monkeypatch)
     config = backbone.hf_generation_config()
     for text in PROMPTS[:2]:
         batch = backbone.encode([text], padding_side="left")
         expected = reference(backbone, batch, min_new_tokens=new)
-        for _ in range(2):
+        for call in range(2):
             got = backbone._chunked_decode(batch, config, {"min_new_tokens": new}, capture=True, speculate=4)
             assert torch.equal(got, expected)
+            if call == 0:
+                made = len(recorded)
+        assert len(recorded) == made, "the second call replays what the first recorded"
+    assert recorded, "the drafting chunk was recorded"
 
 
 def test_speculative_settings_are_validated():
