@@ -45,8 +45,9 @@ def test_questions_about_one_document_reuse_its_keys_and_values(tokenizer, arch,
 
 
 def test_kept_prompt_is_dropped_when_the_model_changes(tokenizer):
-    """A weight written in place (an optimiser step, a load, a reset), a hook, or several prompts at once:
-    the prompt runs whole; the answers follow the changed model."""
+    """A weight written in place (an optimiser step, a load, a reset), a training (whose fused optimiser
+    steps write without a new version), a hook, or several prompts at once: the prompt runs whole; the
+    answers follow the changed model."""
     backbone = make_backbone(tokenizer, max_new_tokens=10)
     on(backbone)
     backbone.generate([QUESTIONS[0]])
@@ -57,6 +58,19 @@ def test_kept_prompt_is_dropped_when_the_model_changes(tokenizer):
     assert backbone.prefix_reused["calls"] == calls, "the kept keys and values were made by other weights"
     on(backbone, tokens=0)
     assert backbone.generate([QUESTIONS[1]]) == changed
+
+    on(backbone)
+    backbone.generate([QUESTIONS[0]])
+    weight = backbone.model.lm_head.weight
+    version = weight._version
+    with backbone.training():  # a fused optimiser step writes without bumping the version
+        weight.data.mul_(1.5)
+    assert weight._version == version
+    calls = backbone.prefix_reused["calls"]
+    trained = backbone.generate([QUESTIONS[1]])
+    assert backbone.prefix_reused["calls"] == calls, "kept from before a training"
+    on(backbone, tokens=0)
+    assert backbone.generate([QUESTIONS[1]]) == trained
 
     on(backbone)
     backbone.generate([QUESTIONS[0]])

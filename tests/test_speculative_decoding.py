@@ -54,7 +54,8 @@ def test_prompt_lookup_decoding_gives_generate_tokens(tokenizer, arch, case):
         before = dict(backbone.speculation)
         got = backbone._lean_generate(batch, config, kwargs, compiled=False)
         assert torch.equal(got, expected), text
-        assert backbone.speculation["steps"] > before["steps"] or new == 1, "the call speculated"
+        made = expected.shape[1] - width  # the prompt pass picks the first
+        assert backbone.speculation["steps"] > before["steps"] or made == 1, "the call speculated"
         if case == "early_eos":
             assert expected.shape[1] < width + new, "generate stopped early"
     if case == "plain":
@@ -92,8 +93,9 @@ def test_no_drafts_with_processors_or_hooks(tokenizer):
 
 
 def _chunk(tokens: list[int], column: int, *, eos: tuple[int, ...] = (), min_column: int = 0) -> _Chunk:
-    chunk = _Chunk(1, 16, list(eos), 0, 32, torch.device("cpu"), torch.long)
+    chunk = _Chunk(1, 16, list(eos), 0, 32, torch.device("cpu"), torch.long, speculate=3)
     chunk.out[0, : len(tokens)] = torch.tensor(tokens)
+    chunk.end_column.fill_(16)
     chunk.column.fill_(column)
     chunk.min_column.fill_(min_column)
     chunk.token.fill_(tokens[column - 1])
@@ -136,6 +138,8 @@ def test_accept_keeps_the_drafts_the_model_would_pick():
     rejected = chunk.accept(logits([8, 9, 4, 2]), torch.tensor([[8, 9, 4]]))
     assert int(rejected) == 2, "no draft accepted after the EOS"
     assert chunk.out[0, :6].tolist() == [5, 6, 7, 8, 9, 0] and not bool(chunk.unfinished.any())
+    chunk.accept(logits([8, 9, 4, 2]), torch.tensor([[8, 9, 4]]))
+    assert chunk.steps_counted() == 1, "a step after every row's EOS makes no token and is not counted"
 
     chunk = _chunk([5, 6, 7], column=3, eos=(9,), min_column=5)
     scores = logits([8, 9, 9, 2])
@@ -167,6 +171,29 @@ def test_recorded_speculative_chunks_stay_inside_their_buffers(tokenizer, monkey
                 made = len(recorded)
         assert len(recorded) == made, "the second call replays what the first recorded"
     assert recorded, "the drafting chunk was recorded"
+
+
+@pytest.mark.parametrize("speculate", [0, 4])
+def test_steps_past_the_end_stay_inside_learned_positions(tokenizer, monkeypatch, speculate):
+    """A GPT-2 prompt whose answer ends at the model's last position (learned position embeddings): the
+    steps a recorded chunk runs past the last new token do not index past the embeddings, the answer is
+    generate's and drafting stays on."""
+    new = 13
+    backbone = make_backbone(tokenizer, arch="gpt2", max_new_tokens=new)
+    speculating(backbone, drafts=speculate)
+    real_step = backbone._lean_step
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: real_step("plain", **kw))
+    record_on_the_cpu(backbone, monkeypatch)
+    limit = backbone.max_length
+    ids = backbone.encode([" ".join([PROMPTS[1]] * 40)], padding_side="left")["input_ids"][:, : limit - new]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    expected = reference(backbone, batch, min_new_tokens=new)
+    assert expected.shape[1] == limit
+    got = backbone._chunked_decode(
+        batch, backbone.hf_generation_config(), {"min_new_tokens": new}, capture=True, speculate=speculate
+    )
+    assert torch.equal(got, expected)
+    assert not backbone._speculation_failed
 
 
 def test_speculative_settings_are_validated():

@@ -55,7 +55,13 @@ def test_examples_with_extras_are_not_packed():
 
 
 @pytest.mark.parametrize(
-    "options", [{"pack_tokens": 64}, {"autocast": True}, {"pack_tokens": 64, "autocast": True}]
+    "options",
+    [
+        {"pack_tokens": 64},
+        {"autocast": True},
+        {"pack_tokens": 64, "autocast": True},
+        {"pack_tokens": 64, "compile": True, "compile_mode": "reduce-overhead"},  # compiles: ~25 s
+    ],
 )
 def test_speed_options_still_learn(tokenizer, options):
     backbone = make_backbone(tokenizer)
@@ -70,6 +76,8 @@ def test_speed_options_still_learn(tokenizer, options):
 def test_pack_tokens_is_validated():
     with pytest.raises(ConfigError, match="pack_tokens"):
         OptimArgs(pack_tokens=-1)
+    with pytest.raises(ConfigError, match="compile_mode"):
+        OptimArgs(compile=True, compile_mode="max-autotune")
 
 
 @pytest.mark.parametrize("name", ["finetune", "ttt", "retrieval"])

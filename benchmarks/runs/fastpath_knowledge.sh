@@ -11,6 +11,8 @@
 #   COMPARE_ONLY=1 OUT=DIR bash benchmarks/runs/fastpath_knowledge.sh    (compare what DIR already holds)
 #   SET=generation.decode_attention=grouped bash benchmarks/runs/fastpath_knowledge.sh   (one more setting on
 #     both backends; grouped attention only acts on the fast one)
+#   PROCESSES="finetune lora,in_context ..." bash benchmarks/runs/fastpath_knowledge.sh   (the strategies, one
+#     process per word on each backend; default "retrieval,knowledge_store ttt")
 set -uo pipefail
 limit=${1:-480}
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=${CTT_CACHE:-/root/ctt-cache}
@@ -40,8 +42,9 @@ mkdir -p "$dir"
     run "$backend" stores "${STRATEGIES:-knowledge_store}" --set generation.max_new_tokens=6 \
       --set generation.threads=1 &
   else
-    run "$backend" stores retrieval,knowledge_store &
-    run "$backend" ttt ttt &
+    for group in ${PROCESSES:-retrieval,knowledge_store ttt}; do
+      run "$backend" "${group//,/-}" "$group" &
+    done
   fi
 done
 wait

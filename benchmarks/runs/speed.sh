@@ -65,8 +65,37 @@ part() {  # part NAME SECONDS ARGS...: one speed.py process, logged, stopped aft
   echo "$name: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
 }
 FAST_OPTIM=${FAST_OPTIM:-}
-if [ -n "${LEARNING:-}" ]; then
-  compiled=${FAST_OPTIM:-pack_tokens=512:autocast=true:batch_size=16:compile=true}
+compiled=${FAST_OPTIM:-pack_tokens=512:autocast=true:batch_size=16:compile=true}
+if [ "${TARGETS:-}" = answer ]; then
+  # The issue's answering figures alone (1, 64 and 256 streams; prompt-lookup decoding), then beside each
+  # other: one ~230-token news article learned by `ttt` with the compiled step (default compile mode) and
+  # with the step recorded as CUDA graphs (compile_mode=reduce-overhead), and task training at batch 128,
+  # 512, and 512 with the prompts' shared prefix run once per batch, one after another:
+  #   TARGETS=answer bash benchmarks/runs/speed.sh 580
+  part streams $(( limit * 62 / 100 )) --sections streams,speculative --streams 1,64,256 --eager-streams 1 \
+    --host-check none --new-tokens 64
+  part learning-ttt-graphs "$(left)" --sections learn1 --learn-specs ttt --learn1-benchmark news \
+    --fast-optim "$compiled:compile_mode=reduce-overhead" &
+  part learning-ttt-compiled "$(left)" --sections learn1 --learn-specs ttt --learn1-benchmark news \
+    --fast-optim "$compiled" &
+  (
+    part tasks-128 "$(left)" --sections tasks --task-examples 1024 --task-batch 128
+    part tasks-512 "$(left)" --sections tasks --task-examples 2048 --task-batch 512
+    part tasks-512-shared-prefix "$(left)" --sections tasks --task-examples 2048 --task-batch 512 \
+      --set tasks.share_prefix=true
+  ) &
+  wait
+elif [ "${TARGETS:-}" = learn ]; then
+  # 1,000 documents at once with `finetune` (the fast options, then also compiled), and the
+  # context-distillation teacher, side by side (fastpath_knowledge.sh can run beside them):
+  #   TARGETS=learn bash benchmarks/runs/speed.sh 560
+  part learning-finetune "$(left)" --sections learn_many --learn-specs finetune --profile --many 1000 \
+    --sequential 1 --many-epochs 3 &
+  part learning-finetune-compiled "$(left)" --sections learn_many --learn-specs finetune --many 1000 \
+    --sequential 1 --many-epochs 3 --fast-optim "$compiled" &
+  part teacher "$(left)" --sections teacher --teacher-docs 32 &
+  wait
+elif [ -n "${LEARNING:-}" ]; then
   part learning-ttt $(( limit * 18 / 100 )) --sections learn1,learn_many --learn-specs ttt --profile \
     --many 1000 --sequential 3 --many-epochs 3
   # learn1 here on the news article closest to the target's 200 tokens (230; novel-facts documents are ~90)

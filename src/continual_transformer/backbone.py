@@ -245,6 +245,10 @@ class Backbone:
         self._speculation_failed = False
         # prompt-lookup decoding so far: decoding steps run and the tokens they made (a benchmark's figure)
         self.speculation = {"steps": 0, "tokens": 0}
+        self.trainings = 0
+        """How many times :meth:`training` was entered: what was made from the weights (kept keys and values,
+        merged copies) is made again after it, since a fused optimiser step writes them in place without
+        bumping the tensors' versions."""
         self._kept_prompt: _KeptPrompt | None = None  # the last one-prompt call's prompt, its keys and values
         self.prefix_reused = {"calls": 0, "tokens": 0}  # prompt tokens not run again (a benchmark's figure)
 
@@ -824,10 +828,11 @@ class Backbone:
 
     def _prompt_key(self) -> tuple[Any, ...]:
         """What kept keys and values depend on besides the tokens: the modules, where every weight lives and
-        its version (an optimiser step, a load or a reset writes in place and bumps it), the dtype and the
-        attention implementation."""
+        its version (a load or a reset writes in place and bumps it), the trainings so far (a fused optimiser
+        step does not bump versions), the dtype and the attention implementation."""
         weights = tuple(p._version for p in self.model.parameters())
-        return (_model_structure(self.model), weights, self.dtype, self.model.config._attn_implementation)
+        attention = self.model.config._attn_implementation
+        return (_model_structure(self.model), weights, self.trainings, self.dtype, attention)
 
     def _restore_prompt(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> int:
         """The kept prompt's keys and values for the beginning this one-row prompt shares with it (at least
@@ -901,7 +906,9 @@ class Backbone:
         compiled = capture if compiled is None else compiled
         step = self._lean_step("default" if compiled else "plain", every_position=bool(speculate))
         ngram = self.generation.speculative_ngram
-        offsets = torch.arange(speculate + 1, device=ids.device)[None, :]
+        # the steps past the last new token may pass a model's absolute positions: their tokens are cut, so
+        # their positions are clamped (learned position embeddings end at max_length)
+        last_position = self.max_length - 1 if length > self.max_length else None
         key = (rows, length)
         structure = (
             (
@@ -936,28 +943,34 @@ class Backbone:
             chunk.pick(logits)
 
         def start(chunk: _Chunk) -> None:
-            chunk.begin(ids, mask, width + min_new)
+            chunk.begin(ids, mask, width + min_new, width + new)
             recorded = chunk.prompts.get(width)
             if recorded is not None:
                 recorded.replay()
             else:
                 prompt(chunk)
 
+        def positions(chunk: _Chunk) -> torch.Tensor:
+            at = chunk.position + chunk.offsets if speculate else chunk.position
+            return at if last_position is None else at.clamp(max=last_position)
+
         def run(chunk: _Chunk) -> None:
             for _ in range(steps):
                 if speculate:
                     draft = chunk.draft(speculate, ngram)
                     tokens = torch.cat([chunk.token, draft], dim=1)
-                    logits = step(tokens, chunk.position + offsets, chunk.mask, cache)
+                    logits = step(tokens, positions(chunk), chunk.mask, cache)
                     rejected = chunk.accept(logits, draft)
                     for layer in cache.layers:  # a tensor operand: no host read while recording
                         layer.cumulative_length.sub_(rejected)
                 else:
-                    chunk.pick(step(chunk.token, chunk.position, chunk.mask, cache))
+                    chunk.pick(step(chunk.token, positions(chunk), chunk.mask, cache))
                     chunk.position.add_(1)
 
         if chunk is None or chunk.structure != structure:
-            chunk = _Chunk(rows, length, eos_list, pad, self._vocab_width(), ids.device, mask.dtype)
+            chunk = _Chunk(
+                rows, length, eos_list, pad, self._vocab_width(), ids.device, mask.dtype, speculate=speculate
+            )
             if capture:
 
                 def warm_up(chunk: _Chunk = chunk) -> None:  # compiles; every pass stays inside the buffers
@@ -980,7 +993,7 @@ class Backbone:
 
             def warm_prompt(chunk: _Chunk = chunk) -> None:
                 cache.reset()
-                chunk.begin(ids, mask, width + min_new)
+                chunk.begin(ids, mask, width + min_new, width + new)
                 prompt(chunk)
 
             try:
@@ -999,9 +1012,8 @@ class Backbone:
                 run(chunk)
             column, unfinished = chunk.progress()  # sync: once per chunk
             done = column - width
-            if speculate:
-                self.speculation["steps"] += steps
-        if speculate:
+        if speculate:  # the steps that made tokens wanted (not those past the end or after every EOS)
+            self.speculation["steps"] += chunk.steps_counted()
             self.speculation["tokens"] += min(done, new) - 1  # the prompt pass picked the first
         return _cut_after_eos(chunk.out[:, : width + min(done, new)].clone(), width, chunk.eos_ids)
 
@@ -1345,7 +1357,10 @@ class Backbone:
     # -- training helpers ------------------------------------------------------------------------------------
     @contextmanager
     def training(self) -> Iterator[None]:
-        """Train mode for the duration (dropout etc.), eval mode afterwards, whatever happens."""
+        """Train mode for the duration (dropout etc.), eval mode afterwards, whatever happens. Counted in
+        :attr:`trainings`."""
+        self.trainings += 1
+        self._kept_prompt = None
         self.model.train()
         try:
             yield
@@ -1353,15 +1368,18 @@ class Backbone:
             self.model.eval()
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The NLL (...) of each target id under its logits (..., V), in float32. The logits go in as rows
+    (N, V): the softmax runs along contiguous memory (a (B, V, T) view would take the strided "spatial"
+    kernel, most of a training step's GPU time on a 49k vocabulary)."""
+    rows = logits.float().reshape(-1, logits.shape[-1])
+    return F.cross_entropy(rows, targets.reshape(-1), reduction="none").view(targets.shape)
+
+
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token NLL (B, T-1) in float32; positions whose label is -100 are 0. The logits go in as rows
-    (B * (T-1), V): the softmax runs along contiguous memory (a (B, V, T-1) view would take the strided
-    "spatial" kernel, most of a training step's GPU time on a 49k vocabulary)."""
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    """Next-token NLL (B, T-1) in float32 (:func:`token_nll`); positions whose label is -100 are 0."""
     shift_labels = labels[:, 1:]  # (B, T-1)
-    rows = shift_logits.reshape(-1, shift_logits.shape[-1])
-    nll = F.cross_entropy(rows, shift_labels.clamp(min=0).reshape(-1), reduction="none")
-    return nll.view(shift_labels.shape) * (shift_labels != IGNORE)
+    return token_nll(logits[:, :-1, :], shift_labels.clamp(min=0)) * (shift_labels != IGNORE)
 
 
 def _installed_hooks(model: nn.Module) -> dict[tuple[int, int], Any]:
@@ -1427,8 +1445,15 @@ class _Chunk:
         vocab: int,
         device: torch.device,
         mask_dtype: torch.dtype,
+        *,
+        speculate: int = 0,
     ) -> None:
         self.rows, self.pad = rows, pad
+        # the positions of a prompt-lookup step's token and drafts after ``position`` (a buffer: a recorded
+        # chunk reads it on every replay)
+        self.offsets = torch.arange(speculate + 1, device=device)[None, :]
+        self.end_column = torch.zeros((1, 1), dtype=torch.long, device=device)  # the last wanted token's + 1
+        self.steps = torch.zeros((), dtype=torch.long, device=device)  # prompt-lookup steps that made tokens
         self.out = torch.full((rows, length), pad, dtype=torch.long, device=device)
         self.mask = torch.ones((rows, length), dtype=mask_dtype, device=device)
         self.token = torch.zeros((rows, 1), dtype=torch.long, device=device)
@@ -1443,10 +1468,12 @@ class _Chunk:
         self.prompts: dict[int, Any] = {}  # the prompt pass recorded as a CUDA graph, by prompt width
         self.structure: Any = None
 
-    def begin(self, ids: torch.Tensor, mask: torch.Tensor, min_column: int) -> None:
+    def begin(self, ids: torch.Tensor, mask: torch.Tensor, min_column: int, end_column: int) -> None:
         """The prompt (B, T) and its mask written into the buffers (the positions follow from the prompt
-        pass)."""
+        pass); EOS barred before ``min_column``, tokens from ``end_column`` on are not wanted."""
         width = ids.shape[1]
+        self.end_column.fill_(end_column)
+        self.steps.zero_()
         self.out.fill_(self.pad)
         self.out[:, :width] = ids
         self.mask.fill_(1)
@@ -1467,6 +1494,11 @@ class _Chunk:
             self.unfinished &= ~(token[:, None] == self.eos_ids).any(-1)
         self.token.copy_(token[:, None])
         self.column.add_(1)
+
+    def steps_counted(self) -> int:
+        """Prompt-lookup steps since :meth:`begin` that began with a row unfinished and a token wanted (one
+        read from the device)."""
+        return int(self.steps)
 
     def progress(self) -> tuple[int, bool]:
         """The column the next token goes to and whether any row is unfinished (one read from the
@@ -1499,7 +1531,8 @@ class _Chunk:
         written from ``column``. Returns the number of rejected drafts (a 0-d tensor) by which the cache
         must move back."""
         rows, places = logits.shape[:2]
-        columns = self.column + torch.arange(places, device=logits.device)[None, :]  # (1, N)
+        self.steps.add_((self.unfinished.any() & (self.column < self.end_column)).view(()))
+        columns = self.column + self.offsets  # (1, N)
         scores = logits.float()
         if self.eos_ids.numel():
             scores = scores + torch.where((columns < self.min_column)[..., None], self.eos_bar, 0.0)
@@ -1508,7 +1541,7 @@ class _Chunk:
         agree = (picks[:, :-1] == draft) & ~is_eos[:, :-1]
         accepted = agree.long().cumprod(-1).sum(-1)  # (B,)
         count = torch.where(self.unfinished, accepted, places - 1).amin()  # 0-d
-        kept = torch.arange(places, device=logits.device)[None, :] <= count  # (1, N)
+        kept = self.offsets <= count  # (1, N)
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
         tokens = torch.where(self.unfinished[:, None] & kept & ~after_eos, picks, self.pad)
         self.out.scatter_(1, columns.clamp(max=self.out.shape[1] - 1).expand(rows, places), tokens)

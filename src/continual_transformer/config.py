@@ -165,8 +165,10 @@ class GenerationConfig:
     """One-prompt calls on the ``static`` and ``compiled`` backends keep the keys and values of their prompt;
     the next such call whose prompt begins with at least this many of the same tokens (the system prompt, a
     document asked about again) copies them into its cache and runs only the rest of its prompt. Kept only
-    while the model is unchanged (the same modules and weights) and runs without hooks. A GPU that records
-    the prompt pass as a CUDA graph runs it whole. 0 switches it off."""
+    while the model is unchanged (the same modules and weights, no training since) and runs without hooks.
+    Only into a static cache of that call's shape (batch, prompt + new tokens) made by an earlier call: the
+    first call of a shape runs whole. A GPU that records the prompt pass as a CUDA graph runs it whole. 0
+    switches it off."""
 
     def __post_init__(self) -> None:
         _check(self.prefix_reuse_tokens >= 0, "generation.prefix_reuse_tokens", "must be >= 0 (0: off)")
@@ -489,8 +491,17 @@ class OptimArgs:
     """``torch.compile`` the step's forward pass and loss (one graph per batch shape; batches are padded to
     64-position buckets, so documents of similar length share one; pair with ``pack_tokens``). The first
     step of each shape compiles (tens of seconds on a 135M model)."""
+    compile_mode: str = "default"
+    """With ``compile``: ``default`` (fused kernels, launched one by one) or ``reduce-overhead`` (on a GPU the
+    compiled forward and backward passes are also recorded as CUDA graphs and replayed: a short step is
+    bound by its kernel launches, and a replay is one launch; on a CPU the same as ``default``)."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.compile_mode in ("default", "reduce-overhead"),
+            "optim.compile_mode",
+            f"must be default or reduce-overhead, got {self.compile_mode!r}",
+        )
         _check(
             self.optimizer in ("adamw", "sgd"),
             "optim.optimizer",

@@ -447,7 +447,10 @@ def train(
     pad = backbone.tokenizer.pad_token_id
     fused = anchor is not None and anchor.fused and loss_fn is next_token_loss
     step_fn = anchored_loss if fused else loss_fn
-    step_loss = torch.compile(step_fn, dynamic=False) if optim.compile else step_fn
+    step_loss = torch.compile(step_fn, dynamic=False, mode=optim.compile_mode) if optim.compile else step_fn
+    # a replayed CUDA graph writes its outputs into the same memory every step: each step is marked, and the
+    # losses kept for the epoch are copies
+    graphs = optim.compile and optim.compile_mode == "reduce-overhead"
     autocast = torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=optim.autocast)
     with (
         gradients_on(params),
@@ -468,6 +471,8 @@ def train(
                     width = max(width, anchor.reference.width * (anchor.batch if one_row else 1))
                 if optim.compile:  # a bucket of widths, so few graphs serve many lengths
                     width = -(-width // COMPILE_WIDTH_MULTIPLE) * COMPILE_WIDTH_MULTIPLE
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with autocast:
                     if fused:
                         assert anchor is not None
@@ -489,7 +494,7 @@ def train(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 bar.update(1)
-                epoch_losses.append(loss.detach())
+                epoch_losses.append(loss.detach().clone() if graphs else loss.detach())
             read = torch.stack(epoch_losses).float().tolist()  # sync: once per epoch (the stop rule)
             bar.set_postfix(loss=f"{read[-1]:.3f}")
             losses.extend(read)

@@ -94,6 +94,11 @@ def test_answers_decode_merged_layers_as_the_wrapped_ones(tokenizer, arch, tmp_p
     merged = [layer for *_, layer in ct.strategy._merged]
     ct.strategy.generate(PROBE, max_new_tokens=8)
     assert [layer for *_, layer in ct.strategy._merged] == merged, "kept while the adapters are unchanged"
+    with ct.backbone.training():  # a fused optimiser step writes without a new tensor version
+        pass
+    ct.strategy.generate(PROBE, max_new_tokens=8)
+    assert [layer for *_, layer in ct.strategy._merged] != merged, "rebuilt after a training"
+    merged = [layer for *_, layer in ct.strategy._merged]
     ct.strategy.reset()  # adapters back to their start: the base model's answers
     assert ct.strategy.generate(PROBE, max_new_tokens=8) == build(tokenizer, arch).strategy.generate(
         PROBE, max_new_tokens=8

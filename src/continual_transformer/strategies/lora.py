@@ -134,14 +134,15 @@ class LoraStrategy(TrainingStrategy):
                 setattr(parent, child, wrapper)
 
     def _refresh_merged(self) -> None:
-        """(Re)build the merged copies when an adapter or base weight changed since they were made (an
-        optimiser step, a load or a reset writes in place and bumps the tensor's version)."""
+        """(Re)build the merged copies when an adapter or base weight changed since they were made (a load
+        or a reset writes in place and bumps the tensor's version; a fused optimiser step does not, so every
+        training of the backbone counts as a change)."""
         layers = [(name, m) for name, m in self.backbone.model.named_modules() if isinstance(m, LoraLayer)]
         key = tuple(
             (id(m), p.data_ptr(), p._version)
             for _, m in layers
             for p in (*m.get_base_layer().parameters(), *m.lora_A.parameters(), *m.lora_B.parameters())
-        )
+        ) + (self.backbone.trainings,)
         if key == self._merged_key:
             return
         merged = []

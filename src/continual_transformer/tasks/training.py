@@ -13,10 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from continual_transformer.backbone import Backbone
+from continual_transformer.backbone import Backbone, token_nll
 from continual_transformer.tasks.prompts import AnswerBatch, TrainRow, answer_batch, answer_logits
 from continual_transformer.training import kl_to_reference, make_optimizer
 
@@ -136,7 +135,7 @@ def fit(
 
 def answer_nll_per_row(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
     """Mean NLL of each row's answer tokens (B,), float32 (length-normalised like the scorer)."""
-    nll = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")  # (B, A)
+    nll = token_nll(logits, batch.targets)  # (B, A)
     mask = batch.target_mask.bool()
     # where, not a product: a padded position may hold a non-finite value, and nan * 0 is nan.
     return torch.where(mask, nll, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
@@ -144,7 +143,7 @@ def answer_nll_per_row(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor
 
 def answer_nll(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
     """Mean NLL over every answer token of the batch (a scalar with grad)."""
-    nll = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")  # (B, A)
+    nll = token_nll(logits, batch.targets)  # (B, A)
     mask = batch.target_mask.bool()
     return torch.where(mask, nll, 0.0).sum() / mask.sum().clamp(min=1)
 
