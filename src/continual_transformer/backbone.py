@@ -392,6 +392,16 @@ class Backbone:
         """Token ids of ``text`` without special tokens ("" gives none)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def token_ids_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`token_ids` of every text, in one call of the tokenizer (which runs the texts together)."""
+        filled = [i for i, text in enumerate(texts) if text]
+        out: list[list[int]] = [[] for _ in texts]
+        if filled:
+            ids = self.tokenizer([texts[i] for i in filled], add_special_tokens=False)["input_ids"]
+            for i, row in zip(filled, ids):
+                out[i] = list(row)
+        return out
+
     # -- generation ------------------------------------------------------------------------------------------
     def hf_generation_config(self, max_new_tokens: int | None = None) -> HFGenerationConfig:
         """The Hugging Face generation settings of one call: this backbone's settings and its backend."""
@@ -1170,9 +1180,8 @@ class Backbone:
         prefixes = list(prefixes) if prefixes is not None else [""] * n
         limit = self.max_length
         pairs = []
-        for prefix, context, text in zip(prefixes, contexts, texts):
-            ctx_ids = self.token_ids(prefix + context)
-            txt_ids = self.token_ids(text)
+        lead_ids = self.token_ids_many([prefix + context for prefix, context in zip(prefixes, contexts)])
+        for ctx_ids, txt_ids in zip(lead_ids, self.token_ids_many(texts)):
             ids = (ctx_ids + txt_ids)[-limit:]
             n_ctx = max(0, len(ids) - len(txt_ids))
             pairs.append((ids[:n_ctx], ids[n_ctx:]))

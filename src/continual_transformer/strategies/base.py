@@ -170,7 +170,7 @@ class Strategy(ABC):
         to :data:`DOCUMENT_NLL_TOKENS` tokens (few forward passes for many short documents, little
         padding)."""
         texts = [d.text for d in documents]
-        lengths = [len(ids) for ids in self.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        lengths = [len(ids) for ids in self.backbone.token_ids_many(texts)]
         out: list[float] = [0.0] * len(texts)
         groups: list[list[int]] = [[]]
         for i in sorted(range(len(texts)), key=lambda i: lengths[i]):
