@@ -238,3 +238,26 @@ def test_resume_continues_the_steps_curve_and_optimizer(launched, tmp_path):
         (tmp_path / "bad").mkdir()
         (tmp_path / "bad" / OPTIMIZER_FILE).write_bytes((first / "hypernetwork.safetensors").read_bytes())
         load_optimizer(torch.optim.AdamW(after.network.parameters()), tmp_path / "bad" / OPTIMIZER_FILE)
+
+
+def test_shipped_hypernetwork_is_found_by_the_base_weights(tokenizer, tmp_path):
+    """A model loaded under another name (a local directory, a hub id) finds the shipped hypernetwork trained
+    on its weights by the fingerprint the file records; another model's file, or an unreadable one, is not
+    taken, and the name's own file comes first."""
+    from safetensors.torch import save_file
+
+    from continual_transformer.strategies.doc2lora import shipped_hypernetwork
+
+    backbone = make_backbone(tokenizer)
+    backbone.name = "/models/a-local-copy"
+    tensor = {"w": torch.zeros(1)}
+    save_file(
+        tensor, str(tmp_path / "other.safetensors"), metadata={"spec": json.dumps({"base_fingerprint": "x"})}
+    )
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00not safetensors")
+    assert not shipped_hypernetwork(backbone, tmp_path).is_file()
+    spec = json.dumps({"base_fingerprint": backbone.fingerprint})
+    save_file(tensor, str(tmp_path / "tiny.safetensors"), metadata={"spec": spec})
+    assert shipped_hypernetwork(backbone, tmp_path) == tmp_path / "tiny.safetensors"
+    backbone.name = "other"
+    assert shipped_hypernetwork(backbone, tmp_path) == tmp_path / "other.safetensors", "the name first"

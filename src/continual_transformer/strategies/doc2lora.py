@@ -17,6 +17,7 @@ Without trained weights (no file, or a file marked untrained) learning raises
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -26,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from continual_transformer.backbone import ScoringBatch, ScoringHooks
+from continual_transformer.backbone import Backbone, ScoringBatch, ScoringHooks
 from continual_transformer.errors import ConfigError
 from continual_transformer.hypernetwork.model import (
     HypernetworkNotTrained,
@@ -55,11 +57,34 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "hypernetwork" / "weights
 MODES = ("doc", "text")
 
 
+def shipped_hypernetwork(backbone: Backbone, directory: Path = SHIPPED_DIR) -> Path:
+    """The shipped hypernetwork of the backbone's model: ``<model name>.safetensors``, else the shipped file
+    trained on the same base weights (its recorded fingerprint; a model loaded from a local directory or a
+    hub id has another name). Only the files' headers are read. A path that does not exist when none ships."""
+    named = directory / f"{backbone.name}.safetensors"
+    if named.is_file() or not directory.is_dir():
+        return named
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as handle:
+                spec = json.loads((handle.metadata() or {}).get("spec", "{}"))
+        except (OSError, ValueError, SafetensorError) as exc:
+            logger.warning("doc2lora: skipping %s (%s)", path, exc)
+            continue
+        if spec.get("base_fingerprint") == backbone.fingerprint:
+            logger.info(
+                "doc2lora: the hypernetwork shipped as %s matches %s's weights", path.name, backbone.name
+            )
+            return path
+    return named
+
+
 @dataclass(frozen=True, kw_only=True)
 class Doc2LoraConfig:
     hypernetwork: str = ""
     """Path of the trained hypernetwork (safetensors, ``ctt train-hypernetwork``); empty: the weights shipped
-    for the model (``hypernetwork/weights/<model name>.safetensors``) when there are any."""
+    for the model (``hypernetwork/weights/<model name>.safetensors``, else the shipped file trained on the same
+    base weights) when there are any."""
     allow_untrained: bool = False
     """Accept a hypernetwork file marked untrained (tests of the mechanics only: its adapters are random)."""
     mode: str = "doc"
@@ -112,9 +137,7 @@ class Doc2LoraStrategy(Strategy):
 
     def __init__(self, backbone, config: Doc2LoraConfig, *, settings) -> None:
         super().__init__(backbone, config, settings=settings)
-        path = (
-            Path(config.hypernetwork) if config.hypernetwork else SHIPPED_DIR / f"{backbone.name}.safetensors"
-        )
+        path = Path(config.hypernetwork) if config.hypernetwork else shipped_hypernetwork(backbone)
         self.hypernetwork_path = path
         self.network = None
         self.trained = False
