@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import statistics
@@ -88,6 +89,33 @@ def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> tuple[float
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+class GarbageCollections:
+    """Wall seconds and count of Python's garbage collections per generation while inside (a phase that
+    allocates many objects after a compile can pay a full collection of the compiler's objects)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+            self.count[info["generation"]] += 1
+
+    def __enter__(self) -> GarbageCollections:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def figures(self) -> dict[str, Any]:
+        return {"seconds": [round(x, 4) for x in self.seconds], "collections": self.count}
 
 
 def use_backend(backbone: Backbone, backend: str, **changes: Any) -> None:
@@ -680,7 +708,8 @@ def learn_many(
             lambda: strategy.learn_documents(docs[: max(2, len(docs) // 5)]), backbone.device, 1
         )
         strategy.reset()
-        seconds, reports = timed(lambda: strategy.learn_documents(docs), backbone.device, 1)
+        with GarbageCollections() as collections:
+            seconds, reports = timed(lambda: strategy.learn_documents(docs), backbone.device, 1)
         if args.profile:  # the warm-up's documents again, under the profiler (figures per document)
             strategy.reset()
             some = docs[: max(2, len(docs) // 5)]
@@ -697,6 +726,7 @@ def learn_many(
             "mean_loss_before": before,
             "mean_loss_after": after,
             "phase_seconds": reports[0].extra.get("phase_seconds"),
+            "garbage_collections": collections.figures(),  # per generation 0, 1, 2
             "warmup_documents": max(2, len(docs) // 5),
             "warmup_seconds": first_s,
             "optim": optim,
