@@ -255,7 +255,9 @@ def test_shipped_hypernetwork_is_found_by_the_base_weights(tokenizer, tmp_path):
         tensor, str(tmp_path / "other.safetensors"), metadata={"spec": json.dumps({"base_fingerprint": "x"})}
     )
     (tmp_path / "broken.safetensors").write_bytes(b"\x00not safetensors")
-    assert not shipped_hypernetwork(backbone, tmp_path).is_file()
+    save_file(tensor, str(tmp_path / "list.safetensors"), metadata={"spec": "[]"})
+    missing = shipped_hypernetwork(backbone, tmp_path)
+    assert not missing.is_file() and missing.parent == tmp_path, "a path's name stays inside the directory"
     spec = json.dumps({"base_fingerprint": backbone.fingerprint})
     save_file(tensor, str(tmp_path / "tiny.safetensors"), metadata={"spec": spec})
     assert shipped_hypernetwork(backbone, tmp_path) == tmp_path / "tiny.safetensors"

@@ -196,6 +196,22 @@ def test_steps_past_the_end_stay_inside_learned_positions(tokenizer, monkeypatch
     assert not backbone._speculation_failed
 
 
+@pytest.mark.parametrize("speculate", [0, 4])
+def test_rotary_positions_past_the_configured_maximum_are_kept(tokenizer, speculate):
+    """A rotary model has no position table: an answer running past max_position_embeddings keeps its real
+    positions, as generate does (only the steps past the last wanted token are clamped)."""
+    new = 30
+    backbone = make_backbone(tokenizer, max_new_tokens=new)
+    backbone.model.config.max_position_embeddings = 64
+    speculating(backbone, drafts=speculate)
+    ids = torch.randint(5, len(tokenizer), (1, 60), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    config = backbone.hf_generation_config()
+    expected = reference(backbone, batch, min_new_tokens=new)
+    got = backbone._chunked_decode(batch, config, {"min_new_tokens": new}, capture=False, speculate=speculate)
+    assert torch.equal(got, expected)
+
+
 def test_speculative_settings_are_validated():
     with pytest.raises(ConfigError):
         GenerationConfig(speculative_tokens=-1)

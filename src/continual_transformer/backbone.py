@@ -916,9 +916,10 @@ class Backbone:
         compiled = capture if compiled is None else compiled
         step = self._lean_step("default" if compiled else "plain", every_position=bool(speculate))
         ngram = self.generation.speculative_ngram
-        # the steps past the last new token may pass a model's absolute positions: their tokens are cut, so
-        # their positions are clamped (learned position embeddings end at max_length)
-        last_position = self.max_length - 1 if length > self.max_length else None
+        # the steps past the last new token may pass a model's learned positions (GPT-2's table ends at
+        # max_length): their tokens are cut, so their positions are clamped; a wanted token's never is
+        last_position = max(self.max_length, width + new) - 1
+        last_position = last_position if length > last_position + 1 else None
         key = (rows, length)
         structure = (
             (

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
@@ -58,10 +58,13 @@ MODES = ("doc", "text")
 
 
 def shipped_hypernetwork(backbone: Backbone, directory: Path = SHIPPED_DIR) -> Path:
-    """The shipped hypernetwork of the backbone's model: ``<model name>.safetensors``, else the shipped file
-    trained on the same base weights (its recorded fingerprint; a model loaded from a local directory or a
-    hub id has another name). Only the files' headers are read. A path that does not exist when none ships."""
-    named = directory / f"{backbone.name}.safetensors"
+    """The shipped hypernetwork of the backbone's model: ``<model name>.safetensors`` for a packaged name,
+    else the shipped file trained on the same base weights (its recorded fingerprint: a model loaded from a
+    local directory or a hub id has another name). The fingerprint depends on the dtype the weights are
+    loaded in; shipped files record float32's, so a model loaded by path in bfloat16 names its file in
+    ``strategies.doc2lora.hypernetwork``. Only the files' headers are read. A path inside ``directory``
+    that does not exist when nothing matches."""
+    named = directory / f"{PurePath(backbone.name).name}.safetensors"  # a path's or hub id's last part
     if named.is_file() or not directory.is_dir():
         return named
     for path in sorted(directory.glob("*.safetensors")):
@@ -71,7 +74,7 @@ def shipped_hypernetwork(backbone: Backbone, directory: Path = SHIPPED_DIR) -> P
         except (OSError, ValueError, SafetensorError) as exc:
             logger.warning("doc2lora: skipping %s (%s)", path, exc)
             continue
-        if spec.get("base_fingerprint") == backbone.fingerprint:
+        if isinstance(spec, dict) and spec.get("base_fingerprint") == backbone.fingerprint:
             logger.info(
                 "doc2lora: the hypernetwork shipped as %s matches %s's weights", path.name, backbone.name
             )
@@ -83,8 +86,8 @@ def shipped_hypernetwork(backbone: Backbone, directory: Path = SHIPPED_DIR) -> P
 class Doc2LoraConfig:
     hypernetwork: str = ""
     """Path of the trained hypernetwork (safetensors, ``ctt train-hypernetwork``); empty: the weights shipped
-    for the model (``hypernetwork/weights/<model name>.safetensors``, else the shipped file trained on the same
-    base weights) when there are any."""
+    for the model when there are any (``hypernetwork/weights/<model name>.safetensors``, else the shipped
+    file trained on the same base weights loaded in the same dtype: :func:`shipped_hypernetwork`)."""
     allow_untrained: bool = False
     """Accept a hypernetwork file marked untrained (tests of the mechanics only: its adapters are random)."""
     mode: str = "doc"
@@ -213,6 +216,7 @@ class Doc2LoraStrategy(Strategy):
                 f"doc2lora needs a trained hypernetwork ({where} is "
                 + ("missing" if self.network is None else "marked untrained")
                 + "): train one with `ctt train-hypernetwork` and set strategies.doc2lora.hypernetwork"
+                + (f" (shipped: {', '.join(p.name for p in sorted(SHIPPED_DIR.glob('*.safetensors')))})")
             )
         ids = self.backbone.token_ids(text)
         if not ids:
