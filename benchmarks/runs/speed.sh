@@ -39,6 +39,8 @@
 # a time on eager against together on the fast backend), then task training (also with the prompts' shared
 # prefix computed once per batch):
 #   LEARNING=1 bash benchmarks/runs/speed.sh 560
+# TARGETS=answer and TARGETS=learn run the issue's target figures in two calls (each described at its branch
+# below; `benchmarks/results/speed/h200-7/NOTES.md` has what they measured).
 # FAST_OPTIM=... sets the speed options of the learning part in the full run too (speed.py --fast-optim).
 # Results land under $OUT/<part>/ (results.json, results.md, speed.png, log.txt); $OUT/summary.json merges
 # the headline figures.
