@@ -708,6 +708,9 @@ def learn_many(
             lambda: strategy.learn_documents(docs[: max(2, len(docs) // 5)]), backbone.device, 1
         )
         strategy.reset()
+        if args.gc_freeze:
+            gc.collect()
+            gc.freeze()
         with GarbageCollections() as collections:
             seconds, reports = timed(lambda: strategy.learn_documents(docs), backbone.device, 1)
         if args.profile:  # the warm-up's documents again, under the profiler (figures per document)
@@ -727,6 +730,7 @@ def learn_many(
             "mean_loss_after": after,
             "phase_seconds": reports[0].extra.get("phase_seconds"),
             "garbage_collections": collections.figures(),  # per generation 0, 1, 2
+            "gc_frozen": args.gc_freeze,
             "warmup_documents": max(2, len(docs) // 5),
             "warmup_seconds": first_s,
             "optim": optim,
@@ -1365,6 +1369,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequential", type=int, default=None, help="of which learned one at a time")
     parser.add_argument(
         "--many-epochs", type=int, default=0, help="epochs of the --many batch (0: the strategy's setting)"
+    )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="learn_many: move every Python object made so far (the compiler's included) out of the garbage "
+        "collector's reach after the warm-up (gc.freeze), to see what full collections cost the timed call",
     )
     parser.add_argument(
         "--teacher-docs", type=int, default=None, help="teacher: documents (quick 4, else 32)"

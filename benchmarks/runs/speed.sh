@@ -88,14 +88,18 @@ if [ "${TARGETS:-}" = answer ]; then
   ) &
   wait
 elif [ "${TARGETS:-}" = learn ]; then
-  # 1,000 documents at once with `finetune` (the fast options, then also compiled), and the
-  # context-distillation teacher, side by side (fastpath_knowledge.sh can run beside them):
+  # 1,000 documents at once with `finetune` (the fast options, then also compiled, then recorded as CUDA
+  # graphs with the objects made so far frozen out of the garbage collector), and the context-distillation
+  # teacher, side by side (fastpath_knowledge.sh can run beside them):
   #   TARGETS=learn bash benchmarks/runs/speed.sh 560
   part learning-finetune "$(left)" --sections learn_many --learn-specs finetune --profile --many 1000 \
     --sequential 1 --many-epochs 3 &
   part learning-finetune-compiled "$(left)" --sections learn_many --learn-specs finetune --many 1000 \
     --sequential 1 --many-epochs 3 --fast-optim "$compiled" &
   part teacher "$(left)" --sections teacher --teacher-docs 32 &
+  # the same compiled run with the objects made before the timed call frozen out of the garbage collector
+  part learning-finetune-graphs-frozen "$(left)" --sections learn_many --learn-specs finetune --many 1000 \
+    --sequential 1 --many-epochs 3 --fast-optim "$compiled:compile_mode=reduce-overhead" --gc-freeze &
   wait
 elif [ -n "${LEARNING:-}" ]; then
   part learning-ttt $(( limit * 18 / 100 )) --sections learn1,learn_many --learn-specs ttt --profile \
