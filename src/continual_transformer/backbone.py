@@ -246,9 +246,9 @@ class Backbone:
         # prompt-lookup decoding so far: decoding steps run and the tokens they made (a benchmark's figure)
         self.speculation = {"steps": 0, "tokens": 0}
         self.trainings = 0
-        """How many times :meth:`training` was entered: what was made from the weights (kept keys and values,
-        merged copies) is made again after it, since a fused optimiser step writes them in place without
-        bumping the tensors' versions."""
+        """Bumped on entering and on leaving :meth:`training`: what was made from the weights before (kept
+        keys and values, merged copies) is made again after it, since a fused optimiser step writes them in
+        place without bumping the tensors' versions."""
         self._kept_prompt: _KeptPrompt | None = None  # the last one-prompt call's prompt, its keys and values
         self.prefix_reused = {"calls": 0, "tokens": 0}  # prompt tokens not run again (a benchmark's figure)
 
@@ -918,8 +918,8 @@ class Backbone:
         ngram = self.generation.speculative_ngram
         # the steps past the last new token may pass a model's learned positions (GPT-2's table ends at
         # max_length): their tokens are cut, so their positions are clamped; a wanted token's never is
-        last_position = max(self.max_length, width + new) - 1
-        last_position = last_position if length > last_position + 1 else None
+        limit = max(self.max_length, width + new)  # positions a wanted token may take
+        last_position = limit - 1 if length > limit else None
         key = (rows, length)
         structure = (
             (
@@ -1370,11 +1370,11 @@ class Backbone:
         """Train mode for the duration (dropout etc.), eval mode afterwards, whatever happens. Counted in
         :attr:`trainings`."""
         self.trainings += 1
-        self._kept_prompt = None
         self.model.train()
         try:
             yield
         finally:
+            self.trainings += 1
             self.model.eval()
 
 
