@@ -314,6 +314,41 @@ def profile_call(
         "gpu_busy_ms": busy,
         "wall_ms": wall_ms,
         "top_kernels": [{"name": k[:140], "launches": len(v), "ms": sum(v)} for k, v in top],
+        "host": host_profile(fn, device),
+    }
+
+
+def host_profile(fn: Callable[[], Any], device: torch.device, top: int = 25) -> dict[str, Any]:
+    """One more call under Python's profiler: its wall milliseconds (without the profiler's and with it) and
+    the functions with the most time of their own (a host read of device results shows as the time of the
+    call that waits, e.g. ``item`` or ``tolist``). Where a call's wall goes beyond the GPU's busy time."""
+    import cProfile
+    import pstats
+
+    def synced() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    plain_ms = timed(synced, device, 1)[0] * 1000
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(synced)
+    profiled_ms = (time.perf_counter() - start) * 1000
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive, own s, cumulative s, ...)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {
+        "wall_ms": round(plain_ms, 3),
+        "profiled_wall_ms": round(profiled_ms, 3),
+        "functions": [
+            {
+                "function": f"{Path(file).name}:{line}:{name}",
+                "calls": calls,
+                "own_ms": round(own * 1000, 3),
+                "cumulative_ms": round(cumulative * 1000, 3),
+            }
+            for (file, line, name), (_, calls, own, cumulative, _) in rows
+        ],
     }
 
 

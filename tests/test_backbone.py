@@ -66,6 +66,30 @@ def test_token_nll_with_context_scores_only_the_text(backbone):
     torch.testing.assert_close(scored, full[-scored.numel() :], rtol=1e-4, atol=1e-4)
 
 
+def test_scoring_width_buckets_on_a_gpu_only_and_never_past_the_context_window(backbone, monkeypatch):
+    assert [backbone.scoring_width(w) for w in (1, 63, 64, 65)] == [1, 63, 64, 65]  # a CPU pads nothing
+    monkeypatch.setattr(Backbone, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(Backbone, "max_length", property(lambda self: 100))
+    assert [backbone.scoring_width(w) for w in (1, 64, 65, 99, 100, 120)] == [64, 64, 100, 100, 100, 120]
+
+
+def test_padded_scoring_batches_score_every_text_as_unpadded_ones(backbone, monkeypatch):
+    texts = ["The capital of Veloria is Tarnhelm.", "short", "A quick brown fox jumps over the lazy dog."]
+    contexts = ["", "Veloria", ""]
+    plain = backbone.token_nll(texts, contexts=contexts)
+    ppl = backbone.perplexity(texts[2] * 4, window=16, batch_size=2)
+    # the padding a GPU adds (masked, unlabelled), on the CPU: rows 21 positions wider than their longest
+    monkeypatch.setattr(backbone, "scoring_width", lambda width: width + 21)
+    assert (
+        backbone.labelled_batch(texts).input_ids.shape[1]
+        == max(map(len, backbone.token_ids_many(texts))) + 21
+    )
+    padded = backbone.token_nll(texts, contexts=contexts)
+    for a, b in zip(plain, padded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert backbone.perplexity(texts[2] * 4, window=16, batch_size=2) == pytest.approx(ppl, rel=1e-5)
+
+
 def test_perplexity_is_exp_of_mean_nll(backbone):
     text = "A quick brown fox jumps over the lazy dog. " * 3
     nll = backbone.token_nll([text])[0]

@@ -1194,7 +1194,7 @@ class Backbone:
             lead = list(self.start_ids)
             pairs = [(a if (a + b)[: len(lead)] == lead else lead + a, b) for a, b in pairs]
         lengths = [len(a) + len(b) for a, b in pairs]
-        width = max(lengths)
+        width = self.scoring_width(max(lengths))
         pad = self.tokenizer.pad_token_id
         ids = [a + b + [pad] * (width - n) for (a, b), n in zip(pairs, lengths)]
         labels = [[IGNORE] * len(a) + b + [IGNORE] * (width - n) for (a, b), n in zip(pairs, lengths)]
@@ -1207,6 +1207,14 @@ class Backbone:
             context_lengths=tuple(len(a) for a, _ in pairs),
         )
 
+    def scoring_width(self, width: int) -> int:
+        """The padded width of a scoring batch whose longest row has ``width`` tokens: on a GPU the next
+        multiple of :data:`SCORING_BUCKET` (never past the model's context window), so scoring many texts of
+        many lengths runs few shapes; on a CPU, where padding is real work, ``width``."""
+        if self.device.type != "cuda":
+            return width
+        return min(width + (-width % SCORING_BUCKET), max(width, self.max_length))
+
     def next_token_scores(
         self, batch: ScoringBatch, hooks: ScoringHooks | None = None, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -1214,13 +1222,15 @@ class Backbone:
 
         The model runs inside ``hooks.forward(batch)``; ``hooks.next_token_scores`` then transforms the logits
         at ``positions`` (B, T) bool (default: the positions that predict a scored token). Without hooks the
-        logits keep the model's dtype.
+        logits keep the model's dtype. The attention runs without cuDNN's kernels
+        (:func:`varying_shape_attention`).
         """
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        if hooks is None:
-            return self.model(**inputs).logits
-        with hooks.forward(batch):
-            logits = self.model(**inputs).logits
+        with varying_shape_attention(self.device):
+            if hooks is None:
+                return self.model(**inputs).logits
+            with hooks.forward(batch):
+                logits = self.model(**inputs).logits
         return hooks.next_token_scores(logits, batch, batch.scored if positions is None else positions)
 
     @torch.no_grad()
@@ -1390,6 +1400,18 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token NLL (B, T-1) in float32 (:func:`token_nll`); positions whose label is -100 are 0."""
     shift_labels = labels[:, 1:]  # (B, T-1)
     return token_nll(logits[:, :-1, :], shift_labels.clamp(min=0)) * (shift_labels != IGNORE)
+
+
+def varying_shape_attention(device: torch.device) -> AbstractContextManager[Any]:
+    """For uncompiled passes whose shapes vary from call to call (scoring, training steps on batches padded
+    to their longest row): on a GPU, ``scaled_dot_product_attention`` without the cuDNN backend (flash,
+    memory-efficient, then the plain product). cuDNN builds an execution plan per new shape, tens to hundreds
+    of milliseconds, which such passes would pay again and again. Elsewhere nothing changes."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _installed_hooks(model: nn.Module) -> dict[tuple[int, int], Any]:
@@ -1577,6 +1599,12 @@ PROMPT_BUCKET = 64
 (prompt + new tokens) takes few lengths and a compiled decoding step serves many prompts instead of being
 traced again for each new length (padding is masked: the answers stay the same). Uncompiled decoding keeps
 its prompts as they are (on a CPU the padding would be real work)."""
+
+SCORING_BUCKET = 64
+"""On a GPU scoring batches are right-padded to a multiple of this many tokens
+(:meth:`Backbone.scoring_width`): every new shape costs the matrix-product and attention libraries a plan of
+its own, and scoring a thousand documents sorted by length would otherwise meet a new width at almost every
+batch. The padding is masked and unlabelled: the scores are the same."""
 
 _LEAN_CACHES = 8  # static KV caches the lean loop keeps, most recently used
 _EOS_CHECK_EVERY = 8  # the lean loop looks at the host for finished rows every this many tokens

@@ -20,13 +20,13 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from continual_transformer.backbone import Backbone, sequence_nll
+from continual_transformer.backbone import Backbone, sequence_nll, varying_shape_attention
 from continual_transformer.config import OptimArgs, WindowArgs
 from continual_transformer.documents import chunk_spans
 
@@ -452,7 +452,10 @@ def train(
     # losses kept for the epoch are copies
     graphs = optim.compile and optim.compile_mode == "reduce-overhead"
     autocast = torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=optim.autocast)
+    # compiled steps run few shapes (widths in buckets); uncompiled ones meet a new width at most batches
+    attention = nullcontext() if optim.compile else varying_shape_attention(backbone.device)
     with (
+        attention,
         gradients_on(params),
         backbone.training(),
         tqdm(total=optim.epochs * steps_per_epoch, desc=description, leave=False, disable=None) as bar,

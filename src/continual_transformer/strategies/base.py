@@ -167,14 +167,15 @@ class Strategy(ABC):
 
     def _document_nll(self, documents: Sequence[Document]) -> list[float]:
         """Each document's mean NLL as this strategy scores it: documents sorted by length, in batches of up
-        to :data:`DOCUMENT_NLL_TOKENS` tokens (few forward passes for many short documents, little
-        padding)."""
+        to :data:`DOCUMENT_NLL_TOKENS` tokens as the batch is padded (few forward passes for many short
+        documents, little padding; on a GPU few shapes: ``Backbone.scoring_width``)."""
         texts = [d.text for d in documents]
         lengths = [len(ids) for ids in self.backbone.token_ids_many(texts)]
         out: list[float] = [0.0] * len(texts)
         groups: list[list[int]] = [[]]
+        width = self.backbone.scoring_width
         for i in sorted(range(len(texts)), key=lambda i: lengths[i]):
-            if groups[-1] and (len(groups[-1]) + 1) * (lengths[i] + 2) > DOCUMENT_NLL_TOKENS:
+            if groups[-1] and (len(groups[-1]) + 1) * width(lengths[i] + 2) > DOCUMENT_NLL_TOKENS:
                 groups.append([])
             groups[-1].append(i)
         for group in groups:

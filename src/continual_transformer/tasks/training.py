@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from continual_transformer.backbone import Backbone, token_nll
+from continual_transformer.backbone import Backbone, token_nll, varying_shape_attention
 from continual_transformer.tasks.prompts import AnswerBatch, TrainRow, answer_batch, answer_logits
 from continual_transformer.training import kl_to_reference, make_optimizer
 
@@ -84,7 +84,11 @@ def fit(
     for param in params:
         param.requires_grad_(True)
     try:
-        with backbone.training(), tqdm(total=steps, desc=description, leave=False, disable=None) as bar:
+        with (
+            varying_shape_attention(backbone.device),  # every batch is as wide as its longest row
+            backbone.training(),
+            tqdm(total=steps, desc=description, leave=False, disable=None) as bar,
+        ):
             for _ in range(epochs):
                 rng.shuffle(order)
                 for start in range(0, len(order), batch_size):
@@ -208,11 +212,12 @@ def rows_nll(
     """Length-normalised answer NLL of each row (N,), on CPU, with whatever ``forward`` attaches."""
     pad = int(backbone.tokenizer.pad_token_id)
     out = []
-    for start in range(0, len(rows), batch_size):
-        batch = answer_batch(
-            rows[start : start + batch_size], pad, backbone.device, share_prefix=share_prefix
-        )
-        out.append(answer_nll_per_row(forward(batch), batch).cpu())  # sync: one per batch
+    with varying_shape_attention(backbone.device):
+        for start in range(0, len(rows), batch_size):
+            batch = answer_batch(
+                rows[start : start + batch_size], pad, backbone.device, share_prefix=share_prefix
+            )
+            out.append(answer_nll_per_row(forward(batch), batch).cpu())  # sync: one per batch
     return torch.cat(out) if out else torch.zeros(0)
 
 
