@@ -136,8 +136,9 @@ def streams(
     headline figures, stream count by stream count: eager (at ``--eager-streams``) and the fast backend as
     configured; then the comparisons on the fast backend, each a compile of its own: ``--unfused`` counts
     with ``generation.fused_projections=never`` (row ``<backend>_unfused``), ``--tuned`` counts with the
-    ``--inductor`` options (row ``<backend>_tuned``), ``--grouped`` counts with the grouped decoding attention
-    (row ``<backend>_grouped``); then the recorded chunks against the same compiled
+    ``--inductor`` options (row ``<backend>_tuned``), ``--untuned`` counts without the decoding step's
+    kernel tuning (``generation.tuned_rows=0``, row ``<backend>_untuned``), ``--grouped`` counts with the
+    grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
     shared, loaded machine's drift then falls on both alike)."""
     fast = args.backend
@@ -236,6 +237,7 @@ def streams(
             save()
     comparisons = [(n, "unfused", {"fused_projections": "never"}, {}) for n in args.unfused]
     comparisons += [(n, "tuned", {}, args.inductor) for n in args.tuned]
+    comparisons += [(n, "untuned", {"tuned_rows": 0}, {}) for n in args.untuned]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     for n, name, changes, options in comparisons:
@@ -300,10 +302,14 @@ def profile_call(
             torch.cuda.synchronize(device)
     wall_ms = (time.perf_counter() - start) * 1000
     kernels: dict[str, list[float]] = {}
-    for event in prof.events():
+    spans: list[tuple[float, float]] = []
+    events = prof.events()
+    first_host = min((e.time_range.start for e in events if e.device_type != kind), default=None)
+    for event in events:
         if event.device_type == kind:
             time_us = event.device_time if cuda else event.cpu_time
             kernels.setdefault(event.name, []).append(time_us / 1000)  # ms
+            spans.append((event.time_range.start, event.time_range.end))
     count = sum(len(v) for v in kernels.values())
     busy = sum(sum(v) for v in kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:15]
@@ -314,7 +320,33 @@ def profile_call(
         "gpu_busy_ms": busy,
         "wall_ms": wall_ms,
         "top_kernels": [{"name": k[:140], "launches": len(v), "ms": sum(v)} for k, v in top],
+        "idle": idle_gaps(spans, first_host) if cuda else None,
         "host": host_profile(fn, device),
+    }
+
+
+def idle_gaps(
+    spans: list[tuple[float, float]], first_host: float | None, at_least_us: float = 20.0
+) -> dict[str, Any]:
+    """Where the GPU waited in a call (``spans``: each kernel's start and end, microseconds; ``first_host``:
+    the call's first host event): the time before its first kernel, the idle time between kernels in gaps of
+    ``at_least_us`` or more, their count, and the longest gaps with the kernels' count before each (the
+    profiler's own host work makes them somewhat longer)."""
+    spans = sorted(spans)
+    gaps, reach = [], spans[0][1] if spans else 0.0
+    for index, (start, end) in enumerate(spans[1:], 1):
+        if start - reach >= at_least_us:
+            gaps.append((start - reach, index))
+        reach = max(reach, end)
+    longest = sorted(gaps, reverse=True)[:16]
+    return {
+        "before_first_kernel_ms": (
+            round((spans[0][0] - first_host) / 1000, 3) if spans and first_host is not None else None
+        ),
+        "first_to_last_kernel_ms": round((reach - spans[0][0]) / 1000, 3) if spans else 0.0,
+        "idle_ms": round(sum(g for g, _ in gaps) / 1000, 3),
+        "gaps": len(gaps),
+        "longest": [{"us": round(g, 1), "after_kernels": i} for g, i in sorted(longest, key=lambda x: x[1])],
     }
 
 
@@ -1127,6 +1159,9 @@ def write(results: dict[str, Any], out: Path) -> None:
             )
         if tuned is not None:
             line(f"{n} stream(s), inductor {options} vs as configured", configured, tuned, None)
+        untuned = _get(row, f"{backend}_untuned", "new_tokens_per_s")
+        if untuned is not None:
+            line(f"{n} stream(s), as configured vs tuned_rows=0", untuned, configured, None)
         grouped = _get(row, f"{backend}_grouped", "new_tokens_per_s")
         if grouped is not None:
             line(f"{n} stream(s), grouped decoding attention vs as configured", configured, grouped, None)
@@ -1357,6 +1392,12 @@ def main(argv: list[str] | None = None) -> int:
         help="speculative, prefix: knowledge benchmarks whose documents (with questions) are prompt sets",
     )
     parser.add_argument(
+        "--untuned",
+        default="",
+        help="streams: counts also measured without tuning the decoding step's kernels "
+        "(generation.tuned_rows=0)",
+    )
+    parser.add_argument(
         "--sdpa",
         default="",
         help="streams: counts also measured with the model attention (generation.decode_attention=sdpa)",
@@ -1442,8 +1483,8 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     args.streams = [int(x) for x in (args.streams or ("1,4" if q else "1,64,256")).split(",")]
     args.eager_streams = args.streams if args.eager_streams is None else _counts(args.eager_streams)
-    args.unfused, args.tuned, args.grouped, args.sdpa, args.host_check = map(
-        _counts, (args.unfused, args.tuned, args.grouped, args.sdpa, args.host_check)
+    args.unfused, args.tuned, args.untuned, args.grouped, args.sdpa, args.host_check = map(
+        _counts, (args.unfused, args.tuned, args.untuned, args.grouped, args.sdpa, args.host_check)
     )
     args.inductor = dict(_inductor_option(item) for item in args.inductor)
     args.document_benchmarks = [name for name in args.document_benchmarks.split(",") if name]

@@ -359,3 +359,23 @@ def test_int8_weights_keep_float_layers_the_kernel_cannot_pack():
     assert type(model[0]) is torch.nn.Linear and isinstance(model[1], Int8WeightLinear)
     with torch.no_grad():
         assert torch.allclose(model(x), before, rtol=0.05, atol=0.05)
+
+
+def test_module_walk_is_walked_again_only_when_a_module_changed(tokenizer):
+    from continual_transformer.backbone import _ModuleWalk
+
+    model = tiny_llama(tokenizer, layers=2)
+    walk = _ModuleWalk()
+    first = walk(model)
+    assert list(first) == list(model.modules())
+    assert walk(model) is first  # nothing changed: the kept walk
+    attention = model.model.layers[0].self_attn
+    original = attention.q_proj
+    attention.q_proj = torch.nn.Linear(original.in_features, original.out_features, bias=False)
+    second = walk(model)
+    assert second is not first and list(second) == list(model.modules())
+    attention.q_proj = original
+    assert walk(model) is first  # the two last walks are kept
+    model.model.layers[1].mlp.extra = torch.nn.Identity()  # a module added anywhere
+    assert list(walk(model)) == list(model.modules())
+    assert walk(tiny_llama(tokenizer, layers=1))[0] is not model  # another model: its own walk

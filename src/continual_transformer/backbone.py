@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -240,6 +240,7 @@ class Backbone:
             None  # every static cache layer keeps its length on the device
         )
         self._fusion: Any = None  # fused q/k/v and gate/up products of compiled decoding, made on first use
+        self._walk = _ModuleWalk()  # the model's modules, for the checks of every decoding call
         self._prompt_graphs_failed = False  # recording a prompt pass failed once: prompts run uncaptured
         # prompt-lookup decoding failed once: one token per step from then on
         self._speculation_failed = False
@@ -507,7 +508,7 @@ class Backbone:
         with self._captures_tapped() as taps:
             if taps:
                 kwargs = {**kwargs, "logits_processor": _with_taps(taps, kwargs.get("logits_processor"))}
-            hooks = _installed_hooks(self.model)
+            hooks = _installed_hooks(self._walk(self.model))
             stayed = hooks.keys() == self._last_hooks.keys()
             self._last_hooks = hooks  # held, so no later hook can reuse a current hook's id
             if hooks and not stayed:
@@ -628,7 +629,7 @@ class Backbone:
 
         if self._fusion is None:
             self._fusion = Fusion()
-        self._fusion.install(self.model)
+        self._fusion.install(self.model, self._walk(self.model))
         try:
             yield
         finally:
@@ -678,12 +679,13 @@ class Backbone:
             )
         from continual_transformer.modules.fused_linear import FusedMember
 
+        modules = self._walk(self.model)
         return (
             self._static_cache_capturable
-            and not _installed_hooks(self.model)
+            and not _installed_hooks(modules)
             and all(
                 type(module).__module__.startswith(("torch.", "transformers.")) or type(module) is FusedMember
-                for module in self.model.modules()
+                for module in modules
             )
         )
 
@@ -714,10 +716,16 @@ class Backbone:
             self._lean_caches.pop(next(iter(self._lean_caches)))
         return cache
 
-    def _lean_step(self, mode: str, *, every_position: bool = False) -> Callable[..., torch.Tensor]:
+    def _lean_step(
+        self, mode: str, *, every_position: bool = False, rows: int | None = None
+    ) -> Callable[..., torch.Tensor]:
         """The decoding step: next-token logits (B, V) of one new token per row, or with ``every_position``
-        the logits (B, N, V) after each of N new tokens per row (the cache updated in place)."""
-        options = self.lean_inductor_options
+        the logits (B, N, V) after each of N new tokens per row (the cache updated in place). Compiled for a
+        batch of ``rows`` rows on a GPU, its kernels are tuned where ``generation.tuned_rows`` says so."""
+        options = dict(self.lean_inductor_options)
+        tuned = self.generation.tuned_rows
+        if mode != "plain" and self.device.type == "cuda" and rows is not None and rows <= tuned:
+            options.setdefault("coordinate_descent_tuning", True)
         key = mode if mode == "plain" or not options else f"{mode} {sorted(options.items())}"
         key = f"{key} every position" if every_position else key
         if key not in self._lean_steps:
@@ -775,7 +783,7 @@ class Backbone:
         full_mask = torch.ones((rows, width + new), dtype=mask.dtype, device=mask.device)
         full_mask[:, :width] = mask
         logits, position = self._prefill(ids, mask, cache, reuse=self._reuses_prompt(rows, gen_config))
-        step = self._lean_step(mode)
+        step = self._lean_step(mode, rows=rows)
         cuda_graphs = mode == "reduce-overhead"
         unfinished = torch.ones(rows, dtype=torch.bool, device=ids.device)
         done = 0
@@ -840,9 +848,10 @@ class Backbone:
         """What kept keys and values depend on besides the tokens: the modules, where every weight lives and
         its version (a load or a reset writes in place and bumps it), the trainings so far (a fused optimiser
         step does not bump versions), the dtype and the attention implementation."""
-        weights = tuple(p._version for p in self.model.parameters())
+        modules = self._walk(self.model)
+        weights = tuple(p._version for m in modules for p in m._parameters.values() if p is not None)
         attention = self.model.config._attn_implementation
-        return (_model_structure(self.model), weights, self.trainings, self.dtype, attention)
+        return (_model_structure(modules), weights, self.trainings, self.dtype, attention)
 
     def _restore_prompt(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> int:
         """The kept prompt's keys and values for the beginning this one-row prompt shares with it (at least
@@ -914,7 +923,7 @@ class Backbone:
         length = width + new + ((steps + 1) * (speculate + 1) if speculate else steps)
         cache = self._lean_cache(rows, length)
         compiled = capture if compiled is None else compiled
-        step = self._lean_step("default" if compiled else "plain", every_position=bool(speculate))
+        step = self._lean_step("default" if compiled else "plain", every_position=bool(speculate), rows=rows)
         ngram = self.generation.speculative_ngram
         # the steps past the last new token may pass a model's learned positions (GPT-2's table ends at
         # max_length): their tokens are cut, so their positions are clamped; a wanted token's never is
@@ -923,7 +932,7 @@ class Backbone:
         key = (rows, length)
         structure = (
             (
-                _model_structure(self.model),
+                _model_structure(self._walk(self.model)),
                 self.model.config._attn_implementation,
                 tuple(eos_list),
                 pad,
@@ -1074,7 +1083,7 @@ class Backbone:
         swapped: list[tuple[dict[int, Any], dict[int, Any]]] = []
         pairs: list[tuple[_Tap, Any]] = []
         adders: list[_AdderTap] = []
-        for module in self.model.modules():
+        for module in self._walk(self.model):
             for hooks, inputs in ((module._forward_hooks, False), (module._forward_pre_hooks, True)):
                 captures = {
                     key
@@ -1414,14 +1423,37 @@ def varying_shape_attention(device: torch.device) -> AbstractContextManager[Any]
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _installed_hooks(model: nn.Module) -> dict[tuple[int, int], Any]:
-    """The forward hooks installed on ``model`` and its modules, by (module id, hook id)."""
+def _installed_hooks(modules: Iterable[nn.Module]) -> dict[tuple[int, int], Any]:
+    """The forward hooks installed on ``modules`` (a model's, :class:`_ModuleWalk`), by (module id, hook
+    id)."""
     return {
         (id(module), id(hook)): hook
-        for module in model.modules()
+        for module in modules
         for hooks in (module._forward_hooks, module._forward_pre_hooks)
         for hook in hooks.values()
     }
+
+
+class _ModuleWalk:
+    """A model's modules as a flat tuple, walked again only when some module's children changed (checked
+    flat, module by module, without the recursive walk of ``modules()``): what every decoding call checks
+    (hooks, module types, the structure a recorded graph depends on, the groups to fuse) reads it. The last
+    two walks are kept: a decoding call meets its model with and without the fused layers in place."""
+
+    def __init__(self) -> None:
+        self._walks: list[tuple[tuple[nn.Module, ...], tuple[tuple[int, ...], ...]]] = []
+
+    def __call__(self, model: nn.Module) -> tuple[nn.Module, ...]:
+        for modules, children in self._walks:
+            if modules[0] is model and all(
+                tuple(map(id, m._modules.values())) == c for m, c in zip(modules, children)
+            ):
+                return modules
+        modules = tuple(model.modules())
+        # the walk holds every module it lists, so no id in it can be reused by a new module while it is kept
+        children = tuple(tuple(map(id, m._modules.values())) for m in modules)
+        self._walks = [(modules, children), *self._walks[:1]]
+        return modules
 
 
 def _eos_and_pad(gen_config: HFGenerationConfig) -> tuple[list[int], int]:
@@ -1443,13 +1475,14 @@ def _cut_after_eos(out: torch.Tensor, width: int, eos_ids: torch.Tensor) -> torc
     return out[:, : width + int(last.max()) + 1]
 
 
-def _model_structure(model: nn.Module) -> tuple[Any, ...]:
-    """What a recorded CUDA graph depends on beyond the values it reads: the modules and where their
-    parameters and buffers live (a swapped module or a replaced tensor means recording again)."""
+def _model_structure(modules: Sequence[nn.Module]) -> tuple[Any, ...]:
+    """What a recorded CUDA graph depends on beyond the values it reads: a model's modules (a
+    :class:`_ModuleWalk`) and where their parameters and buffers live (a swapped module or a replaced
+    tensor means recording again)."""
     return (
-        tuple(map(id, model.modules())),
-        tuple(p.data_ptr() for p in model.parameters()),
-        tuple(b.data_ptr() for b in model.buffers()),
+        tuple(map(id, modules)),
+        tuple(p.data_ptr() for m in modules for p in m._parameters.values() if p is not None),
+        tuple(b.data_ptr() for m in modules for b in m._buffers.values() if b is not None),
     )
 
 

@@ -149,6 +149,11 @@ class GenerationConfig:
     heads) or ``auto`` (grouped on a GPU, sdpa elsewhere). H200, bf16: 0.98-1.06x / 1.24-1.34x / 1.48x the new
     tokens/s of sdpa at 1 / 64 / 256 streams, and the same knowledge figures in float32
     (``benchmarks/results/speed/h200-5``, ``h200-6``). Same tokens up to rounding."""
+    tuned_rows: int = 8
+    """On a GPU, compiled decoding steps of up to this many rows have their generated kernels tuned by
+    inductor's coordinate-descent search (``coordinate_descent_tuning``); 0: never. H200, bf16: 1.11x the new
+    tokens/s at one stream, 0.97x at 64 (hence the bound), and about 20 s more to compile a shape
+    (``benchmarks/results/speed/h200-8``). Same tokens up to rounding."""
     speculative_tokens: int = 0
     """Prompt-lookup decoding on the ``static`` and ``compiled`` backends: each decoding step of a one-prompt
     call also checks up to this many draft tokens, copied from what followed the latest earlier occurrence of
@@ -174,6 +179,7 @@ class GenerationConfig:
         _check(self.prefix_reuse_tokens >= 0, "generation.prefix_reuse_tokens", "must be >= 0 (0: off)")
         _check(self.speculative_tokens >= 0, "generation.speculative_tokens", "must be >= 0 (0: off)")
         _check(self.speculative_ngram >= 1, "generation.speculative_ngram", "must be >= 1")
+        _check(self.tuned_rows >= 0, "generation.tuned_rows", "must be >= 0")
         _check(
             self.decode_attention in ("auto", "sdpa", "grouped"),
             "generation.decode_attention",

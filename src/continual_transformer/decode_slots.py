@@ -444,7 +444,7 @@ class DecodeSlots:
         replayed as a CUDA graph, compiled, plain)."""
         backbone = self.backbone
         while True:
-            step = backbone._lean_step(self._mode)
+            step = backbone._lean_step(self._mode, rows=self.next_tokens.shape[0])
             try:
                 if self._mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()

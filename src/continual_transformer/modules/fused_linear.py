@@ -19,7 +19,7 @@ dtype or device.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +56,14 @@ class FusedGroup:
         return self.members[0].fused_bias
 
     def installed(self) -> bool:
-        return all(getattr(self.parent, n) is m for n, m in zip(self.names, self.members))
+        return all(self.parent._modules.get(n) is m for n, m in zip(self.names, self.members))
 
     def current(self) -> bool:
         """Whether the parent still holds the layers this group was built from, unchanged in shape, dtype
         and device (``model.to(...)`` keeps the modules and replaces their tensors)."""
         weight = self.weight
         return all(
-            getattr(self.parent, n, None) is layer
+            self.parent._modules.get(n) is layer
             and layer.weight.shape == (size, weight.shape[1])
             and layer.weight.dtype == weight.dtype
             and layer.weight.device == weight.device
@@ -133,7 +133,7 @@ class FusedMember(nn.Module):
 
 def _fusable(parent: nn.Module, names: Sequence[str]) -> list[nn.Linear] | None:
     """The members of a group under ``parent`` when they can be fused, else ``None``."""
-    layers = [getattr(parent, name, None) for name in names]
+    layers = [parent._modules.get(name) for name in names]  # children only, without __getattr__
     if not all(type(layer) is nn.Linear for layer in layers):  # a wrapper (LoRA), int8, or missing
         return None
     first = layers[0]
@@ -157,11 +157,14 @@ class Fusion:
     def __init__(self) -> None:
         self.groups: dict[tuple[int, tuple[str, ...]], FusedGroup] = {}
 
-    def install(self, model: nn.Module) -> list[FusedGroup]:
+    def install(self, model: nn.Module, modules: Iterable[nn.Module] | None = None) -> list[FusedGroup]:
+        """Swap in the groups of ``model`` (``modules``: its modules when the caller has them listed)."""
         if any(group.installed() for group in self.groups.values()):
             raise RuntimeError("the fusion is installed already")
         active: dict[tuple[int, tuple[str, ...]], FusedGroup] = {}
-        for parent in model.modules():
+        for parent in model.modules() if modules is None else modules:
+            if not parent._modules:
+                continue
             for names in GROUPS:
                 layers = _fusable(parent, names)
                 if layers is None:
