@@ -137,7 +137,9 @@ def streams(
     configured; then the comparisons on the fast backend, each a compile of its own: ``--unfused`` counts
     with ``generation.fused_projections=never`` (row ``<backend>_unfused``), ``--tuned`` counts with the
     ``--inductor`` options (row ``<backend>_tuned``), ``--untuned`` counts without the decoding step's
-    kernel tuning (``generation.tuned_rows=0``, row ``<backend>_untuned``), ``--grouped`` counts with the
+    kernel tuning (``generation.tuned_rows=0``, row ``<backend>_untuned``), ``--not-ahead`` counts with each
+    recorded chunk read before the next is queued (``generation.decode_ahead=false``, row
+    ``<backend>_not_ahead``), ``--grouped`` counts with the
     grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
     shared, loaded machine's drift then falls on both alike)."""
@@ -238,6 +240,7 @@ def streams(
     comparisons = [(n, "unfused", {"fused_projections": "never"}, {}) for n in args.unfused]
     comparisons += [(n, "tuned", {}, args.inductor) for n in args.tuned]
     comparisons += [(n, "untuned", {"tuned_rows": 0}, {}) for n in args.untuned]
+    comparisons += [(n, "not_ahead", {"decode_ahead": False}, {}) for n in args.not_ahead]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     for n, name, changes, options in comparisons:
@@ -1162,6 +1165,9 @@ def write(results: dict[str, Any], out: Path) -> None:
         untuned = _get(row, f"{backend}_untuned", "new_tokens_per_s")
         if untuned is not None:
             line(f"{n} stream(s), as configured vs tuned_rows=0", untuned, configured, None)
+        behind = _get(row, f"{backend}_not_ahead", "new_tokens_per_s")
+        if behind is not None:
+            line(f"{n} stream(s), as configured vs decode_ahead=false", behind, configured, None)
         grouped = _get(row, f"{backend}_grouped", "new_tokens_per_s")
         if grouped is not None:
             line(f"{n} stream(s), grouped decoding attention vs as configured", configured, grouped, None)
@@ -1398,6 +1404,12 @@ def main(argv: list[str] | None = None) -> int:
         "(generation.tuned_rows=0)",
     )
     parser.add_argument(
+        "--not-ahead",
+        default="",
+        help="streams: counts also measured with each chunk read before the next is queued "
+        "(generation.decode_ahead=false)",
+    )
+    parser.add_argument(
         "--sdpa",
         default="",
         help="streams: counts also measured with the model attention (generation.decode_attention=sdpa)",
@@ -1483,8 +1495,9 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     args.streams = [int(x) for x in (args.streams or ("1,4" if q else "1,64,256")).split(",")]
     args.eager_streams = args.streams if args.eager_streams is None else _counts(args.eager_streams)
-    args.unfused, args.tuned, args.untuned, args.grouped, args.sdpa, args.host_check = map(
-        _counts, (args.unfused, args.tuned, args.untuned, args.grouped, args.sdpa, args.host_check)
+    args.unfused, args.tuned, args.untuned, args.not_ahead, args.grouped, args.sdpa, args.host_check = map(
+        _counts,
+        (args.unfused, args.tuned, args.untuned, args.not_ahead, args.grouped, args.sdpa, args.host_check),
     )
     args.inductor = dict(_inductor_option(item) for item in args.inductor)
     args.document_benchmarks = [name for name in args.document_benchmarks.split(",") if name]

@@ -295,6 +295,41 @@ def test_recorded_chunks_warm_up_and_replay_inside_their_buffers(tokenizer, monk
     assert len(recorded) == 4
 
 
+@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("case", ["early_eos", "plain"])
+def test_recorded_chunks_replayed_ahead_give_generate_tokens_and_stay_inside_the_buffers(
+    tokenizer, monkeypatch, ahead, case
+):
+    """With generation.decode_ahead the next recorded chunk is queued before the last one is read: the
+    answer is read from the snapshot after its own last chunk (rows that ended early are cut as generate
+    cuts them), and no call queues more chunks than one without an early end runs (here 13 new tokens: the
+    first from the prompt pass, then two chunks of 8 steps)."""
+    backbone = make_backbone(tokenizer, max_new_tokens=13)
+    backbone.generation = dataclasses.replace(backbone.generation, decode_ahead=ahead)
+    plain = backbone._lean_step("plain")
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)
+    recorded = record_on_the_cpu(backbone, monkeypatch)
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    width = batch["input_ids"].shape[1]
+    config = backbone.hf_generation_config()
+    if case == "early_eos":  # each row ends at its own early token
+        free = backbone.model.generate(
+            **batch, generation_config=config, eos_token_id=None, min_new_tokens=13
+        )
+        config.eos_token_id = [int(free[row, width + 2 + row]) for row in range(len(PROMPTS))]
+    reference = backbone.model.generate(**batch, generation_config=config)
+    backbone._chunked_decode(batch, config, {}, capture=True)  # records
+    replays = []
+    chunk_run = recorded[0].replay
+    recorded[0].replay = lambda: (replays.append(1), chunk_run())
+    assert torch.equal(backbone._chunked_decode(batch, config, {}, capture=True), reference)
+    if case == "early_eos":
+        assert reference.shape[1] < width + 9, "every row ended inside the first chunk"
+        assert len(replays) == (2 if ahead else 1), "the second chunk queued ahead, its tokens unused"
+    else:
+        assert len(replays) == 2
+
+
 def test_recorded_chunks_only_where_nothing_decides_on_the_host(tokenizer):
     """A CUDA graph replays what it recorded: chunks are recorded only for the plain Hugging Face model with
     no processors and no hooks; a strategy's module or hook, or a processor, takes the per-step path."""

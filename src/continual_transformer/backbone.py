@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -1024,6 +1025,8 @@ class Backbone:
                 logger.warning("lean decoding: recording the prompt pass failed (%s); it runs eagerly", exc)
             cache.reset()
         start(chunk)
+        if chunk.graph is not None and self.generation.decode_ahead and not speculate:
+            return self._replay_ahead(chunk, width, new, steps)
         done, unfinished = 1, True
         while done < new and unfinished:
             if chunk.graph is not None:
@@ -1036,6 +1039,34 @@ class Backbone:
             self.speculation["steps"] += chunk.steps_counted()
             self.speculation["tokens"] += min(done, new) - 1  # the prompt pass picked the first
         return _cut_after_eos(chunk.out[:, : width + min(done, new)].clone(), width, chunk.eos_ids)
+
+    @staticmethod
+    def _replay_ahead(chunk: _Chunk, width: int, new: int, steps: int) -> torch.Tensor:
+        """The recorded chunks of one call replayed with the next chunk queued before the last one's
+        progress is read (``generation.decode_ahead``): the GPU runs on while the host reads and launches,
+        instead of waiting for it once per chunk. Each chunk's progress and tokens reach the host through a
+        snapshot taken right after it (:meth:`_Chunk.snapshot`), so the answer returns as soon as its last
+        chunk is done; a chunk queued past the answer's end (every row finished early) runs on the GPU
+        without changing it. No more chunks are queued than a call without an early end runs, so the
+        buffers and the cache are never passed. Returns the prompt + new ids on the host."""
+        most = -(-(new - 1) // steps)  # the prompt pass picked the first token
+        pending: deque[tuple[Any, torch.Tensor]] = deque()
+
+        def launch() -> None:
+            chunk.graph.replay()
+            pending.append(chunk.snapshot())
+
+        launch()
+        launched = 1
+        while pending:
+            if launched < most:
+                launch()  # queued behind the chunk read next
+                launched += 1
+            out, column, unfinished = chunk.read(pending.popleft())  # waits for that chunk alone
+            done = column - width
+            if done >= new or not unfinished:
+                break
+        return _cut_after_eos(out[:, : width + min(done, new)].clone(), width, chunk.eos_host)
 
     @staticmethod
     def _record_chunk(device: torch.device, warm_up: Callable[[], None], run: Callable[[], None]) -> Any:
@@ -1529,9 +1560,12 @@ class _Chunk:
         self.eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
         self.eos_bar = torch.zeros(vocab, dtype=torch.float32, device=device)
         self.eos_bar[self.eos_ids] = -math.inf
+        self.eos_host = self.eos_ids.cpu()
         self.graph: Any = None
         self.prompts: dict[int, Any] = {}  # the prompt pass recorded as a CUDA graph, by prompt width
         self.structure: Any = None
+        self._snapshots: list[torch.Tensor] = []  # host buffers of :meth:`snapshot`, made on first use
+        self._taken = 0  # snapshots taken so far (they alternate between two buffers)
 
     def begin(self, ids: torch.Tensor, mask: torch.Tensor, min_column: int, end_column: int) -> None:
         """The prompt (B, T) and its mask written into the buffers (the positions follow from the prompt
@@ -1570,6 +1604,35 @@ class _Chunk:
         device)."""
         column, unfinished = torch.cat([self.column.view(1), self.unfinished.any().view(1).long()]).tolist()
         return int(column), bool(unfinished)
+
+    def snapshot(self) -> tuple[Any, torch.Tensor]:
+        """The tokens so far, the next column and whether any row is unfinished, copied to the host behind
+        the work queued so far (the host does not wait): an event that marks the copy done (``None`` off a
+        GPU, where the copy is done on return) and the host buffer, one of two in turn (a buffer is read
+        before the snapshot after next is taken)."""
+        packed = torch.cat([self.out.flatten(), self.column.view(1), self.unfinished.any().view(1).long()])
+        cuda = packed.device.type == "cuda"
+        if not self._snapshots:
+            self._snapshots = [
+                torch.empty(packed.shape, dtype=packed.dtype, pin_memory=cuda) for _ in range(2)
+            ]
+        host = self._snapshots[self._taken % 2]
+        self._taken += 1
+        host.copy_(packed, non_blocking=cuda)
+        if not cuda:
+            return None, host
+        event = torch.cuda.Event()
+        event.record()
+        return event, host
+
+    def read(self, taken: tuple[Any, torch.Tensor]) -> tuple[torch.Tensor, int, bool]:
+        """A :meth:`snapshot` once its copy is done: the tokens (B, length) (a view of the host buffer),
+        the next column and whether any row is unfinished."""
+        event, host = taken
+        if event is not None:
+            event.synchronize()
+        column, unfinished = host[-2:].tolist()
+        return host[:-2].view(self.out.shape), int(column), bool(unfinished)
 
     def draft(self, count: int, ngram: int) -> torch.Tensor:
         """Prompt-lookup drafts (B, ``count``): the tokens that followed the latest earlier occurrence of

@@ -149,6 +149,11 @@ class GenerationConfig:
     heads) or ``auto`` (grouped on a GPU, sdpa elsewhere). H200, bf16: 0.98-1.06x / 1.24-1.34x / 1.48x the new
     tokens/s of sdpa at 1 / 64 / 256 streams, and the same knowledge figures in float32
     (``benchmarks/results/speed/h200-5``, ``h200-6``). Same tokens up to rounding."""
+    decode_ahead: bool = True
+    """On a GPU, the recorded chunks of decoding steps of a call are replayed with the next chunk queued
+    before the last one's progress is read, so the GPU does not wait for the host between chunks; a chunk
+    queued past an answer that ended early runs on without changing it (at most one chunk of GPU time, not
+    of latency). Same tokens."""
     tuned_rows: int = 8
     """On a GPU, compiled decoding steps of up to this many rows have their generated kernels tuned by
     inductor's coordinate-descent search (``coordinate_descent_tuning``); 0: never. H200, bf16: 1.11x the new
