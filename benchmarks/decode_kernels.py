@@ -1,8 +1,9 @@
 """Kernels per decoding step of the compiled lean loop, counted in the code inductor generates for it.
 
 The step (:meth:`Backbone._lean_step`, one new token per row against a static KV cache) is compiled once per
-variant (``--variants``: ``unfused``, ``fused``, i.e. ``generation.fused_projections``, and ``grouped``:
-fused with the grouped decoding attention, ``generation.decode_attention``), after a prompt ran
+variant (``--variants``: ``unfused``, ``fused``, i.e. ``generation.fused_projections``, ``grouped``:
+fused with the grouped decoding attention, ``generation.decode_attention``, and ``reduced``: grouped with
+every product and the attention as generated reductions, ``generation.reduced_rows``), after a prompt ran
 into the cache, and the launches in the generated ``call`` functions are counted by kind: matrix products
 inductor hands to a library (``extern``), kernels it generated (``cpp`` on a CPU, ``triton`` on a GPU) and
 ATen fallbacks. A model with ``--layers`` fewer layers (random weights of the same shapes) gives the per-layer
@@ -91,8 +92,8 @@ def step_code(
     timings: dict[str, Any] = {}
     with (
         torch.inference_mode(),
-        backbone._fused_projections("default"),
-        backbone._grouped_attention("default"),
+        backbone._fused_projections("default", batch),
+        backbone._grouped_attention("default", batch),
     ):
         cache = backbone._lean_cache(batch, length)
         logits, position = backbone._prefill(ids, mask, cache)
@@ -240,10 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batch.split(",") if b]
     for batch in batches:
         for variant in filter(None, args.variants.split(",")):
-            fused = {"unfused": "never", "fused": "always", "grouped": "always"}[variant]
-            attention = "grouped" if variant == "grouped" else "sdpa"
+            fused = {"unfused": "never", "fused": "always", "grouped": "always", "reduced": "always"}[variant]
+            attention = "grouped" if variant in ("grouped", "reduced") else "sdpa"
             backbone.generation = dataclasses.replace(
-                backbone.generation, fused_projections=fused, decode_attention=attention
+                backbone.generation,
+                fused_projections=fused,
+                decode_attention=attention,
+                reduced_rows=batch if variant == "reduced" else 0,
             )
             with torch._inductor.config.patch(options):
                 codes, seconds, timings = step_code(backbone, batch, args.length, profile=args.profile)

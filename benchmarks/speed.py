@@ -138,8 +138,10 @@ def streams(
     with ``generation.fused_projections=never`` (row ``<backend>_unfused``), ``--tuned`` counts with the
     ``--inductor`` options (row ``<backend>_tuned``), ``--untuned`` counts without the decoding step's
     kernel tuning (``generation.tuned_rows=0``, row ``<backend>_untuned``), ``--not-ahead`` counts with each
-    recorded chunk read before the next is queued (``generation.decode_ahead=false``, row
-    ``<backend>_not_ahead``), ``--grouped`` counts with the
+    recorded chunk read before the next is queued (``generation.ahead_rows=0``, row
+    ``<backend>_not_ahead``), ``--ahead`` and ``--reduced`` counts with ``generation.ahead_rows`` or
+    ``generation.reduced_rows`` set to the count (rows ``<backend>_ahead``, ``<backend>_reduced``),
+    ``--grouped`` counts with the
     grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
     shared, loaded machine's drift then falls on both alike)."""
@@ -240,7 +242,9 @@ def streams(
     comparisons = [(n, "unfused", {"fused_projections": "never"}, {}) for n in args.unfused]
     comparisons += [(n, "tuned", {}, args.inductor) for n in args.tuned]
     comparisons += [(n, "untuned", {"tuned_rows": 0}, {}) for n in args.untuned]
-    comparisons += [(n, "not_ahead", {"decode_ahead": False}, {}) for n in args.not_ahead]
+    comparisons += [(n, "not_ahead", {"ahead_rows": 0}, {}) for n in args.not_ahead]
+    comparisons += [(n, "ahead", {"ahead_rows": n}, {}) for n in args.ahead]
+    comparisons += [(n, "reduced", {"reduced_rows": n}, {}) for n in args.reduced]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     for n, name, changes, options in comparisons:
@@ -790,6 +794,12 @@ def learn_many(
                 lambda: strategy.learn_documents(some), backbone.device, len(some), "document"
             )
             logger.info("learn %d docs, profiled (per document): %s", len(some), row["profile"]["summary"])
+            # the scoring of every document (each learn_documents call's loss before and after) alone
+            ids = backbone.token_ids_many([d.text for d in docs])
+            row["profile_scoring"] = profile_call(
+                lambda: strategy._document_nll(docs, ids), backbone.device, sum(tokens), "document token"
+            )
+            logger.info("score %d docs, profiled: %s", len(docs), row["profile_scoring"]["summary"])
         before = statistics.fmean(r.loss_before for r in reports)
         after = statistics.fmean(r.loss_after for r in reports)
         row["batched"] = {
@@ -1167,7 +1177,11 @@ def write(results: dict[str, Any], out: Path) -> None:
             line(f"{n} stream(s), as configured vs tuned_rows=0", untuned, configured, None)
         behind = _get(row, f"{backend}_not_ahead", "new_tokens_per_s")
         if behind is not None:
-            line(f"{n} stream(s), as configured vs decode_ahead=false", behind, configured, None)
+            line(f"{n} stream(s), as configured vs ahead_rows=0", behind, configured, None)
+        for name, setting in (("ahead", "ahead_rows"), ("reduced", "reduced_rows")):
+            other = _get(row, f"{backend}_{name}", "new_tokens_per_s")
+            if other is not None:
+                line(f"{n} stream(s), {setting}={n} vs as configured", configured, other, None)
         grouped = _get(row, f"{backend}_grouped", "new_tokens_per_s")
         if grouped is not None:
             line(f"{n} stream(s), grouped decoding attention vs as configured", configured, grouped, None)
@@ -1407,7 +1421,19 @@ def main(argv: list[str] | None = None) -> int:
         "--not-ahead",
         default="",
         help="streams: counts also measured with each chunk read before the next is queued "
-        "(generation.decode_ahead=false)",
+        "(generation.ahead_rows=0)",
+    )
+    parser.add_argument(
+        "--ahead",
+        default="",
+        help="streams: counts also measured with the next chunk queued before the last is read "
+        "(generation.ahead_rows=N)",
+    )
+    parser.add_argument(
+        "--reduced",
+        default="",
+        help="streams: counts also measured with products and attention as generated reductions "
+        "(generation.reduced_rows=N)",
     )
     parser.add_argument(
         "--sdpa",
@@ -1495,10 +1521,18 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     args.streams = [int(x) for x in (args.streams or ("1,4" if q else "1,64,256")).split(",")]
     args.eager_streams = args.streams if args.eager_streams is None else _counts(args.eager_streams)
-    args.unfused, args.tuned, args.untuned, args.not_ahead, args.grouped, args.sdpa, args.host_check = map(
-        _counts,
-        (args.unfused, args.tuned, args.untuned, args.not_ahead, args.grouped, args.sdpa, args.host_check),
-    )
+    for name in (
+        "unfused",
+        "tuned",
+        "untuned",
+        "not_ahead",
+        "ahead",
+        "reduced",
+        "grouped",
+        "sdpa",
+        "host_check",
+    ):
+        setattr(args, name, _counts(getattr(args, name)))
     args.inductor = dict(_inductor_option(item) for item in args.inductor)
     args.document_benchmarks = [name for name in args.document_benchmarks.split(",") if name]
     args.new_tokens = args.new_tokens or (16 if q else 64)

@@ -300,12 +300,12 @@ def test_recorded_chunks_warm_up_and_replay_inside_their_buffers(tokenizer, monk
 def test_recorded_chunks_replayed_ahead_give_generate_tokens_and_stay_inside_the_buffers(
     tokenizer, monkeypatch, ahead, case
 ):
-    """With generation.decode_ahead the next recorded chunk is queued before the last one is read: the
+    """With generation.ahead_rows the next recorded chunk is queued before the last one is read: the
     answer is read from the snapshot after its own last chunk (rows that ended early are cut as generate
     cuts them), and no call queues more chunks than one without an early end runs (here 13 new tokens: the
     first from the prompt pass, then two chunks of 8 steps)."""
     backbone = make_backbone(tokenizer, max_new_tokens=13)
-    backbone.generation = dataclasses.replace(backbone.generation, decode_ahead=ahead)
+    backbone.generation = dataclasses.replace(backbone.generation, ahead_rows=len(PROMPTS) if ahead else 0)
     plain = backbone._lean_step("plain")
     monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)
     recorded = record_on_the_cpu(backbone, monkeypatch)

@@ -136,3 +136,13 @@ def test_optim_args_validation_and_legacy_keys():
     # a flat key is what a user gave (file, --set, spec) over a resolved section: it wins
     assert nest_legacy_keys(FinetuneConfig, {"epochs": 2, "optim": {"epochs": 3}}) == {"optim": {"epochs": 2}}
     assert nest_legacy_keys(OptimArgs, {"epochs": 2}) == {"epochs": 2}  # a field of its own: untouched
+
+
+def test_left_pad_right_aligns_rows_with_their_mask_and_positions():
+    ids, mask, positions = training.left_pad([[1, 2, 3], [4], [5, 6]], 0, torch.device("cpu"), offset=10)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 5, 6]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert positions.tolist() == [[10, 11, 12], [10, 10, 10], [10, 10, 11]]
+    assert ids.is_contiguous()
+    aligned, lengths = training.right_aligned([[7], [8, 9]], -1, torch.device("cpu"))
+    assert aligned.tolist() == [[-1, 7], [8, 9]] and lengths.tolist() == [1, 2]

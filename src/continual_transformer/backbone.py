@@ -585,7 +585,8 @@ class Backbone:
                 mode = "reduce-overhead"
             speculating = bool(self._speculates(batch["input_ids"].shape[0], gen_config, kwargs))
             try:
-                with self._fused_projections(mode), self._grouped_attention(mode):
+                rows = batch["input_ids"].shape[0]
+                with self._fused_projections(mode, rows), self._grouped_attention(mode, rows):
                     return self._lean_decode(batch, gen_config, kwargs, mode)
             except Exception as exc:
                 if speculating:  # prompt-lookup decoding alone is given up: the step that failed may work
@@ -615,8 +616,13 @@ class Backbone:
             return "plain"
         return self._lean_mode
 
+    def _reduces(self, mode: str, rows: int) -> bool:
+        """Whether the compiled steps of a call of ``rows`` rows compute products and the new token's
+        attention as reductions (``generation.reduced_rows``, a GPU)."""
+        return mode != "plain" and self.device.type == "cuda" and rows <= self.generation.reduced_rows
+
     @contextmanager
-    def _fused_projections(self, mode: str) -> Iterator[None]:
+    def _fused_projections(self, mode: str, rows: int = 0) -> Iterator[None]:
         """The compiled steps (every ``mode`` but ``plain``) run with each layer's q/k/v and gate/up products
         computed as one product each (:class:`~continual_transformer.modules.fused_linear.Fusion`, weights
         copied from the model's at every call; layers a strategy wrapped or hooked keep their own), where
@@ -630,7 +636,8 @@ class Backbone:
 
         if self._fusion is None:
             self._fusion = Fusion()
-        self._fusion.install(self.model, self._walk(self.model))
+        reduced = self.generation.reduced_rows if self._reduces(mode, rows) else 0
+        self._fusion.install(self.model, self._walk(self.model), reduced_rows=reduced)
         try:
             yield
         finally:
@@ -643,7 +650,7 @@ class Backbone:
         return setting == "grouped" or (setting == "auto" and self.device.type == "cuda")
 
     @contextmanager
-    def _grouped_attention(self, mode: str) -> Iterator[None]:
+    def _grouped_attention(self, mode: str, rows: int = 0) -> Iterator[None]:
         """With ``generation.decode_attention: grouped`` (``auto`` on a GPU), the compiled steps (not
         ``plain``) of a model on ``sdpa`` attention run
         :func:`~continual_transformer.modules.grouped_attention.grouped_sdpa_attention` (the model's attention
@@ -654,7 +661,7 @@ class Backbone:
             return
         from continual_transformer.modules.grouped_attention import register
 
-        config._attn_implementation = register()
+        config._attn_implementation = register(reduced=self._reduces(mode, rows))
         try:
             yield
         finally:
@@ -946,9 +953,15 @@ class Backbone:
         )
         chunk = self._lean_graphs.get(key) if capture else None
         from continual_transformer.modules.grouped_attention import NAME as GROUPED
+        from continual_transformer.modules.grouped_attention import REDUCED
 
         # attention implementations that take a (B, 1, T, L) additive mask (the prompt pass can be recorded)
-        square = getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager", GROUPED)
+        square = getattr(self.model.config, "_attn_implementation", None) in (
+            "sdpa",
+            "eager",
+            GROUPED,
+            REDUCED,
+        )
 
         reuse = not capture and self._reuses_prompt(rows, gen_config)
 
@@ -1025,7 +1038,7 @@ class Backbone:
                 logger.warning("lean decoding: recording the prompt pass failed (%s); it runs eagerly", exc)
             cache.reset()
         start(chunk)
-        if chunk.graph is not None and self.generation.decode_ahead and not speculate:
+        if chunk.graph is not None and rows <= self.generation.ahead_rows and not speculate:
             return self._replay_ahead(chunk, width, new, steps)
         done, unfinished = 1, True
         while done < new and unfinished:
@@ -1043,7 +1056,7 @@ class Backbone:
     @staticmethod
     def _replay_ahead(chunk: _Chunk, width: int, new: int, steps: int) -> torch.Tensor:
         """The recorded chunks of one call replayed with the next chunk queued before the last one's
-        progress is read (``generation.decode_ahead``): the GPU runs on while the host reads and launches,
+        progress is read (``generation.ahead_rows``): the GPU runs on while the host reads and launches,
         instead of waiting for it once per chunk. Each chunk's progress and tokens reach the host through a
         snapshot taken right after it (:meth:`_Chunk.snapshot`), so the answer returns as soon as its last
         chunk is done; a chunk queued past the answer's end (every row finished early) runs on the GPU
@@ -1209,12 +1222,13 @@ class Backbone:
         contexts: Sequence[str] | None = None,
         prefixes: Sequence[str] | None = None,
         rows: Sequence[int] | None = None,
+        ids: Sequence[list[int]] | None = None,
     ) -> ScoringBatch:
         """Rows ``prefix + context`` then ``text``, right-padded; only the text's tokens are labelled.
 
         ``prefixes[i] + contexts[i]`` is tokenised as one string (unscored). A row longer than the model's
         context window keeps its end. ``rows`` names each row's index in the caller's list (default
-        ``0..B-1``).
+        ``0..B-1``); ``ids``, the texts' :meth:`token_ids` when the caller has them.
         """
         n = len(texts)
         contexts = list(contexts) if contexts is not None else [""] * n
@@ -1222,7 +1236,7 @@ class Backbone:
         limit = self.max_length
         pairs = []
         lead_ids = self.token_ids_many([prefix + context for prefix, context in zip(prefixes, contexts)])
-        for ctx_ids, txt_ids in zip(lead_ids, self.token_ids_many(texts)):
+        for ctx_ids, txt_ids in zip(lead_ids, self.token_ids_many(texts) if ids is None else ids):
             ids = (ctx_ids + txt_ids)[-limit:]
             n_ctx = max(0, len(ids) - len(txt_ids))
             pairs.append((ids[:n_ctx], ids[n_ctx:]))
@@ -1281,6 +1295,7 @@ class Backbone:
         contexts: Sequence[str] | None = None,
         batch_size: int = 8,
         hooks: HooksFactory | None = None,
+        ids: Sequence[list[int]] | None = None,
     ) -> list[torch.Tensor]:
         """Per-token negative log-likelihood of each text (float32, on CPU).
 
@@ -1288,7 +1303,8 @@ class Backbone:
         are truncated to the model's context window (keeping the end). ``hooks`` (a strategy's
         :meth:`~continual_transformer.strategies.Strategy.scoring_hooks`) is called once with each row's query
         -- its context when one is given, else the text; rows the hooks do not touch are scored in batches of
-        their own without them, exactly as the base model scores them.
+        their own without them, exactly as the base model scores them. ``ids``: the texts' :meth:`token_ids`
+        when the caller has them (not tokenised again).
         """
         texts = list(texts)
         contexts = list(contexts) if contexts is not None else [""] * len(texts)
@@ -1304,6 +1320,7 @@ class Backbone:
                     contexts=[contexts[i] for i in rows],
                     prefixes=[group_hooks.prefix(i) for i in rows] if group_hooks is not None else None,
                     rows=rows,
+                    ids=[ids[i] for i in rows] if ids is not None else None,
                 )
                 nll = sequence_nll(self.next_token_scores(batch, group_hooks), batch.labels)  # (B, T-1)
                 nll = nll.float().cpu()  # sync: one per batch, the results leave the device

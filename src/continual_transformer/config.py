@@ -149,11 +149,19 @@ class GenerationConfig:
     heads) or ``auto`` (grouped on a GPU, sdpa elsewhere). H200, bf16: 0.98-1.06x / 1.24-1.34x / 1.48x the new
     tokens/s of sdpa at 1 / 64 / 256 streams, and the same knowledge figures in float32
     (``benchmarks/results/speed/h200-5``, ``h200-6``). Same tokens up to rounding."""
-    decode_ahead: bool = True
-    """On a GPU, the recorded chunks of decoding steps of a call are replayed with the next chunk queued
-    before the last one's progress is read, so the GPU does not wait for the host between chunks; a chunk
-    queued past an answer that ended early runs on without changing it (at most one chunk of GPU time, not
-    of latency). Same tokens."""
+    reduced_rows: int = 0
+    """On a GPU, compiled decoding steps of up to this many rows compute every linear layer of a Llama-style
+    layer and the attention of the new token as multiply-and-sum reductions the compiler generates (and joins
+    with the elementwise work around them: norms, rotary embedding, activation, residual additions), instead
+    of library matrix products and attention kernels that are mostly launch at this size
+    (:func:`~continual_transformer.modules.fused_linear.reduced_product`, with ``decode_attention`` grouped);
+    0: never. Same tokens up to rounding."""
+    ahead_rows: int = 8
+    """On a GPU, calls of up to this many rows replay their recorded chunks of decoding steps with the next
+    chunk queued before the last one's progress is read, so the GPU does not wait for the host between
+    chunks; a chunk queued past an answer that ended early runs on without changing it (at most one chunk of
+    GPU time, not of latency); 0: never. H200, bf16: 1.17x the new tokens/s at one stream, 0.92x at 64
+    (hence the bound; ``benchmarks/results/speed/h200-8``). Same tokens."""
     tuned_rows: int = 8
     """On a GPU, compiled decoding steps of up to this many rows have their generated kernels tuned by
     inductor's coordinate-descent search (``coordinate_descent_tuning``); 0: never. H200, bf16: 1.11x the new
@@ -185,6 +193,8 @@ class GenerationConfig:
         _check(self.speculative_tokens >= 0, "generation.speculative_tokens", "must be >= 0 (0: off)")
         _check(self.speculative_ngram >= 1, "generation.speculative_ngram", "must be >= 1")
         _check(self.tuned_rows >= 0, "generation.tuned_rows", "must be >= 0")
+        _check(self.reduced_rows >= 0, "generation.reduced_rows", "must be >= 0")
+        _check(self.ahead_rows >= 0, "generation.ahead_rows", "must be >= 0")
         _check(
             self.decode_attention in ("auto", "sdpa", "grouped"),
             "generation.decode_attention",

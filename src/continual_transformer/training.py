@@ -98,19 +98,32 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def right_aligned(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` as one (B, T) tensor on ``device``, each row at the right end after ``pad_id`` padding, and
+    the rows' lengths (B,) there: made from one flat list and sent in one transfer (a step of a few hundred
+    rows would otherwise make and send a tensor per row)."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    width = int(lengths.max())
+    packed = torch.full((len(rows), width + 1), pad_id, dtype=torch.long)
+    packed[:, width] = lengths
+    filled = torch.arange(width)[None, :] >= (width - lengths)[:, None]  # row-major, as the flat list
+    packed[:, :width][filled] = torch.tensor([t for row in rows for t in row], dtype=torch.long)
+    packed = to_device(packed, device)
+    return packed[:, :width].contiguous(), packed[:, width]
+
+
 def left_pad(
     rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, *, offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids, attention mask and position ids (each (B, T)); positions count real tokens from
-    ``offset``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
+    """Left-padded ids, attention mask and position ids (each (B, T), on ``device``); positions count real
+    tokens from ``offset``."""
+    ids, lengths = right_aligned(rows, pad_id, device)
+    width = ids.shape[1]
+    mask = (torch.arange(width, device=ids.device)[None, :] >= (width - lengths)[:, None]).long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
-    return to_device(ids, device), to_device(mask, device), to_device(positions, device)
+    return ids, mask, positions
 
 
 COMPILE_WIDTH_MULTIPLE = 64

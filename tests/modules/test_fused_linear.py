@@ -47,6 +47,38 @@ def test_fused_products_give_the_models_logits(tokenizer, dtype):
     assert fused.argmax(-1).eq(reference.argmax(-1)).float().mean() > 0.95
 
 
+def test_reduced_products_of_few_rows_give_the_models_logits(tokenizer):
+    """With reduced_rows, every linear layer of a layer stands in (o_proj and down_proj as groups of one)
+    and products of up to that many rows are multiply-and-sum reductions: a one-token step gives the
+    model's logits, and a prompt of more rows takes the library product (the same logits as well)."""
+    model = tiny_llama(tokenizer)
+    ids = _ids(tokenizer, rows=1, width=1)
+    prompt = _ids(tokenizer)
+    reference, reference_prompt = _logits(model, ids), _logits(model, prompt)
+    fusion = Fusion()
+    groups = fusion.install(model, reduced_rows=1)
+    try:
+        assert len(groups) == 4 * model.config.num_hidden_layers
+        assert len(_fused_names(model)) == 7 * model.config.num_hidden_layers
+        reduced, prompted = _logits(model, ids), _logits(model, prompt)
+    finally:
+        fusion.remove()
+    torch.testing.assert_close(reduced, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(prompted, reference_prompt, rtol=0, atol=1e-5)
+    assert len(Fusion().install(model)) == 2 * model.config.num_hidden_layers  # without: two groups a layer
+
+
+def test_reduced_product_is_the_linear_product():
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight, bias = torch.randn(2, 1, 8, generator=generator), torch.randn(5, 8), torch.randn(5)
+    from continual_transformer.modules.fused_linear import reduced_product
+
+    torch.testing.assert_close(
+        reduced_product(hidden, weight, bias), nn.functional.linear(hidden, weight, bias)
+    )
+    torch.testing.assert_close(reduced_product(hidden, weight, None), hidden @ weight.T)
+
+
 def test_removing_the_fusion_restores_the_model(tokenizer):
     """While fused the model's parameters and state_dict are its own; after remove() it holds its own layers
     again: same modules, parameters, state_dict and fingerprint; installing again sees weights changed in

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_llama
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from continual_transformer.modules.grouped_attention import NAME, grouped_sdpa_attention, register
+from continual_transformer.modules.grouped_attention import NAME, REDUCED, grouped_sdpa_attention, register
 
 
 def _reference(query, key, value, mask, scaling):
@@ -21,8 +21,9 @@ def _reference(query, key, value, mask, scaling):
     return out.transpose(1, 2)
 
 
+@pytest.mark.parametrize("reduced", [False, True])
 @pytest.mark.parametrize("mask", ["none", "bool", "additive"])
-def test_one_token_queries_attend_as_with_repeated_keys(tokenizer, mask):
+def test_one_token_queries_attend_as_with_repeated_keys(tokenizer, mask, reduced):
     attention = tiny_llama(tokenizer).model.layers[0].self_attn  # 4 query heads, 2 key/value heads
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(3, 4, 1, 16, generator=generator)
@@ -34,21 +35,27 @@ def test_one_token_queries_attend_as_with_repeated_keys(tokenizer, mask):
         "bool": seen,
         "additive": torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min),
     }
-    out, weights = grouped_sdpa_attention(attention, query, key, value, masks[mask], scaling=0.25)
+    out, weights = grouped_sdpa_attention(
+        attention, query, key, value, masks[mask], scaling=0.25, reduced=reduced
+    )
     assert weights is None and out.shape == (3, 1, 4, 16)
     torch.testing.assert_close(out, _reference(query, key, value, masks[mask], 0.25), rtol=0, atol=1e-6)
 
 
-def test_the_model_answers_as_with_sdpa_when_registered(tokenizer):
-    """Prompts (several tokens: Hugging Face's sdpa) and one-token steps (grouped) give sdpa's logits."""
+@pytest.mark.parametrize("reduced", [False, True])
+def test_the_model_answers_as_with_sdpa_when_registered(tokenizer, reduced):
+    """Prompts (several tokens: Hugging Face's sdpa) and one-token steps (grouped, or its reductions) give
+    sdpa's logits."""
     model = tiny_llama(tokenizer)
     keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = torch.randint(0, len(tokenizer), (3, 11), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         reference = model(input_ids=ids, use_cache=True)
-        model.config._attn_implementation = register()
+        model.config._attn_implementation = register(reduced=reduced)
         try:
-            assert model.model.layers[0].self_attn.config._attn_implementation == NAME
+            assert model.model.layers[0].self_attn.config._attn_implementation == (
+                REDUCED if reduced else NAME
+            )
             out = model(input_ids=ids, use_cache=True)
             step = model(input_ids=ids[:, -1:], **{keyword: out.past_key_values}).logits
         finally:

@@ -30,6 +30,19 @@ logger = logging.getLogger(__name__)
 GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Names of sibling linear layers that read the same input in Llama-style attention and gated MLPs."""
 
+SINGLES: tuple[tuple[str, ...], ...] = (("o_proj",), ("down_proj",))
+"""The other linear layers of a Llama-style layer: stood in for as groups of one where products of few rows
+are reductions (:func:`reduced_product`), so every product of a decoding step is one."""
+
+
+def reduced_product(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` written as a multiply and a sum over the input features. Compiled for a few rows, it is
+    a reduction kernel the compiler generates, which the elementwise work around it (the norm's scaling
+    before, the rotary embedding, activation or residual addition after) can join, where a library product
+    of one row is a kernel of its own. The sum accumulates in float32, as the library's does."""
+    out = (hidden.unsqueeze(-2).float() * weight.float()).sum(-1).to(hidden.dtype)  # (..., out)
+    return out if bias is None else out + bias
+
 
 class FusedGroup:
     """One group of sibling linear layers: the originals, their concatenated weight (and bias) and the
@@ -44,6 +57,7 @@ class FusedGroup:
             weight = torch.cat([layer.weight for layer in originals])  # (sum of outputs, in)
             bias = torch.cat([layer.bias for layer in originals]) if originals[0].bias is not None else None
         self.members = [FusedMember(self, i, layer, weight, bias) for i, layer in enumerate(originals)]
+        self.reduced_rows = 0  # products of up to this many rows are reductions (:func:`reduced_product`)
         self.input: torch.Tensor | None = None
         self.pending: list[torch.Tensor | None] = [None] * len(originals)
 
@@ -120,9 +134,10 @@ class FusedMember(nn.Module):
             if all(p is None for p in pending):
                 group.input = None  # nothing kept past the group's last member
             return kept
-        outputs = F.linear(hidden, self.fused_weight, self.fused_bias).split(
+        product = reduced_product if hidden.numel() <= group.reduced_rows * hidden.shape[-1] else F.linear
+        outputs = product(hidden, self.fused_weight, self.fused_bias).split(
             group.sizes, dim=-1
-        )  # (..., out_i) each
+        )  # (..., out_i)
         group.input = hidden
         group.pending = [None if i == self.index else out for i, out in enumerate(outputs)]
         return outputs[self.index]
@@ -157,15 +172,19 @@ class Fusion:
     def __init__(self) -> None:
         self.groups: dict[tuple[int, tuple[str, ...]], FusedGroup] = {}
 
-    def install(self, model: nn.Module, modules: Iterable[nn.Module] | None = None) -> list[FusedGroup]:
-        """Swap in the groups of ``model`` (``modules``: its modules when the caller has them listed)."""
+    def install(
+        self, model: nn.Module, modules: Iterable[nn.Module] | None = None, *, reduced_rows: int = 0
+    ) -> list[FusedGroup]:
+        """Swap in the groups of ``model`` (``modules``: its modules when the caller has them listed). With
+        ``reduced_rows``, products of up to that many rows are :func:`reduced_product` reductions, and the
+        layers of :data:`SINGLES` stand in as groups of one."""
         if any(group.installed() for group in self.groups.values()):
             raise RuntimeError("the fusion is installed already")
         active: dict[tuple[int, tuple[str, ...]], FusedGroup] = {}
         for parent in model.modules() if modules is None else modules:
             if not parent._modules:
                 continue
-            for names in GROUPS:
+            for names in GROUPS + SINGLES if reduced_rows else GROUPS:
                 layers = _fusable(parent, names)
                 if layers is None:
                     continue
@@ -178,6 +197,7 @@ class Fusion:
         installed = []
         try:
             for group in active.values():
+                group.reduced_rows = reduced_rows
                 group.refresh()
                 group.install()
                 installed.append(group)

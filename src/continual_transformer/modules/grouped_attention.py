@@ -11,6 +11,7 @@ does that for one-token queries whose mask is shared by the heads and hands ever
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,6 +20,9 @@ from torch import nn
 
 NAME = "ctt_grouped_sdpa"
 """The attention implementation's name (``config._attn_implementation``) once :func:`register` ran."""
+
+REDUCED = "ctt_grouped_reduced"
+"""The name of the same attention with the one-token case computed by :func:`reduced_attention`."""
 
 
 def grouped_sdpa_attention(
@@ -36,6 +40,7 @@ def grouped_sdpa_attention(
     (B, 1, T, L) or ``None``; returns (B, T, H, D) and no weights."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    reduced = kwargs.pop("reduced", False)  # (:data:`REDUCED`) one-token queries by reduced_attention
     groups = int(getattr(module, "num_key_value_groups", 1))
     rows, heads, length, dim = query.shape
     if (
@@ -57,15 +62,40 @@ def grouped_sdpa_attention(
             **kwargs,
         )
     grouped = query.reshape(rows, heads // groups, groups, dim)  # (B, KV, G, D): one row per query head
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    if reduced:
+        out = reduced_attention(grouped, key, value, attention_mask, scaling)
+    else:
+        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None  # (B, 1, H, D)
 
 
-def register() -> str:
-    """Register :func:`grouped_sdpa_attention` (and ``sdpa``'s mask) under :data:`NAME`; returns the name."""
+def reduced_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention of query rows (B, KV, G, D) over keys and values (B, KV, L, D) written as multiplies, sums
+    and a softmax, in float32: compiled for one new token per row, a few generated reduction kernels in
+    place of a library attention kernel (and its workspace) that is mostly launch at this size. ``mask``:
+    (B, 1, 1, L) additive or boolean (True: attend)."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (query.float().unsqueeze(-2) * key.float().unsqueeze(2)).sum(-1) * scale  # (B, KV, G, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(-1)
+    return (weights.unsqueeze(-1) * value.float().unsqueeze(2)).sum(-2).to(query.dtype)  # (B, KV, G, D)
+
+
+def register(*, reduced: bool = False) -> str:
+    """Register :func:`grouped_sdpa_attention` (and ``sdpa``'s mask) under :data:`NAME`, or with ``reduced``
+    the same with :func:`reduced_attention` for one-token queries under :data:`REDUCED`; returns the name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, grouped_sdpa_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    return NAME
+    name = REDUCED if reduced else NAME
+    function = partial(grouped_sdpa_attention, reduced=True) if reduced else grouped_sdpa_attention
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name

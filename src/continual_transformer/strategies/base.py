@@ -158,19 +158,24 @@ class Strategy(ABC):
         loss after; the time is shared out by tokens (``extra["batch_seconds"]``: the whole call)."""
         documents = list(documents)
         start = time.perf_counter()
-        loss_before = self._document_nll(documents)
+        ids = self.backbone.token_ids_many([d.text for d in documents])  # scored before and after
+        loss_before = self._document_nll(documents, ids)
         added = [add(document) for document in documents]
-        loss_after = self._document_nll(documents)
+        loss_after = self._document_nll(documents, ids)
         seconds = time.perf_counter() - start
         tokens, figures = [n for n, _ in added], [f for _, f in added]
         return shared_reports(documents, tokens, loss_before, loss_after, seconds, figures)
 
-    def _document_nll(self, documents: Sequence[Document]) -> list[float]:
+    def _document_nll(
+        self, documents: Sequence[Document], ids: Sequence[list[int]] | None = None
+    ) -> list[float]:
         """Each document's mean NLL as this strategy scores it: documents sorted by length, in batches of up
         to :data:`DOCUMENT_NLL_TOKENS` tokens as the batch is padded (few forward passes for many short
-        documents, little padding; on a GPU few shapes: ``Backbone.scoring_width``)."""
+        documents, little padding; on a GPU few shapes: ``Backbone.scoring_width``). ``ids``: the documents'
+        token ids when the caller has them."""
         texts = [d.text for d in documents]
-        lengths = [len(ids) for ids in self.backbone.token_ids_many(texts)]
+        ids = self.backbone.token_ids_many(texts) if ids is None else ids
+        lengths = [len(row) for row in ids]
         out: list[float] = [0.0] * len(texts)
         groups: list[list[int]] = [[]]
         width = self.backbone.scoring_width
@@ -182,7 +187,10 @@ class Strategy(ABC):
             if not group:
                 continue
             values = self.backbone.token_nll(
-                [texts[i] for i in group], hooks=self._hooks, batch_size=len(group)
+                [texts[i] for i in group],
+                hooks=self._hooks,
+                batch_size=len(group),
+                ids=[ids[i] for i in group],
             )
             for i, v in zip(group, values):
                 out[i] = float(v.mean()) if v.numel() else 0.0
@@ -555,8 +563,9 @@ class TrainingStrategy(Strategy):
         clock = PhaseClock()
         made = self._examples(documents)
         examples = [e for ex, _ in made for e in ex]
+        ids = self.backbone.token_ids_many([d.text for d in documents])  # scored before and after
         clock.lap("examples")
-        loss_before = self._document_nll(documents)
+        loss_before = self._document_nll(documents, ids)
         clock.lap("loss_before")
         losses = self._train(examples, f"{self.name} {len(documents)} documents")
         clock.lap("train")
@@ -566,7 +575,7 @@ class TrainingStrategy(Strategy):
         for document in documents:
             self.remember(document)
         clock.lap("round")
-        loss_after = self._document_nll(documents)
+        loss_after = self._document_nll(documents, ids)
         clock.lap("loss_after")
         tokens = [sum(e.scored_tokens for e in ex) for ex, _ in made]
         return shared_reports(

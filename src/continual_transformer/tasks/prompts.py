@@ -20,7 +20,7 @@ import torch
 
 from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.config import TaskConfig
-from continual_transformer.training import left_pad, to_device
+from continual_transformer.training import left_pad, right_aligned, to_device
 
 _SENTINEL = "\u2063TEXT\u2063"  # invisible separators: never produced by a template or a label list
 
@@ -223,17 +223,12 @@ def answer_batch(
 ) -> AnswerBatch:
     """``share_prefix=False`` when rows will run with different adapters (per-row teachers)."""
     sequences = [(*r.prompt, *r.answer) for r in rows]
-    width = max(len(r.answer) for r in rows)
-    targets = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        targets[i, width - len(r.answer) :] = torch.tensor(r.answer, dtype=torch.long)
-    lengths = torch.tensor([len(r.answer) for r in rows])
-    target_mask = torch.arange(width)[None, :] >= (width - lengths)[:, None]  # (B, A)
+    targets, lengths = right_aligned([r.answer for r in rows], pad_id, device)
+    width = targets.shape[1]
+    target_mask = torch.arange(width, device=targets.device)[None, :] >= (width - lengths)[:, None]  # (B, A)
     shared = common_prefix(sequences, keep=width + 1) if share_prefix else 0
     tasks = torch.tensor([r.task for r in rows], dtype=torch.long)
-    return AnswerBatch(
-        sequences, shared, to_device(targets, device), to_device(target_mask, device), tasks, pad_id
-    )
+    return AnswerBatch(sequences, shared, targets, target_mask, tasks, pad_id)
 
 
 def answer_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:
