@@ -70,7 +70,16 @@ def test_scoring_width_buckets_on_a_gpu_only_and_never_past_the_context_window(b
     assert [backbone.scoring_width(w) for w in (1, 63, 64, 65)] == [1, 63, 64, 65]  # a CPU pads nothing
     monkeypatch.setattr(Backbone, "device", property(lambda self: torch.device("cuda")))
     monkeypatch.setattr(Backbone, "max_length", property(lambda self: 100))
-    assert [backbone.scoring_width(w) for w in (1, 64, 65, 99, 100, 120)] == [64, 64, 100, 100, 100, 120]
+    assert [backbone.scoring_width(w) for w in (1, 16, 17, 99, 100, 120)] == [16, 16, 32, 100, 100, 120]
+
+
+def test_scoring_batches_grow_with_a_gpus_free_memory(backbone, monkeypatch):
+    assert backbone.scoring_tokens(8192) == 8192  # a CPU: the least
+    monkeypatch.setattr(Backbone, "device", property(lambda self: torch.device("cuda")))
+    vocab = backbone._vocab_width()
+    for free, expected in ((0, 8192), (8 * 12 * vocab * 20000, 20000), (10**15, 65536)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 2 * free))
+        assert backbone.scoring_tokens(8192) == expected
 
 
 def test_padded_scoring_batches_score_every_text_as_unpadded_ones(backbone, monkeypatch):

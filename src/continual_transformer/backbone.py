@@ -637,7 +637,7 @@ class Backbone:
         if self._fusion is None:
             self._fusion = Fusion()
         reduced = self.generation.reduced_rows if self._reduces(mode, rows) else 0
-        self._fusion.install(self.model, self._walk(self.model), reduced_rows=reduced)
+        self._fusion.install(self.model, self._walk(self.model), reduced_rows=reduced, stamp=self.trainings)
         try:
             yield
         finally:
@@ -1269,6 +1269,16 @@ class Backbone:
             return width
         return min(width + (-width % SCORING_BUCKET), max(width, self.max_length))
 
+    def scoring_tokens(self, least: int = 8192, most: int = 65536) -> int:
+        """Positions one scoring batch of many texts may hold (rows times padded width): ``least`` on a
+        CPU; on a GPU as many as an eighth of the free memory holds in next-token scores (about 12 bytes a
+        position and vocabulary entry: the model's, a float32 copy, its log-softmax), from ``least`` to
+        ``most``. Fewer, larger batches: an uncompiled pass pays its launches per batch."""
+        if self.device.type != "cuda":
+            return least
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(min(most, max(least, free // 8 // (12 * self._vocab_width()))))
+
     def next_token_scores(
         self, batch: ScoringBatch, hooks: ScoringHooks | None = None, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -1713,7 +1723,7 @@ PROMPT_BUCKET = 64
 traced again for each new length (padding is masked: the answers stay the same). Uncompiled decoding keeps
 its prompts as they are (on a CPU the padding would be real work)."""
 
-SCORING_BUCKET = 64
+SCORING_BUCKET = 16
 """On a GPU scoring batches are right-padded to a multiple of this many tokens
 (:meth:`Backbone.scoring_width`): every new shape costs the matrix-product and attention libraries a plan of
 its own, and scoring a thousand documents sorted by length would otherwise meet a new width at almost every

@@ -149,13 +149,14 @@ class GenerationConfig:
     heads) or ``auto`` (grouped on a GPU, sdpa elsewhere). H200, bf16: 0.98-1.06x / 1.24-1.34x / 1.48x the new
     tokens/s of sdpa at 1 / 64 / 256 streams, and the same knowledge figures in float32
     (``benchmarks/results/speed/h200-5``, ``h200-6``). Same tokens up to rounding."""
-    reduced_rows: int = 0
+    reduced_rows: int = 1
     """On a GPU, compiled decoding steps of up to this many rows compute every linear layer of a Llama-style
     layer and the attention of the new token as multiply-and-sum reductions the compiler generates (and joins
     with the elementwise work around them: norms, rotary embedding, activation, residual additions), instead
     of library matrix products and attention kernels that are mostly launch at this size
     (:func:`~continual_transformer.modules.fused_linear.reduced_product`, with ``decode_attention`` grouped);
-    0: never. Same tokens up to rounding."""
+    0: never. H200, bf16, one stream: 1.08x the new tokens/s, a decoding step 0.87 ms against 1.17 ms
+    (``benchmarks/results/speed/h200-8``; more rows not measured yet). Same tokens up to rounding."""
     ahead_rows: int = 8
     """On a GPU, calls of up to this many rows replay their recorded chunks of decoding steps with the next
     chunk queued before the last one's progress is read, so the GPU does not wait for the host between

@@ -115,6 +115,31 @@ def test_removing_the_fusion_restores_the_model(tokenizer):
     fusion.remove()
 
 
+def test_fused_weights_are_copied_again_only_when_the_stamp_or_a_weight_changed(tokenizer):
+    """With a stamp (the backbone's count of trainings) an install copies the weights again only when the
+    stamp, a weight's version or its storage changed: a write the version counter does not see (an
+    optimiser's in-place step) is covered by the stamp the training bumps."""
+    model = tiny_llama(tokenizer, layers=1)
+    ids = _ids(tokenizer)
+    fusion = Fusion()
+
+    def fused_logits(stamp):
+        fusion.install(model, stamp=stamp)
+        try:
+            return _logits(model, ids)
+        finally:
+            fusion.remove()
+
+    fused_logits(0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(0.5)  # a version bump: seen
+    torch.testing.assert_close(fused_logits(0), _logits(model, ids), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.data.mul_(-1)  # unseen by the version counter
+    assert not torch.allclose(fused_logits(0), _logits(model, ids)), "the same stamp: not copied again"
+    torch.testing.assert_close(fused_logits(1), _logits(model, ids), rtol=0, atol=1e-5)
+
+
 def test_wrapped_or_hooked_layers_keep_their_own_products(tokenizer):
     """LoRA on q/v (peft), a hook on one layer's k_proj: those layers' attention keeps its own products; the
     MLPs and the other layers are fused; hooks on a parent (the MLP) still run; logits unchanged."""

@@ -58,6 +58,7 @@ class FusedGroup:
             bias = torch.cat([layer.bias for layer in originals]) if originals[0].bias is not None else None
         self.members = [FusedMember(self, i, layer, weight, bias) for i, layer in enumerate(originals)]
         self.reduced_rows = 0  # products of up to this many rows are reductions (:func:`reduced_product`)
+        self._copied: tuple | None = None  # what the concatenated weights were last copied from
         self.input: torch.Tensor | None = None
         self.pending: list[torch.Tensor | None] = [None] * len(originals)
 
@@ -85,20 +86,41 @@ class FusedGroup:
             for n, layer, size in zip(self.names, self.originals, self.sizes)
         )
 
-    def refresh(self) -> None:
-        """Copy the originals' current weights into the concatenated ones (one kernel per tensor)."""
+    def refresh(self, stamp: object = None) -> None:
+        """Copy the originals' current weights into the concatenated ones (one kernel per tensor), unless
+        they were copied under the same ``stamp`` (the caller's count of trainings: an optimiser step may
+        write weights in place without bumping their versions) with every original at the same version and
+        storage since; without a stamp, always."""
+        copied = (
+            None
+            if stamp is None
+            else (
+                stamp,
+                tuple(
+                    (t._version, t.data_ptr())
+                    for layer in self.originals
+                    for t in (layer.weight, layer.bias)
+                    if t is not None
+                ),
+            )
+        )
+        if copied is not None and copied == self._copied:
+            return
+        self._copied = copied
         with torch.no_grad():
             torch.cat([layer.weight for layer in self.originals], out=self.weight)
             if self.bias is not None:
                 torch.cat([layer.bias for layer in self.originals], out=self.bias)
 
     def install(self) -> None:
+        # straight into the parent's children (what setattr does for a child already there, without its
+        # checks: a decoding call swaps every group in and out)
         for name, member in zip(self.names, self.members):
-            setattr(self.parent, name, member)
+            self.parent._modules[name] = member
 
     def remove(self) -> None:
         for name, layer in zip(self.names, self.originals):
-            setattr(self.parent, name, layer)
+            self.parent._modules[name] = layer
         self.input, self.pending = None, [None] * len(self.originals)
 
 
@@ -173,11 +195,16 @@ class Fusion:
         self.groups: dict[tuple[int, tuple[str, ...]], FusedGroup] = {}
 
     def install(
-        self, model: nn.Module, modules: Iterable[nn.Module] | None = None, *, reduced_rows: int = 0
+        self,
+        model: nn.Module,
+        modules: Iterable[nn.Module] | None = None,
+        *,
+        reduced_rows: int = 0,
+        stamp: object = None,
     ) -> list[FusedGroup]:
         """Swap in the groups of ``model`` (``modules``: its modules when the caller has them listed). With
         ``reduced_rows``, products of up to that many rows are :func:`reduced_product` reductions, and the
-        layers of :data:`SINGLES` stand in as groups of one."""
+        layers of :data:`SINGLES` stand in as groups of one. ``stamp``: see :meth:`FusedGroup.refresh`."""
         if any(group.installed() for group in self.groups.values()):
             raise RuntimeError("the fusion is installed already")
         active: dict[tuple[int, tuple[str, ...]], FusedGroup] = {}
@@ -198,7 +225,7 @@ class Fusion:
         try:
             for group in active.values():
                 group.reduced_rows = reduced_rows
-                group.refresh()
+                group.refresh(stamp)
                 group.install()
                 installed.append(group)
         except BaseException:
