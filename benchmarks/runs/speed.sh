@@ -39,8 +39,9 @@
 # a time on eager against together on the fast backend), then task training (also with the prompts' shared
 # prefix computed once per batch):
 #   LEARNING=1 bash benchmarks/runs/speed.sh 560
-# TARGETS=answer and TARGETS=learn run the issue's target figures in two calls (each described at its branch
-# below; `benchmarks/results/speed/h200-7/NOTES.md` has what they measured).
+# TARGETS=answer and TARGETS=learn run the issue's target figures in two calls, TARGETS=all in one (each
+# described at its branch below; `benchmarks/results/speed/h200-7/NOTES.md` and `h200-8/NOTES.md` have what
+# they measured).
 # FAST_OPTIM=... sets the speed options of the learning part in the full run too (speed.py --fast-optim).
 # Results land under $OUT/<part>/ (results.json, results.md, speed.png, log.txt); $OUT/summary.json merges
 # the headline figures.
@@ -86,6 +87,27 @@ if [ "${TARGETS:-}" = answer ]; then
     part tasks-512-shared-prefix "$(left)" --sections tasks --task-examples 2048 --task-batch 512 \
       --set tasks.share_prefix=true
   ) &
+  wait
+elif [ "${TARGETS:-}" = all ]; then
+  # Every target figure in one call, on the model alone (no embedder): 1, 64 and 256 streams with the eager
+  # baseline at 1 and the chunks read before the next is queued at 1 (no compile); then 1,000 documents at
+  # once with `finetune` (steps recorded as CUDA graphs) alone; then side by side: task training at batch
+  # 512 and 128 one after another, the latency of `lora` against the base model, and (with KNOWLEDGE=1,
+  # wikitext2 under $DATA) the knowledge of `ttt` and `finetune` on the fast path against eager:
+  #   TARGETS=all KNOWLEDGE=1 bash benchmarks/runs/speed.sh 480
+  part streams $(( limit * 44 / 100 )) --sections streams --streams 1,64,256 --eager-streams 1 \
+    --host-check none --new-tokens 64 --not-ahead 1
+  part learning-finetune-graphs $(( limit * 20 / 100 )) --sections learn_many --learn-specs finetune \
+    --many 1000 --sequential 1 --many-epochs 3 --fast-optim "$compiled:compile_mode=reduce-overhead"
+  t=$(left)
+  (
+    part tasks-512 "$t" --sections tasks --task-examples 2048 --task-batch 512
+    part tasks-128 "$(left)" --sections tasks --task-examples 1024 --task-batch 128
+  ) &
+  part strategies-lora "$t" --sections strategies --new-tokens 32 --strategy-docs 5 --batched-learning \
+    --probes 3 --strategies none,lora &
+  [ -n "${KNOWLEDGE:-}" ] && OUT=$OUT PROCESSES="ttt finetune" bash benchmarks/runs/fastpath_knowledge.sh "$t" \
+    > "$OUT/fastpath_knowledge.log" 2>&1 &
   wait
 elif [ "${TARGETS:-}" = learn ]; then
   # 1,000 documents at once with `finetune` (the fast options, then also compiled, then recorded as CUDA
