@@ -1160,39 +1160,23 @@ def write(results: dict[str, Any], out: Path) -> None:
         )
     options = s.get("inductor_options") or {}
     for n, row in results.get("streams", {}).items():  # comparisons: the slow column is the reference
-        configured, unfused, tuned = (
-            _get(row, k, "new_tokens_per_s") for k in (backend, f"{backend}_unfused", f"{backend}_tuned")
+        configured = _get(row, backend, "new_tokens_per_s")
+        # (row, label, whether the compared setting is the candidate: then it is the fast column)
+        comparisons = (
+            ("unfused", f"fused_projections={row.get('fused_projections')} vs never", False),
+            ("tuned", f"inductor {options} vs as configured", True),
+            ("untuned", "as configured vs tuned_rows=0", False),
+            ("not_ahead", "as configured vs ahead_rows=0", False),
+            ("ahead", f"ahead_rows={n} vs as configured", True),
+            ("reduced", f"reduced_rows={n} vs as configured", True),
+            ("grouped", "grouped decoding attention vs as configured", True),
+            ("sdpa", f"decode_attention={row.get('decode_attention')} vs sdpa", False),
         )
-        if unfused is not None:
-            line(
-                f"{n} stream(s), fused_projections={row.get('fused_projections')} vs never",
-                unfused,
-                configured,
-                None,
-            )
-        if tuned is not None:
-            line(f"{n} stream(s), inductor {options} vs as configured", configured, tuned, None)
-        untuned = _get(row, f"{backend}_untuned", "new_tokens_per_s")
-        if untuned is not None:
-            line(f"{n} stream(s), as configured vs tuned_rows=0", untuned, configured, None)
-        behind = _get(row, f"{backend}_not_ahead", "new_tokens_per_s")
-        if behind is not None:
-            line(f"{n} stream(s), as configured vs ahead_rows=0", behind, configured, None)
-        for name, setting in (("ahead", "ahead_rows"), ("reduced", "reduced_rows")):
+        for name, label, wins in comparisons:
             other = _get(row, f"{backend}_{name}", "new_tokens_per_s")
             if other is not None:
-                line(f"{n} stream(s), {setting}={n} vs as configured", configured, other, None)
-        grouped = _get(row, f"{backend}_grouped", "new_tokens_per_s")
-        if grouped is not None:
-            line(f"{n} stream(s), grouped decoding attention vs as configured", configured, grouped, None)
-        sdpa = _get(row, f"{backend}_sdpa", "new_tokens_per_s")
-        if sdpa is not None:
-            line(
-                f"{n} stream(s), decode_attention={row.get('decode_attention')} vs sdpa",
-                sdpa,
-                configured,
-                None,
-            )
+                slow, fast = (configured, other) if wins else (other, configured)
+                line(f"{n} stream(s), {label}", slow, fast, None)
     for name, row in results.get("prefix", {}).items():
         line(
             f"1 stream, {name} ({row['prompts']} questions, 4 per document), prompt-prefix reuse vs off: new "
