@@ -330,6 +330,23 @@ def test_recorded_chunks_replayed_ahead_give_generate_tokens_and_stay_inside_the
         assert len(replays) == 2
 
 
+def test_one_new_token_replays_no_chunk_ahead(tokenizer, monkeypatch):
+    """max_new_tokens=1: the prompt pass makes the only token, and no chunk is queued ahead of it."""
+    backbone = make_backbone(tokenizer, max_new_tokens=1)
+    plain = backbone._lean_step("plain")
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)
+    recorded = record_on_the_cpu(backbone, monkeypatch)
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    config = backbone.hf_generation_config()
+    reference = backbone.model.generate(**batch, generation_config=config)
+    backbone._chunked_decode(batch, config, {}, capture=True)  # records
+    replays = []
+    chunk_run = recorded[0].replay
+    recorded[0].replay = lambda: (replays.append(1), chunk_run())
+    assert torch.equal(backbone._chunked_decode(batch, config, {}, capture=True), reference)
+    assert not replays
+
+
 def test_recorded_chunks_only_where_nothing_decides_on_the_host(tokenizer):
     """A CUDA graph replays what it recorded: chunks are recorded only for the plain Hugging Face model with
     no processors and no hooks; a strategy's module or hook, or a processor, takes the per-step path."""

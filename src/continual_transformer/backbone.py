@@ -311,6 +311,7 @@ class Backbone:
                 )
         self.quantized = kind
         self._fusion = None
+        self._walk = _ModuleWalk()  # the replaced layers are not kept alive by an old walk
         self._lean_caches.clear()
         self._lean_graphs.clear()
         self._lean_steps.clear()
@@ -1069,8 +1070,11 @@ class Backbone:
             chunk.graph.replay()
             pending.append(chunk.snapshot())
 
-        launch()
-        launched = 1
+        if most:
+            launch()
+        else:  # one new token: the prompt pass made it, no chunk runs
+            pending.append(chunk.snapshot())
+        launched = min(most, 1)
         while pending:
             if launched < most:
                 launch()  # queued behind the chunk read next
@@ -1271,12 +1275,14 @@ class Backbone:
 
     def scoring_tokens(self, least: int = 8192, most: int = 65536) -> int:
         """Positions one scoring batch of many texts may hold (rows times padded width): ``least`` on a
-        CPU; on a GPU as many as an eighth of the free memory holds in next-token scores (about 12 bytes a
-        position and vocabulary entry: the model's, a float32 copy, its log-softmax), from ``least`` to
-        ``most``. Fewer, larger batches: an uncompiled pass pays its launches per batch."""
+        CPU; on a GPU as many as an eighth of the free memory (the device's, and what PyTorch holds cached)
+        holds in next-token scores (about 12 bytes a position and vocabulary entry: the model's, a float32
+        copy, its log-softmax), from ``least`` to ``most``. Fewer, larger batches: an uncompiled pass pays its
+        launches per batch."""
         if self.device.type != "cuda":
             return least
         free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return int(min(most, max(least, free // 8 // (12 * self._vocab_width()))))
 
     def next_token_scores(
@@ -1649,7 +1655,7 @@ class _Chunk:
         if not cuda:
             return None, host
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(packed.device))  # the model's GPU, whichever is current
         return event, host
 
     def read(self, taken: tuple[Any, torch.Tensor]) -> tuple[torch.Tensor, int, bool]:

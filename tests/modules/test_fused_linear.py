@@ -47,10 +47,12 @@ def test_fused_products_give_the_models_logits(tokenizer, dtype):
     assert fused.argmax(-1).eq(reference.argmax(-1)).float().mean() > 0.95
 
 
-def test_reduced_products_of_few_rows_give_the_models_logits(tokenizer):
-    """With reduced_rows, every linear layer of a layer stands in (o_proj and down_proj as groups of one)
-    and products of up to that many rows are multiply-and-sum reductions: a one-token step gives the
-    model's logits, and a prompt of more rows takes the library product (the same logits as well)."""
+def test_reduced_products_of_few_rows_give_the_models_logits(tokenizer, monkeypatch):
+    """With reduced_rows, every linear layer of a layer stands in (o_proj and down_proj as groups of one,
+    reading their layers' own weights) and products of up to that many rows are multiply-and-sum reductions
+    where compiled: a one-token step gives the model's logits, and a prompt of more rows takes the library
+    product (the same logits as well)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # reductions as compiled, run eagerly
     model = tiny_llama(tokenizer)
     ids = _ids(tokenizer, rows=1, width=1)
     prompt = _ids(tokenizer)
@@ -65,7 +67,14 @@ def test_reduced_products_of_few_rows_give_the_models_logits(tokenizer):
         fusion.remove()
     torch.testing.assert_close(reduced, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(prompted, reference_prompt, rtol=0, atol=1e-5)
-    assert len(Fusion().install(model)) == 2 * model.config.num_hidden_layers  # without: two groups a layer
+    single = next(g for g in groups if g.names == ("o_proj",))
+    assert single.weight.data_ptr() == single.originals[0].weight.data_ptr(), "no copy for a group of one"
+    # a call without reductions installs two groups a layer and keeps the groups of one for the next
+    assert len(fusion.install(model)) == 2 * model.config.num_hidden_layers
+    fusion.remove()
+    again = fusion.install(model, reduced_rows=1)
+    fusion.remove()
+    assert {id(g) for g in again} == {id(g) for g in groups}, "nothing built again"
 
 
 def test_reduced_product_is_the_linear_product():

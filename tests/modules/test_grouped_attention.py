@@ -23,7 +23,8 @@ def _reference(query, key, value, mask, scaling):
 
 @pytest.mark.parametrize("reduced", [False, True])
 @pytest.mark.parametrize("mask", ["none", "bool", "additive"])
-def test_one_token_queries_attend_as_with_repeated_keys(tokenizer, mask, reduced):
+def test_one_token_queries_attend_as_with_repeated_keys(tokenizer, monkeypatch, mask, reduced):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # reductions as compiled, run eagerly
     attention = tiny_llama(tokenizer).model.layers[0].self_attn  # 4 query heads, 2 key/value heads
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(3, 4, 1, 16, generator=generator)
@@ -43,9 +44,10 @@ def test_one_token_queries_attend_as_with_repeated_keys(tokenizer, mask, reduced
 
 
 @pytest.mark.parametrize("reduced", [False, True])
-def test_the_model_answers_as_with_sdpa_when_registered(tokenizer, reduced):
+def test_the_model_answers_as_with_sdpa_when_registered(tokenizer, monkeypatch, reduced):
     """Prompts (several tokens: Hugging Face's sdpa) and one-token steps (grouped, or its reductions) give
     sdpa's logits."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # reductions as compiled, run eagerly
     model = tiny_llama(tokenizer)
     keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = torch.randint(0, len(tokenizer), (3, 11), generator=torch.Generator().manual_seed(0))

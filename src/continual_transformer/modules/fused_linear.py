@@ -54,8 +54,14 @@ class FusedGroup:
         # normal tensors even when first made inside inference mode (generate), so a later refresh outside it
         # may write them
         with torch.inference_mode(False), torch.no_grad():
-            weight = torch.cat([layer.weight for layer in originals])  # (sum of outputs, in)
-            bias = torch.cat([layer.bias for layer in originals]) if originals[0].bias is not None else None
+            if len(originals) == 1:  # a group of one reads its layer's own tensors: nothing to copy
+                weight = originals[0].weight.detach()
+                bias = originals[0].bias.detach() if originals[0].bias is not None else None
+            else:
+                weight = torch.cat([layer.weight for layer in originals])  # (sum of outputs, in)
+                bias = (
+                    torch.cat([layer.bias for layer in originals]) if originals[0].bias is not None else None
+                )
         self.members = [FusedMember(self, i, layer, weight, bias) for i, layer in enumerate(originals)]
         self.reduced_rows = 0  # products of up to this many rows are reductions (:func:`reduced_product`)
         self._copied: tuple | None = None  # what the concatenated weights were last copied from
@@ -77,6 +83,8 @@ class FusedGroup:
         """Whether the parent still holds the layers this group was built from, unchanged in shape, dtype
         and device (``model.to(...)`` keeps the modules and replaces their tensors)."""
         weight = self.weight
+        if len(self.originals) == 1 and self.originals[0].weight.data_ptr() != weight.data_ptr():
+            return False  # the layer's weight was given other storage: a group of one reads the old one
         return all(
             self.parent._modules.get(n) is layer
             and layer.weight.shape == (size, weight.shape[1])
@@ -104,7 +112,7 @@ class FusedGroup:
                 ),
             )
         )
-        if copied is not None and copied == self._copied:
+        if len(self.originals) == 1 or (copied is not None and copied == self._copied):
             return
         self._copied = copied
         with torch.no_grad():
@@ -156,7 +164,9 @@ class FusedMember(nn.Module):
             if all(p is None for p in pending):
                 group.input = None  # nothing kept past the group's last member
             return kept
-        product = reduced_product if hidden.numel() <= group.reduced_rows * hidden.shape[-1] else F.linear
+        # reductions only where the compiler generates them (uncompiled, they would build (rows, out, in))
+        few = hidden.numel() <= group.reduced_rows * hidden.shape[-1] and torch.compiler.is_compiling()
+        product = reduced_product if few else F.linear
         outputs = product(hidden, self.fused_weight, self.fused_bias).split(
             group.sizes, dim=-1
         )  # (..., out_i)
@@ -220,7 +230,10 @@ class Fusion:
                 if group is None or group.parent is not parent or not group.current():
                     group = FusedGroup(parent, names, layers)
                 active[key] = group
-        self.groups = active
+        # groups not installed this time (a group of one where products are not reduced) are kept while their
+        # layers stand: a later call builds nothing again, and its recorded graphs see the same modules
+        kept = {k: g for k, g in self.groups.items() if k not in active and g.current()}
+        self.groups = {**kept, **active}
         installed = []
         try:
             for group in active.values():

@@ -62,7 +62,7 @@ def grouped_sdpa_attention(
             **kwargs,
         )
     grouped = query.reshape(rows, heads // groups, groups, dim)  # (B, KV, G, D): one row per query head
-    if reduced:
+    if reduced and torch.compiler.is_compiling():  # generated reductions; uncompiled, the library kernel
         out = reduced_attention(grouped, key, value, attention_mask, scaling)
     else:
         out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)

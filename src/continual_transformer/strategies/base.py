@@ -158,28 +158,38 @@ class Strategy(ABC):
         loss after; the time is shared out by tokens (``extra["batch_seconds"]``: the whole call)."""
         documents = list(documents)
         start = time.perf_counter()
-        ids = self.backbone.token_ids_many([d.text for d in documents])  # scored before and after
-        loss_before = self._document_nll(documents, ids)
+        scoring = self._scoring(documents)
+        loss_before = self._document_nll(documents, *scoring)
         added = [add(document) for document in documents]
-        loss_after = self._document_nll(documents, ids)
+        loss_after = self._document_nll(documents, *scoring)
         seconds = time.perf_counter() - start
         tokens, figures = [n for n, _ in added], [f for _, f in added]
         return shared_reports(documents, tokens, loss_before, loss_after, seconds, figures)
 
+    def _scoring(self, documents: Sequence[Document]) -> tuple[list[list[int]], int]:
+        """The documents' token ids and the positions per scoring batch, for :meth:`_document_nll` before and
+        after learning: one tokenisation, and both scored in the same batches."""
+        ids = self.backbone.token_ids_many([d.text for d in documents])
+        return ids, self.backbone.scoring_tokens(DOCUMENT_NLL_TOKENS)
+
     def _document_nll(
-        self, documents: Sequence[Document], ids: Sequence[list[int]] | None = None
+        self,
+        documents: Sequence[Document],
+        ids: Sequence[list[int]] | None = None,
+        budget: int | None = None,
     ) -> list[float]:
         """Each document's mean NLL as this strategy scores it: documents sorted by length, in batches of up
         to :data:`DOCUMENT_NLL_TOKENS` positions as the batch is padded, more on a GPU with memory to spare
         (``Backbone.scoring_tokens``): few forward passes for many short documents, little padding, and on
         a GPU few shapes (``Backbone.scoring_width``). ``ids``: the documents' token ids when the caller has
-        them."""
+        them; ``budget``: the positions per batch (a report's losses before and after are batched alike)."""
         texts = [d.text for d in documents]
         ids = self.backbone.token_ids_many(texts) if ids is None else ids
         lengths = [len(row) for row in ids]
         out: list[float] = [0.0] * len(texts)
         groups: list[list[int]] = [[]]
-        width, budget = self.backbone.scoring_width, self.backbone.scoring_tokens(DOCUMENT_NLL_TOKENS)
+        width = self.backbone.scoring_width
+        budget = self.backbone.scoring_tokens(DOCUMENT_NLL_TOKENS) if budget is None else budget
         for i in sorted(range(len(texts)), key=lambda i: lengths[i]):
             if groups[-1] and (len(groups[-1]) + 1) * width(lengths[i] + 2) > budget:
                 groups.append([])
@@ -564,9 +574,9 @@ class TrainingStrategy(Strategy):
         clock = PhaseClock()
         made = self._examples(documents)
         examples = [e for ex, _ in made for e in ex]
-        ids = self.backbone.token_ids_many([d.text for d in documents])  # scored before and after
+        scoring = self._scoring(documents)
         clock.lap("examples")
-        loss_before = self._document_nll(documents, ids)
+        loss_before = self._document_nll(documents, *scoring)
         clock.lap("loss_before")
         losses = self._train(examples, f"{self.name} {len(documents)} documents")
         clock.lap("train")
@@ -576,7 +586,7 @@ class TrainingStrategy(Strategy):
         for document in documents:
             self.remember(document)
         clock.lap("round")
-        loss_after = self._document_nll(documents, ids)
+        loss_after = self._document_nll(documents, *scoring)
         clock.lap("loss_after")
         tokens = [sum(e.scored_tokens for e in ex) for ex, _ in made]
         return shared_reports(

@@ -362,7 +362,8 @@ class MemoryLayerStrategy(Strategy):
         calibration = 0.0 if self.calibrated else self.calibrate()
         start = time.perf_counter()
         plans = self.training_plans(documents)
-        loss_before = self._document_nll(documents)
+        scoring = self._scoring(documents)
+        loss_before = self._document_nll(documents, *scoring)
         per_document = [self.select_slots(plan.examples) for plan in plans]
         chosen = per_document[0] if len(plans) == 1 else [torch.cat(s).unique() for s in zip(*per_document)]
         examples = [e for plan in plans for e in plan.examples]
@@ -386,7 +387,7 @@ class MemoryLayerStrategy(Strategy):
         self.documents_learned += len(documents)
         for document in documents:
             self.remember(document)
-        loss_after = self._document_nll(documents)
+        loss_after = self._document_nll(documents, *scoring)
         logger.info(
             "memory_layer: %d document(s) from %s: %d steps on %s slots, loss %.3f -> %.3f",
             len(documents),
