@@ -295,6 +295,19 @@ def test_recorded_chunks_warm_up_and_replay_inside_their_buffers(tokenizer, monk
     assert len(recorded) == 4
 
 
+def _replays_of_a_recorded_call(backbone, monkeypatch, config, batch) -> tuple[torch.Tensor, int]:
+    """A capture call of ``batch`` recorded on the CPU stand-in, then a second call: its token ids and how
+    many chunk replays it ran."""
+    plain = backbone._lean_step("plain")
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)
+    recorded = record_on_the_cpu(backbone, monkeypatch)
+    backbone._chunked_decode(batch, config, {}, capture=True)  # records
+    replays = []
+    chunk_run = recorded[0].replay
+    recorded[0].replay = lambda: (replays.append(1), chunk_run())
+    return backbone._chunked_decode(batch, config, {}, capture=True), len(replays)
+
+
 @pytest.mark.parametrize("ahead", [True, False])
 @pytest.mark.parametrize("case", ["early_eos", "plain"])
 def test_recorded_chunks_replayed_ahead_give_generate_tokens_and_stay_inside_the_buffers(
@@ -306,9 +319,6 @@ def test_recorded_chunks_replayed_ahead_give_generate_tokens_and_stay_inside_the
     first from the prompt pass, then two chunks of 8 steps)."""
     backbone = make_backbone(tokenizer, max_new_tokens=13)
     backbone.generation = dataclasses.replace(backbone.generation, ahead_rows=len(PROMPTS) if ahead else 0)
-    plain = backbone._lean_step("plain")
-    monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)
-    recorded = record_on_the_cpu(backbone, monkeypatch)
     batch = backbone.encode(PROMPTS, padding_side="left")
     width = batch["input_ids"].shape[1]
     config = backbone.hf_generation_config()
@@ -318,33 +328,23 @@ def test_recorded_chunks_replayed_ahead_give_generate_tokens_and_stay_inside_the
         )
         config.eos_token_id = [int(free[row, width + 2 + row]) for row in range(len(PROMPTS))]
     reference = backbone.model.generate(**batch, generation_config=config)
-    backbone._chunked_decode(batch, config, {}, capture=True)  # records
-    replays = []
-    chunk_run = recorded[0].replay
-    recorded[0].replay = lambda: (replays.append(1), chunk_run())
-    assert torch.equal(backbone._chunked_decode(batch, config, {}, capture=True), reference)
+    out, replays = _replays_of_a_recorded_call(backbone, monkeypatch, config, batch)
+    assert torch.equal(out, reference)
     if case == "early_eos":
         assert reference.shape[1] < width + 9, "every row ended inside the first chunk"
-        assert len(replays) == (2 if ahead else 1), "the second chunk queued ahead, its tokens unused"
+        assert replays == (2 if ahead else 1), "the second chunk queued ahead, its tokens unused"
     else:
-        assert len(replays) == 2
+        assert replays == 2
 
 
 def test_one_new_token_replays_no_chunk_ahead(tokenizer, monkeypatch):
     """max_new_tokens=1: the prompt pass makes the only token, and no chunk is queued ahead of it."""
     backbone = make_backbone(tokenizer, max_new_tokens=1)
-    plain = backbone._lean_step("plain")
-    monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)
-    recorded = record_on_the_cpu(backbone, monkeypatch)
     batch = backbone.encode(PROMPTS, padding_side="left")
     config = backbone.hf_generation_config()
     reference = backbone.model.generate(**batch, generation_config=config)
-    backbone._chunked_decode(batch, config, {}, capture=True)  # records
-    replays = []
-    chunk_run = recorded[0].replay
-    recorded[0].replay = lambda: (replays.append(1), chunk_run())
-    assert torch.equal(backbone._chunked_decode(batch, config, {}, capture=True), reference)
-    assert not replays
+    out, replays = _replays_of_a_recorded_call(backbone, monkeypatch, config, batch)
+    assert torch.equal(out, reference) and replays == 0
 
 
 def test_recorded_chunks_only_where_nothing_decides_on_the_host(tokenizer):
