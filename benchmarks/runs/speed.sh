@@ -93,7 +93,9 @@ elif [ "${TARGETS:-}" = all ]; then
   # baseline at 1 and the chunks read before the next is queued at 1 (no compile); then 1,000 documents at
   # once with `finetune` (steps recorded as CUDA graphs) alone; then side by side: task training at batch
   # 512 and 128 one after another, the latency of `lora` against the base model, and (with KNOWLEDGE=1,
-  # wikitext2 under $DATA) the knowledge of `ttt` and `finetune` on the fast path against eager:
+  # wikitext2 under $DATA) the knowledge of `ttt` and `finetune` on the fast path against eager. The
+  # knowledge part's compiled processes compile first: at 440 s they were cut off (h200-8/d-final/), so
+  # give it a call of its own (fastpath_knowledge.sh, about 5 minutes) where the check matters:
   #   TARGETS=all KNOWLEDGE=1 bash benchmarks/runs/speed.sh 480
   part streams $(( limit * 44 / 100 )) --sections streams --streams 1,64,256 --eager-streams 1 \
     --host-check none --new-tokens 64 --not-ahead 1
