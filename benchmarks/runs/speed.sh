@@ -95,7 +95,7 @@ elif [ "${TARGETS:-}" = all ]; then
   # 512 and 128 one after another, the latency of `lora` against the base model, and (with KNOWLEDGE=1,
   # wikitext2 under $DATA) the knowledge of `ttt` and `finetune` on the fast path against eager. The
   # knowledge part's compiled processes compile first: at 440 s they were cut off (h200-8/d-final/), so
-  # give it a call of its own (fastpath_knowledge.sh, about 5 minutes) where the check matters:
+  # give it a call of its own (fastpath_knowledge.sh; up to ten minutes in h200-7/) where the check matters:
   #   TARGETS=all KNOWLEDGE=1 bash benchmarks/runs/speed.sh 480
   part streams $(( limit * 44 / 100 )) --sections streams --streams 1,64,256 --eager-streams 1 \
     --host-check none --new-tokens 64 --not-ahead 1
