@@ -795,9 +795,9 @@ def learn_many(
             )
             logger.info("learn %d docs, profiled (per document): %s", len(some), row["profile"]["summary"])
             # the scoring of every document (each learn_documents call's loss before and after) alone
-            ids = backbone.token_ids_many([d.text for d in docs])
+            scoring = strategy._scoring(docs)
             row["profile_scoring"] = profile_call(
-                lambda: strategy._document_nll(docs, ids), backbone.device, sum(tokens), "document token"
+                lambda: strategy._document_nll(docs, *scoring), backbone.device, sum(tokens), "document token"
             )
             logger.info("score %d docs, profiled: %s", len(docs), row["profile_scoring"]["summary"])
         before = statistics.fmean(r.loss_before for r in reports)

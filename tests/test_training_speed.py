@@ -110,7 +110,7 @@ def test_document_losses_in_length_sorted_batches_equal_each_document_alone(toke
     ct = ContinualTransformer(make_backbone(tokenizer), strategy="finetune", config=fast_config())
     texts = [TEXTS[2], TEXTS[0], " ".join(TEXTS), TEXTS[3], TEXTS[1]]
     docs = [make_document(t, f"d{i}") for i, t in enumerate(texts)]
-    together = ct.strategy._document_nll(docs)
+    together = ct.strategy._document_nll(docs, *ct.strategy._scoring(docs))
     alone = [float(ct.strategy.backbone.token_nll([t])[0].mean()) for t in texts]
     assert together == pytest.approx(alone, rel=1e-5)
     assert len(set(together)) == len(texts)

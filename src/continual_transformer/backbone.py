@@ -617,10 +617,10 @@ class Backbone:
             return "plain"
         return self._lean_mode
 
-    def _reduces(self, mode: str, rows: int) -> bool:
-        """Whether the compiled steps of a call of ``rows`` rows compute products and the new token's
-        attention as reductions (``generation.reduced_rows``, a GPU)."""
-        return mode != "plain" and self.device.type == "cuda" and rows <= self.generation.reduced_rows
+    def _few_rows(self, mode: str, rows: int | None, limit: int) -> bool:
+        """Whether the compiled steps of a call of ``rows`` rows on a GPU fall under a setting's ``limit`` of
+        rows (``generation.tuned_rows``, ``generation.reduced_rows``)."""
+        return mode != "plain" and self.device.type == "cuda" and rows is not None and rows <= limit
 
     @contextmanager
     def _fused_projections(self, mode: str, rows: int = 0) -> Iterator[None]:
@@ -637,7 +637,8 @@ class Backbone:
 
         if self._fusion is None:
             self._fusion = Fusion()
-        reduced = self.generation.reduced_rows if self._reduces(mode, rows) else 0
+        limit = self.generation.reduced_rows
+        reduced = limit if self._few_rows(mode, rows, limit) else 0
         self._fusion.install(self.model, self._walk(self.model), reduced_rows=reduced, stamp=self.trainings)
         try:
             yield
@@ -662,7 +663,9 @@ class Backbone:
             return
         from continual_transformer.modules.grouped_attention import register
 
-        config._attn_implementation = register(reduced=self._reduces(mode, rows))
+        config._attn_implementation = register(
+            reduced=self._few_rows(mode, rows, self.generation.reduced_rows)
+        )
         try:
             yield
         finally:
@@ -732,8 +735,7 @@ class Backbone:
         the logits (B, N, V) after each of N new tokens per row (the cache updated in place). Compiled for a
         batch of ``rows`` rows on a GPU, its kernels are tuned where ``generation.tuned_rows`` says so."""
         options = dict(self.lean_inductor_options)
-        tuned = self.generation.tuned_rows
-        if mode != "plain" and self.device.type == "cuda" and rows is not None and rows <= tuned:
+        if self._few_rows(mode, rows, self.generation.tuned_rows):
             options.setdefault("coordinate_descent_tuning", True)
         key = mode if mode == "plain" or not options else f"{mode} {sorted(options.items())}"
         key = f"{key} every position" if every_position else key

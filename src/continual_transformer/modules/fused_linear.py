@@ -98,7 +98,9 @@ class FusedGroup:
         """Copy the originals' current weights into the concatenated ones (one kernel per tensor), unless
         they were copied under the same ``stamp`` (the caller's count of trainings: an optimiser step may
         write weights in place without bumping their versions) with every original at the same version and
-        storage since; without a stamp, always."""
+        storage since; without a stamp, always. A group of one reads its layer's own tensors: never."""
+        if len(self.originals) == 1:
+            return
         copied = (
             None
             if stamp is None
@@ -112,7 +114,7 @@ class FusedGroup:
                 ),
             )
         )
-        if len(self.originals) == 1 or (copied is not None and copied == self._copied):
+        if copied is not None and copied == self._copied:
             return
         self._copied = copied
         with torch.no_grad():

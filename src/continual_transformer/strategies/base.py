@@ -173,23 +173,18 @@ class Strategy(ABC):
         return ids, self.backbone.scoring_tokens(DOCUMENT_NLL_TOKENS)
 
     def _document_nll(
-        self,
-        documents: Sequence[Document],
-        ids: Sequence[list[int]] | None = None,
-        budget: int | None = None,
+        self, documents: Sequence[Document], ids: Sequence[list[int]], budget: int
     ) -> list[float]:
         """Each document's mean NLL as this strategy scores it: documents sorted by length, in batches of up
         to :data:`DOCUMENT_NLL_TOKENS` positions as the batch is padded, more on a GPU with memory to spare
         (``Backbone.scoring_tokens``): few forward passes for many short documents, little padding, and on
-        a GPU few shapes (``Backbone.scoring_width``). ``ids``: the documents' token ids when the caller has
-        them; ``budget``: the positions per batch (a report's losses before and after are batched alike)."""
+        a GPU few shapes (``Backbone.scoring_width``). ``ids`` and ``budget``: the documents' token ids and
+        the positions per batch, from :meth:`_scoring` (a report's losses before and after batched alike)."""
         texts = [d.text for d in documents]
-        ids = self.backbone.token_ids_many(texts) if ids is None else ids
         lengths = [len(row) for row in ids]
         out: list[float] = [0.0] * len(texts)
         groups: list[list[int]] = [[]]
         width = self.backbone.scoring_width
-        budget = self.backbone.scoring_tokens(DOCUMENT_NLL_TOKENS) if budget is None else budget
         for i in sorted(range(len(texts)), key=lambda i: lengths[i]):
             if groups[-1] and (len(groups[-1]) + 1) * width(lengths[i] + 2) > budget:
                 groups.append([])
