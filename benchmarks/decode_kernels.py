@@ -2,8 +2,11 @@
 
 The step (:meth:`Backbone._lean_step`, one new token per row against a static KV cache) is compiled once per
 variant (``--variants``: ``unfused``, ``fused``, i.e. ``generation.fused_projections``, ``grouped``:
-fused with the grouped decoding attention, ``generation.decode_attention``, and ``reduced``: grouped with
-every product and the attention as generated reductions, ``generation.reduced_rows``), after a prompt ran
+fused with the grouped decoding attention, ``generation.decode_attention``, ``reduced_attention``: grouped
+with the attention as generated reductions, ``generation.reduced_attention_rows``, ``reduced``: that with
+every product as a reduction too, ``generation.reduced_rows``, and ``unpaired``: ``reduced`` with keys and
+values cached in two tensors, ``generation.paired_cache`` off; every variant but ``unpaired`` on the paired
+cache), after a prompt ran
 into the cache, and the launches in the generated ``call`` functions are counted by kind: matrix products
 inductor hands to a library (``extern``), kernels it generated (``cpp`` on a CPU, ``triton`` on a GPU) and
 ATen fallbacks. A model with ``--layers`` fewer layers (random weights of the same shapes) gives the per-layer
@@ -241,13 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batch.split(",") if b]
     for batch in batches:
         for variant in filter(None, args.variants.split(",")):
-            fused = {"unfused": "never", "fused": "always", "grouped": "always", "reduced": "always"}[variant]
-            attention = "grouped" if variant in ("grouped", "reduced") else "sdpa"
+            fused = "never" if variant == "unfused" else "always"
+            attention = "sdpa" if variant in ("unfused", "fused") else "grouped"
             backbone.generation = dataclasses.replace(
                 backbone.generation,
                 fused_projections=fused,
                 decode_attention=attention,
-                reduced_rows=batch if variant == "reduced" else 0,
+                reduced_rows=batch if variant in ("reduced", "unpaired") else 0,
+                reduced_attention_rows=batch
+                if variant in ("reduced", "reduced_attention", "unpaired")
+                else 0,
+                paired_cache=variant != "unpaired",
             )
             with torch._inductor.config.patch(options):
                 codes, seconds, timings = step_code(backbone, batch, args.length, profile=args.profile)

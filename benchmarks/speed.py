@@ -141,7 +141,9 @@ def streams(
     recorded chunk read before the next is queued (``generation.ahead_rows=0``, row
     ``<backend>_not_ahead``), ``--ahead`` and ``--reduced`` counts with ``generation.ahead_rows`` or
     ``generation.reduced_rows`` set to the count (rows ``<backend>_ahead``, ``<backend>_reduced``),
-    ``--grouped`` counts with the
+    ``--reduced-attention`` with ``generation.reduced_attention_rows`` set to the count and
+    ``--library-attention`` with it at 0 (rows ``<backend>_reduced_attention``,
+    ``<backend>_library_attention``), ``--grouped`` counts with the
     grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
     shared, loaded machine's drift then falls on both alike)."""
@@ -245,6 +247,12 @@ def streams(
     comparisons += [(n, "not_ahead", {"ahead_rows": 0}, {}) for n in args.not_ahead]
     comparisons += [(n, "ahead", {"ahead_rows": n}, {}) for n in args.ahead]
     comparisons += [(n, "reduced", {"reduced_rows": n}, {}) for n in args.reduced]
+    comparisons += [
+        (n, "reduced_attention", {"reduced_attention_rows": n}, {}) for n in args.reduced_attention
+    ]
+    comparisons += [
+        (n, "library_attention", {"reduced_attention_rows": 0}, {}) for n in args.library_attention
+    ]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     for n, name, changes, options in comparisons:
@@ -606,6 +614,8 @@ def strategies(
     """Fills ``rows`` one strategy at a time (``save()`` after each: an interrupted run keeps them)."""
     probes = [p.prompt for p in bench.probes if p.kind == "qa"][: args.probes]
     docs = bench.documents[: args.strategy_docs]
+    # every answer as long as the others (an answer that ends early would make its strategy look fast)
+    lengths = {} if args.free_lengths else {"min_new_tokens": args.new_tokens}
     for backend in ("eager", args.backend):  # first-call costs stay out of the base row
         use_backend(backbone, backend, batch_size=1)
         for p in probes:
@@ -627,12 +637,14 @@ def strategies(
                 use_backend(backbone, backend, batch_size=1)
                 warm = time.perf_counter()
                 for _ in range(args.warmup):
-                    strategy.generate(probes[:1], chat=True, max_new_tokens=args.new_tokens)
+                    strategy.generate(probes[:1], chat=True, max_new_tokens=args.new_tokens, **lengths)
                 warm_s = time.perf_counter() - warm
                 times, answers = [], []
                 for p in probes:
                     seconds, out = timed(
-                        lambda p=p, s=strategy: s.generate([p], chat=True, max_new_tokens=args.new_tokens),
+                        lambda p=p, s=strategy: s.generate(
+                            [p], chat=True, max_new_tokens=args.new_tokens, **lengths
+                        ),
                         backbone.device,
                         1,
                     )
@@ -1169,6 +1181,8 @@ def write(results: dict[str, Any], out: Path) -> None:
             ("not_ahead", "as configured vs ahead_rows=0", False),
             ("ahead", f"ahead_rows={n} vs as configured", True),
             ("reduced", f"reduced_rows={n} vs as configured", True),
+            ("reduced_attention", f"reduced_attention_rows={n} vs as configured", True),
+            ("library_attention", "as configured vs reduced_attention_rows=0", False),
             ("grouped", "grouped decoding attention vs as configured", True),
             ("sdpa", f"decode_attention={row.get('decode_attention')} vs sdpa", False),
         )
@@ -1258,7 +1272,12 @@ def write(results: dict[str, Any], out: Path) -> None:
         lines += [
             "",
             f"Answer latency per strategy, one stream (ratio to the base model on the same path; target "
-            f"<= {TARGETS['strategy_latency_ratio_max']}x; warm-up: the first {backend} calls, compiling)",
+            f"<= {TARGETS['strategy_latency_ratio_max']}x; warm-up: the first {backend} calls, compiling; "
+            + (
+                f"every answer {s['new_tokens']} new tokens)"
+                if s.get("strategy_answers_of_equal_length")
+                else f"answers of up to {s['new_tokens']} new tokens)"
+            ),
             "",
             f"| strategy | learn s | eager s | x base | {backend} s | x base | warm-up s "
             "| answers equal to eager |",
@@ -1416,8 +1435,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reduced",
         default="",
-        help="streams: counts also measured with products and attention as generated reductions "
+        help="streams: counts also measured with the products as generated reductions "
         "(generation.reduced_rows=N)",
+    )
+    parser.add_argument(
+        "--reduced-attention",
+        default="",
+        help="streams: counts also measured with the attention as generated reductions "
+        "(generation.reduced_attention_rows=N)",
+    )
+    parser.add_argument(
+        "--library-attention",
+        default="",
+        help="streams: counts also measured with the library's attention kernel "
+        "(generation.reduced_attention_rows=0)",
     )
     parser.add_argument(
         "--sdpa",
@@ -1454,6 +1485,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="fast-path calls before timing (compilation)")
     parser.add_argument("--batch-size", type=int, default=16, help="generation.batch_size outside streams")
     parser.add_argument("--strategies", default=None, help="comma-separated specs (default: every strategy)")
+    parser.add_argument(
+        "--free-lengths",
+        action="store_true",
+        help="strategies: answers may end before --new-tokens (default: every answer decodes that many, "
+        "so the latencies compare the same work)",
+    )
     parser.add_argument("--strategy-docs", type=int, default=None)
     parser.add_argument("--probes", type=int, default=None)
     parser.add_argument(
@@ -1512,6 +1549,8 @@ def main(argv: list[str] | None = None) -> int:
         "not_ahead",
         "ahead",
         "reduced",
+        "reduced_attention",
+        "library_attention",
         "grouped",
         "sdpa",
         "host_check",
@@ -1562,6 +1601,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dtype": str(backbone.dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(),
                 "new_tokens": args.new_tokens,
+                "strategy_answers_of_equal_length": not args.free_lengths,
                 "streams": args.streams,
                 "fused_projections": backbone.generation.fused_projections,
                 "inductor_options": args.inductor,

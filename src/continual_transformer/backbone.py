@@ -228,7 +228,7 @@ class Backbone:
         self._taps: dict[tuple[int, bool, int], _Tap] = {}  # capture hooks standing in for per-call captures
         self._adder_taps: dict[tuple[int, int], _AdderTap] = {}  # hooks standing in for per-call adders
         # static KV caches of the lean loop, by (batch, length)
-        self._lean_caches: dict[tuple[int, int], Any] = {}
+        self._lean_caches: dict[tuple[int, int], tuple[Any, bool]] = {}  # (cache, paired_cache setting)
         self._lean_steps: dict[str, Any] = {}  # the lean loop's decoding step, compiled once per compile mode
         self._lean_mode: str | None = None  # the compile mode of the lean step (None: not yet chosen)
         # inductor options of the lean step (torch.compile's ``options``), e.g. coordinate_descent_tuning: a
@@ -334,6 +334,11 @@ class Backbone:
     def max_length(self) -> int:
         config = self.model.config
         return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        """The model's modules as a flat tuple (``model.modules()`` order): the same tuple object, walked
+        again only after some module's children changed, so a caller may key what it derives on it."""
+        return self._walk(self.model)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -619,7 +624,8 @@ class Backbone:
 
     def _few_rows(self, mode: str, rows: int | None, limit: int) -> bool:
         """Whether the compiled steps of a call of ``rows`` rows on a GPU fall under a setting's ``limit`` of
-        rows (``generation.tuned_rows``, ``generation.reduced_rows``)."""
+        rows (``generation.tuned_rows``, ``generation.reduced_rows``,
+        ``generation.reduced_attention_rows``)."""
         return mode != "plain" and self.device.type == "cuda" and rows is not None and rows <= limit
 
     @contextmanager
@@ -664,7 +670,7 @@ class Backbone:
         from continual_transformer.modules.grouped_attention import register
 
         config._attn_implementation = register(
-            reduced=self._few_rows(mode, rows, self.generation.reduced_rows)
+            reduced=self._few_rows(mode, rows, self.generation.reduced_attention_rows)
         )
         try:
             yield
@@ -711,18 +717,23 @@ class Backbone:
         return drafts
 
     def _lean_cache(self, batch_size: int, length: int) -> Any:
-        """A reset static KV cache for ``batch_size`` rows of ``length`` positions, kept for later calls (a
-        compiled step guards on the cache object: a new one of the same shape would be traced again)."""
+        """A reset static KV cache for ``batch_size`` rows of ``length`` positions (its layers paired where
+        ``generation.paired_cache`` says so), kept for later calls (a compiled step guards on the cache
+        object: a new one of the same shape would be traced again)."""
         from transformers import StaticCache
 
-        key = (batch_size, length)
-        cache = self._lean_caches.pop(key, None)
-        if cache is None:
+        from continual_transformer.modules.paired_cache import pair_layers
+
+        key, pair = (batch_size, length), self.generation.paired_cache
+        cache, made_paired = self._lean_caches.pop(key, (None, pair))
+        if cache is None or made_paired != pair:
             cache = StaticCache(config=self.model.config, max_cache_len=length)
+            if pair:
+                pair_layers(cache, self.model.config)
             self._lean_graphs.pop(key, None)  # a graph recorded on an earlier cache of this shape
         else:
             cache.reset()
-        self._lean_caches[key] = cache  # most recently used last
+        self._lean_caches[key] = (cache, pair)  # most recently used last
         while len(self._lean_caches) > _LEAN_CACHES:
             self._lean_graphs.pop(next(iter(self._lean_caches)), None)
             self._lean_caches.pop(next(iter(self._lean_caches)))
@@ -967,6 +978,7 @@ class Backbone:
         )
 
         reuse = not capture and self._reuses_prompt(rows, gen_config)
+        from continual_transformer.modules.paired_cache import counters
 
         def prompt(chunk: _Chunk) -> None:  # the prompt from the chunk's buffers, the first token picked
             logits, position = self._prefill(
@@ -992,14 +1004,15 @@ class Backbone:
             return at if last_position is None else at.clamp(max=last_position)
 
         def run(chunk: _Chunk) -> None:
+            length_counters = counters(cache)  # after the prompt pass put them on the device
             for _ in range(steps):
                 if speculate:
                     draft = chunk.draft(speculate, ngram)
                     tokens = torch.cat([chunk.token, draft], dim=1)
                     logits = step(tokens, positions(chunk), chunk.mask, cache)
                     rejected = chunk.accept(logits, draft)
-                    for layer in cache.layers:  # a tensor operand: no host read while recording
-                        layer.cumulative_length.sub_(rejected)
+                    for counter in length_counters:  # a tensor operand: no host read while recording
+                        counter.sub_(rejected)
                 else:
                     chunk.pick(step(chunk.token, positions(chunk), chunk.mask, cache))
                     chunk.position.add_(1)
@@ -1504,7 +1517,8 @@ class _ModuleWalk:
     """A model's modules as a flat tuple, walked again only when some module's children changed (checked
     flat, module by module, without the recursive walk of ``modules()``): what every decoding call checks
     (hooks, module types, the structure a recorded graph depends on, the groups to fuse) reads it. The last
-    two walks are kept: a decoding call meets its model with and without the fused layers in place."""
+    three walks are kept: a decoding call meets its model with and without the fused layers in place, and a
+    strategy that swaps layers in for its answers (``lora``'s merged layers) looks at it before."""
 
     def __init__(self) -> None:
         self._walks: list[tuple[tuple[nn.Module, ...], tuple[tuple[int, ...], ...]]] = []
@@ -1518,7 +1532,7 @@ class _ModuleWalk:
         modules = tuple(model.modules())
         # the walk holds every module it lists, so no id in it can be reused by a new module while it is kept
         children = tuple(tuple(map(id, m._modules.values())) for m in modules)
-        self._walks = [(modules, children), *self._walks[:1]]
+        self._walks = [(modules, children), *self._walks[:2]]
         return modules
 
 

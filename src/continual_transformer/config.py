@@ -151,12 +151,24 @@ class GenerationConfig:
     (``benchmarks/results/speed/h200-5``, ``h200-6``). Same tokens up to rounding."""
     reduced_rows: int = 1
     """On a GPU, compiled decoding steps of up to this many rows compute every linear layer of a Llama-style
-    layer and the attention of the new token as multiply-and-sum reductions the compiler generates (and joins
-    with the elementwise work around them: norms, rotary embedding, activation, residual additions), instead
-    of library matrix products and attention kernels that are mostly launch at this size
-    (:func:`~continual_transformer.modules.fused_linear.reduced_product`, with ``decode_attention`` grouped);
-    0: never. H200, bf16, one stream: 1.08x the new tokens/s, a decoding step 0.87 ms against 1.17 ms
-    (``benchmarks/results/speed/h200-8``; more rows not measured yet). Same tokens up to rounding."""
+    layer as multiply-and-sum reductions the compiler generates (and joins with the elementwise work around
+    them: norms, rotary embedding, activation, residual additions), instead of library matrix products that
+    are mostly launch at this size (:func:`~continual_transformer.modules.fused_linear.reduced_product`);
+    0: never. Each row reads every weight, so this is for few rows. H200, bf16, one stream, with the
+    attention reduced too (``reduced_attention_rows``): 1.08x the new tokens/s, a decoding step 0.87 ms
+    against 1.17 ms (``benchmarks/results/speed/h200-8``; more rows not measured yet). Same tokens up to
+    rounding."""
+    reduced_attention_rows: int = 1
+    """On a GPU, compiled decoding steps of up to this many rows (with ``decode_attention`` grouped) compute
+    the new token's attention as generated multiply-and-sum reductions with a softmax
+    (:func:`~continual_transformer.modules.grouped_attention.reduced_attention`) instead of a library
+    attention kernel, whose tiles are built for many queries where decoding has one per row; 0: never.
+    Unlike the products (``reduced_rows``), each row reads its own keys and values, so this does not
+    multiply reads with the rows. Same tokens up to rounding."""
+    paired_cache: bool = True
+    """The ``static`` and ``compiled`` backends keep each layer's cached keys and values as the two halves of
+    one tensor, so a step writes both with one copy (one kernel per layer, where two tensors take two:
+    :mod:`~continual_transformer.modules.paired_cache`). Same tokens."""
     ahead_rows: int = 8
     """On a GPU, calls of up to this many rows replay their recorded chunks of decoding steps with the next
     chunk queued before the last one's progress is read, so the GPU does not wait for the host between
@@ -195,6 +207,7 @@ class GenerationConfig:
         _check(self.speculative_ngram >= 1, "generation.speculative_ngram", "must be >= 1")
         _check(self.tuned_rows >= 0, "generation.tuned_rows", "must be >= 0")
         _check(self.reduced_rows >= 0, "generation.reduced_rows", "must be >= 0")
+        _check(self.reduced_attention_rows >= 0, "generation.reduced_attention_rows", "must be >= 0")
         _check(self.ahead_rows >= 0, "generation.ahead_rows", "must be >= 0")
         _check(
             self.decode_attention in ("auto", "sdpa", "grouped"),

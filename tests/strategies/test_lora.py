@@ -104,3 +104,15 @@ def test_answers_decode_merged_layers_as_the_wrapped_ones(tokenizer, arch, tmp_p
         PROBE, max_new_tokens=8
     )
     assert [layer for *_, layer in ct.strategy._merged] != merged, "rebuilt after the adapters changed"
+
+
+def test_the_wrapped_layers_are_listed_again_only_when_the_model_changes(tokenizer):
+    ct = build(tokenizer, "llama")
+    ct.learn_document(DOC)
+    listed = ct.strategy._wrapped_layers()
+    ct.strategy.generate(PROBE[:1], max_new_tokens=2)
+    assert ct.strategy._wrapped_layers() is listed, "kept across answers (merged layers swapped in and out)"
+    parent, child, wrapper = listed[0]
+    parent._modules[child] = wrapper.get_base_layer()  # one layer unwrapped behind the strategy's back
+    relisted = ct.strategy._wrapped_layers()
+    assert len(relisted) == len(listed) - 1 and all(w is not wrapper for *_, w in relisted)

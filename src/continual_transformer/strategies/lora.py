@@ -96,6 +96,9 @@ class LoraStrategy(TrainingStrategy):
         self._initial = {n: p.detach().clone() for n, p in self._params.items()}
         self._merged: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
         self._merged_key: tuple[Any, ...] | None = None
+        # the wrapped layers, (parent, child name, wrapper), listed again when the model's modules change
+        self._wrapped: list[tuple[nn.Module, str, LoraLayer]] = []
+        self._wrapped_walk: tuple[nn.Module, ...] | None = None
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self._params
@@ -123,35 +126,54 @@ class LoraStrategy(TrainingStrategy):
 
     @contextmanager
     def _merged_layers(self) -> Iterator[None]:
-        """Each wrapped projection replaced by its merged copy while inside, the wrappers back after."""
+        """Each wrapped projection replaced by its merged copy while inside, the wrappers back after (straight
+        into the parents' children: every answer swaps them in and out)."""
         self._refresh_merged()
         for parent, child, _, merged in self._merged:
-            setattr(parent, child, merged)
+            parent._modules[child] = merged
         try:
             yield
         finally:
             for parent, child, wrapper, _ in self._merged:
-                setattr(parent, child, wrapper)
+                parent._modules[child] = wrapper
+
+    def _wrapped_layers(self) -> list[tuple[nn.Module, str, LoraLayer]]:
+        """(parent, child name, wrapper) of every LoRA-wrapped layer, listed again only when the model's
+        modules changed (:meth:`Backbone.modules`)."""
+        walk = self.backbone.modules()
+        if walk is not self._wrapped_walk:
+            model = self.backbone.model
+            wrapped = []
+            for name, module in model.named_modules():
+                if isinstance(module, LoraLayer):
+                    parent_name, _, child = name.rpartition(".")
+                    wrapped.append(
+                        (model.get_submodule(parent_name) if parent_name else model, child, module)
+                    )
+            self._wrapped, self._wrapped_walk = wrapped, walk
+        return self._wrapped
 
     def _refresh_merged(self) -> None:
         """(Re)build the merged copies when an adapter or base weight changed since they were made (a load
         or a reset writes in place and bumps the tensor's version; a fused optimiser step does not, so every
         training of the backbone counts as a change)."""
-        layers = [(name, m) for name, m in self.backbone.model.named_modules() if isinstance(m, LoraLayer)]
+        wrapped = self._wrapped_layers()
         key = tuple(
-            (id(m), p.data_ptr(), p._version)
-            for _, m in layers
-            for p in (*m.get_base_layer().parameters(), *m.lora_A.parameters(), *m.lora_B.parameters())
+            (id(w), p.data_ptr(), p._version)
+            for _, _, w in wrapped
+            for p in (
+                *w.get_base_layer()._parameters.values(),
+                *(w.lora_A[ADAPTER]._parameters.values() if ADAPTER in w.lora_A else ()),
+                *(w.lora_B[ADAPTER]._parameters.values() if ADAPTER in w.lora_B else ()),
+            )
+            if p is not None
         ) + (self.backbone.trainings,)
         if key == self._merged_key:
             return
         merged = []
         # plain tensors even when first made inside inference mode (generate)
-        model = self.backbone.model
         with torch.inference_mode(False), torch.no_grad():
-            for name, wrapper in layers:
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
+            for parent, child, wrapper in wrapped:
                 layer = copy.deepcopy(wrapper.get_base_layer())
                 for param in layer.parameters():
                     param.requires_grad_(False)
@@ -196,6 +218,7 @@ class LoraStrategy(TrainingStrategy):
             )
         self._params = {}
         self._merged, self._merged_key = [], None
+        self._wrapped, self._wrapped_walk = [], None
 
     def stats(self) -> StrategyStats:
         n = sum(p.numel() for p in self._params.values())
