@@ -143,7 +143,8 @@ def streams(
     ``generation.reduced_rows`` set to the count (rows ``<backend>_ahead``, ``<backend>_reduced``),
     ``--reduced-attention`` with ``generation.reduced_attention_rows`` set to the count and
     ``--library-attention`` with it at 0 (rows ``<backend>_reduced_attention``,
-    ``<backend>_library_attention``), ``--grouped`` counts with the
+    ``<backend>_library_attention``), ``--unpaired`` counts with keys and values cached in two tensors
+    (``generation.paired_cache=false``, row ``<backend>_unpaired``), ``--grouped`` counts with the
     grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
     shared, loaded machine's drift then falls on both alike)."""
@@ -253,6 +254,7 @@ def streams(
     comparisons += [
         (n, "library_attention", {"reduced_attention_rows": 0}, {}) for n in args.library_attention
     ]
+    comparisons += [(n, "unpaired", {"paired_cache": False}, {}) for n in args.unpaired]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     for n, name, changes, options in comparisons:
@@ -1183,6 +1185,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             ("reduced", f"reduced_rows={n} vs as configured", True),
             ("reduced_attention", f"reduced_attention_rows={n} vs as configured", True),
             ("library_attention", "as configured vs reduced_attention_rows=0", False),
+            ("unpaired", "as configured vs paired_cache=false", False),
             ("grouped", "grouped decoding attention vs as configured", True),
             ("sdpa", f"decode_attention={row.get('decode_attention')} vs sdpa", False),
         )
@@ -1445,6 +1448,12 @@ def main(argv: list[str] | None = None) -> int:
         "(generation.reduced_attention_rows=N)",
     )
     parser.add_argument(
+        "--unpaired",
+        default="",
+        help="streams: counts also measured with keys and values cached in two tensors "
+        "(generation.paired_cache=false)",
+    )
+    parser.add_argument(
         "--library-attention",
         default="",
         help="streams: counts also measured with the library's attention kernel "
@@ -1551,6 +1560,7 @@ def main(argv: list[str] | None = None) -> int:
         "reduced",
         "reduced_attention",
         "library_attention",
+        "unpaired",
         "grouped",
         "sdpa",
         "host_check",

@@ -97,8 +97,10 @@ elif [ "${TARGETS:-}" = all ]; then
   # knowledge part's compiled processes compile first: at 440 s they were cut off (h200-8/d-final/), so
   # give it a call of its own (fastpath_knowledge.sh; up to ten minutes in h200-7/) where the check matters:
   #   TARGETS=all KNOWLEDGE=1 bash benchmarks/runs/speed.sh 480
-  part streams $(( limit * 44 / 100 )) --sections streams --streams 1,64,256 --eager-streams 1 \
-    --host-check none --new-tokens 64 --not-ahead 1
+  # STREAMS_EXTRA adds speed.py options to the streams part (comparisons such as --unpaired 1,64), and
+  # STREAMS_SHARE sets its share of the time (default 44%).
+  part streams $(( limit * ${STREAMS_SHARE:-44} / 100 )) --sections streams --streams 1,64,256 \
+    --eager-streams 1 --host-check none --new-tokens 64 --not-ahead 1 ${STREAMS_EXTRA:-}
   part learning-finetune-graphs $(( limit * 20 / 100 )) --sections learn_many --learn-specs finetune \
     --many 1000 --sequential 1 --many-epochs 3 --fast-optim "$compiled:compile_mode=reduce-overhead"
   t=$(left)
