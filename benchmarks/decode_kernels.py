@@ -125,7 +125,8 @@ def profile_step(
 ) -> dict[str, Any]:
     """On a GPU: milliseconds of the compiled step replayed as a CUDA graph (what the recorded chunks run,
     without their token picking), of the eager prompt pass (``_prefill``) for the same rows, and the step's
-    kernels as the profiler sees them when it runs from the host (count and GPU microseconds of each, the longest first)."""
+    kernels as the profiler sees them when it runs from the host (count and GPU microseconds of each, the
+    longest first)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
