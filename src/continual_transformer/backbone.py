@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -567,10 +568,8 @@ class Backbone:
     def _cache_keyword(self) -> str | None:
         """The forward keyword of the KV cache (``cache`` in recent ``transformers``, ``past_key_values``
         before)."""
-        import inspect
-
-        params = inspect.signature(self.model.forward).parameters
-        return next((k for k in ("cache", "past_key_values") if k in params), None)
+        forward = self.model.forward
+        return next((k for k in ("cache", "past_key_values") if _accepts(forward, k)), None)
 
     def _lean_generate(
         self,
@@ -1148,6 +1147,8 @@ class Backbone:
         adders: list[_AdderTap] = []
         for module in self._walk(self.model):
             for hooks, inputs in ((module._forward_hooks, False), (module._forward_pre_hooks, True)):
+                if not hooks:  # most modules: nothing to look at
+                    continue
                 captures = {
                     key
                     for key, hook in hooks.items()
@@ -1521,17 +1522,18 @@ class _ModuleWalk:
     strategy that swaps layers in for its answers (``lora``'s merged layers) looks at it before."""
 
     def __init__(self) -> None:
-        self._walks: list[tuple[tuple[nn.Module, ...], tuple[tuple[int, ...], ...]]] = []
+        self._walks: list[tuple[tuple[nn.Module, ...], tuple[tuple[nn.Module | None, ...], ...]]] = []
 
     def __call__(self, model: nn.Module) -> tuple[nn.Module, ...]:
         for modules, children in self._walks:
+            # modules compare by identity: each tuple comparison is a pointer check per child
             if modules[0] is model and all(
-                tuple(map(id, m._modules.values())) == c for m, c in zip(modules, children)
+                (not m._modules and not c) or tuple(m._modules.values()) == c
+                for m, c in zip(modules, children)
             ):
                 return modules
         modules = tuple(model.modules())
-        # the walk holds every module it lists, so no id in it can be reused by a new module while it is kept
-        children = tuple(tuple(map(id, m._modules.values())) for m in modules)
+        children = tuple(tuple(m._modules.values()) for m in modules)
         self._walks = [(modules, children), *self._walks[:2]]
         return modules
 
@@ -1757,9 +1759,16 @@ _SPECULATIVE_STEPS = 4  # steps of prompt-lookup decoding per chunk (each makes 
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes a parameter ``name`` (a bound method is looked up by its function: the answer
+    is kept per function, and no model is kept alive by it)."""
+    return name in _parameter_names(getattr(fn, "__func__", fn))
+
+
+@functools.lru_cache(maxsize=256)
+def _parameter_names(fn: Callable[..., Any]) -> frozenset[str]:
     import inspect
 
-    return name in inspect.signature(fn).parameters
+    return frozenset(inspect.signature(fn).parameters)
 
 
 _TAP_KEY = -1_000_000  # the hook-dict key of a backbone tap (handle ids are positive)

@@ -255,3 +255,40 @@ def test_members_called_out_of_order_or_on_other_inputs_compute_their_own(tokeni
         fusion.remove()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_kept_walk_keeps_its_candidates_but_hooks_and_new_layers_still_count(tokenizer):
+    """Installed with the same walk of modules, the groups to look at are not searched for again; a hook
+    added since still leaves its layer alone, and a new walk (a layer swapped in) is searched again."""
+    from continual_transformer.backbone import _ModuleWalk
+
+    model = tiny_llama(tokenizer, layers=2)
+    walk = _ModuleWalk()
+    fusion = Fusion()
+    first = walk(model)
+    fusion.install(model, first)
+    fusion.remove()
+    assert walk(model) is first, "the fusion left the model's modules as they were"
+    hook = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, a, o: None)
+    fusion.install(model, walk(model))
+    try:
+        assert "model.layers.1.mlp.gate_proj" not in _fused_names(model), "a hooked layer keeps its product"
+        assert "model.layers.0.mlp.gate_proj" in _fused_names(model)
+    finally:
+        fusion.remove()
+    hook.remove()
+    attention = model.model.layers[0].self_attn
+    attention.k_proj = nn.Linear(attention.k_proj.in_features, attention.k_proj.out_features, bias=True)
+    second = walk(model)
+    assert second is not first
+    fusion.install(model, second)
+    try:
+        fused = _fused_names(model)
+    finally:
+        fusion.remove()
+    assert "model.layers.0.self_attn.q_proj" not in fused, "a member with a bias the others lack: unfused"
+    assert "model.layers.1.self_attn.q_proj" in fused and "model.layers.1.mlp.gate_proj" in fused
+    with pytest.raises(RuntimeError, match="installed already"):
+        fusion.install(model, second)
+        fusion.install(model, second)
+    fusion.remove()

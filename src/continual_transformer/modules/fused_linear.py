@@ -81,18 +81,28 @@ class FusedGroup:
 
     def current(self) -> bool:
         """Whether the parent still holds the layers this group was built from, unchanged in shape, dtype
-        and device (``model.to(...)`` keeps the modules and replaces their tensors)."""
-        weight = self.weight
-        if len(self.originals) == 1 and self.originals[0].weight.data_ptr() != weight.data_ptr():
+        and device (``model.to(...)`` keeps the modules and replaces their tensors). Every decoding call asks:
+        tensors are read from the modules' dictionaries, not through ``nn.Module.__getattr__``."""
+        weight = self.members[0]._buffers["fused_weight"]
+        no_bias = self.members[0]._buffers["fused_bias"] is None
+        children = self.parent._modules
+        if (
+            len(self.originals) == 1
+            and self.originals[0]._parameters["weight"].data_ptr() != weight.data_ptr()
+        ):
             return False  # the layer's weight was given other storage: a group of one reads the old one
-        return all(
-            self.parent._modules.get(n) is layer
-            and layer.weight.shape == (size, weight.shape[1])
-            and layer.weight.dtype == weight.dtype
-            and layer.weight.device == weight.device
-            and (layer.bias is None) == (self.bias is None)
-            for n, layer, size in zip(self.names, self.originals, self.sizes)
-        )
+        width, dtype, device = weight.shape[1], weight.dtype, weight.device
+        for name, layer, size in zip(self.names, self.originals, self.sizes):
+            own = layer._parameters["weight"]
+            if (
+                children.get(name) is not layer
+                or own.shape != (size, width)
+                or own.dtype != dtype
+                or own.device != device
+                or (layer._parameters.get("bias") is None) != no_bias
+            ):
+                return False
+        return True
 
     def refresh(self, stamp: object = None) -> None:
         """Copy the originals' current weights into the concatenated ones (one kernel per tensor), unless
@@ -109,7 +119,7 @@ class FusedGroup:
                 tuple(
                     (t._version, t.data_ptr())
                     for layer in self.originals
-                    for t in (layer.weight, layer.bias)
+                    for t in layer._parameters.values()  # weight and bias, without __getattr__
                     if t is not None
                 ),
             )
@@ -185,13 +195,15 @@ def _fusable(parent: nn.Module, names: Sequence[str]) -> list[nn.Linear] | None:
     layers = [parent._modules.get(name) for name in names]  # children only, without __getattr__
     if not all(type(layer) is nn.Linear for layer in layers):  # a wrapper (LoRA), int8, or missing
         return None
-    first = layers[0]
+    first = layers[0]._parameters["weight"]  # tensors from the dictionaries: every decoding call asks
+    no_bias = layers[0]._parameters.get("bias") is None
     for layer in layers:
         if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks:
             return None
-        if layer.in_features != first.in_features or (layer.bias is None) != (first.bias is None):
+        weight = layer._parameters["weight"]
+        if weight.shape[1] != first.shape[1] or (layer._parameters.get("bias") is None) != no_bias:
             return None
-        if layer.weight.dtype != first.weight.dtype or layer.weight.device != first.weight.device:
+        if weight.dtype != first.dtype or weight.device != first.device:
             return None
     return layers  # type: ignore[return-value]
 
@@ -205,6 +217,13 @@ class Fusion:
 
     def __init__(self) -> None:
         self.groups: dict[tuple[int, tuple[str, ...]], FusedGroup] = {}
+        # (modules, names looked for, the (parent, names) whose children are all plain linear layers): a
+        # walk of the same modules has the same candidates (a child's type cannot change without a new child)
+        self._plan: tuple[
+            Sequence[nn.Module], tuple[tuple[str, ...], ...], list[tuple[nn.Module, tuple[str, ...]]]
+        ]
+        self._plan = ((), (), [])
+        self._installed: list[FusedGroup] = []
 
     def install(
         self,
@@ -217,26 +236,34 @@ class Fusion:
         """Swap in the groups of ``model`` (``modules``: its modules when the caller has them listed). With
         ``reduced_rows``, products of up to that many rows are :func:`reduced_product` reductions, and the
         layers of :data:`SINGLES` stand in as groups of one. ``stamp``: see :meth:`FusedGroup.refresh`."""
-        if any(group.installed() for group in self.groups.values()):
+        if self._installed:
             raise RuntimeError("the fusion is installed already")
+        wanted = GROUPS + SINGLES if reduced_rows else GROUPS
+        walk, looked_for, candidates = self._plan
+        if modules is None or walk is not modules or looked_for != wanted:
+            candidates = [
+                (parent, names)
+                for parent in (model.modules() if modules is None else modules)
+                if parent._modules
+                for names in wanted
+                if all(type(parent._modules.get(name)) is nn.Linear for name in names)
+            ]
+            self._plan = (modules if modules is not None else (), wanted, candidates)
         active: dict[tuple[int, tuple[str, ...]], FusedGroup] = {}
-        for parent in model.modules() if modules is None else modules:
-            if not parent._modules:
+        for parent, names in candidates:
+            layers = _fusable(parent, names)
+            if layers is None:
                 continue
-            for names in GROUPS + SINGLES if reduced_rows else GROUPS:
-                layers = _fusable(parent, names)
-                if layers is None:
-                    continue
-                key = (id(parent), names)
-                group = self.groups.get(key)
-                if group is None or group.parent is not parent or not group.current():
-                    group = FusedGroup(parent, names, layers)
-                active[key] = group
+            key = (id(parent), names)
+            group = self.groups.get(key)
+            if group is None or group.parent is not parent or not group.current():
+                group = FusedGroup(parent, names, layers)
+            active[key] = group
         # groups not installed this time (a group of one where products are not reduced) are kept while their
         # layers stand: a later call builds nothing again, and its recorded graphs see the same modules
         kept = {k: g for k, g in self.groups.items() if k not in active and g.current()}
         self.groups = {**kept, **active}
-        installed = []
+        installed: list[FusedGroup] = []
         try:
             for group in active.values():
                 group.reduced_rows = reduced_rows
@@ -247,9 +274,10 @@ class Fusion:
             for group in installed:
                 group.remove()
             raise
-        return installed
+        self._installed = installed
+        return list(installed)
 
     def remove(self) -> None:
-        for group in self.groups.values():
-            if group.installed():
-                group.remove()
+        for group in self._installed:
+            group.remove()
+        self._installed = []
