@@ -164,11 +164,15 @@ class GenerationConfig:
     (:func:`~continual_transformer.modules.grouped_attention.reduced_attention`) instead of a library
     attention kernel, whose tiles are built for many queries where decoding has one per row; 0: never.
     Unlike the products (``reduced_rows``), each row reads its own keys and values, so this does not
-    multiply reads with the rows. Same tokens up to rounding."""
+    multiply reads with the rows. H200, bf16: 0.92x the new tokens/s of the library kernel at 64 streams,
+    0.73x at 256 (``benchmarks/results/speed/h200-9``), hence one row. Same tokens up to rounding."""
     paired_cache: bool = True
     """The ``static`` and ``compiled`` backends keep each layer's cached keys and values as the two halves of
-    one tensor, so a step writes both with one copy (one kernel per layer, where two tensors take two:
-    :mod:`~continual_transformer.modules.paired_cache`). Same tokens."""
+    one tensor, written with one copy, and the layers of a cache share one length counter, advanced once per
+    step where each layer advanced its own (:mod:`~continual_transformer.modules.paired_cache`). H200,
+    bf16, one row: 393 kernels a decoding step against 422 (the counters' 30 updates become one; the keys'
+    rotary embedding stays a kernel of its own), 0.900 ms against 0.965; 64 streams within noise (0.98x;
+    ``benchmarks/results/speed/h200-9``). Same tokens."""
     ahead_rows: int = 8
     """On a GPU, calls of up to this many rows replay their recorded chunks of decoding steps with the next
     chunk queued before the last one's progress is read, so the GPU does not wait for the host between
