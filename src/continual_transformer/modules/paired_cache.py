@@ -4,9 +4,10 @@ Hugging Face's ``StaticLayer`` writes a step's new keys and its new values into 
 own length counter, where a decoding step of a small model on a GPU is bound by how many kernels it
 launches. A :class:`PairedLayer` keeps keys and values as the two halves of one (2, B, KV, L, D) tensor,
 written with one ``index_copy_``, and the layers of one cache share one counter that only the last layer
-advances, after every layer has read it: one counter update per step instead of one per layer. ``keys``, ``values`` and ``cumulative_length`` stay (views of the halves, the shared
-counter), so whatever reads or fills a static layer (prompt reuse, ``reset``) works unchanged; only a rewind
-must move the shared counter once (:func:`counters`). :func:`pair_layers` swaps them into a ``StaticCache``.
+advances, after every layer has read it: one counter update per step instead of one per layer. ``keys``,
+``values`` and ``cumulative_length`` stay (views of the halves, the shared counter), so whatever reads or
+fills a static layer (prompt reuse, ``reset``) works unchanged; only a rewind must move the shared counter
+once (:func:`counters`). :func:`pair_layers` swaps them into a ``StaticCache``.
 """
 
 from __future__ import annotations
