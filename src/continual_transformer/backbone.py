@@ -967,6 +967,7 @@ class Backbone:
         chunk = self._lean_graphs.get(key) if capture else None
         from continual_transformer.modules.grouped_attention import NAME as GROUPED
         from continual_transformer.modules.grouped_attention import REDUCED
+        from continual_transformer.modules.paired_cache import counters
 
         # attention implementations that take a (B, 1, T, L) additive mask (the prompt pass can be recorded)
         square = getattr(self.model.config, "_attn_implementation", None) in (
@@ -977,7 +978,6 @@ class Backbone:
         )
 
         reuse = not capture and self._reuses_prompt(rows, gen_config)
-        from continual_transformer.modules.paired_cache import counters
 
         def prompt(chunk: _Chunk) -> None:  # the prompt from the chunk's buffers, the first token picked
             logits, position = self._prefill(

@@ -209,13 +209,8 @@ class LoraStrategy(TrainingStrategy):
 
     def close(self) -> None:
         """Replace every LoRA-wrapped layer by its base layer."""
-        model = self.backbone.model
-        wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
-        for name, module in wrapped:
-            parent_name, _, child = name.rpartition(".")
-            setattr(
-                model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer()
-            )
+        for parent, child, wrapper in self._wrapped_layers():
+            setattr(parent, child, wrapper.get_base_layer())
         self._params = {}
         self._merged, self._merged_key = [], None
         self._wrapped, self._wrapped_walk = [], None
