@@ -144,7 +144,9 @@ def streams(
     ``--reduced-attention`` with ``generation.reduced_attention_rows`` set to the count and
     ``--library-attention`` with it at 0 (rows ``<backend>_reduced_attention``,
     ``<backend>_library_attention``), ``--unpaired`` counts with keys and values cached in two tensors
-    (``generation.paired_cache=false``, row ``<backend>_unpaired``), ``--grouped`` counts with the
+    (``generation.paired_cache=false``, row ``<backend>_unpaired``), ``--efficient-attention`` counts
+    with the memory-efficient attention kernel (``generation.decode_attention_kernel=efficient``, row
+    ``<backend>_efficient_attention``), ``--grouped`` counts with the
     grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
     shared, loaded machine's drift then falls on both alike)."""
@@ -255,6 +257,10 @@ def streams(
         (n, "library_attention", {"reduced_attention_rows": 0}, {}) for n in args.library_attention
     ]
     comparisons += [(n, "unpaired", {"paired_cache": False}, {}) for n in args.unpaired]
+    comparisons += [
+        (n, "efficient_attention", {"decode_attention_kernel": "efficient"}, {})
+        for n in args.efficient_attention
+    ]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     for n, name, changes, options in comparisons:
@@ -940,6 +946,9 @@ def tasks(
             "examples_per_s": len(rows) / seconds,
             "train_seconds": report.train_seconds,
             "train_examples_per_s": len(rows) / report.train_seconds,
+            "phase_seconds": report.extra.get("phase_seconds"),
+            "final_loss": report.final_loss,
+            "share_prefix": tasks_config.share_prefix,
             "warmup_task_seconds": first_s,
         }
         logger.info(
@@ -1186,6 +1195,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             ("reduced_attention", f"reduced_attention_rows={n} vs as configured", True),
             ("library_attention", "as configured vs reduced_attention_rows=0", False),
             ("unpaired", "as configured vs paired_cache=false", False),
+            ("efficient_attention", "decode_attention_kernel=efficient vs as configured", True),
             ("grouped", "grouped decoding attention vs as configured", True),
             ("sdpa", f"decode_attention={row.get('decode_attention')} vs sdpa", False),
         )
@@ -1454,6 +1464,12 @@ def main(argv: list[str] | None = None) -> int:
         "(generation.paired_cache=false)",
     )
     parser.add_argument(
+        "--efficient-attention",
+        default="",
+        help="streams: counts also measured with the grouped decoding attention held to the memory-efficient "
+        "kernel (generation.decode_attention_kernel=efficient)",
+    )
+    parser.add_argument(
         "--library-attention",
         default="",
         help="streams: counts also measured with the library's attention kernel "
@@ -1561,6 +1577,7 @@ def main(argv: list[str] | None = None) -> int:
         "reduced_attention",
         "library_attention",
         "unpaired",
+        "efficient_attention",
         "grouped",
         "sdpa",
         "host_check",

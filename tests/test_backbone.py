@@ -8,6 +8,7 @@ import torch
 from conftest import build_tokenizer, fast_config, make_backbone, tiny_gpt2, tiny_llama
 
 from continual_transformer.backbone import (
+    SCORED_ROWS,
     Backbone,
     ScoringBatch,
     ScoringHooks,
@@ -80,6 +81,16 @@ def test_scoring_batches_grow_with_a_gpus_free_memory(backbone, monkeypatch):
     for free, expected in ((0, 8192), (8 * 12 * vocab * 20000, 20000), (10**15, 65536)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 2 * free))
         assert backbone.scoring_tokens(8192) == expected
+    # without hooks the head scores a slice at a time: batches hold activations, not every position's scores
+    hidden = backbone.model.config.hidden_size
+    scores = 8 * 12 * vocab * SCORED_ROWS
+    monkeypatch.setattr(Backbone, "_split_head", lambda self: ("body", "head"))
+    for free, expected in ((scores, 8192), (scores + 8 * 64 * hidden * 30000, 30000), (10**15, 65536)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 2 * free))
+        assert backbone.scoring_tokens(8192, hooks=False) == expected
+    monkeypatch.setattr(Backbone, "_split_head", lambda self: None)  # a model that does not split
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (scores + 8 * 64 * hidden * 30000, 0))
+    assert backbone.scoring_tokens(8192, hooks=False) == backbone.scoring_tokens(8192) != 30000
 
 
 def test_padded_scoring_batches_score_every_text_as_unpadded_ones(backbone, monkeypatch):
@@ -388,3 +399,53 @@ def test_module_walk_is_walked_again_only_when_a_module_changed(tokenizer):
     model.model.layers[1].mlp.extra = torch.nn.Identity()  # a module added anywhere
     assert list(walk(model)) == list(model.modules())
     assert walk(tiny_llama(tokenizer, layers=1))[0] is not model  # another model: its own walk
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_scoring_runs_the_head_only_where_a_token_is_scored_and_scores_as_the_whole_model(tokenizer, family):
+    """Plain scoring runs the model's body, then its head at the scored positions only: the per-token
+    NLLs equal those of the whole model's logits bit for bit (float32), rows of every length alike."""
+    backbone = make_backbone(tokenizer, arch=family)
+    texts = ["The capital of Veloria is Tarnhelm.", "short", "", "A quick brown fox jumps over the lazy dog."]
+    contexts = ["", "Veloria", "ctx", "The"]
+    assert backbone._split_head() is not None
+    calls = []
+    head = backbone.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    split = backbone.token_nll(texts, contexts=contexts, batch_size=4)
+    handle.remove()
+    scored = sum(v.numel() for v in split)
+    assert calls == [scored]  # one head product over the scored positions, none for padding or contexts
+    backbone._split = (backbone._split[0], None)  # whole logits, as for a model that does not split
+    whole = backbone.token_nll(texts, contexts=contexts, batch_size=4)
+    assert [v.shape for v in split] == [v.shape for v in whole] and split[2].numel() == 0
+    for a, b in zip(split, whole):
+        assert torch.equal(a, b)
+
+
+def test_a_model_whose_logits_are_not_its_heads_output_is_scored_whole(tokenizer):
+    """A model that changes its logits after the head (a scale, a cap), or carries a hook of its own, is not
+    split: scoring runs the whole model and sees the change."""
+    backbone = make_backbone(tokenizer)
+    text = ["The capital of Veloria is Tarnhelm."]
+    plain = backbone.token_nll(text)[0]
+    handle = backbone.model.register_forward_hook(
+        lambda m, args, kwargs, out: out.__setitem__("logits", out.logits * 0.5), with_kwargs=True
+    )
+    assert backbone._split_head() is None
+    halved = backbone.token_nll(text)[0]
+    assert not torch.allclose(plain, halved)
+    handle.remove()
+    forward = backbone.model.forward
+
+    def capped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = 2.0 * torch.tanh(out.logits / 2.0)
+        return out
+
+    backbone.model.forward = capped
+    assert backbone._split_head() is None
+    assert not torch.allclose(backbone.token_nll(text)[0], plain)
+    del backbone.model.forward
+    assert backbone._split_head() is not None
+    assert torch.equal(backbone.token_nll(text)[0], plain)

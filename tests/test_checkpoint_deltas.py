@@ -53,6 +53,46 @@ def test_delta_state_round_trips_bit_exactly_and_stores_only_changes():
         apply_delta_state({"rows@rows": torch.tensor([9]), "rows@row_values": torch.zeros(1, 4)}, base, "t")
 
 
+@pytest.mark.parametrize("group_values", [1, 40, 1 << 26])
+def test_delta_state_reads_its_decisions_once_per_group_and_stores_what_per_tensor_calls_store(
+    monkeypatch, group_values
+):
+    """Tensors are compared with their base in groups, one read of the counts per group; whatever the
+    grouping, the state is the one each tensor alone gives (empty tensors and scalars included)."""
+    import continual_transformer.strategies.base as base_module
+
+    torch.manual_seed(1)
+    base = {
+        "rows": torch.randn(8, 4),
+        "cols": torch.randn(4, 8),
+        "dense": torch.randn(5, 3),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.0),
+        "same": torch.randn(3),
+        "cube": torch.randn(2, 3, 4),
+    }
+    current = {k: v.clone() for k, v in base.items()}
+    current["rows"][6] += 1
+    current["cols"][:, [0, 7]] *= 2
+    current["dense"] -= 0.25
+    current["scalar"] += 1
+    current["cube"][1, 2, 3] = 0.5
+    alone = {}
+    for name in base:
+        alone.update(delta_state({name: current[name]}, {name: base[name]}, bits=8))
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(base_module, "_GROUP_VALUES", group_values)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
+    state = delta_state(current, base, bits=8)
+    assert len(reads) == len(base_module._groups(current))
+    assert len(reads) == {1: 6, 40: 4, 1 << 26: 1}[group_values]  # an empty tensor joins any group
+    assert state.keys() == alone.keys()
+    for key in state:
+        assert torch.equal(state[key], alone[key]), key
+    assert "empty" not in state and "same" not in state and "cube@rows" in state and "dense@q8" in state
+
+
 FAST_FINETUNE = {
     "learning_rate": 1e-2,
     "epochs": 20,

@@ -253,6 +253,8 @@ class Backbone:
         keys and values, merged copies) is made again after it, since a fused optimiser step writes them in
         place without bumping the tensors' versions."""
         self._kept_prompt: _KeptPrompt | None = None  # the last one-prompt call's prompt, its keys and values
+        # the model's body and head for scoring (:meth:`_split_head`), with the modules they were checked on
+        self._split: tuple[Any, tuple[nn.Module, nn.Module] | None] | None = None
         self.prefix_reused = {"calls": 0, "tokens": 0}  # prompt tokens not run again (a benchmark's figure)
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -669,7 +671,8 @@ class Backbone:
         from continual_transformer.modules.grouped_attention import register
 
         config._attn_implementation = register(
-            reduced=self._few_rows(mode, rows, self.generation.reduced_attention_rows)
+            reduced=self._few_rows(mode, rows, self.generation.reduced_attention_rows),
+            kernel=self.generation.decode_attention_kernel,
         )
         try:
             yield
@@ -965,17 +968,11 @@ class Backbone:
             else None
         )
         chunk = self._lean_graphs.get(key) if capture else None
-        from continual_transformer.modules.grouped_attention import NAME as GROUPED
-        from continual_transformer.modules.grouped_attention import REDUCED
+        from continual_transformer.modules.grouped_attention import names
         from continual_transformer.modules.paired_cache import counters
 
         # attention implementations that take a (B, 1, T, L) additive mask (the prompt pass can be recorded)
-        square = getattr(self.model.config, "_attn_implementation", None) in (
-            "sdpa",
-            "eager",
-            GROUPED,
-            REDUCED,
-        )
+        square = getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager", *names())
 
         reuse = not capture and self._reuses_prompt(rows, gen_config)
 
@@ -1289,17 +1286,23 @@ class Backbone:
             return width
         return min(width + (-width % SCORING_BUCKET), max(width, self.max_length))
 
-    def scoring_tokens(self, least: int = 8192, most: int = 65536) -> int:
+    def scoring_tokens(self, least: int = 8192, most: int = 65536, *, hooks: bool = True) -> int:
         """Positions one scoring batch of many texts may hold (rows times padded width): ``least`` on a
         CPU; on a GPU as many as an eighth of the free memory (the device's, and what PyTorch holds cached)
-        holds in next-token scores (about 12 bytes a position and vocabulary entry: the model's, a float32
-        copy, its log-softmax), from ``least`` to ``most``. Fewer, larger batches: an uncompiled pass pays its
-        launches per batch."""
+        holds, from ``least`` to ``most``. Fewer, larger batches: an uncompiled pass pays its launches per
+        batch. Rows scored with ``hooks`` hold next-token scores at every position (about 12 bytes a position
+        and vocabulary entry: the model's, a float32 copy, its log-softmax); without, where the model splits
+        in body and head (:meth:`_split_head`), only :data:`SCORED_ROWS` positions hold scores at a time and
+        the rest hold activations (about 64 bytes a position and hidden unit)."""
         if self.device.type != "cuda":
             return least
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return int(min(most, max(least, free // 8 // (12 * self._vocab_width()))))
+        share, scores = free // 8, 12 * self._vocab_width()
+        if not hooks and self._split_head() is not None:
+            hidden = int(getattr(self.model.config, "hidden_size", 0) or 4096)
+            return int(min(most, max(least, (share - SCORED_ROWS * scores) // (64 * hidden))))
+        return int(min(most, max(least, share // scores)))
 
     def next_token_scores(
         self, batch: ScoringBatch, hooks: ScoringHooks | None = None, positions: torch.Tensor | None = None
@@ -1354,12 +1357,54 @@ class Backbone:
                     rows=rows,
                     ids=[ids[i] for i in rows] if ids is not None else None,
                 )
-                nll = sequence_nll(self.next_token_scores(batch, group_hooks), batch.labels)  # (B, T-1)
-                nll = nll.float().cpu()  # sync: one per batch, the results leave the device
-                mask = (batch.labels[:, 1:] != IGNORE).cpu()
-                for i, row_nll, row_mask in zip(rows, nll, mask):
-                    results[i] = row_nll[row_mask]
+                split = self._split_head() if group_hooks is None else None
+                if split is not None:
+                    values = self._scored_nll(batch, *split)
+                else:
+                    nll = sequence_nll(self.next_token_scores(batch, group_hooks), batch.labels)  # (B, T-1)
+                    scored = batch.labels[:, 1:] != IGNORE
+                    values = nll[scored].cpu().split(scored.sum(dim=1).tolist())  # sync: one per batch
+                for i, row in zip(rows, values):
+                    results[i] = row
         return results
+
+    def _scored_nll(self, batch: ScoringBatch, body: nn.Module, head: nn.Module) -> tuple[torch.Tensor, ...]:
+        """Each row's per-token NLL (float32, on the CPU) from the model split in its body and its head
+        (:meth:`_split_head`): the head runs only at the positions that predict a scored token, in slices of
+        :data:`SCORED_ROWS` positions, so no (B, T, V) scores exist, padding costs no head product, and a
+        batch may hold many more positions."""
+        with varying_shape_attention(self.device):
+            hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        scored = batch.labels[:, 1:] != IGNORE  # (B, T-1)
+        picked, targets = hidden[:, :-1][scored], batch.labels[:, 1:][scored]
+        nll = torch.cat(
+            [token_nll(head(h), t) for h, t in zip(picked.split(SCORED_ROWS), targets.split(SCORED_ROWS))]
+        )
+        return nll.cpu().split(scored.sum(dim=1).tolist())  # sync: one per batch
+
+    def _split_head(self) -> tuple[nn.Module, nn.Module] | None:
+        """The model as (body, head) where its logits are exactly ``head(body(...).last_hidden_state)``
+        (``get_decoder()`` and ``get_output_embeddings()``; no scaling or capping after the head, no hook on
+        the model itself), checked on two tokens once per set of modules; ``None`` where they differ."""
+        model = self.model
+        if model._forward_hooks or model._forward_pre_hooks:
+            return None
+        key = (tuple(map(id, self._walk(model))), model.__dict__.get("forward"))
+        if self._split is not None and self._split[0] == key:
+            return self._split[1]
+        split = None
+        try:
+            body, head = model.get_decoder(), model.get_output_embeddings()
+            ids = torch.arange(2, device=self.device)[None, :]
+            with torch.no_grad():
+                whole = model(input_ids=ids).logits
+                parts = head(body(input_ids=ids).last_hidden_state)
+            if head is not None and torch.equal(whole, parts):
+                split = (body, head)
+        except Exception as exc:  # a model without the usual parts: the whole model scores
+            logger.debug("scoring through the whole model (%s)", exc)
+        self._split = (key, split)
+        return split
 
     def mean_nll(
         self,
@@ -1748,6 +1793,8 @@ traced again for each new length (padding is masked: the answers stay the same).
 its prompts as they are (on a CPU the padding would be real work)."""
 
 SCORING_BUCKET = 16
+SCORED_ROWS = 8192
+"""Positions whose next-token scores one head product computes when scoring (:meth:`Backbone._scored_nll`)."""
 """On a GPU scoring batches are right-padded to a multiple of this many tokens
 (:meth:`Backbone.scoring_width`): every new shape costs the matrix-product and attention libraries a plan of
 its own, and scoring a thousand documents sorted by length would otherwise meet a new width at almost every

@@ -166,6 +166,12 @@ class GenerationConfig:
     Unlike the products (``reduced_rows``), each row reads its own keys and values, so this does not
     multiply reads with the rows. H200, bf16: 0.92x the new tokens/s of the library kernel at 64 streams,
     0.73x at 256 (``benchmarks/results/speed/h200-9``), hence one row. Same tokens up to rounding."""
+    decode_attention_kernel: str = "auto"
+    """The library kernel of the grouped decoding attention (``decode_attention``) where a step's rows are
+    past ``reduced_attention_rows``: ``auto`` (PyTorch's choice: cuDNN's on an H100/H200), ``efficient``
+    (the memory-efficient kernel), ``cudnn`` or ``math``. Decoding reads one query row per key/value head
+    and row over a cache of a few hundred positions; the kernels differ in how they tile that. Same tokens
+    up to rounding."""
     paired_cache: bool = True
     """The ``static`` and ``compiled`` backends keep each layer's cached keys and values as the two halves of
     one tensor, written with one copy, and the layers of a cache share one length counter, advanced once per
@@ -217,6 +223,11 @@ class GenerationConfig:
             self.decode_attention in ("auto", "sdpa", "grouped"),
             "generation.decode_attention",
             f"must be auto, sdpa or grouped, got {self.decode_attention!r}",
+        )
+        _check(
+            self.decode_attention_kernel in ("auto", "efficient", "cudnn", "math"),
+            "generation.decode_attention_kernel",
+            f"must be auto, efficient, cudnn or math, got {self.decode_attention_kernel!r}",
         )
         _check(
             self.fused_projections in ("auto", "always", "never"),

@@ -56,10 +56,13 @@ class Example:
         return sum(1 for label in self.labels if label != IGNORE)
 
 
-def text_examples(backbone: Backbone, text: str, *, window: int, context: int) -> list[Example]:
+def text_examples(
+    backbone: Backbone, text: str, *, window: int, context: int, ids: Sequence[int] | None = None
+) -> list[Example]:
     """Windows of ``window`` tokens over ``text``; each window after the first re-reads ``context`` tokens
-    unscored."""
-    ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+    unscored. ``ids``: the text's :meth:`~Backbone.token_ids` when the caller has them (not tokenised
+    again)."""
+    ids = list(ids) if ids is not None else backbone.token_ids(text)
     bos = backbone.tokenizer.bos_token_id
     # A leading BOS gives the first tokens of a document a position-0 context, as in pretraining.
     prefix = [bos] if bos is not None and backbone.tokenizer.chat_template is None else []
@@ -73,9 +76,11 @@ def text_examples(backbone: Backbone, text: str, *, window: int, context: int) -
     return examples
 
 
-def window_examples(backbone: Backbone, text: str, windows: WindowArgs) -> list[Example]:
+def window_examples(
+    backbone: Backbone, text: str, windows: WindowArgs, ids: Sequence[int] | None = None
+) -> list[Example]:
     """:func:`text_examples` with the windowing of a strategy's ``windows:`` settings."""
-    return text_examples(backbone, text, window=windows.window, context=windows.context)
+    return text_examples(backbone, text, window=windows.window, context=windows.context, ids=ids)
 
 
 def exchange_examples(backbone: Backbone, pairs: Iterable[tuple[str, str]]) -> list[Example]:

@@ -17,12 +17,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "ctt_grouped_sdpa"
 """The attention implementation's name (``config._attn_implementation``) once :func:`register` ran."""
 
 REDUCED = "ctt_grouped_reduced"
 """The name of the same attention with the one-token case computed by :func:`reduced_attention`."""
+
+KERNELS = {
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+"""Library kernels the one-token case may be held to (:func:`register`'s ``kernel``; ``auto``: PyTorch
+picks)."""
+
+
+def names() -> tuple[str, ...]:
+    """Every name :func:`register` may return."""
+    return (NAME, REDUCED, *(f"{NAME}_{kernel}" for kernel in KERNELS))
 
 
 def grouped_sdpa_attention(
@@ -41,6 +55,7 @@ def grouped_sdpa_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     reduced = kwargs.pop("reduced", False)  # (:data:`REDUCED`) one-token queries by reduced_attention
+    kernel = kwargs.pop("kernel", "auto")  # the library kernel of one-token queries (:data:`KERNELS`)
     groups = int(getattr(module, "num_key_value_groups", 1))
     rows, heads, length, dim = query.shape
     if (
@@ -64,6 +79,9 @@ def grouped_sdpa_attention(
     grouped = query.reshape(rows, heads // groups, groups, dim)  # (B, KV, G, D): one row per query head
     if reduced and torch.compiler.is_compiling():  # generated reductions; uncompiled, the library kernel
         out = reduced_attention(grouped, key, value, attention_mask, scaling)
+    elif kernel in KERNELS:
+        with sdpa_kernel([KERNELS[kernel]]):
+            out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
     else:
         out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None  # (B, 1, H, D)
@@ -88,14 +106,20 @@ def reduced_attention(
     return (weights.unsqueeze(-1) * value.float().unsqueeze(2)).sum(-2).to(query.dtype)  # (B, KV, G, D)
 
 
-def register(*, reduced: bool = False) -> str:
+def register(*, reduced: bool = False, kernel: str = "auto") -> str:
     """Register :func:`grouped_sdpa_attention` (and ``sdpa``'s mask) under :data:`NAME`, or with ``reduced``
-    the same with :func:`reduced_attention` for one-token queries under :data:`REDUCED`; returns the name."""
+    the same with :func:`reduced_attention` for one-token queries under :data:`REDUCED`, or with a
+    ``kernel`` of :data:`KERNELS` the one-token case held to that library kernel under ``NAME_<kernel>``;
+    returns the name (each its own, so a compiled step traced with one is not reused for another)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    name = REDUCED if reduced else NAME
-    function = partial(grouped_sdpa_attention, reduced=True) if reduced else grouped_sdpa_attention
+    if reduced:
+        name, function = REDUCED, partial(grouped_sdpa_attention, reduced=True)
+    elif kernel in KERNELS:
+        name, function = f"{NAME}_{kernel}", partial(grouped_sdpa_attention, kernel=kernel)
+    else:
+        name, function = NAME, grouped_sdpa_attention
     AttentionInterface.register(name, function)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from continual_transformer.backbone import ScoringHooks
+from continual_transformer.clock import PhaseClock
 from continual_transformer.config import GateArgs
 from continual_transformer.errors import ConfigError, ContinualTransformerError
 
@@ -166,11 +167,15 @@ class Strategy(ABC):
         tokens, figures = [n for n, _ in added], [f for _, f in added]
         return shared_reports(documents, tokens, loss_before, loss_after, seconds, figures)
 
-    def _scoring(self, documents: Sequence[Document]) -> tuple[list[list[int]], int]:
-        """The documents' token ids and the positions per scoring batch, for :meth:`_document_nll` before and
-        after learning: one tokenisation, and both scored in the same batches."""
-        ids = self.backbone.token_ids_many([d.text for d in documents])
-        return ids, self.backbone.scoring_tokens(DOCUMENT_NLL_TOKENS)
+    def _scoring(
+        self, documents: Sequence[Document], ids: list[list[int]] | None = None
+    ) -> tuple[list[list[int]], int]:
+        """The documents' token ids (``ids`` when the caller has them) and the positions per scoring batch,
+        for :meth:`_document_nll` before and after learning: one tokenisation, and both scored in the same
+        batches."""
+        ids = self.backbone.token_ids_many([d.text for d in documents]) if ids is None else ids
+        hooks = type(self).scoring_hooks is not Strategy.scoring_hooks or self.relevance_gate is not None
+        return ids, self.backbone.scoring_tokens(DOCUMENT_NLL_TOKENS, hooks=hooks)
 
     def _document_nll(
         self, documents: Sequence[Document], ids: Sequence[list[int]], budget: int
@@ -458,21 +463,28 @@ class TrainingStrategy(Strategy):
         if not bits or base is None:
             return
         state: dict[str, torch.Tensor] = {}
-        for name, param in self.trainable_parameters().items():
-            # one tensor at a time, on the parameter's device (a base kept on the CPU is not rounded there)
-            one_base = {name: base[name].to(param.device)}
-            one = delta_state({name: param.detach()}, one_base, bits=bits)
-            if name + CODES[bits] in one:
-                param.detach().copy_(apply_delta_state(one, one_base, self.name)[name])
-            state.update(one)
+        params = self.trainable_parameters()
+        for group in _groups(params):
+            # a group at a time, on the parameters' device (a base kept on the CPU is not rounded there)
+            some_base = {name: base[name].to(params[name].device) for name in group}
+            some = delta_state({name: params[name].detach() for name in group}, some_base, bits=bits)
+            rounded = [name for name in group if name + CODES[bits] in some]
+            if rounded:
+                full = apply_delta_state(some, some_base, self.name)
+                for name in rounded:
+                    params[name].detach().copy_(full[name])
+            state.update(some)
         self._rounded = state
         self.weights_changed()
 
-    def training_examples(self, document: Document) -> tuple[list[Example], dict[str, Any]]:
-        """The examples of a document (default: its windows) and figures for the report."""
+    def training_examples(
+        self, document: Document, ids: Sequence[int] | None = None
+    ) -> tuple[list[Example], dict[str, Any]]:
+        """The examples of a document (default: its windows) and figures for the report. ``ids``: the
+        document's token ids when the caller has them."""
         from continual_transformer import training
 
-        return training.window_examples(self.backbone, document.text, self.config.windows), {}
+        return training.window_examples(self.backbone, document.text, self.config.windows, ids), {}
 
     def training_options(self, examples: Sequence[Example]) -> dict[str, Any]:
         """Extra keyword arguments of :func:`training.train` (``regularizer``, ``grad_hook``, ``loss_fn``)."""
@@ -506,12 +518,16 @@ class TrainingStrategy(Strategy):
             for examples in made
         ]
 
-    def _examples(self, documents: Sequence[Document]) -> list[tuple[list[Example], dict[str, Any]]]:
+    def _examples(
+        self, documents: Sequence[Document], ids: Sequence[list[int]] | None = None
+    ) -> list[tuple[list[Example], dict[str, Any]]]:
         """The examples of the configured objective (``next_token`` or ``context_distill``) and figures, per
-        document."""
+        document (``ids``: the documents' token ids when the caller has them)."""
         if getattr(self.config, "objective", "next_token") == "context_distill":
             return self.distill_examples(documents)
-        return [self.training_examples(d) for d in documents]
+        if ids is None:
+            return [self.training_examples(d) for d in documents]
+        return [self.training_examples(d, row) for d, row in zip(documents, ids)]
 
     def _train(self, examples: list[Example], description: str) -> list[float]:
         """One :func:`training.train` run over ``examples`` with the config's ``optim`` and this strategy's
@@ -567,9 +583,10 @@ class TrainingStrategy(Strategy):
         if len(documents) <= 1:
             return [self.learn(document) for document in documents]
         clock = PhaseClock()
-        made = self._examples(documents)
+        ids = self.backbone.token_ids_many([d.text for d in documents])  # one tokenisation for both
+        made = self._examples(documents, ids)
         examples = [e for ex, _ in made for e in ex]
-        scoring = self._scoring(documents)
+        scoring = self._scoring(documents, ids)
         clock.lap("examples")
         loss_before = self._document_nll(documents, *scoring)
         clock.lap("loss_before")
@@ -593,24 +610,6 @@ class TrainingStrategy(Strategy):
             [{"steps": len(losses), **f, "phase_seconds": clock.laps} for f in figures],
             step_losses=tuple(losses),
         )
-
-
-class PhaseClock:
-    """Wall seconds of the phases of one call, in order (``lap(name)`` ends a phase). Each phase ends with a
-    read of its results on the host, so the figures need no device synchronisation of their own."""
-
-    def __init__(self) -> None:
-        self._start = self._last = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self._last, 4)
-        self._last = now
-
-    @property
-    def total(self) -> float:
-        return self._last - self._start
 
 
 def shared_reports(
@@ -765,30 +764,81 @@ def delta_state(
     if bits not in DELTA_BITS:
         raise ValueError(f"bits must be one of {DELTA_BITS}, got {bits}")
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in current.items():
-        reference = base[name].to(device=tensor.device, dtype=tensor.dtype)
-        changed = _bits(tensor) != _bits(reference)
-        if not bool(changed.any()):  # sync: once per tensor per save
-            continue
-        if tensor.ndim == 0:
-            out[name] = tensor
-            continue
-        flat = changed.reshape(changed.shape[0], -1)
-        rows = flat.any(dim=1).nonzero().squeeze(1)
-        cols = changed.any(dim=0).reshape(-1).nonzero().squeeze(1) if tensor.ndim == 2 else None
-        limit = max_share * tensor.numel()
-        row_cost = rows.numel() * (tensor.numel() // max(tensor.shape[0], 1))
-        col_cost = cols.numel() * tensor.shape[0] if cols is not None else tensor.numel() + 1
-        if min(row_cost, col_cost) > limit:
-            if bits and tensor.ndim == 2 and tensor.is_floating_point():
-                change = tensor.float() - reference.float()
-                out[name + CODES[bits]], out[name + SCALE] = _quantize(change, bits)
-            else:
+    for group in _groups(current):
+        references = {
+            name: base[name].to(device=current[name].device, dtype=current[name].dtype) for name in group
+        }
+        counts = _change_counts({name: current[name] for name in group}, references)
+        for name in group:
+            tensor, reference = current[name], references[name]
+            changed_rows, changed_cols = counts[name]
+            if not changed_rows:
+                continue
+            if tensor.ndim == 0:
                 out[name] = tensor
-        elif row_cost <= col_cost:
-            out[name + ROWS], out[name + ROW_VALUES] = rows.to(torch.int64), tensor[rows]
+                continue
+            limit = max_share * tensor.numel()
+            row_cost = changed_rows * (tensor.numel() // max(tensor.shape[0], 1))
+            col_cost = changed_cols * tensor.shape[0] if tensor.ndim == 2 else tensor.numel() + 1
+            if min(row_cost, col_cost) > limit:
+                if bits and tensor.ndim == 2 and tensor.is_floating_point():
+                    change = tensor.float() - reference.float()
+                    out[name + CODES[bits]], out[name + SCALE] = _quantize(change, bits)
+                else:
+                    out[name] = tensor
+                continue
+            changed = _bits(tensor) != _bits(reference)
+            if row_cost <= col_cost:
+                rows = changed.reshape(changed.shape[0], -1).any(dim=1).nonzero().squeeze(1)
+                out[name + ROWS], out[name + ROW_VALUES] = rows.to(torch.int64), tensor[rows]
+            else:
+                cols = changed.any(dim=0).nonzero().squeeze(1)
+                out[name + COLS], out[name + COL_VALUES] = cols.to(torch.int64), tensor[:, cols]
+    return out
+
+
+_GROUP_VALUES = 1 << 26
+"""Values per group of tensors that :func:`delta_state` and rounding compare with their base at once (the
+base's copies on the tensors' device live as long as the group's work)."""
+
+
+def _groups(tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The names of ``tensors`` in order, in groups of up to :data:`_GROUP_VALUES` values (a larger tensor
+    alone)."""
+    most = _GROUP_VALUES
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        if groups[-1] and size + tensor.numel() > most:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += tensor.numel()
+    return [group for group in groups if group]
+
+
+def _change_counts(
+    current: dict[str, torch.Tensor], references: dict[str, torch.Tensor]
+) -> dict[str, tuple[int, int]]:
+    """Per tensor: how many of its rows (dim 0; a scalar is one row) and columns (dim 1 of a matrix; 0
+    otherwise) hold a value that differs bit for bit from its reference, computed on the tensors' devices and
+    read in one transfer per device (a wait per tensor costs a round of launches each on a GPU)."""
+    figures: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in current.items():
+        zero = torch.zeros((), dtype=torch.long, device=tensor.device)
+        changed = _bits(tensor) != _bits(references[name])
+        if tensor.numel() == 0:
+            rows, cols = zero, zero
+        elif tensor.ndim == 0:
+            rows, cols = changed.long(), zero
         else:
-            out[name + COLS], out[name + COL_VALUES] = cols.to(torch.int64), tensor[:, cols]
+            rows = changed.reshape(changed.shape[0], -1).any(dim=1).sum()
+            cols = changed.any(dim=0).sum() if tensor.ndim == 2 else zero
+        figures.setdefault(tensor.device, []).append((name, torch.stack([rows, cols])))
+    out: dict[str, tuple[int, int]] = {}
+    for named in figures.values():
+        read = torch.stack([counts for _, counts in named]).tolist()  # sync: once per device
+        out.update({name: (rows, cols) for (name, _), (rows, cols) in zip(named, read)})
     return out
 
 

@@ -621,10 +621,12 @@ class TTTStrategy(TrainingStrategy):
         )
         return rephrasings, pairs
 
-    def training_examples(self, document: Document) -> tuple[list[training.Example], dict[str, Any]]:
+    def training_examples(
+        self, document: Document, ids: Sequence[int] | None = None
+    ) -> tuple[list[training.Example], dict[str, Any]]:
         """The document's windows (up to ``max_tokens_per_document`` scored tokens), then any augmentation."""
         cfg, bb, text = self.config, self.backbone, document.text
-        examples = training.window_examples(bb, text, cfg.windows)
+        examples = training.window_examples(bb, text, cfg.windows, ids)
         if cfg.max_tokens_per_document:
             kept, scored = [], 0
             for example in examples:

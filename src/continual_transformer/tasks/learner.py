@@ -35,6 +35,7 @@ import yaml
 
 from continual_transformer import checkpoint
 from continual_transformer.backbone import Backbone
+from continual_transformer.clock import PhaseClock
 from continual_transformer.config import from_dict, to_dict
 from continual_transformer.errors import CheckpointError, ConfigError
 from continual_transformer.tasks.config import TaskConfig
@@ -186,6 +187,7 @@ class TaskLearner:
         ``train_data`` in order of first appearance); a label in the data but not in ``labels`` is an error.
         """
         start = time.perf_counter()
+        clock = PhaseClock()
         task_id = str(task_id)
         examples = read_labeled(train_data, name="train_data")
         label_set = list(labels) if labels is not None else list(dict.fromkeys(e.label for e in examples))
@@ -193,9 +195,11 @@ class TaskLearner:
         if unknown:
             raise TaskError(f"train_data has labels not in labels=: {unknown[:5]}")
         epochs = self.config.epochs if epochs is None else int(epochs)
+        clock.lap("read")
         snapshot = self.snapshot()
+        clock.lap("snapshot")
         try:
-            result = self._learn(task_id, examples, label_set, epochs, start)
+            result = self._learn(task_id, examples, label_set, epochs, start, clock)
         except BaseException:
             self.rollback(snapshot)  # a failed task (or an interrupt) leaves the learner as it was
             raise
@@ -227,17 +231,23 @@ class TaskLearner:
         label_set: Sequence[str],
         epochs: int,
         start: float,
+        clock: PhaseClock,
     ) -> TaskReport:
         index = self.table.put(task_id, label_set)
         encoded = self._encode(examples, index)
+        clock.lap("encode")
         report = self.method.learn(index, encoded, epochs=epochs, rows_of=self._rows)
+        clock.lap("method")
         sample = spread_by_label([e.label for e in encoded], self.config.router_samples)
         self.router.update(
             index,
             self.embedder([examples[i].text for i in sample]),
             torch.tensor([encoded[i].label for i in sample], dtype=torch.long),
         )
+        clock.lap("router")
         losses = report.pop("losses", [])
+        parameters, state_bytes = self.num_parameters(), self.state_bytes()
+        clock.lap("sizes")
         steps_per_epoch = max(1, len(losses) // max(epochs, 1))
         return TaskReport(
             task_id=task_id,
@@ -250,9 +260,9 @@ class TaskLearner:
             final_loss=sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]) if losses else None,
             slot=report.pop("slot", None),
             merged=bool(report.pop("merged", False)),
-            parameters=self.num_parameters(),
-            state_bytes=self.state_bytes(),
-            extra=report,
+            parameters=parameters,
+            state_bytes=state_bytes,
+            extra={**report, "phase_seconds": clock.laps},
         )
 
     def snapshot(self) -> dict[str, Any]:
