@@ -89,27 +89,28 @@ if [ "${TARGETS:-}" = answer ]; then
   ) &
   wait
 elif [ "${TARGETS:-}" = all ]; then
-  # Every target figure in one call, on the model alone (no embedder): 1, 64 and 256 streams with the eager
-  # baseline at 1 and the chunks read before the next is queued at 1 (no compile); then 1,000 documents at
-  # once with `finetune` (steps recorded as CUDA graphs) alone; then side by side: task training at batch
-  # 512 and 128 one after another, the latency of `lora` against the base model, and (with KNOWLEDGE=1,
-  # wikitext2 under $DATA) the knowledge of `ttt` and `finetune` on the fast path against eager. The
-  # knowledge part's compiled processes compile first: at 440 s they were cut off (h200-8/d-final/), so
-  # give it a call of its own (fastpath_knowledge.sh; up to ten minutes in h200-7/) where the check matters:
-  #   TARGETS=all KNOWLEDGE=1 bash benchmarks/runs/speed.sh 480
+  # Every target figure in one call, on the model alone (no embedder), each part with the machine to itself
+  # (beside each other, the parts' host work competed for the CPU: the `lora` ratio of h200-9/b-final/ was
+  # taken while task training started): 1, 64 and 256 streams with the eager baseline at 1 and the chunks
+  # read before the next is queued at 1 (no compile); 1,000 documents at once with `finetune` (steps
+  # recorded as CUDA graphs); the latency of `lora` against the base model; task training at batch 512,
+  # then 128 while time is left; with KNOWLEDGE=1 (wikitext2 under $DATA), the knowledge of `ttt` and
+  # `finetune` on the fast path against eager beside task training. The knowledge check's compiled
+  # processes compile first: give it a call of its own (fastpath_knowledge.sh) where the check matters:
+  #   TARGETS=all bash benchmarks/runs/speed.sh 570
   # STREAMS_EXTRA adds speed.py options to the streams part (comparisons such as --unpaired 1,64), and
-  # STREAMS_SHARE sets its share of the time (default 44%).
-  part streams $(( limit * ${STREAMS_SHARE:-44} / 100 )) --sections streams --streams 1,64,256 \
+  # STREAMS_SHARE sets its share of the time (default 42%).
+  part streams $(( limit * ${STREAMS_SHARE:-42} / 100 )) --sections streams --streams 1,64,256 \
     --eager-streams 1 --host-check none --new-tokens 64 --not-ahead 1 ${STREAMS_EXTRA:-}
-  part learning-finetune-graphs $(( limit * 20 / 100 )) --sections learn_many --learn-specs finetune \
+  part learning-finetune-graphs $(( limit * 17 / 100 )) --sections learn_many --learn-specs finetune \
     --many 1000 --sequential 1 --many-epochs 3 --fast-optim "$compiled:compile_mode=reduce-overhead"
+  part strategies-lora $(( limit * 20 / 100 )) --sections strategies --new-tokens 32 --strategy-docs 5 \
+    --batched-learning --probes 3 --strategies none,lora
   t=$(left)
   (
     part tasks-512 "$t" --sections tasks --task-examples 2048 --task-batch 512
     part tasks-128 "$(left)" --sections tasks --task-examples 1024 --task-batch 128
   ) &
-  part strategies-lora "$t" --sections strategies --new-tokens 32 --strategy-docs 5 --batched-learning \
-    --probes 3 --strategies none,lora &
   [ -n "${KNOWLEDGE:-}" ] && OUT=$OUT PROCESSES="ttt finetune" bash benchmarks/runs/fastpath_knowledge.sh "$t" \
     > "$OUT/fastpath_knowledge.log" 2>&1 &
   wait
