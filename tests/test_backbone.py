@@ -449,3 +449,38 @@ def test_a_model_whose_logits_are_not_its_heads_output_is_scored_whole(tokenizer
     del backbone.model.forward
     assert backbone._split_head() is not None
     assert torch.equal(backbone.token_nll(text)[0], plain)
+
+
+def test_compiled_scoring_body_matches_the_body_and_falls_back_on_a_compiler_failure(tokenizer, monkeypatch):
+    """``token_nll(compiled=True)`` on a GPU runs the body compiled for varying shapes: one compiled body
+    serves batches of other shapes and gives the body's states; a compiler failure scores uncompiled from
+    then on. (The compile runs here on the CPU, standing in for the GPU.)"""
+    import torch._dynamo.exc
+
+    backbone = make_backbone(tokenizer)
+    body, _ = backbone._split_head()
+    assert backbone._scoring_body(body) is body  # a CPU: as it is
+    monkeypatch.setattr(Backbone, "device", property(lambda self: torch.device("cuda")))
+    run = backbone._scoring_body(body)
+    assert run is not body and backbone._scoring_body(body) is run  # kept
+    with torch.no_grad():
+        for rows, width in ((3, 7), (5, 12)):
+            ids = torch.randint(0, 300, (rows, width), generator=torch.Generator().manual_seed(rows))
+            mask = torch.ones(rows, width, dtype=torch.long)
+            mask[0, width - 2 :] = 0
+            got = run(input_ids=ids, attention_mask=mask).last_hidden_state
+            want = body(input_ids=ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    def broken(module, **kwargs):
+        def fail(**inputs):
+            raise torch._dynamo.exc.InternalTorchDynamoError("no compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    backbone._compiled_body = None
+    with torch.no_grad():
+        out = backbone._scoring_body(body)(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, want)
+    assert backbone._scoring_compile_failed and backbone._scoring_body(body) is body

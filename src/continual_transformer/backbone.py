@@ -255,6 +255,8 @@ class Backbone:
         self._kept_prompt: _KeptPrompt | None = None  # the last one-prompt call's prompt, its keys and values
         # the model's body and head for scoring (:meth:`_split_head`), with the modules they were checked on
         self._split: tuple[Any, tuple[nn.Module, nn.Module] | None] | None = None
+        self._compiled_body: tuple[nn.Module, Callable[..., Any]] | None = None  # (body, its compiled run)
+        self._scoring_compile_failed = False
         self.prefix_reused = {"calls": 0, "tokens": 0}  # prompt tokens not run again (a benchmark's figure)
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -1331,6 +1333,7 @@ class Backbone:
         batch_size: int = 8,
         hooks: HooksFactory | None = None,
         ids: Sequence[list[int]] | None = None,
+        compiled: bool = False,
     ) -> list[torch.Tensor]:
         """Per-token negative log-likelihood of each text (float32, on CPU).
 
@@ -1339,7 +1342,8 @@ class Backbone:
         :meth:`~continual_transformer.strategies.Strategy.scoring_hooks`) is called once with each row's query
         -- its context when one is given, else the text; rows the hooks do not touch are scored in batches of
         their own without them, exactly as the base model scores them. ``ids``: the texts' :meth:`token_ids`
-        when the caller has them (not tokenised again).
+        when the caller has them (not tokenised again). ``compiled``: on a GPU, rows without hooks run the
+        model's body compiled (:meth:`_scoring_body`), for callers that score many texts again and again.
         """
         texts = list(texts)
         contexts = list(contexts) if contexts is not None else [""] * len(texts)
@@ -1359,7 +1363,8 @@ class Backbone:
                 )
                 split = self._split_head() if group_hooks is None else None
                 if split is not None:
-                    values = self._scored_nll(batch, *split)
+                    body, head = split
+                    values = self._scored_nll(batch, self._scoring_body(body) if compiled else body, head)
                 else:
                     nll = sequence_nll(self.next_token_scores(batch, group_hooks), batch.labels)  # (B, T-1)
                     scored = batch.labels[:, 1:] != IGNORE
@@ -1381,6 +1386,30 @@ class Backbone:
             [token_nll(head(h), t) for h, t in zip(picked.split(SCORED_ROWS), targets.split(SCORED_ROWS))]
         )
         return nll.cpu().split(scored.sum(dim=1).tolist())  # sync: one per batch
+
+    def _scoring_body(self, body: nn.Module) -> Callable[..., Any]:
+        """On a GPU, ``body`` compiled for shapes that vary from batch to batch (``dynamic``: one graph for
+        every batch, where each padded width would otherwise compile its own), kept while the model's modules
+        stay; the body as it is elsewhere, or once compiling failed. Uncompiled, a pass over many short rows
+        is bound by the memory traffic of its elementwise work (the norms' and rotary embedding's float32
+        intermediates), which the compiled kernels fuse. The first call compiles (tens of seconds)."""
+        if self.device.type != "cuda" or self._scoring_compile_failed:
+            return body
+        if self._compiled_body is None or self._compiled_body[0] is not body:
+            compiled = torch.compile(body, dynamic=True)
+
+            def run(**inputs: Any) -> Any:
+                try:
+                    return compiled(**inputs)
+                except Exception as exc:  # a compiler failure: score uncompiled from now on
+                    if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                        raise
+                    logger.warning("compiled scoring failed (%s); scoring uncompiled", exc)
+                    self._scoring_compile_failed = True
+                    return body(**inputs)
+
+            self._compiled_body = (body, run)
+        return self._compiled_body[1]
 
     def _split_head(self) -> tuple[nn.Module, nn.Module] | None:
         """The model as (body, head) where its logits are exactly ``head(body(...).last_hidden_state)``

@@ -184,9 +184,13 @@ class Strategy(ABC):
         to :data:`DOCUMENT_NLL_TOKENS` positions as the batch is padded, more on a GPU with memory to spare
         (``Backbone.scoring_tokens``): few forward passes for many short documents, little padding, and on
         a GPU few shapes (``Backbone.scoring_width``). ``ids`` and ``budget``: the documents' token ids and
-        the positions per batch, from :meth:`_scoring` (a report's losses before and after batched alike)."""
+        the positions per batch, from :meth:`_scoring` (a report's losses before and after batched alike).
+        Where training compiles (``optim.compile``), so does scoring (``Backbone.token_nll``'s
+        ``compiled``)."""
         texts = [d.text for d in documents]
         lengths = [len(row) for row in ids]
+        optim = getattr(self.config, "optim", None)
+        compiled = bool(getattr(optim, "compile", False))
         out: list[float] = [0.0] * len(texts)
         groups: list[list[int]] = [[]]
         width = self.backbone.scoring_width
@@ -202,6 +206,7 @@ class Strategy(ABC):
                 hooks=self._hooks,
                 batch_size=len(group),
                 ids=[ids[i] for i in group],
+                compiled=compiled,
             )
             for i, v in zip(group, values):
                 out[i] = float(v.mean()) if v.numel() else 0.0
