@@ -1822,12 +1822,13 @@ traced again for each new length (padding is masked: the answers stay the same).
 its prompts as they are (on a CPU the padding would be real work)."""
 
 SCORING_BUCKET = 16
-SCORED_ROWS = 8192
-"""Positions whose next-token scores one head product computes when scoring (:meth:`Backbone._scored_nll`)."""
 """On a GPU scoring batches are right-padded to a multiple of this many tokens
 (:meth:`Backbone.scoring_width`): every new shape costs the matrix-product and attention libraries a plan of
 its own, and scoring a thousand documents sorted by length would otherwise meet a new width at almost every
 batch. The padding is masked and unlabelled: the scores are the same."""
+
+SCORED_ROWS = 8192
+"""Positions whose next-token scores one head product computes when scoring (:meth:`Backbone._scored_nll`)."""
 
 _LEAN_CACHES = 8  # static KV caches the lean loop keeps, most recently used
 _EOS_CHECK_EVERY = 8  # the lean loop looks at the host for finished rows every this many tokens
