@@ -101,6 +101,32 @@ def test_learn_documents_of_one_document_is_learn(tokenizer):
     assert dataclasses.asdict(a.stats()) == dataclasses.asdict(b.stats())
 
 
+@pytest.mark.parametrize("name", ["finetune", "ttt"])
+def test_learn_documents_tokenises_each_document_once(tokenizer, name, monkeypatch):
+    """The examples and both scorings of a ``learn_documents`` call come from one tokenisation of the
+    documents; the windows made from those ids are the ones a document's own tokenisation makes."""
+    from continual_transformer.documents import make_document
+
+    ct = ContinualTransformer(make_backbone(tokenizer), strategy=name, config=fast_config())
+    docs = [make_document(t, f"d{i}") for i, t in enumerate(TEXTS)]
+    alone = [ct.strategy.training_examples(d)[0] for d in docs]
+    texts = {d.text for d in docs}
+    seen = []
+    call = type(ct.backbone.tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):
+        batch = text if isinstance(text, list) else [text]
+        seen.extend(t for t in batch if t in texts)
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(ct.backbone.tokenizer), "__call__", counting)
+    made = ct.strategy._examples(docs, ct.backbone.token_ids_many([d.text for d in docs]))
+    assert [examples for examples, _ in made] == alone
+    seen.clear()
+    ct.learn_documents(docs)
+    assert sorted(seen) == sorted(texts), "each document tokenised once"
+
+
 @pytest.mark.parametrize("budget", [40, 8192])
 def test_document_losses_in_length_sorted_batches_equal_each_document_alone(tokenizer, monkeypatch, budget):
     from continual_transformer.documents import make_document
