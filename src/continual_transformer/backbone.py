@@ -1351,6 +1351,7 @@ class Backbone:
         touched = [i for i in range(len(texts)) if made is not None and made.touches(i)]
         plain = sorted(set(range(len(texts))) - set(touched))
         results: list[torch.Tensor] = [torch.zeros(0)] * len(texts)
+        split = self._split_head() if plain else None
         for group, group_hooks in ((plain, None), (touched, made)):
             for start in range(0, len(group), batch_size):
                 rows = group[start : start + batch_size]
@@ -1361,31 +1362,31 @@ class Backbone:
                     rows=rows,
                     ids=[ids[i] for i in rows] if ids is not None else None,
                 )
-                split = self._split_head() if group_hooks is None else None
-                if split is not None:
+                scored = batch.labels[:, 1:] != IGNORE  # (B, T-1)
+                if split is not None and group_hooks is None:
                     body, head = split
-                    values = self._scored_nll(batch, self._scoring_body(body) if compiled else body, head)
+                    body = self._scoring_body(body) if compiled else body
+                    nll = self._scored_nll(batch, scored, body, head)
                 else:
-                    nll = sequence_nll(self.next_token_scores(batch, group_hooks), batch.labels)  # (B, T-1)
-                    scored = batch.labels[:, 1:] != IGNORE
-                    values = nll[scored].cpu().split(scored.sum(dim=1).tolist())  # sync: one per batch
+                    nll = sequence_nll(self.next_token_scores(batch, group_hooks), batch.labels)[scored]
+                values = nll.cpu().split(scored.sum(dim=1).tolist())  # sync: one per batch
                 for i, row in zip(rows, values):
                     results[i] = row
         return results
 
-    def _scored_nll(self, batch: ScoringBatch, body: nn.Module, head: nn.Module) -> tuple[torch.Tensor, ...]:
-        """Each row's per-token NLL (float32, on the CPU) from the model split in its body and its head
-        (:meth:`_split_head`): the head runs only at the positions that predict a scored token, in slices of
-        :data:`SCORED_ROWS` positions, so no (B, T, V) scores exist, padding costs no head product, and a
-        batch may hold many more positions."""
+    def _scored_nll(
+        self, batch: ScoringBatch, scored: torch.Tensor, body: nn.Module, head: nn.Module
+    ) -> torch.Tensor:
+        """The NLL (float32) of every ``scored`` token (B, T-1 bool), row after row, from the model split in
+        its body and its head (:meth:`_split_head`): the head runs only at the positions that predict a
+        scored token, in slices of :data:`SCORED_ROWS` positions, so no (B, T, V) scores exist, padding costs
+        no head product, and a batch may hold many more positions."""
         with varying_shape_attention(self.device):
             hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        scored = batch.labels[:, 1:] != IGNORE  # (B, T-1)
         picked, targets = hidden[:, :-1][scored], batch.labels[:, 1:][scored]
-        nll = torch.cat(
+        return torch.cat(
             [token_nll(head(h), t) for h, t in zip(picked.split(SCORED_ROWS), targets.split(SCORED_ROWS))]
         )
-        return nll.cpu().split(scored.sum(dim=1).tolist())  # sync: one per batch
 
     def _scoring_body(self, body: nn.Module) -> Callable[..., Any]:
         """On a GPU, ``body`` compiled for shapes that vary from batch to batch (``dynamic``: one graph for

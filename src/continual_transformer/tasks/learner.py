@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +185,6 @@ class TaskLearner:
         ``labels`` fixes the task's label set and its order in the prompt (default: the labels of
         ``train_data`` in order of first appearance); a label in the data but not in ``labels`` is an error.
         """
-        start = time.perf_counter()
         clock = PhaseClock()
         task_id = str(task_id)
         examples = read_labeled(train_data, name="train_data")
@@ -199,7 +197,7 @@ class TaskLearner:
         snapshot = self.snapshot()
         clock.lap("snapshot")
         try:
-            result = self._learn(task_id, examples, label_set, epochs, start, clock)
+            result = self._learn(task_id, examples, label_set, epochs, clock)
         except BaseException:
             self.rollback(snapshot)  # a failed task (or an interrupt) leaves the learner as it was
             raise
@@ -230,7 +228,6 @@ class TaskLearner:
         examples: Sequence[LabeledExample],
         label_set: Sequence[str],
         epochs: int,
-        start: float,
         clock: PhaseClock,
     ) -> TaskReport:
         index = self.table.put(task_id, label_set)
@@ -254,7 +251,7 @@ class TaskLearner:
             task_index=index,
             examples=len(examples),
             labels=self.table.label_set(index),
-            seconds=time.perf_counter() - start,
+            seconds=clock.total,
             train_seconds=float(report.pop("train_s", 0.0)),
             distill_seconds=float(report.pop("distill_s", 0.0)),
             final_loss=sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]) if losses else None,
