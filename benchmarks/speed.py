@@ -15,6 +15,8 @@ Sections (``--sections``, all by default):
   ran before) against all documents together on the fast backend (shared batches, the lean loop), and the
   share of continuations both give alike;
 - ``tasks``: task training examples/s of ``learn_task`` at the default batch size and at ``--task-batch``;
+  on a GPU the large batch trains compiled (``tasks.compile``, unless ``--task-eager``) and is also measured
+  uncompiled (``large_batch_eager``), with both final losses;
 - ``service``: ``--service-clients`` concurrent clients, each sending ``--service-requests`` greedy chat
   requests one after another with answer budgets cycling through ``--service-tokens``, through the service's
   generation thread (``Batcher``, strategy ``none``, ``max_batch`` ``--service-batch``) with continuous
@@ -917,9 +919,15 @@ def tasks(
         for i in range(args.task_examples)
     ]  # fmt: skip
     out.update({"examples": len(rows), "epochs": 1})
-    for label, batch in (("default", config.tasks.batch_size), ("large_batch", args.task_batch)):
+    compiled = backbone.device.type == "cuda" and not args.task_eager
+    runs = [("default", config.tasks.batch_size, False)]
+    runs += [("large_batch_eager", args.task_batch, False)] if compiled else []
+    runs += [("large_batch", args.task_batch, compiled)]
+    for label, batch, compile_steps in runs:
         # the backbone router: the sentence embedder need not be on the machine (training is what is timed)
-        tasks_config = dataclasses.replace(config.tasks, batch_size=batch, router="backbone")
+        tasks_config = dataclasses.replace(
+            config.tasks, batch_size=batch, router="backbone", compile=compile_steps
+        )
         session = Session(dataclasses.replace(config, strategy="none", tasks=tasks_config), backbone=backbone)
         try:
             first = time.perf_counter()
@@ -949,11 +957,13 @@ def tasks(
             "phase_seconds": report.extra.get("phase_seconds"),
             "final_loss": report.final_loss,
             "share_prefix": tasks_config.share_prefix,
+            "compile": compile_steps,
             "warmup_task_seconds": first_s,
         }
         logger.info(
-            "task training, batch %d: %.1f examples/s (%.1f in the training loop alone; warm-up task %.1fs)",
+            "task training, batch %d%s: %.1f examples/s (%.1f loop alone; warm-up task %.1fs)",
             batch,
+            ", compiled" if compile_steps else "",
             len(rows) / seconds,
             len(rows) / report.train_seconds,
             first_s,
@@ -1261,6 +1271,16 @@ def write(results: dict[str, Any], out: Path) -> None:
             _get(r, "large_batch", "examples_per_s"),
             "task_examples_per_s",
         )
+        if "large_batch_eager" in r:
+            losses = f"final losses {_get(r, 'large_batch_eager', 'final_loss'):.4f} -> "
+            losses += f"{_get(r, 'large_batch', 'final_loss'):.4f}"
+            line(
+                f"task training at batch {_get(r, 'large_batch', 'batch_size')}, examples/s (eager -> "
+                f"compiled steps; {losses})",
+                _get(r, "large_batch_eager", "examples_per_s"),
+                _get(r, "large_batch", "examples_per_s"),
+                None,
+            )
     r = results.get("service", {})
     if r:
         who = (
@@ -1541,6 +1561,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--task-examples", type=int, default=None)
     parser.add_argument("--task-batch", type=int, default=64)
+    parser.add_argument(
+        "--task-eager",
+        action="store_true",
+        help="tasks: the large batch uncompiled on a GPU too (no tasks.compile row)",
+    )
     parser.add_argument("--service-clients", type=int, default=None, help="service: concurrent clients")
     parser.add_argument("--service-requests", type=int, default=None, help="service: requests per client")
     parser.add_argument(

@@ -459,10 +459,10 @@ def test_compiled_scoring_body_matches_the_body_and_falls_back_on_a_compiler_fai
 
     backbone = make_backbone(tokenizer)
     body, _ = backbone._split_head()
-    assert backbone._scoring_body(body) is body  # a CPU: as it is
-    monkeypatch.setattr(Backbone, "device", property(lambda self: torch.device("cuda")))
-    run = backbone._scoring_body(body)
-    assert run is not body and backbone._scoring_body(body) is run  # kept
+    assert backbone._varying_call(body, "scoring") is None  # a CPU: as it is
+    monkeypatch.setattr(Backbone, "_compiles_varying", lambda self: True)
+    run = backbone._varying_call(body, "scoring")
+    assert run is not None and backbone._varying_call(body, "scoring") is run  # kept
     with torch.no_grad():
         for rows, width in ((3, 7), (5, 12)):
             ids = torch.randint(0, 300, (rows, width), generator=torch.Generator().manual_seed(rows))
@@ -471,6 +471,9 @@ def test_compiled_scoring_body_matches_the_body_and_falls_back_on_a_compiler_fai
             got = run(input_ids=ids, attention_mask=mask).last_hidden_state
             want = body(input_ids=ids, attention_mask=mask).last_hidden_state
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        texts = ["a b c d", "e f"]
+        for compiled, plain in zip(backbone.token_nll(texts, compiled=True), backbone.token_nll(texts)):
+            torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-4)
 
     def broken(module, **kwargs):
         def fail(**inputs):
@@ -479,8 +482,57 @@ def test_compiled_scoring_body_matches_the_body_and_falls_back_on_a_compiler_fai
         return fail
 
     monkeypatch.setattr(torch, "compile", broken)
-    backbone._compiled_body = None
+    backbone._varying_calls.clear()
     with torch.no_grad():
-        out = backbone._scoring_body(body)(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = backbone._varying_call(body, "scoring")(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(out, want)
-    assert backbone._scoring_compile_failed and backbone._scoring_body(body) is body
+    assert "scoring" in backbone._varying_failed and backbone._varying_call(body, "scoring") is None
+    assert backbone._varying_call(body, "task training") is not None  # each purpose fails on its own
+
+
+def test_compiled_calls_guard_on_hooks_and_leave_the_model_as_it_was(tokenizer, monkeypatch):
+    """Inside ``compiled_calls`` the model's calls run compiled, with gradients; a call under other hooks (or
+    none) compiles again instead of running the hooks it was traced with; outside, and on a CPU, the model
+    runs as before. (``aot_eager`` stands in for the GPU's compiler: the same tracing and guards.)"""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="aot_eager", **kw))
+    backbone = make_backbone(tokenizer)
+    model = backbone.model
+    with backbone.compiled_calls("test"):
+        assert model._compiled_call_impl is None  # a CPU: nothing changes
+    monkeypatch.setattr(Backbone, "_compiles_varying", lambda self: True)
+    torch._dynamo.reset()
+    counters.clear()
+    scale = torch.nn.Parameter(torch.tensor(1.5))
+    kept = lambda module, args, output: output * scale  # noqa: E731 - a hook kept under one key, as a pool's
+    mlp = backbone.layers[0].mlp
+
+    def run(hook, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(0, 300, (rows, width), generator=torch.Generator().manual_seed(width))
+        scale.grad = None
+        if hook is not None:
+            mlp._forward_hooks[-7] = hook
+        try:
+            with backbone.compiled_calls("test"):
+                logits = model(input_ids=ids).logits
+            (logits.float().square().mean() * scale).backward()  # a gradient whether or not a hook ran
+            got = (logits.detach(), scale.grad.clone())
+            scale.grad = None
+            eager = model(input_ids=ids).logits
+            (eager.float().square().mean() * scale).backward()
+            want = (eager.detach(), scale.grad.clone())
+        finally:
+            mlp._forward_hooks.pop(-7, None)
+        return got, want
+
+    for rows, width in ((2, 5), (3, 9), (4, 6)):  # one graph serves every shape
+        got, want = run(kept, rows, width)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    for hook in (None, lambda module, args, output: output * 0.5):
+        got, want = run(hook, 2, 5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 3
+    assert model._compiled_call_impl is None

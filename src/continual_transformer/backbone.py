@@ -255,8 +255,9 @@ class Backbone:
         self._kept_prompt: _KeptPrompt | None = None  # the last one-prompt call's prompt, its keys and values
         # the model's body and head for scoring (:meth:`_split_head`), with the modules they were checked on
         self._split: tuple[Any, tuple[nn.Module, nn.Module] | None] | None = None
-        self._compiled_body: tuple[nn.Module, Callable[..., Any]] | None = None  # (body, its compiled run)
-        self._scoring_compile_failed = False
+        # calls compiled for varying shapes (:meth:`_varying_call`), by purpose: (module, its compiled call)
+        self._varying_calls: dict[str, tuple[nn.Module, Callable[..., Any]]] = {}
+        self._varying_failed: set[str] = set()  # purposes whose compiling failed: run uncompiled from then on
         self.prefix_reused = {"calls": 0, "tokens": 0}  # prompt tokens not run again (a benchmark's figure)
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -1343,7 +1344,10 @@ class Backbone:
         -- its context when one is given, else the text; rows the hooks do not touch are scored in batches of
         their own without them, exactly as the base model scores them. ``ids``: the texts' :meth:`token_ids`
         when the caller has them (not tokenised again). ``compiled``: on a GPU, rows without hooks run the
-        model's body compiled (:meth:`_scoring_body`), for callers that score many texts again and again.
+        model's body compiled for varying shapes (:meth:`_varying_call`), for callers that score many texts
+        again and again. Uncompiled, a pass over many short rows is bound by the memory traffic of its
+        elementwise work (the norms' and rotary embedding's float32 intermediates), which compiled kernels
+        fuse.
         """
         texts = list(texts)
         contexts = list(contexts) if contexts is not None else [""] * len(texts)
@@ -1365,7 +1369,7 @@ class Backbone:
                 scored = batch.labels[:, 1:] != IGNORE  # (B, T-1)
                 if split is not None and group_hooks is None:
                     body, head = split
-                    body = self._scoring_body(body) if compiled else body
+                    body = (self._varying_call(body, "scoring") or body) if compiled else body
                     nll = self._scored_nll(batch, scored, body, head)
                 else:
                     nll = sequence_nll(self.next_token_scores(batch, group_hooks), batch.labels)[scored]
@@ -1388,29 +1392,66 @@ class Backbone:
             [token_nll(head(h), t) for h, t in zip(picked.split(SCORED_ROWS), targets.split(SCORED_ROWS))]
         )
 
-    def _scoring_body(self, body: nn.Module) -> Callable[..., Any]:
-        """On a GPU, ``body`` compiled for shapes that vary from batch to batch (``dynamic``: one graph for
-        every batch, where each padded width would otherwise compile its own), kept while the model's modules
-        stay; the body as it is elsewhere, or once compiling failed. Uncompiled, a pass over many short rows
-        is bound by the memory traffic of its elementwise work (the norms' and rotary embedding's float32
-        intermediates), which the compiled kernels fuse. The first call compiles (tens of seconds)."""
-        if self.device.type != "cuda" or self._scoring_compile_failed:
-            return body
-        if self._compiled_body is None or self._compiled_body[0] is not body:
-            compiled = torch.compile(body, dynamic=True)
+    def _varying_call(self, module: nn.Module, purpose: str) -> Callable[..., Any] | None:
+        """On a GPU, ``module``'s call compiled for shapes that vary from call to call (``dynamic``: one graph
+        for every batch, where each padded width would otherwise compile its own), kept per ``purpose`` while
+        the module stays; ``None`` elsewhere, or once compiling for ``purpose`` failed (a compiler failure
+        runs the call uncompiled and says so once). Its guards cover the modules' hooks: a call under other
+        hooks compiles again rather than running the hooks it was traced with. The first call compiles (tens
+        of seconds on a 135M model)."""
+        if not self._compiles_varying() or purpose in self._varying_failed:
+            return None
+        kept = self._varying_calls.get(purpose)
+        if kept is not None and kept[0] is module:
+            return kept[1]
+        if isinstance(module, PreTrainedModel):
+            # Transformers installs its hooks that capture hidden states on the first call asking for them
+            # (the task router's does), and keeps them: installed now, they fail no compiled call's guards.
+            with torch.no_grad():
+                module(
+                    input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                    output_hidden_states=True,
+                )
+        compiled = torch.compile(module._call_impl, dynamic=True)
 
-            def run(**inputs: Any) -> Any:
-                try:
-                    return compiled(**inputs)
-                except Exception as exc:  # a compiler failure: score uncompiled from now on
-                    if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
-                        raise
-                    logger.warning("compiled scoring failed (%s); scoring uncompiled", exc)
-                    self._scoring_compile_failed = True
-                    return body(**inputs)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if purpose in self._varying_failed:
+                return module._call_impl(*args, **kwargs)
+            try:
+                with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False, **_RECOMPILES):
+                    return compiled(*args, **kwargs)
+            except Exception as exc:  # a compiler failure: uncompiled from now on
+                if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    raise
+                logger.warning("compiled %s failed (%s); running it uncompiled", purpose, exc)
+                self._varying_failed.add(purpose)
+                return module._call_impl(*args, **kwargs)
 
-            self._compiled_body = (body, run)
-        return self._compiled_body[1]
+        self._varying_calls[purpose] = (module, run)
+        return run
+
+    def _compiles_varying(self) -> bool:
+        """Whether calls are compiled for varying shapes here: on a GPU, where a pass is bound by launching
+        kernels and moving elementwise intermediates; a CPU computes, and would only wait for the compiler."""
+        return self.device.type == "cuda"
+
+    @contextmanager
+    def compiled_calls(self, purpose: str, module: nn.Module | None = None) -> Iterator[None]:
+        """Inside, calls of ``module`` (default: the model) run compiled for varying shapes
+        (:meth:`_varying_call`) on a GPU; nothing changes elsewhere. For a training step whose batches vary
+        in rows and width: compiled kernels fuse the elementwise work of the forward and backward passes and
+        launch far fewer kernels."""
+        module = self.model if module is None else module
+        run = self._varying_call(module, purpose)
+        if run is None:
+            yield
+            return
+        before = module._compiled_call_impl
+        module._compiled_call_impl = run
+        try:
+            yield
+        finally:
+            module._compiled_call_impl = before
 
     def _split_head(self) -> tuple[nn.Module, nn.Module] | None:
         """The model as (body, head) where its logits are exactly ``head(body(...).last_hidden_state)``

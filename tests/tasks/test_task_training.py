@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_backbone
-from task_helpers import single_thread  # noqa: F401
+from task_helpers import single_thread, synthetic_task, tiny_config  # noqa: F401
 
+from continual_transformer.backbone import Backbone
+from continual_transformer.tasks import TaskLearner
 from continual_transformer.tasks.prompts import TrainRow
 from continual_transformer.tasks.training import fit, seeded
 
@@ -77,3 +80,42 @@ def test_fit_without_host_syncs_matches_the_host_checked_loop(tokenizer, monkeyp
     assert len(host_losses) == 3  # three of six steps skipped
     assert device_losses == host_losses
     assert torch.allclose(device_weight, host_weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["replay", "adapter_distill"])
+def test_compiled_task_training_learns_what_the_eager_steps_learn_with_one_graph(
+    tokenizer, monkeypatch, method
+):
+    """``tasks.compile`` (on a GPU; forced here): the training steps run the model compiled, and two tasks
+    learn the weights, losses and predictions of the eager steps. Batches of other sizes and widths, the
+    second task, and the slots' hooks used between steps (teachers, the router, scoring) compile nothing
+    more: one graph. (``aot_eager`` stands in for the GPU's compiler: the same tracing and guards.)"""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="aot_eager", **kw))
+    monkeypatch.setattr(Backbone, "_compiles_varying", lambda self: True)
+    torch._dynamo.reset()
+    counters.clear()
+    tasks = [synthetic_task(0, per_label=5), synthetic_task(1, per_label=3)]
+
+    def learn(compile: bool):
+        config = tiny_config(method=method, compile=compile, share_prefix=False, batch_size=4, pool_size=1)
+        learner = TaskLearner(make_backbone(tokenizer), config)
+        reports = [learner.learn_task(f"t{i}", data, epochs=2) for i, data in enumerate(tasks)]
+        predicted = [learner.predict(text) for data in tasks for text, _ in data]
+        return learner.state_tensors(), reports, predicted
+
+    eager_state, eager_reports, eager_predicted = learn(compile=False)
+    assert not counters["stats"]["unique_graphs"]
+    state, reports, predicted = learn(compile=True)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert reports[1].merged == (method == "adapter_distill")  # the second task distilled into the slot
+    for report, eager in zip(reports, eager_reports):
+        assert report.final_loss == pytest.approx(eager.final_loss, rel=1e-4, abs=1e-5)
+    assert state.keys() == eager_state.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(
+            tensor, eager_state[name], rtol=1e-3, atol=1e-4, msg=name
+        )  # float sums reordered
+    assert predicted == eager_predicted

@@ -16,6 +16,7 @@ and its output cast back.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,6 +29,10 @@ from continual_transformer.tasks.prompts import to_device
 from continual_transformer.tasks.state import TensorState
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
+
+_HOOK_KEYS = itertools.count(-3_000_000, -1)
+"""Hook-dict keys of the pools' kept hooks (handle ids are positive; the backbone's taps take -1e6 and -2e6
+downwards): one per (pool, selection), never reused."""
 
 Selection = None | str | int | torch.Tensor
 """``None``: no adapter (base model); ``"scratch"``: the trainable adapter; an int: one slot for every row;
@@ -80,6 +85,10 @@ class AdapterPool(TensorState, nn.Module):
         self.down_bias = nn.Parameter(torch.zeros(n, r, **kw), requires_grad=False)
         self.up = nn.Parameter(torch.zeros(n, r, d, **kw), requires_grad=False)
         self.up_bias = nn.Parameter(torch.zeros(n, d, **kw), requires_grad=False)
+        # the hooks of the scratch adapter and of each slot: one object per (selection, layer), put under one
+        # key per selection, so a compiled pass's hook guards hold from call to call
+        # (``Backbone.compiled_calls``)
+        self._kept_hooks: dict[str | int, tuple[int, list]] = {}
 
     # -- slots -----------------------------------------------------------------------------------------------
     def scratch_parameters(self) -> list[nn.Parameter]:
@@ -149,12 +158,30 @@ class AdapterPool(TensorState, nn.Module):
         if isinstance(selection, int) and selection < 0:
             yield  # every row asks for no adapter
             return
+        if isinstance(selection, (str, int)):
+            key, hooks = self._kept(selection)
+            for mlp, hook in zip(self._mlps, hooks):
+                mlp._forward_hooks[key] = hook
+            try:
+                yield
+            finally:
+                for mlp in self._mlps:
+                    mlp._forward_hooks.pop(key, None)
+            return
         handles = [mlp.register_forward_hook(self._hook(i, selection)) for i, mlp in enumerate(self._mlps)]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _kept(self, selection: str | int) -> tuple[int, list]:
+        """The hook-dict key and each layer's hook of ``selection`` (the scratch adapter or one slot), made
+        once."""
+        if selection not in self._kept_hooks:
+            hooks = [self._hook(i, selection) for i in range(len(self._mlps))]
+            self._kept_hooks[selection] = (next(_HOOK_KEYS), hooks)
+        return self._kept_hooks[selection]
 
     def _hook(self, layer: int, selection):
         def hook(module, args, output):

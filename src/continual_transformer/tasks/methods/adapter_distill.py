@@ -222,8 +222,7 @@ class AdapterDistillMethod(TaskMethod):
         return self._most_transferable(rows, candidates)
 
     def _gold_loss(self, batch: AnswerBatch, rows: Sequence[TrainRow]) -> torch.Tensor:
-        with self.pool.use("scratch"):
-            return answer_nll(answer_logits(self.backbone.model, batch), batch)
+        return answer_nll(self.scratch_logits(self.pool, batch), batch)
 
     def _distill_loss(self, batch: AnswerBatch, rows: Sequence[TrainRow]) -> torch.Tensor:
         """Distillation on rows with a teacher slot; the gold answer's NLL on rows whose teacher is
@@ -231,8 +230,7 @@ class AdapterDistillMethod(TaskMethod):
         is_gold = [r.teacher == GOLD for r in rows]
         n_gold = sum(is_gold)  # counted on the host: no device sync
         gold = to_device(torch.tensor(is_gold), batch.target_mask.device)
-        with self.pool.use("scratch"):
-            student = answer_logits(self.backbone.model, batch)
+        student = self.scratch_logits(self.pool, batch)
         loss = student.new_zeros((), dtype=torch.float32)
         if n_gold < len(rows):
             target = self._teacher_logits(batch, rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import torch
@@ -12,7 +13,7 @@ from continual_transformer.backbone import Backbone
 from continual_transformer.errors import ConfigError
 from continual_transformer.tasks.adapters import AdapterPool
 from continual_transformer.tasks.config import TaskConfig
-from continual_transformer.tasks.prompts import Encoded, TrainRow
+from continual_transformer.tasks.prompts import AnswerBatch, Encoded, TrainRow, answer_logits
 from continual_transformer.tasks.state import TensorState, sub_tensors
 from continual_transformer.tasks.training import fit
 
@@ -91,6 +92,17 @@ class TaskMethod(TensorState, ABC):
 
     def close(self) -> None:
         """Undo structural changes to the backbone (only LoRA makes any)."""
+
+    def scratch_logits(self, pool: AdapterPool, batch: AnswerBatch) -> torch.Tensor:
+        """Answer logits of ``batch`` with ``pool``'s trainable adapter attached: the forward pass of a
+        training step. With ``tasks.compile`` on a GPU the model runs compiled for varying shapes
+        (``Backbone.compiled_calls``), except for a batch whose shared prefix runs on its own."""
+        compiled = self.config.compile and not batch.shared
+        with (
+            pool.use("scratch"),
+            self.backbone.compiled_calls("task training") if compiled else nullcontext(),
+        ):
+            return answer_logits(self.backbone.model, batch)
 
     def _fit(
         self,

@@ -14,7 +14,7 @@ from continual_transformer.backbone import Backbone
 from continual_transformer.tasks.config import TaskConfig
 from continual_transformer.tasks.methods import registry
 from continual_transformer.tasks.methods.base import RowsOf, TaskMethod, adapter_pool, copy_exact, sub_tensors
-from continual_transformer.tasks.prompts import AnswerBatch, Encoded, TrainRow, answer_logits
+from continual_transformer.tasks.prompts import AnswerBatch, Encoded, TrainRow
 from continual_transformer.tasks.training import answer_nll
 
 
@@ -80,8 +80,7 @@ class SequentialMethod(TaskMethod):
         return None
 
     def student_logits(self, batch: AnswerBatch) -> torch.Tensor:
-        with self.pool.use("scratch"):
-            return answer_logits(self.backbone.model, batch)
+        return self.scratch_logits(self.pool, batch)
 
     def step_loss(self, batch: AnswerBatch, rows: Sequence[TrainRow]) -> torch.Tensor:
         return answer_nll(self.student_logits(batch), batch)
