@@ -99,18 +99,32 @@ elif [ "${TARGETS:-}" = all ]; then
   # processes compile first: give it a call of its own (fastpath_knowledge.sh) where the check matters:
   #   TARGETS=all bash benchmarks/runs/speed.sh 570
   # STREAMS_EXTRA adds speed.py options to the streams part (comparisons such as --unpaired 1,64), and
-  # STREAMS_SHARE sets its share of the time (default 42%).
-  part streams $(( limit * ${STREAMS_SHARE:-42} / 100 )) --sections streams --streams 1,64,256 \
-    --eager-streams 1 --host-check none --new-tokens 64 --not-ahead 1 ${STREAMS_EXTRA:-}
-  part learning-finetune-graphs $(( limit * 17 / 100 )) --sections learn_many --learn-specs finetune \
-    --many 1000 --sequential 1 --many-epochs 3 --fast-optim "$compiled:compile_mode=reduce-overhead"
-  part strategies-lora $(( limit * 20 / 100 )) --sections strategies --new-tokens 32 --strategy-docs 5 \
-    --batched-learning --probes 3 --strategies none,lora
+  # STREAMS_SHARE, LEARN_SHARE and LORA_SHARE set those parts' shares of the time (default 42%, 17%, 20%;
+  # task training takes what is left). PARTS picks some of the parts, in this order (default all four):
+  # where the compiled task steps and scoring compile first, the target figures take two calls:
+  #   TARGETS=all PARTS="learn tasks" LEARN_SHARE=45 bash benchmarks/runs/speed.sh 590
+  #   TARGETS=all PARTS="streams lora" STREAMS_SHARE=60 LORA_SHARE=35 bash benchmarks/runs/speed.sh 590
+  parts=" ${PARTS:-streams learn lora tasks} "
+  if [[ $parts == *" streams "* ]]; then
+    part streams $(( limit * ${STREAMS_SHARE:-42} / 100 )) --sections streams --streams 1,64,256 \
+      --eager-streams 1 --host-check none --new-tokens 64 --not-ahead 1 ${STREAMS_EXTRA:-}
+  fi
+  if [[ $parts == *" learn "* ]]; then
+    part learning-finetune-graphs $(( limit * ${LEARN_SHARE:-17} / 100 )) --sections learn_many \
+      --learn-specs finetune --many 1000 --sequential 1 --many-epochs 3 \
+      --fast-optim "$compiled:compile_mode=reduce-overhead"
+  fi
+  if [[ $parts == *" lora "* ]]; then
+    part strategies-lora $(( limit * ${LORA_SHARE:-20} / 100 )) --sections strategies --new-tokens 32 \
+      --strategy-docs 5 --batched-learning --probes 3 --strategies none,lora
+  fi
   t=$(left)
-  (
-    part tasks-512 "$t" --sections tasks --task-examples 2048 --task-batch 512
-    part tasks-128 "$(left)" --sections tasks --task-examples 1024 --task-batch 128
-  ) &
+  if [[ $parts == *" tasks "* ]]; then
+    (
+      part tasks-512 "$t" --sections tasks --task-examples 2048 --task-batch 512
+      part tasks-128 "$(left)" --sections tasks --task-examples 1024 --task-batch 128
+    ) &
+  fi
   [ -n "${KNOWLEDGE:-}" ] && OUT=$OUT PROCESSES="ttt finetune" bash benchmarks/runs/fastpath_knowledge.sh "$t" \
     > "$OUT/fastpath_knowledge.log" 2>&1 &
   wait
