@@ -1271,7 +1271,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             _get(r, "large_batch", "examples_per_s"),
             "task_examples_per_s",
         )
-        if "large_batch_eager" in r:
+        if "large_batch_eager" in r and "large_batch" in r:
             losses = f"final losses {_get(r, 'large_batch_eager', 'final_loss'):.4f} -> "
             losses += f"{_get(r, 'large_batch', 'final_loss'):.4f}"
             line(
