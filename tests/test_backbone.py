@@ -536,3 +536,31 @@ def test_compiled_calls_guard_on_hooks_and_leave_the_model_as_it_was(tokenizer, 
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 3
     assert model._compiled_call_impl is None
+
+
+def test_token_ids_many_through_the_backend_gives_the_tokenizers_ids(tokenizer, monkeypatch):
+    """``token_ids_many`` encodes through the tokenizer's Rust backend, with the ids the tokenizer's own call
+    gives (empty texts included); while the backend has padding set (left by a padded tokenizer call) or a
+    truncation, or where the backend disagrees on the probe, the tokenizer encodes instead."""
+    backbone = make_backbone(tokenizer)
+    texts = ["The capital of Veloria", "", "  two  spaces\nand a line", "Paris <b>ünï</b> 42", "x"]
+    want = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    calls = []
+    call = type(tokenizer).__call__
+    monkeypatch.setattr(
+        type(tokenizer), "__call__", lambda self, *a, **k: calls.append(a) or call(self, *a, **k)
+    )
+    assert backbone.token_ids_many(texts) == want
+    assert len(calls) == 1  # the probe, once
+    assert backbone.token_ids_many(texts) == want and len(calls) == 1  # the backend alone
+    backbone.encode(["a", "a b c"])  # pads: the backend keeps that padding until an unpadded call
+    assert tokenizer.backend_tokenizer.padding is not None
+    assert backbone.token_ids_many(texts) == want  # the tokenizer's call (which turns the padding off)
+    assert len(calls) == 3
+    tokenizer.backend_tokenizer.enable_truncation(2)
+    try:
+        assert backbone.token_ids_many(texts) == want and len(calls) == 4
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()
+    backbone._backend_checked = (tokenizer.backend_tokenizer, False)  # a backend that disagreed on the probe
+    assert backbone.token_ids_many(texts) == want and len(calls) == 5

@@ -259,6 +259,7 @@ class Backbone:
         self._varying_calls: dict[str, tuple[nn.Module, Callable[..., Any]]] = {}
         self._varying_failed: set[str] = set()  # purposes whose compiling failed: run uncompiled from then on
         self.prefix_reused = {"calls": 0, "tokens": 0}  # prompt tokens not run again (a benchmark's figure)
+        self._backend_checked: tuple[Any, bool] | None = None  # (the tokenizer's backend, encodes alike)
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -407,14 +408,45 @@ class Backbone:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def token_ids_many(self, texts: Sequence[str]) -> list[list[int]]:
-        """:meth:`token_ids` of every text, in one call of the tokenizer (which runs the texts together)."""
+        """:meth:`token_ids` of every text, in one call of the tokenizer (which runs the texts together).
+        Through the tokenizer's Rust backend alone where it gives the tokenizer's ids (:meth:`_backend`):
+        the ids without the Python objects a tokenizer call builds per text (offsets, encodings), a third
+        of the time for a thousand documents."""
         filled = [i for i, text in enumerate(texts) if text]
         out: list[list[int]] = [[] for _ in texts]
         if filled:
-            ids = self.tokenizer([texts[i] for i in filled], add_special_tokens=False)["input_ids"]
+            chosen = [texts[i] for i in filled]
+            backend = self._backend()
+            if backend is not None:
+                ids = [e.ids for e in backend.encode_batch_fast(chosen, add_special_tokens=False)]
+            else:
+                ids = self.tokenizer(chosen, add_special_tokens=False)["input_ids"]
             for i, row in zip(filled, ids):
                 out[i] = list(row)
         return out
+
+    def _backend(self) -> Any:
+        """The tokenizer's ``tokenizers`` backend where it encodes as the tokenizer does, else ``None``: the
+        same ids on a probe of spaces, markup, digits, accents and special tokens (checked once per
+        tokenizer), and no truncation or padding set on it now (a tokenizer call that pads leaves its
+        padding set on the backend until a call that does not)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch_fast"):
+            return None
+        if backend.truncation is not None or backend.padding is not None:
+            return None
+        if self._backend_checked is None or self._backend_checked[0] is not backend:
+            special = "".join(str(t) for t in self.tokenizer.all_special_tokens[:4])
+            probe = [
+                " Two  spaces\n\tand tabs",
+                "x",
+                f"{special}<b>Émile</b> 3.14e5 ünïcödé 日本語 ",
+                "\u00a0end ",
+            ]
+            fast = [e.ids for e in backend.encode_batch_fast(probe, add_special_tokens=False)]
+            same = fast == self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+            self._backend_checked = (backend, same)
+        return backend if self._backend_checked[1] else None
 
     # -- generation ------------------------------------------------------------------------------------------
     def hf_generation_config(self, max_new_tokens: int | None = None) -> HFGenerationConfig:

@@ -67,7 +67,7 @@ class PromptBuilder:
 
     def encode_texts(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
         """Token ids of each text (no special tokens), cut to ``max_text_tokens`` keeping the start."""
-        ids = self.backbone.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        ids = self.backbone.token_ids_many(list(texts))
         limit = self.config.max_text_tokens
         return [tuple(row[:limit]) if row else (self.pad_id,) for row in ids]
 
