@@ -265,6 +265,9 @@ def streams(
     ]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
+    # last: the configured path once more, after every other row (is a row's difference the setting's, or
+    # the order the rows ran in?)
+    comparisons += [(n, "again", {}, {}) for n in args.again]
     for n, name, changes, options in comparisons:
         row = rows.get(str(n))
         if row is None or fast not in row:
@@ -1208,6 +1211,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             ("efficient_attention", "decode_attention_kernel=efficient vs as configured", True),
             ("grouped", "grouped decoding attention vs as configured", True),
             ("sdpa", f"decode_attention={row.get('decode_attention')} vs sdpa", False),
+            ("again", "as configured: measured again after the other rows vs first", True),
         )
         for name, label, wins in comparisons:
             other = _get(row, f"{backend}_{name}", "new_tokens_per_s")
@@ -1460,6 +1464,12 @@ def main(argv: list[str] | None = None) -> int:
         "(generation.ahead_rows=0)",
     )
     parser.add_argument(
+        "--again",
+        default="",
+        help="streams: counts whose configured path is measured once more after every other row (the "
+        "order's share of a difference)",
+    )
+    parser.add_argument(
         "--ahead",
         default="",
         help="streams: counts also measured with the next chunk queued before the last is read "
@@ -1597,6 +1607,7 @@ def main(argv: list[str] | None = None) -> int:
         "tuned",
         "untuned",
         "not_ahead",
+        "again",
         "ahead",
         "reduced",
         "reduced_attention",
