@@ -120,6 +120,8 @@ def test_learn_documents_tokenises_each_document_once(tokenizer, name, monkeypat
         return call(self, text, *args, **kwargs)
 
     monkeypatch.setattr(type(ct.backbone.tokenizer), "__call__", counting)
+    # every encoding through the tokenizer's call, where it is counted (not its Rust backend alone)
+    ct.backbone._backend_checked = (ct.backbone.tokenizer.backend_tokenizer, False)
     made = ct.strategy._examples(docs, ct.backbone.token_ids_many([d.text for d in docs]))
     assert [examples for examples, _ in made] == alone
     seen.clear()

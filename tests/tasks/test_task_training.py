@@ -89,7 +89,8 @@ def test_compiled_task_training_learns_what_the_eager_steps_learn_with_one_graph
     """``tasks.compile`` (on a GPU; forced here): the training steps run the model compiled, and two tasks
     learn the weights, losses and predictions of the eager steps. Batches of other sizes and widths, the
     second task, and the slots' hooks used between steps (teachers, the router, scoring) compile nothing
-    more: one graph. (``aot_eager`` stands in for the GPU's compiler: the same tracing and guards.)"""
+    more: one graph; a batch of one row (the first task's last) runs uncompiled rather than compiling a graph
+    of its own. (``aot_eager`` stands in for the GPU's compiler: the same tracing and guards.)"""
     from torch._dynamo.utils import counters
 
     compile_ = torch.compile
@@ -97,10 +98,10 @@ def test_compiled_task_training_learns_what_the_eager_steps_learn_with_one_graph
     monkeypatch.setattr(Backbone, "_compiles_varying", lambda self: True)
     torch._dynamo.reset()
     counters.clear()
-    tasks = [synthetic_task(0, per_label=5), synthetic_task(1, per_label=3)]
+    tasks = [synthetic_task(0, per_label=5), synthetic_task(1, per_label=3)]  # 10 rows: batches 3, 3, 3, 1
 
     def learn(compile: bool):
-        config = tiny_config(method=method, compile=compile, share_prefix=False, batch_size=4, pool_size=1)
+        config = tiny_config(method=method, compile=compile, share_prefix=False, batch_size=3, pool_size=1)
         learner = TaskLearner(make_backbone(tokenizer), config)
         reports = [learner.learn_task(f"t{i}", data, epochs=2) for i, data in enumerate(tasks)]
         predicted = [learner.predict(text) for data in tasks for text, _ in data]

@@ -96,8 +96,9 @@ class TaskMethod(TensorState, ABC):
     def scratch_logits(self, pool: AdapterPool, batch: AnswerBatch) -> torch.Tensor:
         """Answer logits of ``batch`` with ``pool``'s trainable adapter attached: the forward pass of a
         training step. With ``tasks.compile`` on a GPU the model runs compiled for varying shapes
-        (``Backbone.compiled_calls``), except for a batch whose shared prefix runs on its own."""
-        compiled = self.config.compile and not batch.shared
+        (``Backbone.compiled_calls``), except for a batch whose shared prefix runs on its own and a batch of
+        one row (the compiler makes a graph of its own for a dimension of 1: minutes, for one step)."""
+        compiled = self.config.compile and not batch.shared and batch.size > 1
         with (
             pool.use("scratch"),
             self.backbone.compiled_calls("task training") if compiled else nullcontext(),
