@@ -323,9 +323,11 @@ class MemoryLayerStrategy(Strategy):
         """Examples and step loss of ``document`` for the configured objective."""
         return self.training_plans([document])[0]
 
-    def training_plans(self, documents: Sequence[Document]) -> list[TrainingPlan]:
+    def training_plans(
+        self, documents: Sequence[Document], ids: Sequence[list[int]] | None = None
+    ) -> list[TrainingPlan]:
         """:meth:`training_plan` of each document; the context-distillation teacher runs across them in
-        shared batches."""
+        shared batches. ``ids``: the documents' token ids when the caller has them (not tokenised again)."""
         from continual_transformer import distillation
 
         cfg = self.config
@@ -340,8 +342,9 @@ class MemoryLayerStrategy(Strategy):
                 plans.append(TrainingPlan(examples, distillation.distill_step_loss, tokens))
             return plans
         plans = []
-        for document in documents:
-            examples = training.window_examples(self.backbone, document.text, cfg.windows)
+        for i, document in enumerate(documents):
+            row = ids[i] if ids is not None else None
+            examples = training.window_examples(self.backbone, document.text, cfg.windows, row)
             tokens = sum(e.scored_tokens for e in examples)
             plans.append(TrainingPlan(examples, training.next_token_loss, tokens))
         return plans
@@ -361,8 +364,9 @@ class MemoryLayerStrategy(Strategy):
             return []
         calibration = 0.0 if self.calibrated else self.calibrate()
         start = time.perf_counter()
-        plans = self.training_plans(documents)
-        scoring = self._scoring(documents)
+        ids = self.backbone.token_ids_many([d.text for d in documents])  # one tokenisation for both
+        plans = self.training_plans(documents, ids)
+        scoring = self._scoring(documents, ids)
         loss_before = self._document_nll(documents, *scoring)
         per_document = [self.select_slots(plan.examples) for plan in plans]
         chosen = per_document[0] if len(plans) == 1 else [torch.cat(s).unique() for s in zip(*per_document)]
