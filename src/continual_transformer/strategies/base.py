@@ -174,8 +174,7 @@ class Strategy(ABC):
         for :meth:`_document_nll` before and after learning: one tokenisation, and both scored in the same
         batches."""
         ids = self.backbone.token_ids_many([d.text for d in documents]) if ids is None else ids
-        hooks = type(self).scoring_hooks is not Strategy.scoring_hooks or self.relevance_gate is not None
-        return ids, self.backbone.scoring_tokens(DOCUMENT_NLL_TOKENS, hooks=hooks)
+        return ids, self.backbone.scoring_tokens(DOCUMENT_NLL_TOKENS, hooks=self._may_hook())
 
     def _document_nll(
         self, documents: Sequence[Document], ids: Sequence[list[int]], budget: int
@@ -281,8 +280,13 @@ class Strategy(ABC):
         """
         return None
 
+    def _may_hook(self) -> bool:
+        """Whether :meth:`_hooks` can return hooks at all: the strategy scores with hooks of its own or has a
+        relevance gate (which scores the rows it closes for with the base model)."""
+        return type(self).scoring_hooks is not Strategy.scoring_hooks or self.relevance_gate is not None
+
     def _hooks(self, queries: Sequence[str]) -> ScoringHooks | None:
-        if self._disabled:
+        if self._disabled or not self._may_hook():
             return None
         made = self.scoring_hooks(queries)
         if made is None and self.relevance_gate is not None:
