@@ -1468,12 +1468,11 @@ class Backbone:
         return self.device.type == "cuda"
 
     @contextmanager
-    def compiled_calls(self, purpose: str, module: nn.Module | None = None) -> Iterator[None]:
-        """Inside, calls of ``module`` (default: the model) run compiled for varying shapes
-        (:meth:`_varying_call`) on a GPU; nothing changes elsewhere. For a training step whose batches vary
-        in rows and width: compiled kernels fuse the elementwise work of the forward and backward passes and
-        launch far fewer kernels."""
-        module = self.model if module is None else module
+    def compiled_calls(self, purpose: str) -> Iterator[None]:
+        """Inside, calls of the model run compiled for varying shapes (:meth:`_varying_call`) on a GPU;
+        nothing changes elsewhere. For a training step whose batches vary in rows and width: compiled kernels
+        fuse the elementwise work of the forward and backward passes and launch far fewer kernels."""
+        module = self.model
         run = self._varying_call(module, purpose)
         if run is None:
             yield

@@ -32,7 +32,8 @@ _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.ta
 
 _HOOK_KEYS = itertools.count(-3_000_000, -1)
 """Hook-dict keys of the pools' kept hooks (handle ids are positive; the backbone's taps take -1e6 and -2e6
-downwards): one per (pool, selection), never reused."""
+downwards): one per pool and kept selection (the scratch adapter, a slot), one per call for a tensor of
+slots; never reused."""
 
 Selection = None | str | int | torch.Tensor
 """``None``: no adapter (base model); ``"scratch"``: the trainable adapter; an int: one slot for every row;
@@ -160,20 +161,15 @@ class AdapterPool(TensorState, nn.Module):
             return
         if isinstance(selection, (str, int)):
             key, hooks = self._kept(selection)
-            for mlp, hook in zip(self._mlps, hooks):
-                mlp._forward_hooks[key] = hook
-            try:
-                yield
-            finally:
-                for mlp in self._mlps:
-                    mlp._forward_hooks.pop(key, None)
-            return
-        handles = [mlp.register_forward_hook(self._hook(i, selection)) for i, mlp in enumerate(self._mlps)]
+        else:  # one call's rows: hooks of their own
+            key, hooks = next(_HOOK_KEYS), [self._hook(i, selection) for i in range(len(self._mlps))]
+        for mlp, hook in zip(self._mlps, hooks):
+            mlp._forward_hooks[key] = hook
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            for mlp in self._mlps:
+                mlp._forward_hooks.pop(key, None)
 
     def _kept(self, selection: str | int) -> tuple[int, list]:
         """The hook-dict key and each layer's hook of ``selection`` (the scratch adapter or one slot), made
