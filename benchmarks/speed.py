@@ -148,7 +148,9 @@ def streams(
     ``<backend>_library_attention``), ``--unpaired`` counts with keys and values cached in two tensors
     (``generation.paired_cache=false``, row ``<backend>_unpaired``), ``--efficient-attention`` counts
     with the memory-efficient attention kernel (``generation.decode_attention_kernel=efficient``, row
-    ``<backend>_efficient_attention``), ``--grouped`` counts with the
+    ``<backend>_efficient_attention``), ``--triton-attention`` counts with the one Triton kernel
+    (``generation.decode_attention_kernel=triton``, row ``<backend>_triton_attention``), ``--grouped`` counts
+    with the
     grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
     shared, loaded machine's drift then falls on both alike)."""
@@ -262,6 +264,9 @@ def streams(
     comparisons += [
         (n, "efficient_attention", {"decode_attention_kernel": "efficient"}, {})
         for n in args.efficient_attention
+    ]
+    comparisons += [
+        (n, "triton_attention", {"decode_attention_kernel": "triton"}, {}) for n in args.triton_attention
     ]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
@@ -1209,6 +1214,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             ("library_attention", "as configured vs reduced_attention_rows=0", False),
             ("unpaired", "as configured vs paired_cache=false", False),
             ("efficient_attention", "decode_attention_kernel=efficient vs as configured", True),
+            ("triton_attention", "decode_attention_kernel=triton vs as configured", True),
             ("grouped", "grouped decoding attention vs as configured", True),
             ("sdpa", f"decode_attention={row.get('decode_attention')} vs sdpa", False),
             ("again", "as configured: measured again after the other rows vs first", True),
@@ -1500,6 +1506,12 @@ def main(argv: list[str] | None = None) -> int:
         "kernel (generation.decode_attention_kernel=efficient)",
     )
     parser.add_argument(
+        "--triton-attention",
+        default="",
+        help="streams: counts also measured with the grouped decoding attention as one Triton kernel "
+        "(generation.decode_attention_kernel=triton)",
+    )
+    parser.add_argument(
         "--library-attention",
         default="",
         help="streams: counts also measured with the library's attention kernel "
@@ -1614,6 +1626,7 @@ def main(argv: list[str] | None = None) -> int:
         "library_attention",
         "unpaired",
         "efficient_attention",
+        "triton_attention",
         "grouped",
         "sdpa",
         "host_check",

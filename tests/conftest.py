@@ -6,6 +6,11 @@ essential checks on the real packaged SmolLM2 (marker ``real_model``).
 
 from __future__ import annotations
 
+import os
+
+# Triton's GPU kernels run in its interpreter on CPU tensors; it must be on before Triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import functools
 from pathlib import Path
 

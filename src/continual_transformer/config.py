@@ -226,9 +226,9 @@ class GenerationConfig:
             f"must be auto, sdpa or grouped, got {self.decode_attention!r}",
         )
         _check(
-            self.decode_attention_kernel in ("auto", "efficient", "cudnn", "math"),
+            self.decode_attention_kernel in ("auto", "efficient", "cudnn", "math", "triton"),
             "generation.decode_attention_kernel",
-            f"must be auto, efficient, cudnn or math, got {self.decode_attention_kernel!r}",
+            f"must be auto, efficient, cudnn, math or triton, got {self.decode_attention_kernel!r}",
         )
         _check(
             self.fused_projections in ("auto", "always", "never"),

@@ -6,7 +6,9 @@ of the whole cache per layer and step (at 64 rows and 136 positions, ~20 MB per 
 layer. For one new token per row the repeat is not needed: a key/value head's query heads are its queries
 (B, KV, G, D), which is what Hugging Face does uncompiled (``pack_gqa``). :func:`grouped_sdpa_attention`
 does that for one-token queries whose mask is shared by the heads and hands everything else to Hugging Face's
-``sdpa`` attention; :func:`register` makes it a named attention implementation.
+``sdpa`` attention; :func:`register` makes it a named attention implementation. The one-token case runs a
+library kernel (PyTorch's choice or one of :data:`KERNELS`), generated reductions (:func:`reduced_attention`)
+or one Triton kernel (:data:`TRITON`, :mod:`~continual_transformer.modules.triton_attention`).
 """
 
 from __future__ import annotations
@@ -33,10 +35,14 @@ KERNELS = {
 """Library kernels the one-token case may be held to (:func:`register`'s ``kernel``; ``auto``: PyTorch
 picks)."""
 
+TRITON = "triton"
+"""The kernel name of :func:`~continual_transformer.modules.triton_attention.decode_attention` (one Triton
+kernel for the one-token case, on a GPU; elsewhere PyTorch's choice)."""
+
 
 def names() -> tuple[str, ...]:
     """Every name :func:`register` may return."""
-    return (NAME, REDUCED, *(f"{NAME}_{kernel}" for kernel in KERNELS))
+    return (NAME, REDUCED, *(f"{NAME}_{kernel}" for kernel in (*KERNELS, TRITON)))
 
 
 def grouped_sdpa_attention(
@@ -77,6 +83,10 @@ def grouped_sdpa_attention(
             **kwargs,
         )
     grouped = query.reshape(rows, heads // groups, groups, dim)  # (B, KV, G, D): one row per query head
+    if kernel == TRITON and _triton_runs(query):
+        from continual_transformer.modules.triton_attention import decode_attention
+
+        return decode_attention(grouped, key, value, attention_mask, scaling), None
     if reduced and torch.compiler.is_compiling():  # generated reductions; uncompiled, the library kernel
         out = reduced_attention(grouped, key, value, attention_mask, scaling)
     elif kernel in KERNELS:
@@ -106,15 +116,27 @@ def reduced_attention(
     return (weights.unsqueeze(-1) * value.float().unsqueeze(2)).sum(-2).to(query.dtype)  # (B, KV, G, D)
 
 
+def _triton_runs(query: torch.Tensor) -> bool:
+    """Whether the Triton kernel can run on ``query``'s device: a CUDA device with Triton installed, or
+    Triton's interpreter (CPU tensors)."""
+    from continual_transformer.modules import triton_attention
+
+    return triton_attention.available() and (query.is_cuda or triton_attention.interpreting())
+
+
 def register(*, reduced: bool = False, kernel: str = "auto") -> str:
     """Register :func:`grouped_sdpa_attention` (and ``sdpa``'s mask) under :data:`NAME`, or with ``reduced``
     the same with :func:`reduced_attention` for one-token queries under :data:`REDUCED`, or with a
-    ``kernel`` of :data:`KERNELS` the one-token case held to that library kernel under ``NAME_<kernel>``;
-    returns the name (each its own, so a compiled step traced with one is not reused for another)."""
+    ``kernel`` of :data:`KERNELS` the one-token case held to that library kernel under ``NAME_<kernel>``, or
+    with ``kernel`` :data:`TRITON` (which ``reduced`` does not override) the one Triton kernel under
+    ``NAME_triton``; returns the name (each its own, so a compiled step traced with one is not reused for
+    another)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    if reduced:
+    if kernel == TRITON:
+        name, function = f"{NAME}_{TRITON}", partial(grouped_sdpa_attention, kernel=TRITON)
+    elif reduced:
         name, function = REDUCED, partial(grouped_sdpa_attention, reduced=True)
     elif kernel in KERNELS:
         name, function = f"{NAME}_{kernel}", partial(grouped_sdpa_attention, kernel=kernel)

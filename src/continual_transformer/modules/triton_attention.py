@@ -1,0 +1,216 @@
+"""One-token decoding attention as one Triton kernel: a program per (row, key/value head) reads that head's
+cached keys and values once for its group of query heads.
+
+A decoding step of a small model on a GPU is bound by how many kernels it launches and how long each takes
+to start, not by arithmetic. A library attention kernel is tiled for many queries where decoding has one per
+row and query head: cuDNN's takes ~13 us a layer at 64 rows on an H200 (plus a workspace memset), the
+generated reductions (:func:`~continual_transformer.modules.grouped_attention.reduced_attention`) three
+kernels. :func:`decode_attention` is one kernel with an online softmax over blocks of cached positions
+(the flash-decoding recurrence without the split over positions), the group's query heads padded to one
+tensor-core tile. It runs as a ``torch.library`` Triton op, so a compiled decoding step calls it as one of
+its own kernels (and records it in its CUDA graph).
+
+Triton runs on CUDA devices; with ``TRITON_INTERPRET=1`` its interpreter runs the same kernel on CPU
+tensors (the tests).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Any
+
+import torch
+
+try:  # shipped with PyTorch's CUDA builds, not its CPU ones
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the kernel is then never launched (available() is False)
+    triton = tl = None  # type: ignore[assignment]
+
+BLOCK_POSITIONS = 64
+"""Cached positions each loop iteration reads per program."""
+
+
+def available() -> bool:
+    """Whether Triton is importable."""
+    return triton is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``: CPU tensors, for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _body(  # the kernel's source (Triton's language): see _kernel
+    query,
+    keys,
+    values,
+    mask,
+    out,
+    scale,
+    length,
+    query_row,
+    query_head,
+    query_group,
+    key_row,
+    key_head,
+    key_position,
+    value_row,
+    value_head,
+    value_position,
+    mask_row,
+    mask_position,
+    GROUPS: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+    BLOCK_POSITIONS: tl.constexpr,
+    MASK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    groups = tl.arange(0, BLOCK_GROUPS)
+    dims = tl.arange(0, BLOCK_DIM)
+    group_ok = groups < GROUPS
+    dim_ok = dims < DIM
+    queries = tl.load(
+        query + row * query_row + head * query_head + groups[:, None] * query_group + dims[None, :],
+        mask=group_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    ).to(keys.dtype.element_ty)
+    best = tl.full([BLOCK_GROUPS], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_GROUPS], tl.float32)
+    acc = tl.zeros([BLOCK_GROUPS, BLOCK_DIM], tl.float32)
+    for start in range(0, length, BLOCK_POSITIONS):
+        positions = start + tl.arange(0, BLOCK_POSITIONS)
+        inside = positions < length
+        block = inside[:, None] & dim_ok[None, :]
+        key = tl.load(
+            keys + row * key_row + head * key_head + positions[:, None] * key_position + dims[None, :],
+            mask=block,
+            other=0.0,
+        )
+        scores = tl.dot(queries, tl.trans(key)) * scale  # (groups, positions), float32
+        if MASK == 1:  # boolean: True attends
+            seen = tl.load(mask + row * mask_row + positions * mask_position, mask=inside, other=0) != 0
+            scores = tl.where((seen & inside)[None, :], scores, float("-inf"))
+        elif MASK == 2:  # additive
+            added = tl.load(mask + row * mask_row + positions * mask_position, mask=inside, other=0.0)
+            scores = tl.where(inside[None, :], scores + added.to(tl.float32)[None, :], float("-inf"))
+        else:
+            scores = tl.where(inside[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a block with nothing seen yet
+        weights = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(best - shift)
+        total = total * rescale + tl.sum(weights, 1)
+        value = tl.load(
+            values
+            + row * value_row
+            + head * value_head
+            + positions[:, None] * value_position
+            + dims[None, :],
+            mask=block,
+            other=0.0,
+        )
+        acc = acc * rescale[:, None] + tl.dot(weights.to(value.dtype), value)
+        best = new_best
+    result = acc / total[:, None]
+    heads = head * GROUPS + groups  # out: (B, 1, H, D) contiguous
+    tl.store(
+        out + row * tl.num_programs(1) * GROUPS * DIM + heads[:, None] * DIM + dims[None, :],
+        result.to(out.dtype.element_ty),
+        mask=group_ok[:, None] & dim_ok[None, :],
+    )
+
+
+@cache
+def _kernel(interpreted: bool) -> Any:
+    """The jitted kernel (Triton reads ``TRITON_INTERPRET`` when it wraps a function, hence per mode)."""
+    return triton.jit(_body)
+
+
+def _launch(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    rows, kv_heads, groups, dim = query.shape
+    length = key.shape[2]
+    out = torch.empty((rows, 1, kv_heads * groups, dim), dtype=query.dtype, device=query.device)
+    kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
+    flat = mask[:, 0, 0, :] if mask is not None else key.new_empty(1)  # (B or 1, L)
+    mask_row = 0 if mask is None or flat.shape[0] == 1 else flat.stride(0)
+    mask_position = flat.stride(-1) if mask is not None else 0
+    kernel = _kernel(interpreting())
+    if not interpreting():
+        from torch.library import wrap_triton
+
+        kernel = wrap_triton(kernel)
+    kernel[(rows, kv_heads)](
+        query,
+        key,
+        value,
+        flat,
+        out,
+        scale,
+        length,
+        *query.stride()[:3],
+        *key.stride()[:3],
+        *value.stride()[:3],
+        mask_row,
+        mask_position,
+        GROUPS=groups,
+        BLOCK_GROUPS=max(16, triton.next_power_of_2(groups)),
+        DIM=dim,
+        BLOCK_DIM=max(16, triton.next_power_of_2(dim)),
+        BLOCK_POSITIONS=BLOCK_POSITIONS,
+        MASK=kind,
+        num_warps=4,
+    )
+    return out
+
+
+@cache
+def _op() -> Any:
+    """``ctt::decode_attention``: the kernel as a Triton op, which a compiled graph calls as a kernel."""
+    from torch.library import triton_op
+
+    @triton_op("ctt::decode_attention", mutates_args=())
+    def decode_attention_op(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        return _launch(query, key, value, mask, scale)
+
+    return decode_attention_op
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention of one new token per row: query (B, KV, G, D), one row per query head of each key/value
+    head; key and value (B, KV, L, D), any strides along B, KV and L; ``mask`` (B or 1, 1, 1, L), boolean
+    (True attends) or additive, or ``None``. Returns (B, 1, KV * G, D), as Hugging Face's attention
+    functions do. Scores and the softmax are float32; the products run in the keys' dtype (float32 products
+    may use TF32 on a GPU)."""
+    if query.shape[-1] != key.shape[-1] or (mask is not None and mask.shape[-1] != key.shape[2]):
+        raise ValueError(
+            f"decode attention: query {tuple(query.shape)}, key {tuple(key.shape)} and mask "
+            f"{None if mask is None else tuple(mask.shape)} do not fit"
+        )
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    if interpreting():  # the interpreter runs on CPU tensors, outside the op's device dispatch
+        return _launch(query, key, value, mask, scale)
+    return _op()(query, key, value, mask, scale)

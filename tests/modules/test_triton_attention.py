@@ -1,0 +1,114 @@
+"""The one-kernel decoding attention (modules.triton_attention) in Triton's interpreter on the CPU, against
+PyTorch's attention over repeated keys and values."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from conftest import tiny_llama
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from continual_transformer.modules import triton_attention
+from continual_transformer.modules.grouped_attention import NAME, REDUCED, grouped_sdpa_attention, register
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def interpreted():
+    assert triton_attention.interpreting(), "TRITON_INTERPRET=1 must be set before Triton is imported"
+
+
+def _reference(query, key, value, mask, scale):
+    """(B, H, 1, D) queries over (B, KV, L, D) keys and values, each repeated per query head."""
+    groups = query.shape[1] // key.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def _masks(rows: int, length: int, generator: torch.Generator) -> dict[str, torch.Tensor | None]:
+    seen = torch.rand(rows, 1, 1, length, generator=generator) > 0.4
+    seen[..., -1] = True  # every row sees its new token
+    return {
+        "none": None,
+        "bool": seen,
+        "additive": torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min),
+        "shared": seen[:1],  # (1, 1, 1, L): one mask for every row
+    }
+
+
+@pytest.mark.parametrize(
+    ("rows", "kv_heads", "groups", "length", "dim"),
+    [(3, 2, 2, 9, 16), (2, 3, 3, 130, 64), (1, 3, 3, 64, 24), (4, 1, 5, 200, 32)],
+)
+@pytest.mark.parametrize("mask", ["none", "bool", "additive", "shared"])
+def test_one_token_queries_attend_as_with_repeated_keys(
+    interpreted, rows, kv_heads, groups, length, dim, mask
+):
+    """Groups of 2 to 5 query heads (padded to one 16-row tile), head sizes that are not a power of two,
+    cached positions within one block, at a block's edge and across several (64 a block), every kind of
+    mask; keys and values as the halves of one tensor (the paired cache), so their strides are not their
+    shapes'."""
+    generator = torch.Generator().manual_seed(rows * 100 + length)
+    query = torch.randn(rows, kv_heads * groups, 1, dim, generator=generator)
+    pair = torch.randn(2, rows, kv_heads, length, dim, generator=generator)
+    key, value = pair[0], pair[1]
+    chosen = _masks(rows, length, generator)[mask]
+    grouped = query.reshape(rows, kv_heads, groups, dim)
+    out = triton_attention.decode_attention(grouped, key, value, chosen, 0.3)
+    assert out.shape == (rows, 1, kv_heads * groups, dim) and out.is_contiguous()
+    torch.testing.assert_close(out, _reference(query, key, value, chosen, 0.3), rtol=0, atol=2e-5)
+
+
+def test_shapes_that_do_not_fit_are_refused(interpreted):
+    query, key = torch.randn(1, 3, 3, 64), torch.randn(1, 3, 10, 64)
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_attention.decode_attention(query, key[..., :32], key[..., :32], None, None)
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_attention.decode_attention(query, key, key, torch.ones(1, 1, 1, 11, dtype=torch.bool), None)
+
+
+def test_the_model_answers_as_with_sdpa_when_registered(tokenizer, interpreted, monkeypatch):
+    """``decode_attention_kernel: triton``: one name of its own, which ``reduced`` does not override; a
+    prompt (Hugging Face's sdpa) and a one-token step through the kernel give sdpa's logits."""
+    called = []
+    launch = triton_attention._launch
+    monkeypatch.setattr(triton_attention, "_launch", lambda *a: called.append(1) or launch(*a))
+    assert register(kernel="triton") == register(kernel="triton", reduced=True) == f"{NAME}_triton"
+    assert register(kernel="triton") not in (NAME, REDUCED)
+    model = tiny_llama(tokenizer)
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids = torch.randint(0, len(tokenizer), (3, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row
+    with torch.inference_mode():
+        reference = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        model.config._attn_implementation = register(kernel="triton")
+        try:
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            assert not called  # prompts of several tokens stay with sdpa
+            longer = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+            step = model(
+                input_ids=ids[:, -1:], attention_mask=longer, **{keyword: out.past_key_values}
+            ).logits
+            assert len(called) == model.config.num_hidden_layers
+        finally:
+            model.config._attn_implementation = "sdpa"
+        expected = model(input_ids=ids[:, -1:], attention_mask=longer, **{keyword: reference.past_key_values})
+    torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(step, expected.logits, rtol=0, atol=1e-5)
+
+
+def test_without_a_gpu_or_the_interpreter_the_library_kernel_runs(tokenizer, monkeypatch):
+    """On CPU tensors outside the interpreter Triton cannot run: the one-token case goes to PyTorch's
+    attention, with the same result."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton_attention, "_launch", lambda *a: pytest.fail("the Triton kernel ran"))
+    attention = tiny_llama(tokenizer).model.layers[0].self_attn
+    query, key, value = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    out, _ = grouped_sdpa_attention(attention, query, key, value, None, kernel="triton")
+    torch.testing.assert_close(out, _reference(query, key, value, None, None), rtol=0, atol=1e-6)
