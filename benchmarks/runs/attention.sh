@@ -5,7 +5,8 @@
 #    lengths, timed as a CUDA graph of 30 calls, each one's error against float32 (~1 minute);
 # 2. then streams alone: 1, 64 and 256 prompts as configured (eager at 1), each again with the Triton
 #    kernel (generation.decode_attention_kernel=triton), and one stream as configured once more after the
-#    other rows (speed.py --again). Results under $OUT/kernels/ and $OUT/streams/.
+#    other rows (speed.py --again). Results under $OUT/kernels/ and $OUT/streams/. KERNELS=0 skips the
+#    first part.
 set -uo pipefail
 limit=${1:-560}
 export PYTHONPATH=/root/site:$PWD/src HF_HUB_OFFLINE=1 CTT_CACHE=${CTT_CACHE:-/root/ctt-cache}
@@ -14,8 +15,10 @@ OUT=${OUT:-/tmp/out}
 PY=${PYTHON:-python3}
 start=$(date +%s)
 mkdir -p "$OUT/kernels" "$OUT/streams"
-timeout -k 5 100 "$PY" benchmarks/attention_kernels.py --out "$OUT/kernels" > "$OUT/kernels/log.txt" 2>&1
-echo "kernels: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+if [ "${KERNELS:-1}" = 1 ]; then
+  timeout -k 5 100 "$PY" benchmarks/attention_kernels.py --out "$OUT/kernels" > "$OUT/kernels/log.txt" 2>&1
+  echo "kernels: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+fi
 timeout -k 5 $(( limit - ($(date +%s) - start) - 10 )) "$PY" benchmarks/speed.py --model "${MODEL:-/root/models}" \
   --set data_dir="${DATA:-/root/data}" --backend compiled --sections streams --streams "${STREAMS:-1,64,256}" \
   --eager-streams 1 --host-check none --new-tokens 64 --triton-attention "${TRITON:-1,64,256}" \

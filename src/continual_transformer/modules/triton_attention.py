@@ -17,8 +17,6 @@ tensors (the tests).
 from __future__ import annotations
 
 import os
-from functools import cache
-from typing import Any
 
 import torch
 
@@ -91,7 +89,8 @@ def _body(  # the kernel's source (Triton's language): see _kernel
             mask=block,
             other=0.0,
         )
-        scores = tl.dot(queries, tl.trans(key)) * scale  # (groups, positions), float32
+        # (groups, positions) in float32 (a compiled graph passes the scale as a double)
+        scores = (tl.dot(queries, tl.trans(key)) * scale).to(tl.float32)
         if MASK == 1:  # boolean: True attends
             seen = tl.load(mask + row * mask_row + positions * mask_position, mask=inside, other=0) != 0
             scores = tl.where((seen & inside)[None, :], scores, float("-inf"))
@@ -125,10 +124,8 @@ def _body(  # the kernel's source (Triton's language): see _kernel
     )
 
 
-@cache
-def _kernel(interpreted: bool) -> Any:
-    """The jitted kernel (Triton reads ``TRITON_INTERPRET`` when it wraps a function, hence per mode)."""
-    return triton.jit(_body)
+_kernel = triton.jit(_body) if triton is not None else None
+"""The jitted kernel (under ``TRITON_INTERPRET=1`` at import, Triton's interpreter runs it)."""
 
 
 def _launch(
@@ -145,11 +142,7 @@ def _launch(
     flat = mask[:, 0, 0, :] if mask is not None else key.new_empty(1)  # (B or 1, L)
     mask_row = 0 if mask is None or flat.shape[0] == 1 else flat.stride(0)
     mask_position = flat.stride(-1) if mask is not None else 0
-    kernel = _kernel(interpreting())
-    if not interpreting():
-        from torch.library import wrap_triton
-
-        kernel = wrap_triton(kernel)
+    kernel = _kernel if interpreting() else torch.library.wrap_triton(_kernel)
     kernel[(rows, kv_heads)](
         query,
         key,
@@ -174,22 +167,22 @@ def _launch(
     return out
 
 
-@cache
-def _op() -> Any:
-    """``ctt::decode_attention``: the kernel as a Triton op, which a compiled graph calls as a kernel."""
-    from torch.library import triton_op
+def _op_body(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    return _launch(query, key, value, mask, scale)
 
-    @triton_op("ctt::decode_attention", mutates_args=())
-    def decode_attention_op(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: torch.Tensor | None,
-        scale: float,
-    ) -> torch.Tensor:
-        return _launch(query, key, value, mask, scale)
 
-    return decode_attention_op
+_op = (
+    torch.library.triton_op("ctt::decode_attention", _op_body, mutates_args=())
+    if triton is not None
+    else None
+)
+"""``ctt::decode_attention``: the kernel as a Triton op (a compiled graph calls it as one of its kernels)."""
 
 
 def decode_attention(
@@ -213,4 +206,4 @@ def decode_attention(
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     if interpreting():  # the interpreter runs on CPU tensors, outside the op's device dispatch
         return _launch(query, key, value, mask, scale)
-    return _op()(query, key, value, mask, scale)
+    return _op(query, key, value, mask, scale)

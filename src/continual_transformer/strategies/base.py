@@ -475,7 +475,7 @@ class TrainingStrategy(Strategy):
         params = self.trainable_parameters()
         for group in _groups(params):
             # a group at a time, on the parameters' device (a base kept on the CPU is not rounded there)
-            some_base = {name: base[name].to(params[name].device) for name in group}
+            some_base = {name: base[name].to(params[name].device, non_blocking=True) for name in group}
             some = delta_state({name: params[name].detach() for name in group}, some_base, bits=bits)
             rounded = [name for name in group if name + CODES[bits] in some]
             if rounded:
@@ -655,6 +655,14 @@ def check_state_names(expected, state: dict[str, torch.Tensor], what: str) -> No
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``tensor``; of a GPU tensor, in pinned memory, which copies back to the GPU at the bus's
+    speed (pageable memory is staged through a pinned buffer first)."""
+    if tensor.device.type != "cuda":
+        return tensor.detach().to("cpu", copy=True)
+    return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor.detach())
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:

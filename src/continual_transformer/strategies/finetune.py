@@ -4,8 +4,8 @@ The baseline every other strategy is measured against. It adds no parameters; it
 changed in the layers it trains, relative to the base model (:func:`delta_state`: unchanged tensors are left
 out, changes confined to a few rows or columns are stored as those, dense changes as ``delta_bits``-bit codes
 the weights are rounded to after each learning run, so a reload answers exactly as before). The original
-weights of those layers are kept on the CPU so :meth:`reset` restores the base model exactly (and
-:meth:`disabled` swaps them in for a while).
+weights of those layers are kept on the CPU (pinned, from a GPU) so :meth:`reset` restores the base model
+exactly (and :meth:`disabled` swaps them in for a while).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from continual_transformer.strategies.base import (
     StrategyStats,
     TrainingStrategy,
     check_delta_bits,
+    host_copy,
     tensor_bytes,
 )
 
@@ -74,7 +75,7 @@ class FinetuneStrategy(TrainingStrategy):
 
     def _remember_original(self) -> None:
         if self._original is None:
-            self._original = {k: p.detach().to("cpu", copy=True) for k, p in self._params.items()}
+            self._original = {k: host_copy(p) for k, p in self._params.items()}
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         self._remember_original()
@@ -95,7 +96,7 @@ class FinetuneStrategy(TrainingStrategy):
             yield
             return
         with torch.no_grad():
-            trained = {k: p.detach().to("cpu", copy=True) for k, p in self._params.items()}
+            trained = {k: host_copy(p) for k, p in self._params.items()}
             for key, param in self._params.items():
                 param.copy_(self._original[key])
         try:
