@@ -511,6 +511,31 @@ def test_grouped_attention_on_the_compiled_steps(tokenizer, monkeypatch):
     assert backbone._lean_mode == "graphs", "no step fell back"
 
 
+def test_a_failing_triton_attention_kernel_gives_way_to_pytorchs_alone(tokenizer, monkeypatch, caplog):
+    """``decode_attention_kernel: triton``: when a compiled step with the Triton kernel fails, that kernel
+    alone is given up (PyTorch's from then on, logged once); the step stays compiled and answers as eager."""
+    from continual_transformer.modules import triton_attention
+
+    backbone = make_backbone(tokenizer, max_new_tokens=8)
+    with_backend(backbone, "eager")
+    eager = backbone.generate(PROMPTS)
+    launches: list[int] = []
+
+    def broken(*args):
+        launches.append(1)
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(triton_attention, "_launch", broken)
+    with_backend(backbone, "compiled", decode_attention="grouped", decode_attention_kernel="triton")
+    with caplog.at_level("WARNING"):
+        assert backbone.generate(PROMPTS) == eager
+        assert backbone.generate(PROMPTS) == eager
+    assert launches, "the Triton kernel was tried"
+    assert backbone._attention_kernel_failed and backbone._attention_kernel() == "auto"
+    assert caplog.text.count("Triton attention kernel failed") == 1
+    assert backbone._lean_mode == "default" and not backbone._lean_failed and not backbone._compile_failed
+
+
 def test_decode_attention_auto_is_grouped_on_a_gpu_only(tokenizer, monkeypatch):
     """``auto`` (the default) decodes with the grouped attention on a GPU and the model's own elsewhere;
     ``sdpa`` and ``grouped`` hold on every device."""

@@ -246,6 +246,8 @@ class Backbone:
         self._prompt_graphs_failed = False  # recording a prompt pass failed once: prompts run uncaptured
         # prompt-lookup decoding failed once: one token per step from then on
         self._speculation_failed = False
+        # a compiled step with the Triton decoding attention failed once: PyTorch's kernel from then on
+        self._attention_kernel_failed = False
         # prompt-lookup decoding so far: decoding steps run and the tokens they made (a benchmark's figure)
         self.speculation = {"steps": 0, "tokens": 0}
         self.trainings = 0
@@ -636,6 +638,14 @@ class Backbone:
                     self._speculation_failed = True
                     self._lean_graphs.clear()
                     continue
+                if mode != "plain" and self._attention_kernel() == "triton":  # that kernel alone is given up
+                    logger.warning(
+                        "decoding with the Triton attention kernel failed (%s); PyTorch's kernel from now on",
+                        exc,
+                    )
+                    self._attention_kernel_failed = True
+                    self._lean_graphs.clear()
+                    continue
                 following = {
                     "graphs": "reduce-overhead",
                     "reduce-overhead": "default",
@@ -707,12 +717,18 @@ class Backbone:
 
         config._attn_implementation = register(
             reduced=self._few_rows(mode, rows, self.generation.reduced_attention_rows),
-            kernel=self.generation.decode_attention_kernel,
+            kernel=self._attention_kernel(),
         )
         try:
             yield
         finally:
             config._attn_implementation = "sdpa"
+
+    def _attention_kernel(self) -> str:
+        """The grouped decoding attention's kernel: ``generation.decode_attention_kernel``, or PyTorch's
+        choice (``auto``) once a compiled step with the Triton kernel failed."""
+        kernel = self.generation.decode_attention_kernel
+        return "auto" if kernel == "triton" and self._attention_kernel_failed else kernel
 
     def _graphs_apply(self, gen_config: HFGenerationConfig, kwargs: dict[str, Any]) -> bool:
         """Whether a call may decode in recorded chunks (:meth:`_chunked_decode`). A CUDA graph replays what
