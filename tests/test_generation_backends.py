@@ -531,9 +531,27 @@ def test_a_failing_triton_attention_kernel_gives_way_to_pytorchs_alone(tokenizer
         assert backbone.generate(PROMPTS) == eager
         assert backbone.generate(PROMPTS) == eager
     assert launches, "the Triton kernel was tried"
-    assert backbone._attention_kernel_failed and backbone._attention_kernel() == "auto"
+    assert backbone._attention_kernel_failed and backbone._attention_kernel() == "library"
     assert caplog.text.count("Triton attention kernel failed") == 1
     assert backbone._lean_mode == "default" and not backbone._lean_failed and not backbone._compile_failed
+
+
+def test_the_decoding_attention_kernel_is_tritons_on_a_gpu_with_triton_only(tokenizer, monkeypatch):
+    """``decode_attention_kernel: auto`` (the default) is the Triton kernel on a GPU where Triton is
+    installed and PyTorch's choice elsewhere; a named kernel holds on every device."""
+    from continual_transformer.modules import triton_attention
+
+    backbone = make_backbone(tokenizer)
+    assert backbone.generation.decode_attention_kernel == "auto"
+    assert backbone._attention_kernel() == "library"
+    monkeypatch.setattr(Backbone, "device", property(lambda self: torch.device("cuda")))
+    assert backbone._attention_kernel() == "triton"
+    for setting in ("library", "efficient", "triton"):
+        with_backend(backbone, "compiled", decode_attention_kernel=setting)
+        assert backbone._attention_kernel() == setting
+    monkeypatch.setattr(triton_attention, "available", lambda: False)
+    with_backend(backbone, "compiled", decode_attention_kernel="auto")
+    assert backbone._attention_kernel() == "library"
 
 
 def test_decode_attention_auto_is_grouped_on_a_gpu_only(tokenizer, monkeypatch):

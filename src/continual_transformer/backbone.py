@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import math
 from collections import deque
@@ -725,10 +726,16 @@ class Backbone:
             config._attn_implementation = "sdpa"
 
     def _attention_kernel(self) -> str:
-        """The grouped decoding attention's kernel: ``generation.decode_attention_kernel``, or PyTorch's
-        choice (``auto``) once a compiled step with the Triton kernel failed."""
+        """The grouped decoding attention's kernel (a name :func:`grouped_attention.register` takes):
+        ``generation.decode_attention_kernel``, with ``auto`` the Triton kernel on a GPU where Triton is
+        installed and PyTorch's choice elsewhere; PyTorch's choice once a compiled step with the Triton
+        kernel failed."""
+        from continual_transformer.modules import triton_attention
+
         kernel = self.generation.decode_attention_kernel
-        return "auto" if kernel == "triton" and self._attention_kernel_failed else kernel
+        if kernel == "auto":
+            kernel = "triton" if self.device.type == "cuda" and triton_attention.available() else "library"
+        return "library" if kernel == "triton" and self._attention_kernel_failed else kernel
 
     def _graphs_apply(self, gen_config: HFGenerationConfig, kwargs: dict[str, Any]) -> bool:
         """Whether a call may decode in recorded chunks (:meth:`_chunked_decode`). A CUDA graph replays what
@@ -1315,16 +1322,23 @@ class Backbone:
         if self.start_ids:
             lead = list(self.start_ids)
             pairs = [(a if (a + b)[: len(lead)] == lead else lead + a, b) for a, b in pairs]
-        lengths = [len(a) + len(b) for a, b in pairs]
-        width = self.scoring_width(max(lengths))
-        pad = self.tokenizer.pad_token_id
-        ids = [a + b + [pad] * (width - n) for (a, b), n in zip(pairs, lengths)]
-        labels = [[IGNORE] * len(a) + b + [IGNORE] * (width - n) for (a, b), n in zip(pairs, lengths)]
-        attention = [[1] * n + [0] * (width - n) for n in lengths]
+        unscored = torch.tensor([len(a) for a, _ in pairs])
+        lengths = unscored + torch.tensor([len(b) for _, b in pairs])
+        width = self.scoring_width(int(lengths.max()))
+        # the rows' tokens as one flat tensor, placed where the mask is set (row by row, in order): building
+        # (B, width) tensors from nested lists costs ~10 ms per 65,536 positions on the host
+        columns = torch.arange(width)
+        mask = columns < lengths[:, None]
+        ids = torch.full((len(pairs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        ids[mask] = torch.tensor(
+            list(itertools.chain.from_iterable(a + b for a, b in pairs)), dtype=torch.long
+        )
+        labels = torch.where(mask & (columns >= unscored[:, None]), ids, IGNORE)
+        ids, attention, labels = torch.stack([ids, mask.long(), labels]).to(self.device).unbind()  # one copy
         return ScoringBatch(
-            input_ids=torch.tensor(ids, device=self.device),
-            attention_mask=torch.tensor(attention, device=self.device),
-            labels=torch.tensor(labels, device=self.device),
+            input_ids=ids,
+            attention_mask=attention,
+            labels=labels,
             rows=tuple(rows),
             context_lengths=tuple(len(a) for a, _ in pairs),
         )

@@ -165,14 +165,20 @@ class GenerationConfig:
     attention kernel, whose tiles are built for many queries where decoding has one per row; 0: never.
     Unlike the products (``reduced_rows``), each row reads its own keys and values, so this does not
     multiply reads with the rows. H200, bf16: 0.92x the new tokens/s of the library kernel at 64 streams,
-    0.73x at 256 (``benchmarks/results/speed/h200-9``), hence one row. Same tokens up to rounding."""
+    0.73x at 256 (``benchmarks/results/speed/h200-9``), hence one row. Only with a library kernel
+    (``decode_attention_kernel``), not the Triton one. Same tokens up to rounding."""
     decode_attention_kernel: str = "auto"
-    """The library kernel of the grouped decoding attention (``decode_attention``) where a step's rows are
-    past ``reduced_attention_rows``: ``auto`` (PyTorch's choice: cuDNN's on an H100/H200), ``efficient``
-    (the memory-efficient kernel), ``cudnn`` or ``math``. Decoding reads one query row per key/value head
-    and row over a cache of a few hundred positions; the kernels differ in how they tile that. H200, bf16, 64
-    streams: ``efficient`` 0.94x the new tokens/s of ``auto`` (``benchmarks/results/speed/h200-10``). Same
-    tokens up to rounding."""
+    """The kernel of the grouped decoding attention (``decode_attention``) for one new token per row:
+    ``triton`` (one Triton kernel, :mod:`~continual_transformer.modules.triton_attention`: a program per row
+    and key/value head reads that head's cached keys and values once, with an online softmax), ``library``
+    (PyTorch's choice: cuDNN's on an H100/H200, or with ``reduced_attention_rows`` generated reductions),
+    ``efficient`` (the memory-efficient kernel), ``cudnn`` or ``math``; ``auto``: ``triton`` on a GPU where
+    Triton is installed (PyTorch's CUDA builds bring it), ``library`` elsewhere. If a compiled step with the
+    Triton kernel fails, PyTorch's kernel takes over (logged once). H200, bf16, the attention alone (a CUDA
+    graph of 30 calls, 136 cached positions): 6.97 us a call against cuDNN's 20.69 at 64 rows, 4.56 against
+    12.82 at one; decoding 64 streams 1.12x the new tokens/s of ``library``, one stream 1.01x
+    (``benchmarks/results/speed/h200-12``); ``efficient`` 0.94x of cuDNN's at 64 streams (``h200-10``).
+    Same tokens up to rounding."""
     paired_cache: bool = True
     """The ``static`` and ``compiled`` backends keep each layer's cached keys and values as the two halves of
     one tensor, written with one copy, and the layers of a cache share one length counter, advanced once per
@@ -226,9 +232,9 @@ class GenerationConfig:
             f"must be auto, sdpa or grouped, got {self.decode_attention!r}",
         )
         _check(
-            self.decode_attention_kernel in ("auto", "efficient", "cudnn", "math", "triton"),
+            self.decode_attention_kernel in ("auto", "triton", "library", "efficient", "cudnn", "math"),
             "generation.decode_attention_kernel",
-            f"must be auto, efficient, cudnn, math or triton, got {self.decode_attention_kernel!r}",
+            f"must be auto, triton, library, efficient, cudnn or math, got {self.decode_attention_kernel!r}",
         )
         _check(
             self.fused_projections in ("auto", "always", "never"),

@@ -32,8 +32,8 @@ KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "math": SDPBackend.MATH,
 }
-"""Library kernels the one-token case may be held to (:func:`register`'s ``kernel``; ``auto``: PyTorch
-picks)."""
+"""Library kernels the one-token case may be held to (:func:`register`'s ``kernel``; ``auto`` or
+``library``: PyTorch picks)."""
 
 TRITON = "triton"
 """The kernel name of :func:`~continual_transformer.modules.triton_attention.decode_attention` (one Triton

@@ -65,6 +65,7 @@ def _body(  # the kernel's source (Triton's language): see _kernel
     BLOCK_DIM: tl.constexpr,
     BLOCK_POSITIONS: tl.constexpr,
     MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -90,7 +91,7 @@ def _body(  # the kernel's source (Triton's language): see _kernel
             other=0.0,
         )
         # (groups, positions) in float32 (a compiled graph passes the scale as a double)
-        scores = (tl.dot(queries, tl.trans(key)) * scale).to(tl.float32)
+        scores = (tl.dot(queries, tl.trans(key), input_precision=PRECISION) * scale).to(tl.float32)
         if MASK == 1:  # boolean: True attends
             seen = tl.load(mask + row * mask_row + positions * mask_position, mask=inside, other=0) != 0
             scores = tl.where((seen & inside)[None, :], scores, float("-inf"))
@@ -113,7 +114,7 @@ def _body(  # the kernel's source (Triton's language): see _kernel
             mask=block,
             other=0.0,
         )
-        acc = acc * rescale[:, None] + tl.dot(weights.to(value.dtype), value)
+        acc = acc * rescale[:, None] + tl.dot(weights.to(value.dtype), value, input_precision=PRECISION)
         best = new_best
     result = acc / total[:, None]
     heads = head * GROUPS + groups  # out: (B, 1, H, D) contiguous
@@ -162,6 +163,7 @@ def _launch(
         BLOCK_DIM=max(16, triton.next_power_of_2(dim)),
         BLOCK_POSITIONS=BLOCK_POSITIONS,
         MASK=kind,
+        PRECISION="ieee" if key.dtype == torch.float32 else "tf32",  # float32 kept exact, not TF32
         num_warps=4,
     )
     return out
@@ -195,8 +197,8 @@ def decode_attention(
     """Attention of one new token per row: query (B, KV, G, D), one row per query head of each key/value
     head; key and value (B, KV, L, D), any strides along B, KV and L; ``mask`` (B or 1, 1, 1, L), boolean
     (True attends) or additive, or ``None``. Returns (B, 1, KV * G, D), as Hugging Face's attention
-    functions do. Scores and the softmax are float32; the products run in the keys' dtype (float32 products
-    may use TF32 on a GPU)."""
+    functions do. Scores and the softmax are float32; the products run in the keys' dtype (float32 ones in
+    full float32, not TF32)."""
     if query.shape[-1] != key.shape[-1] or (mask is not None and mask.shape[-1] != key.shape[2]):
         raise ValueError(
             f"decode attention: query {tuple(query.shape)}, key {tuple(key.shape)} and mask "
