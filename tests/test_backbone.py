@@ -110,6 +110,37 @@ def test_padded_scoring_batches_score_every_text_as_unpadded_ones(backbone, monk
     assert backbone.perplexity(texts[2] * 4, window=16, batch_size=2) == pytest.approx(ppl, rel=1e-5)
 
 
+def test_a_labelled_batch_pads_and_labels_each_row_as_its_lists_say(backbone, monkeypatch):
+    """Rows of (unscored, scored) ids of many lengths, empty unscored parts included, padded to the widest
+    (a GPU's bucket when it pads): ids then padding, only the scored ids labelled, the mask over the ids."""
+    from continual_transformer.backbone import IGNORE
+
+    generator = torch.Generator().manual_seed(0)
+    pairs = [
+        (
+            torch.randint(0, 50, (int(u),), generator=generator).tolist(),
+            torch.randint(0, 50, (int(n),)).tolist(),
+        )
+        for u, n in zip(torch.randint(0, 4, (9,), generator=generator), torch.randint(1, 12, (9,)))
+    ]
+    pad = backbone.tokenizer.pad_token_id
+    for bucket in (None, 16):
+        if bucket:
+            monkeypatch.setattr(
+                type(backbone), "scoring_width", lambda self, width, b=bucket: width + (-width % b)
+            )
+        batch = backbone._batch(pairs, range(len(pairs)))
+        width = batch.input_ids.shape[1]
+        assert width == (max(len(a) + len(b) for a, b in pairs) if bucket is None else 16)
+        for row, (a, b) in enumerate(pairs):
+            fill = width - len(a) - len(b)
+            assert batch.input_ids[row].tolist() == a + b + [pad] * fill
+            assert batch.labels[row].tolist() == [IGNORE] * len(a) + b + [IGNORE] * fill
+            assert batch.attention_mask[row].tolist() == [1] * (len(a) + len(b)) + [0] * fill
+        assert batch.context_lengths == tuple(len(a) for a, _ in pairs)
+        assert batch.input_ids.dtype == batch.labels.dtype == batch.attention_mask.dtype == torch.long
+
+
 def test_perplexity_is_exp_of_mean_nll(backbone):
     text = "A quick brown fox jumps over the lazy dog. " * 3
     nll = backbone.token_nll([text])[0]
