@@ -3,11 +3,11 @@ can run (``generation.decode_attention_kernel`` and ``reduced_attention_rows``) 
 same inputs, and each one's answer against float32 attention over repeated keys and values.
 
 Kernels: ``triton`` (:mod:`continual_transformer.modules.triton_attention`, one kernel), ``auto``
-(PyTorch's choice, cuDNN's on an H200), ``efficient`` (the memory-efficient kernel) and ``reduced``
-(:func:`~continual_transformer.modules.grouped_attention.reduced_attention`, compiled). Each is recorded
-as a CUDA graph of ``--layers`` calls (what a recorded decoding step replays: one call per layer, on that
-layer's own cache) and the graph is replayed; the figure is microseconds per call. SmolLM2-135M's shapes by
-default (9 query heads, 3 key/value heads, 64 dimensions).
+(PyTorch's choice, cuDNN's on an H200: the setting's ``library``), ``efficient`` (the memory-efficient
+kernel) and ``reduced`` (:func:`~continual_transformer.modules.grouped_attention.reduced_attention`,
+compiled). Each is recorded as a CUDA graph of ``--layers`` calls (what a recorded decoding step replays: one
+call per layer, on that layer's own cache) and the graph is replayed; the figure is microseconds per call.
+SmolLM2-135M's shapes by default (9 query heads, 3 key/value heads, 64 dimensions).
 
     python benchmarks/attention_kernels.py --rows 1,64,256 --lengths 136,520 --out benchmarks/results/x
 

@@ -149,8 +149,9 @@ def streams(
     (``generation.paired_cache=false``, row ``<backend>_unpaired``), ``--efficient-attention`` counts
     with the memory-efficient attention kernel (``generation.decode_attention_kernel=efficient``, row
     ``<backend>_efficient_attention``), ``--triton-attention`` counts with the one Triton kernel
-    (``generation.decode_attention_kernel=triton``, row ``<backend>_triton_attention``), ``--grouped`` counts
-    with the
+    (``generation.decode_attention_kernel=triton``, row ``<backend>_triton_attention``), ``--library-kernel``
+    counts with PyTorch's choice of kernel (``decode_attention_kernel=library``, row
+    ``<backend>_library_kernel``), ``--grouped`` counts with the
     grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
     shared, loaded machine's drift then falls on both alike)."""
@@ -268,6 +269,9 @@ def streams(
     comparisons += [
         (n, "triton_attention", {"decode_attention_kernel": "triton"}, {}) for n in args.triton_attention
     ]
+    comparisons += [
+        (n, "library_kernel", {"decode_attention_kernel": "library"}, {}) for n in args.library_kernel
+    ]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     # last: the configured path once more, after every other row (is a row's difference the setting's, or
@@ -286,7 +290,7 @@ def streams(
         configured, other = row[fast]["new_tokens_per_s"], row[key]["new_tokens_per_s"]
         # unfused, sdpa: how much faster the configured path is than without the fused projections / grouped
         # attention; tuned, grouped: the gain of the options / the grouped attention over the configured path
-        speedup = configured / other if name in ("unfused", "sdpa") else other / configured
+        speedup = configured / other if name in ("unfused", "sdpa", "library_kernel") else other / configured
         row[f"{name}_speedup"] = speedup
         row[f"answers_equal_{name}"] = row[key]["answers"] == row[fast]["answers"]
         logger.info(
@@ -1215,6 +1219,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             ("unpaired", "as configured vs paired_cache=false", False),
             ("efficient_attention", "decode_attention_kernel=efficient vs as configured", True),
             ("triton_attention", "decode_attention_kernel=triton vs as configured", True),
+            ("library_kernel", "as configured vs decode_attention_kernel=library", False),
             ("grouped", "grouped decoding attention vs as configured", True),
             ("sdpa", f"decode_attention={row.get('decode_attention')} vs sdpa", False),
             ("again", "as configured: measured again after the other rows vs first", True),
@@ -1512,6 +1517,12 @@ def main(argv: list[str] | None = None) -> int:
         "(generation.decode_attention_kernel=triton)",
     )
     parser.add_argument(
+        "--library-kernel",
+        default="",
+        help="streams: counts also measured with PyTorch's choice of decoding attention kernel "
+        "(generation.decode_attention_kernel=library)",
+    )
+    parser.add_argument(
         "--library-attention",
         default="",
         help="streams: counts also measured with the library's attention kernel "
@@ -1627,6 +1638,7 @@ def main(argv: list[str] | None = None) -> int:
         "unpaired",
         "efficient_attention",
         "triton_attention",
+        "library_kernel",
         "grouped",
         "sdpa",
         "host_check",

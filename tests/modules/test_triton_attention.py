@@ -104,11 +104,17 @@ def test_the_model_answers_as_with_sdpa_when_registered(tokenizer, interpreted, 
 
 
 def test_without_a_gpu_or_the_interpreter_the_library_kernel_runs(tokenizer, monkeypatch):
-    """On CPU tensors outside the interpreter Triton cannot run: the one-token case goes to PyTorch's
-    attention, with the same result."""
+    """On CPU tensors outside the interpreter, or without the kernel, Triton cannot run: the one-token case
+    goes to PyTorch's attention, with the same result."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(triton_attention, "_launch", lambda *a: pytest.fail("the Triton kernel ran"))
     attention = tiny_llama(tokenizer).model.layers[0].self_attn
     query, key, value = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    out, _ = grouped_sdpa_attention(attention, query, key, value, None, kernel="triton")
+    torch.testing.assert_close(out, _reference(query, key, value, None, None), rtol=0, atol=1e-6)
+    # a Triton that did not take the kernel (its import-time setup failed): the same, in the interpreter too
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_attention, "_op", None)
+    assert not triton_attention.available()
     out, _ = grouped_sdpa_attention(attention, query, key, value, None, kernel="triton")
     torch.testing.assert_close(out, _reference(query, key, value, None, None), rtol=0, atol=1e-6)

@@ -16,6 +16,7 @@ tensors (the tests).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -26,13 +27,15 @@ try:  # shipped with PyTorch's CUDA builds, not its CPU ones
 except ImportError:  # pragma: no cover - the kernel is then never launched (available() is False)
     triton = tl = None  # type: ignore[assignment]
 
+logger = logging.getLogger(__name__)
+
 BLOCK_POSITIONS = 64
 """Cached positions each loop iteration reads per program."""
 
 
 def available() -> bool:
-    """Whether Triton is importable."""
-    return triton is not None
+    """Whether the kernel exists: Triton is importable and took the kernel and its op."""
+    return _kernel is not None and _op is not None
 
 
 def interpreting() -> bool:
@@ -125,10 +128,6 @@ def _body(  # the kernel's source (Triton's language): see _kernel
     )
 
 
-_kernel = triton.jit(_body) if triton is not None else None
-"""The jitted kernel (under ``TRITON_INTERPRET=1`` at import, Triton's interpreter runs it)."""
-
-
 def _launch(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -169,22 +168,16 @@ def _launch(
     return out
 
 
-def _op_body(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    return _launch(query, key, value, mask, scale)
-
-
-_op = (
-    torch.library.triton_op("ctt::decode_attention", _op_body, mutates_args=())
-    if triton is not None
-    else None
-)
-"""``ctt::decode_attention``: the kernel as a Triton op (a compiled graph calls it as one of its kernels)."""
+_kernel = _op = None
+"""The jitted kernel (under ``TRITON_INTERPRET=1`` at import, Triton's interpreter runs it) and
+``ctt::decode_attention``, the kernel as a Triton op (a compiled graph calls it as one of its kernels)."""
+if triton is not None:
+    try:
+        _kernel = triton.jit(_body)
+        _op = torch.library.triton_op("ctt::decode_attention", _launch, mutates_args=())
+    except Exception as exc:  # a Triton or PyTorch without what the kernel needs: PyTorch's kernels decode
+        logger.warning("the Triton decoding attention is not available (%s)", exc)
+        _kernel = _op = None
 
 
 def decode_attention(
