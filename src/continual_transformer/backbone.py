@@ -639,7 +639,7 @@ class Backbone:
                     self._speculation_failed = True
                     self._lean_graphs.clear()
                     continue
-                if mode != "plain" and self._attention_kernel() == "triton":  # that kernel alone is given up
+                if self._groups_attention(mode) and self._attention_kernel() == "triton":  # that kernel alone
                     logger.warning(
                         "decoding with the Triton attention kernel failed (%s); PyTorch's kernel from now on",
                         exc,
@@ -704,6 +704,11 @@ class Backbone:
         setting = self.generation.decode_attention
         return setting == "grouped" or (setting == "auto" and self.device.type == "cuda")
 
+    def _groups_attention(self, mode: str) -> bool:
+        """Whether the steps of ``mode`` run the grouped attention (:meth:`_grouped_attention`): compiled
+        (not ``plain``), ``decodes_grouped``, and a model on ``sdpa`` attention."""
+        return mode != "plain" and self.decodes_grouped() and self.model.config._attn_implementation == "sdpa"
+
     @contextmanager
     def _grouped_attention(self, mode: str, rows: int = 0) -> Iterator[None]:
         """With ``generation.decode_attention: grouped`` (``auto`` on a GPU), the compiled steps (not
@@ -711,7 +716,7 @@ class Backbone:
         :func:`~continual_transformer.modules.grouped_attention.grouped_sdpa_attention` (the model's attention
         implementation switched for the call, restored after)."""
         config = self.model.config
-        if mode == "plain" or not self.decodes_grouped() or config._attn_implementation != "sdpa":
+        if not self._groups_attention(mode):
             yield
             return
         from continual_transformer.modules.grouped_attention import register
