@@ -2,7 +2,8 @@
 can run (``generation.decode_attention_kernel`` and ``reduced_attention_rows``) timed side by side on the
 same inputs, and each one's answer against float32 attention over repeated keys and values.
 
-Kernels: ``triton`` (:mod:`continual_transformer.modules.triton_attention`, one kernel), ``auto``
+Kernels: ``triton`` (:mod:`continual_transformer.modules.triton_attention`, one kernel; ``triton-N``: with
+a fixed block of N positions, e.g. ``triton-64``, the block before it was chosen by the length), ``auto``
 (PyTorch's choice, cuDNN's on an H200: the setting's ``library``), ``efficient`` (the memory-efficient
 kernel) and ``reduced`` (:func:`~continual_transformer.modules.grouped_attention.reduced_attention`,
 compiled). Each is recorded as a CUDA graph of ``--layers`` calls (what a recorded decoding step replays: one
@@ -33,13 +34,18 @@ from continual_transformer.modules.triton_attention import decode_attention
 
 logger = logging.getLogger("attention_kernels")
 
-VARIANTS = ("triton", "auto", "efficient", "reduced")
+VARIANTS = ("triton", "triton-64", "auto", "efficient", "reduced")
 
 
 def _function(variant: str) -> Any:
     """``variant``'s attention of grouped queries (B, KV, G, D): (B, KV, G, D) or (B, 1, H, D) out."""
     if variant == "triton":
         return decode_attention
+    if variant.startswith("triton-"):  # a fixed block of positions, e.g. triton-64
+        block = int(variant.removeprefix("triton-"))
+        return lambda query, key, value, mask, scaling: decode_attention(
+            query, key, value, mask, scaling, block
+        )
     if variant == "reduced":
         return torch.compile(reduced_attention, dynamic=False)
 

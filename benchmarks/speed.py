@@ -34,6 +34,7 @@ Writes ``results.json``, ``results.md`` and ``speed.png`` to ``--out`` (after ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -151,7 +152,8 @@ def streams(
     ``<backend>_efficient_attention``), ``--triton-attention`` counts with the one Triton kernel
     (``generation.decode_attention_kernel=triton``, row ``<backend>_triton_attention``), ``--library-kernel``
     counts with PyTorch's choice of kernel (``decode_attention_kernel=library``, row
-    ``<backend>_library_kernel``), ``--grouped`` counts with the
+    ``<backend>_library_kernel``), ``--block-64`` counts with the Triton kernel's blocks of 64 positions
+    (row ``<backend>_block_64``), ``--grouped`` counts with the
     grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
     shared, loaded machine's drift then falls on both alike)."""
@@ -272,6 +274,7 @@ def streams(
     comparisons += [
         (n, "library_kernel", {"decode_attention_kernel": "library"}, {}) for n in args.library_kernel
     ]
+    comparisons += [(n, "block_64", {}, {}) for n in args.block_64]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     # last: the configured path once more, after every other row (is a row's difference the setting's, or
@@ -284,13 +287,18 @@ def streams(
         key = f"{fast}_{name}"
         backbone.lean_inductor_options = options
         try:
-            measure(n, key, lambda n=n, changes=changes: call(fast, n, **changes))
+            with _attention_block(backbone, 64 if name == "block_64" else None):
+                measure(n, key, lambda n=n, changes=changes: call(fast, n, **changes))
         finally:
             backbone.lean_inductor_options = {}
         configured, other = row[fast]["new_tokens_per_s"], row[key]["new_tokens_per_s"]
         # unfused, sdpa: how much faster the configured path is than without the fused projections / grouped
         # attention; tuned, grouped: the gain of the options / the grouped attention over the configured path
-        speedup = configured / other if name in ("unfused", "sdpa", "library_kernel") else other / configured
+        speedup = (
+            configured / other
+            if name in ("unfused", "sdpa", "library_kernel", "block_64")
+            else other / configured
+        )
         row[f"{name}_speedup"] = speedup
         row[f"answers_equal_{name}"] = row[key]["answers"] == row[fast]["answers"]
         logger.info(
@@ -319,6 +327,27 @@ def streams(
     return rows
 
 
+@contextlib.contextmanager
+def _attention_block(backbone: Backbone, positions: int | None) -> Any:
+    """With ``positions``, the Triton decoding attention reads that many cached positions per loop iteration
+    at SmolLM2's 64 dimensions (its largest block made ``positions`` x 64 elements, as before the block
+    followed the cache's length): the compiled steps are traced again for it (their guards read the
+    setting) and the recorded chunks are recorded again, on the way in and out."""
+    if positions is None:
+        yield
+        return
+    from continual_transformer.modules import triton_attention
+
+    kept = triton_attention.BLOCK_ELEMENTS
+    triton_attention.BLOCK_ELEMENTS = positions * 64
+    backbone._lean_graphs.clear()
+    try:
+        yield
+    finally:
+        triton_attention.BLOCK_ELEMENTS = kept
+        backbone._lean_graphs.clear()
+
+
 def profile_call(
     fn: Callable[[], Any], device: torch.device, tokens: int, unit: str = "new token"
 ) -> dict[str, Any]:
@@ -338,6 +367,10 @@ def profile_call(
         if cuda:
             torch.cuda.synchronize(device)
     wall_ms = (time.perf_counter() - start) * 1000
+    try:
+        occupants: Any = host_during_gaps(fn, device, kind) if cuda else None
+    except Exception as exc:  # a diagnostic: the figures above stand without it
+        occupants = {"error": repr(exc)}
     kernels: dict[str, list[float]] = {}
     spans: list[tuple[float, float]] = []
     events = prof.events()
@@ -358,8 +391,49 @@ def profile_call(
         "wall_ms": wall_ms,
         "top_kernels": [{"name": k[:140], "launches": len(v), "ms": sum(v)} for k, v in top],
         "idle": idle_gaps(spans, first_host) if cuda else None,
+        "host_during_gaps": occupants,
         "host": host_profile(fn, device),
     }
+
+
+def host_during_gaps(
+    fn: Callable[[], Any], device: torch.device, kind: Any, at_least_us: float = 100.0, most: int = 12
+) -> list[dict[str, Any]]:
+    """One more call under the profiler with the host's operators and Python functions recorded
+    (``with_stack``): for each of the ``most`` longest stretches of ``at_least_us`` or more where the GPU ran
+    nothing, the host events that cover most of it, the innermost first (what the host was doing while the
+    GPU waited for it: a Python function of the library, a graph launch, a copy). The profiler's own work
+    makes every stretch somewhat longer; the ranking is what to read."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    events = prof.events()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == kind)
+    host = [e for e in events if e.device_type != kind]
+    gaps, reach = [], spans[0][1] if spans else 0.0
+    for index, (begin, end) in enumerate(spans[1:], 1):
+        if begin - reach >= at_least_us:
+            gaps.append((reach, begin, index))
+        reach = max(reach, end)
+    out = []
+    for begin, end, index in sorted(gaps, key=lambda g: g[0] - g[1])[:most]:
+        covering = []
+        for event in host:
+            overlap = min(end, event.time_range.end) - max(begin, event.time_range.start)
+            if overlap > 0.2 * (end - begin):
+                covering.append((event.time_range.end - event.time_range.start, overlap, event.name))
+        covering.sort()  # the shortest (innermost) first
+        out.append(
+            {
+                "us": round(end - begin, 1),
+                "after_kernels": index,
+                "host": [{"name": n[:120], "overlap_us": round(o, 1)} for _, o, n in covering[:8]],
+            }
+        )
+    return sorted(out, key=lambda g: g["after_kernels"])
 
 
 def idle_gaps(
@@ -1220,6 +1294,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             ("efficient_attention", "decode_attention_kernel=efficient vs as configured", True),
             ("triton_attention", "decode_attention_kernel=triton vs as configured", True),
             ("library_kernel", "as configured vs decode_attention_kernel=library", False),
+            ("block_64", "as configured vs the Triton kernel's blocks of 64 positions", False),
             ("grouped", "grouped decoding attention vs as configured", True),
             ("sdpa", f"decode_attention={row.get('decode_attention')} vs sdpa", False),
             ("again", "as configured: measured again after the other rows vs first", True),
@@ -1523,6 +1598,12 @@ def main(argv: list[str] | None = None) -> int:
         "(generation.decode_attention_kernel=library)",
     )
     parser.add_argument(
+        "--block-64",
+        default="",
+        help="streams: counts also measured with the Triton decoding attention reading 64 cached positions "
+        "per loop iteration (as before its block followed the cache's length)",
+    )
+    parser.add_argument(
         "--library-attention",
         default="",
         help="streams: counts also measured with the library's attention kernel "
@@ -1639,6 +1720,7 @@ def main(argv: list[str] | None = None) -> int:
         "efficient_attention",
         "triton_attention",
         "library_kernel",
+        "block_64",
         "grouped",
         "sdpa",
         "host_check",

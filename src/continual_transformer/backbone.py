@@ -244,6 +244,7 @@ class Backbone:
         )
         self._fusion: Any = None  # fused q/k/v and gate/up products of compiled decoding, made on first use
         self._walk = _ModuleWalk()  # the model's modules, for the checks of every decoding call
+        self._library_walk: tuple[tuple[nn.Module, ...], bool] = ((), True)  # see _library_modules
         self._prompt_graphs_failed = False  # recording a prompt pass failed once: prompts run uncaptured
         # prompt-lookup decoding failed once: one token per step from then on
         self._speculation_failed = False
@@ -322,6 +323,7 @@ class Backbone:
         self.quantized = kind
         self._fusion = None
         self._walk = _ModuleWalk()  # the replaced layers are not kept alive by an old walk
+        self._library_walk = ((), True)
         self._lean_caches.clear()
         self._lean_graphs.clear()
         self._lean_steps.clear()
@@ -760,17 +762,21 @@ class Backbone:
                 and isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
                 for layer in layers
             )
-        from continual_transformer.modules.fused_linear import FusedMember
-
         modules = self._walk(self.model)
-        return (
-            self._static_cache_capturable
-            and not _installed_hooks(modules)
-            and all(
+        return self._static_cache_capturable and not _hooked(modules) and self._library_modules(modules)
+
+    def _library_modules(self, modules: tuple[nn.Module, ...]) -> bool:
+        """Whether every module of a walk is a ``torch`` or ``transformers`` one (or a fused member): kept per
+        walk (a module's type does not change; a swapped module makes a new walk)."""
+        if self._library_walk[0] is not modules:
+            from continual_transformer.modules.fused_linear import FusedMember
+
+            plain = all(
                 type(module).__module__.startswith(("torch.", "transformers.")) or type(module) is FusedMember
                 for module in modules
             )
-        )
+            self._library_walk = (modules, plain)
+        return self._library_walk[1]
 
     def _speculates(self, rows: int, gen_config: HFGenerationConfig, kwargs: dict[str, Any]) -> int:
         """Draft tokens per step of prompt-lookup decoding for this call (``generation.speculative_tokens``),
@@ -1205,7 +1211,7 @@ class Backbone:
         swapped: list[tuple[dict[int, Any], dict[int, Any]]] = []
         pairs: list[tuple[_Tap, Any]] = []
         adders: list[_AdderTap] = []
-        for module in self._walk(self.model):
+        for module in _hooked(self._walk(self.model)):
             for hooks, inputs in ((module._forward_hooks, False), (module._forward_pre_hooks, True)):
                 if not hooks:  # most modules: nothing to look at
                     continue
@@ -1690,10 +1696,16 @@ def _installed_hooks(modules: Iterable[nn.Module]) -> dict[tuple[int, int], Any]
     id)."""
     return {
         (id(module), id(hook)): hook
-        for module in modules
+        for module in _hooked(modules)
         for hooks in (module._forward_hooks, module._forward_pre_hooks)
         for hook in hooks.values()
     }
+
+
+def _hooked(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """The modules among ``modules`` with forward hooks or forward pre-hooks (most have neither: one
+    attribute read each, every decoding call)."""
+    return [m for m in modules if m._forward_hooks or m._forward_pre_hooks]
 
 
 class _ModuleWalk:
@@ -1704,19 +1716,28 @@ class _ModuleWalk:
     strategy that swaps layers in for its answers (``lora``'s merged layers) looks at it before."""
 
     def __init__(self) -> None:
-        self._walks: list[tuple[tuple[nn.Module, ...], tuple[tuple[nn.Module | None, ...], ...]]] = []
+        # (modules, the children dictionaries of the modules that had children with their children then, the
+        # children dictionaries of those that had none)
+        self._walks: list[
+            tuple[
+                tuple[nn.Module, ...], tuple[tuple[dict, tuple[nn.Module | None, ...]], ...], tuple[dict, ...]
+            ]
+        ] = []
 
     def __call__(self, model: nn.Module) -> tuple[nn.Module, ...]:
-        for modules, children in self._walks:
-            # modules compare by identity: each tuple comparison is a pointer check per child
-            if modules[0] is model and all(
-                (not m._modules and not c) or tuple(m._modules.values()) == c
-                for m, c in zip(modules, children)
+        for modules, parents, leaves in self._walks:
+            # modules compare by identity: each tuple comparison is a pointer check per child; a leaf's
+            # dictionary only has to stay empty (one C-level pass over all of them)
+            if (
+                modules[0] is model
+                and not any(leaves)
+                and all(tuple(children.values()) == was for children, was in parents)
             ):
                 return modules
         modules = tuple(model.modules())
-        children = tuple(tuple(m._modules.values()) for m in modules)
-        self._walks = [(modules, children), *self._walks[:2]]
+        parents = tuple((m._modules, tuple(m._modules.values())) for m in modules if m._modules)
+        leaves = tuple(m._modules for m in modules if not m._modules)
+        self._walks = [(modules, parents, leaves), *self._walks[:2]]
         return modules
 
 

@@ -8,7 +8,7 @@ from conftest import tiny_llama
 from torch import nn
 
 from continual_transformer.backbone import model_fingerprint
-from continual_transformer.modules.fused_linear import GROUPS, FusedMember, Fusion
+from continual_transformer.modules.fused_linear import GROUPS, FusedGroup, FusedMember, Fusion
 
 
 def _ids(tokenizer, rows: int = 3, width: int = 11) -> torch.Tensor:
@@ -292,3 +292,50 @@ def test_a_kept_walk_keeps_its_candidates_but_hooks_and_new_layers_still_count(t
         fusion.install(model, second)
         fusion.install(model, second)
     fusion.remove()
+
+
+def test_a_repeated_install_repeats_the_last_until_something_it_checked_changed(tokenizer, monkeypatch):
+    """Installed again with the same walk, stamp and rows, and nothing about the layers changed, the same
+    groups go in without being checked or copied again; a weight written in place, a hook on a member, a
+    write only the stamp covers, each is seen by the next install."""
+    from continual_transformer.backbone import _ModuleWalk
+
+    model = tiny_llama(tokenizer, layers=2)
+    ids = _ids(tokenizer)
+    walk, fusion = _ModuleWalk(), Fusion()
+    copies: list[FusedGroup] = []
+    refresh = FusedGroup.refresh
+    monkeypatch.setattr(
+        FusedGroup, "refresh", lambda self, stamp=None: copies.append(self) or refresh(self, stamp)
+    )
+
+    def installed(stamp: int) -> tuple[list[FusedGroup], torch.Tensor]:
+        groups = fusion.install(model, walk(model), stamp=stamp)
+        try:
+            return groups, _logits(model, ids)
+        finally:
+            fusion.remove()
+
+    first, _ = installed(0)
+    copies.clear()
+    again, _ = installed(0)
+    assert [id(g) for g in again] == [id(g) for g in first] and not copies, "repeated without checks"
+    up = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        up.weight.add_(0.5)  # a version bump
+    _, out = installed(0)
+    assert copies, "checked again"
+    torch.testing.assert_close(out, _logits(model, ids), rtol=0, atol=1e-5)
+    hook = up.register_forward_hook(lambda m, a, o: o * 2)
+    fusion.install(model, walk(model), stamp=0)
+    try:
+        assert "model.layers.0.mlp.up_proj" not in _fused_names(model), "a hooked member keeps its product"
+        out = _logits(model, ids)
+    finally:
+        fusion.remove()
+    torch.testing.assert_close(out, _logits(model, ids), rtol=0, atol=1e-5)
+    hook.remove()
+    with torch.no_grad():
+        up.weight.data.mul_(-1)  # unseen by the version counter: only a new stamp shows it
+    _, out = installed(1)
+    torch.testing.assert_close(out, _logits(model, ids), rtol=0, atol=1e-5)

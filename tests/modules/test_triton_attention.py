@@ -46,22 +46,34 @@ def _masks(rows: int, length: int, generator: torch.Generator) -> dict[str, torc
     [(3, 2, 2, 9, 16), (2, 3, 3, 130, 64), (1, 3, 3, 64, 24), (4, 1, 5, 200, 32)],
 )
 @pytest.mark.parametrize("mask", ["none", "bool", "additive", "shared"])
+@pytest.mark.parametrize("block", [None, 16])
 def test_one_token_queries_attend_as_with_repeated_keys(
-    interpreted, rows, kv_heads, groups, length, dim, mask
+    interpreted, rows, kv_heads, groups, length, dim, mask, block
 ):
     """Groups of 2 to 5 query heads (padded to one 16-row tile), head sizes that are not a power of two,
-    cached positions within one block, at a block's edge and across several (64 a block), every kind of
-    mask; keys and values as the halves of one tensor (the paired cache), so their strides are not their
-    shapes'."""
+    the whole cache in one block (the default at these lengths) and across several blocks of 16 positions,
+    one cut short at the cache's end; every kind of mask; keys and values as the halves of one tensor (the
+    paired cache), so their strides are not their shapes'."""
     generator = torch.Generator().manual_seed(rows * 100 + length)
     query = torch.randn(rows, kv_heads * groups, 1, dim, generator=generator)
     pair = torch.randn(2, rows, kv_heads, length, dim, generator=generator)
     key, value = pair[0], pair[1]
     chosen = _masks(rows, length, generator)[mask]
     grouped = query.reshape(rows, kv_heads, groups, dim)
-    out = triton_attention.decode_attention(grouped, key, value, chosen, 0.3)
+    out = triton_attention.decode_attention(grouped, key, value, chosen, 0.3, block)
     assert out.shape == (rows, 1, kv_heads * groups, dim) and out.is_contiguous()
     torch.testing.assert_close(out, _reference(query, key, value, chosen, 0.3), rtol=0, atol=2e-5)
+
+
+def test_a_block_holds_the_whole_cache_up_to_sixteen_thousand_elements():
+    """One block for a short cache (rounded up to a power of two, at least 16 positions); long caches in
+    blocks of 16,384 key elements: 256 positions at 64 dimensions, 128 at 128 (96 pads to 128)."""
+    assert triton_attention.block_positions(9, 64) == 16
+    assert triton_attention.block_positions(136, 64) == 256
+    assert triton_attention.block_positions(256, 64) == 256
+    assert triton_attention.block_positions(2048, 64) == 256
+    assert triton_attention.block_positions(2048, 96) == triton_attention.block_positions(2048, 128) == 128
+    assert triton_attention.block_positions(2048, 24) == 512
 
 
 def test_shapes_that_do_not_fit_are_refused(interpreted):
@@ -70,6 +82,9 @@ def test_shapes_that_do_not_fit_are_refused(interpreted):
         triton_attention.decode_attention(query, key[..., :32], key[..., :32], None, None)
     with pytest.raises(ValueError, match="do not fit"):
         triton_attention.decode_attention(query, key, key, torch.ones(1, 1, 1, 11, dtype=torch.bool), None)
+    for block in (8, 48):
+        with pytest.raises(ValueError, match="power of two"):
+            triton_attention.decode_attention(query, key, key, None, None, block)
 
 
 def test_the_model_answers_as_with_sdpa_when_registered(tokenizer, interpreted, monkeypatch):

@@ -6,7 +6,8 @@ to start, not by arithmetic. A library attention kernel is tiled for many querie
 row and query head: cuDNN's takes ~13 us a layer at 64 rows on an H200 (plus a workspace memset), the
 generated reductions (:func:`~continual_transformer.modules.grouped_attention.reduced_attention`) three
 kernels. :func:`decode_attention` is one kernel with an online softmax over blocks of cached positions
-(the flash-decoding recurrence without the split over positions), the group's query heads padded to one
+(the flash-decoding recurrence without the split over positions), the whole cache in one block up to
+256 positions, the group's query heads padded to one
 tensor-core tile. It runs as a ``torch.library`` Triton op, so a compiled decoding step calls it as one of
 its own kernels (and records it in its CUDA graph).
 
@@ -29,8 +30,22 @@ except ImportError:  # pragma: no cover - the kernel is then never launched (ava
 
 logger = logging.getLogger(__name__)
 
-BLOCK_POSITIONS = 64
-"""Cached positions each loop iteration reads per program."""
+BLOCK_ELEMENTS = 16384
+"""Most cached keys' elements (positions x padded dimensions) a program reads per loop iteration: 256
+positions at 64 dimensions, 128 at 128."""
+
+
+def block_positions(length: int, dim: int) -> int:
+    """Cached positions a program reads per loop iteration for a cache of ``length`` positions: all of them
+    at once (the next power of two, at least 16) up to :data:`BLOCK_ELEMENTS`. A program walks its blocks one
+    after another, each waiting for its loads: at one row, with a program per key/value head, fewer and
+    larger blocks are what shortens the kernel."""
+    most = max(16, BLOCK_ELEMENTS // max(16, _power_of_two(dim)))
+    return min(most, max(16, _power_of_two(length)))
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def available() -> bool:
@@ -134,9 +149,11 @@ def _launch(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
+    block: int,
 ) -> torch.Tensor:
     rows, kv_heads, groups, dim = query.shape
     length = key.shape[2]
+    block_dim = max(16, triton.next_power_of_2(dim))
     out = torch.empty((rows, 1, kv_heads * groups, dim), dtype=query.dtype, device=query.device)
     kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
     flat = mask[:, 0, 0, :] if mask is not None else key.new_empty(1)  # (B or 1, L)
@@ -159,11 +176,11 @@ def _launch(
         GROUPS=groups,
         BLOCK_GROUPS=max(16, triton.next_power_of_2(groups)),
         DIM=dim,
-        BLOCK_DIM=max(16, triton.next_power_of_2(dim)),
-        BLOCK_POSITIONS=BLOCK_POSITIONS,
+        BLOCK_DIM=block_dim,
+        BLOCK_POSITIONS=block,
         MASK=kind,
         PRECISION="ieee" if key.dtype == torch.float32 else "tf32",  # float32 kept exact, not TF32
-        num_warps=4,
+        num_warps=8 if block * block_dim > 8192 else 4,
     )
     return out
 
@@ -186,12 +203,18 @@ def decode_attention(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float | None,
+    block: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per row: query (B, KV, G, D), one row per query head of each key/value
     head; key and value (B, KV, L, D), any strides along B, KV and L; ``mask`` (B or 1, 1, 1, L), boolean
     (True attends) or additive, or ``None``. Returns (B, 1, KV * G, D), as Hugging Face's attention
     functions do. Scores and the softmax are float32; the products run in the keys' dtype (float32 ones in
-    full float32, not TF32)."""
+    full float32, not TF32). ``block``: cached positions per loop iteration, a power of two of at least 16
+    (default :func:`block_positions`)."""
+    if block is None:
+        block = block_positions(key.shape[2], query.shape[-1])
+    elif block < 16 or block & (block - 1):
+        raise ValueError(f"decode attention: block {block} is not a power of two of at least 16")
     if query.shape[-1] != key.shape[-1] or (mask is not None and mask.shape[-1] != key.shape[2]):
         raise ValueError(
             f"decode attention: query {tuple(query.shape)}, key {tuple(key.shape)} and mask "
@@ -200,5 +223,5 @@ def decode_attention(
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     if interpreting():  # the interpreter runs on CPU tensors, outside the op's device dispatch
-        return _launch(query, key, value, mask, scale)
-    return _op(query, key, value, mask, scale)
+        return _launch(query, key, value, mask, scale, block)
+    return _op(query, key, value, mask, scale, block)
