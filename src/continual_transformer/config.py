@@ -186,12 +186,14 @@ class GenerationConfig:
     bf16, one row: 393 kernels a decoding step against 422 (the counters' 30 updates become one; the keys'
     rotary embedding stays a kernel of its own), 0.900 ms against 0.965; 64 streams within noise (0.98x;
     ``benchmarks/results/speed/h200-9``). Same tokens."""
-    ahead_rows: int = 8
+    ahead_rows: int = 64
     """On a GPU, calls of up to this many rows replay their recorded chunks of decoding steps with the next
     chunk queued before the last one's progress is read, so the GPU does not wait for the host between
-    chunks; a chunk queued past an answer that ended early runs on without changing it (at most one chunk of
-    GPU time, not of latency); 0: never. H200, bf16: 1.17x the new tokens/s at one stream, 0.92x at 64
-    (hence the bound; ``benchmarks/results/speed/h200-8``). Same tokens."""
+    chunks (launching a recorded chunk of 64 rows takes the host about 1.4 ms); a chunk queued past an
+    answer that ended early runs on without changing it (at most one chunk of GPU time, not of latency); 0:
+    never. H200, bf16: 1.17x the new tokens/s at one stream (``benchmarks/results/speed/h200-8``), 1.09x at
+    64 (``h200-13``; 0.92x in ``h200-8``, before the Triton attention and the lighter host work per call,
+    hence the bound of 8 then). Same tokens."""
     tuned_rows: int = 8
     """On a GPU, compiled decoding steps of up to this many rows have their generated kernels tuned by
     inductor's coordinate-descent search (``coordinate_descent_tuning``); 0: never. H200, bf16: 1.11x the new

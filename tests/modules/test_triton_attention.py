@@ -65,15 +65,20 @@ def test_one_token_queries_attend_as_with_repeated_keys(
     torch.testing.assert_close(out, _reference(query, key, value, chosen, 0.3), rtol=0, atol=2e-5)
 
 
-def test_a_block_holds_the_whole_cache_up_to_sixteen_thousand_elements():
-    """One block for a short cache (rounded up to a power of two, at least 16 positions); long caches in
-    blocks of 16,384 key elements: 256 positions at 64 dimensions, 128 at 128 (96 pads to 128)."""
-    assert triton_attention.block_positions(9, 64) == 16
-    assert triton_attention.block_positions(136, 64) == 256
-    assert triton_attention.block_positions(256, 64) == 256
-    assert triton_attention.block_positions(2048, 64) == 256
+def test_few_programs_read_the_whole_cache_at_once_and_many_read_small_blocks():
+    """Few programs (one row): one block for a short cache (rounded up to a power of two, at least 16
+    positions), long caches in blocks of 16,384 key elements: 256 positions at 64 dimensions, 128 at 128 (96
+    pads to 128). Many programs (64 rows of 3 key/value heads): blocks of 64 positions."""
+    assert triton_attention.block_positions(9, 64, 3) == 16
+    assert triton_attention.block_positions(136, 64, 3) == 256
+    assert triton_attention.block_positions(256, 64, 32) == 256
+    assert triton_attention.block_positions(2048, 64, 3) == 256
     assert triton_attention.block_positions(2048, 96) == triton_attention.block_positions(2048, 128) == 128
     assert triton_attention.block_positions(2048, 24) == 512
+    assert (
+        triton_attention.block_positions(136, 64, 33) == triton_attention.block_positions(2048, 64, 192) == 64
+    )
+    assert triton_attention.block_positions(9, 64, 192) == 16
 
 
 def test_shapes_that_do_not_fit_are_refused(interpreted):

@@ -6,8 +6,8 @@ to start, not by arithmetic. A library attention kernel is tiled for many querie
 row and query head: cuDNN's takes ~13 us a layer at 64 rows on an H200 (plus a workspace memset), the
 generated reductions (:func:`~continual_transformer.modules.grouped_attention.reduced_attention`) three
 kernels. :func:`decode_attention` is one kernel with an online softmax over blocks of cached positions
-(the flash-decoding recurrence without the split over positions), the whole cache in one block up to
-256 positions, the group's query heads padded to one
+(the flash-decoding recurrence without the split over positions; at one row the whole cache in one
+block up to 256 positions), the group's query heads padded to one
 tensor-core tile. It runs as a ``torch.library`` Triton op, so a compiled decoding step calls it as one of
 its own kernels (and records it in its CUDA graph).
 
@@ -31,15 +31,27 @@ except ImportError:  # pragma: no cover - the kernel is then never launched (ava
 logger = logging.getLogger(__name__)
 
 BLOCK_ELEMENTS = 16384
-"""Most cached keys' elements (positions x padded dimensions) a program reads per loop iteration: 256
-positions at 64 dimensions, 128 at 128."""
+"""Most cached keys' elements (positions x padded dimensions) a program reads per loop iteration when the
+programs are few (:data:`FEW_PROGRAMS`): 256 positions at 64 dimensions, 128 at 128."""
+
+FEW_PROGRAMS = 32
+"""Launches of at most this many programs (rows x key/value heads) read the cache in blocks of up to
+:data:`BLOCK_ELEMENTS`; more programs read it in blocks of :data:`BLOCK_POSITIONS`."""
+
+BLOCK_POSITIONS = 64
+"""Cached positions a program reads per loop iteration where the programs are many."""
 
 
-def block_positions(length: int, dim: int) -> int:
-    """Cached positions a program reads per loop iteration for a cache of ``length`` positions: all of them
-    at once (the next power of two, at least 16) up to :data:`BLOCK_ELEMENTS`. A program walks its blocks one
-    after another, each waiting for its loads: at one row, with a program per key/value head, fewer and
-    larger blocks are what shortens the kernel."""
+def block_positions(length: int, dim: int, programs: int = 1) -> int:
+    """Cached positions a program reads per loop iteration, for a cache of ``length`` positions of ``dim``
+    dimensions read by ``programs`` programs. A program walks its blocks one after another, each waiting for
+    its loads: when the programs are few (one row: a program per key/value head), all of the cache at once
+    (the next power of two, at least 16) up to :data:`BLOCK_ELEMENTS` elements. When they are many, small
+    blocks keep more programs on each multiprocessor. H200, bf16, 3 key/value heads, 136 positions
+    (``benchmarks/results/speed/h200-13``): at one row 4.32 us a call with one block against 4.56 with blocks
+    of 64; at 64 rows 9.20 against 6.95, at 256 rows 24.58 against 14.13."""
+    if programs > FEW_PROGRAMS:
+        return min(BLOCK_POSITIONS, max(16, _power_of_two(length)))
     most = max(16, BLOCK_ELEMENTS // max(16, _power_of_two(dim)))
     return min(most, max(16, _power_of_two(length)))
 
@@ -210,9 +222,9 @@ def decode_attention(
     (True attends) or additive, or ``None``. Returns (B, 1, KV * G, D), as Hugging Face's attention
     functions do. Scores and the softmax are float32; the products run in the keys' dtype (float32 ones in
     full float32, not TF32). ``block``: cached positions per loop iteration, a power of two of at least 16
-    (default :func:`block_positions`)."""
+    (default :func:`block_positions` for B x KV programs)."""
     if block is None:
-        block = block_positions(key.shape[2], query.shape[-1])
+        block = block_positions(key.shape[2], query.shape[-1], query.shape[0] * query.shape[1])
     elif block < 16 or block & (block - 1):
         raise ValueError(f"decode attention: block {block} is not a power of two of at least 16")
     if query.shape[-1] != key.shape[-1] or (mask is not None and mask.shape[-1] != key.shape[2]):
