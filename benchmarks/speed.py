@@ -352,9 +352,10 @@ def profile_call(
     fn: Callable[[], Any], device: torch.device, tokens: int, unit: str = "new token"
 ) -> dict[str, Any]:
     """One call under the profiler (GPU kernels, those replayed from CUDA graphs included): kernels and GPU
-    busy milliseconds per call and per ``unit`` (``tokens`` of them), the wall time, and the kernels taking
-    the most time. On a CPU the same for ATen ops (nested ones counted too; a check of this function more
-    than a figure)."""
+    busy milliseconds per call and per ``unit`` (``tokens`` of them), the wall time, the kernels taking
+    the most time, where the GPU waited (:func:`idle_gaps`) and, on a GPU, what the host did meanwhile
+    (:func:`host_during_gaps`). On a CPU the same for ATen ops (nested ones counted too; a check of this
+    function more than a figure)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -399,15 +400,16 @@ def profile_call(
 def host_during_gaps(
     fn: Callable[[], Any], device: torch.device, kind: Any, at_least_us: float = 100.0, most: int = 12
 ) -> list[dict[str, Any]]:
-    """One more call under the profiler with the host's operators and Python functions recorded
-    (``with_stack``): for each of the ``most`` longest stretches of ``at_least_us`` or more where the GPU ran
-    nothing, the host events that cover most of it, the innermost first (what the host was doing while the
-    GPU waited for it: a Python function of the library, a graph launch, a copy). The profiler's own work
-    makes every stretch somewhat longer; the ranking is what to read."""
+    """One more call under the profiler with the host's operators and runtime calls recorded too: for each
+    of the ``most`` longest stretches of ``at_least_us`` or more where the GPU ran nothing, the host events
+    that cover most of it, the innermost first (what the host was doing while the GPU waited for it: a graph
+    launch, a copy, an operator). A stretch no event covers is Python between operators (the checks of a
+    decoding call). The profiler's own work makes every stretch somewhat longer; the ranking is what to
+    read."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(device)
     events = prof.events()

@@ -278,18 +278,8 @@ class Fusion:
         # candidate layer's tensors where and as they were (storage, version, shape, dtype) and no hooks
         # added: the groups the last install checked, built and refreshed are installed as they are.
         state = _state(candidates) if stamp is not None and modules is not None else None
-        last = self._last
-        if (
-            state is not None
-            and last is not None
-            and last[0] is modules
-            and last[1:4]
-            == (
-                reduced_rows,
-                stamp,
-                state,
-            )
-        ):
+        last, checked = self._last, (reduced_rows, stamp, state)
+        if state is not None and last is not None and last[0] is modules and last[1:4] == checked:
             for group in last[4]:
                 group.install()
             self._installed = list(last[4])

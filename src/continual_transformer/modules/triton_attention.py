@@ -57,6 +57,8 @@ def block_positions(length: int, dim: int, programs: int = 1) -> int:
 
 
 def _power_of_two(n: int) -> int:
+    """The least power of two of at least ``n``: Triton's ``next_power_of_2``, written here so that
+    :func:`block_positions`, which a compiled decoding step traces, calls nothing outside this module."""
     return 1 << max(0, n - 1).bit_length()
 
 
