@@ -287,7 +287,7 @@ def streams(
         key = f"{fast}_{name}"
         backbone.lean_inductor_options = options
         try:
-            with _attention_block(backbone, 64 if name == "block_64" else None):
+            with _attention_block(backbone, name == "block_64"):
                 measure(n, key, lambda n=n, changes=changes: call(fast, n, **changes))
         finally:
             backbone.lean_inductor_options = {}
@@ -328,23 +328,23 @@ def streams(
 
 
 @contextlib.contextmanager
-def _attention_block(backbone: Backbone, positions: int | None) -> Any:
-    """With ``positions``, the Triton decoding attention reads that many cached positions per loop iteration
-    at SmolLM2's 64 dimensions (its largest block made ``positions`` x 64 elements, as before the block
-    followed the cache's length): the compiled steps are traced again for it (their guards read the
-    setting) and the recorded chunks are recorded again, on the way in and out."""
-    if positions is None:
+def _attention_block(backbone: Backbone, small: bool) -> Any:
+    """With ``small``, every launch of the Triton decoding attention reads blocks of
+    ``triton_attention.BLOCK_POSITIONS`` cached positions (64), as before the block followed the number of
+    programs: the compiled steps are traced again for it (their guards read the setting) and the recorded
+    chunks are recorded again, on the way in and out."""
+    if not small:
         yield
         return
     from continual_transformer.modules import triton_attention
 
-    kept = triton_attention.BLOCK_ELEMENTS
-    triton_attention.BLOCK_ELEMENTS = positions * 64
+    kept = triton_attention.FEW_PROGRAMS
+    triton_attention.FEW_PROGRAMS = 0
     backbone._lean_graphs.clear()
     try:
         yield
     finally:
-        triton_attention.BLOCK_ELEMENTS = kept
+        triton_attention.FEW_PROGRAMS = kept
         backbone._lean_graphs.clear()
 
 
@@ -415,13 +415,9 @@ def host_during_gaps(
     events = prof.events()
     spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == kind)
     host = [e for e in events if e.device_type != kind]
-    gaps, reach = [], spans[0][1] if spans else 0.0
-    for index, (begin, end) in enumerate(spans[1:], 1):
-        if begin - reach >= at_least_us:
-            gaps.append((reach, begin, index))
-        reach = max(reach, end)
     out = []
-    for begin, end, index in sorted(gaps, key=lambda g: g[0] - g[1])[:most]:
+    stretches, _ = _idle_stretches(spans, at_least_us)
+    for begin, end, index in sorted(stretches, key=lambda g: g[0] - g[1])[:most]:
         covering = []
         for event in host:
             overlap = min(end, event.time_range.end) - max(begin, event.time_range.start)
@@ -438,6 +434,19 @@ def host_during_gaps(
     return sorted(out, key=lambda g: g["after_kernels"])
 
 
+def _idle_stretches(
+    spans: list[tuple[float, float]], at_least_us: float
+) -> tuple[list[tuple[float, float, int]], float]:
+    """The stretches of ``at_least_us`` or more in which no kernel of ``spans`` (sorted by start) ran, each
+    as (begin, end, kernels before it), and the end of the last kernel."""
+    stretches, reach = [], spans[0][1] if spans else 0.0
+    for index, (start, end) in enumerate(spans[1:], 1):
+        if start - reach >= at_least_us:
+            stretches.append((reach, start, index))
+        reach = max(reach, end)
+    return stretches, reach
+
+
 def idle_gaps(
     spans: list[tuple[float, float]], first_host: float | None, at_least_us: float = 20.0
 ) -> dict[str, Any]:
@@ -446,11 +455,8 @@ def idle_gaps(
     ``at_least_us`` or more, their count, and the longest gaps with the kernels' count before each (the
     profiler's own host work makes them somewhat longer)."""
     spans = sorted(spans)
-    gaps, reach = [], spans[0][1] if spans else 0.0
-    for index, (start, end) in enumerate(spans[1:], 1):
-        if start - reach >= at_least_us:
-            gaps.append((start - reach, index))
-        reach = max(reach, end)
+    stretches, reach = _idle_stretches(spans, at_least_us)
+    gaps = [(end - begin, index) for begin, end, index in stretches]
     longest = sorted(gaps, reverse=True)[:16]
     return {
         "before_first_kernel_ms": (
