@@ -3,7 +3,10 @@ can run (``generation.decode_attention_kernel`` and ``reduced_attention_rows``) 
 same inputs, and each one's answer against float32 attention over repeated keys and values.
 
 Kernels: ``triton`` (:mod:`continual_transformer.modules.triton_attention`, one kernel; ``triton-N``: with
-a fixed block of N positions, e.g. ``triton-64``, the block before it was chosen by the length), ``auto``
+a fixed block of N positions, e.g. ``triton-64``, the block before it was chosen by the length), ``step``
+(:func:`~continual_transformer.modules.triton_attention.decode_step`: the same kernel also rotating the
+queries and the new key, an identity rotation here, and writing the new key and value at the last
+position, which it attends from registers), ``auto``
 (PyTorch's choice, cuDNN's on an H200: the setting's ``library``), ``efficient`` (the memory-efficient
 kernel) and ``reduced`` (:func:`~continual_transformer.modules.grouped_attention.reduced_attention`,
 compiled). Each is recorded as a CUDA graph of ``--layers`` calls (what a recorded decoding step replays: one
@@ -30,11 +33,11 @@ import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from continual_transformer.modules.grouped_attention import KERNELS, reduced_attention
-from continual_transformer.modules.triton_attention import decode_attention
+from continual_transformer.modules.triton_attention import decode_attention, decode_step
 
 logger = logging.getLogger("attention_kernels")
 
-VARIANTS = ("triton", "triton-64", "auto", "efficient", "reduced")
+VARIANTS = ("triton", "triton-64", "step", "auto", "efficient", "reduced")
 
 
 def _function(variant: str) -> Any:
@@ -48,6 +51,8 @@ def _function(variant: str) -> Any:
         )
     if variant == "reduced":
         return torch.compile(reduced_attention, dynamic=False)
+    if variant == "step":
+        return decode_step
 
     def library(query, key, value, mask, scaling):
         if variant == "auto":
@@ -76,9 +81,23 @@ def measure(variant: str, rows: int, length: int, args: argparse.Namespace) -> d
     function = _function(variant)
     grouped = query.reshape(rows, kv_heads, groups, dim)
 
-    def call(layer: int) -> torch.Tensor:
-        out = function(grouped, caches[layer, 0], caches[layer, 1], seen, None)
-        return out.reshape(rows, kv_heads * groups, dim)
+    if variant == "step":  # the last position is the new token's: its key and value written again
+        cos, sin = (
+            torch.ones(rows, dim, device=device, dtype=dtype),
+            torch.zeros(rows, dim, device=device, dtype=dtype),
+        )
+        position = torch.tensor(length - 1, device=device)
+
+        def call(layer: int) -> torch.Tensor:
+            new_key, new_value = caches[layer, 0, :, :, -1], caches[layer, 1, :, :, -1]  # views: no copy
+            out = decode_step(grouped, new_key, new_value, cos, sin, caches[layer], position, seen, None)
+            return out.reshape(rows, kv_heads * groups, dim)
+
+    else:
+
+        def call(layer: int) -> torch.Tensor:
+            out = function(grouped, caches[layer, 0], caches[layer, 1], seen, None)
+            return out.reshape(rows, kv_heads * groups, dim)
 
     reference = torch.nn.functional.scaled_dot_product_attention(
         query.float(),

@@ -6,7 +6,8 @@ fused with the grouped decoding attention, ``generation.decode_attention``, ``re
 with the attention as generated reductions, ``generation.reduced_attention_rows``, ``reduced``: that with
 every product as a reduction too, ``generation.reduced_rows``, and ``unpaired``: ``reduced`` with keys and
 values cached in two tensors, ``generation.paired_cache`` off; every variant but ``unpaired`` on the paired
-cache), after a prompt ran
+cache; ``separate``: ``grouped`` with Hugging Face's attention layers around the Triton kernel,
+``generation.attention_step: separate``, where the others run one-kernel steps), after a prompt ran
 into the cache, and the launches in the generated ``call`` functions are counted by kind: matrix products
 inductor hands to a library (``extern``), kernels it generated (``cpp`` on a CPU, ``triton`` on a GPU) and
 ATen fallbacks. A model with ``--layers`` fewer layers (random weights of the same shapes) gives the per-layer
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 if variant in ("reduced", "reduced_attention", "unpaired")
                 else 0,
                 paired_cache=variant != "unpaired",
+                attention_step="separate" if variant == "separate" else "fused",
             )
             with torch._inductor.config.patch(options):
                 codes, seconds, timings = step_code(backbone, batch, args.length, profile=args.profile)

@@ -153,7 +153,9 @@ def streams(
     (``generation.decode_attention_kernel=triton``, row ``<backend>_triton_attention``), ``--library-kernel``
     counts with PyTorch's choice of kernel (``decode_attention_kernel=library``, row
     ``<backend>_library_kernel``), ``--block-64`` counts with the Triton kernel's blocks of 64 positions
-    (row ``<backend>_block_64``), ``--grouped`` counts with the
+    (row ``<backend>_block_64``), ``--separate-step`` counts with Hugging Face's attention layers around the
+    Triton kernel (``generation.attention_step=separate``, row ``<backend>_separate_step``), ``--grouped``
+    counts with the
     grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
     shared, loaded machine's drift then falls on both alike)."""
@@ -163,8 +165,11 @@ def streams(
         return [prompts[i % len(prompts)] for i in range(n)]
 
     fused, attention = backbone.generation.fused_projections, backbone.generation.decode_attention
+    configured_generation = backbone.generation
 
     def call(backend: str, n: int, **changes: Any) -> list[str]:
+        # every call from the configured settings: a comparison row's change does not outlive its row
+        backbone.generation = configured_generation
         configured = {"batch_size": n, "fused_projections": fused, "decode_attention": attention}
         use_backend(backbone, backend, **{**configured, **changes})
         return backbone.generate(
@@ -275,6 +280,7 @@ def streams(
         (n, "library_kernel", {"decode_attention_kernel": "library"}, {}) for n in args.library_kernel
     ]
     comparisons += [(n, "block_64", {}, {}) for n in args.block_64]
+    comparisons += [(n, "separate_step", {"attention_step": "separate"}, {}) for n in args.separate_step]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     # last: the configured path once more, after every other row (is a row's difference the setting's, or
@@ -296,7 +302,7 @@ def streams(
         # attention; tuned, grouped: the gain of the options / the grouped attention over the configured path
         speedup = (
             configured / other
-            if name in ("unfused", "sdpa", "library_kernel", "block_64")
+            if name in ("unfused", "sdpa", "library_kernel", "block_64", "separate_step")
             else other / configured
         )
         row[f"{name}_speedup"] = speedup
@@ -1303,6 +1309,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             ("triton_attention", "decode_attention_kernel=triton vs as configured", True),
             ("library_kernel", "as configured vs decode_attention_kernel=library", False),
             ("block_64", "as configured vs the Triton kernel's blocks of 64 positions", False),
+            ("separate_step", "as configured vs attention_step=separate", False),
             ("grouped", "grouped decoding attention vs as configured", True),
             ("sdpa", f"decode_attention={row.get('decode_attention')} vs sdpa", False),
             ("again", "as configured: measured again after the other rows vs first", True),
@@ -1612,6 +1619,12 @@ def main(argv: list[str] | None = None) -> int:
         "per loop iteration (as before its block followed the cache's length)",
     )
     parser.add_argument(
+        "--separate-step",
+        default="",
+        help="streams: counts also measured with Hugging Face's attention layers around the Triton kernel "
+        "(generation.attention_step=separate) in place of one-kernel steps",
+    )
+    parser.add_argument(
         "--library-attention",
         default="",
         help="streams: counts also measured with the library's attention kernel "
@@ -1729,6 +1742,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton_attention",
         "library_kernel",
         "block_64",
+        "separate_step",
         "grouped",
         "sdpa",
         "host_check",
@@ -1782,6 +1796,7 @@ def main(argv: list[str] | None = None) -> int:
                 "strategy_answers_of_equal_length": not args.free_lengths,
                 "streams": args.streams,
                 "fused_projections": backbone.generation.fused_projections,
+                "attention_step": backbone.generation.attention_step,
                 "inductor_options": args.inductor,
                 "quick": q,
                 "torch": torch.__version__,

@@ -525,7 +525,7 @@ def test_a_failing_triton_attention_kernel_gives_way_to_pytorchs_alone(tokenizer
         launches.append(1)
         raise RuntimeError("no kernel here")
 
-    monkeypatch.setattr(triton_attention, "_launch", broken)
+    monkeypatch.setattr(triton_attention, "_run", broken)  # the attention and the one-kernel step
     with_backend(backbone, "compiled", decode_attention="grouped", decode_attention_kernel="triton")
     with caplog.at_level("WARNING"):
         assert backbone.generate(PROMPTS) == eager

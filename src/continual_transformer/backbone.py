@@ -243,6 +243,7 @@ class Backbone:
             None  # every static cache layer keeps its length on the device
         )
         self._fusion: Any = None  # fused q/k/v and gate/up products of compiled decoding, made on first use
+        self._attention_steps: Any = None  # one-kernel attention steps of compiled decoding, on first use
         self._walk = _ModuleWalk()  # the model's modules, for the checks of every decoding call
         self._library_walk: tuple[tuple[nn.Module, ...], bool] = ((), True)  # see _library_modules
         self._prompt_graphs_failed = False  # recording a prompt pass failed once: prompts run uncaptured
@@ -321,7 +322,7 @@ class Backbone:
                     self.model, {nn.Linear: per_channel}, dtype=torch.qint8, inplace=True
                 )
         self.quantized = kind
-        self._fusion = None
+        self._fusion = self._attention_steps = None
         self._walk = _ModuleWalk()  # the replaced layers are not kept alive by an old walk
         self._library_walk = ((), True)
         self._lean_caches.clear()
@@ -716,21 +717,36 @@ class Backbone:
         """With ``generation.decode_attention: grouped`` (``auto`` on a GPU), the compiled steps (not
         ``plain``) of a model on ``sdpa`` attention run
         :func:`~continual_transformer.modules.grouped_attention.grouped_sdpa_attention` (the model's attention
-        implementation switched for the call, restored after)."""
+        implementation switched for the call, restored after); with the Triton kernel and
+        ``generation.attention_step: fused``, Llama attention layers run their one-token steps as one kernel
+        each (:class:`~continual_transformer.modules.attention_step.AttentionSteps`, taken out after)."""
         config = self.model.config
         if not self._groups_attention(mode):
             yield
             return
         from continual_transformer.modules.grouped_attention import register
 
+        kernel = self._attention_kernel()
         config._attn_implementation = register(
-            reduced=self._few_rows(mode, rows, self.generation.reduced_attention_rows),
-            kernel=self._attention_kernel(),
+            reduced=self._few_rows(mode, rows, self.generation.reduced_attention_rows), kernel=kernel
         )
+        if kernel == "triton" and self.generation.attention_step == "fused":
+            from continual_transformer.modules.attention_step import AttentionSteps
+
+            if self._attention_steps is None:
+                self._attention_steps = AttentionSteps()
+            self._attention_steps.install(self._walk(self.model))
         try:
             yield
         finally:
             config._attn_implementation = "sdpa"
+            if self._attention_steps is not None:
+                self._attention_steps.remove()
+
+    def _steps_installed(self) -> bool:
+        """Whether attention layers run their one-token steps as one kernel now (:meth:`_grouped_attention`):
+        a compiled step or a recorded graph made with them is not one made without."""
+        return self._attention_steps is not None and bool(self._attention_steps.installed)
 
     def _attention_kernel(self) -> str:
         """The grouped decoding attention's kernel (a name :func:`grouped_attention.register` takes):
@@ -821,6 +837,7 @@ class Backbone:
             options.setdefault("coordinate_descent_tuning", True)
         key = mode if mode == "plain" or not options else f"{mode} {sorted(options.items())}"
         key = f"{key} every position" if every_position else key
+        key = f"{key} attention steps" if self._steps_installed() else key
         if key not in self._lean_steps:
             model, keyword = self.model, self._cache_keyword()
 
@@ -1027,6 +1044,7 @@ class Backbone:
             (
                 _model_structure(self._walk(self.model)),
                 self.model.config._attn_implementation,
+                self._steps_installed(),
                 tuple(eos_list),
                 pad,
                 id(step),

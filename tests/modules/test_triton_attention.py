@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from continual_transformer.modules import triton_attention
 from continual_transformer.modules.grouped_attention import NAME, REDUCED, grouped_sdpa_attention, register
@@ -63,6 +64,73 @@ def test_one_token_queries_attend_as_with_repeated_keys(
     out = triton_attention.decode_attention(grouped, key, value, chosen, 0.3, block)
     assert out.shape == (rows, 1, kv_heads * groups, dim) and out.is_contiguous()
     torch.testing.assert_close(out, _reference(query, key, value, chosen, 0.3), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("rows", "kv_heads", "groups", "length", "dim", "position"),
+    [(3, 2, 2, 9, 16, 5), (2, 3, 3, 130, 64, 97), (1, 3, 3, 64, 24, 0), (4, 1, 5, 40, 32, 39)],
+)
+@pytest.mark.parametrize("mask", ["none", "bool", "additive", "shared"])
+@pytest.mark.parametrize("shared_rotary", [False, True])
+def test_a_step_rotates_writes_and_attends_as_hugging_faces_layer(
+    interpreted, rows, kv_heads, groups, length, dim, position, mask, shared_rotary
+):
+    """decode_step: Hugging Face's rotary embedding of the queries and the new key, the new key and value
+    written at ``position`` (nothing else in the cache changes) and attention over the positions up to it,
+    across blocks of 16 positions; the first position (nothing cached before), the cache's last; every kind
+    of mask; one cos/sin row for every row."""
+    generator = torch.Generator().manual_seed(rows * 100 + length)
+    query = torch.randn(rows, kv_heads * groups, 1, dim, generator=generator)
+    key, value = (torch.randn(rows, kv_heads, 1, dim, generator=generator) for _ in range(2))
+    cos, sin = (torch.randn(1 if shared_rotary else rows, 1, dim, generator=generator) for _ in range(2))
+    pair = torch.randn(2, rows, kv_heads, length, dim, generator=generator)
+    chosen = _masks(rows, length, generator)[mask]
+    if chosen is not None:  # the new token is seen; the positions after it are not (the mask of a step)
+        chosen = chosen.clone()
+        if chosen.dtype == torch.bool:
+            chosen[..., position], chosen[..., position + 1 :] = True, False
+        else:
+            chosen[..., position], chosen[..., position + 1 :] = 0.0, torch.finfo(torch.float32).min
+    rotated_query, rotated_key = apply_rotary_pos_emb(query, key, cos, sin)
+    expected_pair = pair.clone()
+    expected_pair[0, :, :, position], expected_pair[1, :, :, position] = rotated_key[:, :, 0], value[:, :, 0]
+    reference_mask = chosen
+    if chosen is None:
+        reference_mask = (torch.arange(length) <= position).expand(1, 1, 1, length)
+    expected = _reference(rotated_query, expected_pair[0], expected_pair[1], reference_mask, 0.3)
+    out = triton_attention.decode_step(
+        query.reshape(rows, kv_heads, groups, dim),
+        key[:, :, 0],
+        value[:, :, 0],
+        cos[:, 0],
+        sin[:, 0],
+        pair,
+        torch.tensor(position),
+        chosen,
+        0.3,
+        16,
+    )
+    assert out.shape == (rows, 1, kv_heads * groups, dim)
+    torch.testing.assert_close(pair, expected_pair, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-5)
+
+
+def test_steps_that_do_not_fit_are_refused(interpreted):
+    query, key, pair = torch.randn(2, 3, 3, 64), torch.randn(2, 3, 64), torch.zeros(2, 2, 3, 10, 64)
+    cos = torch.ones(2, 64)
+    at = torch.tensor(4)
+    with pytest.raises(ValueError, match="do not fit"):  # odd heads cannot be rotated in halves
+        triton_attention.decode_step(
+            query[..., :63], key[..., :63], key[..., :63], cos, cos, pair, at, None, 1
+        )
+    with pytest.raises(ValueError, match="do not fit"):  # a cache of other rows
+        triton_attention.decode_step(query, key, key, cos, cos, pair[:, :1], at, None, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_attention.decode_step(query, key, key, cos[:, :32], cos[:, :32], pair, at, None, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+        triton_attention.decode_step(query, key, key, cos, cos, pair, at, mask, 1)
+    assert not pair.any(), "nothing was written"
 
 
 def test_few_programs_read_the_whole_cache_at_once_and_many_read_small_blocks():

@@ -67,6 +67,12 @@ def available() -> bool:
     return _kernel is not None and _op is not None
 
 
+def step_runs(tensor: torch.Tensor) -> bool:
+    """Whether :func:`decode_step` can run on ``tensor``'s device: a CUDA device with the kernel's step op,
+    or Triton's interpreter (CPU tensors)."""
+    return _step_op is not None and (tensor.is_cuda or interpreting())
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``: CPU tensors, for tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -80,6 +86,7 @@ def _body(  # the kernel's source (Triton's language): see _kernel
     out,
     scale,
     length,
+    value_offset,  # STEP: where the values start in ``keys``, a paired cache
     query_row,
     query_head,
     query_group,
@@ -91,6 +98,16 @@ def _body(  # the kernel's source (Triton's language): see _kernel
     value_position,
     mask_row,
     mask_position,
+    new_key,  # STEP: the new token's keys and values, its rotary cos and sin, and where to write them
+    new_value,
+    cos,
+    sin,
+    position,
+    new_key_row,
+    new_key_head,
+    new_value_row,
+    new_value_head,
+    rotary_row,
     GROUPS: tl.constexpr,
     BLOCK_GROUPS: tl.constexpr,
     DIM: tl.constexpr,
@@ -98,6 +115,7 @@ def _body(  # the kernel's source (Triton's language): see _kernel
     BLOCK_POSITIONS: tl.constexpr,
     MASK: tl.constexpr,
     PRECISION: tl.constexpr,
+    STEP: tl.constexpr,
 ):
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -105,11 +123,28 @@ def _body(  # the kernel's source (Triton's language): see _kernel
     dims = tl.arange(0, BLOCK_DIM)
     group_ok = groups < GROUPS
     dim_ok = dims < DIM
-    queries = tl.load(
-        query + row * query_row + head * query_head + groups[:, None] * query_group + dims[None, :],
-        mask=group_ok[:, None] & dim_ok[None, :],
-        other=0.0,
-    ).to(keys.dtype.element_ty)
+    if STEP:  # a paired cache, passed once (the op's one mutated tensor): values start value_offset in
+        values = keys + value_offset
+    at = query + row * query_row + head * query_head + groups[:, None] * query_group
+    queries = tl.load(at + dims[None, :], mask=group_ok[:, None] & dim_ok[None, :], other=0.0)
+    if STEP:  # rotate the queries and the new key (written at the cache's length after the attention)
+        length = tl.load(position).to(tl.int32)  # the positions before the new token's are cached
+        # Hugging Face's rotate_half: x * cos + cat(-x[D/2:], x[:D/2]) * sin, in float32
+        half = (dims + DIM // 2) % DIM
+        sign = tl.where(dims < DIM // 2, -1.0, 1.0)
+        cosine = tl.load(cos + row * rotary_row + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        sine = tl.load(sin + row * rotary_row + dims, mask=dim_ok, other=0.0).to(tl.float32) * sign
+        halves = tl.load(at + half[None, :], mask=group_ok[:, None] & dim_ok[None, :], other=0.0)
+        queries = queries.to(tl.float32) * cosine[None, :] + halves.to(tl.float32) * sine[None, :]
+        key_at = new_key + row * new_key_row + head * new_key_head
+        fresh = tl.load(key_at + dims, mask=dim_ok, other=0.0).to(tl.float32) * cosine
+        fresh = (fresh + tl.load(key_at + half, mask=dim_ok, other=0.0).to(tl.float32) * sine).to(
+            keys.dtype.element_ty
+        )
+        fresh_value = tl.load(
+            new_value + row * new_value_row + head * new_value_head + dims, mask=dim_ok, other=0.0
+        ).to(values.dtype.element_ty)
+    queries = queries.to(keys.dtype.element_ty)
     best = tl.full([BLOCK_GROUPS], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_GROUPS], tl.float32)
     acc = tl.zeros([BLOCK_GROUPS, BLOCK_DIM], tl.float32)
@@ -148,6 +183,19 @@ def _body(  # the kernel's source (Triton's language): see _kernel
         )
         acc = acc * rescale[:, None] + tl.dot(weights.to(value.dtype), value, input_precision=PRECISION)
         best = new_best
+    if STEP:  # the new token, from registers: the same recurrence over one position
+        scores = tl.sum(queries.to(tl.float32) * fresh.to(tl.float32)[None, :], 1) * scale
+        if MASK == 1:
+            seen = tl.load(mask + row * mask_row + length * mask_position) != 0
+            scores = tl.where(seen, scores, float("-inf"))
+        elif MASK == 2:
+            scores = scores + tl.load(mask + row * mask_row + length * mask_position).to(tl.float32)
+        new_best = tl.maximum(best, scores)
+        shift = tl.where(new_best == float("-inf"), 0.0, new_best)
+        weights = tl.exp(scores - shift)
+        rescale = tl.exp(best - shift)
+        total = total * rescale + weights
+        acc = acc * rescale[:, None] + weights[:, None] * fresh_value.to(tl.float32)[None, :]
     result = acc / total[:, None]
     heads = head * GROUPS + groups  # out: (B, 1, H, D) contiguous
     tl.store(
@@ -155,6 +203,13 @@ def _body(  # the kernel's source (Triton's language): see _kernel
         result.to(out.dtype.element_ty),
         mask=group_ok[:, None] & dim_ok[None, :],
     )
+    if STEP:  # last: no store to the cache comes before the loop's loads from it
+        tl.store(keys + row * key_row + head * key_head + length * key_position + dims, fresh, mask=dim_ok)
+        tl.store(
+            values + row * value_row + head * value_head + length * value_position + dims,
+            fresh_value,
+            mask=dim_ok,
+        )
 
 
 def _launch(
@@ -165,14 +220,49 @@ def _launch(
     scale: float,
     block: int,
 ) -> torch.Tensor:
+    return _run(query, key, value, mask, scale, block, key.shape[2])
+
+
+def _launch_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pair: torch.Tensor,
+    position: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    block: int,
+) -> torch.Tensor:
+    # keys and values are pair's halves, passed as pair itself and its values' offset (a tensor passed twice
+    # would be two tensors to the op's functional form); value stands in for the values' argument
+    step = (key, value, cos, sin, position, *key.stride()[:2], *value.stride()[:2], cos.stride(0))
+    return _run(query, pair, value, mask, scale, block, pair.shape[3], step, pair.stride(0))
+
+
+def _run(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    block: int,
+    length: int,
+    step: tuple | None = None,
+    value_offset: int = 0,
+) -> torch.Tensor:
+    """Launch the kernel: attention over ``key``/``value`` (B, KV, L, D), or with ``step`` (the new key,
+    value, cos, sin, position and their strides) over ``key``, a paired cache (2, B, KV, L, D) whose values
+    start ``value_offset`` elements in (``value`` unread)."""
     rows, kv_heads, groups, dim = query.shape
-    length = key.shape[2]
     block_dim = max(16, triton.next_power_of_2(dim))
     out = torch.empty((rows, 1, kv_heads * groups, dim), dtype=query.dtype, device=query.device)
     kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
     flat = mask[:, 0, 0, :] if mask is not None else key.new_empty(1)  # (B or 1, L)
     mask_row = 0 if mask is None or flat.shape[0] == 1 else flat.stride(0)
     mask_position = flat.stride(-1) if mask is not None else 0
+    cache = key.stride()[-4:-1] if step is not None else key.stride()[:3]  # (row, head, position)
     kernel = _kernel if interpreting() else torch.library.wrap_triton(_kernel)
     kernel[(rows, kv_heads)](
         query,
@@ -182,11 +272,13 @@ def _launch(
         out,
         scale,
         length,
+        value_offset,
         *query.stride()[:3],
-        *key.stride()[:3],
-        *value.stride()[:3],
+        *cache,
+        *(cache if step is not None else value.stride()[:3]),
         mask_row,
         mask_position,
+        *(step if step is not None else (key, key, key, key, key, 0, 0, 0, 0, 0)),
         GROUPS=groups,
         BLOCK_GROUPS=max(16, triton.next_power_of_2(groups)),
         DIM=dim,
@@ -194,21 +286,32 @@ def _launch(
         BLOCK_POSITIONS=block,
         MASK=kind,
         PRECISION="ieee" if key.dtype == torch.float32 else "tf32",  # float32 kept exact, not TF32
+        STEP=step is not None,
         num_warps=8 if block * block_dim > 8192 else 4,
     )
     return out
 
 
-_kernel = _op = None
-"""The jitted kernel (under ``TRITON_INTERPRET=1`` at import, Triton's interpreter runs it) and
-``ctt::decode_attention``, the kernel as a Triton op (a compiled graph calls it as one of its kernels)."""
+@torch.compiler.disable
+def _interpret(launch, *args):  # noqa: ANN001, ANN002, ANN202
+    """Run ``launch`` in Triton's interpreter outside any compiled graph (a compiled step on CPU tensors
+    breaks its graph here: the interpreter is numpy, not something to trace)."""
+    return launch(*args)
+
+
+_kernel = _op = _step_op = None
+"""The jitted kernel (under ``TRITON_INTERPRET=1`` at import, Triton's interpreter runs it),
+``ctt::decode_attention``, the kernel as a Triton op (a compiled graph calls it as one of its kernels), and
+``ctt::decode_attention_step``, the kernel with the rotary embedding and the cache write (which mutates the
+paired cache)."""
 if triton is not None:
     try:
         _kernel = triton.jit(_body)
         _op = torch.library.triton_op("ctt::decode_attention", _launch, mutates_args=())
+        _step_op = torch.library.triton_op("ctt::decode_attention_step", _launch_step, mutates_args={"pair"})
     except Exception as exc:  # a Triton or PyTorch without what the kernel needs: PyTorch's kernels decode
         logger.warning("the Triton decoding attention is not available (%s)", exc)
-        _kernel = _op = None
+        _kernel = _op = _step_op = None
 
 
 def decode_attention(
@@ -237,5 +340,58 @@ def decode_attention(
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     if interpreting():  # the interpreter runs on CPU tensors, outside the op's device dispatch
-        return _launch(query, key, value, mask, scale, block)
+        return _interpret(_launch, query, key, value, mask, scale, block)
     return _op(query, key, value, mask, scale, block)
+
+
+def decode_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pair: torch.Tensor,
+    position: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    block: int | None = None,
+) -> torch.Tensor:
+    """One new token per row, as one kernel: the rotary embedding of its queries and key (Hugging Face's
+    ``apply_rotary_pos_emb``, computed in float32), the write of its key and value into a paired cache at
+    ``position`` (a 0-d integer tensor: the positions before it are cached), and its attention over those
+    positions and itself. query (B, KV, G, D) and key and value (B, KV, D) before the embedding, any
+    strides but the last; cos and sin (B, D); pair (2, B, KV, L, D), the keys and values of
+    :class:`~continual_transformer.modules.paired_cache.PairedLayer`; mask (B or 1, 1, 1, L) as for
+    :func:`decode_attention`, whose result this returns. The counter at ``position`` is not moved."""
+    rows, kv_heads, groups, dim = query.shape
+    if block is None:
+        block = block_positions(pair.shape[3], dim, rows * kv_heads)
+    elif block < 16 or block & (block - 1):
+        raise ValueError(f"decode attention: block {block} is not a power of two of at least 16")
+    if (
+        dim % 2
+        or key.shape != value.shape
+        or key.shape != (rows, kv_heads, dim)
+        or pair.shape[:3] != (2, rows, kv_heads)
+        or pair.shape[-1] != dim
+        or cos.shape != sin.shape
+        or cos.shape[-1] != dim
+        or cos.shape[0] not in (1, rows)
+        or position.numel() != 1
+        or (mask is not None and mask.shape[-1] != pair.shape[3])
+    ):
+        raise ValueError(
+            f"decode attention step: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+            f"{tuple(value.shape)}, cos {tuple(cos.shape)}, cache {tuple(pair.shape)} and mask "
+            f"{None if mask is None else tuple(mask.shape)} do not fit"
+        )
+    scale = dim**-0.5 if scaling is None else float(scaling)
+    query, key, value, cos, sin = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value, cos, sin)
+    )
+    if cos.shape[0] == 1 and rows > 1:  # one position for every row: a row stride of 0
+        cos, sin = cos.expand(rows, dim), sin.expand(rows, dim)
+    position = position.reshape(())
+    if interpreting():
+        return _interpret(_launch_step, query, key, value, cos, sin, pair, position, mask, scale, block)
+    return _step_op(query, key, value, cos, sin, pair, position, mask, scale, block)
