@@ -314,6 +314,15 @@ if triton is not None:
         _kernel = _op = _step_op = None
 
 
+def _block(block: int | None, length: int, dim: int, programs: int) -> int:
+    """``block`` checked (a power of two of at least 16), or by default :func:`block_positions`'."""
+    if block is None:
+        return block_positions(length, dim, programs)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"decode attention: block {block} is not a power of two of at least 16")
+    return block
+
+
 def decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -328,10 +337,7 @@ def decode_attention(
     functions do. Scores and the softmax are float32; the products run in the keys' dtype (float32 ones in
     full float32, not TF32). ``block``: cached positions per loop iteration, a power of two of at least 16
     (default :func:`block_positions` for B x KV programs)."""
-    if block is None:
-        block = block_positions(key.shape[2], query.shape[-1], query.shape[0] * query.shape[1])
-    elif block < 16 or block & (block - 1):
-        raise ValueError(f"decode attention: block {block} is not a power of two of at least 16")
+    block = _block(block, key.shape[2], query.shape[-1], query.shape[0] * query.shape[1])
     if query.shape[-1] != key.shape[-1] or (mask is not None and mask.shape[-1] != key.shape[2]):
         raise ValueError(
             f"decode attention: query {tuple(query.shape)}, key {tuple(key.shape)} and mask "
@@ -364,10 +370,7 @@ def decode_step(
     :class:`~continual_transformer.modules.paired_cache.PairedLayer`; mask (B or 1, 1, 1, L) as for
     :func:`decode_attention`, whose result this returns. The counter at ``position`` is not moved."""
     rows, kv_heads, groups, dim = query.shape
-    if block is None:
-        block = block_positions(pair.shape[3], dim, rows * kv_heads)
-    elif block < 16 or block & (block - 1):
-        raise ValueError(f"decode attention: block {block} is not a power of two of at least 16")
+    block = _block(block, pair.shape[3], dim, rows * kv_heads)
     if (
         dim % 2
         or key.shape != value.shape
