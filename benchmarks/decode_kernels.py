@@ -7,7 +7,7 @@ with the attention as generated reductions, ``generation.reduced_attention_rows`
 every product as a reduction too, ``generation.reduced_rows``, and ``unpaired``: ``reduced`` with keys and
 values cached in two tensors, ``generation.paired_cache`` off; every variant but ``unpaired`` on the paired
 cache; ``separate``: ``grouped`` with Hugging Face's attention layers around the Triton kernel,
-``generation.attention_step: separate``, where the others run one-kernel steps), after a prompt ran
+``generation.attention_step_rows: 0``, where the others run one-kernel steps), after a prompt ran
 into the cache, and the launches in the generated ``call`` functions are counted by kind: matrix products
 inductor hands to a library (``extern``), kernels it generated (``cpp`` on a CPU, ``triton`` on a GPU) and
 ATen fallbacks. A model with ``--layers`` fewer layers (random weights of the same shapes) gives the per-layer
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 if variant in ("reduced", "reduced_attention", "unpaired")
                 else 0,
                 paired_cache=variant != "unpaired",
-                attention_step="separate" if variant == "separate" else "fused",
+                attention_step_rows=0 if variant == "separate" else batch,
             )
             with torch._inductor.config.patch(options):
                 codes, seconds, timings = step_code(backbone, batch, args.length, profile=args.profile)

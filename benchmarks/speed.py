@@ -154,7 +154,7 @@ def streams(
     counts with PyTorch's choice of kernel (``decode_attention_kernel=library``, row
     ``<backend>_library_kernel``), ``--block-64`` counts with the Triton kernel's blocks of 64 positions
     (row ``<backend>_block_64``), ``--separate-step`` counts with Hugging Face's attention layers around the
-    Triton kernel (``generation.attention_step=separate``, row ``<backend>_separate_step``), ``--grouped``
+    Triton kernel (``generation.attention_step_rows=0``, row ``<backend>_separate_step``), ``--grouped``
     counts with the
     grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
@@ -280,7 +280,7 @@ def streams(
         (n, "library_kernel", {"decode_attention_kernel": "library"}, {}) for n in args.library_kernel
     ]
     comparisons += [(n, "block_64", {}, {}) for n in args.block_64]
-    comparisons += [(n, "separate_step", {"attention_step": "separate"}, {}) for n in args.separate_step]
+    comparisons += [(n, "separate_step", {"attention_step_rows": 0}, {}) for n in args.separate_step]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     # last: the configured path once more, after every other row (is a row's difference the setting's, or
@@ -1309,7 +1309,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             ("triton_attention", "decode_attention_kernel=triton vs as configured", True),
             ("library_kernel", "as configured vs decode_attention_kernel=library", False),
             ("block_64", "as configured vs the Triton kernel's blocks of 64 positions", False),
-            ("separate_step", "as configured vs attention_step=separate", False),
+            ("separate_step", "as configured vs attention_step_rows=0", False),
             ("grouped", "grouped decoding attention vs as configured", True),
             ("sdpa", f"decode_attention={row.get('decode_attention')} vs sdpa", False),
             ("again", "as configured: measured again after the other rows vs first", True),
@@ -1622,7 +1622,7 @@ def main(argv: list[str] | None = None) -> int:
         "--separate-step",
         default="",
         help="streams: counts also measured with Hugging Face's attention layers around the Triton kernel "
-        "(generation.attention_step=separate) in place of one-kernel steps",
+        "(generation.attention_step_rows=0) in place of one-kernel steps",
     )
     parser.add_argument(
         "--library-attention",
@@ -1796,7 +1796,7 @@ def main(argv: list[str] | None = None) -> int:
                 "strategy_answers_of_equal_length": not args.free_lengths,
                 "streams": args.streams,
                 "fused_projections": backbone.generation.fused_projections,
-                "attention_step": backbone.generation.attention_step,
+                "attention_step_rows": backbone.generation.attention_step_rows,
                 "inductor_options": args.inductor,
                 "quick": q,
                 "torch": torch.__version__,

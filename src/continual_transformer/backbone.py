@@ -717,9 +717,10 @@ class Backbone:
         """With ``generation.decode_attention: grouped`` (``auto`` on a GPU), the compiled steps (not
         ``plain``) of a model on ``sdpa`` attention run
         :func:`~continual_transformer.modules.grouped_attention.grouped_sdpa_attention` (the model's attention
-        implementation switched for the call, restored after); with the Triton kernel and
-        ``generation.attention_step: fused``, Llama attention layers run their one-token steps as one kernel
-        each (:class:`~continual_transformer.modules.attention_step.AttentionSteps`, taken out after)."""
+        implementation switched for the call, restored after); with the Triton kernel, in calls of up to
+        ``generation.attention_step_rows`` rows, Llama attention layers run their one-token steps as one
+        kernel each (:class:`~continual_transformer.modules.attention_step.AttentionSteps`, taken out
+        after)."""
         config = self.model.config
         if not self._groups_attention(mode):
             yield
@@ -730,7 +731,7 @@ class Backbone:
         config._attn_implementation = register(
             reduced=self._few_rows(mode, rows, self.generation.reduced_attention_rows), kernel=kernel
         )
-        if kernel == "triton" and self.generation.attention_step == "fused":
+        if kernel == "triton" and 0 < rows <= self.generation.attention_step_rows:
             from continual_transformer.modules.attention_step import AttentionSteps
 
             if self._attention_steps is None:

@@ -179,17 +179,18 @@ class GenerationConfig:
     12.82 at one; decoding 64 streams 1.12x the new tokens/s of ``library``, one stream 1.01x
     (``benchmarks/results/speed/h200-12``); ``efficient`` 0.94x of cuDNN's at 64 streams (``h200-10``).
     Same tokens up to rounding."""
-    attention_step: str = "fused"
-    """With the Triton kernel (``decode_attention_kernel``), how a compiled decoding step runs each Llama
-    attention layer between its products: ``fused``, the new token's rotary embedding, its key and value
-    written into the paired cache (``paired_cache``) and its attention as one kernel
-    (:mod:`~continual_transformer.modules.attention_step`), reading only the positions cached so far;
-    ``separate``: Hugging Face's layer, whose rotations and cache write are kernels of their own. H200,
-    bf16 (``benchmarks/results/speed/h200-14``): 231 kernels a decoding step against 283; a recorded step
-    of 64 rows 0.961 ms against 1.076; one stream 1.07x the new tokens/s of ``separate``, 64 streams
-    within noise (1.00x); the kernel alone 0.9 us slower than the attention it extends at one row and 64,
-    3.6 us at 256 rows. Same tokens up to rounding (the rotations in float32 either way); every knowledge
-    figure of ``finetune`` equal with eager decoding in float32."""
+    attention_step_rows: int = 64
+    """With the Triton kernel (``decode_attention_kernel``), compiled decoding steps of up to this many rows
+    run each Llama attention layer between its products as one kernel
+    (:mod:`~continual_transformer.modules.attention_step`): the new token's rotary embedding, its attention
+    over the positions cached so far and itself, and its key and value written into the paired cache
+    (``paired_cache``); larger calls, and 0 (never), run Hugging Face's layer, whose rotations and cache
+    write are kernels of their own. H200, bf16 (``benchmarks/results/speed/h200-14``): 231 kernels a
+    decoding step against 283; a recorded step of 64 rows 0.961 ms against 1.076; one stream 1.07x the new
+    tokens/s, 64 streams within noise (1.00x). The kernel alone is 0.9 us slower than the attention it
+    extends at one row and 64, 3.6 us at 256 rows (10.6 at 520 positions), hence the bound. Same tokens up to
+    rounding (the rotations in float32 either way); every knowledge figure of ``finetune`` equal with eager
+    decoding in float32."""
     paired_cache: bool = True
     """The ``static`` and ``compiled`` backends keep each layer's cached keys and values as the two halves of
     one tensor, written with one copy, and the layers of a cache share one length counter, advanced once per
@@ -249,11 +250,7 @@ class GenerationConfig:
             "generation.decode_attention_kernel",
             f"must be auto, triton, library, efficient, cudnn or math, got {self.decode_attention_kernel!r}",
         )
-        _check(
-            self.attention_step in ("fused", "separate"),
-            "generation.attention_step",
-            f"must be fused or separate, got {self.attention_step!r}",
-        )
+        _check(self.attention_step_rows >= 0, "generation.attention_step_rows", "must be >= 0")
         _check(
             self.fused_projections in ("auto", "always", "never"),
             "generation.fused_projections",

@@ -102,8 +102,9 @@ def test_only_layers_with_llamas_own_forward_are_stood_in_for(tokenizer):
 
 
 def test_compiled_decoding_answers_alike_with_fused_and_separate_steps(tokenizer, launches):
-    """The compiled backend with the Triton kernel (the interpreter breaks its graph): one-kernel steps as
-    configured, Hugging Face's layers with ``attention_step: separate``; both answer as eager decoding."""
+    """The compiled backend with the Triton kernel (the interpreter breaks its graph): one-kernel steps in
+    calls of up to ``attention_step_rows`` rows, Hugging Face's layers in larger calls and at 0; every way
+    answers as eager decoding, and the steps are taken out after each call."""
     backbone = make_backbone(tokenizer, max_new_tokens=6)
     prompts = ["hello there", "a longer prompt about the weather today", "x"]
     backbone.generation = dataclasses.replace(backbone.generation, backend="eager")
@@ -111,14 +112,15 @@ def test_compiled_decoding_answers_alike_with_fused_and_separate_steps(tokenizer
     backbone.generation = dataclasses.replace(
         backbone.generation, backend="compiled", decode_attention="grouped", decode_attention_kernel="triton"
     )
-    assert backbone.generation.attention_step == "fused"
+    assert backbone.generation.attention_step_rows >= len(prompts)
     assert backbone.generate(prompts) == eager
     assert launches and not backbone._attention_kernel_failed and not backbone._compile_failed
     assert not backbone._steps_installed(), "taken out after the call"
-    launches.clear()
-    backbone.generation = dataclasses.replace(backbone.generation, attention_step="separate")
-    assert backbone.generate(prompts) == eager
-    assert not launches
+    for rows in (len(prompts) - 1, 0):
+        launches.clear()
+        backbone.generation = dataclasses.replace(backbone.generation, attention_step_rows=rows)
+        assert backbone.generate(prompts) == eager
+        assert not launches
 
 
 def test_the_cache_is_found_and_passed_on_under_either_name(tokenizer, launches):

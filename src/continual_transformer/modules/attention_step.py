@@ -69,6 +69,7 @@ def step_forward(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Te
         or not isinstance(layer, PairedLayer)
         or not layer.is_initialized
         or position_embeddings is None
+        or position_embeddings[0].shape[-1] != module.head_dim  # a partial rotary embedding
         or (module.training and module.attention_dropout)
         or kwargs.get("output_attentions")
         or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1:3] != (1, 1)))
