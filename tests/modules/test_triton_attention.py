@@ -115,6 +115,36 @@ def test_a_step_rotates_writes_and_attends_as_hugging_faces_layer(
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-5)
 
 
+def test_a_step_past_the_caches_end_attends_but_writes_nothing(interpreted):
+    """A full cache: the new token is attended from registers after every cached position (with the mask's
+    last column for those) and the cache is left as it was (no write past its end)."""
+    generator = torch.Generator().manual_seed(7)
+    rows, kv_heads, groups, length, dim = 2, 2, 2, 20, 16
+    query = torch.randn(rows, kv_heads * groups, 1, dim, generator=generator)
+    key, value = (torch.randn(rows, kv_heads, 1, dim, generator=generator) for _ in range(2))
+    cos, sin = torch.ones(rows, 1, dim), torch.zeros(rows, 1, dim)  # no rotation
+    pair = torch.randn(2, rows, kv_heads, length, dim, generator=generator)
+    before = pair.clone()
+    seen = torch.ones(rows, 1, 1, length, dtype=torch.bool)
+    seen[0, ..., :5] = False
+    out = triton_attention.decode_step(
+        query.reshape(rows, kv_heads, groups, dim),
+        key[:, :, 0],
+        value[:, :, 0],
+        cos[:, 0],
+        sin[:, 0],
+        pair,
+        torch.tensor(length),
+        seen,
+        0.3,
+        16,
+    )
+    assert torch.equal(pair, before)
+    longer = torch.cat([pair, torch.stack([key, value])], dim=3)
+    mask = torch.cat([seen, torch.ones(rows, 1, 1, 1, dtype=torch.bool)], dim=-1)
+    torch.testing.assert_close(out, _reference(query, longer[0], longer[1], mask, 0.3), rtol=0, atol=2e-5)
+
+
 def test_steps_that_do_not_fit_are_refused(interpreted):
     query, key, pair = torch.randn(2, 3, 3, 64), torch.randn(2, 3, 64), torch.zeros(2, 2, 3, 10, 64)
     cos = torch.ones(2, 64)

@@ -16,14 +16,11 @@ that replaced or subclassed the layer keeps its own.
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 
 def _llama_forward() -> Any:
@@ -69,6 +66,7 @@ def step_forward(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Te
         or not isinstance(layer, PairedLayer)
         or not layer.is_initialized
         or position_embeddings is None
+        or position_embeddings[0].dim() != 3
         or position_embeddings[0].shape[-1] != module.head_dim  # a partial rotary embedding
         or (module.training and module.attention_dropout)
         or kwargs.get("output_attentions")

@@ -128,7 +128,9 @@ def _body(  # the kernel's source (Triton's language): see _kernel
     at = query + row * query_row + head * query_head + groups[:, None] * query_group
     queries = tl.load(at + dims[None, :], mask=group_ok[:, None] & dim_ok[None, :], other=0.0)
     if STEP:  # rotate the queries and the new key (written at the cache's length after the attention)
-        length = tl.load(position).to(tl.int32)  # the positions before the new token's are cached
+        capacity = length  # the cache's positions; a new token past them is attended but not written
+        length = tl.minimum(tl.load(position).to(tl.int32), capacity)  # positions cached before it
+        written = dim_ok & (dims * 0 + length < capacity)  # (a block: the interpreter masks with blocks)
         # Hugging Face's rotate_half: x * cos + cat(-x[D/2:], x[:D/2]) * sin, in float32
         half = (dims + DIM // 2) % DIM
         sign = tl.where(dims < DIM // 2, -1.0, 1.0)
@@ -185,11 +187,13 @@ def _body(  # the kernel's source (Triton's language): see _kernel
         best = new_best
     if STEP:  # the new token, from registers: the same recurrence over one position
         scores = tl.sum(queries.to(tl.float32) * fresh.to(tl.float32)[None, :], 1) * scale
+        column = (
+            mask + row * mask_row + tl.minimum(length, capacity - 1) * mask_position
+        )  # past the end: seen
         if MASK == 1:
-            seen = tl.load(mask + row * mask_row + length * mask_position) != 0
-            scores = tl.where(seen, scores, float("-inf"))
+            scores = tl.where((tl.load(column) != 0) | (length >= capacity), scores, float("-inf"))
         elif MASK == 2:
-            scores = scores + tl.load(mask + row * mask_row + length * mask_position).to(tl.float32)
+            scores = scores + tl.where(length < capacity, tl.load(column).to(tl.float32), 0.0)
         new_best = tl.maximum(best, scores)
         shift = tl.where(new_best == float("-inf"), 0.0, new_best)
         weights = tl.exp(scores - shift)
@@ -204,12 +208,10 @@ def _body(  # the kernel's source (Triton's language): see _kernel
         mask=group_ok[:, None] & dim_ok[None, :],
     )
     if STEP:  # last: no store to the cache comes before the loop's loads from it
-        tl.store(keys + row * key_row + head * key_head + length * key_position + dims, fresh, mask=dim_ok)
-        tl.store(
-            values + row * value_row + head * value_head + length * value_position + dims,
-            fresh_value,
-            mask=dim_ok,
-        )
+        at_length = length * key_position + dims
+        tl.store(keys + row * key_row + head * key_head + at_length, fresh, mask=written)
+        at_length = length * value_position + dims
+        tl.store(values + row * value_row + head * value_head + at_length, fresh_value, mask=written)
 
 
 def _launch(
@@ -365,7 +367,8 @@ def decode_step(
     """One new token per row, as one kernel: the rotary embedding of its queries and key (Hugging Face's
     ``apply_rotary_pos_emb``, computed in float32), the write of its key and value into a paired cache at
     ``position`` (a 0-d integer tensor: the positions before it are cached), and its attention over those
-    positions and itself. query (B, KV, G, D) and key and value (B, KV, D) before the embedding, any
+    positions and itself. A position past the cache's end is not written (the cache's positions and the
+    new token are attended). query (B, KV, G, D) and key and value (B, KV, D) before the embedding, any
     strides but the last; cos and sin (B, D); pair (2, B, KV, L, D), the keys and values of
     :class:`~continual_transformer.modules.paired_cache.PairedLayer`; mask (B or 1, 1, 1, L) as for
     :func:`decode_attention`, whose result this returns. The counter at ``position`` is not moved."""
