@@ -66,6 +66,25 @@ def test_one_token_queries_attend_as_with_repeated_keys(
     torch.testing.assert_close(out, _reference(query, key, value, chosen, 0.3), rtol=0, atol=2e-5)
 
 
+def _step(query, key, value, cos, sin, pair, position: int, mask):
+    """decode_step of Hugging Face-shaped tensors: query (B, H, 1, D), key and value (B, KV, 1, D), cos and
+    sin (B or 1, 1, D); scale 0.3, blocks of 16 positions."""
+    rows, heads, _, dim = query.shape
+    grouped = query.reshape(rows, key.shape[1], heads // key.shape[1], dim)
+    return triton_attention.decode_step(
+        grouped,
+        key[:, :, 0],
+        value[:, :, 0],
+        cos[:, 0],
+        sin[:, 0],
+        pair,
+        torch.tensor(position),
+        mask,
+        0.3,
+        16,
+    )
+
+
 @pytest.mark.parametrize(
     ("rows", "kv_heads", "groups", "length", "dim", "position"),
     [(3, 2, 2, 9, 16, 5), (2, 3, 3, 130, 64, 97), (1, 3, 3, 64, 24, 0), (4, 1, 5, 40, 32, 39)],
@@ -98,18 +117,7 @@ def test_a_step_rotates_writes_and_attends_as_hugging_faces_layer(
     if chosen is None:
         reference_mask = (torch.arange(length) <= position).expand(1, 1, 1, length)
     expected = _reference(rotated_query, expected_pair[0], expected_pair[1], reference_mask, 0.3)
-    out = triton_attention.decode_step(
-        query.reshape(rows, kv_heads, groups, dim),
-        key[:, :, 0],
-        value[:, :, 0],
-        cos[:, 0],
-        sin[:, 0],
-        pair,
-        torch.tensor(position),
-        chosen,
-        0.3,
-        16,
-    )
+    out = _step(query, key, value, cos, sin, pair, position, chosen)
     assert out.shape == (rows, 1, kv_heads * groups, dim)
     torch.testing.assert_close(pair, expected_pair, rtol=0, atol=1e-6)
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-5)
@@ -127,18 +135,7 @@ def test_a_step_past_the_caches_end_attends_but_writes_nothing(interpreted):
     before = pair.clone()
     seen = torch.ones(rows, 1, 1, length, dtype=torch.bool)
     seen[0, ..., :5] = False
-    out = triton_attention.decode_step(
-        query.reshape(rows, kv_heads, groups, dim),
-        key[:, :, 0],
-        value[:, :, 0],
-        cos[:, 0],
-        sin[:, 0],
-        pair,
-        torch.tensor(length),
-        seen,
-        0.3,
-        16,
-    )
+    out = _step(query, key, value, cos, sin, pair, length, seen)
     assert torch.equal(pair, before)
     longer = torch.cat([pair, torch.stack([key, value])], dim=3)
     mask = torch.cat([seen, torch.ones(rows, 1, 1, 1, dtype=torch.bool)], dim=-1)

@@ -22,6 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from continual_transformer.modules import triton_attention
+from continual_transformer.modules.paired_cache import PairedLayer
+
 
 def _llama_forward() -> Any:
     try:
@@ -49,9 +52,6 @@ def step_forward(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Te
     and cache, the cache named ``cache`` or ``past_key_values`` by the transformers version): one new token
     per row over a written paired cache layer as one kernel between the products; anything else goes to the
     layer's own forward as it came."""
-    from continual_transformer.modules import triton_attention
-    from continual_transformer.modules.paired_cache import PairedLayer
-
     named = dict(zip(("hidden_states", "position_embeddings", "attention_mask", "cache"), args))
     hidden_states = named.get("hidden_states", kwargs.get("hidden_states"))
     position_embeddings = named.get("position_embeddings", kwargs.get("position_embeddings"))
