@@ -154,7 +154,9 @@ def streams(
     counts with PyTorch's choice of kernel (``decode_attention_kernel=library``, row
     ``<backend>_library_kernel``), ``--block-64`` counts with the Triton kernel's blocks of 64 positions
     (row ``<backend>_block_64``), ``--separate-step`` counts with Hugging Face's attention layers around the
-    Triton kernel (``generation.attention_step_rows=0``, row ``<backend>_separate_step``), ``--grouped``
+    Triton kernel (``generation.attention_step_rows=0``, row ``<backend>_separate_step``),
+    ``--uncompiled-prompt`` counts with the recorded prompt pass uncompiled (``generation.compiled_prompt=
+    false``, row ``<backend>_uncompiled_prompt``), ``--grouped``
     counts with the
     grouped decoding attention (row ``<backend>_grouped``); then the recorded chunks against the same compiled
     step driven from the host. With ``--interleave`` the eager and the fast calls alternate rep by rep (a
@@ -281,6 +283,7 @@ def streams(
     ]
     comparisons += [(n, "block_64", {}, {}) for n in args.block_64]
     comparisons += [(n, "separate_step", {"attention_step_rows": 0}, {}) for n in args.separate_step]
+    comparisons += [(n, "uncompiled_prompt", {"compiled_prompt": False}, {}) for n in args.uncompiled_prompt]
     comparisons += [(n, "grouped", {"decode_attention": "grouped"}, {}) for n in args.grouped]
     comparisons += [(n, "sdpa", {"decode_attention": "sdpa"}, {}) for n in args.sdpa]
     # last: the configured path once more, after every other row (is a row's difference the setting's, or
@@ -302,7 +305,7 @@ def streams(
         # attention; tuned, grouped: the gain of the options / the grouped attention over the configured path
         speedup = (
             configured / other
-            if name in ("unfused", "sdpa", "library_kernel", "block_64", "separate_step")
+            if name in ("unfused", "sdpa", "library_kernel", "block_64", "separate_step", "uncompiled_prompt")
             else other / configured
         )
         row[f"{name}_speedup"] = speedup
@@ -374,10 +377,15 @@ def profile_call(
         if cuda:
             torch.cuda.synchronize(device)
     wall_ms = (time.perf_counter() - start) * 1000
-    try:
-        occupants: Any = host_during_gaps(fn, device, kind) if cuda else None
-    except Exception as exc:  # a diagnostic: the figures above stand without it
-        occupants = {"error": repr(exc)}
+    occupants: Any = None
+    launches: Any = None
+    if cuda:
+        try:  # a diagnostic: the figures above stand without it
+            traced = traced_call(fn, device)
+            occupants = host_during_gaps(traced, kind)
+            launches = graph_launches(traced)
+        except Exception as exc:
+            occupants = launches = {"error": repr(exc)}
     kernels: dict[str, list[float]] = {}
     spans: list[tuple[float, float]] = []
     events = prof.events()
@@ -399,25 +407,31 @@ def profile_call(
         "top_kernels": [{"name": k[:140], "launches": len(v), "ms": sum(v)} for k, v in top],
         "idle": idle_gaps(spans, first_host) if cuda else None,
         "host_during_gaps": occupants,
+        "graph_launches": launches,
         "host": host_profile(fn, device),
     }
 
 
-def host_during_gaps(
-    fn: Callable[[], Any], device: torch.device, kind: Any, at_least_us: float = 100.0, most: int = 12
-) -> list[dict[str, Any]]:
-    """One more call under the profiler with the host's operators and runtime calls recorded too: for each
-    of the ``most`` longest stretches of ``at_least_us`` or more where the GPU ran nothing, the host events
-    that cover most of it, the innermost first (what the host was doing while the GPU waited for it: a graph
-    launch, a copy, an operator). A stretch no event covers is Python between operators (the checks of a
-    decoding call). The profiler's own work makes every stretch somewhat longer; the ranking is what to
-    read."""
+def traced_call(fn: Callable[[], Any], device: torch.device) -> Any:
+    """One more call under the profiler with the host's operators and runtime calls recorded too (for
+    :func:`host_during_gaps` and :func:`graph_launches`); returns the finished profile."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(device)
+    return prof
+
+
+def host_during_gaps(
+    prof: Any, kind: Any, at_least_us: float = 100.0, most: int = 12
+) -> list[dict[str, Any]]:
+    """For each of the ``most`` longest stretches of ``at_least_us`` or more where the GPU ran nothing in
+    the profiled call ``prof`` (:func:`traced_call`), the host events that cover most of it, the innermost
+    first (what the host was doing while the GPU waited for it: a graph launch, a copy, an operator). A
+    stretch no event covers is Python between operators (the checks of a decoding call). The profiler's own
+    work makes every stretch somewhat longer; the ranking is what to read."""
     events = prof.events()
     spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == kind)
     host = [e for e in events if e.device_type != kind]
@@ -438,6 +452,53 @@ def host_during_gaps(
             }
         )
     return sorted(out, key=lambda g: g["after_kernels"])
+
+
+def graph_launches(prof: Any) -> dict[str, Any]:
+    """Where a profiled call's GPU time goes, launch by launch (``prof`` from :func:`traced_call`): for each
+    CUDA graph launched (the recorded prompt pass, then each recorded chunk of decoding steps), when the host
+    launched it and when its kernels ran (milliseconds from the call's first host event), its kernel count,
+    the span from its first kernel's start to its last kernel's end, and the time its kernels were busy; then
+    the same for the kernels launched one by one (outside any graph). Kernels belong to the launch whose
+    correlation id they carry (the profiler's trace)."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path, encoding="utf-8") as handle:
+            trace = json.load(handle)
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "ts" in e]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    launches = {
+        e["args"]["correlation"]: e
+        for e in events
+        if "GraphLaunch" in e.get("name", "") and "correlation" in e.get("args", {})
+    }
+    origin = min(
+        (e["ts"] for e in events if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset")), default=0
+    )
+
+    def group(members: list[dict[str, Any]]) -> dict[str, Any]:
+        start = min(k["ts"] for k in members)
+        end = max(k["ts"] + k.get("dur", 0) for k in members)
+        return {
+            "kernels": len(members),
+            "gpu_from_ms": round((start - origin) / 1000, 3),
+            "span_ms": round((end - start) / 1000, 3),
+            "busy_ms": round(sum(k.get("dur", 0) for k in members) / 1000, 3),
+        }
+
+    by_launch: dict[Any, list[dict[str, Any]]] = {}
+    loose = []
+    for kernel in kernels:
+        correlation = kernel.get("args", {}).get("correlation")
+        (by_launch.setdefault(correlation, []) if correlation in launches else loose).append(kernel)
+    rows = []
+    for correlation, members in sorted(by_launch.items(), key=lambda kv: launches[kv[0]]["ts"]):
+        rows.append({"host_at_ms": round((launches[correlation]["ts"] - origin) / 1000, 3), **group(members)})
+    return {"graphs": rows, "outside_graphs": group(loose) if loose else None}
 
 
 def _idle_stretches(
@@ -1310,6 +1371,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             ("library_kernel", "as configured vs decode_attention_kernel=library", False),
             ("block_64", "as configured vs the Triton kernel's blocks of 64 positions", False),
             ("separate_step", "as configured vs attention_step_rows=0", False),
+            ("uncompiled_prompt", "as configured vs compiled_prompt=false", False),
             ("grouped", "grouped decoding attention vs as configured", True),
             ("sdpa", f"decode_attention={row.get('decode_attention')} vs sdpa", False),
             ("again", "as configured: measured again after the other rows vs first", True),
@@ -1625,6 +1687,12 @@ def main(argv: list[str] | None = None) -> int:
         "(generation.attention_step_rows=0) in place of one-kernel steps",
     )
     parser.add_argument(
+        "--uncompiled-prompt",
+        default="",
+        help="streams: counts also measured with the recorded prompt pass uncompiled "
+        "(generation.compiled_prompt=false)",
+    )
+    parser.add_argument(
         "--library-attention",
         default="",
         help="streams: counts also measured with the library's attention kernel "
@@ -1743,6 +1811,7 @@ def main(argv: list[str] | None = None) -> int:
         "library_kernel",
         "block_64",
         "separate_step",
+        "uncompiled_prompt",
         "grouped",
         "sdpa",
         "host_check",

@@ -229,9 +229,19 @@ class ReplayedRun:
         self.replay = run
 
 
+def uncompiled_recording(backbone: Backbone, monkeypatch) -> None:
+    """The token pick and prompt pass that recorded chunks compile (on a GPU) left uncompiled: the CPU
+    tests of the recording logic run no compiler."""
+    from continual_transformer.backbone import pick_token
+
+    monkeypatch.setattr(backbone, "_compiled_pick", lambda: pick_token)
+    monkeypatch.setattr(backbone, "_compiled_prompt", backbone._prompt_function)
+
+
 def record_on_the_cpu(backbone: Backbone, monkeypatch) -> list[ReplayedRun]:
     """The backbone's CUDA-graph recording stood in for: the warm-up really runs, the recorded run is kept
-    (in the list returned) and runs at every replay."""
+    (in the list returned) and runs at every replay (:func:`uncompiled_recording`)."""
+    uncompiled_recording(backbone, monkeypatch)
     recorded: list[ReplayedRun] = []
 
     def record(device, warm_up, run):

@@ -584,7 +584,7 @@ def test_token_ids_many_through_the_backend_gives_the_tokenizers_ids(tokenizer, 
     assert backbone.token_ids_many(texts) == want
     assert len(calls) == 1  # the probe, once
     assert backbone.token_ids_many(texts) == want and len(calls) == 1  # the backend alone
-    backbone.encode(["a", "a b c"])  # pads: the backend keeps that padding until an unpadded call
+    backbone.encode(["a", "a b c"], add_special_tokens=True)  # the tokenizer pads: the backend keeps that
     assert tokenizer.backend_tokenizer.padding is not None
     assert backbone.token_ids_many(texts) == want  # the tokenizer's call (which turns the padding off)
     assert len(calls) == 3
@@ -595,3 +595,50 @@ def test_token_ids_many_through_the_backend_gives_the_tokenizers_ids(tokenizer, 
         tokenizer.backend_tokenizer.no_truncation()
     backbone._backend_checked = (tokenizer.backend_tokenizer, False)  # a backend that disagreed on the probe
     assert backbone.token_ids_many(texts) == want and len(calls) == 5
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_encode_gives_the_tokenizers_padded_batch(tokenizer, side):
+    """``encode`` without special tokens (through ``token_ids_many``, one transfer) gives the padded ids and
+    mask of the tokenizer's own padded call, empty texts and special tokens included; a wrong side is
+    refused."""
+    backbone = make_backbone(tokenizer)
+    texts = ["The capital of Veloria", "", "  two  spaces\nand a line<|im_end|>", "x"]
+    want = tokenizer(texts, return_tensors="pt", padding=True, padding_side=side, add_special_tokens=False)
+    got = backbone.encode(texts, padding_side=side)
+    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(
+        got["attention_mask"], want["attention_mask"]
+    )
+    assert tokenizer.backend_tokenizer.padding is None, "the tokenizer was not called"
+    with pytest.raises(ValueError, match="padding side"):
+        backbone.encode(texts, padding_side="middle")
+
+
+def test_prompts_formatted_and_answers_decoded_together_as_one_by_one(tokenizer):
+    """The chat template rendered once for many prompts gives each prompt's own rendering (system prompt
+    included); ``decode_many`` gives the tokenizer's ``batch_decode`` through the Rust backend, and the
+    tokenizer's own where the backend decoded the probe otherwise."""
+    backbone = make_backbone(tokenizer)
+    backbone.generation = GenerationConfig(system_prompt="Be brief.")
+    prompts = ["Hi", "", "What is  the capital?\n"]
+    one_by_one = [
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for p in prompts
+    ]
+    assert (
+        backbone.format_prompts(prompts) == one_by_one and backbone.format_prompt(prompts[2]) == one_by_one[2]
+    )
+    assert backbone.format_prompts(prompts, chat=False) == prompts and backbone.format_prompts([]) == []
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in [*one_by_one, "Émile 日本語"]] + [[]]
+    want = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    assert backbone.decode_many(rows) == want and backbone._decoder_checked[1]
+    pair = [rows[0][:3], rows[1][:3]]
+    assert backbone.decode_many(torch.tensor(pair)) == [
+        tokenizer.decode(r, skip_special_tokens=True) for r in pair
+    ]
+    backbone._decoder_checked = (tokenizer.backend_tokenizer, False)  # a backend that decoded otherwise
+    assert backbone.decode_many(rows) == want

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import ReplayedRun, fast_config, make_backbone, record_on_the_cpu
+from conftest import ReplayedRun, fast_config, make_backbone, record_on_the_cpu, uncompiled_recording
 from peft.tuners.lora import LoraLayer
 
 from continual_transformer import ContinualTransformer
@@ -420,6 +420,7 @@ def test_recorded_chunks_with_fused_projections(tokenizer, monkeypatch):
         return recorded[-1]
 
     monkeypatch.setattr(backbone, "_record_chunk", record)
+    uncompiled_recording(backbone, monkeypatch)
     backbone._lean_mode = "graphs"  # as on a GPU
     batch = backbone.encode(PROMPTS, padding_side="left")
     config = backbone.hf_generation_config()
@@ -467,6 +468,7 @@ def test_prompt_pass_is_recorded_per_width_and_runs_uncaptured_when_recording_fa
         return ReplayedRun(run)
 
     monkeypatch.setattr(backbone, "_record_chunk", record)
+    uncompiled_recording(backbone, monkeypatch)
     config = backbone.hf_generation_config()
     reference = backbone.model.generate(**batch, generation_config=config)
     with caplog.at_level("WARNING"):
@@ -475,6 +477,94 @@ def test_prompt_pass_is_recorded_per_width_and_runs_uncaptured_when_recording_fa
     assert backbone._prompt_graphs_failed and recorded == ["chunk"]
     assert "recording the prompt pass failed" in caplog.text
     assert len(backbone._lean_graphs) == 1 and not next(iter(backbone._lean_graphs.values())).prompts
+
+
+def test_compiled_token_pick_writes_what_the_uncompiled_one_does(tokenizer):
+    """The token pick recorded chunks run compiled: the same tokens, columns, positions and finished rows as
+    the uncompiled pick, with EOS barred before its column, a finished row padded, and a row finishing on
+    EOS."""
+    from continual_transformer.backbone import pick_token
+
+    backbone = make_backbone(tokenizer)
+    rows, length, vocab, pad, eos = 4, 12, 50, 0, [7, 9]
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, rows, vocab, generator=generator)
+    logits[0, 1, 7] = logits[1, 2, 9] = 100.0  # EOS wanted by row 1 (barred there) and row 2 (allowed)
+
+    def buffers() -> dict[str, torch.Tensor]:
+        bar = torch.zeros(vocab)
+        bar[eos] = -torch.inf
+        return {
+            "out": torch.full((rows, length), pad),
+            "column": torch.tensor([[5]]),
+            "min_column": torch.tensor([[6]]),
+            "eos_bar": bar,
+            "eos_ids": torch.tensor(eos),
+            "unfinished": torch.tensor([True, True, True, False]),
+            "token": torch.zeros(rows, 1, dtype=torch.long),
+            "position": torch.tensor([[3], [4], [5], [6]]),
+        }
+
+    plain, compiled = buffers(), buffers()
+    picker = backbone._compiled_pick()
+    for step in range(3):
+        for fn, b in ((pick_token, plain), (picker, compiled)):
+            position = b["position"] if step else None  # the prompt pass's pick leaves the positions
+            fn(logits[step], *(b[k] for k in list(b)[:-1]), position, pad)
+    for key in plain:
+        assert torch.equal(plain[key], compiled[key]), key
+    assert plain["out"][1, 5] != 7 and plain["out"][2, 6] == 9, "EOS barred before column 6, then allowed"
+    assert plain["unfinished"].tolist() == [True, True, False, False] and (plain["out"][3] == pad).all()
+    assert plain["column"].item() == 8 and plain["position"][:, 0].tolist() == [5, 6, 7, 8]
+
+
+def test_recorded_chunks_compile_the_prompt_pass_and_the_pick_and_fall_back(tokenizer, monkeypatch, caplog):
+    """On the recorded path the prompt pass and the token pick run compiled (the steps here uncompiled,
+    the recording stood in for): generate's token ids, recorded and replayed, with the compiled prompt's
+    logits, position and cache equal to the uncompiled pass's; a prompt pass that fails to compile runs
+    uncompiled from then on (a warning), tokens unchanged; generation.compiled_prompt=false records the
+    model's own pass."""
+    backbone = make_backbone(tokenizer, max_new_tokens=10)
+    plain = backbone._lean_step("plain")
+    monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)
+    recorded: list[ReplayedRun] = []
+
+    def record(device, warm_up, run):
+        warm_up()
+        recorded.append(ReplayedRun(run))
+        return recorded[-1]
+
+    monkeypatch.setattr(backbone, "_record_chunk", record)
+    batch = backbone.encode(PROMPTS, padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    config = backbone.hf_generation_config()
+    reference = backbone.model.generate(**batch, generation_config=config)
+    for _ in range(2):
+        assert torch.equal(backbone._chunked_decode(batch, config, {}, capture=True), reference)
+    assert len(recorded) == 2 and {"prompt", "pick"} <= set(backbone._lean_steps)
+
+    length = ids.shape[1] + 9
+    passes = []
+    for compiled in (False, True):
+        cache = backbone._lean_cache(len(PROMPTS), length)
+        logits, position = backbone._prefill(ids, mask, cache, length=length, compiled=compiled)
+        passes.append((logits, position, cache.layers[0].keys.clone(), cache.layers[-1].values.clone()))
+    for uncompiled, compiled in zip(*passes):
+        torch.testing.assert_close(compiled, uncompiled, rtol=1e-4, atol=1e-5)
+
+    def failing(*args):
+        raise torch._dynamo.exc.InternalTorchDynamoError("no compiler here")
+
+    backbone._lean_steps["prompt"] = failing
+    backbone._lean_graphs.clear()
+    with caplog.at_level("WARNING"):
+        assert torch.equal(backbone._chunked_decode(batch, config, {}, capture=True), reference)
+    assert backbone._prompt_compile_failed and "compiling the prompt pass failed" in caplog.text
+
+    backbone._prompt_compile_failed = False
+    backbone.generation = dataclasses.replace(backbone.generation, compiled_prompt=False)
+    assert torch.equal(backbone._chunked_decode(batch, config, {}, capture=True), reference)
+    assert not backbone._prompt_compile_failed, "the failing compiled pass was not called"
 
 
 def test_grouped_attention_on_the_compiled_steps(tokenizer, monkeypatch):
@@ -500,6 +590,7 @@ def test_grouped_attention_on_the_compiled_steps(tokenizer, monkeypatch):
         return ReplayedRun(run)
 
     monkeypatch.setattr(backbone, "_record_chunk", record)
+    uncompiled_recording(backbone, monkeypatch)
     backbone._lean_mode = "graphs"  # as on a GPU
     batch = backbone.encode(PROMPTS, padding_side="left")
     config = backbone.hf_generation_config()

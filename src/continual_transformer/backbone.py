@@ -247,6 +247,7 @@ class Backbone:
         self._walk = _ModuleWalk()  # the model's modules, for the checks of every decoding call
         self._library_walk: tuple[tuple[nn.Module, ...], bool] = ((), True)  # see _library_modules
         self._prompt_graphs_failed = False  # recording a prompt pass failed once: prompts run uncaptured
+        self._prompt_compile_failed = False  # compiling the prompt pass failed once: it runs uncompiled
         # prompt-lookup decoding failed once: one token per step from then on
         self._speculation_failed = False
         # a compiled step with the Triton decoding attention failed once: PyTorch's kernel from then on
@@ -265,6 +266,7 @@ class Backbone:
         self._varying_failed: set[str] = set()  # purposes whose compiling failed: run uncompiled from then on
         self.prefix_reused = {"calls": 0, "tokens": 0}  # prompt tokens not run again (a benchmark's figure)
         self._backend_checked: tuple[Any, bool] | None = None  # (the tokenizer's backend, encodes alike)
+        self._decoder_checked: tuple[Any, bool] | None = None  # (the tokenizer's backend, decodes alike)
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -363,13 +365,18 @@ class Backbone:
 
     def format_prompt(self, prompt: str, *, chat: bool | None = None) -> str:
         """The exact text the model sees for ``prompt`` (chat template applied when enabled)."""
-        if not self.uses_chat(chat):
-            return prompt
-        messages = []
-        if self.generation.system_prompt is not None:
-            messages.append({"role": "system", "content": self.generation.system_prompt})
-        messages.append({"role": "user", "content": prompt})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.format_prompts([prompt], chat=chat)[0]
+
+    def format_prompts(self, prompts: Sequence[str], *, chat: bool | None = None) -> list[str]:
+        """:meth:`format_prompt` of each prompt, the chat template rendered in one call for all of them."""
+        if not self.uses_chat(chat) or not prompts:
+            return list(prompts)
+        system = self.generation.system_prompt
+        start = [] if system is None else [{"role": "system", "content": system}]
+        conversations = [[*start, {"role": "user", "content": prompt}] for prompt in prompts]
+        return list(
+            self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+        )
 
     def format_exchange(self, prompt: str, answer: str) -> tuple[str, str]:
         """(context, completion) for a chat exchange, so training can supervise the completion only (a model
@@ -398,8 +405,16 @@ class Backbone:
     ) -> dict[str, torch.Tensor]:
         """Tokenise a batch with padding and attention mask, on the model's device.
 
-        The padding side is chosen per call; the shared tokenizer's own setting is never changed.
+        The padding side is chosen per call; the shared tokenizer's own setting is never changed. Without
+        special tokens, through :meth:`token_ids_many` and one transfer (the tokenizer's ids, without the
+        Python objects its call builds per text).
         """
+        pad = self.tokenizer.pad_token_id
+        if not add_special_tokens and pad is not None and any(texts):
+            from continual_transformer.training import padded
+
+            ids, mask = padded(self.token_ids_many(texts), pad, self.device, side=padding_side)
+            return {"input_ids": ids, "attention_mask": mask}
         batch = self.tokenizer(
             list(texts),
             return_tensors="pt",
@@ -492,7 +507,7 @@ class Backbone:
         options). ``generation.backend`` picks the decoding path (:class:`GenerationConfig`): every backend
         runs the same model with the same hooks and logits processors, so a strategy's changes apply on each.
         """
-        texts = [self.model_text(p, chat=chat, formatted=formatted) for p in prompts]
+        texts = self.model_texts(prompts, chat=chat, formatted=formatted)
         settings = self.generation
         gen_config = self.hf_generation_config(max_new_tokens)
         answers: list[str] = []
@@ -503,9 +518,7 @@ class Backbone:
                     batch = _pad_left(batch, self.tokenizer.pad_token_id, PROMPT_BUCKET)
                 output = self._generate_batch(batch, gen_config, generate_kwargs)
                 new_tokens = output[:, batch["input_ids"].shape[1] :]
-                answers.extend(
-                    t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                )
+                answers.extend(t.strip() for t in self.decode_many(new_tokens))
         return answers
 
     @torch.inference_mode()
@@ -532,11 +545,36 @@ class Backbone:
     def model_text(self, prompt: str, *, chat: bool | None = None, formatted: bool = False) -> str:
         """The text :meth:`generate` tokenises for ``prompt``: the chat template applied (unless
         ``formatted``), and BOS in front for models that start every sequence with it."""
-        text = prompt if formatted else self.format_prompt(prompt, chat=chat)
+        return self.model_texts([prompt], chat=chat, formatted=formatted)[0]
+
+    def model_texts(
+        self, prompts: Sequence[str], *, chat: bool | None = None, formatted: bool = False
+    ) -> list[str]:
+        """:meth:`model_text` of each prompt (the chat template rendered once for all)."""
+        texts = list(prompts) if formatted else self.format_prompts(prompts, chat=chat)
         if self.start_ids:
             bos = self.tokenizer.bos_token
-            text = text if text.startswith(bos) else bos + text
-        return text
+            texts = [text if text.startswith(bos) else bos + text for text in texts]
+        return texts
+
+    def decode_many(self, rows: Sequence[Sequence[int]] | torch.Tensor) -> list[str]:
+        """Each row of token ids as text, special tokens skipped (the tokenizer's ``batch_decode``): through
+        the tokenizer's Rust backend where it decodes as the tokenizer does (checked once per tokenizer on
+        a probe of special, byte-level and multi-byte tokens), in one call."""
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else [list(row) for row in rows]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if self._decoder_checked is None or self._decoder_checked[0] is not backend:
+            same = False
+            if backend is not None and hasattr(backend, "decode_batch"):
+                vocab = len(self.tokenizer)
+                probe = [list(range(min(vocab, 300))), list(range(max(vocab - 300, 0), vocab)), []]
+                probe.append(list(self.tokenizer(" Émile 日本語 x\n\ty")["input_ids"]))
+                slow = self.tokenizer.batch_decode(probe, skip_special_tokens=True)
+                same = backend.decode_batch(probe, skip_special_tokens=True) == slow
+            self._decoder_checked = (backend, same)
+        if self._decoder_checked[1]:
+            return list(backend.decode_batch(rows, skip_special_tokens=True))
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def decode_slots(self, rows: int, length: int) -> Any:
         """A :class:`~continual_transformer.decode_slots.DecodeSlots` of ``rows`` rows of ``length`` cache
@@ -863,6 +901,13 @@ class Backbone:
                 self._lean_steps[key] = torch.compile(step, mode=mode, fullgraph=False, dynamic=False)
         return self._lean_steps[key]
 
+    def _compiled_pick(self) -> Callable[..., None]:
+        """:func:`pick_token` compiled (kept in :attr:`_lean_steps`): the reduction over the vocabulary and
+        the in-place writes in a kernel or two."""
+        if "pick" not in self._lean_steps:
+            self._lean_steps["pick"] = torch.compile(pick_token, fullgraph=True, dynamic=False)
+        return self._lean_steps["pick"]
+
     def _lean_decode(
         self,
         batch: dict[str, torch.Tensor],
@@ -925,28 +970,64 @@ class Backbone:
         *,
         length: int | None = None,
         reuse: bool = False,
+        compiled: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt run once into ``cache``: its last logits (B, V) and the position of the first new
         token (B, 1). With ``length`` (the cache's positions) the mask reaches the model as a (B, 1, T,
         length) additive mask (:func:`_prompt_mask`): Hugging Face's own mask code, which reads the padding
-        on the host, is skipped, so the pass can be recorded as a CUDA graph. With ``reuse`` (one row, see
-        :meth:`_reuses_prompt`) the beginning it shares with the last such prompt comes from that prompt's
-        keys and values (:meth:`_restore_prompt`) and only the rest runs; its own are kept for the next."""
-        position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        extra = {"logits_to_keep": 1} if _accepts(self.model.forward, "logits_to_keep") else {}
+        on the host, is skipped, so the pass can be recorded as a CUDA graph; with ``compiled`` too, the pass
+        runs compiled (:meth:`_compiled_prompt`). With ``reuse`` (one row, see :meth:`_reuses_prompt`) the
+        beginning it shares with the last such prompt comes from that prompt's keys and values
+        (:meth:`_restore_prompt`) and only the rest runs; its own are kept for the next."""
         start = self._restore_prompt(ids, mask, cache) if reuse else 0
-        attention = mask if length is None else _prompt_mask(mask, length, self.dtype)[:, :, start:]
-        logits = self.model(
-            input_ids=ids[:, start:],
-            attention_mask=attention,
-            position_ids=position[:, start:],
-            use_cache=True,
-            **{self._cache_keyword(): cache},
-            **extra,
-        ).logits[:, -1, :]
+        if compiled and length is not None and not reuse and not self._prompt_compile_failed:
+            try:
+                return self._compiled_prompt()(ids, mask, cache, length)
+            except Exception as exc:  # a compiler failure: the prompt pass runs uncompiled from now on
+                if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    raise
+                logger.warning("compiling the prompt pass failed (%s); it runs uncompiled", exc)
+                self._prompt_compile_failed = True
+                cache.reset()
+        logits, position = self._prompt_function()(ids, mask, cache, length, start)
         if reuse:
             self._keep_prompt(ids, mask, cache)
-        return logits, position[:, -1:] + 1
+        return logits, position
+
+    def _compiled_prompt(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`_prompt_function` compiled (kept in :attr:`_lean_steps`, apart for the one-kernel attention
+        steps as the decoding steps are; a graph per rows, prompt width and cache length): the products,
+        normalisations, rotary embeddings, mask and positions of a prompt pass as a few hundred fused
+        kernels in place of over a thousand."""
+        key = "prompt attention steps" if self._steps_installed() else "prompt"
+        if key not in self._lean_steps:
+            self._lean_steps[key] = torch.compile(self._prompt_function(), fullgraph=False, dynamic=False)
+        return self._lean_steps[key]
+
+    def _prompt_function(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """The prompt pass of :meth:`_prefill` as a function of its tensors alone, (ids, mask, cache, length,
+        start=0): the tokens from column ``start`` on run into ``cache`` (those before it are there already),
+        with the mask as a (B, 1, T, ``length``) additive mask where ``length`` is given; returns the last
+        logits (B, V) and the first new token's position (B, 1)."""
+        model, keyword, dtype = self.model, self._cache_keyword(), self.dtype
+        extra = {"logits_to_keep": 1} if _accepts(model.forward, "logits_to_keep") else {}
+
+        def prompt(
+            ids: torch.Tensor, mask: torch.Tensor, cache: Any, length: int | None, start: int = 0
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            attention = mask if length is None else _prompt_mask(mask, length, dtype)[:, :, start:]
+            logits = model(
+                input_ids=ids[:, start:],
+                attention_mask=attention,
+                position_ids=position[:, start:],
+                use_cache=True,
+                **{keyword: cache},
+                **extra,
+            ).logits[:, -1, :]
+            return logits, position[:, -1:] + 1
+
+        return prompt
 
     def _reuses_prompt(self, rows: int, gen_config: HFGenerationConfig) -> bool:
         """Whether a call's prompt pass may reuse (and keep) a prompt's keys and values: one row,
@@ -1035,6 +1116,9 @@ class Backbone:
         cache = self._lean_cache(rows, length)
         compiled = capture if compiled is None else compiled
         step = self._lean_step("default" if compiled else "plain", every_position=bool(speculate), rows=rows)
+        # recorded steps pick their tokens compiled: an uncompiled pick is a dozen kernels a step
+        picker = self._compiled_pick() if capture and compiled else None
+        compiled_prompt = capture and compiled and self.generation.compiled_prompt
         ngram = self.generation.speculative_ngram
         # the steps past the last new token may pass a model's learned positions (GPT-2's table ends at
         # max_length): their tokens are cut, so their positions are clamped; a wanted token's never is
@@ -1049,6 +1133,7 @@ class Backbone:
                 tuple(eos_list),
                 pad,
                 id(step),
+                compiled_prompt,
                 speculate,
                 ngram,
             )
@@ -1071,9 +1156,10 @@ class Backbone:
                 cache,
                 length=length if square else None,
                 reuse=reuse,
+                compiled=compiled_prompt,
             )
             chunk.position.copy_(position)
-            chunk.pick(logits)
+            chunk.pick(logits, picker=picker)
 
         def start(chunk: _Chunk) -> None:
             chunk.begin(ids, mask, width + min_new, width + new)
@@ -1098,8 +1184,9 @@ class Backbone:
                     for counter in length_counters:  # a tensor operand: no host read while recording
                         counter.sub_(rejected)
                 else:
-                    chunk.pick(step(chunk.token, positions(chunk), chunk.mask, cache))
-                    chunk.position.add_(1)
+                    chunk.pick(
+                        step(chunk.token, positions(chunk), chunk.mask, cache), advance=True, picker=picker
+                    )
 
         if chunk is None or chunk.structure != structure:
             chunk = _Chunk(
@@ -1790,6 +1877,35 @@ def _model_structure(modules: Sequence[nn.Module]) -> tuple[Any, ...]:
     )
 
 
+def pick_token(
+    logits: torch.Tensor,
+    out: torch.Tensor,
+    column: torch.Tensor,
+    min_column: torch.Tensor,
+    eos_bar: torch.Tensor,
+    eos_ids: torch.Tensor,
+    unfinished: torch.Tensor,
+    token: torch.Tensor,
+    position: torch.Tensor | None,
+    pad: int,
+) -> None:
+    """Greedy decoding's token pick on the device, in place: every row's next token from its logits (B, V)
+    (EOS, ``eos_ids``, barred by ``eos_bar`` before ``min_column``; ``pad`` once a row has finished) written
+    into ``out`` (B, length) at ``column`` (1, 1) and into ``token`` (B, 1); ``unfinished`` (B,) cleared
+    for rows that picked EOS; ``column`` and ``position`` (B, 1, where given) moved on by one."""
+    scores = logits.float()
+    if eos_ids.numel():
+        scores = scores + torch.where(column < min_column, eos_bar, 0.0)
+    picked = torch.where(unfinished, scores.argmax(-1), pad)
+    out.scatter_(1, column.expand(out.shape[0], 1), picked[:, None])
+    if eos_ids.numel():
+        unfinished &= ~(picked[:, None] == eos_ids).any(-1)
+    token.copy_(picked[:, None])
+    column.add_(1)
+    if position is not None:
+        position.add_(1)
+
+
 @dataclass
 class _KeptPrompt:
     """A one-row prompt's tokens (without padding), each cache layer's keys and values for them (1, heads,
@@ -1854,18 +1970,24 @@ class _Chunk:
         self.min_column.fill_(min_column)
         self.unfinished.fill_(True)
 
-    def pick(self, logits: torch.Tensor) -> None:
-        """The next token of every row from its logits (B, V): EOS barred before ``min_column``, ``pad``
-        once a row has finished; written at ``column``."""
-        scores = logits.float()
-        if self.eos_ids.numel():
-            scores = scores + torch.where(self.column < self.min_column, self.eos_bar, 0.0)
-        token = torch.where(self.unfinished, scores.argmax(-1), self.pad)
-        self.out.scatter_(1, self.column.expand(self.rows, 1), token[:, None])
-        if self.eos_ids.numel():
-            self.unfinished &= ~(token[:, None] == self.eos_ids).any(-1)
-        self.token.copy_(token[:, None])
-        self.column.add_(1)
+    def pick(
+        self, logits: torch.Tensor, *, advance: bool = False, picker: Callable[..., None] | None = None
+    ) -> None:
+        """The next token of every row from its logits (B, V) (:func:`pick_token`), with ``advance`` the
+        position moved on by one too; ``picker`` is that function compiled (one or two kernels in place of
+        a dozen)."""
+        (picker or pick_token)(
+            logits,
+            self.out,
+            self.column,
+            self.min_column,
+            self.eos_bar,
+            self.eos_ids,
+            self.unfinished,
+            self.token,
+            self.position if advance else None,
+            self.pad,
+        )
 
     def steps_counted(self) -> int:
         """Prompt-lookup steps since :meth:`begin` that began with a row unfinished and a token wanted (one

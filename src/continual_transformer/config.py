@@ -206,6 +206,11 @@ class GenerationConfig:
     never. H200, bf16: 1.17x the new tokens/s at one stream (``benchmarks/results/speed/h200-8``), 1.09x at
     64 (``h200-13``; 0.92x in ``h200-8``, before the Triton attention and the lighter host work per call,
     hence the bound of 8 then). Same tokens."""
+    compiled_prompt: bool = True
+    """On a GPU, where a call's prompt pass is recorded as a CUDA graph (with the decoding steps' chunks),
+    the pass runs compiled: its products, normalisations, rotary embeddings, mask and positions as a few
+    hundred fused kernels in place of over a thousand. A compile per (rows, prompt width, cache length), as
+    the decoding steps have; false: the model's own forward is recorded. Same tokens up to rounding."""
     tuned_rows: int = 8
     """On a GPU, compiled decoding steps of up to this many rows have their generated kernels tuned by
     inductor's coordinate-descent search (``coordinate_descent_tuning``); 0: never. H200, bf16: 1.11x the new

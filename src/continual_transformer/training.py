@@ -119,14 +119,30 @@ def right_aligned(
     return packed[:, :width].contiguous(), packed[:, width]
 
 
+def padded(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, *, side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` padded with ``pad_id`` on ``side`` (``left`` or ``right``) to the longest, and the attention
+    mask (1 on tokens), each (B, T) on ``device``: made from one flat list and sent in one transfer."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', not {side!r}")
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    width = int(lengths.max()) if len(rows) else 0
+    columns = torch.arange(width)[None, :]
+    filled = columns >= (width - lengths)[:, None] if side == "left" else columns < lengths[:, None]
+    packed = torch.full((2, len(rows), width), pad_id, dtype=torch.long)
+    packed[0][filled] = torch.tensor([t for row in rows for t in row], dtype=torch.long)  # row-major
+    packed[1] = filled
+    packed = to_device(packed, device)
+    return packed[0], packed[1]
+
+
 def left_pad(
     rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, *, offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded ids, attention mask and position ids (each (B, T), on ``device``); positions count real
     tokens from ``offset``."""
-    ids, lengths = right_aligned(rows, pad_id, device)
-    width = ids.shape[1]
-    mask = (torch.arange(width, device=ids.device)[None, :] >= (width - lengths)[:, None]).long()
+    ids, mask = padded(rows, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
     return ids, mask, positions
 
