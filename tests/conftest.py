@@ -238,10 +238,12 @@ def uncompiled_recording(backbone: Backbone, monkeypatch) -> None:
     monkeypatch.setattr(backbone, "_compiled_prompt", backbone._prompt_function)
 
 
-def record_on_the_cpu(backbone: Backbone, monkeypatch) -> list[ReplayedRun]:
+def record_on_the_cpu(backbone: Backbone, monkeypatch, *, compiled: bool = False) -> list[ReplayedRun]:
     """The backbone's CUDA-graph recording stood in for: the warm-up really runs, the recorded run is kept
-    (in the list returned) and runs at every replay (:func:`uncompiled_recording`)."""
-    uncompiled_recording(backbone, monkeypatch)
+    (in the list returned) and runs at every replay; the prompt pass and token pick uncompiled
+    (:func:`uncompiled_recording`) unless ``compiled``."""
+    if not compiled:
+        uncompiled_recording(backbone, monkeypatch)
     recorded: list[ReplayedRun] = []
 
     def record(device, warm_up, run):

@@ -401,6 +401,34 @@ def test_lean_loop_gives_generate_tokens_on_the_packaged_model():
     assert torch.equal(chunked, reference)
 
 
+@pytest.mark.real_model
+def test_compiled_prompt_pass_of_the_packaged_model_gives_the_uncompiled_pass():
+    """SmolLM2-135M-Instruct in float32, chat prompts of different lengths: the compiled prompt pass (the
+    one recorded chunks replay on a GPU) gives the uncompiled pass's next tokens and positions, its logits
+    and cached keys within float32 rounding."""
+    from continual_transformer.config import load_config
+
+    config = load_config(set_items=["model.device=cpu"])
+    backbone = Backbone.load(config.model, config.generation)
+    prompts = ["What is the capital of France?", "Say hello.", "Name three colours of the rainbow, please."]
+    batch = backbone.encode(backbone.format_prompts(prompts), padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    length = ids.shape[1] + 24
+    cache = backbone._lean_cache(len(prompts), length)
+    passes = []
+    with torch.inference_mode():
+        for compiled in (False, True):
+            cache.reset()
+            logits, position = backbone._prefill(ids, mask, cache, length=length, compiled=compiled)
+            passes.append((logits, position, cache.layers[3].keys.clone()))
+    assert not backbone._prompt_compile_failed and "prompt" in backbone._lean_steps
+    (logits, position, keys), (compiled_logits, compiled_position, compiled_keys) = passes
+    assert torch.equal(compiled_position, position)
+    assert torch.equal(compiled_logits.argmax(-1), logits.argmax(-1))
+    torch.testing.assert_close(compiled_logits, logits, rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(compiled_keys, keys, rtol=1e-4, atol=2e-4)
+
+
 def test_recorded_chunks_with_fused_projections(tokenizer, monkeypatch):
     """generation.fused_projections=always: the chunk is recorded with the fused q/k/v and gate/up members in
     place, replayed by the next call (the same members: the model's structure is unchanged) and gives
@@ -527,14 +555,7 @@ def test_recorded_chunks_compile_the_prompt_pass_and_the_pick_and_fall_back(toke
     backbone = make_backbone(tokenizer, max_new_tokens=10)
     plain = backbone._lean_step("plain")
     monkeypatch.setattr(backbone, "_lean_step", lambda mode, **kw: plain)
-    recorded: list[ReplayedRun] = []
-
-    def record(device, warm_up, run):
-        warm_up()
-        recorded.append(ReplayedRun(run))
-        return recorded[-1]
-
-    monkeypatch.setattr(backbone, "_record_chunk", record)
+    recorded = record_on_the_cpu(backbone, monkeypatch, compiled=True)
     batch = backbone.encode(PROMPTS, padding_side="left")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     config = backbone.hf_generation_config()
@@ -544,12 +565,19 @@ def test_recorded_chunks_compile_the_prompt_pass_and_the_pick_and_fall_back(toke
     assert len(recorded) == 2 and {"prompt", "pick"} <= set(backbone._lean_steps)
 
     length = ids.shape[1] + 9
+    compiled_calls: list[int] = []
+    real = backbone._compiled_prompt
+    monkeypatch.setattr(backbone, "_compiled_prompt", lambda: compiled_calls.append(1) or real())
     passes = []
-    for compiled in (False, True):
-        cache = backbone._lean_cache(len(PROMPTS), length)
-        logits, position = backbone._prefill(ids, mask, cache, length=length, compiled=compiled)
-        passes.append((logits, position, cache.layers[0].keys.clone(), cache.layers[-1].values.clone()))
-    for uncompiled, compiled in zip(*passes):
+    for compiled, cache_length in ((False, length), (True, length + 1), (True, length + 1)):
+        cache = backbone._lean_cache(len(PROMPTS), cache_length)  # the second a new cache, the third kept
+        logits, position = backbone._prefill(ids, mask, cache, length=cache_length, compiled=compiled)
+        written = (cache.layers[0].keys, cache.layers[-1].values)  # the prompt's tokens (B, T, KV, D)
+        passes.append(
+            (logits, position, *(t[:, :, : ids.shape[1]].transpose(1, 2)[mask.bool()] for t in written))
+        )
+    assert compiled_calls == [1], "a new cache's first pass made its layers uncompiled; the next compiled"
+    for uncompiled, compiled in zip(passes[0], passes[2]):
         torch.testing.assert_close(compiled, uncompiled, rtol=1e-4, atol=1e-5)
 
     def failing(*args):

@@ -980,7 +980,11 @@ class Backbone:
         beginning it shares with the last such prompt comes from that prompt's keys and values
         (:meth:`_restore_prompt`) and only the rest runs; its own are kept for the next."""
         start = self._restore_prompt(ids, mask, cache) if reuse else 0
-        if compiled and length is not None and not reuse and not self._prompt_compile_failed:
+        # a cache whose layers are not made yet runs its first pass uncompiled: that pass makes them, and the
+        # compiled pass is then traced once, for made layers (a first compiled pass would be traced twice)
+        layers = getattr(cache, "layers", None) or ()
+        made = all(getattr(layer, "is_initialized", True) for layer in layers)
+        if compiled and made and length is not None and not reuse and not self._prompt_compile_failed:
             try:
                 return self._compiled_prompt()(ids, mask, cache, length)
             except Exception as exc:  # a compiler failure: the prompt pass runs uncompiled from now on

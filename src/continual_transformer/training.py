@@ -107,16 +107,10 @@ def right_aligned(
     rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` as one (B, T) tensor on ``device``, each row at the right end after ``pad_id`` padding, and
-    the rows' lengths (B,) there: made from one flat list and sent in one transfer (a step of a few hundred
-    rows would otherwise make and send a tensor per row)."""
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    width = int(lengths.max())
-    packed = torch.full((len(rows), width + 1), pad_id, dtype=torch.long)
-    packed[:, width] = lengths
-    filled = torch.arange(width)[None, :] >= (width - lengths)[:, None]  # row-major, as the flat list
-    packed[:, :width][filled] = torch.tensor([t for row in rows for t in row], dtype=torch.long)
-    packed = to_device(packed, device)
-    return packed[:, :width].contiguous(), packed[:, width]
+    the rows' lengths (B,) there (:func:`padded`: one flat list, one transfer; a step of a few hundred rows
+    would otherwise make and send a tensor per row)."""
+    ids, mask = padded(rows, pad_id, device)
+    return ids, mask.sum(1)
 
 
 def padded(
