@@ -41,6 +41,7 @@ import json
 import logging
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -461,12 +462,9 @@ def graph_launches(prof: Any) -> dict[str, Any]:
     the span from its first kernel's start to its last kernel's end, and the time its kernels were busy; then
     the same for the kernels launched one by one (outside any graph). Kernels belong to the launch whose
     correlation id they carry (the profiler's trace)."""
-    import os
-    import tempfile
-
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "trace.json")
-        prof.export_chrome_trace(path)
+        path = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(path))
         with open(path, encoding="utf-8") as handle:
             trace = json.load(handle)
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "ts" in e]
