@@ -7,7 +7,11 @@
 #   bash benchmarks/runs/fastpath_knowledge.sh [SECONDS]      (each process stopped after SECONDS; default 480)
 #   QUICK=1 BACKEND=static MODEL=smollm2-135m-instruct DATA=../shared/data PYTHON=python \
 #     CTT_CACHE=~/.cache/continual_transformer bash benchmarks/runs/fastpath_knowledge.sh 170   (the CPU test:
-#     two documents, knowledge_store only -- or STRATEGIES=a,b,... -- short answers)
+#     two documents, knowledge_store only -- or STRATEGIES=a,b,... -- and 6 tokens for text a strategy writes
+#     itself, as ttt's anchors; probes are answered in the profile's 16 tokens)
+#   BACKEND=recorded MODEL=... DATA=... PYTHON=... bash benchmarks/runs/fastpath_knowledge.sh 3000   (the GPU's
+#     recorded chunks, compiled prompt pass and token pick run on the CPU without graphs:
+#     benchmarks/recorded_on_cpu.py, generation.backend=compiled; QUICK=1 for two documents)
 #   COMPARE_ONLY=1 OUT=DIR bash benchmarks/runs/fastpath_knowledge.sh    (compare what DIR already holds)
 #   SET=generation.decode_attention=grouped bash benchmarks/runs/fastpath_knowledge.sh   (one more setting on
 #     both backends; grouped attention only acts on the fast one)
@@ -28,8 +32,10 @@ start=$(date +%s)
 run() {  # run BACKEND NAME STRATEGIES [OPTIONS...]: one benchmark process, logged, stopped at the limit
   local backend=$1 name=$2 strategies=$3; shift 3
   mkdir -p "$dir/$backend/$name"
-  timeout -k 5 "$(( limit - 10 ))" "$PY" -m continual_transformer --model "$MODEL" --set data_dir="$DATA" \
-    --set generation.batch_size=64 --set model.dtype=float32 --set generation.backend="$backend" \
+  local program=(-m continual_transformer) setting=$backend
+  [ "$backend" = recorded ] && program=("$PWD/benchmarks/recorded_on_cpu.py") setting=compiled
+  timeout -k 5 "$(( limit - 10 ))" "$PY" "${program[@]}" --model "$MODEL" --set data_dir="$DATA" \
+    --set generation.batch_size=64 --set model.dtype=float32 --set generation.backend="$setting" \
     ${SET:+--set "$SET"} "$@" \
     bench knowledge --quick ${QUICK:+--docs 2 --batches 1} --no-baselines --strategies "$strategies" \
     --out "$dir/$backend/$name" \
