@@ -37,29 +37,33 @@ class Replayed:
         self.run()
 
 
-def record(device, warm_up: Callable[[], None], run: Callable[[], None]) -> Replayed:
+def record(device: object, warm_up: Callable[[], None], run: Callable[[], None]) -> Replayed:
     """:meth:`Backbone._record_chunk` without a graph: the warm-up (which compiles) runs, ``run`` is kept."""
     warm_up()
     COUNTS["recordings"] += 1
     return Replayed(run)
 
 
-def recorded_mode(self: Backbone, compiled: bool) -> str:
-    """:meth:`Backbone._lean_step_mode` starting from recorded chunks on any device."""
-    if self._lean_mode is None:
-        self._lean_mode = "graphs"
-    return _step_mode(self, compiled)
+def install() -> None:
+    """The backbone records this way and starts from recorded chunks on any device (the GPU's first choice,
+    :meth:`Backbone._lean_step_mode`); the counts are printed on exit."""
+    step_mode = Backbone._lean_step_mode
 
+    def recorded_mode(self: Backbone, compiled: bool) -> str:
+        if self._lean_mode is None:
+            self._lean_mode = "graphs"
+        return step_mode(self, compiled)
 
-_step_mode = Backbone._lean_step_mode
-Backbone._record_chunk = staticmethod(record)
-Backbone._lean_step_mode = recorded_mode
-atexit.register(
-    lambda: print(
-        f"recorded on the CPU: {COUNTS['recordings']} recordings, {COUNTS['replays']} replays",
-        file=sys.stderr,
+    Backbone._record_chunk = staticmethod(record)
+    Backbone._lean_step_mode = recorded_mode
+    atexit.register(
+        lambda: print(
+            f"recorded on the CPU: {COUNTS['recordings']} recordings, {COUNTS['replays']} replays",
+            file=sys.stderr,
+        )
     )
-)
+
 
 if __name__ == "__main__":
+    install()
     main()
