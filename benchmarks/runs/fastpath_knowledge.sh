@@ -12,6 +12,7 @@
 #   BACKEND=recorded MODEL=... DATA=... PYTHON=... bash benchmarks/runs/fastpath_knowledge.sh 3000   (the GPU's
 #     recorded chunks, compiled prompt pass and token pick run on the CPU without graphs:
 #     benchmarks/recorded_on_cpu.py, generation.backend=compiled; QUICK=1 for two documents)
+#   VERBOSE=1 ...   (each process logs what the library does: -v; the recorded backend names each recording)
 #   COMPARE_ONLY=1 OUT=DIR bash benchmarks/runs/fastpath_knowledge.sh    (compare what DIR already holds)
 #   SET=generation.decode_attention=grouped bash benchmarks/runs/fastpath_knowledge.sh   (one more setting on
 #     both backends; grouped attention only acts on the fast one)
@@ -36,7 +37,7 @@ run() {  # run BACKEND NAME STRATEGIES [OPTIONS...]: one benchmark process, logg
   [ "$backend" = recorded ] && program=("$PWD/benchmarks/recorded_on_cpu.py") setting=compiled
   timeout -k 5 "$(( limit - 10 ))" "$PY" "${program[@]}" --model "$MODEL" --set data_dir="$DATA" \
     --set generation.batch_size=64 --set model.dtype=float32 --set generation.backend="$setting" \
-    ${SET:+--set "$SET"} "$@" \
+    ${SET:+--set "$SET"} ${VERBOSE:+-v} "$@" \
     bench knowledge --quick ${QUICK:+--docs 2 --batches 1} --no-baselines --strategies "$strategies" \
     --out "$dir/$backend/$name" \
     > "$dir/$backend/$name/log.txt" 2>&1
